@@ -1,0 +1,106 @@
+//! Wires the agent's long-running pieces together and runs them until shutdown.
+//!
+//! Each piece is one task that owns its state and hears from the others over channels:
+//! the [`NodeStatusManager`] owns the Node and publishes its identity on a watch channel, the
+//! [`LeaseHeartbeat`] owns the Lease and follows that identity. Pod workers, the status manager
+//! for pods and the kubelet API join this list as they arrive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use provider_api::Provider;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{one_line, Config};
+use crate::lease::LeaseHeartbeat;
+use crate::node_status::NodeStatusManager;
+
+/// How long the tasks get to finish after a shutdown signal before the agent exits anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors that stop the agent before it runs. Not retryable.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("kubeconfig {path}: {reason}")]
+    Client { path: String, reason: String },
+    #[error("root directory {path}: {source}")]
+    RootDir { path: String, source: std::io::Error },
+}
+
+/// Builds a client from the node's kubeconfig.
+pub async fn client(config: &Config) -> Result<Option<kube::Client>, AgentError> {
+    let Some(path) = &config.kubeconfig else { return Ok(None) };
+    let fail = |reason: String| AgentError::Client { path: path.display().to_string(), reason };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(one_line(&e)))?;
+    let kube_config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| fail(one_line(&e)))?;
+    let client = kube::Client::try_from(kube_config).map_err(|e| fail(one_line(&e)))?;
+    Ok(Some(client))
+}
+
+/// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`] for its
+/// tasks to finish.
+pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: CancellationToken) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.root_dir)
+        .map_err(|source| AgentError::RootDir { path: config.root_dir.display().to_string(), source })?;
+    let config = Arc::new(config);
+    let tasks = TaskTracker::new();
+
+    match client(&config).await? {
+        Some(client) => {
+            info!(node = %config.node_name, runtime = %provider.runtime_info(), "starting");
+            let (node_tx, node_rx) = watch::channel(None);
+            if config.register_node {
+                let manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx);
+                tasks.spawn(manager.run(shutdown.clone()));
+            } else {
+                warn!("--register-node=false: not registering or updating the Node; the lease follows a Node someone else registered");
+                tasks.spawn(follow_existing_node(client.clone(), config.node_name.clone(), node_tx, shutdown.clone()));
+            }
+            let lease = LeaseHeartbeat::new(client, config.node_name.clone(), config.node_lease_duration, config.lease_renew_interval(), node_rx);
+            tasks.spawn(lease.run(shutdown.clone()));
+        }
+        None => {
+            info!(node = %config.node_name, "no --kubeconfig: running standalone, without an API server (static pods only)");
+        }
+    }
+    tasks.close();
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        warn!(grace = ?SHUTDOWN_GRACE, "tasks did not stop within the grace period; exiting anyway");
+    }
+    Ok(())
+}
+
+/// Without registration, the lease still needs the Node's UID: poll for it.
+async fn follow_existing_node(
+    client: kube::Client,
+    name: String,
+    node_tx: watch::Sender<Option<crate::node_status::NodeRef>>,
+    shutdown: CancellationToken,
+) {
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    loop {
+        match api.get_opt(&name).await {
+            Ok(node) => {
+                let node_ref = node.and_then(|n| Some(crate::node_status::NodeRef { name: name.clone(), uid: n.metadata.uid? }));
+                node_tx.send_if_modified(|current| {
+                    let changed = *current != node_ref;
+                    *current = node_ref;
+                    changed
+                });
+            }
+            Err(e) => warn!(error = %one_line(&e), "reading node"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}

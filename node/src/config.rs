@@ -1,0 +1,910 @@
+//! Flags and the `--config` file, merged and checked into one [`Config`] before anything starts.
+//!
+//! Names and defaults follow the kubelet. Precedence, as in the kubelet: a flag given on the
+//! command line beats the KubeletConfiguration file, which beats the default. Every problem is
+//! one [`ConfigError`] whose `Display` is a single line naming the flag or field at fault.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+// Defaults, each the kubelet's own unless said otherwise. Defined here and nowhere else.
+/// Kept apart from the kubelet's /var/lib/kubelet so both can run on one host.
+pub const DEFAULT_ROOT_DIR: &str = "/var/lib/wasm-kubelet";
+const DEFAULT_NODE_STATUS_UPDATE_FREQUENCY: Duration = Duration::from_secs(10);
+/// The kubelet reports unchanged status at least this often (nodeStatusReportFrequency).
+const DEFAULT_NODE_STATUS_REPORT_FREQUENCY: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_FILE_CHECK_FREQUENCY: Duration = Duration::from_secs(20);
+const DEFAULT_HTTP_CHECK_FREQUENCY: Duration = Duration::from_secs(20);
+const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
+const DEFAULT_PORT: u16 = 10250;
+const DEFAULT_HEALTHZ_PORT: u16 = 10248;
+const DEFAULT_MAX_PODS: u32 = 110;
+const DEFAULT_IMAGE_GC_HIGH: u8 = 85;
+const DEFAULT_IMAGE_GC_LOW: u8 = 80;
+/// The kubelet's hard eviction defaults on Linux.
+const DEFAULT_EVICTION_HARD: &str = "memory.available<100Mi,nodefs.available<10%,nodefs.inodesFree<5%,imagefs.available<15%";
+/// The lease the node renews; the kubelet's nodeLeaseDurationSeconds default.
+const DEFAULT_NODE_LEASE_DURATION: Duration = Duration::from_secs(40);
+
+/// A problem with the flags, the config file or the kubeconfig. Never retryable: the user has
+/// to change what they gave. `Display` is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a problem: `--help` or `--version` was asked for; this is the text to print.
+    #[error("{0}")]
+    HelpRequested(String),
+    /// A command-line problem clap found (unknown flag, missing value).
+    #[error("{0}")]
+    Usage(String),
+    /// A flag (or config field) with a value we cannot use.
+    #[error("invalid value {value:?} for {flag}: {reason}")]
+    InvalidValue { flag: &'static str, value: String, reason: String },
+    /// A flag the kubelet has that this agent refuses, and why.
+    #[error("{flag} is not supported: {reason}")]
+    Unsupported { flag: &'static str, reason: String },
+    /// The `--config` file cannot be read or parsed.
+    #[error("config file {path}: {reason}")]
+    ConfigFile { path: PathBuf, reason: String },
+    /// The kubeconfig cannot be read or parsed.
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig { path: PathBuf, reason: String },
+}
+
+/// The command line. Every field is optional so the merge can tell "given" from "default".
+#[derive(Debug, Default, Parser)]
+#[command(name = "wasm-kubelet", version, about = "A kubelet for WebAssembly workloads.")]
+pub struct Flags {
+    /// kubeconfig with the node's credentials; without it the agent runs standalone.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubeconfig used to request a client certificate when --kubeconfig does not exist yet.
+    #[arg(long, value_name = "PATH")]
+    pub bootstrap_kubeconfig: Option<PathBuf>,
+    /// Directory for TLS certificates (default <root-dir>/pki).
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// A KubeletConfiguration (kubelet.config.k8s.io/v1beta1) YAML file; flags override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Use this name for the node instead of the hostname.
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+    /// The node's IP address (its InternalIP and every pod's IP).
+    #[arg(long, value_name = "IP")]
+    pub node_ip: Option<String>,
+    /// Set as the Node's spec.providerID.
+    #[arg(long, value_name = "ID")]
+    pub provider_id: Option<String>,
+    /// Register the node with the API server [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub register_node: Option<String>,
+    /// Taints to register with: key=value:Effect,...
+    #[arg(long, value_name = "TAINTS")]
+    pub register_with_taints: Option<String>,
+    /// Labels to add at registration: key=value,...
+    #[arg(long, value_name = "LABELS")]
+    pub node_labels: Option<String>,
+    /// How often the node status is computed and, if changed, posted [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub node_status_update_frequency: Option<String>,
+    /// The agent's state directory [default: /var/lib/wasm-kubelet].
+    #[arg(long, value_name = "DIR")]
+    pub root_dir: Option<PathBuf>,
+    /// Directory of static pod manifests.
+    #[arg(long, value_name = "DIR")]
+    pub pod_manifest_path: Option<PathBuf>,
+    /// URL serving static pod manifests.
+    #[arg(long, value_name = "URL")]
+    pub manifest_url: Option<String>,
+    /// How often the static pod directory is rescanned [default: 20s].
+    #[arg(long, value_name = "DURATION")]
+    pub file_check_frequency: Option<String>,
+    /// How often the manifest URL is fetched [default: 20s].
+    #[arg(long, value_name = "DURATION")]
+    pub http_check_frequency: Option<String>,
+    /// Run the static pods once, then exit.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub runonce: Option<String>,
+    /// Serve the kubelet API [default: true].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub enable_server: Option<String>,
+    /// Port of the kubelet API, published on the Node [default: 10250].
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<String>,
+    /// Port of the plain /healthz endpoint on loopback; 0 disables it [default: 10248].
+    #[arg(long, value_name = "PORT")]
+    pub healthz_port: Option<String>,
+    /// How often node resources are measured [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub housekeeping_interval: Option<String>,
+    /// Cancel an image pull that makes no progress for this long [default: 1m].
+    #[arg(long, value_name = "DURATION")]
+    pub image_pull_progress_deadline: Option<String>,
+    /// Most pods this node runs; its pods capacity [default: 110].
+    #[arg(long, value_name = "N")]
+    pub max_pods: Option<String>,
+    /// Hard eviction thresholds: signal<quantity|percent,...
+    #[arg(long, value_name = "THRESHOLDS")]
+    pub eviction_hard: Option<String>,
+    /// Disk usage percent that starts image garbage collection [default: 85].
+    #[arg(long, value_name = "PERCENT")]
+    pub image_gc_high_threshold: Option<String>,
+    /// Disk usage percent image garbage collection frees down to [default: 80].
+    #[arg(long, value_name = "PERCENT")]
+    pub image_gc_low_threshold: Option<String>,
+    /// Refused: Wasm pods have no sysctls.
+    #[arg(long, value_name = "LIST")]
+    pub allowed_unsafe_sysctls: Option<String>,
+    /// Accepted and ignored: there is no pause container.
+    #[arg(long, value_name = "IMAGE")]
+    pub pod_infra_container_image: Option<String>,
+    /// containerd socket for ordinary OCI containers (the native backend).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub container_runtime_endpoint: Option<String>,
+    /// Log verbosity, as the kubelet's -v: 0-3 info, 4-5 debug, 6+ trace.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
+    pub verbosity: Option<u8>,
+}
+
+/// The subset of KubeletConfiguration this agent reads. Unknown fields are an error, so a typo
+/// never silently does nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConfigFile {
+    api_version: Option<String>,
+    kind: Option<String>,
+    static_pod_path: Option<PathBuf>,
+    #[serde(rename = "staticPodURL")]
+    static_pod_url: Option<String>,
+    file_check_frequency: Option<String>,
+    http_check_frequency: Option<String>,
+    node_status_update_frequency: Option<String>,
+    node_status_report_frequency: Option<String>,
+    node_lease_duration_seconds: Option<u32>,
+    enable_server: Option<bool>,
+    port: Option<u32>,
+    healthz_port: Option<u32>,
+    max_pods: Option<u32>,
+    eviction_hard: Option<BTreeMap<String, String>>,
+    image_g_c_high_threshold_percent: Option<u32>,
+    image_g_c_low_threshold_percent: Option<u32>,
+    image_pull_progress_deadline: Option<String>,
+    housekeeping_interval: Option<String>,
+    register_node: Option<bool>,
+    register_with_taints: Option<Vec<TaintSpec>>,
+    #[serde(rename = "providerID")]
+    provider_id: Option<String>,
+    allowed_unsafe_sysctls: Option<Vec<String>>,
+}
+
+/// A node taint, as given by --register-with-taints or registerWithTaints.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaintSpec {
+    pub key: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    pub effect: String,
+}
+
+/// One hard eviction threshold, e.g. `memory.available<100Mi`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvictionThreshold {
+    pub signal: EvictionSignal,
+    pub limit: ThresholdValue,
+}
+
+/// The signals the kubelet defines for eviction on Linux.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictionSignal {
+    MemoryAvailable,
+    NodefsAvailable,
+    NodefsInodesFree,
+    ImagefsAvailable,
+    ImagefsInodesFree,
+    PidAvailable,
+}
+
+impl EvictionSignal {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "memory.available" => Self::MemoryAvailable,
+            "nodefs.available" => Self::NodefsAvailable,
+            "nodefs.inodesFree" => Self::NodefsInodesFree,
+            "imagefs.available" => Self::ImagefsAvailable,
+            "imagefs.inodesFree" => Self::ImagefsInodesFree,
+            "pid.available" => Self::PidAvailable,
+            _ => return None,
+        })
+    }
+}
+
+/// A threshold: an absolute quantity (bytes, inodes, pids) or a percentage of capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ThresholdValue {
+    Quantity(u64),
+    Percent(f64),
+}
+
+impl ThresholdValue {
+    /// The threshold in absolute units, given the capacity it is a share of.
+    pub fn absolute(&self, capacity: u64) -> u64 {
+        match *self {
+            Self::Quantity(q) => q,
+            Self::Percent(p) => (capacity as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+/// Everything the agent needs, checked. Built by [`Config::load`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub cert_dir: PathBuf,
+    pub root_dir: PathBuf,
+    pub node_ip: Option<IpAddr>,
+    pub provider_id: Option<String>,
+    pub register_node: bool,
+    pub register_with_taints: Vec<TaintSpec>,
+    pub node_labels: BTreeMap<String, String>,
+    pub node_status_update_frequency: Duration,
+    pub node_status_report_frequency: Duration,
+    pub node_lease_duration: Duration,
+    pub pod_manifest_path: Option<PathBuf>,
+    pub manifest_url: Option<String>,
+    pub file_check_frequency: Duration,
+    pub http_check_frequency: Duration,
+    pub runonce: bool,
+    pub enable_server: bool,
+    pub port: u16,
+    pub healthz_port: u16,
+    pub housekeeping_interval: Duration,
+    pub image_pull_progress_deadline: Duration,
+    pub max_pods: u32,
+    pub eviction_hard: Vec<EvictionThreshold>,
+    pub image_gc_high_threshold: u8,
+    pub image_gc_low_threshold: u8,
+    pub verbosity: u8,
+    /// Notices about accepted-but-ignored settings, logged once tracing is up.
+    pub notices: Vec<String>,
+}
+
+impl Config {
+    /// Parses the command line (`args` includes the program name), reads `--config` and the
+    /// kubeconfig, and checks every value.
+    pub fn load<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let flags = Flags::try_parse_from(args).map_err(|e| {
+            let text = e.render().to_string();
+            match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ConfigError::HelpRequested(text),
+                // clap renders usage help after the error; the user gets the first line only.
+                _ => ConfigError::Usage(text.lines().next().unwrap_or("bad command line").trim_start_matches("error: ").to_string()),
+            }
+        })?;
+        let file = match &flags.config {
+            Some(path) => read_config_file(path)?,
+            None => ConfigFile::default(),
+        };
+        Self::merge(flags, file)
+    }
+
+    fn merge(flags: Flags, file: ConfigFile) -> Result<Self, ConfigError> {
+        let mut notices = Vec::new();
+
+        if let Some(sysctls) = flags.allowed_unsafe_sysctls.clone().or(file.allowed_unsafe_sysctls.map(|v| v.join(","))) {
+            if !sysctls.trim().is_empty() {
+                return Err(ConfigError::Unsupported {
+                    flag: "--allowed-unsafe-sysctls",
+                    reason: "WebAssembly pods have no kernel sysctls".into(),
+                });
+            }
+        }
+        if let Some(image) = &flags.pod_infra_container_image {
+            notices.push(format!("--pod-infra-container-image={image} is ignored: wasm-kubelet has no pause container"));
+        }
+        if let Some(endpoint) = &flags.container_runtime_endpoint {
+            return Err(ConfigError::Unsupported {
+                flag: "--container-runtime-endpoint",
+                reason: format!("the containerd backend is not implemented yet (got {endpoint:?}); omit the flag to run Wasm pods only"),
+            });
+        }
+
+        let root_dir = flags.root_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT_DIR));
+        if !root_dir.is_absolute() {
+            return Err(invalid("--root-dir", root_dir.display(), "must be an absolute path"));
+        }
+        let cert_dir = flags.cert_dir.unwrap_or_else(|| root_dir.join("pki"));
+
+        let node_name = match flags.hostname_override {
+            Some(name) => name.trim().to_lowercase(),
+            None => hostname().to_lowercase(),
+        };
+        if !is_dns_subdomain(&node_name) {
+            return Err(invalid("--hostname-override", &node_name, "the node name must be a lowercase DNS subdomain (RFC 1123)"));
+        }
+
+        let node_ip = flags
+            .node_ip
+            .map(|ip| ip.parse::<IpAddr>().map_err(|_| invalid("--node-ip", &ip, "not an IP address")))
+            .transpose()?;
+        if node_ip.is_some_and(|ip| ip.is_unspecified()) {
+            return Err(invalid("--node-ip", node_ip.unwrap(), "must be a concrete address, not 0.0.0.0 or ::"));
+        }
+
+        let kubeconfig = match flags.kubeconfig {
+            Some(path) => {
+                if !path.exists() {
+                    if flags.bootstrap_kubeconfig.is_some() {
+                        return Err(ConfigError::Unsupported {
+                            flag: "--bootstrap-kubeconfig",
+                            reason: format!("TLS bootstrap is not implemented yet and {} does not exist", path.display()),
+                        });
+                    }
+                }
+                check_kubeconfig(&path)?;
+                Some(path)
+            }
+            None => {
+                if flags.bootstrap_kubeconfig.is_some() {
+                    return Err(ConfigError::Unsupported {
+                        flag: "--bootstrap-kubeconfig",
+                        reason: "TLS bootstrap is not implemented yet; give --kubeconfig".into(),
+                    });
+                }
+                None
+            }
+        };
+
+        let register_node = match flags.register_node {
+            Some(v) => parse_bool("--register-node", &v)?,
+            None => file.register_node.unwrap_or(true),
+        };
+        let register_with_taints = match flags.register_with_taints {
+            Some(v) => parse_taints(&v)?,
+            None => {
+                let taints = file.register_with_taints.unwrap_or_default();
+                for t in &taints {
+                    check_taint("registerWithTaints", t)?;
+                }
+                taints
+            }
+        };
+        let node_labels = match flags.node_labels {
+            Some(v) => parse_labels(&v)?,
+            None => BTreeMap::new(),
+        };
+
+        let duration = |flag: &'static str, given: Option<String>, from_file: Option<String>, default: Duration| {
+            match given.or(from_file) {
+                Some(v) => parse_duration(&v).map_err(|reason| invalid(flag, &v, reason)),
+                None => Ok(default),
+            }
+        };
+        let node_status_update_frequency = duration(
+            "--node-status-update-frequency",
+            flags.node_status_update_frequency,
+            file.node_status_update_frequency,
+            DEFAULT_NODE_STATUS_UPDATE_FREQUENCY,
+        )?;
+        if node_status_update_frequency.is_zero() {
+            return Err(invalid("--node-status-update-frequency", "0s", "must be positive"));
+        }
+        let node_status_report_frequency = duration(
+            "nodeStatusReportFrequency",
+            None,
+            file.node_status_report_frequency,
+            DEFAULT_NODE_STATUS_REPORT_FREQUENCY,
+        )?
+        .max(node_status_update_frequency);
+        let node_lease_duration = match file.node_lease_duration_seconds {
+            Some(0) => return Err(invalid("nodeLeaseDurationSeconds", 0, "must be positive")),
+            Some(s) => Duration::from_secs(s.into()),
+            None => DEFAULT_NODE_LEASE_DURATION,
+        };
+        let file_check_frequency =
+            duration("--file-check-frequency", flags.file_check_frequency, file.file_check_frequency, DEFAULT_FILE_CHECK_FREQUENCY)?;
+        let http_check_frequency =
+            duration("--http-check-frequency", flags.http_check_frequency, file.http_check_frequency, DEFAULT_HTTP_CHECK_FREQUENCY)?;
+        let housekeeping_interval =
+            duration("--housekeeping-interval", flags.housekeeping_interval, file.housekeeping_interval, DEFAULT_HOUSEKEEPING_INTERVAL)?;
+        let image_pull_progress_deadline = duration(
+            "--image-pull-progress-deadline",
+            flags.image_pull_progress_deadline,
+            file.image_pull_progress_deadline,
+            DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE,
+        )?;
+
+        let pod_manifest_path = flags.pod_manifest_path.or(file.static_pod_path);
+        let manifest_url = flags.manifest_url.or(file.static_pod_url);
+        if pod_manifest_path.is_some() || manifest_url.is_some() {
+            notices.push("static pods (--pod-manifest-path, --manifest-url) are not implemented yet; the setting is ignored".into());
+        }
+        let runonce = match flags.runonce {
+            Some(v) => parse_bool("--runonce", &v)?,
+            None => false,
+        };
+        if runonce {
+            return Err(ConfigError::Unsupported { flag: "--runonce", reason: "run-once mode is not implemented yet".into() });
+        }
+
+        let enable_server = match flags.enable_server {
+            Some(v) => parse_bool("--enable-server", &v)?,
+            None => file.enable_server.unwrap_or(true),
+        };
+        let port = port("--port", flags.port, file.port, DEFAULT_PORT, false)?;
+        let healthz_port = port("--healthz-port", flags.healthz_port, file.healthz_port, DEFAULT_HEALTHZ_PORT, true)?;
+
+        let max_pods = match flags.max_pods {
+            Some(v) => v.parse::<u32>().map_err(|_| invalid("--max-pods", &v, "not a whole number"))?,
+            None => file.max_pods.unwrap_or(DEFAULT_MAX_PODS),
+        };
+        if max_pods == 0 {
+            return Err(invalid("--max-pods", 0, "must be at least 1"));
+        }
+
+        let eviction_hard = match (flags.eviction_hard, file.eviction_hard) {
+            (Some(v), _) => parse_eviction("--eviction-hard", &v)?,
+            (None, Some(map)) => {
+                let joined = map.iter().map(|(k, v)| format!("{k}<{v}")).collect::<Vec<_>>().join(",");
+                parse_eviction("evictionHard", &joined)?
+            }
+            (None, None) => parse_eviction("--eviction-hard", DEFAULT_EVICTION_HARD)?,
+        };
+
+        let percent = |flag: &'static str, given: Option<String>, from_file: Option<u32>, default: u8| -> Result<u8, ConfigError> {
+            let v = match given {
+                Some(v) => v.parse::<u32>().map_err(|_| invalid(flag, &v, "not a whole number"))?,
+                None => from_file.unwrap_or(default.into()),
+            };
+            u8::try_from(v).ok().filter(|p| *p <= 100).ok_or_else(|| invalid(flag, v, "must be between 0 and 100"))
+        };
+        let image_gc_high_threshold =
+            percent("--image-gc-high-threshold", flags.image_gc_high_threshold, file.image_g_c_high_threshold_percent, DEFAULT_IMAGE_GC_HIGH)?;
+        let image_gc_low_threshold =
+            percent("--image-gc-low-threshold", flags.image_gc_low_threshold, file.image_g_c_low_threshold_percent, DEFAULT_IMAGE_GC_LOW)?;
+        if image_gc_low_threshold > image_gc_high_threshold {
+            return Err(invalid(
+                "--image-gc-low-threshold",
+                image_gc_low_threshold,
+                format!("must not exceed --image-gc-high-threshold ({image_gc_high_threshold})"),
+            ));
+        }
+
+        let provider_id = flags.provider_id.or(file.provider_id);
+
+        Ok(Self {
+            node_name,
+            kubeconfig,
+            cert_dir,
+            root_dir,
+            node_ip,
+            provider_id,
+            register_node,
+            register_with_taints,
+            node_labels,
+            node_status_update_frequency,
+            node_status_report_frequency,
+            node_lease_duration,
+            pod_manifest_path,
+            manifest_url,
+            file_check_frequency,
+            http_check_frequency,
+            runonce,
+            enable_server,
+            port,
+            healthz_port,
+            housekeeping_interval,
+            image_pull_progress_deadline,
+            max_pods,
+            eviction_hard,
+            image_gc_high_threshold,
+            image_gc_low_threshold,
+            verbosity: flags.verbosity.unwrap_or(0),
+            notices,
+        })
+    }
+
+    /// The kubelet renews its lease every quarter of its duration (10 s for the default 40 s).
+    pub fn lease_renew_interval(&self) -> Duration {
+        self.node_lease_duration / 4
+    }
+}
+
+fn invalid(flag: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidValue { flag, value: value.to_string(), reason: reason.into() }
+}
+
+fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ConfigFile { path: path.into(), reason: e.to_string() })?;
+    let file: ConfigFile = serde_yaml::from_str(&text).map_err(|e| ConfigError::ConfigFile {
+        path: path.into(),
+        reason: e.to_string().replace('\n', " "),
+    })?;
+    if let Some(kind) = &file.kind {
+        if kind != "KubeletConfiguration" {
+            return Err(ConfigError::ConfigFile { path: path.into(), reason: format!("kind is {kind:?}, want KubeletConfiguration") });
+        }
+    }
+    if let Some(api_version) = &file.api_version {
+        if api_version != "kubelet.config.k8s.io/v1beta1" {
+            return Err(ConfigError::ConfigFile {
+                path: path.into(),
+                reason: format!("apiVersion is {api_version:?}, want kubelet.config.k8s.io/v1beta1"),
+            });
+        }
+    }
+    Ok(file)
+}
+
+/// Reads and parses the kubeconfig now, so a broken one stops the agent before it starts.
+fn check_kubeconfig(path: &Path) -> Result<(), ConfigError> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| ConfigError::Kubeconfig {
+        path: path.into(),
+        reason: one_line(&e),
+    })?;
+    if kubeconfig.clusters.is_empty() {
+        return Err(ConfigError::Kubeconfig { path: path.into(), reason: "it names no cluster".into() });
+    }
+    Ok(())
+}
+
+/// An error and its sources on one line.
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s.replace('\n', " ")
+}
+
+fn parse_bool(flag: &'static str, v: &str) -> Result<bool, ConfigError> {
+    // Go's strconv.ParseBool, which the kubelet's flags use.
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(invalid(flag, v, "not a boolean (true or false)")),
+    }
+}
+
+fn port(flag: &'static str, given: Option<String>, from_file: Option<u32>, default: u16, zero_ok: bool) -> Result<u16, ConfigError> {
+    let v = match given {
+        Some(v) => v.parse::<u32>().map_err(|_| invalid(flag, &v, "not a port number"))?,
+        None => from_file.unwrap_or(default.into()),
+    };
+    match u16::try_from(v) {
+        Ok(0) if zero_ok => Ok(0),
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(invalid(flag, v, if zero_ok { "must be between 0 and 65535" } else { "must be between 1 and 65535" })),
+    }
+}
+
+/// Go's time.ParseDuration format: a sequence of number+unit, units ns us µs ms s m h.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() || s.starts_with('-') {
+        return Err("want a duration such as 10s, 1m30s or 500ms".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if num_len == 0 {
+            return Err("want a duration such as 10s, 1m30s or 500ms".into());
+        }
+        let number: f64 = rest[..num_len].parse().map_err(|_| "bad number in duration".to_string())?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err("missing unit in duration (use ns, us, ms, s, m or h)".into()),
+            other => return Err(format!("unknown unit {other:?} in duration")),
+        };
+        total += number * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+fn parse_labels(v: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut labels = BTreeMap::new();
+    for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| invalid("--node-labels", pair, "want key=value"))?;
+        if !is_qualified_name(key) {
+            return Err(invalid("--node-labels", pair, format!("{key:?} is not a valid label key")));
+        }
+        if !is_label_value(value) {
+            return Err(invalid("--node-labels", pair, format!("{value:?} is not a valid label value")));
+        }
+        labels.insert(key.to_string(), value.to_string());
+    }
+    Ok(labels)
+}
+
+fn parse_taints(v: &str) -> Result<Vec<TaintSpec>, ConfigError> {
+    let mut taints = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kv, effect) = item.rsplit_once(':').ok_or_else(|| invalid("--register-with-taints", item, "want key=value:Effect"))?;
+        let (key, value) = match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (kv.to_string(), None),
+        };
+        let taint = TaintSpec { key, value, effect: effect.to_string() };
+        check_taint("--register-with-taints", &taint)?;
+        taints.push(taint);
+    }
+    Ok(taints)
+}
+
+fn check_taint(flag: &'static str, t: &TaintSpec) -> Result<(), ConfigError> {
+    let shown = format!("{}={}:{}", t.key, t.value.as_deref().unwrap_or(""), t.effect);
+    if !matches!(t.effect.as_str(), "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(invalid(flag, shown, "the effect must be NoSchedule, PreferNoSchedule or NoExecute"));
+    }
+    if !is_qualified_name(&t.key) {
+        return Err(invalid(flag, shown, format!("{:?} is not a valid taint key", t.key)));
+    }
+    if let Some(value) = &t.value {
+        if !is_label_value(value) {
+            return Err(invalid(flag, shown, format!("{value:?} is not a valid taint value")));
+        }
+    }
+    Ok(())
+}
+
+fn parse_eviction(flag: &'static str, v: &str) -> Result<Vec<EvictionThreshold>, ConfigError> {
+    let mut thresholds = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (signal, limit) = item.split_once('<').ok_or_else(|| invalid(flag, item, "want signal<value, e.g. memory.available<100Mi"))?;
+        let signal = EvictionSignal::parse(signal).ok_or_else(|| {
+            invalid(flag, item, "unknown signal (memory.available, nodefs.available, nodefs.inodesFree, imagefs.available, imagefs.inodesFree, pid.available)")
+        })?;
+        let limit = match limit.strip_suffix('%') {
+            Some(p) => {
+                let p: f64 = p.parse().map_err(|_| invalid(flag, item, "bad percentage"))?;
+                if !(0.0..=100.0).contains(&p) {
+                    return Err(invalid(flag, item, "a percentage must be between 0 and 100"));
+                }
+                ThresholdValue::Percent(p)
+            }
+            None => ThresholdValue::Quantity(parse_quantity(limit).map_err(|reason| invalid(flag, item, reason))?),
+        };
+        thresholds.push(EvictionThreshold { signal, limit });
+    }
+    Ok(thresholds)
+}
+
+/// A Kubernetes quantity (`100Mi`, `1G`, `500`) as a whole number.
+pub fn parse_quantity(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("{s:?} is not a quantity"))?;
+    let scale: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        other => return Err(format!("unknown quantity suffix {other:?}")),
+    };
+    Ok((number * scale) as u64)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain, as Kubernetes validates object names.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    prefix.is_none_or(is_dns_subdomain) && !name.is_empty() && name.len() <= 63 && is_label_value(name)
+}
+
+fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["wasm-kubelet", "--hostname-override", "node-a"];
+        all.extend_from_slice(args);
+        Config::load(all)
+    }
+
+    fn err(args: &[&str]) -> String {
+        let e = load(args).expect_err("expected a config error");
+        let line = e.to_string();
+        assert!(!line.contains('\n'), "error must be one line: {line}");
+        line
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wasm-kubelet-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_are_the_kubelets() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.node_name, "node-a");
+        assert_eq!(c.root_dir, PathBuf::from("/var/lib/wasm-kubelet"));
+        assert_eq!(c.cert_dir, PathBuf::from("/var/lib/wasm-kubelet/pki"));
+        assert_eq!(c.port, 10250);
+        assert_eq!(c.healthz_port, 10248);
+        assert_eq!(c.max_pods, 110);
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(10));
+        assert_eq!(c.lease_renew_interval(), Duration::from_secs(10));
+        assert!(c.register_node);
+        assert!(c.kubeconfig.is_none());
+        assert_eq!(c.eviction_hard.len(), 4);
+        assert_eq!(c.eviction_hard[0], EvictionThreshold { signal: EvictionSignal::MemoryAvailable, limit: ThresholdValue::Quantity(100 << 20) });
+    }
+
+    #[test]
+    fn go_style_flags_parse() {
+        let c = load(&[
+            "--register-node=false",
+            "--node-status-update-frequency=1m30s",
+            "--node-ip=127.0.0.5",
+            "--max-pods",
+            "250",
+            "--node-labels=a=b,example.com/tier=edge",
+            "--register-with-taints=dedicated=edge:NoSchedule,gpu:NoExecute",
+        ])
+        .unwrap();
+        assert!(!c.register_node);
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(90));
+        assert_eq!(c.node_ip, Some("127.0.0.5".parse().unwrap()));
+        assert_eq!(c.max_pods, 250);
+        assert_eq!(c.node_labels.get("example.com/tier").map(String::as_str), Some("edge"));
+        assert_eq!(c.register_with_taints[1], TaintSpec { key: "gpu".into(), value: None, effect: "NoExecute".into() });
+    }
+
+    #[test]
+    fn bad_flags_are_one_line_naming_the_flag() {
+        assert!(err(&["--no-such-flag"]).contains("--no-such-flag"));
+        assert!(err(&["--node-ip=not-an-ip"]).contains("--node-ip"));
+        assert!(err(&["--node-ip=0.0.0.0"]).contains("--node-ip"));
+        assert!(err(&["--port=70000"]).contains("--port"));
+        assert!(err(&["--port=0"]).contains("--port"));
+        assert!(err(&["--max-pods=-3"]).contains("--max-pods"));
+        assert!(err(&["--max-pods=0"]).contains("--max-pods"));
+        assert!(err(&["--register-node=maybe"]).contains("--register-node"));
+        assert!(err(&["--node-status-update-frequency=10"]).contains("--node-status-update-frequency"));
+        assert!(err(&["--node-status-update-frequency=0s"]).contains("--node-status-update-frequency"));
+        assert!(err(&["--node-labels=novalue"]).contains("--node-labels"));
+        assert!(err(&["--register-with-taints=a=b:Sometimes"]).contains("--register-with-taints"));
+        assert!(err(&["--eviction-hard=memory.free<1Gi"]).contains("--eviction-hard"));
+        assert!(err(&["--image-gc-high-threshold=50", "--image-gc-low-threshold=60"]).contains("--image-gc-low-threshold"));
+        assert!(err(&["--root-dir=relative/dir"]).contains("--root-dir"));
+        assert!(err(&["--allowed-unsafe-sysctls=net.core.somaxconn"]).contains("no kernel sysctls"));
+        assert!(err(&["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]).contains("--container-runtime-endpoint"));
+        assert!(err(&["--runonce"]).contains("--runonce"));
+    }
+
+    #[test]
+    fn a_bad_node_name_is_refused() {
+        let e = Config::load(["wasm-kubelet", "--hostname-override", "Not_A_Name!"]).unwrap_err().to_string();
+        assert!(e.contains("--hostname-override"), "{e}");
+    }
+
+    #[test]
+    fn pause_image_is_accepted_with_a_notice() {
+        let c = load(&["--pod-infra-container-image=registry.k8s.io/pause:3.10"]).unwrap();
+        assert!(c.notices.iter().any(|n| n.contains("no pause container")));
+    }
+
+    #[test]
+    fn unreadable_or_broken_kubeconfig_is_refused() {
+        let e = err(&["--kubeconfig=/nonexistent/kubeconfig"]);
+        assert!(e.starts_with("kubeconfig /nonexistent/kubeconfig:"), "{e}");
+        let broken = temp_file("broken.kubeconfig", "clusters: [this is: not valid");
+        let e = err(&["--kubeconfig", broken.to_str().unwrap()]);
+        assert!(e.starts_with("kubeconfig "), "{e}");
+        let empty = temp_file("empty.kubeconfig", "apiVersion: v1\nkind: Config\n");
+        assert!(err(&["--kubeconfig", empty.to_str().unwrap()]).contains("no cluster"));
+    }
+
+    #[test]
+    fn config_file_is_read_and_flags_win() {
+        let path = temp_file(
+            "kubelet.yaml",
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nmaxPods: 42\nport: 11250\n\
+             nodeStatusUpdateFrequency: 4s\nregisterWithTaints:\n- {key: edge, value: \"yes\", effect: NoSchedule}\n\
+             evictionHard: {memory.available: 200Mi}\n",
+        );
+        let c = load(&["--config", path.to_str().unwrap(), "--port", "12250"]).unwrap();
+        assert_eq!(c.max_pods, 42);
+        assert_eq!(c.port, 12250, "the flag beats the file");
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(4));
+        assert_eq!(c.register_with_taints[0].key, "edge");
+        assert_eq!(c.eviction_hard, vec![EvictionThreshold { signal: EvictionSignal::MemoryAvailable, limit: ThresholdValue::Quantity(200 << 20) }]);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_field() {
+        let path = temp_file("typo.yaml", "kind: KubeletConfiguration\nmaxPodz: 3\n");
+        let e = err(&["--config", path.to_str().unwrap()]);
+        assert!(e.contains("typo.yaml") && e.contains("maxPodz"), "{e}");
+        let path = temp_file("kind.yaml", "kind: Pod\n");
+        assert!(err(&["--config", path.to_str().unwrap()]).contains("KubeletConfiguration"));
+        assert!(err(&["--config", "/nonexistent.yaml"]).contains("/nonexistent.yaml"));
+        let path = temp_file("badval.yaml", "kind: KubeletConfiguration\nfileCheckFrequency: often\n");
+        assert!(err(&["--config", path.to_str().unwrap()]).contains("--file-check-frequency"));
+    }
+
+    #[test]
+    fn durations_follow_go() {
+        assert_eq!(parse_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn quantities_and_percentages() {
+        assert_eq!(parse_quantity("100Mi").unwrap(), 100 << 20);
+        assert_eq!(parse_quantity("1G").unwrap(), 1_000_000_000);
+        assert_eq!(ThresholdValue::Percent(10.0).absolute(1000), 100);
+        assert!(parse_quantity("12Xi").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! wasm-kubelet: a kubelet for WebAssembly.
+//!
+//! Where to start: [`config::Config::load`] turns flags and the KubeletConfiguration file into
+//! one checked `Config`; [`agent::run`] starts the agent's tasks. Each task owns one piece of
+//! state and talks to the others over channels:
+//!
+//! - [`node_status`]: registers the Node and is the only writer of its status;
+//! - [`lease`]: the heartbeat, the only writer of the node's Lease;
+//! - [`machine`]: measurements of the host (capacity, free memory and disk, pids).
+//!
+//! Pods reach a runtime only through the `provider-api` seam; this crate never names wasmtime
+//! (`main.rs` picks the provider).
+
+pub mod agent;
+mod backoff;
+pub mod config;
+pub mod lease;
+pub mod machine;
+pub mod node_status;

@@ -1,0 +1,74 @@
+//! The `wasm-kubelet` binary: parse and check the configuration (one line and exit 2 when it is
+//! wrong, before anything starts), start tracing, run the agent, drain on SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use wasm_kubelet::config::{Config, ConfigError};
+
+fn main() -> ExitCode {
+    let config = match Config::load(std::env::args_os()) {
+        Ok(config) => config,
+        Err(ConfigError::HelpRequested(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("wasm-kubelet: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let default_level = match config.verbosity {
+        0..=3 => "info",
+        4..=5 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("WASM_KUBELET_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!("warn,wasm_kubelet={default_level},provider_wasmtime={default_level},provider_api={default_level}"))
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    for notice in &config.notices {
+        tracing::warn!("{notice}");
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wasm-kubelet: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let provider = provider_wasmtime::WasmtimeProvider::new()?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(shutdown.clone()));
+        wasm_kubelet::agent::run(config, Arc::new(provider), shutdown).await?;
+        anyhow::Ok(())
+    });
+    // Do not wait for stray blocking work (an API call in flight) beyond the agent's own grace.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wasm-kubelet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

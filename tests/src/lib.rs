@@ -1,0 +1,252 @@
+//! Harness for wasm-kubelet's integration tests. They run against the real control plane that
+//! `deploy/local-cluster up` starts (kube-apiserver, etcd, kube-controller-manager,
+//! kube-scheduler, a registry), never a mock.
+//!
+//! Start at [`Cluster::get`]: it reads `target/local-cluster/env` (or `$LOCAL_CLUSTER_ENV`).
+//! [`Agent::start`] runs the real `wasm-kubelet` binary as its own node, with a node identity
+//! minted by `deploy/local-cluster node-kubeconfig`, and kills it when dropped. Waits are on
+//! conditions ([`wait_for`]), never on sleeps.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use k8s_openapi::api::core::v1::Node;
+
+/// The workspace root (tests/ is one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The running local cluster, as described by its env file.
+#[derive(Debug)]
+pub struct Cluster {
+    vars: HashMap<String, String>,
+}
+
+impl Cluster {
+    /// The cluster `deploy/local-cluster up` started. Panics with what to do when it is not up.
+    pub fn get() -> &'static Cluster {
+        static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let path = std::env::var_os("LOCAL_CLUSTER_ENV")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target/local-cluster/env"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("no local cluster ({}: {e}); start one with `deploy/local-cluster up`", path.display())
+            });
+            let vars = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Cluster { vars }
+        })
+    }
+
+    pub fn var(&self, name: &str) -> &str {
+        self.vars.get(name).unwrap_or_else(|| panic!("{name} missing from the local cluster env file"))
+    }
+
+    /// A client with cluster-admin rights.
+    pub async fn admin(&self) -> kube::Client {
+        client_from(Path::new(self.var("KUBECONFIG"))).await.expect("admin client")
+    }
+
+    /// The real kubectl of the pinned version, with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.var("KUBECTL"));
+        cmd.env("KUBECONFIG", self.var("KUBECONFIG"));
+        cmd
+    }
+
+    /// Writes a kubeconfig for identity `system:node:<name>`.
+    pub fn node_kubeconfig(&self, name: &str, out: &Path) -> anyhow::Result<()> {
+        let status = Command::new(workspace_root().join("deploy/local-cluster"))
+            .args(["node-kubeconfig", name])
+            .arg(out)
+            .env("LOCAL_CLUSTER_DIR", self.var("LOCAL_CLUSTER_DIR"))
+            .status()?;
+        if !status.success() {
+            bail!("deploy/local-cluster node-kubeconfig {name} failed");
+        }
+        Ok(())
+    }
+}
+
+pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The agent binary: `$WASM_KUBELET_BIN`, else target/debug/wasm-kubelet (build it first:
+/// `cargo build -p wasm-kubelet`, which the README's test command does).
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("WASM_KUBELET_BIN") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join("debug/wasm-kubelet");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p wasm-kubelet` first", bin.display());
+    bin
+}
+
+/// A unique, valid node name for one test: `it-<what>-<pid>-<n>`.
+pub fn unique_name(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("it-{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A running `wasm-kubelet` process serving one node. Killed (SIGKILL) when dropped.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub node_ip: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Agent {
+    /// Starts an agent for a new node called `name` with `--node-ip` on loopback and its own
+    /// root directory; `extra` flags are appended.
+    pub fn start(name: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        let cluster = Cluster::get();
+        let dir = workspace_root().join("target/it").join(name);
+        std::fs::create_dir_all(&dir)?;
+        let kubeconfig = dir.join("node.kubeconfig");
+        cluster.node_kubeconfig(name, &kubeconfig)?;
+        // A loopback address per node (127.0.1.1-254): the node IP must be loopback in tests.
+        let node_ip = format!("127.0.1.{}", 1 + name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % 254);
+        let mut args: Vec<String> = vec![
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--hostname-override".into(),
+            name.into(),
+            "--node-ip".into(),
+            node_ip.clone(),
+            "--root-dir".into(),
+            dir.join("root").display().to_string(),
+            "--healthz-port=0".into(),
+            "-v=4".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Agent { name: name.into(), dir, node_ip, args, child: None, runs: 0 };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// (Re)starts the process with the same flags; its log is appended to.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "agent {} already runs", self.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let child = Command::new(agent_binary())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning wasm-kubelet")?;
+        // Leave a pid file where `deploy/local-cluster down` looks, so a crashed test run
+        // cannot leak the agent.
+        let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
+        std::fs::create_dir_all(&pids)?;
+        std::fs::write(pids.join(format!("agent-{}.pid", self.name)), child.id().to_string())?;
+        std::fs::write(pids.join(format!("agent-{}.cmd", self.name)), agent_binary().display().to_string())?;
+        self.child = Some(child);
+        self.runs += 1;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `within` for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent not running")?;
+        // SAFETY: plain kill(2) on our own child's PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent {} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the agent's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
+        let _ = std::fs::remove_file(pids.join(format!("agent-{}.pid", self.name)));
+        let _ = std::fs::remove_file(pids.join(format!("agent-{}.cmd", self.name)));
+        // Remove the Node so test nodes do not pile up in the cluster.
+        let _ = Cluster::get().kubectl().args(["delete", "node", &self.name, "--ignore-not-found", "--wait=false"]).output();
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The status of condition `kind` on a Node ("True", "False", "Unknown").
+pub fn node_condition(node: &Node, kind: &str) -> Option<String> {
+    node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
+}
+
+/// Whether the Node carries a taint with this key.
+pub fn has_taint(node: &Node, key: &str) -> bool {
+    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == key))
+}
