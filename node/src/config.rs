@@ -442,8 +442,8 @@ impl Config {
             Some(v) => parse_bool("--enable-server", &v)?,
             None => file.enable_server.unwrap_or(true),
         };
-        let port = port("--port", flags.port, file.port, DEFAULT_PORT, false)?;
-        let healthz_port = port("--healthz-port", flags.healthz_port, file.healthz_port, DEFAULT_HEALTHZ_PORT, true)?;
+        let port = parse_port("--port", flags.port, file.port, DEFAULT_PORT, false)?;
+        let healthz_port = parse_port("--healthz-port", flags.healthz_port, file.healthz_port, DEFAULT_HEALTHZ_PORT, true)?;
 
         let max_pods = match flags.max_pods {
             Some(v) => v.parse::<u32>().map_err(|_| invalid("--max-pods", &v, "not a whole number"))?,
@@ -583,7 +583,7 @@ fn parse_bool(flag: &'static str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-fn port(flag: &'static str, given: Option<String>, from_file: Option<u32>, default: u16, zero_ok: bool) -> Result<u16, ConfigError> {
+fn parse_port(flag: &'static str, given: Option<String>, from_file: Option<u32>, default: u16, zero_ok: bool) -> Result<u16, ConfigError> {
     let v = match given {
         Some(v) => v.parse::<u32>().map_err(|_| invalid(flag, &v, "not a port number"))?,
         None => from_file.unwrap_or(default.into()),

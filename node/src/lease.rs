@@ -101,7 +101,7 @@ impl LeaseHeartbeat {
         };
         let current = match self.latest.take() {
             Some(lease) => Some(lease),
-            None => self.api.get_opt(&self.name).await.map_err(err)?,
+            None => self.api.get_opt(&self.name).await.map_err(&err)?,
         };
         match current {
             Some(mut lease) => {
@@ -111,7 +111,7 @@ impl LeaseHeartbeat {
                 spec_in.renew_time = spec.renew_time;
                 // After the Node was re-registered its UID is new: point the owner at it.
                 lease.metadata.owner_references = Some(vec![owner_ref]);
-                self.latest = Some(self.api.replace(&self.name, &PostParams::default(), &lease).await.map_err(err)?);
+                self.latest = Some(self.api.replace(&self.name, &PostParams::default(), &lease).await.map_err(&err)?);
                 debug!("lease renewed");
             }
             None => {
@@ -124,7 +124,7 @@ impl LeaseHeartbeat {
                     },
                     spec: Some(spec),
                 };
-                self.latest = Some(self.api.create(&PostParams::default(), &lease).await.map_err(err)?);
+                self.latest = Some(self.api.create(&PostParams::default(), &lease).await.map_err(&err)?);
                 debug!("lease created");
             }
         }

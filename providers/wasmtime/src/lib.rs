@@ -16,11 +16,11 @@ pub struct WasmtimeProvider {
 }
 
 impl WasmtimeProvider {
-    /// An engine with the settings pods need: async support (so a pod never blocks a runtime
-    /// thread), epoch interruption (so a busy loop can be stopped), and the component model.
+    /// An engine with the settings pods need: epoch interruption (so a busy loop can be
+    /// stopped) and the component model (so WASI preview2 components run).
     pub fn new() -> Result<Self, ProviderError> {
         let mut config = wasmtime::Config::new();
-        config.async_support(true).epoch_interruption(true).wasm_component_model(true);
+        config.epoch_interruption(true).wasm_component_model(true);
         let engine = wasmtime::Engine::new(&config).map_err(|e| ProviderError::Setup(format!("{e:#}")))?;
         Ok(Self { engine })
     }

@@ -1,0 +1,74 @@
+//! The real binary: a bad flag, value or kubeconfig is one line on stderr and exit code 2
+//! before anything starts; standalone mode starts without an API server and stops on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{agent_binary, workspace_root};
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(agent_binary()).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--no-such-flag"], "--no-such-flag"),
+        (&["--node-ip=300.1.1.1"], "--node-ip"),
+        (&["--max-pods=lots"], "--max-pods"),
+        (&["--node-status-update-frequency=fast"], "--node-status-update-frequency"),
+        (&["--kubeconfig=/nonexistent/kubeconfig"], "/nonexistent/kubeconfig"),
+        (&["--config=/nonexistent/kubelet.yaml"], "/nonexistent/kubelet.yaml"),
+        (&["--allowed-unsafe-sysctls=kernel.msg*"], "--allowed-unsafe-sysctls"),
+    ];
+    for (args, names) in cases {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?} gives one line: {stderr}");
+        assert!(stderr.starts_with("wasm-kubelet: ") && stderr.contains(names), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_prints_to_stdout_and_exits_0() {
+    let out = Command::new(agent_binary()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--node-status-update-frequency") && text.contains("--kubeconfig"));
+}
+
+#[test]
+fn standalone_runs_without_an_api_server() {
+    let root = workspace_root().join(format!("target/it/standalone-{}", std::process::id()));
+    let mut child = Command::new(agent_binary())
+        .args(["--hostname-override=standalone", "--healthz-port=0", "--root-dir"])
+        .arg(&root)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log.contains("running standalone") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => log += &(line + "\n"),
+            Err(_) => panic!("no standalone notice within 20 s: {log}"),
+        }
+    }
+    assert!(child.try_wait().unwrap().is_none(), "standalone agent keeps running");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    log.extend(lines.try_iter().map(|l| l + "\n"));
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("running standalone"), "{log}");
+}
