@@ -29,7 +29,8 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_env("WASM_KUBELET_LOG").unwrap_or_else(|_| {
         EnvFilter::new(format!("warn,wasm_kubelet={default_level},provider_wasmtime={default_level},provider_api={default_level}"))
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     for notice in &config.notices {
         tracing::warn!("{notice}");
     }
