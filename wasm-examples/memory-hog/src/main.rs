@@ -1,0 +1,25 @@
+//! Allocates memory without end, 1 MiB at a time, printing the total every 16 MiB: the host's
+//! memory limit must stop it (the allocation fails and the guest traps).
+
+use std::hint::black_box;
+
+const MIB: usize = 1 << 20;
+/// Reporting every chunk would flood the log; 16 MiB steps still show the limit being reached.
+const REPORT_EVERY_MIB: usize = 16;
+/// Writing one byte per 4 KiB (the host's page size) makes the host commit every page of the
+/// chunk, so the memory counts against the pod and is not just reserved address space.
+const PAGE: usize = 4096;
+
+fn main() {
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut chunk = vec![0u8; MIB];
+        for page in chunk.chunks_mut(PAGE) {
+            page[0] = 1;
+        }
+        chunks.push(black_box(chunk));
+        if chunks.len().is_multiple_of(REPORT_EVERY_MIB) {
+            println!("memory-hog: {} MiB allocated", chunks.len());
+        }
+    }
+}
