@@ -9,14 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use provider_api::Provider;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{one_line, Config};
 use crate::lease::LeaseHeartbeat;
+use crate::events::EventSink;
 use crate::node_status::NodeStatusManager;
+use crate::pods::status::StatusManager;
+use crate::pods::worker::WorkerContext;
+use crate::pods::{manager, pleg, source};
 
 /// How long the tasks get to finish after a shutdown signal before the agent exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -61,8 +65,28 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
                 warn!("--register-node=false: not registering or updating the Node; the lease follows a Node someone else registered");
                 tasks.spawn(follow_existing_node(client.clone(), config.node_name.clone(), node_tx, shutdown.clone()));
             }
-            let lease = LeaseHeartbeat::new(client, config.node_name.clone(), config.node_lease_duration, config.lease_renew_interval(), node_rx);
+            let lease = LeaseHeartbeat::new(client.clone(), config.node_name.clone(), config.node_lease_duration, config.lease_renew_interval(), node_rx);
             tasks.spawn(lease.run(shutdown.clone()));
+
+            // Pods: source -> manager -> one worker per pod -> status manager.
+            let (status_manager, status) = StatusManager::new(client.clone());
+            tasks.spawn(status_manager.run(shutdown.clone()));
+            let ctx = Arc::new(WorkerContext {
+                provider: provider.clone(),
+                client: Some(client.clone()),
+                status,
+                events: EventSink::start(client.clone(), &config.node_name),
+                node_name: config.node_name.clone(),
+                node_ip: node_ip(&config),
+                pods_dir: config.root_dir.join("pods"),
+                pod_logs_dir: config.pod_logs_dir.clone(),
+                node_allocatable: allocatable(&config),
+            });
+            let (change_tx, change_rx) = mpsc::unbounded_channel();
+            let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
+            tasks.spawn(source::watch_pods(client, config.node_name.clone(), change_tx, shutdown.clone()));
+            tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
+            tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
         }
         None => {
             info!(node = %config.node_name, "no --kubeconfig: running standalone, without an API server (static pods only)");
@@ -76,6 +100,19 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
         warn!(grace = ?SHUTDOWN_GRACE, "tasks did not stop within the grace period; exiting anyway");
     }
     Ok(())
+}
+
+/// The IP pods get: the node's (DESIGN: the pod IP is the node IP).
+fn node_ip(config: &Config) -> String {
+    config.node_ip.map(|ip| ip.to_string()).unwrap_or_else(|| crate::node_status::resolve_node_ip(&config.node_name).map(|ip| ip.to_string()).unwrap_or_default())
+}
+
+/// (cpu millicores, memory bytes) of the machine, for resourceFieldRef without limits.
+fn allocatable(config: &Config) -> (u64, u64) {
+    match crate::machine::capacity(&config.root_dir) {
+        Ok(c) => (u64::from(c.cpus) * 1000, c.memory_bytes),
+        Err(_) => (1000, 0),
+    }
 }
 
 /// Without registration, the lease still needs the Node's UID: poll for it.

@@ -15,6 +15,8 @@ use serde::Deserialize;
 // Defaults, each the kubelet's own unless said otherwise. Defined here and nowhere else.
 /// Kept apart from the kubelet's /var/lib/kubelet so both can run on one host.
 pub const DEFAULT_ROOT_DIR: &str = "/var/lib/wasm-kubelet";
+/// Where the kubelet writes container logs; log collectors look here.
+const DEFAULT_POD_LOGS_DIR: &str = "/var/log/pods";
 const DEFAULT_NODE_STATUS_UPDATE_FREQUENCY: Duration = Duration::from_secs(10);
 /// The kubelet reports unchanged status at least this often (nodeStatusReportFrequency).
 const DEFAULT_NODE_STATUS_REPORT_FREQUENCY: Duration = Duration::from_secs(5 * 60);
@@ -96,6 +98,10 @@ pub struct Flags {
     /// The agent's state directory [default: /var/lib/wasm-kubelet].
     #[arg(long, value_name = "DIR")]
     pub root_dir: Option<PathBuf>,
+    /// Where container logs go, as `<dir>/<ns>_<pod>_<uid>/<container>/<n>.log` (the
+    /// KubeletConfiguration field podLogsDir) [default: /var/log/pods].
+    #[arg(long, value_name = "DIR")]
+    pub pod_logs_dir: Option<PathBuf>,
     /// Directory of static pod manifests.
     #[arg(long, value_name = "DIR")]
     pub pod_manifest_path: Option<PathBuf>,
@@ -160,6 +166,7 @@ struct ConfigFile {
     api_version: Option<String>,
     kind: Option<String>,
     static_pod_path: Option<PathBuf>,
+    pod_logs_dir: Option<PathBuf>,
     #[serde(rename = "staticPodURL")]
     static_pod_url: Option<String>,
     file_check_frequency: Option<String>,
@@ -249,6 +256,7 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     pub cert_dir: PathBuf,
     pub root_dir: PathBuf,
+    pub pod_logs_dir: PathBuf,
     pub node_ip: Option<IpAddr>,
     pub provider_id: Option<String>,
     pub register_node: bool,
@@ -325,6 +333,10 @@ impl Config {
             return Err(invalid("--root-dir", root_dir.display(), "must be an absolute path"));
         }
         let cert_dir = flags.cert_dir.unwrap_or_else(|| root_dir.join("pki"));
+        let pod_logs_dir = flags.pod_logs_dir.or(file.pod_logs_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_POD_LOGS_DIR));
+        if !pod_logs_dir.is_absolute() {
+            return Err(invalid("--pod-logs-dir", pod_logs_dir.display(), "must be an absolute path"));
+        }
 
         let node_name = match flags.hostname_override {
             Some(name) => name.trim().to_lowercase(),
@@ -488,6 +500,7 @@ impl Config {
             kubeconfig,
             cert_dir,
             root_dir,
+            pod_logs_dir,
             node_ip,
             provider_id,
             register_node,

@@ -6,7 +6,9 @@
 //!
 //! - [`node_status`]: registers the Node and is the only writer of its status;
 //! - [`lease`]: the heartbeat, the only writer of the node's Lease;
-//! - [`machine`]: measurements of the host (capacity, free memory and disk, pids).
+//! - [`machine`]: measurements of the host (capacity, free memory and disk, pids);
+//! - [`pods`]: the pod source, one worker per pod, the PLEG and the pod status manager;
+//! - [`events`]: Kubernetes Events, published by one task.
 //!
 //! Pods reach a runtime only through the `provider-api` seam; this crate never names wasmtime
 //! (`main.rs` picks the provider).
@@ -14,6 +16,8 @@
 pub mod agent;
 mod backoff;
 pub mod config;
+pub mod events;
 pub mod lease;
 pub mod machine;
 pub mod node_status;
+pub mod pods;

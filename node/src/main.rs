@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let provider = provider_wasmtime::WasmtimeProvider::new()?;
+        let provider = provider_wasmtime::WasmtimeProvider::new(config.root_dir.clone())?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
         wasm_kubelet::agent::run(config, Arc::new(provider), shutdown).await?;

@@ -332,12 +332,14 @@ impl NodeStatusManager {
 
     /// --node-ip, else the first non-loopback address the hostname resolves to.
     fn node_ip(&self) -> Option<IpAddr> {
-        if let Some(ip) = self.config.node_ip {
-            return Some(ip);
-        }
-        use std::net::ToSocketAddrs;
-        (self.config.node_name.as_str(), 0).to_socket_addrs().ok()?.map(|a| a.ip()).find(|ip| !ip.is_loopback())
+        self.config.node_ip.or_else(|| resolve_node_ip(&self.config.node_name))
     }
+}
+
+/// The first non-loopback address `name` resolves to.
+pub fn resolve_node_ip(name: &str) -> Option<IpAddr> {
+    use std::net::ToSocketAddrs;
+    (name, 0).to_socket_addrs().ok()?.map(|a| a.ip()).find(|ip| !ip.is_loopback())
 }
 
 fn signal_name(signal: EvictionSignal) -> &'static str {

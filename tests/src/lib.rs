@@ -241,6 +241,22 @@ where
     }
 }
 
+/// Builds every wasm-examples program and pushes it to the local registry as
+/// `$REGISTRY/wasm-examples/<name>:v1`, once per process.
+pub fn push_examples() {
+    static PUSHED: OnceLock<()> = OnceLock::new();
+    PUSHED.get_or_init(|| {
+        let registry = Cluster::get().var("REGISTRY").to_string();
+        let out = Command::new(workspace_root().join("deploy/push-examples")).arg(&registry).output().expect("deploy/push-examples runs");
+        assert!(out.status.success(), "push-examples failed: {}", String::from_utf8_lossy(&out.stderr));
+    });
+}
+
+/// The image reference of a wasm-examples program in the local registry.
+pub fn example_image(name: &str) -> String {
+    format!("{}/wasm-examples/{name}:v1", Cluster::get().var("REGISTRY"))
+}
+
 /// The status of condition `kind` on a Node ("True", "False", "Unknown").
 pub fn node_condition(node: &Node, kind: &str) -> Option<String> {
     node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())

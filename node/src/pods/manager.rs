@@ -1,0 +1,78 @@
+//! The pod manager: one worker per pod UID, never two syncs of one pod at once.
+//!
+//! It hears pod changes from the source and container changes from the PLEG, and forwards
+//! each to the pod's worker (a watch channel for the desired pod, a Notify for nudges). It
+//! starts a worker for a new UID and forgets it when the worker reports that the pod is gone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info_span, Instrument};
+
+use super::source::PodChange;
+use super::worker::{PodDesire, PodWorker, WorkerContext};
+
+struct WorkerHandle {
+    desired: watch::Sender<PodDesire>,
+    nudge: Arc<Notify>,
+}
+
+pub async fn run(
+    ctx: Arc<WorkerContext>,
+    mut changes: mpsc::UnboundedReceiver<PodChange>,
+    mut pleg: mpsc::UnboundedReceiver<String>,
+    shutdown: CancellationToken,
+) {
+    let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
+    let tracker = TaskTracker::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            change = changes.recv() => match change {
+                None => break,
+                Some(PodChange::Upsert(pod)) => {
+                    let Some(uid) = pod.metadata.uid.clone() else { continue };
+                    match workers.get(&uid) {
+                        Some(handle) => {
+                            handle.desired.send_replace(PodDesire { pod, removed: false });
+                        }
+                        None => {
+                            let span = info_span!("pod", namespace = pod.metadata.namespace.as_deref().unwrap_or(""), name = pod.metadata.name.as_deref().unwrap_or(""), uid = %uid);
+                            let (desired, rx) = watch::channel(PodDesire { pod, removed: false });
+                            let nudge = Arc::new(Notify::new());
+                            let worker = PodWorker::new(ctx.clone(), rx, nudge.clone());
+                            let done = done_tx.clone();
+                            tracker.spawn(async move {
+                                let uid = worker.run().await;
+                                let _ = done.send(uid);
+                            }.instrument(span));
+                            workers.insert(uid, WorkerHandle { desired, nudge });
+                        }
+                    }
+                }
+                Some(PodChange::Removed(uid)) => {
+                    if let Some(handle) = workers.get(&uid) {
+                        handle.desired.send_modify(|d| d.removed = true);
+                    }
+                }
+            },
+            uid = pleg.recv() => {
+                if let Some(handle) = uid.and_then(|uid| workers.get(&uid)) {
+                    handle.nudge.notify_one();
+                }
+            }
+            Some(uid) = done_rx.recv() => {
+                workers.remove(&uid);
+            }
+        }
+    }
+    // Shutting down: dropping the senders tells every worker to stop; instances end with the
+    // agent's process (a restart picks the pods up again from the API server).
+    workers.clear();
+    tracker.close();
+    tracker.wait().await;
+}

@@ -1,0 +1,11 @@
+//! Pods: where they come from ([`source`]), who acts on each ([`manager`] and one
+//! [`worker`] per UID), how the node learns about container changes ([`pleg`]), and the only
+//! writer of pod status ([`status`]). [`admission`] and [`env`] are pure helpers.
+
+pub mod admission;
+pub mod env;
+pub mod manager;
+pub mod pleg;
+pub mod source;
+pub mod status;
+pub mod worker;

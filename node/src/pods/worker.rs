@@ -1,0 +1,958 @@
+//! One pod worker per pod UID: the only task that acts on that pod's containers.
+//!
+//! A worker wakes when the pod's spec changes (from the pod source), when the PLEG sees one of
+//! its containers change, or when a backoff or deadline timer fires. Each wake is one
+//! [`PodWorker::sync`]: admit, make the sandbox, run init containers in order, start or restart
+//! app containers per `restartPolicy` with CrashLoopBackOff, then hand the status it computed
+//! to the status manager. A deleted pod's containers are stopped within its grace period and
+//! the status manager is asked to remove the pod object.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, HostIP, ObjectReference, Pod, PodCondition, PodIP, PodStatus, Secret,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::chrono::{DateTime, Utc};
+use kube::Api;
+use provider_api::{ContainerConfig, ContainerState, ExitReason, Mount, Provider, ProviderError, RegistryAuth, SandboxConfig};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::admission;
+use super::env;
+use super::status::{PodKey, StatusSender};
+use crate::events::EventSink;
+
+/// The kubelet's crash-loop backoff: 10 s, doubling, capped at 5 minutes.
+const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A container that ran this long without exiting has its backoff reset (the kubelet's value).
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+/// How often a worker re-syncs a pod with nothing to wait for; the PLEG and spec changes wake it sooner.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// What the pod source wants for a pod.
+#[derive(Debug, Clone)]
+pub struct PodDesire {
+    pub pod: Arc<Pod>,
+    /// The pod is gone from the API server (deleted outright, or no longer bound here).
+    pub removed: bool,
+}
+
+/// What every worker shares.
+pub struct WorkerContext {
+    pub provider: Arc<dyn Provider>,
+    pub client: Option<kube::Client>,
+    pub status: StatusSender,
+    pub events: EventSink,
+    pub node_name: String,
+    pub node_ip: String,
+    pub pods_dir: PathBuf,
+    pub pod_logs_dir: PathBuf,
+    /// (cpu millicores, memory bytes) for resourceFieldRef without limits.
+    pub node_allocatable: (u64, u64),
+}
+
+/// What the worker knows about one container of its pod.
+#[derive(Debug, Default)]
+struct ContainerRecord {
+    /// The provider's id of the current (latest) instance.
+    id: Option<String>,
+    /// Attempts started so far; the next attempt's number.
+    attempts: u32,
+    restart_count: i32,
+    image_id: String,
+    current: Option<ContainerState>,
+    /// Why the container is not running, when it waits.
+    waiting: Option<(String, String)>,
+    last_terminated: Option<ContainerStateTerminated>,
+    backoff: Duration,
+    /// Not before this instant may the container (or its image pull) be tried again.
+    retry_at: Option<Instant>,
+    started_at: Option<Instant>,
+}
+
+/// The pod's final outcome once nothing more will run.
+#[derive(Debug, Clone)]
+struct Terminal {
+    phase: &'static str,
+    reason: Option<String>,
+    message: Option<String>,
+}
+
+pub struct PodWorker {
+    ctx: Arc<WorkerContext>,
+    key: PodKey,
+    desired: watch::Receiver<PodDesire>,
+    nudge: Arc<Notify>,
+    pod: Arc<Pod>,
+    sandbox: Option<String>,
+    containers: BTreeMap<String, ContainerRecord>,
+    start_time: DateTime<Utc>,
+    terminal: Option<Terminal>,
+}
+
+impl PodWorker {
+    pub fn new(ctx: Arc<WorkerContext>, desired: watch::Receiver<PodDesire>, nudge: Arc<Notify>) -> Self {
+        let pod = desired.borrow().pod.clone();
+        let key = PodKey {
+            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+        };
+        // Restart counts and start time survive an agent restart through the pod's own status.
+        let status = pod.status.clone().unwrap_or_default();
+        let start_time = status.start_time.as_ref().map(|t| t.0).unwrap_or_else(Utc::now);
+        let mut containers = BTreeMap::new();
+        for cs in status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten()) {
+            let state = cs.state.clone().unwrap_or_default();
+            let mut record = ContainerRecord {
+                restart_count: cs.restart_count,
+                attempts: cs.restart_count.max(0) as u32 + u32::from(state.running.is_some() || state.terminated.is_some()),
+                last_terminated: state.terminated.clone().or_else(|| cs.last_state.as_ref().and_then(|s| s.terminated.clone())),
+                image_id: cs.image_id.clone(),
+                ..Default::default()
+            };
+            if let Some(running) = &state.running {
+                // Instances live in the agent's process: one that was running when a previous
+                // agent stopped is gone. Say so as the kubelet does for a vanished container,
+                // and let the restart policy decide, without crash-loop backoff.
+                record.last_terminated = Some(ContainerStateTerminated {
+                    container_id: cs.container_id.clone(),
+                    exit_code: 137,
+                    reason: Some("ContainerStatusUnknown".into()),
+                    message: Some("The container could not be located when the node agent restarted".into()),
+                    started_at: running.started_at.clone(),
+                    finished_at: Some(Time(Utc::now())),
+                    signal: None,
+                });
+                record.retry_at = Some(Instant::now());
+            }
+            containers.insert(cs.name.clone(), record);
+        }
+        let terminal = match status.phase.as_deref() {
+            Some("Succeeded") => Some(Terminal { phase: "Succeeded", reason: status.reason.clone(), message: status.message.clone() }),
+            Some("Failed") => Some(Terminal { phase: "Failed", reason: status.reason.clone(), message: status.message.clone() }),
+            _ => None,
+        };
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal }
+    }
+
+    /// Runs until the pod is gone; returns its UID.
+    pub async fn run(mut self) -> String {
+        loop {
+            let desire = self.desired.borrow_and_update().clone();
+            self.pod = desire.pod.clone();
+            let deleting = desire.removed || self.pod.metadata.deletion_timestamp.is_some();
+            if deleting {
+                self.terminate(desire.removed).await;
+                return self.key.uid;
+            }
+            let wake = self.sync().await;
+            tokio::select! {
+                changed = self.desired.changed() => {
+                    if changed.is_err() {
+                        // The manager dropped us: the agent is shutting down.
+                        return self.key.uid;
+                    }
+                }
+                _ = self.nudge.notified() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn object_ref(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(self.key.namespace.clone()),
+            name: Some(self.key.name.clone()),
+            uid: Some(self.key.uid.clone()),
+            ..Default::default()
+        }
+    }
+
+    fn container_ref(&self, container: &str) -> ObjectReference {
+        let mut r = self.object_ref();
+        r.field_path = Some(format!("spec.containers{{{container}}}"));
+        r
+    }
+
+    /// One pass over the pod. Returns when to wake up next at the latest.
+    async fn sync(&mut self) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + RESYNC;
+        self.refresh().await;
+
+        if self.terminal.is_none() {
+            if let Err(reason) = admission::admit(&self.pod) {
+                warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
+                self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
+                self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
+            }
+        }
+        if self.terminal.is_none() {
+            if let Some(deadline) = self.active_deadline() {
+                if Utc::now() >= deadline {
+                    self.kill_all(Duration::ZERO, "DeadlineExceeded").await;
+                    let message = "Pod was active on the node longer than the specified deadline".to_string();
+                    self.ctx.events.normal(&self.object_ref(), "DeadlineExceeded", message.clone());
+                    self.terminal = Some(Terminal { phase: "Failed", reason: Some("DeadlineExceeded".into()), message: Some(message) });
+                } else {
+                    let left = (deadline - Utc::now()).to_std().unwrap_or_default();
+                    wake = wake.min(now + left);
+                }
+            }
+        }
+        if self.terminal.is_none() {
+            if let Some(at) = self.run_containers().await {
+                wake = wake.min(at);
+            }
+        }
+        let status = self.compute_status();
+        if self.terminal.is_none() {
+            if let Some(phase @ ("Succeeded" | "Failed")) = status.phase.as_deref() {
+                let phase = if phase == "Succeeded" { "Succeeded" } else { "Failed" };
+                self.terminal = Some(Terminal { phase, reason: None, message: None });
+            }
+        }
+        self.ctx.status.set(self.key.clone(), status);
+        wake
+    }
+
+    fn active_deadline(&self) -> Option<DateTime<Utc>> {
+        let secs = self.pod.spec.as_ref()?.active_deadline_seconds?;
+        Some(self.start_time + k8s_openapi::chrono::Duration::seconds(secs))
+    }
+
+    fn spec_containers(&self) -> (Vec<Container>, Vec<Container>) {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        (spec.init_containers.unwrap_or_default(), spec.containers)
+    }
+
+    fn restart_policy(&self) -> &str {
+        self.pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always")
+    }
+
+    /// Reads the provider's view of this pod's containers.
+    async fn refresh(&mut self) {
+        let listed = self.ctx.provider.list_containers().await;
+        for summary in listed.into_iter().filter(|s| s.pod_uid == self.key.uid) {
+            let Some(record) = self.containers.get_mut(&summary.name) else { continue };
+            if record.id.as_deref() != Some(summary.id.as_str()) {
+                continue;
+            }
+            if let ContainerState::Exited { started_at, finished_at, exit_code, reason, message } = &summary.state {
+                if !matches!(record.current, Some(ContainerState::Exited { .. })) {
+                    record.last_terminated = Some(terminated(&summary.id, *started_at, *finished_at, *exit_code, *reason, message.clone()));
+                    // A long good run resets the crash-loop backoff.
+                    if record.started_at.is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER) {
+                        record.backoff = Duration::ZERO;
+                    }
+                }
+            }
+            record.current = Some(summary.state);
+        }
+    }
+
+    /// Starts what should run. Returns the earliest retry instant, if any.
+    async fn run_containers(&mut self) -> Option<Instant> {
+        if self.sandbox.is_none() {
+            let config = SandboxConfig {
+                pod_uid: self.key.uid.clone(),
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                pod_dir: self.ctx.pods_dir.join(&self.key.uid),
+            };
+            match self.ctx.provider.run_pod_sandbox(&config).await {
+                Ok(id) => self.sandbox = Some(id),
+                Err(e) => {
+                    warn!(error = %e, "creating the pod sandbox");
+                    self.ctx.events.warning(&self.object_ref(), "FailedCreatePodSandBox", format!("Failed to create pod sandbox: {e}"));
+                    return Some(Instant::now() + BACKOFF_INITIAL);
+                }
+            }
+        }
+        let policy = self.restart_policy().to_string();
+        let (init, app) = self.spec_containers();
+        let mut wake: Option<Instant> = None;
+        let mut earliest = |at: Option<Instant>| {
+            if let Some(at) = at {
+                wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+            }
+        };
+
+        // Init containers: in order, each to success before the next.
+        for c in &init {
+            let record = self.containers.entry(c.name.clone()).or_default();
+            match &record.current {
+                Some(ContainerState::Exited { exit_code: 0, .. }) => continue,
+                None if record.last_terminated.as_ref().is_some_and(|t| t.exit_code == 0) && record.id.is_none() => continue,
+                Some(ContainerState::Running { .. }) | Some(ContainerState::Created) => return wake,
+                Some(ContainerState::Exited { .. }) if policy == "Never" => return wake, // the pod fails
+                _ => {
+                    let at = self.start_container(c, true).await;
+                    earliest(at);
+                    return wake;
+                }
+            }
+        }
+
+        for c in &app {
+            let record = self.containers.entry(c.name.clone()).or_default();
+            let restart = match &record.current {
+                Some(ContainerState::Running { .. }) | Some(ContainerState::Created) => false,
+                Some(ContainerState::Exited { exit_code, .. }) => match policy.as_str() {
+                    "Always" => true,
+                    "OnFailure" => *exit_code != 0,
+                    _ => false,
+                },
+                None => match &record.last_terminated {
+                    // Known only from the pod's status (an agent restart): follow the policy.
+                    Some(t) if record.id.is_none() && record.attempts > 0 => match policy.as_str() {
+                        "Always" => true,
+                        "OnFailure" => t.exit_code != 0,
+                        _ => false,
+                    },
+                    _ => true,
+                },
+            };
+            if restart {
+                let at = self.start_container(c, false).await;
+                earliest(at);
+            }
+        }
+        wake
+    }
+
+    /// Pulls, prepares and starts one container, honouring its backoff. Returns when to retry.
+    async fn start_container(&mut self, container: &Container, is_init: bool) -> Option<Instant> {
+        let name = container.name.clone();
+        let cref = self.container_ref(&name);
+        let pod_name = self.key.name.clone();
+        let uid = self.key.uid.clone();
+        let now = Instant::now();
+        {
+            let record = self.containers.get_mut(&name).expect("record exists");
+            if let Some(at) = record.retry_at {
+                if at > now {
+                    return Some(at);
+                }
+            }
+        }
+
+        // A restart waits out the crash-loop backoff first (10 s, doubling, capped at 5 min).
+        if self.containers[&name].attempts > 0 && self.containers[&name].retry_at.is_none() {
+            let at = self.backoff(&name);
+            self.ctx.events.warning(&cref, "BackOff", format!("Back-off restarting failed container {name} in pod {pod_name}_{}({uid})", self.key.namespace));
+            return Some(at);
+        }
+        let image = container.image.clone().unwrap_or_default();
+
+        // Image, per imagePullPolicy.
+        let policy = container.image_pull_policy.clone().unwrap_or_else(|| default_pull_policy(&image).into());
+        let present = self.ctx.provider.image_status(&image).await;
+        let image_info = match (policy.as_str(), present) {
+            ("Never", None) => {
+                let msg = format!("Container image \"{image}\" is not present with pull policy of Never");
+                self.ctx.events.warning(&cref, "ErrImageNeverPull", msg.clone());
+                return self.wait_and_retry(&name, "ErrImageNeverPull", msg);
+            }
+            ("IfNotPresent" | "Never", Some(info)) => {
+                self.ctx.events.normal(&cref, "Pulled", format!("Container image \"{image}\" already present on machine"));
+                info
+            }
+            _ => {
+                self.ctx.events.normal(&cref, "Pulling", format!("Pulling image \"{image}\""));
+                let auth = self.pull_secrets().await;
+                let started = std::time::Instant::now();
+                match self.ctx.provider.pull_image(&image, &auth).await {
+                    Ok(info) => {
+                        self.ctx.events.normal(
+                            &cref,
+                            "Pulled",
+                            format!("Successfully pulled image \"{image}\" in {:.3}s. Image size: {} bytes.", started.elapsed().as_secs_f64(), info.size),
+                        );
+                        info
+                    }
+                    Err(ProviderError::UnsupportedImage(msg)) => {
+                        self.ctx.events.warning(&cref, "Failed", format!("Failed to pull image \"{image}\": {msg}"));
+                        self.terminal = Some(Terminal { phase: "Failed", reason: Some("UnsupportedImage".into()), message: Some(msg) });
+                        return None;
+                    }
+                    Err(e) => {
+                        let msg = format!("Failed to pull image \"{image}\": {e}");
+                        self.ctx.events.warning(&cref, "Failed", msg.clone());
+                        self.ctx.events.warning(&cref, "Failed", "Error: ErrImagePull".into());
+                        let record = self.containers.get_mut(&name).expect("record exists");
+                        let first = !matches!(record.waiting.as_ref().map(|w| w.0.as_str()), Some("ErrImagePull" | "ImagePullBackOff"));
+                        let reason = if first { "ErrImagePull" } else { "ImagePullBackOff" };
+                        let at = self.backoff(&name);
+                        if !first {
+                            self.ctx.events.normal(&cref, "BackOff", format!("Back-off pulling image \"{image}\""));
+                        }
+                        let record = self.containers.get_mut(&name).expect("record exists");
+                        record.waiting = Some((reason.into(), if first { msg } else { format!("Back-off pulling image \"{image}\": {e}") }));
+                        return Some(at);
+                    }
+                }
+            }
+        };
+
+        // Environment.
+        let env = match self.container_env(container).await {
+            Ok(env) => env,
+            Err(e) => {
+                self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
+                return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string());
+            }
+        };
+        let command: Vec<String> = container.command.iter().flatten().map(|s| env::expand(s, &env)).collect();
+        let args: Vec<String> = container.args.iter().flatten().map(|s| env::expand(s, &env)).collect();
+
+        let attempt = self.containers[&name].attempts;
+        let log_dir = self.ctx.pod_logs_dir.join(format!("{}_{}_{}", self.key.namespace, pod_name, uid)).join(&name);
+        if let Err(e) = std::fs::create_dir_all(&log_dir) {
+            return self.wait_and_retry(&name, "CreateContainerError", format!("creating log directory {}: {e}", log_dir.display()));
+        }
+        let config = ContainerConfig {
+            name: name.clone(),
+            image: image.clone(),
+            command,
+            args,
+            env,
+            working_dir: container.working_dir.clone(),
+            mounts: match self.mounts(container) {
+                Ok(m) => m,
+                Err(msg) => return self.wait_and_retry(&name, "CreateContainerConfigError", msg),
+            },
+            log_path: log_dir.join(format!("{attempt}.log")),
+            memory_limit_bytes: memory_limit(container),
+            attempt,
+        };
+        let sandbox = self.sandbox.clone().unwrap_or_default();
+        let id = match self.ctx.provider.create_container(&sandbox, config).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
+                return self.wait_and_retry(&name, "CreateContainerError", e.to_string());
+            }
+        };
+        self.ctx.events.normal(&cref, "Created", format!("Created container: {name}"));
+        if let Err(e) = self.ctx.provider.start_container(&id).await {
+            self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
+            return self.wait_and_retry(&name, "RunContainerError", e.to_string());
+        }
+        self.ctx.events.normal(&cref, "Started", format!("Started container {name}"));
+        info!(container = %name, attempt, is_init, "container started");
+
+        let record = self.containers.get_mut(&name).expect("record exists");
+        if record.attempts > 0 {
+            record.restart_count += 1;
+        }
+        record.attempts += 1;
+        record.id = Some(id);
+        record.image_id = format!("{}@{}", image.split('@').next().unwrap_or(&image), image_info.digest);
+        record.current = Some(ContainerState::Running { started_at: SystemTime::now() });
+        record.waiting = None;
+        record.started_at = Some(Instant::now());
+        // The next restart waits this long (CrashLoopBackOff): 10 s, doubling, capped.
+        record.retry_at = None;
+        None
+    }
+
+    /// One preopened directory per volumeMount. emptyDir volumes live in the pod directory;
+    /// the service-account projected volume is not materialised yet (no mount is made for it).
+    fn mounts(&self, container: &Container) -> Result<Vec<Mount>, String> {
+        let volumes = self.pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+        let mut mounts = Vec::new();
+        for vm in container.volume_mounts.iter().flatten() {
+            let Some(volume) = volumes.iter().find(|v| v.name == vm.name) else {
+                return Err(format!("volumeMount {} names no volume of the pod", vm.name));
+            };
+            if volume.empty_dir.is_some() {
+                let dir = self.ctx.pods_dir.join(&self.key.uid).join("volumes/kubernetes.io~empty-dir").join(&volume.name);
+                std::fs::create_dir_all(&dir).map_err(|e| format!("creating emptyDir {}: {e}", dir.display()))?;
+                mounts.push(Mount { host_path: dir, container_path: vm.mount_path.clone(), read_only: vm.read_only.unwrap_or(false) });
+            }
+        }
+        Ok(mounts)
+    }
+
+    /// Records a waiting reason and schedules a retry with the container's backoff.
+    fn wait_and_retry(&mut self, name: &str, reason: &str, message: String) -> Option<Instant> {
+        let at = self.backoff(name);
+        let record = self.containers.get_mut(name).expect("record exists");
+        record.waiting = Some((reason.into(), message));
+        Some(at)
+    }
+
+    /// Advances the container's backoff and returns when it may be tried again.
+    fn backoff(&mut self, name: &str) -> Instant {
+        let record = self.containers.get_mut(name).expect("record exists");
+        record.backoff = if record.backoff.is_zero() { BACKOFF_INITIAL } else { (record.backoff * 2).min(BACKOFF_MAX) };
+        let at = Instant::now() + record.backoff;
+        record.retry_at = Some(at);
+        at
+    }
+
+    async fn pull_secrets(&self) -> Vec<RegistryAuth> {
+        let Some(client) = &self.ctx.client else { return Vec::new() };
+        let api: Api<Secret> = Api::namespaced(client.clone(), &self.key.namespace);
+        let mut auth = Vec::new();
+        for r in self.pod.spec.as_ref().and_then(|s| s.image_pull_secrets.clone()).unwrap_or_default() {
+            if let Ok(Some(secret)) = api.get_opt(&r.name).await {
+                if let Some(data) = secret.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
+                    auth.extend(parse_docker_config(&data.0));
+                }
+            }
+        }
+        auth
+    }
+
+    async fn container_env(&self, container: &Container) -> Result<Vec<(String, String)>, env::EnvError> {
+        let refs = env::referenced(container);
+        let mut sources = env::Sources { host_ip: self.ctx.node_ip.clone(), node_allocatable: self.ctx.node_allocatable, ..Default::default() };
+        if let Some(client) = &self.ctx.client {
+            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &self.key.namespace);
+            for name in refs.config_maps {
+                let data = cms.get_opt(&name).await.ok().flatten().map(|cm| {
+                    let mut data = cm.data.unwrap_or_default();
+                    for (k, v) in cm.binary_data.unwrap_or_default() {
+                        data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
+                    }
+                    data
+                });
+                sources.config_maps.insert(name, data);
+            }
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.key.namespace);
+            for name in refs.secrets {
+                let data = secrets.get_opt(&name).await.ok().flatten().map(|s| {
+                    let mut data: BTreeMap<String, String> =
+                        s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect();
+                    data.extend(s.string_data.unwrap_or_default());
+                    data
+                });
+                sources.secrets.insert(name, data);
+            }
+        }
+        env::resolve(&self.pod, container, &sources)
+    }
+
+    /// Stops every container (within `grace`).
+    async fn kill_all(&mut self, grace: Duration, why: &str) {
+        let running: Vec<(String, String)> = self
+            .containers
+            .iter()
+            .filter(|(_, r)| matches!(r.current, Some(ContainerState::Running { .. }) | Some(ContainerState::Created)))
+            .filter_map(|(n, r)| Some((n.clone(), r.id.clone()?)))
+            .collect();
+        let stops = running.iter().map(|(name, id)| {
+            self.ctx.events.normal(&self.container_ref(name), "Killing", format!("Stopping container {name}"));
+            let provider = self.ctx.provider.clone();
+            async move {
+                if let Err(e) = provider.stop_container(id, grace).await {
+                    debug!(container = %name, error = %e, why, "stopping container");
+                }
+            }
+        });
+        futures::future::join_all(stops).await;
+        self.refresh().await;
+    }
+
+    /// The pod is being deleted: stop its containers within the grace period, release the
+    /// sandbox, and let the status manager remove the object.
+    async fn terminate(&mut self, removed_from_api: bool) {
+        let grace = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+            .unwrap_or(30)
+            .max(0) as u64;
+        let grace = Duration::from_secs(grace);
+        info!(?grace, "terminating pod");
+        self.kill_all(grace, "pod deleted").await;
+        if let Some(sandbox) = self.sandbox.take() {
+            if let Err(e) = self.ctx.provider.remove_pod_sandbox(&sandbox, Duration::ZERO).await {
+                warn!(error = %e, "removing the pod sandbox");
+            }
+        }
+        if removed_from_api {
+            self.ctx.status.forget(self.key.clone());
+        } else {
+            let status = self.compute_status();
+            self.ctx.status.set(self.key.clone(), status);
+            self.ctx.status.finalize(self.key.clone());
+        }
+    }
+
+    /// The pod status as the kubelet writes it.
+    fn compute_status(&self) -> PodStatus {
+        let (init, app) = self.spec_containers();
+        let policy = self.restart_policy();
+        let now = Time(Utc::now());
+        let previous = self.pod.status.clone().unwrap_or_default();
+
+        let status_of = |c: &Container| -> ContainerStatus {
+            let record = self.containers.get(&c.name);
+            let image = c.image.clone().unwrap_or_default();
+            let (state, last_state) = match record {
+                None => (waiting("ContainerCreating", None), None),
+                Some(r) => {
+                    let last = r.last_terminated.clone().map(|t| K8sState { terminated: Some(t), ..Default::default() });
+                    match (&r.current, &r.waiting) {
+                        (Some(ContainerState::Running { started_at }), _) => (
+                            K8sState { running: Some(ContainerStateRunning { started_at: Some(Time((*started_at).into())) }), ..Default::default() },
+                            // While running, lastState is the previous run's termination.
+                            if r.restart_count > 0 { last } else { None },
+                        ),
+                        (_, Some((reason, message))) => (waiting(reason, Some(message.clone())), last),
+                        (Some(ContainerState::Exited { .. }), None) if self.will_restart(r, policy) => {
+                            let msg = format!(
+                                "back-off {}s restarting failed container={} pod={}_{}({})",
+                                r.backoff.max(BACKOFF_INITIAL).as_secs(),
+                                c.name,
+                                self.key.name,
+                                self.key.namespace,
+                                self.key.uid
+                            );
+                            (waiting("CrashLoopBackOff", Some(msg)), last)
+                        }
+                        (Some(ContainerState::Exited { .. }), None) | (None, None) if r.last_terminated.is_some() && !self.will_restart(r, policy) => (
+                            K8sState { terminated: r.last_terminated.clone(), ..Default::default() },
+                            None,
+                        ),
+                        _ => (waiting(if self.terminal.is_some() { "PodInitializing" } else { "ContainerCreating" }, None), last),
+                    }
+                }
+            };
+            let running = state.running.is_some();
+            ContainerStatus {
+                name: c.name.clone(),
+                image,
+                image_id: record.map(|r| r.image_id.clone()).unwrap_or_default(),
+                container_id: record.and_then(|r| r.id.clone()).map(|id| format!("wasm://{id}")),
+                ready: running,
+                started: Some(running),
+                restart_count: record.map_or(0, |r| r.restart_count),
+                state: Some(state),
+                last_state: Some(last_state.unwrap_or_default()),
+                ..Default::default()
+            }
+        };
+        let init_statuses: Vec<ContainerStatus> = init.iter().map(status_of).collect();
+        let app_statuses: Vec<ContainerStatus> = app.iter().map(status_of).collect();
+
+        let init_done = init_statuses.iter().all(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code == 0));
+        let init_failed = init_statuses.iter().any(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code != 0));
+        let phase = match &self.terminal {
+            Some(t) => t.phase.to_string(),
+            None => pod_phase(policy, init_done, init_failed, &app_statuses).to_string(),
+        };
+
+        let unready: Vec<&str> = app_statuses.iter().filter(|s| !s.ready).map(|s| s.name.as_str()).collect();
+        let incomplete: Vec<&str> = init_statuses
+            .iter()
+            .filter(|s| !s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code == 0))
+            .map(|s| s.name.as_str())
+            .collect();
+        let completed = phase == "Succeeded";
+        let condition = |kind: &str, ok: bool, reason: Option<String>, message: Option<String>| {
+            let status = if ok { "True" } else { "False" };
+            let transition = previous
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == kind && c.status == status)
+                .and_then(|c| c.last_transition_time.clone())
+                .unwrap_or_else(|| now.clone());
+            PodCondition {
+                type_: kind.into(),
+                status: status.into(),
+                reason,
+                message,
+                last_transition_time: Some(transition),
+                last_probe_time: None,
+                observed_generation: None,
+            }
+        };
+        let not_ready = |reason: &str| {
+            if completed {
+                (Some("PodCompleted".to_string()), None)
+            } else {
+                (Some(reason.to_string()), Some(format!("containers with unready status: [{}]", unready.join(" "))))
+            }
+        };
+        let sandbox_ready = self.sandbox.is_some() && self.terminal.is_none();
+        let (cr_reason, cr_msg) = if unready.is_empty() { (None, None) } else { not_ready("ContainersNotReady") };
+        let mut conditions = vec![
+            condition("PodReadyToStartContainers", sandbox_ready, None, None),
+            if incomplete.is_empty() || completed {
+                condition("Initialized", true, completed.then(|| "PodCompleted".to_string()).filter(|_| !init.is_empty()), None)
+            } else {
+                condition("Initialized", false, Some("ContainersNotInitialized".into()), Some(format!("containers with incomplete status: [{}]", incomplete.join(" "))))
+            },
+            condition("ContainersReady", unready.is_empty(), cr_reason.clone(), cr_msg.clone()),
+            condition("Ready", unready.is_empty(), cr_reason, cr_msg),
+        ];
+        if let Some(scheduled) = previous.conditions.iter().flatten().find(|c| c.type_ == "PodScheduled") {
+            conditions.push(scheduled.clone());
+        } else {
+            conditions.push(condition("PodScheduled", true, None, None));
+        }
+
+        let ip = self.ctx.node_ip.clone();
+        PodStatus {
+            phase: Some(phase),
+            reason: self.terminal.as_ref().and_then(|t| t.reason.clone()),
+            message: self.terminal.as_ref().and_then(|t| t.message.clone()),
+            conditions: Some(conditions),
+            host_ip: Some(ip.clone()),
+            host_ips: Some(vec![HostIP { ip: ip.clone() }]),
+            pod_ip: Some(ip.clone()),
+            pod_ips: Some(vec![PodIP { ip }]),
+            start_time: Some(Time(self.start_time)),
+            qos_class: Some(qos_class(&init, &app).into()),
+            init_container_statuses: if init.is_empty() { None } else { Some(init_statuses) },
+            container_statuses: Some(app_statuses),
+            ..Default::default()
+        }
+    }
+
+    fn will_restart(&self, r: &ContainerRecord, policy: &str) -> bool {
+        if self.terminal.is_some() {
+            return false;
+        }
+        let code = r.last_terminated.as_ref().map_or(0, |t| t.exit_code);
+        match policy {
+            "Always" => true,
+            "OnFailure" => code != 0,
+            _ => false,
+        }
+    }
+}
+
+fn waiting(reason: &str, message: Option<String>) -> K8sState {
+    K8sState { waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message }), ..Default::default() }
+}
+
+fn terminated(id: &str, started: Option<SystemTime>, finished: SystemTime, code: i32, reason: ExitReason, message: Option<String>) -> ContainerStateTerminated {
+    ContainerStateTerminated {
+        container_id: Some(format!("wasm://{id}")),
+        exit_code: code,
+        reason: Some(reason.as_str().into()),
+        message,
+        started_at: started.map(|t| Time(t.into())),
+        finished_at: Some(Time(finished.into())),
+        signal: None,
+    }
+}
+
+/// The kubelet's getPhase, for a pod that is not already terminal.
+fn pod_phase(policy: &str, init_done: bool, init_failed: bool, app: &[ContainerStatus]) -> &'static str {
+    if init_failed && policy == "Never" {
+        return "Failed";
+    }
+    if !init_done {
+        return "Pending";
+    }
+    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
+    for s in app {
+        let state = s.state.clone().unwrap_or_default();
+        if state.running.is_some() {
+            running += 1;
+        } else if let Some(t) = &state.terminated {
+            stopped += 1;
+            if t.exit_code == 0 {
+                succeeded += 1;
+            }
+        } else if let Some(t) = s.last_state.as_ref().and_then(|l| l.terminated.as_ref()) {
+            // Waiting to restart after a run: counts as stopped, as in the kubelet.
+            stopped += 1;
+            if t.exit_code == 0 {
+                succeeded += 1;
+            }
+        } else {
+            waiting += 1;
+        }
+    }
+    if waiting > 0 {
+        return "Pending";
+    }
+    if running > 0 {
+        return "Running";
+    }
+    if stopped > 0 {
+        if policy == "Always" {
+            return "Running";
+        }
+        if stopped == succeeded {
+            return "Succeeded";
+        }
+        if policy == "Never" {
+            return "Failed";
+        }
+        return "Running";
+    }
+    "Pending"
+}
+
+/// IfNotPresent for a tagged or digested image, Always for `:latest` or no tag (API defaulting).
+fn default_pull_policy(image: &str) -> &'static str {
+    if image.contains('@') {
+        return "IfNotPresent";
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.split_once(':') {
+        Some((_, "latest")) | None => "Always",
+        Some(_) => "IfNotPresent",
+    }
+}
+
+fn memory_limit(c: &Container) -> Option<u64> {
+    let q = c.resources.as_ref()?.limits.as_ref()?.get("memory")?;
+    crate::config::parse_quantity(&q.0).ok()
+}
+
+/// Guaranteed, Burstable or BestEffort, as the API server and kubelet compute it.
+pub fn qos_class(init: &[Container], app: &[Container]) -> &'static str {
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in init.iter().chain(app) {
+        let res = c.resources.clone().unwrap_or_default();
+        let limits = res.limits.unwrap_or_default();
+        let requests = res.requests.unwrap_or_default();
+        if !limits.is_empty() || !requests.is_empty() {
+            any = true;
+        }
+        for r in ["cpu", "memory"] {
+            match (limits.get(r), requests.get(r)) {
+                (Some(l), Some(q)) if l == q => {}
+                (Some(_), None) => {} // requests default to limits
+                _ => guaranteed = false,
+            }
+        }
+    }
+    if !any {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+/// Credentials from a `.dockerconfigjson`: `{"auths": {"host": {"username","password"} | {"auth": base64}}}`.
+pub fn parse_docker_config(bytes: &[u8]) -> Vec<RegistryAuth> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Vec::new() };
+    let Some(auths) = doc.get("auths").and_then(|a| a.as_object()) else { return Vec::new() };
+    let mut out = Vec::new();
+    for (host, entry) in auths {
+        let registry = host.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_string();
+        let (mut username, mut password) = (
+            entry.get("username").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+            entry.get("password").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+        );
+        if let Some(auth) = entry.get("auth").and_then(|v| v.as_str()) {
+            if let Some(decoded) = base64_decode(auth) {
+                if let Some((u, p)) = String::from_utf8_lossy(&decoded).split_once(':') {
+                    username = u.to_string();
+                    password = p.to_string();
+                }
+            }
+        }
+        out.push(RegistryAuth { registry, username, password });
+    }
+    out
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut buf, mut bits) = (0u32, 0u32);
+    for b in s.bytes().filter(|b| *b != b'=' && !b.is_ascii_whitespace()) {
+        let v = ALPHABET.iter().position(|a| *a == b)? as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(state: K8sState, last: Option<ContainerStateTerminated>) -> ContainerStatus {
+        ContainerStatus {
+            state: Some(state),
+            last_state: Some(K8sState { terminated: last, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn exited(code: i32) -> K8sState {
+        K8sState { terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }), ..Default::default() }
+    }
+
+    #[test]
+    fn phases_follow_the_kubelet() {
+        let running = K8sState { running: Some(Default::default()), ..Default::default() };
+        assert_eq!(pod_phase("Never", true, false, &[cs(exited(0), None)]), "Succeeded");
+        assert_eq!(pod_phase("Never", true, false, &[cs(exited(3), None)]), "Failed");
+        assert_eq!(pod_phase("Always", true, false, &[cs(exited(0), None)]), "Running");
+        assert_eq!(pod_phase("OnFailure", true, false, &[cs(waiting("CrashLoopBackOff", None), Some(ContainerStateTerminated { exit_code: 1, ..Default::default() }))]), "Running");
+        assert_eq!(pod_phase("Never", true, false, &[cs(running, None)]), "Running");
+        assert_eq!(pod_phase("Never", true, false, &[cs(waiting("ContainerCreating", None), None)]), "Pending");
+        assert_eq!(pod_phase("Never", false, false, &[cs(waiting("PodInitializing", None), None)]), "Pending");
+        assert_eq!(pod_phase("Never", false, true, &[]), "Failed");
+    }
+
+    #[test]
+    fn pull_policy_defaults() {
+        assert_eq!(default_pull_policy("127.0.0.1:5000/hello"), "Always");
+        assert_eq!(default_pull_policy("127.0.0.1:5000/hello:latest"), "Always");
+        assert_eq!(default_pull_policy("127.0.0.1:5000/hello:v1"), "IfNotPresent");
+        assert_eq!(default_pull_policy("r/hello@sha256:abc"), "IfNotPresent");
+    }
+
+    #[test]
+    fn docker_config_json_both_forms() {
+        let json = br#"{"auths":{"127.0.0.1:5443":{"auth":"dXNlcjpwYXNz"},"https://r.example/":{"username":"a","password":"b"}}}"#;
+        let mut auths = parse_docker_config(json);
+        auths.sort_by(|a, b| a.registry.cmp(&b.registry));
+        assert_eq!((auths[0].registry.as_str(), auths[0].username.as_str(), auths[0].password.as_str()), ("127.0.0.1:5443", "user", "pass"));
+        assert_eq!((auths[1].registry.as_str(), auths[1].username.as_str()), ("r.example", "a"));
+        assert!(parse_docker_config(b"not json").is_empty());
+    }
+
+    #[test]
+    fn qos_classes() {
+        let c = |limits: &[(&str, &str)], requests: &[(&str, &str)]| -> Container {
+            serde_json::from_value(serde_json::json!({
+                "name": "c",
+                "resources": {
+                    "limits": limits.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_,_>>(),
+                    "requests": requests.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_,_>>(),
+                }
+            }))
+            .unwrap()
+        };
+        assert_eq!(qos_class(&[], &[c(&[], &[])]), "BestEffort");
+        assert_eq!(qos_class(&[], &[c(&[("cpu", "1"), ("memory", "1Gi")], &[])]), "Guaranteed");
+        assert_eq!(qos_class(&[], &[c(&[("memory", "1Gi")], &[])]), "Burstable");
+        assert_eq!(qos_class(&[], &[c(&[], &[("cpu", "100m")])]), "Burstable");
+    }
+}

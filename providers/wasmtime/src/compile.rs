@@ -1,0 +1,169 @@
+//! Compiled code, cached by layer digest so nothing is compiled twice.
+//!
+//! Start at [`CompileCache::get`]: memory first (a second pod or a container restart reuses the
+//! `Module`/`Component`), then `<root>/compiled/<engine-hash>/<hex>.cwasm` (so an agent restart
+//! does not recompile), and only then cranelift, on a blocking thread. The engine hash changes
+//! with wasmtime's version and settings, so stale artifacts are never loaded.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Engine, Module, Precompiled};
+
+use crate::image::{sha256_hex, to_hex, write_atomically};
+
+/// A core module (WASI preview1 command) or a component (WASI preview2 `wasi:cli/run`).
+#[derive(Clone)]
+pub enum Program {
+    Module(Module),
+    Component(Component),
+}
+
+/// What the first 8 bytes of a Wasm binary say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmKind {
+    Module,
+    Component,
+}
+
+/// `\0asm` + version 1 is a core module; `\0asm` + `0d 00 01 00` (layer 1) a component.
+pub fn detect(bytes: &[u8]) -> Option<WasmKind> {
+    match bytes.get(..8)? {
+        [0, b'a', b's', b'm', 1, 0, 0, 0] => Some(WasmKind::Module),
+        [0, b'a', b's', b'm', 0x0d, 0, 1, 0] => Some(WasmKind::Component),
+        _ => None,
+    }
+}
+
+/// The cache; one per provider (per engine).
+pub struct CompileCache {
+    engine: Engine,
+    dir: PathBuf,
+    memory: Mutex<HashMap<String, Program>>,
+    compilations: AtomicUsize,
+}
+
+impl CompileCache {
+    /// A cache under `<root>/compiled/<engine-hash>`.
+    pub fn new(engine: Engine, root: &Path) -> Self {
+        let dir = root.join("compiled").join(engine_hash(&engine));
+        Self { engine, dir, memory: Mutex::new(HashMap::new()), compilations: AtomicUsize::new(0) }
+    }
+
+    /// How many times cranelift ran (tests count it).
+    pub fn compilations(&self) -> usize {
+        self.compilations.load(Ordering::Relaxed)
+    }
+
+    /// The compiled program of the layer `digest` whose bytes are at `wasm`. The error is one
+    /// line for the container's CreateContainerError message.
+    pub async fn get(&self, digest: &str, wasm: &Path) -> Result<Program, String> {
+        if let Some(program) = self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+            return Ok(program.clone());
+        }
+        let hex = sha256_hex(digest)?.to_string();
+        let engine = self.engine.clone();
+        let cwasm = self.dir.join(format!("{hex}.cwasm"));
+        let wasm = wasm.to_path_buf();
+        let loaded = tokio::task::spawn_blocking(move || load_or_compile(&engine, &wasm, &cwasm)).await.map_err(|e| format!("compilation task failed: {e}"))??;
+        let (program, compiled) = loaded;
+        if compiled {
+            self.compilations.fetch_add(1, Ordering::Relaxed);
+        }
+        self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), program.clone());
+        Ok(program)
+    }
+}
+
+/// Loads `cwasm` if it is a usable artifact, else compiles `wasm` and writes `cwasm`. Returns
+/// whether it compiled.
+fn load_or_compile(engine: &Engine, wasm: &Path, cwasm: &Path) -> Result<(Program, bool), String> {
+    if let Some(program) = load_precompiled(engine, cwasm) {
+        tracing::debug!(path = %cwasm.display(), "loaded precompiled code");
+        return Ok((program, false));
+    }
+    let bytes = std::fs::read(wasm).map_err(|e| format!("reading {}: {e}", wasm.display()))?;
+    let started = std::time::Instant::now();
+    let (program, serialized) = match detect(&bytes) {
+        Some(WasmKind::Module) => {
+            let module = Module::new(engine, &bytes).map_err(|e| format!("compiling the module: {e:#}"))?;
+            let bytes = module.serialize();
+            (Program::Module(module), bytes)
+        }
+        Some(WasmKind::Component) => {
+            let component = Component::new(engine, &bytes).map_err(|e| format!("compiling the component: {e:#}"))?;
+            let bytes = component.serialize();
+            (Program::Component(component), bytes)
+        }
+        None => return Err(format!("{} is not a Wasm module or component (bad header)", wasm.display())),
+    };
+    tracing::info!(path = %wasm.display(), elapsed_ms = started.elapsed().as_millis() as u64, "compiled");
+    match serialized {
+        Ok(bytes) => {
+            let written = std::fs::create_dir_all(cwasm.parent().unwrap_or(Path::new("."))).and_then(|()| write_atomically(cwasm, &bytes));
+            if let Err(e) = written {
+                tracing::warn!(path = %cwasm.display(), error = %e, "cannot store compiled code; it will be compiled again after a restart");
+            }
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot serialize compiled code"),
+    }
+    Ok((program, true))
+}
+
+fn load_precompiled(engine: &Engine, cwasm: &Path) -> Option<Program> {
+    let kind = Engine::detect_precompiled_file(cwasm).ok()??;
+    // SAFETY: `cwasm` is written only by `load_or_compile` above, into the provider's own root
+    // directory, from code this engine compiled; wasmtime still checks that the artifact's
+    // engine settings and version match before using it.
+    let loaded = match kind {
+        Precompiled::Module => unsafe { Module::deserialize_file(engine, cwasm) }.map(Program::Module),
+        Precompiled::Component => unsafe { Component::deserialize_file(engine, cwasm) }.map(Program::Component),
+    };
+    loaded.inspect_err(|e| tracing::warn!(path = %cwasm.display(), error = %format!("{e:#}"), "precompiled code unusable; compiling again")).ok()
+}
+
+/// A short, stable name for the engine's compatibility (wasmtime version and settings).
+fn engine_hash(engine: &Engine) -> String {
+    let mut hasher = Sha256Hasher(Sha256::new());
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    to_hex(&hasher.0.finalize()[..8])
+}
+
+/// `std::hash::Hasher` over SHA-256, so the name is the same across Rust versions (the std
+/// `DefaultHasher` does not promise that).
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    fn finish(&self) -> u64 {
+        0 // unused: the digest is read from the inner state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_modules_and_components() {
+        assert_eq!(detect(b"\0asm\x01\0\0\0rest"), Some(WasmKind::Module));
+        assert_eq!(detect(b"\0asm\x0d\0\x01\0"), Some(WasmKind::Component));
+        assert_eq!(detect(b"\0asm"), None);
+        assert_eq!(detect(b"\x7fELF\x02\x01\x01\0"), None);
+    }
+
+    #[test]
+    fn the_engine_hash_is_short_and_stable() {
+        let engine = Engine::default();
+        let a = engine_hash(&engine);
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, engine_hash(&engine));
+    }
+}

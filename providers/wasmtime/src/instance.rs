@@ -1,0 +1,318 @@
+//! One run of a container: a fresh store, the WASI context the pod grants, and the exit.
+//!
+//! Start at [`Instance::prepare`] (link-checks the program at create time) and
+//! [`Instance::run`] (instantiates and calls `_start` / `wasi:cli/run#run`). Deny by default:
+//! the guest gets exactly argv, env, one preopen per mount, stdout/stderr to its log file, an
+//! empty stdin; no inherited env, no host filesystem, no network.
+//!
+//! The store is async (`call_async`): the epoch callback yields to tokio at every tick, so a
+//! busy guest shares the worker threads instead of pinning one, and a stop is seen within a
+//! tick. Running each instance on a blocking thread instead would cost a thread per container.
+
+use std::time::Duration;
+
+use provider_api::{ContainerConfig, ExitReason, ProviderError};
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Linker, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::compile::Program;
+use crate::log::{ContainerLog, Stream};
+
+/// Exit code of a killed container (128 + SIGKILL), as a kubelet user expects.
+pub const KILLED_EXIT_CODE: i32 = 137;
+/// Exit code of a trap: there is no signal number for it, so the plain failure code 1.
+pub const TRAP_EXIT_CODE: i32 = 1;
+/// After a forced stop, how long a guest parked in a host call (a sleep) may take before its
+/// future is dropped; a guest running Wasm is interrupted at the next epoch tick already.
+const KILL_DROP_AFTER: Duration = Duration::from_millis(50);
+
+/// How one run ended, in the node's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub exit_code: i32,
+    pub reason: ExitReason,
+    pub message: Option<String>,
+}
+
+/// Linkers for both program kinds, built once per provider.
+pub struct Linkers {
+    module: Linker<P1State>,
+    component: wasmtime::component::Linker<P2State>,
+}
+
+impl Linkers {
+    pub fn new(engine: &Engine) -> Result<Self, ProviderError> {
+        let setup = |e: wasmtime::Error| ProviderError::Setup(format!("linking WASI: {e:#}"));
+        let mut module = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi).map_err(setup)?;
+        let mut component = wasmtime::component::Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component).map_err(setup)?;
+        Ok(Self { module, component })
+    }
+}
+
+/// A program linked against WASI, ready to instantiate any number of times.
+#[derive(Clone)]
+pub enum Instance {
+    Module(wasmtime::InstancePre<P1State>),
+    Component(CommandPre<P2State>),
+}
+
+impl Instance {
+    /// Links `program`: a module must import only WASI preview1 and export `_start`; a
+    /// component must import only WASI preview2 and export `wasi:cli/run`.
+    pub fn prepare(linkers: &Linkers, program: &Program) -> Result<Self, String> {
+        match program {
+            Program::Module(module) => {
+                if module.get_export("_start").is_none() {
+                    return Err("the module exports no `_start`: it is not a WASI command".into());
+                }
+                linkers.module.instantiate_pre(module).map(Instance::Module).map_err(|e| format!("linking the module: {e:#}"))
+            }
+            Program::Component(component) => {
+                let pre = linkers.component.instantiate_pre(component).map_err(|e| format!("linking the component: {e:#}"))?;
+                CommandPre::new(pre).map(Instance::Component).map_err(|e| format!("the component does not export wasi:cli/run: {e:#}"))
+            }
+        }
+    }
+
+    /// Runs the program to its end (or until `stop` is cancelled) and says how it ended.
+    pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken) -> Exit {
+        let limiter = Limiter::new(memory_limit);
+        let outcome = match self {
+            Instance::Module(pre) => {
+                let mut wasi = wasi;
+                let mut store = Store::new(engine, P1State { wasi: wasi.build_p1(), limiter });
+                arm(&mut store, &stop, |s| &mut s.limiter);
+                let result = until_stopped(&stop, async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call_async(&mut store, ()).await
+                })
+                .await;
+                (result, store.data().limiter.exceeded)
+            }
+            Instance::Component(pre) => {
+                let mut wasi = wasi;
+                let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter };
+                let mut store = Store::new(engine, state);
+                arm(&mut store, &stop, |s| &mut s.limiter);
+                let result = until_stopped(&stop, async {
+                    let command = pre.instantiate_async(&mut store).await?;
+                    match command.wasi_cli_run().call_run(&mut store).await? {
+                        Ok(()) => Ok(()),
+                        Err(()) => Err(I32Exit(1).into()),
+                    }
+                })
+                .await;
+                (result, store.data().limiter.exceeded)
+            }
+        };
+        classify(outcome.0, outcome.1, stop.is_cancelled(), memory_limit)
+    }
+}
+
+/// Sets the memory limiter and the epoch deadline: every tick yields to tokio, or interrupts
+/// the guest once `stop` is cancelled.
+fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static) {
+    store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
+    let stop = stop.clone();
+    // tokio's `yield_now` (not wasmtime's plain `Yield`) defers the wake-up until the runtime
+    // has polled its timers and I/O, so a busy guest cannot delay those by 61 scheduler ticks.
+    store.epoch_deadline_callback(move |_| Ok(if stop.is_cancelled() { UpdateDeadline::Interrupt } else { UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())) }));
+    store.set_epoch_deadline(1);
+}
+
+/// Runs `call`, dropping it shortly after `stop` is cancelled if it has not ended by then (a
+/// guest waiting in a host call never reaches an epoch check).
+async fn until_stopped(stop: &CancellationToken, call: impl std::future::Future<Output = wasmtime::Result<()>>) -> wasmtime::Result<()> {
+    tokio::select! {
+        result = call => result,
+        () = async { stop.cancelled().await; tokio::time::sleep(KILL_DROP_AFTER).await } => Err(wasmtime::Error::msg("stopped")),
+    }
+}
+
+/// Maps a run's result to an exit: the guest's own exit code wins, then a stop, then the memory
+/// limit, then any other trap.
+pub fn classify(result: wasmtime::Result<()>, memory_exceeded: bool, stopped: bool, memory_limit: Option<u64>) -> Exit {
+    let error = match result {
+        Ok(()) => return Exit { exit_code: 0, reason: ExitReason::Completed, message: None },
+        Err(e) => e,
+    };
+    if let Some(I32Exit(code)) = error.downcast_ref::<I32Exit>() {
+        let reason = if *code == 0 { ExitReason::Completed } else { ExitReason::Error };
+        return Exit { exit_code: *code, reason, message: None };
+    }
+    if stopped {
+        return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::Killed, message: Some("stopped: the grace period ran out".into()) };
+    }
+    if memory_exceeded {
+        let limit = memory_limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
+        return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::OomKilled, message: Some(format!("memory limit{limit} exceeded")) };
+    }
+    Exit { exit_code: TRAP_EXIT_CODE, reason: ExitReason::Error, message: Some(trap_message(&error)) }
+}
+
+/// One line: the root cause (e.g. "wasm trap: wasm `unreachable` instruction executed") and,
+/// when there is a wasm backtrace, its innermost frame.
+pub fn trap_message(error: &wasmtime::Error) -> String {
+    let cause = error.root_cause().to_string();
+    let frame = error.downcast_ref::<wasmtime::WasmBacktrace>().and_then(|bt| bt.frames().first()).map(|f| {
+        let func = f.func_name().map(str::to_string).unwrap_or_else(|| format!("function #{}", f.func_index()));
+        match f.module().name() {
+            Some(module) => format!(" (in {module}!{func})"),
+            None => format!(" (in {func})"),
+        }
+    });
+    format!("{cause}{}", frame.unwrap_or_default()).replace('\n', " ")
+}
+
+/// The guest's argv with Kubernetes semantics: `command` replaces the entrypoint and `args` the
+/// default arguments; a Wasm artifact has neither, so argv[0] is `command[0]` or else the
+/// container's name.
+pub fn argv(config: &ContainerConfig) -> Vec<String> {
+    let mut argv = Vec::with_capacity(1 + config.command.len() + config.args.len());
+    match config.command.split_first() {
+        Some((first, rest)) => {
+            argv.push(first.clone());
+            argv.extend(rest.iter().cloned());
+        }
+        None => argv.push(config.name.clone()),
+    }
+    argv.extend(config.args.iter().cloned());
+    argv
+}
+
+/// The WASI context the container is granted, and nothing more (see the module docs).
+pub fn wasi_context(config: &ContainerConfig, log: &ContainerLog) -> Result<WasiCtxBuilder, String> {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.args(&argv(config)).envs(&config.env).stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr));
+    for mount in &config.mounts {
+        let perms = if mount.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        wasi.preopened_dir(&mount.host_path, &mount.container_path, perms)
+            .map_err(|e| format!("mount {} at {}: {e:#}", mount.host_path.display(), mount.container_path))?;
+    }
+    // A working dir means something only inside a preopen; preview1 has no cwd at all, so this
+    // reaches components (`wasi:cli/environment.initial-cwd`) only.
+    if let Some(dir) = &config.working_dir {
+        if config.mounts.iter().any(|m| within(dir, &m.container_path)) {
+            wasi.initial_cwd(dir);
+        }
+    }
+    Ok(wasi)
+}
+
+fn within(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    path == dir || dir.is_empty() || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Store data of a preview1 module.
+pub struct P1State {
+    wasi: WasiP1Ctx,
+    limiter: Limiter,
+}
+
+/// Store data of a preview2 component.
+pub struct P2State {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+    }
+}
+
+/// wasmtime's `StoreLimits` (trapping on a refused growth) that remembers whether the memory
+/// limit was what stopped the guest, so the exit can say OOMKilled.
+pub struct Limiter {
+    limits: StoreLimits,
+    exceeded: bool,
+}
+
+impl Limiter {
+    fn new(memory_limit: Option<u64>) -> Self {
+        let mut builder = StoreLimitsBuilder::new().trap_on_grow_failure(true);
+        if let Some(limit) = memory_limit {
+            builder = builder.memory_size(usize::try_from(limit).unwrap_or(usize::MAX));
+        }
+        Self { limits: builder.build(), exceeded: false }
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let result = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(result, Ok(true)) {
+            self.exceeded = true;
+        }
+        result
+    }
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.exceeded = true;
+        self.limits.memory_grow_failed(error)
+    }
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(command: &[&str], args: &[&str]) -> ContainerConfig {
+        ContainerConfig {
+            name: "app".into(),
+            image: "img".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            working_dir: None,
+            mounts: vec![],
+            log_path: "/dev/null".into(),
+            memory_limit_bytes: None,
+            attempt: 0,
+        }
+    }
+
+    #[test]
+    fn argv_follows_kubernetes_semantics() {
+        assert_eq!(argv(&config(&[], &[])), ["app"]);
+        assert_eq!(argv(&config(&[], &["-v", "x"])), ["app", "-v", "x"]);
+        assert_eq!(argv(&config(&["/bin/tool", "serve"], &[])), ["/bin/tool", "serve"]);
+        assert_eq!(argv(&config(&["tool", "serve"], &["--port", "80"])), ["tool", "serve", "--port", "80"]);
+    }
+
+    #[test]
+    fn working_dir_counts_only_inside_a_mount() {
+        assert!(within("/data", "/data"));
+        assert!(within("/data/x", "/data/"));
+        assert!(!within("/database", "/data"));
+        assert!(within("/anything", "/"));
+    }
+
+    #[test]
+    fn a_guest_exit_code_wins_over_everything() {
+        let exit = classify(Err(I32Exit(3).into()), true, true, None);
+        assert_eq!((exit.exit_code, exit.reason), (3, ExitReason::Error));
+        let exit = classify(Err(I32Exit(0).into()), false, false, None);
+        assert_eq!((exit.exit_code, exit.reason), (0, ExitReason::Completed));
+    }
+}

@@ -1,0 +1,361 @@
+//! Provider-level tests: real wasmtime, real WASI, modules written in WAT, no network.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use provider_api::{ContainerConfig, ContainerState, ExitReason, Mount, Provider, RuntimeStatus, SandboxConfig};
+
+use super::*;
+
+/// A fresh root directory per test, removed on drop.
+struct Root(PathBuf);
+
+impl Root {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("wk-provider-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Root(dir)
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const POD: &str = "pod-uid-1";
+
+async fn provider_with(root: &Path, wat: &str) -> WasmtimeProvider {
+    let provider = WasmtimeProvider::new(root.to_path_buf()).unwrap();
+    provider.images.import("127.0.0.1:5000/test:v1", &wat::parse_str(wat).unwrap()).unwrap();
+    provider.run_pod_sandbox(&SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.join("pod") }).await.unwrap();
+    provider
+}
+
+fn config(root: &Path, name: &str) -> ContainerConfig {
+    ContainerConfig {
+        name: name.into(),
+        image: "127.0.0.1:5000/test:v1".into(),
+        command: vec![],
+        args: vec![],
+        env: vec![],
+        working_dir: None,
+        mounts: vec![],
+        log_path: root.join(format!("logs/{name}/0.log")),
+        memory_limit_bytes: None,
+        attempt: 0,
+    }
+}
+
+async fn state_of(provider: &WasmtimeProvider, id: &str) -> ContainerState {
+    provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().state
+}
+
+/// Waits (up to 10 s) for the container to exit; returns exit code, reason, message.
+async fn wait_exited(provider: &WasmtimeProvider, id: &str) -> (i32, ExitReason, Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let ContainerState::Exited { exit_code, reason, message, .. } = state_of(provider, id).await {
+            return (exit_code, reason, message);
+        }
+        assert!(Instant::now() < deadline, "container {id} did not exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn run(provider: &WasmtimeProvider, config: ContainerConfig) -> (i32, ExitReason, Option<String>) {
+    let id = provider.create_container(POD, config).await.unwrap();
+    provider.start_container(&id).await.unwrap();
+    wait_exited(provider, &id).await
+}
+
+const HELLO: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\nno newline")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+const EXIT3: &str = r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const 3))))"#;
+
+const TRAP: &str = r#"(module
+  (memory (export "memory") 1)
+  (func $boom unreachable)
+  (func (export "_start") (call $boom)))"#;
+
+const GROW: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $l (drop (memory.grow (i32.const 1))) (br $l))))"#;
+
+const BUSY: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $l (br $l))))"#;
+
+/// Exits with argc * 10 + envc.
+const COUNTS: &str = r#"(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (call $args (i32.const 0) (i32.const 4)))
+    (drop (call $env (i32.const 8) (i32.const 12)))
+    (call $exit (i32.add (i32.mul (i32.load (i32.const 0)) (i32.const 10)) (i32.load (i32.const 8))))))"#;
+
+/// Creates `new.txt` in the first preopen (fd 3); exits with the errno (0 on success).
+const CREATE: &str = r#"(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "new.txt")
+  (func (export "_start")
+    ;; fd 3, no dirflags, path, oflags CREAT, rights FD_WRITE, fdflags 0, result at 64
+    (call $exit (call $open (i32.const 3) (i32.const 0) (i32.const 16) (i32.const 7) (i32.const 1)
+      (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 64)))))"#;
+
+#[test]
+fn reports_the_pinned_wasmtime_version() {
+    let root = Root::new("version");
+    let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
+    let info = provider.runtime_info();
+    assert_eq!(info.name, "wasmtime");
+    assert!(info.version.starts_with("48."), "version from Cargo.lock, got {}", info.version);
+}
+
+#[tokio::test]
+async fn a_working_engine_is_ready() {
+    let root = Root::new("ready");
+    let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
+    assert_eq!(provider.status().await, RuntimeStatus::Ready);
+}
+
+#[tokio::test]
+async fn stdout_goes_to_the_cri_log_and_the_run_completes() {
+    let root = Root::new("hello");
+    let provider = provider_with(&root.0, HELLO).await;
+    let cfg = config(&root.0, "hello");
+    let log_path = cfg.log_path.clone();
+    assert_eq!(run(&provider, cfg).await, (0, ExitReason::Completed, None));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    let (ts, rest) = lines[0].split_once(' ').unwrap();
+    assert!(ts.parse::<jiff::Timestamp>().is_ok(), "timestamp {ts}");
+    assert_eq!(rest, "stdout F hello");
+    assert_eq!(lines[1].split_once(' ').unwrap().1, "stdout P no newline");
+}
+
+#[tokio::test]
+async fn proc_exit_sets_the_exit_code() {
+    let root = Root::new("exit3");
+    let provider = provider_with(&root.0, EXIT3).await;
+    assert_eq!(run(&provider, config(&root.0, "exit")).await, (3, ExitReason::Error, None));
+}
+
+#[tokio::test]
+async fn a_trap_is_an_error_with_its_message() {
+    let root = Root::new("trap");
+    let provider = provider_with(&root.0, TRAP).await;
+    let (code, reason, message) = run(&provider, config(&root.0, "trap")).await;
+    assert_eq!((code, reason), (1, ExitReason::Error));
+    let message = message.unwrap();
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(message.contains("boom") && !message.contains('\n'), "{message}");
+}
+
+#[tokio::test]
+async fn growing_past_the_memory_limit_is_oomkilled() {
+    let root = Root::new("oom");
+    let provider = provider_with(&root.0, GROW).await;
+    let mut cfg = config(&root.0, "grow");
+    cfg.memory_limit_bytes = Some(1 << 20);
+    let (code, reason, message) = run(&provider, cfg).await;
+    assert_eq!((code, reason), (137, ExitReason::OomKilled), "{message:?}");
+}
+
+#[tokio::test]
+async fn a_busy_loop_is_killed_after_the_grace_period() {
+    let root = Root::new("busy");
+    let provider = provider_with(&root.0, BUSY).await;
+    let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
+    provider.start_container(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(matches!(state_of(&provider, &id).await, ContainerState::Running { .. }));
+    let started = Instant::now();
+    provider.stop_container(&id, Duration::from_millis(200)).await.unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(1), "stop took {took:?}");
+    let (code, reason, _) = wait_exited(&provider, &id).await;
+    assert_eq!((code, reason), (137, ExitReason::Killed));
+    // Stopping again is a no-op; removing forgets it.
+    provider.stop_container(&id, Duration::ZERO).await.unwrap();
+    provider.remove_container(&id).await.unwrap();
+    assert!(provider.list_containers().await.is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_busy_loop_does_not_starve_a_single_threaded_runtime() {
+    let root = Root::new("starve");
+    let provider = provider_with(&root.0, BUSY).await;
+    let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
+    provider.start_container(&id).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(started.elapsed() < Duration::from_millis(500));
+    provider.remove_pod_sandbox(POD, Duration::from_millis(20)).await.unwrap();
+    assert!(provider.list_containers().await.is_empty());
+}
+
+#[tokio::test]
+async fn the_guest_sees_exactly_its_argv_and_env() {
+    let root = Root::new("counts");
+    let provider = provider_with(&root.0, COUNTS).await;
+    let mut cfg = config(&root.0, "counts");
+    cfg.command = vec!["tool".into(), "serve".into()];
+    cfg.args = vec!["--port".into()];
+    cfg.env = vec![("A".into(), "1".into()), ("B".into(), "2".into())];
+    // argc 3 (tool serve --port), envc 2, nothing inherited from the host.
+    assert_eq!(run(&provider, cfg).await.0, 32);
+}
+
+#[tokio::test]
+async fn a_read_only_mount_cannot_be_written() {
+    let root = Root::new("mounts");
+    let provider = provider_with(&root.0, CREATE).await;
+    for (read_only, name) in [(true, "ro"), (false, "rw")] {
+        let host = root.0.join(name);
+        std::fs::create_dir_all(&host).unwrap();
+        let mut cfg = config(&root.0, name);
+        cfg.mounts = vec![Mount { host_path: host.clone(), container_path: "/data".into(), read_only }];
+        let (code, _, _) = run(&provider, cfg).await;
+        if read_only {
+            assert_ne!(code, 0, "creating in a read-only mount succeeded");
+            assert!(!host.join("new.txt").exists());
+        } else {
+            assert_eq!(code, 0, "creating in a read-write mount failed with errno {code}");
+            assert!(host.join("new.txt").exists());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_module_is_compiled_once_and_reloaded_from_disk_after_a_restart() {
+    let root = Root::new("cache");
+    let provider = provider_with(&root.0, EXIT3).await;
+    for name in ["a", "b"] {
+        assert_eq!(run(&provider, config(&root.0, name)).await.0, 3);
+    }
+    assert_eq!(provider.compilations(), 1);
+    drop(provider);
+    let provider = provider_with(&root.0, EXIT3).await;
+    assert_eq!(run(&provider, config(&root.0, "c")).await.0, 3);
+    assert_eq!(provider.compilations(), 0, "the agent restart recompiled");
+    let compiled: Vec<_> = std::fs::read_dir(root.0.join("compiled")).unwrap().collect();
+    assert_eq!(compiled.len(), 1);
+}
+
+#[tokio::test]
+async fn create_needs_the_image_and_a_module_that_compiles() {
+    let root = Root::new("create");
+    let provider = provider_with(&root.0, EXIT3).await;
+    let mut cfg = config(&root.0, "x");
+    cfg.image = "127.0.0.1:5000/absent:v1".into();
+    assert!(matches!(provider.create_container(POD, cfg).await, Err(ProviderError::ImageNotPresent(_))));
+    provider.images.import("127.0.0.1:5000/bad:v1", b"\0asm\x01\0\0\0\x01\xff").unwrap();
+    let mut cfg = config(&root.0, "bad");
+    cfg.image = "127.0.0.1:5000/bad:v1".into();
+    match provider.create_container(POD, cfg).await {
+        Err(ProviderError::Create(message)) => assert!(message.contains("compiling"), "{message}"),
+        other => panic!("expected a Create error, got {other:?}"),
+    }
+    assert!(matches!(provider.create_container("no-such-pod", config(&root.0, "y")).await, Err(ProviderError::NotFound(_))));
+}
+
+/// A component exporting `wasi:cli/run` whose run returns `err` when the core function says 1.
+fn component(result: i32) -> String {
+    format!(
+        r#"(component
+  (core module $m (func (export "run") (result i32) i32.const {result}))
+  (core instance $i (instantiate $m))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))"#
+    )
+}
+
+#[tokio::test]
+async fn components_exporting_wasi_cli_run_are_detected_and_run() {
+    let root = Root::new("component");
+    let provider = provider_with(&root.0, &component(0)).await;
+    assert_eq!(run(&provider, config(&root.0, "ok")).await, (0, ExitReason::Completed, None));
+    provider.images.import("127.0.0.1:5000/fails:v1", &wat::parse_str(component(1)).unwrap()).unwrap();
+    let mut cfg = config(&root.0, "fails");
+    cfg.image = "127.0.0.1:5000/fails:v1".into();
+    assert_eq!(run(&provider, cfg).await.0, 1);
+}
+
+/// Against a real registry (plain http on loopback), e.g. your own `docker-registry` on
+/// 127.0.0.1:5056: `WK_REGISTRY=127.0.0.1:5056 cargo test -p provider-wasmtime -- --ignored`.
+/// Pushes a module, a component, a tar.gz container image and an index, then pulls them.
+#[tokio::test]
+#[ignore = "needs a registry: set WK_REGISTRY=host:port (loopback)"]
+async fn pulls_from_a_real_registry() {
+    use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+    use oci_client::manifest::{ImageIndexEntry, OciImageIndex, Platform};
+    use oci_client::secrets::RegistryAuth as A;
+    let reg = std::env::var("WK_REGISTRY").expect("WK_REGISTRY=host:port");
+    let client = oci_client::Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let push = |tag: &str, data: Vec<u8>, media_type: &str| {
+        let r: oci_client::Reference = format!("{reg}/wk-test:{tag}").parse().unwrap();
+        let layers = vec![ImageLayer::new(data, media_type.into(), None)];
+        let client = &client;
+        async move {
+            let config = Config::new(b"{}".to_vec(), "application/vnd.wasm.config.v0+json".into(), None);
+            client.push(&r, &layers, config, &A::Anonymous, None).await.unwrap();
+            let (raw, digest) = client.pull_manifest_raw(&r, &A::Anonymous, &["application/vnd.oci.image.manifest.v1+json"]).await.unwrap();
+            (digest, raw.len() as i64)
+        }
+    };
+    let hello = push("hello", wat::parse_str(HELLO).unwrap(), "application/wasm").await;
+    push("comp", wat::parse_str(component(0)).unwrap(), "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm").await;
+    let container = push("container", vec![0x1f, 0x8b, 0, 0], "application/vnd.oci.image.layer.v1.tar+gzip").await;
+    let entry = |(digest, size): &(String, i64), os: &str, arch: &str| ImageIndexEntry {
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        digest: digest.clone(),
+        size: *size,
+        platform: Some(Platform { architecture: arch.into(), os: os.into(), os_version: None, os_features: None, variant: None, features: None }),
+        annotations: None,
+    };
+    let index = OciImageIndex { schema_version: 2, media_type: Some("application/vnd.oci.image.index.v1+json".into()), manifests: vec![entry(&container, "linux", "amd64"), entry(&hello, "wasip1", "wasm32")], artifact_type: None, annotations: None };
+    client.push_manifest_list(&format!("{reg}/wk-test:multi").parse().unwrap(), &A::Anonymous, index).await.unwrap();
+
+    let root = Root::new("registry");
+    let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
+    for tag in ["hello", "comp", "multi"] {
+        let info = provider.pull_image(&format!("{reg}/wk-test:{tag}"), &[]).await.unwrap();
+        assert!(info.digest.starts_with("sha256:") && info.size > 0);
+    }
+    match provider.pull_image(&format!("{reg}/wk-test:container"), &[]).await {
+        Err(ProviderError::UnsupportedImage(m)) => assert!(m.contains("tar+gzip"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(provider.pull_image(&format!("{reg}/wk-test:missing"), &[]).await, Err(ProviderError::Pull(_))));
+    drop(provider);
+
+    let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
+    assert!(provider.image_status(&format!("{reg}/wk-test:multi")).await.is_some(), "the index survives a restart");
+    provider.run_pod_sandbox(&SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.0.join("pod") }).await.unwrap();
+    for tag in ["multi", "comp"] {
+        let mut cfg = config(&root.0, tag);
+        cfg.image = format!("{reg}/wk-test:{tag}");
+        assert_eq!(run(&provider, cfg).await, (0, ExitReason::Completed, None));
+    }
+}

@@ -1,0 +1,305 @@
+//! Wasm pods end to end: images from wasm-examples/ pushed to the local registry by
+//! deploy/push-examples, pods created through the real API server and bound to a test node by
+//! `spec.nodeName`, status read back from the API server. One namespace per test.
+
+use std::time::Duration;
+
+use integration_tests::{example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use kube::api::{DeleteParams, PostParams};
+use kube::Api;
+
+const POD_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn image(name: &str) -> String {
+    example_image(name)
+}
+
+/// A node of its own for each test (agents are cheap; a failure stays in its test).
+async fn node() -> Agent {
+    push_examples();
+    let name = unique_name("pods");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
+    wait_for("the pod test node to register", POD_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
+    agent
+}
+
+struct Ns {
+    client: kube::Client,
+    name: String,
+}
+
+impl Ns {
+    async fn new(what: &str) -> Ns {
+        let client = Cluster::get().admin().await;
+        let name = unique_name(what);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        // The ServiceAccount admission plugin needs the namespace's default account.
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for("the default service account", POD_TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
+        Ns { client, name }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    async fn create_pod(&self, agent: &Agent, name: &str, restart: &str, containers: serde_json::Value, extra: serde_json::Value) -> Pod {
+        let mut spec = serde_json::json!({
+            "nodeName": agent.name,
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 2,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": containers,
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+        self.pods().create(&PostParams::default(), &pod).await.unwrap()
+    }
+
+    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+        let pods = self.pods();
+        let result = wait_for(what, POD_TIMEOUT, || async {
+            let pod = pods.get_opt(name).await.ok()??;
+            check(&pod).then_some(pod)
+        })
+        .await;
+        match result {
+            Ok(pod) => pod,
+            Err(e) => {
+                let pod = pods.get_opt(name).await.ok().flatten();
+                panic!("{e}\npod status: {:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
+            }
+        }
+    }
+
+    async fn event_reasons(&self, pod: &str) -> Vec<String> {
+        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &self.name);
+        let list = events.list(&Default::default()).await.unwrap();
+        list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(pod)).filter_map(|e| e.reason).collect()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
+    }
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn container_status(pod: &Pod, index: usize) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.get(index)
+}
+
+fn terminated(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
+    container_status(pod, 0)?.state.as_ref()?.terminated.as_ref()
+}
+
+fn waiting_reason(pod: &Pod) -> Option<&str> {
+    container_status(pod, 0)?.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+}
+
+/// The CRI log of a container's first run.
+fn log_of(agent: &Agent, ns: &str, pod: &Pod, container: &str, attempt: u32) -> String {
+    let uid = pod.metadata.uid.as_deref().unwrap();
+    let name = pod.metadata.name.as_deref().unwrap();
+    let path = agent.dir.join("logs").join(format!("{ns}_{name}_{uid}")).join(container).join(format!("{attempt}.log"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[tokio::test]
+async fn hello_succeeds_with_its_output_in_the_log() {
+    let agent = &node().await;
+    let ns = Ns::new("hello").await;
+    ns.create_pod(agent, "hello", "Never", serde_json::json!([{"name": "hello", "image": image("hello")}]), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "hello", "hello to succeed", |p| phase(p) == "Succeeded").await;
+
+    let t = terminated(&pod).expect("terminated state");
+    assert_eq!((t.exit_code, t.reason.as_deref()), (0, Some("Completed")));
+    let cs = container_status(&pod, 0).unwrap();
+    assert!(cs.image_id.contains("@sha256:"), "imageID carries the digest: {}", cs.image_id);
+    assert!(cs.container_id.as_deref().is_some_and(|id| id.starts_with("wasm://")));
+    let status = pod.status.as_ref().unwrap();
+    assert_eq!(status.pod_ip.as_deref(), Some(agent.node_ip.as_str()), "the pod IP is the node IP");
+    assert_eq!(status.host_ip.as_deref(), Some(agent.node_ip.as_str()));
+    assert!(status.start_time.is_some());
+    assert_eq!(status.qos_class.as_deref(), Some("BestEffort"));
+
+    let log = log_of(agent, &ns.name, &pod, "hello", 0);
+    let line = log.lines().find(|l| l.contains("Hello from WebAssembly!")).unwrap_or_else(|| panic!("log: {log}"));
+    let fields: Vec<&str> = line.splitn(4, ' ').collect();
+    assert_eq!(&fields[1..3], ["stdout", "F"], "CRI log format: {line}");
+
+    let reasons = ns.event_reasons("hello").await;
+    for r in ["Pulling", "Pulled", "Created", "Started"] {
+        assert!(reasons.iter().any(|x| x == r), "event {r} in {reasons:?}");
+    }
+}
+
+#[tokio::test]
+async fn exit_code_3_with_never_fails() {
+    let agent = &node().await;
+    let ns = Ns::new("exit3").await;
+    ns.create_pod(agent, "exit", "Never", serde_json::json!([{"name": "exit", "image": image("exit-with"), "args": ["3"]}]), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "exit", "the pod to fail", |p| phase(p) == "Failed").await;
+    let t = terminated(&pod).unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (3, Some("Error")));
+    assert_eq!(container_status(&pod, 0).unwrap().restart_count, 0);
+}
+
+#[tokio::test]
+async fn on_failure_restarts_with_backoff() {
+    let agent = &node().await;
+    let ns = Ns::new("crashloop").await;
+    ns.create_pod(agent, "crash", "OnFailure", serde_json::json!([{"name": "crash", "image": image("crash-looper")}]), serde_json::json!({})).await;
+    let pod = ns
+        .wait_pod(agent, "crash", "a restart and CrashLoopBackOff", |p| {
+            container_status(p, 0).is_some_and(|c| c.restart_count >= 1) && waiting_reason(p) == Some("CrashLoopBackOff")
+        })
+        .await;
+    assert_eq!(phase(&pod), "Running", "a pod that will restart stays Running");
+    let last = container_status(&pod, 0).unwrap().last_state.as_ref().unwrap().terminated.as_ref().expect("lastState.terminated");
+    assert_eq!(last.exit_code, 1);
+    assert!(ns.event_reasons("crash").await.iter().any(|r| r == "BackOff"));
+}
+
+#[tokio::test]
+async fn env_from_configmap_secret_and_downward_api() {
+    let agent = &node().await;
+    let ns = Ns::new("env").await;
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "cfg"}, "data": {"color": "blue", "size": "L"}})).unwrap();
+    Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &cm).await.unwrap();
+    let secret: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}})).unwrap();
+    Api::<Secret>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &secret).await.unwrap();
+    ns.create_pod(
+        agent,
+        "env",
+        "Never",
+        serde_json::json!([{
+            "name": "env", "image": image("env-and-args"), "args": ["$(GREETING)-arg"],
+            "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
+            "env": [
+                {"name": "GREETING", "value": "hi"},
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            ],
+        }]),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "env", "the env printer to succeed", |p| phase(p) == "Succeeded").await;
+    let log = log_of(agent, &ns.name, &pod, "env", 0);
+    for want in ["env CFG_color=blue", "env PASSWORD=s3cret", "env POD_NAME=env", &format!("env POD_IP={}", agent.node_ip), "=hi-arg"] {
+        assert!(log.contains(want), "{want:?} in log:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_create_container_config_error() {
+    let agent = &node().await;
+    let ns = Ns::new("nosecret").await;
+    ns.create_pod(
+        agent,
+        "nosecret",
+        "Never",
+        serde_json::json!([{"name": "c", "image": image("hello"), "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}]),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "nosecret", "CreateContainerConfigError", |p| waiting_reason(p) == Some("CreateContainerConfigError")).await;
+    let msg = container_status(&pod, 0).unwrap().state.as_ref().unwrap().waiting.as_ref().unwrap().message.clone().unwrap_or_default();
+    assert!(msg.contains("absent"), "the message names the secret: {msg}");
+    assert_eq!(phase(&pod), "Pending");
+}
+
+#[tokio::test]
+async fn a_bad_image_is_image_pull_backoff_with_an_event() {
+    let agent = &node().await;
+    let ns = Ns::new("badimage").await;
+    let bad = format!("{}/wasm-examples/does-not-exist:v1", Cluster::get().var("REGISTRY"));
+    ns.create_pod(agent, "bad", "Never", serde_json::json!([{"name": "c", "image": bad}]), serde_json::json!({})).await;
+    ns.wait_pod(agent, "bad", "ErrImagePull or ImagePullBackOff", |p| matches!(waiting_reason(p), Some("ErrImagePull" | "ImagePullBackOff"))).await;
+    let reasons = ns.event_reasons("bad").await;
+    assert!(reasons.iter().any(|r| r == "Failed"), "a Failed event: {reasons:?}");
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_oom_killed() {
+    let agent = &node().await;
+    let ns = Ns::new("oom").await;
+    ns.create_pod(
+        agent,
+        "hog",
+        "Never",
+        serde_json::json!([{"name": "hog", "image": image("memory-hog"), "resources": {"limits": {"memory": "32Mi"}}}]),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "hog", "the hog to be OOMKilled", |p| phase(p) == "Failed").await;
+    let t = terminated(&pod).unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (137, Some("OOMKilled")));
+}
+
+#[tokio::test]
+async fn a_busy_loop_is_stopped_within_its_grace_period_on_delete() {
+    let agent = &node().await;
+    let ns = Ns::new("busy").await;
+    ns.create_pod(agent, "busy", "Always", serde_json::json!([{"name": "busy", "image": image("busy-loop")}]), serde_json::json!({})).await;
+    ns.wait_pod(agent, "busy", "the busy loop to run", |p| phase(p) == "Running").await;
+    let started = std::time::Instant::now();
+    ns.pods().delete("busy", &DeleteParams::default()).await.unwrap();
+    let pods = ns.pods();
+    wait_for("the pod object to be removed", POD_TIMEOUT, || async { pods.get_opt("busy").await.ok()?.is_none().then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    // Grace is 2 s; the node deletes the object once the instance has stopped.
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_preview2_component_runs() {
+    let agent = &node().await;
+    let ns = Ns::new("component").await;
+    ns.create_pod(agent, "comp", "Never", serde_json::json!([{"name": "comp", "image": image("hello-component")}]), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "comp", "the component to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    assert_eq!(phase(&pod), "Succeeded", "{:#?}", pod.status);
+    assert!(log_of(agent, &ns.name, &pod, "comp", 0).contains("Hello from a WebAssembly component!"));
+}
+
+#[tokio::test]
+async fn init_containers_run_first_and_a_failing_one_blocks_the_app() {
+    let agent = &node().await;
+    let ns = Ns::new("init").await;
+    ns.create_pod(
+        agent,
+        "init-ok",
+        "Never",
+        serde_json::json!([{"name": "app", "image": image("hello")}]),
+        serde_json::json!({"initContainers": [{"name": "first", "image": image("exit-with"), "args": ["0"]}]}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "init-ok", "init then app to succeed", |p| phase(p) == "Succeeded").await;
+    let init = &pod.status.as_ref().unwrap().init_container_statuses.as_ref().unwrap()[0];
+    assert_eq!(init.state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 0);
+
+    ns.create_pod(
+        agent,
+        "init-fail",
+        "Never",
+        serde_json::json!([{"name": "app", "image": image("hello")}]),
+        serde_json::json!({"initContainers": [{"name": "first", "image": image("exit-with"), "args": ["4"]}]}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "init-fail", "the pod to fail on its init container", |p| phase(p) == "Failed").await;
+    let app = container_status(&pod, 0).unwrap();
+    assert!(app.state.as_ref().unwrap().terminated.is_none() && app.restart_count == 0, "the app container never ran: {app:?}");
+}
