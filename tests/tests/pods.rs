@@ -303,3 +303,62 @@ async fn init_containers_run_first_and_a_failing_one_blocks_the_app() {
     let app = container_status(&pod, 0).unwrap();
     assert!(app.state.as_ref().unwrap().terminated.is_none() && app.restart_count == 0, "the app container never ran: {app:?}");
 }
+
+#[tokio::test]
+async fn a_corrupt_module_fails_with_a_clear_reason() {
+    let agent = &node().await;
+    let ns = Ns::new("corrupt").await;
+    // A Wasm header followed by garbage: pushed like any module, refused by the compiler.
+    let dir = workspace_root().join("target/it").join(&agent.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("corrupt.wasm");
+    let mut bytes = b"\0asm\x01\0\0\0".to_vec();
+    bytes.extend((0u8..200).map(|i| i.wrapping_mul(37)));
+    std::fs::write(&file, bytes).unwrap();
+    let reference = format!("{}/wasm-examples/corrupt:{}", Cluster::get().var("REGISTRY"), agent.name);
+    let out = std::process::Command::new(workspace_root().join("deploy/push-wasm")).arg(&file).arg(&reference).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    ns.create_pod(agent, "corrupt", "Never", serde_json::json!([{"name": "c", "image": reference}]), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "corrupt", "CreateContainerError", |p| waiting_reason(p) == Some("CreateContainerError")).await;
+    let msg = container_status(&pod, 0).unwrap().state.as_ref().unwrap().waiting.as_ref().unwrap().message.clone().unwrap_or_default();
+    assert!(!msg.is_empty(), "the reason carries the compiler's message");
+    assert!(ns.event_reasons("corrupt").await.iter().any(|r| r == "Failed"));
+}
+
+#[tokio::test]
+async fn an_agent_restart_keeps_statuses_right_without_duplicates() {
+    let mut agent = node().await;
+    let ns = Ns::new("restart").await;
+    ns.create_pod(&agent, "done", "Never", serde_json::json!([{"name": "hello", "image": image("hello")}]), serde_json::json!({})).await;
+    ns.create_pod(&agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": image("ticker")}]), serde_json::json!({})).await;
+    let done = ns.wait_pod(&agent, "done", "hello to succeed", |p| phase(p) == "Succeeded").await;
+    ns.wait_pod(&agent, "tick", "the ticker to run", |p| phase(p) == "Running" && container_status(p, 0).is_some_and(|c| c.ready)).await;
+
+    agent.kill9();
+    agent.spawn().unwrap();
+
+    // The ticker's instance died with the agent: it runs again, counted as a restart, and its
+    // last state says why. The finished pod is left alone.
+    let tick = ns
+        .wait_pod(&agent, "tick", "the ticker to run again after the agent restart", |p| {
+            let Some(c) = container_status(p, 0) else { return false };
+            c.restart_count == 1 && c.state.as_ref().is_some_and(|s| s.running.is_some())
+        })
+        .await;
+    let last = container_status(&tick, 0).unwrap().last_state.as_ref().unwrap().terminated.clone().unwrap();
+    assert_eq!(last.reason.as_deref(), Some("ContainerStatusUnknown"));
+    let done_after = ns.pods().get("done").await.unwrap();
+    assert_eq!(phase(&done_after), "Succeeded");
+    assert_eq!(container_status(&done_after, 0).unwrap().restart_count, 0);
+
+    // One instance per run: the ticker has logs for runs 0 and 1 only, hello for run 0 only.
+    let logs = |pod: &Pod, container: &str| -> Vec<String> {
+        let dir = agent.dir.join("logs").join(format!("{}_{}_{}", ns.name, pod.metadata.name.as_deref().unwrap(), pod.metadata.uid.as_deref().unwrap())).join(container);
+        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(logs(&tick, "tick"), ["0.log", "1.log"]);
+    assert_eq!(logs(&done, "hello"), ["0.log"]);
+}
