@@ -362,3 +362,52 @@ async fn an_agent_restart_keeps_statuses_right_without_duplicates() {
     assert_eq!(logs(&tick, "tick"), ["0.log", "1.log"]);
     assert_eq!(logs(&done, "hello"), ["0.log"]);
 }
+
+#[tokio::test]
+async fn service_account_token_and_configmap_volumes_are_mounted() {
+    let agent = &node().await;
+    let ns = Ns::new("volumes").await;
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "settings"}, "data": {"mode": "fast"}})).unwrap();
+    Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &cm).await.unwrap();
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    ns.create_pod(
+        agent,
+        "reader",
+        "Never",
+        serde_json::json!([{
+            "name": "reader", "image": image("file-reader"),
+            "args": [format!("{sa}/namespace"), format!("{sa}/ca.crt"), format!("{sa}/token"), "/config/mode"],
+            "volumeMounts": [{"name": "cfg", "mountPath": "/config"}],
+        }]),
+        serde_json::json!({"volumes": [{"name": "cfg", "configMap": {"name": "settings"}}]}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "reader", "the reader to finish", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    let log = log_of(agent, &ns.name, &pod, "reader", 0);
+    assert_eq!(phase(&pod), "Succeeded", "log:\n{log}");
+    assert!(log.contains(&ns.name), "namespace file: {log}");
+    assert!(log.contains("BEGIN CERTIFICATE"), "ca.crt: {log}");
+    assert!(log.contains("eyJ"), "a JWT token: {log}");
+    assert!(log.contains("fast"), "configMap key: {log}");
+}
+
+#[tokio::test]
+async fn a_missing_configmap_volume_waits_with_failed_mount() {
+    let agent = &node().await;
+    let ns = Ns::new("nocm").await;
+    ns.create_pod(
+        agent,
+        "nocm",
+        "Never",
+        serde_json::json!([{"name": "c", "image": image("hello"), "volumeMounts": [{"name": "cfg", "mountPath": "/config"}]}]),
+        serde_json::json!({"volumes": [{"name": "cfg", "configMap": {"name": "absent"}}]}),
+    )
+    .await;
+    let pods = ns.pods();
+    wait_for("a FailedMount event", POD_TIMEOUT, || async { ns.event_reasons("nocm").await.iter().any(|r| r == "FailedMount").then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    let pod = pods.get("nocm").await.unwrap();
+    assert_eq!(phase(&pod), "Pending");
+    assert_eq!(waiting_reason(&pod), Some("ContainerCreating"));
+}

@@ -14,8 +14,8 @@ fn reject(reason: &str, message: String) -> Result<(), Rejection> {
     Err(Rejection { reason: reason.into(), message })
 }
 
-/// Checks what a Wasm node cannot honour. Volume types are admitted only when a later step can
-/// materialise them; today only the projected service-account volume and emptyDir are.
+/// Checks what a Wasm node cannot honour. Volume types are admitted only when
+/// [`super::volumes`] can materialise them.
 pub fn admit(pod: &Pod) -> Result<(), Rejection> {
     let Some(spec) = &pod.spec else { return reject("UnsupportedPodSpec", "the pod has no spec".into()) };
     if spec.host_pid == Some(true) {
@@ -42,8 +42,7 @@ pub fn admit(pod: &Pod) -> Result<(), Rejection> {
         }
     }
     for v in spec.volumes.iter().flatten() {
-        let supported = v.projected.is_some() || v.empty_dir.is_some();
-        if !supported {
+        if !super::volumes::supported(v) {
             return reject("UnsupportedVolume", format!("volume {} has a type this node does not support yet", v.name));
         }
     }

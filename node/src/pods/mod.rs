@@ -1,6 +1,6 @@
 //! Pods: where they come from ([`source`]), who acts on each ([`manager`] and one
 //! [`worker`] per UID), how the node learns about container changes ([`pleg`]), and the only
-//! writer of pod status ([`status`]). [`admission`] and [`env`] are pure helpers.
+//! writer of pod status ([`status`]). [`volumes`] sets up what containers mount. [`admission`] and [`env`] are pure helpers.
 
 pub mod admission;
 pub mod env;
@@ -8,4 +8,5 @@ pub mod manager;
 pub mod pleg;
 pub mod source;
 pub mod status;
+pub mod volumes;
 pub mod worker;

@@ -7,7 +7,7 @@
 //! to the status manager. A deleted pod's containers are stopped within its grace period and
 //! the status manager is asked to remove the pod object.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use super::admission;
 use super::env;
 use super::status::{PodKey, StatusSender};
+use super::volumes;
 use crate::events::EventSink;
 
 /// The kubelet's crash-loop backoff: 10 s, doubling, capped at 5 minutes.
@@ -34,6 +35,8 @@ const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A container that ran this long without exiting has its backoff reset (the kubelet's value).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+/// How soon a volume that could not be set up is tried again.
+const VOLUME_RETRY: Duration = Duration::from_secs(2);
 /// How often a worker re-syncs a pod with nothing to wait for; the PLEG and spec changes wake it sooner.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -96,6 +99,9 @@ pub struct PodWorker {
     containers: BTreeMap<String, ContainerRecord>,
     start_time: DateTime<Utc>,
     terminal: Option<Terminal>,
+    /// The pod's volumes once set up, and when they must be set up again (token refresh).
+    volumes: Option<HashMap<String, volumes::Materialized>>,
+    volumes_refresh_at: Option<Instant>,
 }
 
 impl PodWorker {
@@ -141,7 +147,7 @@ impl PodWorker {
             Some("Failed") => Some(Terminal { phase: "Failed", reason: status.reason.clone(), message: status.message.clone() }),
             _ => None,
         };
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -280,9 +286,29 @@ impl PodWorker {
                 }
             }
         }
+        let mut wake: Option<Instant> = None;
+        if self.volumes.is_none() || self.volumes_refresh_at.is_some_and(|at| at <= Instant::now()) {
+            let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
+            match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir).await {
+                Ok(v) => {
+                    self.volumes_refresh_at = v.refresh_in.map(|d| Instant::now() + d);
+                    self.volumes = Some(v.by_name);
+                }
+                Err(e) if self.volumes.is_none() => {
+                    warn!(error = %e, "setting up volumes");
+                    self.ctx.events.warning(&self.object_ref(), "FailedMount", e.to_string());
+                    return Some(Instant::now() + VOLUME_RETRY);
+                }
+                Err(e) => {
+                    // A failed refresh keeps the old files (a token stays valid past 80 % of its life).
+                    warn!(error = %e, "refreshing volumes");
+                    self.volumes_refresh_at = Some(Instant::now() + VOLUME_RETRY);
+                }
+            }
+        }
+        wake = wake.or(self.volumes_refresh_at);
         let policy = self.restart_policy().to_string();
         let (init, app) = self.spec_containers();
-        let mut wake: Option<Instant> = None;
         let mut earliest = |at: Option<Instant>| {
             if let Some(at) = at {
                 wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
@@ -468,20 +494,23 @@ impl PodWorker {
         None
     }
 
-    /// One preopened directory per volumeMount. emptyDir volumes live in the pod directory;
-    /// the service-account projected volume is not materialised yet (no mount is made for it).
+    /// One preopened directory per volumeMount, from the volumes set up for the pod.
     fn mounts(&self, container: &Container) -> Result<Vec<Mount>, String> {
-        let volumes = self.pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
         let mut mounts = Vec::new();
         for vm in container.volume_mounts.iter().flatten() {
-            let Some(volume) = volumes.iter().find(|v| v.name == vm.name) else {
+            let Some(volume) = self.volumes.as_ref().and_then(|v| v.get(&vm.name)) else {
                 return Err(format!("volumeMount {} names no volume of the pod", vm.name));
             };
-            if volume.empty_dir.is_some() {
-                let dir = self.ctx.pods_dir.join(&self.key.uid).join("volumes/kubernetes.io~empty-dir").join(&volume.name);
-                std::fs::create_dir_all(&dir).map_err(|e| format!("creating emptyDir {}: {e}", dir.display()))?;
-                mounts.push(Mount { host_path: dir, container_path: vm.mount_path.clone(), read_only: vm.read_only.unwrap_or(false) });
+            let mut host_path = volume.host_path.clone();
+            if let Some(sub) = vm.sub_path.as_deref().filter(|s| !s.is_empty()) {
+                let sub = std::path::Path::new(sub);
+                if sub.is_absolute() || sub.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                    return Err(format!("subPath {} of volumeMount {} must be relative and stay inside the volume", sub.display(), vm.name));
+                }
+                host_path = host_path.join(sub);
+                std::fs::create_dir_all(&host_path).map_err(|e| format!("creating subPath {}: {e}", host_path.display()))?;
             }
+            mounts.push(Mount { host_path, container_path: vm.mount_path.clone(), read_only: volume.read_only || vm.read_only.unwrap_or(false) });
         }
         Ok(mounts)
     }
