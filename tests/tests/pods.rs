@@ -411,3 +411,49 @@ async fn a_missing_configmap_volume_waits_with_failed_mount() {
     assert_eq!(phase(&pod), "Pending");
     assert_eq!(waiting_reason(&pod), Some("ContainerCreating"));
 }
+
+#[tokio::test]
+async fn a_changed_image_restarts_the_container() {
+    let agent = &node().await;
+    let ns = Ns::new("newimage").await;
+    ns.create_pod(agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": image("ticker")}]), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "tick", "the ticker to run", |p| container_status(p, 0).is_some_and(|c| c.ready)).await;
+    // The same module, named by digest: a new image reference in the spec.
+    let digest = container_status(&pod, 0).unwrap().image_id.split('@').nth(1).unwrap().to_string();
+    let by_digest = format!("{}/wasm-examples/ticker@{digest}", Cluster::get().var("REGISTRY"));
+    let patch = serde_json::json!({"spec": {"containers": [{"name": "tick", "image": by_digest}]}});
+    ns.pods().patch("tick", &kube::api::PatchParams::default(), &kube::api::Patch::Strategic(&patch)).await.unwrap();
+    let pod = ns
+        .wait_pod(agent, "tick", "the container to restart with the new image", |p| {
+            container_status(p, 0).is_some_and(|c| c.restart_count == 1 && c.ready && c.image == by_digest)
+        })
+        .await;
+    assert_eq!(phase(&pod), "Running");
+}
+
+#[tokio::test]
+async fn active_deadline_fails_the_pod() {
+    let agent = &node().await;
+    let ns = Ns::new("deadline").await;
+    ns.create_pod(agent, "late", "Always", serde_json::json!([{"name": "tick", "image": image("ticker")}]), serde_json::json!({"activeDeadlineSeconds": 2})).await;
+    let pod = ns.wait_pod(agent, "late", "the pod to fail on its deadline", |p| phase(p) == "Failed").await;
+    assert_eq!(pod.status.as_ref().unwrap().reason.as_deref(), Some("DeadlineExceeded"));
+}
+
+#[tokio::test]
+async fn a_forced_delete_stops_the_instance() {
+    let agent = &node().await;
+    let ns = Ns::new("force").await;
+    ns.create_pod(agent, "spin", "Always", serde_json::json!([{"name": "spin", "image": image("busy-loop")}]), serde_json::json!({"terminationGracePeriodSeconds": 30})).await;
+    let pod = ns.wait_pod(agent, "spin", "the busy loop to run", |p| phase(p) == "Running").await;
+    let out = Cluster::get().kubectl().args(["delete", "pod", "spin", "-n", &ns.name, "--grace-period=0", "--force"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The object is gone at once; the instance must stop too: its log stops growing and the
+    // agent logs the pod's termination.
+    let uid = pod.metadata.uid.clone().unwrap();
+    wait_for("the agent to terminate the force-deleted pod", POD_TIMEOUT, || async {
+        agent.log().lines().any(|l| l.contains(&uid) && l.contains("terminating pod")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+}

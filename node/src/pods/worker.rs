@@ -79,6 +79,8 @@ struct ContainerRecord {
     /// Not before this instant may the container (or its image pull) be tried again.
     retry_at: Option<Instant>,
     started_at: Option<Instant>,
+    /// Hash of the container's spec when it was started: a change restarts the container.
+    spec_hash: u64,
 }
 
 /// The pod's final outcome once nothing more will run.
@@ -332,8 +334,26 @@ impl PodWorker {
         }
 
         for c in &app {
+            let hash = spec_hash(c);
+            let changed = {
+                let record = self.containers.entry(c.name.clone()).or_default();
+                matches!(record.current, Some(ContainerState::Running { .. })) && record.spec_hash != 0 && record.spec_hash != hash
+            };
+            if changed {
+                // The kubelet restarts a container whose definition changed (e.g. a new image),
+                // without crash-loop backoff and without counting it as a failure.
+                let id = self.containers[&c.name].id.clone().unwrap_or_default();
+                let grace = Duration::from_secs(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64);
+                self.ctx.events.normal(&self.container_ref(&c.name), "Killing", format!("Container {} definition changed, will be restarted", c.name));
+                if let Err(e) = self.ctx.provider.stop_container(&id, grace).await {
+                    warn!(container = %c.name, error = %e, "stopping a changed container");
+                }
+                self.refresh().await;
+                let record = self.containers.get_mut(&c.name).expect("record exists");
+                record.retry_at = Some(Instant::now());
+            }
             let record = self.containers.entry(c.name.clone()).or_default();
-            let restart = match &record.current {
+            let restart = changed || match &record.current {
                 Some(ContainerState::Running { .. }) | Some(ContainerState::Created) => false,
                 Some(ContainerState::Exited { exit_code, .. }) => match policy.as_str() {
                     "Always" => true,
@@ -489,7 +509,8 @@ impl PodWorker {
         record.current = Some(ContainerState::Running { started_at: SystemTime::now() });
         record.waiting = None;
         record.started_at = Some(Instant::now());
-        // The next restart waits this long (CrashLoopBackOff): 10 s, doubling, capped.
+        record.spec_hash = spec_hash(container);
+        // The next restart waits out the crash-loop backoff.
         record.retry_at = None;
         None
     }
@@ -767,6 +788,14 @@ impl PodWorker {
             _ => false,
         }
     }
+}
+
+/// A hash of what defines a container, to notice a changed spec.
+fn spec_hash(c: &Container) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(c).unwrap_or_default().hash(&mut h);
+    h.finish().max(1)
 }
 
 fn waiting(reason: &str, message: Option<String>) -> K8sState {
