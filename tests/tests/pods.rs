@@ -153,6 +153,19 @@ async fn exit_code_3_with_never_fails() {
     let t = terminated(&pod).unwrap();
     assert_eq!((t.exit_code, t.reason.as_deref()), (3, Some("Error")));
     assert_eq!(container_status(&pod, 0).unwrap().restart_count, 0);
+
+    // FallbackToLogsOnError: the log's tail becomes the termination message.
+    ns.create_pod(
+        agent,
+        "exit-logs",
+        "Never",
+        serde_json::json!([{"name": "exit", "image": image("exit-with"), "args": ["5"], "terminationMessagePolicy": "FallbackToLogsOnError"}]),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "exit-logs", "the second pod to fail", |p| phase(p) == "Failed").await;
+    let message = terminated(&pod).unwrap().message.clone().unwrap_or_default();
+    assert!(message.contains("exiting with status 5"), "termination message from the log: {message:?}");
 }
 
 #[tokio::test]

@@ -81,6 +81,10 @@ struct ContainerRecord {
     started_at: Option<Instant>,
     /// Hash of the container's spec when it was started: a change restarts the container.
     spec_hash: u64,
+    /// Where the current run's terminationMessagePath lands on the host, and its log file.
+    termination_file: Option<PathBuf>,
+    log_path: Option<PathBuf>,
+    fallback_to_logs: bool,
 }
 
 /// The pod's final outcome once nothing more will run.
@@ -259,7 +263,8 @@ impl PodWorker {
             }
             if let ContainerState::Exited { started_at, finished_at, exit_code, reason, message } = &summary.state {
                 if !matches!(record.current, Some(ContainerState::Exited { .. })) {
-                    record.last_terminated = Some(terminated(&summary.id, *started_at, *finished_at, *exit_code, *reason, message.clone()));
+                    let message = termination_message(record, *exit_code).or_else(|| message.clone());
+                    record.last_terminated = Some(terminated(&summary.id, *started_at, *finished_at, *exit_code, *reason, message));
                     // A long good run resets the crash-loop backoff.
                     if record.started_at.is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER) {
                         record.backoff = Duration::ZERO;
@@ -468,6 +473,27 @@ impl PodWorker {
         if let Err(e) = std::fs::create_dir_all(&log_dir) {
             return self.wait_and_retry(&name, "CreateContainerError", format!("creating log directory {}: {e}", log_dir.display()));
         }
+        let mut mounts = match self.mounts(container) {
+            Ok(m) => m,
+            Err(msg) => return self.wait_and_retry(&name, "CreateContainerConfigError", msg),
+        };
+        // terminationMessagePath: the file's directory is given to the container, so whatever it
+        // writes there becomes the termination message.
+        let message_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
+        let termination_file = match std::path::Path::new(&message_path).parent().zip(std::path::Path::new(&message_path).file_name()) {
+            Some((guest_dir, file)) if message_path.starts_with('/') => {
+                let host_dir = self.ctx.pods_dir.join(&uid).join("containers").join(&name).join(attempt.to_string());
+                if let Err(e) = std::fs::create_dir_all(&host_dir).and_then(|_| std::fs::write(host_dir.join(file), b"")) {
+                    return self.wait_and_retry(&name, "CreateContainerError", format!("creating the termination message file: {e}"));
+                }
+                if !mounts.iter().any(|m| std::path::Path::new(&m.container_path) == guest_dir) {
+                    mounts.push(Mount { host_path: host_dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
+                }
+                Some(host_dir.join(file))
+            }
+            _ => None,
+        };
+        let log_path = log_dir.join(format!("{attempt}.log"));
         let config = ContainerConfig {
             name: name.clone(),
             image: image.clone(),
@@ -475,11 +501,8 @@ impl PodWorker {
             args,
             env,
             working_dir: container.working_dir.clone(),
-            mounts: match self.mounts(container) {
-                Ok(m) => m,
-                Err(msg) => return self.wait_and_retry(&name, "CreateContainerConfigError", msg),
-            },
-            log_path: log_dir.join(format!("{attempt}.log")),
+            mounts,
+            log_path: log_path.clone(),
             memory_limit_bytes: memory_limit(container),
             attempt,
         };
@@ -510,6 +533,9 @@ impl PodWorker {
         record.waiting = None;
         record.started_at = Some(Instant::now());
         record.spec_hash = spec_hash(container);
+        record.termination_file = termination_file;
+        record.log_path = Some(log_path);
+        record.fallback_to_logs = container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
         // The next restart waits out the crash-loop backoff.
         record.retry_at = None;
         None
@@ -790,6 +816,42 @@ impl PodWorker {
     }
 }
 
+/// The kubelet reads at most this much of a termination message file...
+const MAX_TERMINATION_MESSAGE: usize = 4096;
+/// ...and falls back to at most this many log lines and bytes.
+const FALLBACK_LOG_LINES: usize = 80;
+const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// The container's termination message: what it wrote to terminationMessagePath, else (with
+/// FallbackToLogsOnError and a failed run) the tail of its log.
+fn termination_message(record: &ContainerRecord, exit_code: i32) -> Option<String> {
+    if let Some(bytes) = record.termination_file.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        if !bytes.is_empty() {
+            let end = bytes.len().min(MAX_TERMINATION_MESSAGE);
+            return Some(String::from_utf8_lossy(&bytes[..end]).into_owned());
+        }
+    }
+    if record.fallback_to_logs && exit_code != 0 {
+        let log = std::fs::read_to_string(record.log_path.as_ref()?).ok()?;
+        return Some(log_tail(&log, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)).filter(|s| !s.is_empty());
+    }
+    None
+}
+
+/// The last `lines` lines (at most `bytes` bytes) of a CRI log, without the CRI prefixes.
+fn log_tail(cri_log: &str, lines: usize, bytes: usize) -> String {
+    let content: Vec<&str> = cri_log.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
+    let mut text = content[content.len().saturating_sub(lines)..].join("\n");
+    if text.len() > bytes {
+        let mut cut = text.len() - bytes;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text = text[cut..].to_string();
+    }
+    text
+}
+
 /// A hash of what defines a container, to notice a changed spec.
 fn spec_hash(c: &Container) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -976,6 +1038,14 @@ mod tests {
         assert_eq!(pod_phase("Never", true, false, &[cs(waiting("ContainerCreating", None), None)]), "Pending");
         assert_eq!(pod_phase("Never", false, false, &[cs(waiting("PodInitializing", None), None)]), "Pending");
         assert_eq!(pod_phase("Never", false, true, &[]), "Failed");
+    }
+
+    #[test]
+    fn log_tail_strips_cri_prefixes_and_bounds_size() {
+        let log = "2026-01-01T00:00:00Z stdout F one\n2026-01-01T00:00:01Z stderr F two words\n";
+        assert_eq!(log_tail(log, 80, 2048), "one\ntwo words");
+        assert_eq!(log_tail(log, 1, 2048), "two words");
+        assert_eq!(log_tail(log, 80, 5), "words");
     }
 
     #[test]
