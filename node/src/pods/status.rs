@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::Api;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -58,6 +59,21 @@ impl StatusSender {
     }
 }
 
+/// How many writes may be in flight at once. One per pod at most, so a pod's updates land in
+/// order; a bound so a burst of pod starts cannot flood the API server (whose default limit
+/// for mutating requests is 200 in flight across all clients).
+const MAX_IN_FLIGHT: usize = 16;
+
+/// What one API call did.
+enum Outcome {
+    Written(PodStatus),
+    Gone,
+    Deleted,
+    /// Retry later (the API server was unreachable or overloaded); carries the status that
+    /// was not written, if the call was a status write.
+    Retry(Option<PodStatus>),
+}
+
 /// Owns what has been written for each pod.
 pub struct StatusManager {
     api_client: kube::Client,
@@ -68,40 +84,80 @@ pub struct StatusManager {
     pending: HashMap<PodKey, PodStatus>,
     /// Pods to delete once their last status is written.
     finalize: HashSet<PodKey>,
+    /// Pods with a write in flight.
+    in_flight: HashSet<PodKey>,
 }
 
 impl StatusManager {
     pub fn new(client: kube::Client) -> (Self, StatusSender) {
         let (sender, rx) = StatusSender::channel();
-        (Self { api_client: client, rx, written: HashMap::new(), pending: HashMap::new(), finalize: HashSet::new() }, sender)
+        let manager = Self {
+            api_client: client,
+            rx,
+            written: HashMap::new(),
+            pending: HashMap::new(),
+            finalize: HashSet::new(),
+            in_flight: HashSet::new(),
+        };
+        (manager, sender)
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut writes: JoinSet<(PodKey, Outcome)> = JoinSet::new();
         let mut backoff = Backoff::new(Duration::from_secs(10));
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut draining = false;
         loop {
+            if retry_at.is_none_or(|at| at <= tokio::time::Instant::now()) {
+                retry_at = None;
+                self.start_writes(&mut writes);
+            }
+            if draining && writes.is_empty() {
+                return;
+            }
             let sleep_until = retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                _ = shutdown.cancelled() => {
+                _ = shutdown.cancelled(), if !draining => {
                     // Write what is pending before exiting, within the agent's shutdown grace.
-                    self.flush().await;
-                    return;
+                    draining = true;
+                    retry_at = None;
                 }
-                update = self.rx.recv() => match update {
+                update = self.rx.recv(), if !draining => match update {
                     Some(update) => self.absorb(update),
-                    None => return,
+                    None => draining = true,
                 },
+                Some(done) = writes.join_next(), if !writes.is_empty() => {
+                    let Ok((key, outcome)) = done else { continue };
+                    self.in_flight.remove(&key);
+                    match outcome {
+                        Outcome::Written(status) => {
+                            backoff.reset();
+                            self.written.insert(key, status);
+                        }
+                        Outcome::Gone => {
+                            self.written.remove(&key);
+                        }
+                        Outcome::Deleted => {
+                            self.finalize.remove(&key);
+                            self.written.remove(&key);
+                        }
+                        Outcome::Retry(status) => {
+                            if let Some(status) = status {
+                                // Unless a newer status arrived meanwhile, write this one again.
+                                self.pending.entry(key).or_insert(status);
+                            }
+                            retry_at = Some(tokio::time::Instant::now() + backoff.next());
+                            if draining {
+                                return; // no retries while shutting down
+                            }
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(sleep_until), if retry_at.is_some() => {}
             }
             // Coalesce: take everything already queued before writing.
             while let Ok(update) = self.rx.try_recv() {
                 self.absorb(update);
-            }
-            if self.flush().await {
-                backoff.reset();
-                retry_at = None;
-            } else {
-                retry_at = Some(tokio::time::Instant::now() + backoff.next());
             }
         }
     }
@@ -126,55 +182,73 @@ impl StatusManager {
         }
     }
 
-    /// Writes everything pending. Returns false when something must be retried.
-    async fn flush(&mut self) -> bool {
-        let mut ok = true;
-        let keys: Vec<PodKey> = self.pending.keys().cloned().collect();
-        for key in keys {
-            let status = self.pending.remove(&key).expect("key from pending");
-            let api: Api<Pod> = Api::namespaced(self.api_client.clone(), &key.namespace);
-            let patch = serde_json::json!({ "metadata": { "uid": key.uid }, "status": status });
-            match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => {
-                    debug!(pod = %format!("{}/{}", key.namespace, key.name), phase = ?status.phase, "pod status written");
-                    self.written.insert(key, status);
-                }
-                Err(kube::Error::Api(ae)) if ae.code == 404 || ae.code == 409 => {
-                    // The pod is gone, or it is another pod of the same name: nothing to write.
-                    debug!(pod = %key.name, code = ae.code, "pod status not written: pod gone");
-                    self.written.remove(&key);
-                }
-                Err(kube::Error::Api(ae)) if ae.code == 422 => {
-                    // Retrying an invalid status cannot succeed; say so loudly and move on.
-                    warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %ae.message, "the API server refused the pod status");
-                }
-                Err(e) => {
-                    warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %crate::config::one_line(&e), "writing pod status");
-                    self.pending.entry(key).or_insert(status);
-                    ok = false;
-                }
-            }
-        }
-        let ready: Vec<PodKey> = self.finalize.iter().filter(|k| !self.pending.contains_key(*k)).cloned().collect();
+    /// Starts writes for pods without one in flight, up to [`MAX_IN_FLIGHT`]: pending statuses
+    /// first, then deletions of finalized pods whose last status is written.
+    fn start_writes(&mut self, writes: &mut JoinSet<(PodKey, Outcome)>) {
+        let ready: Vec<PodKey> = self.pending.keys().filter(|k| !self.in_flight.contains(*k)).cloned().collect();
         for key in ready {
-            let api: Api<Pod> = Api::namespaced(self.api_client.clone(), &key.namespace);
-            let params = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions { uid: Some(key.uid.clone()), resource_version: None }),
-                ..Default::default()
-            };
-            match api.delete(&key.name, &params).await {
-                Ok(_) => debug!(pod = %key.name, "pod object deleted"),
-                Err(kube::Error::Api(ae)) if ae.code == 404 || ae.code == 409 => {}
-                Err(e) => {
-                    warn!(pod = %key.name, error = %crate::config::one_line(&e), "deleting pod object");
-                    ok = false;
-                    continue;
-                }
+            if self.in_flight.len() >= MAX_IN_FLIGHT {
+                return;
             }
-            self.finalize.remove(&key);
-            self.written.remove(&key);
+            let status = self.pending.remove(&key).expect("key from pending");
+            self.in_flight.insert(key.clone());
+            writes.spawn(write_status(self.api_client.clone(), key, status));
         }
-        ok
+        let deletable: Vec<PodKey> =
+            self.finalize.iter().filter(|k| !self.pending.contains_key(*k) && !self.in_flight.contains(*k)).cloned().collect();
+        for key in deletable {
+            if self.in_flight.len() >= MAX_IN_FLIGHT {
+                return;
+            }
+            self.in_flight.insert(key.clone());
+            writes.spawn(delete_pod(self.api_client.clone(), key));
+        }
     }
+}
+
+async fn write_status(client: kube::Client, key: PodKey, status: PodStatus) -> (PodKey, Outcome) {
+    let api: Api<Pod> = Api::namespaced(client, &key.namespace);
+    // The UID makes the write a precondition: never update a new pod of the same name.
+    let patch = serde_json::json!({ "metadata": { "uid": key.uid }, "status": status });
+    let outcome = match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            debug!(pod = %format!("{}/{}", key.namespace, key.name), phase = ?status.phase, "pod status written");
+            Outcome::Written(status)
+        }
+        Err(kube::Error::Api(ae)) if ae.code == 404 || ae.code == 409 => {
+            debug!(pod = %key.name, code = ae.code, "pod status not written: pod gone");
+            Outcome::Gone
+        }
+        Err(kube::Error::Api(ae)) if ae.code == 422 => {
+            // Retrying an invalid status cannot succeed; say so loudly and move on.
+            warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %ae.message, "the API server refused the pod status");
+            Outcome::Gone
+        }
+        Err(e) => {
+            warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %crate::config::one_line(&e), "writing pod status");
+            return (key, Outcome::Retry(Some(status)));
+        }
+    };
+    (key, outcome)
+}
+
+async fn delete_pod(client: kube::Client, key: PodKey) -> (PodKey, Outcome) {
+    let api: Api<Pod> = Api::namespaced(client, &key.namespace);
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions { uid: Some(key.uid.clone()), resource_version: None }),
+        ..Default::default()
+    };
+    let outcome = match api.delete(&key.name, &params).await {
+        Ok(_) => {
+            debug!(pod = %key.name, "pod object deleted");
+            Outcome::Deleted
+        }
+        Err(kube::Error::Api(ae)) if ae.code == 404 || ae.code == 409 => Outcome::Deleted,
+        Err(e) => {
+            warn!(pod = %key.name, error = %crate::config::one_line(&e), "deleting pod object");
+            Outcome::Retry(None)
+        }
+    };
+    (key, outcome)
 }

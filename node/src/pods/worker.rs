@@ -108,6 +108,8 @@ pub struct PodWorker {
     /// The pod's volumes once set up, and when they must be set up again (token refresh).
     volumes: Option<HashMap<String, volumes::Materialized>>,
     volumes_refresh_at: Option<Instant>,
+    /// The status last handed to the status manager: transition times are kept from it.
+    last_status: Option<PodStatus>,
 }
 
 impl PodWorker {
@@ -153,7 +155,7 @@ impl PodWorker {
             Some("Failed") => Some(Terminal { phase: "Failed", reason: status.reason.clone(), message: status.message.clone() }),
             _ => None,
         };
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -229,6 +231,7 @@ impl PodWorker {
             }
         }
         let status = self.compute_status();
+        self.last_status = Some(status.clone());
         if self.terminal.is_none() {
             if let Some(phase @ ("Succeeded" | "Failed")) = status.phase.as_deref() {
                 let phase = if phase == "Succeeded" { "Succeeded" } else { "Failed" };
@@ -260,6 +263,9 @@ impl PodWorker {
             let Some(record) = self.containers.get_mut(&summary.name) else { continue };
             if record.id.as_deref() != Some(summary.id.as_str()) {
                 continue;
+            }
+            if matches!((&record.current, &summary.state), (Some(ContainerState::Running { .. }), ContainerState::Running { .. })) {
+                continue; // nothing new; keep the start time already reported
             }
             if let ContainerState::Exited { started_at, finished_at, exit_code, reason, message } = &summary.state {
                 if !matches!(record.current, Some(ContainerState::Exited { .. })) {
@@ -675,7 +681,7 @@ impl PodWorker {
         let (init, app) = self.spec_containers();
         let policy = self.restart_policy();
         let now = Time(Utc::now());
-        let previous = self.pod.status.clone().unwrap_or_default();
+        let previous = self.last_status.clone().or_else(|| self.pod.status.clone()).unwrap_or_default();
 
         let status_of = |c: &Container| -> ContainerStatus {
             let record = self.containers.get(&c.name);
