@@ -35,8 +35,11 @@ const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A container that ran this long without exiting has its backoff reset (the kubelet's value).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
-/// How soon a volume that could not be set up is tried again.
+/// A volume that could not be set up is tried again after 50 ms, doubling up to 2 s...
+const VOLUME_RETRY_FIRST: Duration = Duration::from_millis(50);
 const VOLUME_RETRY: Duration = Duration::from_secs(2);
+/// ...and a FailedMount event is emitted from the fourth failure (about 350 ms in).
+const VOLUME_FAILURES_BEFORE_EVENT: u32 = 4;
 /// How often a worker re-syncs a pod with nothing to wait for; the PLEG and spec changes wake it sooner.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -110,6 +113,7 @@ pub struct PodWorker {
     volumes_refresh_at: Option<Instant>,
     /// The status last handed to the status manager: transition times are kept from it.
     last_status: Option<PodStatus>,
+    volume_failures: u32,
 }
 
 impl PodWorker {
@@ -155,7 +159,7 @@ impl PodWorker {
             Some("Failed") => Some(Terminal { phase: "Failed", reason: status.reason.clone(), message: status.message.clone() }),
             _ => None,
         };
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0 }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -304,13 +308,23 @@ impl PodWorker {
             let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
             match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir).await {
                 Ok(v) => {
+                    self.volume_failures = 0;
                     self.volumes_refresh_at = v.refresh_in.map(|d| Instant::now() + d);
                     self.volumes = Some(v.by_name);
                 }
                 Err(e) if self.volumes.is_none() => {
-                    warn!(error = %e, "setting up volumes");
-                    self.ctx.events.warning(&self.object_ref(), "FailedMount", e.to_string());
-                    return Some(Instant::now() + VOLUME_RETRY);
+                    // The first failures are often the API server's node authorizer not having
+                    // seen this pod yet (a token request right after the pod was bound): retry
+                    // fast, and tell the user only when it persists.
+                    self.volume_failures += 1;
+                    let retry = (VOLUME_RETRY_FIRST * 2u32.saturating_pow(self.volume_failures - 1)).min(VOLUME_RETRY);
+                    if self.volume_failures >= VOLUME_FAILURES_BEFORE_EVENT {
+                        warn!(error = %e, "setting up volumes");
+                        self.ctx.events.warning(&self.object_ref(), "FailedMount", e.to_string());
+                    } else {
+                        debug!(error = %e, ?retry, "setting up volumes; retrying");
+                    }
+                    return Some(Instant::now() + retry);
                 }
                 Err(e) => {
                     // A failed refresh keeps the old files (a token stays valid past 80 % of its life).
