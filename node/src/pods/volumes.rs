@@ -118,7 +118,11 @@ async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume) -> Resul
         downward(&mut files, pod, d.items.as_deref().unwrap_or_default())?;
     }
     if let Some(p) = &v.projected {
-        for source in p.sources.iter().flatten() {
+        // The sources are independent API reads (a token request, the CA configmap): fetch them
+        // at once, since pod start-up waits for the slowest.
+        let sources = p.sources.iter().flatten().map(|source| async {
+            let mut files = Files::new();
+            let mut refresh = None;
             if let Some(cm) = &source.config_map {
                 if let Some(data) = config_map(client, &namespace, &cm.name, cm.optional.unwrap_or(false)).await? {
                     project(&mut files, data, cm.items.as_deref(), cm.optional.unwrap_or(false), "configmap", &cm.name)?;
@@ -136,7 +140,14 @@ async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume) -> Resul
                 let client = client.ok_or("no API server to request a service account token from")?;
                 let (token, lifetime) = request_token(client, pod, t.audience.clone(), t.expiration_seconds).await?;
                 files.insert(t.path.clone(), token.into_bytes());
-                let r = lifetime.mul_f64(TOKEN_REFRESH_AT).min(TOKEN_REFRESH_MAX);
+                refresh = Some(lifetime.mul_f64(TOKEN_REFRESH_AT).min(TOKEN_REFRESH_MAX));
+            }
+            Ok::<_, String>((files, refresh))
+        });
+        for result in futures::future::join_all(sources).await {
+            let (source_files, source_refresh) = result?;
+            files.extend(source_files);
+            if let Some(r) = source_refresh {
                 refresh = Some(refresh.map_or(r, |o: Duration| o.min(r)));
             }
         }

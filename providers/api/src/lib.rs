@@ -7,12 +7,18 @@
 //!
 //! Start at [`Provider`]: images ([`Provider::pull_image`]), pod sandboxes
 //! ([`Provider::run_pod_sandbox`]) and containers ([`Provider::create_container`],
-//! [`Provider::start_container`], [`Provider::stop_container`]), and the listing the node's PLEG
-//! relists ([`Provider::list_containers`]).
+//! [`Provider::start_container`], [`Provider::stop_container`]), the listing the node's PLEG
+//! relists ([`Provider::list_containers`]), and exec ([`Provider::exec`] streaming through an
+//! [`ExecIo`], [`Provider::exec_sync`] for probes and hooks).
 
 use std::fmt;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What a provider runs, reported on the Node as `status.nodeInfo.containerRuntimeVersion`
 /// in the CRI's `<name>://<version>` form.
@@ -153,6 +159,29 @@ pub struct ContainerSummary {
     pub state: ContainerState,
 }
 
+/// The streams of one [`Provider::exec`]: where the command's stdin comes from and where its
+/// stdout and stderr go, as the guest writes them (never to the container's log file).
+pub struct ExecIo {
+    /// `None`: the command sees an empty stdin (end of file at once).
+    pub stdin: Option<Pin<Box<dyn AsyncRead + Send>>>,
+    pub stdout: Pin<Box<dyn AsyncWrite + Send>>,
+    pub stderr: Pin<Box<dyn AsyncWrite + Send>>,
+    /// `None`: no limit. When it runs out the command is interrupted and the exec is a
+    /// [`ProviderError::Timeout`].
+    pub timeout: Option<Duration>,
+}
+
+impl fmt::Debug for ExecIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecIo").field("stdin", &self.stdin.is_some()).field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+/// How much output [`Provider::exec_sync`] keeps (stdout and stderr together); the rest is read
+/// and dropped so the command never blocks on a full pipe. The kubelet's exec prober keeps at
+/// most 10 KiB of it, so 16 KiB loses nothing a probe or a hook reports.
+pub const EXEC_SYNC_OUTPUT_LIMIT: usize = 16 * 1024;
+
 /// Errors a provider reports. Each variant says whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
@@ -181,6 +210,13 @@ pub enum ProviderError {
     /// An I/O failure on the host (disk full, permissions). Retryable.
     #[error("{0}")]
     Io(String),
+    /// An exec that cannot run as asked: an empty command, a container that is not running.
+    /// Not retryable as is (the container may run later).
+    #[error("{0}")]
+    Exec(String),
+    /// An exec ran out of its time and was interrupted. Retryable (a probe counts a failure).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 /// A pod runtime, CRI-shaped: it executes, it does not decide.
@@ -218,6 +254,65 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Every container the provider holds, in every state.
     async fn list_containers(&self) -> Vec<ContainerSummary>;
+
+    /// Runs `command` as a new instance of the container's module in the same sandbox:
+    /// same env, same mounts, argv = command. Returns the exit code.
+    ///
+    /// The exit code means what the container's would: the guest's own code, 1 for a trap (the
+    /// trap is one line on `io.stderr`), 137 when the memory limit (the container's) is
+    /// exceeded or the container ends first. Errors: [`ProviderError::NotFound`] for an
+    /// unknown container, [`ProviderError::Exec`] for an empty command or a container that is
+    /// not running, [`ProviderError::Timeout`] when `io.timeout` runs out.
+    ///
+    /// The default says the provider cannot exec, so a provider (or a test fake) that has no
+    /// exec still compiles.
+    async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
+        let _ = (command, io);
+        Err(ProviderError::Exec(format!("container {container_id}: this runtime does not support exec")))
+    }
+
+    /// [`Provider::exec`] with no stdin, returning the exit code and stdout and stderr
+    /// interleaved as written, capped at [`EXEC_SYNC_OUTPUT_LIMIT`] bytes; for exec probes and
+    /// exec lifecycle hooks (the CRI's `ExecSync`).
+    async fn exec_sync(&self, container_id: &str, command: Vec<String>, timeout: Duration) -> Result<(i32, Vec<u8>), ProviderError> {
+        let output = CappedOutput::new(EXEC_SYNC_OUTPUT_LIMIT);
+        let io = ExecIo { stdin: None, stdout: Box::pin(output.clone()), stderr: Box::pin(output.clone()), timeout: Some(timeout) };
+        let code = self.exec(container_id, command, io).await?;
+        Ok((code, output.take()))
+    }
+}
+
+/// A writer that keeps the first `limit` bytes written to it (by any of its clones) and
+/// accepts and drops the rest.
+#[derive(Clone)]
+struct CappedOutput {
+    inner: Arc<Mutex<Vec<u8>>>,
+    limit: usize,
+}
+
+impl CappedOutput {
+    fn new(limit: usize) -> Self {
+        Self { inner: Arc::new(Mutex::new(Vec::new())), limit }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl AsyncWrite for CappedOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.limit.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..buf.len().min(room)]);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 #[cfg(test)]
@@ -228,6 +323,62 @@ mod tests {
     fn runtime_info_renders_in_cri_form() {
         let info = RuntimeInfo { name: "wasmtime".into(), version: "48.0.8".into() };
         assert_eq!(info.to_string(), "wasmtime://48.0.8");
+    }
+
+    /// Writes what `exec_sync` needs to see: interleaved output past the cap, and an exit code.
+    struct Echo;
+
+    #[async_trait::async_trait]
+    impl Provider for Echo {
+        fn runtime_info(&self) -> RuntimeInfo {
+            RuntimeInfo { name: "echo".into(), version: "0".into() }
+        }
+        async fn status(&self) -> RuntimeStatus {
+            RuntimeStatus::Ready
+        }
+        async fn image_status(&self, _: &str) -> Option<ImageInfo> {
+            None
+        }
+        async fn pull_image(&self, reference: &str, _: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+            Err(ProviderError::Pull(reference.into()))
+        }
+        async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
+            Ok(config.pod_uid.clone())
+        }
+        async fn remove_pod_sandbox(&self, _: &str, _: Duration) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn create_container(&self, sandbox_id: &str, _: ContainerConfig) -> Result<String, ProviderError> {
+            Err(ProviderError::NotFound(sandbox_id.into()))
+        }
+        async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
+            Err(ProviderError::NotFound(id.into()))
+        }
+        async fn stop_container(&self, id: &str, _: Duration) -> Result<(), ProviderError> {
+            Err(ProviderError::NotFound(id.into()))
+        }
+        async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
+            Err(ProviderError::NotFound(id.into()))
+        }
+        async fn list_containers(&self) -> Vec<ContainerSummary> {
+            Vec::new()
+        }
+        async fn exec(&self, _: &str, command: Vec<String>, mut io: ExecIo) -> Result<i32, ProviderError> {
+            use tokio::io::AsyncWriteExt;
+            assert!(io.stdin.is_none() && io.timeout == Some(Duration::from_secs(1)));
+            io.stdout.write_all(b"out ").await.map_err(|e| ProviderError::Io(e.to_string()))?;
+            io.stderr.write_all(b"err ").await.map_err(|e| ProviderError::Io(e.to_string()))?;
+            io.stdout.write_all(&vec![b'x'; EXEC_SYNC_OUTPUT_LIMIT]).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+            Ok(command.len() as i32)
+        }
+    }
+
+    #[tokio::test]
+    async fn exec_sync_interleaves_and_caps_the_output() {
+        let (code, output) = Echo.exec_sync("c", vec!["a".into(), "b".into()], Duration::from_secs(1)).await.unwrap();
+        assert_eq!(code, 2);
+        assert_eq!(output.len(), EXEC_SYNC_OUTPUT_LIMIT);
+        assert!(output.starts_with(b"out err xx"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! One run of a container: a fresh store, the WASI context the pod grants, and the exit.
 //!
 //! Start at [`Instance::prepare`] (link-checks the program at create time) and
-//! [`Instance::run`] (instantiates and calls `_start` / `wasi:cli/run#run`). Deny by default:
+//! [`Instance::run`] (instantiates and calls `_start` / `wasi:cli/run#run`); exec runs the same
+//! program through [`Instance::execute`] with [`granted_context`]. Deny by default:
 //! the guest gets exactly argv, env, one preopen per mount, stdout/stderr to its log file, an
 //! empty stdin; no inherited env, no host filesystem, no network.
 //!
@@ -82,8 +83,16 @@ impl Instance {
 
     /// Runs the program to its end (or until `stop` is cancelled) and says how it ended.
     pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken) -> Exit {
+        let (result, memory_exceeded) = self.execute(engine, wasi, memory_limit, stop.clone()).await;
+        classify(result, memory_exceeded, stop.is_cancelled(), memory_limit)
+    }
+
+    /// Runs the program in a fresh store to its end (or until `stop` is cancelled); returns the
+    /// raw result and whether the memory limit refused a growth. [`Instance::run`] and exec
+    /// (which map the result each their own way) share it.
+    pub async fn execute(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken) -> (wasmtime::Result<()>, bool) {
         let limiter = Limiter::new(memory_limit);
-        let outcome = match self {
+        match self {
             Instance::Module(pre) => {
                 let mut wasi = wasi;
                 let mut store = Store::new(engine, P1State { wasi: wasi.build_p1(), limiter });
@@ -111,8 +120,7 @@ impl Instance {
                 .await;
                 (result, store.data().limiter.exceeded)
             }
-        };
-        classify(outcome.0, outcome.1, stop.is_cancelled(), memory_limit)
+        }
     }
 }
 
@@ -189,8 +197,17 @@ pub fn argv(config: &ContainerConfig) -> Vec<String> {
 
 /// The WASI context the container is granted, and nothing more (see the module docs).
 pub fn wasi_context(config: &ContainerConfig, log: &ContainerLog) -> Result<WasiCtxBuilder, String> {
+    let mut wasi = granted_context(config, &argv(config))?;
+    wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr));
+    Ok(wasi)
+}
+
+/// What the pod grants a run of the container's program, whatever its stdio: `argv`, the
+/// container's env, one preopen per mount and its working dir. Stdin is empty and stdout and
+/// stderr discard until the caller wires them.
+pub fn granted_context(config: &ContainerConfig, argv: &[String]) -> Result<WasiCtxBuilder, String> {
     let mut wasi = WasiCtxBuilder::new();
-    wasi.args(&argv(config)).envs(&config.env).stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr));
+    wasi.args(argv).envs(&config.env);
     for mount in &config.mounts {
         let perms = if mount.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
         wasi.preopened_dir(&mount.host_path, &mount.container_path, perms)

@@ -6,6 +6,7 @@
 //! - [`image`]: OCI pull of Wasm artifacts into a content-addressed, digest-verified store;
 //! - [`compile`]: compiled modules/components cached by layer digest, in memory and on disk;
 //! - [`instance`]: one run of a container (WASI context, memory limit, exit mapping);
+//! - [`exec`]: the container's program run again in its sandbox, stdio to the caller's streams;
 //! - [`log`]: the CRI-format container log with the kubelet's rotation.
 //!
 //! Containers live in one map owned by the provider, behind a mutex held only for map access
@@ -13,6 +14,7 @@
 //! channel, so readers never wait on a guest.
 
 pub mod compile;
+pub mod exec;
 pub mod image;
 pub mod instance;
 pub mod log;
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use provider_api::{ContainerConfig, ContainerState, ContainerSummary, ExitReason, ImageInfo, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig};
+use provider_api::{ContainerConfig, ContainerState, ContainerSummary, ExecIo, ExitReason, ImageInfo, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -250,7 +252,9 @@ impl Provider for WasmtimeProvider {
         tokio::spawn(
             async move {
                 tracing::info!("started");
-                let exit = instance.run(&engine, wasi, memory_limit, token).await;
+                let exit = instance.run(&engine, wasi, memory_limit, token.clone()).await;
+                // The container's end ends its execs, as a pid namespace's end does.
+                token.cancel();
                 log.finish();
                 tracing::info!(exit_code = exit.exit_code, reason = exit.reason.as_str(), message = exit.message.as_deref().unwrap_or(""), "exited");
                 let _ = tx.send(Some(exited(Some(started_at), exit)));
@@ -303,6 +307,20 @@ impl Provider for WasmtimeProvider {
             .iter()
             .map(|(id, c)| ContainerSummary { id: id.clone(), pod_uid: c.pod_uid.clone(), name: c.config.name.clone(), attempt: c.config.attempt, image_digest: c.image_digest.clone(), state: c.phase.state() })
             .collect()
+    }
+
+    async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
+        let (pod_uid, config, instance, stop) = {
+            let state = self.state();
+            let container = state.containers.get(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
+            match (&container.phase, container.phase.state()) {
+                (Phase::Running { stop, .. }, ContainerState::Running { .. }) => (container.pod_uid.clone(), container.config.clone(), container.instance.clone(), stop.clone()),
+                (_, other) => return Err(ProviderError::Exec(format!("container {} ({container_id}) is {}, not Running: cannot exec into it", container.config.name, kind(&other)))),
+            }
+        };
+        let program = command.first().map(String::as_str).unwrap_or("");
+        let span = tracing::debug_span!("exec", pod = %pod_uid, name = %config.name, id = container_id, command = program);
+        exec::run(&self.engine, &instance, &config, command, io, &stop).instrument(span).await
     }
 }
 

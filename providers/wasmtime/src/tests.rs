@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use provider_api::{ContainerConfig, ContainerState, ExitReason, Mount, Provider, RuntimeStatus, SandboxConfig};
+use provider_api::{ContainerConfig, ContainerState, ExecIo, ExitReason, Mount, Provider, RuntimeStatus, SandboxConfig};
 
 use super::*;
 
@@ -358,4 +358,275 @@ async fn pulls_from_a_real_registry() {
         cfg.image = format!("{reg}/wk-test:{tag}");
         assert_eq!(run(&provider, cfg).await, (0, ExitReason::Completed, None));
     }
+}
+
+// --- exec -------------------------------------------------------------------------------------
+
+/// One program, five behaviours chosen by argc, so a container (argc 1: sleeps an hour) can be
+/// exec'd into with each of the others:
+/// - argc 2: copies stdin to stdout, then `done` on stderr; exits argc * 10 + envc;
+/// - argc 3: `tick` on stdout, then spins forever;
+/// - argc 4: traps (`unreachable`);
+/// - argc 5: grows its memory until it cannot.
+const MULTI: &str = r#"(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 200) "tick\n")
+  (data (i32.const 208) "done\n")
+  ;; Writes len bytes at ptr to fd (iovec at 100).
+  (func $write (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 100) (local.get $ptr))
+    (i32.store (i32.const 104) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 100) (i32.const 1) (i32.const 112))))
+  (func $sleep_an_hour
+    ;; One clock subscription at 256 (monotonic, 3600 s relative); the event goes to 320.
+    (i32.store8 (i32.const 264) (i32.const 0))
+    (i32.store (i32.const 272) (i32.const 1))
+    (i64.store (i32.const 280) (i64.const 3600000000000))
+    (drop (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360))))
+  (func $echo
+    (block $done
+      (loop $copy
+        (i32.store (i32.const 120) (i32.const 1024))
+        (i32.store (i32.const 124) (i32.const 4096))
+        (br_if $done (call $fd_read (i32.const 0) (i32.const 120) (i32.const 1) (i32.const 128)))
+        (br_if $done (i32.eqz (i32.load (i32.const 128))))
+        (call $write (i32.const 1) (i32.const 1024) (i32.load (i32.const 128)))
+        (br $copy)))
+    (call $write (i32.const 2) (i32.const 208) (i32.const 5)))
+  (func $unreachable unreachable)
+  (func (export "_start")
+    (local $argc i32)
+    (drop (call $args (i32.const 0) (i32.const 4)))
+    (drop (call $env (i32.const 8) (i32.const 12)))
+    (local.set $argc (i32.load (i32.const 0)))
+    (if (i32.eq (local.get $argc) (i32.const 1)) (then (call $sleep_an_hour) (return)))
+    (if (i32.eq (local.get $argc) (i32.const 2)) (then
+      (call $echo)
+      (call $exit (i32.add (i32.mul (local.get $argc) (i32.const 10)) (i32.load (i32.const 8))))))
+    (if (i32.eq (local.get $argc) (i32.const 3)) (then
+      (call $write (i32.const 1) (i32.const 200) (i32.const 5))
+      (loop $spin (br $spin))))
+    (if (i32.eq (local.get $argc) (i32.const 4)) (then (call $unreachable)))
+    (loop $grow (drop (memory.grow (i32.const 1))) (br $grow))))"#;
+
+/// An `AsyncWrite` whose bytes the test reads afterwards.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn argv_of(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+/// Exec's streams: `stdin` if given, stdout and stderr captured.
+fn exec_io(stdin: Option<&'static [u8]>, timeout: Option<Duration>) -> (ExecIo, Capture, Capture) {
+    let (out, err) = (Capture::default(), Capture::default());
+    let stdin = stdin.map(|bytes| Box::pin(std::io::Cursor::new(bytes)) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>);
+    (ExecIo { stdin, stdout: Box::pin(out.clone()), stderr: Box::pin(err.clone()), timeout }, out, err)
+}
+
+/// A provider with a running MULTI container (env A=1, optionally a memory limit); returns its id.
+async fn running_multi(root: &Path, memory_limit: Option<u64>) -> (WasmtimeProvider, String) {
+    let provider = provider_with(root, MULTI).await;
+    let mut cfg = config(root, "multi");
+    cfg.env = vec![("A".into(), "1".into())];
+    cfg.memory_limit_bytes = memory_limit;
+    let id = provider.create_container(POD, cfg).await.unwrap();
+    provider.start_container(&id).await.unwrap();
+    (provider, id)
+}
+
+#[tokio::test]
+async fn exec_runs_a_new_instance_with_the_callers_stdio_and_exit_code() {
+    let root = Root::new("exec-echo");
+    let (provider, id) = running_multi(&root.0, None).await;
+    let (io, out, err) = exec_io(Some(b"hello exec\n"), None);
+    // argc 2 * 10 + the container's one env var.
+    assert_eq!(provider.exec(&id, argv_of(&["echo", "x"]), io).await.unwrap(), 21);
+    assert_eq!(out.text(), "hello exec\n");
+    assert_eq!(err.text(), "done\n");
+    // No stdin: the guest reads end of file at once.
+    let (io, out, _) = exec_io(None, None);
+    assert_eq!(provider.exec(&id, argv_of(&["echo", "x"]), io).await.unwrap(), 21);
+    assert_eq!(out.text(), "");
+    // The container still runs, and exec output never reached its log.
+    assert!(matches!(state_of(&provider, &id).await, ContainerState::Running { .. }));
+    let log = std::fs::read_to_string(config(&root.0, "multi").log_path).unwrap_or_default();
+    assert!(!log.contains("hello") && !log.contains("done"), "{log}");
+}
+
+#[tokio::test]
+async fn exec_output_streams_and_a_timeout_interrupts_the_instance() {
+    let root = Root::new("exec-timeout");
+    let (provider, id) = running_multi(&root.0, None).await;
+    let (writer, mut reader) = tokio::io::duplex(64);
+    let (err, timeout) = (Capture::default(), Duration::from_millis(300));
+    let io = ExecIo { stdin: None, stdout: Box::pin(writer), stderr: Box::pin(err.clone()), timeout: Some(timeout) };
+    let started = Instant::now();
+    let exec = provider.exec(&id, argv_of(&["spin", "a", "b"]), io);
+    let read_tick = async {
+        use tokio::io::AsyncReadExt;
+        let mut tick = [0u8; 5];
+        reader.read_exact(&mut tick).await.unwrap();
+        (tick, started.elapsed())
+    };
+    let (result, (tick, seen_after)) = tokio::join!(exec, read_tick);
+    let took = started.elapsed();
+    assert_eq!(&tick, b"tick\n");
+    assert!(seen_after < timeout, "stdout arrived only after {seen_after:?}: not streamed");
+    match result {
+        Err(ProviderError::Timeout(message)) => assert!(message.contains("timed out") && message.contains("spin"), "{message}"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(took >= timeout && took < timeout + Duration::from_millis(500), "the timed-out exec took {took:?}");
+    assert!(matches!(state_of(&provider, &id).await, ContainerState::Running { .. }), "the timeout hit the container");
+}
+
+#[tokio::test]
+async fn a_timeout_ends_an_exec_blocked_on_a_caller_that_does_not_read() {
+    let root = Root::new("exec-stuck");
+    let (provider, id) = running_multi(&root.0, None).await;
+    // The echo copies 1 MiB of stdin into a 64-byte pipe nobody reads: its write blocks.
+    let (writer, _unread) = tokio::io::duplex(64);
+    let stdin = Box::pin(std::io::Cursor::new(vec![b'x'; 1 << 20]));
+    let timeout = Duration::from_millis(200);
+    let io = ExecIo { stdin: Some(stdin), stdout: Box::pin(writer), stderr: Box::pin(Capture::default()), timeout: Some(timeout) };
+    let started = Instant::now();
+    assert!(matches!(provider.exec(&id, argv_of(&["echo", "x"]), io).await, Err(ProviderError::Timeout(_))));
+    let took = started.elapsed();
+    assert!(took >= timeout && took < timeout + Duration::from_millis(500), "took {took:?}");
+}
+
+#[tokio::test]
+async fn exec_maps_traps_and_the_memory_limit_like_the_container() {
+    let root = Root::new("exec-trap");
+    let (provider, id) = running_multi(&root.0, Some(1 << 20)).await;
+    let (io, _, err) = exec_io(None, Some(Duration::from_secs(10)));
+    assert_eq!(provider.exec(&id, argv_of(&["trap", "a", "b", "c"]), io).await.unwrap(), 1);
+    let line = err.text();
+    assert!(line.contains("unreachable") && line.ends_with('\n') && line.lines().count() == 1, "{line:?}");
+    let (io, _, err) = exec_io(None, Some(Duration::from_secs(10)));
+    assert_eq!(provider.exec(&id, argv_of(&["grow", "a", "b", "c", "d"]), io).await.unwrap(), 137);
+    assert!(err.text().contains("memory limit of 1048576 bytes exceeded"), "{}", err.text());
+}
+
+#[tokio::test]
+async fn exec_needs_a_command_and_a_running_container() {
+    let root = Root::new("exec-state");
+    let (provider, running) = running_multi(&root.0, None).await;
+    assert!(matches!(provider.exec(&running, vec![], exec_io(None, None).0).await, Err(ProviderError::Exec(m)) if m.contains("empty")));
+    assert!(matches!(provider.exec("no-such-id", argv_of(&["x"]), exec_io(None, None).0).await, Err(ProviderError::NotFound(_))));
+    let created = provider.create_container(POD, config(&root.0, "created")).await.unwrap();
+    match provider.exec(&created, argv_of(&["echo", "x"]), exec_io(None, None).0).await {
+        Err(ProviderError::Exec(m)) => assert!(m.contains("Created, not Running"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    provider.stop_container(&running, Duration::ZERO).await.unwrap();
+    match provider.exec(&running, argv_of(&["echo", "x"]), exec_io(None, None).0).await {
+        Err(ProviderError::Exec(m)) => assert!(m.contains("Exited, not Running"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn stopping_the_container_ends_its_execs() {
+    let root = Root::new("exec-stop");
+    let (provider, id) = running_multi(&root.0, None).await;
+    let (io, _, err) = exec_io(None, None);
+    let exec = provider.exec(&id, argv_of(&["spin", "a", "b"]), io);
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        provider.stop_container(&id, Duration::ZERO).await
+    };
+    let (code, stopped) = tokio::join!(exec, stop);
+    stopped.unwrap();
+    assert_eq!(code.unwrap(), 137);
+    assert!(err.text().contains("container stopped"), "{}", err.text());
+}
+
+#[tokio::test]
+async fn exec_sync_returns_the_code_and_the_capped_output() {
+    let root = Root::new("exec-sync");
+    let (provider, id) = running_multi(&root.0, None).await;
+    assert_eq!(provider.exec_sync(&id, argv_of(&["echo", "x"]), Duration::from_secs(10)).await.unwrap(), (21, b"done\n".to_vec()));
+    let started = Instant::now();
+    assert!(matches!(provider.exec_sync(&id, argv_of(&["spin", "a", "b"]), Duration::from_millis(100)).await, Err(ProviderError::Timeout(_))));
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+/// The toolbox example as a pod would run it: the container sleeps, execs are its applets.
+/// Build it first: `deploy/build-examples`, then
+/// `cargo test -p provider-wasmtime -- --ignored toolbox`.
+#[tokio::test]
+#[ignore = "needs target/wasm-examples/wasm32-wasip1/release/toolbox.wasm (deploy/build-examples)"]
+async fn exec_into_the_toolbox_example() {
+    let wasm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm-examples/wasm32-wasip1/release/toolbox.wasm");
+    let bytes = std::fs::read(&wasm).unwrap_or_else(|e| panic!("{}: {e}; run deploy/build-examples", wasm.display()));
+    let root = Root::new("exec-toolbox");
+    let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
+    provider.images.import("127.0.0.1:5000/test:v1", &bytes).unwrap();
+    provider.run_pod_sandbox(&SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.0.join("pod") }).await.unwrap();
+    let (data, config_dir) = (root.0.join("data"), root.0.join("config"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(config_dir.join("key"), "value\n").unwrap();
+    let mut cfg = config(&root.0, "toolbox");
+    cfg.command = argv_of(&["sleep", "3600"]);
+    cfg.env = vec![("GREETING".into(), "hi".into())];
+    cfg.mounts = vec![
+        Mount { host_path: data.clone(), container_path: "/data".into(), read_only: false },
+        Mount { host_path: config_dir, container_path: "/config".into(), read_only: true },
+    ];
+    let id = provider.create_container(POD, cfg).await.unwrap();
+    provider.start_container(&id).await.unwrap();
+    let exec = |words: &'static [&'static str]| provider.exec_sync(&id, argv_of(words), Duration::from_secs(10));
+
+    assert_eq!(exec(&["echo", "hi"]).await.unwrap(), (0, b"hi\n".to_vec()));
+    assert_eq!(exec(&["toolbox", "echo", "a", "b"]).await.unwrap(), (0, b"a b\n".to_vec()));
+    assert_eq!(exec(&["test", "-e", "/nonexistent"]).await.unwrap().0, 1);
+    assert_eq!(exec(&["test", "-d", "/data"]).await.unwrap().0, 0);
+    assert_eq!(exec(&["write", "/data/note", "written", "by", "exec"]).await.unwrap(), (0, vec![]));
+    assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "written by exec\n");
+    assert_eq!(exec(&["ls", "/data"]).await.unwrap(), (0, b"note\n".to_vec()));
+    assert_eq!(exec(&["cat", "/config/key", "/data/note"]).await.unwrap(), (0, b"value\nwritten by exec\n".to_vec()));
+    let (code, output) = exec(&["write", "/config/key", "x"]).await.unwrap();
+    let output = String::from_utf8_lossy(&output);
+    assert!(code == 1 && output.starts_with("toolbox: write: cannot write /config/key: "), "{code} {output}");
+    assert_eq!(std::fs::read_to_string(root.0.join("config/key")).unwrap(), "value\n");
+    assert_eq!(exec(&["env"]).await.unwrap(), (0, b"GREETING=hi\n".to_vec()));
+    assert_eq!(exec(&["false"]).await.unwrap().0, 1);
+    let (code, usage) = exec(&["nope"]).await.unwrap();
+    assert!(code == 2 && String::from_utf8_lossy(&usage).contains("usage: toolbox APPLET"), "{code}");
+    assert_eq!(exec(&["/bin/true"]).await.unwrap().0, 0, "argv[0] is dispatched on its basename");
+    // The exec streams stdin too: cat with no file copies it.
+    let (io, out, _) = exec_io(Some(b"from stdin\n"), Some(Duration::from_secs(10)));
+    assert_eq!(provider.exec(&id, argv_of(&["cat"]), io).await.unwrap(), 0);
+    assert_eq!(out.text(), "from stdin\n");
+    let started = Instant::now();
+    assert!(matches!(exec(&["sleep", "0.05"]).await, Ok((0, _))));
+    assert!(started.elapsed() >= Duration::from_millis(50));
 }
