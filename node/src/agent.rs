@@ -32,6 +32,8 @@ pub enum AgentError {
     Client { path: String, reason: String },
     #[error("root directory {path}: {source}")]
     RootDir { path: String, source: std::io::Error },
+    #[error("kubelet API: {0}")]
+    Server(#[from] crate::server::ServerError),
 }
 
 /// Builds a client from the node's kubeconfig.
@@ -54,7 +56,13 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
 
-    match client(&config).await? {
+    let client = client(&config).await?;
+    // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
+    // stops the agent at once (as it stops the kubelet).
+    if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone()).await? {
+        tasks.spawn(server.run(shutdown.clone()));
+    }
+    match client {
         Some(client) => {
             info!(node = %config.node_name, runtime = %provider.runtime_info(), "starting");
             let (node_tx, node_rx) = watch::channel(None);

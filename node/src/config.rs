@@ -26,6 +26,10 @@ const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 const DEFAULT_PORT: u16 = 10250;
 const DEFAULT_HEALTHZ_PORT: u16 = 10248;
+/// The kubelet API listens on every address, as the kubelet's `address` default.
+const DEFAULT_ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+/// The kubelet's default is true; see `--anonymous-auth` for why this agent refuses by default.
+const DEFAULT_ANONYMOUS_AUTH: bool = false;
 const DEFAULT_MAX_PODS: u32 = 110;
 const DEFAULT_IMAGE_GC_HIGH: u8 = 85;
 const DEFAULT_IMAGE_GC_LOW: u8 = 80;
@@ -126,6 +130,33 @@ pub struct Flags {
     /// Port of the plain /healthz endpoint on loopback; 0 disables it [default: 10248].
     #[arg(long, value_name = "PORT")]
     pub healthz_port: Option<String>,
+    /// IP address the kubelet API listens on (0.0.0.0 or :: for every address) [default: 0.0.0.0].
+    #[arg(long, value_name = "IP")]
+    pub address: Option<String>,
+    /// PEM serving certificate (and chain) for the kubelet API; without it a self-signed one is
+    /// made, or reused, in --cert-dir as kubelet.crt/kubelet.key.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, value_name = "PATH")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// PEM CA bundle: client certificates signed by it authenticate to the kubelet API as their
+    /// CN (user) and O (groups).
+    #[arg(long, value_name = "PATH")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Serve unauthenticated kubelet API requests as system:anonymous [default: false]. The
+    /// kubelet defaults to true and relies on deployers to turn it off; this agent refuses them
+    /// (401) unless asked, because its API reads container logs and will run commands.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub anonymous_auth: Option<String>,
+    /// Authenticate bearer tokens on the kubelet API with TokenReview [default: true with a
+    /// --kubeconfig; standalone has no API server to ask].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub authentication_token_webhook: Option<String>,
+    /// How kubelet API requests are authorized: Webhook (SubjectAccessReview) or AlwaysAllow
+    /// [default: Webhook with a --kubeconfig, AlwaysAllow standalone].
+    #[arg(long, value_name = "MODE")]
+    pub authorization_mode: Option<String>,
     /// How often node resources are measured [default: 10s].
     #[arg(long, value_name = "DURATION")]
     pub housekeeping_interval: Option<String>,
@@ -188,6 +219,49 @@ struct ConfigFile {
     #[serde(rename = "providerID")]
     provider_id: Option<String>,
     allowed_unsafe_sysctls: Option<Vec<String>>,
+    address: Option<String>,
+    tls_cert_file: Option<PathBuf>,
+    tls_private_key_file: Option<PathBuf>,
+    authentication: Option<AuthenticationFile>,
+    authorization: Option<AuthorizationFile>,
+}
+
+/// KubeletConfiguration `authentication` (the subset read).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AuthenticationFile {
+    x509: Option<X509File>,
+    webhook: Option<EnabledFile>,
+    anonymous: Option<EnabledFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct X509File {
+    #[serde(rename = "clientCAFile")]
+    client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EnabledFile {
+    enabled: Option<bool>,
+}
+
+/// KubeletConfiguration `authorization` (the subset read).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AuthorizationFile {
+    mode: Option<String>,
+}
+
+/// How the kubelet API authorizes a request (`--authorization-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizationMode {
+    /// Every authenticated request is allowed.
+    AlwaysAllow,
+    /// A SubjectAccessReview asks the API server.
+    Webhook,
 }
 
 /// A node taint, as given by --register-with-taints or registerWithTaints.
@@ -273,6 +347,14 @@ pub struct Config {
     pub enable_server: bool,
     pub port: u16,
     pub healthz_port: u16,
+    /// Where the kubelet API listens (`--address`).
+    pub address: IpAddr,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    pub anonymous_auth: bool,
+    pub authentication_token_webhook: bool,
+    pub authorization_mode: AuthorizationMode,
     pub housekeeping_interval: Duration,
     pub image_pull_progress_deadline: Duration,
     pub max_pods: u32,
@@ -456,6 +538,43 @@ impl Config {
         };
         let port = parse_port("--port", flags.port, file.port, DEFAULT_PORT, false)?;
         let healthz_port = parse_port("--healthz-port", flags.healthz_port, file.healthz_port, DEFAULT_HEALTHZ_PORT, true)?;
+        let address = match flags.address.or(file.address) {
+            Some(v) => v.trim().parse::<IpAddr>().map_err(|_| invalid("--address", &v, "not an IP address"))?,
+            None => DEFAULT_ADDRESS,
+        };
+        let tls_cert_file = flags.tls_cert_file.or(file.tls_cert_file);
+        let tls_private_key_file = flags.tls_private_key_file.or(file.tls_private_key_file);
+        match (&tls_cert_file, &tls_private_key_file) {
+            (Some(_), None) => return Err(invalid("--tls-cert-file", tls_cert_file.as_ref().map_or(String::new(), |p| p.display().to_string()), "--tls-private-key-file must be given too")),
+            (None, Some(key)) => return Err(invalid("--tls-private-key-file", key.display(), "--tls-cert-file must be given too")),
+            _ => {}
+        }
+        let authn = file.authentication.unwrap_or_default();
+        let client_ca_file = flags.client_ca_file.or(authn.x509.and_then(|x| x.client_ca_file));
+        let anonymous_auth = match flags.anonymous_auth {
+            Some(v) => parse_bool("--anonymous-auth", &v)?,
+            None => authn.anonymous.and_then(|a| a.enabled).unwrap_or(DEFAULT_ANONYMOUS_AUTH),
+        };
+        // Standalone there is no API server to send TokenReviews and SubjectAccessReviews to.
+        let authentication_token_webhook = match flags.authentication_token_webhook {
+            Some(v) => parse_bool("--authentication-token-webhook", &v)?,
+            None => authn.webhook.and_then(|w| w.enabled).unwrap_or(kubeconfig.is_some()),
+        };
+        if authentication_token_webhook && kubeconfig.is_none() {
+            return Err(invalid("--authentication-token-webhook", true, "needs --kubeconfig: TokenReview asks the API server"));
+        }
+        let authorization_mode = match flags.authorization_mode.or(file.authorization.and_then(|a| a.mode)) {
+            Some(v) => match v.as_str() {
+                "Webhook" => AuthorizationMode::Webhook,
+                "AlwaysAllow" => AuthorizationMode::AlwaysAllow,
+                _ => return Err(invalid("--authorization-mode", &v, "must be Webhook or AlwaysAllow")),
+            },
+            None if kubeconfig.is_some() => AuthorizationMode::Webhook,
+            None => AuthorizationMode::AlwaysAllow,
+        };
+        if authorization_mode == AuthorizationMode::Webhook && kubeconfig.is_none() {
+            return Err(invalid("--authorization-mode", "Webhook", "needs --kubeconfig: SubjectAccessReview asks the API server"));
+        }
 
         let max_pods = match flags.max_pods {
             Some(v) => v.parse::<u32>().map_err(|_| invalid("--max-pods", &v, "not a whole number"))?,
@@ -517,6 +636,13 @@ impl Config {
             enable_server,
             port,
             healthz_port,
+            address,
+            tls_cert_file,
+            tls_private_key_file,
+            client_ca_file,
+            anonymous_auth,
+            authentication_token_webhook,
+            authorization_mode,
             housekeeping_interval,
             image_pull_progress_deadline,
             max_pods,
@@ -849,6 +975,50 @@ mod tests {
         assert!(err(&["--allowed-unsafe-sysctls=net.core.somaxconn"]).contains("no kernel sysctls"));
         assert!(err(&["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]).contains("--container-runtime-endpoint"));
         assert!(err(&["--runonce"]).contains("--runonce"));
+    }
+
+    #[test]
+    fn kubelet_api_flags() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.address, "0.0.0.0".parse::<IpAddr>().unwrap());
+        assert!(c.enable_server && !c.anonymous_auth && !c.authentication_token_webhook);
+        assert_eq!(c.authorization_mode, AuthorizationMode::AlwaysAllow, "standalone has no API server to ask");
+        let c = load(&["--address=127.0.0.9", "--anonymous-auth", "--authorization-mode=AlwaysAllow", "--client-ca-file=/ca.crt"]).unwrap();
+        assert_eq!(c.address, "127.0.0.9".parse::<IpAddr>().unwrap());
+        assert!(c.anonymous_auth);
+        assert_eq!(c.client_ca_file, Some(PathBuf::from("/ca.crt")));
+        let kubeconfig = temp_file(
+            "ok.kubeconfig",
+            "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n\
+             contexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\nusers: [{name: u, user: {}}]\n",
+        );
+        let c = load(&["--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+        assert!(c.authentication_token_webhook);
+        assert_eq!(c.authorization_mode, AuthorizationMode::Webhook);
+        let path = temp_file(
+            "auth.yaml",
+            "kind: KubeletConfiguration\naddress: 127.0.0.7\nauthentication: {x509: {clientCAFile: /x.crt}, anonymous: {enabled: true}}\n\
+             authorization: {mode: AlwaysAllow}\n",
+        );
+        let c = load(&["--config", path.to_str().unwrap(), "--kubeconfig", kubeconfig.to_str().unwrap()]).unwrap();
+        assert_eq!(c.address, "127.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(c.client_ca_file, Some(PathBuf::from("/x.crt")));
+        assert!(c.anonymous_auth);
+        assert_eq!(c.authorization_mode, AuthorizationMode::AlwaysAllow);
+    }
+
+    #[test]
+    fn bad_kubelet_api_flags_are_refused() {
+        assert!(err(&["--address=localhost"]).contains("--address"));
+        assert!(err(&["--anonymous-auth=sometimes"]).contains("--anonymous-auth"));
+        assert!(err(&["--authorization-mode=RBAC"]).contains("Webhook or AlwaysAllow"));
+        assert!(err(&["--authorization-mode=Webhook"]).contains("needs --kubeconfig"));
+        assert!(err(&["--authentication-token-webhook"]).contains("needs --kubeconfig"));
+        assert!(err(&["--tls-cert-file=/a.crt"]).contains("--tls-private-key-file"));
+        assert!(err(&["--tls-private-key-file=/a.key"]).contains("--tls-cert-file"));
+        assert!(err(&["--healthz-port=65536"]).contains("--healthz-port"));
+        let path = temp_file("badauth.yaml", "kind: KubeletConfiguration\nauthorization: {mode: Node}\n");
+        assert!(err(&["--config", path.to_str().unwrap()]).contains("--authorization-mode"));
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! - [`lease`]: the heartbeat, the only writer of the node's Lease;
 //! - [`machine`]: measurements of the host (capacity, free memory and disk, pids);
 //! - [`pods`]: the pod source, one worker per pod, the PLEG and the pod status manager;
-//! - [`events`]: Kubernetes Events, published by one task.
+//! - [`events`]: Kubernetes Events, published by one task;
+//! - [`server`]: the kubelet API (HTTPS, authenticated and authorized; container logs);
+//! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
 //!
 //! Pods reach a runtime only through the `provider-api` seam; this crate never names wasmtime
 //! (`main.rs` picks the provider).
@@ -21,3 +23,5 @@ pub mod lease;
 pub mod machine;
 pub mod node_status;
 pub mod pods;
+pub mod streaming;
+pub mod server;

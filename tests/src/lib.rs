@@ -123,8 +123,14 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let kubeconfig = dir.join("node.kubeconfig");
         cluster.node_kubeconfig(name, &kubeconfig)?;
-        // A loopback address per node (127.0.1.1-254): the node IP must be loopback in tests.
-        let node_ip = format!("127.0.1.{}", 1 + name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % 254);
+        // A loopback address per agent, unique within this test process and unlikely to meet
+        // another process's: the node IP must be loopback in tests, and each agent's kubelet
+        // API binds its own address on the default port.
+        let node_ip = {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            format!("127.{}.{}.1", 1 + std::process::id() % 250, NEXT.fetch_add(1, Ordering::Relaxed) % 250 + 1)
+        };
         let mut args: Vec<String> = vec![
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
@@ -135,6 +141,10 @@ impl Agent {
             "--root-dir".into(),
             dir.join("root").display().to_string(),
             "--healthz-port=0".into(),
+            "--address".into(),
+            node_ip.clone(),
+            "--client-ca-file".into(),
+            Path::new(cluster.var("LOCAL_CLUSTER_DIR")).join("pki/ca.crt").display().to_string(),
             "-v=4".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));

@@ -1,0 +1,250 @@
+//! TLS for the kubelet API: the serving certificate (given, or self-signed into `--cert-dir`
+//! and reused), the client-certificate verifier for `--client-ca-file`, and reading the user
+//! (CN) and groups (O) out of a verified client certificate.
+//!
+//! Start at [`server_config`]. rustls is used with the ring provider, as kube's client is.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::auth::User;
+use super::ServerError;
+
+/// What the TLS layer needs from the configuration.
+pub struct TlsSettings<'a> {
+    pub node_name: &'a str,
+    pub node_ip: Option<IpAddr>,
+    pub cert_dir: &'a Path,
+    pub tls_cert_file: Option<&'a Path>,
+    pub tls_private_key_file: Option<&'a Path>,
+    pub client_ca_file: Option<&'a Path>,
+}
+
+/// The rustls server configuration: HTTP/1.1 only (the API server's kubelet client streams logs
+/// and upgrades exec/attach/port-forward connections over HTTP/1.1), client certificates
+/// verified against the client CA when one is given but never required, so bearer-token and
+/// anonymous clients can connect too.
+pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig, ServerError> {
+    let (cert_path, key_path) = match (settings.tls_cert_file, settings.tls_private_key_file) {
+        (Some(cert), Some(key)) => (cert.to_path_buf(), key.to_path_buf()),
+        _ => self_signed(settings)?,
+    };
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| cert_error(&cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_error(&cert_path, "no PEM certificate in it".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| cert_error(&key_path, e.to_string()))?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let builder = match settings.client_ca_file {
+        Some(ca_path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let cas = CertificateDer::pem_file_iter(ca_path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| cert_error(ca_path, e.to_string()))?;
+            for ca in cas {
+                roots.add(ca).map_err(|e| cert_error(ca_path, e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(cert_error(ca_path, "no PEM certificate in it".into()));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| ServerError::Tls(format!("client CA {}: {e}", ca_path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| cert_error(&cert_path, format!("certificate and key do not go together: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn cert_error(path: &Path, reason: String) -> ServerError {
+    ServerError::Certificate { path: path.to_path_buf(), reason }
+}
+
+/// `<cert-dir>/kubelet.crt` and `kubelet.key`, made now if either is missing (as the kubelet
+/// does without --tls-cert-file). The API server does not verify kubelet serving certificates
+/// unless it is given --kubelet-certificate-authority, so a self-signed one serves.
+fn self_signed(settings: &TlsSettings<'_>) -> Result<(PathBuf, PathBuf), ServerError> {
+    let cert_path = settings.cert_dir.join("kubelet.crt");
+    let key_path = settings.cert_dir.join("kubelet.key");
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    let mut names = vec![settings.node_name.to_string()];
+    if let Some(ip) = settings.node_ip {
+        names.push(ip.to_string());
+    }
+    let generate = || -> Result<(String, String), rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(names.clone())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{}@wasm-kubelet", settings.node_name));
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (cert_pem, key_pem) = generate().map_err(|e| cert_error(&cert_path, format!("generating a self-signed certificate: {e}")))?;
+    std::fs::create_dir_all(settings.cert_dir).map_err(|e| cert_error(settings.cert_dir, e.to_string()))?;
+    write_private(&key_path, key_pem.as_bytes())?;
+    std::fs::write(&cert_path, cert_pem).map_err(|e| cert_error(&cert_path, e.to_string()))?;
+    tracing::info!(cert = %cert_path.display(), "wrote a self-signed serving certificate for the kubelet API");
+    Ok((cert_path, key_path))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| cert_error(path, e.to_string()))?;
+    file.write_all(bytes).map_err(|e| cert_error(path, e.to_string()))
+}
+
+/// The user a verified client certificate names: CN is the user, each O a group (as the API
+/// server reads client certificates). `None` when the subject has no CN.
+pub fn user_from_certificate(der: &[u8]) -> Option<User> {
+    let subject = subject(der)?;
+    let mut name = None;
+    let mut groups = Vec::new();
+    for (oid, value) in attributes(subject)? {
+        match oid {
+            OID_COMMON_NAME => name = Some(value),
+            OID_ORGANIZATION => groups.push(value),
+            _ => {}
+        }
+    }
+    Some(User { name: name.filter(|n| !n.is_empty())?, uid: String::new(), groups, extra: Default::default() })
+}
+
+// DER encodings of the attribute type OIDs 2.5.4.3 (commonName) and 2.5.4.10 (organizationName).
+const OID_COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+const OID_ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
+
+/// One DER element: (tag, contents, rest). Single-byte tags and definite lengths only, which is
+/// all DER allows for the structures read here.
+fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The subject Name of a certificate: Certificate → tbsCertificate → (version), serial,
+/// signature, issuer, validity, subject.
+fn subject(der: &[u8]) -> Option<&[u8]> {
+    const SEQUENCE: u8 = 0x30;
+    let (tag, cert, _) = element(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = element(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut rest = tbs;
+    let (tag, _, after) = element(rest)?;
+    if tag == 0xa0 {
+        rest = after; // [0] EXPLICIT version
+    }
+    for _ in 0..4 {
+        rest = element(rest)?.2; // serial, signature, issuer, validity
+    }
+    let (tag, subject, _) = element(rest)?;
+    (tag == SEQUENCE).then_some(subject)
+}
+
+/// (attribute type OID, string value) of every attribute in a Name.
+fn attributes(name: &[u8]) -> Option<Vec<(&[u8], String)>> {
+    let mut out = Vec::new();
+    let mut rdns = name;
+    while !rdns.is_empty() {
+        let (_, set, rest) = element(rdns)?;
+        rdns = rest;
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (_, atv, rest) = element(atvs)?;
+            atvs = rest;
+            let (oid_tag, oid, value) = element(atv)?;
+            let (value_tag, value, _) = element(value)?;
+            // UTF8String, PrintableString, T61String, IA5String: all read as UTF-8 here.
+            if oid_tag == 0x06 && matches!(value_tag, 0x0c | 0x13 | 0x14 | 0x16) {
+                out.push((oid, String::from_utf8_lossy(value).into_owned()));
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_and_groups_come_from_cn_and_o() {
+        let mut params = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "system:node:n1");
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let user = user_from_certificate(cert.der()).unwrap();
+        assert_eq!(user.name, "system:node:n1");
+        assert_eq!(user.groups, vec!["system:nodes".to_string()]);
+    }
+
+    #[test]
+    fn garbage_is_no_user() {
+        assert!(user_from_certificate(&[]).is_none());
+        assert!(user_from_certificate(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
+        assert!(user_from_certificate(&[0x30, 0x03, 0x30, 0x01]).is_none());
+    }
+
+    #[test]
+    fn a_self_signed_certificate_is_made_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("wasm-kubelet-tls-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = TlsSettings {
+            node_name: "node-a",
+            node_ip: Some("127.0.0.5".parse().unwrap()),
+            cert_dir: &dir,
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            client_ca_file: None,
+        };
+        server_config(&settings).unwrap();
+        let first = std::fs::read(dir.join("kubelet.crt")).unwrap();
+        server_config(&settings).unwrap();
+        assert_eq!(std::fs::read(dir.join("kubelet.crt")).unwrap(), first, "reused on restart");
+        let bad = TlsSettings { client_ca_file: Some(Path::new("/nonexistent/ca.crt")), ..settings };
+        assert!(matches!(server_config(&bad), Err(ServerError::Certificate { .. })));
+    }
+}

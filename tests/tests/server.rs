@@ -1,0 +1,268 @@
+//! The kubelet API end to end: the real `kubectl logs` through the real API server (which
+//! dials the agent's HTTPS port with its kubelet-client certificate and is authorized by
+//! SubjectAccessReview), and direct HTTPS requests with curl for authentication and
+//! authorization (401 without credentials, 403 for a user without RBAC rights, 200 for the
+//! admin). One agent and one namespace per test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use integration_tests::{example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::PostParams;
+use kube::Api;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+async fn node() -> Agent {
+    push_examples();
+    let name = unique_name("server");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
+    wait_for("the server test node to register", TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
+    agent
+}
+
+struct Ns {
+    client: kube::Client,
+    name: String,
+}
+
+impl Ns {
+    async fn new(what: &str) -> Ns {
+        let client = Cluster::get().admin().await;
+        let name = unique_name(what);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for("the default service account", TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
+        Ns { client, name }
+    }
+
+    async fn pod(&self, agent: &Agent, name: &str, example: &str, restart: &str) {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": agent.name,
+                "restartPolicy": restart,
+                "terminationGracePeriodSeconds": 2,
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": name, "image": example_image(example)}],
+            },
+        }))
+        .unwrap();
+        Api::<Pod>::namespaced(self.client.clone(), &self.name).create(&PostParams::default(), &pod).await.unwrap();
+    }
+
+    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
+        match wait_for(what, TIMEOUT, || async { pods.get_opt(name).await.ok()?.filter(|p| check(p)) }).await {
+            Ok(pod) => pod,
+            Err(e) => panic!("{e}\nagent log:\n{}", agent.log_tail()),
+        }
+    }
+
+    /// `kubectl logs -n <ns> <args>`: (success, stdout, stderr).
+    fn logs(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Cluster::get().kubectl().args(["logs", "-n", &self.name]).args(args).output().expect("kubectl runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Waits until `kubectl logs <args>` succeeds with output that passes `check`.
+    async fn wait_logs(&self, agent: &Agent, args: &[&str], what: &str, check: impl Fn(&str) -> bool) -> String {
+        let result = wait_for(what, TIMEOUT, || async {
+            let (ok, out, _) = self.logs(args);
+            (ok && check(&out)).then_some(out)
+        })
+        .await;
+        result.unwrap_or_else(|e| panic!("{e}\nlast try: {:?}\nagent log:\n{}", self.logs(args), agent.log_tail()))
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
+    }
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn restart_count(pod: &Pod) -> i32 {
+    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).map_or(0, |c| c.restart_count)
+}
+
+fn tick_numbers(text: &str) -> Vec<u64> {
+    text.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).collect()
+}
+
+#[tokio::test]
+async fn kubectl_logs_of_a_finished_pod_with_options() {
+    let agent = &node().await;
+    let ns = Ns::new("logs-hello").await;
+    ns.pod(agent, "hello", "hello", "Never").await;
+    ns.wait_pod(agent, "hello", "hello to succeed", |p| phase(p) == "Succeeded").await;
+
+    let plain = ns.wait_logs(agent, &["hello"], "kubectl logs to show hello's line", |o| o.contains("Hello from WebAssembly!")).await;
+
+    let (ok, stamped, err) = ns.logs(&["hello", "--timestamps"]);
+    assert!(ok, "{err}");
+    let line = stamped.lines().find(|l| l.contains("Hello from WebAssembly!")).unwrap_or_else(|| panic!("{stamped}"));
+    let (stamp, text) = line.split_once(' ').unwrap();
+    assert!(stamp.parse::<jiff::Timestamp>().is_ok(), "an RFC 3339 timestamp first: {line:?}");
+    assert!(text.starts_with("Hello from WebAssembly!"), "{line:?}");
+
+    let (ok, limited, err) = ns.logs(&["hello", "--limit-bytes=5"]);
+    assert!(ok, "{err}");
+    assert_eq!(limited, plain[..5], "--limit-bytes cuts the output");
+
+    let (ok, recent, err) = ns.logs(&["hello", "--since=1h"]);
+    assert!(ok, "{err}");
+    assert!(recent.contains("Hello from WebAssembly!"), "{recent}");
+    let future = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    let (ok, none, err) = ns.logs(&["hello", &format!("--since-time={future}")]);
+    assert!(ok, "{err}");
+    assert_eq!(none, "", "nothing was written after a time in the future");
+
+    let (ok, _, err) = ns.logs(&["hello", "-c", "nope"]);
+    assert!(!ok && err.contains("nope"), "an unknown container is named in the error: {err}");
+    let (ok, _, err) = ns.logs(&["hello", "--previous"]);
+    assert!(!ok && err.contains("previous terminated container"), "no previous run: {err}");
+}
+
+#[tokio::test]
+async fn kubectl_logs_tail_and_follow_on_a_ticker() {
+    let agent = &node().await;
+    let ns = Ns::new("logs-ticker").await;
+    ns.pod(agent, "ticker", "ticker", "Always").await;
+    ns.wait_logs(agent, &["ticker"], "a few ticks", |o| tick_numbers(o).len() >= 4).await;
+
+    let (ok, tail, err) = ns.logs(&["ticker", "--tail=2"]);
+    assert!(ok, "{err}");
+    let ticks = tick_numbers(&tail);
+    assert_eq!(tail.lines().count(), 2, "--tail=2: {tail:?}");
+    assert!(ticks.len() == 2 && ticks[1] == ticks[0] + 1 && ticks[0] >= 3, "the last two ticks: {tail:?}");
+
+    // -f streams ticks written after it started.
+    let mut child = Cluster::get()
+        .kubectl()
+        .args(["logs", "-n", &ns.name, "ticker", "-f", "--tail=1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = rx.recv_timeout(TIMEOUT).expect("kubectl logs -f prints the last tick");
+    let first = tick_numbers(&first)[0];
+    let mut seen = vec![first];
+    while seen.len() < 4 {
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(line) => seen.extend(tick_numbers(&line)),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("kubectl logs -f stopped streaming ({e}) after {seen:?}\nagent log:\n{}", agent.log_tail());
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, (first..first + 4).collect::<Vec<_>>(), "new ticks arrive in order");
+}
+
+#[tokio::test]
+async fn kubectl_logs_previous_shows_the_run_before() {
+    let agent = &node().await;
+    let ns = Ns::new("logs-crash").await;
+    ns.pod(agent, "crash", "crash-looper", "OnFailure").await;
+    ns.wait_pod(agent, "crash", "a restart", |p| restart_count(p) >= 1).await;
+    let previous = ns.wait_logs(agent, &["crash", "--previous"], "the previous run's log", |o| o.contains("failing on purpose")).await;
+    assert_eq!(previous.lines().count(), 1, "one run's output: {previous:?}");
+}
+
+/// `curl` to the agent's kubelet API: (HTTP status, body).
+fn curl(agent: &Agent, path: &str, cert: Option<(&Path, &Path)>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sk", "--max-time", "20", "-w", "\n%{http_code}"]);
+    if let Some((crt, key)) = cert {
+        cmd.arg("--cert").arg(crt).arg("--key").arg(key);
+    }
+    let out = cmd.arg(format!("https://{}:10250{path}", agent.node_ip)).output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A client certificate for `cn`, signed by the cluster CA (so it authenticates, and has no
+/// RBAC rights).
+fn mint_client_cert(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
+    let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+    let (key, csr, crt) = (dir.join(format!("{cn}.key")), dir.join(format!("{cn}.csr")), dir.join(format!("{cn}.crt")));
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let s = |p: &Path| p.display().to_string();
+    // Extensions make it X.509 v3, which rustls requires (openssl signs v1 without them).
+    let ext = dir.join(format!("{cn}.ext"));
+    std::fs::write(&ext, "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
+    run(&["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", &s(&key), "-subj", &format!("/CN={cn}"), "-out", &s(&csr)]);
+    run(&[
+        "x509", "-req", "-in", &s(&csr), "-CA", &s(&pki.join("ca.crt")), "-CAkey", &s(&pki.join("ca.key")), "-CAcreateserial", "-CAserial",
+        &s(&dir.join("ca.srl")), "-days", "1", "-extfile", &s(&ext), "-out", &s(&crt),
+    ]);
+    (crt, key)
+}
+
+#[tokio::test]
+async fn direct_requests_are_authenticated_and_authorized() {
+    let agent = &node().await;
+    let admin = {
+        let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+        (pki.join("admin.crt"), pki.join("admin.key"))
+    };
+    let admin = Some((admin.0.as_path(), admin.1.as_path()));
+    // The server is up once the admin gets an answer.
+    let (code, body) = wait_for("the kubelet API to answer", TIMEOUT, || async {
+        let (code, body) = curl(agent, "/healthz", admin);
+        (code != 0).then_some((code, body))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    assert_eq!((code, body.as_str()), (200, "ok"), "the admin may read /healthz");
+
+    let (code, body) = curl(agent, "/healthz", None);
+    assert_eq!(code, 401, "no credentials: {body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!((status["kind"].as_str(), status["reason"].as_str(), status["code"].as_u64()), (Some("Status"), Some("Unauthorized"), Some(401)));
+
+    let (crt, key) = mint_client_cert(&agent.dir, "nobody");
+    let (code, body) = curl(agent, "/containerLogs/default/x/y", Some((&crt, &key)));
+    assert_eq!(code, 403, "a user without rights: {body}");
+    assert!(body.contains("user=nobody") && body.contains("subresource=proxy"), "{body}");
+
+    let (code, body) = curl(agent, "/containerLogs/default/no-such-pod/c", admin);
+    assert_eq!(code, 404, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!((status["reason"].as_str(), status["status"].as_str()), (Some("NotFound"), Some("Failure")));
+    let (code, body) = curl(agent, "/containerLogs/default/no-such-pod/c?tailLines=many", admin);
+    assert_eq!(code, 400, "a malformed query: {body}");
+    let (code, _) = curl(agent, "/containerLogs/default/no-such-pod/c?follow=%ZZ", admin);
+    assert_eq!(code, 400, "an undecodable query");
+    let (code, _) = curl(agent, "/no/such/path", admin);
+    assert_eq!(code, 404);
+    // Still serving after all of that.
+    assert_eq!(curl(agent, "/healthz", admin).0, 200);
+}
