@@ -59,7 +59,7 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
     let client = client(&config).await?;
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
     // stops the agent at once (as it stops the kubelet).
-    if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone()).await? {
+    if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone(), provider.clone()).await? {
         tasks.spawn(server.run(shutdown.clone()));
     }
     match client {

@@ -266,3 +266,62 @@ async fn direct_requests_are_authenticated_and_authorized() {
     // Still serving after all of that.
     assert_eq!(curl(agent, "/healthz", admin).0, 200);
 }
+
+/// `kubectl exec -n <ns> <args>` with optional stdin: (exit code, stdout, stderr).
+fn kubectl_exec(ns: &str, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Cluster::get()
+        .kubectl()
+        .args(["exec", "-n", ns])
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn kubectl_exec_runs_the_module_again_in_the_sandbox() {
+    let agent = &node().await;
+    let ns = Ns::new("exec").await;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "toolbox"},
+        "spec": {
+            "nodeName": agent.name, "restartPolicy": "Always", "terminationGracePeriodSeconds": 1,
+            "tolerations": [{"operator": "Exists"}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [{
+                "name": "toolbox", "image": example_image("toolbox"), "command": ["sleep", "3600"],
+                "env": [{"name": "GREETING", "value": "hi"}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }],
+        },
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &pod).await.unwrap();
+    ns.wait_pod(agent, "toolbox", "the toolbox to run", |p| phase(p) == "Running").await;
+
+    // Same volumes: a file written by one exec is read by the next.
+    let (code, _, err) = kubectl_exec(&ns.name, &["toolbox", "--", "write", "/data/note", "written", "by", "exec"], None);
+    assert_eq!(code, 0, "{err}\n{}", agent.log_tail());
+    let (code, out, err) = kubectl_exec(&ns.name, &["toolbox", "--", "cat", "/data/note"], None);
+    assert_eq!((code, out.trim()), (0, "written by exec"), "{err}");
+    // Same env.
+    let (code, out, _) = kubectl_exec(&ns.name, &["toolbox", "--", "env"], None);
+    assert!(code == 0 && out.contains("GREETING=hi"), "{out}");
+    // stdin reaches the instance.
+    let (code, out, err) = kubectl_exec(&ns.name, &["-i", "toolbox", "--", "cat"], Some("piped through\n"));
+    assert_eq!((code, out.as_str()), (0, "piped through\n"), "{err}");
+    // A non-zero exit code comes back to kubectl.
+    let (code, _, err) = kubectl_exec(&ns.name, &["toolbox", "--", "test", "-e", "/nonexistent"], None);
+    assert_eq!(code, 1, "{err}");
+    // Nothing outside the pod's grants: the host's root is not there.
+    let (code, _, _) = kubectl_exec(&ns.name, &["toolbox", "--", "test", "-e", "/etc/passwd"], None);
+    assert_eq!(code, 1, "the host filesystem is not visible");
+}

@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod logs;
+pub mod streams;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -72,29 +73,31 @@ pub struct StatusError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
+    /// Extra response headers (a failed protocol negotiation lists the accepted ones).
+    pub headers: http::HeaderMap,
 }
 
 impl StatusError {
     pub fn bad_request(message: String) -> Self {
-        StatusError { code: 400, reason: "BadRequest", message }
+        StatusError { code: 400, reason: "BadRequest", message, headers: http::HeaderMap::new() }
     }
     pub fn invalid(message: String) -> Self {
-        StatusError { code: 422, reason: "Invalid", message }
+        StatusError { code: 422, reason: "Invalid", message, headers: http::HeaderMap::new() }
     }
     pub fn not_found(message: String) -> Self {
-        StatusError { code: 404, reason: "NotFound", message }
+        StatusError { code: 404, reason: "NotFound", message, headers: http::HeaderMap::new() }
     }
     fn unauthorized(message: String) -> Self {
-        StatusError { code: 401, reason: "Unauthorized", message }
+        StatusError { code: 401, reason: "Unauthorized", message, headers: http::HeaderMap::new() }
     }
-    fn forbidden(message: String) -> Self {
-        StatusError { code: 403, reason: "Forbidden", message }
+    pub(super) fn forbidden(message: String) -> Self {
+        StatusError { code: 403, reason: "Forbidden", message, headers: http::HeaderMap::new() }
     }
     fn internal(message: String) -> Self {
-        StatusError { code: 500, reason: "InternalError", message }
+        StatusError { code: 500, reason: "InternalError", message, headers: http::HeaderMap::new() }
     }
     fn method_not_allowed(message: String) -> Self {
-        StatusError { code: 405, reason: "MethodNotAllowed", message }
+        StatusError { code: 405, reason: "MethodNotAllowed", message, headers: http::HeaderMap::new() }
     }
 
     fn body(&self) -> String {
@@ -114,6 +117,7 @@ impl StatusError {
         let mut response = warp::reply::Response::new(self.body().into());
         *response.status_mut() = http::StatusCode::from_u16(self.code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        response.headers_mut().extend(self.headers);
         response
     }
 }
@@ -132,6 +136,8 @@ struct Shared {
     authz: Authorizer,
     /// The warp filter; turned into a hyper-compatible service per request (cheap: a clone).
     routes: warp::filters::BoxedFilter<(warp::reply::Response,)>,
+    /// exec and port-forward, which upgrade the connection instead of going through warp.
+    streams: Arc<streams::StreamContext>,
 }
 
 /// The kubelet API, bound and ready to serve.
@@ -144,7 +150,7 @@ pub struct KubeletServer {
 
 impl KubeletServer {
     /// Binds the ports and prepares TLS; `None` when `--enable-server=false`.
-    pub async fn bind(config: &Config, client: Option<kube::Client>) -> Result<Option<Self>, ServerError> {
+    pub async fn bind(config: &Config, client: Option<kube::Client>, provider: Arc<dyn provider_api::Provider>) -> Result<Option<Self>, ServerError> {
         if !config.enable_server {
             info!("--enable-server=false: the kubelet API is off (kubectl logs/exec will not reach this node)");
             return Ok(None);
@@ -168,6 +174,11 @@ impl KubeletServer {
         };
         let authn = Authenticator::new(client.clone(), config.authentication_token_webhook, config.anonymous_auth);
         let authz = Authorizer::new(config.authorization_mode, client.clone(), config.node_name.clone());
+        let streams = Arc::new(streams::StreamContext {
+            provider,
+            client: client.clone(),
+            pod_ip: config.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        });
         let routes = routes(config.pod_logs_dir.clone(), client);
         info!(
             %addr,
@@ -185,7 +196,7 @@ impl KubeletServer {
             };
             warn!("the kubelet API has no client CA and no token webhook; it accepts {who}");
         }
-        Ok(Some(KubeletServer { listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes }) }))
+        Ok(Some(KubeletServer { listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes, streams }) }))
     }
 
     /// Serves until `shutdown`; open connections are dropped then.
@@ -249,6 +260,13 @@ async fn handle(request: http::Request<Incoming>, shared: Arc<Shared>, peer: Arc
     let span = tracing::debug_span!("kubelet_api_request", method = %request.method(), path = %request.uri().path(), user = tracing::field::Empty);
     async move {
         let response = match authorize(&request, &shared, peer.as_ref().as_ref()).await {
+            Ok(()) if streams::is_stream_request(request.uri().path()) => match streams::handle(request, shared.streams.clone()).await {
+                Ok(upgraded) => {
+                    debug!(status = upgraded.status().as_u16(), "answered");
+                    return Ok(upgraded);
+                }
+                Err(status) => status.into_warp(),
+            },
             Ok(()) => {
                 let mut routes = warp::service(shared.routes.clone());
                 let Ok(response) = tower_call(&mut routes, request).await;

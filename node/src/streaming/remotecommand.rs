@@ -119,9 +119,11 @@ impl ExecOptions {
             match key.as_str() {
                 "command" => o.command.push(value),
                 "container" => o.container = Some(value),
-                "stdin" => o.stdin = parse_bool("stdin", value)?,
-                "stdout" => o.stdout = parse_bool("stdout", value)?,
-                "stderr" => o.stderr = parse_bool("stderr", value)?,
+                // The API server sends the kubelet `input`, `output` and `error` (corev1's
+                // ExecStdinParam and friends); direct clients may use the pod-exec names.
+                "input" | "stdin" => o.stdin = parse_bool("stdin", value)?,
+                "output" | "stdout" => o.stdout = parse_bool("stdout", value)?,
+                "error" | "stderr" => o.stderr = parse_bool("stderr", value)?,
                 "tty" => o.tty = parse_bool("tty", value)?,
                 _ => {}
             }

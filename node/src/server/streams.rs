@@ -1,0 +1,199 @@
+//! `/exec` and `/portForward`: the upgraded (SPDY/3.1) endpoints behind `kubectl exec` and
+//! `kubectl port-forward`. They bypass warp: after authorization, [`handle`] negotiates the
+//! protocol, answers 101, and hands the upgraded connection to [`crate::streaming`] in a task of
+//! its own.
+//!
+//! Exec runs the container's module again as a new instance in the same sandbox (same env and
+//! volumes) with argv = the command, through [`Provider::exec`]. Port-forward connects to the pod
+//! IP, which is the node IP, on the requested port.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use provider_api::{ContainerState, Provider};
+use tokio::io::DuplexStream;
+use tracing::{debug, Instrument};
+
+use super::{Body, BoxError, StatusError};
+use crate::streaming::portforward::{self, PortForwardHandler, PortForwardTarget};
+use crate::streaming::remotecommand::{self, ExecHandler, ExecIo, ExecOptions};
+use crate::streaming::{handshake, StreamingConfig};
+
+/// What the streaming endpoints need.
+pub struct StreamContext {
+    pub provider: Arc<dyn Provider>,
+    pub client: Option<kube::Client>,
+    /// Where port-forward connects: the pod IP, which is the node IP.
+    pub pod_ip: IpAddr,
+}
+
+/// Which upgraded endpoint a path names.
+enum Endpoint {
+    Exec { namespace: String, pod: String, uid: Option<String>, container: String },
+    PortForward { namespace: String, pod: String, uid: Option<String> },
+}
+
+/// `/exec/{ns}/{pod}[/{uid}]/{container}` or `/portForward/{ns}/{pod}[/{uid}]`, as the kubelet routes them.
+fn endpoint(path: &str) -> Option<Endpoint> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let own = |s: &&str| s.to_string();
+    match parts.as_slice() {
+        ["exec", ns, pod, container] => Some(Endpoint::Exec { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
+        ["exec", ns, pod, uid, container] => Some(Endpoint::Exec { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
+        ["portForward", ns, pod] => Some(Endpoint::PortForward { namespace: own(ns), pod: own(pod), uid: None }),
+        ["portForward", ns, pod, uid] => Some(Endpoint::PortForward { namespace: own(ns), pod: own(pod), uid: Some(own(uid)) }),
+        _ => None,
+    }
+}
+
+/// Whether this request is for an upgraded endpoint (handled here, not by warp).
+pub fn is_stream_request(path: &str) -> bool {
+    endpoint(path).is_some()
+}
+
+/// Answers an authorized exec or port-forward request: 101 and a task serving the session, or
+/// an error status.
+pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -> Result<http::Response<Body>, StatusError> {
+    let Some(endpoint) = endpoint(request.uri().path()) else {
+        return Err(StatusError::not_found(format!("no such endpoint {}", request.uri().path())));
+    };
+    match endpoint {
+        Endpoint::Exec { namespace, pod, uid, container } => {
+            let options = ExecOptions::from_exec_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
+            let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
+            let container_id = running_container(&ctx, &uid, &container).await?;
+            let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
+            let handler = ProviderExec { provider: ctx.provider.clone(), container_id };
+            let span = tracing::debug_span!("exec", pod = %format!("{namespace}/{pod}"), container = %container);
+            upgrade(request, headers, move |io| {
+                async move {
+                    if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
+                        debug!(error = %e, "exec session ended with an error");
+                    }
+                }
+                .instrument(span)
+            })
+        }
+        Endpoint::PortForward { namespace, pod, uid } => {
+            let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
+            let (_, headers) = negotiate(&request, portforward::PROTOCOLS)?;
+            let target = PortForwardTarget { pod: format!("{namespace}/{pod}"), uid };
+            let handler = Arc::new(TcpForward { ip: ctx.pod_ip });
+            upgrade(request, headers, move |io| async move {
+                if let Err(e) = portforward::serve_portforward(io, target, handler, &StreamingConfig::default()).await {
+                    debug!(error = %e, "port-forward session ended with an error");
+                }
+            })
+        }
+    }
+}
+
+fn negotiate(request: &http::Request<Incoming>, supported: &[&'static str]) -> Result<(&'static str, http::HeaderMap), StatusError> {
+    handshake::negotiate(request.headers(), supported).map_err(|e| {
+        let status = e.http_status().unwrap_or(400);
+        let mut error = if status == 403 { StatusError::forbidden(e.to_string()) } else { StatusError::bad_request(e.to_string()) };
+        error.headers = handshake::rejection_headers(&e);
+        error
+    })
+}
+
+/// Answers 101 with `headers` and runs `serve` on the upgraded connection once hyper hands it over.
+fn upgrade<F, Fut>(request: http::Request<Incoming>, headers: http::HeaderMap, serve: F) -> Result<http::Response<Body>, StatusError>
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        match hyper::upgrade::on(request).await {
+            Ok(upgraded) => serve(TokioIo::new(upgraded)).await,
+            Err(e) => debug!(error = %e, "connection upgrade failed"),
+        }
+    });
+    let mut response = http::Response::new(Full::new(bytes::Bytes::new()).map_err(|never| -> BoxError { match never {} }).boxed_unsync());
+    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// The pod's UID: given in the path, or looked up (a Node may read pods bound to it).
+async fn pod_uid(ctx: &StreamContext, namespace: &str, pod: &str, given: Option<String>) -> Result<String, StatusError> {
+    if let Some(uid) = given {
+        return Ok(uid);
+    }
+    let client = ctx.client.clone().ok_or_else(|| StatusError::not_found(format!("pod {namespace}/{pod} is unknown to this node")))?;
+    let api: kube::Api<Pod> = kube::Api::namespaced(client, namespace);
+    match api.get_opt(pod).await {
+        Ok(Some(p)) => p.metadata.uid.ok_or_else(|| StatusError::not_found(format!("pod {namespace}/{pod} has no uid"))),
+        Ok(None) => Err(StatusError::not_found(format!("pod {namespace}/{pod} not found"))),
+        Err(e) => Err(StatusError::not_found(format!("pod {namespace}/{pod}: {}", crate::config::one_line(&e)))),
+    }
+}
+
+/// The id of the running instance of `container` in pod `uid`.
+async fn running_container(ctx: &StreamContext, uid: &str, container: &str) -> Result<String, StatusError> {
+    let containers = ctx.provider.list_containers().await;
+    let mut of_pod = containers.into_iter().filter(|c| c.pod_uid == uid && c.name == container).collect::<Vec<_>>();
+    if of_pod.is_empty() {
+        return Err(StatusError::not_found(format!("container {container} not found in the pod")));
+    }
+    of_pod.sort_by_key(|c| c.attempt);
+    match of_pod.pop() {
+        Some(c) if matches!(c.state, ContainerState::Running { .. }) => Ok(c.id),
+        _ => Err(StatusError::bad_request(format!("container {container} is not running"))),
+    }
+}
+
+/// Exec through the provider: a new instance of the container's module.
+struct ProviderExec {
+    provider: Arc<dyn Provider>,
+    container_id: String,
+}
+
+impl ExecHandler for ProviderExec {
+    async fn exec(&self, io: ExecIo) -> Result<i32, String> {
+        fn writer(stream: Option<DuplexStream>) -> std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> {
+            match stream {
+                Some(s) => Box::pin(s),
+                None => Box::pin(tokio::io::sink()),
+            }
+        }
+        let provider_io = provider_api::ExecIo {
+            stdin: io.stdin.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
+            stdout: writer(io.stdout),
+            stderr: writer(io.stderr),
+            timeout: None,
+        };
+        self.provider.exec(&self.container_id, io.command, provider_io).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Port-forward to the pod IP (the node IP): a TCP connection per stream pair.
+struct TcpForward {
+    ip: IpAddr,
+}
+
+impl PortForwardHandler for TcpForward {
+    async fn forward(&self, port: u16, mut stream: DuplexStream) -> std::io::Result<()> {
+        let mut tcp = tokio::net::TcpStream::connect((self.ip, port)).await?;
+        tokio::io::copy_bidirectional(&mut stream, &mut tcp).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_route_like_the_kubelet() {
+        assert!(matches!(endpoint("/exec/ns/p/c"), Some(Endpoint::Exec { uid: None, .. })));
+        assert!(matches!(endpoint("/exec/ns/p/u/c"), Some(Endpoint::Exec { uid: Some(_), .. })));
+        assert!(matches!(endpoint("/portForward/ns/p"), Some(Endpoint::PortForward { uid: None, .. })));
+        assert!(endpoint("/exec/ns").is_none());
+        assert!(endpoint("/containerLogs/ns/p/c").is_none());
+    }
+}
