@@ -5,9 +5,11 @@
 //! [`LeaseHeartbeat`] owns the Lease and follows that identity. Pod workers, the status manager
 //! for pods and the kubelet API join this list as they arrive.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use provider_api::Provider;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -18,7 +20,9 @@ use crate::config::{one_line, Config};
 use crate::lease::LeaseHeartbeat;
 use crate::events::EventSink;
 use crate::node_status::NodeStatusManager;
-use crate::pods::status::StatusManager;
+use crate::pods::mirror::MirrorManager;
+use crate::pods::static_source::{self, MergeOutputs, StaticSet};
+use crate::pods::status::{PodKey, StatusManager, StatusSender};
 use crate::pods::worker::WorkerContext;
 use crate::pods::{manager, pleg, source};
 
@@ -34,6 +38,12 @@ pub enum AgentError {
     RootDir { path: String, source: std::io::Error },
     #[error("kubelet API: {0}")]
     Server(#[from] crate::server::ServerError),
+    /// `--runonce`: some static pods did not succeed (the summary on stdout names them).
+    #[error("run-once: {failed} of {total} static pods did not succeed")]
+    RunOnceFailed { failed: usize, total: usize },
+    /// `--runonce`: a shutdown signal came before the static pods finished.
+    #[error("run-once: interrupted before the static pods finished")]
+    RunOnceInterrupted,
 }
 
 /// Builds a client from the node's kubeconfig.
@@ -55,6 +65,9 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
         .map_err(|source| AgentError::RootDir { path: config.root_dir.display().to_string(), source })?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
+    // Run-once ends the agent itself when its pods are done.
+    let shutdown = shutdown.child_token();
+    let mut run_once_outcome = None;
 
     let client = client(&config).await?;
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
@@ -63,9 +76,10 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
         tasks.spawn(server.run(shutdown.clone()));
     }
     match client {
-        Some(client) => {
+        Some(client) if !config.runonce => {
             info!(node = %config.node_name, runtime = %provider.runtime_info(), "starting");
             let (node_tx, node_rx) = watch::channel(None);
+            let node_rx_for_mirrors = node_rx.clone();
             if config.register_node {
                 let manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx);
                 tasks.spawn(manager.run(shutdown.clone()));
@@ -79,11 +93,12 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             // Pods: source -> manager -> one worker per pod -> status manager.
             let (status_manager, status) = StatusManager::new(client.clone());
             tasks.spawn(status_manager.run(shutdown.clone()));
+            let events = EventSink::start(client.clone(), &config.node_name);
             let ctx = Arc::new(WorkerContext {
                 provider: provider.clone(),
                 client: Some(client.clone()),
-                status,
-                events: EventSink::start(client.clone(), &config.node_name),
+                status: status.clone(),
+                events: events.clone(),
                 node_name: config.node_name.clone(),
                 node_ip: node_ip(&config),
                 pods_dir: config.root_dir.join("pods"),
@@ -92,12 +107,50 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             });
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
-            tasks.spawn(source::watch_pods(client, config.node_name.clone(), change_tx, shutdown.clone()));
+            let (api_tx, api_rx) = mpsc::unbounded_channel();
+            let (mirror_tx, mirror_rx) = mpsc::unbounded_channel();
+            tasks.spawn(source::watch_pods(client.clone(), config.node_name.clone(), api_tx, shutdown.clone()));
+            let mirrors = MirrorManager::new(client, node_rx_for_mirrors, status.clone());
+            tasks.spawn(mirrors.run(mirror_rx, shutdown.clone()));
+            let outputs = MergeOutputs { pods: change_tx, mirrors: Some(mirror_tx), status: Some(status), statics: watch::channel(None).0, runonce: false };
+            let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
+            tasks.spawn(static_source::merge(Some(api_rx), static_rx.1, static_rx.0, outputs, shutdown.clone()));
             tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
             tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
         }
-        None => {
-            info!(node = %config.node_name, "no --kubeconfig: running standalone, without an API server (static pods only)");
+        _ => {
+            if config.runonce {
+                info!(node = %config.node_name, "--runonce: running the static pods once, without the API server");
+            } else {
+                info!(node = %config.node_name, "no --kubeconfig: running standalone, without an API server (static pods only)");
+            }
+            // Pod status stays on the node.
+            let (status, status_rx) = StatusSender::channel();
+            let (latest_tx, latest_rx) = watch::channel(HashMap::new());
+            tasks.spawn(static_source::local_status(status_rx, latest_tx));
+            let events = EventSink::disabled();
+            let ctx = Arc::new(WorkerContext {
+                provider: provider.clone(),
+                client: None,
+                status,
+                events: events.clone(),
+                node_name: config.node_name.clone(),
+                node_ip: node_ip(&config),
+                pods_dir: config.root_dir.join("pods"),
+                pod_logs_dir: config.pod_logs_dir.clone(),
+                node_allocatable: allocatable(&config),
+            });
+            let (change_tx, change_rx) = mpsc::unbounded_channel();
+            let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
+            let (statics_tx, statics_rx) = watch::channel(None);
+            let outputs = MergeOutputs { pods: change_tx, mirrors: None, status: None, statics: statics_tx, runonce: config.runonce };
+            let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
+            tasks.spawn(static_source::merge(None, static_rx.1, static_rx.0, outputs, shutdown.clone()));
+            tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
+            tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
+            if config.runonce {
+                run_once_outcome = Some(tokio::spawn(run_once(statics_rx, latest_rx, shutdown.clone())));
+            }
         }
     }
     tasks.close();
@@ -107,7 +160,91 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
         warn!(grace = ?SHUTDOWN_GRACE, "tasks did not stop within the grace period; exiting anyway");
     }
-    Ok(())
+    match run_once_outcome {
+        Some(outcome) => outcome.await.unwrap_or(Err(AgentError::RunOnceInterrupted)),
+        None => Ok(()),
+    }
+}
+
+/// Starts the static pod sources that are configured. Returns how many there are and where
+/// they send their sets.
+fn spawn_static_sources(
+    tasks: &TaskTracker,
+    config: &Config,
+    events: &EventSink,
+    shutdown: &CancellationToken,
+) -> (usize, mpsc::UnboundedReceiver<StaticSet>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut count = 0;
+    if let Some(path) = &config.pod_manifest_path {
+        count += 1;
+        info!(path = %path.display(), every = ?config.file_check_frequency, "static pods from the manifest path");
+        tasks.spawn(static_source::watch_dir(path.clone(), config.node_name.clone(), config.file_check_frequency, events.clone(), tx.clone(), shutdown.clone()));
+    }
+    if let Some(url) = &config.manifest_url {
+        count += 1;
+        info!(%url, every = ?config.http_check_frequency, "static pods from the manifest URL");
+        tasks.spawn(static_source::watch_url(
+            url.clone(),
+            config.manifest_url_header.clone(),
+            config.node_name.clone(),
+            config.http_check_frequency,
+            events.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+    }
+    (count, rx)
+}
+
+/// `--runonce`: waits for the static sources' first sets, then for every static pod to finish;
+/// prints `<pod> <phase> exit=<code>` per pod on stdout and ends the agent.
+async fn run_once(
+    mut statics: watch::Receiver<Option<Vec<Arc<Pod>>>>,
+    mut statuses: watch::Receiver<HashMap<String, (PodKey, PodStatus)>>,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
+    let outcome = async {
+        let pods = loop {
+            if let Some(pods) = statics.borrow_and_update().clone() {
+                break pods;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(AgentError::RunOnceInterrupted),
+                changed = statics.changed() => if changed.is_err() { return Err(AgentError::RunOnceInterrupted) },
+            }
+        };
+        if pods.is_empty() {
+            println!("no static pods to run");
+            return Ok(());
+        }
+        info!(pods = pods.len(), "run-once: waiting for the static pods to finish");
+        loop {
+            let finished: Option<Vec<(String, PodStatus)>> = {
+                let latest = statuses.borrow_and_update();
+                pods.iter()
+                    .map(|pod| {
+                        let (key, status) = latest.get(pod.metadata.uid.as_deref()?)?;
+                        matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")).then(|| (key.name.clone(), status.clone()))
+                    })
+                    .collect()
+            };
+            if let Some(finished) = finished {
+                let failed = finished.iter().filter(|(_, s)| s.phase.as_deref() != Some("Succeeded")).count();
+                for (name, status) in &finished {
+                    println!("{}", static_source::summary_line(name, status));
+                }
+                return if failed == 0 { Ok(()) } else { Err(AgentError::RunOnceFailed { failed, total: finished.len() }) };
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(AgentError::RunOnceInterrupted),
+                changed = statuses.changed() => if changed.is_err() { return Err(AgentError::RunOnceInterrupted) },
+            }
+        }
+    }
+    .await;
+    stop.cancel();
+    outcome
 }
 
 /// The IP pods get: the node's (DESIGN: the pod IP is the node IP).

@@ -112,6 +112,9 @@ pub struct Flags {
     /// URL serving static pod manifests.
     #[arg(long, value_name = "URL")]
     pub manifest_url: Option<String>,
+    /// A header sent with every --manifest-url request, `Key:Value`; repeatable.
+    #[arg(long, value_name = "KEY:VALUE")]
+    pub manifest_url_header: Vec<String>,
     /// How often the static pod directory is rescanned [default: 20s].
     #[arg(long, value_name = "DURATION")]
     pub file_check_frequency: Option<String>,
@@ -163,6 +166,10 @@ pub struct Flags {
     /// Cancel an image pull that makes no progress for this long [default: 1m].
     #[arg(long, value_name = "DURATION")]
     pub image_pull_progress_deadline: Option<String>,
+    /// PEM bundle of extra CA certificates trusted for image registries' TLS, besides the
+    /// built-in web PKI roots (wasm-kubelet's own flag: the kubelet leaves this to the runtime).
+    #[arg(long, value_name = "PATH")]
+    pub registry_ca_file: Option<PathBuf>,
     /// Most pods this node runs; its pods capacity [default: 110].
     #[arg(long, value_name = "N")]
     pub max_pods: Option<String>,
@@ -200,6 +207,8 @@ struct ConfigFile {
     pod_logs_dir: Option<PathBuf>,
     #[serde(rename = "staticPodURL")]
     static_pod_url: Option<String>,
+    #[serde(rename = "staticPodURLHeader")]
+    static_pod_url_header: Option<BTreeMap<String, Vec<String>>>,
     file_check_frequency: Option<String>,
     http_check_frequency: Option<String>,
     node_status_update_frequency: Option<String>,
@@ -341,6 +350,8 @@ pub struct Config {
     pub node_lease_duration: Duration,
     pub pod_manifest_path: Option<PathBuf>,
     pub manifest_url: Option<String>,
+    /// Headers sent with every `--manifest-url` request.
+    pub manifest_url_header: Vec<(String, String)>,
     pub file_check_frequency: Duration,
     pub http_check_frequency: Duration,
     pub runonce: bool,
@@ -357,6 +368,8 @@ pub struct Config {
     pub authorization_mode: AuthorizationMode,
     pub housekeeping_interval: Duration,
     pub image_pull_progress_deadline: Duration,
+    /// `--registry-ca-file`: extra CAs for registries (read and checked by main).
+    pub registry_ca_file: Option<PathBuf>,
     pub max_pods: u32,
     pub eviction_hard: Vec<EvictionThreshold>,
     pub image_gc_high_threshold: u8,
@@ -521,16 +534,29 @@ impl Config {
 
         let pod_manifest_path = flags.pod_manifest_path.or(file.static_pod_path);
         let manifest_url = flags.manifest_url.or(file.static_pod_url);
-        if pod_manifest_path.is_some() || manifest_url.is_some() {
-            notices.push("static pods (--pod-manifest-path, --manifest-url) are not implemented yet; the setting is ignored".into());
+        let mut manifest_url_header = Vec::new();
+        if flags.manifest_url_header.is_empty() {
+            for (k, values) in file.static_pod_url_header.into_iter().flatten() {
+                manifest_url_header.extend(values.into_iter().map(|v| (k.clone(), v)));
+            }
+        }
+        for h in &flags.manifest_url_header {
+            match h.split_once(':') {
+                Some((k, v)) if !k.trim().is_empty() && !k.contains(char::is_whitespace) && !v.contains(['\r', '\n']) => {
+                    manifest_url_header.push((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => return Err(invalid("--manifest-url-header", h, "want Key:Value")),
+            }
+        }
+        if let Some(url) = &manifest_url {
+            if !url.starts_with("http://") {
+                return Err(invalid("--manifest-url", url, "only http:// URLs are supported"));
+            }
         }
         let runonce = match flags.runonce {
             Some(v) => parse_bool("--runonce", &v)?,
             None => false,
         };
-        if runonce {
-            return Err(ConfigError::Unsupported { flag: "--runonce", reason: "run-once mode is not implemented yet".into() });
-        }
 
         let enable_server = match flags.enable_server {
             Some(v) => parse_bool("--enable-server", &v)?,
@@ -630,6 +656,7 @@ impl Config {
             node_lease_duration,
             pod_manifest_path,
             manifest_url,
+            manifest_url_header,
             file_check_frequency,
             http_check_frequency,
             runonce,
@@ -645,6 +672,7 @@ impl Config {
             authorization_mode,
             housekeeping_interval,
             image_pull_progress_deadline,
+            registry_ca_file: flags.registry_ca_file,
             max_pods,
             eviction_hard,
             image_gc_high_threshold,
@@ -974,7 +1002,33 @@ mod tests {
         assert!(err(&["--root-dir=relative/dir"]).contains("--root-dir"));
         assert!(err(&["--allowed-unsafe-sysctls=net.core.somaxconn"]).contains("no kernel sysctls"));
         assert!(err(&["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]).contains("--container-runtime-endpoint"));
-        assert!(err(&["--runonce"]).contains("--runonce"));
+        assert!(err(&["--runonce=perhaps"]).contains("--runonce"));
+        assert!(err(&["--manifest-url-header=NoColon"]).contains("--manifest-url-header"));
+        assert!(err(&["--manifest-url=https://example.com/pods"]).contains("--manifest-url"));
+    }
+
+    #[test]
+    fn static_pod_flags() {
+        let c = load(&[
+            "--runonce",
+            "--pod-manifest-path=/etc/kubernetes/manifests",
+            "--file-check-frequency=1s",
+            "--manifest-url=http://127.0.0.1:8080/pods",
+            "--manifest-url-header=X-Token:abc",
+            "--manifest-url-header",
+            "Accept: application/yaml",
+        ])
+        .unwrap();
+        assert!(c.runonce);
+        assert_eq!(c.pod_manifest_path, Some(PathBuf::from("/etc/kubernetes/manifests")));
+        assert_eq!(c.file_check_frequency, Duration::from_secs(1));
+        assert_eq!(c.http_check_frequency, Duration::from_secs(20));
+        assert_eq!(c.manifest_url_header, vec![("X-Token".into(), "abc".into()), ("Accept".into(), "application/yaml".into())]);
+        assert!(!c.notices.iter().any(|n| n.contains("static pods")), "{:?}", c.notices);
+        let file = temp_file("static.yaml", "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nstaticPodURL: http://127.0.0.1/m\nstaticPodURLHeader: {X-A: [one, two]}\n");
+        let c = load(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(c.manifest_url.as_deref(), Some("http://127.0.0.1/m"));
+        assert_eq!(c.manifest_url_header, vec![("X-A".into(), "one".into()), ("X-A".into(), "two".into())]);
     }
 
     #[test]

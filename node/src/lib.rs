@@ -8,6 +8,7 @@
 //! - [`lease`]: the heartbeat, the only writer of the node's Lease;
 //! - [`machine`]: measurements of the host (capacity, free memory and disk, pids);
 //! - [`pods`]: the pod source, one worker per pod, the PLEG and the pod status manager;
+//! - [`probes`]: liveness, readiness and startup probes and lifecycle hooks, for the pod workers;
 //! - [`events`]: Kubernetes Events, published by one task;
 //! - [`server`]: the kubelet API (HTTPS, authenticated and authorized; container logs);
 //! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
@@ -23,5 +24,6 @@ pub mod lease;
 pub mod machine;
 pub mod node_status;
 pub mod pods;
+pub mod probes;
 pub mod streaming;
 pub mod server;

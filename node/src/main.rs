@@ -21,6 +21,15 @@ fn main() -> ExitCode {
         }
     };
 
+    // Read now, so a bad --registry-ca-file is one line and exit 2 like any other bad flag.
+    let mut provider_options = provider_wasmtime::ProviderOptions::default();
+    if let Some(path) = &config.registry_ca_file {
+        if let Err(e) = provider_options.registries.add_ca_file(path) {
+            eprintln!("wasm-kubelet: --registry-ca-file {e}");
+            return ExitCode::from(2);
+        }
+    }
+
     let default_level = match config.verbosity {
         0..=3 => "info",
         4..=5 => "debug",
@@ -43,7 +52,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let provider = provider_wasmtime::WasmtimeProvider::new(config.root_dir.clone())?;
+        let provider = provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), provider_options)?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
         wasm_kubelet::agent::run(config, Arc::new(provider), shutdown).await?;

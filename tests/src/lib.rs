@@ -147,6 +147,10 @@ impl Agent {
             Path::new(cluster.var("LOCAL_CLUSTER_DIR")).join("pki/ca.crt").display().to_string(),
             "-v=4".into(),
         ];
+        // Trust the local cluster's TLS registry (its certificate is signed by the cluster CA).
+        if let Some(ca) = cluster.vars.get("SECURE_REGISTRY_CA") {
+            args.extend(["--registry-ca-file".to_string(), ca.clone()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Agent { name: name.into(), dir, node_ip, args, child: None, runs: 0 };
         agent.spawn()?;

@@ -370,3 +370,70 @@ async fn kubectl_port_forward_reaches_the_pod_ip() {
     read.expect("an answer through the tunnel").unwrap();
     assert_eq!(&got, b"hello through the tunnel");
 }
+
+#[tokio::test]
+async fn stats_summary_and_resource_metrics_from_real_measurements() {
+    push_examples();
+    let name = unique_name("stats");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = &Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap(), "--housekeeping-interval=1s"]).unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
+    wait_for("the stats test node to register", TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
+    let ns = Ns::new("stats").await;
+    ns.pod(agent, "spin", "busy-loop", "Always").await;
+    ns.wait_pod(agent, "spin", "the busy loop to run", |p| phase(p) == "Running").await;
+
+    // Straight to the kubelet API with the admin's client certificate: the API server's node
+    // proxy (`kubectl get --raw .../proxy/...`) refuses loopback node addresses, which is all
+    // these tests may use. metrics-server scrapes the kubelet directly too.
+    let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+    let (crt, key) = (pki.join("admin.crt"), pki.join("admin.key"));
+    let raw = |path: String| {
+        let (code, body) = curl(agent, &path, Some((&crt, &key)));
+        (code == 200).then_some(body)
+    };
+    // The busy loop's measured CPU rate: most of a core (the machine is shared with the
+    // control plane, so "close to one core" is asserted as more than half of one).
+    let summary_path = "/stats/summary".to_string();
+    let cores = wait_for("a CPU rate for the busy loop in /stats/summary", TIMEOUT, || async {
+        let doc: serde_json::Value = serde_json::from_str(&raw(summary_path.clone())?).ok()?;
+        let pod = doc["pods"].as_array()?.iter().find(|p| p["podRef"]["name"] == "spin")?.clone();
+        let nano = pod["containers"][0]["cpu"]["usageNanoCores"].as_u64()?;
+        assert!(pod["containers"][0]["memory"]["workingSetBytes"].as_u64()? > 0);
+        assert!(doc["node"]["cpu"]["usageCoreNanoSeconds"].as_u64()? > 0);
+        (nano > 0).then_some(nano as f64 / 1e9)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    assert!(cores > 0.5, "a busy loop uses most of a core, measured {cores:.2}");
+
+    let metrics = raw("/metrics/resource".to_string()).expect("/metrics/resource");
+    let line = metrics.lines().find(|l| l.starts_with("container_cpu_usage_seconds_total{container=\"spin\",pod=\"spin\"")).unwrap_or_else(|| panic!("{metrics}"));
+    let seconds: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(seconds > 0.0, "{line}");
+    assert!(metrics.contains("node_memory_working_set_bytes "));
+}
+
+#[tokio::test]
+async fn kubectl_top_shows_measured_figures_through_metrics_server() {
+    push_examples();
+    let name = unique_name("top");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = &Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap(), "--housekeeping-interval=1s"]).unwrap();
+    let ns = Ns::new("top").await;
+    ns.pod(agent, "spin", "busy-loop", "Always").await;
+    ns.wait_pod(agent, "spin", "the busy loop to run", |p| phase(p) == "Running").await;
+    let top = |args: &[&str]| {
+        let out = Cluster::get().kubectl().arg("top").args(args).arg("--no-headers").output().unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // metrics-server scrapes every 15 s and needs two scrapes for a rate.
+    let line = wait_for("kubectl top pod to show the busy loop", Duration::from_secs(150), || async { top(&["pod", "-n", &ns.name, "spin"]) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    // "spin   950m   0Mi"
+    let millicores: u64 = line.split_whitespace().nth(1).and_then(|c| c.strip_suffix('m')?.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+    assert!(millicores > 500, "a busy loop uses most of a core: {line}");
+    let node_line = wait_for("kubectl top node", Duration::from_secs(60), || async { top(&["node", &agent.name]) }).await.unwrap();
+    assert!(node_line.starts_with(&agent.name), "{node_line}");
+}

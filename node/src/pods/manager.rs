@@ -35,6 +35,10 @@ pub async fn run(
             change = changes.recv() => match change {
                 None => break,
                 Some(PodChange::Upsert(pod)) => {
+                    // A mirror pod is the API's copy of a static pod that already has a worker.
+                    if super::static_source::is_mirror(&pod) {
+                        continue;
+                    }
                     let Some(uid) = pod.metadata.uid.clone() else { continue };
                     match workers.get(&uid) {
                         Some(handle) => {

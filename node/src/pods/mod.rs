@@ -1,12 +1,15 @@
-//! Pods: where they come from ([`source`]), who acts on each ([`manager`] and one
+//! Pods: where they come from ([`source`], static pods from [`static_source`], whose API
+//! objects [`mirror`] keeps), who acts on each ([`manager`] and one
 //! [`worker`] per UID), how the node learns about container changes ([`pleg`]), and the only
 //! writer of pod status ([`status`]). [`volumes`] sets up what containers mount. [`admission`] and [`env`] are pure helpers.
 
 pub mod admission;
 pub mod env;
 pub mod manager;
+pub mod mirror;
 pub mod pleg;
 pub mod source;
+pub mod static_source;
 pub mod status;
 pub mod volumes;
 pub mod worker;

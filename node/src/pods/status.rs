@@ -36,6 +36,9 @@ pub enum StatusUpdate {
     Finalize(PodKey),
     /// Forget the pod without touching the API (it is already gone).
     Forget(PodKey),
+    /// The pod is a static pod: its status goes to its mirror pod (same namespace and name,
+    /// this UID), or waits while it has none (`None`).
+    Mirror(PodKey, Option<String>),
 }
 
 /// Handle for workers.
@@ -51,6 +54,10 @@ impl StatusSender {
     }
     pub fn forget(&self, key: PodKey) {
         let _ = self.0.send(StatusUpdate::Forget(key));
+    }
+    /// `key` is a static pod whose status the mirror pod `mirror_uid` carries (none yet: `None`).
+    pub fn mirror(&self, key: PodKey, mirror_uid: Option<String>) {
+        let _ = self.0.send(StatusUpdate::Mirror(key, mirror_uid));
     }
     /// A sender whose updates go nowhere but the returned receiver (tests, standalone).
     pub fn channel() -> (Self, mpsc::UnboundedReceiver<StatusUpdate>) {
@@ -86,6 +93,10 @@ pub struct StatusManager {
     finalize: HashSet<PodKey>,
     /// Pods with a write in flight.
     in_flight: HashSet<PodKey>,
+    /// Static pods (by their UID): the UID of the mirror pod their status is written to.
+    mirrors: HashMap<String, Option<String>>,
+    /// A static pod's latest status, written again to a new mirror pod.
+    static_latest: HashMap<String, PodStatus>,
 }
 
 impl StatusManager {
@@ -98,6 +109,8 @@ impl StatusManager {
             pending: HashMap::new(),
             finalize: HashSet::new(),
             in_flight: HashSet::new(),
+            mirrors: HashMap::new(),
+            static_latest: HashMap::new(),
         };
         (manager, sender)
     }
@@ -165,6 +178,9 @@ impl StatusManager {
     fn absorb(&mut self, update: StatusUpdate) {
         match update {
             StatusUpdate::Set(key, status) => {
+                if self.mirrors.contains_key(&key.uid) {
+                    self.static_latest.insert(key.uid.clone(), (*status).clone());
+                }
                 if self.written.get(&key) == Some(&status) {
                     self.pending.remove(&key);
                 } else {
@@ -174,7 +190,19 @@ impl StatusManager {
             StatusUpdate::Finalize(key) => {
                 self.finalize.insert(key);
             }
+            StatusUpdate::Mirror(key, mirror_uid) => {
+                // A new mirror pod has no status yet: write the latest one to it.
+                if mirror_uid.is_some() && self.mirrors.get(&key.uid) != Some(&mirror_uid) {
+                    self.written.remove(&key);
+                    if let Some(status) = self.static_latest.get(&key.uid) {
+                        self.pending.entry(key.clone()).or_insert_with(|| status.clone());
+                    }
+                }
+                self.mirrors.insert(key.uid, mirror_uid);
+            }
             StatusUpdate::Forget(key) => {
+                self.mirrors.remove(&key.uid);
+                self.static_latest.remove(&key.uid);
                 self.pending.remove(&key);
                 self.written.remove(&key);
                 self.finalize.remove(&key);
@@ -185,14 +213,25 @@ impl StatusManager {
     /// Starts writes for pods without one in flight, up to [`MAX_IN_FLIGHT`]: pending statuses
     /// first, then deletions of finalized pods whose last status is written.
     fn start_writes(&mut self, writes: &mut JoinSet<(PodKey, Outcome)>) {
-        let ready: Vec<PodKey> = self.pending.keys().filter(|k| !self.in_flight.contains(*k)).cloned().collect();
+        let ready: Vec<PodKey> = self
+            .pending
+            .keys()
+            .filter(|k| !self.in_flight.contains(*k))
+            // A static pod without a mirror pod yet: its status waits for one.
+            .filter(|k| !matches!(self.mirrors.get(&k.uid), Some(None)))
+            .cloned()
+            .collect();
         for key in ready {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
                 return;
             }
             let status = self.pending.remove(&key).expect("key from pending");
             self.in_flight.insert(key.clone());
-            writes.spawn(write_status(self.api_client.clone(), key, status));
+            let target = match self.mirrors.get(&key.uid) {
+                Some(Some(mirror_uid)) => mirror_uid.clone(),
+                _ => key.uid.clone(),
+            };
+            writes.spawn(write_status(self.api_client.clone(), key, target, status));
         }
         let deletable: Vec<PodKey> =
             self.finalize.iter().filter(|k| !self.pending.contains_key(*k) && !self.in_flight.contains(*k)).cloned().collect();
@@ -206,10 +245,12 @@ impl StatusManager {
     }
 }
 
-async fn write_status(client: kube::Client, key: PodKey, status: PodStatus) -> (PodKey, Outcome) {
+/// Writes `status` to the pod `key` names, whose UID is `target` (a static pod's mirror has
+/// its own UID).
+async fn write_status(client: kube::Client, key: PodKey, target: String, status: PodStatus) -> (PodKey, Outcome) {
     let api: Api<Pod> = Api::namespaced(client, &key.namespace);
     // The UID makes the write a precondition: never update a new pod of the same name.
-    let patch = serde_json::json!({ "metadata": { "uid": key.uid }, "status": status });
+    let patch = serde_json::json!({ "metadata": { "uid": target }, "status": status });
     let outcome = match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => {
             debug!(pod = %format!("{}/{}", key.namespace, key.name), phase = ?status.phase, "pod status written");

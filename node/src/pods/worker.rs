@@ -29,6 +29,7 @@ use super::env;
 use super::status::{PodKey, StatusSender};
 use super::volumes;
 use crate::events::EventSink;
+use crate::probes::{self, PodProbes};
 
 /// The kubelet's crash-loop backoff: 10 s, doubling, capped at 5 minutes.
 const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
@@ -114,6 +115,8 @@ pub struct PodWorker {
     /// The status last handed to the status manager: transition times are kept from it.
     last_status: Option<PodStatus>,
     volume_failures: u32,
+    /// Probe results of the running containers, and the prober tasks behind them.
+    probes: PodProbes,
 }
 
 impl PodWorker {
@@ -159,7 +162,16 @@ impl PodWorker {
             Some("Failed") => Some(Terminal { phase: "Failed", reason: status.reason.clone(), message: status.message.clone() }),
             _ => None,
         };
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0 }
+        let pod_ref = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(key.namespace.clone()),
+            name: Some(key.name.clone()),
+            uid: Some(key.uid.clone()),
+            ..Default::default()
+        };
+        let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -181,6 +193,12 @@ impl PodWorker {
                     }
                 }
                 _ = self.nudge.notified() => {}
+                update = self.probes.recv() => {
+                    let (_, app) = self.spec_containers();
+                    if let Some(kill) = self.probes.apply(update, &app) {
+                        self.probe_kill(kill).await;
+                    }
+                }
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -234,6 +252,7 @@ impl PodWorker {
                 wake = wake.min(at);
             }
         }
+        self.reconcile_probes();
         let status = self.compute_status();
         self.last_status = Some(status.clone());
         if self.terminal.is_none() {
@@ -558,6 +577,7 @@ impl PodWorker {
         record.fallback_to_logs = container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
         // The next restart waits out the crash-loop backoff.
         record.retry_at = None;
+        self.post_start(container).await;
         None
     }
 
@@ -650,11 +670,16 @@ impl PodWorker {
             .filter(|(_, r)| matches!(r.current, Some(ContainerState::Running { .. }) | Some(ContainerState::Created)))
             .filter_map(|(n, r)| Some((n.clone(), r.id.clone()?)))
             .collect();
+        let (init, app) = self.spec_containers();
         let stops = running.iter().map(|(name, id)| {
-            self.ctx.events.normal(&self.container_ref(name), "Killing", format!("Stopping container {name}"));
+            let cref = self.container_ref(name);
+            self.ctx.events.normal(&cref, "Killing", format!("Stopping container {name}"));
             let provider = self.ctx.provider.clone();
+            let spec = init.iter().chain(&app).find(|c| &c.name == name);
+            let (events, pod_ip) = (&self.ctx.events, self.ctx.node_ip.as_str());
             async move {
-                if let Err(e) = provider.stop_container(id, grace).await {
+                // The preStop hook runs first, within the grace period.
+                if let Err(e) = probes::stop_with_pre_stop(&provider, events, &cref, spec, id, pod_ip, grace).await {
                     debug!(container = %name, error = %e, why, "stopping container");
                 }
             }
@@ -736,8 +761,8 @@ impl PodWorker {
                 image,
                 image_id: record.map(|r| r.image_id.clone()).unwrap_or_default(),
                 container_id: record.and_then(|r| r.id.clone()).map(|id| format!("wasm://{id}")),
-                ready: running,
-                started: Some(running),
+                ready: running && self.probes.ready(c),
+                started: Some(running && self.probes.started(c)),
                 restart_count: record.map_or(0, |r| r.restart_count),
                 state: Some(state),
                 last_state: Some(last_state.unwrap_or_default()),
@@ -833,6 +858,65 @@ impl PodWorker {
             "OnFailure" => code != 0,
             _ => false,
         }
+    }
+}
+
+/// Probes and lifecycle hooks (see [`crate::probes`]): the worker's few call sites.
+impl PodWorker {
+    /// Starts and stops prober tasks to match the containers running now.
+    fn reconcile_probes(&mut self) {
+        let (_, app) = self.spec_containers();
+        let running: Vec<probes::Running<'_>> = app
+            .iter()
+            .filter_map(|c| {
+                let r = self.containers.get(&c.name)?;
+                if !matches!(r.current, Some(ContainerState::Running { .. })) {
+                    return None;
+                }
+                Some(probes::Running { container: c, id: r.id.as_deref()?, started_at: r.started_at? })
+            })
+            .collect();
+        self.probes.reconcile(&running);
+    }
+
+    /// A liveness or startup probe failed: stop the instance (preStop first) and let the
+    /// restart policy, with its backoff, restart it on the next sync.
+    async fn probe_kill(&mut self, kill: probes::Kill) {
+        let is_current = self.containers.get(&kill.container).is_some_and(|r| r.id.as_deref() == Some(kill.id.as_str()) && matches!(r.current, Some(ContainerState::Running { .. })));
+        if !is_current {
+            return;
+        }
+        let cref = self.container_ref(&kill.container);
+        info!(container = %kill.container, kind = ?kill.kind, "probe failed; killing the container");
+        self.ctx.events.normal(&cref, "Killing", kill.message());
+        let grace = kill.grace.unwrap_or_else(|| self.pod_grace());
+        let (init, app) = self.spec_containers();
+        let spec = init.iter().chain(&app).find(|c| c.name == kill.container);
+        if let Err(e) = probes::stop_with_pre_stop(&self.ctx.provider, &self.ctx.events, &cref, spec, &kill.id, &self.ctx.node_ip, grace).await {
+            warn!(container = %kill.container, error = %e, "stopping a container that failed its probe");
+        }
+        self.refresh().await;
+    }
+
+    /// Runs the container's postStart hook right after it started; a failure kills the
+    /// container (FailedPostStartHook) and the restart policy applies.
+    async fn post_start(&mut self, container: &Container) {
+        let Some(id) = self.containers.get(&container.name).and_then(|r| r.id.clone()) else { return };
+        let Err(e) = probes::run_post_start(&self.ctx.provider, container, &id, &self.ctx.node_ip).await else { return };
+        // As the kubelet: the hook's output stays out of the event (it may hold secrets).
+        warn!(container = %container.name, error = %e, "postStart hook failed");
+        let cref = self.container_ref(&container.name);
+        self.ctx.events.warning(&cref, "FailedPostStartHook", "PostStartHook failed".into());
+        self.ctx.events.normal(&cref, "Killing", format!("FailedPostStartHook: container {} will be killed", container.name));
+        if let Err(e) = self.ctx.provider.stop_container(&id, self.pod_grace()).await {
+            warn!(container = %container.name, error = %e, "stopping a container whose postStart hook failed");
+        }
+        self.refresh().await;
+    }
+
+    /// The pod's terminationGracePeriodSeconds (30 s by default, as the API server defaults it).
+    fn pod_grace(&self) -> Duration {
+        Duration::from_secs(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64)
     }
 }
 

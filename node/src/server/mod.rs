@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod logs;
+pub mod stats;
 pub mod streams;
 pub mod tls;
 
@@ -142,6 +143,7 @@ struct Shared {
 
 /// The kubelet API, bound and ready to serve.
 pub struct KubeletServer {
+    sampler: stats::Sampler,
     listener: TcpListener,
     healthz: Option<TcpListener>,
     acceptor: TlsAcceptor,
@@ -179,7 +181,8 @@ impl KubeletServer {
             client: client.clone(),
             pod_ip: config.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         });
-        let routes = routes(config.pod_logs_dir.clone(), client);
+        let (sampler, snapshots) = stats::Sampler::new(streams.provider.clone(), config.root_dir.clone(), config.housekeeping_interval);
+        let routes = routes(config.pod_logs_dir.clone(), client, StatsView { node_name: config.node_name.clone(), boot: boot_time(), snapshots });
         info!(
             %addr,
             client_ca = ?config.client_ca_file,
@@ -196,12 +199,13 @@ impl KubeletServer {
             };
             warn!("the kubelet API has no client CA and no token webhook; it accepts {who}");
         }
-        Ok(Some(KubeletServer { listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes, streams }) }))
+        Ok(Some(KubeletServer { sampler, listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes, streams }) }))
     }
 
     /// Serves until `shutdown`; open connections are dropped then.
     pub async fn run(self, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
+        connections.spawn(self.sampler.run(shutdown.clone()));
         if let Some(healthz) = self.healthz {
             connections.spawn(serve_healthz(healthz, shutdown.clone()));
         }
@@ -328,7 +332,44 @@ fn into_body(mut response: warp::reply::Response) -> http::Response<Body> {
 }
 
 /// The routes, after authentication and authorization.
-fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+/// What the stats routes read: the sampler's latest snapshot.
+#[derive(Clone)]
+struct StatsView {
+    node_name: String,
+    boot: std::time::SystemTime,
+    snapshots: tokio::sync::watch::Receiver<Option<Arc<stats::Snapshot>>>,
+}
+
+impl StatsView {
+    fn latest(&self) -> Result<Arc<stats::Snapshot>, StatusError> {
+        self.snapshots.borrow().clone().ok_or_else(|| StatusError { code: 503, reason: "ServiceUnavailable", message: "no stats sampled yet".into(), headers: http::HeaderMap::new() })
+    }
+}
+
+/// When the machine booted: now minus /proc/uptime.
+fn boot_time() -> std::time::SystemTime {
+    let uptime = std::fs::read_to_string("/proc/uptime").ok().and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0);
+    std::time::SystemTime::now() - Duration::from_secs_f64(uptime)
+}
+
+fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: StatsView) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let summary_view = stats_view.clone();
+    let summary = warp::path!("stats" / "summary").and(warp::get()).map(move || match summary_view.latest() {
+        Ok(s) => {
+            let mut response = warp::reply::Response::new(stats::summary(&summary_view.node_name, summary_view.boot, &s).to_string().into());
+            response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => e.into_warp(),
+    });
+    let resource = warp::path!("metrics" / "resource").and(warp::get()).map(move || match stats_view.latest() {
+        Ok(s) => {
+            let mut response = warp::reply::Response::new(stats::resource_metrics(&s).into());
+            response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            response
+        }
+        Err(e) => e.into_warp(),
+    });
     let healthz = warp::path!("healthz").and(warp::get().or(warp::head()).unify()).map(healthz_response);
     let logs = warp::path!("containerLogs" / String / String / String)
         .and(warp::get())
@@ -337,7 +378,7 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>) -> warp::filters:
         .then(|ns: String, pod: String, container: String, query: Vec<(String, String)>, (dir, client): (PathBuf, Option<kube::Client>)| async move {
             container_logs(&dir, client, &ns, &pod, &container, &query).await.unwrap_or_else(StatusError::into_warp)
         });
-    healthz.or(logs).unify().recover(rejection).unify().boxed()
+    healthz.or(logs).unify().or(summary).unify().or(resource).unify().recover(rejection).unify().boxed()
 }
 
 fn healthz_response() -> warp::reply::Response {

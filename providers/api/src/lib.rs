@@ -148,6 +148,15 @@ impl ExitReason {
     }
 }
 
+/// What a container has used, measured by the runtime (not estimated).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerUsage {
+    /// CPU time spent running the container's instances (and its execs), cumulative.
+    pub cpu_nanos: u64,
+    /// Memory held now by the container's live instances (linear memories); 0 once exited.
+    pub memory_bytes: u64,
+}
+
 /// One container as listed by [`Provider::list_containers`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerSummary {
@@ -157,6 +166,7 @@ pub struct ContainerSummary {
     pub attempt: u32,
     pub image_digest: String,
     pub state: ContainerState,
+    pub usage: ContainerUsage,
 }
 
 /// The streams of one [`Provider::exec`]: where the command's stdin comes from and where its
@@ -254,6 +264,11 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Every container the provider holds, in every state.
     async fn list_containers(&self) -> Vec<ContainerSummary>;
+
+    /// Every pod sandbox the provider holds (stats name pods by them).
+    async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
+        Vec::new()
+    }
 
     /// Runs `command` as a new instance of the container's module in the same sandbox:
     /// same env, same mounts, argv = command. Returns the exit code.

@@ -26,7 +26,7 @@ use wasmtime::Engine;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream, IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::OutputStream;
 
-use crate::instance::{classify, granted_context, Instance};
+use crate::instance::{classify, granted_context, Instance, UsageMeter};
 
 /// How many bytes the guest may hand to one output stream before its write waits for the
 /// caller's writer: 64 KiB is a pipe buffer on Linux, enough for any line, small enough to hold
@@ -40,7 +40,16 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// Runs `command` as a new instance of the container's `instance` (see the module docs).
 /// `container_stop` is the container's stop token: when it is cancelled (the container is
 /// killed or has ended) the exec instance is interrupted too.
-pub async fn run(engine: &Engine, instance: &Instance, config: &ContainerConfig, command: Vec<String>, io: ExecIo, container_stop: &CancellationToken) -> Result<i32, ProviderError> {
+/// The exec's CPU time and memory count on the container's `meter`.
+pub async fn run(
+    engine: &Engine,
+    instance: &Instance,
+    config: &ContainerConfig,
+    command: Vec<String>,
+    io: ExecIo,
+    container_stop: &CancellationToken,
+    meter: &Arc<UsageMeter>,
+) -> Result<i32, ProviderError> {
     let program = command.first().cloned().ok_or_else(|| ProviderError::Exec(format!("exec in container {}: the command is empty", config.name)))?;
     let mut wasi = granted_context(config, &command).map_err(|e| ProviderError::Io(format!("exec {program:?} in container {}: {e}", config.name)))?;
     let stdout = ExecOutput::new(io.stdout);
@@ -52,7 +61,7 @@ pub async fn run(engine: &Engine, instance: &Instance, config: &ContainerConfig,
 
     let stop = container_stop.child_token();
     let memory_limit = config.memory_limit_bytes;
-    let execute = instance.execute(engine, wasi, memory_limit, stop.clone());
+    let execute = instance.execute(engine, wasi, memory_limit, stop.clone(), meter);
     let (result, memory_exceeded, timed_out) = match io.timeout {
         None => {
             let (result, exceeded) = execute.await;

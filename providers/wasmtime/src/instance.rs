@@ -10,6 +10,10 @@
 //! busy guest shares the worker threads instead of pinning one, and a stop is seen within a
 //! tick. Running each instance on a blocking thread instead would cost a thread per container.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use provider_api::{ContainerConfig, ExitReason, ProviderError};
@@ -82,27 +86,35 @@ impl Instance {
     }
 
     /// Runs the program to its end (or until `stop` is cancelled) and says how it ended.
-    pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken) -> Exit {
-        let (result, memory_exceeded) = self.execute(engine, wasi, memory_limit, stop.clone()).await;
+    pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken, meter: &Arc<UsageMeter>) -> Exit {
+        let (result, memory_exceeded) = self.execute(engine, wasi, memory_limit, stop.clone(), meter).await;
         classify(result, memory_exceeded, stop.is_cancelled(), memory_limit)
     }
 
     /// Runs the program in a fresh store to its end (or until `stop` is cancelled); returns the
     /// raw result and whether the memory limit refused a growth. [`Instance::run`] and exec
     /// (which map the result each their own way) share it.
-    pub async fn execute(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken) -> (wasmtime::Result<()>, bool) {
-        let limiter = Limiter::new(memory_limit);
+    pub async fn execute(
+        &self,
+        engine: &Engine,
+        wasi: WasiCtxBuilder,
+        memory_limit: Option<u64>,
+        stop: CancellationToken,
+        meter: &Arc<UsageMeter>,
+    ) -> (wasmtime::Result<()>, bool) {
+        let limiter = Limiter::new(memory_limit, meter.clone());
         match self {
             Instance::Module(pre) => {
                 let mut wasi = wasi;
                 let mut store = Store::new(engine, P1State { wasi: wasi.build_p1(), limiter });
                 arm(&mut store, &stop, |s| &mut s.limiter);
-                let result = until_stopped(&stop, async {
+                let result = until_stopped(&stop, Metered::new(meter.clone(), async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await
-                })
+                }))
                 .await;
+                store.data_mut().limiter.release();
                 (result, store.data().limiter.exceeded)
             }
             Instance::Component(pre) => {
@@ -110,14 +122,15 @@ impl Instance {
                 let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter };
                 let mut store = Store::new(engine, state);
                 arm(&mut store, &stop, |s| &mut s.limiter);
-                let result = until_stopped(&stop, async {
+                let result = until_stopped(&stop, Metered::new(meter.clone(), async {
                     let command = pre.instantiate_async(&mut store).await?;
                     match command.wasi_cli_run().call_run(&mut store).await? {
                         Ok(()) => Ok(()),
                         Err(()) => Err(I32Exit(1).into()),
                     }
-                })
+                }))
                 .await;
+                store.data_mut().limiter.release();
                 (result, store.data().limiter.exceeded)
             }
         }
@@ -247,28 +260,87 @@ impl WasiView for P2State {
     }
 }
 
+/// A container's measured usage, shared by its instance and its execs.
+#[derive(Debug, Default)]
+pub struct UsageMeter {
+    cpu_nanos: AtomicU64,
+    memory_bytes: AtomicU64,
+}
+
+impl UsageMeter {
+    pub fn usage(&self) -> provider_api::ContainerUsage {
+        provider_api::ContainerUsage { cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed), memory_bytes: self.memory_bytes.load(Ordering::Relaxed) }
+    }
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A future whose polls are charged to a meter: the guest runs only inside these polls (it
+/// yields to tokio at every epoch tick), so the thread CPU time they take is the guest's.
+struct Metered<F> {
+    inner: Pin<Box<F>>,
+    meter: Arc<UsageMeter>,
+}
+
+impl<F> Metered<F> {
+    fn new(meter: Arc<UsageMeter>, inner: F) -> Self {
+        Self { inner: Box::pin(inner), meter }
+    }
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let before = thread_cpu_nanos();
+        let result = self.inner.as_mut().poll(cx);
+        self.meter.cpu_nanos.fetch_add(thread_cpu_nanos().saturating_sub(before), Ordering::Relaxed);
+        result
+    }
+}
+
 /// wasmtime's `StoreLimits` (trapping on a refused growth) that remembers whether the memory
-/// limit was what stopped the guest, so the exit can say OOMKilled.
+/// limit was what stopped the guest, so the exit can say OOMKilled, and counts the memory it
+/// granted on the container's meter.
 pub struct Limiter {
     limits: StoreLimits,
     exceeded: bool,
+    meter: Arc<UsageMeter>,
+    granted: u64,
 }
 
 impl Limiter {
-    fn new(memory_limit: Option<u64>) -> Self {
+    fn new(memory_limit: Option<u64>, meter: Arc<UsageMeter>) -> Self {
         let mut builder = StoreLimitsBuilder::new().trap_on_grow_failure(true);
         if let Some(limit) = memory_limit {
             builder = builder.memory_size(usize::try_from(limit).unwrap_or(usize::MAX));
         }
-        Self { limits: builder.build(), exceeded: false }
+        Self { limits: builder.build(), exceeded: false, meter, granted: 0 }
+    }
+
+    /// The store is done: its memory no longer counts.
+    fn release(&mut self) {
+        self.meter.memory_bytes.fetch_sub(std::mem::take(&mut self.granted), Ordering::Relaxed);
     }
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         let result = self.limits.memory_growing(current, desired, maximum);
-        if !matches!(result, Ok(true)) {
-            self.exceeded = true;
+        match result {
+            Ok(true) => {
+                let grown = desired.saturating_sub(current) as u64;
+                self.granted += grown;
+                self.meter.memory_bytes.fetch_add(grown, Ordering::Relaxed);
+            }
+            _ => self.exceeded = true,
         }
         result
     }

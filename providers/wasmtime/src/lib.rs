@@ -3,7 +3,8 @@
 //! Start at [`WasmtimeProvider`]: it owns the one `wasmtime::Engine` every pod shares (compiled
 //! code is per engine, so sharing it is what lets a second pod of an image skip compilation),
 //! and implements [`Provider`]. The pieces, each in its module:
-//! - [`image`]: OCI pull of Wasm artifacts into a content-addressed, digest-verified store;
+//! - [`image`]: OCI pull of Wasm artifacts, and of ordinary OCI images whose entrypoint is a
+//!   module, into a content-addressed, digest-verified store;
 //! - [`compile`]: compiled modules/components cached by layer digest, in memory and on disk;
 //! - [`instance`]: one run of a container (WASI context, memory limit, exit mapping);
 //! - [`exec`]: the container's program run again in its sandbox, stdio to the caller's streams;
@@ -22,7 +23,7 @@ pub mod log;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use provider_api::{ContainerConfig, ContainerState, ContainerSummary, ExecIo, ExitReason, ImageInfo, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig};
@@ -31,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::compile::CompileCache;
-use crate::image::ImageStore;
-use crate::instance::{Exit, Instance, Linkers, KILLED_EXIT_CODE};
+use crate::image::{ImageStore, RegistryOptions};
+use crate::instance::{Exit, Instance, Linkers, UsageMeter, KILLED_EXIT_CODE};
 use crate::log::ContainerLog;
 
 /// The wasmtime version pinned in the workspace (see build.rs).
@@ -47,6 +48,13 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// How long a forced stop may take to show up as an exit before `stop_container` gives up
 /// waiting (a guest stuck in a synchronous host call, e.g. a slow disk write).
 const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// What the agent's configuration sets in the provider; the default is what [`WasmtimeProvider::new`] uses.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderOptions {
+    /// Extra registry CAs and plain-http registries for image pulls.
+    pub registries: RegistryOptions,
+}
 
 /// Runs Wasm pods with wasmtime.
 pub struct WasmtimeProvider {
@@ -70,6 +78,8 @@ struct Container {
     image_digest: String,
     instance: Instance,
     phase: Phase,
+    /// CPU time and memory of the container's instance and execs.
+    meter: Arc<UsageMeter>,
 }
 
 /// A container's lifecycle: Created -> Running -> Exited (or Created -> Exited when stopped
@@ -94,14 +104,20 @@ impl Phase {
 impl WasmtimeProvider {
     /// An engine with the settings pods need: epoch interruption (so a busy loop can be
     /// stopped) and the component model (so WASI preview2 components run), images and compiled
-    /// code under `root_dir`, and a thread advancing the epoch every [`EPOCH_TICK`].
+    /// code under `root_dir`, and a thread advancing the epoch every [`EPOCH_TICK`]; default
+    /// [`ProviderOptions`].
     pub fn new(root_dir: PathBuf) -> Result<Self, ProviderError> {
+        Self::with_options(root_dir, ProviderOptions::default())
+    }
+
+    /// As [`WasmtimeProvider::new`], with `options`.
+    pub fn with_options(root_dir: PathBuf, options: ProviderOptions) -> Result<Self, ProviderError> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true).wasm_component_model(true);
         let engine = wasmtime::Engine::new(&config).map_err(|e| ProviderError::Setup(format!("{e:#}")))?;
         start_epoch_ticker(&engine)?;
         let linkers = Linkers::new(&engine)?;
-        let images = ImageStore::open(&root_dir)?;
+        let images = ImageStore::open(&root_dir, options.registries)?;
         let compiled = CompileCache::new(engine.clone(), &root_dir);
         Ok(Self { engine, linkers, images, compiled, state: Mutex::new(State::default()), next_id: AtomicU64::new(1) })
     }
@@ -210,11 +226,13 @@ impl Provider for WasmtimeProvider {
         results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
     }
 
-    async fn create_container(&self, sandbox_id: &str, config: ContainerConfig) -> Result<String, ProviderError> {
+    async fn create_container(&self, sandbox_id: &str, mut config: ContainerConfig) -> Result<String, ProviderError> {
         if !self.state().sandboxes.contains_key(sandbox_id) {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id}")));
         }
         let image = self.images.get(&config.image).ok_or_else(|| ProviderError::ImageNotPresent(config.image.clone()))?;
+        // An ordinary OCI image's Entrypoint and Cmd are the argv defaults.
+        (config.command, config.args) = image::with_image_defaults(&image, std::mem::take(&mut config.command), std::mem::take(&mut config.args));
         for mount in &config.mounts {
             if !mount.host_path.is_dir() {
                 return Err(ProviderError::Create(format!("container {}: mount {} at {} is not a directory", config.name, mount.host_path.display(), mount.container_path)));
@@ -229,7 +247,7 @@ impl Provider for WasmtimeProvider {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id} (removed while creating)")));
         }
         tracing::debug!(container = %config.name, id, "container created");
-        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created });
+        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter: Arc::default() });
         Ok(id)
     }
 
@@ -246,13 +264,14 @@ impl Provider for WasmtimeProvider {
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(None);
         let span = tracing::info_span!("container", pod = %container.pod_uid, name = %config.name, id = container_id);
-        let (engine, instance, memory_limit, token) = (self.engine.clone(), container.instance.clone(), config.memory_limit_bytes, stop.clone());
+        let (engine, instance, memory_limit, token, meter) =
+            (self.engine.clone(), container.instance.clone(), config.memory_limit_bytes, stop.clone(), container.meter.clone());
         container.phase = Phase::Running { started_at, exit: rx, stop };
         drop(state);
         tokio::spawn(
             async move {
                 tracing::info!("started");
-                let exit = instance.run(&engine, wasi, memory_limit, token.clone()).await;
+                let exit = instance.run(&engine, wasi, memory_limit, token.clone(), &meter).await;
                 // The container's end ends its execs, as a pid namespace's end does.
                 token.cancel();
                 log.finish();
@@ -305,22 +324,28 @@ impl Provider for WasmtimeProvider {
         self.state()
             .containers
             .iter()
-            .map(|(id, c)| ContainerSummary { id: id.clone(), pod_uid: c.pod_uid.clone(), name: c.config.name.clone(), attempt: c.config.attempt, image_digest: c.image_digest.clone(), state: c.phase.state() })
+            .map(|(id, c)| ContainerSummary { id: id.clone(), pod_uid: c.pod_uid.clone(), name: c.config.name.clone(), attempt: c.config.attempt, image_digest: c.image_digest.clone(), state: c.phase.state(), usage: c.meter.usage() })
             .collect()
     }
 
+    async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
+        self.state().sandboxes.values().cloned().collect()
+    }
+
     async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
-        let (pod_uid, config, instance, stop) = {
+        let (pod_uid, config, instance, stop, meter) = {
             let state = self.state();
             let container = state.containers.get(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
             match (&container.phase, container.phase.state()) {
-                (Phase::Running { stop, .. }, ContainerState::Running { .. }) => (container.pod_uid.clone(), container.config.clone(), container.instance.clone(), stop.clone()),
+                (Phase::Running { stop, .. }, ContainerState::Running { .. }) => {
+                    (container.pod_uid.clone(), container.config.clone(), container.instance.clone(), stop.clone(), container.meter.clone())
+                }
                 (_, other) => return Err(ProviderError::Exec(format!("container {} ({container_id}) is {}, not Running: cannot exec into it", container.config.name, kind(&other)))),
             }
         };
         let program = command.first().map(String::as_str).unwrap_or("");
         let span = tracing::debug_span!("exec", pod = %pod_uid, name = %config.name, id = container_id, command = program);
-        exec::run(&self.engine, &instance, &config, command, io, &stop).instrument(span).await
+        exec::run(&self.engine, &instance, &config, command, io, &stop, &meter).instrument(span).await
     }
 }
 

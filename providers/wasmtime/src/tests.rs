@@ -201,6 +201,27 @@ async fn a_busy_loop_is_killed_after_the_grace_period() {
     assert!(provider.list_containers().await.is_empty());
 }
 
+#[tokio::test]
+async fn usage_is_measured_cpu_while_busy_memory_while_alive() {
+    let root = Root::new("usage");
+    let provider = provider_with(&root.0, BUSY).await;
+    let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
+    provider.start_container(&id).await.unwrap();
+    let usage = || async { provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().usage };
+    // Wait (not sleep-and-hope) for the spinning guest to accumulate 100 ms of CPU time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while usage().await.cpu_nanos < 100_000_000 {
+        assert!(Instant::now() < deadline, "a busy loop accumulates CPU time: {:?}", usage().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(usage().await.memory_bytes, 64 * 1024, "one Wasm page of linear memory");
+    provider.stop_container(&id, Duration::ZERO).await.unwrap();
+    wait_exited(&provider, &id).await;
+    let after = usage().await;
+    assert_eq!(after.memory_bytes, 0, "an exited container holds no memory");
+    assert!(after.cpu_nanos >= 100_000_000, "CPU time is cumulative");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_busy_loop_does_not_starve_a_single_threaded_runtime() {
     let root = Root::new("starve");

@@ -1,0 +1,349 @@
+//! `/stats/summary` (the kubelet's Summary API) and `/metrics/resource` (what metrics-server
+//! scrapes), from real measurements: per-container CPU time and memory as the provider meters
+//! them (thread CPU time of the polls that run the guest; live linear memories), node CPU from
+//! /proc/stat, node memory from /proc/meminfo, filesystems by statvfs of --root-dir.
+//!
+//! Rates (`usageNanoCores`) need two samples: the [`Sampler`] task takes one every
+//! `--housekeeping-interval` and is the only owner of the history; requests read its latest
+//! [`Snapshot`] from a watch channel.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::chrono::{DateTime, SecondsFormat, Utc};
+use provider_api::{ContainerState, Provider};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::machine;
+
+/// One container in a snapshot.
+#[derive(Debug, Clone)]
+pub struct ContainerSample {
+    pub name: String,
+    pub started: SystemTime,
+    pub cpu_nanos: u64,
+    /// Nanocores over the last interval; None until two samples exist.
+    pub nano_cores: Option<u64>,
+    pub memory_bytes: u64,
+}
+
+/// One pod in a snapshot.
+#[derive(Debug, Clone)]
+pub struct PodSample {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub containers: Vec<ContainerSample>,
+}
+
+/// Everything measured at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub time: SystemTime,
+    pub node_cpu_nanos: u64,
+    pub node_nano_cores: Option<u64>,
+    pub node_memory_total: u64,
+    pub node_memory_available: u64,
+    pub fs_capacity: u64,
+    pub fs_available: u64,
+    pub fs_inodes: u64,
+    pub fs_inodes_free: u64,
+    pub pods: Vec<PodSample>,
+}
+
+/// Takes samples; the only owner of the previous one.
+pub struct Sampler {
+    provider: Arc<dyn Provider>,
+    root_dir: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl Sampler {
+    pub fn new(provider: Arc<dyn Provider>, root_dir: PathBuf, interval: Duration) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
+        let (tx, rx) = watch::channel(None);
+        (Self { provider, root_dir, interval, tx }, rx)
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut previous: Option<Arc<Snapshot>> = None;
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let snapshot = Arc::new(self.sample(previous.as_deref()).await);
+            self.tx.send_replace(Some(snapshot.clone()));
+            previous = Some(snapshot);
+        }
+    }
+
+    async fn sample(&self, previous: Option<&Snapshot>) -> Snapshot {
+        let time = SystemTime::now();
+        let elapsed = previous.and_then(|p| time.duration_since(p.time).ok()).filter(|d| !d.is_zero());
+        let rate = |now: u64, before: Option<u64>| -> Option<u64> {
+            let (before, elapsed) = (before?, elapsed?);
+            Some((now.saturating_sub(before) as f64 / elapsed.as_secs_f64()) as u64)
+        };
+        let previous_cpu: HashMap<(&str, &str), u64> = previous
+            .map(|p| p.pods.iter().flat_map(|pod| pod.containers.iter().map(move |c| ((pod.uid.as_str(), c.name.as_str()), c.cpu_nanos))).collect())
+            .unwrap_or_default();
+
+        let sandboxes = self.provider.list_pod_sandboxes().await;
+        let containers = self.provider.list_containers().await;
+        let mut pods = Vec::new();
+        for sandbox in sandboxes {
+            // The latest attempt of each container, running or not (its CPU time is cumulative
+            // per attempt, as a container's is in the kubelet).
+            let mut latest: HashMap<&str, &provider_api::ContainerSummary> = HashMap::new();
+            for c in containers.iter().filter(|c| c.pod_uid == sandbox.pod_uid) {
+                if latest.get(c.name.as_str()).is_none_or(|l| l.attempt < c.attempt) {
+                    latest.insert(c.name.as_str(), c);
+                }
+            }
+            let samples = latest
+                .into_values()
+                .filter_map(|c| {
+                    let started = match c.state {
+                        ContainerState::Running { started_at } => started_at,
+                        _ => return None, // stats cover running containers, as the kubelet's do
+                    };
+                    let before = previous_cpu.get(&(sandbox.pod_uid.as_str(), c.name.as_str())).copied();
+                    Some(ContainerSample {
+                        name: c.name.clone(),
+                        started,
+                        cpu_nanos: c.usage.cpu_nanos,
+                        nano_cores: rate(c.usage.cpu_nanos, before.filter(|b| *b <= c.usage.cpu_nanos)),
+                        memory_bytes: c.usage.memory_bytes,
+                    })
+                })
+                .collect();
+            pods.push(PodSample { namespace: sandbox.namespace, name: sandbox.name, uid: sandbox.pod_uid, containers: samples });
+        }
+
+        let node_cpu_nanos = node_cpu_nanos();
+        let capacity = machine::capacity(&self.root_dir).ok();
+        let available = machine::available(&self.root_dir).ok();
+        Snapshot {
+            time,
+            node_cpu_nanos,
+            node_nano_cores: rate(node_cpu_nanos, previous.map(|p| p.node_cpu_nanos)),
+            node_memory_total: capacity.as_ref().map_or(0, |c| c.memory_bytes),
+            node_memory_available: available.map_or(0, |a| a.memory_bytes),
+            fs_capacity: capacity.as_ref().map_or(0, |c| c.ephemeral_storage_bytes),
+            fs_available: available.map_or(0, |a| a.nodefs_bytes),
+            fs_inodes: available.map_or(0, |a| a.nodefs_inodes_total),
+            fs_inodes_free: available.map_or(0, |a| a.nodefs_inodes),
+            pods,
+        }
+    }
+}
+
+/// Busy CPU time of the whole machine from /proc/stat, in nanoseconds.
+fn node_cpu_nanos() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0 };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0 };
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy: u64 = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).take(8).map(|(_, v)| v).sum();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    busy * (1_000_000_000 / ticks)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The Summary API document (stats/v1alpha1) for `node_name`.
+pub fn summary(node_name: &str, boot: SystemTime, s: &Snapshot) -> Value {
+    let time = rfc3339(s.time);
+    let cpu = |nanos: u64, cores: Option<u64>| {
+        let mut v = json!({ "time": time, "usageCoreNanoSeconds": nanos });
+        if let Some(c) = cores {
+            v["usageNanoCores"] = json!(c);
+        }
+        v
+    };
+    let memory = |bytes: u64| json!({ "time": time, "usageBytes": bytes, "workingSetBytes": bytes, "rssBytes": bytes, "pageFaults": 0, "majorPageFaults": 0 });
+    let fs = json!({
+        "time": time,
+        "availableBytes": s.fs_available,
+        "capacityBytes": s.fs_capacity,
+        "usedBytes": s.fs_capacity.saturating_sub(s.fs_available),
+        "inodesFree": s.fs_inodes_free,
+        "inodes": s.fs_inodes,
+        "inodesUsed": s.fs_inodes.saturating_sub(s.fs_inodes_free),
+    });
+    let pods: Vec<Value> = s
+        .pods
+        .iter()
+        .map(|p| {
+            let containers: Vec<Value> = p
+                .containers
+                .iter()
+                .map(|c| json!({ "name": c.name, "startTime": rfc3339(c.started), "cpu": cpu(c.cpu_nanos, c.nano_cores), "memory": memory(c.memory_bytes) }))
+                .collect();
+            let pod_cpu: u64 = p.containers.iter().map(|c| c.cpu_nanos).sum();
+            let pod_cores = p.containers.iter().map(|c| c.nano_cores).sum::<Option<u64>>();
+            let pod_memory: u64 = p.containers.iter().map(|c| c.memory_bytes).sum();
+            let start = p.containers.iter().map(|c| c.started).min().unwrap_or(s.time);
+            json!({
+                "podRef": { "name": p.name, "namespace": p.namespace, "uid": p.uid },
+                "startTime": rfc3339(start),
+                "containers": containers,
+                "cpu": cpu(pod_cpu, pod_cores),
+                "memory": memory(pod_memory),
+            })
+        })
+        .collect();
+    let used_memory = s.node_memory_total.saturating_sub(s.node_memory_available);
+    json!({
+        "node": {
+            "nodeName": node_name,
+            "startTime": rfc3339(boot),
+            "cpu": cpu(s.node_cpu_nanos, s.node_nano_cores),
+            "memory": { "time": time, "availableBytes": s.node_memory_available, "usageBytes": used_memory, "workingSetBytes": used_memory, "rssBytes": used_memory, "pageFaults": 0, "majorPageFaults": 0 },
+            "fs": fs,
+            // Images and compiled modules live under --root-dir: the image filesystem is nodefs.
+            "runtime": { "imageFs": fs },
+        },
+        "pods": pods,
+    })
+}
+
+/// The Prometheus text metrics-server reads from `/metrics/resource`.
+pub fn resource_metrics(s: &Snapshot) -> String {
+    let ms = s.time.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let secs = |nanos: u64| nanos as f64 / 1e9;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    };
+    let containers: Vec<(&PodSample, &ContainerSample)> = s.pods.iter().flat_map(|p| p.containers.iter().map(move |c| (p, c))).collect();
+    // Labels in the order container, pod, namespace, as the kubelet writes them.
+    let labels = |p: &PodSample, c: &ContainerSample| format!("container=\"{}\",pod=\"{}\",namespace=\"{}\"", c.name, p.name, p.namespace);
+    family(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
+        containers.iter().map(|(p, c)| format!("container_cpu_usage_seconds_total{{{}}} {} {ms}", labels(p, c), secs(c.cpu_nanos))).collect(),
+    );
+    family(
+        "container_memory_working_set_bytes",
+        "gauge",
+        "[STABLE] Current working set of the container in bytes",
+        containers.iter().map(|(p, c)| format!("container_memory_working_set_bytes{{{}}} {} {ms}", labels(p, c), c.memory_bytes)).collect(),
+    );
+    family(
+        "container_start_time_seconds",
+        "gauge",
+        "[STABLE] Start time of the container since unix epoch in seconds",
+        containers
+            .iter()
+            .map(|(p, c)| {
+                let started = c.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                format!("container_start_time_seconds{{{}}} {started} {ms}", labels(p, c))
+            })
+            .collect(),
+    );
+    family(
+        "node_cpu_usage_seconds_total",
+        "counter",
+        "[STABLE] Cumulative cpu time consumed by the node in core-seconds",
+        vec![format!("node_cpu_usage_seconds_total {} {ms}", secs(s.node_cpu_nanos))],
+    );
+    family(
+        "node_memory_working_set_bytes",
+        "gauge",
+        "[STABLE] Current working set of the node in bytes",
+        vec![format!("node_memory_working_set_bytes {} {ms}", s.node_memory_total.saturating_sub(s.node_memory_available))],
+    );
+    family(
+        "pod_cpu_usage_seconds_total",
+        "counter",
+        "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
+        s.pods
+            .iter()
+            .map(|p| format!("pod_cpu_usage_seconds_total{{pod=\"{}\",namespace=\"{}\"}} {} {ms}", p.name, p.namespace, secs(p.containers.iter().map(|c| c.cpu_nanos).sum())))
+            .collect(),
+    );
+    family(
+        "pod_memory_working_set_bytes",
+        "gauge",
+        "[STABLE] Current working set of the pod in bytes",
+        s.pods
+            .iter()
+            .map(|p| format!("pod_memory_working_set_bytes{{pod=\"{}\",namespace=\"{}\"}} {} {ms}", p.name, p.namespace, p.containers.iter().map(|c| c.memory_bytes).sum::<u64>()))
+            .collect(),
+    );
+    family("scrape_error", "gauge", "[ALPHA] 1 if there was an error while getting container metrics, 0 otherwise", vec!["scrape_error 0".into()]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            node_cpu_nanos: 5_000_000_000,
+            node_nano_cores: Some(250_000_000),
+            node_memory_total: 8 << 30,
+            node_memory_available: 6 << 30,
+            fs_capacity: 100,
+            fs_available: 40,
+            fs_inodes: 10,
+            fs_inodes_free: 4,
+            pods: vec![PodSample {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+                containers: vec![ContainerSample {
+                    name: "c".into(),
+                    started: SystemTime::UNIX_EPOCH + Duration::from_secs(1_699_999_000),
+                    cpu_nanos: 1_500_000_000,
+                    nano_cores: Some(990_000_000),
+                    memory_bytes: 65536,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn summary_has_the_kubelet_shape() {
+        let v = summary("n1", SystemTime::UNIX_EPOCH, &snapshot());
+        assert_eq!(v["node"]["nodeName"], "n1");
+        assert_eq!(v["node"]["memory"]["workingSetBytes"], 2u64 << 30);
+        assert_eq!(v["node"]["fs"]["usedBytes"], 60);
+        let pod = &v["pods"][0];
+        assert_eq!(pod["podRef"]["uid"], "u");
+        assert_eq!(pod["containers"][0]["cpu"]["usageNanoCores"], 990_000_000u64);
+        assert_eq!(pod["memory"]["workingSetBytes"], 65536);
+    }
+
+    #[test]
+    fn resource_metrics_label_order_and_values() {
+        let text = resource_metrics(&snapshot());
+        assert!(text.contains("container_cpu_usage_seconds_total{container=\"c\",pod=\"p\",namespace=\"ns\"} 1.5 1700000000000\n"), "{text}");
+        assert!(text.contains("pod_memory_working_set_bytes{pod=\"p\",namespace=\"ns\"} 65536 "));
+        assert!(text.contains("# TYPE node_cpu_usage_seconds_total counter"));
+        assert!(text.contains("scrape_error 0"));
+    }
+
+    #[test]
+    fn node_cpu_is_measured() {
+        assert!(node_cpu_nanos() > 0);
+    }
+}

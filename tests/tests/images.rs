@@ -1,0 +1,371 @@
+//! Images end to end: ordinary OCI and Docker v2 images whose layer holds the module their
+//! entrypoint names, pushed to the local registry by the test itself (blob uploads and a
+//! manifest PUT with curl, the sequence deploy/push-wasm uses), and pulls from the local
+//! cluster's TLS registry with htpasswd auth through an imagePullSecret. One node and one
+//! namespace per test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
+use kube::api::PostParams;
+use kube::Api;
+
+const POD_TIMEOUT: Duration = Duration::from_secs(90);
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// A built wasm-examples program (push_examples builds them).
+fn example_wasm(name: &str) -> PathBuf {
+    push_examples();
+    let path = workspace_root().join("target/wasm-examples/wasm32-wasip1/release").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing after deploy/push-examples", path.display());
+    path
+}
+
+/// A node of its own for each test, its container logs under its directory.
+async fn node() -> Agent {
+    let name = unique_name("images");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
+    wait_for("the image test node to register", POD_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
+    agent
+}
+
+// ------------------------------------------------------------------ pushing images with curl
+
+/// A registry spoken to with curl: plain http, or https trusting `cacert`, with basic auth.
+struct Registry {
+    host: String,
+    user: Option<String>,
+    cacert: Option<String>,
+}
+
+impl Registry {
+    fn plain() -> Registry {
+        Registry { host: Cluster::get().var("REGISTRY").into(), user: None, cacert: None }
+    }
+
+    fn secure() -> Registry {
+        let c = Cluster::get();
+        Registry { host: c.var("SECURE_REGISTRY").into(), user: Some(format!("{}:{}", c.var("SECURE_REGISTRY_USER"), c.var("SECURE_REGISTRY_PASSWORD"))), cacert: Some(c.var("SECURE_REGISTRY_CA").into()) }
+    }
+
+    fn base(&self, repo: &str) -> String {
+        let scheme = if self.cacert.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/v2/{repo}", self.host)
+    }
+
+    /// One request; returns (status, headers, body).
+    fn request(&self, method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
+        let dir = tempdir("curl");
+        let (headers, body) = (dir.join("headers"), dir.join("body"));
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--connect-timeout", "10", "--request", method, "--write-out", "%{http_code}"]);
+        cmd.arg("--dump-header").arg(&headers).arg("--output").arg(&body);
+        if let Some(user) = &self.user {
+            cmd.args(["--user", user]);
+        }
+        if let Some(ca) = &self.cacert {
+            cmd.args(["--cacert", ca]);
+        }
+        let out = cmd.args(extra).arg(url).output().expect("curl runs");
+        let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        let result = (status, read(&headers), read(&body));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_ne!(status, 0, "{method} {url}: no response: {}", String::from_utf8_lossy(&out.stderr));
+        result
+    }
+
+    /// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); its descriptor.
+    fn push_blob(&self, repo: &str, media_type: &str, bytes: &[u8]) -> serde_json::Value {
+        let digest = sha256(bytes);
+        let (status, headers, body) = self.request("POST", &format!("{}/blobs/uploads/", self.base(repo)), &["--header", "Content-Length: 0"]);
+        assert_eq!(status, 202, "starting a blob upload: {body}");
+        let location = headers
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("location")).map(|(_, v)| v.trim().to_string()))
+            .expect("a Location header");
+        let location = if location.starts_with('/') { format!("{}{location}", self.base(repo).split("/v2/").next().unwrap()) } else { location };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let file = tempdir("blob").join("blob");
+        std::fs::write(&file, bytes).unwrap();
+        let data = format!("@{}", file.display());
+        let (status, _, body) = self.request("PUT", &format!("{location}{sep}digest={digest}"), &["--header", "Content-Type: application/octet-stream", "--data-binary", &data]);
+        let _ = std::fs::remove_dir_all(file.parent().unwrap());
+        assert_eq!(status, 201, "uploading blob {digest}: {body}");
+        serde_json::json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
+    }
+
+    /// Pushes an image: the config and layers as blobs, then the manifest; `repo:tag`.
+    fn push_image(&self, repo: &str, tag: &str, manifest_type: &str, config_type: &str, config: &serde_json::Value, layers: &[(&str, Vec<u8>)]) -> String {
+        let config = self.push_blob(repo, config_type, config.to_string().as_bytes());
+        let layers: Vec<serde_json::Value> = layers.iter().map(|(media_type, bytes)| self.push_blob(repo, media_type, bytes)).collect();
+        let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": manifest_type, "config": config, "layers": layers}).to_string();
+        let (status, _, body) = self.request("PUT", &format!("{}/manifests/{tag}", self.base(repo)), &["--header", &format!("Content-Type: {manifest_type}"), "--data-binary", &manifest]);
+        assert_eq!(status, 201, "putting the manifest of {repo}:{tag}: {body}");
+        format!("{}/{repo}:{tag}", self.host)
+    }
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = workspace_root().join("target/it/images-tmp").join(unique_name(what));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("sha256sum runs");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap())
+}
+
+/// A tar layer of `files` (path in the image, content), made by GNU tar with root ownership;
+/// gzip-compressed when `gzip`. Returns (layer bytes, diff_id: the sha256 of the tar).
+fn tar_layer(files: &[(&str, &[u8])], gzip: bool) -> (Vec<u8>, String) {
+    let dir = tempdir("layer");
+    let root = dir.join("rootfs");
+    for (path, content) in files {
+        let file = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, content).unwrap();
+    }
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar").args(["--owner=0", "--group=0", "--numeric-owner", "--sort=name", "-C"]).arg(&root).arg("-cf").arg(&tar).arg(".").status().unwrap();
+    assert!(status.success(), "tar failed");
+    let bytes = std::fs::read(&tar).unwrap();
+    let diff_id = sha256(&bytes);
+    let layer = if gzip {
+        let out = Command::new("gzip").args(["-n", "-c"]).arg(&tar).output().unwrap();
+        assert!(out.status.success(), "gzip failed");
+        out.stdout
+    } else {
+        bytes
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    (layer, diff_id)
+}
+
+/// An image config with these container defaults.
+fn image_config(entrypoint: &[&str], cmd: &[&str], diff_ids: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "architecture": "wasm",
+        "os": "wasip1",
+        "config": {"Entrypoint": entrypoint, "Cmd": if cmd.is_empty() { serde_json::Value::Null } else { serde_json::json!(cmd) }},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+}
+
+// ------------------------------------------------------------------ namespaces and pods
+
+struct Ns {
+    client: kube::Client,
+    name: String,
+}
+
+impl Ns {
+    async fn new(what: &str) -> Ns {
+        let client = Cluster::get().admin().await;
+        let name = unique_name(what);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        // The ServiceAccount admission plugin needs the namespace's default account.
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for("the default service account", POD_TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
+        Ns { client, name }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    async fn create_pod(&self, agent: &Agent, name: &str, container: serde_json::Value, extra: serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "nodeName": agent.name,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [container],
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+        self.pods().create(&PostParams::default(), &pod).await.unwrap();
+    }
+
+    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+        let pods = self.pods();
+        let result = wait_for(what, POD_TIMEOUT, || async {
+            let pod = pods.get_opt(name).await.ok()??;
+            check(&pod).then_some(pod)
+        })
+        .await;
+        match result {
+            Ok(pod) => pod,
+            Err(e) => {
+                let pod = pods.get_opt(name).await.ok().flatten();
+                panic!("{e}\npod status: {:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
+            }
+        }
+    }
+
+    /// (reason, message) of the pod's events.
+    async fn events(&self, pod: &str) -> Vec<(String, String)> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.name);
+        let list = events.list(&Default::default()).await.unwrap();
+        list.items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(pod))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
+    }
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn waiting_reason(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+}
+
+/// The CRI log of a container's first run.
+fn log_of(agent: &Agent, ns: &str, pod: &Pod, container: &str) -> String {
+    let uid = pod.metadata.uid.as_deref().unwrap();
+    let name = pod.metadata.name.as_deref().unwrap();
+    let path = agent.dir.join("logs").join(format!("{ns}_{name}_{uid}")).join(container).join("0.log");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+// ------------------------------------------------------------------ the tests
+
+#[tokio::test]
+async fn an_oci_image_runs_the_module_its_entrypoint_names() {
+    let hello = std::fs::read(example_wasm("hello")).unwrap();
+    let agent = &node().await;
+    let ns = Ns::new("ociimage").await;
+    // Two layers: a base with an unrelated file and a stale module, and the app layer on top
+    // (which wins), as a Dockerfile `FROM base` + `COPY hello.wasm /app/` makes.
+    let (base, base_id) = tar_layer(&[("/etc/motd", b"base layer\n"), ("/app/hello.wasm", b"\0asm stale")], false);
+    let (app, app_id) = tar_layer(&[("/app/hello.wasm", &hello)], true);
+    let reference = Registry::plain().push_image(
+        "wk-images/hello-oci",
+        &agent.name,
+        OCI_MANIFEST,
+        OCI_CONFIG,
+        &image_config(&["/app/hello.wasm"], &[], &[&base_id, &app_id]),
+        &[(OCI_TAR, base), (OCI_TAR_GZIP, app)],
+    );
+    ns.create_pod(agent, "hello", serde_json::json!({"name": "hello", "image": reference}), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "hello", "the OCI image's module to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    assert_eq!(phase(&pod), "Succeeded", "{:#?}", pod.status);
+    let log = log_of(agent, &ns.name, &pod, "hello");
+    assert!(log.contains("Hello from WebAssembly!"), "log: {log}");
+}
+
+#[tokio::test]
+async fn a_docker_image_gives_entrypoint_and_cmd_as_argv() {
+    let program = std::fs::read(example_wasm("env-and-args")).unwrap();
+    let agent = &node().await;
+    let ns = Ns::new("dockerimage").await;
+    let (layer, diff_id) = tar_layer(&[("/bin/env-and-args.wasm", &program)], true);
+    let reference = Registry::plain().push_image(
+        "wk-images/args-docker",
+        &agent.name,
+        DOCKER_MANIFEST,
+        DOCKER_CONFIG,
+        &image_config(&["/bin/env-and-args.wasm", "from-entrypoint"], &["from-cmd"], &[&diff_id]),
+        &[(DOCKER_TAR_GZIP, layer)],
+    );
+    // No command, no args: Entrypoint + Cmd. Args only: Entrypoint + args.
+    ns.create_pod(agent, "defaults", serde_json::json!({"name": "c", "image": reference}), serde_json::json!({})).await;
+    ns.create_pod(agent, "args", serde_json::json!({"name": "c", "image": reference, "args": ["from-pod"]}), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "defaults", "the defaults pod to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    let log = log_of(agent, &ns.name, &pod, "c");
+    assert_eq!(phase(&pod), "Succeeded", "log:\n{log}");
+    for want in ["arg[0]=/bin/env-and-args.wasm", "arg[1]=from-entrypoint", "arg[2]=from-cmd"] {
+        assert!(log.contains(want), "{want} in log:\n{log}");
+    }
+    let pod = ns.wait_pod(agent, "args", "the args pod to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    let log = log_of(agent, &ns.name, &pod, "c");
+    assert!(log.contains("arg[1]=from-entrypoint") && log.contains("arg[2]=from-pod") && !log.contains("from-cmd"), "log:\n{log}");
+}
+
+#[tokio::test]
+async fn an_oci_image_whose_entrypoint_is_not_wasm_is_unsupported() {
+    let agent = &node().await;
+    let ns = Ns::new("notwasm").await;
+    let (layer, diff_id) = tar_layer(&[("/app/run.sh", b"#!/bin/sh\necho hi\n")], true);
+    let reference =
+        Registry::plain().push_image("wk-images/script", &agent.name, OCI_MANIFEST, OCI_CONFIG, &image_config(&["/app/run.sh"], &[], &[&diff_id]), &[(OCI_TAR_GZIP, layer)]);
+    ns.create_pod(agent, "script", serde_json::json!({"name": "c", "image": reference}), serde_json::json!({})).await;
+    let pod = ns.wait_pod(agent, "script", "the pod to fail", |p| phase(p) == "Failed").await;
+    let status = pod.status.as_ref().unwrap();
+    assert_eq!(status.reason.as_deref(), Some("UnsupportedImage"));
+    let message = status.message.clone().unwrap_or_default();
+    assert!(message.contains("/app/run.sh") && message.contains("not WebAssembly"), "{message}");
+}
+
+#[tokio::test]
+async fn an_image_pull_secret_opens_the_tls_registry() {
+    let hello = example_wasm("hello");
+    let cluster = Cluster::get();
+    let secure = Registry::secure();
+    let agent = &node().await;
+    let reference = format!("{}/wasm-examples/hello:{}", secure.host, agent.name);
+    let out = Command::new(workspace_root().join("deploy/push-wasm"))
+        .arg(&hello)
+        .arg(&reference)
+        .args(["--user", secure.user.as_deref().unwrap(), "--cacert", secure.cacert.as_deref().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push-wasm to the TLS registry: {}", String::from_utf8_lossy(&out.stderr));
+
+    let ns = Ns::new("pullsecret").await;
+    let dockerconfig = serde_json::json!({"auths": {secure.host.clone(): {"username": cluster.var("SECURE_REGISTRY_USER"), "password": cluster.var("SECURE_REGISTRY_PASSWORD")}}});
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "registry"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": dockerconfig.to_string()},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &secret).await.unwrap();
+
+    ns.create_pod(agent, "with-secret", serde_json::json!({"name": "hello", "image": reference}), serde_json::json!({"imagePullSecrets": [{"name": "registry"}]})).await;
+    ns.create_pod(agent, "without-secret", serde_json::json!({"name": "hello", "image": reference}), serde_json::json!({})).await;
+
+    let pod = ns.wait_pod(agent, "with-secret", "the pod with the pull secret to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    assert_eq!(phase(&pod), "Succeeded", "{:#?}", pod.status);
+    assert!(log_of(agent, &ns.name, &pod, "hello").contains("Hello from WebAssembly!"));
+
+    let pod = ns.wait_pod(agent, "without-secret", "ErrImagePull or ImagePullBackOff", |p| matches!(waiting_reason(p), Some("ErrImagePull" | "ImagePullBackOff"))).await;
+    assert_eq!(phase(&pod), "Pending");
+    let events = ns.events("without-secret").await;
+    let failed: Vec<&String> = events.iter().filter(|(reason, _)| reason == "Failed").map(|(_, message)| message).collect();
+    assert!(
+        failed.iter().any(|m| {
+            let m = m.to_ascii_lowercase();
+            m.contains(&reference.to_ascii_lowercase()) && (m.contains("unauthorized") || m.contains("not authorized") || m.contains("authentication"))
+        }),
+        "a Failed event about authentication: {failed:?}"
+    );
+}

@@ -1,0 +1,297 @@
+//! Probes and lifecycle hooks end to end: `toolbox` pods (wasm-examples) created through the
+//! real API server, their readiness, restarts and events read back from it. Exec probes and
+//! hooks run the container's module again in its sandbox; HTTP and TCP probes go to a listener
+//! this test opens on the agent's node IP (the pod IP is the node IP). One namespace per test.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use integration_tests::{example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
+use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod, ServiceAccount};
+use kube::api::{DeleteParams, PostParams};
+use kube::Api;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+async fn node() -> Agent {
+    push_examples();
+    let name = unique_name("probes");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
+    wait_for("the probes test node to register", TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
+    agent
+}
+
+struct Ns {
+    client: kube::Client,
+    name: String,
+}
+
+impl Ns {
+    async fn new(what: &str) -> Ns {
+        let client = Cluster::get().admin().await;
+        let name = unique_name(what);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for("the default service account", TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
+        Ns { client, name }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// A `toolbox` pod that keeps running (`sleep 3600`) with an emptyDir at /data; `container`
+    /// is merged into its one container (probes, lifecycle).
+    async fn toolbox_pod(&self, agent: &Agent, name: &str, container: serde_json::Value) -> Pod {
+        let mut c = serde_json::json!({
+            "name": "toolbox", "image": example_image("toolbox"), "command": ["sleep", "3600"],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        });
+        c.as_object_mut().unwrap().extend(container.as_object().unwrap().clone());
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": agent.name, "restartPolicy": "Always", "terminationGracePeriodSeconds": 1,
+                "tolerations": [{"operator": "Exists"}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "containers": [c],
+            }
+        }))
+        .unwrap();
+        self.pods().create(&PostParams::default(), &pod).await.unwrap()
+    }
+
+    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+        let pods = self.pods();
+        let result = wait_for(what, TIMEOUT, || async {
+            let pod = pods.get_opt(name).await.ok()??;
+            check(&pod).then_some(pod)
+        })
+        .await;
+        match result {
+            Ok(pod) => pod,
+            Err(e) => {
+                let pod = pods.get_opt(name).await.ok().flatten();
+                let events = self.events(name).await;
+                panic!("{e}\npod status: {:#?}\nevents: {events:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
+            }
+        }
+    }
+
+    /// (reason, message) of the pod's events.
+    async fn events(&self, pod: &str) -> Vec<(String, String)> {
+        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &self.name);
+        let list = events.list(&Default::default()).await.unwrap();
+        list.items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(pod))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+
+    async fn wait_event(&self, agent: &Agent, pod: &str, reason: &str, contains: &str) -> String {
+        let result = wait_for(&format!("event {reason} ({contains})"), TIMEOUT, || async {
+            self.events(pod).await.into_iter().find(|(r, m)| r == reason && m.contains(contains)).map(|(_, m)| m)
+        })
+        .await;
+        match result {
+            Ok(message) => message,
+            Err(e) => {
+                let events = self.events(pod).await;
+                panic!("{e}\nevents: {events:#?}\nagent log:\n{}", agent.log_tail())
+            }
+        }
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
+    }
+}
+
+fn status(pod: &Pod) -> Option<&ContainerStatus> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.first()
+}
+
+fn running(pod: &Pod) -> bool {
+    status(pod).and_then(|s| s.state.as_ref()).is_some_and(|s| s.running.is_some())
+}
+
+fn condition(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    condition(pod, "Ready").as_deref() == Some("True") && condition(pod, "ContainersReady").as_deref() == Some("True")
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    status(pod).map_or(0, |s| s.restart_count)
+}
+
+fn kubectl_exec(ns: &str, args: &[&str]) -> (i32, String) {
+    let out = Cluster::get().kubectl().args(["exec", "-n", ns]).args(args).output().expect("kubectl runs");
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test]
+async fn readiness_exec_probe_gates_ready_until_the_file_exists() {
+    let agent = &node().await;
+    let ns = Ns::new("ready-exec").await;
+    ns.toolbox_pod(agent, "gated", serde_json::json!({"readinessProbe": {"exec": {"command": ["test", "-e", "/data/ready"]}, "periodSeconds": 1}})).await;
+
+    // Running, probed (the Unhealthy event says so), and not ready.
+    ns.wait_pod(agent, "gated", "the container to run", running).await;
+    let message = ns.wait_event(agent, "gated", "Unhealthy", "Readiness probe failed").await;
+    assert!(message.starts_with("Readiness probe failed: "), "{message}");
+    let pod = ns.pods().get("gated").await.unwrap();
+    assert!(running(&pod) && !status(&pod).unwrap().ready, "running but not ready: {:?}", pod.status);
+    assert_eq!(condition(&pod, "Ready").as_deref(), Some("False"));
+    assert_eq!(condition(&pod, "ContainersReady").as_deref(), Some("False"));
+    assert_eq!(status(&pod).unwrap().started, Some(true), "no startup probe: started when running");
+
+    let (code, out) = kubectl_exec(&ns.name, &["gated", "--", "write", "/data/ready", "yes"]);
+    assert_eq!(code, 0, "{out}");
+    let pod = ns.wait_pod(agent, "gated", "the pod to become Ready", pod_ready).await;
+    assert!(status(&pod).unwrap().ready);
+    assert_eq!(restarts(&pod), 0, "readiness never restarts");
+}
+
+#[tokio::test]
+async fn failing_liveness_probe_restarts_the_container() {
+    let agent = &node().await;
+    let ns = Ns::new("liveness").await;
+    ns.toolbox_pod(agent, "doomed", serde_json::json!({"livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 1}})).await;
+
+    let pod = ns.wait_pod(agent, "doomed", "a restart after the liveness failure", |p| restarts(p) >= 1).await;
+    let last = status(&pod).unwrap().last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState.terminated after a liveness kill");
+    assert_ne!(last.exit_code, 0, "a killed container did not succeed: {last:?}");
+    let unhealthy = ns.wait_event(agent, "doomed", "Unhealthy", "Liveness probe failed").await;
+    assert!(unhealthy.starts_with("Liveness probe failed: "), "{unhealthy}");
+    ns.wait_event(agent, "doomed", "Killing", "Container toolbox failed liveness probe, will be restarted").await;
+}
+
+#[tokio::test]
+async fn startup_probe_that_never_succeeds_restarts_and_gates_readiness() {
+    let agent = &node().await;
+    let ns = Ns::new("startup").await;
+    ns.toolbox_pod(
+        agent,
+        "slow",
+        serde_json::json!({
+            "startupProbe": {"exec": {"command": ["test", "-e", "/data/never"]}, "periodSeconds": 1, "failureThreshold": 2},
+            // Would pass at once: it must not run, and the container must not be ready, before startup succeeds.
+            "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
+        }),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "slow", "the container to run", running).await;
+    assert_eq!(status(&pod).unwrap().started, Some(false));
+    let pod = ns.wait_pod(agent, "slow", "a restart after the startup failure", |p| restarts(p) >= 1).await;
+    assert!(!pod_ready(&pod));
+    ns.wait_event(agent, "slow", "Unhealthy", "Startup probe failed").await;
+    ns.wait_event(agent, "slow", "Killing", "Container toolbox failed startup probe, will be restarted").await;
+    let events = ns.events("slow").await;
+    assert!(!events.iter().any(|(_, m)| m.starts_with("Readiness probe")), "readiness ran before startup succeeded: {events:?}");
+}
+
+#[tokio::test]
+async fn post_start_hook_runs_before_readiness() {
+    let agent = &node().await;
+    let ns = Ns::new("poststart").await;
+    ns.toolbox_pod(
+        agent,
+        "hooked",
+        serde_json::json!({
+            "lifecycle": {"postStart": {"exec": {"command": ["write", "/data/hook", "ran"]}}},
+            "readinessProbe": {"exec": {"command": ["test", "-e", "/data/hook"]}, "periodSeconds": 1},
+        }),
+    )
+    .await;
+    let pod = ns.wait_pod(agent, "hooked", "the pod to become Ready", pod_ready).await;
+    assert_eq!(restarts(&pod), 0);
+    let (code, out) = kubectl_exec(&ns.name, &["hooked", "--", "cat", "/data/hook"]);
+    assert_eq!((code, out.trim()), (0, "ran"));
+
+    // A failing postStart kills the container: FailedPostStartHook, then a restart.
+    ns.toolbox_pod(agent, "badhook", serde_json::json!({"lifecycle": {"postStart": {"exec": {"command": ["false"]}}}})).await;
+    ns.wait_event(agent, "badhook", "FailedPostStartHook", "PostStartHook failed").await;
+    ns.wait_pod(agent, "badhook", "a restart after the failed hook", |p| restarts(p) >= 1).await;
+}
+
+/// A tiny HTTP server on the node IP: answers 200 while `healthy`, else 500, and remembers
+/// the request lines it saw.
+struct Listener {
+    port: u16,
+    healthy: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Listener {
+    async fn start(ip: &str) -> Listener {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (h, s) = (healthy.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (h, s) = (h.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return; // a TCP probe: connect and close
+                    }
+                    let line = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string();
+                    s.lock().unwrap().push(line);
+                    let status = if h.load(Ordering::SeqCst) { "200 OK" } else { "500 Internal Server Error" };
+                    let _ = conn.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes()).await;
+                });
+            }
+        });
+        Listener { port, healthy, seen }
+    }
+
+    fn saw(&self, path: &str) -> bool {
+        self.seen.lock().unwrap().iter().any(|l| l.starts_with(&format!("GET {path} ")))
+    }
+}
+
+#[tokio::test]
+async fn http_and_tcp_probes_against_the_pod_ip_and_a_pre_stop_hook() {
+    let agent = &node().await;
+    let ns = Ns::new("http").await;
+    let listener = Listener::start(&agent.node_ip).await;
+    ns.toolbox_pod(
+        agent,
+        "web",
+        serde_json::json!({
+            "ports": [{"name": "http", "containerPort": listener.port}],
+            "startupProbe": {"tcpSocket": {"port": listener.port}, "periodSeconds": 1},
+            "readinessProbe": {"httpGet": {"port": "http", "path": "/healthz", "httpHeaders": [{"name": "X-Probe", "value": "yes"}]}, "periodSeconds": 1, "failureThreshold": 1},
+            "lifecycle": {"preStop": {"httpGet": {"port": listener.port, "path": "/prestop"}}},
+        }),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the pod to become Ready", pod_ready).await;
+    assert!(listener.saw("/healthz"));
+
+    // Readiness follows the endpoint both ways.
+    listener.healthy.store(false, Ordering::SeqCst);
+    let pod = ns.wait_pod(agent, "web", "the pod to become unready", |p| condition(p, "Ready").as_deref() == Some("False")).await;
+    assert!(running(&pod) && restarts(&pod) == 0, "readiness does not restart");
+    ns.wait_event(agent, "web", "Unhealthy", "Readiness probe failed: HTTP probe failed with statuscode: 500").await;
+    listener.healthy.store(true, Ordering::SeqCst);
+    ns.wait_pod(agent, "web", "the pod to become Ready again", pod_ready).await;
+
+    // Deleting the pod runs its preStop hook before the container stops.
+    ns.pods().delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for("the preStop request", TIMEOUT, || async { listener.saw("/prestop").then_some(()) }).await.unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+}

@@ -1,0 +1,281 @@
+//! Static pods end to end: manifests in `--pod-manifest-path` run on the node and appear in
+//! the real API server as mirror pods (annotation `kubernetes.io/config.mirror`, owned by the
+//! Node, status written by the node); a deleted mirror comes back, an edited file restarts the
+//! pod as a new one, a removed file removes the mirror, a malformed file leaves the others
+//! running. `--runonce` runs static pods without any API server and exits with their verdict.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{agent_binary, example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::DeleteParams;
+use kube::Api;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const MIRROR: &str = "kubernetes.io/config.mirror";
+
+/// Writes a manifest the way an editor or config tool should: a hidden temporary file (which
+/// the scan ignores) renamed into place, so a scan never sees half a file.
+fn write_manifest(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+fn ticker(name: &str, extra_env: Option<&str>) -> String {
+    let env = extra_env.map(|v| format!("    env:\n    - {{name: VERSION, value: \"{v}\"}}\n")).unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: {name}}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: ticker\n    image: {}\n{env}",
+        example_image("ticker")
+    )
+}
+
+fn manifest_dir(agent_name: &str) -> PathBuf {
+    let dir = workspace_root().join("target/it").join(agent_name).join("manifests");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+fn running_ticker(pod: &Pod) -> bool {
+    phase(pod) == "Running"
+        && pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).and_then(|c| c.state.as_ref()?.running.as_ref()).is_some()
+}
+
+/// Waits for the mirror pod `name` in namespace default to satisfy `check`.
+async fn wait_mirror(pods: &Api<Pod>, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+    match wait_for(what, TIMEOUT, || async {
+        let pod = pods.get_opt(name).await.ok()??;
+        check(&pod).then_some(pod)
+    })
+    .await
+    {
+        Ok(pod) => pod,
+        Err(e) => {
+            let pod = pods.get_opt(name).await.ok().flatten();
+            panic!("{e}\nmirror pod: {:#?}\nagent log:\n{}", pod, agent.log_tail())
+        }
+    }
+}
+
+async fn start_node(what: &str, manifests: impl FnOnce(&Path)) -> (Agent, PathBuf) {
+    push_examples();
+    let name = unique_name(what);
+    let dir = manifest_dir(&name);
+    manifests(&dir);
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = Agent::start(
+        &name,
+        &["--pod-logs-dir", logs.to_str().unwrap(), "--pod-manifest-path", dir.to_str().unwrap(), "--file-check-frequency", "1s"],
+    )
+    .unwrap();
+    (agent, dir)
+}
+
+#[tokio::test]
+async fn a_static_pod_runs_and_its_mirror_pod_follows_it() {
+    let (agent, dir) = start_node("static", |dir| write_manifest(dir, "ticker.yaml", &ticker("ticker", None))).await;
+    let client = Cluster::get().admin().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mirror_name = format!("ticker-{}", agent.name);
+
+    // The mirror pod appears, annotated, owned by the Node, with the running status.
+    let mirror = wait_mirror(&pods, &agent, &mirror_name, "the mirror pod to show the static pod running", |p| {
+        annotation(p, MIRROR).is_some() && running_ticker(p)
+    })
+    .await;
+    let hash = annotation(&mirror, MIRROR).unwrap().to_string();
+    assert_eq!(annotation(&mirror, "kubernetes.io/config.hash"), Some(hash.as_str()));
+    assert_eq!(annotation(&mirror, "kubernetes.io/config.source"), Some("file"));
+    assert!(annotation(&mirror, "kubernetes.io/config.seen").is_some());
+    assert_ne!(mirror.metadata.uid.as_deref(), Some(hash.as_str()), "the mirror has its own UID");
+    let node = Api::<Node>::all(client.clone()).get(&agent.name).await.unwrap();
+    let owner = &mirror.metadata.owner_references.as_ref().expect("owner references")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", agent.name.as_str()));
+    assert_eq!(Some(owner.uid.as_str()), node.metadata.uid.as_deref());
+    let spec = mirror.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(agent.name.as_str()));
+    assert!(spec.volumes.iter().flatten().all(|v| v.projected.is_none()), "no service-account token volume");
+
+    // Someone deletes the mirror pod: it comes back (same static pod, new mirror UID), running.
+    let first_uid = mirror.metadata.uid.clone().unwrap();
+    pods.delete(&mirror_name, &DeleteParams::default()).await.unwrap();
+    let again = wait_mirror(&pods, &agent, &mirror_name, "the deleted mirror pod to come back, running", |p| {
+        p.metadata.uid.as_deref() != Some(first_uid.as_str()) && p.metadata.deletion_timestamp.is_none() && running_ticker(p)
+    })
+    .await;
+    assert_eq!(annotation(&again, MIRROR), Some(hash.as_str()), "the same static pod");
+
+    // Editing the file makes a new pod (new hash) with the new spec.
+    write_manifest(&dir, "ticker.yaml", &ticker("ticker", Some("2")));
+    let edited = wait_mirror(&pods, &agent, &mirror_name, "the edited static pod's mirror, running", |p| {
+        annotation(p, MIRROR).is_some_and(|h| h != hash) && p.metadata.deletion_timestamp.is_none() && running_ticker(p)
+    })
+    .await;
+    let env = edited.spec.as_ref().unwrap().containers[0].env.clone().unwrap_or_default();
+    assert!(env.iter().any(|e| e.name == "VERSION" && e.value.as_deref() == Some("2")), "{env:?}");
+    // The old pod's containers were stopped: its log directory holds no running writer, and
+    // the new one's log is in a directory named by the new UID.
+    let new_hash = annotation(&edited, MIRROR).unwrap().to_string();
+    let logs = agent.dir.join("logs");
+    wait_for("the new pod's log directory", TIMEOUT, || async {
+        std::fs::read_dir(&logs).ok()?.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(&new_hash)).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Removing the file removes the mirror pod.
+    std::fs::remove_file(dir.join("ticker.yaml")).unwrap();
+    if let Err(e) = wait_for("the mirror pod to be deleted", TIMEOUT, || async { pods.get_opt(&mirror_name).await.ok()?.is_none().then_some(()) }).await {
+        panic!("{e}\nagent log:\n{}", agent.log_tail());
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_manifest_leaves_the_good_pod_running() {
+    let (agent, _dir) = start_node("static-bad", |dir| {
+        write_manifest(dir, "good.yaml", &ticker("good", None));
+        write_manifest(dir, "broken.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: broken\nspec: [");
+        write_manifest(dir, "zz-dup.yaml", &ticker("good", Some("dup")));
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(Cluster::get().admin().await, "default");
+    let good = wait_mirror(&pods, &agent, &format!("good-{}", agent.name), "the good static pod to run", running_ticker).await;
+    assert!(good.spec.as_ref().unwrap().containers[0].env.is_none(), "the first file by name defines the pod; the duplicate is ignored");
+    assert!(pods.get_opt(&format!("broken-{}", agent.name)).await.unwrap().is_none());
+    let log = agent.log();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("broken.yaml") && l.contains("YAML")), "a warning names the broken file:\n{}", agent.log_tail());
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("zz-dup.yaml") && l.contains("already defined")), "a warning names the duplicate:\n{}", agent.log_tail());
+    // ...and an Event on the Node says the same.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(Cluster::get().admin().await, "default");
+    let node_events = wait_for("a FailedStaticPod event on the Node naming the broken file", TIMEOUT, || async {
+        let list = events.list(&kube::api::ListParams::default().fields(&format!("involvedObject.name={},reason=FailedStaticPod", agent.name))).await.ok()?;
+        list.items.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains("broken.yaml"))).then_some(list.items.len())
+    })
+    .await;
+    assert!(node_events.is_ok(), "{node_events:?}\n{}", agent.log_tail());
+}
+
+/// Runs `wasm-kubelet --runonce` standalone (no kubeconfig) on `manifests`; returns (exit
+/// code, stdout, stderr).
+fn run_once(what: &str, manifests: &[(&str, String)]) -> (i32, String, String) {
+    run_once_with(what, manifests, &[])
+}
+
+fn run_once_with(what: &str, manifests: &[(&str, String)], extra: &[&str]) -> (i32, String, String) {
+    push_examples();
+    let name = unique_name(what);
+    let base = workspace_root().join("target/it").join(&name);
+    let dir = manifest_dir(&name);
+    for (file, text) in manifests {
+        write_manifest(&dir, file, text);
+    }
+    let mut child = Command::new(agent_binary())
+        .args(["--runonce", "--enable-server=false", "--healthz-port=0", "-v=4", "--hostname-override", &name, "--pod-manifest-path"])
+        .arg(&dir)
+        .arg("--root-dir")
+        .arg(base.join("root"))
+        .arg("--pod-logs-dir")
+        .arg(base.join("logs"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("--runonce did not exit within {TIMEOUT:?}\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().unwrap();
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn job(name: &str, image: &str, args: &[&str]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - name: main\n    image: {}\n    args: {}\n",
+        example_image(image),
+        serde_json::to_string(args).unwrap()
+    )
+}
+
+#[test]
+fn runonce_standalone_exits_1_naming_the_failed_pod() {
+    let (code, stdout, stderr) = run_once("runonce-fail", &[("hello.yaml", job("hello", "hello", &[])), ("exit3.yaml", job("exit3", "exit-with", &["3"]))]);
+    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per pod:\n{stdout}\nstderr:\n{stderr}");
+    assert!(lines.iter().any(|l| l.starts_with("hello-") && l.ends_with(" Succeeded exit=0")), "{stdout}");
+    assert!(lines.iter().any(|l| l.starts_with("exit3-") && l.ends_with(" Failed exit=3")), "{stdout}");
+    assert!(stderr.contains("1 of 2 static pods did not succeed"), "{stderr}");
+}
+
+#[test]
+fn runonce_standalone_exits_0_when_all_succeed() {
+    let (code, stdout, stderr) = run_once("runonce-ok", &[("hello.yaml", job("hello", "hello", &[]))]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("hello-") && stdout.trim_end().ends_with(" Succeeded exit=0"), "{stdout}");
+}
+
+#[test]
+fn runonce_without_static_pods_says_so_and_exits_0() {
+    let (code, stdout, stderr) = run_once("runonce-none", &[]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout.trim(), "no static pods to run");
+}
+
+/// Serves `body` on loopback to requests carrying `X-Test: yes` (403 otherwise); returns the URL.
+fn serve_manifest(body: String) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/pods.yaml", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let request = String::from_utf8_lossy(&request).to_lowercase();
+            let reply = if request.contains("x-test: yes") {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    url
+}
+
+#[test]
+fn runonce_runs_pods_from_a_manifest_url_with_its_header() {
+    let list = format!("apiVersion: v1\nkind: List\nitems:\n{}", job("from-url", "hello", &[]).lines().map(|l| format!("  {l}\n")).collect::<String>().replacen("  apiVersion", "- apiVersion", 1));
+    let url = serve_manifest(list);
+    let (code, stdout, stderr) = run_once_with("runonce-url", &[], &["--manifest-url", &url, "--manifest-url-header", "X-Test:yes"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.starts_with("from-url-") && stdout.trim_end().ends_with(" Succeeded exit=0"), "{stdout}");
+}
