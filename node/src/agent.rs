@@ -94,17 +94,7 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             let (status_manager, status) = StatusManager::new(client.clone());
             tasks.spawn(status_manager.run(shutdown.clone()));
             let events = EventSink::start(client.clone(), &config.node_name);
-            let ctx = Arc::new(WorkerContext {
-                provider: provider.clone(),
-                client: Some(client.clone()),
-                status: status.clone(),
-                events: events.clone(),
-                node_name: config.node_name.clone(),
-                node_ip: node_ip(&config),
-                pods_dir: config.root_dir.join("pods"),
-                pod_logs_dir: config.pod_logs_dir.clone(),
-                node_allocatable: allocatable(&config),
-            });
+            let ctx = worker_context(&config, &provider, Some(client.clone()), status.clone(), events.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (api_tx, api_rx) = mpsc::unbounded_channel();
@@ -129,17 +119,7 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             let (latest_tx, latest_rx) = watch::channel(HashMap::new());
             tasks.spawn(static_source::local_status(status_rx, latest_tx));
             let events = EventSink::disabled();
-            let ctx = Arc::new(WorkerContext {
-                provider: provider.clone(),
-                client: None,
-                status,
-                events: events.clone(),
-                node_name: config.node_name.clone(),
-                node_ip: node_ip(&config),
-                pods_dir: config.root_dir.join("pods"),
-                pod_logs_dir: config.pod_logs_dir.clone(),
-                node_allocatable: allocatable(&config),
-            });
+            let ctx = worker_context(&config, &provider, None, status, events.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (statics_tx, statics_rx) = watch::channel(None);
@@ -245,6 +225,21 @@ async fn run_once(
     .await;
     stop.cancel();
     outcome
+}
+
+/// What every pod worker shares; `client` is None without an API server.
+fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<kube::Client>, status: StatusSender, events: EventSink) -> Arc<WorkerContext> {
+    Arc::new(WorkerContext {
+        provider: provider.clone(),
+        client,
+        status,
+        events,
+        node_name: config.node_name.clone(),
+        node_ip: node_ip(config),
+        pods_dir: config.root_dir.join("pods"),
+        pod_logs_dir: config.pod_logs_dir.clone(),
+        node_allocatable: allocatable(config),
+    })
 }
 
 /// The IP pods get: the node's (DESIGN: the pod IP is the node IP).

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> PathBuf {
@@ -279,4 +279,88 @@ pub fn node_condition(node: &Node, kind: &str) -> Option<String> {
 /// Whether the Node carries a taint with this key.
 pub fn has_taint(node: &Node, key: &str) -> bool {
     node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == key))
+}
+
+/// How long a test waits for a node or pod condition.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A node of its own for one test: pushes the wasm-examples, starts an agent named after `what`
+/// with its pod logs in `<agent dir>/logs` and `extra` flags, and waits for its Node to exist.
+pub async fn test_node(what: &str, extra: &[&str]) -> Agent {
+    push_examples();
+    let name = unique_name(what);
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let mut args = vec!["--pod-logs-dir", logs.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&name, &args).expect("the agent starts");
+    let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
+    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    agent
+}
+
+/// A namespace of its own for one test, with its default ServiceAccount (which the
+/// ServiceAccount admission plugin needs); deleted, without waiting, when dropped.
+pub struct TestNamespace {
+    pub client: kube::Client,
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn new(what: &str) -> Self {
+        use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+        let client = Cluster::get().admin().await;
+        let name = unique_name(what);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("valid namespace");
+        kube::Api::<Namespace>::all(client.clone()).create(&Default::default(), &ns).await.expect("namespace created");
+        let sas: kube::Api<ServiceAccount> = kube::Api::namespaced(client.clone(), &name);
+        wait_for("the default service account", TEST_TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.expect("default service account");
+        Self { client, name }
+    }
+
+    pub fn pods(&self) -> kube::Api<Pod> {
+        kube::Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Waits until pod `name` passes `check`; on time-out fails with its status, its events
+    /// and the agent's log.
+    pub async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+        let pods = self.pods();
+        let result = wait_for(what, TEST_TIMEOUT, || async { pods.get_opt(name).await.ok()?.filter(|p| check(p)) }).await;
+        match result {
+            Ok(pod) => pod,
+            Err(e) => {
+                let pod = pods.get_opt(name).await.ok().flatten();
+                let events = self.events(name).await;
+                panic!("{e}\npod status: {:#?}\nevents: {events:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
+            }
+        }
+    }
+
+    /// (reason, message) of the events about pod `pod`.
+    pub async fn events(&self, pod: &str) -> Vec<(String, String)> {
+        let events: kube::Api<k8s_openapi::api::core::v1::Event> = kube::Api::namespaced(self.client.clone(), &self.name);
+        let list = events.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+        list.into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(pod))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+
+    /// The reasons of the events about pod `pod`.
+    pub async fn event_reasons(&self, pod: &str) -> Vec<String> {
+        self.events(pod).await.into_iter().map(|(reason, _)| reason).collect()
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
+    }
+}
+
+/// A pod's phase, "" before it has one.
+pub fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }

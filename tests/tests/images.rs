@@ -6,14 +6,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use integration_tests::{push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
-use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
+use integration_tests::{phase, push_examples, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::Api;
-
-const POD_TIMEOUT: Duration = Duration::from_secs(90);
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -31,14 +28,8 @@ fn example_wasm(name: &str) -> PathBuf {
     path
 }
 
-/// A node of its own for each test, its container logs under its directory.
 async fn node() -> Agent {
-    let name = unique_name("images");
-    let logs = workspace_root().join("target/it").join(&name).join("logs");
-    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
-    wait_for("the image test node to register", POD_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
-    agent
+    test_node("images", &[]).await
 }
 
 // ------------------------------------------------------------------ pushing images with curl
@@ -170,27 +161,14 @@ fn image_config(entrypoint: &[&str], cmd: &[&str], diff_ids: &[&str]) -> serde_j
 
 // ------------------------------------------------------------------ namespaces and pods
 
-struct Ns {
-    client: kube::Client,
-    name: String,
+type Ns = TestNamespace;
+
+/// Single-container pods with restartPolicy Never, in the test's namespace.
+trait CreatePods {
+    async fn create_pod(&self, agent: &Agent, name: &str, container: serde_json::Value, extra: serde_json::Value);
 }
 
-impl Ns {
-    async fn new(what: &str) -> Ns {
-        let client = Cluster::get().admin().await;
-        let name = unique_name(what);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
-        // The ServiceAccount admission plugin needs the namespace's default account.
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        wait_for("the default service account", POD_TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
-        Ns { client, name }
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.name)
-    }
-
+impl CreatePods for Ns {
     async fn create_pod(&self, agent: &Agent, name: &str, container: serde_json::Value, extra: serde_json::Value) {
         let mut spec = serde_json::json!({
             "nodeName": agent.name,
@@ -205,43 +183,6 @@ impl Ns {
         let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap();
         self.pods().create(&PostParams::default(), &pod).await.unwrap();
     }
-
-    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
-        let pods = self.pods();
-        let result = wait_for(what, POD_TIMEOUT, || async {
-            let pod = pods.get_opt(name).await.ok()??;
-            check(&pod).then_some(pod)
-        })
-        .await;
-        match result {
-            Ok(pod) => pod,
-            Err(e) => {
-                let pod = pods.get_opt(name).await.ok().flatten();
-                panic!("{e}\npod status: {:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
-            }
-        }
-    }
-
-    /// (reason, message) of the pod's events.
-    async fn events(&self, pod: &str) -> Vec<(String, String)> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.name);
-        let list = events.list(&Default::default()).await.unwrap();
-        list.items
-            .into_iter()
-            .filter(|e| e.involved_object.name.as_deref() == Some(pod))
-            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-            .collect()
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
-    }
-}
-
-fn phase(pod: &Pod) -> &str {
-    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }
 
 fn waiting_reason(pod: &Pod) -> Option<&str> {

@@ -4,49 +4,23 @@
 
 use std::time::Duration;
 
-use integration_tests::{example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use integration_tests::{example_image, phase, test_node, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, PostParams};
 use kube::Api;
 
-const POD_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn image(name: &str) -> String {
-    example_image(name)
-}
-
-/// A node of its own for each test (agents are cheap; a failure stays in its test).
 async fn node() -> Agent {
-    push_examples();
-    let name = unique_name("pods");
-    let logs = workspace_root().join("target/it").join(&name).join("logs");
-    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
-    wait_for("the pod test node to register", POD_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
-    agent
+    test_node("pods", &[]).await
 }
 
-struct Ns {
-    client: kube::Client,
-    name: String,
+type Ns = TestNamespace;
+
+/// Pods with one or more containers, bound to the test's node.
+trait CreatePods {
+    async fn create_pod(&self, agent: &Agent, name: &str, restart: &str, containers: serde_json::Value, extra: serde_json::Value) -> Pod;
 }
 
-impl Ns {
-    async fn new(what: &str) -> Ns {
-        let client = Cluster::get().admin().await;
-        let name = unique_name(what);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
-        // The ServiceAccount admission plugin needs the namespace's default account.
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        wait_for("the default service account", POD_TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
-        Ns { client, name }
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.name)
-    }
-
+impl CreatePods for Ns {
     async fn create_pod(&self, agent: &Agent, name: &str, restart: &str, containers: serde_json::Value, extra: serde_json::Value) -> Pod {
         let mut spec = serde_json::json!({
             "nodeName": agent.name,
@@ -61,38 +35,6 @@ impl Ns {
         let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap();
         self.pods().create(&PostParams::default(), &pod).await.unwrap()
     }
-
-    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
-        let pods = self.pods();
-        let result = wait_for(what, POD_TIMEOUT, || async {
-            let pod = pods.get_opt(name).await.ok()??;
-            check(&pod).then_some(pod)
-        })
-        .await;
-        match result {
-            Ok(pod) => pod,
-            Err(e) => {
-                let pod = pods.get_opt(name).await.ok().flatten();
-                panic!("{e}\npod status: {:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
-            }
-        }
-    }
-
-    async fn event_reasons(&self, pod: &str) -> Vec<String> {
-        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &self.name);
-        let list = events.list(&Default::default()).await.unwrap();
-        list.items.into_iter().filter(|e| e.involved_object.name.as_deref() == Some(pod)).filter_map(|e| e.reason).collect()
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
-    }
-}
-
-fn phase(pod: &Pod) -> &str {
-    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }
 
 fn container_status(pod: &Pod, index: usize) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
@@ -119,7 +61,7 @@ fn log_of(agent: &Agent, ns: &str, pod: &Pod, container: &str, attempt: u32) -> 
 async fn hello_succeeds_with_its_output_in_the_log() {
     let agent = &node().await;
     let ns = Ns::new("hello").await;
-    ns.create_pod(agent, "hello", "Never", serde_json::json!([{"name": "hello", "image": image("hello")}]), serde_json::json!({})).await;
+    ns.create_pod(agent, "hello", "Never", serde_json::json!([{"name": "hello", "image": example_image("hello")}]), serde_json::json!({})).await;
     let pod = ns.wait_pod(agent, "hello", "hello to succeed", |p| phase(p) == "Succeeded").await;
 
     let t = terminated(&pod).expect("terminated state");
@@ -148,7 +90,7 @@ async fn hello_succeeds_with_its_output_in_the_log() {
 async fn exit_code_3_with_never_fails() {
     let agent = &node().await;
     let ns = Ns::new("exit3").await;
-    ns.create_pod(agent, "exit", "Never", serde_json::json!([{"name": "exit", "image": image("exit-with"), "args": ["3"]}]), serde_json::json!({})).await;
+    ns.create_pod(agent, "exit", "Never", serde_json::json!([{"name": "exit", "image": example_image("exit-with"), "args": ["3"]}]), serde_json::json!({})).await;
     let pod = ns.wait_pod(agent, "exit", "the pod to fail", |p| phase(p) == "Failed").await;
     let t = terminated(&pod).unwrap();
     assert_eq!((t.exit_code, t.reason.as_deref()), (3, Some("Error")));
@@ -159,7 +101,7 @@ async fn exit_code_3_with_never_fails() {
         agent,
         "exit-logs",
         "Never",
-        serde_json::json!([{"name": "exit", "image": image("exit-with"), "args": ["5"], "terminationMessagePolicy": "FallbackToLogsOnError"}]),
+        serde_json::json!([{"name": "exit", "image": example_image("exit-with"), "args": ["5"], "terminationMessagePolicy": "FallbackToLogsOnError"}]),
         serde_json::json!({}),
     )
     .await;
@@ -172,7 +114,7 @@ async fn exit_code_3_with_never_fails() {
 async fn on_failure_restarts_with_backoff() {
     let agent = &node().await;
     let ns = Ns::new("crashloop").await;
-    ns.create_pod(agent, "crash", "OnFailure", serde_json::json!([{"name": "crash", "image": image("crash-looper")}]), serde_json::json!({})).await;
+    ns.create_pod(agent, "crash", "OnFailure", serde_json::json!([{"name": "crash", "image": example_image("crash-looper")}]), serde_json::json!({})).await;
     let pod = ns
         .wait_pod(agent, "crash", "a restart and CrashLoopBackOff", |p| {
             container_status(p, 0).is_some_and(|c| c.restart_count >= 1) && waiting_reason(p) == Some("CrashLoopBackOff")
@@ -197,7 +139,7 @@ async fn env_from_configmap_secret_and_downward_api() {
         "env",
         "Never",
         serde_json::json!([{
-            "name": "env", "image": image("env-and-args"), "args": ["$(GREETING)-arg"],
+            "name": "env", "image": example_image("env-and-args"), "args": ["$(GREETING)-arg"],
             "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
             "env": [
                 {"name": "GREETING", "value": "hi"},
@@ -224,7 +166,7 @@ async fn a_missing_secret_is_create_container_config_error() {
         agent,
         "nosecret",
         "Never",
-        serde_json::json!([{"name": "c", "image": image("hello"), "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}]),
+        serde_json::json!([{"name": "c", "image": example_image("hello"), "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}]),
         serde_json::json!({}),
     )
     .await;
@@ -253,7 +195,7 @@ async fn a_memory_hog_is_oom_killed() {
         agent,
         "hog",
         "Never",
-        serde_json::json!([{"name": "hog", "image": image("memory-hog"), "resources": {"limits": {"memory": "32Mi"}}}]),
+        serde_json::json!([{"name": "hog", "image": example_image("memory-hog"), "resources": {"limits": {"memory": "32Mi"}}}]),
         serde_json::json!({}),
     )
     .await;
@@ -266,12 +208,12 @@ async fn a_memory_hog_is_oom_killed() {
 async fn a_busy_loop_is_stopped_within_its_grace_period_on_delete() {
     let agent = &node().await;
     let ns = Ns::new("busy").await;
-    ns.create_pod(agent, "busy", "Always", serde_json::json!([{"name": "busy", "image": image("busy-loop")}]), serde_json::json!({})).await;
+    ns.create_pod(agent, "busy", "Always", serde_json::json!([{"name": "busy", "image": example_image("busy-loop")}]), serde_json::json!({})).await;
     ns.wait_pod(agent, "busy", "the busy loop to run", |p| phase(p) == "Running").await;
     let started = std::time::Instant::now();
     ns.pods().delete("busy", &DeleteParams::default()).await.unwrap();
     let pods = ns.pods();
-    wait_for("the pod object to be removed", POD_TIMEOUT, || async { pods.get_opt("busy").await.ok()?.is_none().then_some(()) })
+    wait_for("the pod object to be removed", TEST_TIMEOUT, || async { pods.get_opt("busy").await.ok()?.is_none().then_some(()) })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     // Grace is 2 s; the node deletes the object once the instance has stopped.
@@ -282,7 +224,7 @@ async fn a_busy_loop_is_stopped_within_its_grace_period_on_delete() {
 async fn a_preview2_component_runs() {
     let agent = &node().await;
     let ns = Ns::new("component").await;
-    ns.create_pod(agent, "comp", "Never", serde_json::json!([{"name": "comp", "image": image("hello-component")}]), serde_json::json!({})).await;
+    ns.create_pod(agent, "comp", "Never", serde_json::json!([{"name": "comp", "image": example_image("hello-component")}]), serde_json::json!({})).await;
     let pod = ns.wait_pod(agent, "comp", "the component to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
     assert_eq!(phase(&pod), "Succeeded", "{:#?}", pod.status);
     assert!(log_of(agent, &ns.name, &pod, "comp", 0).contains("Hello from a WebAssembly component!"));
@@ -296,8 +238,8 @@ async fn init_containers_run_first_and_a_failing_one_blocks_the_app() {
         agent,
         "init-ok",
         "Never",
-        serde_json::json!([{"name": "app", "image": image("hello")}]),
-        serde_json::json!({"initContainers": [{"name": "first", "image": image("exit-with"), "args": ["0"]}]}),
+        serde_json::json!([{"name": "app", "image": example_image("hello")}]),
+        serde_json::json!({"initContainers": [{"name": "first", "image": example_image("exit-with"), "args": ["0"]}]}),
     )
     .await;
     let pod = ns.wait_pod(agent, "init-ok", "init then app to succeed", |p| phase(p) == "Succeeded").await;
@@ -308,8 +250,8 @@ async fn init_containers_run_first_and_a_failing_one_blocks_the_app() {
         agent,
         "init-fail",
         "Never",
-        serde_json::json!([{"name": "app", "image": image("hello")}]),
-        serde_json::json!({"initContainers": [{"name": "first", "image": image("exit-with"), "args": ["4"]}]}),
+        serde_json::json!([{"name": "app", "image": example_image("hello")}]),
+        serde_json::json!({"initContainers": [{"name": "first", "image": example_image("exit-with"), "args": ["4"]}]}),
     )
     .await;
     let pod = ns.wait_pod(agent, "init-fail", "the pod to fail on its init container", |p| phase(p) == "Failed").await;
@@ -343,8 +285,8 @@ async fn a_corrupt_module_fails_with_a_clear_reason() {
 async fn an_agent_restart_keeps_statuses_right_without_duplicates() {
     let mut agent = node().await;
     let ns = Ns::new("restart").await;
-    ns.create_pod(&agent, "done", "Never", serde_json::json!([{"name": "hello", "image": image("hello")}]), serde_json::json!({})).await;
-    ns.create_pod(&agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": image("ticker")}]), serde_json::json!({})).await;
+    ns.create_pod(&agent, "done", "Never", serde_json::json!([{"name": "hello", "image": example_image("hello")}]), serde_json::json!({})).await;
+    ns.create_pod(&agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": example_image("ticker")}]), serde_json::json!({})).await;
     let done = ns.wait_pod(&agent, "done", "hello to succeed", |p| phase(p) == "Succeeded").await;
     ns.wait_pod(&agent, "tick", "the ticker to run", |p| phase(p) == "Running" && container_status(p, 0).is_some_and(|c| c.ready)).await;
 
@@ -388,7 +330,7 @@ async fn service_account_token_and_configmap_volumes_are_mounted() {
         "reader",
         "Never",
         serde_json::json!([{
-            "name": "reader", "image": image("file-reader"),
+            "name": "reader", "image": example_image("file-reader"),
             "args": [format!("{sa}/namespace"), format!("{sa}/ca.crt"), format!("{sa}/token"), "/config/mode"],
             "volumeMounts": [{"name": "cfg", "mountPath": "/config"}],
         }]),
@@ -412,12 +354,12 @@ async fn a_missing_configmap_volume_waits_with_failed_mount() {
         agent,
         "nocm",
         "Never",
-        serde_json::json!([{"name": "c", "image": image("hello"), "volumeMounts": [{"name": "cfg", "mountPath": "/config"}]}]),
+        serde_json::json!([{"name": "c", "image": example_image("hello"), "volumeMounts": [{"name": "cfg", "mountPath": "/config"}]}]),
         serde_json::json!({"volumes": [{"name": "cfg", "configMap": {"name": "absent"}}]}),
     )
     .await;
     let pods = ns.pods();
-    wait_for("a FailedMount event", POD_TIMEOUT, || async { ns.event_reasons("nocm").await.iter().any(|r| r == "FailedMount").then_some(()) })
+    wait_for("a FailedMount event", TEST_TIMEOUT, || async { ns.event_reasons("nocm").await.iter().any(|r| r == "FailedMount").then_some(()) })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     let pod = pods.get("nocm").await.unwrap();
@@ -429,7 +371,7 @@ async fn a_missing_configmap_volume_waits_with_failed_mount() {
 async fn a_changed_image_restarts_the_container() {
     let agent = &node().await;
     let ns = Ns::new("newimage").await;
-    ns.create_pod(agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": image("ticker")}]), serde_json::json!({})).await;
+    ns.create_pod(agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": example_image("ticker")}]), serde_json::json!({})).await;
     let pod = ns.wait_pod(agent, "tick", "the ticker to run", |p| container_status(p, 0).is_some_and(|c| c.ready)).await;
     // The same module, named by digest: a new image reference in the spec.
     let digest = container_status(&pod, 0).unwrap().image_id.split('@').nth(1).unwrap().to_string();
@@ -448,7 +390,7 @@ async fn a_changed_image_restarts_the_container() {
 async fn active_deadline_fails_the_pod() {
     let agent = &node().await;
     let ns = Ns::new("deadline").await;
-    ns.create_pod(agent, "late", "Always", serde_json::json!([{"name": "tick", "image": image("ticker")}]), serde_json::json!({"activeDeadlineSeconds": 2})).await;
+    ns.create_pod(agent, "late", "Always", serde_json::json!([{"name": "tick", "image": example_image("ticker")}]), serde_json::json!({"activeDeadlineSeconds": 2})).await;
     let pod = ns.wait_pod(agent, "late", "the pod to fail on its deadline", |p| phase(p) == "Failed").await;
     assert_eq!(pod.status.as_ref().unwrap().reason.as_deref(), Some("DeadlineExceeded"));
 }
@@ -457,14 +399,14 @@ async fn active_deadline_fails_the_pod() {
 async fn a_forced_delete_stops_the_instance() {
     let agent = &node().await;
     let ns = Ns::new("force").await;
-    ns.create_pod(agent, "spin", "Always", serde_json::json!([{"name": "spin", "image": image("busy-loop")}]), serde_json::json!({"terminationGracePeriodSeconds": 30})).await;
+    ns.create_pod(agent, "spin", "Always", serde_json::json!([{"name": "spin", "image": example_image("busy-loop")}]), serde_json::json!({"terminationGracePeriodSeconds": 30})).await;
     let pod = ns.wait_pod(agent, "spin", "the busy loop to run", |p| phase(p) == "Running").await;
     let out = Cluster::get().kubectl().args(["delete", "pod", "spin", "-n", &ns.name, "--grace-period=0", "--force"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The object is gone at once; the instance must stop too: its log stops growing and the
     // agent logs the pod's termination.
     let uid = pod.metadata.uid.clone().unwrap();
-    wait_for("the agent to terminate the force-deleted pod", POD_TIMEOUT, || async {
+    wait_for("the agent to terminate the force-deleted pod", TEST_TIMEOUT, || async {
         agent.log().lines().any(|l| l.contains(&uid) && l.contains("terminating pod")).then_some(())
     })
     .await

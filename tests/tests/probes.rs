@@ -5,46 +5,25 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use integration_tests::{example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
-use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod, ServiceAccount};
+use integration_tests::{example_image, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::api::{DeleteParams, PostParams};
-use kube::Api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const TIMEOUT: Duration = Duration::from_secs(90);
-
 async fn node() -> Agent {
-    push_examples();
-    let name = unique_name("probes");
-    let logs = workspace_root().join("target/it").join(&name).join("logs");
-    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
-    wait_for("the probes test node to register", TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
-    agent
+    test_node("probes", &[]).await
 }
 
-struct Ns {
-    client: kube::Client,
-    name: String,
+type Ns = TestNamespace;
+
+/// `toolbox` pods and waiting for events, in the test's namespace.
+trait ToolboxPods {
+    async fn toolbox_pod(&self, agent: &Agent, name: &str, container: serde_json::Value) -> Pod;
+    async fn wait_event(&self, agent: &Agent, pod: &str, reason: &str, contains: &str) -> String;
 }
 
-impl Ns {
-    async fn new(what: &str) -> Ns {
-        let client = Cluster::get().admin().await;
-        let name = unique_name(what);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        wait_for("the default service account", TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
-        Ns { client, name }
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.name)
-    }
-
+impl ToolboxPods for Ns {
     /// A `toolbox` pod that keeps running (`sleep 3600`) with an emptyDir at /data; `container`
     /// is merged into its one container (probes, lifecycle).
     async fn toolbox_pod(&self, agent: &Agent, name: &str, container: serde_json::Value) -> Pod {
@@ -66,36 +45,9 @@ impl Ns {
         self.pods().create(&PostParams::default(), &pod).await.unwrap()
     }
 
-    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
-        let pods = self.pods();
-        let result = wait_for(what, TIMEOUT, || async {
-            let pod = pods.get_opt(name).await.ok()??;
-            check(&pod).then_some(pod)
-        })
-        .await;
-        match result {
-            Ok(pod) => pod,
-            Err(e) => {
-                let pod = pods.get_opt(name).await.ok().flatten();
-                let events = self.events(name).await;
-                panic!("{e}\npod status: {:#?}\nevents: {events:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
-            }
-        }
-    }
-
-    /// (reason, message) of the pod's events.
-    async fn events(&self, pod: &str) -> Vec<(String, String)> {
-        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &self.name);
-        let list = events.list(&Default::default()).await.unwrap();
-        list.items
-            .into_iter()
-            .filter(|e| e.involved_object.name.as_deref() == Some(pod))
-            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-            .collect()
-    }
-
+    /// Waits for an event about `pod` with this reason whose message contains `contains`.
     async fn wait_event(&self, agent: &Agent, pod: &str, reason: &str, contains: &str) -> String {
-        let result = wait_for(&format!("event {reason} ({contains})"), TIMEOUT, || async {
+        let result = wait_for(&format!("event {reason} ({contains})"), TEST_TIMEOUT, || async {
             self.events(pod).await.into_iter().find(|(r, m)| r == reason && m.contains(contains)).map(|(_, m)| m)
         })
         .await;
@@ -106,12 +58,6 @@ impl Ns {
                 panic!("{e}\nevents: {events:#?}\nagent log:\n{}", agent.log_tail())
             }
         }
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
     }
 }
 
@@ -293,5 +239,5 @@ async fn http_and_tcp_probes_against_the_pod_ip_and_a_pre_stop_hook() {
 
     // Deleting the pod runs its preStop hook before the container stops.
     ns.pods().delete("web", &DeleteParams::default()).await.unwrap();
-    wait_for("the preStop request", TIMEOUT, || async { listener.saw("/prestop").then_some(()) }).await.unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    wait_for("the preStop request", TEST_TIMEOUT, || async { listener.saw("/prestop").then_some(()) }).await.unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
 }

@@ -10,39 +10,25 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use integration_tests::{example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster};
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use integration_tests::{example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::Api;
 
-const TIMEOUT: Duration = Duration::from_secs(90);
-
 async fn node() -> Agent {
-    push_examples();
-    let name = unique_name("server");
-    let logs = workspace_root().join("target/it").join(&name).join("logs");
-    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap()]).unwrap();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
-    wait_for("the server test node to register", TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
-    agent
+    test_node("server", &[]).await
 }
 
-struct Ns {
-    client: kube::Client,
-    name: String,
+type Ns = TestNamespace;
+
+/// Single-container pods and `kubectl logs` in the test's namespace.
+trait PodsAndLogs {
+    async fn pod(&self, agent: &Agent, name: &str, example: &str, restart: &str);
+    fn logs(&self, args: &[&str]) -> (bool, String, String);
+    async fn wait_logs(&self, agent: &Agent, args: &[&str], what: &str, check: impl Fn(&str) -> bool) -> String;
 }
 
-impl Ns {
-    async fn new(what: &str) -> Ns {
-        let client = Cluster::get().admin().await;
-        let name = unique_name(what);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        wait_for("the default service account", TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.unwrap();
-        Ns { client, name }
-    }
-
+impl PodsAndLogs for Ns {
     async fn pod(&self, agent: &Agent, name: &str, example: &str, restart: &str) {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
@@ -58,14 +44,6 @@ impl Ns {
         Api::<Pod>::namespaced(self.client.clone(), &self.name).create(&PostParams::default(), &pod).await.unwrap();
     }
 
-    async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
-        match wait_for(what, TIMEOUT, || async { pods.get_opt(name).await.ok()?.filter(|p| check(p)) }).await {
-            Ok(pod) => pod,
-            Err(e) => panic!("{e}\nagent log:\n{}", agent.log_tail()),
-        }
-    }
-
     /// `kubectl logs -n <ns> <args>`: (success, stdout, stderr).
     fn logs(&self, args: &[&str]) -> (bool, String, String) {
         let out = Cluster::get().kubectl().args(["logs", "-n", &self.name]).args(args).output().expect("kubectl runs");
@@ -74,23 +52,13 @@ impl Ns {
 
     /// Waits until `kubectl logs <args>` succeeds with output that passes `check`.
     async fn wait_logs(&self, agent: &Agent, args: &[&str], what: &str, check: impl Fn(&str) -> bool) -> String {
-        let result = wait_for(what, TIMEOUT, || async {
+        let result = wait_for(what, TEST_TIMEOUT, || async {
             let (ok, out, _) = self.logs(args);
             (ok && check(&out)).then_some(out)
         })
         .await;
         result.unwrap_or_else(|e| panic!("{e}\nlast try: {:?}\nagent log:\n{}", self.logs(args), agent.log_tail()))
     }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
-    }
-}
-
-fn phase(pod: &Pod) -> &str {
-    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
 }
 
 fn restart_count(pod: &Pod) -> i32 {
@@ -165,11 +133,11 @@ async fn kubectl_logs_tail_and_follow_on_a_ticker() {
             }
         }
     });
-    let first = rx.recv_timeout(TIMEOUT).expect("kubectl logs -f prints the last tick");
+    let first = rx.recv_timeout(TEST_TIMEOUT).expect("kubectl logs -f prints the last tick");
     let first = tick_numbers(&first)[0];
     let mut seen = vec![first];
     while seen.len() < 4 {
-        match rx.recv_timeout(TIMEOUT) {
+        match rx.recv_timeout(TEST_TIMEOUT) {
             Ok(line) => seen.extend(tick_numbers(&line)),
             Err(e) => {
                 let _ = child.kill();
@@ -235,7 +203,7 @@ async fn direct_requests_are_authenticated_and_authorized() {
     };
     let admin = Some((admin.0.as_path(), admin.1.as_path()));
     // The server is up once the admin gets an answer.
-    let (code, body) = wait_for("the kubelet API to answer", TIMEOUT, || async {
+    let (code, body) = wait_for("the kubelet API to answer", TEST_TIMEOUT, || async {
         let (code, body) = curl(agent, "/healthz", admin);
         (code != 0).then_some((code, body))
     })
@@ -364,7 +332,7 @@ async fn kubectl_port_forward_reaches_the_pod_ip() {
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local)).await.unwrap();
     conn.write_all(b"hello through the tunnel").await.unwrap();
     let mut got = vec![0u8; 24];
-    let read = tokio::time::timeout(TIMEOUT, conn.read_exact(&mut got)).await;
+    let read = tokio::time::timeout(TEST_TIMEOUT, conn.read_exact(&mut got)).await;
     let _ = child.kill();
     let _ = child.wait();
     read.expect("an answer through the tunnel").unwrap();
@@ -373,12 +341,7 @@ async fn kubectl_port_forward_reaches_the_pod_ip() {
 
 #[tokio::test]
 async fn stats_summary_and_resource_metrics_from_real_measurements() {
-    push_examples();
-    let name = unique_name("stats");
-    let logs = workspace_root().join("target/it").join(&name).join("logs");
-    let agent = &Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap(), "--housekeeping-interval=1s"]).unwrap();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(Cluster::get().admin().await);
-    wait_for("the stats test node to register", TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap();
+    let agent = &test_node("stats", &["--housekeeping-interval=1s"]).await;
     let ns = Ns::new("stats").await;
     ns.pod(agent, "spin", "busy-loop", "Always").await;
     ns.wait_pod(agent, "spin", "the busy loop to run", |p| phase(p) == "Running").await;
@@ -395,7 +358,7 @@ async fn stats_summary_and_resource_metrics_from_real_measurements() {
     // The busy loop's measured CPU rate: most of a core (the machine is shared with the
     // control plane, so "close to one core" is asserted as more than half of one).
     let summary_path = "/stats/summary".to_string();
-    let cores = wait_for("a CPU rate for the busy loop in /stats/summary", TIMEOUT, || async {
+    let cores = wait_for("a CPU rate for the busy loop in /stats/summary", TEST_TIMEOUT, || async {
         let doc: serde_json::Value = serde_json::from_str(&raw(summary_path.clone())?).ok()?;
         let pod = doc["pods"].as_array()?.iter().find(|p| p["podRef"]["name"] == "spin")?.clone();
         let nano = pod["containers"][0]["cpu"]["usageNanoCores"].as_u64()?;
@@ -416,10 +379,7 @@ async fn stats_summary_and_resource_metrics_from_real_measurements() {
 
 #[tokio::test]
 async fn kubectl_top_shows_measured_figures_through_metrics_server() {
-    push_examples();
-    let name = unique_name("top");
-    let logs = workspace_root().join("target/it").join(&name).join("logs");
-    let agent = &Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap(), "--housekeeping-interval=1s"]).unwrap();
+    let agent = &test_node("top", &["--housekeeping-interval=1s"]).await;
     let ns = Ns::new("top").await;
     ns.pod(agent, "spin", "busy-loop", "Always").await;
     ns.wait_pod(agent, "spin", "the busy loop to run", |p| phase(p) == "Running").await;
