@@ -726,20 +726,7 @@ fn check_kubeconfig(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// An error and its sources on one line.
-pub fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s.replace('\n', " ")
-}
+pub use provider_api::one_line;
 
 fn parse_bool(flag: &'static str, v: &str) -> Result<bool, ConfigError> {
     // Go's strconv.ParseBool, which the kubelet's flags use.

@@ -379,16 +379,7 @@ fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<Pa
         let previous = files.remove(file).map(|s| s.good).unwrap_or_default();
         let state = match parse_manifest(&text, &origin, node) {
             Ok(pods) => {
-                let seen = now_rfc3339();
-                let pods = pods
-                    .into_iter()
-                    .map(|mut pod| {
-                        // Unchanged pods keep the time they were first seen.
-                        let old_seen = previous.iter().find(|p| p.metadata.uid == pod.metadata.uid).and_then(|p| annotation(p, ANNOTATION_SEEN).map(String::from));
-                        pod.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ANNOTATION_SEEN.into(), old_seen.unwrap_or_else(|| seen.clone()));
-                        Arc::new(pod)
-                    })
-                    .collect();
+                let pods = stamp_seen(pods, &previous);
                 FileState { content, good: pods, error: None }
             }
             Err(e) => {
@@ -443,16 +434,7 @@ pub async fn watch_url(url: String, headers: Vec<(String, String)>, node: String
                 let origin = Origin::Url(url.clone());
                 match parse_manifest(&String::from_utf8_lossy(&body), &origin, &node) {
                     Ok(pods) => {
-                        let seen = now_rfc3339();
-                        let previous = last_sent.clone().unwrap_or_default();
-                        let pods: Vec<Arc<Pod>> = pods
-                            .into_iter()
-                            .map(|mut pod| {
-                                let old_seen = previous.iter().find(|p| p.metadata.uid == pod.metadata.uid).and_then(|p| annotation(p, ANNOTATION_SEEN).map(String::from));
-                                pod.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ANNOTATION_SEEN.into(), old_seen.unwrap_or_else(|| seen.clone()));
-                                Arc::new(pod)
-                            })
-                            .collect();
+                        let pods = stamp_seen(pods, last_sent.as_deref().unwrap_or_default());
                         last_body = Some(body);
                         last_sent = Some(pods.clone());
                         if tx.send(StaticSet { source: "http", pods }).is_err() {
@@ -693,6 +675,19 @@ pub fn summary_line(name: &str, status: &PodStatus) -> String {
         .collect();
     let code = codes.iter().find(|c| **c != 0).or(codes.first()).map(|c| c.to_string()).unwrap_or_else(|| "-".into());
     format!("{name} {phase} exit={code}")
+}
+
+/// Sets the `kubernetes.io/config.seen` annotation: now for new pods, the time first seen for
+/// pods already in `previous` (same UID, so unchanged).
+fn stamp_seen(pods: Vec<Pod>, previous: &[Arc<Pod>]) -> Vec<Arc<Pod>> {
+    let seen = now_rfc3339();
+    pods.into_iter()
+        .map(|mut pod| {
+            let old_seen = previous.iter().find(|p| p.metadata.uid == pod.metadata.uid).and_then(|p| annotation(p, ANNOTATION_SEEN).map(String::from));
+            pod.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ANNOTATION_SEEN.into(), old_seen.unwrap_or_else(|| seen.clone()));
+            Arc::new(pod)
+        })
+        .collect()
 }
 
 fn now_rfc3339() -> String {

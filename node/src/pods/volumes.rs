@@ -155,7 +155,8 @@ async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume) -> Resul
     Ok((files, refresh))
 }
 
-async fn config_map(client: Option<&kube::Client>, ns: &str, name: &str, optional: bool) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+/// A ConfigMap's data and binaryData; `Ok(None)` when it is missing and `optional`.
+pub(super) async fn config_map(client: Option<&kube::Client>, ns: &str, name: &str, optional: bool) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
     let client = client.ok_or("no API server to read configmaps from")?;
     match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await {
         Ok(Some(cm)) => {
@@ -169,7 +170,8 @@ async fn config_map(client: Option<&kube::Client>, ns: &str, name: &str, optiona
     }
 }
 
-async fn secret(client: Option<&kube::Client>, ns: &str, name: &str, optional: bool) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+/// A Secret's data and stringData; `Ok(None)` when it is missing and `optional`.
+pub(super) async fn secret(client: Option<&kube::Client>, ns: &str, name: &str, optional: bool) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
     let client = client.ok_or("no API server to read secrets from")?;
     match Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await {
         Ok(Some(s)) => {

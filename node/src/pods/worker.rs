@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
     ContainerStatus, HostIP, ObjectReference, Pod, PodCondition, PodIP, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -638,28 +638,17 @@ impl PodWorker {
     async fn container_env(&self, container: &Container) -> Result<Vec<(String, String)>, env::EnvError> {
         let refs = env::referenced(container);
         let mut sources = env::Sources { host_ip: self.ctx.node_ip.clone(), node_allocatable: self.ctx.node_allocatable, ..Default::default() };
-        if let Some(client) = &self.ctx.client {
-            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &self.key.namespace);
-            for name in refs.config_maps {
-                let data = cms.get_opt(&name).await.ok().flatten().map(|cm| {
-                    let mut data = cm.data.unwrap_or_default();
-                    for (k, v) in cm.binary_data.unwrap_or_default() {
-                        data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
-                    }
-                    data
-                });
-                sources.config_maps.insert(name, data);
-            }
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.key.namespace);
-            for name in refs.secrets {
-                let data = secrets.get_opt(&name).await.ok().flatten().map(|s| {
-                    let mut data: BTreeMap<String, String> =
-                        s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect();
-                    data.extend(s.string_data.unwrap_or_default());
-                    data
-                });
-                sources.secrets.insert(name, data);
-            }
+        // Fetched as volumes fetch them; a missing or unreadable object is None here, and
+        // env::resolve decides whether that is an error (it is unless the reference is optional).
+        let text = |data: BTreeMap<String, Vec<u8>>| data.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect();
+        let client = self.ctx.client.as_ref();
+        for name in refs.config_maps {
+            let data = volumes::config_map(client, &self.key.namespace, &name, true).await.ok().flatten().map(text);
+            sources.config_maps.insert(name, data);
+        }
+        for name in refs.secrets {
+            let data = volumes::secret(client, &self.key.namespace, &name, true).await.ok().flatten().map(text);
+            sources.secrets.insert(name, data);
         }
         env::resolve(&self.pod, container, &sources)
     }

@@ -229,6 +229,22 @@ pub enum ProviderError {
     Timeout(String),
 }
 
+/// An error and its sources on one line, `: `-joined (a source already quoted by its parent is
+/// not repeated). The node and the providers both use it for messages users read.
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s.replace('\n', " ")
+}
+
 /// A pod runtime, CRI-shaped: it executes, it does not decide.
 #[async_trait::async_trait]
 pub trait Provider: Send + Sync + 'static {

@@ -181,7 +181,7 @@ impl ImageStore {
         let parsed: Reference = reference.parse().map_err(|e| ProviderError::Pull(format!("invalid image reference {reference:?}: {e}")))?;
         let registry = parsed.resolve_registry().to_string();
         let credentials = credentials_for(parsed.registry(), auth);
-        let pull_err = |what: &str, e: OciDistributionError| ProviderError::Pull(format!("pulling {reference}: {what}: {}", error_chain(&e)));
+        let pull_err = |what: &str, e: OciDistributionError| ProviderError::Pull(format!("pulling {reference}: {what}: {}", provider_api::one_line(&e)));
 
         let (client, (manifest, manifest_digest)) = self.connect(&parsed, &registry, &credentials, reference).await?;
         let (manifest, manifest_ref) = match manifest {
@@ -240,12 +240,12 @@ impl ImageStore {
     /// fails below HTTP (no TLS there), as Docker does for insecure registries; the client that
     /// worked goes on with the pull.
     async fn connect(&self, image: &Reference, registry: &str, credentials: &OciAuth, reference: &str) -> Result<(Client, (OciManifest, String)), ProviderError> {
-        let fetch_err = |e: &OciDistributionError| format!("pulling {reference}: fetching the manifest: {}", error_chain(e));
+        let fetch_err = |e: &OciDistributionError| format!("pulling {reference}: fetching the manifest: {}", provider_api::one_line(e));
         let https = self.client(reference, ClientProtocol::Https)?;
         match https.pull_manifest(image, credentials).await {
             Ok(found) => Ok((https, found)),
             Err(OciDistributionError::RequestError(e)) if may_use_plain_http(registry, &self.registries.insecure_registries) => {
-                let over_https = error_chain(&e);
+                let over_https = provider_api::one_line(&e);
                 tracing::debug!(registry, error = %over_https, "https failed below HTTP; trying plain http");
                 let http = self.client(reference, ClientProtocol::HttpsExcept(vec![registry.to_string()]))?;
                 match http.pull_manifest(image, credentials).await {
@@ -258,7 +258,7 @@ impl ImageStore {
     }
 
     fn client(&self, reference: &str, protocol: ClientProtocol) -> Result<Client, ProviderError> {
-        Client::try_from(self.registries.client_config(protocol)).map_err(|e| ProviderError::Setup(format!("pulling {reference}: the registry client cannot be set up: {}", error_chain(&e))))
+        Client::try_from(self.registries.client_config(protocol)).map_err(|e| ProviderError::Setup(format!("pulling {reference}: the registry client cannot be set up: {}", provider_api::one_line(&e))))
     }
 
     /// The module of an ordinary OCI image: the file its config's `Entrypoint[0]` names, read
@@ -322,7 +322,7 @@ impl ImageStore {
         }
         // The capacity is a hint only: the descriptor's size is the registry's word.
         let mut bytes = Vec::with_capacity(size.min(64 << 20));
-        client.pull_blob(image, descriptor, &mut bytes).await.map_err(|e| ProviderError::Pull(format!("pulling {reference}: fetching {what} {}: {}", descriptor.digest, error_chain(&e))))?;
+        client.pull_blob(image, descriptor, &mut bytes).await.map_err(|e| ProviderError::Pull(format!("pulling {reference}: fetching {what} {}: {}", descriptor.digest, provider_api::one_line(&e))))?;
         verify_digest(&descriptor.digest, &bytes).map_err(|e| ProviderError::Pull(format!("pulling {reference}: {what}: {e}")))?;
         Ok(bytes)
     }
@@ -700,20 +700,6 @@ pub fn may_use_plain_http(registry: &str, insecure: &[String]) -> bool {
     is_loopback_registry(registry) || insecure.iter().any(|i| normalise_registry(i) == want)
 }
 
-/// `e` and its sources, `: `-joined (reqwest hides the TLS or connection cause in a source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
 
 /// Whether `host[:port]` names this machine's loopback.
 pub fn is_loopback_registry(registry: &str) -> bool {
