@@ -10,6 +10,7 @@
 //! - [`pods`]: the pod source, one worker per pod, the PLEG and the pod status manager;
 //! - [`probes`]: liveness, readiness and startup probes and lifecycle hooks, for the pod workers;
 //! - [`events`]: Kubernetes Events, published by one task;
+//! - [`metrics`]: the agent's Prometheus metrics (one global registry; served on `/metrics`);
 //! - [`server`]: the kubelet API (HTTPS, authenticated and authorized; container logs);
 //! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
 //!
@@ -22,6 +23,7 @@ pub mod config;
 pub mod events;
 pub mod lease;
 pub mod machine;
+pub mod metrics;
 pub mod node_status;
 pub mod pods;
 pub mod probes;

@@ -174,6 +174,7 @@ impl KubeletServer {
                 Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?)
             }
         };
+        crate::metrics::kubelet().node_name.with(&[&config.node_name]).set(1.0);
         let authn = Authenticator::new(client.clone(), config.authentication_token_webhook, config.anonymous_auth);
         let authz = Authorizer::new(config.authorization_mode, client.clone(), config.node_name.clone());
         let streams = Arc::new(streams::StreamContext {
@@ -370,6 +371,8 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
         }
         Err(e) => e.into_warp(),
     });
+    let metrics = warp::path!("metrics").and(warp::get()).map(|| metrics_response(crate::metrics::global().render() + &crate::metrics::process_metrics()));
+    let probe_metrics = warp::path!("metrics" / "probes").and(warp::get()).map(|| metrics_response(crate::metrics::probes().render()));
     let healthz = warp::path!("healthz").and(warp::get().or(warp::head()).unify()).map(healthz_response);
     let logs = warp::path!("containerLogs" / String / String / String)
         .and(warp::get())
@@ -378,7 +381,14 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
         .then(|ns: String, pod: String, container: String, query: Vec<(String, String)>, (dir, client): (PathBuf, Option<kube::Client>)| async move {
             container_logs(&dir, client, &ns, &pod, &container, &query).await.unwrap_or_else(StatusError::into_warp)
         });
-    healthz.or(logs).unify().or(summary).unify().or(resource).unify().recover(rejection).unify().boxed()
+    healthz.or(logs).unify().or(summary).unify().or(resource).unify().or(metrics).unify().or(probe_metrics).unify().recover(rejection).unify().boxed()
+}
+
+/// A Prometheus text exposition (`/metrics`, `/metrics/probes`).
+fn metrics_response(text: String) -> warp::reply::Response {
+    let mut response = warp::reply::Response::new(text.into());
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+    response
 }
 
 fn healthz_response() -> warp::reply::Response {
