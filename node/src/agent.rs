@@ -229,6 +229,7 @@ async fn run_once(
 
 /// What every pod worker shares; `client` is None without an API server.
 fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<kube::Client>, status: StatusSender, events: EventSink) -> Arc<WorkerContext> {
+    let allocatable = allocatable(config);
     Arc::new(WorkerContext {
         provider: provider.clone(),
         client,
@@ -238,7 +239,8 @@ fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<
         node_ip: node_ip(config),
         pods_dir: config.root_dir.join("pods"),
         pod_logs_dir: config.pod_logs_dir.clone(),
-        node_allocatable: allocatable(config),
+        node_allocatable: (allocatable.milli_cpu, allocatable.memory_bytes),
+        admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),
     })
 }
 
@@ -247,12 +249,12 @@ fn node_ip(config: &Config) -> String {
     config.node_ip.map(|ip| ip.to_string()).unwrap_or_else(|| crate::node_status::resolve_node_ip(&config.node_name).map(|ip| ip.to_string()).unwrap_or_default())
 }
 
-/// (cpu millicores, memory bytes) of the machine, for resourceFieldRef without limits.
-fn allocatable(config: &Config) -> (u64, u64) {
-    match crate::machine::capacity(&config.root_dir) {
-        Ok(c) => (u64::from(c.cpus) * 1000, c.memory_bytes),
-        Err(_) => (1000, 0),
-    }
+/// Node allocatable, for admission and for resourceFieldRef without limits. A machine that
+/// cannot be measured counts as one core and no memory (the Node status names the error).
+fn allocatable(config: &Config) -> crate::machine::Allocatable {
+    let capacity = crate::machine::capacity(&config.root_dir)
+        .unwrap_or(crate::machine::Capacity { cpus: 1, memory_bytes: 0, ephemeral_storage_bytes: 0 });
+    crate::machine::Allocatable::compute(&capacity, &config.system_reserved, &config.kube_reserved, &config.eviction_hard)
 }
 
 /// Without registration, the lease still needs the Node's UID: poll for it.

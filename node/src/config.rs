@@ -173,6 +173,14 @@ pub struct Flags {
     /// Most pods this node runs; its pods capacity [default: 110].
     #[arg(long, value_name = "N")]
     pub max_pods: Option<String>,
+    /// Resources kept for the OS and system daemons, taken from allocatable:
+    /// cpu=100m,memory=1Gi,ephemeral-storage=1Gi,pid=1000 [default: none].
+    #[arg(long, value_name = "RESOURCES")]
+    pub system_reserved: Option<String>,
+    /// Resources kept for Kubernetes daemons (this agent), taken from allocatable; same form
+    /// as --system-reserved [default: none].
+    #[arg(long, value_name = "RESOURCES")]
+    pub kube_reserved: Option<String>,
     /// Hard eviction thresholds: signal<quantity|percent,...
     #[arg(long, value_name = "THRESHOLDS")]
     pub eviction_hard: Option<String>,
@@ -218,6 +226,8 @@ struct ConfigFile {
     port: Option<u32>,
     healthz_port: Option<u32>,
     max_pods: Option<u32>,
+    system_reserved: Option<BTreeMap<String, String>>,
+    kube_reserved: Option<BTreeMap<String, String>>,
     eviction_hard: Option<BTreeMap<String, String>>,
     image_g_c_high_threshold_percent: Option<u32>,
     image_g_c_low_threshold_percent: Option<u32>,
@@ -315,6 +325,42 @@ impl EvictionSignal {
     }
 }
 
+/// Resources set aside from allocatable (`--system-reserved`, `--kube-reserved`), in the
+/// units admission compares: millicores, bytes, process ids.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reserved {
+    pub milli_cpu: u64,
+    pub memory: u64,
+    pub ephemeral_storage: u64,
+    pub pid: u64,
+}
+
+impl Reserved {
+    /// `cpu=100m,memory=1Gi,ephemeral-storage=1Gi,pid=1000`; the kubelet's resource names only.
+    fn parse(flag: &'static str, v: &str) -> Result<Self, ConfigError> {
+        let mut r = Reserved::default();
+        for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, value) = item.split_once('=').ok_or_else(|| invalid(flag, item, "expected resource=quantity"))?;
+            let quantity = |q: &str| parse_quantity(q).map_err(|reason| invalid(flag, item, reason));
+            match name.trim() {
+                "cpu" => {
+                    // Millicores: `100m`, or cores (`0.5`), rounded up as the kubelet reads them.
+                    let milli = match value.strip_suffix('m') {
+                        Some(m) => m.parse::<u64>().map_err(|_| invalid(flag, item, "not a CPU quantity")),
+                        None => value.parse::<f64>().ok().filter(|c| *c >= 0.0).map(|c| (c * 1000.0).ceil() as u64).ok_or_else(|| invalid(flag, item, "not a CPU quantity")),
+                    }?;
+                    r.milli_cpu = milli;
+                }
+                "memory" => r.memory = quantity(value)?,
+                "ephemeral-storage" => r.ephemeral_storage = quantity(value)?,
+                "pid" => r.pid = quantity(value)?,
+                other => return Err(invalid(flag, item, format!("unknown resource {other:?} (cpu, memory, ephemeral-storage, pid)"))),
+            }
+        }
+        Ok(r)
+    }
+}
+
 /// A threshold: an absolute quantity (bytes, inodes, pids) or a percentage of capacity.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ThresholdValue {
@@ -371,6 +417,9 @@ pub struct Config {
     /// `--registry-ca-file`: extra CAs for registries (read and checked by main).
     pub registry_ca_file: Option<PathBuf>,
     pub max_pods: u32,
+    /// `--system-reserved` and `--kube-reserved`: subtracted from capacity for allocatable.
+    pub system_reserved: Reserved,
+    pub kube_reserved: Reserved,
     pub eviction_hard: Vec<EvictionThreshold>,
     pub image_gc_high_threshold: u8,
     pub image_gc_low_threshold: u8,
@@ -609,6 +658,16 @@ impl Config {
         if max_pods == 0 {
             return Err(invalid("--max-pods", 0, "must be at least 1"));
         }
+        let system_reserved = match (flags.system_reserved, file.system_reserved) {
+            (Some(v), _) => Reserved::parse("--system-reserved", &v)?,
+            (None, Some(map)) => Reserved::parse("systemReserved", &map.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))?,
+            (None, None) => Reserved::default(),
+        };
+        let kube_reserved = match (flags.kube_reserved, file.kube_reserved) {
+            (Some(v), _) => Reserved::parse("--kube-reserved", &v)?,
+            (None, Some(map)) => Reserved::parse("kubeReserved", &map.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))?,
+            (None, None) => Reserved::default(),
+        };
 
         let eviction_hard = match (flags.eviction_hard, file.eviction_hard) {
             (Some(v), _) => parse_eviction("--eviction-hard", &v)?,
@@ -674,6 +733,8 @@ impl Config {
             image_pull_progress_deadline,
             registry_ca_file: flags.registry_ca_file,
             max_pods,
+            system_reserved,
+            kube_reserved,
             eviction_hard,
             image_gc_high_threshold,
             image_gc_low_threshold,
@@ -1091,11 +1152,12 @@ mod tests {
             "kubelet.yaml",
             "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nmaxPods: 42\nport: 11250\n\
              nodeStatusUpdateFrequency: 4s\nregisterWithTaints:\n- {key: edge, value: \"yes\", effect: NoSchedule}\n\
-             evictionHard: {memory.available: 200Mi}\n",
+             evictionHard: {memory.available: 200Mi}\nkubeReserved: {cpu: 250m, memory: 256Mi}\n",
         );
         let c = load(&["--config", path.to_str().unwrap(), "--port", "12250"]).unwrap();
         assert_eq!(c.max_pods, 42);
         assert_eq!(c.port, 12250, "the flag beats the file");
+        assert_eq!(c.kube_reserved, Reserved { milli_cpu: 250, memory: 256 << 20, ..Default::default() });
         assert_eq!(c.node_status_update_frequency, Duration::from_secs(4));
         assert_eq!(c.register_with_taints[0].key, "edge");
         assert_eq!(c.eviction_hard, vec![EvictionThreshold { signal: EvictionSignal::MemoryAvailable, limit: ThresholdValue::Quantity(200 << 20) }]);
@@ -1130,5 +1192,16 @@ mod tests {
         assert_eq!(parse_quantity("1G").unwrap(), 1_000_000_000);
         assert_eq!(ThresholdValue::Percent(10.0).absolute(1000), 100);
         assert!(parse_quantity("12Xi").is_err());
+    }
+
+    #[test]
+    fn reserved_resources_parse_and_bad_ones_name_the_flag() {
+        let c = load(&["--system-reserved=cpu=0.5,memory=1Gi,ephemeral-storage=2Gi,pid=100", "--kube-reserved", "cpu=100m"]).unwrap();
+        assert_eq!(c.system_reserved, Reserved { milli_cpu: 500, memory: 1 << 30, ephemeral_storage: 2 << 30, pid: 100 });
+        assert_eq!(c.kube_reserved, Reserved { milli_cpu: 100, ..Default::default() });
+        assert_eq!(load(&[]).unwrap().system_reserved, Reserved::default());
+        assert!(err(&["--system-reserved=gpu=1"]).contains("--system-reserved"));
+        assert!(err(&["--kube-reserved=memory"]).contains("--kube-reserved"));
+        assert!(err(&["--kube-reserved=cpu=lots"]).contains("not a CPU quantity"));
     }
 }

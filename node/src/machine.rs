@@ -1,7 +1,10 @@
 //! Facts about the host, measured from /proc and statvfs: what the Node reports as capacity,
-//! nodeInfo and the inputs of its pressure conditions.
+//! nodeInfo and the inputs of its pressure conditions; and [`Allocatable`], what of the
+//! capacity pods may request.
 
 use std::path::Path;
+
+use crate::config::{EvictionSignal, EvictionThreshold, Reserved};
 
 /// What the machine has. Measured once at start-up and again each status interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +24,44 @@ pub struct Available {
     pub nodefs_inodes_total: u64,
     pub pids: u64,
     pub pids_max: u64,
+}
+
+/// What pods may request in total: capacity less the reserved resources and the hard eviction
+/// thresholds, as the kubelet computes it (`GetNodeAllocatableAbsolute`, floored at zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocatable {
+    pub milli_cpu: u64,
+    pub memory_bytes: u64,
+    pub ephemeral_storage_bytes: u64,
+}
+
+impl Allocatable {
+    /// `capacity − system_reserved − kube_reserved − hard eviction threshold`: memory less the
+    /// `memory.available` threshold, ephemeral storage less `nodefs.available` (percentages of
+    /// capacity); CPU has no eviction threshold.
+    pub fn compute(capacity: &Capacity, system: &Reserved, kube: &Reserved, eviction_hard: &[EvictionThreshold]) -> Self {
+        let threshold = |signal: EvictionSignal, total: u64| eviction_hard.iter().find(|t| t.signal == signal).map_or(0, |t| t.limit.absolute(total));
+        let memory_eviction = threshold(EvictionSignal::MemoryAvailable, capacity.memory_bytes);
+        let storage_eviction = threshold(EvictionSignal::NodefsAvailable, capacity.ephemeral_storage_bytes);
+        Allocatable {
+            milli_cpu: (u64::from(capacity.cpus) * 1000).saturating_sub(system.milli_cpu).saturating_sub(kube.milli_cpu),
+            memory_bytes: capacity.memory_bytes.saturating_sub(system.memory).saturating_sub(kube.memory).saturating_sub(memory_eviction),
+            ephemeral_storage_bytes: capacity
+                .ephemeral_storage_bytes
+                .saturating_sub(system.ephemeral_storage)
+                .saturating_sub(kube.ephemeral_storage)
+                .saturating_sub(storage_eviction),
+        }
+    }
+
+    /// The CPU quantity as the kubelet writes it: whole cores (`2`) or millicores (`1900m`).
+    pub fn cpu_quantity(&self) -> String {
+        if self.milli_cpu % 1000 == 0 {
+            (self.milli_cpu / 1000).to_string()
+        } else {
+            format!("{}m", self.milli_cpu)
+        }
+    }
 }
 
 /// Identity of the host for `status.nodeInfo`.
@@ -149,6 +190,7 @@ pub fn host_info() -> HostInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ThresholdValue;
 
     #[test]
     fn meminfo_lines_parse_to_bytes() {
@@ -166,6 +208,26 @@ mod tests {
         let a = available(Path::new("/")).unwrap();
         assert!(a.memory_bytes <= c.memory_bytes);
         assert!(a.pids <= a.pids_max);
+    }
+
+    #[test]
+    fn allocatable_is_capacity_less_reserved_and_hard_eviction() {
+        let capacity = Capacity { cpus: 2, memory_bytes: 8 << 30, ephemeral_storage_bytes: 100 << 30 };
+        let system = Reserved { milli_cpu: 100, memory: 1 << 30, ephemeral_storage: 1 << 30, pid: 0 };
+        let kube = Reserved { milli_cpu: 150, memory: 512 << 20, ..Default::default() };
+        let hard = [
+            EvictionThreshold { signal: EvictionSignal::MemoryAvailable, limit: ThresholdValue::Quantity(100 << 20) },
+            EvictionThreshold { signal: EvictionSignal::NodefsAvailable, limit: ThresholdValue::Percent(10.0) },
+        ];
+        let a = Allocatable::compute(&capacity, &system, &kube, &hard);
+        assert_eq!(a.milli_cpu, 1750);
+        assert_eq!(a.cpu_quantity(), "1750m");
+        assert_eq!(a.memory_bytes, (8 << 30) - (1 << 30) - (512 << 20) - (100 << 20));
+        assert_eq!(a.ephemeral_storage_bytes, (100u64 << 30) - (1 << 30) - (10 << 30));
+        // More reserved than there is: zero, never an underflow.
+        let greedy = Reserved { milli_cpu: 5000, memory: 16 << 30, ..Default::default() };
+        let a = Allocatable::compute(&capacity, &greedy, &Reserved::default(), &[]);
+        assert_eq!((a.milli_cpu, a.memory_bytes, a.cpu_quantity().as_str()), (0, 0, "0"));
     }
 
     #[test]

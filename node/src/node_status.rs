@@ -223,12 +223,11 @@ impl NodeStatusManager {
         let threshold = |signal: EvictionSignal, total: u64| -> Option<u64> {
             c.eviction_hard.iter().find(|t| t.signal == signal).map(|t| t.limit.absolute(total))
         };
-        let memory_reserve = threshold(EvictionSignal::MemoryAvailable, capacity.memory_bytes).unwrap_or(0);
-        let storage_reserve = threshold(EvictionSignal::NodefsAvailable, capacity.ephemeral_storage_bytes).unwrap_or(0);
+        let allocatable = crate::machine::Allocatable::compute(capacity, &c.system_reserved, &c.kube_reserved, &c.eviction_hard);
 
-        let resources = |memory: u64, storage: u64| {
+        let resources = |cpu: String, memory: u64, storage: u64| {
             BTreeMap::from([
-                ("cpu".to_string(), Quantity(capacity.cpus.to_string())),
+                ("cpu".to_string(), Quantity(cpu)),
                 ("memory".to_string(), Quantity(format!("{}Ki", memory / 1024))),
                 ("ephemeral-storage".to_string(), Quantity(format!("{}Ki", storage / 1024))),
                 ("pods".to_string(), Quantity(c.max_pods.to_string())),
@@ -305,11 +304,8 @@ impl NodeStatusManager {
         addresses.push(NodeAddress { type_: "Hostname".into(), address: c.node_name.clone() });
 
         NodeStatus {
-            capacity: Some(resources(capacity.memory_bytes, capacity.ephemeral_storage_bytes)),
-            allocatable: Some(resources(
-                capacity.memory_bytes.saturating_sub(memory_reserve),
-                capacity.ephemeral_storage_bytes.saturating_sub(storage_reserve),
-            )),
+            capacity: Some(resources(capacity.cpus.to_string(), capacity.memory_bytes, capacity.ephemeral_storage_bytes)),
+            allocatable: Some(resources(allocatable.cpu_quantity(), allocatable.memory_bytes, allocatable.ephemeral_storage_bytes)),
             conditions: Some(conditions),
             addresses: Some(addresses),
             daemon_endpoints: Some(NodeDaemonEndpoints { kubelet_endpoint: Some(DaemonEndpoint { port: c.port.into() }) }),

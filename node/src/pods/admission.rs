@@ -1,7 +1,19 @@
 //! Admission: whether this node can run a pod at all. A pod it cannot run is rejected with
 //! phase Failed, a reason and a message naming the cause, and an Event; it never loops.
+//!
+//! [`admit`] checks what a Wasm node cannot honour; [`Ledger`] then checks that the pod's
+//! requests fit: it is the only owner of the admitted pods' requests, and compares a new pod's
+//! (see [`super::resources::pod_requests`]) with node allocatable less what the admitted,
+//! not yet terminated pods request, as the kubelet's resource predicate does: `OutOfpods`,
+//! `OutOfcpu`, `OutOfmemory`, with the kubelet's message.
+
+use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::{mpsc, oneshot};
+
+use super::resources::{pod_requests, Resources};
+use crate::machine::Allocatable;
 
 /// Why a pod was rejected: `reason` goes to status.reason, `message` to status.message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +61,101 @@ pub fn admit(pod: &Pod) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The admitted pods' requests, owned by one task; workers ask it over a channel.
+#[derive(Clone)]
+pub struct Ledger {
+    requests: mpsc::UnboundedSender<LedgerRequest>,
+}
+
+enum LedgerRequest {
+    Admit { uid: String, requests: Resources, reply: oneshot::Sender<Result<(), Rejection>> },
+    Release { uid: String },
+}
+
+/// A pod's place in the ledger: its requests count against allocatable until it is dropped
+/// (the pod terminated, or its worker ended).
+pub struct Admitted {
+    uid: String,
+    ledger: mpsc::UnboundedSender<LedgerRequest>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let _ = self.ledger.send(LedgerRequest::Release { uid: std::mem::take(&mut self.uid) });
+    }
+}
+
+impl Ledger {
+    /// Starts the ledger's task for a node with `allocatable` and room for `max_pods`; it ends
+    /// when every handle and ticket is dropped.
+    pub fn spawn(allocatable: Allocatable, max_pods: u32) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut book = Book { allocatable, max_pods, admitted: HashMap::new() };
+        tokio::spawn(async move {
+            while let Some(request) = rx.recv().await {
+                match request {
+                    LedgerRequest::Admit { uid, requests, reply } => {
+                        let _ = reply.send(book.admit(&uid, requests));
+                    }
+                    LedgerRequest::Release { uid } => {
+                        book.admitted.remove(&uid);
+                    }
+                }
+            }
+        });
+        Self { requests: tx }
+    }
+
+    /// Admits `pod` if its requests fit what is left of allocatable; the ticket holds its place.
+    pub async fn admit(&self, pod: &Pod) -> Result<Admitted, Rejection> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let requests = match pod.spec.as_ref().map(pod_requests) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Err(Rejection { reason: "UnsupportedPodSpec".into(), message: format!("cannot read the pod's resources: {e}") }),
+            None => Resources::default(),
+        };
+        let (reply, answer) = oneshot::channel();
+        let gone = || Rejection { reason: "UnexpectedAdmissionError".into(), message: "the admission ledger has stopped (the agent is shutting down)".into() };
+        self.requests.send(LedgerRequest::Admit { uid: uid.clone(), requests, reply }).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())??;
+        Ok(Admitted { uid, ledger: self.requests.clone() })
+    }
+}
+
+/// The ledger's state: what each admitted pod requests.
+struct Book {
+    allocatable: Allocatable,
+    max_pods: u32,
+    admitted: HashMap<String, Resources>,
+}
+
+impl Book {
+    /// The kubelet's order of checks: pods, cpu, memory; the first that does not fit is the reason.
+    fn admit(&mut self, uid: &str, requests: Resources) -> Result<(), Rejection> {
+        if self.admitted.contains_key(uid) {
+            return Ok(());
+        }
+        let used = self.admitted.values().fold(Resources::default(), |a, r| Resources { milli_cpu: a.milli_cpu + r.milli_cpu, memory: a.memory + r.memory });
+        let short = |resource: &str, requested: u64, used: u64, capacity: u64| Rejection {
+            reason: format!("OutOf{resource}"),
+            message: format!("Node didn't have enough resource: {resource}, requested: {requested}, used: {used}, capacity: {capacity}"),
+        };
+        let pods = self.admitted.len() as u64;
+        if pods + 1 > u64::from(self.max_pods) {
+            return Err(short("pods", 1, pods, u64::from(self.max_pods)));
+        }
+        let a = &self.allocatable;
+        if requests.milli_cpu > 0 && requests.milli_cpu > a.milli_cpu.saturating_sub(used.milli_cpu) {
+            return Err(short("cpu", requests.milli_cpu, used.milli_cpu, a.milli_cpu));
+        }
+        if requests.memory > 0 && requests.memory > a.memory_bytes.saturating_sub(used.memory) {
+            return Err(short("memory", requests.memory, used.memory, a.memory_bytes));
+        }
+        self.admitted.insert(uid.to_string(), requests);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +178,39 @@ mod tests {
         let r = admit(&pod(serde_json::json!({"volumes": [{"name": "v", "nfs": {"server": "s", "path": "/"}}], "containers": [{"name": "c", "image": "i"}]})))
             .unwrap_err();
         assert_eq!(r.reason, "UnsupportedVolume");
+    }
+
+    fn book() -> Book {
+        Book { allocatable: Allocatable { milli_cpu: 2000, memory_bytes: 1 << 30, ephemeral_storage_bytes: 0 }, max_pods: 3, admitted: HashMap::new() }
+    }
+
+    #[test]
+    fn requests_must_fit_what_admitted_pods_left() {
+        let mut b = book();
+        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20 }).is_ok());
+        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20 }).is_ok(), "admitting the same pod again is a no-op");
+        let r = b.admit("b", Resources { milli_cpu: 600, memory: 0 }).unwrap_err();
+        assert_eq!(r.reason, "OutOfcpu");
+        assert_eq!(r.message, "Node didn't have enough resource: cpu, requested: 600, used: 1500, capacity: 2000");
+        let r = b.admit("b", Resources { milli_cpu: 500, memory: 600 << 20 }).unwrap_err();
+        assert_eq!(r.reason, "OutOfmemory");
+        assert_eq!(r.message, format!("Node didn't have enough resource: memory, requested: {}, used: {}, capacity: {}", 600 << 20, 512 << 20, 1 << 30));
+        assert!(b.admit("b", Resources { milli_cpu: 500, memory: 512 << 20 }).is_ok(), "exactly what is left fits");
+        assert!(b.admit("c", Resources::default()).is_ok(), "a pod without requests always fits");
+        assert_eq!(b.admit("d", Resources::default()).unwrap_err().reason, "OutOfpods");
+    }
+
+    #[tokio::test]
+    async fn a_released_ticket_gives_its_requests_back() {
+        let ledger = Ledger::spawn(Allocatable { milli_cpu: 1000, memory_bytes: 1 << 30, ephemeral_storage_bytes: 0 }, 110);
+        let greedy = |uid: &str| pod_with(uid, serde_json::json!({"containers": [{"name": "c", "image": "i", "resources": {"requests": {"cpu": "800m"}}}]}));
+        let first = ledger.admit(&greedy("one")).await.unwrap();
+        assert_eq!(ledger.admit(&greedy("two")).await.err().unwrap().reason, "OutOfcpu");
+        drop(first);
+        assert!(ledger.admit(&greedy("two")).await.is_ok());
+    }
+
+    fn pod_with(uid: &str, spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({ "metadata": {"name": uid, "uid": uid}, "spec": spec })).unwrap()
     }
 }

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::admission;
 use super::env;
+use super::resources;
 use super::status::{PodKey, StatusSender};
 use super::volumes;
 use crate::events::EventSink;
@@ -66,6 +67,8 @@ pub struct WorkerContext {
     pub pod_logs_dir: PathBuf,
     /// (cpu millicores, memory bytes) for resourceFieldRef without limits.
     pub node_allocatable: (u64, u64),
+    /// The admitted pods' requests against node allocatable.
+    pub admission: admission::Ledger,
 }
 
 /// What the worker knows about one container of its pod.
@@ -119,6 +122,8 @@ pub struct PodWorker {
     volume_failures: u32,
     /// Probe results of the running containers, and the prober tasks behind them.
     probes: PodProbes,
+    /// The pod's place in the admission ledger while it may run (dropped: its requests free).
+    admitted: Option<admission::Admitted>,
 }
 
 impl PodWorker {
@@ -173,7 +178,7 @@ impl PodWorker {
             ..Default::default()
         };
         let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, admitted: None }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -236,6 +241,18 @@ impl PodWorker {
                 self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
             }
         }
+        if self.terminal.is_none() && self.admitted.is_none() {
+            // The pod's requests must fit allocatable less what admitted pods request.
+            match self.ctx.admission.admit(&self.pod).await {
+                Ok(ticket) => self.admitted = Some(ticket),
+                Err(reason) => {
+                    warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
+                    self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
+                    let message = format!("Pod was rejected: {}", reason.message);
+                    self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(message) });
+                }
+            }
+        }
         if self.terminal.is_none() {
             if let Some(deadline) = self.active_deadline() {
                 if Utc::now() >= deadline {
@@ -263,6 +280,10 @@ impl PodWorker {
                 self.terminal = Some(Terminal { phase, reason: None, message: None });
             }
         }
+        if self.terminal.is_some() {
+            // A finished pod's requests no longer count against allocatable.
+            self.admitted = None;
+        }
         self.ctx.status.set(self.key.clone(), status);
         wake
     }
@@ -284,6 +305,7 @@ impl PodWorker {
     /// Reads the provider's view of this pod's containers.
     async fn refresh(&mut self) {
         let listed = self.ctx.provider.list_containers().await;
+        let mut oom_killed = Vec::new();
         for summary in listed.into_iter().filter(|s| s.pod_uid == self.key.uid) {
             let Some(record) = self.containers.get_mut(&summary.name) else { continue };
             if record.id.as_deref() != Some(summary.id.as_str()) {
@@ -294,6 +316,9 @@ impl PodWorker {
             }
             if let ContainerState::Exited { started_at, finished_at, exit_code, reason, message } = &summary.state {
                 if !matches!(record.current, Some(ContainerState::Exited { .. })) {
+                    if *reason == ExitReason::OomKilled {
+                        oom_killed.push((summary.name.clone(), message.clone()));
+                    }
                     let message = termination_message(record, *exit_code).or_else(|| message.clone());
                     record.last_terminated = Some(terminated(&summary.id, *started_at, *finished_at, *exit_code, *reason, message));
                     // A long good run resets the crash-loop backoff.
@@ -303,6 +328,13 @@ impl PodWorker {
                 }
             }
             record.current = Some(summary.state);
+        }
+        // The OOM watcher's part: a container killed for exceeding its memory limit is a
+        // Warning Event (node-problem-detector's reason; the kubelet itself only marks the
+        // status OOMKilled).
+        for (name, detail) in oom_killed {
+            let detail = detail.unwrap_or_else(|| "memory limit exceeded".into());
+            self.ctx.events.warning(&self.container_ref(&name), "OOMKilling", format!("Container {name} was OOM-killed: {detail}"));
         }
     }
 
@@ -535,6 +567,10 @@ impl PodWorker {
             _ => None,
         };
         let log_path = log_dir.join(format!("{attempt}.log"));
+        let cpu_limit_millicores = match resources::cpu_limit(container) {
+            Ok(limit) => limit,
+            Err(e) => return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string()),
+        };
         let config = ContainerConfig {
             name: name.clone(),
             image: image.clone(),
@@ -545,6 +581,7 @@ impl PodWorker {
             mounts,
             log_path: log_path.clone(),
             memory_limit_bytes: memory_limit(container),
+            cpu_limit_millicores,
             attempt,
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();

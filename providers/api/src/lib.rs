@@ -111,6 +111,9 @@ pub struct ContainerConfig {
     pub log_path: PathBuf,
     /// `resources.limits.memory`; exceeding it ends the container as OOMKilled.
     pub memory_limit_bytes: Option<u64>,
+    /// `resources.limits.cpu` in millicores; the container gets at most this share of a core's
+    /// time per 100 ms period, as with CFS quota (`None`: unlimited).
+    pub cpu_limit_millicores: Option<u64>,
     /// Which run of this container this is (0 first); the node's restart count.
     pub attempt: u32,
 }

@@ -25,6 +25,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::compile::Program;
+use crate::cpu::CpuQuota;
 use crate::log::{ContainerLog, Stream};
 
 /// Exit code of a killed container (128 + SIGKILL), as a kubelet user expects.
@@ -260,14 +261,26 @@ impl WasiView for P2State {
     }
 }
 
-/// A container's measured usage, shared by its instance and its execs.
+/// A container's measured usage, shared by its instance and its execs, and the CPU quota they
+/// share (see [`crate::cpu`]).
 #[derive(Debug, Default)]
 pub struct UsageMeter {
     cpu_nanos: AtomicU64,
     memory_bytes: AtomicU64,
+    cpu_quota: Option<CpuQuota>,
 }
 
 impl UsageMeter {
+    /// A meter for a container limited to `cpu_limit_millicores` (`None` or 0: unlimited).
+    pub fn with_cpu_limit(cpu_limit_millicores: Option<u64>) -> Self {
+        Self { cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores), ..Default::default() }
+    }
+
+    /// The container's CPU quota, if it has a limit.
+    pub fn cpu_quota(&self) -> Option<&CpuQuota> {
+        self.cpu_quota.as_ref()
+    }
+
     pub fn usage(&self) -> provider_api::ContainerUsage {
         provider_api::ContainerUsage { cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed), memory_bytes: self.memory_bytes.load(Ordering::Relaxed) }
     }
@@ -284,24 +297,44 @@ fn thread_cpu_nanos() -> u64 {
 }
 
 /// A future whose polls are charged to a meter: the guest runs only inside these polls (it
-/// yields to tokio at every epoch tick), so the thread CPU time they take is the guest's.
+/// yields to tokio at every epoch tick), so the thread CPU time they take is the guest's. With
+/// a CPU quota, a container that spent its period's budget is not polled until the period
+/// ends: its task sleeps on a timer and holds no thread.
 struct Metered<F> {
     inner: Pin<Box<F>>,
     meter: Arc<UsageMeter>,
+    throttled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<F> Metered<F> {
     fn new(meter: Arc<UsageMeter>, inner: F) -> Self {
-        Self { inner: Box::pin(inner), meter }
+        Self { inner: Box::pin(inner), meter, throttled: None }
     }
 }
 
 impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = &mut *self;
+        if let Some(quota) = this.meter.cpu_quota() {
+            loop {
+                if let Some(sleep) = this.throttled.as_mut() {
+                    std::task::ready!(sleep.as_mut().poll(cx));
+                    this.throttled = None;
+                }
+                match quota.throttled_until(tokio::time::Instant::now()) {
+                    Some(until) => this.throttled = Some(Box::pin(tokio::time::sleep_until(until))),
+                    None => break,
+                }
+            }
+        }
         let before = thread_cpu_nanos();
-        let result = self.inner.as_mut().poll(cx);
-        self.meter.cpu_nanos.fetch_add(thread_cpu_nanos().saturating_sub(before), Ordering::Relaxed);
+        let result = this.inner.as_mut().poll(cx);
+        let used = thread_cpu_nanos().saturating_sub(before);
+        this.meter.cpu_nanos.fetch_add(used, Ordering::Relaxed);
+        if let Some(quota) = this.meter.cpu_quota() {
+            quota.charge(used);
+        }
         result
     }
 }
@@ -377,6 +410,7 @@ mod tests {
             mounts: vec![],
             log_path: "/dev/null".into(),
             memory_limit_bytes: None,
+            cpu_limit_millicores: None,
             attempt: 0,
         }
     }

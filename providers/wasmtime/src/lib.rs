@@ -15,6 +15,7 @@
 //! channel, so readers never wait on a guest.
 
 pub mod compile;
+pub mod cpu;
 pub mod exec;
 pub mod image;
 pub mod instance;
@@ -247,7 +248,8 @@ impl Provider for WasmtimeProvider {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id} (removed while creating)")));
         }
         tracing::debug!(container = %config.name, id, "container created");
-        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter: Arc::default() });
+        let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores));
+        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter });
         Ok(id)
     }
 

@@ -45,6 +45,7 @@ fn config(root: &Path, name: &str) -> ContainerConfig {
         mounts: vec![],
         log_path: root.join(format!("logs/{name}/0.log")),
         memory_limit_bytes: None,
+        cpu_limit_millicores: None,
         attempt: 0,
     }
 }
@@ -220,6 +221,33 @@ async fn usage_is_measured_cpu_while_busy_memory_while_alive() {
     let after = usage().await;
     assert_eq!(after.memory_bytes, 0, "an exited container holds no memory");
     assert!(after.cpu_nanos >= 100_000_000, "CPU time is cumulative");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
+    let root = Root::new("cpu-quota");
+    let provider = provider_with(&root.0, BUSY).await;
+    let mut cfg = config(&root.0, "limited");
+    cfg.cpu_limit_millicores = Some(200);
+    let limited = provider.create_container(POD, cfg).await.unwrap();
+    let free = provider.create_container(POD, config(&root.0, "free")).await.unwrap();
+    provider.start_container(&limited).await.unwrap();
+    provider.start_container(&free).await.unwrap();
+    let cpu = |id: String| {
+        let provider = &provider;
+        async move { provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().usage.cpu_nanos }
+    };
+    let (l0, f0, t0) = (cpu(limited.clone()).await, cpu(free.clone()).await, Instant::now());
+    // The measurement window: wall time has to pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (l1, f1, wall) = (cpu(limited.clone()).await, cpu(free.clone()).await, t0.elapsed().as_nanos() as f64);
+    let (limited_rate, free_rate) = ((l1 - l0) as f64 / wall, (f1 - f0) as f64 / wall);
+    println!("200m limit: {limited_rate:.3} cores; unlimited: {free_rate:.3} cores");
+    assert!((0.10..=0.35).contains(&limited_rate), "a 200m limit holds a busy loop near 0.2 cores: {limited_rate:.3}");
+    assert!(free_rate > limited_rate * 1.5, "the unlimited loop runs clearly more: {free_rate:.3} vs {limited_rate:.3}");
+    let quota = provider.state().containers[&limited].meter.cpu_quota().map(|q| q.throttling().0).unwrap_or(0);
+    assert!(quota >= 10, "throttled in most periods of 2 s: {quota}");
+    provider.remove_pod_sandbox(POD, Duration::ZERO).await.unwrap();
 }
 
 #[tokio::test(flavor = "current_thread")]
