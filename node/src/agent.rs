@@ -70,6 +70,8 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
     let mut run_once_outcome = None;
 
     let client = client(&config).await?;
+    // Pod directories of pods gone while the agent was down, before any worker makes new ones.
+    crate::pods::volumes::remove_orphaned_pod_dirs(&config, client.as_ref()).await;
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
     // stops the agent at once (as it stops the kubelet).
     if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone(), provider.clone()).await? {
@@ -240,6 +242,7 @@ fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<
         pods_dir: config.root_dir.join("pods"),
         pod_logs_dir: config.pod_logs_dir.clone(),
         node_allocatable: (allocatable.milli_cpu, allocatable.memory_bytes),
+        sync_frequency: config.sync_frequency,
         admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),
     })
 }

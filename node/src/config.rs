@@ -22,6 +22,8 @@ const DEFAULT_NODE_STATUS_UPDATE_FREQUENCY: Duration = Duration::from_secs(10);
 const DEFAULT_NODE_STATUS_REPORT_FREQUENCY: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_FILE_CHECK_FREQUENCY: Duration = Duration::from_secs(20);
 const DEFAULT_HTTP_CHECK_FREQUENCY: Duration = Duration::from_secs(20);
+/// The kubelet's syncFrequency: how often volumes of running pods are set up again.
+const DEFAULT_SYNC_FREQUENCY: Duration = Duration::from_secs(60);
 const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 const DEFAULT_PORT: u16 = 10250;
@@ -121,6 +123,10 @@ pub struct Flags {
     /// How often the manifest URL is fetched [default: 20s].
     #[arg(long, value_name = "DURATION")]
     pub http_check_frequency: Option<String>,
+    /// How often running pods' configMap, secret, downwardAPI and projected volumes are
+    /// refreshed [default: 1m].
+    #[arg(long, value_name = "DURATION")]
+    pub sync_frequency: Option<String>,
     /// Run the static pods once, then exit.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub runonce: Option<String>,
@@ -219,6 +225,7 @@ struct ConfigFile {
     static_pod_url_header: Option<BTreeMap<String, Vec<String>>>,
     file_check_frequency: Option<String>,
     http_check_frequency: Option<String>,
+    sync_frequency: Option<String>,
     node_status_update_frequency: Option<String>,
     node_status_report_frequency: Option<String>,
     node_lease_duration_seconds: Option<u32>,
@@ -400,6 +407,7 @@ pub struct Config {
     pub manifest_url_header: Vec<(String, String)>,
     pub file_check_frequency: Duration,
     pub http_check_frequency: Duration,
+    pub sync_frequency: Duration,
     pub runonce: bool,
     pub enable_server: bool,
     pub port: u16,
@@ -572,6 +580,7 @@ impl Config {
             duration("--file-check-frequency", flags.file_check_frequency, file.file_check_frequency, DEFAULT_FILE_CHECK_FREQUENCY)?;
         let http_check_frequency =
             duration("--http-check-frequency", flags.http_check_frequency, file.http_check_frequency, DEFAULT_HTTP_CHECK_FREQUENCY)?;
+        let sync_frequency = duration("--sync-frequency", flags.sync_frequency, file.sync_frequency, DEFAULT_SYNC_FREQUENCY)?;
         let housekeeping_interval =
             duration("--housekeeping-interval", flags.housekeeping_interval, file.housekeeping_interval, DEFAULT_HOUSEKEEPING_INTERVAL)?;
         let image_pull_progress_deadline = duration(
@@ -718,6 +727,7 @@ impl Config {
             manifest_url_header,
             file_check_frequency,
             http_check_frequency,
+            sync_frequency,
             runonce,
             enable_server,
             port,

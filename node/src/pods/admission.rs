@@ -55,7 +55,7 @@ pub fn admit(pod: &Pod) -> Result<(), Rejection> {
     }
     for v in spec.volumes.iter().flatten() {
         if !super::volumes::supported(v) {
-            return reject("UnsupportedVolume", format!("volume {} has a type this node does not support yet", v.name));
+            return reject("UnsupportedVolume", format!("volume {} is of type {}, which this node does not support", v.name, super::volumes::type_name(v)));
         }
     }
     Ok(())
@@ -178,6 +178,7 @@ mod tests {
         let r = admit(&pod(serde_json::json!({"volumes": [{"name": "v", "nfs": {"server": "s", "path": "/"}}], "containers": [{"name": "c", "image": "i"}]})))
             .unwrap_err();
         assert_eq!(r.reason, "UnsupportedVolume");
+        assert_eq!(r.message, "volume v is of type nfs, which this node does not support");
     }
 
     fn book() -> Book {

@@ -459,6 +459,27 @@ pub async fn watch_url(url: String, headers: Vec<(String, String)>, node: String
     }
 }
 
+/// The UIDs of the static pods the configured sources define right now, read once without
+/// events (start-up cleanup keeps their pod directories). `None` when a source or one of its
+/// manifests cannot be read: then nobody can tell which directories are orphans.
+pub async fn current_uids(dir: Option<&Path>, url: Option<(&str, &[(String, String)])>, node: &str) -> Option<HashSet<String>> {
+    let mut uids = HashSet::new();
+    if let Some(dir) = dir {
+        let mut files = BTreeMap::new();
+        let pods = scan_dir(dir, node, &EventSink::disabled(), &mut files, &mut Complaints::default())?;
+        if files.values().any(|f| f.error.is_some()) {
+            return None;
+        }
+        uids.extend(pods.iter().filter_map(|p| p.metadata.uid.clone()));
+    }
+    if let Some((url, headers)) = url {
+        let body = tokio::time::timeout(HTTP_TIMEOUT, http_get(url, headers)).await.ok()?.ok()?;
+        let pods = parse_manifest(&String::from_utf8_lossy(&body), &Origin::Url(url.to_string()), node).ok()?;
+        uids.extend(pods.iter().filter_map(|p| p.metadata.uid.clone()));
+    }
+    Some(uids)
+}
+
 /// A plain HTTP/1.0 GET (no chunked encoding to undo; the server closes after the body).
 /// Only `http://` URLs: a manifest URL is expected on the host or a trusted network.
 async fn http_get(url: &str, headers: &[(String, String)]) -> Result<Vec<u8>, String> {

@@ -7,7 +7,7 @@
 //! to the status manager. A deleted pod's containers are stopped within its grace period and
 //! the status manager is asked to remove the pod object.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -67,6 +67,9 @@ pub struct WorkerContext {
     pub pod_logs_dir: PathBuf,
     /// (cpu millicores, memory bytes) for resourceFieldRef without limits.
     pub node_allocatable: (u64, u64),
+    /// `--sync-frequency`: how often configMap, secret, downwardAPI and projected volumes are
+    /// set up again, so running pods see changed objects.
+    pub sync_frequency: Duration,
     /// The admitted pods' requests against node allocatable.
     pub admission: admission::Ledger,
 }
@@ -115,7 +118,7 @@ pub struct PodWorker {
     start_time: DateTime<Utc>,
     terminal: Option<Terminal>,
     /// The pod's volumes once set up, and when they must be set up again (token refresh).
-    volumes: Option<HashMap<String, volumes::Materialized>>,
+    volumes: Option<volumes::PodVolumes>,
     volumes_refresh_at: Option<Instant>,
     /// The status last handed to the status manager: transition times are kept from it.
     last_status: Option<PodStatus>,
@@ -359,11 +362,14 @@ impl PodWorker {
         let mut wake: Option<Instant> = None;
         if self.volumes.is_none() || self.volumes_refresh_at.is_some_and(|at| at <= Instant::now()) {
             let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
-            match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir).await {
+            match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir, self.volumes.as_ref(), self.ctx.node_allocatable.1).await {
                 Ok(v) => {
                     self.volume_failures = 0;
-                    self.volumes_refresh_at = v.refresh_in.map(|d| Instant::now() + d);
-                    self.volumes = Some(v.by_name);
+                    // Again at the next token refresh or --sync-frequency, whichever is first (at
+                    // most every second: a zero frequency must not spin).
+                    let every = self.ctx.sync_frequency.max(Duration::from_secs(1));
+                    self.volumes_refresh_at = Some(Instant::now() + v.refresh_in.map_or(every, |d| d.min(every)));
+                    self.volumes = Some(v);
                 }
                 Err(e) if self.volumes.is_none() => {
                     // The first failures are often the API server's node authorizer not having
@@ -382,6 +388,7 @@ impl PodWorker {
                 Err(e) => {
                     // A failed refresh keeps the old files (a token stays valid past 80 % of its life).
                     warn!(error = %e, "refreshing volumes");
+                    self.ctx.events.warning(&self.object_ref(), "FailedMount", e.to_string());
                     self.volumes_refresh_at = Some(Instant::now() + VOLUME_RETRY);
                 }
             }
@@ -546,7 +553,7 @@ impl PodWorker {
         if let Err(e) = std::fs::create_dir_all(&log_dir) {
             return self.wait_and_retry(&name, "CreateContainerError", format!("creating log directory {}: {e}", log_dir.display()));
         }
-        let mut mounts = match self.mounts(container) {
+        let mut mounts = match self.mounts(container, &env) {
             Ok(m) => m,
             Err(msg) => return self.wait_and_retry(&name, "CreateContainerConfigError", msg),
         };
@@ -620,22 +627,15 @@ impl PodWorker {
         None
     }
 
-    /// One preopened directory per volumeMount, from the volumes set up for the pod.
-    fn mounts(&self, container: &Container) -> Result<Vec<Mount>, String> {
+    /// One preopened directory per volumeMount, from the volumes set up for the pod
+    /// (subPath and subPathExpr resolved by [`volumes::sub_path`]).
+    fn mounts(&self, container: &Container, env: &[(String, String)]) -> Result<Vec<Mount>, String> {
         let mut mounts = Vec::new();
         for vm in container.volume_mounts.iter().flatten() {
             let Some(volume) = self.volumes.as_ref().and_then(|v| v.get(&vm.name)) else {
                 return Err(format!("volumeMount {} names no volume of the pod", vm.name));
             };
-            let mut host_path = volume.host_path.clone();
-            if let Some(sub) = vm.sub_path.as_deref().filter(|s| !s.is_empty()) {
-                let sub = std::path::Path::new(sub);
-                if sub.is_absolute() || sub.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                    return Err(format!("subPath {} of volumeMount {} must be relative and stay inside the volume", sub.display(), vm.name));
-                }
-                host_path = host_path.join(sub);
-                std::fs::create_dir_all(&host_path).map_err(|e| format!("creating subPath {}: {e}", host_path.display()))?;
-            }
+            let host_path = volumes::sub_path(volume, vm, env)?;
             mounts.push(Mount { host_path, container_path: vm.mount_path.clone(), read_only: volume.read_only || vm.read_only.unwrap_or(false) });
         }
         Ok(mounts)
@@ -733,6 +733,11 @@ impl PodWorker {
             if let Err(e) = self.ctx.provider.remove_pod_sandbox(&sandbox, Duration::ZERO).await {
                 warn!(error = %e, "removing the pod sandbox");
             }
+        }
+        // Volumes go with the pod: tmpfs unmounted, the pod directory removed.
+        self.volumes = None;
+        if let Err(e) = volumes::mount::teardown(&self.ctx.pods_dir.join(&self.key.uid)) {
+            warn!(error = %e, "cleaning up the pod's volumes");
         }
         if removed_from_api {
             self.ctx.status.forget(self.key.clone());

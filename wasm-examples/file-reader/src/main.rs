@@ -1,6 +1,9 @@
 //! For each path argument, prints the file's content, or a directory's entries one per line
 //! (sorted, directories with a trailing `/`), to check what a pod's volumes look like inside
 //! the guest. A path it cannot read is one line on stderr; the exit status is then 1.
+//!
+//! `file-reader --every SECONDS PATH...` does the same every SECONDS, forever (a line `---`
+//! after each round), to watch a volume change while the pod runs.
 
 use std::fs;
 use std::io::{self, Write};
@@ -8,10 +11,33 @@ use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let paths: Vec<_> = std::env::args_os().skip(1).collect();
+    let mut paths: Vec<_> = std::env::args_os().skip(1).collect();
+    let every = if paths.first().is_some_and(|a| a == "--every") {
+        let seconds = paths.get(1).and_then(|s| s.to_str()).and_then(|s| s.parse::<f64>().ok()).and_then(|s| std::time::Duration::try_from_secs_f64(s).ok());
+        let Some(seconds) = seconds else {
+            eprintln!("usage: file-reader --every SECONDS PATH...");
+            return ExitCode::from(2);
+        };
+        paths.drain(..2);
+        Some(seconds)
+    } else {
+        None
+    };
     if paths.is_empty() {
-        eprintln!("usage: file-reader PATH...");
+        eprintln!("usage: file-reader [--every SECONDS] PATH...");
         return ExitCode::from(2);
+    }
+    if let Some(every) = every {
+        loop {
+            for path in &paths {
+                let path = Path::new(path);
+                if let Err(err) = print_path(path) {
+                    eprintln!("file-reader: {}: {err}", path.display());
+                }
+            }
+            println!("\n---");
+            std::thread::sleep(every);
+        }
     }
     let mut failed = false;
     for path in paths {
