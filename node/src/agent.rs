@@ -243,6 +243,7 @@ fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<
         pod_logs_dir: config.pod_logs_dir.clone(),
         node_allocatable: (allocatable.milli_cpu, allocatable.memory_bytes),
         sync_frequency: config.sync_frequency,
+        host_ports: Default::default(),
         admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),
     })
 }

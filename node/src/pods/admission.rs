@@ -58,6 +58,9 @@ pub fn admit(pod: &Pod) -> Result<(), Rejection> {
             return reject("UnsupportedVolume", format!("volume {} is of type {}, which this node does not support", v.name, super::volumes::type_name(v)));
         }
     }
+    // Ports, the outbound hosts annotation, the request bound (which pod holds a port is the
+    // worker's claim on the node's table, after this).
+    super::ports::validate(pod)?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod env;
 pub mod manager;
 pub mod mirror;
 pub mod pleg;
+pub mod ports;
 pub mod resources;
 pub mod source;
 pub mod static_source;

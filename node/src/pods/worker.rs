@@ -70,6 +70,8 @@ pub struct WorkerContext {
     /// `--sync-frequency`: how often configMap, secret, downwardAPI and projected volumes are
     /// set up again, so running pods see changed objects.
     pub sync_frequency: Duration,
+    /// Which pod holds which host port (the pod IP is the node IP).
+    pub host_ports: super::ports::HostPorts,
     /// The admitted pods' requests against node allocatable.
     pub admission: admission::Ledger,
 }
@@ -125,6 +127,8 @@ pub struct PodWorker {
     volume_failures: u32,
     /// Probe results of the running containers, and the prober tasks behind them.
     probes: PodProbes,
+    /// The host ports this pod holds while it may run (dropped: released).
+    port_claim: Option<super::ports::PortClaim>,
     /// The pod's place in the admission ledger while it may run (dropped: its requests free).
     admitted: Option<admission::Admitted>,
 }
@@ -181,7 +185,7 @@ impl PodWorker {
             ..Default::default()
         };
         let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, admitted: None }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -256,6 +260,16 @@ impl PodWorker {
                 }
             }
         }
+        if self.terminal.is_none() && self.port_claim.is_none() {
+            match self.ctx.host_ports.claim(&self.key.uid, &self.pod) {
+                Ok(claim) => self.port_claim = Some(claim),
+                Err(reason) => {
+                    warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
+                    self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
+                    self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
+                }
+            }
+        }
         if self.terminal.is_none() {
             if let Some(deadline) = self.active_deadline() {
                 if Utc::now() >= deadline {
@@ -282,6 +296,10 @@ impl PodWorker {
                 let phase = if phase == "Succeeded" { "Succeeded" } else { "Failed" };
                 self.terminal = Some(Terminal { phase, reason: None, message: None });
             }
+        }
+        if self.terminal.is_some() {
+            // A finished pod serves nothing: its ports are free for the next one.
+            self.port_claim = None;
         }
         if self.terminal.is_some() {
             // A finished pod's requests no longer count against allocatable.
@@ -590,6 +608,7 @@ impl PodWorker {
             memory_limit_bytes: memory_limit(container),
             cpu_limit_millicores,
             attempt,
+            network: super::ports::container_network(&self.pod, container, &self.ctx.node_ip),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
         let id = match self.ctx.provider.create_container(&sandbox, config).await {

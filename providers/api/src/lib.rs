@@ -116,6 +116,75 @@ pub struct ContainerConfig {
     pub cpu_limit_millicores: Option<u64>,
     /// Which run of this container this is (0 first); the node's restart count.
     pub attempt: u32,
+    /// Ports, the pod IP and the outbound policy (see [`ContainerNetwork`]).
+    pub network: ContainerNetwork,
+    /// `stdin: true`: the container's stdin is a pipe that [`Provider::attach`] writes to
+    /// (otherwise it reads end of file at once).
+    pub stdin: bool,
+    /// `stdinOnce: true`: the pipe closes when the first attached client closes its stdin.
+    pub stdin_once: bool,
+}
+
+/// A container's network, in the node's model: the pod IP is the node IP, a container may
+/// listen only on its declared ports, and outgoing connections follow the pod's policy. The
+/// default (no IP, no ports, any destination) is what a container that declares nothing gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerNetwork {
+    /// Where the container's ports are served (the node IP); `None`: nowhere.
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// The container's declared `ports`.
+    pub ports: Vec<PortMapping>,
+    /// Which destinations outgoing HTTP requests and socket connections may reach.
+    pub outbound: OutboundPolicy,
+    /// At most this many requests at once per HTTP component container (the rest get 503);
+    /// `None`: the provider's default.
+    pub max_concurrent_requests: Option<u32>,
+}
+
+/// One declared `containerPort`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A port's protocol (`ports[].protocol`, default TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+/// Which destinations a pod's outgoing connections may reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum OutboundPolicy {
+    /// Anywhere (the default when the pod sets no policy).
+    #[default]
+    AllowAll,
+    /// Only these hosts (and ports, where given).
+    AllowOnly(Vec<AllowedHost>),
+}
+
+/// One allowed destination: a host name or IP address, and a port or any port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    /// Lower case; an IPv6 address without brackets.
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl OutboundPolicy {
+    /// Whether `host:port` may be reached (`host` as the guest named it: a name or an address).
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        match self {
+            OutboundPolicy::AllowAll => true,
+            OutboundPolicy::AllowOnly(hosts) => {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                hosts.iter().any(|h| h.host.eq_ignore_ascii_case(host) && h.port.is_none_or(|p| p == port))
+            }
+        }
+    }
 }
 
 /// A container's state as the runtime sees it.

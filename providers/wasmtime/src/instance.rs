@@ -48,6 +48,8 @@ pub struct Exit {
 pub struct Linkers {
     module: Linker<P1State>,
     component: wasmtime::component::Linker<P2State>,
+    /// For `wasi:http/proxy` components (see [`crate::http`]).
+    http: wasmtime::component::Linker<crate::http::HttpState>,
 }
 
 impl Linkers {
@@ -57,7 +59,8 @@ impl Linkers {
         wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi).map_err(setup)?;
         let mut component = wasmtime::component::Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component).map_err(setup)?;
-        Ok(Self { module, component })
+        let http = crate::http::linker(engine).map_err(setup)?;
+        Ok(Self { module, component, http })
     }
 }
 
@@ -66,6 +69,8 @@ impl Linkers {
 pub enum Instance {
     Module(wasmtime::InstancePre<P1State>),
     Component(CommandPre<P2State>),
+    /// A `wasi:http/proxy` component: served, one instance per request ([`crate::http`]).
+    Http(wasmtime_wasi_http::p2::bindings::ProxyPre<crate::http::HttpState>),
 }
 
 impl Instance {
@@ -79,6 +84,7 @@ impl Instance {
                 }
                 linkers.module.instantiate_pre(module).map(Instance::Module).map_err(|e| format!("linking the module: {e:#}"))
             }
+            Program::Component(component) if crate::http::is_http_component(component) => crate::http::prepare(&linkers.http, component).map(Instance::Http),
             Program::Component(component) => {
                 let pre = linkers.component.instantiate_pre(component).map_err(|e| format!("linking the component: {e:#}"))?;
                 CommandPre::new(pre).map(Instance::Component).map_err(|e| format!("the component does not export wasi:cli/run: {e:#}"))
@@ -134,13 +140,14 @@ impl Instance {
                 store.data_mut().limiter.release();
                 (result, store.data().limiter.exceeded)
             }
+            Instance::Http(_) => (Err(wasmtime::Error::msg("an HTTP component (wasi:http/proxy) has no command to run: it only answers requests")), false),
         }
     }
 }
 
 /// Sets the memory limiter and the epoch deadline: every tick yields to tokio, or interrupts
 /// the guest once `stop` is cancelled.
-fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static) {
+pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static) {
     store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
     let stop = stop.clone();
     // tokio's `yield_now` (not wasmtime's plain `Yield`) defers the wake-up until the runtime
@@ -222,6 +229,7 @@ pub fn wasi_context(config: &ContainerConfig, log: &ContainerLog) -> Result<Wasi
 pub fn granted_context(config: &ContainerConfig, argv: &[String]) -> Result<WasiCtxBuilder, String> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(argv).envs(&config.env);
+    crate::http::grant_sockets(&mut wasi, &config.network);
     for mount in &config.mounts {
         let perms = if mount.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
         wasi.preopened_dir(&mount.host_path, &mount.container_path, perms)
@@ -300,14 +308,14 @@ fn thread_cpu_nanos() -> u64 {
 /// yields to tokio at every epoch tick), so the thread CPU time they take is the guest's. With
 /// a CPU quota, a container that spent its period's budget is not polled until the period
 /// ends: its task sleeps on a timer and holds no thread.
-struct Metered<F> {
+pub(crate) struct Metered<F> {
     inner: Pin<Box<F>>,
     meter: Arc<UsageMeter>,
     throttled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<F> Metered<F> {
-    fn new(meter: Arc<UsageMeter>, inner: F) -> Self {
+    pub(crate) fn new(meter: Arc<UsageMeter>, inner: F) -> Self {
         Self { inner: Box::pin(inner), meter, throttled: None }
     }
 }
@@ -350,7 +358,7 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    fn new(memory_limit: Option<u64>, meter: Arc<UsageMeter>) -> Self {
+    pub(crate) fn new(memory_limit: Option<u64>, meter: Arc<UsageMeter>) -> Self {
         let mut builder = StoreLimitsBuilder::new().trap_on_grow_failure(true);
         if let Some(limit) = memory_limit {
             builder = builder.memory_size(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -359,8 +367,13 @@ impl Limiter {
     }
 
     /// The store is done: its memory no longer counts.
-    fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         self.meter.memory_bytes.fetch_sub(std::mem::take(&mut self.granted), Ordering::Relaxed);
+    }
+
+    /// Whether the memory limit refused a growth.
+    pub(crate) fn exceeded(&self) -> bool {
+        self.exceeded
     }
 }
 
@@ -412,6 +425,7 @@ mod tests {
             memory_limit_bytes: None,
             cpu_limit_millicores: None,
             attempt: 0,
+            network: Default::default(),
         }
     }
 

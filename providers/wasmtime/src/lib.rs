@@ -19,6 +19,7 @@ pub mod cpu;
 pub mod exec;
 pub mod image;
 pub mod instance;
+pub mod http;
 pub mod log;
 
 use std::collections::HashMap;
@@ -88,7 +89,9 @@ struct Container {
 enum Phase {
     Created,
     /// The run's task holds the sender and publishes the exit once.
-    Running { started_at: SystemTime, exit: watch::Receiver<Option<ContainerState>>, stop: CancellationToken },
+    /// `drain` asks for a graceful end (an HTTP component stops accepting and finishes what is
+    /// in flight; a command cannot be asked, WASI has no signals); `stop` kills.
+    Running { started_at: SystemTime, exit: watch::Receiver<Option<ContainerState>>, stop: CancellationToken, drain: CancellationToken },
     Exited(ContainerState),
 }
 
@@ -262,18 +265,27 @@ impl Provider for WasmtimeProvider {
         let config = &container.config;
         let log = ContainerLog::open(&config.log_path).map_err(|e| ProviderError::Io(format!("container {}: opening log {}: {e}", config.name, config.log_path.display())))?;
         let wasi = instance::wasi_context(config, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
+        // An HTTP component's ports are bound before it counts as started.
+        let listeners = match &container.instance {
+            Instance::Http(_) => Some(http::bind(&config.network).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?),
+            _ => None,
+        };
+        let (drain, http_config) = (CancellationToken::new(), config.clone());
         let started_at = SystemTime::now();
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(None);
         let span = tracing::info_span!("container", pod = %container.pod_uid, name = %config.name, id = container_id);
         let (engine, instance, memory_limit, token, meter) =
             (self.engine.clone(), container.instance.clone(), config.memory_limit_bytes, stop.clone(), container.meter.clone());
-        container.phase = Phase::Running { started_at, exit: rx, stop };
+        container.phase = Phase::Running { started_at, exit: rx, stop, drain: drain.clone() };
         drop(state);
         tokio::spawn(
             async move {
                 tracing::info!("started");
-                let exit = instance.run(&engine, wasi, memory_limit, token.clone(), &meter).await;
+                let exit = match (&instance, listeners) {
+                    (Instance::Http(pre), Some(listeners)) => http::serve(engine.clone(), pre.clone(), http_config, listeners, log.clone(), meter.clone(), drain, token.clone()).await,
+                    _ => instance.run(&engine, wasi, memory_limit, token.clone(), &meter).await,
+                };
                 // The container's end ends its execs, as a pid namespace's end does.
                 token.cancel();
                 log.finish();
@@ -296,7 +308,10 @@ impl Provider for WasmtimeProvider {
                     return Ok(());
                 }
                 Phase::Exited(_) => return Ok(()),
-                Phase::Running { exit, stop, .. } => (exit.clone(), stop.clone()),
+                Phase::Running { exit, stop, drain, .. } => {
+                    drain.cancel();
+                    (exit.clone(), stop.clone())
+                }
             }
         };
         // WASI has no signals: "cooperative" is the grace period to finish on its own.

@@ -47,6 +47,7 @@ fn config(root: &Path, name: &str) -> ContainerConfig {
         memory_limit_bytes: None,
         cpu_limit_millicores: None,
         attempt: 0,
+        network: Default::default(),
     }
 }
 

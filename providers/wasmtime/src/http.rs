@@ -1,0 +1,408 @@
+//! `wasi:http/proxy` components served on their container's ports, and the network policy
+//! every component's sockets and outgoing requests are held to.
+//!
+//! Start at [`serve`]: one hyper HTTP/1.1 server per declared TCP `containerPort`, bound at the
+//! pod IP (the node IP) before the container counts as started ([`bind`]). Every request gets a
+//! fresh instance of the component from one [`ProxyPre`] (linked once at create time), with what
+//! the container is granted: argv, env, volumes, stdout/stderr to the container log, the
+//! container's memory limit (per instance) and CPU meter. At most
+//! [`DEFAULT_MAX_CONCURRENT_REQUESTS`] (or the pod's bound) instances run at once; a request
+//! over the bound is answered 503 at once with a body saying so, never queued without limit.
+//!
+//! Lifecycle: the container runs while its listeners are up. A stop first *drains*: the
+//! listeners close at once (new connections are refused), idle keep-alive connections are
+//! closed, and requests in flight finish; the container then exits 0. When the grace period
+//! runs out first, the kill interrupts the instances still running (exit 137).
+//!
+//! Policy ([`OutboundHooks`], [`grant_sockets`]): outgoing `wasi:http` requests and
+//! `wasi:sockets` connections go only where the pod's [`OutboundPolicy`] allows; a socket may
+//! bind only a declared port (or an ephemeral one, for a client) at the pod IP or the wildcard.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use provider_api::{ContainerConfig, ContainerNetwork, ExitReason, OutboundPolicy, Protocol};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::instance::{self, Exit, Limiter, UsageMeter, KILLED_EXIT_CODE};
+use crate::log::{ContainerLog, Stream};
+
+/// Requests one HTTP container serves at once unless its pod says otherwise. Each in-flight
+/// request holds an instance (a linear memory of a few MiB for a small Rust component), so
+/// 1024 of them stay within a few GiB of a small host, and a burst of a thousand concurrent
+/// clients is still served rather than turned away.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u32 = 1024;
+
+/// Prefix of the export a `wasi:http/proxy` component has, whatever its 0.2.x minor version.
+const INCOMING_HANDLER: &str = "wasi:http/incoming-handler@0.2";
+/// Prefix of the export a command component has.
+const CLI_RUN: &str = "wasi:cli/run@0.2";
+
+/// Whether `component` is an HTTP component: it exports `wasi:http/incoming-handler` and not
+/// `wasi:cli/run` (a command that also handles requests is run as a command).
+pub fn is_http_component(component: &wasmtime::component::Component) -> bool {
+    let ty = component.component_type();
+    let engine = component.engine();
+    let names: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
+    names.iter().any(|n| n.starts_with(INCOMING_HANDLER)) && !names.iter().any(|n| n.starts_with(CLI_RUN))
+}
+
+/// Store data of one request's instance.
+pub struct HttpState {
+    ctx: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: OutboundHooks,
+    limiter: Limiter,
+}
+
+impl WasiView for HttpState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for HttpState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// The linker HTTP components are linked with: all of WASI 0.2 (env, filesystem, clocks,
+/// sockets under [`grant_sockets`]) plus `wasi:http`.
+pub fn linker(engine: &Engine) -> wasmtime::Result<wasmtime::component::Linker<HttpState>> {
+    let mut linker = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
+/// Links an HTTP component for per-request instantiation.
+pub fn prepare(linker: &wasmtime::component::Linker<HttpState>, component: &wasmtime::component::Component) -> Result<ProxyPre<HttpState>, String> {
+    let pre = linker.instantiate_pre(component).map_err(|e| format!("linking the HTTP component: {e:#}"))?;
+    ProxyPre::new(pre).map_err(|e| format!("the component does not export wasi:http/incoming-handler: {e:#}"))
+}
+
+/// `wasi:http` hooks: outgoing requests are sent only where the pod's policy allows, else they
+/// fail with `HTTP-request-denied` before anything leaves the node.
+pub struct OutboundHooks {
+    policy: OutboundPolicy,
+}
+
+impl WasiHttpHooks for OutboundHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<(http::Response<wasmtime_wasi_http::WasiBody>, Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>), wasmtime_wasi_http::Error>,
+            > + Send,
+    > {
+        let uri = request.uri();
+        let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let allowed = uri.authority().is_some_and(|a| self.policy.allows(a.host(), a.port_u16().unwrap_or(if tls { 443 } else { 80 })));
+        if !allowed {
+            tracing::debug!(uri = %uri, "outgoing request denied by the pod's allowed outbound hosts");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        // As the library's default hooks do: its plain sender, the request's own future unused.
+        let _ = fut;
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>))
+        })
+    }
+}
+
+/// Grants `wasi:sockets` under the container's network: TCP and UDP, name lookups, binds only
+/// on a declared port (or port 0, the implicit bind of a client) at the pod IP or the wildcard,
+/// connections and datagrams only to allowed destinations. Preview1 modules never see sockets.
+pub fn grant_sockets(wasi: &mut WasiCtxBuilder, network: &ContainerNetwork) {
+    let network = Arc::new(network.clone());
+    wasi.allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
+    wasi.socket_addr_check(move |addr, usage| {
+        let network = network.clone();
+        Box::pin(async move { socket_allowed(&network, addr, usage).await })
+    });
+}
+
+async fn socket_allowed(network: &ContainerNetwork, addr: SocketAddr, usage: SocketAddrUse) -> bool {
+    match usage {
+        SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+            let protocol = if matches!(usage, SocketAddrUse::TcpBind) { Protocol::Tcp } else { Protocol::Udp };
+            let ip_ok = addr.ip().is_unspecified() || Some(addr.ip()) == network.pod_ip;
+            let port_ok = addr.port() == 0 || network.ports.iter().any(|p| p.port == addr.port() && p.protocol == protocol);
+            ip_ok && port_ok
+        }
+        SocketAddrUse::TcpListen | SocketAddrUse::TcpAccept => true,
+        _ => destination_allowed(&network.outbound, addr).await,
+    }
+}
+
+/// Whether the policy allows `addr`: named by address, or by a host name that resolves to it.
+pub async fn destination_allowed(policy: &OutboundPolicy, addr: SocketAddr) -> bool {
+    let OutboundPolicy::AllowOnly(hosts) = policy else { return true };
+    if policy.allows(&addr.ip().to_string(), addr.port()) {
+        return true;
+    }
+    for host in hosts.iter().filter(|h| h.host.parse::<IpAddr>().is_err() && h.port.is_none_or(|p| p == addr.port())) {
+        if let Ok(resolved) = tokio::net::lookup_host((host.host.as_str(), addr.port())).await {
+            if resolved.into_iter().any(|a| a.ip() == addr.ip()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The listeners of an HTTP container, bound before it counts as started so a port taken by
+/// another process is a start error naming it.
+#[derive(Debug)]
+pub struct Listeners(Vec<std::net::TcpListener>);
+
+/// Binds every declared TCP port at the pod IP.
+pub fn bind(network: &ContainerNetwork) -> Result<Listeners, String> {
+    let ip = network.pod_ip.ok_or("the node has no IP to serve the HTTP component's ports on")?;
+    let ports: Vec<u16> = network.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.port).collect();
+    if ports.is_empty() {
+        return Err("an HTTP component (wasi:http/incoming-handler) needs at least one TCP containerPort to serve on".into());
+    }
+    let mut listeners = Vec::with_capacity(ports.len());
+    for port in ports {
+        let addr = SocketAddr::new(ip, port);
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
+        listener.set_nonblocking(true).map_err(|e| format!("binding {addr}: {e}"))?;
+        listeners.push(listener);
+    }
+    Ok(Listeners(listeners))
+}
+
+/// What every request of one container shares.
+struct Shared {
+    engine: Engine,
+    pre: ProxyPre<HttpState>,
+    config: ContainerConfig,
+    argv: Vec<String>,
+    log: ContainerLog,
+    meter: Arc<UsageMeter>,
+    /// Cancelled by a kill: running instances are interrupted at their next epoch tick.
+    kill: CancellationToken,
+    slots: Arc<Semaphore>,
+    max: u32,
+    rejected: AtomicU64,
+}
+
+/// Serves the container until `drain` (graceful: stop accepting, finish what is in flight) or
+/// `kill` (interrupt everything); returns how it ended.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    engine: Engine,
+    pre: ProxyPre<HttpState>,
+    config: ContainerConfig,
+    listeners: Listeners,
+    log: ContainerLog,
+    meter: Arc<UsageMeter>,
+    drain: CancellationToken,
+    kill: CancellationToken,
+) -> Exit {
+    let max = config.network.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS).max(1);
+    let argv = instance::argv(&config);
+    let shared = Arc::new(Shared { engine, pre, config, argv, log, meter, kill: kill.clone(), slots: Arc::new(Semaphore::new(max as usize)), max, rejected: AtomicU64::new(0) });
+    let connections = TaskTracker::new();
+    let mut accepting = Vec::new();
+    for listener in listeners.0 {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return Exit { exit_code: 1, reason: ExitReason::Error, message: Some(format!("listening: {e}")) },
+        };
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_concurrent = max, "serving HTTP");
+        accepting.push(tokio::spawn(accept_loop(listener, shared.clone(), connections.clone(), drain.clone())));
+    }
+    tokio::select! {
+        () = drain.cancelled() => {}
+        () = kill.cancelled() => {}
+    }
+    // The accept loops end with the drain (dropping their listeners); what is in flight ends next.
+    for task in accepting {
+        task.abort();
+    }
+    connections.close();
+    let exit = tokio::select! {
+        () = connections.wait() => Exit { exit_code: 0, reason: ExitReason::Completed, message: None },
+        () = kill.cancelled() => {
+            // Give interrupted instances a moment to unwind, then report the kill.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(200), connections.wait()).await;
+            Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::Killed, message: Some("stopped: the grace period ran out with requests in flight".into()) }
+        }
+    };
+    let rejected = shared.rejected.load(Ordering::Relaxed);
+    if rejected > 0 {
+        tracing::info!(rejected, "requests answered 503 over the concurrency bound");
+    }
+    exit
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, connections: TaskTracker, drain: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = drain.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let drain = drain.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(shared, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(wasmtime_wasi_http::io::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.cancelled() => {
+                    // Finish the request in flight, then close (idle connections close at once).
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+fn text_response(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
+    let body = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync();
+    let mut response = hyper::Response::new(body);
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// One request: a slot under the bound, a fresh instance, the guest's response (or a 5xx that
+/// says what went wrong).
+async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incoming>) -> hyper::Response<HyperOutgoingBody> {
+    let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+        shared.rejected.fetch_add(1, Ordering::Relaxed);
+        return text_response(503, format!("wasm-kubelet: container {} is already serving its limit of {} concurrent requests; retry later\n", shared.config.name, shared.max));
+    };
+    let mut wasi = match instance::granted_context(&shared.config, &shared.argv) {
+        Ok(w) => w,
+        Err(e) => return text_response(500, format!("wasm-kubelet: container {}: {e}\n", shared.config.name)),
+    };
+    wasi.stdout(shared.log.pipe(Stream::Stdout)).stderr(shared.log.pipe(Stream::Stderr));
+    let state = HttpState {
+        ctx: wasi.build(),
+        http: WasiHttpCtx::new(),
+        table: ResourceTable::new(),
+        hooks: OutboundHooks { policy: shared.config.network.outbound.clone() },
+        limiter: Limiter::new(shared.config.memory_limit_bytes, shared.meter.clone()),
+    };
+    let mut store = Store::new(&shared.engine, state);
+    instance::arm(&mut store, &shared.kill, |s: &mut HttpState| &mut s.limiter);
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let prepared = (|| -> wasmtime::Result<_> {
+        let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let out = store.data_mut().http().new_response_outparam(sender)?;
+        Ok((req, out))
+    })();
+    let (req, out) = match prepared {
+        Ok(x) => x,
+        Err(e) => return text_response(400, format!("wasm-kubelet: bad request: {e:#}\n")),
+    };
+    let pre = shared.pre.clone();
+    let meter = shared.meter.clone();
+    let log = shared.log.clone();
+    // The instance runs in its own task: it may keep writing the body after the head is sent.
+    // The slot is held until the instance is done.
+    let task = tokio::spawn(async move {
+        let result = instance::Metered::new(meter, async {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+        })
+        .await;
+        store.data_mut().limiter.release();
+        let memory_exceeded = store.data().limiter.exceeded();
+        drop(permit);
+        if let Err(e) = &result {
+            let why = if memory_exceeded { "memory limit exceeded".to_string() } else { instance::trap_message(e) };
+            log.write(Stream::Stderr, format!("wasm-kubelet: request failed: {why}\n").as_bytes());
+            return Err(why);
+        }
+        Ok(())
+    });
+    match receiver.await {
+        Ok(Ok(response)) => response,
+        Ok(Err(code)) => text_response(500, format!("wasm-kubelet: the component answered with an error: {code:?}\n")),
+        Err(_) => match task.await {
+            Ok(Ok(())) => text_response(500, "wasm-kubelet: the component returned without setting a response\n".into()),
+            Ok(Err(why)) => text_response(500, format!("wasm-kubelet: the component failed: {why}\n")),
+            Err(e) => text_response(500, format!("wasm-kubelet: the request's task failed: {e}\n")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use provider_api::{AllowedHost, PortMapping};
+
+    fn network(outbound: OutboundPolicy) -> ContainerNetwork {
+        ContainerNetwork { pod_ip: Some("127.0.0.5".parse().unwrap()), ports: vec![PortMapping { port: 8080, protocol: Protocol::Tcp }], outbound, max_concurrent_requests: None }
+    }
+
+    #[tokio::test]
+    async fn sockets_bind_only_declared_ports_and_connect_only_where_allowed() {
+        let net = network(OutboundPolicy::AllowOnly(vec![AllowedHost { host: "127.0.0.1".into(), port: Some(9000) }, AllowedHost { host: "localhost".into(), port: Some(9100) }]));
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(socket_allowed(&net, at("127.0.0.5:8080"), SocketAddrUse::TcpBind).await);
+        assert!(socket_allowed(&net, at("0.0.0.0:8080"), SocketAddrUse::TcpBind).await);
+        assert!(socket_allowed(&net, at("0.0.0.0:0"), SocketAddrUse::TcpBind).await, "a client's implicit bind");
+        assert!(!socket_allowed(&net, at("127.0.0.5:8081"), SocketAddrUse::TcpBind).await, "an undeclared port");
+        assert!(!socket_allowed(&net, at("127.0.0.6:8080"), SocketAddrUse::TcpBind).await, "another node's address");
+        assert!(!socket_allowed(&net, at("0.0.0.0:8080"), SocketAddrUse::UdpBind).await, "8080 is declared TCP only");
+        assert!(socket_allowed(&net, at("127.0.0.1:9000"), SocketAddrUse::TcpConnect).await);
+        assert!(!socket_allowed(&net, at("127.0.0.1:9001"), SocketAddrUse::TcpConnect).await);
+        assert!(!socket_allowed(&net, at("127.0.0.2:9000"), SocketAddrUse::UdpSend).await);
+        assert!(socket_allowed(&net, at("127.0.0.1:9100"), SocketAddrUse::TcpConnect).await, "localhost resolves to 127.0.0.1");
+        assert!(socket_allowed(&network(OutboundPolicy::AllowAll), at("127.0.0.9:1"), SocketAddrUse::TcpConnect).await);
+    }
+
+    #[test]
+    fn binding_needs_a_tcp_port_and_an_ip() {
+        let mut network = ContainerNetwork::default();
+        assert!(bind(&network).unwrap_err().contains("no IP"));
+        network.pod_ip = Some("127.0.0.1".parse().unwrap());
+        assert!(bind(&network).unwrap_err().contains("at least one TCP containerPort"));
+        network.ports = vec![PortMapping { port: 53, protocol: Protocol::Udp }];
+        assert!(bind(&network).unwrap_err().contains("at least one TCP containerPort"));
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        network.ports = vec![PortMapping { port: taken.local_addr().unwrap().port(), protocol: Protocol::Tcp }];
+        assert!(bind(&network).unwrap_err().starts_with("binding 127.0.0.1:"));
+    }
+}
