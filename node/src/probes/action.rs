@@ -23,8 +23,11 @@ const MAX_STATUS_LINE: usize = 4096;
 pub enum Action {
     /// Run the command as a new instance of the container's module; exit 0 is success.
     Exec(Vec<String>),
-    /// `GET http://host:port/path`; 200..=399 is success.
-    HttpGet { host: String, port: u16, path: String, headers: Vec<(String, String)> },
+    /// `GET http(s)://host:port/path`; 200..=399 is success. HTTPS skips certificate
+    /// verification, as the kubelet's prober does.
+    HttpGet { host: String, port: u16, path: String, headers: Vec<(String, String)>, https: bool },
+    /// `grpc.health.v1.Health/Check` for `service` over plaintext HTTP/2; SERVING is success.
+    Grpc { host: String, port: u16, service: String },
     /// A TCP connection that opens is success.
     TcpSocket { host: String, port: u16 },
     /// `preStop` only: wait this long.
@@ -49,8 +52,11 @@ impl Action {
                 Err(e) => Action::Invalid(e),
             };
         }
-        if probe.grpc.is_some() {
-            return Action::Invalid("gRPC probes are not supported by wasm-kubelet yet".into());
+        if let Some(grpc) = &probe.grpc {
+            return match u16::try_from(grpc.port).ok().filter(|p| *p > 0) {
+                Some(port) => Action::Grpc { host: pod_ip.to_string(), port, service: grpc.service.clone().unwrap_or_default() },
+                None => Action::Invalid(format!("invalid port number: {}", grpc.port)),
+            };
         }
         Action::Invalid("the probe names no handler (exec, httpGet, tcpSocket or grpc)".into())
     }
@@ -85,9 +91,9 @@ impl Action {
                 Err(ProviderError::Timeout(_)) => Err(format!("command {command:?} timed out")),
                 Err(e) => Err(e.to_string()),
             },
-            Action::HttpGet { host, port, path, headers } => {
-                let url = format!("http://{}{path}", host_port(host, *port));
-                match tokio::time::timeout(timeout, http_get(host, *port, path, headers)).await {
+            Action::HttpGet { host, port, path, headers, https } => {
+                let url = format!("{}://{}{path}", if *https { "https" } else { "http" }, host_port(host, *port));
+                match tokio::time::timeout(timeout, http_get(host, *port, path, headers, *https)).await {
                     Ok(Ok(status)) if http_success(status) => Ok(()),
                     Ok(Ok(status)) => Err(format!("HTTP probe failed with statuscode: {status}")),
                     Ok(Err(e)) => Err(format!("Get \"{url}\": {e}")),
@@ -102,6 +108,7 @@ impl Action {
                     Err(_) => Err(format!("dial tcp {addr}: i/o timeout")),
                 }
             }
+            Action::Grpc { host, port, service } => grpc_check(host, *port, service, timeout).await,
             Action::Sleep(d) => {
                 tokio::time::sleep((*d).min(timeout)).await;
                 Ok(())
@@ -120,9 +127,11 @@ fn http_action(
     container: &Container,
     pod_ip: &str,
 ) -> Action {
-    if let Some(scheme) = scheme.filter(|s| !s.eq_ignore_ascii_case("HTTP")) {
-        return Action::Invalid(format!("httpGet scheme {scheme} is not supported by wasm-kubelet yet (only HTTP)"));
-    }
+    let https = match scheme.unwrap_or("HTTP") {
+        s if s.eq_ignore_ascii_case("HTTP") => false,
+        s if s.eq_ignore_ascii_case("HTTPS") => true,
+        other => return Action::Invalid(format!("unsupported httpGet scheme {other:?} (HTTP or HTTPS)")),
+    };
     let port = match resolve_port(port, container) {
         Ok(p) => p,
         Err(e) => return Action::Invalid(e),
@@ -132,7 +141,7 @@ fn http_action(
         Some(p) => format!("/{p}"),
         None => "/".into(),
     };
-    Action::HttpGet { host: host.filter(|h| !h.is_empty()).unwrap_or(pod_ip).to_string(), port, path, headers: headers.collect() }
+    Action::HttpGet { host: host.filter(|h| !h.is_empty()).unwrap_or(pod_ip).to_string(), port, path, headers: headers.collect(), https }
 }
 
 /// A probe's port: a number, or the name of one of the container's ports.
@@ -167,9 +176,22 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// A minimal HTTP/1.1 GET: sends the request, reads the status line, returns the status code.
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
-    let mut stream = TcpStream::connect((host, port)).await?;
+/// A minimal HTTP/1.1 GET over plain TCP or TLS: sends the request, reads the status line,
+/// returns the status code.
+async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)], https: bool) -> std::io::Result<u16> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    if !https {
+        return http_get_on(tcp, host, port, path, headers).await;
+    }
+    let name = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
+        Err(_) => rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+    };
+    let tls = tokio_rustls::TlsConnector::from(insecure_tls()).connect(name, tcp).await?;
+    http_get_on(tls, host, port, path, headers).await
+}
+
+async fn http_get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S, host: &str, port: u16, path: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
     let mut all: Vec<(String, String)> =
         vec![("Host".into(), host_port(host, port)), ("User-Agent".into(), USER_AGENT.into()), ("Accept".into(), "*/*".into())];
     for (name, value) in headers {
@@ -215,6 +237,178 @@ fn parse_status_line(line: &[u8]) -> std::io::Result<u16> {
     }
 }
 
+/// The TLS client of HTTPS probes: any certificate is accepted (the kubelet's prober sets
+/// `InsecureSkipVerify`), but the handshake's signatures are still checked.
+fn insecure_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let verifier = std::sync::Arc::new(AnyCertificate(provider.clone()));
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|b| b.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
+                // The ring provider supports the default versions; this cannot fail.
+                .unwrap_or_else(|_| rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth());
+            std::sync::Arc::new(config)
+        })
+        .clone()
+}
+
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `grpc.health.v1.Health/Check` over h2c (the kubelet's gRPC prober speaks plaintext HTTP/2),
+/// with the kubelet's failure messages. The messages are tiny, so they are encoded by hand:
+/// the request is `{service: string = 1}`, the response `{status: enum = 1}`.
+async fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let addr = host_port(host, port);
+    let connect = async {
+        let tcp = TcpStream::connect((host, port)).await?;
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.map_err(std::io::Error::other)
+    };
+    let (mut sender, connection) = match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("timeout: failed to connect service {addr:?} within {}s: {e}", timeout.as_secs())),
+        Err(_) => return Err(format!("timeout: failed to connect service {addr:?} within {}s", timeout.as_secs())),
+    };
+    let driver = tokio::spawn(connection);
+    let result = tokio::time::timeout(timeout, async {
+        let request = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("user-agent", USER_AGENT)
+            .body(http_body_util::Full::new(bytes::Bytes::from(grpc_frame(&health_request(service)))))
+            .map_err(|e| format!("error: health rpc probe failed: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| format!("error: health rpc probe failed: {e}"))?;
+        let (head, body) = response.into_parts();
+        let collected = body.collect().await.map_err(|e| format!("error: health rpc probe failed: {e}"))?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let message = collected.to_bytes();
+        // A trailers-only response carries grpc-status in the headers.
+        let status = trailers.get("grpc-status").or_else(|| head.headers.get("grpc-status")).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
+        let detail = trailers.get("grpc-message").or_else(|| head.headers.get("grpc-message")).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        match status {
+            Some(0) => {}
+            // UNIMPLEMENTED
+            Some(12) => return Err(format!("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): {detail}")),
+            Some(code) => return Err(format!("error: health rpc probe failed: rpc error: code = {} desc = {detail}", grpc_code_name(code))),
+            None if !head.status.is_success() => return Err(format!("error: health rpc probe failed: unexpected HTTP status {}", head.status)),
+            None => return Err("error: health rpc probe failed: no grpc-status in the response".into()),
+        }
+        match health_status(&message) {
+            Some(1) => Ok(()),
+            Some(other) => Err(format!("service unhealthy (responded with {:?})", serving_status_name(other))),
+            None => Err("error: health rpc probe failed: malformed HealthCheckResponse".into()),
+        }
+    })
+    .await;
+    driver.abort();
+    result.unwrap_or_else(|_| Err(format!("timeout: health rpc did not complete within {}s", timeout.as_secs())))
+}
+
+/// `HealthCheckRequest { service }`: field 1, length-delimited (omitted when empty).
+fn health_request(service: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    if !service.is_empty() {
+        out.push(0x0a);
+        put_varint(&mut out, service.len() as u64);
+        out.extend_from_slice(service.as_bytes());
+    }
+    out
+}
+
+/// A gRPC length-prefixed message: flag 0 (not compressed), 4-byte big-endian length.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The `status` of a framed `HealthCheckResponse` (0, UNKNOWN, when the field is absent, as
+/// proto3 omits a zero); `None` when the bytes do not parse.
+fn health_status(framed: &[u8]) -> Option<u64> {
+    let len = u32::from_be_bytes(framed.get(1..5)?.try_into().ok()?) as usize;
+    let message = framed.get(5..5 + len)?;
+    let (mut at, mut status) = (0, 0);
+    while at < message.len() {
+        let key = get_varint(message, &mut at)?;
+        match (key >> 3, key & 7) {
+            (1, 0) => status = get_varint(message, &mut at)?,
+            (_, 0) => drop(get_varint(message, &mut at)?),
+            (_, 2) => at += get_varint(message, &mut at)? as usize,
+            (_, 1) => at += 8,
+            (_, 5) => at += 4,
+            _ => return None,
+        }
+    }
+    (at == message.len()).then_some(status)
+}
+
+fn serving_status_name(status: u64) -> String {
+    match status {
+        0 => "UNKNOWN".into(),
+        1 => "SERVING".into(),
+        2 => "NOT_SERVING".into(),
+        3 => "SERVICE_UNKNOWN".into(),
+        other => other.to_string(),
+    }
+}
+
+fn grpc_code_name(code: u32) -> String {
+    const NAMES: [&str; 17] = [
+        "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
+        "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+    ];
+    NAMES.get(code as usize).map(|n| n.to_string()).unwrap_or_else(|| format!("Code({code})"))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -252,12 +446,14 @@ pub(crate) mod tests {
         let probe: Probe = serde_json::from_value(serde_json::json!({"httpGet": {"port": "http", "path": "healthz", "httpHeaders": [{"name": "X-A", "value": "1"}]}})).unwrap();
         assert_eq!(
             Action::from_probe(&probe, &container(), "10.0.0.7"),
-            Action::HttpGet { host: "10.0.0.7".into(), port: 8080, path: "/healthz".into(), headers: vec![("X-A".into(), "1".into())] }
+            Action::HttpGet { host: "10.0.0.7".into(), port: 8080, path: "/healthz".into(), headers: vec![("X-A".into(), "1".into())], https: false }
         );
         let https: Probe = serde_json::from_value(serde_json::json!({"httpGet": {"port": 443, "scheme": "HTTPS"}})).unwrap();
-        assert!(matches!(Action::from_probe(&https, &container(), "h"), Action::Invalid(_)));
-        let grpc: Probe = serde_json::from_value(serde_json::json!({"grpc": {"port": 9090}})).unwrap();
-        assert!(matches!(Action::from_probe(&grpc, &container(), "h"), Action::Invalid(m) if m.contains("gRPC")));
+        assert!(matches!(Action::from_probe(&https, &container(), "h"), Action::HttpGet { port: 443, https: true, .. }));
+        let grpc: Probe = serde_json::from_value(serde_json::json!({"grpc": {"port": 9090, "service": "db"}})).unwrap();
+        assert_eq!(Action::from_probe(&grpc, &container(), "h"), Action::Grpc { host: "h".into(), port: 9090, service: "db".into() });
+        let grpc: Probe = serde_json::from_value(serde_json::json!({"grpc": {"port": 0}})).unwrap();
+        assert!(matches!(Action::from_probe(&grpc, &container(), "h"), Action::Invalid(m) if m.contains("invalid port")));
     }
 
     #[tokio::test]
@@ -276,7 +472,7 @@ pub(crate) mod tests {
             seen
         });
         let provider: Arc<dyn Provider> = Arc::new(NoProvider);
-        let action = Action::HttpGet { host: "127.0.0.1".into(), port, path: "/healthz".into(), headers: vec![("Host".into(), "probe.example".into())] };
+        let action = Action::HttpGet { host: "127.0.0.1".into(), port, path: "/healthz".into(), headers: vec![("Host".into(), "probe.example".into())], https: false };
         assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
         assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 503".into()));
         let seen = server.await.unwrap();
@@ -285,6 +481,104 @@ pub(crate) mod tests {
         assert!(action.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err().starts_with("Get \"http://127.0.0.1:"));
         let tcp = Action::TcpSocket { host: "127.0.0.1".into(), port };
         assert!(tcp.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err().starts_with("dial tcp 127.0.0.1:"));
+    }
+
+    #[tokio::test]
+    async fn https_get_accepts_a_self_signed_certificate() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            for status in ["204 No Content", "500 Internal Server Error"] {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                let mut buf = vec![0u8; 2048];
+                let _ = tls.read(&mut buf).await.unwrap();
+                tls.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await.unwrap();
+                let _ = tls.shutdown().await;
+            }
+        });
+        let provider: Arc<dyn Provider> = Arc::new(NoProvider);
+        let action = Action::HttpGet { host: "127.0.0.1".into(), port, path: "/".into(), headers: vec![], https: true };
+        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 500".into()));
+        // Plain HTTP to a TLS port (or the reverse) is a failure, not a hang.
+        let refused = action.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err();
+        assert!(refused.starts_with(&format!("Get \"https://127.0.0.1:{port}/\"")), "{refused}");
+    }
+
+    /// A grpc.health.v1 server over h2c answering each Check with the next of `statuses`
+    /// (a serving status, or `Err(grpc code)`); returns its port.
+    async fn health_server(statuses: Vec<Result<u64, u32>>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let statuses = Arc::new(std::sync::Mutex::new(statuses.into_iter()));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let statuses = statuses.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let next = statuses.lock().unwrap().next();
+                        async move {
+                            use http_body_util::BodyExt;
+                            assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            assert_eq!(&body[..], &grpc_frame(&health_request("db"))[..]);
+                            let (message, code) = match next.unwrap_or(Err(14)) {
+                                Ok(0) => (grpc_frame(&[]), 0),
+                                Ok(s) => (grpc_frame(&[0x08, s as u8]), 0),
+                                Err(code) => (Vec::new(), code),
+                            };
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", code.to_string().parse().unwrap());
+                            trailers.insert("grpc-message", "nope".parse().unwrap());
+                            let body = http_body_util::StreamBody::new(futures::stream::iter(vec![
+                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(message))),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ]));
+                            Ok::<_, std::convert::Infallible>(http::Response::builder().header("content-type", "application/grpc").body(body).unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()).serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn grpc_health_check_over_h2c() {
+        let port = health_server(vec![Ok(1), Ok(2), Ok(0), Err(12), Err(5)]).await;
+        let provider: Arc<dyn Provider> = Arc::new(NoProvider);
+        let action = Action::Grpc { host: "127.0.0.1".into(), port, service: "db".into() };
+        let run = || action.run(&provider, "c", Duration::from_secs(5));
+        assert_eq!(run().await, Ok(()));
+        assert_eq!(run().await, Err("service unhealthy (responded with \"NOT_SERVING\")".into()));
+        assert_eq!(run().await, Err("service unhealthy (responded with \"UNKNOWN\")".into()));
+        assert_eq!(run().await, Err("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): nope".into()));
+        assert_eq!(run().await, Err("error: health rpc probe failed: rpc error: code = NotFound desc = nope".into()));
+        let closed = Action::Grpc { host: "127.0.0.1".into(), port: 1, service: String::new() };
+        assert!(closed.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err().starts_with("timeout: failed to connect service \"127.0.0.1:1\""));
+    }
+
+    #[test]
+    fn health_messages_encode_and_decode() {
+        assert_eq!(grpc_frame(&health_request("")), vec![0, 0, 0, 0, 0]);
+        assert_eq!(health_request("ab"), vec![0x0a, 2, b'a', b'b']);
+        assert_eq!(health_status(&grpc_frame(&[0x08, 0x01])), Some(1));
+        assert_eq!(health_status(&grpc_frame(&[])), Some(0));
+        // Unknown fields are skipped; a truncated message does not parse.
+        assert_eq!(health_status(&grpc_frame(&[0x12, 0x01, b'x', 0x08, 0x02])), Some(2));
+        assert_eq!(health_status(&grpc_frame(&[0x08])), None);
+        assert_eq!(health_status(&[0, 0, 0]), None);
     }
 
     /// A provider for actions that never reach it.

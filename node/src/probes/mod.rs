@@ -328,6 +328,27 @@ impl PodProbes {
     }
 }
 
+/// `prober_probe_total` on `/metrics/probes`, with the kubelet's name, help and labels.
+fn probe_total() -> &'static crate::metrics::Counter {
+    static TOTAL: std::sync::OnceLock<crate::metrics::Counter> = std::sync::OnceLock::new();
+    TOTAL.get_or_init(|| {
+        crate::metrics::probes().counter(
+            "prober_probe_total",
+            "Cumulative number of a liveness, readiness or startup probe for a container by result.",
+            &["probe_type", "result", "container", "pod", "namespace", "pod_uid"],
+        )
+    })
+}
+
+impl Drop for PodProbes {
+    /// The pod's worker is done: its probe series go, as the kubelet's prober drops them.
+    fn drop(&mut self) {
+        if let Some(uid) = self.pod_ref.uid.as_deref() {
+            probe_total().retain(|labels| labels.get(5).map(String::as_str) != Some(uid));
+        }
+    }
+}
+
 fn container_ref(pod_ref: &ObjectReference, container: &str) -> ObjectReference {
     let mut r = pod_ref.clone();
     r.field_path = Some(format!("spec.containers{{{container}}}"));
@@ -350,11 +371,23 @@ fn spawn_prober(
     let timing = Timing::of(probe);
     let action = Action::from_probe(probe, container, pod_ip);
     let (name, id) = (container.name.clone(), id.to_string());
+    // container, pod, namespace, pod_uid: the labels of this prober's prober_probe_total series.
+    let series: Arc<[String; 4]> = Arc::new([
+        name.clone(),
+        cref.name.clone().unwrap_or_default(),
+        cref.namespace.clone().unwrap_or_default(),
+        cref.uid.clone().unwrap_or_default(),
+    ]);
     let first = (started_at + timing.initial_delay).max(Instant::now());
     let task = async move {
         let probe = || {
-            let (provider, action, id) = (provider.clone(), action.clone(), id.clone());
-            async move { action.run(&provider, &id, timing.timeout).await }
+            let (provider, action, id, series) = (provider.clone(), action.clone(), id.clone(), series.clone());
+            async move {
+                let result = action.run(&provider, &id, timing.timeout).await;
+                let outcome = if result.is_ok() { "successful" } else { "failed" };
+                probe_total().with(&[kind.label(), outcome, &series[0], &series[1], &series[2], &series[3]]).inc();
+                result
+            }
         };
         let on_failure = |message: &str| {
             debug!(container = %name, ?kind, message, "probe failed");
