@@ -279,3 +279,44 @@ fn runonce_runs_pods_from_a_manifest_url_with_its_header() {
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.starts_with("from-url-") && stdout.trim_end().ends_with(" Succeeded exit=0"), "{stdout}");
 }
+
+/// The CRI timestamps (first field) of a log's lines.
+fn log_times(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.split(' ').next().map(str::to_string)).collect()
+}
+
+#[tokio::test]
+async fn an_edited_static_pod_starts_only_after_the_old_version_stopped() {
+    // The old version takes 3 s to stop (a preStop sleep) and ticks meanwhile: had the new
+    // version started at once, as a new UID would, the two logs would overlap.
+    let manifest = |version: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: slowstop\nspec:\n  terminationGracePeriodSeconds: 10\n  containers:\n  - name: ticker\n    image: {}\n    env:\n    - {{name: VERSION, value: \"{version}\"}}\n    lifecycle:\n      preStop:\n        sleep: {{seconds: 3}}\n",
+            example_image("ticker")
+        )
+    };
+    let (agent, dir) = start_node("static-order", |dir| write_manifest(dir, "slowstop.yaml", &manifest("1"))).await;
+    let logs = agent.dir.join("logs");
+    let prefix = format!("default_slowstop-{}_", agent.name);
+    let log_dirs = || -> Vec<PathBuf> {
+        std::fs::read_dir(&logs).map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))).collect()).unwrap_or_default()
+    };
+    let old = wait_for("the first version to tick", TIMEOUT, || async {
+        log_dirs().into_iter().find(|d| !log_times(&d.join("ticker/0.log")).is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+
+    write_manifest(&dir, "slowstop.yaml", &manifest("2"));
+    // Five ticks of the new version: longer than the old one's preStop, so both logs are final
+    // whichever order they ran in.
+    let new = wait_for("the second version to tick five times", TIMEOUT, || async {
+        log_dirs().into_iter().find(|d| *d != old && log_times(&d.join("ticker/0.log")).len() >= 5)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    let old_times = log_times(&old.join("ticker/0.log"));
+    let new_times = log_times(&new.join("ticker/0.log"));
+    let (old_last, new_first) = (old_times.last().unwrap(), new_times.first().unwrap());
+    assert!(old_last < new_first, "the new version ticked at {new_first}, before the old one's last tick at {old_last}");
+}

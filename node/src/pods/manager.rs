@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
@@ -29,6 +29,9 @@ pub async fn run(
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
     let tracker = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    // Static pods waiting for an older version's worker to finish, by that worker's UID: one
+    // pod per full name, as the kubelet's allowStaticPodStart. Dropping the senders opens the gates.
+    let mut static_gates: HashMap<String, Vec<oneshot::Sender<()>>> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -46,11 +49,21 @@ pub async fn run(
                         }
                         None => {
                             let span = info_span!("pod", namespace = pod.metadata.namespace.as_deref().unwrap_or(""), name = pod.metadata.name.as_deref().unwrap_or(""), uid = %uid);
+                            let pod_ref = pod.clone();
                             let (desired, rx) = watch::channel(PodDesire { pod, removed: false });
                             let nudge = Arc::new(Notify::new());
                             let worker = PodWorker::new(ctx.clone(), rx, nudge.clone());
                             let done = done_tx.clone();
+                            let older = workers.iter().find(|(_, h)| super::static_source::same_static_pod(&h.desired.borrow().pod, &pod_ref));
+                            let gate = older.map(|(old_uid, _)| {
+                                let (open, gate) = oneshot::channel::<()>();
+                                static_gates.entry(old_uid.clone()).or_default().push(open);
+                                gate
+                            });
                             tracker.spawn(async move {
+                                if let Some(gate) = gate {
+                                    let _ = gate.await;
+                                }
                                 let uid = worker.run().await;
                                 let _ = done.send(uid);
                             }.instrument(span));
@@ -71,6 +84,7 @@ pub async fn run(
             }
             Some(uid) = done_rx.recv() => {
                 workers.remove(&uid);
+                static_gates.remove(&uid);
             }
         }
     }

@@ -645,6 +645,13 @@ pub async fn merge(
 }
 
 /// Whether a pod from the API server is a mirror pod (the kubelet's `IsMirrorPod`).
+/// Whether `a` and `b` are versions of one static pod (same namespace and name; each from a
+/// file or URL source): the kubelet runs at most one of them at a time.
+pub fn same_static_pod(a: &Pod, b: &Pod) -> bool {
+    let is_static = |p: &Pod| matches!(annotation(p, ANNOTATION_SOURCE), Some("file" | "http")) && !is_mirror(p);
+    is_static(a) && is_static(b) && a.metadata.namespace == b.metadata.namespace && a.metadata.name == b.metadata.name && a.metadata.uid != b.metadata.uid
+}
+
 pub fn is_mirror(pod: &Pod) -> bool {
     annotation(pod, ANNOTATION_MIRROR).is_some()
 }
