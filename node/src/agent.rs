@@ -54,7 +54,11 @@ pub async fn client(config: &Config) -> Result<Option<kube::Client>, AgentError>
     let kube_config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
         .await
         .map_err(|e| fail(one_line(&e)))?;
-    let client = kube::Client::try_from(kube_config).map_err(|e| fail(one_line(&e)))?;
+    let host = kube_config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
+    let client = kube::client::ClientBuilder::try_from(kube_config)
+        .map_err(|e| fail(one_line(&e)))?
+        .with_layer(&crate::metrics::CountApiRequests::new(&host))
+        .build();
     Ok(Some(client))
 }
 
@@ -74,7 +78,9 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
     crate::pods::volumes::remove_orphaned_pod_dirs(&config, client.as_ref()).await;
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
     // stops the agent at once (as it stops the kubelet).
+    let mut pods_view = crate::server::pods::PodsViewSender::disabled();
     if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone(), provider.clone()).await? {
+        pods_view = server.pods_sender();
         tasks.spawn(server.run(shutdown.clone()));
     }
     match client {
@@ -96,7 +102,7 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             let (status_manager, status) = StatusManager::new(client.clone());
             tasks.spawn(status_manager.run(shutdown.clone()));
             let events = EventSink::start(client.clone(), &config.node_name);
-            let ctx = worker_context(&config, &provider, Some(client.clone()), status.clone(), events.clone());
+            let ctx = worker_context(&config, &provider, Some(client.clone()), status.clone(), events.clone(), pods_view.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (api_tx, api_rx) = mpsc::unbounded_channel();
@@ -121,7 +127,7 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             let (latest_tx, latest_rx) = watch::channel(HashMap::new());
             tasks.spawn(static_source::local_status(status_rx, latest_tx));
             let events = EventSink::disabled();
-            let ctx = worker_context(&config, &provider, None, status, events.clone());
+            let ctx = worker_context(&config, &provider, None, status, events.clone(), pods_view.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (statics_tx, statics_rx) = watch::channel(None);
@@ -230,10 +236,11 @@ async fn run_once(
 }
 
 /// What every pod worker shares; `client` is None without an API server.
-fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<kube::Client>, status: StatusSender, events: EventSink) -> Arc<WorkerContext> {
+fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<kube::Client>, status: StatusSender, events: EventSink, pods_view: crate::server::pods::PodsViewSender) -> Arc<WorkerContext> {
     let allocatable = allocatable(config);
     Arc::new(WorkerContext {
         provider: provider.clone(),
+        pods_view,
         client,
         status,
         events,

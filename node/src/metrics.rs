@@ -122,6 +122,91 @@ pub fn kubelet() -> &'static KubeletMetrics {
     &KUBELET
 }
 
+/// Records one pod worker pass: `kubelet_pod_worker_duration_seconds{operation}`, and, the
+/// first time `status` shows every container running, `kubelet_pod_start_duration_seconds`
+/// from the pod's creationTimestamp (or `first_seen`, for a pod without one) to now.
+pub fn observe_pod_sync(
+    operation: &str,
+    took: std::time::Duration,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    status: Option<&k8s_openapi::api::core::v1::PodStatus>,
+    first_seen: k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>,
+    start_observed: &mut bool,
+) {
+    let metrics = kubelet();
+    metrics.pod_worker_duration.with(&[operation]).observe_duration(took);
+    if *start_observed {
+        return;
+    }
+    let Some(status) = status else { return };
+    let statuses = status.container_statuses.as_deref().unwrap_or_default();
+    let all_running = status.phase.as_deref() == Some("Running") && !statuses.is_empty() && statuses.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+    if !all_running {
+        return;
+    }
+    *start_observed = true;
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(first_seen);
+    let seconds = (k8s_openapi::chrono::Utc::now() - created).num_milliseconds().max(0) as f64 / 1000.0;
+    metrics.pod_start_duration.with(&[]).observe(seconds);
+}
+
+/// A layer for kube's client stack that counts every API request into
+/// `rest_client_requests_total{code,method,host}` (`<error>` when no response came).
+#[derive(Clone)]
+pub struct CountApiRequests {
+    host: Arc<str>,
+}
+
+impl CountApiRequests {
+    /// `host` is the API server's `host:port`, as client-go labels it.
+    pub fn new(host: &str) -> Self {
+        CountApiRequests { host: host.into() }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for CountApiRequests {
+    type Service = CountedApiService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CountedApiService { inner, host: self.host.clone() }
+    }
+}
+
+/// The service [`CountApiRequests`] wraps around kube's stack.
+#[derive(Clone)]
+pub struct CountedApiService<S> {
+    inner: S,
+    host: Arc<str>,
+}
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for CountedApiService<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.method().as_str().to_string();
+        let host = self.host.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            let code = match &response {
+                Ok(r) => r.status().as_u16().to_string(),
+                Err(_) => "<error>".to_string(),
+            };
+            kubelet().rest_client_requests.with(&[&code, &method, &host]).inc();
+            response
+        })
+    }
+}
+
 /// What kind of series a family holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {

@@ -7,10 +7,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use integration_tests::{example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{example_image, phase, push_examples, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::Api;
@@ -101,6 +101,8 @@ async fn kubectl_logs_of_a_finished_pod_with_options() {
     assert!(!ok && err.contains("nope"), "an unknown container is named in the error: {err}");
     let (ok, _, err) = ns.logs(&["hello", "--previous"]);
     assert!(!ok && err.contains("previous terminated container"), "no previous run: {err}");
+    // The kubelet's plain-text error, not a Status object printed as JSON text.
+    assert!(!err.contains("\"kind\""), "{err}");
 }
 
 #[tokio::test]
@@ -223,8 +225,7 @@ async fn direct_requests_are_authenticated_and_authorized() {
 
     let (code, body) = curl(agent, "/containerLogs/default/no-such-pod/c", admin);
     assert_eq!(code, 404, "{body}");
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    assert_eq!((status["reason"].as_str(), status["status"].as_str()), (Some("NotFound"), Some("Failure")));
+    assert!(body.contains("no-such-pod") && !body.starts_with('{'), "a plain-text message, as the kubelet's: {body}");
     let (code, body) = curl(agent, "/containerLogs/default/no-such-pod/c?tailLines=many", admin);
     assert_eq!(code, 400, "a malformed query: {body}");
     let (code, _) = curl(agent, "/containerLogs/default/no-such-pod/c?follow=%ZZ", admin);
@@ -396,4 +397,368 @@ async fn kubectl_top_shows_measured_figures_through_metrics_server() {
     assert!(millicores > 500, "a busy loop uses most of a core: {line}");
     let node_line = wait_for("kubectl top node", Duration::from_secs(60), || async { top(&["node", &agent.name]) }).await.unwrap();
     assert!(node_line.starts_with(&agent.name), "{node_line}");
+}
+
+/// `curl -X <method>` to the agent's kubelet API: (HTTP status, body).
+fn curl_method(agent: &Agent, method: &str, path: &str, cert: Option<(&Path, &Path)>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sk", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]);
+    if let Some((crt, key)) = cert {
+        cmd.arg("--cert").arg(crt).arg("--key").arg(key);
+    }
+    let out = cmd.arg(format!("https://{}:10250{path}", agent.node_ip)).output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn admin_cert() -> (PathBuf, PathBuf) {
+    let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+    (pki.join("admin.crt"), pki.join("admin.key"))
+}
+
+/// A toolbox pod running `command` (with `stdin: true` when asked).
+async fn toolbox_pod(ns: &Ns, agent: &Agent, name: &str, command: &[&str], stdin: bool) {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": agent.name, "restartPolicy": "Always", "terminationGracePeriodSeconds": 1,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [{"name": name, "image": example_image("toolbox"), "command": command, "stdin": stdin}],
+        },
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &pod).await.unwrap();
+}
+
+/// Lines of a child's pipe, on a channel (so a test can wait for one with a time-out).
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `what`; fails with what came instead.
+fn expect_line(rx: &mpsc::Receiver<String>, what: &str, agent: &Agent) {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(TEST_TIMEOUT) {
+            Ok(line) if line.contains(what) => return,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no line with {what:?} ({e}); got {seen:?}\nagent log:\n{}", agent.log_tail()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn kubectl_attach_streams_live_output_and_forwards_stdin() {
+    use std::io::Write;
+    let agent = &node().await;
+    let ns = Ns::new("attach").await;
+    // `cat` with stdin: true echoes what an attached client sends.
+    toolbox_pod(&ns, agent, "echo", &["cat"], true).await;
+    ns.pod(agent, "tick", "ticker", "Always").await;
+    ns.wait_pod(agent, "echo", "the echo pod to run", |p| phase(p) == "Running").await;
+    ns.wait_pod(agent, "tick", "the ticker to run", |p| phase(p) == "Running").await;
+
+    // stdin in, stdout out, through the real API server (WebSocket from kubectl, SPDY to us).
+    let mut child = Cluster::get()
+        .kubectl()
+        .args(["attach", "-i", "-n", &ns.name, "echo", "-c", "echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"first line through attach\n").unwrap();
+    stdin.flush().unwrap();
+    expect_line(&out, "first line through attach", agent);
+    stdin.write_all(b"and a second\n").unwrap();
+    stdin.flush().unwrap();
+    expect_line(&out, "and a second", agent);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Output only: the ticker's lines from now on.
+    let mut child = Cluster::get().kubectl().args(["attach", "-n", &ns.name, "tick"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let first = out.recv_timeout(TEST_TIMEOUT).unwrap_or_else(|e| panic!("kubectl attach printed nothing ({e})\n{}", agent.log_tail()));
+    let second = out.recv_timeout(TEST_TIMEOUT).expect("a second tick");
+    let _ = child.kill();
+    let _ = child.wait();
+    let (a, b) = (tick_numbers(&first), tick_numbers(&second));
+    assert!(a.len() == 1 && b == [a[0] + 1], "consecutive live ticks: {first:?} {second:?}");
+
+    // stdin to a container without `stdin: true` is refused with a clear error.
+    let out = Cluster::get().kubectl().args(["attach", "-i", "-n", &ns.name, "tick"]).stdin(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("stdin is not enabled"), "{err}");
+
+    // `kubectl run -i` style: stdinOnce, so the end of the client's stdin is the end of the
+    // container's, and `cat` finishes; kubectl attach ends with the container.
+    let once: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "once"},
+        "spec": {
+            "nodeName": agent.name, "restartPolicy": "Never", "tolerations": [{"operator": "Exists"}],
+            "containers": [{"name": "once", "image": example_image("toolbox"), "command": ["cat"], "stdin": true, "stdinOnce": true}],
+        },
+    }))
+    .unwrap();
+    ns.pods().create(&PostParams::default(), &once).await.unwrap();
+    ns.wait_pod(agent, "once", "the stdinOnce pod to run", |p| phase(p) == "Running").await;
+    let mut child = Cluster::get().kubectl().args(["attach", "-i", "-n", &ns.name, "once"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"only once\n").unwrap();
+    stdin.flush().unwrap();
+    expect_line(&out, "only once", agent);
+    drop(stdin);
+    ns.wait_pod(agent, "once", "cat to end with its stdin", |p| phase(p) == "Succeeded").await;
+    let child = std::sync::Mutex::new(child);
+    let status = wait_for("kubectl attach to end with the container", TEST_TIMEOUT, || async { child.lock().unwrap().try_wait().ok().flatten() }).await;
+    let _ = child.lock().unwrap().kill();
+    assert!(status.is_ok_and(|s| s.success()), "kubectl attach exits 0 when the container ends\n{}", agent.log_tail());
+}
+
+#[tokio::test]
+async fn pods_runningpods_configz_metrics_and_run_on_the_kubelet_api() {
+    let agent = &node().await;
+    let ns = Ns::new("podsapi").await;
+    toolbox_pod(&ns, agent, "box", &["sleep", "3600"], false).await;
+    let pod = ns.wait_pod(agent, "box", "the toolbox to run", |p| phase(p) == "Running").await;
+    let uid = pod.metadata.uid.clone().unwrap();
+    let (crt, key) = admin_cert();
+    let admin = Some((crt.as_path(), key.as_path()));
+    let get_json = |path: &str| {
+        let (code, body) = curl(agent, path, admin);
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    };
+
+    // /pods: the desired pods with their current status.
+    let found = wait_for("/pods to list the pod as Running", TEST_TIMEOUT, || async {
+        let list = get_json("/pods");
+        assert_eq!(list["kind"], "PodList");
+        list["items"].as_array()?.iter().find(|p| p["metadata"]["uid"] == uid.as_str() && p["status"]["phase"] == "Running").cloned()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    assert_eq!(found["metadata"]["namespace"], ns.name.as_str());
+    assert_eq!(found["spec"]["containers"][0]["image"], example_image("toolbox").as_str());
+
+    // /runningpods/: the runtime's view, minimal fields.
+    let running = get_json("/runningpods/");
+    let item = running["items"].as_array().unwrap().iter().find(|p| p["metadata"]["uid"] == uid.as_str()).unwrap_or_else(|| panic!("{running}"));
+    assert_eq!((item["metadata"]["name"].as_str(), item["metadata"]["namespace"].as_str()), (Some("box"), Some(ns.name.as_str())));
+    assert_eq!(item["spec"]["containers"][0]["name"], "box");
+    assert!(item.get("status").is_none(), "{item}");
+
+    // /configz: the effective configuration.
+    let configz = get_json("/configz");
+    let kc = &configz["kubeletconfig"];
+    assert_eq!((kc["port"].as_u64(), kc["address"].as_str()), (Some(10250), Some(agent.node_ip.as_str())), "{configz}");
+    assert_eq!(kc["authentication"]["anonymous"]["enabled"], false);
+    assert_eq!(kc["authorization"]["mode"], "Webhook");
+    assert_eq!(kc["nodeStatusUpdateFrequency"], "10s");
+
+    // /metrics: the pod start histogram counted this pod; the rest of the agent's series. The
+    // running gauges follow the PLEG's relist (every second): wait for the one after the start.
+    let metrics = wait_for("/metrics to count the running pod", TEST_TIMEOUT, || async {
+        let (code, metrics) = curl(agent, "/metrics", admin);
+        assert_eq!(code, 200, "{metrics}");
+        metrics.lines().any(|l| l.starts_with("kubelet_running_pods ") && l != "kubelet_running_pods 0").then_some(metrics)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", curl(agent, "/metrics", admin).1));
+    let value = |name: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(value("kubelet_pod_start_duration_seconds_count") >= 1.0);
+    assert!(value("kubelet_running_pods") >= 1.0, "{metrics}");
+    assert!(value("kubelet_running_containers{container_state=\"running\"}") >= 1.0);
+    assert_eq!(value(&format!("kubelet_node_name{{node=\"{}\"}}", agent.name)), 1.0);
+    assert!(value("kubelet_pleg_relist_duration_seconds_count") >= 1.0);
+    assert!(value("kubelet_pod_worker_duration_seconds_count{operation=\"create\"}") >= 1.0);
+    assert!(value("kubelet_image_pull_duration_seconds_count{result=\"success\"}") >= 1.0);
+    assert!(value("process_resident_memory_bytes") > 0.0);
+    assert!(metrics.lines().any(|l| l.starts_with("rest_client_requests_total{code=\"200\",method=\"GET\"")), "{metrics}");
+
+    // /run: an exec answering with the combined output.
+    let (code, body) = curl_method(agent, "POST", &format!("/run/{}/box/box?cmd=echo+ran+in+the+sandbox", ns.name), admin);
+    assert_eq!((code, body.as_str()), (200, "ran in the sandbox\n"));
+    let (code, body) = curl_method(agent, "POST", &format!("/run/{}/box/box?cmd=test+-e+/nonexistent", ns.name), admin);
+    assert_eq!(code, 500, "a non-zero exit: {body}");
+    let (code, _) = curl_method(agent, "POST", &format!("/run/{}/box/nope?cmd=echo", ns.name), admin);
+    assert_eq!(code, 404, "an unknown container");
+
+    // The new endpoints are as locked down as the rest.
+    let (crt, key) = mint_client_cert(&agent.dir, "nobody");
+    for (path, subresource) in [("/pods", "proxy"), ("/runningpods/", "proxy"), ("/configz", "proxy"), ("/metrics", "metrics"), ("/metrics/probes", "metrics")] {
+        assert_eq!(curl(agent, path, None).0, 401, "{path} without credentials");
+        let (code, body) = curl(agent, path, Some((&crt, &key)));
+        assert_eq!(code, 403, "{path} for a user without rights: {body}");
+        assert!(body.contains(&format!("subresource={subresource}")), "{body}");
+    }
+    let (code, body) = curl_method(agent, "POST", &format!("/run/{}/box/box?cmd=echo", ns.name), Some((&crt, &key)));
+    assert!(code == 403 && body.contains("verb=create"), "{code} {body}");
+}
+
+#[tokio::test]
+async fn standalone_node_serves_its_static_pods_with_anonymous_always_allow() {
+    push_examples();
+    let name = integration_tests::unique_name("standalone-api");
+    let dir = integration_tests::workspace_root().join("target/it").join(&name);
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("tick.yaml"),
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: tick\n  namespace: default\nspec:\n  containers:\n  - name: tick\n    image: {}\n", example_image("ticker")),
+    )
+    .unwrap();
+    let node_ip = format!("127.{}.251.1", 1 + std::process::id() % 250);
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let mut child = Command::new(integration_tests::agent_binary())
+        .args(["--hostname-override", &name, "--node-ip", &node_ip, "--address", &node_ip, "--healthz-port=0", "-v=4"])
+        .arg("--root-dir")
+        .arg(dir.join("root"))
+        .arg("--pod-logs-dir")
+        .arg(dir.join("logs"))
+        .arg("--pod-manifest-path")
+        .arg(&manifests)
+        .args(["--anonymous-auth=true", "--authorization-mode=AlwaysAllow"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let agent_log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    let curl_anon = |path: &str| {
+        let out = Command::new("curl").args(["-sk", "--max-time", "20", "-w", "\n%{http_code}"]).arg(format!("https://{node_ip}:10250{path}")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').map(|(b, c)| (b.to_string(), c.trim().parse::<u16>().unwrap_or(0))).unwrap_or_default();
+        (code, body)
+    };
+    let pods = wait_for("/pods to show the static pod running", TEST_TIMEOUT, || async {
+        let (code, body) = curl_anon("/pods");
+        let list: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+        let running = list["items"].as_array()?.iter().any(|p| p["metadata"]["name"] == format!("tick-{name}").as_str() && p["status"]["phase"] == "Running");
+        running.then_some(list)
+    })
+    .await;
+    let configz = curl_anon("/configz");
+    let _ = child.kill();
+    let _ = child.wait();
+    let pods = pods.unwrap_or_else(|e| panic!("{e}\n{}", agent_log()));
+    assert_eq!(pods["items"].as_array().unwrap().len(), 1, "{pods}");
+    let pod = &pods["items"][0];
+    assert_eq!(pod["metadata"]["annotations"]["kubernetes.io/config.source"], "file", "{pod}");
+    assert_eq!(configz.0, 200, "{}", configz.1);
+    let kc: serde_json::Value = serde_json::from_str(&configz.1).unwrap();
+    assert_eq!(kc["kubeletconfig"]["staticPodPath"], manifests.display().to_string().as_str());
+    assert_eq!(kc["kubeletconfig"]["authorization"]["mode"], "AlwaysAllow");
+}
+
+/// Accepts the agent's self-signed serving certificate (the test talks to the node directly).
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One exec over WebSocket (`v5.channel.k8s.io`) straight to the kubelet API with the admin's
+/// certificate: sends `stdin` (then v5's close signal for it), returns (stdout, stderr, the
+/// error channel's Status).
+async fn websocket_exec(agent: &Agent, path_and_query: &str, stdin: Option<&[u8]>) -> (String, String, serde_json::Value) {
+    use futures::{SinkExt, StreamExt};
+    use rustls_pki_types::pem::PemObject;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let (crt, key) = admin_cert();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 10250)).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from(agent.node_ip.clone()).unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await.unwrap();
+    let mut request = format!("wss://{}:10250{path_and_query}", agent.node_ip).into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream).await.unwrap_or_else(|e| panic!("WebSocket upgrade: {e}\n{}", agent.log_tail()));
+    assert_eq!(response.headers()["sec-websocket-protocol"], "v5.channel.k8s.io");
+    if let Some(input) = stdin {
+        let mut message = vec![0u8];
+        message.extend_from_slice(input);
+        ws.send(Message::Binary(message.into())).await.unwrap();
+        ws.send(Message::Binary(vec![255u8, 0].into())).await.unwrap();
+    }
+    let (mut stdout, mut stderr, mut status) = (Vec::new(), Vec::new(), Vec::new());
+    let read = async {
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                Message::Binary(data) if !data.is_empty() => match data[0] {
+                    1 => stdout.extend_from_slice(&data[1..]),
+                    2 => stderr.extend_from_slice(&data[1..]),
+                    3 => status.extend_from_slice(&data[1..]),
+                    _ => {}
+                },
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(TEST_TIMEOUT, read).await.unwrap_or_else(|_| panic!("the WebSocket exec did not end\n{}", agent.log_tail()));
+    let status = serde_json::from_slice(&status).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&status)));
+    (String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned(), status)
+}
+
+#[tokio::test]
+async fn websocket_exec_for_direct_clients() {
+    let agent = &node().await;
+    let ns = Ns::new("wsexec").await;
+    toolbox_pod(&ns, agent, "box", &["sleep", "3600"], false).await;
+    ns.wait_pod(agent, "box", "the toolbox to run", |p| phase(p) == "Running").await;
+    let base = format!("/exec/{}/box/box", ns.name);
+
+    let (out, _, status) = websocket_exec(agent, &format!("{base}?command=echo&command=over&command=websocket&output=1&error=1"), None).await;
+    assert_eq!((out.as_str(), status["status"].as_str()), ("over websocket\n", Some("Success")), "{status}");
+
+    let (_, _, status) = websocket_exec(agent, &format!("{base}?command=test&command=-e&command=/nonexistent&output=1&error=1"), None).await;
+    assert_eq!((status["status"].as_str(), status["reason"].as_str()), (Some("Failure"), Some("NonZeroExitCode")), "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "1", "the exit code: {status}");
+
+    // stdin, ended by v5's close signal.
+    let (out, _, status) = websocket_exec(agent, &format!("{base}?command=cat&input=1&output=1&error=1"), Some(b"typed into the socket")).await;
+    assert_eq!((out.as_str(), status["status"].as_str()), ("typed into the socket", Some("Success")), "{status}");
 }

@@ -33,7 +33,10 @@ pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>,
             _ = tick.tick() => {}
         }
         let mut current = HashMap::new();
-        for c in provider.list_containers().await {
+        let relist_started = tokio::time::Instant::now();
+        let listed = provider.list_containers().await;
+        record_relist(&listed, relist_started.elapsed());
+        for c in listed {
             let kind = state_kind(&c.state);
             if previous.get(&c.id).map(|(_, k)| *k) != Some(kind) {
                 let _ = tx.send(c.pod_uid.clone());
@@ -47,4 +50,23 @@ pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>,
         }
         previous = current;
     }
+}
+
+/// `kubelet_pleg_relist_duration_seconds`, `kubelet_running_pods` and
+/// `kubelet_running_containers{container_state}` from one relist.
+fn record_relist(listed: &[provider_api::ContainerSummary], took: Duration) {
+    let metrics = crate::metrics::kubelet();
+    metrics.pleg_relist_duration.with(&[]).observe_duration(took);
+    let mut by_state = [0u32; 3];
+    let mut running_pods = std::collections::HashSet::new();
+    for c in listed {
+        by_state[usize::from(state_kind(&c.state))] += 1;
+        if matches!(c.state, ContainerState::Running { .. }) {
+            running_pods.insert(c.pod_uid.as_str());
+        }
+    }
+    for (state, count) in ["created", "running", "exited"].iter().zip(by_state) {
+        metrics.running_containers.with(&[state]).set(f64::from(count));
+    }
+    metrics.running_pods.with(&[]).set(running_pods.len() as f64);
 }

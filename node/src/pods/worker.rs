@@ -58,6 +58,8 @@ pub struct PodDesire {
 /// What every worker shares.
 pub struct WorkerContext {
     pub provider: Arc<dyn Provider>,
+    /// Where the kubelet API's `/pods` learns each pod and its latest status.
+    pub pods_view: crate::server::pods::PodsViewSender,
     pub client: Option<kube::Client>,
     pub status: StatusSender,
     pub events: EventSink,
@@ -190,21 +192,32 @@ impl PodWorker {
 
     /// Runs until the pod is gone; returns its UID.
     pub async fn run(mut self) -> String {
+        // For kubelet_pod_worker_duration_seconds{operation} and the pod start histogram.
+        let mut operation = "create";
+        let mut start_observed = false;
         loop {
             let desire = self.desired.borrow_and_update().clone();
             self.pod = desire.pod.clone();
             let deleting = desire.removed || self.pod.metadata.deletion_timestamp.is_some();
             if deleting {
+                let began = Instant::now();
                 self.terminate(desire.removed).await;
+                crate::metrics::observe_pod_sync("kill", began.elapsed(), &self.pod, None, self.start_time, &mut start_observed);
+                self.ctx.pods_view.remove(&self.key.uid);
                 return self.key.uid;
             }
+            let began = Instant::now();
             let wake = self.sync().await;
+            crate::metrics::observe_pod_sync(operation, began.elapsed(), &self.pod, self.last_status.as_ref(), self.start_time, &mut start_observed);
+            self.ctx.pods_view.set(&self.pod, self.last_status.as_ref());
+            operation = "sync";
             tokio::select! {
                 changed = self.desired.changed() => {
                     if changed.is_err() {
                         // The manager dropped us: the agent is shutting down.
                         return self.key.uid;
                     }
+                    operation = "update";
                 }
                 _ = self.nudge.notified() => {}
                 update = self.probes.recv() => {
@@ -522,7 +535,9 @@ impl PodWorker {
                 self.ctx.events.normal(&cref, "Pulling", format!("Pulling image \"{image}\""));
                 let auth = self.pull_secrets().await;
                 let started = std::time::Instant::now();
-                match self.ctx.provider.pull_image(&image, &auth).await {
+                let pulled = self.ctx.provider.pull_image(&image, &auth).await;
+                crate::metrics::kubelet().image_pull_duration.with(&[if pulled.is_ok() { "success" } else { "error" }]).observe_duration(started.elapsed());
+                match pulled {
                     Ok(info) => {
                         self.ctx.events.normal(
                             &cref,
@@ -609,6 +624,8 @@ impl PodWorker {
             cpu_limit_millicores,
             attempt,
             network: super::ports::container_network(&self.pod, container, &self.ctx.node_ip),
+            stdin: container.stdin.unwrap_or(false),
+            stdin_once: container.stdin_once.unwrap_or(false),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
         let id = match self.ctx.provider.create_container(&sandbox, config).await {

@@ -1,6 +1,9 @@
-//! The kubelet API: HTTPS on `--address`:`--port` (10250), what `kubectl logs` (and later
-//! exec, attach, port-forward) reaches through the API server, plus plain `/healthz` on
-//! `127.0.0.1:--healthz-port` (10248).
+//! The kubelet API: HTTPS on `--address`:`--port` (10250), what `kubectl logs`, `exec`,
+//! `attach`, `port-forward` and `top` (through metrics-server) reach, plus plain `/healthz` on
+//! `127.0.0.1:--healthz-port` (10248). Endpoints: `/healthz`, `/containerLogs` ([`logs`]),
+//! `/stats/summary` and `/metrics/resource` ([`stats`]), `/metrics` and `/metrics/probes`
+//! ([`crate::metrics`]), `/pods`, `/runningpods/` and `/configz` ([`pods`]), and the upgraded
+//! `/exec`, `/attach`, `/portForward` with `/run` ([`streams`]).
 //!
 //! Start at [`KubeletServer::bind`] (binds, loads or makes the serving certificate; every
 //! problem there stops the agent before it runs) and [`KubeletServer::run`].
@@ -17,6 +20,7 @@
 
 pub mod auth;
 pub mod logs;
+pub mod pods;
 pub mod stats;
 pub mod streams;
 pub mod tls;
@@ -114,6 +118,16 @@ impl StatusError {
         .to_string()
     }
 
+    /// The error as the kubelet's container-log handler writes one: the message as plain text.
+    /// The API server wraps a kubelet's non-2xx log body into its own Status as the message
+    /// (`GenericHttpResponseChecker`), so a JSON body would reach `kubectl logs` as JSON text.
+    fn into_plain_text(self) -> warp::reply::Response {
+        let mut response = warp::reply::Response::new(self.message.into());
+        *response.status_mut() = http::StatusCode::from_u16(self.code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+        response
+    }
+
     fn into_warp(self) -> warp::reply::Response {
         let mut response = warp::reply::Response::new(self.body().into());
         *response.status_mut() = http::StatusCode::from_u16(self.code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
@@ -148,6 +162,7 @@ pub struct KubeletServer {
     healthz: Option<TcpListener>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
+    pods_sender: pods::PodsViewSender,
 }
 
 impl KubeletServer {
@@ -183,7 +198,9 @@ impl KubeletServer {
             pod_ip: config.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         });
         let (sampler, snapshots) = stats::Sampler::new(streams.provider.clone(), config.root_dir.clone(), config.housekeeping_interval);
-        let routes = routes(config.pod_logs_dir.clone(), client, StatsView { node_name: config.node_name.clone(), boot: boot_time(), snapshots });
+        let (pods_sender, pods_view) = pods::PodsView::start();
+        let node_routes = NodeRoutes { provider: streams.provider.clone(), pods: pods_view, configz: Arc::new(pods::configz(config)) };
+        let routes = routes(config.pod_logs_dir.clone(), client, StatsView { node_name: config.node_name.clone(), boot: boot_time(), snapshots }, node_routes);
         info!(
             %addr,
             client_ca = ?config.client_ca_file,
@@ -200,7 +217,12 @@ impl KubeletServer {
             };
             warn!("the kubelet API has no client CA and no token webhook; it accepts {who}");
         }
-        Ok(Some(KubeletServer { sampler, listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes, streams }) }))
+        Ok(Some(KubeletServer { sampler, listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes, streams }), pods_sender }))
+    }
+
+    /// Where pod workers report their pods for `/pods`.
+    pub fn pods_sender(&self) -> pods::PodsViewSender {
+        self.pods_sender.clone()
     }
 
     /// Serves until `shutdown`; open connections are dropped then.
@@ -353,7 +375,35 @@ fn boot_time() -> std::time::SystemTime {
     std::time::SystemTime::now() - Duration::from_secs_f64(uptime)
 }
 
-fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: StatsView) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+/// What `/pods`, `/runningpods/` and `/configz` read.
+#[derive(Clone)]
+struct NodeRoutes {
+    provider: Arc<dyn provider_api::Provider>,
+    pods: pods::PodsView,
+    configz: Arc<serde_json::Value>,
+}
+
+fn json_response(value: &serde_json::Value) -> warp::reply::Response {
+    let mut response = warp::reply::Response::new(value.to_string().into());
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: StatsView, node: NodeRoutes) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let pods_node = node.clone();
+    let pods = warp::path!("pods").and(warp::get()).map(move || json_response(&pods::pod_list(&pods_node.pods)));
+    let running_node = node.clone();
+    // `/runningpods/` as the kubelet registers it; `/runningpods` too.
+    let running = warp::path("runningpods")
+        .and(warp::path::tail())
+        .and_then(|tail: warp::path::Tail| async move { if tail.as_str().is_empty() { Ok(()) } else { Err(warp::reject::not_found()) } })
+        .untuple_one()
+        .and(warp::get())
+        .then(move || {
+            let node = running_node.clone();
+            async move { json_response(&pods::running_pod_list(node.provider.as_ref(), &node.pods).await) }
+        });
+    let configz = warp::path!("configz").and(warp::get()).map(move || json_response(&node.configz));
     let summary_view = stats_view.clone();
     let summary = warp::path!("stats" / "summary").and(warp::get()).map(move || match summary_view.latest() {
         Ok(s) => {
@@ -379,9 +429,9 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::any().map(move || (pod_logs_dir.clone(), client.clone())))
         .then(|ns: String, pod: String, container: String, query: Vec<(String, String)>, (dir, client): (PathBuf, Option<kube::Client>)| async move {
-            container_logs(&dir, client, &ns, &pod, &container, &query).await.unwrap_or_else(StatusError::into_warp)
+            container_logs(&dir, client, &ns, &pod, &container, &query).await.unwrap_or_else(StatusError::into_plain_text)
         });
-    healthz.or(logs).unify().or(summary).unify().or(resource).unify().or(metrics).unify().or(probe_metrics).unify().recover(rejection).unify().boxed()
+    healthz.or(logs).unify().or(summary).unify().or(resource).unify().or(metrics).unify().or(probe_metrics).unify().or(pods).unify().or(running).unify().or(configz).unify().recover(rejection).unify().boxed()
 }
 
 /// A Prometheus text exposition (`/metrics`, `/metrics/probes`).

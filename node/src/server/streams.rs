@@ -1,11 +1,14 @@
-//! `/exec` and `/portForward`: the upgraded (SPDY/3.1) endpoints behind `kubectl exec` and
-//! `kubectl port-forward`. They bypass warp: after authorization, [`handle`] negotiates the
-//! protocol, answers 101, and hands the upgraded connection to [`crate::streaming`] in a task of
-//! its own.
+//! `/exec`, `/attach` and `/portForward`: the upgraded (SPDY/3.1) endpoints behind `kubectl
+//! exec`, `kubectl attach` and `kubectl port-forward`, and `/run`. They bypass warp: after
+//! authorization, [`handle`] negotiates the protocol, answers 101, and hands the upgraded
+//! connection to [`crate::streaming`] in a task of its own.
 //!
 //! Exec runs the container's module again as a new instance in the same sandbox (same env and
-//! volumes) with argv = the command, through [`Provider::exec`]. Port-forward connects to the pod
-//! IP, which is the node IP, on the requested port.
+//! volumes) with argv = the command, through [`Provider::exec`]. Attach joins the running
+//! instance's stdio through [`Provider::attach`] (output from now on; stdin only for a container
+//! with `stdin: true`; a TTY's resize messages are read and dropped). `/run` (POST, `cmd=`
+//! split on whitespace) is an exec without streams answering with the combined output, as the
+//! kubelet's. Port-forward connects to the pod IP, which is the node IP, on the requested port.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use tracing::{debug, Instrument};
 use super::{Body, BoxError, StatusError};
 use crate::streaming::portforward::{self, PortForwardHandler, PortForwardTarget};
 use crate::streaming::remotecommand::{self, ExecHandler, ExecIo, ExecOptions};
-use crate::streaming::{handshake, StreamingConfig};
+use crate::streaming::{handshake, websocket, StreamingConfig};
 
 /// What the streaming endpoints need.
 pub struct StreamContext {
@@ -34,6 +37,8 @@ pub struct StreamContext {
 /// Which upgraded endpoint a path names.
 enum Endpoint {
     Exec { namespace: String, pod: String, uid: Option<String>, container: String },
+    Attach { namespace: String, pod: String, uid: Option<String>, container: String },
+    Run { namespace: String, pod: String, uid: Option<String>, container: String },
     PortForward { namespace: String, pod: String, uid: Option<String> },
 }
 
@@ -44,6 +49,10 @@ fn endpoint(path: &str) -> Option<Endpoint> {
     match parts.as_slice() {
         ["exec", ns, pod, container] => Some(Endpoint::Exec { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
         ["exec", ns, pod, uid, container] => Some(Endpoint::Exec { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
+        ["attach", ns, pod, container] => Some(Endpoint::Attach { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
+        ["attach", ns, pod, uid, container] => Some(Endpoint::Attach { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
+        ["run", ns, pod, container] => Some(Endpoint::Run { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
+        ["run", ns, pod, uid, container] => Some(Endpoint::Run { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
         ["portForward", ns, pod] => Some(Endpoint::PortForward { namespace: own(ns), pod: own(pod), uid: None }),
         ["portForward", ns, pod, uid] => Some(Endpoint::PortForward { namespace: own(ns), pod: own(pod), uid: Some(own(uid)) }),
         _ => None,
@@ -66,9 +75,12 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             let options = ExecOptions::from_exec_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
             let container_id = running_container(&ctx, &uid, &container).await?;
-            let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
             let handler = ProviderExec { provider: ctx.provider.clone(), container_id };
             let span = tracing::debug_span!("exec", pod = %format!("{namespace}/{pod}"), container = %container);
+            if websocket::is_websocket(request.headers()) {
+                return serve_websocket(request, options, handler, span);
+            }
+            let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
             upgrade(request, headers, move |io| {
                 async move {
                     if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
@@ -77,6 +89,38 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
                 }
                 .instrument(span)
             })
+        }
+        Endpoint::Attach { namespace, pod, uid, container } => {
+            let options = ExecOptions::from_attach_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
+            let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
+            let container_id = running_container(&ctx, &uid, &container).await?;
+            let handler = ProviderAttach { provider: ctx.provider.clone(), container_id };
+            let span = tracing::debug_span!("attach", pod = %format!("{namespace}/{pod}"), container = %container);
+            if websocket::is_websocket(request.headers()) {
+                return serve_websocket(request, options, handler, span);
+            }
+            let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
+            upgrade(request, headers, move |io| {
+                async move {
+                    if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
+                        debug!(error = %e, "attach session ended with an error");
+                    }
+                }
+                .instrument(span)
+            })
+        }
+        Endpoint::Run { namespace, pod, uid, container } => {
+            if request.method() != http::Method::POST {
+                return Err(StatusError { code: 405, reason: "MethodNotAllowed", message: "/run takes POST".into(), headers: http::HeaderMap::new() });
+            }
+            let query = remotecommand::parse_query(request.uri().query().unwrap_or(""));
+            let command: Vec<String> = query.iter().filter(|(k, _)| k == "cmd").flat_map(|(_, v)| v.split_whitespace().map(str::to_string)).collect();
+            if command.is_empty() {
+                return Err(StatusError::bad_request("/run needs a command: ?cmd=<command and arguments>".into()));
+            }
+            let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
+            let container_id = running_container(&ctx, &uid, &container).await?;
+            Ok(run_in_container(ctx.provider.as_ref(), &container_id, command).await)
         }
         Endpoint::PortForward { namespace, pod, uid } => {
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
@@ -90,6 +134,19 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             })
         }
     }
+}
+
+/// exec or attach over WebSocket (a direct client; the API server speaks SPDY).
+fn serve_websocket<H: ExecHandler + 'static>(request: http::Request<Incoming>, options: ExecOptions, handler: H, span: tracing::Span) -> Result<http::Response<Body>, StatusError> {
+    let (protocol, headers) = websocket::negotiate(request.headers()).map_err(|e| StatusError::bad_request(e.to_string()))?;
+    upgrade(request, headers, move |io| {
+        async move {
+            if let Err(e) = websocket::serve_remotecommand(io, protocol, options, &handler).await {
+                debug!(error = %e, "WebSocket session ended with an error");
+            }
+        }
+        .instrument(span)
+    })
 }
 
 fn negotiate(request: &http::Request<Incoming>, supported: &[&'static str]) -> Result<(&'static str, http::HeaderMap), StatusError> {
@@ -168,6 +225,72 @@ impl ExecHandler for ProviderExec {
             timeout: None,
         };
         self.provider.exec(&self.container_id, io.command, provider_io).await.map_err(|e| e.to_string())
+    }
+}
+
+/// How much of `/run`'s output is kept: the CRI's message size limit (16 MiB), which bounds
+/// the kubelet's `RunInContainer` the same way.
+const RUN_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+
+/// `/run`: the command's stdout and stderr as written, 200 on exit code 0; otherwise 500 with
+/// the error as plain text, as the kubelet's `RunInContainer` answers.
+async fn run_in_container(provider: &dyn Provider, container_id: &str, command: Vec<String>) -> http::Response<Body> {
+    let output = RunOutput::default();
+    let io = provider_api::ExecIo { stdin: None, stdout: Box::pin(output.clone()), stderr: Box::pin(output.clone()), timeout: None };
+    let argv = command.join(" ");
+    let (status, body) = match provider.exec(container_id, command, io).await {
+        Ok(0) => (http::StatusCode::OK, output.take()),
+        Ok(code) => (http::StatusCode::INTERNAL_SERVER_ERROR, format!("command '{argv}' exited with {code}: {}", String::from_utf8_lossy(&output.take())).into_bytes()),
+        Err(e) => (http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string().into_bytes()),
+    };
+    let mut response = http::Response::new(Full::new(bytes::Bytes::from(body)).map_err(|never| -> BoxError { match never {} }).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// `/run`'s stdout and stderr, interleaved as written, up to [`RUN_OUTPUT_LIMIT`].
+#[derive(Clone, Default)]
+struct RunOutput(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl RunOutput {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl tokio::io::AsyncWrite for RunOutput {
+    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = RUN_OUTPUT_LIMIT.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..buf.len().min(room)]);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Attach through the provider: the running instance's stdio.
+struct ProviderAttach {
+    provider: Arc<dyn Provider>,
+    container_id: String,
+}
+
+impl ExecHandler for ProviderAttach {
+    async fn exec(&self, io: ExecIo) -> Result<i32, String> {
+        // A TTY's resizes mean nothing to a Wasm guest (it has no terminal): dropping the
+        // receiver discards them.
+        drop(io.resize);
+        let provider_io = provider_api::AttachIo {
+            stdin: io.stdin.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
+            stdout: io.stdout.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>),
+            stderr: io.stderr.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>),
+        };
+        self.provider.attach(&self.container_id, provider_io).await.map(|()| 0).map_err(|e| e.to_string())
     }
 }
 

@@ -20,6 +20,7 @@ pub mod handshake;
 pub mod portforward;
 pub mod remotecommand;
 pub mod spdy;
+pub mod websocket;
 
 #[cfg(test)]
 mod tests;

@@ -259,6 +259,21 @@ impl fmt::Debug for ExecIo {
     }
 }
 
+/// The streams of one [`Provider::attach`]: the running container's output from now on goes
+/// to `stdout`/`stderr` (besides its log file), and `stdin` is copied to the container's stdin.
+/// `None`: that stream is not attached.
+pub struct AttachIo {
+    pub stdin: Option<Pin<Box<dyn AsyncRead + Send>>>,
+    pub stdout: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+    pub stderr: Option<Pin<Box<dyn AsyncWrite + Send>>>,
+}
+
+impl fmt::Debug for AttachIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttachIo").field("stdin", &self.stdin.is_some()).field("stdout", &self.stdout.is_some()).field("stderr", &self.stderr.is_some()).finish()
+    }
+}
+
 /// How much output [`Provider::exec_sync`] keeps (stdout and stderr together); the rest is read
 /// and dropped so the command never blocks on a full pipe. The kubelet's exec prober keeps at
 /// most 10 KiB of it, so 16 KiB loses nothing a probe or a hook reports.
@@ -372,6 +387,19 @@ pub trait Provider: Send + Sync + 'static {
     async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
         let _ = (command, io);
         Err(ProviderError::Exec(format!("container {container_id}: this runtime does not support exec")))
+    }
+
+    /// Attaches to the running instance of a container (`kubectl attach`): streams what it
+    /// writes from now on to `io.stdout`/`io.stderr`, and copies `io.stdin` to its stdin.
+    /// Returns when the container ends or the caller stops reading (or, with only stdin
+    /// attached, when `io.stdin` ends).
+    ///
+    /// Errors: [`ProviderError::NotFound`] for an unknown container, [`ProviderError::Exec`]
+    /// for a container that is not running, or `io.stdin` for a container created without
+    /// [`ContainerConfig::stdin`]. The default says the provider cannot attach.
+    async fn attach(&self, container_id: &str, io: AttachIo) -> Result<(), ProviderError> {
+        let _ = io;
+        Err(ProviderError::Exec(format!("container {container_id}: this runtime does not support attach")))
     }
 
     /// [`Provider::exec`] with no stdin, returning the exit code and stdout and stderr

@@ -157,7 +157,7 @@ impl StdoutStream for ExecOutput {
 
 /// A `Send` stream made `Sync`, as wasmtime-wasi's stdio adapters require, by allowing no
 /// access at all through `&self`.
-struct Exclusive<T>(T);
+pub(crate) struct Exclusive<T>(pub(crate) T);
 
 // SAFETY: `Sync` lets `&Exclusive<T>` be shared between threads. Nothing can be done with such a
 // reference: every method reaches `T` only through `Pin<&mut Self>` (exclusive access), so

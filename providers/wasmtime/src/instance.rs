@@ -426,6 +426,8 @@ mod tests {
             cpu_limit_millicores: None,
             attempt: 0,
             network: Default::default(),
+            stdin: false,
+            stdin_once: false,
         }
     }
 

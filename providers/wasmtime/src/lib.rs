@@ -8,12 +8,14 @@
 //! - [`compile`]: compiled modules/components cached by layer digest, in memory and on disk;
 //! - [`instance`]: one run of a container (WASI context, memory limit, exit mapping);
 //! - [`exec`]: the container's program run again in its sandbox, stdio to the caller's streams;
+//! - `attach`: a client joins a running container's stdout/stderr and (with `stdin: true`) stdin;
 //! - [`log`]: the CRI-format container log with the kubelet's rotation.
 //!
 //! Containers live in one map owned by the provider, behind a mutex held only for map access
 //! (never across an await); each running container's task reports its exit over a `watch`
 //! channel, so readers never wait on a guest.
 
+mod attach;
 pub mod compile;
 pub mod cpu;
 pub mod exec;
@@ -82,6 +84,8 @@ struct Container {
     phase: Phase,
     /// CPU time and memory of the container's instance and execs.
     meter: Arc<UsageMeter>,
+    /// Set when the container starts: what `attach` joins.
+    attach: Option<Arc<attach::Attachable>>,
 }
 
 /// A container's lifecycle: Created -> Running -> Exited (or Created -> Exited when stopped
@@ -252,7 +256,7 @@ impl Provider for WasmtimeProvider {
         }
         tracing::debug!(container = %config.name, id, "container created");
         let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores));
-        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter });
+        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter, attach: None });
         Ok(id)
     }
 
@@ -264,7 +268,8 @@ impl Provider for WasmtimeProvider {
         }
         let config = &container.config;
         let log = ContainerLog::open(&config.log_path).map_err(|e| ProviderError::Io(format!("container {}: opening log {}: {e}", config.name, config.log_path.display())))?;
-        let wasi = instance::wasi_context(config, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
+        let mut wasi = instance::wasi_context(config, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
+        let attachable = Arc::new(attach::Attachable::new(&config.name, config.stdin, config.stdin_once, &log, &mut wasi));
         // An HTTP component's ports are bound before it counts as started.
         let listeners = match &container.instance {
             Instance::Http(_) => Some(http::bind(&config.network).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?),
@@ -278,6 +283,7 @@ impl Provider for WasmtimeProvider {
         let (engine, instance, memory_limit, token, meter) =
             (self.engine.clone(), container.instance.clone(), config.memory_limit_bytes, stop.clone(), container.meter.clone());
         container.phase = Phase::Running { started_at, exit: rx, stop, drain: drain.clone() };
+        container.attach = Some(attachable);
         drop(state);
         tokio::spawn(
             async move {
@@ -347,6 +353,18 @@ impl Provider for WasmtimeProvider {
 
     async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
         self.state().sandboxes.values().cloned().collect()
+    }
+
+    async fn attach(&self, container_id: &str, io: provider_api::AttachIo) -> Result<(), ProviderError> {
+        let (attachable, exit) = {
+            let state = self.state();
+            let container = state.containers.get(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
+            match (&container.phase, container.phase.state(), &container.attach) {
+                (Phase::Running { exit, .. }, ContainerState::Running { .. }, Some(attachable)) => (attachable.clone(), exit.clone()),
+                (_, other, _) => return Err(ProviderError::Exec(format!("container {} ({container_id}) is {}, not Running: cannot attach to it", container.config.name, kind(&other)))),
+            }
+        };
+        attachable.attach(io, exit).await
     }
 
     async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {

@@ -21,6 +21,10 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 pub const MAX_LINE: usize = 16 * 1024;
 /// The kubelet's `containerLogMaxSize` default (10Mi).
 pub const MAX_LOG_SIZE: u64 = 10 * 1024 * 1024;
+/// Writes an attached reader may fall behind by before it loses the oldest: a guest writes a
+/// line or a buffer at a time, so 1024 writes is far more than a reader on a live connection
+/// lags, and bounds what a stalled one holds.
+pub const ATTACH_BACKLOG: usize = 1024;
 /// The kubelet's `containerLogMaxFiles` default: the live file plus 4 rotated ones.
 pub const MAX_LOG_FILES: usize = 5;
 
@@ -105,6 +109,10 @@ struct LogFile {
     pending: [Vec<u8>; 2],
     /// Set after the first write failure, so a full disk is logged once, not per line.
     failed: bool,
+    /// Attached readers (`kubectl attach`): every write also goes here as written.
+    attached: Option<tokio::sync::broadcast::Sender<(Stream, bytes::Bytes)>>,
+    /// Set by [`ContainerLog::finish`]: the run is over, nothing more will be written.
+    finished: bool,
 }
 
 impl ContainerLog {
@@ -120,7 +128,7 @@ impl ContainerLog {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
-        let inner = LogFile { path: path.to_path_buf(), file, size, max_size, max_files: max_files.max(1), pending: [Vec::new(), Vec::new()], failed: false };
+        let inner = LogFile { path: path.to_path_buf(), file, size, max_size, max_files: max_files.max(1), pending: [Vec::new(), Vec::new()], failed: false, attached: None, finished: false };
         Ok(Self { inner: Arc::new(Mutex::new(inner)) })
     }
 
@@ -129,9 +137,27 @@ impl ContainerLog {
         LogPipe { log: self.clone(), stream }
     }
 
+    /// A live copy of everything written from now on, as written, for `kubectl attach`; the
+    /// receiver sees the channel close when the run ends. `None` when it has ended already.
+    /// A reader more than [`ATTACH_BACKLOG`] writes behind loses the oldest (it is told so by
+    /// `RecvError::Lagged`); the log file never waits for a reader.
+    pub fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<(Stream, bytes::Bytes)>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.finished {
+            return None;
+        }
+        Some(inner.attached.get_or_insert_with(|| tokio::sync::broadcast::channel(ATTACH_BACKLOG).0).subscribe())
+    }
+
     /// Writes guest output; complete lines go out at once, the rest waits for its newline.
     pub fn write(&self, stream: Stream, bytes: &[u8]) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(attached) = &inner.attached {
+            if attached.send((stream, bytes::Bytes::copy_from_slice(bytes))).is_err() {
+                // Every reader went away.
+                inner.attached = None;
+            }
+        }
         let idx = stream as usize;
         let entries = split_entries(&mut inner.pending[idx], bytes, MAX_LINE);
         inner.write_entries(stream, entries);
@@ -140,6 +166,9 @@ impl ContainerLog {
     /// Writes what is left unterminated on both streams as `P` entries; called when the run ends.
     pub fn finish(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.finished = true;
+        // Dropping the sender ends every attached reader once it has read what was written.
+        inner.attached = None;
         for stream in [Stream::Stdout, Stream::Stderr] {
             let rest = std::mem::take(&mut inner.pending[stream as usize]);
             if !rest.is_empty() {

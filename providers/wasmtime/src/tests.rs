@@ -48,6 +48,8 @@ fn config(root: &Path, name: &str) -> ContainerConfig {
         cpu_limit_millicores: None,
         attempt: 0,
         network: Default::default(),
+        stdin: false,
+        stdin_once: false,
     }
 }
 

@@ -1,0 +1,296 @@
+//! `/pods`, `/runningpods/` and `/configz`: what the node runs and how it is configured.
+//!
+//! `/pods` is the kubelet's `PodList` of the pods this node runs (API pods and static pods),
+//! each with the status its worker computed last. The view is owned by one task
+//! ([`PodsView::start`]); pod workers send it their pod after each sync through a
+//! [`PodsViewSender`] and the server reads the latest map through a watch channel.
+//! `/runningpods/` is the runtime's view, as the kubelet builds it from the container runtime:
+//! pods with at least one running container, with only their names, UID and containers'
+//! names and images. `/configz` is `{"kubeletconfig": {...}}`, the effective configuration in
+//! KubeletConfiguration field names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use provider_api::{ContainerState, Provider};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{AuthorizationMode, Config};
+
+/// The pods a node runs, by UID, each with its latest status.
+pub type PodMap = Arc<BTreeMap<String, Arc<Pod>>>;
+
+enum Update {
+    Set(String, Arc<Pod>),
+    Remove(String),
+}
+
+/// Where pod workers report their pod (cheap to clone).
+#[derive(Clone)]
+pub struct PodsViewSender(Option<mpsc::UnboundedSender<Update>>);
+
+impl PodsViewSender {
+    /// A sender that drops everything (a context without a kubelet API).
+    pub fn disabled() -> Self {
+        PodsViewSender(None)
+    }
+
+    /// The pod as it is desired now, with the status its worker computed last.
+    pub fn set(&self, pod: &Pod, status: Option<&PodStatus>) {
+        let (Some(tx), Some(uid)) = (&self.0, pod.metadata.uid.as_deref()) else { return };
+        let mut pod = pod.clone();
+        if let Some(status) = status {
+            pod.status = Some(status.clone());
+        }
+        let _ = tx.send(Update::Set(uid.to_string(), Arc::new(pod)));
+    }
+
+    /// The pod is gone from the node.
+    pub fn remove(&self, uid: &str) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(Update::Remove(uid.to_string()));
+        }
+    }
+}
+
+/// The readers' side of the pods view.
+#[derive(Clone)]
+pub struct PodsView(watch::Receiver<PodMap>);
+
+impl PodsView {
+    /// Starts the task that owns the view; it ends when every sender is dropped.
+    pub fn start() -> (PodsViewSender, PodsView) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (latest_tx, latest_rx) = watch::channel(PodMap::default());
+        tokio::spawn(async move {
+            let mut pods: BTreeMap<String, Arc<Pod>> = BTreeMap::new();
+            while let Some(update) = rx.recv().await {
+                match update {
+                    Update::Set(uid, pod) => {
+                        pods.insert(uid, pod);
+                    }
+                    Update::Remove(uid) => {
+                        pods.remove(&uid);
+                    }
+                }
+                // Publish once per burst of updates, not once per update.
+                while let Ok(update) = rx.try_recv() {
+                    match update {
+                        Update::Set(uid, pod) => pods.insert(uid, pod),
+                        Update::Remove(uid) => pods.remove(&uid),
+                    };
+                }
+                latest_tx.send_replace(Arc::new(pods.clone()));
+            }
+        });
+        (PodsViewSender(Some(tx)), PodsView(latest_rx))
+    }
+
+    /// A view with no pods that never changes (a server started without pod workers).
+    pub fn empty() -> PodsView {
+        PodsView(watch::channel(PodMap::default()).1)
+    }
+
+    fn latest(&self) -> PodMap {
+        self.0.borrow().clone()
+    }
+}
+
+/// `/pods`: a v1 `PodList` of the node's pods with their latest status, ordered by namespace
+/// and name.
+pub fn pod_list(view: &PodsView) -> Value {
+    let latest = view.latest();
+    let mut pods: Vec<&Arc<Pod>> = latest.values().collect();
+    pods.sort_by(|a, b| (a.metadata.namespace.as_deref(), a.metadata.name.as_deref()).cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref())));
+    let items: Vec<Value> = pods.into_iter().map(|p| serde_json::to_value(p.as_ref()).unwrap_or(Value::Null)).collect();
+    json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items })
+}
+
+/// `/runningpods/`: pods with a running container, from the runtime, with the fields the
+/// kubelet fills (name, namespace, uid; each running container's name and image).
+pub async fn running_pod_list(provider: &dyn Provider, view: &PodsView) -> Value {
+    let sandboxes: HashMap<String, (String, String)> = provider.list_pod_sandboxes().await.into_iter().map(|s| (s.pod_uid, (s.namespace, s.name))).collect();
+    let known = view.latest();
+    let mut by_pod: BTreeMap<String, Vec<Container>> = BTreeMap::new();
+    let mut containers = provider.list_containers().await;
+    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    for c in containers {
+        if !matches!(c.state, ContainerState::Running { .. }) {
+            continue;
+        }
+        // The image as the pod names it when the node knows the pod, else the digest.
+        let image = known
+            .get(&c.pod_uid)
+            .and_then(|p| p.spec.as_ref()?.containers.iter().chain(p.spec.as_ref()?.init_containers.iter().flatten()).find(|s| s.name == c.name)?.image.clone())
+            .unwrap_or_else(|| c.image_digest.clone());
+        by_pod.entry(c.pod_uid.clone()).or_default().push(Container { name: c.name, image: Some(image), ..Default::default() });
+    }
+    let items: Vec<Value> = by_pod
+        .into_iter()
+        .map(|(uid, containers)| {
+            let (namespace, name) = sandboxes
+                .get(&uid)
+                .cloned()
+                .or_else(|| known.get(&uid).map(|p| (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default())))
+                .unwrap_or_default();
+            let pod = Pod {
+                metadata: ObjectMeta { name: Some(name), namespace: Some(namespace), uid: Some(uid), ..Default::default() },
+                spec: Some(PodSpec { containers, ..Default::default() }),
+                status: None,
+            };
+            serde_json::to_value(&pod).unwrap_or(Value::Null)
+        })
+        .collect();
+    json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items })
+}
+
+/// `/configz`: the effective configuration as `{"kubeletconfig": {...}}`, in the field names
+/// and units of KubeletConfiguration (durations as Go durations, e.g. `10s`).
+pub fn configz(config: &Config) -> Value {
+    let d = |d: std::time::Duration| go_duration(d);
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let eviction_hard: BTreeMap<&str, String> = config.eviction_hard.iter().map(|t| (signal_name(t.signal), threshold(&t.limit))).collect();
+    let taints: Vec<Value> = config.register_with_taints.iter().map(|t| json!({ "key": t.key, "value": t.value, "effect": t.effect })).collect();
+    let manifest_headers: BTreeMap<&str, Vec<&str>> = config.manifest_url_header.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
+        m.entry(k.as_str()).or_insert_with(Vec::new).push(v.as_str());
+        m
+    });
+    let mut kubeletconfig = json!({
+        "kind": "KubeletConfiguration",
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "enableServer": config.enable_server,
+        "address": config.address.to_string(),
+        "port": config.port,
+        "healthzPort": config.healthz_port,
+        "healthzBindAddress": "127.0.0.1",
+        "tlsCertFile": path(&config.tls_cert_file),
+        "tlsPrivateKeyFile": path(&config.tls_private_key_file),
+        "authentication": {
+            "x509": { "clientCAFile": path(&config.client_ca_file) },
+            "webhook": { "enabled": config.authentication_token_webhook, "cacheTTL": "2m0s" },
+            "anonymous": { "enabled": config.anonymous_auth },
+        },
+        "authorization": {
+            "mode": match config.authorization_mode { AuthorizationMode::AlwaysAllow => "AlwaysAllow", AuthorizationMode::Webhook => "Webhook" },
+            "webhook": { "cacheAuthorizedTTL": "5m0s", "cacheUnauthorizedTTL": "30s" },
+        },
+        "staticPodPath": path(&config.pod_manifest_path),
+        "staticPodURL": config.manifest_url,
+        "staticPodURLHeader": manifest_headers,
+        "fileCheckFrequency": d(config.file_check_frequency),
+        "httpCheckFrequency": d(config.http_check_frequency),
+        "syncFrequency": d(config.sync_frequency),
+        "nodeStatusUpdateFrequency": d(config.node_status_update_frequency),
+        "nodeStatusReportFrequency": d(config.node_status_report_frequency),
+        "nodeLeaseDurationSeconds": config.node_lease_duration.as_secs(),
+        "housekeepingInterval": d(config.housekeeping_interval),
+        "imagePullProgressDeadline": d(config.image_pull_progress_deadline),
+        "imageGCHighThresholdPercent": config.image_gc_high_threshold,
+        "imageGCLowThresholdPercent": config.image_gc_low_threshold,
+        "maxPods": config.max_pods,
+        "evictionHard": eviction_hard,
+        "systemReserved": reserved(&config.system_reserved),
+        "kubeReserved": reserved(&config.kube_reserved),
+        "registerNode": config.register_node,
+        "registerWithTaints": taints,
+        "providerID": config.provider_id,
+        "podLogsDir": config.pod_logs_dir.display().to_string(),
+    });
+    // Unset optional fields are left out, as the kubelet's JSON leaves them out.
+    if let Value::Object(fields) = &mut kubeletconfig {
+        fields.retain(|_, v| !v.is_null());
+    }
+    json!({ "kubeletconfig": kubeletconfig })
+}
+
+/// The kubelet's name of an eviction signal.
+fn signal_name(signal: crate::config::EvictionSignal) -> &'static str {
+    use crate::config::EvictionSignal as S;
+    match signal {
+        S::MemoryAvailable => "memory.available",
+        S::NodefsAvailable => "nodefs.available",
+        S::NodefsInodesFree => "nodefs.inodesFree",
+        S::ImagefsAvailable => "imagefs.available",
+        S::ImagefsInodesFree => "imagefs.inodesFree",
+        S::PidAvailable => "pid.available",
+    }
+}
+
+fn reserved(r: &crate::config::Reserved) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    if r.milli_cpu > 0 {
+        m.insert("cpu", format!("{}m", r.milli_cpu));
+    }
+    if r.memory > 0 {
+        m.insert("memory", r.memory.to_string());
+    }
+    if r.ephemeral_storage > 0 {
+        m.insert("ephemeral-storage", r.ephemeral_storage.to_string());
+    }
+    if r.pid > 0 {
+        m.insert("pid", r.pid.to_string());
+    }
+    m
+}
+
+fn threshold(v: &crate::config::ThresholdValue) -> String {
+    match v {
+        crate::config::ThresholdValue::Quantity(q) => q.to_string(),
+        crate::config::ThresholdValue::Percent(p) => format!("{p}%"),
+    }
+}
+
+/// A duration as Go prints one (`1m0s`, `10s`, `500ms`), which KubeletConfiguration uses.
+fn go_duration(d: std::time::Duration) -> String {
+    let total = d.as_secs();
+    let millis = d.subsec_millis();
+    if total == 0 {
+        return if millis == 0 { "0s".into() } else { format!("{millis}ms") };
+    }
+    let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
+    let secs = if millis == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{millis:03}").trim_end_matches('0')) };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_print_as_go_does() {
+        assert_eq!(go_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(go_duration(Duration::from_secs(120)), "2m0s");
+        assert_eq!(go_duration(Duration::from_secs(3600 + 61)), "1h1m1s");
+        assert_eq!(go_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(go_duration(Duration::ZERO), "0s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
+    }
+
+    #[tokio::test]
+    async fn the_view_keeps_the_latest_pod_per_uid_and_forgets_removed_ones() {
+        let (tx, mut view) = PodsView::start();
+        let pod = |uid: &str, name: &str| Pod { metadata: ObjectMeta { uid: Some(uid.into()), name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() }, ..Default::default() };
+        let running = PodStatus { phase: Some("Running".into()), ..Default::default() };
+        tx.set(&pod("u1", "b"), None);
+        tx.set(&pod("u2", "a"), Some(&running));
+        tx.set(&pod("u3", "c"), None);
+        tx.remove("u3");
+        // Wait until the task has applied all four updates.
+        while view.latest().len() != 2 || view.latest().contains_key("u3") {
+            view.0.changed().await.unwrap();
+        }
+        let list = pod_list(&view);
+        assert_eq!(list["kind"], "PodList");
+        let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|p| p["metadata"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(list["items"][0]["status"]["phase"], "Running");
+    }
+}

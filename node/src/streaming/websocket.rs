@@ -1,0 +1,208 @@
+//! `exec` and `attach` over WebSocket, for clients that talk to the kubelet directly (the API
+//! server itself speaks SPDY to us): the channel protocols `v5.channel.k8s.io` and
+//! `v4.channel.k8s.io` of k8s.io/apimachinery's wsstream.
+//!
+//! Framing: every binary message starts with a channel byte, 0 stdin, 1 stdout, 2 stderr,
+//! 3 error (the final `metav1.Status`, JSON in both versions), 4 resize (JSON
+//! `TerminalSize`). v5 adds the close signal `[255, channel]` (the client has no more stdin).
+//! As wsstream does, the server first writes an empty message on the lowest channel it writes
+//! to, so the client knows the streams are open; after the handler returns it writes the status
+//! on the error channel and closes the connection normally.
+//!
+//! Start at [`negotiate`] (before the 101 answer) and [`serve_remotecommand`].
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
+
+use super::remotecommand::{encode_status, ExecHandler, ExecIo, ExecOptions, Protocol, TerminalSize};
+
+/// The channel protocols served, in order of preference.
+pub const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
+/// v5: `[CLOSE, channel]` half-closes a channel.
+const CLOSE: u8 = 255;
+
+/// In-memory pipe size between the connection and the handler per stream: a pipe buffer.
+const PIPE: usize = 64 * 1024;
+/// How long the handler's last output may take to reach the connection before the status is
+/// written anyway (a handler that leaked its stdout must not hang the session).
+const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a request asks for a WebSocket upgrade.
+pub fn is_websocket(headers: &http::HeaderMap) -> bool {
+    let has = |name: http::header::HeaderName, token: &str| headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token));
+    has(http::header::UPGRADE, "websocket") && has(http::header::CONNECTION, "upgrade")
+}
+
+/// Why a WebSocket request cannot be upgraded: answered with 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NegotiationError {
+    #[error("a WebSocket upgrade needs Sec-WebSocket-Key")]
+    MissingKey,
+    #[error("none of the requested WebSocket subprotocols [{requested}] is supported; supported: {}", PROTOCOLS.join(", "))]
+    NoCommonProtocol { requested: String },
+}
+
+/// Picks the subprotocol and builds the 101 answer's headers.
+pub fn negotiate(headers: &http::HeaderMap) -> Result<(&'static str, http::HeaderMap), NegotiationError> {
+    let key = headers.get(http::header::SEC_WEBSOCKET_KEY).ok_or(NegotiationError::MissingKey)?;
+    let requested: Vec<String> = headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let protocol = PROTOCOLS.iter().find(|p| requested.iter().any(|r| r == *p)).copied().ok_or_else(|| NegotiationError::NoCommonProtocol { requested: requested.join(", ") })?;
+    let mut out = http::HeaderMap::new();
+    out.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    out.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    out.insert(http::header::SEC_WEBSOCKET_ACCEPT, http::HeaderValue::from_str(&accept).map_err(|_| NegotiationError::MissingKey)?);
+    out.insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(protocol));
+    Ok((protocol, out))
+}
+
+/// Serves one exec/attach session on an upgraded WebSocket connection (see the module docs).
+pub async fn serve_remotecommand<IO, H>(io: IO, protocol: &str, options: ExecOptions, handler: &H) -> Result<(), tokio_tungstenite::tungstenite::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: ExecHandler + ?Sized,
+{
+    let v5 = protocol == "v5.channel.k8s.io";
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let (mut sink, mut stream) = ws.split();
+
+    // One writer of the connection: everything to send goes through `out`.
+    let (out, mut out_rx) = mpsc::channel::<Message>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = out_rx.recv().await {
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let pipe = |wanted: bool| wanted.then(|| tokio::io::duplex(PIPE));
+    let (stdin_ours, stdin_theirs) = pipe(options.stdin).unzip();
+    let (stdout_ours, stdout_theirs) = pipe(options.stdout).unzip();
+    let (stderr_ours, stderr_theirs) = pipe(options.stderr).unzip();
+    let (resize_tx, resize_rx) = if options.tty { let (tx, rx) = mpsc::channel(16); (Some(tx), Some(rx)) } else { (None, None) };
+
+    // Ready: an empty message on the lowest channel we write to.
+    let first = if options.stdout { STDOUT } else if options.stderr { STDERR } else { ERROR };
+    let _ = out.send(Message::Binary(Bytes::from(vec![first]))).await;
+
+    let mut pumps = Vec::new();
+    for (channel, ours) in [(STDOUT, stdout_ours), (STDERR, stderr_ours)] {
+        if let Some(ours) = ours {
+            pumps.push(tokio::spawn(pump_output(channel, ours, out.clone())));
+        }
+    }
+    let reader = tokio::spawn(async move {
+        let mut stdin = stdin_ours;
+        while let Some(message) = stream.next().await {
+            let data = match message {
+                Ok(Message::Binary(data)) => data,
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            match data.first().copied() {
+                Some(STDIN) => {
+                    if let Some(pipe) = stdin.as_mut() {
+                        if pipe.write_all(&data[1..]).await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Some(RESIZE) => {
+                    if let (Some(tx), Ok(size)) = (&resize_tx, serde_json::from_slice::<TerminalSize>(&data[1..])) {
+                        let _ = tx.try_send(size);
+                    }
+                }
+                Some(CLOSE) if v5 && data.get(1) == Some(&STDIN) => stdin = None,
+                _ => debug!(channel = ?data.first(), "unexpected WebSocket message; ignored"),
+            }
+        }
+        // The client is gone (or closed): end of stdin.
+        drop(stdin);
+    });
+
+    let command = options.command.clone();
+    let exec_io = ExecIo { command: options.command, container: options.container, tty: options.tty, stdin: stdin_theirs, stdout: stdout_theirs, stderr: stderr_theirs, resize: resize_rx };
+    let outcome = handler.exec(exec_io).await;
+    debug!(?outcome, "handler finished");
+    for pump in pumps {
+        if tokio::time::timeout(OUTPUT_DRAIN, pump).await.is_err() {
+            debug!("output still open after the handler returned; writing status anyway");
+        }
+    }
+    if let Some(status) = encode_status(Protocol::V4, &command, &outcome) {
+        let mut message = BytesMut::with_capacity(1 + status.len());
+        message.put_u8(ERROR);
+        message.put_slice(&status);
+        let _ = out.send(Message::Binary(message.freeze())).await;
+    }
+    let _ = out.send(Message::Close(Some(CloseFrame { code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal, reason: "".into() }))).await;
+    drop(out);
+    let _ = writer.await;
+    reader.abort();
+    Ok(())
+}
+
+/// Copies one of the handler's output pipes to the connection, framed on `channel`.
+async fn pump_output(channel: u8, mut pipe: DuplexStream, out: mpsc::Sender<Message>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut message = BytesMut::with_capacity(1 + n);
+        message.put_u8(channel);
+        message.put_slice(&buf[..n]);
+        if out.send(Message::Binary(message.freeze())).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        pairs.iter().map(|(k, v)| (http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_str(v).unwrap())).collect()
+    }
+
+    #[test]
+    fn upgrade_requests_are_recognised() {
+        assert!(is_websocket(&headers(&[("upgrade", "websocket"), ("connection", "keep-alive, Upgrade")])));
+        assert!(!is_websocket(&headers(&[("upgrade", "SPDY/3.1"), ("connection", "Upgrade")])));
+    }
+
+    #[test]
+    fn negotiation_prefers_v5_and_computes_the_accept_key() {
+        let (protocol, out) = negotiate(&headers(&[("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), ("sec-websocket-protocol", "v4.channel.k8s.io, v5.channel.k8s.io")])).unwrap();
+        assert_eq!(protocol, "v5.channel.k8s.io");
+        // RFC 6455's example.
+        assert_eq!(out[http::header::SEC_WEBSOCKET_ACCEPT], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let err = negotiate(&headers(&[("sec-websocket-key", "x"), ("sec-websocket-protocol", "base64.channel.k8s.io")])).unwrap_err();
+        assert!(err.to_string().contains("v5.channel.k8s.io"), "{err}");
+        assert_eq!(negotiate(&headers(&[("sec-websocket-protocol", "v5.channel.k8s.io")])).unwrap_err(), NegotiationError::MissingKey);
+    }
+}
