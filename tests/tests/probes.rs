@@ -241,3 +241,111 @@ async fn http_and_tcp_probes_against_the_pod_ip_and_a_pre_stop_hook() {
     ns.pods().delete("web", &DeleteParams::default()).await.unwrap();
     wait_for("the preStop request", TEST_TIMEOUT, || async { listener.saw("/prestop").then_some(()) }).await.unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
 }
+
+/// A grpc.health.v1 server over h2c on `ip`, answering SERVING while `serving` is set and
+/// NOT_SERVING otherwise; the request and response messages are encoded by hand.
+async fn grpc_health_server(ip: &str, serving: Arc<AtomicBool>) -> u16 {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let status: u8 = if serving.load(Ordering::SeqCst) { 1 } else { 2 };
+                    async move {
+                        let ok = req.uri().path() == "/grpc.health.v1.Health/Check";
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static(if ok { "0" } else { "12" }));
+                        let message = if ok { vec![0, 0, 0, 0, 2, 0x08, status] } else { Vec::new() };
+                        let frames = vec![Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(message))), Ok(hyper::body::Frame::trailers(trailers))];
+                        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                        Ok::<_, std::convert::Infallible>(http::Response::builder().header("content-type", "application/grpc").body(body).unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()).serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
+            });
+        }
+    });
+    port
+}
+
+/// An HTTPS server on `ip` with a certificate no one trusts (the cluster admin's client
+/// certificate): 200 to every request. Returns its port.
+async fn https_server(ip: &str) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    let pki = std::path::Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(pki.join("admin.crt")).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(pki.join("admin.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = vec![0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn https_startup_and_grpc_readiness_probes_and_their_metrics() {
+    let agent = &node().await;
+    let ns = Ns::new("grpc-https").await;
+    let serving = Arc::new(AtomicBool::new(false));
+    let grpc = grpc_health_server(&agent.node_ip, serving.clone()).await;
+    let https = https_server(&agent.node_ip).await;
+    ns.toolbox_pod(
+        agent,
+        "checked",
+        serde_json::json!({
+            "startupProbe": {"httpGet": {"port": https, "scheme": "HTTPS", "path": "/started"}, "periodSeconds": 1},
+            "readinessProbe": {"grpc": {"port": grpc}, "periodSeconds": 1},
+        }),
+    )
+    .await;
+
+    // The HTTPS startup probe passes against an untrusted certificate; the gRPC readiness
+    // probe then sees NOT_SERVING.
+    let message = ns.wait_event(agent, "checked", "Unhealthy", "Readiness probe failed").await;
+    assert_eq!(message, "Readiness probe failed: service unhealthy (responded with \"NOT_SERVING\")");
+    let pod = ns.pods().get("checked").await.unwrap();
+    assert_eq!(status(&pod).unwrap().started, Some(true), "the HTTPS startup probe succeeded: {:?}", pod.status);
+    assert_eq!(condition(&pod, "Ready").as_deref(), Some("False"));
+
+    serving.store(true, Ordering::SeqCst);
+    ns.wait_pod(agent, "checked", "the pod to become Ready on SERVING", pod_ready).await;
+    serving.store(false, Ordering::SeqCst);
+    ns.wait_pod(agent, "checked", "the pod to turn not Ready on NOT_SERVING", |p| condition(p, "Ready").as_deref() == Some("False")).await;
+
+    // /metrics/probes on the kubelet API counts both probes by result.
+    let pki = std::path::Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--max-time", "20", "--cert"])
+        .arg(pki.join("admin.crt"))
+        .arg("--key")
+        .arg(pki.join("admin.key"))
+        .arg(format!("https://{}:10250/metrics/probes", agent.node_ip))
+        .output()
+        .expect("curl runs");
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let series = |kind: &str, result: &str| {
+        let prefix = format!("prober_probe_total{{probe_type=\"{kind}\",result=\"{result}\",container=\"toolbox\",pod=\"checked\",namespace=\"{}\",pod_uid=", ns.name);
+        metrics.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert!(series("Startup", "successful") >= 1.0, "{metrics}");
+    assert!(series("Readiness", "successful") >= 1.0 && series("Readiness", "failed") >= 2.0, "{metrics}");
+}
