@@ -229,11 +229,29 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        // A killed agent leaves its tmpfs volumes (secrets, tokens, memory emptyDirs) mounted.
+        unmount_under(&self.dir);
         let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.pid", self.name)));
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.cmd", self.name)));
         // Remove the Node so test nodes do not pile up in the cluster.
         let _ = Cluster::get().kubectl().args(["delete", "node", &self.name, "--ignore-not-found", "--wait=false"]).output();
+    }
+}
+
+/// Unmounts (lazily, deepest first) every mount point under `dir`: the tmpfs volumes an agent
+/// made for its pods outlive the agent when it is killed.
+pub fn unmount_under(dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(root) = std::fs::canonicalize(dir) else { return };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&root)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        if let Ok(path) = std::ffi::CString::new(point.as_os_str().as_bytes()) {
+            // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
