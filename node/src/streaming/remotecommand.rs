@@ -284,7 +284,8 @@ pub fn encode_status(
             code: None,
         },
         Err(e) => {
-            let err = format!("error executing command in container: {e}");
+            // The kubelet's wording: an attach has no command.
+            let err = if command.is_empty() { format!("error attaching to container: {e}") } else { format!("error executing command in container: {e}") };
             Status {
                 metadata: Empty {},
                 status: "Failure",
