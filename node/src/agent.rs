@@ -88,8 +88,10 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             info!(node = %config.node_name, runtime = %provider.runtime_info(), "starting");
             let (node_tx, node_rx) = watch::channel(None);
             let node_rx_for_mirrors = node_rx.clone();
+            // The eviction manager owns the pressure conditions; node status reports them.
+            let (pressure_tx, pressure_rx) = watch::channel(crate::eviction::Pressure::default());
             if config.register_node {
-                let manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx);
+                let manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx).with_pressure(pressure_rx);
                 tasks.spawn(manager.run(shutdown.clone()));
             } else {
                 warn!("--register-node=false: not registering or updating the Node; the lease follows a Node someone else registered");
@@ -114,7 +116,16 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
             tasks.spawn(static_source::merge(Some(api_rx), static_rx.1, static_rx.0, outputs, shutdown.clone()));
             tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
-            tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
+            // Eviction and garbage collection see the manager's pods; evictions go back through it.
+            let (pods_tx, pods_rx) = watch::channel(crate::eviction::PodSet::new());
+            let (evict_tx, evict_rx) = mpsc::unbounded_channel();
+            let (gc, gc_handle) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), events.clone(), Some(pods_rx.clone()));
+            tasks.spawn(gc.run(shutdown.clone()));
+            let links = crate::eviction::EvictionLinks { pods: pods_rx, evict: evict_tx, pressure: pressure_tx, gc: Some(gc_handle) };
+            let eviction = crate::eviction::EvictionManager::new(config.clone(), provider.clone(), events.clone(), links);
+            tasks.spawn(eviction.run(shutdown.clone()));
+            let links = manager::ManagerLinks { pods: pods_tx, evictions: evict_rx };
+            tasks.spawn(manager::run_linked(ctx, change_rx, pleg_rx, Some(links), shutdown.clone()));
         }
         _ => {
             if config.runonce {

@@ -35,6 +35,13 @@ const DEFAULT_ANONYMOUS_AUTH: bool = false;
 const DEFAULT_MAX_PODS: u32 = 110;
 const DEFAULT_IMAGE_GC_HIGH: u8 = 85;
 const DEFAULT_IMAGE_GC_LOW: u8 = 80;
+const DEFAULT_EVICTION_PRESSURE_TRANSITION_PERIOD: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_MINIMUM_IMAGE_TTL: Duration = Duration::from_secs(2 * 60);
+const DEFAULT_MAXIMUM_DEAD_CONTAINERS_PER_CONTAINER: i32 = 1;
+const DEFAULT_MAXIMUM_DEAD_CONTAINERS: i32 = -1;
+/// The kubelet's fixed ImageGCPeriod and ContainerGCPeriod.
+const DEFAULT_IMAGE_GC_PERIOD: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_CONTAINER_GC_PERIOD: Duration = Duration::from_secs(60);
 /// The kubelet's hard eviction defaults on Linux.
 const DEFAULT_EVICTION_HARD: &str = "memory.available<100Mi,nodefs.available<10%,nodefs.inodesFree<5%,imagefs.available<15%";
 /// The lease the node renews; the kubelet's nodeLeaseDurationSeconds default.
@@ -190,6 +197,39 @@ pub struct Flags {
     /// Hard eviction thresholds: signal<quantity|percent,...
     #[arg(long, value_name = "THRESHOLDS")]
     pub eviction_hard: Option<String>,
+    /// Soft eviction thresholds: signal<quantity|percent,... (each needs a grace period).
+    #[arg(long, value_name = "THRESHOLDS")]
+    pub eviction_soft: Option<String>,
+    /// How long a soft threshold must hold before pods are evicted: signal=duration,...
+    #[arg(long, value_name = "GRACE_PERIODS")]
+    pub eviction_soft_grace_period: Option<String>,
+    /// How much past its threshold a signal must recover before pressure ends: signal=quantity|percent,...
+    #[arg(long, value_name = "RECLAIMS")]
+    pub eviction_minimum_reclaim: Option<String>,
+    /// How long a pressure condition stays after its threshold stops being met [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub eviction_pressure_transition_period: Option<String>,
+    /// Longest grace period (seconds) a pod gets when a soft threshold evicts it; 0 uses the pod's own [default: 0].
+    #[arg(long, value_name = "SECONDS")]
+    pub eviction_max_pod_grace_period: Option<String>,
+    /// An unused image younger than this is never garbage-collected [default: 2m].
+    #[arg(long, value_name = "DURATION")]
+    pub minimum_image_ttl_duration: Option<String>,
+    /// Dead instances kept per container (-1: no limit) [default: 1].
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub maximum_dead_containers_per_container: Option<String>,
+    /// Dead instances kept on the node (-1: no limit) [default: -1].
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub maximum_dead_containers: Option<String>,
+    /// A dead container younger than this is never garbage-collected [default: 0].
+    #[arg(long, value_name = "DURATION")]
+    pub minimum_container_ttl_duration: Option<String>,
+    /// How often images are garbage-collected (wasm-kubelet's own; the kubelet's fixed period) [default: 5m].
+    #[arg(long, value_name = "DURATION")]
+    pub image_gc_period: Option<String>,
+    /// How often dead containers are garbage-collected (wasm-kubelet's own; the kubelet's fixed period) [default: 1m].
+    #[arg(long, value_name = "DURATION")]
+    pub container_gc_period: Option<String>,
     /// Disk usage percent that starts image garbage collection [default: 85].
     #[arg(long, value_name = "PERCENT")]
     pub image_gc_high_threshold: Option<String>,
@@ -236,6 +276,13 @@ struct ConfigFile {
     system_reserved: Option<BTreeMap<String, String>>,
     kube_reserved: Option<BTreeMap<String, String>>,
     eviction_hard: Option<BTreeMap<String, String>>,
+    eviction_soft: Option<BTreeMap<String, String>>,
+    eviction_soft_grace_period: Option<BTreeMap<String, String>>,
+    eviction_minimum_reclaim: Option<BTreeMap<String, String>>,
+    eviction_pressure_transition_period: Option<String>,
+    eviction_max_pod_grace_period: Option<i64>,
+    #[serde(rename = "imageMinimumGCAge")]
+    image_minimum_gc_age: Option<String>,
     image_g_c_high_threshold_percent: Option<u32>,
     image_g_c_low_threshold_percent: Option<u32>,
     image_pull_progress_deadline: Option<String>,
@@ -308,7 +355,7 @@ pub struct EvictionThreshold {
 }
 
 /// The signals the kubelet defines for eviction on Linux.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EvictionSignal {
     MemoryAvailable,
     NodefsAvailable,
@@ -329,6 +376,18 @@ impl EvictionSignal {
             "pid.available" => Self::PidAvailable,
             _ => return None,
         })
+    }
+
+    /// The kubelet's name of the signal, e.g. `memory.available`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::MemoryAvailable => "memory.available",
+            Self::NodefsAvailable => "nodefs.available",
+            Self::NodefsInodesFree => "nodefs.inodesFree",
+            Self::ImagefsAvailable => "imagefs.available",
+            Self::ImagefsInodesFree => "imagefs.inodesFree",
+            Self::PidAvailable => "pid.available",
+        }
     }
 }
 
@@ -429,6 +488,21 @@ pub struct Config {
     pub system_reserved: Reserved,
     pub kube_reserved: Reserved,
     pub eviction_hard: Vec<EvictionThreshold>,
+    /// Soft thresholds; each signal has its grace period in `eviction_soft_grace_period`.
+    pub eviction_soft: Vec<EvictionThreshold>,
+    pub eviction_soft_grace_period: BTreeMap<EvictionSignal, Duration>,
+    pub eviction_minimum_reclaim: BTreeMap<EvictionSignal, ThresholdValue>,
+    pub eviction_pressure_transition_period: Duration,
+    /// Zero: a soft eviction gives the pod its own termination grace period.
+    pub eviction_max_pod_grace_period: Duration,
+    pub minimum_image_ttl_duration: Duration,
+    /// Negative: no limit.
+    pub maximum_dead_containers_per_container: i32,
+    /// Negative: no limit.
+    pub maximum_dead_containers: i32,
+    pub minimum_container_ttl_duration: Duration,
+    pub image_gc_period: Duration,
+    pub container_gc_period: Duration,
     pub image_gc_high_threshold: u8,
     pub image_gc_low_threshold: u8,
     pub verbosity: u8,
@@ -686,6 +760,69 @@ impl Config {
             }
             (None, None) => parse_eviction("--eviction-hard", DEFAULT_EVICTION_HARD)?,
         };
+        let joined = |map: BTreeMap<String, String>, sep: char| map.iter().map(|(k, v)| format!("{k}{sep}{v}")).collect::<Vec<_>>().join(",");
+        let eviction_soft = match (flags.eviction_soft, file.eviction_soft) {
+            (Some(v), _) => parse_eviction("--eviction-soft", &v)?,
+            (None, Some(map)) => parse_eviction("evictionSoft", &joined(map, '<'))?,
+            (None, None) => Vec::new(),
+        };
+        let mut eviction_soft_grace_period = BTreeMap::new();
+        let (flag, text) = match (flags.eviction_soft_grace_period, file.eviction_soft_grace_period) {
+            (Some(v), _) => ("--eviction-soft-grace-period", v),
+            (None, Some(map)) => ("evictionSoftGracePeriod", joined(map, '=')),
+            (None, None) => ("--eviction-soft-grace-period", String::new()),
+        };
+        for (signal, value) in parse_signal_map(flag, &text)? {
+            let grace = parse_duration(&value).map_err(|reason| invalid(flag, format!("{}={value}", signal.as_str()), reason))?;
+            eviction_soft_grace_period.insert(signal, grace);
+        }
+        if let Some(t) = eviction_soft.iter().find(|t| !eviction_soft_grace_period.contains_key(&t.signal)) {
+            return Err(invalid("--eviction-soft-grace-period", "", format!("a grace period must be given for the soft eviction threshold {}", t.signal.as_str())));
+        }
+        let mut eviction_minimum_reclaim = BTreeMap::new();
+        let (flag, text) = match (flags.eviction_minimum_reclaim, file.eviction_minimum_reclaim) {
+            (Some(v), _) => ("--eviction-minimum-reclaim", v),
+            (None, Some(map)) => ("evictionMinimumReclaim", joined(map, '=')),
+            (None, None) => ("--eviction-minimum-reclaim", String::new()),
+        };
+        for (signal, value) in parse_signal_map(flag, &text)? {
+            let item = format!("{}={value}", signal.as_str());
+            let reclaim = match value.strip_suffix('%') {
+                Some(p) => ThresholdValue::Percent(p.parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p)).ok_or_else(|| invalid(flag, &item, "a percentage must be between 0 and 100"))?),
+                None => ThresholdValue::Quantity(parse_quantity(&value).map_err(|reason| invalid(flag, &item, reason))?),
+            };
+            eviction_minimum_reclaim.insert(signal, reclaim);
+        }
+        let eviction_pressure_transition_period = duration(
+            "--eviction-pressure-transition-period",
+            flags.eviction_pressure_transition_period,
+            file.eviction_pressure_transition_period,
+            DEFAULT_EVICTION_PRESSURE_TRANSITION_PERIOD,
+        )?;
+        let eviction_max_pod_grace_period = match flags.eviction_max_pod_grace_period {
+            Some(v) => v.parse::<i64>().map_err(|_| invalid("--eviction-max-pod-grace-period", &v, "not a whole number of seconds"))?,
+            None => file.eviction_max_pod_grace_period.unwrap_or(0),
+        };
+        // As the kubelet: zero or less means the pod's own grace period.
+        let eviction_max_pod_grace_period = Duration::from_secs(eviction_max_pod_grace_period.max(0) as u64);
+        let minimum_image_ttl_duration =
+            duration("--minimum-image-ttl-duration", flags.minimum_image_ttl_duration, file.image_minimum_gc_age, DEFAULT_MINIMUM_IMAGE_TTL)?;
+        let count = |flag: &'static str, given: Option<String>, default: i32| match given {
+            Some(v) => v.parse::<i32>().map_err(|_| invalid(flag, &v, "not a whole number")),
+            None => Ok(default),
+        };
+        let maximum_dead_containers_per_container = count(
+            "--maximum-dead-containers-per-container",
+            flags.maximum_dead_containers_per_container,
+            DEFAULT_MAXIMUM_DEAD_CONTAINERS_PER_CONTAINER,
+        )?;
+        let maximum_dead_containers = count("--maximum-dead-containers", flags.maximum_dead_containers, DEFAULT_MAXIMUM_DEAD_CONTAINERS)?;
+        let minimum_container_ttl_duration = duration("--minimum-container-ttl-duration", flags.minimum_container_ttl_duration, None, Duration::ZERO)?;
+        let image_gc_period = duration("--image-gc-period", flags.image_gc_period, None, DEFAULT_IMAGE_GC_PERIOD)?;
+        let container_gc_period = duration("--container-gc-period", flags.container_gc_period, None, DEFAULT_CONTAINER_GC_PERIOD)?;
+        if image_gc_period.is_zero() || container_gc_period.is_zero() {
+            return Err(invalid(if image_gc_period.is_zero() { "--image-gc-period" } else { "--container-gc-period" }, "0s", "must be positive"));
+        }
 
         let percent = |flag: &'static str, given: Option<String>, from_file: Option<u32>, default: u8| -> Result<u8, ConfigError> {
             let v = match given {
@@ -746,6 +883,17 @@ impl Config {
             system_reserved,
             kube_reserved,
             eviction_hard,
+            eviction_soft,
+            eviction_soft_grace_period,
+            eviction_minimum_reclaim,
+            eviction_pressure_transition_period,
+            eviction_max_pod_grace_period,
+            minimum_image_ttl_duration,
+            maximum_dead_containers_per_container,
+            maximum_dead_containers,
+            minimum_container_ttl_duration,
+            image_gc_period,
+            container_gc_period,
             image_gc_high_threshold,
             image_gc_low_threshold,
             verbosity: flags.verbosity.unwrap_or(0),
@@ -923,6 +1071,17 @@ fn parse_eviction(flag: &'static str, v: &str) -> Result<Vec<EvictionThreshold>,
     Ok(thresholds)
 }
 
+/// `signal=value,...` (the form of --eviction-soft-grace-period and --eviction-minimum-reclaim).
+fn parse_signal_map(flag: &'static str, v: &str) -> Result<Vec<(EvictionSignal, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (signal, value) = item.split_once('=').ok_or_else(|| invalid(flag, item, "want signal=value, e.g. memory.available=1m30s"))?;
+        let signal = EvictionSignal::parse(signal.trim()).ok_or_else(|| invalid(flag, item, "unknown signal"))?;
+        out.push((signal, value.trim().to_string()));
+    }
+    Ok(out)
+}
+
 /// A Kubernetes quantity (`100Mi`, `1G`, `500`) as a whole number.
 pub fn parse_quantity(s: &str) -> Result<u64, String> {
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -1063,6 +1222,37 @@ mod tests {
         assert!(err(&["--runonce=perhaps"]).contains("--runonce"));
         assert!(err(&["--manifest-url-header=NoColon"]).contains("--manifest-url-header"));
         assert!(err(&["--manifest-url=https://example.com/pods"]).contains("--manifest-url"));
+    }
+
+    #[test]
+    fn eviction_and_gc_flags_have_the_kubelets_defaults_and_are_checked() {
+        let c = load(&[]).unwrap();
+        assert!(c.eviction_soft.is_empty() && c.eviction_minimum_reclaim.is_empty());
+        assert_eq!(c.eviction_pressure_transition_period, Duration::from_secs(300));
+        assert_eq!(c.eviction_max_pod_grace_period, Duration::ZERO);
+        assert_eq!(c.minimum_image_ttl_duration, Duration::from_secs(120));
+        assert_eq!((c.maximum_dead_containers_per_container, c.maximum_dead_containers), (1, -1));
+        assert_eq!((c.image_gc_period, c.container_gc_period), (Duration::from_secs(300), Duration::from_secs(60)));
+
+        let c = load(&[
+            "--eviction-soft=memory.available<1Gi,nodefs.available<15%",
+            "--eviction-soft-grace-period=memory.available=1m30s,nodefs.available=2m",
+            "--eviction-minimum-reclaim=nodefs.available=5%,memory.available=500Mi",
+            "--maximum-dead-containers=-1",
+            "--maximum-dead-containers-per-container=2",
+        ])
+        .unwrap();
+        assert_eq!(c.eviction_soft.len(), 2);
+        assert_eq!(c.eviction_soft_grace_period[&EvictionSignal::MemoryAvailable], Duration::from_secs(90));
+        assert_eq!(c.eviction_minimum_reclaim[&EvictionSignal::NodefsAvailable], ThresholdValue::Percent(5.0));
+        assert_eq!(c.eviction_minimum_reclaim[&EvictionSignal::MemoryAvailable], ThresholdValue::Quantity(500 << 20));
+        assert_eq!(c.maximum_dead_containers_per_container, 2);
+
+        assert!(err(&["--eviction-soft=memory.available<1Gi"]).contains("grace period must be given for the soft eviction threshold memory.available"));
+        assert!(err(&["--eviction-soft-grace-period=memory.free=1m"]).contains("--eviction-soft-grace-period"));
+        assert!(err(&["--eviction-minimum-reclaim=nodefs.available=lots"]).contains("--eviction-minimum-reclaim"));
+        assert!(err(&["--container-gc-period=0s"]).contains("--container-gc-period"));
+        assert!(err(&["--maximum-dead-containers=many"]).contains("--maximum-dead-containers"));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`pods`]: the pod source, one worker per pod, the PLEG and the pod status manager;
 //! - [`probes`]: liveness, readiness and startup probes and lifecycle hooks, for the pod workers;
 //! - [`events`]: Kubernetes Events, published by one task;
+//! - [`eviction`]: node-pressure eviction, the only owner of the pressure conditions;
+//! - [`gc`]: garbage collection of unused images and dead containers;
 //! - [`metrics`]: the agent's Prometheus metrics (one global registry; served on `/metrics`);
 //! - [`server`]: the kubelet API (HTTPS, authenticated and authorized; container logs);
 //! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
@@ -21,6 +23,8 @@ pub mod agent;
 mod backoff;
 pub mod config;
 pub mod events;
+pub mod eviction;
+pub mod gc;
 pub mod lease;
 pub mod machine;
 pub mod metrics;

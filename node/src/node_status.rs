@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, EvictionSignal};
-use crate::machine::{self, Available, Capacity, HostInfo};
+use crate::config::Config;
+use crate::machine::{self, Capacity, HostInfo};
 
 /// The label every wasm-kubelet node carries; deploy/runtimeclass.yaml selects on it.
 pub const RUNTIME_LABEL: &str = "wasm-kubelet.io/runtime";
@@ -66,6 +66,8 @@ pub struct NodeStatusManager {
     host: HostInfo,
     node_ref: watch::Sender<Option<NodeRef>>,
     last_write: Option<Instant>,
+    /// The pressure conditions, as the eviction manager (their one owner) decides them.
+    pressure: watch::Receiver<crate::eviction::Pressure>,
 }
 
 impl NodeStatusManager {
@@ -76,7 +78,14 @@ impl NodeStatusManager {
         provider: Arc<dyn Provider>,
         node_ref: watch::Sender<Option<NodeRef>>,
     ) -> Self {
-        Self { api: Api::all(client), config, provider, host: machine::host_info(), node_ref, last_write: None }
+        let pressure = watch::channel(crate::eviction::Pressure::default()).1;
+        Self { api: Api::all(client), config, provider, host: machine::host_info(), node_ref, last_write: None, pressure }
+    }
+
+    /// Reports the pressure conditions `pressure` carries (without it, none).
+    pub fn with_pressure(mut self, pressure: watch::Receiver<crate::eviction::Pressure>) -> Self {
+        self.pressure = pressure;
+        self
     }
 
     /// Registers, then keeps the status current until `shutdown` fires.
@@ -158,11 +167,10 @@ impl NodeStatusManager {
     }
 
     async fn write_status_if_needed(&mut self, current: &Node, capacity: Capacity) -> Result<(), NodeStatusError> {
-        let available = machine::available(&self.config.root_dir)?;
         let runtime = self.provider.status().await;
         let now = Utc::now();
         let observed = current.status.clone().unwrap_or_default();
-        let wanted = self.desired_status(&capacity, &available, &runtime, &observed, now);
+        let wanted = self.desired_status(&capacity, &runtime, &observed, now);
         let due = self.last_write.is_none_or(|t| t.elapsed() >= self.config.node_status_report_frequency);
         if !due && same_status(&observed, &wanted) {
             debug!("node status unchanged");
@@ -214,15 +222,11 @@ impl NodeStatusManager {
     fn desired_status(
         &self,
         capacity: &Capacity,
-        available: &Available,
         runtime: &RuntimeStatus,
         observed: &NodeStatus,
         now: k8s_openapi::chrono::DateTime<Utc>,
     ) -> NodeStatus {
         let c = &self.config;
-        let threshold = |signal: EvictionSignal, total: u64| -> Option<u64> {
-            c.eviction_hard.iter().find(|t| t.signal == signal).map(|t| t.limit.absolute(total))
-        };
         let allocatable = crate::machine::Allocatable::compute(capacity, &c.system_reserved, &c.kube_reserved, &c.eviction_hard);
 
         let resources = |cpu: String, memory: u64, storage: u64| {
@@ -234,17 +238,9 @@ impl NodeStatusManager {
             ])
         };
 
-        let below = |signal, have: u64, total: u64| -> Option<String> {
-            let limit = threshold(signal, total)?;
-            (have < limit).then(|| format!("{} is {} (threshold {})", signal_name(signal), have, limit))
-        };
-        let memory_pressure = below(EvictionSignal::MemoryAvailable, available.memory_bytes, capacity.memory_bytes);
-        let disk_pressure = below(EvictionSignal::NodefsAvailable, available.nodefs_bytes, capacity.ephemeral_storage_bytes)
-            .or_else(|| below(EvictionSignal::NodefsInodesFree, available.nodefs_inodes, available.nodefs_inodes_total))
-            // Images live under --root-dir, so imagefs is nodefs here.
-            .or_else(|| below(EvictionSignal::ImagefsAvailable, available.nodefs_bytes, capacity.ephemeral_storage_bytes))
-            .or_else(|| below(EvictionSignal::ImagefsInodesFree, available.nodefs_inodes, available.nodefs_inodes_total));
-        let pid_pressure = below(EvictionSignal::PidAvailable, available.pids, available.pids_max);
+        // The eviction manager measures the signals against every threshold and keeps a
+        // condition through --eviction-pressure-transition-period.
+        let crate::eviction::Pressure { memory: memory_pressure, disk: disk_pressure, pid: pid_pressure } = self.pressure.borrow().clone();
 
         let condition = |kind: &str, status: bool, reason: &str, message: String| {
             let status = if status { "True" } else { "False" }.to_string();
@@ -336,17 +332,6 @@ impl NodeStatusManager {
 pub fn resolve_node_ip(name: &str) -> Option<IpAddr> {
     use std::net::ToSocketAddrs;
     (name, 0).to_socket_addrs().ok()?.map(|a| a.ip()).find(|ip| !ip.is_loopback())
-}
-
-fn signal_name(signal: EvictionSignal) -> &'static str {
-    match signal {
-        EvictionSignal::MemoryAvailable => "memory.available",
-        EvictionSignal::NodefsAvailable => "nodefs.available",
-        EvictionSignal::NodefsInodesFree => "nodefs.inodesFree",
-        EvictionSignal::ImagefsAvailable => "imagefs.available",
-        EvictionSignal::ImagefsInodesFree => "imagefs.inodesFree",
-        EvictionSignal::PidAvailable => "pid.available",
-    }
 }
 
 /// Whether `observed` already says what `wanted` says, apart from heartbeat times and the

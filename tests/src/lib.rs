@@ -104,6 +104,10 @@ pub fn unique_name(what: &str) -> String {
     format!("it-{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The hard eviction thresholds test agents get unless a test sets its own: the kubelet's
+/// memory default, and disk thresholds low enough that a nearly full build disk is no pressure.
+pub const TEST_EVICTION_HARD: &str = "--eviction-hard=memory.available<100Mi,nodefs.available<2%,nodefs.inodesFree<2%,imagefs.available<2%";
+
 /// A running `wasm-kubelet` process serving one node. Killed (SIGKILL) when dropped.
 pub struct Agent {
     pub name: String,
@@ -151,6 +155,12 @@ impl Agent {
         if let Some(ca) = cluster.vars.get("SECURE_REGISTRY_CA") {
             args.extend(["--registry-ca-file".to_string(), ca.clone()]);
         }
+        // The machines tests run on keep little disk free (the kubelet's imagefs.available<15%
+        // default is met on them), and eviction acts on it: pin thresholds the host satisfies,
+        // unless the test gives its own.
+        if !extra.iter().any(|f| f.starts_with("--eviction-hard")) {
+            args.push(TEST_EVICTION_HARD.into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Agent { name: name.into(), dir, node_ip, args, child: None, runs: 0 };
         agent.spawn()?;
@@ -181,6 +191,16 @@ impl Agent {
         self.child = Some(child);
         self.runs += 1;
         Ok(())
+    }
+
+    /// Sets `--name=value` flags for the next [`Agent::spawn`], replacing the same flags given
+    /// before (the agent refuses a flag given twice).
+    pub fn set_flags(&mut self, flags: &[&str]) {
+        for flag in flags {
+            let name = flag.split('=').next().unwrap_or(flag);
+            self.args.retain(|a| a.split('=').next() != Some(name));
+            self.args.push(flag.to_string());
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -381,4 +401,55 @@ impl Drop for TestNamespace {
 /// A pod's phase, "" before it has one.
 pub fn phase(pod: &Pod) -> &str {
     pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+/// A tmpfs mounted for one test (we are root), for a small filesystem whose filling is real
+/// and harmless; unmounted (lazily, so a straggler cannot block it) when dropped, also when the
+/// test fails. Declare it before the [`Agent`] that uses it, so the agent is killed first.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as mount's `size=`, e.g. `64m`) at `path`.
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path).output().expect("mount runs");
+        assert!(out.status.success(), "mount tmpfs at {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        Tmpfs { path: path.to_path_buf() }
+    }
+
+    /// (size, bytes available) of the filesystem.
+    pub fn usage(&self) -> (u64, u64) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.path.as_os_str().as_bytes()).expect("path without NUL");
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a properly sized out-parameter.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs {}", self.path.display());
+        (st.f_blocks as u64 * st.f_frsize as u64, st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}
+
+/// A test node whose `--root-dir` is a tmpfs of `size` (its pod logs there too): pushes the
+/// wasm-examples, starts the agent with `extra` flags and waits for its Node to exist.
+pub async fn test_node_on_tmpfs(what: &str, size: &str, extra: &[&str]) -> (Tmpfs, Agent) {
+    push_examples();
+    let name = unique_name(what);
+    let root = workspace_root().join("target/it").join(&name).join("root");
+    let tmpfs = Tmpfs::mount(&root, size);
+    let logs = root.join("logs");
+    let mut args = vec!["--pod-logs-dir", logs.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&name, &args).expect("the agent starts");
+    let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
+    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    (tmpfs, agent)
 }

@@ -3,6 +3,8 @@
 //! It hears pod changes from the source and container changes from the PLEG, and forwards
 //! each to the pod's worker (a watch channel for the desired pod, a Notify for nudges). It
 //! starts a worker for a new UID and forgets it when the worker reports that the pod is gone.
+//! With [`ManagerLinks`] it also publishes the pods it holds (for the eviction manager and the
+//! garbage collector) and hands evictions to the pods' workers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,18 +16,42 @@ use tracing::{info_span, Instrument};
 
 use super::source::PodChange;
 use super::worker::{PodDesire, PodWorker, WorkerContext};
+use crate::eviction::{Eviction, PodSet};
+
+/// The pod manager's links to the eviction manager.
+pub struct ManagerLinks {
+    /// The pods that have a worker, by UID; replaced on every change.
+    pub pods: watch::Sender<PodSet>,
+    /// (pod UID, eviction) for the pod's worker to carry out.
+    pub evictions: mpsc::UnboundedReceiver<(String, Eviction)>,
+}
 
 struct WorkerHandle {
     desired: watch::Sender<PodDesire>,
     nudge: Arc<Notify>,
 }
 
-pub async fn run(
+pub async fn run(ctx: Arc<WorkerContext>, changes: mpsc::UnboundedReceiver<PodChange>, pleg: mpsc::UnboundedReceiver<String>, shutdown: CancellationToken) {
+    run_linked(ctx, changes, pleg, None, shutdown).await
+}
+
+/// [`run`], publishing its pods and carrying out evictions through `links`.
+pub async fn run_linked(
     ctx: Arc<WorkerContext>,
     mut changes: mpsc::UnboundedReceiver<PodChange>,
     mut pleg: mpsc::UnboundedReceiver<String>,
+    links: Option<ManagerLinks>,
     shutdown: CancellationToken,
 ) {
+    let (pods_tx, mut evictions) = match links {
+        Some(l) => (Some(l.pods), Some(l.evictions)),
+        None => (None, None),
+    };
+    let publish = |workers: &HashMap<String, WorkerHandle>| {
+        if let Some(tx) = &pods_tx {
+            tx.send_replace(workers.iter().map(|(uid, h)| (uid.clone(), h.desired.borrow().pod.clone())).collect());
+        }
+    };
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
     let tracker = TaskTracker::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
@@ -45,12 +71,16 @@ pub async fn run(
                     let Some(uid) = pod.metadata.uid.clone() else { continue };
                     match workers.get(&uid) {
                         Some(handle) => {
-                            handle.desired.send_replace(PodDesire { pod, removed: false });
+                            // An eviction already asked for stays asked for.
+                            handle.desired.send_modify(|d| {
+                                d.pod = pod;
+                                d.removed = false;
+                            });
                         }
                         None => {
                             let span = info_span!("pod", namespace = pod.metadata.namespace.as_deref().unwrap_or(""), name = pod.metadata.name.as_deref().unwrap_or(""), uid = %uid);
                             let pod_ref = pod.clone();
-                            let (desired, rx) = watch::channel(PodDesire { pod, removed: false });
+                            let (desired, rx) = watch::channel(PodDesire { pod, removed: false, evict: None });
                             let nudge = Arc::new(Notify::new());
                             let worker = PodWorker::new(ctx.clone(), rx, nudge.clone());
                             let done = done_tx.clone();
@@ -70,6 +100,7 @@ pub async fn run(
                             workers.insert(uid, WorkerHandle { desired, nudge });
                         }
                     }
+                    publish(&workers);
                 }
                 Some(PodChange::Removed(uid)) => {
                     if let Some(handle) = workers.get(&uid) {
@@ -85,6 +116,12 @@ pub async fn run(
             Some(uid) = done_rx.recv() => {
                 workers.remove(&uid);
                 static_gates.remove(&uid);
+                publish(&workers);
+            }
+            Some((uid, eviction)) = async { evictions.as_mut()?.recv().await } => {
+                if let Some(handle) = workers.get(&uid) {
+                    handle.desired.send_modify(|d| d.evict = Some(eviction));
+                }
             }
         }
     }

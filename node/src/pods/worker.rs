@@ -53,6 +53,8 @@ pub struct PodDesire {
     pub pod: Arc<Pod>,
     /// The pod is gone from the API server (deleted outright, or no longer bound here).
     pub removed: bool,
+    /// The eviction manager asked for the pod to be evicted (see [`crate::eviction`]).
+    pub evict: Option<crate::eviction::Eviction>,
 }
 
 /// What every worker shares.
@@ -199,6 +201,9 @@ impl PodWorker {
             let desire = self.desired.borrow_and_update().clone();
             self.pod = desire.pod.clone();
             let deleting = desire.removed || self.pod.metadata.deletion_timestamp.is_some();
+            if let Some(eviction) = desire.evict.as_ref().filter(|_| self.terminal.is_none() && !deleting) {
+                self.evict(eviction).await;
+            }
             if deleting {
                 let began = Instant::now();
                 self.terminate(desire.removed).await;
@@ -750,6 +755,21 @@ impl PodWorker {
         });
         futures::future::join_all(stops).await;
         self.refresh().await;
+    }
+
+    /// Node-pressure eviction: stop every container within the eviction's grace period and end
+    /// the pod Failed with reason Evicted, as the kubelet's eviction manager does.
+    async fn evict(&mut self, eviction: &crate::eviction::Eviction) {
+        warn!(message = %eviction.message, grace = ?eviction.grace, "evicting the pod");
+        self.ctx.events.warning(&self.object_ref(), "Evicted", eviction.message.clone());
+        self.kill_all(eviction.grace, "evicted").await;
+        self.terminal = Some(Terminal { phase: "Failed", reason: Some("Evicted".into()), message: Some(eviction.message.clone()) });
+        // As the kubelet, a terminated pod's volumes are torn down: an emptyDir that filled the
+        // disk gives its space back.
+        self.volumes = None;
+        if let Err(e) = volumes::mount::teardown(&self.ctx.pods_dir.join(&self.key.uid)) {
+            warn!(error = %e, "cleaning up the evicted pod's volumes");
+        }
     }
 
     /// The pod is being deleted: stop its containers within the grace period, release the

@@ -52,6 +52,8 @@ pub struct Snapshot {
     pub fs_available: u64,
     pub fs_inodes: u64,
     pub fs_inodes_free: u64,
+    /// Bytes and files the provider's images (and compiled code) take; `None` without an image store.
+    pub image_fs_used: Option<(u64, u64)>,
     pub pods: Vec<PodSample>,
 }
 
@@ -140,6 +142,7 @@ impl Sampler {
             fs_available: available.map_or(0, |a| a.nodefs_bytes),
             fs_inodes: available.map_or(0, |a| a.nodefs_inodes_total),
             fs_inodes_free: available.map_or(0, |a| a.nodefs_inodes),
+            image_fs_used: self.provider.image_fs().await.map(|i| (i.used_bytes, i.inodes_used)),
             pods,
         }
     }
@@ -181,6 +184,11 @@ pub fn summary(node_name: &str, boot: SystemTime, s: &Snapshot) -> Value {
         "inodes": s.fs_inodes,
         "inodesUsed": s.fs_inodes.saturating_sub(s.fs_inodes_free),
     });
+    let mut image_fs = fs.clone();
+    if let Some((bytes, files)) = s.image_fs_used {
+        image_fs["usedBytes"] = json!(bytes);
+        image_fs["inodesUsed"] = json!(files);
+    }
     let pods: Vec<Value> = s
         .pods
         .iter()
@@ -211,8 +219,9 @@ pub fn summary(node_name: &str, boot: SystemTime, s: &Snapshot) -> Value {
             "cpu": cpu(s.node_cpu_nanos, s.node_nano_cores),
             "memory": { "time": time, "availableBytes": s.node_memory_available, "usageBytes": used_memory, "workingSetBytes": used_memory, "rssBytes": used_memory, "pageFaults": 0, "majorPageFaults": 0 },
             "fs": fs,
-            // Images and compiled modules live under --root-dir: the image filesystem is nodefs.
-            "runtime": { "imageFs": fs },
+            // Images and compiled modules live under --root-dir: the image filesystem is nodefs,
+            // and its usedBytes are what the images take (as the kubelet reports the image store).
+            "runtime": { "imageFs": image_fs },
         },
         "pods": pods,
     })
@@ -306,6 +315,7 @@ mod tests {
             fs_available: 40,
             fs_inodes: 10,
             fs_inodes_free: 4,
+            image_fs_used: Some((7, 2)),
             pods: vec![PodSample {
                 namespace: "ns".into(),
                 name: "p".into(),
@@ -327,6 +337,8 @@ mod tests {
         assert_eq!(v["node"]["nodeName"], "n1");
         assert_eq!(v["node"]["memory"]["workingSetBytes"], 2u64 << 30);
         assert_eq!(v["node"]["fs"]["usedBytes"], 60);
+        assert_eq!(v["node"]["runtime"]["imageFs"]["usedBytes"], 7);
+        assert_eq!(v["node"]["runtime"]["imageFs"]["capacityBytes"], 100);
         let pod = &v["pods"][0];
         assert_eq!(pod["podRef"]["uid"], "u");
         assert_eq!(pod["containers"][0]["cpu"]["usageNanoCores"], 990_000_000u64);

@@ -72,6 +72,30 @@ pub struct ImageInfo {
     pub size: u64,
 }
 
+/// An image as image garbage collection sees it ([`Provider::list_images`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// The reference it was pulled by; what [`Provider::remove_image`] takes.
+    pub reference: String,
+    /// The manifest digest (what [`ContainerSummary::image_digest`] holds for its containers).
+    pub digest: String,
+    /// Bytes on disk, compiled code included.
+    pub size: u64,
+    /// When it was last pulled or had a container created from it (kept across restarts).
+    pub last_used: SystemTime,
+}
+
+/// Where a provider keeps images, and how much they take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFsInfo {
+    /// A directory on the image filesystem (statvfs of it gives capacity and free space).
+    pub path: PathBuf,
+    /// Bytes used by images and compiled code.
+    pub used_bytes: u64,
+    /// Inodes (files) used by them.
+    pub inodes_used: u64,
+}
+
 /// Where a pod's sandbox lives; created by the node before any container starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxConfig {
@@ -371,6 +395,23 @@ pub trait Provider: Send + Sync + 'static {
     /// Every pod sandbox the provider holds (stats name pods by them).
     async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
         Vec::new()
+    }
+
+    /// The image filesystem; `None` when the provider keeps no images on disk.
+    async fn image_fs(&self) -> Option<ImageFsInfo> {
+        None
+    }
+
+    /// Every image held, for image garbage collection.
+    async fn list_images(&self) -> Vec<ImageRecord> {
+        Vec::new()
+    }
+
+    /// Removes the image pulled as `reference` (and its compiled code when no other reference
+    /// shares it); returns the bytes freed. Removal is crash-safe: an interrupted one leaves a
+    /// store that opens consistent. The node never removes an image a container uses.
+    async fn remove_image(&self, reference: &str) -> Result<u64, ProviderError> {
+        Err(ProviderError::NotFound(format!("image {reference} (this runtime does not remove images)")))
     }
 
     /// Runs `command` as a new instance of the container's module in the same sandbox:

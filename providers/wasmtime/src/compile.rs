@@ -60,6 +60,36 @@ impl CompileCache {
         self.compilations.load(Ordering::Relaxed)
     }
 
+    /// Forgets the compiled code of layer `digest` (its image was removed): the in-memory entry
+    /// and the on-disk artifact, which `discard` deletes (crash-safely, through the image trash).
+    /// Returns the bytes freed on disk.
+    pub fn remove(&self, digest: &str, discard: impl Fn(&Path)) -> u64 {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+        let Ok(hex) = sha256_hex(digest) else { return 0 };
+        let cwasm = self.dir.join(format!("{hex}.cwasm"));
+        let freed = std::fs::metadata(&cwasm).map(|m| m.len()).unwrap_or(0);
+        discard(&cwasm);
+        freed
+    }
+
+    /// Deletes on-disk artifacts whose layer no image holds any more (a removal interrupted
+    /// between the image and its compiled code), and temporary files of interrupted writes.
+    pub fn sweep(&self, layers: &std::collections::HashSet<String>) {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let keep = name.strip_suffix(".cwasm").is_some_and(|hex| layers.contains(hex));
+            if !keep {
+                tracing::info!(file = %name, "deleting compiled code no image needs");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// The directory of the on-disk artifacts.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The compiled program of the layer `digest` whose bytes are at `wasm`. The error is one
     /// line for the container's CreateContainerError message.
     pub async fn get(&self, digest: &str, wasm: &Path) -> Result<Program, String> {

@@ -12,7 +12,13 @@
 //! - `blobs/sha256/<hex>`: the module, named by its own sha256 (for a Wasm layer, the layer
 //!   digest, written only after it was verified);
 //! - `index.json`: reference -> manifest digest, module digest, size, entrypoint and cmd
-//!   (replaced atomically), so `image_status` survives an agent restart.
+//!   (replaced atomically), so `image_status` survives an agent restart;
+//! - `last-used.json`: reference -> when it was last pulled or used (unix milliseconds), for image
+//!   garbage collection; a reference missing from it counts as used when the store opened;
+//! - `trash/`: what a removal is deleting. [`ImageStore::remove`] first drops the reference from
+//!   the index, then renames the blob into `trash/` and deletes it there; opening the store
+//!   empties `trash/` and deletes blobs (and temporary files) no index entry names, so a removal
+//!   interrupted at any point leaves a consistent store.
 //!
 //! The OCI decisions (which layer, which platform of an index, digest checks, plain http or not,
 //! which credentials, which file of which layer) are small pure functions, tested without a
@@ -142,6 +148,10 @@ pub struct ImageStore {
     registries: RegistryOptions,
     /// reference (canonical form) -> image. Held only for map access and the small index write.
     index: Mutex<BTreeMap<String, StoredImage>>,
+    /// reference (canonical form) -> last use, unix milliseconds (see `last-used.json`).
+    last_used: Mutex<BTreeMap<String, u64>>,
+    /// When the store was opened: the last use of a reference it has no record of.
+    opened_at: u64,
 }
 
 impl ImageStore {
@@ -159,7 +169,102 @@ impl ImageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(ProviderError::Setup(format!("reading {}: {e}", index_path.display()))),
         };
-        Ok(Self { dir, registries, index: Mutex::new(index) })
+        let last_used: BTreeMap<String, u64> = std::fs::read(dir.join("last-used.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let store = Self { dir, registries, index: Mutex::new(index), last_used: Mutex::new(last_used), opened_at: unix_now() };
+        store.sweep();
+        Ok(store)
+    }
+
+    /// The directory of the store (on the image filesystem).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Finishes removals a crash interrupted: empties `trash/` and deletes blobs no index entry
+    /// names and temporary files a crashed write left.
+    fn sweep(&self) {
+        let trash = self.dir.join("trash");
+        if trash.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&trash) {
+                tracing::warn!(path = %trash.display(), error = %e, "cannot empty the image trash");
+            }
+        }
+        let named: std::collections::HashSet<String> =
+            self.index.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(|i| sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect();
+        let blobs = self.dir.join("blobs/sha256");
+        for entry in std::fs::read_dir(&blobs).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !named.contains(&name) {
+                tracing::info!(blob = %name, "deleting a blob no image names (an interrupted pull or removal)");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Every stored reference with its image and last use (unix milliseconds).
+    pub fn list(&self) -> Vec<(String, StoredImage, u64)> {
+        let index = self.index.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let used = self.last_used.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        index.into_iter().map(|(reference, image)| {
+            let at = used.get(&reference).copied().unwrap_or(self.opened_at);
+            (reference, image, at)
+        }).collect()
+    }
+
+    /// Records that `reference` was used now (a pull, a container created from it). Best
+    /// effort: a failed write is logged and the time is kept in memory.
+    pub fn touch(&self, reference: &str) {
+        let mut used = self.last_used.lock().unwrap_or_else(|e| e.into_inner());
+        used.insert(canonical(reference), unix_now());
+        let path = self.dir.join("last-used.json");
+        let written = serde_json::to_vec(&*used).map_err(std::io::Error::other).and_then(|bytes| write_atomically(&path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record image use");
+        }
+    }
+
+    /// Removes `reference` from the store. Returns the module digest and the bytes freed when
+    /// its blob went too (no other reference shares it), else `None` and 0.
+    pub fn remove(&self, reference: &str) -> Result<(Option<String>, u64), ProviderError> {
+        let key = canonical(reference);
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(image) = index.remove(&key) else { return Err(ProviderError::NotFound(format!("image {reference}"))) };
+        let path = self.dir.join("index.json");
+        let bytes = serde_json::to_vec_pretty(&*index).map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
+        if let Err(e) = write_atomically(&path, &bytes) {
+            index.insert(key, image);
+            return Err(ProviderError::Io(format!("writing {}: {e}", path.display())));
+        }
+        let shared = index.values().any(|i| i.layer_digest == image.layer_digest);
+        drop(index);
+        self.last_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        if shared {
+            return Ok((None, 0));
+        }
+        let blob = self.blob_path(&image.layer_digest).map_err(ProviderError::Io)?;
+        let freed = std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(0);
+        self.discard(&blob);
+        Ok((Some(image.layer_digest), freed))
+    }
+
+    /// Renames `path` into `trash/` (atomic: the file is gone from where readers look) and
+    /// deletes it there.
+    pub fn discard(&self, path: &Path) {
+        let trash = self.dir.join("trash");
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let target = trash.join(format!("{}.{}.{n}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+        let moved = std::fs::create_dir_all(&trash).and_then(|()| std::fs::rename(path, &target));
+        match moved {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&target);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot move into the trash; deleting in place");
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     /// The image if it was pulled and its layer is still on disk.
@@ -355,6 +460,25 @@ impl ImageStore {
         let bytes = serde_json::to_vec_pretty(&*index).map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
         write_atomically(&path, &bytes).map_err(|e| ProviderError::Io(format!("writing {}: {e}", path.display())))
     }
+}
+
+/// (bytes allocated, files) under `path`, as `du` counts them.
+pub fn tree_usage(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return (0, 0) };
+    let mut total = (meta.blocks() * 512, 1);
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+            let (bytes, files) = tree_usage(&entry.path());
+            total = (total.0 + bytes, total.1 + files);
+        }
+    }
+    total
+}
+
+/// Milliseconds: two images used within a second still have an order.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The key a reference is indexed under: `127.0.0.1:5000/hello:v1` and `hello` (docker.io
@@ -733,6 +857,61 @@ fn normalise_registry(registry: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A fresh store directory for one test.
+    fn store_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wk-images-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn removal_keeps_a_blob_another_reference_shares_and_discards_the_last() {
+        let dir = store_dir("remove");
+        let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
+        let a = store.import("127.0.0.1:5000/a:v1", b"\0asm\x01\0\0\0shared").unwrap();
+        store.import("127.0.0.1:5000/b:v1", b"\0asm\x01\0\0\0shared").unwrap();
+        let blob = store.blob_path(&a.layer_digest).unwrap();
+        assert_eq!(store.remove("127.0.0.1:5000/a:v1").unwrap(), (None, 0));
+        assert!(blob.is_file(), "b still needs it");
+        let (digest, freed) = store.remove("127.0.0.1:5000/b:v1").unwrap();
+        assert_eq!((digest.as_deref(), freed), (Some(a.layer_digest.as_str()), 14));
+        assert!(!blob.exists());
+        assert!(matches!(store.remove("127.0.0.1:5000/b:v1"), Err(ProviderError::NotFound(_))));
+        assert!(store.list().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn opening_finishes_an_interrupted_removal() {
+        let dir = store_dir("sweep");
+        let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
+        let kept = store.import("127.0.0.1:5000/kept:v1", b"\0asm\x01\0\0\0kept").unwrap();
+        let gone = store.import("127.0.0.1:5000/gone:v1", b"\0asm\x01\0\0\0gone").unwrap();
+        store.touch("127.0.0.1:5000/kept:v1");
+        // A crash after the index dropped `gone` but before its blob left; and one in the
+        // middle of deleting from the trash, and of writing a blob.
+        let mut index = store.index.lock().unwrap().clone();
+        index.remove(&canonical("127.0.0.1:5000/gone:v1"));
+        write_atomically(&dir.join("images/index.json"), &serde_json::to_vec(&index).unwrap()).unwrap();
+        std::fs::create_dir_all(dir.join("images/trash")).unwrap();
+        std::fs::write(dir.join("images/trash/abc.1.0"), b"half deleted").unwrap();
+        std::fs::write(dir.join("images/blobs/sha256/def.tmp.1.0"), b"half written").unwrap();
+        drop(store);
+        // The clock moves on before the restart (last uses are in milliseconds).
+        std::thread::sleep(std::time::Duration::from_millis(5));
+
+        let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
+        assert!(store.get("127.0.0.1:5000/kept:v1").is_some());
+        assert!(store.get("127.0.0.1:5000/gone:v1").is_none());
+        assert!(!store.blob_path(&gone.layer_digest).unwrap().exists(), "the orphaned blob is deleted");
+        assert!(store.blob_path(&kept.layer_digest).unwrap().is_file());
+        assert!(!dir.join("images/trash").exists(), "the trash is emptied");
+        assert!(!dir.join("images/blobs/sha256/def.tmp.1.0").exists());
+        let listed = store.list();
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].2 < store.opened_at, "the recorded last use survives the restart");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     use super::*;
     use oci_client::manifest::Platform;
 

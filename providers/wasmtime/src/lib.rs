@@ -127,6 +127,8 @@ impl WasmtimeProvider {
         let linkers = Linkers::new(&engine)?;
         let images = ImageStore::open(&root_dir, options.registries)?;
         let compiled = CompileCache::new(engine.clone(), &root_dir);
+        // Compiled code of images removed while the agent was down (or mid-removal) goes too.
+        compiled.sweep(&images.list().iter().filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect());
         Ok(Self { engine, linkers, images, compiled, state: Mutex::new(State::default()), next_id: AtomicU64::new(1) })
     }
 
@@ -212,7 +214,11 @@ impl Provider for WasmtimeProvider {
     }
 
     async fn pull_image(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
-        self.images.pull(reference, auth).instrument(tracing::info_span!("pull", image = reference)).await
+        let pulled = self.images.pull(reference, auth).instrument(tracing::info_span!("pull", image = reference)).await;
+        if pulled.is_ok() {
+            self.images.touch(reference);
+        }
+        pulled
     }
 
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
@@ -239,6 +245,7 @@ impl Provider for WasmtimeProvider {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id}")));
         }
         let image = self.images.get(&config.image).ok_or_else(|| ProviderError::ImageNotPresent(config.image.clone()))?;
+        self.images.touch(&config.image);
         // An ordinary OCI image's Entrypoint and Cmd are the argv defaults.
         (config.command, config.args) = image::with_image_defaults(&image, std::mem::take(&mut config.command), std::mem::take(&mut config.args));
         for mount in &config.mounts {
@@ -353,6 +360,35 @@ impl Provider for WasmtimeProvider {
 
     async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
         self.state().sandboxes.values().cloned().collect()
+    }
+
+    async fn image_fs(&self) -> Option<provider_api::ImageFsInfo> {
+        let (images, compiled) = (self.images.dir().to_path_buf(), self.compiled.dir().to_path_buf());
+        let usage = tokio::task::spawn_blocking(move || {
+            let (a, b) = (image::tree_usage(&images), image::tree_usage(&compiled));
+            (a.0 + b.0, a.1 + b.1)
+        })
+        .await
+        .unwrap_or_default();
+        Some(provider_api::ImageFsInfo { path: self.images.dir().to_path_buf(), used_bytes: usage.0, inodes_used: usage.1 })
+    }
+
+    async fn list_images(&self) -> Vec<provider_api::ImageRecord> {
+        self.images
+            .list()
+            .into_iter()
+            .map(|(reference, image, used)| {
+                let compiled = image::sha256_hex(&image.layer_digest).ok().and_then(|hex| std::fs::metadata(self.compiled.dir().join(format!("{hex}.cwasm"))).ok()).map_or(0, |m| m.len());
+                provider_api::ImageRecord { reference, digest: image.manifest_digest, size: image.size + compiled, last_used: SystemTime::UNIX_EPOCH + Duration::from_millis(used) }
+            })
+            .collect()
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<u64, ProviderError> {
+        let (layer, freed) = self.images.remove(reference)?;
+        let compiled = layer.map_or(0, |digest| self.compiled.remove(&digest, |path| self.images.discard(path)));
+        tracing::info!(reference, freed_bytes = freed + compiled, "image removed");
+        Ok(freed + compiled)
     }
 
     async fn attach(&self, container_id: &str, io: provider_api::AttachIo) -> Result<(), ProviderError> {

@@ -1,0 +1,195 @@
+//! Node-pressure eviction against the real control plane: a test node whose `--root-dir` is a
+//! small tmpfs of its own (so disk pressure is real and harmless), and a memory threshold set
+//! just below what the host has free when the test starts.
+
+use integration_tests::{example_image, has_taint, node_condition, phase, test_node_on_tmpfs, wait_for, Agent, Cluster, TestNamespace, Tmpfs, TEST_TIMEOUT};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::PostParams;
+use kube::Api;
+
+/// The test's agent on a tmpfs root of `size`, Ready.
+async fn node_on_tmpfs(what: &str, size: &str, extra: &[&str]) -> (Tmpfs, Agent) {
+    let (tmpfs, agent) = test_node_on_tmpfs(what, size, extra).await;
+    wait_ready(&agent).await;
+    (tmpfs, agent)
+}
+
+async fn wait_ready(agent: &Agent) -> Node {
+    let nodes: Api<Node> = Api::all(Cluster::get().admin().await);
+    wait_for("the test node to be Ready", TEST_TIMEOUT, || async {
+        let node = nodes.get_opt(&agent.name).await.ok()??;
+        (node_condition(&node, "Ready").as_deref() == Some("True")).then_some(node)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()))
+}
+
+async fn wait_node(agent: &Agent, what: &str, check: impl Fn(&Node) -> bool) -> Node {
+    let nodes: Api<Node> = Api::all(Cluster::get().admin().await);
+    wait_for(what, TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()?.filter(|n| check(n)) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()))
+}
+
+async fn create_pod(ns: &TestNamespace, agent: &Agent, name: &str, spec: serde_json::Value) -> Pod {
+    let mut full = serde_json::json!({
+        "nodeName": agent.name,
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 2,
+        "tolerations": [{"operator": "Exists"}],
+    });
+    if let (Some(full), Some(spec)) = (full.as_object_mut(), spec.as_object()) {
+        full.extend(spec.clone());
+    }
+    let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": full})).expect("valid pod");
+    ns.pods().create(&PostParams::default(), &pod).await.expect("pod created")
+}
+
+fn reason(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.reason.as_deref()).unwrap_or("")
+}
+
+fn message(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.message.as_deref()).unwrap_or("")
+}
+
+/// A Guaranteed pod: requests equal limits for cpu and memory, and an ephemeral-storage
+/// request larger than the little it writes.
+fn guaranteed_ticker() -> serde_json::Value {
+    let resources = serde_json::json!({"cpu": "100m", "memory": "64Mi"});
+    serde_json::json!({"containers": [{
+        "name": "ticker",
+        "image": example_image("ticker"),
+        "resources": {"limits": resources, "requests": {"cpu": "100m", "memory": "64Mi", "ephemeral-storage": "10Mi"}},
+    }]})
+}
+
+#[tokio::test]
+async fn disk_pressure_evicts_the_best_effort_pod_first_and_clears_when_space_returns() {
+    let (tmpfs, agent) = node_on_tmpfs(
+        "evict-disk",
+        "64m",
+        &["--eviction-hard=nodefs.available<16Mi", "--eviction-pressure-transition-period=30s", "--housekeeping-interval=1s", "--node-status-update-frequency=1s"],
+    )
+    .await;
+    let node = wait_node(&agent, "DiskPressure False", |n| node_condition(n, "DiskPressure").as_deref() == Some("False")).await;
+    assert!(!has_taint(&node, "node.kubernetes.io/disk-pressure"));
+    let ns = TestNamespace::new("evict-disk").await;
+
+    create_pod(&ns, &agent, "guaranteed", guaranteed_ticker()).await;
+    let best_effort = create_pod(
+        &ns,
+        &agent,
+        "best-effort",
+        serde_json::json!({
+            "containers": [{"name": "ticker", "image": example_image("ticker"), "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+        }),
+    )
+    .await;
+    for name in ["guaranteed", "best-effort"] {
+        ns.wait_pod(&agent, name, "the pod running", |p| phase(p) == "Running").await;
+    }
+    let qos = ns.pods().get("guaranteed").await.expect("pod").status.and_then(|s| s.qos_class);
+    assert_eq!(qos.as_deref(), Some("Guaranteed"));
+
+    // The best-effort pod's emptyDir fills the disk to 8Mi free, below the 16Mi threshold.
+    let uid = best_effort.metadata.uid.as_deref().expect("uid");
+    let scratch = tmpfs.path.join("pods").join(uid).join("volumes/kubernetes.io~empty-dir/scratch");
+    assert!(scratch.is_dir(), "{} is the emptyDir", scratch.display());
+    let fill = tmpfs.usage().1.saturating_sub(8 << 20);
+    std::fs::write(scratch.join("filler"), vec![7u8; fill as usize]).expect("filling the emptyDir");
+
+    let node = wait_node(&agent, "DiskPressure True", |n| node_condition(n, "DiskPressure").as_deref() == Some("True")).await;
+    let detail = node.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == "DiskPressure")).and_then(|c| c.message.clone());
+    assert!(detail.as_deref().is_some_and(|m| m.contains("nodefs.available")), "{detail:?}");
+    // The controller manager taints a node under disk pressure (TaintNodesByCondition).
+    wait_node(&agent, "the disk-pressure taint", |n| has_taint(n, "node.kubernetes.io/disk-pressure")).await;
+
+    let evicted = ns.wait_pod(&agent, "best-effort", "the best-effort pod evicted", |p| phase(p) == "Failed").await;
+    assert_eq!(reason(&evicted), "Evicted");
+    assert!(
+        message(&evicted).starts_with("The node was low on resource: ephemeral-storage. Threshold quantity: 16Mi, available: "),
+        "{}",
+        message(&evicted)
+    );
+    let events = ns.events("best-effort").await;
+    assert!(events.iter().any(|(r, m)| r == "Evicted" && m.contains("ephemeral-storage")), "{events:?}");
+    let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
+    assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod is not evicted first");
+
+    // The evicted pod's emptyDir was torn down: the space is back and the pressure clears.
+    assert!(!scratch.join("filler").exists(), "the evicted pod's emptyDir is removed");
+    wait_node(&agent, "DiskPressure False again", |n| node_condition(n, "DiskPressure").as_deref() == Some("False")).await;
+    wait_node(&agent, "the disk-pressure taint removed", |n| !has_taint(n, "node.kubernetes.io/disk-pressure")).await;
+    let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
+    assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod survived: {:?}", guaranteed.status);
+    let reasons = node_event_reasons(&agent).await;
+    for wanted in ["EvictionThresholdMet", "NodeHasDiskPressure", "NodeHasNoDiskPressure"] {
+        assert!(reasons.iter().any(|r| r == wanted), "{wanted} missing from the node's events {reasons:?}");
+    }
+}
+
+/// The reasons of the Events about the test node (the kubelet records them in `default`).
+async fn node_event_reasons(agent: &Agent) -> Vec<String> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(Cluster::get().admin().await, "default");
+    let list = events.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+    list.into_iter().filter(|e| e.involved_object.kind.as_deref() == Some("Node") && e.involved_object.name.as_deref() == Some(agent.name.as_str())).filter_map(|e| e.reason).collect()
+}
+
+/// MemAvailable of /proc/meminfo, in MiB.
+fn mem_available_mib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemAvailable");
+    kib / 1024
+}
+
+/// What the hog holds, and how far below the host's free memory the threshold is: the hog
+/// crosses it at two thirds of its allocation, and other work on the machine would have to take
+/// 2 GiB at once to cross it instead.
+const HOG_MIB: u64 = 3072;
+const BELOW_AVAILABLE_MIB: u64 = 2048;
+
+#[tokio::test]
+async fn memory_pressure_evicts_the_hog_before_the_guaranteed_pod() {
+    let threshold = format!("--eviction-hard=memory.available<{}Mi", mem_available_mib().saturating_sub(BELOW_AVAILABLE_MIB));
+    let agent = integration_tests::test_node(
+        "evict-memory",
+        &[&threshold, "--eviction-pressure-transition-period=30s", "--housekeeping-interval=1s", "--node-status-update-frequency=2s"],
+    )
+    .await;
+    wait_ready(&agent).await;
+    wait_node(&agent, "MemoryPressure False", |n| node_condition(n, "MemoryPressure").as_deref() == Some("False")).await;
+    let ns = TestNamespace::new("evict-memory").await;
+
+    create_pod(&ns, &agent, "guaranteed", guaranteed_ticker()).await;
+    ns.wait_pod(&agent, "guaranteed", "the guaranteed pod running", |p| phase(p) == "Running").await;
+    create_pod(
+        &ns,
+        &agent,
+        "hog",
+        serde_json::json!({"restartPolicy": "Never", "containers": [{"name": "hog", "image": example_image("memory-hog"), "args": [HOG_MIB.to_string()]}]}),
+    )
+    .await;
+
+    let evicted = ns.wait_pod(&agent, "hog", "the memory hog evicted", |p| phase(p) == "Failed").await;
+    assert_eq!(reason(&evicted), "Evicted", "{:?}", evicted.status);
+    let text = message(&evicted);
+    assert!(text.starts_with("The node was low on resource: memory. Threshold quantity: "), "{text}");
+    assert!(text.contains("Container hog was using ") && text.ends_with("request is 0, has larger consumption of memory."), "{text}");
+    let events = ns.events("hog").await;
+    assert!(events.iter().any(|(r, _)| r == "Evicted"), "{events:?}");
+    let node = wait_node(&agent, "MemoryPressure reported", |n| node_condition(n, "MemoryPressure").as_deref() == Some("True")).await;
+    assert_eq!(node_condition(&node, "MemoryPressure").as_deref(), Some("True"));
+
+    let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
+    assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod stays: {:?}", guaranteed.status);
+    // Evicting the hog gave the memory back: the pressure clears after the transition period.
+    wait_node(&agent, "MemoryPressure False again", |n| node_condition(n, "MemoryPressure").as_deref() == Some("False")).await;
+    let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
+    assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod survived: {:?}", guaranteed.status);
+}
