@@ -104,7 +104,8 @@ async fn configmap_secret_and_downward_api_are_written_atomically_with_modes_and
         serde_json::json!({
             "containers": [{
                 "name": "reader", "image": example_image("file-reader"),
-                "args": ["/cfg", "/cfg/renamed/mode", "/sec/password", "/info/labels", "/info/name"],
+                "args": ["/cfg", "/cfg/renamed/mode", "/sec/password", "/info/labels", "/info/name", "/info/mem"],
+                "resources": {"limits": {"memory": "64Mi"}},
                 "volumeMounts": [
                     {"name": "cfg", "mountPath": "/cfg"},
                     {"name": "sec", "mountPath": "/sec"},
@@ -117,6 +118,7 @@ async fn configmap_secret_and_downward_api_are_written_atomically_with_modes_and
                 {"name": "info", "downwardAPI": {"items": [
                     {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
                     {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                    {"path": "mem", "resourceFieldRef": {"containerName": "reader", "resource": "limits.memory", "divisor": "1Mi"}},
                 ]}},
             ],
         }),
@@ -133,6 +135,7 @@ async fn configmap_secret_and_downward_api_are_written_atomically_with_modes_and
     assert!(out.contains("s3cret"), "{out}");
     assert!(out.contains("app=\"v1\""), "{out}");
     assert!(out.contains("reader"), "{out}");
+    assert!(out.trim_end().ends_with("64"), "limits.memory in Mi: {out}");
 
     // On the node: the kubelet's layout and modes.
     let dir = pod_dir(agent, &pod);

@@ -167,7 +167,7 @@ fn field_value(pod: &Pod, path: &str, sources: &Sources) -> Result<String, EnvEr
     })
 }
 
-fn resource_value(container: &Container, resource: &str, divisor: Option<&str>, sources: &Sources) -> Result<String, EnvError> {
+pub(super) fn resource_value(container: &Container, resource: &str, divisor: Option<&str>, sources: &Sources) -> Result<String, EnvError> {
     let res = container.resources.as_ref();
     let get = |kind: &str, name: &str| -> Option<String> {
         let map = if kind == "limits" { res.and_then(|r| r.limits.as_ref()) } else { res.and_then(|r| r.requests.as_ref()) };

@@ -398,7 +398,7 @@ impl PodWorker {
         let mut wake: Option<Instant> = None;
         if self.volumes.is_none() || self.volumes_refresh_at.is_some_and(|at| at <= Instant::now()) {
             let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
-            match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir, self.volumes.as_ref(), self.ctx.node_allocatable.1).await {
+            match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir, self.volumes.as_ref(), self.ctx.node_allocatable).await {
                 Ok(v) => {
                     self.volume_failures = 0;
                     // Again at the next token refresh or --sync-frequency, whichever is first (at

@@ -98,9 +98,11 @@ const DEFAULT_TOKEN_SECONDS: i64 = 3607;
 const DEFAULT_MODE: u32 = 0o644;
 
 /// Sets up every volume of the pod (under `pod_dir/volumes/` where it has a directory there).
-/// `previous` is the last successful result, for a resync; `node_memory` sizes tmpfs volumes
-/// without a `sizeLimit`.
-pub async fn materialize(client: Option<&kube::Client>, pod: &Pod, pod_dir: &Path, previous: Option<&PodVolumes>, node_memory: u64) -> Result<PodVolumes, VolumeError> {
+/// `previous` is the last successful result, for a resync; `node_allocatable` (millicores,
+/// bytes) sizes tmpfs volumes without a `sizeLimit` and answers resourceFieldRefs to limits a
+/// container does not set.
+pub async fn materialize(client: Option<&kube::Client>, pod: &Pod, pod_dir: &Path, previous: Option<&PodVolumes>, node_allocatable: (u64, u64)) -> Result<PodVolumes, VolumeError> {
+    let node_memory = node_allocatable.1;
     let mut out = PodVolumes::default();
     let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     for volume in pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
@@ -147,7 +149,7 @@ pub async fn materialize(client: Option<&kube::Client>, pod: &Pod, pod_dir: &Pat
                     None if kind == "configmap" => Medium::Disk,
                     None => on_tmpfs(&dir, node_memory, 0o755, &volume.name),
                 };
-                let (payload, tokens) = contents(client, pod, volume, previous.map(|p| &p.tokens)).await.map_err(fail)?;
+                let (payload, tokens) = contents(client, pod, volume, previous.map(|p| &p.tokens), node_allocatable).await.map_err(fail)?;
                 out.tokens.extend(tokens);
                 atomic_writer::write(&dir, &payload).map_err(fail)?;
                 Materialized { host_path: dir, read_only: true, kind, medium, size_limit: None }
@@ -248,7 +250,7 @@ fn mode(item: Option<i32>, default: Option<i32>) -> u32 {
 }
 
 /// The files of a configMap, secret, downwardAPI or projected volume, and the tokens in it.
-async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume, cached: Option<&HashMap<String, CachedToken>>) -> Result<(Payload, Vec<(String, CachedToken)>), String> {
+async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume, cached: Option<&HashMap<String, CachedToken>>, node_allocatable: (u64, u64)) -> Result<(Payload, Vec<(String, CachedToken)>), String> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let mut files = Payload::new();
     let mut tokens = Vec::new();
@@ -264,7 +266,7 @@ async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume, cached: 
         }
     }
     if let Some(d) = &v.downward_api {
-        downward(&mut files, pod, d.items.as_deref().unwrap_or_default(), d.default_mode)?;
+        downward(&mut files, pod, d.items.as_deref().unwrap_or_default(), d.default_mode, node_allocatable)?;
     }
     if let Some(p) = &v.projected {
         let default_mode = p.default_mode;
@@ -284,7 +286,7 @@ async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume, cached: 
                 }
             }
             if let Some(d) = &source.downward_api {
-                downward(&mut files, pod, d.items.as_deref().unwrap_or_default(), default_mode)?;
+                downward(&mut files, pod, d.items.as_deref().unwrap_or_default(), default_mode, node_allocatable)?;
             }
             if let Some(t) = &source.service_account_token {
                 let key = format!("{}/{}", v.name, t.path);
@@ -457,16 +459,30 @@ fn project(files: &mut Payload, data: BTreeMap<String, Vec<u8>>, items: Option<&
 }
 
 /// downwardAPI items: the pod's name, namespace, uid, labels and annotations (all of them, or
-/// one with `metadata.labels['key']`), rendered as the kubelet renders them.
-fn downward(files: &mut Payload, pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: Option<i32>) -> Result<(), String> {
+/// one with `metadata.labels['key']`), rendered as the kubelet renders them, and a container's
+/// requests or limits (resourceFieldRef, as the env var of the same name computes it).
+fn downward(files: &mut Payload, pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: Option<i32>, node_allocatable: (u64, u64)) -> Result<(), String> {
     let m = &pod.metadata;
     let render_map = |map: &Option<BTreeMap<String, String>>| -> String {
         map.iter().flatten().map(|(k, v)| format!("{k}={v:?}\n")).collect()
     };
     let one = |map: &Option<BTreeMap<String, String>>, key: &str| map.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default();
     for item in items {
+        if let Some(r) = &item.resource_field_ref {
+            let name = r.container_name.as_deref().unwrap_or_default();
+            let spec = pod.spec.as_ref();
+            let container = spec
+                .into_iter()
+                .flat_map(|s| s.init_containers.iter().flatten().chain(s.containers.iter()))
+                .find(|c| c.name == name)
+                .ok_or_else(|| format!("downwardAPI item {}: resourceFieldRef names unknown container {name:?}", item.path))?;
+            let sources = super::env::Sources { node_allocatable, ..Default::default() };
+            let value = super::env::resource_value(container, &r.resource, r.divisor.as_ref().map(|q| q.0.as_str()), &sources).map_err(|e| format!("downwardAPI item {}: {}", item.path, e.0))?;
+            files.insert(item.path.clone(), FileProjection { data: value.into_bytes(), mode: mode(item.mode, default_mode) });
+            continue;
+        }
         let Some(field) = &item.field_ref else {
-            return Err(format!("downwardAPI item {}: resourceFieldRef is not supported in volumes by this node (use an env var)", item.path));
+            return Err(format!("downwardAPI item {}: neither fieldRef nor resourceFieldRef", item.path));
         };
         let path = field.field_path.as_str();
         let subscript = |prefix: &str| path.strip_prefix(prefix).and_then(|r| r.strip_prefix("['")).and_then(|r| r.strip_suffix("']")).map(str::to_string);
@@ -536,7 +552,7 @@ mod tests {
                 {"path": "meta/labels", "fieldRef": {"fieldPath": "metadata.labels"}}
             ]}}
         ]));
-        let v = materialize(None, &pod, &dir, None, 1 << 20).await.unwrap();
+        let v = materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap();
         assert!(!v.by_name["scratch"].read_only);
         let info = &v.by_name["info"];
         assert!(info.read_only);
@@ -546,7 +562,7 @@ mod tests {
         // A label change reaches the file on the next resync; the rest is kept.
         let mut changed = pod.clone();
         changed.metadata.labels = Some([("app".to_string(), "y".to_string())].into());
-        let again = materialize(None, &changed, &dir, Some(&v), 1 << 20).await.unwrap();
+        let again = materialize(None, &changed, &dir, Some(&v), (1000, 1 << 20)).await.unwrap();
         assert_eq!(std::fs::read_to_string(again.by_name["info"].host_path.join("meta/labels")).unwrap(), "app=\"y\"\n");
         mount::teardown(&dir).unwrap();
     }
@@ -555,7 +571,7 @@ mod tests {
     async fn a_configmap_volume_without_an_api_server_is_a_named_error() {
         let dir = std::env::temp_dir().join(format!("wk-volumes-cm-{}", std::process::id()));
         let pod = pod(serde_json::json!([{"name": "cfg", "configMap": {"name": "settings"}}]));
-        let e = materialize(None, &pod, &dir, None, 1 << 20).await.unwrap_err();
+        let e = materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap_err();
         assert_eq!(e.volume, "cfg");
         assert!(e.to_string().starts_with("MountVolume.SetUp failed for volume \"cfg\""));
         let _ = std::fs::remove_dir_all(&dir);
@@ -565,10 +581,10 @@ mod tests {
     async fn item_paths_that_escape_the_volume_are_refused_before_anything_is_read() {
         let dir = std::env::temp_dir().join(format!("wk-volumes-esc-{}", std::process::id()));
         let pod = pod(serde_json::json!([{"name": "cfg", "configMap": {"name": "settings", "items": [{"key": "k", "path": "../escape"}]}}]));
-        let e = materialize(None, &pod, &dir, None, 1 << 20).await.unwrap_err();
+        let e = materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap_err();
         assert_eq!(e.reason, "invalid path: must not contain '..': ../escape");
         let pod = self::pod(serde_json::json!([{"name": "info", "downwardAPI": {"items": [{"path": "/abs", "fieldRef": {"fieldPath": "metadata.name"}}]}}]));
-        assert!(materialize(None, &pod, &dir, None, 1 << 20).await.unwrap_err().reason.contains("must be relative path"));
+        assert!(materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap_err().reason.contains("must be relative path"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -576,12 +592,56 @@ mod tests {
     async fn host_path_types_and_unsupported_volumes_are_named() {
         let dir = std::env::temp_dir().join(format!("wk-volumes-hp-{}", std::process::id()));
         let pod = pod(serde_json::json!([{"name": "h", "hostPath": {"path": "/does/not/exist", "type": "Directory"}}]));
-        let e = materialize(None, &pod, &dir, None, 1 << 20).await.unwrap_err();
+        let e = materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap_err();
         assert_eq!(e.to_string(), "MountVolume.SetUp failed for volume \"h\" : hostPath type check failed: /does/not/exist is not a directory");
         let nfs: Volume = serde_json::from_value(serde_json::json!({"name": "n", "nfs": {"server": "s", "path": "/"}})).unwrap();
         assert!(!supported(&nfs));
         assert_eq!(type_name(&nfs), "nfs");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn downward_api_resource_fields_follow_the_env_var_rules() {
+        let dir = std::env::temp_dir().join(format!("wk-volumes-res-{}", std::process::id()));
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+            "spec": {
+                "containers": [{"name": "c", "image": "i", "resources": {"limits": {"memory": "64Mi"}, "requests": {"cpu": "250m"}}}],
+                "volumes": [{"name": "res", "downwardAPI": {"items": [
+                    {"path": "mem", "resourceFieldRef": {"containerName": "c", "resource": "limits.memory", "divisor": "1Mi"}},
+                    {"path": "cpu", "resourceFieldRef": {"containerName": "c", "resource": "requests.cpu", "divisor": "1m"}},
+                    {"path": "cpu-limit", "resourceFieldRef": {"containerName": "c", "resource": "limits.cpu"}},
+                ]}}]
+            }
+        }))
+        .unwrap();
+        let v = materialize(None, &pod, &dir, None, (2000, 1 << 30)).await.unwrap();
+        let read = |f: &str| std::fs::read_to_string(v.by_name["res"].host_path.join(f)).unwrap();
+        assert_eq!(read("mem"), "64");
+        assert_eq!(read("cpu"), "250");
+        assert_eq!(read("cpu-limit"), "2", "no limit: node allocatable, in cores rounded up");
+        mount::teardown(&dir).unwrap();
+    }
+
+    #[test]
+    fn sub_path_expr_expands_and_escapes_are_refused() {
+        let root = std::env::temp_dir().join(format!("wk-volumes-sub-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let volume = Materialized { host_path: root.clone(), read_only: false, kind: "empty-dir", medium: Medium::Disk, size_limit: None };
+        let vm = |sub: Option<&str>, expr: Option<&str>| VolumeMount { name: "v".into(), mount_path: "/m".into(), sub_path: sub.map(Into::into), sub_path_expr: expr.map(Into::into), ..Default::default() };
+        let env = vec![("POD".to_string(), "web-0".to_string())];
+        let made = sub_path(&volume, &vm(None, Some("logs/$(POD)")), &env).unwrap();
+        assert_eq!(made, std::fs::canonicalize(&root).unwrap().join("logs/web-0"));
+        assert!(made.is_dir(), "created");
+        assert!(sub_path(&volume, &vm(Some("../up"), None), &env).unwrap_err().contains("does not contain '..'"));
+        assert!(sub_path(&volume, &vm(None, Some("/abs")), &env).is_err());
+        // A symlink the guest made cannot take a later container outside the volume.
+        std::os::unix::fs::symlink("/etc", root.join("out")).unwrap();
+        assert!(sub_path(&volume, &vm(Some("out"), None), &env).unwrap_err().contains("not within volume path"));
+        std::fs::write(root.join("file"), "x").unwrap();
+        assert!(sub_path(&volume, &vm(Some("file"), None), &env).unwrap_err().contains("not a directory"));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
