@@ -691,14 +691,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
     }
 }
 
-/// One exec over WebSocket (`v5.channel.k8s.io`) straight to the kubelet API with the admin's
-/// certificate: sends `stdin` (then v5's close signal for it), returns (stdout, stderr, the
-/// error channel's Status).
-async fn websocket_exec(agent: &Agent, path_and_query: &str, stdin: Option<&[u8]>) -> (String, String, serde_json::Value) {
-    use futures::{SinkExt, StreamExt};
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket (`v5.channel.k8s.io`) straight to the kubelet API with the admin's certificate.
+async fn websocket_connect(agent: &Agent, path_and_query: &str) -> Ws {
     use rustls_pki_types::pem::PemObject;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
     let (crt, key) = admin_cert();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
@@ -717,6 +715,15 @@ async fn websocket_exec(agent: &Agent, path_and_query: &str, stdin: Option<&[u8]
     request.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
     let (mut ws, response) = tokio_tungstenite::client_async(request, stream).await.unwrap_or_else(|e| panic!("WebSocket upgrade: {e}\n{}", agent.log_tail()));
     assert_eq!(response.headers()["sec-websocket-protocol"], "v5.channel.k8s.io");
+    ws
+}
+
+/// One exec over WebSocket: sends `stdin` (then v5's close signal for it), returns (stdout,
+/// stderr, the error channel's Status).
+async fn websocket_exec(agent: &Agent, path_and_query: &str, stdin: Option<&[u8]>) -> (String, String, serde_json::Value) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = websocket_connect(agent, path_and_query).await;
     if let Some(input) = stdin {
         let mut message = vec![0u8];
         message.extend_from_slice(input);
@@ -744,7 +751,7 @@ async fn websocket_exec(agent: &Agent, path_and_query: &str, stdin: Option<&[u8]
 }
 
 #[tokio::test]
-async fn websocket_exec_for_direct_clients() {
+async fn websocket_exec_and_attach_for_direct_clients() {
     let agent = &node().await;
     let ns = Ns::new("wsexec").await;
     toolbox_pod(&ns, agent, "box", &["sleep", "3600"], false).await;
@@ -761,4 +768,21 @@ async fn websocket_exec_for_direct_clients() {
     // stdin, ended by v5's close signal.
     let (out, _, status) = websocket_exec(agent, &format!("{base}?command=cat&input=1&output=1&error=1"), Some(b"typed into the socket")).await;
     assert_eq!((out.as_str(), status["status"].as_str()), ("typed into the socket", Some("Success")), "{status}");
+
+    // Attach over WebSocket: the ticker's output from now on, on the stdout channel.
+    use futures::StreamExt;
+    ns.pod(agent, "tick", "ticker", "Always").await;
+    ns.wait_pod(agent, "tick", "the ticker to run", |p| phase(p) == "Running").await;
+    let mut ws = websocket_connect(agent, &format!("/attach/{}/tick/tick?output=1&error=1", ns.name)).await;
+    let tick = tokio::time::timeout(TEST_TIMEOUT, async {
+        while let Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(data))) = ws.next().await {
+            if data.first() == Some(&1) && data.len() > 1 {
+                return String::from_utf8_lossy(&data[1..]).into_owned();
+            }
+        }
+        String::new()
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no output on the attach\n{}", agent.log_tail()));
+    assert!(tick.starts_with("tick "), "{tick:?}");
 }
