@@ -585,6 +585,8 @@ mod tests {
         assert_eq!(e.reason, "invalid path: must not contain '..': ../escape");
         let pod = self::pod(serde_json::json!([{"name": "info", "downwardAPI": {"items": [{"path": "/abs", "fieldRef": {"fieldPath": "metadata.name"}}]}}]));
         assert!(materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap_err().reason.contains("must be relative path"));
+        let pod = self::pod(serde_json::json!([{"name": "ctb", "projected": {"sources": [{"clusterTrustBundle": {"signerName": "example.com/x", "path": "ca.pem"}}]}}]));
+        assert!(materialize(None, &pod, &dir, None, (1000, 1 << 20)).await.unwrap_err().reason.contains("clusterTrustBundle is not supported"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
