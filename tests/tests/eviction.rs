@@ -193,3 +193,30 @@ async fn memory_pressure_evicts_the_hog_before_the_guaranteed_pod() {
     let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
     assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod survived: {:?}", guaranteed.status);
 }
+
+#[tokio::test]
+async fn an_emptydir_over_its_size_limit_evicts_its_pod() {
+    let agent = integration_tests::test_node("evict-sizelimit", &["--housekeeping-interval=1s"]).await;
+    let ns = TestNamespace::new("evict-sizelimit").await;
+    let pod = create_pod(
+        &ns,
+        &agent,
+        "writer",
+        serde_json::json!({
+            "containers": [{"name": "ticker", "image": example_image("ticker"), "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "1Mi"}}],
+        }),
+    )
+    .await;
+    ns.wait_pod(&agent, "writer", "the pod running", |p| phase(p) == "Running").await;
+    // What the pod would write into its emptyDir: 2 MiB against a 1 MiB limit.
+    let uid = pod.metadata.uid.as_deref().expect("uid");
+    let scratch = agent.dir.join("root/pods").join(uid).join("volumes/kubernetes.io~empty-dir/scratch");
+    std::fs::write(scratch.join("big"), vec![3u8; 2 << 20]).expect("writing into the emptyDir");
+
+    let evicted = ns.wait_pod(&agent, "writer", "the pod evicted", |p| phase(p) == "Failed").await;
+    assert_eq!(reason(&evicted), "Evicted");
+    assert_eq!(message(&evicted), "Usage of EmptyDir volume \"scratch\" exceeds the limit \"1Mi\".");
+    let events = ns.events("writer").await;
+    assert!(events.iter().any(|(r, m)| r == "Evicted" && m.contains("exceeds the limit")), "{events:?}");
+}
