@@ -96,7 +96,32 @@ async fn a_cpu_limit_of_200m_holds_a_busy_loop_near_a_fifth_of_a_core() {
     // 20 % of a core, with room for a loaded 2-core machine (other builds run alongside): the
     // quota is a ceiling, and a starved loop gets less.
     assert!((0.10..=0.35).contains(&limited), "a 200m limit holds a busy loop near 0.2 cores, measured {limited:.3}");
-    assert!(free > limited * 1.5, "an unlimited busy loop gets clearly more than a limited one: {free:.3} vs {limited:.3}");
+    assert!(free > limited * 1.3, "an unlimited busy loop gets clearly more than a limited one: {free:.3} vs {limited:.3}");
+}
+
+#[tokio::test]
+async fn under_contention_a_pod_that_requests_a_core_gets_more_cpu() {
+    let _alone = CPU_HEAVY.lock().await;
+    let agent = &test_node("cpu-shares", &["--housekeeping-interval=1s"]).await;
+    let ns = Ns::new("cpu-shares").await;
+    // Two more busy loops than the agent's runtime has threads (one per core); the one that
+    // requests a core starts last, so starting first is no advantage it has.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let names: Vec<String> = (0..cores + 2).map(|i| if i == 0 { "big".to_string() } else { format!("small-{i}") }).collect();
+    for name in names.iter().rev() {
+        let resources = if name == "big" { serde_json::json!({"requests": {"cpu": "1"}}) } else { serde_json::json!({}) };
+        create_pod(&ns, agent, name, busy(name, resources), "Always").await;
+    }
+    for name in &names {
+        ns.wait_pod(agent, name, "the busy loop to run", |p| phase(p) == "Running").await;
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let rates = cpu_rates(agent, &refs, Duration::from_secs(6)).await;
+    let small = rates[1..].iter().sum::<f64>() / (rates.len() - 1) as f64;
+    println!("measured over 6 s: requesting 1 core {:.3} cores, the BestEffort loops {:.3} on average ({rates:.3?})", rates[0], small);
+    // Slices of 4 ticks against 1 (see cpu::slice_ticks): the ideal is 3x on 2 cores; a
+    // loaded machine blurs it, so "clearly more" is asserted.
+    assert!(rates[0] > 1.4 * small, "the pod that requests a core gets clearly more CPU: {rates:.3?}");
 }
 
 #[tokio::test]

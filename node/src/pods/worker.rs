@@ -612,8 +612,8 @@ impl PodWorker {
             _ => None,
         };
         let log_path = log_dir.join(format!("{attempt}.log"));
-        let cpu_limit_millicores = match resources::cpu_limit(container) {
-            Ok(limit) => limit,
+        let (cpu_limit_millicores, cpu_request_millicores) = match resources::cpu_limit(container).and_then(|l| Ok((l, resources::container_requests(container)?))) {
+            Ok((limit, requests)) => (limit, Some(requests.milli_cpu).filter(|m| *m > 0)),
             Err(e) => return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string()),
         };
         let config = ContainerConfig {
@@ -627,6 +627,7 @@ impl PodWorker {
             log_path: log_path.clone(),
             memory_limit_bytes: memory_limit(container),
             cpu_limit_millicores,
+            cpu_request_millicores,
             attempt,
             network: super::ports::container_network(&self.pod, container, &self.ctx.node_ip),
             stdin: container.stdin.unwrap_or(false),

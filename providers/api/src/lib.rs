@@ -138,6 +138,10 @@ pub struct ContainerConfig {
     /// `resources.limits.cpu` in millicores; the container gets at most this share of a core's
     /// time per 100 ms period, as with CFS quota (`None`: unlimited).
     pub cpu_limit_millicores: Option<u64>,
+    /// `resources.requests.cpu` in millicores (the limit when only that is set); under
+    /// contention CPU time is shared in proportion to it, as `cpu.shares` does (`None`: the
+    /// minimum share).
+    pub cpu_request_millicores: Option<u64>,
     /// Which run of this container this is (0 first); the node's restart count.
     pub attempt: u32,
     /// Ports, the pod IP and the outbound policy (see [`ContainerNetwork`]).

@@ -11,6 +11,9 @@
 //!
 //! Time spent waiting in a host call (a sleep, a poll on I/O) uses no thread CPU time and is
 //! never charged.
+//!
+//! Requests weight the sharing of the runtime's threads under contention, as `cpu.shares`
+//! weights CFS: a guest's slice between yields grows with its share ([`slice_ticks`]).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -97,11 +100,47 @@ impl CpuQuota {
     }
 }
 
+/// `cpu.shares` for a container requesting `millicores`, as the kubelet computes it
+/// (`MilliCPUToShares`): 1024 per core, at least 2 (what a container without requests gets).
+pub fn shares(millicores: u64) -> u64 {
+    (millicores.saturating_mul(1024) / 1000).clamp(MIN_SHARES, MAX_SHARES)
+}
+const MIN_SHARES: u64 = 2;
+const MAX_SHARES: u64 = 262_144;
+/// Epoch ticks a guest runs before it yields, for a container with `shares`: the slice grows
+/// with the share, so under contention (more runnable guests than worker threads, which the
+/// runtime serves round-robin) each gets CPU in proportion to its slice. One tick per 256
+/// shares (a quarter core), from 1 to 8 ticks: requests from 250m to 2 cores get proportional
+/// time; below 250m (and BestEffort) all get the smallest slice, above 2 cores the largest.
+/// 8 ticks (80 ms) bounds how long one guest holds a thread, and how late it sees a stop.
+pub fn slice_ticks(shares: u64) -> u64 {
+    (shares + 128).div_euclid(256).clamp(1, MAX_SLICE_TICKS)
+}
+const MAX_SLICE_TICKS: u64 = 8;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn shares_follow_the_kubelet() {
+        assert_eq!(shares(0), 2);
+        assert_eq!(shares(1000), 1024);
+        assert_eq!(shares(250), 256);
+        assert_eq!(shares(1), 2);
+    }
+
+    #[test]
+    fn slices_grow_with_the_share_within_bounds() {
+        assert_eq!(slice_ticks(shares(0)), 1);
+        assert_eq!(slice_ticks(shares(250)), 1);
+        assert_eq!(slice_ticks(shares(500)), 2);
+        assert_eq!(slice_ticks(shares(1000)), 4);
+        assert_eq!(slice_ticks(shares(2000)), 8);
+        assert_eq!(slice_ticks(shares(64_000)), 8);
+    }
 
     #[test]
     fn quota_is_limit_times_period_with_the_kubelets_floor() {

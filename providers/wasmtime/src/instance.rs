@@ -6,9 +6,10 @@
 //! the guest gets exactly argv, env, one preopen per mount, stdout/stderr to its log file, an
 //! empty stdin; no inherited env, no host filesystem, no network.
 //!
-//! The store is async (`call_async`): the epoch callback yields to tokio at every tick, so a
-//! busy guest shares the worker threads instead of pinning one, and a stop is seen within a
-//! tick. Running each instance on a blocking thread instead would cost a thread per container.
+//! The store is async (`call_async`): the epoch callback yields to tokio after every slice (one
+//! tick, more for a container that requests more CPU: [`crate::cpu::slice_ticks`]), so a busy
+//! guest shares the worker threads instead of pinning one, and a stop is seen within a slice.
+//! Running each instance on a blocking thread instead would cost a thread per container.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::compile::Program;
-use crate::cpu::CpuQuota;
+use crate::cpu::{self, CpuQuota};
 use crate::log::{ContainerLog, Stream};
 
 /// Exit code of a killed container (128 + SIGKILL), as a kubelet user expects.
@@ -147,12 +148,20 @@ impl Instance {
 
 /// Sets the memory limiter and the epoch deadline: every tick yields to tokio, or interrupts
 /// the guest once `stop` is cancelled.
-pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static) {
+pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + Clone + 'static) {
+    let meter_of = limiter.clone();
     store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
     let stop = stop.clone();
     // tokio's `yield_now` (not wasmtime's plain `Yield`) defers the wake-up until the runtime
     // has polled its timers and I/O, so a busy guest cannot delay those by 61 scheduler ticks.
-    store.epoch_deadline_callback(move |_| Ok(if stop.is_cancelled() { UpdateDeadline::Interrupt } else { UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())) }));
+    store.epoch_deadline_callback(move |mut ctx| {
+        if stop.is_cancelled() {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        // The next yield comes after the container's slice (see `cpu::slice_ticks`).
+        let ticks = meter_of(ctx.data_mut()).meter.slice_ticks.max(1);
+        Ok(UpdateDeadline::YieldCustom(ticks, Box::pin(tokio::task::yield_now())))
+    });
     store.set_epoch_deadline(1);
 }
 
@@ -276,12 +285,20 @@ pub struct UsageMeter {
     cpu_nanos: AtomicU64,
     memory_bytes: AtomicU64,
     cpu_quota: Option<CpuQuota>,
+    /// Epoch ticks between yields, from the container's CPU request (see [`crate::cpu`]).
+    slice_ticks: u64,
 }
 
 impl UsageMeter {
     /// A meter for a container limited to `cpu_limit_millicores` (`None` or 0: unlimited).
     pub fn with_cpu_limit(cpu_limit_millicores: Option<u64>) -> Self {
-        Self { cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores), ..Default::default() }
+        Self { cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores), slice_ticks: 1, ..Default::default() }
+    }
+
+    /// A container requesting `cpu_request_millicores` runs this many ticks between yields.
+    pub fn with_cpu_request(mut self, cpu_request_millicores: Option<u64>) -> Self {
+        self.slice_ticks = cpu::slice_ticks(cpu::shares(cpu_request_millicores.unwrap_or(0)));
+        self
     }
 
     /// The container's CPU quota, if it has a limit.
@@ -424,6 +441,7 @@ mod tests {
             log_path: "/dev/null".into(),
             memory_limit_bytes: None,
             cpu_limit_millicores: None,
+            cpu_request_millicores: None,
             attempt: 0,
             network: Default::default(),
             stdin: false,

@@ -45,8 +45,9 @@ pub const WASMTIME_VERSION: &str = env!("WASMTIME_VERSION");
 
 /// How often the engine's epoch advances. A running guest checks it at loop heads and function
 /// entries: every tick it yields to tokio (so a busy guest cannot starve other tasks for longer
-/// than this) and, once stopped, traps. 10 ms bounds the stop latency well under the ~100 ms a
-/// kill may take, at the cost of 100 cheap atomic increments a second.
+/// than this; a container that requests more CPU yields every few ticks, at most 8, see
+/// `cpu::slice_ticks`) and, once stopped, traps. 10 ms bounds the stop latency well under the
+/// ~100 ms a kill may take, at the cost of 100 cheap atomic increments a second.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// How long a forced stop may take to show up as an exit before `stop_container` gives up
@@ -262,7 +263,7 @@ impl Provider for WasmtimeProvider {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id} (removed while creating)")));
         }
         tracing::debug!(container = %config.name, id, "container created");
-        let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores));
+        let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores).with_cpu_request(config.cpu_request_millicores));
         state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter, attach: None });
         Ok(id)
     }
