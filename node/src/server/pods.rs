@@ -152,7 +152,10 @@ pub async fn running_pod_list(provider: &dyn Provider, view: &PodsView) -> Value
 pub fn configz(config: &Config) -> Value {
     let d = |d: std::time::Duration| go_duration(d);
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    let eviction_hard: BTreeMap<&str, String> = config.eviction_hard.iter().map(|t| (signal_name(t.signal), threshold(&t.limit))).collect();
+    let eviction_hard: BTreeMap<&str, String> = config.eviction_hard.iter().map(|t| (t.signal.as_str(), threshold(&t.limit))).collect();
+    let eviction_soft: BTreeMap<&str, String> = config.eviction_soft.iter().map(|t| (t.signal.as_str(), threshold(&t.limit))).collect();
+    let soft_grace: BTreeMap<&str, String> = config.eviction_soft_grace_period.iter().map(|(s, g)| (s.as_str(), d(*g))).collect();
+    let minimum_reclaim: BTreeMap<&str, String> = config.eviction_minimum_reclaim.iter().map(|(s, v)| (s.as_str(), threshold(v))).collect();
     let taints: Vec<Value> = config.register_with_taints.iter().map(|t| json!({ "key": t.key, "value": t.value, "effect": t.effect })).collect();
     let manifest_headers: BTreeMap<&str, Vec<&str>> = config.manifest_url_header.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
         m.entry(k.as_str()).or_insert_with(Vec::new).push(v.as_str());
@@ -192,6 +195,12 @@ pub fn configz(config: &Config) -> Value {
         "imageGCLowThresholdPercent": config.image_gc_low_threshold,
         "maxPods": config.max_pods,
         "evictionHard": eviction_hard,
+        "evictionSoft": eviction_soft,
+        "evictionSoftGracePeriod": soft_grace,
+        "evictionMinimumReclaim": minimum_reclaim,
+        "evictionPressureTransitionPeriod": d(config.eviction_pressure_transition_period),
+        "evictionMaxPodGracePeriod": config.eviction_max_pod_grace_period.as_secs(),
+        "imageMinimumGCAge": d(config.minimum_image_ttl_duration),
         "systemReserved": reserved(&config.system_reserved),
         "kubeReserved": reserved(&config.kube_reserved),
         "registerNode": config.register_node,
@@ -204,19 +213,6 @@ pub fn configz(config: &Config) -> Value {
         fields.retain(|_, v| !v.is_null());
     }
     json!({ "kubeletconfig": kubeletconfig })
-}
-
-/// The kubelet's name of an eviction signal.
-fn signal_name(signal: crate::config::EvictionSignal) -> &'static str {
-    use crate::config::EvictionSignal as S;
-    match signal {
-        S::MemoryAvailable => "memory.available",
-        S::NodefsAvailable => "nodefs.available",
-        S::NodefsInodesFree => "nodefs.inodesFree",
-        S::ImagefsAvailable => "imagefs.available",
-        S::ImagefsInodesFree => "imagefs.inodesFree",
-        S::PidAvailable => "pid.available",
-    }
 }
 
 fn reserved(r: &crate::config::Reserved) -> BTreeMap<&'static str, String> {
@@ -272,6 +268,19 @@ mod tests {
         assert_eq!(go_duration(Duration::from_millis(500)), "500ms");
         assert_eq!(go_duration(Duration::ZERO), "0s");
         assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
+    }
+
+    #[test]
+    fn configz_names_fields_as_kubelet_configuration() {
+        let config = Config::load(["wasm-kubelet", "--hostname-override", "n1", "--eviction-hard", "memory.available<100Mi", "--max-pods", "7", "--anonymous-auth=true"]).unwrap();
+        let z = configz(&config);
+        let kc = &z["kubeletconfig"];
+        assert_eq!(kc["kind"], "KubeletConfiguration");
+        assert_eq!(kc["evictionHard"]["memory.available"], (100u64 << 20).to_string().as_str());
+        assert_eq!(kc["maxPods"], 7);
+        assert_eq!(kc["authentication"]["anonymous"]["enabled"], true);
+        assert_eq!(kc["fileCheckFrequency"], "20s");
+        assert!(kc.get("staticPodPath").is_none(), "unset fields are left out: {kc}");
     }
 
     #[tokio::test]
