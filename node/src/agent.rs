@@ -38,6 +38,10 @@ pub enum AgentError {
     RootDir { path: String, source: std::io::Error },
     #[error("kubelet API: {0}")]
     Server(#[from] crate::server::ServerError),
+    /// TLS bootstrap failed (CSR denied, failed or not issued in time; bad bootstrap
+    /// credentials), or the certificate store cannot be used.
+    #[error(transparent)]
+    Certificates(#[from] crate::certificates::CertificateError),
     /// `--runonce`: some static pods did not succeed (the summary on stdout names them).
     #[error("run-once: {failed} of {total} static pods did not succeed")]
     RunOnceFailed { failed: usize, total: usize },
@@ -62,6 +66,14 @@ pub async fn client(config: &Config) -> Result<Option<kube::Client>, AgentError>
     Ok(Some(client))
 }
 
+/// A client for one kube::Config, counted in the agent's metrics (for the kubeconfig's
+/// credentials, and again for each rotated client certificate).
+fn build_client(kube_config: kube::Config) -> Result<kube::Client, String> {
+    let host = kube_config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
+    let builder = kube::client::ClientBuilder::try_from(kube_config).map_err(|e| one_line(&e))?;
+    Ok(builder.with_layer(&crate::metrics::CountApiRequests::new(&host)).build())
+}
+
 /// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`] for its
 /// tasks to finish.
 pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: CancellationToken) -> Result<(), AgentError> {
@@ -73,7 +85,9 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
     let shutdown = shutdown.child_token();
     let mut run_once_outcome = None;
 
-    let client = client(&config).await?;
+    // TLS bootstrap when asked and needed, then the one client every task shares; it follows
+    // the rotated client certificate with --rotate-certificates (certificates::client).
+    let client = crate::certificates::client::connect(&config, &tasks, &shutdown, build_client).await?;
     // Pod directories of pods gone while the agent was down, before any worker makes new ones.
     crate::pods::volumes::remove_orphaned_pod_dirs(&config, client.as_ref()).await;
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
@@ -260,9 +274,9 @@ fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<
         pods_dir: config.root_dir.join("pods"),
         pod_logs_dir: config.pod_logs_dir.clone(),
         node_allocatable: (allocatable.milli_cpu, allocatable.memory_bytes),
+        admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),
         sync_frequency: config.sync_frequency,
         host_ports: Default::default(),
-        admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),
     })
 }
 

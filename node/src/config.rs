@@ -84,6 +84,15 @@ pub struct Flags {
     /// Directory for TLS certificates (default <root-dir>/pki).
     #[arg(long, value_name = "DIR")]
     pub cert_dir: Option<PathBuf>,
+    /// Rotate the client certificate before it expires, by CSR with the current identity
+    /// (KubeletConfiguration rotateCertificates) [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub rotate_certificates: Option<String>,
+    /// Get the kubelet API's serving certificate by CSR (kubernetes.io/kubelet-serving) and
+    /// renew it; self-signed until one is approved (KubeletConfiguration serverTLSBootstrap)
+    /// [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub rotate_server_certificates: Option<String>,
     /// A KubeletConfiguration (kubelet.config.k8s.io/v1beta1) YAML file; flags override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -295,6 +304,9 @@ struct ConfigFile {
     address: Option<String>,
     tls_cert_file: Option<PathBuf>,
     tls_private_key_file: Option<PathBuf>,
+    rotate_certificates: Option<bool>,
+    #[serde(rename = "serverTLSBootstrap")]
+    server_tls_bootstrap: Option<bool>,
     authentication: Option<AuthenticationFile>,
     authorization: Option<AuthorizationFile>,
 }
@@ -450,6 +462,12 @@ pub struct Config {
     pub node_name: String,
     pub kubeconfig: Option<PathBuf>,
     pub cert_dir: PathBuf,
+    /// `--bootstrap-kubeconfig`: credentials to request a client certificate with when
+    /// `--kubeconfig` is missing or its certificate expired (see `certificates::client`).
+    pub bootstrap_kubeconfig: Option<PathBuf>,
+    pub rotate_certificates: bool,
+    /// `--rotate-server-certificates` / serverTLSBootstrap.
+    pub rotate_server_certificates: bool,
     pub root_dir: PathBuf,
     pub pod_logs_dir: PathBuf,
     pub node_ip: Option<IpAddr>,
@@ -580,29 +598,43 @@ impl Config {
             return Err(invalid("--node-ip", node_ip.unwrap(), "must be a concrete address, not 0.0.0.0 or ::"));
         }
 
+        // TLS bootstrap: --kubeconfig is where the node's credentials are written when it is
+        // missing or unusable, so it is checked at start-up (certificates::client), not here.
+        let bootstrap_kubeconfig = match (&flags.bootstrap_kubeconfig, &flags.kubeconfig) {
+            (Some(path), None) => {
+                return Err(invalid("--bootstrap-kubeconfig", path.display(), "needs --kubeconfig: the path the node's kubeconfig is written to"))
+            }
+            (Some(path), Some(_)) => {
+                check_kubeconfig(path)?;
+                Some(path.clone())
+            }
+            (None, _) => None,
+        };
         let kubeconfig = match flags.kubeconfig {
             Some(path) => {
-                if !path.exists() {
-                    if flags.bootstrap_kubeconfig.is_some() {
-                        return Err(ConfigError::Unsupported {
-                            flag: "--bootstrap-kubeconfig",
-                            reason: format!("TLS bootstrap is not implemented yet and {} does not exist", path.display()),
-                        });
-                    }
+                if bootstrap_kubeconfig.is_none() {
+                    check_kubeconfig(&path)?;
                 }
-                check_kubeconfig(&path)?;
                 Some(path)
             }
-            None => {
-                if flags.bootstrap_kubeconfig.is_some() {
-                    return Err(ConfigError::Unsupported {
-                        flag: "--bootstrap-kubeconfig",
-                        reason: "TLS bootstrap is not implemented yet; give --kubeconfig".into(),
-                    });
-                }
-                None
-            }
+            None => None,
         };
+        let rotate_certificates = match flags.rotate_certificates {
+            Some(v) => parse_bool("--rotate-certificates", &v)?,
+            None => file.rotate_certificates.unwrap_or(false),
+        };
+        let rotate_server_certificates = match flags.rotate_server_certificates {
+            Some(v) => parse_bool("--rotate-server-certificates", &v)?,
+            None => file.server_tls_bootstrap.unwrap_or(false),
+        };
+        if kubeconfig.is_none() {
+            if rotate_certificates {
+                return Err(invalid("--rotate-certificates", true, "needs --kubeconfig: the API server signs the new certificates"));
+            }
+            if rotate_server_certificates {
+                return Err(invalid("--rotate-server-certificates", true, "needs --kubeconfig: the API server signs the new certificates"));
+            }
+        }
 
         let register_node = match flags.register_node {
             Some(v) => parse_bool("--register-node", &v)?,
@@ -706,6 +738,9 @@ impl Config {
             (Some(_), None) => return Err(invalid("--tls-cert-file", tls_cert_file.as_ref().map_or(String::new(), |p| p.display().to_string()), "--tls-private-key-file must be given too")),
             (None, Some(key)) => return Err(invalid("--tls-private-key-file", key.display(), "--tls-cert-file must be given too")),
             _ => {}
+        }
+        if rotate_server_certificates && tls_cert_file.is_some() {
+            return Err(invalid("--rotate-server-certificates", true, "the serving certificate comes from a CSR; do not give --tls-cert-file too"));
         }
         let authn = file.authentication.unwrap_or_default();
         let client_ca_file = flags.client_ca_file.or(authn.x509.and_then(|x| x.client_ca_file));
@@ -849,6 +884,9 @@ impl Config {
             node_name,
             kubeconfig,
             cert_dir,
+            bootstrap_kubeconfig,
+            rotate_certificates,
+            rotate_server_certificates,
             root_dir,
             pod_logs_dir,
             node_ip,
@@ -1181,6 +1219,37 @@ mod tests {
     }
 
     #[test]
+    fn eviction_and_gc_flags_have_the_kubelets_defaults_and_are_checked() {
+        let c = load(&[]).unwrap();
+        assert!(c.eviction_soft.is_empty() && c.eviction_minimum_reclaim.is_empty());
+        assert_eq!(c.eviction_pressure_transition_period, Duration::from_secs(300));
+        assert_eq!(c.eviction_max_pod_grace_period, Duration::ZERO);
+        assert_eq!(c.minimum_image_ttl_duration, Duration::from_secs(120));
+        assert_eq!((c.maximum_dead_containers_per_container, c.maximum_dead_containers), (1, -1));
+        assert_eq!((c.image_gc_period, c.container_gc_period), (Duration::from_secs(300), Duration::from_secs(60)));
+
+        let c = load(&[
+            "--eviction-soft=memory.available<1Gi,nodefs.available<15%",
+            "--eviction-soft-grace-period=memory.available=1m30s,nodefs.available=2m",
+            "--eviction-minimum-reclaim=nodefs.available=5%,memory.available=500Mi",
+            "--maximum-dead-containers=-1",
+            "--maximum-dead-containers-per-container=2",
+        ])
+        .unwrap();
+        assert_eq!(c.eviction_soft.len(), 2);
+        assert_eq!(c.eviction_soft_grace_period[&EvictionSignal::MemoryAvailable], Duration::from_secs(90));
+        assert_eq!(c.eviction_minimum_reclaim[&EvictionSignal::NodefsAvailable], ThresholdValue::Percent(5.0));
+        assert_eq!(c.eviction_minimum_reclaim[&EvictionSignal::MemoryAvailable], ThresholdValue::Quantity(500 << 20));
+        assert_eq!(c.maximum_dead_containers_per_container, 2);
+
+        assert!(err(&["--eviction-soft=memory.available<1Gi"]).contains("grace period must be given for the soft eviction threshold memory.available"));
+        assert!(err(&["--eviction-soft-grace-period=memory.free=1m"]).contains("--eviction-soft-grace-period"));
+        assert!(err(&["--eviction-minimum-reclaim=nodefs.available=lots"]).contains("--eviction-minimum-reclaim"));
+        assert!(err(&["--container-gc-period=0s"]).contains("--container-gc-period"));
+        assert!(err(&["--maximum-dead-containers=many"]).contains("--maximum-dead-containers"));
+    }
+
+    #[test]
     fn go_style_flags_parse() {
         let c = load(&[
             "--register-node=false",
@@ -1222,37 +1291,6 @@ mod tests {
         assert!(err(&["--runonce=perhaps"]).contains("--runonce"));
         assert!(err(&["--manifest-url-header=NoColon"]).contains("--manifest-url-header"));
         assert!(err(&["--manifest-url=https://example.com/pods"]).contains("--manifest-url"));
-    }
-
-    #[test]
-    fn eviction_and_gc_flags_have_the_kubelets_defaults_and_are_checked() {
-        let c = load(&[]).unwrap();
-        assert!(c.eviction_soft.is_empty() && c.eviction_minimum_reclaim.is_empty());
-        assert_eq!(c.eviction_pressure_transition_period, Duration::from_secs(300));
-        assert_eq!(c.eviction_max_pod_grace_period, Duration::ZERO);
-        assert_eq!(c.minimum_image_ttl_duration, Duration::from_secs(120));
-        assert_eq!((c.maximum_dead_containers_per_container, c.maximum_dead_containers), (1, -1));
-        assert_eq!((c.image_gc_period, c.container_gc_period), (Duration::from_secs(300), Duration::from_secs(60)));
-
-        let c = load(&[
-            "--eviction-soft=memory.available<1Gi,nodefs.available<15%",
-            "--eviction-soft-grace-period=memory.available=1m30s,nodefs.available=2m",
-            "--eviction-minimum-reclaim=nodefs.available=5%,memory.available=500Mi",
-            "--maximum-dead-containers=-1",
-            "--maximum-dead-containers-per-container=2",
-        ])
-        .unwrap();
-        assert_eq!(c.eviction_soft.len(), 2);
-        assert_eq!(c.eviction_soft_grace_period[&EvictionSignal::MemoryAvailable], Duration::from_secs(90));
-        assert_eq!(c.eviction_minimum_reclaim[&EvictionSignal::NodefsAvailable], ThresholdValue::Percent(5.0));
-        assert_eq!(c.eviction_minimum_reclaim[&EvictionSignal::MemoryAvailable], ThresholdValue::Quantity(500 << 20));
-        assert_eq!(c.maximum_dead_containers_per_container, 2);
-
-        assert!(err(&["--eviction-soft=memory.available<1Gi"]).contains("grace period must be given for the soft eviction threshold memory.available"));
-        assert!(err(&["--eviction-soft-grace-period=memory.free=1m"]).contains("--eviction-soft-grace-period"));
-        assert!(err(&["--eviction-minimum-reclaim=nodefs.available=lots"]).contains("--eviction-minimum-reclaim"));
-        assert!(err(&["--container-gc-period=0s"]).contains("--container-gc-period"));
-        assert!(err(&["--maximum-dead-containers=many"]).contains("--maximum-dead-containers"));
     }
 
     #[test]
@@ -1344,6 +1382,33 @@ mod tests {
         assert!(e.starts_with("kubeconfig "), "{e}");
         let empty = temp_file("empty.kubeconfig", "apiVersion: v1\nkind: Config\n");
         assert!(err(&["--kubeconfig", empty.to_str().unwrap()]).contains("no cluster"));
+    }
+
+    #[test]
+    fn bootstrap_kubeconfig_and_rotation_flags() {
+        let bootstrap = temp_file(
+            "bootstrap.kubeconfig",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: https://127.0.0.1:6443}\nusers:\n- name: u\n  user: {token: abcdef.0123456789abcdef}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+        );
+        let b = bootstrap.to_str().unwrap();
+        // --kubeconfig need not exist yet: bootstrap writes it.
+        let c = load(&["--bootstrap-kubeconfig", b, "--kubeconfig=/nonexistent/node.kubeconfig", "--rotate-certificates"]).unwrap();
+        assert_eq!(c.bootstrap_kubeconfig.as_deref(), Some(bootstrap.as_path()));
+        assert_eq!(c.kubeconfig.as_deref(), Some(Path::new("/nonexistent/node.kubeconfig")));
+        assert!(c.rotate_certificates && !c.rotate_server_certificates);
+        assert!(err(&["--bootstrap-kubeconfig", b]).contains("needs --kubeconfig"));
+        let e = err(&["--bootstrap-kubeconfig=/nonexistent/bootstrap", "--kubeconfig=/x"]);
+        assert!(e.starts_with("kubeconfig /nonexistent/bootstrap:"), "{e}");
+        assert!(err(&["--rotate-certificates"]).contains("needs --kubeconfig"));
+        assert!(err(&["--rotate-server-certificates=true"]).contains("needs --kubeconfig"));
+        assert!(err(&["--bootstrap-kubeconfig", b, "--kubeconfig=/x", "--rotate-certificates=maybe"]).contains("not a boolean"));
+        let e = err(&["--bootstrap-kubeconfig", b, "--kubeconfig=/x", "--rotate-server-certificates", "--tls-cert-file=/a", "--tls-private-key-file=/b"]);
+        assert!(e.contains("--tls-cert-file"), "{e}");
+        let file = temp_file("rotate.yaml", "kind: KubeletConfiguration\nrotateCertificates: true\nserverTLSBootstrap: true\n");
+        let c = load(&["--config", file.to_str().unwrap(), "--bootstrap-kubeconfig", b, "--kubeconfig=/x"]).unwrap();
+        assert!(c.rotate_certificates && c.rotate_server_certificates);
+        let c = load(&["--config", file.to_str().unwrap(), "--bootstrap-kubeconfig", b, "--kubeconfig=/x", "--rotate-certificates=false"]).unwrap();
+        assert!(!c.rotate_certificates, "the flag beats the file");
     }
 
     #[test]

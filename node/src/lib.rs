@@ -13,6 +13,7 @@
 //! - [`eviction`]: node-pressure eviction, the only owner of the pressure conditions;
 //! - [`gc`]: garbage collection of unused images and dead containers;
 //! - [`metrics`]: the agent's Prometheus metrics (one global registry; served on `/metrics`);
+//! - [`certificates`]: TLS bootstrap and rotation of the client and serving certificates;
 //! - [`server`]: the kubelet API (HTTPS, authenticated and authorized; container logs);
 //! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
 //!
@@ -21,6 +22,7 @@
 
 pub mod agent;
 mod backoff;
+pub mod certificates;
 pub mod config;
 pub mod events;
 pub mod eviction;

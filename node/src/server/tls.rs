@@ -2,13 +2,20 @@
 //! and reused), the client-certificate verifier for `--client-ca-file`, and reading the user
 //! (CN) and groups (O) out of a verified client certificate.
 //!
+//! Without `--tls-cert-file`, the certificate is chosen at each handshake by
+//! [`ServingResolver`]: the valid `kubelet-server-current.pem` in `--cert-dir` (issued by the
+//! cluster through a CSR, `--rotate-server-certificates`, see `certificates::serving`) when there
+//! is one, else the self-signed one. So a newly issued certificate serves from the next
+//! connection on, without a restart.
+//!
 //! Start at [`server_config`]. rustls is used with the ring provider, as kube's client is.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -30,9 +37,9 @@ pub struct TlsSettings<'a> {
 /// verified against the client CA when one is given but never required, so bearer-token and
 /// anonymous clients can connect too.
 pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig, ServerError> {
-    let (cert_path, key_path) = match (settings.tls_cert_file, settings.tls_private_key_file) {
-        (Some(cert), Some(key)) => (cert.to_path_buf(), key.to_path_buf()),
-        _ => self_signed(settings)?,
+    let (given, (cert_path, key_path)) = match (settings.tls_cert_file, settings.tls_private_key_file) {
+        (Some(cert), Some(key)) => (true, (cert.to_path_buf(), key.to_path_buf())),
+        _ => (false, self_signed(settings)?),
     };
     let certs = CertificateDer::pem_file_iter(&cert_path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -58,7 +65,7 @@ pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig,
             if roots.is_empty() {
                 return Err(cert_error(ca_path, "no PEM certificate in it".into()));
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| ServerError::Tls(format!("client CA {}: {e}", ca_path.display())))?;
@@ -66,11 +73,74 @@ pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig,
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| cert_error(&cert_path, format!("certificate and key do not go together: {e}")))?;
+    let mismatch = |e: rustls::Error| cert_error(&cert_path, format!("certificate and key do not go together: {e}"));
+    let mut config = if given {
+        builder.with_single_cert(certs, key).map_err(mismatch)?
+    } else {
+        let fallback = CertifiedKey::from_der(certs, key, &provider).map_err(mismatch)?;
+        builder.with_cert_resolver(Arc::new(ServingResolver::new(settings.cert_dir, Arc::new(fallback), provider.clone())))
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Picks the serving certificate at each handshake: the certificate store's current one while
+/// it is valid, else the self-signed fallback. The store's file is read again only when its
+/// `-current` symlink points somewhere new (one readlink per handshake).
+#[derive(Debug)]
+pub struct ServingResolver {
+    store: crate::certificates::Store,
+    fallback: Arc<CertifiedKey>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The link target last read, and what it held (`None`: unusable, logged once).
+    cached: RwLock<Option<(PathBuf, Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>)>>,
+}
+
+impl ServingResolver {
+    pub fn new(cert_dir: &Path, fallback: Arc<CertifiedKey>, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
+        Self { store: crate::certificates::Store::server(cert_dir), fallback, provider, cached: RwLock::new(None) }
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        let Ok(target) = std::fs::read_link(self.store.current_path()) else { return self.fallback.clone() };
+        let usable = |entry: &Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>| match entry {
+            Some((leaf, key)) if leaf.valid_at(jiff::Timestamp::now()) => key.clone(),
+            _ => self.fallback.clone(),
+        };
+        if let Ok(cached) = self.cached.read() {
+            if let Some((_, entry)) = cached.as_ref().filter(|(path, _)| *path == target) {
+                return usable(entry);
+            }
+        }
+        let entry = match self.store.load() {
+            Ok(Some(pair)) => match CertifiedKey::from_der(pair.chain, pair.key, &self.provider) {
+                Ok(key) => {
+                    tracing::info!(cert = %pair.path.display(), serial = %pair.leaf.serial, not_after = %pair.leaf.not_after, "the kubelet API serves the certificate issued by the cluster");
+                    Some((pair.leaf, Arc::new(key)))
+                }
+                Err(e) => {
+                    tracing::warn!(cert = %pair.path.display(), error = %e, "the stored serving certificate cannot be used; serving the self-signed one");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored serving certificate cannot be read; serving the self-signed one");
+                None
+            }
+        };
+        let key = usable(&entry);
+        if let Ok(mut cached) = self.cached.write() {
+            *cached = Some((target, entry));
+        }
+        key
+    }
+}
+
+impl ResolvesServerCert for ServingResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
 }
 
 fn cert_error(path: &Path, reason: String) -> ServerError {
@@ -140,7 +210,7 @@ const OID_ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
 
 /// One DER element: (tag, contents, rest). Single-byte tags and definite lengths only, which is
 /// all DER allows for the structures read here.
-fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {
@@ -226,6 +296,42 @@ mod tests {
         assert!(user_from_certificate(&[]).is_none());
         assert!(user_from_certificate(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
         assert!(user_from_certificate(&[0x30, 0x03, 0x30, 0x01]).is_none());
+    }
+
+    #[test]
+    fn the_resolver_serves_the_stored_certificate_while_valid_else_the_fallback() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let make = |not_after: (i32, u8, u8)| {
+            let mut params = rcgen::CertificateParams::new(vec!["node-a".to_string()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+            let key = rcgen::KeyPair::generate().unwrap();
+            (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+        };
+        let (fallback_cert, fallback_key) = make((2090, 1, 1));
+        let fallback = CertifiedKey::from_der(
+            CertificateDer::pem_slice_iter(fallback_cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap(),
+            PrivateKeyDer::from_pem_slice(fallback_key.as_bytes()).unwrap(),
+            &provider,
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("wasm-kubelet-resolver-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let resolver = ServingResolver::new(&dir, Arc::new(fallback), provider);
+        let fallback_der = resolver.fallback.cert[0].clone();
+        assert_eq!(resolver.current().cert[0], fallback_der, "no stored certificate yet");
+
+        let store = crate::certificates::Store::server(&dir);
+        let (cert, key) = make((2090, 1, 1));
+        let issued = store.save(cert.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(resolver.current().cert[0], issued.chain[0], "picked up without a restart");
+        assert_eq!(resolver.current().cert[0], issued.chain[0], "and cached");
+
+        std::thread::sleep(std::time::Duration::from_millis(1100)); // a new dated file name
+        let (cert, key) = make((2021, 1, 1));
+        store.save(cert.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(resolver.current().cert[0], fallback_der, "an expired certificate is not served");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
