@@ -773,7 +773,13 @@ async fn websocket_exec_and_attach_for_direct_clients() {
     use futures::StreamExt;
     ns.pod(agent, "tick", "ticker", "Always").await;
     ns.wait_pod(agent, "tick", "the ticker to run", |p| phase(p) == "Running").await;
-    let mut ws = websocket_connect(agent, &format!("/attach/{}/tick/tick?output=1&error=1", ns.name)).await;
+    // With a TTY: resize messages are read and ignored, the output goes on.
+    let mut ws = websocket_connect(agent, &format!("/attach/{}/tick/tick?output=1&tty=1", ns.name)).await;
+    {
+        use futures::SinkExt;
+        let resize = [&[4u8][..], br#"{"Width":120,"Height":40}"#].concat();
+        ws.send(tokio_tungstenite::tungstenite::Message::Binary(resize.into())).await.unwrap();
+    }
     let tick = tokio::time::timeout(TEST_TIMEOUT, async {
         while let Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(data))) = ws.next().await {
             if data.first() == Some(&1) && data.len() > 1 {
