@@ -50,7 +50,8 @@ pub enum AgentError {
     RunOnceInterrupted,
 }
 
-/// Builds a client from the node's kubeconfig.
+/// Builds a client from the node's kubeconfig as it is (no bootstrap, no rotation: the agent
+/// itself uses `certificates::client::connect`).
 pub async fn client(config: &Config) -> Result<Option<kube::Client>, AgentError> {
     let Some(path) = &config.kubeconfig else { return Ok(None) };
     let fail = |reason: String| AgentError::Client { path: path.display().to_string(), reason };
@@ -58,12 +59,7 @@ pub async fn client(config: &Config) -> Result<Option<kube::Client>, AgentError>
     let kube_config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
         .await
         .map_err(|e| fail(one_line(&e)))?;
-    let host = kube_config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
-    let client = kube::client::ClientBuilder::try_from(kube_config)
-        .map_err(|e| fail(one_line(&e)))?
-        .with_layer(&crate::metrics::CountApiRequests::new(&host))
-        .build();
-    Ok(Some(client))
+    build_client(kube_config).map(Some).map_err(fail)
 }
 
 /// A client for one kube::Config, counted in the agent's metrics (for the kubeconfig's
