@@ -320,3 +320,62 @@ async fn an_edited_static_pod_starts_only_after_the_old_version_stopped() {
     let (old_last, new_first) = (old_times.last().unwrap(), new_times.first().unwrap());
     assert!(old_last < new_first, "the new version ticked at {new_first}, before the old one's last tick at {old_last}");
 }
+
+/// Serves whatever `body` holds at the time of each request on loopback (a 500 when it holds
+/// nothing); returns the URL.
+fn serve_switchable(body: std::sync::Arc<std::sync::Mutex<Option<String>>>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/pods.yaml", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply = match body.lock().unwrap().clone() {
+                Some(body) => format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
+                None => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+            };
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_broken_or_unreachable_manifest_url_keeps_the_last_good_pods_running() {
+    let body = std::sync::Arc::new(std::sync::Mutex::new(Some(ticker("from-url", None))));
+    let url = serve_switchable(body.clone());
+    push_examples();
+    let name = unique_name("static-url");
+    let logs = workspace_root().join("target/it").join(&name).join("logs");
+    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap(), "--manifest-url", &url, "--http-check-frequency", "1s"]).unwrap();
+    let pods: Api<Pod> = Api::namespaced(Cluster::get().admin().await, "default");
+    let mirror_name = format!("from-url-{}", agent.name);
+    let first = wait_mirror(&pods, &agent, &mirror_name, "the URL's static pod to run", |p| annotation(p, "kubernetes.io/config.source") == Some("http") && running_ticker(p)).await;
+    let hash = annotation(&first, MIRROR).unwrap().to_string();
+
+    // Each broken state is seen by at least one fetch (its warning), a second later than the
+    // one before: a dropped set would have removed the pod (and its mirror) by the next step.
+    for (broken, what) in [(None, "HTTP status 500"), (Some("kind: [".to_string()), "not valid YAML")] {
+        *body.lock().unwrap() = broken;
+        wait_for(&format!("a warning that the manifest URL gives {what}"), TIMEOUT, || async {
+            agent.log().lines().any(|l| l.contains("WARN") && l.contains("manifest URL") && l.contains(what)).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    }
+    *body.lock().unwrap() = Some(ticker("from-url", None));
+    let pod = wait_mirror(&pods, &agent, &mirror_name, "the pod after the URL recovered", running_ticker).await;
+    assert_eq!(pod.metadata.uid, first.metadata.uid, "the same mirror pod all along: the static pod was never removed");
+    assert_eq!(annotation(&pod, MIRROR), Some(hash.as_str()));
+    assert!(!agent.log().contains("static pod gone"), "{}", agent.log_tail());
+    let restarts = pod.status.and_then(|s| s.container_statuses).map(|c| c[0].restart_count);
+    assert_eq!(restarts, Some(0));
+}
