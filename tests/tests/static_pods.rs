@@ -2,7 +2,9 @@
 //! the real API server as mirror pods (annotation `kubernetes.io/config.mirror`, owned by the
 //! Node, status written by the node); a deleted mirror comes back, an edited file restarts the
 //! pod as a new one, a removed file removes the mirror, a malformed file leaves the others
-//! running. `--runonce` runs static pods without any API server and exits with their verdict.
+//! running, an edited file's new pod starts only after the old one stopped, a broken manifest
+//! URL keeps its last good pods. `--runonce` runs static pods without any API server and exits
+//! with their verdict; without a kubeconfig the agent runs them standalone.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -378,4 +380,47 @@ async fn a_broken_or_unreachable_manifest_url_keeps_the_last_good_pods_running()
     assert!(!agent.log().contains("static pod gone"), "{}", agent.log_tail());
     let restarts = pod.status.and_then(|s| s.container_statuses).map(|c| c[0].restart_count);
     assert_eq!(restarts, Some(0));
+}
+
+#[test]
+fn standalone_runs_a_static_pod_without_any_api_server() {
+    push_examples();
+    let name = unique_name("standalone");
+    let base = workspace_root().join("target/it").join(&name);
+    let dir = manifest_dir(&name);
+    write_manifest(&dir, "ticker.yaml", &ticker("alone", None));
+    let mut child = Command::new(agent_binary())
+        .args(["--enable-server=false", "--healthz-port=0", "-v=4", "--hostname-override", &name, "--pod-manifest-path"])
+        .arg(&dir)
+        .arg("--root-dir")
+        .arg(base.join("root"))
+        .arg("--pod-logs-dir")
+        .arg(base.join("logs"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pod's CRI log, under the kubelet's naming: default_alone-<node>_<uid>/ticker/0.log.
+    let logs = base.join("logs");
+    let prefix = format!("default_alone-{name}_");
+    let deadline = Instant::now() + TIMEOUT;
+    let ticked = loop {
+        let found = std::fs::read_dir(&logs).ok().and_then(|d| {
+            d.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| std::fs::read_to_string(e.path().join("ticker/0.log")).unwrap_or_default())
+        });
+        if found.as_deref().is_some_and(|l| l.contains("tick 2")) {
+            break true;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // SAFETY: plain kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    integration_tests::unmount_under(&base);
+    assert!(ticked, "the static pod did not tick within {TIMEOUT:?}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "a clean exit on SIGTERM: {:?}", out.status);
 }
