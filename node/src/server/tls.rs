@@ -85,15 +85,16 @@ pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig,
 }
 
 /// Picks the serving certificate at each handshake: the certificate store's current one while
-/// it is valid, else the self-signed fallback. The store's file is read again only when its
-/// `-current` symlink points somewhere new (one readlink per handshake).
+/// it is valid, else the self-signed fallback. The store's file is read again only when the
+/// `-current` symlink leads to another file (one stat per handshake: the file's device and
+/// inode, which every save changes, as it renames a new file into place).
 #[derive(Debug)]
 pub struct ServingResolver {
     store: crate::certificates::Store,
     fallback: Arc<CertifiedKey>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    /// The link target last read, and what it held (`None`: unusable, logged once).
-    cached: RwLock<Option<(PathBuf, Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>)>>,
+    /// (device, inode) of the file last read, and what it held (`None`: unusable, logged once).
+    cached: RwLock<Option<((u64, u64), Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>)>>,
 }
 
 impl ServingResolver {
@@ -102,13 +103,14 @@ impl ServingResolver {
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
-        let Ok(target) = std::fs::read_link(self.store.current_path()) else { return self.fallback.clone() };
+        use std::os::unix::fs::MetadataExt;
+        let Ok(target) = std::fs::metadata(self.store.current_path()).map(|m| (m.dev(), m.ino())) else { return self.fallback.clone() };
         let usable = |entry: &Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>| match entry {
             Some((leaf, key)) if leaf.valid_at(jiff::Timestamp::now()) => key.clone(),
             _ => self.fallback.clone(),
         };
         if let Ok(cached) = self.cached.read() {
-            if let Some((_, entry)) = cached.as_ref().filter(|(path, _)| *path == target) {
+            if let Some((_, entry)) = cached.as_ref().filter(|(file, _)| *file == target) {
                 return usable(entry);
             }
         }
@@ -327,7 +329,12 @@ mod tests {
         assert_eq!(resolver.current().cert[0], issued.chain[0], "picked up without a restart");
         assert_eq!(resolver.current().cert[0], issued.chain[0], "and cached");
 
-        std::thread::sleep(std::time::Duration::from_millis(1100)); // a new dated file name
+        let (cert, key) = make((2021, 1, 1)); // likely within the same second: the same dated name
+        store.save(cert.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(resolver.current().cert[0], fallback_der, "an expired certificate is not served");
+        let (cert, key) = make((2090, 1, 1));
+        let renewed = store.save(cert.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(resolver.current().cert[0], renewed.chain[0], "a new file under the same name is read again");
         let (cert, key) = make((2021, 1, 1));
         store.save(cert.as_bytes(), key.as_bytes()).unwrap();
         assert_eq!(resolver.current().cert[0], fallback_der, "an expired certificate is not served");
