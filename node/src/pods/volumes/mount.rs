@@ -38,7 +38,7 @@ pub fn mount_tmpfs(dir: &Path, size_bytes: u64, mode: u32) -> Result<(), String>
 /// Whether `dir` is a mount point of this process's mount namespace.
 pub fn is_mount_point(dir: &Path) -> bool {
     let Ok(canonical) = std::fs::canonicalize(dir) else { return false };
-    mount_points().iter().any(|m| *m == canonical)
+    mount_points().contains(&canonical)
 }
 
 /// Every mount point, from /proc/self/mountinfo (field 5, with its octal escapes undone).
