@@ -177,6 +177,13 @@ async fn pods_whose_requests_do_not_fit_allocatable_are_refused() {
     assert!(events.iter().any(|(r, m)| r == "OutOfmemory" && m.starts_with("Node didn't have enough resource: memory")), "{events:?}");
     assert!(pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_none_or(|c| c.iter().all(|c| c.state.as_ref().and_then(|s| s.running.as_ref()).is_none())));
 
+    // Ephemeral storage the same way.
+    create_pod(&ns, agent, "too-much-disk", ticker("too-much-disk", serde_json::json!({"ephemeral-storage": "100Ti"})), "Always").await;
+    let pod = ns.wait_pod(agent, "too-much-disk", "the pod to be refused", |p| phase(p) == "Failed").await;
+    let (_, reason, message) = outcome(&pod);
+    assert_eq!(reason, "OutOfephemeral-storage");
+    assert!(message.starts_with("Pod was rejected: Node didn't have enough resource: ephemeral-storage, requested: 109951162777600, used: 0, capacity: "), "{message}");
+
     // CPU: 600m admitted and running, then 600m more does not fit the 1000m left...
     create_pod(&ns, agent, "first", ticker("first", serde_json::json!({"cpu": "600m"})), "Always").await;
     ns.wait_pod(agent, "first", "the first pod to run", |p| phase(p) == "Running").await;

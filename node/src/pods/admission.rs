@@ -5,7 +5,7 @@
 //! requests fit: it is the only owner of the admitted pods' requests, and compares a new pod's
 //! (see [`super::resources::pod_requests`]) with node allocatable less what the admitted,
 //! not yet terminated pods request, as the kubelet's resource predicate does: `OutOfpods`,
-//! `OutOfcpu`, `OutOfmemory`, with the kubelet's message.
+//! `OutOfcpu`, `OutOfmemory`, `OutOfephemeral-storage`, with the kubelet's message.
 
 use std::collections::HashMap;
 
@@ -133,12 +133,13 @@ struct Book {
 }
 
 impl Book {
-    /// The kubelet's order of checks: pods, cpu, memory; the first that does not fit is the reason.
+    /// The kubelet's order of checks: pods, cpu, memory, ephemeral-storage; the first that does
+    /// not fit is the reason.
     fn admit(&mut self, uid: &str, requests: Resources) -> Result<(), Rejection> {
         if self.admitted.contains_key(uid) {
             return Ok(());
         }
-        let used = self.admitted.values().fold(Resources::default(), |a, r| Resources { milli_cpu: a.milli_cpu + r.milli_cpu, memory: a.memory + r.memory });
+        let used = self.admitted.values().fold(Resources::default(), |a, r| a.add(*r));
         let short = |resource: &str, requested: u64, used: u64, capacity: u64| Rejection {
             reason: format!("OutOf{resource}"),
             message: format!("Node didn't have enough resource: {resource}, requested: {requested}, used: {used}, capacity: {capacity}"),
@@ -153,6 +154,9 @@ impl Book {
         }
         if requests.memory > 0 && requests.memory > a.memory_bytes.saturating_sub(used.memory) {
             return Err(short("memory", requests.memory, used.memory, a.memory_bytes));
+        }
+        if requests.ephemeral_storage > 0 && requests.ephemeral_storage > a.ephemeral_storage_bytes.saturating_sub(used.ephemeral_storage) {
+            return Err(short("ephemeral-storage", requests.ephemeral_storage, used.ephemeral_storage, a.ephemeral_storage_bytes));
         }
         self.admitted.insert(uid.to_string(), requests);
         Ok(())
@@ -185,21 +189,23 @@ mod tests {
     }
 
     fn book() -> Book {
-        Book { allocatable: Allocatable { milli_cpu: 2000, memory_bytes: 1 << 30, ephemeral_storage_bytes: 0 }, max_pods: 3, admitted: HashMap::new() }
+        Book { allocatable: Allocatable { milli_cpu: 2000, memory_bytes: 1 << 30, ephemeral_storage_bytes: 10 << 30 }, max_pods: 3, admitted: HashMap::new() }
     }
 
     #[test]
     fn requests_must_fit_what_admitted_pods_left() {
         let mut b = book();
-        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20 }).is_ok());
-        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20 }).is_ok(), "admitting the same pod again is a no-op");
-        let r = b.admit("b", Resources { milli_cpu: 600, memory: 0 }).unwrap_err();
+        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20, ephemeral_storage: 0 }).is_ok());
+        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20, ephemeral_storage: 0 }).is_ok(), "admitting the same pod again is a no-op");
+        let r = b.admit("b", Resources { milli_cpu: 600, memory: 0, ephemeral_storage: 0 }).unwrap_err();
         assert_eq!(r.reason, "OutOfcpu");
         assert_eq!(r.message, "Node didn't have enough resource: cpu, requested: 600, used: 1500, capacity: 2000");
-        let r = b.admit("b", Resources { milli_cpu: 500, memory: 600 << 20 }).unwrap_err();
+        let r = b.admit("b", Resources { milli_cpu: 500, memory: 600 << 20, ephemeral_storage: 0 }).unwrap_err();
         assert_eq!(r.reason, "OutOfmemory");
         assert_eq!(r.message, format!("Node didn't have enough resource: memory, requested: {}, used: {}, capacity: {}", 600 << 20, 512 << 20, 1 << 30));
-        assert!(b.admit("b", Resources { milli_cpu: 500, memory: 512 << 20 }).is_ok(), "exactly what is left fits");
+        assert!(b.admit("b", Resources { milli_cpu: 500, memory: 512 << 20, ephemeral_storage: 0 }).is_ok(), "exactly what is left fits");
+        let r = b.admit("c", Resources { ephemeral_storage: 11 << 30, ..Default::default() }).unwrap_err();
+        assert_eq!((r.reason.as_str(), r.message.as_str()), ("OutOfephemeral-storage", format!("Node didn't have enough resource: ephemeral-storage, requested: {}, used: 0, capacity: {}", 11u64 << 30, 10u64 << 30).as_str()));
         assert!(b.admit("c", Resources::default()).is_ok(), "a pod without requests always fits");
         assert_eq!(b.admit("d", Resources::default()).unwrap_err().reason, "OutOfpods");
     }

@@ -1,4 +1,5 @@
-//! A pod's resource requests and limits in numbers: CPU in millicores, memory in bytes.
+//! A pod's resource requests and limits in numbers: CPU in millicores, memory and ephemeral
+//! storage in bytes.
 //!
 //! [`pod_requests`] is the kubelet's (and scheduler's) effective request of a pod: the sum of
 //! its app containers and restartable init containers (sidecars), or the largest ordinary init
@@ -8,19 +9,29 @@
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 
-/// CPU and memory, in the units admission compares: millicores and bytes.
+/// CPU, memory and ephemeral storage, in the units admission compares: millicores and bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resources {
     pub milli_cpu: u64,
     pub memory: u64,
+    pub ephemeral_storage: u64,
 }
 
 impl Resources {
-    fn add(self, o: Resources) -> Resources {
-        Resources { milli_cpu: self.milli_cpu.saturating_add(o.milli_cpu), memory: self.memory.saturating_add(o.memory) }
+    /// Both together (saturating).
+    pub fn add(self, o: Resources) -> Resources {
+        Resources {
+            milli_cpu: self.milli_cpu.saturating_add(o.milli_cpu),
+            memory: self.memory.saturating_add(o.memory),
+            ephemeral_storage: self.ephemeral_storage.saturating_add(o.ephemeral_storage),
+        }
     }
     fn max(self, o: Resources) -> Resources {
-        Resources { milli_cpu: self.milli_cpu.max(o.milli_cpu), memory: self.memory.max(o.memory) }
+        Resources {
+            milli_cpu: self.milli_cpu.max(o.milli_cpu),
+            memory: self.memory.max(o.memory),
+            ephemeral_storage: self.ephemeral_storage.max(o.ephemeral_storage),
+        }
     }
 }
 
@@ -73,7 +84,8 @@ fn overhead(spec: &PodSpec) -> Result<Resources, QuantityError> {
     let err = |r: &str, reason: String| QuantityError { what: format!("overhead.{r}"), reason };
     let milli_cpu = map.get("cpu").map(|q| milli_cpu(&q.0).map_err(|e| err("cpu", e))).transpose()?.unwrap_or(0);
     let memory = map.get("memory").map(|q| bytes(&q.0).map_err(|e| err("memory", e))).transpose()?.unwrap_or(0);
-    Ok(Resources { milli_cpu, memory })
+    let ephemeral_storage = map.get("ephemeral-storage").map(|q| bytes(&q.0).map_err(|e| err("ephemeral-storage", e))).transpose()?.unwrap_or(0);
+    Ok(Resources { milli_cpu, memory, ephemeral_storage })
 }
 
 /// What one container requests; a resource with a limit and no request requests its limit.
@@ -88,7 +100,7 @@ pub fn container_requests(c: &Container) -> Result<Resources, QuantityError> {
         let parsed = if r == "cpu" { milli_cpu(&q.0) } else { bytes(&q.0) };
         parsed.map_err(|reason| QuantityError { what: format!("container {} {kind}.{r}", c.name), reason })
     };
-    Ok(Resources { milli_cpu: pick("cpu")?, memory: pick("memory")? })
+    Ok(Resources { milli_cpu: pick("cpu")?, memory: pick("memory")?, ephemeral_storage: pick("ephemeral-storage")? })
 }
 
 /// `resources.limits.cpu` of a container in millicores, if it has one.
@@ -146,14 +158,14 @@ mod tests {
                 {"name": "sidecar", "restartPolicy": "Always", "resources": {"requests": {"cpu": "100m"}}},
             ],
             "containers": [
-                {"name": "a", "resources": {"requests": {"cpu": "250m", "memory": "64Mi"}}},
+                {"name": "a", "resources": {"requests": {"cpu": "250m", "memory": "64Mi", "ephemeral-storage": "1Gi"}}},
                 {"name": "b", "resources": {"limits": {"cpu": "500m", "memory": "128Mi"}}},
                 {"name": "c"},
             ],
         }));
         let r = pod_requests(&s).unwrap();
         // cpu: max(3000 (init), 250 + 500 + 100 sidecar) + 10; memory: max(10Mi, 192Mi) + 1Mi.
-        assert_eq!(r, Resources { milli_cpu: 3010, memory: (192 + 1) << 20 });
+        assert_eq!(r, Resources { milli_cpu: 3010, memory: (192 + 1) << 20, ephemeral_storage: 1 << 30 });
     }
 
     #[test]
