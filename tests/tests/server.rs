@@ -15,6 +15,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::Api;
 
+/// The tests that measure a busy loop run one at a time: two busy loops on a 2-core machine
+/// would each measure about half a core.
+static CPU_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn node() -> Agent {
     test_node("server", &[]).await
 }
@@ -342,6 +346,7 @@ async fn kubectl_port_forward_reaches_the_pod_ip() {
 
 #[tokio::test]
 async fn stats_summary_and_resource_metrics_from_real_measurements() {
+    let _alone = CPU_HEAVY.lock().await;
     let agent = &test_node("stats", &["--housekeeping-interval=1s"]).await;
     let ns = Ns::new("stats").await;
     ns.pod(agent, "spin", "busy-loop", "Always").await;
@@ -380,6 +385,7 @@ async fn stats_summary_and_resource_metrics_from_real_measurements() {
 
 #[tokio::test]
 async fn kubectl_top_shows_measured_figures_through_metrics_server() {
+    let _alone = CPU_HEAVY.lock().await;
     let agent = &test_node("top", &["--housekeeping-interval=1s"]).await;
     let ns = Ns::new("top").await;
     ns.pod(agent, "spin", "busy-loop", "Always").await;
