@@ -229,10 +229,19 @@ async fn the_qos_class_of_each_kind_is_reported() {
     create_pod(&ns, agent, "burstable", hello("burstable", serde_json::json!({"requests": {"memory": "16Mi"}})), "Never").await;
     create_pod(&ns, agent, "besteffort", hello("besteffort", serde_json::json!({})), "Never").await;
     for (name, class) in [("guaranteed", "Guaranteed"), ("burstable", "Burstable"), ("besteffort", "BestEffort")] {
-        // Succeeded means the agent wrote the status; the class is the one it reports.
+        // Succeeded means the agent wrote the status; the API server also sets the class at
+        // creation, so the agent's own computation is checked below, on its /pods.
         let pod = ns.wait_pod(agent, name, "the pod to succeed", |p| phase(p) == "Succeeded").await;
         assert_eq!(pod.status.and_then(|s| s.qos_class).as_deref(), Some(class), "{name}");
     }
+    let list: serde_json::Value = serde_json::from_str(&kubelet_get(agent, "/pods").expect("the kubelet's /pods")).unwrap();
+    let class_of = |name: &str| {
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        items.into_iter().find(|p| p["metadata"]["name"] == name).map(|p| p["status"]["qosClass"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(class_of("guaranteed").as_deref(), Some("Guaranteed"));
+    assert_eq!(class_of("burstable").as_deref(), Some("Burstable"));
+    assert_eq!(class_of("besteffort").as_deref(), Some("BestEffort"));
 }
 
 #[tokio::test]
