@@ -14,7 +14,8 @@
 //! - [`gc`]: garbage collection of unused images and dead containers;
 //! - [`metrics`]: the agent's Prometheus metrics (one global registry; served on `/metrics`);
 //! - [`certificates`]: TLS bootstrap and rotation of the client and serving certificates;
-//! - [`server`]: the kubelet API (HTTPS, authenticated and authorized; container logs);
+//! - [`server`]: the kubelet API (HTTPS, authenticated and authorized): logs, exec, attach,
+//!   port-forward, `/run`, stats, metrics, `/pods`, `/runningpods/`, `/configz`;
 //! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
 //!
 //! Pods reach a runtime only through the `provider-api` seam; this crate never names wasmtime
