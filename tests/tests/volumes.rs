@@ -284,29 +284,44 @@ async fn host_path_types_are_checked_and_a_host_directory_is_written() {
     assert!(!made.join("denied.txt").exists());
 }
 
+/// A PersistentVolume pre-bound to claim `claim` in the test's namespace, of `source`
+/// (`hostPath` or `local`); deleted by the caller.
+async fn pre_bound_volume(ns: &Ns, agent: &Agent, claim: &str, source: serde_json::Value) -> String {
+    let name = unique_name("pv");
+    let mut spec = serde_json::json!({
+        "capacity": {"storage": "1Mi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+        "persistentVolumeReclaimPolicy": "Retain",
+        "claimRef": {"namespace": ns.name, "name": claim},
+        // A local volume must say which node has it.
+        "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [agent.name]}]}]}},
+    });
+    spec.as_object_mut().unwrap().extend(source.as_object().unwrap().clone());
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+    Api::<PersistentVolume>::all(ns.client.clone()).create(&PostParams::default(), &pv).await.unwrap();
+    let _: PersistentVolumeClaim = create(
+        ns,
+        serde_json::json!({"metadata": {"name": claim}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": name, "resources": {"requests": {"storage": "1Mi"}}}}),
+    )
+    .await;
+    name
+}
+
 #[tokio::test]
-async fn a_claim_bound_to_a_host_path_persistent_volume_is_mounted() {
+async fn claims_bound_to_host_path_and_local_volumes_are_mounted_and_an_unbound_one_waits() {
     let agent = &test_node("vol-pvc", &[]).await;
     let ns = Ns::new("vol-pvc").await;
-    let path = workspace_root().join("target/it").join(&agent.name).join("pv");
-    std::fs::create_dir_all(&path).unwrap();
-    std::fs::write(path.join("seed.txt"), "seeded\n").unwrap();
-    let pv_name = unique_name("pv");
-    let pvs: Api<PersistentVolume> = Api::all(ns.client.clone());
-    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": pv_name},
-        "spec": {
-            "capacity": {"storage": "1Mi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
-            "persistentVolumeReclaimPolicy": "Retain",
-            "claimRef": {"namespace": ns.name, "name": "data"},
-            "hostPath": {"path": path, "type": "Directory"},
-        }
-    }))
-    .unwrap();
-    pvs.create(&PostParams::default(), &pv).await.unwrap();
+    let base = workspace_root().join("target/it").join(&agent.name);
+    let (host, local) = (base.join("pv-host"), base.join("pv-local"));
+    for dir in [&host, &local] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(host.join("seed.txt"), "seeded\n").unwrap();
+    std::fs::write(local.join("local.txt"), "on the local volume\n").unwrap();
+    let pv_host = pre_bound_volume(&ns, agent, "data", serde_json::json!({"hostPath": {"path": host, "type": "Directory"}})).await;
+    let pv_local = pre_bound_volume(&ns, agent, "fast", serde_json::json!({"local": {"path": local}})).await;
     let _: PersistentVolumeClaim = create(
         &ns,
-        serde_json::json!({"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name, "resources": {"requests": {"storage": "1Mi"}}}}),
+        serde_json::json!({"metadata": {"name": "unbound"}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "resources": {"requests": {"storage": "1Mi"}}}}),
     )
     .await;
     create_pod(
@@ -315,16 +330,34 @@ async fn a_claim_bound_to_a_host_path_persistent_volume_is_mounted() {
         "claimant",
         serde_json::json!({
             "initContainers": [{"name": "write", "image": example_image("toolbox"), "command": ["write", "/pv/written.txt", "by", "the", "pod"], "volumeMounts": [{"name": "pv", "mountPath": "/pv"}]}],
-            "containers": [{"name": "read", "image": example_image("file-reader"), "args": ["/pv/seed.txt"], "volumeMounts": [{"name": "pv", "mountPath": "/pv"}]}],
-            "volumes": [{"name": "pv", "persistentVolumeClaim": {"claimName": "data"}}],
+            "containers": [{
+                "name": "read", "image": example_image("file-reader"), "args": ["/pv/seed.txt", "/fast/local.txt"],
+                "volumeMounts": [{"name": "pv", "mountPath": "/pv"}, {"name": "fast", "mountPath": "/fast"}],
+            }],
+            "volumes": [{"name": "pv", "persistentVolumeClaim": {"claimName": "data"}}, {"name": "fast", "persistentVolumeClaim": {"claimName": "fast"}}],
+        }),
+    )
+    .await;
+    create_pod(
+        &ns,
+        agent,
+        "waiting",
+        serde_json::json!({
+            "containers": [{"name": "c", "image": example_image("hello"), "volumeMounts": [{"name": "u", "mountPath": "/u"}]}],
+            "volumes": [{"name": "u", "persistentVolumeClaim": {"claimName": "unbound"}}],
         }),
     )
     .await;
     let pod = ns.wait_pod(agent, "claimant", "the claimant to finish", finished).await;
-    let _ = pvs.delete(&pv_name, &DeleteParams::default()).await;
+    let message = wait_event(&ns, agent, "waiting", "FailedMount", "PVC is not bound").await;
+    let pvs: Api<PersistentVolume> = Api::all(ns.client.clone());
+    for pv in [&pv_host, &pv_local] {
+        let _ = pvs.delete(pv, &DeleteParams::default()).await;
+    }
     assert_eq!(phase(&pod), "Succeeded", "{}", agent.log_tail());
-    assert_eq!(output(agent, &ns, &pod, "read").trim(), "seeded");
-    assert_eq!(std::fs::read_to_string(path.join("written.txt")).unwrap(), "by the pod\n");
+    assert_eq!(output(agent, &ns, &pod, "read"), "seeded\non the local volume\n");
+    assert_eq!(std::fs::read_to_string(host.join("written.txt")).unwrap(), "by the pod\n");
+    assert!(message.ends_with(&format!("error processing PVC {}/unbound: PVC is not bound", ns.name)), "{message}");
 }
 
 #[tokio::test]
