@@ -157,6 +157,12 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             tasks.spawn(static_source::merge(None, static_rx.1, static_rx.0, outputs, shutdown.clone()));
             tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
             tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
+            // Images and dead containers are collected without an API server too (static pods
+            // are critical: there is nothing to evict, and no Node to report pressure on).
+            if !config.runonce {
+                let (gc, _) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), events.clone(), None);
+                tasks.spawn(gc.run(shutdown.clone()));
+            }
             if config.runonce {
                 run_once_outcome = Some(tokio::spawn(run_once(statics_rx, latest_rx, shutdown.clone())));
             }

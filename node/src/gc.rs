@@ -10,7 +10,8 @@
 //!   beyond `--maximum-dead-containers-per-container` (newest kept, so `kubectl logs --previous`
 //!   still finds the last one) and beyond `--maximum-dead-containers` on the node (oldest first)
 //!   are removed with their log files, once older than `--minimum-container-ttl-duration`.
-//!   The log directories of pods the node no longer has are removed.
+//!   The log directories of pods the agent had and no longer has are removed (never those of
+//!   pods it did not run: `--pod-logs-dir` may be shared with a kubelet).
 //! - **on request** ([`GcHandle::reclaim`]), for the eviction manager under disk pressure:
 //!   every unused image and every dead container not kept by the limits above.
 
@@ -81,6 +82,9 @@ pub struct GarbageCollector {
     policy: GcPolicy,
     pods: Option<watch::Receiver<PodSet>>,
     requests: mpsc::UnboundedReceiver<oneshot::Sender<u64>>,
+    /// Pods this agent has had: only their log directories are ever removed (`--pod-logs-dir`
+    /// may be the kubelet's own `/var/log/pods`, shared with a kubelet on the same host).
+    seen: HashSet<String>,
 }
 
 impl GarbageCollector {
@@ -88,7 +92,7 @@ impl GarbageCollector {
     pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, events: EventSink, pods: Option<watch::Receiver<PodSet>>) -> (Self, GcHandle) {
         let (tx, requests) = mpsc::unbounded_channel();
         let policy = GcPolicy::from_config(&config);
-        (Self { config, provider, events, policy, pods, requests }, GcHandle { tx })
+        (Self { config, provider, events, policy, pods, requests, seen: HashSet::new() }, GcHandle { tx })
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -97,9 +101,6 @@ impl GarbageCollector {
         let mut containers = tokio::time::interval(self.config.container_gc_period);
         images.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         containers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first ticks fire at once; give the pod source a period to say which pods exist
-        // before logs of unknown pods are removed.
-        let logs_after = tokio::time::Instant::now() + self.config.container_gc_period;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -108,9 +109,7 @@ impl GarbageCollector {
                 }
                 _ = containers.tick() => {
                     self.collect_containers(false).await;
-                    if tokio::time::Instant::now() >= logs_after {
-                        self.collect_pod_logs().await;
-                    }
+                    self.collect_pod_logs().await;
                 }
                 Some(reply) = self.requests.recv() => {
                     let freed = self.collect_containers(true).await + self.collect_images(true).await;
@@ -181,16 +180,21 @@ impl GarbageCollector {
         freed
     }
 
-    /// Removes the log directories of pods the node no longer has.
-    async fn collect_pod_logs(&self) {
+    /// Removes the log directories of pods this agent had and no longer has.
+    async fn collect_pod_logs(&mut self) {
         let Some(pods) = &self.pods else { return };
         let mut known: HashSet<String> = pods.borrow().keys().cloned().collect();
         known.extend(self.provider.list_pod_sandboxes().await.into_iter().map(|s| s.pod_uid));
-        for entry in std::fs::read_dir(&self.config.pod_logs_dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // <namespace>_<name>_<uid>: neither a namespace nor a name holds `_`.
-            let Some(uid) = name.rsplit('_').next().filter(|_| name.matches('_').count() == 2) else { continue };
-            if !known.contains(uid) {
+        let gone: Vec<String> = self.seen.difference(&known).cloned().collect();
+        self.seen.extend(known);
+        for uid in gone {
+            self.seen.remove(&uid);
+            for entry in std::fs::read_dir(&self.config.pod_logs_dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // <namespace>_<name>_<uid>: neither a namespace nor a name holds `_`.
+                if name.matches('_').count() != 2 || !name.ends_with(&format!("_{uid}")) {
+                    continue;
+                }
                 match std::fs::remove_dir_all(entry.path()) {
                     Ok(()) => info!(dir = %name, "removed the logs of a deleted pod"),
                     Err(e) => warn!(dir = %name, error = %e, "removing the logs of a deleted pod"),

@@ -113,6 +113,8 @@ async fn disk_pressure_evicts_the_best_effort_pod_first_and_clears_when_space_re
         "{}",
         message(&evicted)
     );
+    let disruption = evicted.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == "DisruptionTarget").cloned());
+    assert!(disruption.as_ref().is_some_and(|c| c.status == "True" && c.reason.as_deref() == Some("TerminationByKubelet")), "{disruption:?}");
     let events = ns.events("best-effort").await;
     assert!(events.iter().any(|(r, m)| r == "Evicted" && m.contains("ephemeral-storage")), "{events:?}");
     let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
@@ -219,4 +221,21 @@ async fn an_emptydir_over_its_size_limit_evicts_its_pod() {
     assert_eq!(message(&evicted), "Usage of EmptyDir volume \"scratch\" exceeds the limit \"1Mi\".");
     let events = ns.events("writer").await;
     assert!(events.iter().any(|(r, m)| r == "Evicted" && m.contains("exceeds the limit")), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_container_over_its_ephemeral_storage_limit_evicts_its_pod() {
+    let agent = integration_tests::test_node("evict-ephemeral", &["--housekeeping-interval=1s"]).await;
+    let ns = TestNamespace::new("evict-ephemeral").await;
+    // The ticker's log takes a 4 KiB block with its first line: over a 2Ki limit.
+    create_pod(
+        &ns,
+        &agent,
+        "logger",
+        serde_json::json!({"containers": [{"name": "ticker", "image": example_image("ticker"), "resources": {"limits": {"ephemeral-storage": "2Ki"}}}]}),
+    )
+    .await;
+    let evicted = ns.wait_pod(&agent, "logger", "the pod evicted", |p| phase(p) == "Failed").await;
+    assert_eq!(reason(&evicted), "Evicted");
+    assert_eq!(message(&evicted), "Container ticker exceeded its local ephemeral storage limit \"2Ki\".");
 }

@@ -914,6 +914,10 @@ impl PodWorker {
             condition("ContainersReady", unready.is_empty(), cr_reason.clone(), cr_msg.clone()),
             condition("Ready", unready.is_empty(), cr_reason, cr_msg),
         ];
+        // As the kubelet marks a pod it evicts for node pressure.
+        if let Some(t) = self.terminal.as_ref().filter(|t| t.reason.as_deref() == Some("Evicted")) {
+            conditions.push(condition("DisruptionTarget", true, Some("TerminationByKubelet".into()), t.message.clone()));
+        }
         if let Some(scheduled) = previous.conditions.iter().flatten().find(|c| c.type_ == "PodScheduled") {
             conditions.push(scheduled.clone());
         } else {
@@ -1144,7 +1148,9 @@ pub fn qos_class(init: &[Container], app: &[Container]) -> &'static str {
         let res = c.resources.clone().unwrap_or_default();
         let limits = res.limits.unwrap_or_default();
         let requests = res.requests.unwrap_or_default();
-        if !limits.is_empty() || !requests.is_empty() {
+        // Only cpu and memory decide the QoS class (the API server's rule; it rejects a status
+        // whose class differs from the one it computed).
+        if ["cpu", "memory"].iter().any(|r| limits.contains_key(*r) || requests.contains_key(*r)) {
             any = true;
         }
         for r in ["cpu", "memory"] {
@@ -1273,6 +1279,7 @@ mod tests {
             .unwrap()
         };
         assert_eq!(qos_class(&[], &[c(&[], &[])]), "BestEffort");
+        assert_eq!(qos_class(&[], &[c(&[("ephemeral-storage", "2Ki")], &[("ephemeral-storage", "1Ki")])]), "BestEffort");
         assert_eq!(qos_class(&[], &[c(&[("cpu", "1"), ("memory", "1Gi")], &[])]), "Guaranteed");
         assert_eq!(qos_class(&[], &[c(&[("memory", "1Gi")], &[])]), "Burstable");
         assert_eq!(qos_class(&[], &[c(&[], &[("cpu", "100m")])]), "Burstable");
