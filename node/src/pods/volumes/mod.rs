@@ -646,6 +646,24 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
     }
 
+    #[tokio::test]
+    async fn a_resync_reuses_a_fresh_token_and_requests_a_stale_one() {
+        let dir = std::env::temp_dir().join(format!("wk-volumes-tok-{}", std::process::id()));
+        let pod = pod(serde_json::json!([{"name": "api", "projected": {"defaultMode": 0o420, "sources": [{"serviceAccountToken": {"path": "token"}}]}}]));
+        let mut previous = PodVolumes::default();
+        previous.tokens.insert("api/token".into(), CachedToken { token: b"cached-jwt".to_vec(), refresh_at: Instant::now() + Duration::from_secs(600) });
+        // No API server: only the cached token can fill the volume.
+        let v = materialize(None, &pod, &dir, Some(&previous), (1000, 1 << 20)).await.unwrap();
+        assert_eq!(std::fs::read_to_string(v.by_name["api"].host_path.join("token")).unwrap(), "cached-jwt");
+        let left = v.refresh_in.expect("a refresh is due");
+        assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(500), "{left:?}");
+        // Past its refresh point it is requested again (and here, without an API server, fails).
+        previous.tokens.insert("api/token".into(), CachedToken { token: b"cached-jwt".to_vec(), refresh_at: Instant::now() });
+        let e = materialize(None, &pod, &dir, Some(&previous), (1000, 1 << 20)).await.unwrap_err();
+        assert!(e.reason.contains("no API server to request a service account token"), "{e}");
+        mount::teardown(&dir).unwrap();
+    }
+
     #[test]
     fn modes_default_to_0644_and_items_override() {
         assert_eq!(mode(None, None), 0o644);
