@@ -83,6 +83,9 @@ pub struct KubeletMetrics {
     pub rest_client_requests: Counter,
     /// `kubelet_node_name{node}`: always 1.
     pub node_name: Gauge,
+    /// `kubelet_http_requests_total{method,path,server_type,long_running}`: requests to the
+    /// kubelet API that passed authorization, by the path's first segment (`pods`, `exec`, ...).
+    pub http_requests: Counter,
 }
 
 /// The kubelet's series, registered in [`global`] on first use.
@@ -117,6 +120,11 @@ pub fn kubelet() -> &'static KubeletMetrics {
                 &["code", "method", "host"],
             ),
             node_name: r.gauge("kubelet_node_name", "The node's name. The count is always 1.", &["node"]),
+            http_requests: r.counter(
+                "kubelet_http_requests_total",
+                "Number of the http requests received since the server started",
+                &["method", "path", "server_type", "long_running"],
+            ),
         }
     });
     &KUBELET

@@ -595,6 +595,7 @@ async fn pods_runningpods_configz_metrics_and_run_on_the_kubelet_api() {
     assert!(value("kubelet_pod_worker_duration_seconds_count{operation=\"create\"}") >= 1.0);
     assert!(value("kubelet_image_pull_duration_seconds_count{result=\"success\"}") >= 1.0);
     assert!(value("process_resident_memory_bytes") > 0.0);
+    assert!(value("kubelet_http_requests_total{method=\"GET\",path=\"pods\",server_type=\"readwrite\",long_running=\"false\"}") >= 1.0);
     assert!(metrics.lines().any(|l| l.starts_with("rest_client_requests_total{code=\"200\",method=\"GET\"")), "{metrics}");
 
     // /run: an exec answering with the combined output.

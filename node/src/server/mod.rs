@@ -286,7 +286,11 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>
 async fn handle(request: http::Request<Incoming>, shared: Arc<Shared>, peer: Arc<Option<User>>) -> Result<http::Response<Body>, Infallible> {
     let span = tracing::debug_span!("kubelet_api_request", method = %request.method(), path = %request.uri().path(), user = tracing::field::Empty);
     async move {
-        let response = match authorize(&request, &shared, peer.as_ref().as_ref()).await {
+        let authorized = authorize(&request, &shared, peer.as_ref().as_ref()).await;
+        if authorized.is_ok() {
+            count_request(&request);
+        }
+        let response = match authorized {
             Ok(()) if streams::is_stream_request(request.uri().path()) => match streams::handle(request, shared.streams.clone()).await {
                 Ok(upgraded) => {
                     debug!(status = upgraded.status().as_u16(), "answered");
@@ -306,6 +310,24 @@ async fn handle(request: http::Request<Incoming>, shared: Arc<Shared>, peer: Arc
     }
     .instrument(span)
     .await
+}
+
+/// `kubelet_http_requests_total`, labelled as the kubelet labels it: the path's first segment
+/// (only known ones, so a client cannot make series up), and whether the request streams.
+fn count_request(request: &http::Request<Incoming>) {
+    const KNOWN: &[&str] = &["healthz", "containerLogs", "stats", "metrics", "pods", "runningpods", "configz", "exec", "attach", "portForward", "run"];
+    let path = request.uri().path();
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let first = if KNOWN.contains(&first) { first } else { "other" };
+    let follow = first == "containerLogs" && request.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "follow=true" || kv == "follow=1"));
+    let long_running = follow || matches!(first, "exec" | "attach" | "portForward");
+    let method = match *request.method() {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::HEAD => "HEAD",
+        _ => "other",
+    };
+    crate::metrics::kubelet().http_requests.with(&[method, first, "readwrite", if long_running { "true" } else { "false" }]).inc();
 }
 
 /// warp's service is a tower service (always ready), not a hyper one.
