@@ -277,7 +277,9 @@ impl Provider for WasmtimeProvider {
         let config = &container.config;
         let log = ContainerLog::open(&config.log_path).map_err(|e| ProviderError::Io(format!("container {}: opening log {}: {e}", config.name, config.log_path.display())))?;
         let mut wasi = instance::wasi_context(config, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
-        let attachable = Arc::new(attach::Attachable::new(&config.name, config.stdin, config.stdin_once, &log, &mut wasi));
+        // An HTTP component's requests each get their own empty stdin: nothing would read the pipe.
+        let stdin = config.stdin && !matches!(container.instance, Instance::Http(_));
+        let attachable = Arc::new(attach::Attachable::new(&config.name, stdin, config.stdin_once, &log, &mut wasi));
         // An HTTP component's ports are bound before it counts as started.
         let listeners = match &container.instance {
             Instance::Http(_) => Some(http::bind(&config.network).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?),
