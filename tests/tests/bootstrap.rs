@@ -164,7 +164,19 @@ fn bootstrap_kubeconfig() -> String {
         "{} is missing: the local cluster was started before TLS bootstrap was added to deploy/local-cluster; restart it (down, then up)",
         path.display()
     );
+    // A cluster reused by `up` without a restart has the token but not the apiserver flag.
+    let out = Command::new(cluster_kubectl()).args(["auth", "whoami", "--kubeconfig"]).arg(&path).output().expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "the API server refuses the bootstrap token ({}): it runs without --enable-bootstrap-token-auth; restart the local cluster (down, then up)",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     path.display().to_string()
+}
+
+/// The kubectl binary of the local cluster.
+fn cluster_kubectl() -> String {
+    Cluster::get().var("KUBECTL").to_string()
 }
 
 async fn wait_ready(agent: &BootstrapAgent, nodes: &Api<Node>, what: &str) -> Node {
