@@ -702,6 +702,10 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tok
 
 /// A WebSocket (`v5.channel.k8s.io`) straight to the kubelet API with the admin's certificate.
 async fn websocket_connect(agent: &Agent, path_and_query: &str) -> Ws {
+    websocket_connect_with(agent, path_and_query, "v5.channel.k8s.io").await
+}
+
+async fn websocket_connect_with(agent: &Agent, path_and_query: &str, protocol: &'static str) -> Ws {
     use rustls_pki_types::pem::PemObject;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let (crt, key) = admin_cert();
@@ -719,9 +723,9 @@ async fn websocket_connect(agent: &Agent, path_and_query: &str) -> Ws {
     let server_name = rustls_pki_types::ServerName::try_from(agent.node_ip.clone()).unwrap();
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await.unwrap();
     let mut request = format!("wss://{}:10250{path_and_query}", agent.node_ip).into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse().unwrap());
+    request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
     let (mut ws, response) = tokio_tungstenite::client_async(request, stream).await.unwrap_or_else(|e| panic!("WebSocket upgrade: {e}\n{}", agent.log_tail()));
-    assert_eq!(response.headers()["sec-websocket-protocol"], "v5.channel.k8s.io");
+    assert_eq!(response.headers()["sec-websocket-protocol"], protocol);
     ws
 }
 
@@ -775,6 +779,28 @@ async fn websocket_exec_and_attach_for_direct_clients() {
     // stdin, ended by v5's close signal.
     let (out, _, status) = websocket_exec(agent, &format!("{base}?command=cat&input=1&output=1&error=1"), Some(b"typed into the socket")).await;
     assert_eq!((out.as_str(), status["status"].as_str()), ("typed into the socket", Some("Success")), "{status}");
+
+    // The base64 form: text messages, the channel as a digit, the data in base64.
+    {
+        use base64::Engine;
+        use futures::StreamExt;
+        let mut ws = websocket_connect_with(agent, &format!("{base}?command=echo&command=in&command=base64&output=1&error=1"), "v4.base64.channel.k8s.io").await;
+        let (mut out, mut status) = (Vec::new(), Vec::new());
+        let read = async {
+            while let Some(Ok(message)) = ws.next().await {
+                let tokio_tungstenite::tungstenite::Message::Text(text) = message else { continue };
+                let data = base64::engine::general_purpose::STANDARD.decode(&text.as_str()[1..]).unwrap();
+                match text.as_str().as_bytes()[0] {
+                    b'1' => out.extend(data),
+                    b'3' => status.extend(data),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(TEST_TIMEOUT, read).await.expect("the base64 exec ends");
+        let status: serde_json::Value = serde_json::from_slice(&status).unwrap();
+        assert_eq!((String::from_utf8_lossy(&out).as_ref(), status["status"].as_str()), ("in base64\n", Some("Success")), "{status}");
+    }
 
     // Attach over WebSocket: the ticker's output from now on, on the stdout channel.
     use futures::StreamExt;

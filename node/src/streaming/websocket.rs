@@ -1,10 +1,13 @@
 //! `exec` and `attach` over WebSocket, for clients that talk to the kubelet directly (the API
-//! server itself speaks SPDY to us): the channel protocols `v5.channel.k8s.io` and
-//! `v4.channel.k8s.io` of k8s.io/apimachinery's wsstream.
+//! server itself speaks SPDY to us): the channel protocols `v5.channel.k8s.io`,
+//! `v4.channel.k8s.io` and their base64 forms `v4.base64.channel.k8s.io` and
+//! `base64.channel.k8s.io` of k8s.io/apimachinery's wsstream.
 //!
 //! Framing: every binary message starts with a channel byte, 0 stdin, 1 stdout, 2 stderr,
-//! 3 error (the final `metav1.Status`, JSON in both versions), 4 resize (JSON
+//! 3 error (the final `metav1.Status`, JSON in all of them), 4 resize (JSON
 //! `TerminalSize`). v5 adds the close signal `[255, channel]` (the client has no more stdin).
+//! The base64 forms send text messages instead: the channel as an ASCII digit, then the data
+//! in standard base64 (for clients, like browsers, that handle text more easily).
 //! As wsstream does, the server first writes an empty message on the lowest channel it writes
 //! to, so the client knows the streams are open; after the handler returns it writes the status
 //! on the error channel and closes the connection normally.
@@ -23,7 +26,60 @@ use tracing::debug;
 use super::remotecommand::{encode_status, ExecHandler, ExecIo, ExecOptions, Protocol, TerminalSize};
 
 /// The channel protocols served, in order of preference.
-pub const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
+pub const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io", "base64.channel.k8s.io"];
+
+/// How a channel's data is put in a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// A binary message: the channel byte, then the data.
+    Binary,
+    /// A text message: the channel as an ASCII digit, then the data in base64.
+    Base64,
+}
+
+impl Framing {
+    fn of(protocol: &str) -> Framing {
+        if protocol.contains("base64") {
+            Framing::Base64
+        } else {
+            Framing::Binary
+        }
+    }
+
+    fn encode(self, channel: u8, data: &[u8]) -> Message {
+        match self {
+            Framing::Binary => {
+                let mut message = BytesMut::with_capacity(1 + data.len());
+                message.put_u8(channel);
+                message.put_slice(data);
+                Message::Binary(message.freeze())
+            }
+            Framing::Base64 => {
+                use base64::Engine;
+                let mut text = String::with_capacity(1 + data.len() * 4 / 3 + 4);
+                text.push(char::from(b'0' + channel));
+                base64::engine::general_purpose::STANDARD.encode_string(data, &mut text);
+                Message::text(text)
+            }
+        }
+    }
+
+    /// The channel and data of a client's message; `None` for what carries none (pings, a
+    /// malformed frame).
+    fn decode(self, message: Message) -> Option<(u8, Bytes)> {
+        match (self, message) {
+            (Framing::Binary, Message::Binary(data)) => Some((*data.first()?, data.slice(1..))),
+            (Framing::Base64, Message::Text(text)) => {
+                use base64::Engine;
+                let text = text.as_str();
+                let channel = text.bytes().next()?.checked_sub(b'0').filter(|c| *c <= RESIZE)?;
+                let data = base64::engine::general_purpose::STANDARD.decode(&text[1..]).ok()?;
+                Some((channel, Bytes::from(data)))
+            }
+            _ => None,
+        }
+    }
+}
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
@@ -82,6 +138,7 @@ where
     H: ExecHandler + ?Sized,
 {
     let v5 = protocol == "v5.channel.k8s.io";
+    let framing = Framing::of(protocol);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
     let (mut sink, mut stream) = ws.split();
 
@@ -105,37 +162,39 @@ where
 
     // Ready: an empty message on the lowest channel we write to.
     let first = if options.stdout { STDOUT } else if options.stderr { STDERR } else { ERROR };
-    let _ = out.send(Message::Binary(Bytes::from(vec![first]))).await;
+    let _ = out.send(framing.encode(first, &[])).await;
 
     let mut pumps = Vec::new();
     for (channel, ours) in [(STDOUT, stdout_ours), (STDERR, stderr_ours)] {
         if let Some(ours) = ours {
-            pumps.push(tokio::spawn(pump_output(channel, ours, out.clone())));
+            pumps.push(tokio::spawn(pump_output(framing, channel, ours, out.clone())));
         }
     }
     let reader = tokio::spawn(async move {
         let mut stdin = stdin_ours;
         while let Some(message) = stream.next().await {
-            let data = match message {
-                Ok(Message::Binary(data)) => data,
+            let (channel, data) = match message {
                 Ok(Message::Close(_)) | Err(_) => break,
-                Ok(_) => continue,
+                Ok(message) => match framing.decode(message) {
+                    Some(framed) => framed,
+                    None => continue,
+                },
             };
-            match data.first().copied() {
-                Some(STDIN) => {
+            match channel {
+                STDIN => {
                     if let Some(pipe) = stdin.as_mut() {
-                        if pipe.write_all(&data[1..]).await.is_err() {
+                        if pipe.write_all(&data).await.is_err() {
                             stdin = None;
                         }
                     }
                 }
-                Some(RESIZE) => {
-                    if let (Some(tx), Ok(size)) = (&resize_tx, serde_json::from_slice::<TerminalSize>(&data[1..])) {
+                RESIZE => {
+                    if let (Some(tx), Ok(size)) = (&resize_tx, serde_json::from_slice::<TerminalSize>(&data)) {
                         let _ = tx.try_send(size);
                     }
                 }
-                Some(CLOSE) if v5 && data.get(1) == Some(&STDIN) => stdin = None,
-                _ => debug!(channel = ?data.first(), "unexpected WebSocket message; ignored"),
+                CLOSE if v5 && data.first() == Some(&STDIN) => stdin = None,
+                _ => debug!(channel, "unexpected WebSocket message; ignored"),
             }
         }
         // The client is gone (or closed): end of stdin.
@@ -152,10 +211,7 @@ where
         }
     }
     if let Some(status) = encode_status(Protocol::V4, &command, &outcome) {
-        let mut message = BytesMut::with_capacity(1 + status.len());
-        message.put_u8(ERROR);
-        message.put_slice(&status);
-        let _ = out.send(Message::Binary(message.freeze())).await;
+        let _ = out.send(framing.encode(ERROR, &status)).await;
     }
     let _ = out.send(Message::Close(Some(CloseFrame { code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal, reason: "".into() }))).await;
     drop(out);
@@ -165,17 +221,14 @@ where
 }
 
 /// Copies one of the handler's output pipes to the connection, framed on `channel`.
-async fn pump_output(channel: u8, mut pipe: DuplexStream, out: mpsc::Sender<Message>) {
+async fn pump_output(framing: Framing, channel: u8, mut pipe: DuplexStream, out: mpsc::Sender<Message>) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut message = BytesMut::with_capacity(1 + n);
-        message.put_u8(channel);
-        message.put_slice(&buf[..n]);
-        if out.send(Message::Binary(message.freeze())).await.is_err() {
+        if out.send(framing.encode(channel, &buf[..n])).await.is_err() {
             return;
         }
     }
@@ -190,6 +243,19 @@ mod tests {
     }
 
     #[test]
+    fn base64_framing_round_trips_and_binary_keeps_the_channel_byte() {
+        let text = Framing::Base64.encode(STDOUT, b"hi there");
+        assert_eq!(text, Message::text("1aGkgdGhlcmU="));
+        assert_eq!(Framing::Base64.decode(Message::text("0aGkgdGhlcmU=")), Some((STDIN, Bytes::from_static(b"hi there"))));
+        assert_eq!(Framing::Base64.decode(Message::text("0not base64!")), None);
+        assert_eq!(Framing::Base64.decode(Message::text("9aGk=")), None, "no such channel");
+        assert_eq!(Framing::Binary.encode(STDERR, b"x"), Message::Binary(Bytes::from_static(b"\x02x")));
+        assert_eq!(Framing::Binary.decode(Message::Binary(Bytes::from_static(b"\x00in"))), Some((STDIN, Bytes::from_static(b"in"))));
+        assert_eq!(Framing::Binary.decode(Message::Binary(Bytes::new())), None);
+        assert_eq!(Framing::of("v4.base64.channel.k8s.io"), Framing::Base64);
+    }
+
+    #[test]
     fn upgrade_requests_are_recognised() {
         assert!(is_websocket(&headers(&[("upgrade", "websocket"), ("connection", "keep-alive, Upgrade")])));
         assert!(!is_websocket(&headers(&[("upgrade", "SPDY/3.1"), ("connection", "Upgrade")])));
@@ -201,7 +267,7 @@ mod tests {
         assert_eq!(protocol, "v5.channel.k8s.io");
         // RFC 6455's example.
         assert_eq!(out[http::header::SEC_WEBSOCKET_ACCEPT], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        let err = negotiate(&headers(&[("sec-websocket-key", "x"), ("sec-websocket-protocol", "base64.channel.k8s.io")])).unwrap_err();
+        let err = negotiate(&headers(&[("sec-websocket-key", "x"), ("sec-websocket-protocol", "channel.k8s.io")])).unwrap_err();
         assert!(err.to_string().contains("v5.channel.k8s.io"), "{err}");
         assert_eq!(negotiate(&headers(&[("sec-websocket-protocol", "v5.channel.k8s.io")])).unwrap_err(), NegotiationError::MissingKey);
     }
