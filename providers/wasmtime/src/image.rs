@@ -191,6 +191,11 @@ impl ImageStore {
         }
         let named: std::collections::HashSet<String> =
             self.index.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(|i| sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().contains(".tmp.") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let blobs = self.dir.join("blobs/sha256");
         for entry in std::fs::read_dir(&blobs).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -212,12 +217,17 @@ impl ImageStore {
     }
 
     /// Records that `reference` was used now (a pull, a container created from it). Best
-    /// effort: a failed write is logged and the time is kept in memory.
+    /// effort: a failed write is logged and the time is kept in memory. The file is replaced
+    /// atomically (under the lock, so writers never share the temporary file) but not synced:
+    /// this runs on every container start. A host crash may lose the last updates; the image
+    /// then counts as used at its last recorded use (without one, when the store opened), and
+    /// an image a container uses is never collected whatever its time says.
     pub fn touch(&self, reference: &str) {
         let mut used = self.last_used.lock().unwrap_or_else(|e| e.into_inner());
         used.insert(canonical(reference), unix_now());
         let path = self.dir.join("last-used.json");
-        let written = serde_json::to_vec(&*used).map_err(std::io::Error::other).and_then(|bytes| write_atomically(&path, &bytes));
+        let tmp = self.dir.join(format!("last-used.json.tmp.{}", std::process::id()));
+        let written = serde_json::to_vec(&*used).map_err(std::io::Error::other).and_then(|bytes| std::fs::write(&tmp, bytes)).and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot record image use");
         }
@@ -896,6 +906,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("images/trash")).unwrap();
         std::fs::write(dir.join("images/trash/abc.1.0"), b"half deleted").unwrap();
         std::fs::write(dir.join("images/blobs/sha256/def.tmp.1.0"), b"half written").unwrap();
+        std::fs::write(dir.join("images/last-used.json.tmp.1"), b"{").unwrap();
         drop(store);
         // The clock moves on before the restart (last uses are in milliseconds).
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -907,6 +918,7 @@ mod tests {
         assert!(store.blob_path(&kept.layer_digest).unwrap().is_file());
         assert!(!dir.join("images/trash").exists(), "the trash is emptied");
         assert!(!dir.join("images/blobs/sha256/def.tmp.1.0").exists());
+        assert!(!dir.join("images/last-used.json.tmp.1").exists());
         let listed = store.list();
         assert_eq!(listed.len(), 1);
         assert!(listed[0].2 < store.opened_at, "the recorded last use survives the restart");
