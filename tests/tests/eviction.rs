@@ -239,3 +239,46 @@ async fn a_container_over_its_ephemeral_storage_limit_evicts_its_pod() {
     assert_eq!(reason(&evicted), "Evicted");
     assert_eq!(message(&evicted), "Container ticker exceeded its local ephemeral storage limit \"2Ki\".");
 }
+
+#[tokio::test]
+async fn a_soft_threshold_raises_disk_pressure_at_once_and_evicts_after_its_grace_period() {
+    let (tmpfs, agent) = node_on_tmpfs(
+        "evict-soft",
+        "64m",
+        &[
+            "--eviction-hard=nodefs.available<1Mi",
+            "--eviction-soft=nodefs.available<16Mi",
+            "--eviction-soft-grace-period=nodefs.available=20s",
+            "--eviction-max-pod-grace-period=1",
+            "--eviction-pressure-transition-period=5s",
+            "--housekeeping-interval=1s",
+            "--node-status-update-frequency=1s",
+        ],
+    )
+    .await;
+    let ns = TestNamespace::new("evict-soft").await;
+    let pod = create_pod(
+        &ns,
+        &agent,
+        "filler",
+        serde_json::json!({
+            "containers": [{"name": "ticker", "image": example_image("ticker"), "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+        }),
+    )
+    .await;
+    ns.wait_pod(&agent, "filler", "the pod running", |p| phase(p) == "Running").await;
+    let uid = pod.metadata.uid.as_deref().expect("uid");
+    let scratch = tmpfs.path.join("pods").join(uid).join("volumes/kubernetes.io~empty-dir/scratch");
+    let fill = tmpfs.usage().1.saturating_sub(8 << 20);
+    std::fs::write(scratch.join("filler"), vec![7u8; fill as usize]).expect("filling the emptyDir");
+
+    // The condition comes at once; the pod stays for the 20 s grace period.
+    wait_node(&agent, "DiskPressure True", |n| node_condition(n, "DiskPressure").as_deref() == Some("True")).await;
+    let running = ns.pods().get("filler").await.expect("pod");
+    assert_eq!(phase(&running), "Running", "a soft threshold waits out its grace period");
+    let evicted = ns.wait_pod(&agent, "filler", "the pod evicted after the grace period", |p| phase(p) == "Failed").await;
+    assert_eq!(reason(&evicted), "Evicted");
+    assert!(message(&evicted).starts_with("The node was low on resource: ephemeral-storage. Threshold quantity: 16Mi, available: "), "{}", message(&evicted));
+    wait_node(&agent, "DiskPressure False again", |n| node_condition(n, "DiskPressure").as_deref() == Some("False")).await;
+}
