@@ -303,6 +303,10 @@ async fn a_serving_certificate_approved_by_hand_is_served() {
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     assert!(csr.status.as_ref().and_then(|s| s.conditions.as_ref()).is_none_or(|c| c.is_empty()), "nothing approves serving CSRs by itself: {:?}", csr.status);
     let csr_name = csr.metadata.name.clone().unwrap();
+    let said = format!("kubectl certificate approve {csr_name}");
+    wait_for("the agent to say how to approve its CSR", TEST_TIMEOUT, || async { agent.log().contains(&said).then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     let out = cluster.kubectl().args(["certificate", "approve", &csr_name]).output().unwrap();
     assert!(out.status.success(), "kubectl certificate approve: {}", String::from_utf8_lossy(&out.stderr));
 
@@ -377,7 +381,10 @@ async fn a_denied_csr_is_one_clear_line_and_a_failed_exit() {
     .await
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     let name = csr.metadata.name.clone().unwrap();
-    assert!(agent.log().contains(&format!("waiting for certificate signing request {name} to be approved")), "{}", agent.log_tail());
+    let said = format!("waiting for certificate signing request {name} to be approved");
+    wait_for("the agent to say it waits for its CSR", TEST_TIMEOUT, || async { agent.log().contains(&said).then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     kubectl(&["certificate", "deny", &name]);
 
     let code = agent.exit_code(TEST_TIMEOUT).await;

@@ -36,7 +36,8 @@ pub struct Request<'a> {
     pub subject_alt_names: Vec<String>,
     /// How long to wait for the certificate.
     pub timeout: Duration,
-    /// Said in the waiting log line and the time-out error: who has to approve.
+    /// Said in the waiting log line and the time-out error: who has to approve (`<name>` is
+    /// replaced by the CSR's name).
     pub hint: &'static str,
 }
 
@@ -65,11 +66,12 @@ pub async fn request(client: kube::Client, request: &Request<'_>) -> Result<(Str
     };
     let created = api.create(&PostParams::default(), &object).await.map_err(|e| CertificateError::Api(one_line(&e)))?;
     let name = created.metadata.name.unwrap_or_default();
-    info!(csr = %name, signer = request.signer, timeout = ?request.timeout, "waiting for certificate signing request {name} to be approved and issued{}", request.hint);
+    let hint = request.hint.replace("<name>", &name);
+    info!(csr = %name, signer = request.signer, timeout = ?request.timeout, "waiting for certificate signing request {name} to be approved and issued{hint}");
 
     let wait = kube::runtime::wait::await_condition(api, &name, |csr: Option<&CertificateSigningRequest>| csr.and_then(outcome).is_some());
     let csr = match tokio::time::timeout(request.timeout, wait).await {
-        Err(_) => return Err(CertificateError::TimedOut { name, waited: request.timeout, hint: request.hint }),
+        Err(_) => return Err(CertificateError::TimedOut { name, waited: request.timeout, hint }),
         Ok(Err(e)) => return Err(CertificateError::Api(format!("watching {name}: {}", one_line(&e)))),
         Ok(Ok(csr)) => csr,
     };

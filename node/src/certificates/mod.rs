@@ -51,7 +51,7 @@ pub enum CertificateError {
     Refused { name: String, verdict: &'static str, reason: String },
     /// Nobody approved or signed the CSR in time. Retryable with a new request.
     #[error("certificate signing request {name} was not issued within {waited:?}{hint}")]
-    TimedOut { name: String, waited: Duration, hint: &'static str },
+    TimedOut { name: String, waited: Duration, hint: String },
 }
 
 /// What a certificate says about its lifetime and identity.
