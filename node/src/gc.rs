@@ -266,7 +266,7 @@ pub fn dead_to_remove<'a>(containers: &'a [ContainerSummary], policy: &GcPolicy,
     let mut kept = Vec::new();
     for (_, mut dead) in groups {
         // Newest first.
-        dead.sort_by(|a, b| b.attempt.cmp(&a.attempt));
+        dead.sort_by_key(|c| std::cmp::Reverse(c.attempt));
         let keep = usize::try_from(policy.max_dead_per_container).unwrap_or(usize::MAX);
         let older = if keep < dead.len() { dead.split_off(keep) } else { Vec::new() };
         remove.extend(older);

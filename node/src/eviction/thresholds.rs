@@ -147,7 +147,7 @@ pub fn show(signal: EvictionSignal, amount: u64) -> String {
 /// Bytes as a Kubernetes binary quantity: `100Mi`, `51200Ki`, or plain bytes.
 pub fn binary_quantity(bytes: u64) -> String {
     for (suffix, unit) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if bytes != 0 && bytes % unit == 0 {
+        if bytes != 0 && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }
@@ -156,7 +156,7 @@ pub fn binary_quantity(bytes: u64) -> String {
 
 fn show_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 60 && s % 60 == 0 { format!("{}m", s / 60) } else { format!("{s}s") }
+    if s >= 60 && s.is_multiple_of(60) { format!("{}m", s / 60) } else { format!("{s}s") }
 }
 
 #[cfg(test)]
