@@ -60,6 +60,86 @@ pub fn is_http_component(component: &wasmtime::component::Component) -> bool {
     names.iter().any(|n| n.starts_with(INCOMING_HANDLER)) && !names.iter().any(|n| n.starts_with(CLI_RUN))
 }
 
+/// Component instances (and memories, and fiber stacks) the HTTP engine's pool holds: enough for
+/// two containers at the default bound of requests in flight. Each memory slot reserves its
+/// address space (4 GiB plus guards, never touched until used), so 2048 slots take about 8 TiB of
+/// the 128 TiB an x86-64 process may address; an instance over the pool is a 500 naming it.
+const POOLED_INSTANCES: u32 = 2 * DEFAULT_MAX_CONCURRENT_REQUESTS;
+
+/// The engine HTTP components run on, built on the first HTTP container: like the provider's
+/// (epoch interruption, the component model) plus wasmtime's pooling instance allocator, which
+/// is made for an instance per request (slots are reused instead of mapped and unmapped per
+/// request), as `wasmtime serve` uses it. Where the host refuses the pool's address space it
+/// falls back to the ordinary allocator. Its compiled code has a cache of its own.
+pub struct HttpEngine {
+    engine: Engine,
+    compiled: crate::compile::CompileCache,
+    linker: wasmtime::component::Linker<HttpState>,
+}
+
+impl HttpEngine {
+    pub fn new(root_dir: &std::path::Path) -> Result<Self, String> {
+        let engine = match Engine::new(&engine_config(true)) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "the pooling allocator is not available; HTTP components use the ordinary allocator");
+                Engine::new(&engine_config(false)).map_err(|e| format!("{e:#}"))?
+            }
+        };
+        crate::start_epoch_ticker(&engine).map_err(|e| e.to_string())?;
+        let linker = linker(&engine).map_err(|e| format!("linking WASI and wasi:http: {e:#}"))?;
+        let compiled = crate::compile::CompileCache::new(engine.clone(), root_dir);
+        Ok(Self { engine, compiled, linker })
+    }
+
+    /// The component of layer `digest` (bytes at `wasm`), compiled for this engine and linked.
+    pub async fn prepare(&self, digest: &str, wasm: &std::path::Path) -> Result<ProxyPre<HttpState>, String> {
+        match self.compiled.get(digest, wasm).await? {
+            crate::compile::Program::Component(component) => prepare(&self.linker, &component),
+            crate::compile::Program::Module(_) => Err("a core module cannot be an HTTP component".into()),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// The [`HttpEngine`], made when the first HTTP container is created (a node without HTTP pods
+/// never reserves the pool).
+pub struct LazyHttpEngine {
+    root_dir: std::path::PathBuf,
+    cell: std::sync::OnceLock<Result<HttpEngine, String>>,
+}
+
+impl LazyHttpEngine {
+    pub fn new(root_dir: &std::path::Path) -> Self {
+        Self { root_dir: root_dir.to_path_buf(), cell: std::sync::OnceLock::new() }
+    }
+
+    /// As [`HttpEngine::prepare`], on the engine (made now if this is the first).
+    pub async fn prepare(&self, digest: &str, wasm: &std::path::Path) -> Result<ProxyPre<HttpState>, String> {
+        let engine = self.cell.get_or_init(|| HttpEngine::new(&self.root_dir)).as_ref().map_err(|e| format!("the HTTP engine cannot be set up: {e}"))?;
+        engine.prepare(digest, wasm).await
+    }
+}
+
+fn engine_config(pooling: bool) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true).wasm_component_model(true);
+    if pooling {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        // A Rust wasip2 component is one component instance of a few core instances, one memory.
+        pool.total_component_instances(POOLED_INSTANCES)
+            .total_core_instances(4 * POOLED_INSTANCES)
+            .total_memories(POOLED_INSTANCES)
+            .total_tables(4 * POOLED_INSTANCES)
+            .total_stacks(POOLED_INSTANCES);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
 /// Store data of one request's instance.
 pub struct HttpState {
     ctx: WasiCtx,
@@ -208,10 +288,9 @@ struct Shared {
 }
 
 /// Serves the container until `drain` (graceful: stop accepting, finish what is in flight) or
-/// `kill` (interrupt everything); returns how it ended.
+/// `kill` (interrupt everything); returns how it ended. Instances run on `pre`'s engine.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
-    engine: Engine,
     pre: ProxyPre<HttpState>,
     config: ContainerConfig,
     listeners: Listeners,
@@ -222,7 +301,7 @@ pub async fn serve(
 ) -> Exit {
     let max = config.network.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS).max(1);
     let argv = instance::argv(&config);
-    let shared = Arc::new(Shared { engine, pre, config, argv, log, meter, kill: kill.clone(), slots: Arc::new(Semaphore::new(max as usize)), max, rejected: AtomicU64::new(0) });
+    let shared = Arc::new(Shared { engine: pre.engine().clone(), pre, config, argv, log, meter, kill: kill.clone(), slots: Arc::new(Semaphore::new(max as usize)), max, rejected: AtomicU64::new(0) });
     let connections = TaskTracker::new();
     let mut accepting = Vec::new();
     for listener in listeners.0 {

@@ -67,6 +67,8 @@ pub struct WasmtimeProvider {
     linkers: Linkers,
     images: ImageStore,
     compiled: CompileCache,
+    /// The engine HTTP components run on (pooled instances), made on first use.
+    http: http::LazyHttpEngine,
     state: Mutex<State>,
     next_id: AtomicU64,
 }
@@ -130,7 +132,8 @@ impl WasmtimeProvider {
         let compiled = CompileCache::new(engine.clone(), &root_dir);
         // Compiled code of images removed while the agent was down (or mid-removal) goes too.
         compiled.sweep(&images.list().iter().filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect());
-        Ok(Self { engine, linkers, images, compiled, state: Mutex::new(State::default()), next_id: AtomicU64::new(1) })
+        let http = http::LazyHttpEngine::new(&root_dir);
+        Ok(Self { engine, linkers, images, compiled, http, state: Mutex::new(State::default()), next_id: AtomicU64::new(1) })
     }
 
     /// The engine shared by every pod.
@@ -155,7 +158,7 @@ impl WasmtimeProvider {
 
 /// Advances the epoch every [`EPOCH_TICK`] on a plain thread (it must tick even when every
 /// tokio worker is busy running guests); it ends when the engine is dropped.
-fn start_epoch_ticker(engine: &wasmtime::Engine) -> Result<(), ProviderError> {
+pub(crate) fn start_epoch_ticker(engine: &wasmtime::Engine) -> Result<(), ProviderError> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("wasmtime-epoch".into())
@@ -257,6 +260,11 @@ impl Provider for WasmtimeProvider {
         let wasm = self.images.blob_path(&image.layer_digest).map_err(|e| ProviderError::Create(format!("image {}: {e}", config.image)))?;
         let program = self.compiled.get(&image.layer_digest, &wasm).await.map_err(|e| ProviderError::Create(format!("container {} (image {}): {e}", config.name, config.image)))?;
         let instance = Instance::prepare(&self.linkers, &program).map_err(|e| ProviderError::Create(format!("container {} (image {}): {e}", config.name, config.image)))?;
+        let instance = match instance {
+            // An HTTP component runs on the HTTP engine (pooled instances), compiled for it.
+            Instance::Http(_) => Instance::Http(self.http.prepare(&image.layer_digest, &wasm).await.map_err(|e| ProviderError::Create(format!("container {} (image {}): {e}", config.name, config.image)))?),
+            other => other,
+        };
         let id = self.new_container_id();
         let mut state = self.state();
         if !state.sandboxes.contains_key(sandbox_id) {
@@ -299,7 +307,7 @@ impl Provider for WasmtimeProvider {
             async move {
                 tracing::info!("started");
                 let exit = match (&instance, listeners) {
-                    (Instance::Http(pre), Some(listeners)) => http::serve(engine.clone(), pre.clone(), http_config, listeners, log.clone(), meter.clone(), drain, token.clone()).await,
+                    (Instance::Http(pre), Some(listeners)) => http::serve(pre.clone(), http_config, listeners, log.clone(), meter.clone(), drain, token.clone()).await,
                     _ => instance.run(&engine, wasi, memory_limit, token.clone(), &meter).await,
                 };
                 // The container's end ends its execs, as a pid namespace's end does.
