@@ -312,3 +312,41 @@ async fn deleting_the_pod_drains_requests_in_flight() {
     assert_eq!(slow.await.unwrap().unwrap(), (200, "slept 2000 ms\n".into()), "the request in flight finished");
     wait_for("the listener to close", TEST_TIMEOUT, || async { get(&ip, PORT, "/").await.is_err().then_some(()) }).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_socket_listener_binds_only_its_declared_port() {
+    let agent = &node("tcp-echo").await;
+    let ns = TestNamespace::new("tcp-echo").await;
+    // `declared` listens on its declared port; `undeclared` asks for a port it does not declare.
+    let echo = |name: &str, listen: u16, declared: u16| {
+        serde_json::from_value::<Pod>(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": agent.name, "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{
+                    "name": "echo", "image": example_image("tcp-echo"),
+                    "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                    "args": [format!("$(POD_IP):{listen}")],
+                    "ports": [{"containerPort": declared}],
+                    "readinessProbe": {"tcpSocket": {"port": declared}, "periodSeconds": 1},
+                }],
+            }
+        }))
+        .unwrap()
+    };
+    ns.pods().create(&PostParams::default(), &echo("declared", 9000, 9000)).await.unwrap();
+    ns.pods().create(&PostParams::default(), &echo("undeclared", 9002, 9001)).await.unwrap();
+
+    // The tcpSocket readiness probe reaches the guest's own listener.
+    ns.wait_pod(agent, "declared", "the listener to be Ready", ready).await;
+    let mut conn = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 9000)).await.unwrap();
+    conn.write_all(b"hello\n").await.unwrap();
+    let mut got = vec![0u8; "echo: hello\n".len()];
+    tokio::time::timeout(TEST_TIMEOUT, conn.read_exact(&mut got)).await.expect("an echo").unwrap();
+    assert_eq!(got, b"echo: hello\n");
+
+    ns.wait_pod(agent, "undeclared", "the undeclared listener to fail", |p| phase(p) == "Failed").await;
+    let logs = kubectl_logs(&ns.name, "undeclared");
+    assert!(logs.starts_with(&format!("cannot listen on {}:9002: ", agent.node_ip)), "{logs}");
+}
