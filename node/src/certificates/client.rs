@@ -115,8 +115,11 @@ fn client_for(base: &kube::Config, pair: &Pair, build: BuildClient) -> Result<ku
     build(config).map_err(|reason| CertificateError::File { path: pair.path.clone(), reason })
 }
 
+/// (certificate, private key), PEM.
+type IdentityPem = (Vec<u8>, Vec<u8>);
+
 /// The client certificate and key a kube::Config names, PEM: `None` when it has none.
-fn identity_pem(config: &kube::Config) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+fn identity_pem(config: &kube::Config) -> Result<Option<IdentityPem>, String> {
     let auth = &config.auth_info;
     let read = |file: &Option<String>, data: Option<&str>| -> Result<Option<Vec<u8>>, String> {
         if let Some(data) = data {

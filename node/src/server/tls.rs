@@ -94,8 +94,11 @@ pub struct ServingResolver {
     fallback: Arc<CertifiedKey>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// (device, inode) of the file last read, and what it held (`None`: unusable, logged once).
-    cached: RwLock<Option<((u64, u64), Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>)>>,
+    cached: RwLock<Option<((u64, u64), Loaded)>>,
 }
+
+/// A stored certificate read and usable by rustls; `None` when it could not be.
+type Loaded = Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>;
 
 impl ServingResolver {
     pub fn new(cert_dir: &Path, fallback: Arc<CertifiedKey>, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
@@ -105,7 +108,7 @@ impl ServingResolver {
     fn current(&self) -> Arc<CertifiedKey> {
         use std::os::unix::fs::MetadataExt;
         let Ok(target) = std::fs::metadata(self.store.current_path()).map(|m| (m.dev(), m.ino())) else { return self.fallback.clone() };
-        let usable = |entry: &Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>| match entry {
+        let usable = |entry: &Loaded| match entry {
             Some((leaf, key)) if leaf.valid_at(jiff::Timestamp::now()) => key.clone(),
             _ => self.fallback.clone(),
         };
