@@ -265,11 +265,25 @@ pub fn bind(network: &ContainerNetwork) -> Result<Listeners, String> {
     let mut listeners = Vec::with_capacity(ports.len());
     for port in ports {
         let addr = SocketAddr::new(ip, port);
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
-        listener.set_nonblocking(true).map_err(|e| format!("binding {addr}: {e}"))?;
+        let listener = listen(addr).map_err(|e| format!("binding {addr}: {e}"))?;
         listeners.push(listener);
     }
     Ok(Listeners(listeners))
+}
+
+/// How many connections may wait to be accepted: std's 128 would make a burst of a thousand
+/// clients retry their SYNs; 1024 is tokio's default (the kernel caps it at `somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A non-blocking listening socket on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (as std
+/// and tokio set it), so a restarted container binds again while old connections linger.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // Registered with the reactor here, handed on as a std listener (non-blocking) that serve
+    // registers again.
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 /// What every request of one container shares.
@@ -472,8 +486,8 @@ mod tests {
         assert!(socket_allowed(&network(OutboundPolicy::AllowAll), at("127.0.0.9:1"), SocketAddrUse::TcpConnect).await);
     }
 
-    #[test]
-    fn binding_needs_a_tcp_port_and_an_ip() {
+    #[tokio::test]
+    async fn binding_needs_a_tcp_port_and_an_ip() {
         let mut network = ContainerNetwork::default();
         assert!(bind(&network).unwrap_err().contains("no IP"));
         network.pod_ip = Some("127.0.0.1".parse().unwrap());
