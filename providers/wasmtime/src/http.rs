@@ -8,6 +8,8 @@
 //! container's memory limit (per instance) and CPU meter. At most
 //! [`DEFAULT_MAX_CONCURRENT_REQUESTS`] (or the pod's bound) instances run at once; a request
 //! over the bound is answered 503 at once with a body saying so, never queued without limit.
+//! HTTP components run on an engine of their own ([`HttpEngine`]) with wasmtime's pooling
+//! allocator, which reuses instance slots instead of mapping memory per request.
 //!
 //! Lifecycle: the container runs while its listeners are up. A stop first *drains*: the
 //! listeners close at once (new connections are refused), idle keep-alive connections are
@@ -72,7 +74,6 @@ const POOLED_INSTANCES: u32 = 2 * DEFAULT_MAX_CONCURRENT_REQUESTS;
 /// request), as `wasmtime serve` uses it. Where the host refuses the pool's address space it
 /// falls back to the ordinary allocator. Its compiled code has a cache of its own.
 pub struct HttpEngine {
-    engine: Engine,
     compiled: crate::compile::CompileCache,
     linker: wasmtime::component::Linker<HttpState>,
 }
@@ -89,7 +90,7 @@ impl HttpEngine {
         crate::start_epoch_ticker(&engine).map_err(|e| e.to_string())?;
         let linker = linker(&engine).map_err(|e| format!("linking WASI and wasi:http: {e:#}"))?;
         let compiled = crate::compile::CompileCache::new(engine.clone(), root_dir);
-        Ok(Self { engine, compiled, linker })
+        Ok(Self { compiled, linker })
     }
 
     /// The component of layer `digest` (bytes at `wasm`), compiled for this engine and linked.
@@ -98,10 +99,6 @@ impl HttpEngine {
             crate::compile::Program::Component(component) => prepare(&self.linker, &component),
             crate::compile::Program::Module(_) => Err("a core module cannot be an HTTP component".into()),
         }
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
 }
 
