@@ -61,28 +61,43 @@ impl CompileCache {
     }
 
     /// Forgets the compiled code of layer `digest` (its image was removed): the in-memory entry
-    /// and the on-disk artifact, which `discard` deletes (crash-safely, through the image trash).
-    /// Returns the bytes freed on disk.
+    /// and the on-disk artifacts of every engine (`<root>/compiled/*/`, e.g. the HTTP engine's
+    /// too), which `discard` deletes (crash-safely, through the image trash). Returns the bytes
+    /// freed on disk.
     pub fn remove(&self, digest: &str, discard: impl Fn(&Path)) -> u64 {
         self.memory.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
         let Ok(hex) = sha256_hex(digest) else { return 0 };
-        let cwasm = self.dir.join(format!("{hex}.cwasm"));
-        let freed = std::fs::metadata(&cwasm).map(|m| m.len()).unwrap_or(0);
-        discard(&cwasm);
+        let mut freed = 0;
+        for dir in self.engine_dirs() {
+            let cwasm = dir.join(format!("{hex}.cwasm"));
+            if let Ok(meta) = std::fs::metadata(&cwasm) {
+                freed += meta.len();
+                discard(&cwasm);
+            }
+        }
         freed
     }
 
-    /// Deletes on-disk artifacts whose layer no image holds any more (a removal interrupted
-    /// between the image and its compiled code), and temporary files of interrupted writes.
+    /// Deletes on-disk artifacts (of every engine) whose layer no image holds any more (a removal
+    /// interrupted between the image and its compiled code), and temporary files of interrupted
+    /// writes.
     pub fn sweep(&self, layers: &std::collections::HashSet<String>) {
-        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let keep = name.strip_suffix(".cwasm").is_some_and(|hex| layers.contains(hex));
-            if !keep {
-                tracing::info!(file = %name, "deleting compiled code no image needs");
-                let _ = std::fs::remove_file(entry.path());
+        for dir in self.engine_dirs() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let keep = name.strip_suffix(".cwasm").is_some_and(|hex| layers.contains(hex));
+                if !keep {
+                    tracing::info!(file = %name, "deleting compiled code no image needs");
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
+    }
+
+    /// `<root>/compiled/<engine-hash>` of every engine that stored code there.
+    fn engine_dirs(&self) -> Vec<PathBuf> {
+        let Some(all) = self.dir.parent() else { return vec![self.dir.clone()] };
+        std::fs::read_dir(all).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()
     }
 
     /// The directory of the on-disk artifacts.
