@@ -175,6 +175,30 @@ async fn a_thousand_concurrent_requests_are_all_answered() {
 }
 
 #[tokio::test]
+async fn the_memory_limit_holds_for_all_requests_in_flight_together() {
+    let agent = &node("http-mem").await;
+    let ns = TestNamespace::new("http-mem").await;
+    http_pod(&ns, agent, "lean", serde_json::json!({}), serde_json::json!({"resources": {"limits": {"memory": "8Mi"}}})).await;
+    ns.wait_pod(agent, "lean", "the pod to run", running).await;
+    let ip = agent.node_ip.clone();
+    wait_for("the component to answer", TEST_TIMEOUT, || async { get(&ip, PORT, "/").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
+    // Each instance holds a linear memory of more than 1 MiB: 8 MiB cannot hold 100 at once.
+    let tasks: Vec<_> = (0..100).map(|_| tokio::spawn({ let ip = ip.clone(); async move { get(&ip, PORT, "/sleep?ms=300").await } })).collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let ok = answers.iter().filter(|a| matches!(a, Ok((200, _)))).count();
+    let busy: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().ok().filter(|(s, _)| *s == 503).map(|(_, b)| b)).collect();
+    assert_eq!(ok + busy.len(), 100, "every request answered 200 or 503: {:?}", answers.iter().filter(|a| !matches!(a, Ok((200 | 503, _)))).take(3).collect::<Vec<_>>());
+    assert!(ok >= 1 && !busy.is_empty(), "{ok} served, {} turned away", busy.len());
+    assert!(busy[0].contains("memory limit of 8388608 bytes"), "{}", busy[0]);
+    // The container itself lives on: the limit turned requests away, it did not kill it.
+    let pod = ns.pods().get("lean").await.unwrap();
+    assert!(running(&pod), "{:?}", pod.status);
+}
+
+#[tokio::test]
 async fn kubectl_port_forward_reaches_the_component() {
     let agent = &node("http-pf").await;
     let ns = TestNamespace::new("http-pf").await;
