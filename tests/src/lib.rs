@@ -319,6 +319,14 @@ pub fn has_taint(node: &Node, key: &str) -> bool {
     node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == key))
 }
 
+/// Waits for the agent's Node to exist; on time-out fails with the agent's log.
+async fn wait_registered(agent: &Agent) {
+    let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
+    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+}
+
 /// How long a test waits for a node or pod condition.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -331,10 +339,7 @@ pub async fn test_node(what: &str, extra: &[&str]) -> Agent {
     let mut args = vec!["--pod-logs-dir", logs.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
     let agent = Agent::start(&name, &args).expect("the agent starts");
-    let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
-    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    wait_registered(&agent).await;
     agent
 }
 
@@ -359,6 +364,26 @@ impl TestNamespace {
 
     pub fn pods(&self) -> kube::Api<Pod> {
         kube::Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Creates pod `name` bound to the agent's node (no scheduler in the way, so admission is
+    /// the node's alone). `spec` is merged over restartPolicy Never, a 1 s grace period and a
+    /// toleration of every taint; `metadata` over the name.
+    pub async fn create_bound_pod(&self, agent: &Agent, name: &str, metadata: serde_json::Value, spec: serde_json::Value) -> Pod {
+        let mut full_spec = serde_json::json!({
+            "nodeName": agent.name,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "tolerations": [{"operator": "Exists"}],
+        });
+        let mut full_metadata = serde_json::json!({"name": name});
+        for (base, extra) in [(&mut full_spec, spec), (&mut full_metadata, metadata)] {
+            if let (Some(base), serde_json::Value::Object(extra)) = (base.as_object_mut(), extra) {
+                base.extend(extra);
+            }
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": full_metadata, "spec": full_spec})).expect("a valid pod");
+        self.pods().create(&Default::default(), &pod).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
     }
 
     /// Waits until pod `name` passes `check`; on time-out fails with its status, its events
@@ -447,9 +472,6 @@ pub async fn test_node_on_tmpfs(what: &str, size: &str, extra: &[&str]) -> (Tmpf
     let mut args = vec!["--pod-logs-dir", logs.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
     let agent = Agent::start(&name, &args).expect("the agent starts");
-    let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
-    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    wait_registered(&agent).await;
     (tmpfs, agent)
 }

@@ -4,7 +4,6 @@
 
 use integration_tests::{example_image, has_taint, node_condition, phase, test_node_on_tmpfs, wait_for, Agent, Cluster, TestNamespace, Tmpfs, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::PostParams;
 use kube::Api;
 
 /// The test's agent on a tmpfs root of `size`, Ready.
@@ -32,17 +31,11 @@ async fn wait_node(agent: &Agent, what: &str, check: impl Fn(&Node) -> bool) -> 
 }
 
 async fn create_pod(ns: &TestNamespace, agent: &Agent, name: &str, spec: serde_json::Value) -> Pod {
-    let mut full = serde_json::json!({
-        "nodeName": agent.name,
-        "restartPolicy": "Always",
-        "terminationGracePeriodSeconds": 2,
-        "tolerations": [{"operator": "Exists"}],
-    });
-    if let (Some(full), Some(spec)) = (full.as_object_mut(), spec.as_object()) {
-        full.extend(spec.clone());
+    let mut full = serde_json::json!({"restartPolicy": "Always", "terminationGracePeriodSeconds": 2});
+    if let (Some(full), serde_json::Value::Object(spec)) = (full.as_object_mut(), spec) {
+        full.extend(spec);
     }
-    let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": full})).expect("valid pod");
-    ns.pods().create(&PostParams::default(), &pod).await.expect("pod created")
+    ns.create_bound_pod(agent, name, serde_json::json!({}), full).await
 }
 
 fn reason(pod: &Pod) -> &str {

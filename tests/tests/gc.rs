@@ -7,21 +7,11 @@ use std::time::Duration;
 
 use integration_tests::{example_image, phase, test_node, test_node_on_tmpfs, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 
 async fn create_pod(ns: &TestNamespace, agent: &Agent, name: &str, image: &str, restart: &str) -> Pod {
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeName": agent.name,
-            "restartPolicy": restart,
-            "terminationGracePeriodSeconds": 1,
-            "tolerations": [{"operator": "Exists"}],
-            "containers": [{"name": "c", "image": image}],
-        },
-    }))
-    .expect("valid pod");
-    ns.pods().create(&PostParams::default(), &pod).await.expect("pod created")
+    let spec = serde_json::json!({"restartPolicy": restart, "containers": [{"name": "c", "image": image}]});
+    ns.create_bound_pod(agent, name, serde_json::json!({}), spec).await
 }
 
 async fn delete_and_wait(ns: &TestNamespace, name: &str) {

@@ -22,18 +22,11 @@ trait CreatePods {
 
 impl CreatePods for Ns {
     async fn create_pod(&self, agent: &Agent, name: &str, restart: &str, containers: serde_json::Value, extra: serde_json::Value) -> Pod {
-        let mut spec = serde_json::json!({
-            "nodeName": agent.name,
-            "restartPolicy": restart,
-            "terminationGracePeriodSeconds": 2,
-            "tolerations": [{"operator": "Exists"}],
-            "containers": containers,
-        });
-        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
-            spec.extend(extra.clone());
+        let mut spec = serde_json::json!({"restartPolicy": restart, "terminationGracePeriodSeconds": 2, "containers": containers});
+        if let (Some(spec), serde_json::Value::Object(extra)) = (spec.as_object_mut(), extra) {
+            spec.extend(extra);
         }
-        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "spec": spec})).unwrap();
-        self.pods().create(&PostParams::default(), &pod).await.unwrap()
+        self.create_bound_pod(agent, name, serde_json::json!({}), spec).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::Api;
 
 type Ns = TestNamespace;
@@ -17,18 +17,8 @@ type Ns = TestNamespace;
 /// Creates a pod bound to the agent's node (no scheduler in the way, so admission is the
 /// kubelet's alone) with `containers` and extra spec fields.
 async fn create_pod(ns: &Ns, agent: &Agent, name: &str, containers: serde_json::Value, restart: &str) -> Pod {
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeName": agent.name,
-            "restartPolicy": restart,
-            "terminationGracePeriodSeconds": 1,
-            "tolerations": [{"operator": "Exists"}],
-            "containers": containers,
-        },
-    }))
-    .unwrap();
-    ns.pods().create(&PostParams::default(), &pod).await.unwrap()
+    let spec = serde_json::json!({"restartPolicy": restart, "containers": containers});
+    ns.create_bound_pod(agent, name, serde_json::json!({}), spec).await
 }
 
 /// Held by the tests that run busy loops, so one's loops do not eat the CPU the other measures.

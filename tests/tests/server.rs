@@ -724,7 +724,7 @@ async fn websocket_connect_with(agent: &Agent, path_and_query: &str, protocol: &
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await.unwrap();
     let mut request = format!("wss://{}:10250{path_and_query}", agent.node_ip).into_client_request().unwrap();
     request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
-    let (mut ws, response) = tokio_tungstenite::client_async(request, stream).await.unwrap_or_else(|e| panic!("WebSocket upgrade: {e}\n{}", agent.log_tail()));
+    let (ws, response) = tokio_tungstenite::client_async(request, stream).await.unwrap_or_else(|e| panic!("WebSocket upgrade: {e}\n{}", agent.log_tail()));
     assert_eq!(response.headers()["sec-websocket-protocol"], protocol);
     ws
 }

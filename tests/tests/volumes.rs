@@ -14,17 +14,7 @@ type Ns = TestNamespace;
 
 /// A pod bound to the test's node; `spec` is merged over the defaults.
 async fn create_pod(ns: &Ns, agent: &Agent, name: &str, spec: serde_json::Value) -> Pod {
-    let mut full = serde_json::json!({
-        "nodeName": agent.name,
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": 1,
-        "tolerations": [{"operator": "Exists"}],
-    });
-    if let (Some(full), Some(extra)) = (full.as_object_mut(), spec.as_object()) {
-        full.extend(extra.clone());
-    }
-    let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": {"app": "v1"}}, "spec": full})).unwrap();
-    ns.pods().create(&PostParams::default(), &pod).await.unwrap()
+    ns.create_bound_pod(agent, name, serde_json::json!({"labels": {"app": "v1"}}), spec).await
 }
 
 async fn create<K>(ns: &Ns, object: serde_json::Value) -> K

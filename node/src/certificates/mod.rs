@@ -66,21 +66,9 @@ pub struct Leaf {
 impl Leaf {
     /// Reads the serial and validity out of a DER certificate.
     pub fn from_der(der: &[u8]) -> Option<Leaf> {
-        use crate::server::tls::element;
+        use crate::server::tls::{element, tbs_fields};
         const SEQUENCE: u8 = 0x30;
-        let (tag, cert, _) = element(der)?;
-        if tag != SEQUENCE {
-            return None;
-        }
-        let (tag, tbs, _) = element(cert)?;
-        if tag != SEQUENCE {
-            return None;
-        }
-        let mut rest = tbs;
-        let (tag, _, after) = element(rest)?;
-        if tag == 0xa0 {
-            rest = after; // [0] EXPLICIT version
-        }
+        let rest = tbs_fields(der)?;
         let (tag, serial, rest) = element(rest)?;
         if tag != 0x02 {
             return None;

@@ -77,18 +77,7 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             let container_id = running_container(&ctx, &uid, &container).await?;
             let handler = ProviderExec { provider: ctx.provider.clone(), container_id };
             let span = tracing::debug_span!("exec", pod = %format!("{namespace}/{pod}"), container = %container);
-            if websocket::is_websocket(request.headers()) {
-                return serve_websocket(request, options, handler, span);
-            }
-            let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
-            upgrade(request, headers, move |io| {
-                async move {
-                    if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
-                        debug!(error = %e, "exec session ended with an error");
-                    }
-                }
-                .instrument(span)
-            })
+            serve_stdio_session(request, options, handler, span)
         }
         Endpoint::Attach { namespace, pod, uid, container } => {
             let options = ExecOptions::from_attach_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
@@ -96,18 +85,7 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             let container_id = running_container(&ctx, &uid, &container).await?;
             let handler = ProviderAttach { provider: ctx.provider.clone(), container_id };
             let span = tracing::debug_span!("attach", pod = %format!("{namespace}/{pod}"), container = %container);
-            if websocket::is_websocket(request.headers()) {
-                return serve_websocket(request, options, handler, span);
-            }
-            let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
-            upgrade(request, headers, move |io| {
-                async move {
-                    if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
-                        debug!(error = %e, "attach session ended with an error");
-                    }
-                }
-                .instrument(span)
-            })
+            serve_stdio_session(request, options, handler, span)
         }
         Endpoint::Run { namespace, pod, uid, container } => {
             if request.method() != http::Method::POST {
@@ -136,13 +114,25 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
     }
 }
 
-/// exec or attach over WebSocket (a direct client; the API server speaks SPDY).
-fn serve_websocket<H: ExecHandler + 'static>(request: http::Request<Incoming>, options: ExecOptions, handler: H, span: tracing::Span) -> Result<http::Response<Body>, StatusError> {
-    let (protocol, headers) = websocket::negotiate(request.headers()).map_err(|e| StatusError::bad_request(e.to_string()))?;
+/// An exec or attach session: SPDY/3.1 remotecommand (what the API server speaks), or
+/// WebSocket channel protocols for a direct client.
+fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming>, options: ExecOptions, handler: H, span: tracing::Span) -> Result<http::Response<Body>, StatusError> {
+    if websocket::is_websocket(request.headers()) {
+        let (protocol, headers) = websocket::negotiate(request.headers()).map_err(|e| StatusError::bad_request(e.to_string()))?;
+        return upgrade(request, headers, move |io| {
+            async move {
+                if let Err(e) = websocket::serve_remotecommand(io, protocol, options, &handler).await {
+                    debug!(error = %e, "WebSocket session ended with an error");
+                }
+            }
+            .instrument(span)
+        });
+    }
+    let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
     upgrade(request, headers, move |io| {
         async move {
-            if let Err(e) = websocket::serve_remotecommand(io, protocol, options, &handler).await {
-                debug!(error = %e, "WebSocket session ended with an error");
+            if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
+                debug!(error = %e, "session ended with an error");
             }
         }
         .instrument(span)

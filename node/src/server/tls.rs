@@ -234,10 +234,11 @@ pub(crate) fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &rest[..len], &rest[len..]))
 }
 
-/// The subject Name of a certificate: Certificate → tbsCertificate → (version), serial,
-/// signature, issuer, validity, subject.
-fn subject(der: &[u8]) -> Option<&[u8]> {
-    const SEQUENCE: u8 = 0x30;
+const SEQUENCE: u8 = 0x30;
+
+/// The fields of a certificate's tbsCertificate after its optional version: serial, signature,
+/// issuer, validity, subject, ... (Certificate → tbsCertificate → [0] version → these).
+pub(crate) fn tbs_fields(der: &[u8]) -> Option<&[u8]> {
     let (tag, cert, _) = element(der)?;
     if tag != SEQUENCE {
         return None;
@@ -246,11 +247,13 @@ fn subject(der: &[u8]) -> Option<&[u8]> {
     if tag != SEQUENCE {
         return None;
     }
-    let mut rest = tbs;
-    let (tag, _, after) = element(rest)?;
-    if tag == 0xa0 {
-        rest = after; // [0] EXPLICIT version
-    }
+    let (tag, _, after) = element(tbs)?;
+    Some(if tag == 0xa0 { after } else { tbs })
+}
+
+/// The subject Name of a certificate.
+fn subject(der: &[u8]) -> Option<&[u8]> {
+    let mut rest = tbs_fields(der)?;
     for _ in 0..4 {
         rest = element(rest)?.2; // serial, signature, issuer, validity
     }
