@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{agent_binary, example_image, node_condition, phase, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{agent_binary, example_image, node_condition, phase, push_examples, unique_name, unmount_under, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use jiff::Timestamp;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -149,6 +149,8 @@ impl Drop for BootstrapAgent {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A killed agent leaves its tmpfs volumes (service-account tokens) mounted.
+        unmount_under(&self.dir);
         let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.pid", self.name)));
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.cmd", self.name)));
