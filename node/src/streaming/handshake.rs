@@ -17,6 +17,19 @@ pub const HEADER_PROTOCOL_VERSION: &str = "x-stream-protocol-version";
 /// Response header listing the server's sub-protocols when none matched (HTTP 403).
 pub const HEADER_ACCEPTED_PROTOCOL_VERSIONS: &str = "x-accepted-stream-protocol-versions";
 
+/// The tokens of a header that may be repeated and/or comma separated (sub-protocol lists),
+/// in the client's order.
+pub fn listed_tokens(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
 /// Checks the upgrade request and picks a sub-protocol: the first in the *client's* order that
 /// `supported` contains (as `httpstream.Handshake` does). Returns it with the headers of the
 /// `101` response: `Connection: Upgrade`, `Upgrade: SPDY/3.1`, `X-Stream-Protocol-Version`.
@@ -30,14 +43,7 @@ pub fn negotiate<'a>(headers: &HeaderMap, supported: &[&'a str]) -> Result<(&'a 
     if !has_token(CONNECTION, "upgrade") || !has_token(UPGRADE, SPDY_31) {
         return Err(Error::MissingUpgradeHeaders);
     }
-    let client: Vec<String> = headers
-        .get_all(HEADER_PROTOCOL_VERSION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let client = listed_tokens(headers, HEADER_PROTOCOL_VERSION);
     if client.is_empty() {
         return Err(Error::MissingProtocolVersion);
     }

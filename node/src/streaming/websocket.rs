@@ -113,14 +113,7 @@ pub enum NegotiationError {
 /// Picks the subprotocol and builds the 101 answer's headers.
 pub fn negotiate(headers: &http::HeaderMap) -> Result<(&'static str, http::HeaderMap), NegotiationError> {
     let key = headers.get(http::header::SEC_WEBSOCKET_KEY).ok_or(NegotiationError::MissingKey)?;
-    let requested: Vec<String> = headers
-        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let requested = super::handshake::listed_tokens(headers, http::header::SEC_WEBSOCKET_PROTOCOL);
     let protocol = PROTOCOLS.iter().find(|p| requested.iter().any(|r| r == *p)).copied().ok_or_else(|| NegotiationError::NoCommonProtocol { requested: requested.join(", ") })?;
     let mut out = http::HeaderMap::new();
     out.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
