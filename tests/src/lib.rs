@@ -2,7 +2,8 @@
 //! `deploy/local-cluster up` starts (kube-apiserver, etcd, kube-controller-manager,
 //! kube-scheduler, a registry), never a mock.
 //!
-//! Start at [`Cluster::get`]: it reads `target/local-cluster/env` (or `$LOCAL_CLUSTER_ENV`).
+//! Start at [`Cluster::get`]: it reads `$LOCAL_CLUSTER_DIR/env`, by default
+//! `target/local-cluster/env` (the same rule as `deploy/local-cluster`).
 //! [`Agent::start`] runs the real `wasm-kubelet` binary as its own node, with a node identity
 //! minted by `deploy/local-cluster node-kubeconfig`, and kills it when dropped. Waits are on
 //! conditions ([`wait_for`]), never on sleeps.
@@ -30,23 +31,35 @@ pub struct Cluster {
 
 impl Cluster {
     /// The cluster `deploy/local-cluster up` started. Panics with what to do when it is not up.
+    ///
+    /// Its location follows the rule of `deploy/local-cluster` itself: `$LOCAL_CLUSTER_DIR` when
+    /// set, else `target/local-cluster` of this workspace. The env file found there must name
+    /// that same directory; a mismatch (an env file copied or moved from another checkout) is
+    /// an error naming both paths.
     pub fn get() -> &'static Cluster {
         static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-        CLUSTER.get_or_init(|| {
-            let path = std::env::var_os("LOCAL_CLUSTER_ENV")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target/local-cluster/env"));
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-                panic!("no local cluster ({}: {e}); start one with `deploy/local-cluster up`", path.display())
-            });
-            let vars = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("export "))
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            Cluster { vars }
-        })
+        CLUSTER.get_or_init(|| Cluster::load(&cluster_dir()).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    fn load(dir: &Path) -> anyhow::Result<Cluster> {
+        let path = dir.join("env");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no local cluster ({}); start one with `deploy/local-cluster up`", path.display()))?;
+        let vars: HashMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let named = vars.get("LOCAL_CLUSTER_DIR").with_context(|| format!("{} names no LOCAL_CLUSTER_DIR", path.display()))?;
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(Path::new(named), dir) {
+            bail!("the local cluster env file {} describes the cluster in {named}, not {}; set LOCAL_CLUSTER_DIR to one of them", path.display(), dir.display());
+        }
+        Ok(Cluster { vars })
     }
 
     pub fn var(&self, name: &str) -> &str {
@@ -83,6 +96,15 @@ pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// Where the local cluster lives: `$LOCAL_CLUSTER_DIR` when set (as `deploy/local-cluster`
+/// reads it), else `target/local-cluster` of this workspace.
+pub fn cluster_dir() -> PathBuf {
+    match std::env::var_os("LOCAL_CLUSTER_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => workspace_root().join("target/local-cluster"),
+    }
 }
 
 /// The agent binary: `$WASM_KUBELET_BIN`, else target/debug/wasm-kubelet (build it first:
