@@ -331,6 +331,37 @@ pub fn example_image(name: &str) -> String {
     format!("{}/wasm-examples/{name}:v1", Cluster::get().var("REGISTRY"))
 }
 
+/// Pushes `wasm` (a module or component) to the local registry as `$REGISTRY/it-guests/<name>:<tag>`
+/// with deploy/push-wasm, the tag being the first 12 hex digits of its SHA-256 (so the same
+/// bytes push once and a changed guest is a new image); returns the image reference.
+pub fn push_wasm(name: &str, wasm: &[u8]) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    // A content tag without a crypto dependency: two hashes of different seeds, 64 bits each.
+    let tag = {
+        let mut a = DefaultHasher::new();
+        wasm.hash(&mut a);
+        let mut b = DefaultHasher::new();
+        (wasm.len(), wasm).hash(&mut b);
+        format!("c{:016x}{:016x}", a.finish(), b.finish())
+    };
+    let reference = format!("{}/it-guests/{name}:{tag}", Cluster::get().var("REGISTRY"));
+    let dir = workspace_root().join("target/it-guests");
+    std::fs::create_dir_all(&dir).expect("target/it-guests");
+    let file = dir.join(format!("{name}-{tag}.wasm"));
+    std::fs::write(&file, wasm).expect("guest written");
+    let out = Command::new(workspace_root().join("deploy/push-wasm")).arg(&file).arg(&reference).output().expect("deploy/push-wasm runs");
+    assert!(out.status.success(), "push-wasm {reference}: {}", String::from_utf8_lossy(&out.stderr));
+    reference
+}
+
+/// Compiles a WebAssembly text guest (a module or a component) and pushes it with
+/// [`push_wasm`]; returns the image reference. Adversarial guests live in the test files as
+/// .wat text, so each test shows exactly what its guest does.
+pub fn push_wat(name: &str, wat: &str) -> String {
+    let wasm = wat::parse_str(wat).unwrap_or_else(|e| panic!("guest {name} is not valid WAT: {e}"));
+    push_wasm(name, &wasm)
+}
+
 /// The status of condition `kind` on a Node ("True", "False", "Unknown").
 pub fn node_condition(node: &Node, kind: &str) -> Option<String> {
     node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
