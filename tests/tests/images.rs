@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use integration_tests::{example_wasm, phase, push_examples, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace};
+use integration_tests::{example_wasm, phase, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::Api;
