@@ -285,13 +285,12 @@ async fn an_image_pull_secret_opens_the_tls_registry() {
 
     let pod = ns.wait_pod(agent, "without-secret", "ErrImagePull or ImagePullBackOff", |p| matches!(waiting_reason(p), Some("ErrImagePull" | "ImagePullBackOff"))).await;
     assert_eq!(phase(&pod), "Pending");
-    let events = ns.events("without-secret").await;
-    let failed: Vec<&String> = events.iter().filter(|(reason, _)| reason == "Failed").map(|(_, message)| message).collect();
-    assert!(
-        failed.iter().any(|m| {
+    // The event is published asynchronously, possibly after the waiting reason is visible.
+    ns.wait_events(agent, "without-secret", "a Failed event about authentication", |events| {
+        events.iter().filter(|(reason, _)| reason == "Failed").any(|(_, m)| {
             let m = m.to_ascii_lowercase();
             m.contains(&reference.to_ascii_lowercase()) && (m.contains("unauthorized") || m.contains("not authorized") || m.contains("authentication"))
-        }),
-        "a Failed event about authentication: {failed:?}"
-    );
+        })
+    })
+    .await;
 }
