@@ -347,6 +347,49 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// How much CPU this machine offers one busy thread, measured while a test measures a guest:
+/// a native thread spins from [`CpuOffer::start`] to [`CpuOffer::finish`], which returns the
+/// cores it got (0 to 1). Tests that assert a guest's CPU rate compare with it instead of
+/// assuming an idle machine: on a loaded 2-core machine a busy loop gets a fraction of a core,
+/// and that is the machine, not the agent.
+pub struct CpuOffer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    spinner: std::thread::JoinHandle<f64>,
+}
+
+impl CpuOffer {
+    pub fn start() -> CpuOffer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let spinner = std::thread::spawn(move || {
+            let (cpu0, wall0) = (thread_cpu_time(), Instant::now());
+            let mut x = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                for i in 0..100_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+            }
+            (thread_cpu_time() - cpu0).as_secs_f64() / wall0.elapsed().as_secs_f64()
+        });
+        CpuOffer { stop, spinner }
+    }
+
+    /// Stops the spinning thread; the cores it got while it ran.
+    pub fn finish(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.spinner.join().expect("the spinning thread does not panic")
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) with a valid clock id and out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{example_image, CpuOffer, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::DeleteParams;
 use kube::Api;
@@ -80,13 +80,20 @@ async fn a_cpu_limit_of_200m_holds_a_busy_loop_near_a_fifth_of_a_core() {
     for name in ["limited", "free"] {
         ns.wait_pod(agent, name, "the busy loop to run", |p| phase(p) == "Running").await;
     }
+    let offer = CpuOffer::start();
     let rates = cpu_rates(agent, &["limited", "free"], Duration::from_secs(6)).await;
+    let offered = offer.finish();
     let (limited, free) = (rates[0], rates[1]);
-    println!("measured over 6 s: limited to 200m {limited:.3} cores, unlimited {free:.3} cores");
-    // 20 % of a core, with room for a loaded 2-core machine (other builds run alongside): the
-    // quota is a ceiling, and a starved loop gets less.
-    assert!((0.10..=0.35).contains(&limited), "a 200m limit holds a busy loop near 0.2 cores, measured {limited:.3}");
-    assert!(free > limited * 1.3, "an unlimited busy loop gets clearly more than a limited one: {free:.3} vs {limited:.3}");
+    println!("measured over 6 s: limited to 200m {limited:.3} cores, unlimited {free:.3} cores; a native busy thread got {offered:.3}");
+    // The quota is a ceiling whatever else runs: 20 % of a core, with room for accounting
+    // granularity.
+    assert!(limited <= 0.35, "a 200m limit holds a busy loop to about 0.2 cores, measured {limited:.3}");
+    // Below it, a loop gets what the machine offers (a loaded 2-core machine offers a busy
+    // thread a fraction of a core): the limited loop reaches half of what it could have had,
+    // and the unlimited one half of what a native thread got beside it. On an idle machine
+    // (offered near 1) that makes the unlimited loop clearly faster than the limited one.
+    assert!(limited >= 0.5 * offered.min(0.2), "a 200m-limited loop runs up to its quota: {limited:.3} of {offered:.3} offered");
+    assert!(free >= 0.5 * offered, "an unlimited busy loop gets what the machine offers: {free:.3} of {offered:.3} (limited {limited:.3})");
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use integration_tests::{example_image, phase, push_examples, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{example_image, CpuOffer, phase, push_examples, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::Api;
@@ -364,6 +364,7 @@ async fn stats_summary_and_resource_metrics_from_real_measurements() {
     // The busy loop's measured CPU rate: most of a core (the machine is shared with the
     // control plane, so "close to one core" is asserted as more than half of one).
     let summary_path = "/stats/summary".to_string();
+    let offer = CpuOffer::start();
     let cores = wait_for("a CPU rate for the busy loop in /stats/summary", TEST_TIMEOUT, || async {
         let doc: serde_json::Value = serde_json::from_str(&raw(summary_path.clone())?).ok()?;
         let pod = doc["pods"].as_array()?.iter().find(|p| p["podRef"]["name"] == "spin")?.clone();
@@ -374,7 +375,10 @@ async fn stats_summary_and_resource_metrics_from_real_measurements() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
-    assert!(cores > 0.5, "a busy loop uses most of a core, measured {cores:.2}");
+    let offered = offer.finish();
+    // As much as the machine offers a busy thread (most of a core when it is idle; a fraction
+    // when other builds load it), measured beside it.
+    assert!(cores >= 0.5 * offered, "a busy loop uses what the machine offers: {cores:.2} cores, a native busy thread got {offered:.2}");
 
     let metrics = raw("/metrics/resource".to_string()).expect("/metrics/resource");
     let line = metrics.lines().find(|l| l.starts_with("container_cpu_usage_seconds_total{container=\"spin\",pod=\"spin\"")).unwrap_or_else(|| panic!("{metrics}"));
@@ -395,12 +399,15 @@ async fn kubectl_top_shows_measured_figures_through_metrics_server() {
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     };
     // metrics-server scrapes every 15 s and needs two scrapes for a rate.
+    let offer = CpuOffer::start();
     let line = wait_for("kubectl top pod to show the busy loop", Duration::from_secs(150), || async { top(&["pod", "-n", &ns.name, "spin"]) })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     // "spin   950m   0Mi"
     let millicores: u64 = line.split_whitespace().nth(1).and_then(|c| c.strip_suffix('m')?.parse().ok()).unwrap_or_else(|| panic!("{line}"));
-    assert!(millicores > 500, "a busy loop uses most of a core: {line}");
+    let offered = offer.finish();
+    // Most of what the machine offered a busy thread over the same time (a core when idle).
+    assert!(millicores as f64 >= 500.0 * offered, "a busy loop uses what the machine offers: {line} (a native busy thread got {offered:.2} cores)");
     let node_line = wait_for("kubectl top node", Duration::from_secs(60), || async { top(&["node", &agent.name]) }).await.unwrap();
     assert!(node_line.starts_with(&agent.name), "{node_line}");
 }

@@ -227,6 +227,14 @@ async fn usage_is_measured_cpu_while_busy_memory_while_alive() {
     assert!(after.cpu_nanos >= 100_000_000, "CPU time is cumulative");
 }
 
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) with a valid clock id and out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Held by the tests that measure CPU rates, so their busy loops do not compete.
 static CPU_MEASURE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -246,17 +254,36 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
         async move { provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().usage.cpu_nanos }
     };
     let (l0, f0, t0) = (cpu(limited.clone()).await, cpu(free.clone()).await, Instant::now());
-    // The measurement window: wall time has to pass.
+    // The measurement window: wall time has to pass. A native thread spins through it, to
+    // measure what the machine offers a busy thread meanwhile (a fraction of a core when
+    // other builds load it).
+    let offer = std::thread::spawn(|| {
+        let (c0, w0) = (thread_cpu_nanos(), Instant::now());
+        let mut x = 0u64;
+        while w0.elapsed() < Duration::from_secs(2) {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        (thread_cpu_nanos() - c0) as f64 / w0.elapsed().as_nanos() as f64
+    });
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (l1, f1, wall) = (cpu(limited.clone()).await, cpu(free.clone()).await, t0.elapsed().as_nanos() as f64);
+    let offered = offer.join().unwrap();
     let (limited_rate, free_rate) = ((l1 - l0) as f64 / wall, (f1 - f0) as f64 / wall);
-    println!("200m limit: {limited_rate:.3} cores; unlimited: {free_rate:.3} cores");
-    assert!((0.10..=0.35).contains(&limited_rate), "a 200m limit holds a busy loop near 0.2 cores: {limited_rate:.3}");
-    // The quota, not a busy machine, held it: it was throttled in most periods. (How much the
-    // unlimited loop gets depends on what else runs; it is printed, and compared in
-    // tests/tests/resources.rs where the heavy tests run alone.)
+    println!("200m limit: {limited_rate:.3} cores; unlimited: {free_rate:.3} cores; a native busy thread: {offered:.3}");
+    // The quota is a ceiling whatever else runs; below it the loop gets at least half of what
+    // the machine offered.
+    assert!(limited_rate <= 0.35, "a 200m limit holds a busy loop to about 0.2 cores: {limited_rate:.3}");
+    assert!(limited_rate >= 0.5 * offered.min(0.2), "a 200m-limited loop runs up to its quota: {limited_rate:.3} of {offered:.3} offered");
+    // The quota, not a busy machine, held it: throttled in most periods, whenever the machine
+    // offered clearly more than the quota (a loop offered less never reaches its quota, so it
+    // cannot be throttled, and that says nothing about the quota). How much the unlimited loop
+    // gets is printed, and compared in tests/tests/resources.rs.
     let quota = provider.state().containers[&limited].meter.cpu_quota().map(|q| q.throttling().0).unwrap_or(0);
-    assert!(quota >= 10, "throttled in most periods of 2 s: {quota}");
+    if offered >= 0.3 {
+        assert!(quota >= 10, "throttled in most periods of 2 s: {quota} (a native busy thread got {offered:.3} cores)");
+    }
     provider.remove_pod_sandbox(POD, Duration::ZERO).await.unwrap();
 }
 
