@@ -51,6 +51,14 @@ const HELLO: &str = r#"(module
   (memory (export "memory") 1)
   (func (export "_start") (call $exit (i32.const 0))))"#;
 
+/// Runs a small pod to completion first, so the memory an agent's first pod costs (threads,
+/// clients, the engine warming) is in the baseline, not in what is measured.
+async fn warm_up(agent: &Agent, ns: &TestNamespace) {
+    let hello = push_wat("pulls-hello", HELLO);
+    ns.create_bound_pod(agent, "warm-up", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": hello}]})).await;
+    ns.wait_pod(agent, "warm-up", "the warm-up pod to succeed", |p| integration_tests::phase(p) == "Succeeded").await;
+}
+
 /// A listener on 127.0.0.1 standing for any plain-http daemon of the node (the kubelet's
 /// healthz port, a metadata service): it answers every connection with an HTTP 404 whose body
 /// is a secret, and counts the plain-http requests it was sent.
@@ -136,16 +144,18 @@ async fn a_module_over_the_max_module_size_is_refused_before_it_is_downloaded() 
     // 48 MiB, against a cap of 1 MiB: a download held in memory would show in the peak RSS.
     let big = push_wasm("pulls-big", &padded_module(48 << 20));
     let agent = &node(&["--max-module-size=1Mi"]).await;
+    let ns = TestNamespace::new("pulls-big").await;
+    warm_up(agent, &ns).await;
     let pid = agent.pid().expect("the agent runs");
     let (rss_before, hwm_before) = memory_kib(pid);
-    let ns = TestNamespace::new("pulls-big").await;
     ns.create_bound_pod(agent, "big", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": big}]})).await;
     let pod = ns.wait_pod(agent, "big", "the pull to be refused", pull_failed).await;
     let (_, message) = waiting(&pod).unwrap();
     assert!(message.contains("--max-module-size") && message.contains("1048576"), "a clear reason: {message}");
     let (rss_after, hwm_after) = memory_kib(pid);
     eprintln!("agent VmRSS {rss_before} -> {rss_after} KiB, VmHWM {hwm_before} -> {hwm_after} KiB");
-    assert!(hwm_after < hwm_before + 16 * 1024, "the agent's peak RSS grew by {} KiB for a refused 48 MiB module", hwm_after - hwm_before);
+    // Less than half the module: it was never held in memory.
+    assert!(hwm_after < hwm_before + 24 * 1024, "the agent's peak RSS grew by {} KiB for a refused 48 MiB module", hwm_after - hwm_before);
     let blobs = agent.dir.join("root/images/blobs/sha256");
     let stored: u64 = std::fs::read_dir(&blobs).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
     assert!(stored < 1 << 20, "{stored} bytes were written to {}", blobs.display());
@@ -240,16 +250,18 @@ async fn a_layer_that_inflates_past_the_cap_is_refused() {
     let module = wat::parse_str(HELLO).unwrap();
     let image = push_layered_image("it-pulls/bomb", &[("aaa-zeros", 64 << 20)], &module);
     let agent = &node(&["--max-layer-uncompressed-size=1Mi"]).await;
+    let ns = TestNamespace::new("pulls-bomb").await;
+    warm_up(agent, &ns).await;
     let pid = agent.pid().expect("the agent runs");
     let (rss_before, hwm_before) = memory_kib(pid);
-    let ns = TestNamespace::new("pulls-bomb").await;
     ns.create_bound_pod(agent, "bomb", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": image}]})).await;
     let pod = ns.wait_pod(agent, "bomb", "the layer to be refused", pull_failed).await;
     let (_, message) = waiting(&pod).unwrap();
     assert!(message.contains("inflates to more than 1048576 bytes") && message.contains("--max-layer-uncompressed-size"), "a clear reason: {message}");
     let (rss_after, hwm_after) = memory_kib(pid);
     eprintln!("agent VmRSS {rss_before} -> {rss_after} KiB, VmHWM {hwm_before} -> {hwm_after} KiB");
-    assert!(hwm_after < hwm_before + 16 * 1024, "the agent's peak RSS grew by {} KiB", hwm_after - hwm_before);
+    // Less than half of what the layer inflates to: it was never held in memory.
+    assert!(hwm_after < hwm_before + 32 * 1024, "the agent's peak RSS grew by {} KiB", hwm_after - hwm_before);
     let scratch = agent.dir.join("root/images/tmp");
     let left = std::fs::read_dir(&scratch).into_iter().flatten().count();
     assert_eq!(left, 0, "the downloaded layer is removed from {}", scratch.display());
@@ -288,6 +300,6 @@ async fn a_module_that_fails_to_compile_is_compiled_once_however_often_it_restar
     .unwrap()
     .to_string();
     let log = agent.log();
-    let compilations = log.lines().filter(|l| l.contains("compiling") && l.contains(&digest)).count();
+    let compilations = log.lines().filter(|l| l.contains("compile: compiling digest=") && l.contains(&digest)).count();
     assert_eq!(compilations, 1, "one compilation of sha256:{digest} for three attempts; agent log:\n{}", agent.log_tail());
 }
