@@ -389,7 +389,13 @@ impl ImageStore {
     /// pull and returns its result. A pull that receives nothing for
     /// [`PullLimits::progress_deadline`] is cancelled.
     pub async fn pull(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
-        let key = canonical(reference);
+        // By reference and the credentials used for its registry: a pull without a pod's
+        // secret must not answer a pull with it, nor the other way round.
+        let credentials = match reference.parse::<Reference>().map(|r| credentials_for(r.registry(), auth)) {
+            Ok(OciAuth::Basic(user, password)) => to_hex(&Sha256::digest(format!("{user}\0{password}").as_bytes())),
+            _ => "anonymous".to_string(),
+        };
+        let key = format!("{} {credentials}", canonical(reference));
         loop {
             // Decided under the lock, acted on after it is released.
             let role = {
