@@ -25,7 +25,9 @@ const DEFAULT_HTTP_CHECK_FREQUENCY: Duration = Duration::from_secs(20);
 /// The kubelet's syncFrequency: how often volumes of running pods are set up again.
 const DEFAULT_SYNC_FREQUENCY: Duration = Duration::from_secs(60);
 const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
-const DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
+/// The kubelet's 1m, defined beside the pull it bounds (as are --max-module-size's and
+/// --max-layer-uncompressed-size's defaults).
+const DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE: Duration = provider_wasmtime::image::DEFAULT_PULL_PROGRESS_DEADLINE;
 const DEFAULT_PORT: u16 = 10250;
 const DEFAULT_HEALTHZ_PORT: u16 = 10248;
 /// The kubelet API listens on every address, as the kubelet's `address` default.
@@ -192,6 +194,19 @@ pub struct Flags {
     /// built-in web PKI roots (wasm-kubelet's own flag: the kubelet leaves this to the runtime).
     #[arg(long, value_name = "PATH")]
     pub registry_ca_file: Option<PathBuf>,
+    /// Registries (host[:port], comma-separated) that may be spoken to over plain http when
+    /// https fails; no other registry ever is, loopback ones included (wasm-kubelet's own flag:
+    /// the kubelet leaves this to the runtime) [default: none].
+    #[arg(long, value_name = "HOSTS")]
+    pub insecure_registries: Option<String>,
+    /// The largest Wasm module an image may hold (a quantity, e.g. 256Mi); a larger one is
+    /// refused before it is downloaded and never compiled [default: 256Mi].
+    #[arg(long, value_name = "QUANTITY")]
+    pub max_module_size: Option<String>,
+    /// The most one tar layer of an ordinary OCI image may inflate to while the module is
+    /// searched for in it (decompression bombs) [default: 1Gi].
+    #[arg(long, value_name = "QUANTITY")]
+    pub max_layer_uncompressed_size: Option<String>,
     /// Most pods this node runs; its pods capacity [default: 110].
     #[arg(long, value_name = "N")]
     pub max_pods: Option<String>,
@@ -295,6 +310,10 @@ struct ConfigFile {
     image_g_c_high_threshold_percent: Option<u32>,
     image_g_c_low_threshold_percent: Option<u32>,
     image_pull_progress_deadline: Option<String>,
+    /// wasm-kubelet's own fields (see the flags of the same names).
+    insecure_registries: Option<Vec<String>>,
+    max_module_size: Option<String>,
+    max_layer_uncompressed_size: Option<String>,
     housekeeping_interval: Option<String>,
     register_node: Option<bool>,
     register_with_taints: Option<Vec<TaintSpec>>,
@@ -501,6 +520,13 @@ pub struct Config {
     pub image_pull_progress_deadline: Duration,
     /// `--registry-ca-file`: extra CAs for registries (read and checked by main).
     pub registry_ca_file: Option<PathBuf>,
+    /// `--insecure-registries` (`insecureRegistries`): the only registries spoken to over plain
+    /// http, `host[:port]` each. The one place this setting lives.
+    pub insecure_registries: Vec<String>,
+    /// `--max-module-size` in bytes.
+    pub max_module_size: u64,
+    /// `--max-layer-uncompressed-size` in bytes.
+    pub max_layer_uncompressed_size: u64,
     pub max_pods: u32,
     /// `--system-reserved` and `--kube-reserved`: subtracted from capacity for allocatable.
     pub system_reserved: Reserved,
@@ -694,6 +720,34 @@ impl Config {
             flags.image_pull_progress_deadline,
             file.image_pull_progress_deadline,
             DEFAULT_IMAGE_PULL_PROGRESS_DEADLINE,
+        )?;
+        if image_pull_progress_deadline.is_zero() {
+            return Err(invalid("--image-pull-progress-deadline", "0s", "must be positive"));
+        }
+        let insecure_registries = match (&flags.insecure_registries, file.insecure_registries) {
+            (Some(list), _) => list.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect(),
+            (None, list) => list.unwrap_or_default().into_iter().map(|r| r.trim().to_string()).collect::<Vec<_>>(),
+        };
+        for registry in &insecure_registries {
+            let valid = !registry.is_empty() && !registry.contains(['/', ' ', '@']) && !registry.contains("://");
+            if !valid {
+                return Err(invalid("--insecure-registries", registry, "want host[:port], e.g. registry.lan:5000"));
+            }
+        }
+        let size = |flag: &'static str, given: Option<String>, from_file: Option<String>, default: u64| match given.or(from_file) {
+            Some(v) => match parse_quantity(&v) {
+                Ok(0) => Err(invalid(flag, &v, "must be positive")),
+                Ok(n) => Ok(n),
+                Err(reason) => Err(invalid(flag, &v, reason)),
+            },
+            None => Ok(default),
+        };
+        let max_module_size = size("--max-module-size", flags.max_module_size, file.max_module_size, provider_wasmtime::image::DEFAULT_MAX_MODULE_SIZE)?;
+        let max_layer_uncompressed_size = size(
+            "--max-layer-uncompressed-size",
+            flags.max_layer_uncompressed_size,
+            file.max_layer_uncompressed_size,
+            provider_wasmtime::image::DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
         )?;
 
         let pod_manifest_path = flags.pod_manifest_path.or(file.static_pod_path);
@@ -917,6 +971,9 @@ impl Config {
             housekeeping_interval,
             image_pull_progress_deadline,
             registry_ca_file: flags.registry_ca_file,
+            insecure_registries,
+            max_module_size,
+            max_layer_uncompressed_size,
             max_pods,
             system_reserved,
             kube_reserved,
@@ -1247,6 +1304,27 @@ mod tests {
         assert!(err(&["--eviction-minimum-reclaim=nodefs.available=lots"]).contains("--eviction-minimum-reclaim"));
         assert!(err(&["--container-gc-period=0s"]).contains("--container-gc-period"));
         assert!(err(&["--maximum-dead-containers=many"]).contains("--maximum-dead-containers"));
+    }
+
+    #[test]
+    fn image_pull_flags_have_defaults_and_are_checked() {
+        let c = load(&[]).unwrap();
+        assert!(c.insecure_registries.is_empty(), "no registry is plain http unless named");
+        assert_eq!((c.max_module_size, c.max_layer_uncompressed_size), (256 << 20, 1 << 30));
+        assert_eq!(c.image_pull_progress_deadline, Duration::from_secs(60));
+        let c = load(&["--insecure-registries=127.0.0.1:5000, registry.lan", "--max-module-size=1Mi", "--max-layer-uncompressed-size=2Mi", "--image-pull-progress-deadline=30s"]).unwrap();
+        assert_eq!(c.insecure_registries, vec!["127.0.0.1:5000".to_string(), "registry.lan".to_string()]);
+        assert_eq!((c.max_module_size, c.max_layer_uncompressed_size), (1 << 20, 2 << 20));
+        assert_eq!(c.image_pull_progress_deadline, Duration::from_secs(30));
+        assert!(err(&["--insecure-registries=http://registry.lan"]).contains("--insecure-registries"));
+        assert!(err(&["--insecure-registries=registry.lan/path"]).contains("--insecure-registries"));
+        assert!(err(&["--max-module-size=0"]).contains("--max-module-size"));
+        assert!(err(&["--max-module-size=lots"]).contains("--max-module-size"));
+        assert!(err(&["--max-layer-uncompressed-size=1Xi"]).contains("--max-layer-uncompressed-size"));
+        assert!(err(&["--image-pull-progress-deadline=0s"]).contains("--image-pull-progress-deadline"));
+        let file = temp_file("pulls.yaml", "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\ninsecureRegistries: [\"127.0.0.1:5000\"]\nmaxModuleSize: 64Mi\n");
+        let c = load(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!((c.insecure_registries, c.max_module_size), (vec!["127.0.0.1:5000".to_string()], 64 << 20));
     }
 
     #[test]

@@ -23,6 +23,12 @@ fn main() -> ExitCode {
 
     // Read now, so a bad --registry-ca-file is one line and exit 2 like any other bad flag.
     let mut provider_options = provider_wasmtime::ProviderOptions::default();
+    provider_options.registries.insecure_registries = config.insecure_registries.clone();
+    provider_options.limits = provider_wasmtime::image::PullLimits {
+        max_module_size: config.max_module_size,
+        max_layer_uncompressed_size: config.max_layer_uncompressed_size,
+        progress_deadline: config.image_pull_progress_deadline,
+    };
     if let Some(path) = &config.registry_ca_file {
         if let Err(e) = provider_options.registries.add_ca_file(path) {
             eprintln!("wasm-kubelet: --registry-ca-file {e}");

@@ -171,6 +171,11 @@ impl Agent {
             Path::new(cluster.var("LOCAL_CLUSTER_DIR")).join("pki/ca.crt").display().to_string(),
             "-v=4".into(),
         ];
+        // The local cluster's plain-http registry is the only one spoken to without TLS, as a
+        // deployment names its insecure registries (a test may name its own instead).
+        if !extra.iter().any(|f| f.starts_with("--insecure-registries")) {
+            args.push(format!("--insecure-registries={}", cluster.var("REGISTRY")));
+        }
         // Trust the local cluster's TLS registry (its certificate is signed by the cluster CA).
         if let Some(ca) = cluster.vars.get("SECURE_REGISTRY_CA") {
             args.extend(["--registry-ca-file".to_string(), ca.clone()]);

@@ -4,12 +4,18 @@
 //! `Module`/`Component`), then `<root>/compiled/<engine-hash>/<hex>.cwasm` (so an agent restart
 //! does not recompile), and only then cranelift, on a blocking thread. The engine hash changes
 //! with wasmtime's version and settings, so stale artifacts are never loaded.
+//!
+//! A module that fails to compile (or takes longer than [`COMPILE_TIMEOUT`]) is remembered by
+//! digest until the agent restarts: a crash-looping pod gets the same error at once, not one
+//! compilation per restart. One compilation per digest at a time; a module over the size cap is
+//! not read at all.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -40,22 +46,56 @@ pub fn detect(bytes: &[u8]) -> Option<WasmKind> {
     }
 }
 
+/// How long one compilation may take before the container fails with a clear error: cranelift
+/// compiles the largest real modules (~100 MiB) in well under a minute on one core; a module
+/// built to make the compiler slow must not hold a pod (and a blocking thread) for longer than
+/// this. The thread cannot be interrupted and finishes in the background; its result is dropped.
+pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
 /// The cache; one per provider (per engine).
 pub struct CompileCache {
     engine: Engine,
     dir: PathBuf,
     memory: Mutex<HashMap<String, Program>>,
-    compilations: AtomicUsize,
+    /// digest -> why it does not compile (until the agent restarts).
+    failed: Mutex<HashMap<String, String>>,
+    /// digest -> held while that digest compiles (one compilation per digest at a time).
+    compiling: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Counted on the blocking thread, when cranelift starts.
+    compilations: Arc<AtomicUsize>,
+    max_module_size: u64,
+    timeout: Duration,
 }
 
 impl CompileCache {
     /// A cache under `<root>/compiled/<engine-hash>`.
     pub fn new(engine: Engine, root: &Path) -> Self {
         let dir = root.join("compiled").join(engine_hash(&engine));
-        Self { engine, dir, memory: Mutex::new(HashMap::new()), compilations: AtomicUsize::new(0) }
+        Self {
+            engine,
+            dir,
+            memory: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            compiling: Mutex::new(HashMap::new()),
+            compilations: Arc::new(AtomicUsize::new(0)),
+            max_module_size: u64::MAX,
+            timeout: COMPILE_TIMEOUT,
+        }
     }
 
-    /// How many times cranelift ran (tests count it).
+    /// The cache refusing modules over `max` bytes (`--max-module-size`).
+    pub fn with_max_module_size(mut self, max: u64) -> Self {
+        self.max_module_size = max;
+        self
+    }
+
+    /// The cache with another compilation time limit (tests).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How many times cranelift ran, successfully or not (tests count it).
     pub fn compilations(&self) -> usize {
         self.compilations.load(Ordering::Relaxed)
     }
@@ -66,6 +106,7 @@ impl CompileCache {
     /// freed on disk.
     pub fn remove(&self, digest: &str, discard: impl Fn(&Path)) -> u64 {
         self.memory.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
         let Ok(hex) = sha256_hex(digest) else { return 0 };
         let mut freed = 0;
         for dir in self.engine_dirs() {
@@ -108,32 +149,65 @@ impl CompileCache {
     /// The compiled program of the layer `digest` whose bytes are at `wasm`. The error is one
     /// line for the container's CreateContainerError message.
     pub async fn get(&self, digest: &str, wasm: &Path) -> Result<Program, String> {
-        if let Some(program) = self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
-            return Ok(program.clone());
+        if let Some(known) = self.known(digest) {
+            return known;
         }
         let hex = sha256_hex(digest)?.to_string();
+        let size = std::fs::metadata(wasm).map_err(|e| format!("reading {}: {e}", wasm.display()))?.len();
+        if size > self.max_module_size {
+            return Err(format!("the module is {size} bytes, more than the {} bytes --max-module-size allows", self.max_module_size));
+        }
+        // One compilation per digest: a second caller waits, then finds the result.
+        let lock = self.compiling.lock().unwrap_or_else(|e| e.into_inner()).entry(digest.to_string()).or_default().clone();
+        let _compiling = lock.lock().await;
+        if let Some(known) = self.known(digest) {
+            return known;
+        }
         let engine = self.engine.clone();
         let cwasm = self.dir.join(format!("{hex}.cwasm"));
-        let wasm = wasm.to_path_buf();
-        let loaded = tokio::task::spawn_blocking(move || load_or_compile(&engine, &wasm, &cwasm)).await.map_err(|e| format!("compilation task failed: {e}"))??;
-        let (program, compiled) = loaded;
-        if compiled {
-            self.compilations.fetch_add(1, Ordering::Relaxed);
+        let (wasm, compilations, logged_digest) = (wasm.to_path_buf(), self.compilations.clone(), digest.to_string());
+        let task = tokio::task::spawn_blocking(move || load_or_compile(&engine, &wasm, &cwasm, &logged_digest, &compilations));
+        let loaded = match tokio::time::timeout(self.timeout, task).await {
+            Ok(joined) => joined.map_err(|e| format!("compilation task failed: {e}"))?,
+            Err(_) => Err(format!("compiling took longer than {}s; not tried again for this module until the agent restarts", self.timeout.as_secs())),
+        };
+        let result = match loaded {
+            Ok(program) => {
+                self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), program.clone());
+                Ok(program)
+            }
+            Err(e) => {
+                tracing::warn!(digest, error = %e, "compilation failed; remembered, so restarts fail at once without compiling again");
+                self.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), e.clone());
+                Err(e)
+            }
+        };
+        self.compiling.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+        result
+    }
+
+    /// The compiled program or the remembered failure of `digest`, if either is known.
+    fn known(&self, digest: &str) -> Option<Result<Program, String>> {
+        if let Some(program) = self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+            return Some(Ok(program.clone()));
         }
-        self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), program.clone());
-        Ok(program)
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()?;
+        tracing::debug!(digest, "not compiling again: this module failed to compile before");
+        Some(Err(format!("{failed} (remembered from an earlier attempt)")))
     }
 }
 
-/// Loads `cwasm` if it is a usable artifact, else compiles `wasm` and writes `cwasm`. Returns
-/// whether it compiled.
-fn load_or_compile(engine: &Engine, wasm: &Path, cwasm: &Path) -> Result<(Program, bool), String> {
+/// Loads `cwasm` if it is a usable artifact, else compiles `wasm` (counting it in
+/// `compilations`) and writes `cwasm`.
+fn load_or_compile(engine: &Engine, wasm: &Path, cwasm: &Path, digest: &str, compilations: &AtomicUsize) -> Result<Program, String> {
     if let Some(program) = load_precompiled(engine, cwasm) {
         tracing::debug!(path = %cwasm.display(), "loaded precompiled code");
-        return Ok((program, false));
+        return Ok(program);
     }
     let bytes = std::fs::read(wasm).map_err(|e| format!("reading {}: {e}", wasm.display()))?;
     let started = std::time::Instant::now();
+    compilations.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(digest, size = bytes.len(), "compiling");
     let (program, serialized) = match detect(&bytes) {
         Some(WasmKind::Module) => {
             let module = Module::new(engine, &bytes).map_err(|e| format!("compiling the module: {e:#}"))?;
@@ -157,7 +231,7 @@ fn load_or_compile(engine: &Engine, wasm: &Path, cwasm: &Path) -> Result<(Progra
         }
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot serialize compiled code"),
     }
-    Ok((program, true))
+    Ok(program)
 }
 
 fn load_precompiled(engine: &Engine, cwasm: &Path) -> Option<Program> {

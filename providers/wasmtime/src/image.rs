@@ -24,12 +24,14 @@
 //! which credentials, which file of which layer) are small pure functions, tested without a
 //! registry. [`RegistryOptions`] adds CA certificates and plain-http registries to the defaults.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::RegistryOperation;
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth as OciAuth;
@@ -61,14 +63,61 @@ const MAX_CONFIG_BYTES: usize = 4 << 20;
 /// Platform `os` values of an image index entry this provider runs.
 const WASM_OSES: &[&str] = &["wasip1", "wasip2", "wasi"];
 
+/// A manifest or index larger than this is refused before it is parsed: containerd refuses
+/// manifests over 4 MiB too (real ones are a few KiB; even a 1,000-platform index is ~500 KiB),
+/// and the whole document is held in memory to be parsed.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// How much of a registry's error body reaches a message (an Event, the pod's status): enough
+/// for a registry's JSON error (`{"errors":[{"code":"MANIFEST_UNKNOWN",...}]}` is ~100 bytes),
+/// too little to carry a page of whatever answered on that address. The registry is named by the
+/// pod; its answer is the outside world's text, and Events are readable by every namespace user.
+pub const MAX_ERROR_BODY_BYTES: usize = 256;
+
+/// `--max-module-size` default: 256 MiB. The largest real Wasm programs (CPython or .NET
+/// runtimes with their libraries linked in) are ~100 MiB; a module is held in memory to be
+/// compiled, and cranelift needs several times that while it compiles, so this bounds what one
+/// image can make the agent allocate.
+pub const DEFAULT_MAX_MODULE_SIZE: u64 = 256 << 20;
+
+/// `--max-layer-uncompressed-size` default: 1 GiB. A tar layer of an ordinary OCI image is read
+/// (streamed, never held whole) until the entrypoint is found; a gzip layer can inflate a
+/// thousandfold (a decompression bomb), so reading stops here. 1 GiB leaves room for a whole
+/// base filesystem beside the module.
+pub const DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE: u64 = 1 << 30;
+
+/// `--image-pull-progress-deadline` default: the kubelet's (1m).
+pub const DEFAULT_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
+
 /// How the store reaches registries, beyond the defaults (https with the built-in web PKI
-/// roots; plain http only for loopback registries).
+/// roots; plain http for no registry unless listed).
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
     /// Extra CA certificates (DER) trusted for registries' TLS (`--registry-ca-file`).
     pub extra_ca_certificates: Vec<Vec<u8>>,
-    /// Registries (`host[:port]`) spoken to over plain http besides loopback ones.
+    /// Registries (`host[:port]`) that may be spoken to over plain http when https fails
+    /// (`--insecure-registries`). Only these: a loopback address is not trusted for being
+    /// loopback (an image reference must not reach the node's own plain-http ports).
     pub insecure_registries: Vec<String>,
+}
+
+/// What one pull may cost; [`PullLimits::default`] holds the agent's defaults.
+#[derive(Debug, Clone)]
+pub struct PullLimits {
+    /// The largest module stored (a Wasm layer, or the entrypoint file of an ordinary image),
+    /// `--max-module-size`.
+    pub max_module_size: u64,
+    /// The most bytes one tar layer may inflate to while it is searched,
+    /// `--max-layer-uncompressed-size`.
+    pub max_layer_uncompressed_size: u64,
+    /// A pull that receives nothing for this long is cancelled, `--image-pull-progress-deadline`.
+    pub progress_deadline: Duration,
+}
+
+impl Default for PullLimits {
+    fn default() -> Self {
+        Self { max_module_size: DEFAULT_MAX_MODULE_SIZE, max_layer_uncompressed_size: DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE, progress_deadline: DEFAULT_PULL_PROGRESS_DEADLINE }
+    }
 }
 
 /// A registry CA file that cannot be used. Not retryable: the file has to be fixed.
@@ -111,6 +160,25 @@ impl RegistryOptions {
             ..Default::default()
         }
     }
+
+    /// The HTTP client manifests are fetched with: the extra CAs, and redirects followed only
+    /// to the same host and port (a registry must not send the agent to another address).
+    fn manifest_client(&self) -> Result<reqwest::Client, reqwest::Error> {
+        let mut builder = reqwest::Client::builder().user_agent(concat!("wasm-kubelet/", env!("CARGO_PKG_VERSION"))).redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let first = attempt.previous().first().map(|u| (u.host_str().map(str::to_string), u.port_or_known_default()));
+            let next = (attempt.url().host_str().map(str::to_string), attempt.url().port_or_known_default());
+            // 10: reqwest's own default limit.
+            if attempt.previous().len() > 10 || first != Some(next) {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }));
+        for der in &self.extra_ca_certificates {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_der(der)?);
+        }
+        builder.build()
+    }
 }
 
 /// What the index records for one pulled reference.
@@ -146,6 +214,13 @@ pub fn with_image_defaults(image: &StoredImage, command: Vec<String>, args: Vec<
 pub struct ImageStore {
     dir: PathBuf,
     registries: RegistryOptions,
+    limits: PullLimits,
+    /// Fetches manifests (oci-client reads a manifest whole, with no cap): the same TLS
+    /// settings as the registry clients, redirects only within the registry's own host.
+    manifests: reqwest::Client,
+    /// Pulls under way, by canonical reference: a second pull of the same image waits for the
+    /// first and gets its result (single flight).
+    inflight: Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>>,
     /// reference (canonical form) -> image. Held only for map access and the small index write.
     index: Mutex<BTreeMap<String, StoredImage>>,
     /// reference (canonical form) -> last use, unix milliseconds (see `last-used.json`).
@@ -170,9 +245,25 @@ impl ImageStore {
             Err(e) => return Err(ProviderError::Setup(format!("reading {}: {e}", index_path.display()))),
         };
         let last_used: BTreeMap<String, u64> = std::fs::read(dir.join("last-used.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let store = Self { dir, registries, index: Mutex::new(index), last_used: Mutex::new(last_used), opened_at: unix_now() };
+        let manifests = registries.manifest_client().map_err(|e| ProviderError::Setup(format!("the registry client cannot be set up: {}", provider_api::one_line(&e))))?;
+        let store = Self {
+            dir,
+            registries,
+            limits: PullLimits::default(),
+            manifests,
+            inflight: Mutex::new(HashMap::new()),
+            index: Mutex::new(index),
+            last_used: Mutex::new(last_used),
+            opened_at: unix_now(),
+        };
         store.sweep();
         Ok(store)
+    }
+
+    /// The store with these pull limits instead of the defaults.
+    pub fn with_limits(mut self, limits: PullLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The directory of the store (on the image filesystem).
@@ -183,10 +274,11 @@ impl ImageStore {
     /// Finishes removals a crash interrupted: empties `trash/` and deletes blobs no index entry
     /// names and temporary files a crashed write left.
     fn sweep(&self) {
-        let trash = self.dir.join("trash");
-        if trash.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&trash) {
-                tracing::warn!(path = %trash.display(), error = %e, "cannot empty the image trash");
+        for dir in [self.dir.join("trash"), self.dir.join("tmp")] {
+            if dir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot empty the image store's scratch directory");
+                }
             }
         }
         let named: std::collections::HashSet<String> =
@@ -292,22 +384,84 @@ impl ImageStore {
     /// Pulls `reference`: manifest (through an index if need be), then the Wasm layer unless the
     /// store already holds it, verified against its digest; for an ordinary OCI image, the
     /// module its entrypoint names (see [`ImageStore::pull_entrypoint_module`]).
+    ///
+    /// One pull per image at a time: a pull of a reference already being pulled waits for that
+    /// pull and returns its result. A pull that receives nothing for
+    /// [`PullLimits::progress_deadline`] is cancelled.
     pub async fn pull(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+        // By reference and the credentials used for its registry: a pull without a pod's
+        // secret must not answer a pull with it, nor the other way round.
+        let credentials = match reference.parse::<Reference>().map(|r| credentials_for(r.registry(), auth)) {
+            Ok(OciAuth::Basic(user, password)) => to_hex(&Sha256::digest(format!("{user}\0{password}").as_bytes())),
+            _ => "anonymous".to_string(),
+        };
+        let key = format!("{} {credentials}", canonical(reference));
+        loop {
+            // Decided under the lock, acted on after it is released.
+            let role = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                match inflight.get(&key) {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        inflight.insert(key.clone(), rx);
+                        Ok(tx)
+                    }
+                }
+            };
+            let mut waiting = match role {
+                Ok(tx) => {
+                    // Removed however this pull ends (also when its caller gives up on it).
+                    let _leader = InflightEntry { map: &self.inflight, key: &key };
+                    let result = self.pull_with_deadline(reference, auth).await;
+                    let _ = tx.send(Some(result.clone()));
+                    return result;
+                }
+                Err(rx) => rx,
+            };
+            tracing::debug!(reference, "waiting for the pull of the same image under way");
+            let outcome = waiting.wait_for(Option::is_some).await.map(|result| result.clone());
+            match outcome {
+                Ok(result) => {
+                    let result = result.unwrap_or_else(|| Err(ProviderError::Pull(format!("pulling {reference}: the pull waited for ended without a result"))));
+                    return result.map(|info| ImageInfo { reference: reference.to_string(), ..info });
+                }
+                // The pull waited for was abandoned by its caller: start one.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// [`ImageStore::pull_once`], cancelled when it makes no progress for the deadline.
+    async fn pull_with_deadline(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+        let progress = Progress::new();
+        let deadline = self.limits.progress_deadline;
+        tokio::select! {
+            result = self.pull_once(reference, auth, &progress) => result.map_err(bounded),
+            () = progress.stalled(deadline) => {
+                // The kubelet's (dockershim's) words for the same event.
+                let message = format!("Cancel pulling image {reference:?} because of no progress for {}, latest progress: \"{} bytes received\"", go_duration(deadline), progress.bytes());
+                tracing::warn!(reference, "{message}");
+                Err(ProviderError::Pull(message))
+            }
+        }
+    }
+
+    async fn pull_once(&self, reference: &str, auth: &[RegistryAuth], progress: &Progress) -> Result<ImageInfo, ProviderError> {
         let parsed: Reference = reference.parse().map_err(|e| ProviderError::Pull(format!("invalid image reference {reference:?}: {e}")))?;
         let registry = parsed.resolve_registry().to_string();
         let credentials = credentials_for(parsed.registry(), auth);
-        let pull_err = |what: &str, e: OciDistributionError| ProviderError::Pull(format!("pulling {reference}: {what}: {}", provider_api::one_line(&e)));
 
-        let (client, (manifest, manifest_digest)) = self.connect(&parsed, &registry, &credentials, reference).await?;
+        let (client, scheme, (manifest, manifest_digest)) = self.connect(&parsed, &registry, &credentials, reference, progress).await?;
         let (manifest, manifest_ref) = match manifest {
             OciManifest::Image(m) => (m, parsed.clone()),
             OciManifest::ImageIndex(index) => {
                 let entry = choose_platform(&index.manifests).ok_or_else(|| {
-                    let found: Vec<String> = index.manifests.iter().map(platform_name).collect();
+                    let found: Vec<String> = index.manifests.iter().take(20).map(platform_name).collect();
                     ProviderError::UnsupportedImage(format!("image {reference} is an index without a Wasm platform (wasip1, wasip2, wasi or arch wasm); it has: {}", found.join(", ")))
                 })?;
                 let entry_ref = parsed.clone_with_digest(entry.digest.clone());
-                match client.pull_manifest(&entry_ref, &credentials).await.map_err(|e| pull_err("fetching the platform manifest", e))? {
+                match self.fetch_manifest(&client, scheme, &entry_ref, &credentials, progress).await.map_err(|e| e.into_provider(reference, "fetching the platform manifest"))? {
                     (OciManifest::Image(m), _) => (m, entry_ref),
                     (OciManifest::ImageIndex(_), _) => return Err(ProviderError::UnsupportedImage(format!("image {reference}: the index entry {} is itself an index", entry.digest))),
                 }
@@ -316,7 +470,7 @@ impl ImageStore {
         let layer = match select_wasm_layer(&manifest) {
             Ok(layer) => layer,
             Err(_) if IMAGE_CONFIG_TYPES.contains(&manifest.config.media_type.as_str()) => {
-                let stored = self.pull_entrypoint_module(&client, &manifest_ref, reference, &manifest, &manifest_digest).await?;
+                let stored = self.pull_entrypoint_module(&client, &manifest_ref, reference, &manifest, &manifest_digest, progress).await?;
                 let size = stored.size;
                 self.record(reference, stored)?;
                 tracing::info!(reference, digest = %manifest_digest, size, "image pulled (module from the image's entrypoint)");
@@ -338,11 +492,8 @@ impl ImageStore {
             tracing::debug!(reference, digest = %layer.digest, "layer already stored");
             meta.len()
         } else {
-            let mut bytes = Vec::with_capacity(usize::try_from(layer.size).unwrap_or(0).min(64 << 20));
-            client.pull_blob(&manifest_ref, layer, &mut bytes).await.map_err(|e| pull_err(&format!("fetching layer {}", layer.digest), e))?;
-            verify_digest(&layer.digest, &bytes).map_err(|e| ProviderError::Pull(format!("pulling {reference}: {e}")))?;
-            write_atomically(&blob, &bytes).map_err(|e| ProviderError::Io(format!("storing layer of {reference} at {}: {e}", blob.display())))?;
-            bytes.len() as u64
+            let cap = Cap { max: self.limits.max_module_size, flag: "--max-module-size" };
+            self.fetch_blob_to_file(&client, &manifest_ref, reference, layer, "module layer", cap, &blob, progress).await?
         };
         let stored = StoredImage { manifest_digest: manifest_digest.clone(), layer_digest: layer.digest.clone(), size, entrypoint: Vec::new(), cmd: Vec::new() };
         self.record(reference, stored)?;
@@ -350,26 +501,81 @@ impl ImageStore {
         Ok(ImageInfo { reference: reference.to_string(), digest: manifest_digest, size })
     }
 
-    /// Fetches the manifest over https. A registry that may speak plain http (loopback, or
-    /// listed in [`RegistryOptions::insecure_registries`]) is asked again over http when https
-    /// fails below HTTP (no TLS there), as Docker does for insecure registries; the client that
-    /// worked goes on with the pull.
-    async fn connect(&self, image: &Reference, registry: &str, credentials: &OciAuth, reference: &str) -> Result<(Client, (OciManifest, String)), ProviderError> {
-        let fetch_err = |e: &OciDistributionError| format!("pulling {reference}: fetching the manifest: {}", provider_api::one_line(e));
+    /// Fetches the manifest over https. A registry named in
+    /// [`RegistryOptions::insecure_registries`] is asked again over plain http when https fails
+    /// below HTTP (no TLS there), as Docker does for insecure registries; the client that
+    /// worked goes on with the pull. No other registry is ever spoken to over plain http.
+    async fn connect(&self, image: &Reference, registry: &str, credentials: &OciAuth, reference: &str, progress: &Progress) -> Result<(Client, &'static str, (OciManifest, String)), ProviderError> {
         let https = self.client(reference, ClientProtocol::Https)?;
-        match https.pull_manifest(image, credentials).await {
-            Ok(found) => Ok((https, found)),
-            Err(OciDistributionError::RequestError(e)) if may_use_plain_http(registry, &self.registries.insecure_registries) => {
-                let over_https = provider_api::one_line(&e);
-                tracing::debug!(registry, error = %over_https, "https failed below HTTP; trying plain http");
+        match self.fetch_manifest(&https, "https", image, credentials, progress).await {
+            Ok(found) => Ok((https, "https", found)),
+            Err(ManifestError::Transport(over_https)) if may_use_plain_http(registry, &self.registries.insecure_registries) => {
+                tracing::debug!(registry, error = %over_https, "https failed below HTTP; trying plain http (an insecure registry)");
                 let http = self.client(reference, ClientProtocol::HttpsExcept(vec![registry.to_string()]))?;
-                match http.pull_manifest(image, credentials).await {
-                    Ok(found) => Ok((http, found)),
-                    Err(e) => Err(ProviderError::Pull(format!("{} (over https first: {over_https})", fetch_err(&e)))),
+                match self.fetch_manifest(&http, "http", image, credentials, progress).await {
+                    Ok(found) => Ok((http, "http", found)),
+                    Err(e) => {
+                        let ProviderError::Pull(msg) = e.into_provider(reference, "fetching the manifest") else { unreachable!("into_provider gives Pull") };
+                        Err(ProviderError::Pull(format!("{msg} (over https first: {over_https})")))
+                    }
                 }
             }
-            Err(e) => Err(ProviderError::Pull(fetch_err(&e))),
+            Err(e @ ManifestError::Transport(_)) => {
+                let ProviderError::Pull(msg) = e.into_provider(reference, "fetching the manifest") else { unreachable!("into_provider gives Pull") };
+                Err(ProviderError::Pull(format!("{msg} (plain http is tried only for registries listed in --insecure-registries)")))
+            }
+            Err(e) => Err(e.into_provider(reference, "fetching the manifest")),
         }
+    }
+
+    /// Fetches and parses one manifest or index, at most [`MAX_MANIFEST_BYTES`], checked
+    /// against the digest the reference or the registry names. oci-client authenticates (its
+    /// token dance); the GET is ours, so the body is read with a cap.
+    async fn fetch_manifest(&self, client: &Client, scheme: &str, image: &Reference, credentials: &OciAuth, progress: &Progress) -> Result<(OciManifest, String), ManifestError> {
+        let token = match client.auth(image, credentials, RegistryOperation::Pull).await {
+            Ok(token) => token,
+            Err(OciDistributionError::RequestError(e)) => return Err(ManifestError::Transport(provider_api::one_line(&e))),
+            Err(e) => return Err(ManifestError::Registry(format!("authenticating: {}", registry_error(&e)))),
+        };
+        progress.mark(0);
+        let registry = image.resolve_registry();
+        let tag = image.digest().or(image.tag()).unwrap_or("latest");
+        let url = format!("{scheme}://{registry}/v2/{}/manifests/{tag}", image.repository());
+        let mut request = self.manifests.get(&url).header(reqwest::header::ACCEPT, MANIFEST_ACCEPT.join(", "));
+        request = match (&token, credentials) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, OciAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let mut response = request.send().await.map_err(|e| ManifestError::Transport(provider_api::one_line(&e)))?;
+        progress.mark(0);
+        let status = response.status();
+        if !status.is_success() {
+            let body = read_capped(&mut response, MAX_ERROR_BODY_BYTES as u64, progress).await.unwrap_or_default();
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN { " (are the image pull secrets right?)" } else { "" };
+            return Err(ManifestError::Registry(format!("the registry answered {status} for {url}{hint}: {}", truncate_body(&body))));
+        }
+        if response.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES) {
+            return Err(ManifestError::TooLarge(format!("the manifest at {url} is {} bytes, more than the {MAX_MANIFEST_BYTES} allowed", response.content_length().unwrap_or(0))));
+        }
+        let header_digest = response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let content_type = response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let body = read_capped(&mut response, MAX_MANIFEST_BYTES, progress).await.map_err(|e| match e {
+            ReadError::TooLarge => ManifestError::TooLarge(format!("the manifest at {url} is more than the {MAX_MANIFEST_BYTES} bytes allowed")),
+            ReadError::Transport(e) => ManifestError::Registry(format!("reading the manifest at {url}: {e}")),
+        })?;
+        let digest = format!("sha256:{}", to_hex(&Sha256::digest(&body)));
+        for (what, expected) in [("the reference", image.digest().map(str::to_string)), ("the registry's Docker-Content-Digest", header_digest)] {
+            if let Some(expected) = expected {
+                // Only sha256 is checked here (and stored); a digest of another algorithm in the
+                // registry's header is not ours to verify.
+                if (what == "the reference" || expected.starts_with("sha256:")) && expected != digest {
+                    return Err(ManifestError::Registry(format!("the manifest at {url} has digest {digest}, not {expected} as {what} says")));
+                }
+            }
+        }
+        let manifest = parse_manifest(&body, content_type.as_deref()).map_err(|e| ManifestError::Registry(format!("the manifest at {url}: {e}")))?;
+        Ok((manifest, digest))
     }
 
     fn client(&self, reference: &str, protocol: ClientProtocol) -> Result<Client, ProviderError> {
@@ -377,9 +583,11 @@ impl ImageStore {
     }
 
     /// The module of an ordinary OCI image: the file its config's `Entrypoint[0]` names, read
-    /// from the layers top down (fetched one at a time, only as far down as needed) and stored
-    /// under its own digest. An image already pulled by manifest digest is not fetched again.
-    async fn pull_entrypoint_module(&self, client: &Client, image: &Reference, reference: &str, manifest: &OciImageManifest, manifest_digest: &str) -> Result<StoredImage, ProviderError> {
+    /// from the layers top down (fetched one at a time into temporary files, only as far down
+    /// as needed, each read streaming with at most [`PullLimits::max_layer_uncompressed_size`]
+    /// inflated) and stored under its own digest. An image already pulled by manifest digest is
+    /// not fetched again.
+    async fn pull_entrypoint_module(&self, client: &Client, image: &Reference, reference: &str, manifest: &OciImageManifest, manifest_digest: &str, progress: &Progress) -> Result<StoredImage, ProviderError> {
         let unsupported = |e: EntrypointError| ProviderError::UnsupportedImage(format!("image {reference}: {e}"));
         if let Some(layer) = manifest.layers.iter().find(|l| !TAR_LAYER_TYPES.contains(&l.media_type.as_str())) {
             return Err(ProviderError::UnsupportedImage(format!("image {reference}: layer {} has media type {}; expected one of {}", layer.digest, layer.media_type, TAR_LAYER_TYPES.join(", "))));
@@ -388,24 +596,33 @@ impl ImageStore {
             tracing::debug!(reference, digest = manifest_digest, "image already stored under another reference");
             return Ok(known);
         }
-        let config = self.fetch_blob(client, image, reference, &manifest.config, "config", MAX_CONFIG_BYTES).await?;
+        let config_cap = Cap { max: MAX_CONFIG_BYTES as u64, flag: "the image config limit (4 MiB)" };
+        let config = self.fetch_blob_to_memory(client, image, reference, &manifest.config, "config", config_cap, progress).await?;
         let defaults = ContainerDefaults::parse(&config).map_err(unsupported)?;
         let path = defaults.program().map_err(unsupported)?;
 
-        let mut search = EntrypointSearch::new(&path, manifest.layers.len()).map_err(unsupported)?;
-        let mut fetched: Vec<Option<std::sync::Arc<Vec<u8>>>> = vec![None; manifest.layers.len()];
+        let limits = self.limits.clone();
+        let mut search = EntrypointSearch::new(&path, manifest.layers.len()).map_err(unsupported)?.with_limits(limits.max_layer_uncompressed_size, limits.max_module_size);
+        let scratch = TempDir::new(self.dir.join("tmp")).map_err(|e| ProviderError::Io(format!("pulling {reference}: creating a scratch directory: {e}")))?;
+        let mut fetched: Vec<Option<PathBuf>> = vec![None; manifest.layers.len()];
+        // A compressed layer is no bigger than what it inflates to, so the same cap bounds it.
+        let layer_cap = Cap { max: limits.max_layer_uncompressed_size, flag: "--max-layer-uncompressed-size" };
         let module = loop {
             let i = search.next_layer();
             let (Some(descriptor), Some(slot)) = (manifest.layers.get(i), fetched.get_mut(i)) else {
                 return Err(ProviderError::Pull(format!("pulling {reference}: layer {i} out of range")));
             };
-            let layer = match slot {
-                Some(bytes) => bytes.clone(),
-                None => slot.insert(std::sync::Arc::new(self.fetch_blob(client, image, reference, descriptor, "layer", usize::MAX).await?)).clone(),
+            let file = match slot {
+                Some(file) => file.clone(),
+                None => {
+                    let file = scratch.path.join(format!("layer-{i}"));
+                    self.fetch_blob_to_file(client, image, reference, descriptor, "layer", layer_cap, &file, progress).await?;
+                    slot.insert(file).clone()
+                }
             };
-            // Reading a tar archive is CPU work on a possibly large buffer: off the async threads.
+            // Reading a tar archive is CPU and disk work: off the async threads.
             let (returned, step) = tokio::task::spawn_blocking(move || {
-                let step = search.feed(i, &layer);
+                let step = std::fs::File::open(&file).map_err(|e| EntrypointError::Layer { layer: i, reason: format!("reopening the downloaded layer: {e}") }).and_then(|f| search.feed(i, std::io::BufReader::new(f)));
                 (search, step)
             })
             .await
@@ -414,10 +631,11 @@ impl ImageStore {
             match step {
                 Ok(Some(module)) => break module,
                 Ok(None) => continue,
-                Err(e @ EntrypointError::Layer { .. }) => return Err(ProviderError::Pull(format!("pulling {reference}: {e}"))),
+                Err(e @ (EntrypointError::Layer { .. } | EntrypointError::LayerTooLarge { .. } | EntrypointError::ModuleTooLarge { .. })) => return Err(ProviderError::Pull(format!("pulling {reference}: {e}"))),
                 Err(e) => return Err(unsupported(e)),
             }
         };
+        drop(scratch);
 
         let digest = format!("sha256:{}", to_hex(&Sha256::digest(&module)));
         let blob = self.blob_path(&digest).map_err(|e| ProviderError::Io(format!("pulling {reference}: module {e}")))?;
@@ -428,18 +646,50 @@ impl ImageStore {
         Ok(StoredImage { manifest_digest: manifest_digest.to_string(), layer_digest: digest, size: module.len() as u64, entrypoint: defaults.entrypoint, cmd: defaults.cmd })
     }
 
-    /// Fetches one blob of `image` into memory, refusing one larger than `max` bytes by its
-    /// descriptor, and checks its digest.
-    async fn fetch_blob(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, max: usize) -> Result<Vec<u8>, ProviderError> {
-        let size = usize::try_from(descriptor.size).unwrap_or(usize::MAX);
-        if size > max {
-            return Err(ProviderError::UnsupportedImage(format!("image {reference}: the {what} {} is {} bytes, more than the {max} allowed", descriptor.digest, descriptor.size)));
+    /// Fetches one blob of `image` into memory (a config: small, capped by `cap`), digest
+    /// verified while it streams.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_blob_to_memory(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, cap: Cap, progress: &Progress) -> Result<Vec<u8>, ProviderError> {
+        let mut sink = BlobSink::new(Sink::Memory(Vec::new()), descriptor, reference, what, cap, progress)?;
+        self.stream_blob(client, image, reference, descriptor, what, &mut sink).await?;
+        match sink.sink {
+            Sink::Memory(bytes) => Ok(bytes),
+            Sink::File(..) => unreachable!("a memory sink"),
         }
-        // The capacity is a hint only: the descriptor's size is the registry's word.
-        let mut bytes = Vec::with_capacity(size.min(64 << 20));
-        client.pull_blob(image, descriptor, &mut bytes).await.map_err(|e| ProviderError::Pull(format!("pulling {reference}: fetching {what} {}: {}", descriptor.digest, provider_api::one_line(&e))))?;
-        verify_digest(&descriptor.digest, &bytes).map_err(|e| ProviderError::Pull(format!("pulling {reference}: {what}: {e}")))?;
-        Ok(bytes)
+    }
+
+    /// Streams one blob of `image` into `path` (through a temporary sibling, renamed into place
+    /// only when complete and verified; removed on any failure). Refused before downloading
+    /// when its descriptor declares more than `cap`; the registry may send no more than it
+    /// declared. Returns its size.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_blob_to_file(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, cap: Cap, path: &Path, progress: &Progress) -> Result<u64, ProviderError> {
+        let io_err = |e: std::io::Error| ProviderError::Io(format!("pulling {reference}: writing the {what} to {}: {e}", path.display()));
+        let tmp = TempFile::beside(path);
+        let file = tokio::fs::File::create(&tmp.path).await.map_err(io_err)?;
+        let mut sink = BlobSink::new(Sink::File(file), descriptor, reference, what, cap, progress)?;
+        self.stream_blob(client, image, reference, descriptor, what, &mut sink).await?;
+        let size = sink.written;
+        let Sink::File(mut file) = sink.sink else { unreachable!("a file sink") };
+        use tokio::io::AsyncWriteExt;
+        file.flush().await.map_err(io_err)?;
+        file.sync_all().await.map_err(io_err)?;
+        drop(file);
+        tmp.persist(path).map_err(io_err)?;
+        Ok(size)
+    }
+
+    /// `pull_blob` into `sink`; the sink's own refusal (too large, digest) is the error when
+    /// there is one. The descriptor's `urls` are dropped: a manifest must not send the agent to
+    /// fetch from addresses of its choosing.
+    async fn stream_blob(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, sink: &mut BlobSink<'_>) -> Result<(), ProviderError> {
+        let descriptor = OciDescriptor { urls: None, ..descriptor.clone() };
+        let pulled = client.pull_blob(image, &descriptor, &mut *sink).await;
+        if let Some(refusal) = sink.refusal.take() {
+            return Err(refusal);
+        }
+        pulled.map_err(|e| ProviderError::Pull(format!("pulling {reference}: fetching {what} {}: {}", descriptor.digest, registry_error(&e))))?;
+        sink.finish()
     }
 
     /// An image recorded under any reference with this manifest digest whose module is still
@@ -469,6 +719,348 @@ impl ImageStore {
         let path = self.dir.join("index.json");
         let bytes = serde_json::to_vec_pretty(&*index).map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
         write_atomically(&path, &bytes).map_err(|e| ProviderError::Io(format!("writing {}: {e}", path.display())))
+    }
+}
+
+/// The longest pull error message: messages quote the image's own strings (media types,
+/// platforms, paths), and they become Events any namespace user reads; the kubelet's own pull
+/// errors are a few hundred bytes.
+const MAX_PULL_MESSAGE_BYTES: usize = 1024;
+
+/// `e` with its message cut to [`MAX_PULL_MESSAGE_BYTES`].
+fn bounded(e: ProviderError) -> ProviderError {
+    let cut = |m: String| truncate_text(&m, MAX_PULL_MESSAGE_BYTES);
+    match e {
+        ProviderError::Pull(m) => ProviderError::Pull(cut(m)),
+        ProviderError::UnsupportedImage(m) => ProviderError::UnsupportedImage(cut(m)),
+        ProviderError::Io(m) => ProviderError::Io(cut(m)),
+        ProviderError::Setup(m) => ProviderError::Setup(cut(m)),
+        other => other,
+    }
+}
+
+/// Removes a reference from the pulls under way when its leader ends, however it ends.
+struct InflightEntry<'a> {
+    map: &'a Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>>,
+    key: &'a str,
+}
+
+impl Drop for InflightEntry<'_> {
+    fn drop(&mut self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(self.key);
+    }
+}
+
+/// When a pull last received something, and how much it received (for the progress deadline).
+struct Progress {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start` of the last progress.
+    last: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self { start: tokio::time::Instant::now(), last: AtomicU64::new(0), bytes: AtomicU64::new(0) }
+    }
+
+    /// Something arrived (`bytes` of content, or 0 for a response without content yet).
+    fn mark(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Returns once nothing arrived for `deadline`.
+    async fn stalled(&self, deadline: Duration) {
+        loop {
+            let due = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + deadline;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// A duration as Go prints it (`1m0s`, `30s`, `1.5s`, `250ms`), as the kubelet's messages do.
+pub fn go_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let s = if d.subsec_millis() == 0 { s.to_string() } else { format!("{s}.{:03}", d.subsec_millis()).trim_end_matches('0').to_string() };
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, m) => format!("{m}m{s}s"),
+        (h, m) => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// The manifest media types asked for (Accept), all this store reads.
+const MANIFEST_ACCEPT: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Why a manifest could not be fetched.
+#[derive(Debug)]
+enum ManifestError {
+    /// Below HTTP (connection refused, no TLS there): plain http may be tried for an insecure
+    /// registry. Retryable.
+    Transport(String),
+    /// The registry answered, but not with a usable manifest. Retryable (backoff).
+    Registry(String),
+    /// Over [`MAX_MANIFEST_BYTES`]. Retryable only in that the image may be pushed again.
+    TooLarge(String),
+}
+
+impl ManifestError {
+    fn into_provider(self, reference: &str, what: &str) -> ProviderError {
+        let (ManifestError::Transport(m) | ManifestError::Registry(m) | ManifestError::TooLarge(m)) = self;
+        ProviderError::Pull(format!("pulling {reference}: {what}: {m}"))
+    }
+}
+
+/// Reads a response body, stopping once more than `max` bytes came: the bytes (at most `max`)
+/// and whether there was more.
+async fn read_at_most(response: &mut reqwest::Response, max: u64, progress: &Progress) -> Result<(Vec<u8>, bool), String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| provider_api::one_line(&e))? {
+        progress.mark(chunk.len());
+        body.extend_from_slice(&chunk);
+        if body.len() as u64 > max {
+            body.truncate(usize::try_from(max).unwrap_or(usize::MAX));
+            return Ok((body, true));
+        }
+    }
+    Ok((body, false))
+}
+
+/// A failed read of a capped body.
+enum ReadError {
+    TooLarge,
+    Transport(String),
+}
+
+/// The body, refusing one over `max` bytes.
+async fn read_capped(response: &mut reqwest::Response, max: u64, progress: &Progress) -> Result<Vec<u8>, ReadError> {
+    match read_at_most(response, max, progress).await {
+        Ok((body, false)) => Ok(body),
+        Ok((_, true)) => Err(ReadError::TooLarge),
+        Err(e) => Err(ReadError::Transport(e)),
+    }
+}
+
+/// A registry's error body for a message: at most [`MAX_ERROR_BODY_BYTES`], on one line.
+fn truncate_body(body: &[u8]) -> String {
+    truncate_text(&String::from_utf8_lossy(body), MAX_ERROR_BODY_BYTES)
+}
+
+/// `text` on one line (control characters as spaces), cut to at most `max` bytes at a character
+/// boundary, with `…` when cut.
+pub fn truncate_text(text: &str, max: usize) -> String {
+    let one_line: String = text.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if one_line.len() <= max {
+        return one_line;
+    }
+    let mut end = max;
+    while !one_line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes, cut)", &one_line[..end], one_line.len())
+}
+
+/// An oci-client error for a message, with whatever text the registry (or whatever answered)
+/// sent cut to [`MAX_ERROR_BODY_BYTES`].
+fn registry_error(e: &OciDistributionError) -> String {
+    match e {
+        OciDistributionError::ServerError { code, url, message } => format!("the registry answered {code} for {url}: {}", truncate_text(message, MAX_ERROR_BODY_BYTES)),
+        OciDistributionError::AuthenticationFailure(reason) => format!("authentication failed: {}", truncate_text(reason, MAX_ERROR_BODY_BYTES)),
+        OciDistributionError::RegistryError { envelope, url } => {
+            let errors: Vec<String> = envelope.errors.iter().map(|e| format!("{:?}: {}", e.code, e.message)).collect();
+            format!("the registry refused {url}: {}", truncate_text(&errors.join("; "), MAX_ERROR_BODY_BYTES))
+        }
+        // Other errors carry no body, but their text may quote one: bounded all the same.
+        other => truncate_text(&provider_api::one_line(other), 4 * MAX_ERROR_BODY_BYTES),
+    }
+}
+
+/// Parses a manifest or index document (at most [`MAX_MANIFEST_BYTES`], the caller read it
+/// capped): schema version 2, a media type this store reads (from the document, else the
+/// response's Content-Type). Never panics, whatever the bytes.
+pub fn parse_manifest(body: &[u8], content_type: Option<&str>) -> Result<OciManifest, String> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        #[serde(rename = "schemaVersion")]
+        schema_version: i64,
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    if body.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!("{} bytes, more than the {MAX_MANIFEST_BYTES} allowed", body.len()));
+    }
+    let versioned: Versioned = serde_json::from_slice(body).map_err(|e| format!("not a manifest: {e}"))?;
+    if versioned.schema_version != 2 {
+        return Err(format!("schemaVersion {} is not supported (only 2; Docker schema 1 images are not)", versioned.schema_version));
+    }
+    let header_type = content_type.map(|t| t.split(';').next().unwrap_or("").trim().to_string()).filter(|t| !t.is_empty() && t != "application/json");
+    if let Some(media_type) = versioned.media_type.or(header_type) {
+        if !MANIFEST_ACCEPT.contains(&media_type.as_str()) {
+            return Err(format!("media type {} is not a manifest or index this agent reads ({})", truncate_text(&media_type, 100), MANIFEST_ACCEPT.join(", ")));
+        }
+    }
+    serde_json::from_slice(body).map_err(|e| format!("not a manifest or index: {e}"))
+}
+
+/// A size limit and the flag (or rule) that sets it, for the refusal message.
+#[derive(Debug, Clone, Copy)]
+struct Cap {
+    max: u64,
+    flag: &'static str,
+}
+
+/// Where a blob's bytes go.
+enum Sink {
+    Memory(Vec<u8>),
+    File(tokio::fs::File),
+}
+
+/// An `AsyncWrite` a blob streams into: hashes what passes, counts it against the size the
+/// descriptor declared (never more), marks progress, and keeps why it refused.
+struct BlobSink<'a> {
+    sink: Sink,
+    hasher: Sha256,
+    written: u64,
+    declared: u64,
+    digest: String,
+    what: String,
+    reference: String,
+    progress: &'a Progress,
+    refusal: Option<ProviderError>,
+}
+
+impl<'a> BlobSink<'a> {
+    /// Refuses up front a descriptor that is malformed or declares more than `cap`.
+    fn new(sink: Sink, descriptor: &OciDescriptor, reference: &str, what: &str, cap: Cap, progress: &'a Progress) -> Result<Self, ProviderError> {
+        sha256_hex(&descriptor.digest).map_err(|e| ProviderError::Pull(format!("pulling {reference}: the {what} {e}")))?;
+        let declared = u64::try_from(descriptor.size).map_err(|_| ProviderError::Pull(format!("pulling {reference}: the {what} {} declares a negative size", descriptor.digest)))?;
+        if declared > cap.max {
+            return Err(ProviderError::Pull(format!(
+                "pulling {reference}: the {what} {} is {declared} bytes, more than the {} bytes {} allows",
+                descriptor.digest, cap.max, cap.flag
+            )));
+        }
+        Ok(Self { sink, hasher: Sha256::new(), written: 0, declared, digest: descriptor.digest.clone(), what: what.into(), reference: reference.into(), progress, refusal: None })
+    }
+
+    /// After the last byte: all declared bytes came, and they hash to the digest.
+    fn finish(&mut self) -> Result<(), ProviderError> {
+        if self.written != self.declared {
+            return Err(ProviderError::Pull(format!("pulling {}: the {} {} ended after {} of the {} bytes declared", self.reference, self.what, self.digest, self.written, self.declared)));
+        }
+        let got = format!("sha256:{}", to_hex(&std::mem::take(&mut self.hasher).finalize()));
+        if got != self.digest {
+            return Err(ProviderError::Pull(format!("pulling {}: the {}: digest mismatch: expected {}, got {got}", self.reference, self.what, self.digest)));
+        }
+        Ok(())
+    }
+}
+
+impl tokio::io::AsyncWrite for BlobSink<'_> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.written + buf.len() as u64 > this.declared {
+            let msg = format!("pulling {}: the registry sent more than the {} bytes the manifest declares for the {} {}", this.reference, this.declared, this.what, this.digest);
+            this.refusal = Some(ProviderError::Pull(msg.clone()));
+            return Poll::Ready(Err(std::io::Error::other(msg)));
+        }
+        let n = match &mut this.sink {
+            Sink::Memory(bytes) => {
+                bytes.extend_from_slice(buf);
+                buf.len()
+            }
+            Sink::File(file) => match std::pin::Pin::new(file).poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            },
+        };
+        this.hasher.update(&buf[..n]);
+        this.written += n as u64;
+        this.progress.mark(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.sink {
+            Sink::Memory(_) => std::task::Poll::Ready(Ok(())),
+            Sink::File(file) => std::pin::Pin::new(file).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match &mut self.sink {
+            Sink::Memory(_) => std::task::Poll::Ready(Ok(())),
+            Sink::File(file) => std::pin::Pin::new(file).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A temporary sibling of a file being written, removed unless persisted.
+struct TempFile {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl TempFile {
+    fn beside(path: &Path) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".tmp.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        Self { path: path.with_file_name(name), kept: false }
+    }
+
+    /// Renames it to `to`.
+    fn persist(mut self, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.kept = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A scratch directory under the store (`tmp/`), removed with what is in it when dropped (and
+/// by the sweep when the store opens, after a crash).
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(parent: PathBuf) -> std::io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = parent.join(format!("pull.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -547,6 +1139,12 @@ pub enum EntrypointError {
     /// A layer is not a readable (gzip-compressed) tar archive.
     #[error("layer {layer} is not a readable tar archive: {reason}")]
     Layer { layer: usize, reason: String },
+    /// A layer inflates to more than the limit (a decompression bomb, or just too big).
+    #[error("layer {layer} inflates to more than {limit} bytes, the limit --max-layer-uncompressed-size sets")]
+    LayerTooLarge { layer: usize, limit: u64 },
+    /// The module file is larger than the limit.
+    #[error("the entrypoint {path} in layer {layer} is {size} bytes, more than the {limit} bytes --max-module-size allows")]
+    ModuleTooLarge { path: String, layer: usize, size: u64, limit: u64 },
 }
 
 /// The part of an OCI/Docker image config this provider reads: the container defaults.
@@ -623,12 +1221,18 @@ pub struct EntrypointSearch {
     layers: usize,
     next: usize,
     links: usize,
+    /// Most bytes one layer may inflate to while it is read.
+    max_uncompressed: u64,
+    /// Largest module file taken.
+    max_module: u64,
 }
 
 /// What one layer says about a path.
 #[derive(Debug, PartialEq, Eq)]
 enum LayerHit {
     File(Vec<u8>),
+    /// A file larger than the module limit (its size in the tar header).
+    TooLarge(u64),
     SymLink(String),
     HardLink(String),
     /// A directory, device or the like.
@@ -642,7 +1246,15 @@ impl EntrypointSearch {
     /// Starts at the top layer of `layers` for `path` (normalised, see [`normalise_path`]).
     pub fn new(path: &str, layers: usize) -> Result<Self, EntrypointError> {
         let next = layers.checked_sub(1).ok_or_else(|| EntrypointError::NotFound { path: format!("/{path}"), layers })?;
-        Ok(Self { path: path.to_string(), layers, next, links: 0 })
+        Ok(Self { path: path.to_string(), layers, next, links: 0, max_uncompressed: u64::MAX, max_module: u64::MAX })
+    }
+
+    /// The search with these limits: a layer that inflates to more than `max_uncompressed`
+    /// bytes, or a module file over `max_module` bytes, ends it with an error. Without them
+    /// nothing is limited.
+    pub fn with_limits(mut self, max_uncompressed: u64, max_module: u64) -> Self {
+        (self.max_uncompressed, self.max_module) = (max_uncompressed, max_module);
+        self
     }
 
     /// The index of the layer to feed next (0 is the bottom layer).
@@ -650,17 +1262,36 @@ impl EntrypointSearch {
         self.next
     }
 
-    /// Reads layer `index` (a tar archive, gzip-compressed or not: told by its first bytes):
-    /// `Some(module)` when the search ends there, `None` to feed [`Self::next_layer`].
-    pub fn feed(&mut self, index: usize, layer: &[u8]) -> Result<Option<Vec<u8>>, EntrypointError> {
+    /// Reads layer `index` (a tar archive, gzip-compressed or not: told by its first bytes),
+    /// streaming, never more than the uncompressed limit: `Some(module)` when the search ends
+    /// there, `None` to feed [`Self::next_layer`].
+    pub fn feed(&mut self, index: usize, mut layer: impl std::io::Read) -> Result<Option<Vec<u8>>, EntrypointError> {
+        use std::io::Read;
         let shown = format!("/{}", self.path);
-        let hit = if layer.starts_with(&[0x1f, 0x8b]) {
-            search_layer(flate2::read::GzDecoder::new(layer), &self.path)
-        } else {
-            search_layer(layer, &self.path)
+        let mut head = [0u8; 2];
+        let mut got = 0;
+        while got < head.len() {
+            match layer.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(EntrypointError::Layer { layer: index, reason: e.to_string() }),
+            }
         }
-        .map_err(|reason| EntrypointError::Layer { layer: index, reason })?;
+        let whole = std::io::Cursor::new(head[..got].to_vec()).chain(layer);
+        let over = std::cell::Cell::new(false);
+        let hit = if head[..got] == [0x1f, 0x8b] {
+            search_layer(Capped { inner: flate2::read::GzDecoder::new(whole), left: self.max_uncompressed, over: &over }, &self.path, self.max_module)
+        } else {
+            search_layer(Capped { inner: whole, left: self.max_uncompressed, over: &over }, &self.path, self.max_module)
+        };
+        let hit = match hit {
+            Ok(hit) => hit,
+            Err(_) if over.get() => return Err(EntrypointError::LayerTooLarge { layer: index, limit: self.max_uncompressed }),
+            Err(reason) => return Err(EntrypointError::Layer { layer: index, reason }),
+        };
         match hit {
+            LayerHit::TooLarge(size) => Err(EntrypointError::ModuleTooLarge { path: shown, layer: index, size, limit: self.max_module }),
             LayerHit::File(bytes) if bytes.starts_with(WASM_MAGIC) => Ok(Some(bytes)),
             LayerHit::File(bytes) => Err(EntrypointError::NotWasm { path: shown, found: describe_head(&bytes) }),
             LayerHit::Hidden(whiteout) => Err(EntrypointError::Deleted { path: shown, layer: index, whiteout }),
@@ -696,13 +1327,43 @@ impl EntrypointSearch {
     }
 }
 
-/// Scans one tar archive for `path` (see [`EntrypointSearch`]). Errors are the archive's.
-fn search_layer(archive: impl std::io::Read, path: &str) -> Result<LayerHit, String> {
+/// A reader that yields at most `left` bytes and then fails, setting `over`, if there is more.
+struct Capped<'a, R> {
+    inner: R,
+    left: u64,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<R: std::io::Read> std::io::Read for Capped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => {
+                    self.over.set(true);
+                    Err(std::io::Error::other("the layer inflates past the limit"))
+                }
+            };
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Scans one tar archive for `path` (see [`EntrypointSearch`]); a file over `max_module`
+/// bytes is not read. Errors are the archive's.
+fn search_layer(archive: impl std::io::Read, path: &str, max_module: u64) -> Result<LayerHit, String> {
     use std::io::Read;
     let mut hidden: Option<String> = None;
     let mut archive = tar::Archive::new(archive);
     for entry in archive.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
+        let entry = entry.map_err(|e| e.to_string())?;
         let raw = entry.path_bytes();
         let Some(name) = std::str::from_utf8(&raw).ok().and_then(normalise_path) else { continue };
         drop(raw);
@@ -715,9 +1376,16 @@ fn search_layer(archive: impl std::io::Read, path: &str) -> Result<LayerHit, Str
             let kind = entry.header().entry_type();
             return match kind {
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                    // The capacity is a hint from the header, bounded: the reader ends the read.
+                    if entry.size() > max_module {
+                        return Ok(LayerHit::TooLarge(entry.size()));
+                    }
+                    // The module is held in memory (at most max_module bytes): it is compiled
+                    // from memory anyway. The capacity is a hint from the header, bounded.
                     let mut bytes = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0).min(64 << 20));
-                    entry.read_to_end(&mut bytes).map_err(|e| format!("reading /{path}: {e}"))?;
+                    entry.take(max_module.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| format!("reading /{path}: {e}"))?;
+                    if bytes.len() as u64 > max_module {
+                        return Ok(LayerHit::TooLarge(bytes.len() as u64));
+                    }
                     Ok(LayerHit::File(bytes))
                 }
                 EntryType::Symlink | EntryType::Link => {
@@ -826,25 +1494,12 @@ pub fn verify_digest(expected: &str, bytes: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Whether plain http may be used (after https failed) for a registry: only on loopback
-/// (127.0.0.0/8, ::1, localhost) or when named in `insecure` (`host[:port]`, as
-/// [`RegistryOptions::insecure_registries`]).
+/// Whether plain http may be used (after https failed) for a registry: only when it is named
+/// in `insecure` (`host[:port]`, as [`RegistryOptions::insecure_registries`]). Being on
+/// loopback is no reason: `127.0.0.1:10248/x:y` would make the agent GET its own ports.
 pub fn may_use_plain_http(registry: &str, insecure: &[String]) -> bool {
     let want = normalise_registry(registry);
-    is_loopback_registry(registry) || insecure.iter().any(|i| normalise_registry(i) == want)
-}
-
-
-/// Whether `host[:port]` names this machine's loopback.
-pub fn is_loopback_registry(registry: &str) -> bool {
-    let host = if let Some(rest) = registry.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else if registry.matches(':').count() > 1 {
-        registry // a bare IPv6 address
-    } else {
-        registry.split(':').next().unwrap_or("")
-    };
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    insecure.iter().any(|i| normalise_registry(i) == want)
 }
 
 /// Basic credentials whose registry matches `registry` (Docker Hub's aliases count as one);
@@ -867,6 +1522,8 @@ fn normalise_registry(registry: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     /// A fresh store directory for one test.
     fn store_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("wk-images-{name}-{}", std::process::id()));
@@ -975,18 +1632,17 @@ mod tests {
     }
 
     #[test]
-    fn plain_http_only_on_loopback() {
-        for r in ["127.0.0.1:5000", "127.3.2.1", "localhost:5000", "[::1]:5000", "::1", "LOCALHOST"] {
-            assert!(is_loopback_registry(r), "{r}");
+    fn plain_http_only_for_listed_registries() {
+        // Loopback is no exception any more: an image reference must not reach the node's own
+        // plain-http ports.
+        for r in ["127.0.0.1:5000", "127.0.0.1:10248", "localhost:5000", "[::1]:5000", "ghcr.io"] {
+            assert!(!may_use_plain_http(r, &[]), "{r}");
         }
-        for r in ["10.0.0.1:5000", "registry.example.com", "docker.io", "localhost.evil.com:5000", "[::2]:5000"] {
-            assert!(!is_loopback_registry(r), "{r}");
-        }
-        assert!(may_use_plain_http("127.0.0.1:5056", &[]));
-        assert!(!may_use_plain_http("ghcr.io", &[]));
-        let insecure = vec!["registry.lan:5000".to_string()];
+        let insecure = vec!["registry.lan:5000".to_string(), "127.0.0.1:5000".to_string()];
         assert!(may_use_plain_http("registry.lan:5000", &insecure));
+        assert!(may_use_plain_http("127.0.0.1:5000", &insecure));
         assert!(!may_use_plain_http("registry.lan:5001", &insecure));
+        assert!(!may_use_plain_http("127.0.0.1:10248", &insecure));
     }
 
     #[test]
@@ -1050,7 +1706,7 @@ mod tests {
         loop {
             let i = search.next_layer();
             read.push(i);
-            match search.feed(i, &layers[i]) {
+            match search.feed(i, &layers[i][..]) {
                 Ok(Some(module)) => return (Ok(module), read),
                 Ok(None) => continue,
                 Err(e) => return (Err(e), read),
@@ -1169,5 +1825,277 @@ mod tests {
         assert_eq!(store.get("127.0.0.1:5000/hello:v1"), Some(image));
         assert_eq!(store.get("127.0.0.1:5000/hello:v2"), None);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    // ------------------------------------------------------------------ pulls against a fake registry
+
+    /// What the fake registry answers for a path: status, body; `None` hangs (never answers).
+    type Route = Arc<dyn Fn(&str) -> Option<(u16, Vec<u8>)> + Send + Sync>;
+
+    /// A plain-http registry on 127.0.0.1 answering by `route`; counts manifest GETs.
+    async fn fake_registry(route: Route) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let manifest_gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = manifest_gets.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let (route, counter) = (route.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                        // A TLS ClientHello (the https attempt) is not HTTP: hang up.
+                        if head.first() == Some(&0x16) {
+                            return;
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    if path.contains("/manifests/") {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let Some((status, body)) = route(&path) else {
+                        std::future::pending::<()>().await;
+                        return;
+                    };
+                    let head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(&body).await;
+                });
+            }
+        });
+        (port, manifest_gets)
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        format!("sha256:{}", to_hex(&Sha256::digest(bytes)))
+    }
+
+    /// A Wasm artifact's manifest for `module` (declared `size`).
+    fn wasm_manifest(module_digest: &str, size: usize) -> Vec<u8> {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": sha(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/wasm", "digest": module_digest, "size": size}],
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// A registry serving `module` as `r:t`, with the blob's bytes replaced by `served`.
+    fn serving(module: &'static [u8], served: &'static [u8]) -> Route {
+        let digest = sha(module);
+        let manifest = wasm_manifest(&digest, module.len());
+        Arc::new(move |path: &str| match path {
+            "/v2/" => Some((200, b"{}".to_vec())),
+            p if p.ends_with("/manifests/t") => Some((200, manifest.clone())),
+            p if p.ends_with(&format!("/blobs/{digest}")) => Some((200, served.to_vec())),
+            _ => Some((404, b"{\"errors\":[{\"code\":\"BLOB_UNKNOWN\",\"message\":\"blob unknown\"}]}".to_vec())),
+        })
+    }
+
+    fn store_for(name: &str, port: u16) -> (PathBuf, ImageStore) {
+        let dir = store_dir(name);
+        let options = RegistryOptions { insecure_registries: vec![format!("127.0.0.1:{port}")], ..Default::default() };
+        let store = ImageStore::open(&dir, options).unwrap();
+        (dir, store)
+    }
+
+    fn blob_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir.join("images/blobs/sha256")).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    const GOOD: &[u8] = b"\0asm\x01\0\0\0";
+
+    #[tokio::test]
+    async fn two_concurrent_pulls_of_one_image_make_one_request() {
+        let (port, gets) = fake_registry(serving(GOOD, GOOD)).await;
+        let (dir, store) = store_for("single-flight", port);
+        let reference = format!("127.0.0.1:{port}/r:t");
+        let (a, b) = tokio::join!(store.pull(&reference, &[]), store.pull(&reference, &[]));
+        assert_eq!(a.unwrap().digest, b.unwrap().digest);
+        assert_eq!(gets.load(Ordering::SeqCst), 1, "one manifest request for two pulls at once");
+        // Once done, a new pull asks again (imagePullPolicy: Always must see a moved tag).
+        store.pull(&reference, &[]).await.unwrap();
+        assert_eq!(gets.load(Ordering::SeqCst), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn plain_http_is_not_tried_for_an_unlisted_loopback_registry() {
+        let (port, gets) = fake_registry(serving(GOOD, GOOD)).await;
+        let dir = store_dir("not-insecure");
+        let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
+        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        assert!(err.contains("--insecure-registries"), "{err}");
+        assert_eq!(gets.load(Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_manifest_over_the_cap_is_refused() {
+        let huge = vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize];
+        let route: Route = Arc::new(move |path: &str| if path == "/v2/" { Some((200, b"{}".to_vec())) } else { Some((200, huge.clone())) });
+        let (port, _) = fake_registry(route).await;
+        let (dir, store) = store_for("manifest-cap", port);
+        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("more than the {MAX_MANIFEST_BYTES}")), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_blob_whose_digest_does_not_match_leaves_no_file() {
+        // Same length, other bytes.
+        let (port, _) = fake_registry(serving(GOOD, b"\0asm\x01\0\0\x01")).await;
+        let (dir, store) = store_for("digest-mismatch", port);
+        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        assert!(err.contains("digest"), "{err}");
+        assert_eq!(blob_files(&dir), Vec::<String>::new(), "no partial or unverified blob is left");
+        assert!(store.get(&format!("127.0.0.1:{port}/r:t")).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_blob_longer_than_declared_or_than_the_cap_is_refused() {
+        let (port, _) = fake_registry(serving(GOOD, b"\0asm\x01\0\0\0 and then some more")).await;
+        let (dir, store) = store_for("blob-longer", port);
+        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        assert!(err.contains("more than the 8 bytes the manifest declares"), "{err}");
+        assert_eq!(blob_files(&dir), Vec::<String>::new());
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let (port, _) = fake_registry(serving(GOOD, GOOD)).await;
+        let (dir, store) = store_for("blob-cap", port);
+        let store = store.with_limits(PullLimits { max_module_size: 4, ..Default::default() });
+        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        assert!(err.contains("is 8 bytes, more than the 4 bytes --max-module-size allows"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_registry_error_body_is_cut() {
+        let body = format!("{}TAIL-MARKER", "x".repeat(10_000));
+        let route: Route = Arc::new(move |path: &str| if path == "/v2/" { Some((200, b"{}".to_vec())) } else { Some((500, body.clone().into_bytes())) });
+        let (port, _) = fake_registry(route).await;
+        let (dir, store) = store_for("error-body", port);
+        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        assert!(!err.contains("TAIL-MARKER") && err.len() < 1024, "{} bytes: {err}", err.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_pull_without_progress_is_cancelled() {
+        let route: Route = Arc::new(|path: &str| if path == "/v2/" { Some((200, b"{}".to_vec())) } else { None });
+        let (port, _) = fake_registry(route).await;
+        let (dir, store) = store_for("stalled", port);
+        let store = store.with_limits(PullLimits { progress_deadline: Duration::from_millis(300), ..Default::default() });
+        let reference = format!("127.0.0.1:{port}/r:t");
+        let err = store.pull(&reference, &[]).await.unwrap_err().to_string();
+        assert!(err.starts_with(&format!("Cancel pulling image {reference:?} because of no progress for 300ms")), "{err}");
+        assert!(store.inflight.lock().unwrap().is_empty(), "the pull is no longer under way");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn durations_print_as_go_does() {
+        assert_eq!(go_duration(Duration::from_secs(60)), "1m0s");
+        assert_eq!(go_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(go_duration(Duration::from_millis(300)), "300ms");
+        assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
+    }
+
+    #[test]
+    fn manifests_are_checked_before_use() {
+        let digest = sha(GOOD);
+        assert!(matches!(parse_manifest(&wasm_manifest(&digest, 8), None), Ok(OciManifest::Image(_))));
+        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert!(matches!(parse_manifest(index, None), Ok(OciManifest::ImageIndex(_))));
+        assert!(parse_manifest(br#"{"schemaVersion":1}"#, None).unwrap_err().contains("schemaVersion 1"));
+        assert!(parse_manifest(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, None).unwrap_err().contains("text/html"));
+        assert!(parse_manifest(b"<html>", None).is_err());
+        assert!(parse_manifest(&vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize], None).is_err());
+    }
+
+    #[test]
+    fn a_layer_is_read_no_further_than_its_cap() {
+        let zeros = vec![0u8; 1 << 20];
+        let layers = vec![layer(&[E::File("aaa", &zeros), E::File("app/x.wasm", MODULE)], true)];
+        let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(64 << 10, u64::MAX);
+        assert_eq!(search.feed(0, &layers[0][..]), Err(EntrypointError::LayerTooLarge { layer: 0, limit: 64 << 10 }));
+        let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(4 << 20, 4);
+        assert!(matches!(search.feed(0, &layers[0][..]), Err(EntrypointError::ModuleTooLarge { size: 8, limit: 4, .. })));
+        let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(4 << 20, 8);
+        assert_eq!(search.feed(0, &layers[0][..]), Ok(Some(MODULE.to_vec())));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Whatever a registry sends as a manifest, parsing returns, never panics.
+            #[test]
+            fn any_manifest_bytes_parse_or_fail_cleanly(body in proptest::collection::vec(any::<u8>(), 0..2048), content_type in proptest::option::of("[a-z/.+;= 0-9-]{0,60}")) {
+                let _ = parse_manifest(&body, content_type.as_deref());
+            }
+
+            /// JSON-shaped manifests with random fields: parsed or refused, never a panic.
+            #[test]
+            fn json_shaped_manifests_parse_or_fail_cleanly(version in -3i64..5, media_type in "[a-z./+-]{0,40}", layers in proptest::collection::vec(("[a-z./+-]{0,30}", "[a-z0-9:]{0,70}", -5i64..1_000_000_000_000), 0..5)) {
+                let layers: Vec<serde_json::Value> = layers.iter().map(|(m, d, s)| serde_json::json!({"mediaType": m, "digest": d, "size": s})).collect();
+                let doc = serde_json::json!({"schemaVersion": version, "mediaType": media_type, "config": {"mediaType": "x", "digest": "sha256:00", "size": 1}, "layers": layers, "manifests": layers});
+                let _ = parse_manifest(doc.to_string().as_bytes(), None);
+            }
+
+            /// Random bytes as a layer (plain, or behind the gzip magic): no panic, and never a
+            /// module over the cap.
+            #[test]
+            fn any_layer_bytes_are_searched_without_panic(body in proptest::collection::vec(any::<u8>(), 0..4096), gzip in any::<bool>()) {
+                let bytes = if gzip { [&[0x1f, 0x8b][..], &body].concat() } else { body };
+                let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(1 << 16, 16);
+                if let Ok(Some(module)) = search.feed(0, &bytes[..]) {
+                    prop_assert!(module.len() <= 16);
+                }
+            }
+
+            /// A valid layer with bytes flipped: no panic; a module found is within the cap, and
+            /// no more than the cap is inflated.
+            #[test]
+            fn corrupted_layers_are_searched_within_caps(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8), gzip in any::<bool>(), big in 0usize..200_000) {
+                let filler = vec![7u8; big];
+                let mut bytes = layer(&[E::File("aaa", &filler), E::Sym("bin/app", "../app/x.wasm"), E::File("app/x.wasm", MODULE)], gzip);
+                for (at, value) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+                let mut search = EntrypointSearch::new("bin/app", 1).unwrap().with_limits(100_000, 8);
+                let fed = search.feed(0, &bytes[..]);
+                if let Ok(Some(module)) = &fed {
+                    prop_assert!(module.len() <= 8);
+                }
+                if big > 100_000 + 1024 && !matches!(fed, Err(EntrypointError::Layer { .. })) {
+                    prop_assert!(!matches!(fed, Ok(Some(_))), "a layer over the cap yielded a module: {fed:?}");
+                }
+            }
+
+            /// Registry error text of any size and content becomes one bounded line.
+            #[test]
+            fn error_text_is_bounded(text in ".{0,2000}") {
+                let cut = truncate_text(&text, MAX_ERROR_BODY_BYTES);
+                prop_assert!(cut.len() <= MAX_ERROR_BODY_BYTES + 40);
+                prop_assert!(!cut.contains('\n'));
+            }
+        }
     }
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::compile::CompileCache;
-use crate::image::{ImageStore, RegistryOptions};
+use crate::image::{ImageStore, PullLimits, RegistryOptions};
 use crate::instance::{Exit, Instance, Linkers, UsageMeter, KILLED_EXIT_CODE};
 use crate::log::ContainerLog;
 
@@ -59,6 +59,9 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 pub struct ProviderOptions {
     /// Extra registry CAs and plain-http registries for image pulls.
     pub registries: RegistryOptions,
+    /// Size caps and the progress deadline of image pulls; the module size cap also bounds
+    /// what is compiled.
+    pub limits: PullLimits,
 }
 
 /// Runs Wasm pods with wasmtime.
@@ -128,8 +131,8 @@ impl WasmtimeProvider {
         let engine = wasmtime::Engine::new(&config).map_err(|e| ProviderError::Setup(format!("{e:#}")))?;
         start_epoch_ticker(&engine)?;
         let linkers = Linkers::new(&engine)?;
-        let images = ImageStore::open(&root_dir, options.registries)?;
-        let compiled = CompileCache::new(engine.clone(), &root_dir);
+        let images = ImageStore::open(&root_dir, options.registries)?.with_limits(options.limits.clone());
+        let compiled = CompileCache::new(engine.clone(), &root_dir).with_max_module_size(options.limits.max_module_size);
         // Compiled code of images removed while the agent was down (or mid-removal) goes too.
         compiled.sweep(&images.list().iter().filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect());
         let http = http::LazyHttpEngine::new(&root_dir);
