@@ -621,3 +621,35 @@ pub(crate) mod tests {
         }
     }
 }
+
+/// The gRPC health reply decoder against arbitrary bytes (what a pod's gRPC server answers is
+/// the pod's to choose): never a panic or a hang, and what [`grpc_frame`] frames decodes back.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn health_reply_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = health_status(&bytes);
+        }
+
+        /// Plausible replies: a frame header with the right length around arbitrary fields.
+        #[test]
+        fn health_reply_fields_never_panic(message in prop::collection::vec(prop_oneof![any::<u8>(), Just(0xffu8), Just(0x08u8), Just(0x12u8)], 0..48)) {
+            let _ = health_status(&grpc_frame(&message));
+        }
+
+        #[test]
+        fn health_reply_round_trips(status in any::<u64>(), skipped in any::<u64>()) {
+            let mut message = vec![0x10];
+            put_varint(&mut message, skipped);
+            if status != 0 {
+                message.push(0x08);
+                put_varint(&mut message, status);
+            }
+            prop_assert_eq!(health_status(&grpc_frame(&message)), Some(status));
+        }
+    }
+}
