@@ -332,7 +332,7 @@ async fn an_oversized_spdy_header_block_is_refused_and_memory_stays_flat() {
     let path = format!("/exec/{}/box/box?command=cat&stdin=1&stdout=1", ns.name);
     let spdy = "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n";
 
-    // A zlib bomb: 64 bytes on the wire that inflate to 16 MiB.
+    // A zlib bomb: 16 KiB on the wire that inflate to 16 MiB.
     let hwm_before = status_kib(agent, "VmHWM");
     let mut tls = admin_tls(agent).await;
     assert_eq!(upgrade(&mut tls, &path, "SPDY/3.1", spdy).await, 101);
