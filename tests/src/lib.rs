@@ -138,6 +138,8 @@ pub struct Agent {
     args: Vec<String>,
     child: Option<Child>,
     runs: u32,
+    /// Keeps `node_ip` reserved against other agents, in this process and in others.
+    _address: LoopbackAddress,
 }
 
 impl Agent {
@@ -149,14 +151,10 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let kubeconfig = dir.join("node.kubeconfig");
         cluster.node_kubeconfig(name, &kubeconfig)?;
-        // A loopback address per agent, unique within this test process and unlikely to meet
-        // another process's: the node IP must be loopback in tests, and each agent's kubelet
-        // API binds its own address on the default port.
-        let node_ip = {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            format!("127.{}.{}.1", 1 + std::process::id() % 250, NEXT.fetch_add(1, Ordering::Relaxed) % 250 + 1)
-        };
+        // A loopback address of its own, held until the agent is dropped: the node IP must be
+        // loopback in tests, and each agent's kubelet API and its pods' ports bind that address.
+        let address = LoopbackAddress::reserve();
+        let node_ip = address.ip.clone();
         let mut args: Vec<String> = vec![
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
@@ -184,7 +182,7 @@ impl Agent {
             args.push(TEST_EVICTION_HARD.into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = Agent { name: name.into(), dir, node_ip, args, child: None, runs: 0 };
+        let mut agent = Agent { name: name.into(), dir, node_ip, args, child: None, runs: 0, _address: address };
         agent.spawn()?;
         Ok(agent)
     }
@@ -227,6 +225,12 @@ impl Agent {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The exit status if the process has ended by itself (`None` while it runs or when it
+    /// was never started).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// SIGKILL, as a crash would.
@@ -281,6 +285,52 @@ impl Drop for Agent {
     }
 }
 
+/// The port every agent's kubelet API listens on unless a test sets `--port`.
+const KUBELET_PORT: u16 = 10250;
+
+/// A loopback address (`127.a.b.1`) reserved for one agent, for as long as this value lives.
+///
+/// Every test process on the machine (other test files, other checkouts, other developers)
+/// draws from the same space, so a per-process formula cannot promise uniqueness (two PIDs that
+/// agree modulo the formula's range would share addresses). The reservation is an exclusive
+/// `flock` on `<tmp>/wasm-kubelet-it-loopback/<ip>.lock`: it is released by the kernel when
+/// this value is dropped or the process dies, so a crashed run frees its addresses. An address
+/// is also skipped while anything (a leaked agent, a process that does not use this harness)
+/// holds its kubelet port. The search starts at a place derived from the PID and walks the
+/// whole space, so many agents in one process never wrap onto an address still in use.
+pub struct LoopbackAddress {
+    pub ip: String,
+    _lock: std::fs::File,
+}
+
+impl LoopbackAddress {
+    /// Reserves a free address; panics only when all 62 500 are taken.
+    pub fn reserve() -> LoopbackAddress {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        // 250 x 250 addresses: 127.1.1.1 to 127.250.250.1 (127.0.0.0/16 is the cluster's).
+        const SPAN: u32 = 250 * 250;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join("wasm-kubelet-it-loopback");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let start = std::process::id().wrapping_mul(7919) % SPAN;
+        for _ in 0..SPAN {
+            let i = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+            let ip = format!("127.{}.{}.1", 1 + i / 250, 1 + i % 250);
+            let Ok(lock) = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(format!("{ip}.lock"))) else { continue };
+            // Locks are per open file: another agent of this very process conflicts too.
+            if lock.try_lock().is_err() {
+                continue;
+            }
+            // Held by something outside this scheme: leave it alone.
+            if std::net::TcpListener::bind((ip.as_str(), KUBELET_PORT)).is_err() {
+                continue;
+            }
+            return LoopbackAddress { ip, _lock: lock };
+        }
+        panic!("no free loopback address in 127.1-250.1-250.1 (locks in {})", dir.display());
+    }
+}
+
 /// Unmounts (lazily, deepest first) every mount point under `dir`: the tmpfs volumes an agent
 /// made for its pods outlive the agent when it is killed.
 pub fn unmount_under(dir: &Path) {
@@ -315,40 +365,73 @@ where
     }
 }
 
-/// Builds every wasm-examples program and pushes it to the local registry as
-/// `$REGISTRY/wasm-examples/<name>:v1`, once per process.
-pub fn push_examples() {
-    static PUSHED: OnceLock<()> = OnceLock::new();
+/// Builds every wasm-examples program (deploy/build-examples) and pushes it to the local
+/// registry as `$REGISTRY/wasm-examples/<name>:<content tag>`, once per process.
+///
+/// The tag names the bytes (see [`push_wasm`]), not a fixed `v1`: every test process on the
+/// machine pushes to the same registry, and another checkout whose example differs (a helper
+/// changing `toolbox`, say) would otherwise replace the image this process's tests pull.
+pub fn push_examples() -> &'static HashMap<String, String> {
+    static PUSHED: OnceLock<HashMap<String, String>> = OnceLock::new();
     PUSHED.get_or_init(|| {
         let registry = Cluster::get().var("REGISTRY").to_string();
-        let out = Command::new(workspace_root().join("deploy/push-examples")).arg(&registry).output().expect("deploy/push-examples runs");
-        assert!(out.status.success(), "push-examples failed: {}", String::from_utf8_lossy(&out.stderr));
-    });
+        let out = Command::new(workspace_root().join("deploy/build-examples")).stderr(Stdio::inherit()).output().expect("deploy/build-examples runs");
+        assert!(out.status.success(), "build-examples failed");
+        let mut pushed = HashMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let (name, path) = line.split_once(' ').unwrap_or_else(|| panic!("build-examples printed {line:?}, not `NAME PATH`"));
+            let wasm = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let reference = format!("{registry}/wasm-examples/{name}:{}", content_tag(&wasm));
+            let out = Command::new(workspace_root().join("deploy/push-wasm")).arg(path).arg(&reference).output().expect("deploy/push-wasm runs");
+            assert!(out.status.success(), "push-wasm {reference}: {}", String::from_utf8_lossy(&out.stderr));
+            pushed.insert(name.to_string(), reference);
+        }
+        pushed
+    })
 }
 
-/// The image reference of a wasm-examples program in the local registry.
+/// A built wasm-examples preview1 program (`deploy/build-examples` output; builds and pushes
+/// them first). Honours `WASM_EXAMPLES_TARGET_DIR` as deploy/build-examples does.
+pub fn example_wasm(name: &str) -> PathBuf {
+    push_examples();
+    let target = std::env::var_os("WASM_EXAMPLES_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/wasm-examples"));
+    let path = target.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing after deploy/push-examples", path.display());
+    path
+}
+
+/// The image reference of a wasm-examples program in the local registry (pushed first when
+/// this process has not yet).
 pub fn example_image(name: &str) -> String {
-    format!("{}/wasm-examples/{name}:v1", Cluster::get().var("REGISTRY"))
+    push_examples().get(name).cloned().unwrap_or_else(|| panic!("no wasm-examples program {name}"))
+}
+
+/// A tag that names `wasm`'s bytes without a crypto dependency: two hashes of different
+/// seeds, 64 bits each, so the same bytes get the same tag and changed bytes a new one.
+fn content_tag(wasm: &[u8]) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut a = DefaultHasher::new();
+    wasm.hash(&mut a);
+    let mut b = DefaultHasher::new();
+    (wasm.len(), wasm).hash(&mut b);
+    format!("c{:016x}{:016x}", a.finish(), b.finish())
 }
 
 /// Pushes `wasm` (a module or component) to the local registry as `$REGISTRY/it-guests/<name>:<tag>`
-/// with deploy/push-wasm, the tag being the first 12 hex digits of its SHA-256 (so the same
-/// bytes push once and a changed guest is a new image); returns the image reference.
+/// with deploy/push-wasm, the tag naming its content ([`content_tag`]: the same bytes push
+/// once and a changed guest is a new image); returns the image reference.
 pub fn push_wasm(name: &str, wasm: &[u8]) -> String {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    // A content tag without a crypto dependency: two hashes of different seeds, 64 bits each.
-    let tag = {
-        let mut a = DefaultHasher::new();
-        wasm.hash(&mut a);
-        let mut b = DefaultHasher::new();
-        (wasm.len(), wasm).hash(&mut b);
-        format!("c{:016x}{:016x}", a.finish(), b.finish())
-    };
+    let tag = content_tag(wasm);
     let reference = format!("{}/it-guests/{name}:{tag}", Cluster::get().var("REGISTRY"));
     let dir = workspace_root().join("target/it-guests");
     std::fs::create_dir_all(&dir).expect("target/it-guests");
+    // Written under a name of this push alone, then renamed into place: another test process
+    // pushing the same guest at the same time rewrites the file, and push-wasm must never read
+    // a half-written one.
     let file = dir.join(format!("{name}-{tag}.wasm"));
-    std::fs::write(&file, wasm).expect("guest written");
+    let partial = dir.join(format!(".{name}-{tag}.wasm.{}", unique_name("push")));
+    std::fs::write(&partial, wasm).expect("guest written");
+    std::fs::rename(&partial, &file).expect("guest renamed into place");
     let out = Command::new(workspace_root().join("deploy/push-wasm")).arg(&file).arg(&reference).output().expect("deploy/push-wasm runs");
     assert!(out.status.success(), "push-wasm {reference}: {}", String::from_utf8_lossy(&out.stderr));
     reference
@@ -462,6 +545,21 @@ impl TestNamespace {
             .filter(|e| e.involved_object.name.as_deref() == Some(pod))
             .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
             .collect()
+    }
+
+    /// Waits until the events about `pod` pass `check` (Events are published by the agent
+    /// asynchronously, after the status change they describe may already be visible); returns
+    /// them. On time-out fails with the events seen and the agent's log.
+    pub async fn wait_events(&self, agent: &Agent, pod: &str, what: &str, check: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
+        let result = wait_for(what, TEST_TIMEOUT, || async {
+            let events = self.events(pod).await;
+            check(&events).then_some(events)
+        })
+        .await;
+        match result {
+            Ok(events) => events,
+            Err(e) => panic!("{e}\nevents: {:#?}\nagent log:\n{}", self.events(pod).await, agent.log_tail()),
+        }
     }
 
     /// The reasons of the events about pod `pod`.

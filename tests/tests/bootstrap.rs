@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{agent_binary, example_image, node_condition, phase, push_examples, unique_name, unmount_under, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{agent_binary, example_image, node_condition, phase, push_examples, unique_name, unmount_under, wait_for, workspace_root, Agent, Cluster, LoopbackAddress, TestNamespace, TEST_TIMEOUT};
 use jiff::Timestamp;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -73,6 +73,8 @@ struct BootstrapAgent {
     name: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// Keeps the node IP reserved against other agents (the harness's too).
+    _address: LoopbackAddress,
 }
 
 impl BootstrapAgent {
@@ -82,12 +84,9 @@ impl BootstrapAgent {
         let dir = workspace_root().join("target/it").join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        // Loopback, unique per agent of this process; `.2` keeps clear of the harness's `.1`.
-        let node_ip = {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            format!("127.{}.{}.2", 1 + std::process::id() % 250, 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 150)
-        };
+        // Loopback, reserved the same way as the harness's agents (unique across processes).
+        let address = LoopbackAddress::reserve();
+        let node_ip = address.ip.clone();
         let ca = Path::new(cluster.var("LOCAL_CLUSTER_DIR")).join("pki/ca.crt");
         let mut args: Vec<String> = vec![
             format!("--bootstrap-kubeconfig={bootstrap_kubeconfig}"),
@@ -110,7 +109,7 @@ impl BootstrapAgent {
         let _ = std::fs::create_dir_all(&pids);
         let _ = std::fs::write(pids.join(format!("agent-{name}.pid")), child.id().to_string());
         let _ = std::fs::write(pids.join(format!("agent-{name}.cmd")), agent_binary().display().to_string());
-        BootstrapAgent { name, dir, child: Some(child) }
+        BootstrapAgent { name, dir, child: Some(child), _address: address }
     }
 
     fn log(&self) -> String {
@@ -259,7 +258,10 @@ async fn a_bootstrapped_node_joins_and_keeps_working_across_client_certificate_r
     let (second_path, second) = rotated;
     assert_ne!(second_path, first_path, "a new dated file");
     assert!(second.not_before > first.not_before, "{second:?} after {first:?}");
-    assert!(Timestamp::now() < first.not_after, "rotated before the old certificate expired");
+    // When the rotation happened is when the new file was written, not when this test got
+    // round to looking (which a loaded machine can delay).
+    let written: Timestamp = std::fs::metadata(&second_path).and_then(|m| m.modified()).ok().and_then(|t| Timestamp::try_from(t).ok()).expect("the new file's mtime");
+    assert!(written < first.not_after, "rotated at {written}, before the old certificate expired at {}", first.not_after);
     assert!(first_path.exists(), "the old file stays, as the kubelet keeps it");
     let node_user = format!("system:node:{}", agent.name);
     let renewals = csrs.list(&Default::default()).await.unwrap().items.into_iter().filter(|c| c.spec.username.as_deref() == Some(node_user.as_str())).count();
@@ -267,13 +269,14 @@ async fn a_bootstrapped_node_joins_and_keeps_working_across_client_certificate_r
 
     // After the first certificate expired, the node still renews its lease, stays Ready and
     // runs pods: every request now uses the new certificate.
+    // A renewal stamped after the expiry is the condition waited for (no sleep until then): the
+    // time left to the expiry, then the usual bound.
     let expired_at = first.not_after;
-    let wait = (expired_at.as_second() - Timestamp::now().as_second()).max(0) as u64;
-    tokio::time::sleep(Duration::from_secs(wait + 2)).await;
+    let left = (expired_at.as_second() - Timestamp::now().as_second()).max(0) as u64;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), "kube-node-lease");
-    wait_for("a lease renewal after the first certificate expired", TEST_TIMEOUT, || async {
+    wait_for("a lease renewal after the first certificate expired", Duration::from_secs(left) + TEST_TIMEOUT, || async {
         let renewed = leases.get_opt(&agent.name).await.ok()??.spec?.renew_time?.0;
-        (renewed.timestamp_millis() > expired_at.as_millisecond()).then_some(())
+        (renewed.timestamp_millis() > expired_at.as_millisecond() && Timestamp::now() > expired_at).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));

@@ -108,20 +108,29 @@ async fn disk_pressure_evicts_the_best_effort_pod_first_and_clears_when_space_re
     );
     let disruption = evicted.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == "DisruptionTarget").cloned());
     assert!(disruption.as_ref().is_some_and(|c| c.status == "True" && c.reason.as_deref() == Some("TerminationByKubelet")), "{disruption:?}");
-    let events = ns.events("best-effort").await;
-    assert!(events.iter().any(|(r, m)| r == "Evicted" && m.contains("ephemeral-storage")), "{events:?}");
+    // The Evicted event is published asynchronously: waited for, not expected with the status.
+    ns.wait_events(&agent, "best-effort", "an Evicted event naming ephemeral-storage", |events| events.iter().any(|(r, m)| r == "Evicted" && m.contains("ephemeral-storage"))).await;
     let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
     assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod is not evicted first");
 
     // The evicted pod's emptyDir was torn down: the space is back and the pressure clears.
-    assert!(!scratch.join("filler").exists(), "the evicted pod's emptyDir is removed");
+    wait_for("the evicted pod's emptyDir to be removed", TEST_TIMEOUT, || async { (!scratch.join("filler").exists()).then_some(()) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     wait_node(&agent, "DiskPressure False again", |n| node_condition(n, "DiskPressure").as_deref() == Some("False")).await;
     wait_node(&agent, "the disk-pressure taint removed", |n| !has_taint(n, "node.kubernetes.io/disk-pressure")).await;
     let guaranteed = ns.pods().get("guaranteed").await.expect("pod");
     assert_eq!(phase(&guaranteed), "Running", "the Guaranteed pod survived: {:?}", guaranteed.status);
-    let reasons = node_event_reasons(&agent).await;
-    for wanted in ["EvictionThresholdMet", "NodeHasDiskPressure", "NodeHasNoDiskPressure"] {
-        assert!(reasons.iter().any(|r| r == wanted), "{wanted} missing from the node's events {reasons:?}");
+    // The node's events are published asynchronously, the last one after the condition the
+    // wait above saw: wait for all three.
+    let wanted = ["EvictionThresholdMet", "NodeHasDiskPressure", "NodeHasNoDiskPressure"];
+    let seen = wait_for("the node's EvictionThresholdMet, NodeHasDiskPressure and NodeHasNoDiskPressure events", TEST_TIMEOUT, || async {
+        let reasons = node_event_reasons(&agent).await;
+        wanted.iter().all(|w| reasons.iter().any(|r| r == w)).then_some(())
+    })
+    .await;
+    if let Err(e) = seen {
+        panic!("{e}: the node's events are {:?}", node_event_reasons(&agent).await);
     }
 }
 
@@ -176,8 +185,7 @@ async fn memory_pressure_evicts_the_hog_before_the_guaranteed_pod() {
     let text = message(&evicted);
     assert!(text.starts_with("The node was low on resource: memory. Threshold quantity: "), "{text}");
     assert!(text.contains("Container hog was using ") && text.ends_with("request is 0, has larger consumption of memory."), "{text}");
-    let events = ns.events("hog").await;
-    assert!(events.iter().any(|(r, _)| r == "Evicted"), "{events:?}");
+    ns.wait_events(&agent, "hog", "an Evicted event", |events| events.iter().any(|(r, _)| r == "Evicted")).await;
     wait_node(&agent, "MemoryPressure reported", |n| node_condition(n, "MemoryPressure").as_deref() == Some("True")).await;
     // The controller manager taints a node under memory pressure (TaintNodesByCondition).
     wait_node(&agent, "the memory-pressure taint", |n| has_taint(n, "node.kubernetes.io/memory-pressure")).await;
@@ -213,8 +221,7 @@ async fn an_emptydir_over_its_size_limit_evicts_its_pod() {
     let evicted = ns.wait_pod(&agent, "writer", "the pod evicted", |p| phase(p) == "Failed").await;
     assert_eq!(reason(&evicted), "Evicted");
     assert_eq!(message(&evicted), "Usage of EmptyDir volume \"scratch\" exceeds the limit \"1Mi\".");
-    let events = ns.events("writer").await;
-    assert!(events.iter().any(|(r, m)| r == "Evicted" && m.contains("exceeds the limit")), "{events:?}");
+    ns.wait_events(&agent, "writer", "an Evicted event saying the limit was exceeded", |events| events.iter().any(|(r, m)| r == "Evicted" && m.contains("exceeds the limit"))).await;
 }
 
 #[tokio::test]
@@ -267,7 +274,9 @@ async fn a_soft_threshold_raises_disk_pressure_at_once_and_evicts_after_its_grac
     let fill = tmpfs.usage().1.saturating_sub(8 << 20);
     std::fs::write(scratch.join("filler"), vec![7u8; fill as usize]).expect("filling the emptyDir");
 
-    // The condition comes at once; the pod stays for the 20 s grace period.
+    // The condition comes at once; the pod stays for the 20 s grace period. This read proves
+    // that something did NOT happen yet: the window is the whole 20 s soft grace period (status
+    // updates every 1 s), so only a 20 s stall between the two reads could fail it falsely.
     wait_node(&agent, "DiskPressure True", |n| node_condition(n, "DiskPressure").as_deref() == Some("True")).await;
     let running = ns.pods().get("filler").await.expect("pod");
     assert_eq!(phase(&running), "Running", "a soft threshold waits out its grace period");

@@ -3,16 +3,18 @@
 
 use std::time::Duration;
 
-use integration_tests::{has_taint, node_condition, unique_name, wait_for, Agent, Cluster};
+use integration_tests::{has_taint, node_condition, unique_name, wait_for, Agent, Cluster, TEST_TIMEOUT};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, ListParams};
 use kube::Api;
 
-/// Registration, then the controller manager's not-ready taint removal, take a few seconds.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// deploy/local-cluster sets --node-monitor-grace-period=20s; allow twice that plus a period.
-const SILENCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Registration, then the controller manager's not-ready taint removal, take a few seconds
+/// (more on a loaded machine: the same bound as every other wait on a node or pod).
+const READY_TIMEOUT: Duration = TEST_TIMEOUT;
+/// deploy/local-cluster sets --node-monitor-grace-period=20s (--node-monitor-period=2s): the
+/// condition and the taint follow within about 25 s; the rest is room for a loaded machine.
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(20 + 90);
 
 async fn ready_node(api: &Api<Node>, agent: &Agent) -> Node {
     wait_for("the node to be Ready without the not-ready taint", READY_TIMEOUT, || async {
@@ -164,7 +166,9 @@ async fn sigterm_shuts_down_cleanly() {
     let nodes: Api<Node> = Api::all(admin);
     let mut agent = Agent::start(&unique_name("sigterm"), &[]).unwrap();
     ready_node(&nodes, &agent).await;
-    let status = agent.terminate(Duration::from_secs(15)).unwrap();
+    // A node without pods has nothing to drain: it exits at once. 30 s only separates "exits"
+    // from "hangs" on a loaded machine; the exit status and the log line are the assertions.
+    let status = agent.terminate(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "exit status {status:?}\n{}", agent.log_tail());
     assert!(agent.log().contains("SIGTERM received"));
 }

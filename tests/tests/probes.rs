@@ -96,7 +96,13 @@ async fn readiness_exec_probe_gates_ready_until_the_file_exists() {
     ns.wait_pod(agent, "gated", "the container to run", running).await;
     let message = ns.wait_event(agent, "gated", "Unhealthy", "Readiness probe failed").await;
     assert!(message.starts_with("Readiness probe failed: "), "{message}");
-    let pod = ns.pods().get("gated").await.unwrap();
+    // The event and the status come from different writers: wait until the status carries the
+    // fields asserted (the readiness probe cannot pass before the file exists).
+    let pod = ns
+        .wait_pod(agent, "gated", "the status with started and both readiness conditions", |p| {
+            running(p) && status(p).is_some_and(|s| s.started.is_some()) && condition(p, "Ready").is_some() && condition(p, "ContainersReady").is_some()
+        })
+        .await;
     assert!(running(&pod) && !status(&pod).unwrap().ready, "running but not ready: {:?}", pod.status);
     assert_eq!(condition(&pod, "Ready").as_deref(), Some("False"));
     assert_eq!(condition(&pod, "ContainersReady").as_deref(), Some("False"));
@@ -137,7 +143,7 @@ async fn startup_probe_that_never_succeeds_restarts_and_gates_readiness() {
         }),
     )
     .await;
-    let pod = ns.wait_pod(agent, "slow", "the container to run", running).await;
+    let pod = ns.wait_pod(agent, "slow", "the container to run", |p| running(p) && status(p).is_some_and(|s| s.started.is_some())).await;
     assert_eq!(status(&pod).unwrap().started, Some(false));
     let pod = ns.wait_pod(agent, "slow", "a restart after the startup failure", |p| restarts(p) >= 1).await;
     assert!(!pod_ready(&pod));
@@ -322,8 +328,9 @@ async fn https_startup_and_grpc_readiness_probes_and_their_metrics() {
     // probe then sees NOT_SERVING.
     let message = ns.wait_event(agent, "checked", "Unhealthy", "Readiness probe failed").await;
     assert_eq!(message, "Readiness probe failed: service unhealthy (responded with \"NOT_SERVING\")");
-    let pod = ns.pods().get("checked").await.unwrap();
-    assert_eq!(status(&pod).unwrap().started, Some(true), "the HTTPS startup probe succeeded: {:?}", pod.status);
+    // The readiness probe runs only after startup succeeded, but the status manager may write
+    // `started` after the event is out: wait for it rather than expect it with the event.
+    let pod = ns.wait_pod(agent, "checked", "started: true after the HTTPS startup probe succeeded", |p| status(p).is_some_and(|s| s.started == Some(true))).await;
     assert_eq!(condition(&pod, "Ready").as_deref(), Some("False"));
 
     serving.store(true, Ordering::SeqCst);

@@ -163,8 +163,8 @@ async fn pods_whose_requests_do_not_fit_allocatable_are_refused() {
     let (_, reason, message) = outcome(&pod);
     assert_eq!(reason, "OutOfmemory");
     assert!(message.starts_with("Pod was rejected: Node didn't have enough resource: memory, requested: 109951162777600, used: 0, capacity: "), "{message}");
-    let events = ns.events("too-big").await;
-    assert!(events.iter().any(|(r, m)| r == "OutOfmemory" && m.starts_with("Node didn't have enough resource: memory")), "{events:?}");
+    // The event is published asynchronously, possibly after the Failed status is visible.
+    ns.wait_events(agent, "too-big", "an OutOfmemory event", |events| events.iter().any(|(r, m)| r == "OutOfmemory" && m.starts_with("Node didn't have enough resource: memory"))).await;
     assert!(pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_none_or(|c| c.iter().all(|c| c.state.as_ref().and_then(|s| s.running.as_ref()).is_none())));
 
     // Ephemeral storage the same way.
@@ -182,7 +182,7 @@ async fn pods_whose_requests_do_not_fit_allocatable_are_refused() {
     let (_, reason, message) = outcome(&pod);
     assert_eq!(reason, "OutOfcpu");
     assert_eq!(message, "Pod was rejected: Node didn't have enough resource: cpu, requested: 600, used: 600, capacity: 1000");
-    assert!(ns.event_reasons("second").await.contains(&"OutOfcpu".to_string()));
+    ns.wait_events(agent, "second", "an OutOfcpu event", |events| events.iter().any(|(r, _)| r == "OutOfcpu")).await;
 
     // ...and once the first pod is gone its requests are free again.
     ns.pods().delete("first", &DeleteParams::default()).await.unwrap();

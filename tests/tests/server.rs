@@ -576,27 +576,37 @@ async fn pods_runningpods_configz_metrics_and_run_on_the_kubelet_api() {
     assert_eq!(kc["nodeStatusUpdateFrequency"], "10s");
 
     // /metrics: the pod start histogram counted this pod; the rest of the agent's series. The
-    // running gauges follow the PLEG's relist (every second): wait for the one after the start.
-    let metrics = wait_for("/metrics to count the running pod", TEST_TIMEOUT, || async {
+    // series have different writers (the PLEG's relist every second, the pod worker, the HTTP
+    // server once a response is out): wait until every one of them shows what is asserted,
+    // rather than expect all in the scrape where the first one did.
+    let value = |metrics: &str, name: &str| -> Option<f64> { metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()) };
+    let node_series = format!("kubelet_node_name{{node=\"{}\"}}", agent.name);
+    let at_least_one = [
+        "kubelet_pod_start_duration_seconds_count",
+        "kubelet_running_pods",
+        "kubelet_running_containers{container_state=\"running\"}",
+        "kubelet_pleg_relist_duration_seconds_count",
+        "kubelet_pod_worker_duration_seconds_count{operation=\"create\"}",
+        "kubelet_image_pull_duration_seconds_count{result=\"success\"}",
+        "kubelet_http_requests_total{method=\"GET\",path=\"pods\",server_type=\"readwrite\",long_running=\"false\"}",
+    ];
+    let complete = |metrics: &str| {
+        at_least_one.iter().all(|name| value(metrics, name).is_some_and(|v| v >= 1.0))
+            && value(metrics, &node_series) == Some(1.0)
+            && value(metrics, "process_resident_memory_bytes").is_some_and(|v| v > 0.0)
+            && metrics.lines().any(|l| l.starts_with("rest_client_requests_total{code=\"200\",method=\"GET\""))
+    };
+    let scraped = wait_for("/metrics to count the running pod in every series", TEST_TIMEOUT, || async {
         let (code, metrics) = curl(agent, "/metrics", admin);
         assert_eq!(code, 200, "{metrics}");
-        metrics.lines().any(|l| l.starts_with("kubelet_running_pods ") && l != "kubelet_running_pods 0").then_some(metrics)
+        complete(&metrics).then_some(())
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", curl(agent, "/metrics", admin).1));
-    let value = |name: &str| -> f64 {
-        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
-    };
-    assert!(value("kubelet_pod_start_duration_seconds_count") >= 1.0);
-    assert!(value("kubelet_running_pods") >= 1.0, "{metrics}");
-    assert!(value("kubelet_running_containers{container_state=\"running\"}") >= 1.0);
-    assert_eq!(value(&format!("kubelet_node_name{{node=\"{}\"}}", agent.name)), 1.0);
-    assert!(value("kubelet_pleg_relist_duration_seconds_count") >= 1.0);
-    assert!(value("kubelet_pod_worker_duration_seconds_count{operation=\"create\"}") >= 1.0);
-    assert!(value("kubelet_image_pull_duration_seconds_count{result=\"success\"}") >= 1.0);
-    assert!(value("process_resident_memory_bytes") > 0.0);
-    assert!(value("kubelet_http_requests_total{method=\"GET\",path=\"pods\",server_type=\"readwrite\",long_running=\"false\"}") >= 1.0);
-    assert!(metrics.lines().any(|l| l.starts_with("rest_client_requests_total{code=\"200\",method=\"GET\"")), "{metrics}");
+    .await;
+    if let Err(e) = scraped {
+        let metrics = curl(agent, "/metrics", admin).1;
+        let missing: Vec<&str> = at_least_one.iter().copied().filter(|name| !value(&metrics, name).is_some_and(|v| v >= 1.0)).collect();
+        panic!("{e}; below 1 or absent: {missing:?}; {node_series} = {:?}\n{metrics}", value(&metrics, &node_series));
+    }
 
     // /run: an exec answering with the combined output.
     let (code, body) = curl_method(agent, "POST", &format!("/run/{}/box/box?cmd=echo+ran+in+the+sandbox", ns.name), admin);
@@ -630,7 +640,9 @@ async fn standalone_node_serves_its_static_pods_with_anonymous_always_allow() {
         format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: tick\n  namespace: default\nspec:\n  containers:\n  - name: tick\n    image: {}\n", example_image("ticker")),
     )
     .unwrap();
-    let node_ip = format!("127.{}.251.1", 1 + std::process::id() % 250);
+    // Reserved like every test agent's address, so no other test's agent shares it.
+    let address = integration_tests::LoopbackAddress::reserve();
+    let node_ip = address.ip.clone();
     let log = std::fs::File::create(dir.join("agent.log")).unwrap();
     let mut child = Command::new(integration_tests::agent_binary())
         .args(["--hostname-override", &name, "--node-ip", &node_ip, "--address", &node_ip, "--healthz-port=0", "-v=4"])

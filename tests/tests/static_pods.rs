@@ -191,10 +191,13 @@ fn run_once_with(what: &str, manifests: &[(&str, String)], extra: &[&str]) -> (i
         .arg(base.join("logs"))
         .args(extra)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Files, not pipes: this loop does not read while it polls, and a -v=4 agent fills a
+        // 64 KiB pipe and then blocks on its next log line.
+        .stdout(std::fs::File::create(base.join("stdout")).unwrap())
+        .stderr(std::fs::File::create(base.join("stderr")).unwrap())
         .spawn()
         .unwrap();
+    let read = |file: &str| std::fs::read_to_string(base.join(file)).unwrap_or_default();
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -202,13 +205,12 @@ fn run_once_with(what: &str, manifests: &[(&str, String)], extra: &[&str]) -> (i
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("--runonce did not exit within {TIMEOUT:?}\n{}", String::from_utf8_lossy(&out.stderr));
+            let _ = child.wait();
+            panic!("--runonce did not exit within {TIMEOUT:?}\n{}", read("stderr"));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let out = child.wait_with_output().unwrap();
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (status.code().unwrap_or(-1), read("stdout"), read("stderr"))
 }
 
 fn job(name: &str, image: &str, args: &[&str]) -> String {
@@ -317,10 +319,12 @@ async fn an_edited_static_pod_starts_only_after_the_old_version_stopped() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    // Compared as times: RFC 3339 text with trimmed fractions (".1Z", ".12Z") does not sort.
+    let time = |s: &String| s.parse::<jiff::Timestamp>().unwrap_or_else(|e| panic!("a CRI timestamp {s:?}: {e}"));
     let old_times = log_times(&old.join("ticker/0.log"));
     let new_times = log_times(&new.join("ticker/0.log"));
     let (old_last, new_first) = (old_times.last().unwrap(), new_times.first().unwrap());
-    assert!(old_last < new_first, "the new version ticked at {new_first}, before the old one's last tick at {old_last}");
+    assert!(time(old_last) < time(new_first), "the new version ticked at {new_first}, before the old one's last tick at {old_last}");
 }
 
 /// Serves whatever `body` holds at the time of each request on loopback (a 500 when it holds
@@ -398,7 +402,9 @@ fn standalone_runs_a_static_pod_without_any_api_server() {
         .arg(base.join("logs"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        // A file, not a pipe: nothing reads while the loop below polls, and a -v=4 agent fills
+        // a 64 KiB pipe and then blocks on its next log line.
+        .stderr(std::fs::File::create(base.join("agent.log")).unwrap())
         .spawn()
         .unwrap();
     // The pod's CRI log, under the kubelet's naming: default_alone-<node>_<uid>/ticker/0.log.
@@ -419,8 +425,9 @@ fn standalone_runs_a_static_pod_without_any_api_server() {
     };
     // SAFETY: plain kill(2) on our own child's PID.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let status = child.wait().unwrap();
     integration_tests::unmount_under(&base);
-    assert!(ticked, "the static pod did not tick within {TIMEOUT:?}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "a clean exit on SIGTERM: {:?}", out.status);
+    let log = std::fs::read_to_string(base.join("agent.log")).unwrap_or_default();
+    assert!(ticked, "the static pod did not tick within {TIMEOUT:?}\n{log}");
+    assert!(status.success(), "a clean exit on SIGTERM: {status:?}\n{log}");
 }
