@@ -18,8 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The kubelet API's connection cap (node/src/server/mod.rs `MAX_CONNECTIONS`).
 const API_MAX_CONNECTIONS: usize = 512;
 /// The pod's bound of requests in flight (annotation), hence its port's connection cap of twice
-/// that (providers/wasmtime/src/http.rs `max_connections_per_listener`).
-const POD_MAX_REQUESTS: usize = 100;
+/// that, at least 256 (providers/wasmtime/src/http.rs `max_connections_per_listener`).
+const POD_MAX_REQUESTS: usize = 200;
 const POD_MAX_CONNECTIONS: usize = 2 * POD_MAX_REQUESTS;
 /// Descriptors the agent may open besides the capped connections while the test runs (API
 /// watches, log files, the pod's own files, tokio's internals).

@@ -66,8 +66,10 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub fn max_connections_per_listener(max_requests: u32) -> usize {
     (2 * max_requests as usize).clamp(MIN_CONNECTIONS_PER_LISTENER, MAX_CONNECTIONS_PER_LISTENER)
 }
-/// A pod bound to one request at a time still gets a probe and a client connection, and some.
-pub const MIN_CONNECTIONS_PER_LISTENER: usize = 16;
+/// However small its request bound, a pod port takes this many connections, so a burst of
+/// clients over a small bound still gets the request-level 503 that names the bound (which
+/// needs the request read) rather than a closed connection.
+pub const MIN_CONNECTIONS_PER_LISTENER: usize = 256;
 /// Whatever the pod's annotation says: 4096 descriptors per port is a large share of a
 /// typical open-file limit; past it, a pod's clients get 503 instead of the node's other pods
 /// running out of descriptors.
