@@ -29,6 +29,28 @@ use crate::pods::{manager, pleg, source};
 /// How long the tasks get to finish after a shutdown signal before the agent exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Raises the open-file soft limit to the hard limit, as Go does for every program since Go
+/// 1.19 (the kubelet included): the agent holds a descriptor per kubelet API connection, per
+/// pod-port connection, per container log and per pod socket, and the usual soft default of
+/// 1024 is the hard cap's afterthought, not a budget. Returns (before, after) soft limits, or
+/// the error of getrlimit/setrlimit (the agent then runs with the limit it was given).
+pub fn raise_open_file_limit() -> std::io::Result<(libc::rlim_t, libc::rlim_t)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes one rlimit through a valid pointer to our own struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit(2) reads one rlimit through a valid pointer to our own struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, limit.rlim_cur))
+}
+
 /// Errors that stop the agent before it runs. Not retryable.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -48,6 +48,9 @@ const DEFAULT_CONTAINER_GC_PERIOD: Duration = Duration::from_secs(60);
 const DEFAULT_EVICTION_HARD: &str = "memory.available<100Mi,nodefs.available<10%,nodefs.inodesFree<5%,imagefs.available<15%";
 /// The lease the node renews; the kubelet's nodeLeaseDurationSeconds default.
 const DEFAULT_NODE_LEASE_DURATION: Duration = Duration::from_secs(40);
+/// An exec/attach/port-forward session with no traffic for this long is closed: the kubelet's
+/// streamingConnectionIdleTimeout default.
+const DEFAULT_STREAMING_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60 * 60);
 
 /// A problem with the flags, the config file or the kubeconfig. Never retryable: the user has
 /// to change what they gave. `Display` is one line.
@@ -190,6 +193,11 @@ pub struct Flags {
     /// Cancel an image pull that makes no progress for this long [default: 1m].
     #[arg(long, value_name = "DURATION")]
     pub image_pull_progress_deadline: Option<String>,
+    /// Close an exec, attach or port-forward session after this long without traffic in either
+    /// direction; 0 never closes one (KubeletConfiguration streamingConnectionIdleTimeout)
+    /// [default: 4h].
+    #[arg(long, value_name = "DURATION")]
+    pub streaming_connection_idle_timeout: Option<String>,
     /// PEM bundle of extra CA certificates trusted for image registries' TLS, besides the
     /// built-in web PKI roots (wasm-kubelet's own flag: the kubelet leaves this to the runtime).
     #[arg(long, value_name = "PATH")]
@@ -314,6 +322,7 @@ struct ConfigFile {
     insecure_registries: Option<Vec<String>>,
     max_module_size: Option<String>,
     max_layer_uncompressed_size: Option<String>,
+    streaming_connection_idle_timeout: Option<String>,
     housekeeping_interval: Option<String>,
     register_node: Option<bool>,
     register_with_taints: Option<Vec<TaintSpec>>,
@@ -518,6 +527,8 @@ pub struct Config {
     pub authorization_mode: AuthorizationMode,
     pub housekeeping_interval: Duration,
     pub image_pull_progress_deadline: Duration,
+    /// `--streaming-connection-idle-timeout`; zero: sessions are never closed for idleness.
+    pub streaming_connection_idle_timeout: Duration,
     /// `--registry-ca-file`: extra CAs for registries (read and checked by main).
     pub registry_ca_file: Option<PathBuf>,
     /// `--insecure-registries` (`insecureRegistries`): the only registries spoken to over plain
@@ -749,6 +760,12 @@ impl Config {
             file.max_layer_uncompressed_size,
             provider_wasmtime::image::DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
         )?;
+        let streaming_connection_idle_timeout = duration(
+            "--streaming-connection-idle-timeout",
+            flags.streaming_connection_idle_timeout,
+            file.streaming_connection_idle_timeout,
+            DEFAULT_STREAMING_CONNECTION_IDLE_TIMEOUT,
+        )?;
 
         let pod_manifest_path = flags.pod_manifest_path.or(file.static_pod_path);
         let manifest_url = flags.manifest_url.or(file.static_pod_url);
@@ -767,8 +784,8 @@ impl Config {
             }
         }
         if let Some(url) = &manifest_url {
-            if !url.starts_with("http://") {
-                return Err(invalid("--manifest-url", url, "only http:// URLs are supported"));
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(invalid("--manifest-url", url, "only http:// and https:// URLs are supported"));
             }
         }
         let runonce = match flags.runonce {
@@ -970,6 +987,7 @@ impl Config {
             authorization_mode,
             housekeeping_interval,
             image_pull_progress_deadline,
+            streaming_connection_idle_timeout,
             registry_ca_file: flags.registry_ca_file,
             insecure_registries,
             max_module_size,
@@ -1368,7 +1386,8 @@ mod tests {
         assert!(err(&["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]).contains("--container-runtime-endpoint"));
         assert!(err(&["--runonce=perhaps"]).contains("--runonce"));
         assert!(err(&["--manifest-url-header=NoColon"]).contains("--manifest-url-header"));
-        assert!(err(&["--manifest-url=https://example.com/pods"]).contains("--manifest-url"));
+        assert!(err(&["--manifest-url=ftp://example.com/pods"]).contains("--manifest-url"));
+        assert!(err(&["--streaming-connection-idle-timeout=4"]).contains("--streaming-connection-idle-timeout"));
     }
 
     #[test]

@@ -49,6 +49,10 @@ fn main() -> ExitCode {
     for notice in &config.notices {
         tracing::warn!("{notice}");
     }
+    match wasm_kubelet::agent::raise_open_file_limit() {
+        Ok((before, after)) => tracing::info!(before, after, "open-file soft limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file soft limit; running with the one given"),
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -382,7 +382,9 @@ fn health_status(framed: &[u8]) -> Option<u64> {
         match (key >> 3, key & 7) {
             (1, 0) => status = get_varint(message, &mut at)?,
             (_, 0) => drop(get_varint(message, &mut at)?),
-            (_, 2) => at += get_varint(message, &mut at)? as usize,
+            // The length is the pod's to choose: one past the message ends the parse (checked,
+            // so a length near 2^64 cannot wrap the offset).
+            (_, 2) => at = usize::try_from(get_varint(message, &mut at)?).ok().and_then(|n| at.checked_add(n))?,
             (_, 1) => at += 8,
             (_, 5) => at += 4,
             _ => return None,
@@ -618,6 +620,50 @@ pub(crate) mod tests {
         }
         async fn list_containers(&self) -> Vec<provider_api::ContainerSummary> {
             Vec::new()
+        }
+    }
+}
+
+/// The gRPC health reply decoder against arbitrary bytes (what a pod's gRPC server answers is
+/// the pod's to choose): never a panic or a hang, and what [`grpc_frame`] frames decodes back.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn health_reply_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = health_status(&bytes);
+        }
+
+        /// Plausible replies: a frame header with the right length around arbitrary fields.
+        #[test]
+        fn health_reply_fields_never_panic(message in prop::collection::vec(prop_oneof![any::<u8>(), Just(0xffu8), Just(0x08u8), Just(0x12u8)], 0..48)) {
+            let _ = health_status(&grpc_frame(&message));
+        }
+
+        /// A length-delimited field whose length is near 2^64 must not overflow the offset
+        /// (a panic in debug builds, a wrapped offset and a loop in release ones).
+        #[test]
+        fn health_reply_huge_lengths_never_panic(wire in prop_oneof![Just(1u64), Just(2u64), Just(5u64)], len in (u64::MAX - 64)..=u64::MAX) {
+            let mut message = Vec::new();
+            put_varint(&mut message, (3 << 3) | wire);
+            if wire == 2 {
+                put_varint(&mut message, len);
+            }
+            prop_assert_eq!(health_status(&grpc_frame(&message)), None);
+        }
+
+        #[test]
+        fn health_reply_round_trips(status in any::<u64>(), skipped in any::<u64>()) {
+            let mut message = vec![0x10];
+            put_varint(&mut message, skipped);
+            if status != 0 {
+                message.push(0x08);
+                put_varint(&mut message, status);
+            }
+            prop_assert_eq!(health_status(&grpc_frame(&message)), Some(status));
         }
     }
 }

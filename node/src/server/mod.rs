@@ -48,10 +48,26 @@ use warp::Filter;
 use crate::config::{one_line, AuthorizationMode, Config};
 use auth::{Authenticator, Authorizer, Decision, Unauthenticated, User};
 
-/// A client gets this long to finish the TLS handshake, and to send a request's headers, so
-/// an idle or slow connection holds nothing for long.
+/// A client gets this long to finish the TLS handshake: a handshake is two round trips, so
+/// 10 s is generous for any network a kubelet sits on, and short enough that a client which
+/// opens connections and never speaks holds each for little time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client gets this long to send a request's headers. hyper starts the timer whenever the
+/// connection waits for a request head: on a new connection, and again after each response,
+/// so it is also the keep-alive idle timeout (the API server's kubelet client and
+/// metrics-server keep connections between scrapes of 15 s or more, and reconnect when one
+/// was closed). 30 s is hyper's default and Go's net/http ReadHeaderTimeout in the kubelet.
+/// An upgraded exec/attach/port-forward connection leaves hyper; it has
+/// `--streaming-connection-idle-timeout` instead.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections the kubelet API holds at once. Its clients are few: the API server (one
+/// connection per `kubectl logs -f`/exec/attach/port-forward session, plus pooled ones for the
+/// rest), metrics-server and a Prometheus scraper; 512 is far above what a node of 110 pods
+/// sees, and far below the agent's open-file limit, which its pods' files and sockets share.
+/// A connection over the cap is accepted and closed at once (not left in the listen backlog):
+/// its file descriptor goes back at once and the client gets an immediate error it can retry,
+/// instead of a hang it cannot tell from a dead node.
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// Errors of the kubelet API server.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +212,7 @@ impl KubeletServer {
             provider,
             client: client.clone(),
             pod_ip: config.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            idle_timeout: config.streaming_connection_idle_timeout,
         });
         let (sampler, snapshots) = stats::Sampler::new(streams.provider.clone(), config.root_dir.clone(), config.housekeeping_interval);
         let (pods_sender, pods_view) = pods::PodsView::start();
@@ -232,6 +249,8 @@ impl KubeletServer {
         if let Some(healthz) = self.healthz {
             connections.spawn(serve_healthz(healthz, shutdown.clone()));
         }
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut refused: u64 = 0;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -239,12 +258,21 @@ impl KubeletServer {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        refused += 1;
+                        // Once per 1024 refusals, so a flood cannot flood the log too.
+                        if refused % 1024 == 1 {
+                            warn!(%peer, max = MAX_CONNECTIONS, refused, "the kubelet API holds its most connections; closing new ones at once");
+                        }
+                        drop(stream);
+                        continue;
+                    };
                     let (acceptor, shared, shutdown) = (self.acceptor.clone(), self.shared.clone(), shutdown.clone());
                     connections.spawn(
                         async move {
                             tokio::select! {
                                 _ = shutdown.cancelled() => {}
-                                _ = serve_tls(stream, acceptor, shared) => {}
+                                _ = serve_tls(stream, acceptor, shared, ConnectionSlot(Arc::new(slot))) => {}
                             }
                         }
                         .instrument(tracing::debug_span!("kubelet_api_connection", %peer)),
@@ -264,7 +292,13 @@ impl KubeletServer {
 
 /// One TLS connection: handshake, then HTTP/1.1 with every request authenticated and
 /// authorized before it reaches the routes.
-async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+/// One of the [`MAX_CONNECTIONS`] slots, held by a connection and by the exec/attach/
+/// port-forward session it is upgraded to (requests carry it as an extension), so upgraded
+/// sessions count against the cap too.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>, slot: ConnectionSlot) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
@@ -272,7 +306,10 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>
     };
     let peer_user = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).and_then(|c| tls::user_from_certificate(c));
     let peer_user = Arc::new(peer_user);
-    let service = hyper::service::service_fn(move |request| handle(request, shared.clone(), peer_user.clone()));
+    let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+        request.extensions_mut().insert(slot.clone());
+        handle(request, shared.clone(), peer_user.clone())
+    });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

@@ -191,6 +191,7 @@ pub fn configz(config: &Config) -> Value {
         "nodeLeaseDurationSeconds": config.node_lease_duration.as_secs(),
         "housekeepingInterval": d(config.housekeeping_interval),
         "imagePullProgressDeadline": d(config.image_pull_progress_deadline),
+        "streamingConnectionIdleTimeout": d(config.streaming_connection_idle_timeout),
         "imageGCHighThresholdPercent": config.image_gc_high_threshold,
         "imageGCLowThresholdPercent": config.image_gc_low_threshold,
         "maxPods": config.max_pods,

@@ -24,7 +24,7 @@ use tracing::{debug, Instrument};
 use super::{Body, BoxError, StatusError};
 use crate::streaming::portforward::{self, PortForwardHandler, PortForwardTarget};
 use crate::streaming::remotecommand::{self, ExecHandler, ExecIo, ExecOptions};
-use crate::streaming::{handshake, websocket, StreamingConfig};
+use crate::streaming::{handshake, idle, websocket, StreamingConfig};
 
 /// What the streaming endpoints need.
 pub struct StreamContext {
@@ -32,6 +32,8 @@ pub struct StreamContext {
     pub client: Option<kube::Client>,
     /// Where port-forward connects: the pod IP, which is the node IP.
     pub pod_ip: IpAddr,
+    /// `--streaming-connection-idle-timeout` (zero: none).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Which upgraded endpoint a path names.
@@ -77,7 +79,7 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             let container_id = running_container(&ctx, &uid, &container).await?;
             let handler = ProviderExec { provider: ctx.provider.clone(), container_id };
             let span = tracing::debug_span!("exec", pod = %format!("{namespace}/{pod}"), container = %container);
-            serve_stdio_session(request, options, handler, span)
+            serve_stdio_session(request, options, handler, span, ctx.idle_timeout)
         }
         Endpoint::Attach { namespace, pod, uid, container } => {
             let options = ExecOptions::from_attach_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
@@ -85,7 +87,7 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             let container_id = running_container(&ctx, &uid, &container).await?;
             let handler = ProviderAttach { provider: ctx.provider.clone(), container_id };
             let span = tracing::debug_span!("attach", pod = %format!("{namespace}/{pod}"), container = %container);
-            serve_stdio_session(request, options, handler, span)
+            serve_stdio_session(request, options, handler, span, ctx.idle_timeout)
         }
         Endpoint::Run { namespace, pod, uid, container } => {
             if request.method() != http::Method::POST {
@@ -105,7 +107,7 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
             let (_, headers) = negotiate(&request, portforward::PROTOCOLS)?;
             let target = PortForwardTarget { pod: format!("{namespace}/{pod}"), uid };
             let handler = Arc::new(TcpForward { ip: ctx.pod_ip });
-            upgrade(request, headers, move |io| async move {
+            upgrade(request, headers, ctx.idle_timeout, move |io| async move {
                 if let Err(e) = portforward::serve_portforward(io, target, handler, &StreamingConfig::default()).await {
                     debug!(error = %e, "port-forward session ended with an error");
                 }
@@ -116,10 +118,10 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
 
 /// An exec or attach session: SPDY/3.1 remotecommand (what the API server speaks), or
 /// WebSocket channel protocols for a direct client.
-fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming>, options: ExecOptions, handler: H, span: tracing::Span) -> Result<http::Response<Body>, StatusError> {
+fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming>, options: ExecOptions, handler: H, span: tracing::Span, idle_timeout: std::time::Duration) -> Result<http::Response<Body>, StatusError> {
     if websocket::is_websocket(request.headers()) {
         let (protocol, headers) = websocket::negotiate(request.headers()).map_err(|e| StatusError::bad_request(e.to_string()))?;
-        return upgrade(request, headers, move |io| {
+        return upgrade(request, headers, idle_timeout, move |io| {
             async move {
                 if let Err(e) = websocket::serve_remotecommand(io, protocol, options, &handler).await {
                     debug!(error = %e, "WebSocket session ended with an error");
@@ -129,7 +131,7 @@ fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming
         });
     }
     let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
-    upgrade(request, headers, move |io| {
+    upgrade(request, headers, idle_timeout, move |io| {
         async move {
             if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
                 debug!(error = %e, "session ended with an error");
@@ -148,15 +150,27 @@ fn negotiate(request: &http::Request<Incoming>, supported: &[&'static str]) -> R
     })
 }
 
-/// Answers 101 with `headers` and runs `serve` on the upgraded connection once hyper hands it over.
-fn upgrade<F, Fut>(request: http::Request<Incoming>, headers: http::HeaderMap, serve: F) -> Result<http::Response<Body>, StatusError>
+/// The upgraded connection a session runs on: hyper's, watched for traffic so an idle session
+/// is closed (see [`idle::serve_until_idle`]).
+type UpgradedIo = idle::Watched<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Answers 101 with `headers` and runs `serve` on the upgraded connection once hyper hands it
+/// over; a session without traffic for `idle_timeout` (zero: never) is dropped, which closes it.
+fn upgrade<F, Fut>(request: http::Request<Incoming>, headers: http::HeaderMap, idle_timeout: std::time::Duration, serve: F) -> Result<http::Response<Body>, StatusError>
 where
-    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    F: FnOnce(UpgradedIo) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    // The upgraded session keeps its connection's slot (see `ConnectionSlot`).
+    let slot = request.extensions().get::<super::ConnectionSlot>().cloned();
     tokio::spawn(async move {
+        let _slot = slot;
         match hyper::upgrade::on(request).await {
-            Ok(upgraded) => serve(TokioIo::new(upgraded)).await,
+            Ok(upgraded) => {
+                if idle::serve_until_idle(TokioIo::new(upgraded), Some(idle_timeout), serve).await == idle::Ended::Idle {
+                    tracing::info!(?idle_timeout, "closed a streaming session without traffic for --streaming-connection-idle-timeout");
+                }
+            }
             Err(e) => debug!(error = %e, "connection upgrade failed"),
         }
     });

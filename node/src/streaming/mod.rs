@@ -17,11 +17,14 @@
 //! - [`portforward`]: `data`/`error` stream pairs per `requestID`, one forward per pair.
 
 pub mod handshake;
+pub mod idle;
 pub mod portforward;
 pub mod remotecommand;
 pub mod spdy;
 pub mod websocket;
 
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod tests;
 
@@ -114,6 +117,10 @@ pub struct StreamingConfig {
     pub stream_creation_timeout: Duration,
     /// SPDY session settings.
     pub session: spdy::SessionConfig,
+    /// A session with no traffic either way for this long is closed
+    /// (`--streaming-connection-idle-timeout`, 4 h by default, as the kubelet's); `None` never.
+    /// Applied around the whole upgraded connection by [`idle::serve_until_idle`].
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for StreamingConfig {
@@ -121,6 +128,7 @@ impl Default for StreamingConfig {
         StreamingConfig {
             stream_creation_timeout: Duration::from_secs(30),
             session: spdy::SessionConfig::default(),
+            idle_timeout: Some(Duration::from_secs(4 * 60 * 60)),
         }
     }
 }

@@ -65,9 +65,30 @@ pub const DEFAULT_INITIAL_WINDOW: u32 = 64 * 1024;
 
 /// Lengths are 24 bits on the wire.
 const MAX_FRAME_LEN: usize = 0x00ff_ffff;
-/// Upper bound of one decompressed header block. Kubernetes' streams carry a handful of short
-/// headers; 256 KiB leaves room for anything legitimate and stops a zlib bomb.
-const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Upper bound of one decompressed header block, and of the headers decoded from it (names and
+/// values, counted after a NUL-joined value is split). Kubernetes' streams carry a handful of
+/// short headers (streamType, port, requestID); 256 KiB leaves room for anything legitimate
+/// and stops a zlib bomb. Enforced while inflating, on every frame that has a header block.
+pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Most (name, value) pairs one header block may decode to (after NUL-joined values are split):
+/// Kubernetes sends two or three; 128 leaves room for proxies' additions.
+pub const MAX_HEADER_PAIRS: usize = 128;
+/// Largest control frame accepted: a header block can only be legitimate if it inflates within
+/// [`MAX_HEADER_BLOCK`], and compressed data is never much larger than its input.
+const MAX_CONTROL_FRAME: usize = MAX_HEADER_BLOCK + 1024;
+/// Largest DATA frame accepted. moby/spdystream (the apiserver's side) sends each Write as one
+/// frame, and the apiserver and kubectl copy with 32 KiB buffers; 1 MiB is 32 times that, and
+/// keeps what one frame makes the agent buffer (twice: read, then handed on) small.
+const MAX_DATA_FRAME: usize = 1024 * 1024;
+/// Commands the reader (and stream consumers' credit) may queue for the writer before they wait.
+/// A peer that floods PINGs or opens streams without reading our replies then stalls its own
+/// reading instead of growing our queue. 256 is a few per stream for the handful of streams a
+/// session has.
+const PEER_QUEUE: usize = 256;
+/// Most streams a session holds open for the peer at once; one over it is refused
+/// (RST_STREAM REFUSED_STREAM). exec/attach use up to five, port-forward two per forwarded
+/// connection: 1024 allows 500 connections forwarded at once.
+pub const MAX_OPEN_STREAMS: usize = 1024;
 /// Largest DATA payload this side sends: small enough to interleave streams fairly.
 const MAX_SEND_CHUNK: usize = 16 * 1024;
 /// Credit the peer once half of the initial window has been consumed, so a peer that waits for
@@ -186,6 +207,9 @@ impl Headers {
             )));
         }
         let mut headers = Headers::new();
+        // What the decoded headers hold: a name is copied once per value, so a long name with
+        // many NUL-separated values must not multiply past the block's own bound.
+        let mut bytes = 0usize;
         for _ in 0..count {
             let name_len = cur.u32()? as usize;
             let name = cur.take(name_len)?;
@@ -198,6 +222,12 @@ impl Headers {
                 .map_err(|_| Error::Protocol("header name is not UTF-8".into()))?;
             let value = String::from_utf8_lossy(value);
             for v in value.split('\0') {
+                bytes = bytes.saturating_add(name.len() + v.len());
+                if headers.len() >= MAX_HEADER_PAIRS || bytes > MAX_HEADER_BLOCK {
+                    return Err(Error::Protocol(format!(
+                        "header block holds more than {MAX_HEADER_PAIRS} headers or {MAX_HEADER_BLOCK} bytes"
+                    )));
+                }
                 headers.insert(name, v);
             }
         }
@@ -369,26 +399,32 @@ impl HeaderDecompressor {
         Headers::decode(&raw)
     }
 
+    /// Inflates one header block, through a fixed chunk so the output never grows past
+    /// [`MAX_HEADER_BLOCK`] (plus one chunk) whatever the input's compression ratio.
     fn inflate(&mut self, input: &[u8]) -> Result<Vec<u8>> {
-        let mut out: Vec<u8> = Vec::with_capacity(input.len() * 4 + 256);
+        const CHUNK: usize = 4096;
+        let mut out: Vec<u8> = Vec::with_capacity((input.len() * 4 + 256).min(MAX_HEADER_BLOCK));
+        let mut chunk = [0u8; CHUNK];
         let mut pos = 0;
         loop {
-            if out.capacity() - out.len() < 256 {
-                if out.len() >= MAX_HEADER_BLOCK {
-                    return Err(Error::Protocol("header block too large".into()));
-                }
-                out.reserve(out.len().max(1024));
-            }
-            let (before_in, before_out) = (self.z.total_in(), out.len());
+            let (before_in, before_out) = (self.z.total_in(), self.z.total_out());
             let res = self
                 .z
-                .decompress_vec(&input[pos..], &mut out, FlushDecompress::Sync);
+                .decompress(&input[pos..], &mut chunk, FlushDecompress::Sync);
             pos += (self.z.total_in() - before_in) as usize;
-            let progressed = self.z.total_in() != before_in || out.len() != before_out;
+            let produced = (self.z.total_out() - before_out) as usize;
+            out.extend_from_slice(&chunk[..produced]);
+            if out.len() > MAX_HEADER_BLOCK {
+                return Err(Error::Protocol(format!(
+                    "header block inflates past {MAX_HEADER_BLOCK} bytes"
+                )));
+            }
+            let progressed = self.z.total_in() != before_in || produced != 0;
             match res {
                 Ok(Status::StreamEnd) => return Ok(out),
                 Ok(Status::Ok) | Ok(Status::BufError) => {
-                    if pos >= input.len() && out.len() < out.capacity() {
+                    // Done once all input is in and deflate left output space unused.
+                    if pos >= input.len() && (produced < CHUNK || !progressed) {
                         return Ok(out);
                     }
                     if !progressed {
@@ -668,6 +704,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let len = (u32::from_be_bytes([0, head[5], head[6], head[7]])) as usize;
+    let control = head[0] & 0x80 != 0;
+    let max = if control { MAX_CONTROL_FRAME } else { MAX_DATA_FRAME };
+    if len > max {
+        return Err(Error::Protocol(format!(
+            "{} frame of {len} bytes (at most {max})",
+            if control { "control" } else { "DATA" }
+        )));
+    }
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)
         .await
@@ -776,11 +820,13 @@ impl Session {
     {
         let (rd, wr) = tokio::io::split(io);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        // What the peer's frames make the writer do, bounded (see PEER_QUEUE).
+        let (peer_tx, peer_rx) = mpsc::channel(PEER_QUEUE);
         // Streams the application has not picked up yet; beyond this the reader waits.
         let (in_tx, in_rx) = mpsc::channel(32);
         let enforce = config.flow_control == FlowControl::Enforce;
-        let writer = tokio::spawn(run_writer(wr, cmd_rx, config.flow_control, enforce));
-        let reader = tokio::spawn(run_reader(rd, cmd_tx.clone(), in_tx, config));
+        let writer = tokio::spawn(run_writer(wr, cmd_rx, peer_rx, config.flow_control, enforce));
+        let reader = tokio::spawn(run_reader(rd, cmd_tx.clone(), peer_tx, in_tx, config));
         Session {
             incoming: in_rx,
             cmd: cmd_tx,
@@ -913,7 +959,26 @@ pub struct SpdyStream {
     budget: Arc<Semaphore>,
     budget_cap: usize,
     sender: StreamSender,
+    /// Credit goes to the writer through the bounded queue: a consumer reading a flood of tiny
+    /// frames waits for the writer instead of queueing a command per frame without limit.
+    credit: mpsc::Sender<Cmd>,
     ended: bool,
+}
+
+impl Drop for SpdyStream {
+    fn drop(&mut self) {
+        // The reader may wait on this stream's budget for a consumer that is now gone.
+        self.budget.close();
+        if !self.ended {
+            // Best effort: the writer forgets the stream's pending credit (the reader credits
+            // later DATA itself once it sees nobody reads the stream).
+            let _ = self.credit.try_send(Cmd::Credit {
+                stream_id: self.id,
+                bytes: 0,
+                last: true,
+            });
+        }
+    }
 }
 
 impl SpdyStream {
@@ -933,27 +998,27 @@ impl SpdyStream {
         match self.rx.recv().await {
             Some(chunk) => {
                 self.budget.add_permits(chunk.len().min(self.budget_cap));
-                send_cmd(
-                    &self.sender.cmd,
-                    Cmd::Credit {
+                let _ = self
+                    .credit
+                    .send(Cmd::Credit {
                         stream_id: self.id,
                         bytes: chunk.len() as u32,
                         last: false,
-                    },
-                );
+                    })
+                    .await;
                 Some(chunk)
             }
             None => {
                 if !self.ended {
                     self.ended = true;
-                    send_cmd(
-                        &self.sender.cmd,
-                        Cmd::Credit {
+                    let _ = self
+                        .credit
+                        .send(Cmd::Credit {
                             stream_id: self.id,
                             bytes: 0,
                             last: true,
-                        },
-                    );
+                        })
+                        .await;
                 }
                 None
             }
@@ -1074,9 +1139,19 @@ struct Inbound {
 async fn run_reader<R: AsyncRead + Unpin>(
     mut rd: R,
     cmd: mpsc::UnboundedSender<Cmd>,
+    peer: mpsc::Sender<Cmd>,
     incoming: mpsc::Sender<IncomingStream>,
     config: SessionConfig,
 ) -> Result<()> {
+    // Every command a peer's frame causes goes through the bounded queue: when the writer is
+    // behind (the peer does not read), the reader waits, and so stops reading the peer.
+    macro_rules! to_writer {
+        ($c:expr) => {
+            if peer.send($c).await.is_err() {
+                break Err(Error::SessionClosed);
+            }
+        };
+    }
     let mut hd = HeaderDecompressor::new();
     let mut streams: HashMap<u32, Inbound> = HashMap::new();
     let mut last_peer_stream = 0u32;
@@ -1101,15 +1176,15 @@ async fn run_reader<R: AsyncRead + Unpin>(
                     )));
                 }
                 last_peer_stream = stream_id;
-                send_cmd(&cmd, Cmd::PeerStream { stream_id });
-                if peer_gone_away {
-                    send_cmd(
-                        &cmd,
-                        Cmd::Reset {
-                            stream_id,
-                            status: RST_REFUSED_STREAM,
-                        },
-                    );
+                to_writer!(Cmd::PeerStream { stream_id });
+                // Forget streams whose consumer is gone (rejected, reset, or dropped).
+                streams.retain(|_, s| !s.tx.is_closed());
+                if peer_gone_away || streams.len() >= MAX_OPEN_STREAMS {
+                    debug!(stream = stream_id, open = streams.len(), "refusing stream");
+                    to_writer!(Cmd::Reset {
+                        stream_id,
+                        status: RST_REFUSED_STREAM,
+                    });
                     continue;
                 }
                 debug!(stream = stream_id, ?headers, "peer opened stream");
@@ -1135,6 +1210,7 @@ async fn run_reader<R: AsyncRead + Unpin>(
                         cmd: cmd.clone(),
                         finished: Arc::new(AtomicBool::new(false)),
                     },
+                    credit: peer.clone(),
                     ended: false,
                 };
                 let incoming_stream = IncomingStream {
@@ -1150,47 +1226,33 @@ async fn run_reader<R: AsyncRead + Unpin>(
                 data,
             } => {
                 let len = data.len();
-                match streams.get(&stream_id) {
-                    Some(inbound) => {
-                        if len > 0 {
-                            // Backpressure for peers that ignore our window.
-                            let permits = len.min(cap) as u32;
-                            if let Ok(p) = inbound.budget.clone().acquire_many_owned(permits).await
-                            {
-                                p.forget();
-                            }
-                            if inbound.tx.send(data).is_err() {
-                                // Nobody reads this stream any more: credit it ourselves.
-                                send_cmd(
-                                    &cmd,
-                                    Cmd::Credit {
-                                        stream_id,
-                                        bytes: len as u32,
-                                        last: false,
-                                    },
-                                );
-                            }
+                let mut delivered = len == 0;
+                if let Some(inbound) = streams.get(&stream_id) {
+                    if len > 0 {
+                        // Backpressure for peers that ignore our window. The budget is closed
+                        // when the consumer goes away, so this never waits for nobody.
+                        let permits = len.min(cap) as u32;
+                        if let Ok(p) = inbound.budget.clone().acquire_many_owned(permits).await {
+                            p.forget();
                         }
-                        if flags & FLAG_FIN != 0 {
-                            streams.remove(&stream_id);
-                        }
+                        delivered = inbound.tx.send(data).is_ok();
                     }
-                    None => {
-                        debug!(
-                            stream = stream_id,
-                            len, "DATA for a stream that is not open; dropped"
-                        );
-                        if len > 0 {
-                            send_cmd(
-                                &cmd,
-                                Cmd::Credit {
-                                    stream_id,
-                                    bytes: len as u32,
-                                    last: true,
-                                },
-                            );
-                        }
+                    if !delivered || flags & FLAG_FIN != 0 {
+                        streams.remove(&stream_id);
                     }
+                }
+                if !delivered {
+                    // Dead or unknown stream: the data is dropped, and credited back for the
+                    // session (the stream is forgotten) so the peer's window does not shrink.
+                    debug!(
+                        stream = stream_id,
+                        len, "DATA for a stream nobody reads; dropped"
+                    );
+                    to_writer!(Cmd::Credit {
+                        stream_id,
+                        bytes: len as u32,
+                        last: true,
+                    });
                 }
             }
             Frame::Headers {
@@ -1203,19 +1265,18 @@ async fn run_reader<R: AsyncRead + Unpin>(
             Frame::RstStream { stream_id, status } => {
                 debug!(stream = stream_id, status, "peer reset stream");
                 streams.remove(&stream_id);
-                send_cmd(&cmd, Cmd::PeerReset { stream_id });
+                to_writer!(Cmd::PeerReset { stream_id });
             }
             Frame::Settings { settings, .. } => {
-                for s in settings {
-                    if s.id == SETTINGS_INITIAL_WINDOW_SIZE {
-                        send_cmd(&cmd, Cmd::PeerInitialWindow { value: s.value });
-                    }
+                // The last INITIAL_WINDOW_SIZE of the frame is the one that holds.
+                if let Some(s) = settings.iter().rev().find(|s| s.id == SETTINGS_INITIAL_WINDOW_SIZE) {
+                    to_writer!(Cmd::PeerInitialWindow { value: s.value });
                 }
             }
             Frame::Ping { id } => {
                 // Odd ids are the client's pings: echo them. Even ones would answer ours.
                 if id % 2 == 1 {
-                    send_cmd(&cmd, Cmd::Ping { id });
+                    to_writer!(Cmd::Ping { id });
                 }
             }
             Frame::GoAway {
@@ -1226,7 +1287,7 @@ async fn run_reader<R: AsyncRead + Unpin>(
                 peer_gone_away = true;
             }
             Frame::WindowUpdate { stream_id, delta } => {
-                send_cmd(&cmd, Cmd::PeerWindowUpdate { stream_id, delta });
+                to_writer!(Cmd::PeerWindowUpdate { stream_id, delta });
             }
             Frame::SynReply { stream_id, .. } => {
                 debug!(
@@ -1240,6 +1301,7 @@ async fn run_reader<R: AsyncRead + Unpin>(
         }
     };
     drop(streams);
+    // The session's end goes by the unbounded queue: it must not wait behind a full one.
     match &result {
         Err(e @ (Error::Protocol(_) | Error::Compression(_))) => {
             debug!(error = %e, "ending session with GOAWAY PROTOCOL_ERROR");
@@ -1308,6 +1370,7 @@ impl Writer {
             }
             Cmd::Reset { stream_id, status } => {
                 self.fail_stream(stream_id);
+                self.credit.remove(&stream_id);
                 self.frame(&Frame::RstStream { stream_id, status })?;
             }
             Cmd::Data {
@@ -1374,7 +1437,10 @@ impl Writer {
                     s.window += change;
                 }
             }
-            Cmd::PeerReset { stream_id } => self.fail_stream(stream_id),
+            Cmd::PeerReset { stream_id } => {
+                self.fail_stream(stream_id);
+                self.credit.remove(&stream_id);
+            }
             Cmd::Ping { id } => self.frame(&Frame::Ping { id })?,
             Cmd::GoAway { status, done } => {
                 self.flush_data()?;
@@ -1457,6 +1523,7 @@ impl Writer {
 async fn run_writer<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
+    mut peer_rx: mpsc::Receiver<Cmd>,
     mode: FlowControl,
     enforce: bool,
 ) -> Result<()> {
@@ -1474,13 +1541,24 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         session_credit: 0,
     };
     let result = async {
-        while let Some(cmd) = rx.recv().await {
+        loop {
+            let cmd = tokio::select! {
+                Some(cmd) = rx.recv() => cmd,
+                Some(cmd) = peer_rx.recv() => cmd,
+                else => break,
+            };
             let mut stop = w.handle(cmd)?;
-            // Batch whatever else is already queued into one write.
-            while !stop {
+            // Batch whatever else is already queued into one write (at most a queue's worth
+            // of commands, so the batch stays bounded while the reader keeps filling the queue).
+            let mut batched = 0;
+            while !stop && batched < PEER_QUEUE {
+                batched += 1;
                 match rx.try_recv() {
                     Ok(cmd) => stop = w.handle(cmd)?,
-                    Err(_) => break,
+                    Err(_) => match peer_rx.try_recv() {
+                        Ok(cmd) => stop = w.handle(cmd)?,
+                        Err(_) => break,
+                    },
                 }
             }
             if !stop {
@@ -1512,6 +1590,7 @@ async fn run_writer<W: AsyncWrite + Unpin>(
         let _ = ack.send(Err(Error::SessionClosed));
     }
     rx.close();
+    peer_rx.close();
     while let Ok(cmd) = rx.try_recv() {
         if let Cmd::Data { done, .. } = cmd {
             let _ = done.send(Err(Error::SessionClosed));

@@ -95,6 +95,23 @@ const PIPE: usize = 64 * 1024;
 /// written anyway (a handler that leaked its stdout must not hang the session).
 const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Largest message (and frame) read from a client. Its messages are stdin chunks and resize
+/// events: kubectl and client-go send stdin in 32 KiB reads; 1 MiB is 32 times that, where
+/// tungstenite's defaults (64 MiB messages, 16 MiB frames) would let each session make the
+/// agent buffer 64 MiB. A larger message ends the session with a protocol error.
+pub const MAX_MESSAGE: usize = 1024 * 1024;
+/// Bytes queued for writing before a send waits (tungstenite's default has no bound): the
+/// writer task sends one message at a time, each at most a 32 KiB output chunk.
+const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// The WebSocket settings of a session (see [`MAX_MESSAGE`]).
+fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+}
+
 /// Whether a request asks for a WebSocket upgrade.
 pub fn is_websocket(headers: &http::HeaderMap) -> bool {
     let has = |name: http::header::HeaderName, token: &str| headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token));
@@ -132,7 +149,7 @@ where
 {
     let v5 = protocol == "v5.channel.k8s.io";
     let framing = Framing::of(protocol);
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket_config())).await;
     let (mut sink, mut stream) = ws.split();
 
     // One writer of the connection: everything to send goes through `out`.
@@ -263,5 +280,99 @@ mod tests {
         let err = negotiate(&headers(&[("sec-websocket-key", "x"), ("sec-websocket-protocol", "channel.k8s.io")])).unwrap_err();
         assert!(err.to_string().contains("v5.channel.k8s.io"), "{err}");
         assert_eq!(negotiate(&headers(&[("sec-websocket-protocol", "v5.channel.k8s.io")])).unwrap_err(), NegotiationError::MissingKey);
+    }
+}
+
+/// The WebSocket side against arbitrary input: messages of any shape decode to a channel and
+/// data or to nothing, never a panic; what the server encodes, a client's decoder reads back;
+/// and raw bytes on the connection end the session without a panic or unbounded buffering.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| Message::Binary(b.into())),
+            "\\PC{0,64}".prop_map(Message::text),
+            "[0-9][A-Za-z0-9+/=]{0,40}".prop_map(Message::text),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(|b| Message::Ping(b.into())),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn client_messages_never_panic(message in arb_message()) {
+            let _ = Framing::Binary.decode(message.clone());
+            let _ = Framing::Base64.decode(message);
+        }
+
+        #[test]
+        fn channel_messages_round_trip(channel in 0u8..=RESIZE, data in prop::collection::vec(any::<u8>(), 0..256)) {
+            for framing in [Framing::Binary, Framing::Base64] {
+                let decoded = framing.decode(framing.encode(channel, &data));
+                prop_assert_eq!(decoded, Some((channel, Bytes::from(data.clone()))));
+            }
+        }
+    }
+
+    /// Raw bytes after the upgrade (frames of any shape, sizes that lie): the session ends,
+    /// and a frame claiming more than [`MAX_MESSAGE`] is refused rather than buffered.
+    #[test]
+    fn raw_bytes_end_the_session() {
+        struct Nothing;
+        impl ExecHandler for Nothing {
+            async fn exec(&self, io: ExecIo) -> Result<i32, String> {
+                if let Some(mut stdin) = io.stdin {
+                    let mut sink = Vec::new();
+                    let _ = stdin.read_to_end(&mut sink).await;
+                }
+                Ok(0)
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut runner = proptest::test_runner::TestRunner::default();
+        // One masked binary frame of 2 MiB (over MAX_MESSAGE, under tungstenite's defaults),
+        // on stdin, and then nothing: refused, the session ends; taken, it would wait for more.
+        let big = {
+            let mut f = vec![0x82, 0xff];
+            f.extend_from_slice(&(2u64 << 20).to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0]);
+            f.extend(std::iter::repeat_n(0u8, 2 << 20));
+            f
+        };
+        runtime.block_on(async {
+            let (server, client) = tokio::io::duplex(64 * 1024);
+            let options = ExecOptions { stdin: true, stdout: true, ..ExecOptions::default() };
+            let serving = tokio::spawn(async move { serve_remotecommand(server, "v5.channel.k8s.io", options, &Nothing).await });
+            let (mut read, mut write) = tokio::io::split(client);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = write.write_all(&big).await;
+                // Hold the connection open: only the server may end this session.
+                std::future::pending::<()>().await;
+            });
+            let mut out = Vec::new();
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(10), read.read_to_end(&mut out)).await;
+            assert!(ended.is_ok(), "a message over {MAX_MESSAGE} bytes ends the session");
+            let _ = serving.await;
+        });
+        runner
+            .run(&prop::collection::vec(any::<u8>(), 0..512), |bytes| {
+                runtime.block_on(async {
+                    let (server, mut client) = tokio::io::duplex(64 * 1024);
+                    let options = ExecOptions { stdin: true, stdout: true, ..ExecOptions::default() };
+                    let serving = tokio::spawn(async move { serve_remotecommand(server, "v4.channel.k8s.io", options, &Nothing).await });
+                    use tokio::io::AsyncWriteExt as _;
+                    let _ = client.write_all(&bytes).await;
+                    let _ = client.shutdown().await;
+                    let mut out = Vec::new();
+                    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), client.read_to_end(&mut out)).await;
+                    prop_assert!(ended.is_ok(), "the session ends once the client's input does");
+                    let _ = serving.await;
+                    Ok(())
+                })
+            })
+            .unwrap();
     }
 }

@@ -48,6 +48,36 @@ use crate::log::{ContainerLog, Stream};
 /// clients is still served rather than turned away.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u32 = 1024;
 
+/// How long a client of a pod port gets to send a request's headers. hyper starts this timer
+/// whenever the connection waits for a request head (a new connection, and after each
+/// response), so it is the keep-alive idle timeout too: a client that opens connections and
+/// sends nothing (or trickles a header a byte at a time) holds each for at most this long.
+/// 30 s is hyper's default and what Go's servers commonly set as ReadHeaderTimeout; clients
+/// that pool connections reconnect when an idle one is closed.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connections one listener of an HTTP container holds at once: twice its bound of requests in
+/// flight (so keep-alive clients between requests do not take slots from active ones, and the
+/// descriptors one pod can make the agent hold grow with what it asked for), at least
+/// [`MIN_CONNECTIONS_PER_LISTENER`] and at most [`MAX_CONNECTIONS_PER_LISTENER`]. A connection
+/// over the cap is accepted, answered `503` (best effort, one non-blocking write) and closed at
+/// once, rather than left in the listen backlog: the client learns at once and may retry, and
+/// the descriptor goes back at once.
+pub fn max_connections_per_listener(max_requests: u32) -> usize {
+    (2 * max_requests as usize).clamp(MIN_CONNECTIONS_PER_LISTENER, MAX_CONNECTIONS_PER_LISTENER)
+}
+/// However small its request bound, a pod port takes this many connections, so a burst of
+/// clients over a small bound still gets the request-level 503 that names the bound (which
+/// needs the request read) rather than a closed connection.
+pub const MIN_CONNECTIONS_PER_LISTENER: usize = 256;
+/// Whatever the pod's annotation says: 4096 descriptors per port is a large share of a
+/// typical open-file limit; past it, a pod's clients get 503 instead of the node's other pods
+/// running out of descriptors.
+pub const MAX_CONNECTIONS_PER_LISTENER: usize = 4096;
+
+/// What a connection over the cap reads before it is closed.
+const OVER_CAP_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 39\r\nConnection: close\r\n\r\nthe pod holds its most open connections";
+
 /// Prefix of the export a `wasi:http/proxy` component has, whatever its 0.2.x minor version.
 const INCOMING_HANDLER: &str = "wasi:http/incoming-handler@0.2";
 /// Prefix of the export a command component has.
@@ -388,6 +418,8 @@ pub async fn serve(
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, connections: TaskTracker, drain: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(max_connections_per_listener(shared.max)));
+    let mut refused: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
             () = drain.cancelled() => return,
@@ -401,15 +433,30 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, con
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            // Once per 1024 refusals: a flood must not flood the agent's log as well.
+            if refused % 1024 == 1 {
+                tracing::warn!(%peer, max = max_connections_per_listener(shared.max), refused, "the pod port holds its most connections; answering 503 and closing new ones");
+            }
+            let _ = stream.try_write(OVER_CAP_RESPONSE);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let drain = drain.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(shared, request).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(wasmtime_wasi_http::io::TokioIo::new(stream), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(wasmtime_wasi_http::io::TokioIo::new(stream), service);
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
