@@ -23,6 +23,9 @@ fn main() -> ExitCode {
 
     // Read now, so a bad --registry-ca-file is one line and exit 2 like any other bad flag.
     let mut provider_options = provider_wasmtime::ProviderOptions::default();
+    // All guests together stay under the node's memory for pods (eviction::guests).
+    provider_options.node_memory_ceiling =
+        wasm_kubelet::machine::capacity(std::path::Path::new("/")).ok().map(|c| wasm_kubelet::eviction::guests::ceiling(c.memory_bytes, &config.system_reserved, &config.kube_reserved));
     if let Some(path) = &config.registry_ca_file {
         if let Err(e) = provider_options.registries.add_ca_file(path) {
             eprintln!("wasm-kubelet: --registry-ca-file {e}");
