@@ -6,7 +6,6 @@
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
-use std::time::Duration;
 
 use integration_tests::{push_wat, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
@@ -89,6 +88,13 @@ async fn five_memories_share_one_limit() {
 
     let agent = &test_node("mem-multi", &[]).await;
     let ns = TestNamespace::new("mem-multi").await;
+    // A first pod of the image under 1Mi (OOMKilled at once) pulls and compiles it, so what
+    // the agent does for the measured pod is the guest's memory and a pod start, not a
+    // compilation.
+    create(&ns, agent, "warm-up", &image, "1Mi", &[]).await;
+    ns.wait_pod(agent, "warm-up", "the warm-up pod to end", |p| terminated(p).is_some()).await;
+    // Reset the agent's peak RSS (VmHWM) to its RSS now: `5` in clear_refs (proc(5)).
+    std::fs::write(format!("/proc/{}/clear_refs", agent.pid().unwrap()), "5").expect("reset the agent's VmHWM");
     let (before, _) = agent_rss(agent);
     create(&ns, agent, "many-memories", &image, "64Mi", &[]).await;
     // Either the pod ends, or the agent holds more than the limit on its behalf.
@@ -96,13 +102,15 @@ async fn five_memories_share_one_limit() {
     let grew_past = wait_for("the pod to end or the agent to grow past the limit", TEST_TIMEOUT, || async {
         let pod = pods.get_opt("many-memories").await.ok()??;
         let (_, peak) = agent_rss(agent);
-        (terminated(&pod).is_some() || peak.saturating_sub(before) > 64 * MIB).then_some(peak.saturating_sub(before))
+        (terminated(&pod).is_some() || peak.saturating_sub(before) > 80 * MIB).then_some(peak.saturating_sub(before))
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     let (after, peak) = agent_rss(agent);
     eprintln!("agent RSS before {} MiB, after {} MiB, peak {} MiB (grew {} MiB at most)", before / MIB, after / MIB, peak / MIB, grew_past / MIB);
-    assert!(peak.saturating_sub(before) <= 64 * MIB, "the agent grew by {} MiB for a pod limited to 64 MiB", peak.saturating_sub(before) / MIB);
+    // The limit, and 16 MiB for the agent's own work on a pod start (watch events, status
+    // patches, the log file, the store): without the fix the growth is five times the limit.
+    assert!(peak.saturating_sub(before) <= 80 * MIB, "the agent grew by {} MiB for a pod limited to 64 MiB", peak.saturating_sub(before) / MIB);
     assert_oomkilled(&ns, agent, "many-memories").await;
 }
 
