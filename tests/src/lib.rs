@@ -326,6 +326,16 @@ pub fn push_examples() {
     });
 }
 
+/// A built wasm-examples preview1 program (`deploy/build-examples` output; builds and pushes
+/// them first). Honours `WASM_EXAMPLES_TARGET_DIR` as deploy/build-examples does.
+pub fn example_wasm(name: &str) -> PathBuf {
+    push_examples();
+    let target = std::env::var_os("WASM_EXAMPLES_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/wasm-examples"));
+    let path = target.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing after deploy/push-examples", path.display());
+    path
+}
+
 /// The image reference of a wasm-examples program in the local registry.
 pub fn example_image(name: &str) -> String {
     format!("{}/wasm-examples/{name}:v1", Cluster::get().var("REGISTRY"))

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{example_image, phase, test_node, test_node_on_tmpfs, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{example_image, example_wasm, phase, test_node, test_node_on_tmpfs, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::DeleteParams;
 
@@ -172,7 +172,7 @@ async fn an_agent_killed_while_collecting_many_images_restarts_with_a_usable_sto
     let mut agent = test_node("gc-crash", &["--image-gc-period=1s", "--minimum-image-ttl-duration=0s", "--image-gc-high-threshold=100", "--image-gc-low-threshold=100"]).await;
     let ns = TestNamespace::new("gc-crash").await;
     let registry = Cluster::get().var("REGISTRY").to_string();
-    let base = std::fs::read(workspace_root().join("target/wasm-examples/wasm32-wasip1/release/hello.wasm")).expect("hello.wasm built by push-examples");
+    let base = std::fs::read(example_wasm("hello")).expect("hello.wasm built by push-examples");
     let dir = agent.dir.join("variants");
     std::fs::create_dir_all(&dir).expect("variants dir");
     let mut images = Vec::new();

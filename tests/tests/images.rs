@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use integration_tests::{phase, push_examples, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace};
+use integration_tests::{example_wasm, phase, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::Api;
@@ -19,14 +19,6 @@ const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
-/// A built wasm-examples program (push_examples builds them).
-fn example_wasm(name: &str) -> PathBuf {
-    push_examples();
-    let path = workspace_root().join("target/wasm-examples/wasm32-wasip1/release").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing after deploy/push-examples", path.display());
-    path
-}
 
 async fn node() -> Agent {
     test_node("images", &[]).await

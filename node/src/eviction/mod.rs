@@ -426,16 +426,10 @@ fn empty_dir_path(root: &Path, uid: &str, volume: &str) -> PathBuf {
 }
 
 /// Bytes the files under `path` occupy on disk (allocated blocks, as `du`); 0 when missing.
+/// A guest writes inside its emptyDir: the walk follows no symlink, crosses no mount point and
+/// keeps no recursion ([`crate::pods::beneath::disk_usage`]).
 pub fn disk_usage(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
-    let mut total = meta.blocks() * 512;
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
-            total += disk_usage(&entry.path());
-        }
-    }
-    total
+    crate::pods::beneath::disk_usage(path)
 }
 
 /// Static pods, mirror pods and system-critical priorities are never evicted.

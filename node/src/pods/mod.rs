@@ -1,9 +1,11 @@
 //! Pods: where they come from ([`source`], static pods from [`static_source`], whose API
 //! objects [`mirror`] keeps), who acts on each ([`manager`] and one
 //! [`worker`] per UID), how the node learns about container changes ([`pleg`]), and the only
-//! writer of pod status ([`status`]). [`volumes`] sets up what containers mount. [`admission`] and [`env`] are pure helpers.
+//! writer of pod status ([`status`]). [`volumes`] sets up what containers mount. [`admission`] and [`env`] are pure helpers. [`beneath`] is how every path inside a pod's
+//! directories is opened.
 
 pub mod admission;
+pub mod beneath;
 pub mod env;
 pub mod manager;
 pub mod mirror;

@@ -178,7 +178,76 @@ fn validate(pod: &Pod) -> Result<(), ManifestError> {
             return Err(invalid(format!("restartPolicy {policy:?} is not Always, OnFailure or Never")));
         }
     }
+    validate_names_and_paths(spec).map_err(invalid)
+}
+
+/// The API server's checks on every name and path the agent turns into a host path (a
+/// container's log and termination directories, a volume's directory, a subPath), so a static
+/// pod is refused before anything touches the disk: container and volume names are unique DNS
+/// labels, every volumeMount names a volume, mountPath is absolute without `..`, subPath and
+/// subPathExpr are relative without `..` (validateLocalDescendingPath), a hostPath has no `..`
+/// (validatePathNoBacksteps), terminationMessagePath is absolute.
+pub fn validate_names_and_paths(spec: &k8s_openapi::api::core::v1::PodSpec) -> Result<(), String> {
+    let mut volumes = HashSet::new();
+    for v in spec.volumes.iter().flatten() {
+        if !is_dns_label(&v.name) {
+            return Err(format!("volume name {:?} must be a lowercase RFC 1123 label", v.name));
+        }
+        if !volumes.insert(v.name.as_str()) {
+            return Err(format!("volume name {:?} is used twice", v.name));
+        }
+        if let Some(hp) = &v.host_path {
+            if has_backstep(&hp.path) {
+                return Err(format!("volume {:?}: hostPath.path {:?} must not contain '..'", v.name, hp.path));
+            }
+        }
+    }
+    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+        if !is_dns_label(&c.name) {
+            return Err(format!("container name {:?} must be a lowercase RFC 1123 label", c.name));
+        }
+        if let Some(path) = c.termination_message_path.as_deref() {
+            if !path.starts_with('/') {
+                return Err(format!("container {:?}: terminationMessagePath {path:?} must be an absolute path", c.name));
+            }
+        }
+        let mut mount_paths = HashSet::new();
+        for vm in c.volume_mounts.iter().flatten() {
+            let at = || format!("container {:?}, volumeMount {:?}", c.name, vm.name);
+            if !volumes.contains(vm.name.as_str()) {
+                return Err(format!("{}: no volume of that name", at()));
+            }
+            if !vm.mount_path.starts_with('/') || has_backstep(&vm.mount_path) {
+                return Err(format!("{}: mountPath {:?} must be an absolute path without '..'", at(), vm.mount_path));
+            }
+            if !mount_paths.insert(vm.mount_path.as_str()) {
+                return Err(format!("{}: mountPath {:?} must be unique", at(), vm.mount_path));
+            }
+            let sub = vm.sub_path.as_deref().filter(|s| !s.is_empty());
+            let expr = vm.sub_path_expr.as_deref().filter(|s| !s.is_empty());
+            if sub.is_some() && expr.is_some() {
+                return Err(format!("{}: subPathExpr and subPath are mutually exclusive", at()));
+            }
+            for (field, path) in [("subPath", sub), ("subPathExpr", expr)] {
+                if let Some(path) = path {
+                    if path.starts_with('/') || has_backstep(path) {
+                        return Err(format!("{}: {field} {path:?} must be a relative path without '..'", at()));
+                    }
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// Whether a `/`-separated path has a `..` element.
+fn has_backstep(path: &str) -> bool {
+    path.split('/').any(|p| p == "..")
+}
+
+/// An RFC 1123 label: at most 63 lowercase alphanumerics or '-', starting and ending alphanumeric.
+fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63 && !s.contains('.') && is_dns_subdomain(s)
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -783,6 +852,37 @@ mod tests {
         assert_eq!(names, ["a-n", "b-n"]);
         let multi = format!("{POD}---\n{}\n---\n", POD.replace("name: web", "name: web2"));
         assert_eq!(parse_manifest(&multi, &origin(), "n").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn names_and_paths_are_validated_as_the_api_server_does() {
+        let pod = |containers: &str, volumes: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  containers: {containers}\n  volumes: {volumes}\n");
+        let ok_volumes = "[{name: data, emptyDir: {}}]";
+        let cases: &[(&str, &str, &str)] = &[
+            ("[{name: ../../x, image: i}]", "[]", "must be a lowercase RFC 1123 label"),
+            ("[{name: Upper, image: i}]", "[]", "must be a lowercase RFC 1123 label"),
+            ("[{name: a.b, image: i}]", "[]", "must be a lowercase RFC 1123 label"),
+            ("[{name: c, image: i}, {name: c, image: j}]", "[]", "used twice"),
+            ("[{name: c, image: i}]", "[{name: ../../../../escape, emptyDir: {}}]", "must be a lowercase RFC 1123 label"),
+            ("[{name: c, image: i}]", "[{name: v, emptyDir: {}}, {name: v, emptyDir: {}}]", "used twice"),
+            ("[{name: c, image: i}]", "[{name: v, hostPath: {path: /srv/../etc}}]", "must not contain '..'"),
+            ("[{name: c, image: i, volumeMounts: [{name: nope, mountPath: /d}]}]", ok_volumes, "no volume of that name"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: d}]}]", ok_volumes, "must be an absolute path"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d/../e}]}]", ok_volumes, "without '..'"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d}, {name: data, mountPath: /d}]}]", ok_volumes, "must be unique"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d, subPath: ../up}]}]", ok_volumes, "subPath"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d, subPath: /abs}]}]", ok_volumes, "subPath"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d, subPathExpr: 'a/../../$(X)'}]}]", ok_volumes, "subPathExpr"),
+            ("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d, subPath: a, subPathExpr: b}]}]", ok_volumes, "mutually exclusive"),
+            ("[{name: c, image: i, terminationMessagePath: dev/termination-log}]", "[]", "terminationMessagePath"),
+        ];
+        for (containers, volumes, want) in cases {
+            let text = pod(containers, volumes);
+            let e = parse_manifest(&text, &origin(), "n").expect_err(&text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let good = pod("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d, subPath: a/b}], terminationMessagePath: /tmp/msg}]", ok_volumes);
+        parse_manifest(&good, &origin(), "n").unwrap();
     }
 
     #[test]

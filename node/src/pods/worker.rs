@@ -100,9 +100,18 @@ struct ContainerRecord {
     /// Hash of the container's spec when it was started: a change restarts the container.
     spec_hash: u64,
     /// Where the current run's terminationMessagePath lands on the host, and its log file.
-    termination_file: Option<PathBuf>,
+    termination_file: Option<TerminationFile>,
     log_path: Option<PathBuf>,
     fallback_to_logs: bool,
+}
+
+/// A run's termination-message file: `name` in the host directory `dir` that the container
+/// sees at `guest_path`'s parent. The guest owns `dir`, so the file is read beneath it only.
+#[derive(Debug, Clone)]
+struct TerminationFile {
+    dir: PathBuf,
+    name: std::ffi::OsString,
+    guest_path: String,
 }
 
 /// The pod's final outcome once nothing more will run.
@@ -593,21 +602,33 @@ impl PodWorker {
         }
         let mut mounts = match self.mounts(container, &env) {
             Ok(m) => m,
-            Err(msg) => return self.wait_and_retry(&name, "CreateContainerConfigError", msg),
+            Err(msg) => {
+                // As the kubelet's generateContainerConfig failure: a Failed event and the waiting reason.
+                self.ctx.events.warning(&cref, "Failed", format!("Error: {msg}"));
+                return self.wait_and_retry(&name, "CreateContainerConfigError", msg);
+            }
         };
         // terminationMessagePath: the file's directory is given to the container, so whatever it
         // writes there becomes the termination message.
         let message_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
         let termination_file = match std::path::Path::new(&message_path).parent().zip(std::path::Path::new(&message_path).file_name()) {
             Some((guest_dir, file)) if message_path.starts_with('/') => {
-                let host_dir = self.ctx.pods_dir.join(&uid).join("containers").join(&name).join(attempt.to_string());
-                if let Err(e) = std::fs::create_dir_all(&host_dir).and_then(|_| std::fs::write(host_dir.join(file), b"")) {
+                // Made beneath the pod's directory, and the file made fresh: a directory left by
+                // an earlier agent (same attempt number) may hold a guest's symlink by that name.
+                let pod_dir = self.ctx.pods_dir.join(&uid);
+                let rel = std::path::Path::new("containers").join(&name).join(attempt.to_string());
+                let host_dir = pod_dir.join(&rel);
+                let made = std::fs::create_dir_all(&pod_dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| super::beneath::create_dir_all(&pod_dir, &rel, 0o755).map_err(|e| e.to_string()))
+                    .and_then(|_| super::beneath::create_empty_file(&host_dir, file, 0o666).map_err(|e| e.to_string()));
+                if let Err(e) = made {
                     return self.wait_and_retry(&name, "CreateContainerError", format!("creating the termination message file: {e}"));
                 }
                 if !mounts.iter().any(|m| std::path::Path::new(&m.container_path) == guest_dir) {
                     mounts.push(Mount { host_path: host_dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
                 }
-                Some(host_dir.join(file))
+                Some(TerminationFile { dir: host_dir, name: file.to_os_string(), guest_path: message_path.clone() })
             }
             _ => None,
         };
@@ -673,11 +694,12 @@ impl PodWorker {
     /// (subPath and subPathExpr resolved by [`volumes::sub_path`]).
     fn mounts(&self, container: &Container, env: &[(String, String)]) -> Result<Vec<Mount>, String> {
         let mut mounts = Vec::new();
-        for vm in container.volume_mounts.iter().flatten() {
+        for (index, vm) in container.volume_mounts.iter().flatten().enumerate() {
             let Some(volume) = self.volumes.as_ref().and_then(|v| v.get(&vm.name)) else {
                 return Err(format!("volumeMount {} names no volume of the pod", vm.name));
             };
-            let host_path = volumes::sub_path(volume, vm, env)?;
+            let pin_at = self.ctx.pods_dir.join(&self.key.uid).join("volume-subpaths").join(&vm.name).join(&container.name).join(index.to_string());
+            let host_path = volumes::sub_path(volume, vm, env, &container.name, &pin_at)?;
             mounts.push(Mount { host_path, container_path: vm.mount_path.clone(), read_only: volume.read_only || vm.read_only.unwrap_or(false) });
         }
         Ok(mounts)
@@ -1014,24 +1036,48 @@ impl PodWorker {
     }
 }
 
-/// The kubelet reads at most this much of a termination message file...
+/// The kubelet reads at most this much of a termination message file (its tail:
+/// `kubecontainer.MaxContainerTerminationMessageLength`, read with `tail.ReadAtMost`)...
 const MAX_TERMINATION_MESSAGE: usize = 4096;
-/// ...and falls back to at most this many log lines and bytes.
+/// ...and falls back to at most this many log lines and bytes (`readLastStringFromContainerLogs`).
 const FALLBACK_LOG_LINES: usize = 80;
 const FALLBACK_LOG_BYTES: usize = 2048;
+/// How much of a log file's end is read to find those lines: 80 lines of CRI prefix (~40
+/// bytes) around 2048 bytes of content, with room for long partial lines.
+const FALLBACK_LOG_READ: usize = 64 * 1024;
 
 /// The container's termination message: what it wrote to terminationMessagePath, else (with
-/// FallbackToLogsOnError and a failed run) the tail of its log.
+/// FallbackToLogsOnError and a failed run) the tail of its log. The file is the guest's: it is
+/// read beneath its directory (a symlink out of it, a FIFO or a device is refused, never
+/// followed or waited on), and only its last 4096 bytes, as the kubelet reads it.
 fn termination_message(record: &ContainerRecord, exit_code: i32) -> Option<String> {
-    if let Some(bytes) = record.termination_file.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        if !bytes.is_empty() {
-            let end = bytes.len().min(MAX_TERMINATION_MESSAGE);
-            return Some(String::from_utf8_lossy(&bytes[..end]).into_owned());
+    if let Some(file) = &record.termination_file {
+        match super::beneath::read_tail(&file.dir, std::path::Path::new(&file.name), MAX_TERMINATION_MESSAGE) {
+            Ok(bytes) if !bytes.is_empty() => return Some(String::from_utf8_lossy(&bytes).into_owned()),
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            // As the kubelet ("Error on reading termination log %s: %v"), naming the path the
+            // container knows rather than the host's.
+            Err(e) => {
+                let why = match e {
+                    super::beneath::Error::Escapes { .. } => "the path leads outside the container's termination message directory".to_string(),
+                    super::beneath::Error::NotRegular { .. } => "not a regular file".to_string(),
+                    other => other.to_string(),
+                };
+                warn!(path = %file.guest_path, error = %why, "reading the termination message");
+                return Some(format!("Error on reading termination log {}: {why}", file.guest_path));
+            }
         }
     }
     if record.fallback_to_logs && exit_code != 0 {
-        let log = std::fs::read_to_string(record.log_path.as_ref()?).ok()?;
-        return Some(log_tail(&log, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)).filter(|s| !s.is_empty());
+        let log = record.log_path.as_ref()?;
+        let bytes = super::beneath::read_tail(log.parent()?, std::path::Path::new(log.file_name()?), FALLBACK_LOG_READ).ok()?;
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        if bytes.len() == FALLBACK_LOG_READ {
+            // Cut at a line start: the first line read is likely a partial one.
+            text = text.split_once('\n').map(|(_, rest)| rest.to_string()).unwrap_or_default();
+        }
+        return Some(log_tail(&text, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)).filter(|s| !s.is_empty());
     }
     None
 }

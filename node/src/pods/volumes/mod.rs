@@ -37,6 +37,7 @@ use kube::Api;
 use tokio::time::Instant;
 use tracing::info;
 
+use super::beneath;
 use atomic_writer::{FileProjection, Payload};
 pub use mount::Medium;
 
@@ -315,36 +316,62 @@ async fn contents(client: Option<&kube::Client>, pod: &Pod, v: &Volume, cached: 
 
 /// The host directory a volumeMount preopens: the volume, or its `subPath` /
 /// `subPathExpr` (`$(VAR)` expanded from the container's env, as the kubelet does) inside it.
-/// The sub-directory is created when missing, and must resolve (symlinks followed) to a place
-/// inside the volume.
-pub fn sub_path(volume: &Materialized, vm: &VolumeMount, env: &[(String, String)]) -> Result<PathBuf, String> {
+///
+/// The guest owns the volume's inside, so the sub-directory is resolved and made beneath the
+/// volume ([`beneath::create_dir_all`]: a symlink may lead elsewhere inside it, never out, and
+/// nothing is created outside), then pinned: the directory opened is bind-mounted at
+/// `pin_at` (the kubelet's `<pod dir>/volume-subpaths/<volume>/<container>/<index>`), so the
+/// provider's later open of that path reaches the very directory checked, whatever the
+/// guest renames meanwhile. Where the host refuses the mount (no CAP_SYS_ADMIN) the checked
+/// directory's path is used. Errors carry the kubelet's wording, without host paths.
+pub fn sub_path(volume: &Materialized, vm: &VolumeMount, env: &[(String, String)], container: &str, pin_at: &Path) -> Result<PathBuf, String> {
     let sub = match (vm.sub_path.as_deref().filter(|s| !s.is_empty()), vm.sub_path_expr.as_deref().filter(|s| !s.is_empty())) {
         (Some(sub), _) => sub.to_string(),
         (None, Some(expr)) => super::env::expand(expr, env),
         (None, None) => return Ok(volume.host_path.clone()),
     };
     let rel = Path::new(&sub);
-    if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!("subPath {sub:?} of volumeMount {} must be a relative path that does not contain '..'", vm.name));
+    if rel.is_absolute() {
+        return Err(format!("error SubPath `{sub}` must not be an absolute path"));
     }
-    let host = volume.host_path.join(rel);
-    if !host.exists() {
-        if volume.read_only {
+    if rel.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("unable to provision SubPath `{sub}`: must not contain '..'"));
+    }
+    let root = &volume.host_path;
+    let prepare_failed = |e: &dyn std::fmt::Display| {
+        // As the kubelet: the detail (host paths) goes to the log, not to the pod's status.
+        tracing::warn!(volume_mount = %vm.name, container, sub_path = %sub, error = %e, "preparing a subPath");
+        format!("failed to prepare subPath for volumeMount \"{}\" of container \"{container}\"", vm.name)
+    };
+    let root_fd = beneath::open_root(root).map_err(|e| prepare_failed(&e))?;
+    let dir = match beneath::open_at(&root_fd, root, rel, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.is_not_found() && volume.read_only => {
             return Err(format!("subPath {sub:?} of volumeMount {} does not exist in the read-only volume", vm.name));
         }
-        std::fs::create_dir_all(&host).map_err(|e| format!("creating subPath {}: {e}", host.display()))?;
-    }
-    let root = std::fs::canonicalize(&volume.host_path).map_err(|e| format!("{}: {e}", volume.host_path.display()))?;
-    let resolved = std::fs::canonicalize(&host).map_err(|e| format!("{}: {e}", host.display()))?;
-    if !resolved.starts_with(&root) {
-        return Err(format!("subpath {:?} of volumeMount {} not within volume path {:?}", resolved.display().to_string(), vm.name, root.display().to_string()));
-    }
-    if !resolved.is_dir() {
+        Err(e) if e.is_not_found() => {
+            // The kubelet's SafeMakeDir, with the volume's own permission bits.
+            let mode = rustix::fs::fstat(&root_fd).map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
+            beneath::create_dir_all(root, rel, mode).map_err(|e| {
+                tracing::warn!(volume_mount = %vm.name, container, sub_path = %sub, error = %e, "creating a subPath");
+                format!("failed to create subPath directory for volumeMount \"{}\" of container \"{container}\"", vm.name)
+            })?
+        }
+        Err(beneath::Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Err(format!("subPath {sub:?} of volumeMount {} is not a directory: WebAssembly guests get volumes as WASI preopened directories", vm.name));
+        }
+        Err(e) => return Err(prepare_failed(&e)),
+    };
+    if !beneath::is_dir(&dir) {
         return Err(format!("subPath {sub:?} of volumeMount {} is not a directory: WebAssembly guests get volumes as WASI preopened directories", vm.name));
     }
-    // A read-only volume's path goes through `..data`, so a later start sees updated content;
-    // a writable one is pinned to what was checked (the guest may make symlinks there).
-    Ok(if volume.read_only { host } else { resolved })
+    match mount::bind_fd(&dir, pin_at) {
+        Ok(()) => Ok(pin_at.to_path_buf()),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot pin the subPath with a bind mount; using the checked directory's path");
+            std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir))).map_err(|e| prepare_failed(&e))
+        }
+    }
 }
 
 /// Start-up cleanup: removes the pod directories (unmounting their tmpfs) of pods that no
@@ -627,23 +654,32 @@ mod tests {
 
     #[test]
     fn sub_path_expr_expands_and_escapes_are_refused() {
-        let root = std::env::temp_dir().join(format!("wk-volumes-sub-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let base = std::env::temp_dir().join(format!("wk-volumes-sub-{}", std::process::id()));
+        let _ = mount::teardown(&base);
+        let root = base.join("vol");
         std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(base.join("host")).unwrap();
         let volume = Materialized { host_path: root.clone(), read_only: false, kind: "empty-dir", medium: Medium::Disk, size_limit: None };
         let vm = |sub: Option<&str>, expr: Option<&str>| VolumeMount { name: "v".into(), mount_path: "/m".into(), sub_path: sub.map(Into::into), sub_path_expr: expr.map(Into::into), ..Default::default() };
         let env = vec![("POD".to_string(), "web-0".to_string())];
-        let made = sub_path(&volume, &vm(None, Some("logs/$(POD)")), &env).unwrap();
-        assert_eq!(made, std::fs::canonicalize(&root).unwrap().join("logs/web-0"));
-        assert!(made.is_dir(), "created");
-        assert!(sub_path(&volume, &vm(Some("../up"), None), &env).unwrap_err().contains("does not contain '..'"));
-        assert!(sub_path(&volume, &vm(None, Some("/abs")), &env).is_err());
-        // A symlink the guest made cannot take a later container outside the volume.
-        std::os::unix::fs::symlink("/etc", root.join("out")).unwrap();
-        assert!(sub_path(&volume, &vm(Some("out"), None), &env).unwrap_err().contains("not within volume path"));
+        let pin = base.join("volume-subpaths/v/c/0");
+        let made = sub_path(&volume, &vm(None, Some("logs/$(POD)")), &env, "c", &pin).unwrap();
+        assert!(root.join("logs/web-0").is_dir(), "created");
+        std::fs::write(root.join("logs/web-0/probe"), "x").unwrap();
+        assert!(made.join("probe").exists(), "the path handed out is the subPath: {}", made.display());
+        assert_eq!(sub_path(&volume, &vm(Some("../up"), None), &env, "c", &pin).unwrap_err(), "unable to provision SubPath `../up`: must not contain '..'");
+        assert_eq!(sub_path(&volume, &vm(None, Some("/abs")), &env, "c", &pin).unwrap_err(), "error SubPath `/abs` must not be an absolute path");
+        // A symlink the guest made cannot take a later container outside the volume, nor make
+        // the agent create anything outside it.
+        std::os::unix::fs::symlink(base.join("host"), root.join("out")).unwrap();
+        std::os::unix::fs::symlink("../host", root.join("rel")).unwrap();
+        assert_eq!(sub_path(&volume, &vm(Some("out"), None), &env, "c", &pin).unwrap_err(), "failed to prepare subPath for volumeMount \"v\" of container \"c\"");
+        assert!(sub_path(&volume, &vm(Some("rel/made"), None), &env, "c", &pin).unwrap_err().starts_with("failed to"));
+        assert!(sub_path(&volume, &vm(Some("out/made"), None), &env, "c", &pin).is_err());
+        assert_eq!(std::fs::read_dir(base.join("host")).unwrap().count(), 0, "nothing made outside the volume");
         std::fs::write(root.join("file"), "x").unwrap();
-        assert!(sub_path(&volume, &vm(Some("file"), None), &env).unwrap_err().contains("not a directory"));
-        let _ = std::fs::remove_dir_all(&root);
+        assert!(sub_path(&volume, &vm(Some("file"), None), &env, "c", &pin).unwrap_err().contains("not a directory"));
+        mount::teardown(&base).unwrap();
     }
 
     #[tokio::test]

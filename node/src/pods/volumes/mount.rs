@@ -35,6 +35,25 @@ pub fn mount_tmpfs(dir: &Path, size_bytes: u64, mode: u32) -> Result<(), String>
     Ok(())
 }
 
+/// Bind-mounts the directory open at `dir` onto `target` (made when missing; a mount already
+/// there is replaced), through `/proc/self/fd`: what is mounted is the directory that fd
+/// holds, however its path changes afterwards. The kubelet pins subPaths this way.
+pub fn bind_fd(dir: &impl std::os::fd::AsRawFd, target: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+    let c_target = CString::new(target.as_os_str().as_bytes()).map_err(|_| format!("{}: a path with a NUL byte", target.display()))?;
+    if is_mount_point(target) {
+        // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) };
+    }
+    let source = CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd())).expect("no NUL");
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe { libc::mount(source.as_ptr(), c_target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    if rc != 0 {
+        return Err(format!("bind-mounting onto {}: {}", target.display(), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Whether `dir` is a mount point of this process's mount namespace.
 pub fn is_mount_point(dir: &Path) -> bool {
     let Ok(canonical) = std::fs::canonicalize(dir) else { return false };
