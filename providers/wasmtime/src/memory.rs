@@ -231,7 +231,7 @@ mod tests {
             (table 0 funcref)
             (func (export "grow") (param i32) (result i32) (memory.grow 1 (local.get 0)))
             (func (export "grow_table") (param i32) (result i32) (table.grow 0 (ref.null func) (local.get 0))))"#;
-        Module::new(engine, wat).unwrap()
+        Module::new(engine, wat::parse_str(wat).unwrap()).unwrap()
     }
 
     fn store(engine: &Engine, budget: &Arc<MemoryBudget>) -> (Store<Limiter>, Instance) {
@@ -302,7 +302,7 @@ mod tests {
     fn a_store_may_not_declare_more_memories_than_the_cap() {
         let engine = Engine::default();
         let memories: String = (0..=MAX_MEMORIES_PER_STORE).map(|_| "(memory 0)").collect();
-        let module = Module::new(&engine, format!("(module {memories})")).unwrap();
+        let module = Module::new(&engine, wat::parse_str(format!("(module {memories})")).unwrap()).unwrap();
         let mut store = Store::new(&engine, Limiter::new(MemoryBudget::standalone(None)));
         store.limiter(|l| l as &mut dyn ResourceLimiter);
         let err = Instance::new(&mut store, &module, &[]).unwrap_err();
