@@ -447,16 +447,10 @@ impl Reserved {
         let mut r = Reserved::default();
         for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (name, value) = item.split_once('=').ok_or_else(|| invalid(flag, item, "expected resource=quantity"))?;
-            let quantity = |q: &str| parse_quantity(q).map_err(|reason| invalid(flag, item, reason));
+            let quantity = |q: &str| crate::quantity::bytes(q.trim()).map_err(|reason| invalid(flag, item, reason.to_string()));
             match name.trim() {
-                "cpu" => {
-                    // Millicores: `100m`, or cores (`0.5`), rounded up as the kubelet reads them.
-                    let milli = match value.strip_suffix('m') {
-                        Some(m) => m.parse::<u64>().map_err(|_| invalid(flag, item, "not a CPU quantity")),
-                        None => value.parse::<f64>().ok().filter(|c| *c >= 0.0).map(|c| (c * 1000.0).ceil() as u64).ok_or_else(|| invalid(flag, item, "not a CPU quantity")),
-                    }?;
-                    r.milli_cpu = milli;
-                }
+                // Millicores: `100m`, or cores (`0.5`), rounded up as the kubelet reads them.
+                "cpu" => r.milli_cpu = crate::quantity::milli_cpu(value.trim()).map_err(|reason| invalid(flag, item, reason.to_string()))?,
                 "memory" => r.memory = quantity(value)?,
                 "ephemeral-storage" => r.ephemeral_storage = quantity(value)?,
                 "pid" => r.pid = quantity(value)?,
@@ -746,10 +740,10 @@ impl Config {
             }
         }
         let size = |flag: &'static str, given: Option<String>, from_file: Option<String>, default: u64| match given.or(from_file) {
-            Some(v) => match parse_quantity(&v) {
+            Some(v) => match crate::quantity::bytes(&v) {
                 Ok(0) => Err(invalid(flag, &v, "must be positive")),
                 Ok(n) => Ok(n),
-                Err(reason) => Err(invalid(flag, &v, reason)),
+                Err(reason) => Err(invalid(flag, &v, reason.to_string())),
             },
             None => Ok(default),
         };
@@ -895,7 +889,7 @@ impl Config {
             let item = format!("{}={value}", signal.as_str());
             let reclaim = match value.strip_suffix('%') {
                 Some(p) => ThresholdValue::Percent(p.parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p)).ok_or_else(|| invalid(flag, &item, "a percentage must be between 0 and 100"))?),
-                None => ThresholdValue::Quantity(parse_quantity(&value).map_err(|reason| invalid(flag, &item, reason))?),
+                None => ThresholdValue::Quantity(crate::quantity::bytes(&value).map_err(|reason| invalid(flag, &item, reason.to_string()))?),
             };
             eviction_minimum_reclaim.insert(signal, reclaim);
         }
@@ -1177,7 +1171,7 @@ fn parse_eviction(flag: &'static str, v: &str) -> Result<Vec<EvictionThreshold>,
                 }
                 ThresholdValue::Percent(p)
             }
-            None => ThresholdValue::Quantity(parse_quantity(limit).map_err(|reason| invalid(flag, item, reason))?),
+            None => ThresholdValue::Quantity(crate::quantity::bytes(limit).map_err(|reason| invalid(flag, item, reason.to_string()))?),
         };
         thresholds.push(EvictionThreshold { signal, limit });
     }
@@ -1193,28 +1187,6 @@ fn parse_signal_map(flag: &'static str, v: &str) -> Result<Vec<(EvictionSignal, 
         out.push((signal, value.trim().to_string()));
     }
     Ok(out)
-}
-
-/// A Kubernetes quantity (`100Mi`, `1G`, `500`) as a whole number.
-pub fn parse_quantity(s: &str) -> Result<u64, String> {
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (number, suffix) = s.split_at(split);
-    let number: f64 = number.parse().map_err(|_| format!("{s:?} is not a quantity"))?;
-    let scale: f64 = match suffix {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        other => return Err(format!("unknown quantity suffix {other:?}")),
-    };
-    Ok((number * scale) as u64)
 }
 
 fn hostname() -> String {
@@ -1550,10 +1522,12 @@ mod tests {
 
     #[test]
     fn quantities_and_percentages() {
-        assert_eq!(parse_quantity("100Mi").unwrap(), 100 << 20);
-        assert_eq!(parse_quantity("1G").unwrap(), 1_000_000_000);
         assert_eq!(ThresholdValue::Percent(10.0).absolute(1000), 100);
-        assert!(parse_quantity("12Xi").is_err());
+        let c = load(&["--eviction-hard=memory.available<67108864001m,nodefs.available<1e3"]).unwrap();
+        assert_eq!(c.eviction_hard[0].limit, ThresholdValue::Quantity(67_108_865), "rounded up as the kubelet reads it");
+        assert_eq!(c.eviction_hard[1].limit, ThresholdValue::Quantity(1000));
+        assert!(err(&["--eviction-hard=memory.available<12Xi"]).contains("--eviction-hard"));
+        assert!(err(&["--eviction-hard=memory.available<-1Mi"]).contains("negative"));
     }
 
     #[test]
@@ -1564,6 +1538,7 @@ mod tests {
         assert_eq!(load(&[]).unwrap().system_reserved, Reserved::default());
         assert!(err(&["--system-reserved=gpu=1"]).contains("--system-reserved"));
         assert!(err(&["--kube-reserved=memory"]).contains("--kube-reserved"));
-        assert!(err(&["--kube-reserved=cpu=lots"]).contains("not a CPU quantity"));
+        assert!(err(&["--kube-reserved=cpu=lots"]).contains("is not a quantity"));
+        assert_eq!(load(&["--kube-reserved=cpu=1e-1,memory=0.5Gi"]).unwrap().kube_reserved, Reserved { milli_cpu: 100, memory: 512 << 20, ..Default::default() });
     }
 }

@@ -34,5 +34,6 @@ pub mod metrics;
 pub mod node_status;
 pub mod pods;
 pub mod probes;
+pub mod quantity;
 pub mod streaming;
 pub mod server;

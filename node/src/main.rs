@@ -29,6 +29,9 @@ fn main() -> ExitCode {
         max_layer_uncompressed_size: config.max_layer_uncompressed_size,
         progress_deadline: config.image_pull_progress_deadline,
     };
+    // All guests together stay under the node's memory for pods (eviction::guests).
+    provider_options.node_memory_ceiling =
+        wasm_kubelet::machine::capacity(std::path::Path::new("/")).ok().map(|c| wasm_kubelet::eviction::guests::ceiling(c.memory_bytes, &config.system_reserved, &config.kube_reserved));
     if let Some(path) = &config.registry_ca_file {
         if let Err(e) = provider_options.registries.add_ca_file(path) {
             eprintln!("wasm-kubelet: --registry-ca-file {e}");

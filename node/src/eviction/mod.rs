@@ -17,7 +17,12 @@
 //!    stops its containers within the grace period and reports phase Failed, reason Evicted.
 //!    The manager then waits (up to 30 s, the kubelet's pod clean-up timeout) for the pod's
 //!    containers to stop before it measures again, so one shortage never evicts two pods.
+//!
+//! Beside the signals, every second the [`guests`] guard compares what the Wasm guests hold
+//! together with the node's allocatable memory and evicts the worst offender when they are
+//! over it (the guests live in the agent's process: see that module).
 
+pub mod guests;
 pub mod rank;
 pub mod thresholds;
 
@@ -33,7 +38,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{parse_quantity, Config, EvictionSignal};
+use crate::config::{Config, EvictionSignal};
+use crate::quantity;
 use crate::events::EventSink;
 use crate::gc::GcHandle;
 use crate::machine;
@@ -114,14 +120,17 @@ impl EvictionManager {
         info!(thresholds = self.thresholds.len(), every = ?self.config.housekeeping_interval, "eviction manager started");
         let mut tick = tokio::time::interval(self.config.housekeeping_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut guard = tokio::time::interval(guests::GUEST_CHECK_EVERY);
+        guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let full = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => true,
+                _ = guard.tick() => false,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.synchronize() => {}
+                _ = async { if full { self.synchronize().await } else { self.guard_guests().await } } => {}
             }
         }
     }
@@ -145,13 +154,7 @@ impl EvictionManager {
 
         let containers = self.provider.list_containers().await;
         let pods = self.links.pods.borrow().clone();
-        self.evicted.retain(|uid| pods.contains_key(uid));
-        let active: Vec<Arc<Pod>> = pods
-            .iter()
-            .filter(|(uid, _)| !self.evicted.contains(*uid))
-            .filter(|(uid, _)| containers.iter().any(|c| &c.pod_uid == *uid && matches!(c.state, ContainerState::Running { .. })))
-            .map(|(_, pod)| pod.clone())
-            .collect();
+        let active = self.active_pods(&containers);
 
         // Local storage limits are enforced whatever the node's pressure (as the kubelet's
         // localStorageEviction); a pod evicted for them ends this pass.
@@ -196,6 +199,45 @@ impl EvictionManager {
         info!(pod = %victim.name, usage = victim.usage(), request = victim.request(), "evicting");
         let uid = victim.uid.clone();
         self.evict(&uid, message, grace).await;
+    }
+
+    /// The running pods not already being evicted.
+    fn active_pods(&mut self, containers: &[ContainerSummary]) -> Vec<Arc<Pod>> {
+        let pods = self.links.pods.borrow().clone();
+        self.evicted.retain(|uid| pods.contains_key(uid));
+        pods.iter()
+            .filter(|(uid, _)| !self.evicted.contains(*uid))
+            .filter(|(uid, _)| containers.iter().any(|c| &c.pod_uid == *uid && matches!(c.state, ContainerState::Running { .. })))
+            .map(|(_, pod)| pod.clone())
+            .collect()
+    }
+
+    /// The guest memory guard ([`guests`]): guests together over allocatable memory evict the
+    /// worst offender (memory ranking, the hard grace period), one per check.
+    async fn guard_guests(&mut self) {
+        let containers = self.provider.list_containers().await;
+        let total = guests::guest_total(&containers);
+        if total == 0 {
+            return;
+        }
+        let Ok(capacity) = machine::capacity(&self.config.root_dir) else { return };
+        let allocatable = machine::Allocatable::compute(&capacity, &self.config.system_reserved, &self.config.kube_reserved, &self.config.eviction_hard).memory_bytes;
+        if total <= allocatable {
+            return;
+        }
+        let active = self.active_pods(&containers);
+        let mut candidates: Vec<Candidate> = active.iter().map(|pod| self.candidate(pod, Resource::Memory, &containers)).collect();
+        rank::rank(&mut candidates, Resource::Memory);
+        let Some(victim) = candidates.first() else {
+            warn!(guests_bytes = total, allocatable_bytes = allocatable, "the guests hold more than the node's allocatable memory but no pod can be evicted");
+            return;
+        };
+        let quantities = (thresholds::binary_quantity(allocatable), thresholds::binary_quantity(allocatable.saturating_sub(total)));
+        let message = rank::message(Resource::Memory, Some(quantities), victim);
+        warn!(pod = %victim.name, usage = victim.usage(), guests_bytes = total, allocatable_bytes = allocatable, "the guests together hold more than the node's allocatable memory; evicting the worst offender");
+        self.events.warning(&self.node_ref(), "EvictionThresholdMet", "Attempting to reclaim memory".to_string());
+        let uid = victim.uid.clone();
+        self.evict(&uid, message, HARD_EVICTION_GRACE).await;
     }
 
     /// Sends the eviction to the pod's worker and waits for its containers to stop.
@@ -270,7 +312,7 @@ impl EvictionManager {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
         let request_of = |c: &k8s_openapi::api::core::v1::Container, what: &str| -> u64 {
-            c.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get(what)).and_then(|q| parse_quantity(&q.0).ok()).unwrap_or(0)
+            c.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get(what)).and_then(|q| quantity::bytes(&q.0).ok()).unwrap_or(0)
         };
         let storage = (resource != Resource::Pids).then(|| self.storage_usage(pod));
         let uses = spec
@@ -341,7 +383,7 @@ impl EvictionManager {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             for v in spec.volumes.iter().flatten() {
                 let Some(limit) = v.empty_dir.as_ref().and_then(|e| e.size_limit.as_ref()) else { continue };
-                let Ok(bytes) = parse_quantity(&limit.0) else { continue };
+                let Ok(bytes) = quantity::bytes(&limit.0) else { continue };
                 // Memory-medium ones too: their sizeLimit bounds the tmpfs usage.
                 if usage.volumes.get(&v.name).map_or(0, |(b, _)| *b) > bytes {
                     return Some((uid, format!("Usage of EmptyDir volume \"{}\" exceeds the limit \"{}\".", v.name, limit.0)));
@@ -369,7 +411,7 @@ impl EvictionManager {
 /// A container's limit of `what`, as written and in units.
 fn limit_of(c: &k8s_openapi::api::core::v1::Container, what: &str) -> Option<(String, u64)> {
     let q = c.resources.as_ref()?.limits.as_ref()?.get(what)?;
-    Some((q.0.clone(), parse_quantity(&q.0).ok()?))
+    Some((q.0.clone(), quantity::bytes(&q.0).ok()?))
 }
 
 struct StorageUsage {

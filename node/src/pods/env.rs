@@ -192,13 +192,11 @@ pub(super) fn resource_value(container: &Container, resource: &str, divisor: Opt
     Ok(value.div_ceil(divisor).to_string())
 }
 
+/// The kubelet's units: millicores (`MilliValue()`) for cpu, whole units (`Value()`, both
+/// rounded up) for memory and storage.
 fn parse_base_units(q: &str, is_cpu: bool) -> Result<u64, EnvError> {
-    if let Some(milli) = q.strip_suffix('m') {
-        let m: u64 = milli.parse().map_err(|_| EnvError(format!("bad quantity {q}")))?;
-        return Ok(if is_cpu { m } else { m.div_ceil(1000) });
-    }
-    let v = crate::config::parse_quantity(q).map_err(EnvError)?;
-    Ok(if is_cpu { v * 1000 } else { v })
+    let quantity = crate::quantity::Quantity::parse(q).map_err(|e| EnvError(e.to_string()))?;
+    if is_cpu { quantity.millis() } else { quantity.bytes() }.map_err(|e| EnvError(e.to_string()))
 }
 
 /// Kubernetes `$(VAR)` expansion against the variables defined so far: `$$` is a literal `$`,
@@ -297,6 +295,21 @@ mod tests {
         assert_eq!(env["IP"], "127.0.0.9");
         assert_eq!(env["MEM"], (64u64 << 20).to_string());
         assert_eq!(env["CPU"], "1", "250m rounds up to 1 core");
+    }
+
+    #[test]
+    fn resource_refs_read_every_quantity_form_as_the_kubelet() {
+        let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "resources": {
+            "limits": {"memory": "67108864001m", "cpu": "1.5e3m"}, "requests": {"memory": "0.5Ki", "cpu": "0.0001"}}}))
+        .unwrap();
+        let value = |r: &str, d: Option<&str>| resource_value(&c, r, d, &sources()).unwrap();
+        assert_eq!(value("limits.memory", None), "67108865", "milli bytes round up");
+        assert_eq!(value("limits.memory", Some("1Mi")), "65", "64 MiB and a byte, in MiB, rounded up");
+        assert_eq!(value("limits.cpu", None), "2", "1500m in cores, rounded up");
+        assert_eq!(value("limits.cpu", Some("1m")), "1500");
+        assert_eq!(value("requests.memory", Some("1")), "512");
+        assert_eq!(value("requests.cpu", Some("1m")), "1", "0.0001 cores is 1 millicore, rounded up");
+        assert!(resource_value(&c, "limits.memory", Some("1Xi"), &sources()).is_err());
     }
 
     #[test]

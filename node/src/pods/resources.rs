@@ -43,40 +43,14 @@ pub struct QuantityError {
     reason: String,
 }
 
-/// Splits `1.5Gi` into its number and suffix, and scales it to base units × 1000 (so `m`, the
-/// milli suffix, stays exact).
-fn milli_units(q: &str) -> Result<u64, String> {
-    let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+')).unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let number: f64 = number.parse().map_err(|_| format!("{q:?} is not a quantity"))?;
-    let scale: f64 = match suffix {
-        "m" => 1.0,
-        "" => 1e3,
-        "k" => 1e6,
-        "M" => 1e9,
-        "G" => 1e12,
-        "T" => 1e15,
-        "P" => 1e18,
-        "Ki" => 1024.0 * 1e3,
-        "Mi" => 1024f64.powi(2) * 1e3,
-        "Gi" => 1024f64.powi(3) * 1e3,
-        "Ti" => 1024f64.powi(4) * 1e3,
-        "Pi" => 1024f64.powi(5) * 1e3,
-        other => return Err(format!("{q:?} has an unknown suffix {other:?}")),
-    };
-    // Kubernetes rounds a quantity up to the precision it is read at (`MilliValue`, `Value`).
-    Ok((number * scale).ceil() as u64)
-}
-
-/// CPU in millicores: `200m` is 200, `0.5` is 500, `2` is 2000.
+/// CPU in millicores: `200m` is 200, `0.5` is 500, `2` is 2000 (see [`crate::quantity`]).
 pub fn milli_cpu(q: &str) -> Result<u64, String> {
-    milli_units(q)
+    crate::quantity::milli_cpu(q).map_err(|e| e.to_string())
 }
 
 /// Memory (or storage) in bytes, rounded up: `128Mi`, `1G`, `1500m` (2 bytes).
 pub fn bytes(q: &str) -> Result<u64, String> {
-    milli_units(q).map(|m| m.div_ceil(1000))
+    crate::quantity::bytes(q).map_err(|e| e.to_string())
 }
 
 fn overhead(spec: &PodSpec) -> Result<Resources, QuantityError> {

@@ -1183,7 +1183,9 @@ fn default_pull_policy(image: &str) -> &'static str {
 
 fn memory_limit(c: &Container) -> Option<u64> {
     let q = c.resources.as_ref()?.limits.as_ref()?.get("memory")?;
-    crate::config::parse_quantity(&q.0).ok()
+    // Read as the kubelet reads it (`67108864001m` is 67108865 bytes); admission has already
+    // refused a pod whose quantities do not parse.
+    crate::quantity::bytes(&q.0).ok()
 }
 
 /// Guaranteed, Burstable or BestEffort, as the API server and kubelet compute it.

@@ -1,7 +1,7 @@
 //! Exec: the container's program run again, as a new instance in the same sandbox.
 //!
 //! Start at [`run`]. The instance gets what the container was granted (its env, one preopen per
-//! mount, its working dir, its memory limit) with argv = the exec command, and its
+//! mount, its working dir) with argv = the exec command, and its
 //! stdin/stdout/stderr wired to the caller's [`ExecIo`] streams, never to the container's log.
 //!
 //! Output streams: WASI stdout/stderr are [`AsyncStdoutStream`]s over the caller's writers. A
@@ -10,7 +10,9 @@
 //! written, and a caller that stops reading holds the guest (until the timeout).
 //!
 //! Exit codes are the container's: the guest's own, 1 for a trap (the trap is one line on
-//! stderr), 137 for the memory limit or a container that ended under the exec (a container's
+//! stderr), 137 for the memory limit (the exec's allocations count on the container's one
+//! budget with its instance's and its other execs', see [`crate::memory`]; the reason is one
+//! line on stderr) or a container that ended under the exec (a container's
 //! end ends its execs, as a pid namespace does). A timeout interrupts the instance at the next
 //! epoch tick and is [`ProviderError::Timeout`].
 
@@ -60,24 +62,25 @@ pub async fn run(
     }
 
     let stop = container_stop.child_token();
-    let memory_limit = config.memory_limit_bytes;
-    let execute = instance.execute(engine, wasi, memory_limit, stop.clone(), meter);
-    let (result, memory_exceeded, timed_out) = match io.timeout {
+    // The exec's stores charge the container's memory budget (on `meter`), which the running
+    // instance and every other exec share: an exec gets what is left, never a limit of its own.
+    let execute = instance.execute(engine, wasi, stop.clone(), meter);
+    let (result, refused, timed_out) = match io.timeout {
         None => {
-            let (result, exceeded) = execute.await;
-            (result, exceeded, None)
+            let (result, refused) = execute.await;
+            (result, refused, None)
         }
         Some(timeout) => {
             tokio::pin!(execute);
             tokio::select! {
                 biased;
-                (result, exceeded) = &mut execute => (result, exceeded, None),
+                (result, refused) = &mut execute => (result, refused, None),
                 () = tokio::time::sleep(timeout) => {
                     // Interrupts the guest at its next epoch check (or drops a guest parked in
                     // a host call shortly after), then waits for the store to unwind.
                     stop.cancel();
-                    let (result, exceeded) = execute.await;
-                    (result, exceeded, Some(timeout))
+                    let (result, refused) = execute.await;
+                    (result, refused, Some(timeout))
                 }
             }
         }
@@ -89,9 +92,10 @@ pub async fn run(
         tracing::debug!(timeout_ms = timeout.as_millis() as u64, "exec timed out; interrupted");
         return Err(ProviderError::Timeout(format!("exec {program:?} in container {} timed out after {timeout:?}", config.name)));
     }
-    let exit = classify(result, memory_exceeded, stop.is_cancelled(), memory_limit);
+    let exit = classify(result, refused, stop.is_cancelled());
     let message = match exit.reason {
         ExitReason::Killed => Some("killed: the container stopped during the exec".to_string()),
+        ExitReason::OomKilled => exit.message.map(|m| format!("exec {program:?} in container {}: out of memory: {m} (the container's instance and its execs share its limit)", config.name)),
         _ => exit.message,
     };
     tracing::debug!(exit_code = exit.exit_code, message = message.as_deref().unwrap_or(""), "exec ended");

@@ -5,7 +5,8 @@
 //! pod IP (the node IP) before the container counts as started ([`bind`]). Every request gets a
 //! fresh instance of the component from one [`ProxyPre`] (linked once at create time), with what
 //! the container is granted: argv, env, volumes, stdout/stderr to the container log, the
-//! container's memory limit (over all its requests in flight together) and CPU meter. At most
+//! container's memory budget (shared by all its requests in flight and its execs, see
+//! [`crate::memory`]) and CPU meter. At most
 //! [`DEFAULT_MAX_CONCURRENT_REQUESTS`] (or the pod's bound) instances run at once; a request
 //! over the bound is answered 503 at once with a body saying so, never queued without limit.
 //! HTTP components run on an engine of their own ([`HttpEngine`]) with wasmtime's pooling
@@ -39,7 +40,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::instance::{self, Exit, Limiter, UsageMeter, KILLED_EXIT_CODE};
+use crate::instance::{self, Exit, UsageMeter, KILLED_EXIT_CODE};
+use crate::memory::Limiter;
 use crate::log::{ContainerLog, Stream};
 
 /// Requests one HTTP container serves at once unless its pod says otherwise. Each in-flight
@@ -173,47 +175,9 @@ pub struct HttpState {
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: OutboundHooks,
-    limiter: SharedLimit,
-}
-
-/// The container's memory limit, held by all its instances in flight together (not each on its
-/// own): a growth that would take the container's live linear memories (its meter) over the
-/// limit is refused, and the request ends with 503 when it could not even instantiate, else
-/// 500. The per-store [`Limiter`] inside still does the accounting.
-struct SharedLimit {
-    inner: Limiter,
-    meter: Arc<UsageMeter>,
-    limit: Option<u64>,
-    /// Set when this limit (not the store's own) refused a growth.
-    refused: bool,
-}
-
-impl wasmtime::ResourceLimiter for SharedLimit {
-    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if let Some(limit) = self.limit {
-            let growth = desired.saturating_sub(current) as u64;
-            if self.meter.usage().memory_bytes.saturating_add(growth) > limit {
-                self.refused = true;
-                wasmtime::bail!("the container's memory limit of {limit} bytes is taken by its requests in flight");
-            }
-        }
-        self.inner.memory_growing(current, desired, maximum)
-    }
-    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.inner.memory_grow_failed(error)
-    }
-    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        self.inner.table_growing(current, desired, maximum)
-    }
-    fn instances(&self) -> usize {
-        self.inner.instances()
-    }
-    fn tables(&self) -> usize {
-        self.inner.tables()
-    }
-    fn memories(&self) -> usize {
-        self.inner.memories()
-    }
+    /// Charges the container's one memory budget, which its requests in flight share with
+    /// each other (and with execs): see [`crate::memory`].
+    limiter: Limiter,
 }
 
 impl WasiView for HttpState {
@@ -483,9 +447,10 @@ fn text_response(status: u16, body: String) -> hyper::Response<HyperOutgoingBody
 
 /// Why a request's instance did not answer.
 enum Failure {
-    /// The container's memory limit was taken by its other requests before this one could
-    /// instantiate: a 503, like the concurrency bound.
-    Busy,
+    /// The container's memory (or the node's memory for pods) was taken by its other
+    /// requests and execs before this one could instantiate: a 503, like the concurrency
+    /// bound, with the reason.
+    Busy(String),
     /// A trap, or the memory limit during the request: a 500 with the reason.
     Failed(String),
 }
@@ -507,15 +472,11 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
         hooks: OutboundHooks { policy: shared.config.network.outbound.clone() },
-        limiter: SharedLimit { inner: Limiter::new(shared.config.memory_limit_bytes, shared.meter.clone()), meter: shared.meter.clone(), limit: shared.config.memory_limit_bytes, refused: false },
+        limiter: Limiter::new(shared.meter.budget().clone()),
     };
     let mut store = Store::new(&shared.engine, state);
-    // As instance::arm, with the shared limit: every epoch tick yields to tokio, or interrupts the
-    // guest once the container is killed.
-    store.limiter(|s: &mut HttpState| &mut s.limiter as &mut dyn wasmtime::ResourceLimiter);
-    let kill = shared.kill.clone();
-    store.epoch_deadline_callback(move |_| Ok(if kill.is_cancelled() { wasmtime::UpdateDeadline::Interrupt } else { wasmtime::UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())) }));
-    store.set_epoch_deadline(1);
+    // Every epoch tick yields to tokio, or interrupts the guest once the container is killed.
+    instance::arm(&mut store, &shared.kill, 1, |s: &mut HttpState| &mut s.limiter);
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let prepared = (|| -> wasmtime::Result<_> {
         let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
@@ -539,14 +500,18 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
             proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
         })
         .await;
-        store.data_mut().limiter.inner.release();
-        let (memory_exceeded, shared_limit) = (store.data().limiter.inner.exceeded(), store.data().limiter.refused);
+        let refused = store.data().limiter.refused();
+        // The store (and the memory it holds) goes before the slot is given back.
+        drop(store);
         drop(permit);
         if let Err(e) = &result {
-            if shared_limit && !instantiated {
-                return Err(Failure::Busy);
+            if refused.is_some() && !instantiated {
+                return Err(Failure::Busy(refused.map(|r| r.to_string()).unwrap_or_default()));
             }
-            let why = if memory_exceeded || shared_limit { format!("memory limit exceeded ({})", instance::trap_message(e)) } else { instance::trap_message(e) };
+            let why = match refused {
+                Some(refusal) => format!("out of memory: {refusal} ({})", instance::trap_message(e)),
+                None => instance::trap_message(e),
+            };
             log.write(Stream::Stderr, format!("wasm-kubelet: request failed: {why}\n").as_bytes());
             return Err(Failure::Failed(why));
         }
@@ -558,10 +523,9 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
         Err(_) => match task.await {
             Ok(Ok(())) => text_response(500, "wasm-kubelet: the component returned without setting a response\n".into()),
             Ok(Err(Failure::Failed(why))) => text_response(500, format!("wasm-kubelet: the component failed: {why}\n")),
-            Ok(Err(Failure::Busy)) => {
+            Ok(Err(Failure::Busy(why))) => {
                 shared.rejected.fetch_add(1, Ordering::Relaxed);
-                let limit = shared.config.memory_limit_bytes.unwrap_or_default();
-                text_response(503, format!("wasm-kubelet: container {} is using its memory limit of {limit} bytes for the requests in flight; retry later\n", shared.config.name))
+                text_response(503, format!("wasm-kubelet: container {} has no memory left for another request ({why}): its requests in flight hold it; retry later\n", shared.config.name))
             }
             Err(e) => text_response(500, format!("wasm-kubelet: the request's task failed: {e}\n")),
         },

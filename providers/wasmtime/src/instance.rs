@@ -20,7 +20,7 @@ use std::time::Duration;
 use provider_api::{ContainerConfig, ExitReason, ProviderError};
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Linker, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Engine, Linker, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -28,6 +28,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 use crate::compile::Program;
 use crate::cpu::{self, CpuQuota};
 use crate::log::{ContainerLog, Stream};
+use crate::memory::{Limiter, MemoryBudget, Refusal};
 
 /// Exit code of a killed container (128 + SIGKILL), as a kubelet user expects.
 pub const KILLED_EXIT_CODE: i32 = 137;
@@ -94,42 +95,36 @@ impl Instance {
     }
 
     /// Runs the program to its end (or until `stop` is cancelled) and says how it ended.
-    pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, memory_limit: Option<u64>, stop: CancellationToken, meter: &Arc<UsageMeter>) -> Exit {
-        let (result, memory_exceeded) = self.execute(engine, wasi, memory_limit, stop.clone(), meter).await;
-        classify(result, memory_exceeded, stop.is_cancelled(), memory_limit)
+    pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, stop: CancellationToken, meter: &Arc<UsageMeter>) -> Exit {
+        let (result, refused) = self.execute(engine, wasi, stop.clone(), meter).await;
+        classify(result, refused, stop.is_cancelled())
     }
 
     /// Runs the program in a fresh store to its end (or until `stop` is cancelled); returns the
-    /// raw result and whether the memory limit refused a growth. [`Instance::run`] and exec
-    /// (which map the result each their own way) share it.
-    pub async fn execute(
-        &self,
-        engine: &Engine,
-        wasi: WasiCtxBuilder,
-        memory_limit: Option<u64>,
-        stop: CancellationToken,
-        meter: &Arc<UsageMeter>,
-    ) -> (wasmtime::Result<()>, bool) {
-        let limiter = Limiter::new(memory_limit, meter.clone());
+    /// raw result and why a memory growth was refused, if one was. The store charges the
+    /// container's memory budget (on `meter`), which its other stores share. [`Instance::run`]
+    /// and exec (which map the result each their own way) share it.
+    pub async fn execute(&self, engine: &Engine, wasi: WasiCtxBuilder, stop: CancellationToken, meter: &Arc<UsageMeter>) -> (wasmtime::Result<()>, Option<Refusal>) {
+        let limiter = Limiter::new(meter.budget().clone());
+        let slice_ticks = meter.slice_ticks;
         match self {
             Instance::Module(pre) => {
                 let mut wasi = wasi;
                 let mut store = Store::new(engine, P1State { wasi: wasi.build_p1(), limiter });
-                arm(&mut store, &stop, |s| &mut s.limiter);
+                arm(&mut store, &stop, slice_ticks, |s| &mut s.limiter);
                 let result = until_stopped(&stop, Metered::new(meter.clone(), async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await
                 }))
                 .await;
-                store.data_mut().limiter.release();
-                (result, store.data().limiter.exceeded)
+                (result, store.data().limiter.refused())
             }
             Instance::Component(pre) => {
                 let mut wasi = wasi;
                 let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter };
                 let mut store = Store::new(engine, state);
-                arm(&mut store, &stop, |s| &mut s.limiter);
+                arm(&mut store, &stop, slice_ticks, |s| &mut s.limiter);
                 let result = until_stopped(&stop, Metered::new(meter.clone(), async {
                     let command = pre.instantiate_async(&mut store).await?;
                     match command.wasi_cli_run().call_run(&mut store).await? {
@@ -138,28 +133,25 @@ impl Instance {
                     }
                 }))
                 .await;
-                store.data_mut().limiter.release();
-                (result, store.data().limiter.exceeded)
+                (result, store.data().limiter.refused())
             }
-            Instance::Http(_) => (Err(wasmtime::Error::msg("an HTTP component (wasi:http/proxy) has no command to run: it only answers requests")), false),
+            Instance::Http(_) => (Err(wasmtime::Error::msg("an HTTP component (wasi:http/proxy) has no command to run: it only answers requests")), None),
         }
     }
 }
 
-/// Sets the memory limiter and the epoch deadline: every tick yields to tokio, or interrupts
-/// the guest once `stop` is cancelled.
-pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + Clone + 'static) {
-    let meter_of = limiter.clone();
+/// Sets the memory limiter and the epoch deadline: every `slice_ticks` ticks (see
+/// `cpu::slice_ticks`) the guest yields to tokio, or is interrupted once `stop` is cancelled.
+pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, slice_ticks: u64, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static) {
     store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
     let stop = stop.clone();
+    let ticks = slice_ticks.max(1);
     // tokio's `yield_now` (not wasmtime's plain `Yield`) defers the wake-up until the runtime
     // has polled its timers and I/O, so a busy guest cannot delay those by 61 scheduler ticks.
-    store.epoch_deadline_callback(move |mut ctx| {
+    store.epoch_deadline_callback(move |_| {
         if stop.is_cancelled() {
             return Ok(UpdateDeadline::Interrupt);
         }
-        // The next yield comes after the container's slice (see `cpu::slice_ticks`).
-        let ticks = meter_of(ctx.data_mut()).meter.slice_ticks.max(1);
         Ok(UpdateDeadline::YieldCustom(ticks, Box::pin(tokio::task::yield_now())))
     });
     store.set_epoch_deadline(1);
@@ -174,9 +166,9 @@ async fn until_stopped(stop: &CancellationToken, call: impl std::future::Future<
     }
 }
 
-/// Maps a run's result to an exit: the guest's own exit code wins, then a stop, then the memory
-/// limit, then any other trap.
-pub fn classify(result: wasmtime::Result<()>, memory_exceeded: bool, stopped: bool, memory_limit: Option<u64>) -> Exit {
+/// Maps a run's result to an exit: the guest's own exit code wins, then a stop, then a refused
+/// memory growth (the container's limit, or the node's memory for pods), then any other trap.
+pub fn classify(result: wasmtime::Result<()>, refused: Option<Refusal>, stopped: bool) -> Exit {
     let error = match result {
         Ok(()) => return Exit { exit_code: 0, reason: ExitReason::Completed, message: None },
         Err(e) => e,
@@ -188,9 +180,8 @@ pub fn classify(result: wasmtime::Result<()>, memory_exceeded: bool, stopped: bo
     if stopped {
         return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::Killed, message: Some("stopped: the grace period ran out".into()) };
     }
-    if memory_exceeded {
-        let limit = memory_limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
-        return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::OomKilled, message: Some(format!("memory limit{limit} exceeded")) };
+    if let Some(refusal) = refused {
+        return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::OomKilled, message: Some(refusal.to_string()) };
     }
     Exit { exit_code: TRAP_EXIT_CODE, reason: ExitReason::Error, message: Some(trap_message(&error)) }
 }
@@ -278,21 +269,27 @@ impl WasiView for P2State {
     }
 }
 
-/// A container's measured usage, shared by its instance and its execs, and the CPU quota they
-/// share (see [`crate::cpu`]).
-#[derive(Debug, Default)]
+/// A container's measured usage, shared by its instance and its execs: the CPU quota they
+/// share (see [`crate::cpu`]) and the memory budget they share (see [`crate::memory`]).
+#[derive(Debug)]
 pub struct UsageMeter {
     cpu_nanos: AtomicU64,
-    memory_bytes: AtomicU64,
+    budget: Arc<MemoryBudget>,
     cpu_quota: Option<CpuQuota>,
     /// Epoch ticks between yields, from the container's CPU request (see [`crate::cpu`]).
     slice_ticks: u64,
 }
 
+impl Default for UsageMeter {
+    fn default() -> Self {
+        Self { cpu_nanos: AtomicU64::new(0), budget: MemoryBudget::standalone(None), cpu_quota: None, slice_ticks: 1 }
+    }
+}
+
 impl UsageMeter {
     /// A meter for a container limited to `cpu_limit_millicores` (`None` or 0: unlimited).
     pub fn with_cpu_limit(cpu_limit_millicores: Option<u64>) -> Self {
-        Self { cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores), slice_ticks: 1, ..Default::default() }
+        Self { cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores), ..Default::default() }
     }
 
     /// A container requesting `cpu_request_millicores` runs this many ticks between yields.
@@ -301,13 +298,24 @@ impl UsageMeter {
         self
     }
 
+    /// Every store of the container charges `budget`.
+    pub fn with_memory(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.budget = budget;
+        self
+    }
+
     /// The container's CPU quota, if it has a limit.
     pub fn cpu_quota(&self) -> Option<&CpuQuota> {
         self.cpu_quota.as_ref()
     }
 
+    /// The container's memory budget.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
     pub fn usage(&self) -> provider_api::ContainerUsage {
-        provider_api::ContainerUsage { cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed), memory_bytes: self.memory_bytes.load(Ordering::Relaxed) }
+        provider_api::ContainerUsage { cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed), memory_bytes: self.budget.used() }
     }
 }
 
@@ -364,67 +372,6 @@ impl<F: Future> Future for Metered<F> {
     }
 }
 
-/// wasmtime's `StoreLimits` (trapping on a refused growth) that remembers whether the memory
-/// limit was what stopped the guest, so the exit can say OOMKilled, and counts the memory it
-/// granted on the container's meter.
-pub struct Limiter {
-    limits: StoreLimits,
-    exceeded: bool,
-    meter: Arc<UsageMeter>,
-    granted: u64,
-}
-
-impl Limiter {
-    pub(crate) fn new(memory_limit: Option<u64>, meter: Arc<UsageMeter>) -> Self {
-        let mut builder = StoreLimitsBuilder::new().trap_on_grow_failure(true);
-        if let Some(limit) = memory_limit {
-            builder = builder.memory_size(usize::try_from(limit).unwrap_or(usize::MAX));
-        }
-        Self { limits: builder.build(), exceeded: false, meter, granted: 0 }
-    }
-
-    /// The store is done: its memory no longer counts.
-    pub(crate) fn release(&mut self) {
-        self.meter.memory_bytes.fetch_sub(std::mem::take(&mut self.granted), Ordering::Relaxed);
-    }
-
-    /// Whether the memory limit refused a growth.
-    pub(crate) fn exceeded(&self) -> bool {
-        self.exceeded
-    }
-}
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let result = self.limits.memory_growing(current, desired, maximum);
-        match result {
-            Ok(true) => {
-                let grown = desired.saturating_sub(current) as u64;
-                self.granted += grown;
-                self.meter.memory_bytes.fetch_add(grown, Ordering::Relaxed);
-            }
-            _ => self.exceeded = true,
-        }
-        result
-    }
-    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.exceeded = true;
-        self.limits.memory_grow_failed(error)
-    }
-    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        self.limits.table_growing(current, desired, maximum)
-    }
-    fn instances(&self) -> usize {
-        self.limits.instances()
-    }
-    fn tables(&self) -> usize {
-        self.limits.tables()
-    }
-    fn memories(&self) -> usize {
-        self.limits.memories()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,9 +414,9 @@ mod tests {
 
     #[test]
     fn a_guest_exit_code_wins_over_everything() {
-        let exit = classify(Err(I32Exit(3).into()), true, true, None);
+        let exit = classify(Err(I32Exit(3).into()), Some(Refusal::Container { limit: 1 }), true);
         assert_eq!((exit.exit_code, exit.reason), (3, ExitReason::Error));
-        let exit = classify(Err(I32Exit(0).into()), false, false, None);
+        let exit = classify(Err(I32Exit(0).into()), None, false);
         assert_eq!((exit.exit_code, exit.reason), (0, ExitReason::Completed));
     }
 }

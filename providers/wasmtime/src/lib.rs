@@ -6,7 +6,8 @@
 //! - [`image`]: OCI pull of Wasm artifacts, and of ordinary OCI images whose entrypoint is a
 //!   module, into a content-addressed, digest-verified store;
 //! - [`compile`]: compiled modules/components cached by layer digest, in memory and on disk;
-//! - [`instance`]: one run of a container (WASI context, memory limit, exit mapping);
+//! - [`instance`]: one run of a container (WASI context, exit mapping);
+//! - [`memory`]: the memory budget a container's stores share, and the node's for all guests;
 //! - [`exec`]: the container's program run again in its sandbox, stdio to the caller's streams;
 //! - `attach`: a client joins a running container's stdout/stderr and (with `stdin: true`) stdin;
 //! - [`log`]: the CRI-format container log with the kubelet's rotation.
@@ -23,6 +24,7 @@ pub mod image;
 pub mod instance;
 pub mod http;
 pub mod log;
+pub mod memory;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -62,6 +64,9 @@ pub struct ProviderOptions {
     /// Size caps and the progress deadline of image pulls; the module size cap also bounds
     /// what is compiled.
     pub limits: PullLimits,
+    /// Bytes all guests on the node may hold together (the memory the node gives pods, as the
+    /// kubelet's `kubepods` cgroup); `None`: no ceiling. See [`memory::NodeMemory`].
+    pub node_memory_ceiling: Option<u64>,
 }
 
 /// Runs Wasm pods with wasmtime.
@@ -74,6 +79,8 @@ pub struct WasmtimeProvider {
     http: http::LazyHttpEngine,
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// What every guest on the node holds together; each container's budget charges it.
+    node_memory: Arc<memory::NodeMemory>,
 }
 
 #[derive(Default)]
@@ -136,7 +143,13 @@ impl WasmtimeProvider {
         // Compiled code of images removed while the agent was down (or mid-removal) goes too.
         compiled.sweep(&images.list().iter().filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect());
         let http = http::LazyHttpEngine::new(&root_dir);
-        Ok(Self { engine, linkers, images, compiled, http, state: Mutex::new(State::default()), next_id: AtomicU64::new(1) })
+        let node_memory = memory::NodeMemory::new(options.node_memory_ceiling);
+        Ok(Self { engine, linkers, images, compiled, http, state: Mutex::new(State::default()), next_id: AtomicU64::new(1), node_memory })
+    }
+
+    /// What all guests on the node hold together, and their ceiling.
+    pub fn node_memory(&self) -> &Arc<memory::NodeMemory> {
+        &self.node_memory
     }
 
     /// The engine shared by every pod.
@@ -274,7 +287,10 @@ impl Provider for WasmtimeProvider {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id} (removed while creating)")));
         }
         tracing::debug!(container = %config.name, id, "container created");
-        let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores).with_cpu_request(config.cpu_request_millicores));
+        // One budget for everything the container's guests allocate: its instance, execs,
+        // probes, hooks and HTTP requests all charge it (see `memory`).
+        let budget = memory::MemoryBudget::new(config.memory_limit_bytes, self.node_memory.clone());
+        let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores).with_cpu_request(config.cpu_request_millicores).with_memory(budget));
         state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter, attach: None });
         Ok(id)
     }
@@ -301,8 +317,7 @@ impl Provider for WasmtimeProvider {
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(None);
         let span = tracing::info_span!("container", pod = %container.pod_uid, name = %config.name, id = container_id);
-        let (engine, instance, memory_limit, token, meter) =
-            (self.engine.clone(), container.instance.clone(), config.memory_limit_bytes, stop.clone(), container.meter.clone());
+        let (engine, instance, token, meter) = (self.engine.clone(), container.instance.clone(), stop.clone(), container.meter.clone());
         container.phase = Phase::Running { started_at, exit: rx, stop, drain: drain.clone() };
         container.attach = Some(attachable);
         drop(state);
@@ -311,7 +326,7 @@ impl Provider for WasmtimeProvider {
                 tracing::info!("started");
                 let exit = match (&instance, listeners) {
                     (Instance::Http(pre), Some(listeners)) => http::serve(pre.clone(), http_config, listeners, log.clone(), meter.clone(), drain, token.clone()).await,
-                    _ => instance.run(&engine, wasi, memory_limit, token.clone(), &meter).await,
+                    _ => instance.run(&engine, wasi, token.clone(), &meter).await,
                 };
                 // The container's end ends its execs, as a pid namespace's end does.
                 token.cancel();

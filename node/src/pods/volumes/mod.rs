@@ -133,7 +133,7 @@ pub async fn materialize(client: Option<&kube::Client>, pod: &Pod, pod_dir: &Pat
             }
             "empty-dir" => {
                 let ed = volume.empty_dir.as_ref().expect("kind_of checked it");
-                let size_limit = ed.size_limit.as_ref().map(|q| crate::config::parse_quantity(&q.0)).transpose().map_err(|e| fail(format!("sizeLimit: {e}")))?;
+                let size_limit = ed.size_limit.as_ref().map(|q| crate::quantity::bytes(&q.0)).transpose().map_err(|e| fail(format!("sizeLimit: {e}")))?;
                 create_dir(&dir).map_err(fail)?;
                 let medium = match ed.medium.as_deref().unwrap_or("") {
                     "" => Medium::Disk,
