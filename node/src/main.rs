@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     };
 
     // Read now, so a bad --registry-ca-file is one line and exit 2 like any other bad flag.
-    let mut provider_options = provider_wasmtime::ProviderOptions::default();
+    let mut provider_options = provider_wasmtime::ProviderOptions {
+        pod_egress: provider_wasmtime::network::NodeEgress { deny: config.pod_egress_deny_cidrs.clone(), allow: config.pod_egress_allow_cidrs.clone() },
+        ..Default::default()
+    };
     if let Some(path) = &config.registry_ca_file {
         if let Err(e) = provider_options.registries.add_ca_file(path) {
             eprintln!("wasm-kubelet: --registry-ca-file {e}");

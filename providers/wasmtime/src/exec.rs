@@ -45,13 +45,14 @@ pub async fn run(
     engine: &Engine,
     instance: &Instance,
     config: &ContainerConfig,
+    network: &crate::network::NetworkPolicy,
     command: Vec<String>,
     io: ExecIo,
     container_stop: &CancellationToken,
     meter: &Arc<UsageMeter>,
 ) -> Result<i32, ProviderError> {
     let program = command.first().cloned().ok_or_else(|| ProviderError::Exec(format!("exec in container {}: the command is empty", config.name)))?;
-    let mut wasi = granted_context(config, &command).map_err(|e| ProviderError::Io(format!("exec {program:?} in container {}: {e}", config.name)))?;
+    let mut wasi = granted_context(config, network, &command).map_err(|e| ProviderError::Io(format!("exec {program:?} in container {}: {e}", config.name)))?;
     let stdout = ExecOutput::new(io.stdout);
     let stderr = ExecOutput::new(io.stderr);
     wasi.stdout(stdout.clone()).stderr(stderr.clone());
