@@ -41,6 +41,7 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// `container_stop` is the container's stop token: when it is cancelled (the container is
 /// killed or has ended) the exec instance is interrupted too.
 /// The exec's CPU time and memory count on the container's `meter`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     engine: &Engine,
     instance: &Instance,

@@ -199,7 +199,7 @@ impl WasiHttpView for HttpState {
 }
 
 /// The linker HTTP components are linked with: all of WASI 0.2 (env, filesystem, clocks,
-/// sockets under [`grant_sockets`]) plus `wasi:http`.
+/// sockets under the pod's [`NetworkPolicy`]) plus `wasi:http`.
 pub fn linker(engine: &Engine) -> wasmtime::Result<wasmtime::component::Linker<HttpState>> {
     let mut linker = wasmtime::component::Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
