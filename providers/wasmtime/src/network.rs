@@ -218,7 +218,8 @@ impl NetworkPolicy {
             }
             SocketAddrUse::TcpAccept => true,
             SocketAddrUse::TcpConnect => self.destination_allowed(addr, true).await,
-            _ => self.destination_allowed(addr, false).await,
+            // A datagram sent to, or received from, `addr`.
+            SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => self.destination_allowed(addr, false).await,
         }
     }
 
@@ -449,8 +450,8 @@ mod tests {
         assert_eq!(p.listeners.dial(41234), None);
         assert!(!p.socket_allowed(at("127.0.0.1:2379"), SocketAddrUse::TcpConnect).await);
         assert!(!p.socket_allowed(at("169.254.169.254:80"), SocketAddrUse::TcpConnect).await);
-        assert!(!p.socket_allowed(at("169.254.169.254:53"), SocketAddrUse::UdpOutgoingDatagram).await);
-        assert!(!p.socket_allowed(at("[fe80::1]:53"), SocketAddrUse::UdpConnect).await);
+        assert!(!p.socket_allowed(at("169.254.169.254:53"), SocketAddrUse::UdpSend).await);
+        assert!(!p.socket_allowed(at("[fe80::1]:53"), SocketAddrUse::UdpSend).await);
     }
 
     #[tokio::test]
