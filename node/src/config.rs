@@ -215,6 +215,18 @@ pub struct Flags {
     /// searched for in it (decompression bombs) [default: 1Gi].
     #[arg(long, value_name = "QUANTITY")]
     pub max_layer_uncompressed_size: Option<String>,
+    /// Comma-separated CIDRs (or addresses) no pod may reach, by socket or outgoing HTTP, e.g.
+    /// the API server's etcd or the node's own daemons (wasm-kubelet's own flag;
+    /// KubeletConfiguration podEgressDenyCIDRs) [default: none]. Link-local and the node's
+    /// loopback outside the pod's own ports are refused whatever this says.
+    #[arg(long, value_name = "CIDRS")]
+    pub pod_egress_deny_cidrs: Option<String>,
+    /// Comma-separated CIDRs of link-local or loopback addresses pods may reach all the same,
+    /// e.g. NodeLocal DNSCache's 169.254.20.10 or a node-local proxy (wasm-kubelet's own flag;
+    /// KubeletConfiguration podEgressAllowCIDRs) [default: none]. The deny list and the pod's
+    /// allowed-outbound-hosts still apply.
+    #[arg(long, value_name = "CIDRS")]
+    pub pod_egress_allow_cidrs: Option<String>,
     /// Most pods this node runs; its pods capacity [default: 110].
     #[arg(long, value_name = "N")]
     pub max_pods: Option<String>,
@@ -329,6 +341,10 @@ struct ConfigFile {
     #[serde(rename = "providerID")]
     provider_id: Option<String>,
     allowed_unsafe_sysctls: Option<Vec<String>>,
+    #[serde(rename = "podEgressDenyCIDRs")]
+    pod_egress_deny_cidrs: Option<Vec<String>>,
+    #[serde(rename = "podEgressAllowCIDRs")]
+    pod_egress_allow_cidrs: Option<Vec<String>>,
     address: Option<String>,
     tls_cert_file: Option<PathBuf>,
     tls_private_key_file: Option<PathBuf>,
@@ -532,6 +548,10 @@ pub struct Config {
     pub max_module_size: u64,
     /// `--max-layer-uncompressed-size` in bytes.
     pub max_layer_uncompressed_size: u64,
+    /// `--pod-egress-deny-cidrs` / podEgressDenyCIDRs: addresses no pod may reach.
+    pub pod_egress_deny_cidrs: Vec<ipnet::IpNet>,
+    /// `--pod-egress-allow-cidrs` / podEgressAllowCIDRs: link-local or loopback addresses pods may reach.
+    pub pod_egress_allow_cidrs: Vec<ipnet::IpNet>,
     pub max_pods: u32,
     /// `--system-reserved` and `--kube-reserved`: subtracted from capacity for allocatable.
     pub system_reserved: Reserved,
@@ -944,6 +964,14 @@ impl Config {
         }
 
         let provider_id = flags.provider_id.or(file.provider_id);
+        let pod_egress_deny_cidrs = match flags.pod_egress_deny_cidrs.clone().or(file.pod_egress_deny_cidrs.map(|v| v.join(","))) {
+            Some(list) => parse_cidrs(&list).map_err(|(entry, reason)| invalid("--pod-egress-deny-cidrs", entry, reason))?,
+            None => Vec::new(),
+        };
+        let pod_egress_allow_cidrs = match flags.pod_egress_allow_cidrs.clone().or(file.pod_egress_allow_cidrs.map(|v| v.join(","))) {
+            Some(list) => parse_cidrs(&list).map_err(|(entry, reason)| invalid("--pod-egress-allow-cidrs", entry, reason))?,
+            None => Vec::new(),
+        };
 
         Ok(Self {
             node_name,
@@ -986,6 +1014,8 @@ impl Config {
             insecure_registries,
             max_module_size,
             max_layer_uncompressed_size,
+            pod_egress_deny_cidrs,
+            pod_egress_allow_cidrs,
             max_pods,
             system_reserved,
             kube_reserved,
@@ -1012,6 +1042,20 @@ impl Config {
     pub fn lease_renew_interval(&self) -> Duration {
         self.node_lease_duration / 4
     }
+}
+
+/// A comma-separated CIDR list; a bare address is its /32 or /128. Err: (the entry, why).
+fn parse_cidrs(list: &str) -> Result<Vec<ipnet::IpNet>, (String, String)> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| (s.to_string(), "not a CIDR (e.g. 10.0.0.0/8) or an IP address".to_string()))
+        })
+        .collect()
 }
 
 fn invalid(flag: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> ConfigError {
@@ -1495,6 +1539,24 @@ mod tests {
         assert_eq!(c.node_status_update_frequency, Duration::from_secs(4));
         assert_eq!(c.register_with_taints[0].key, "edge");
         assert_eq!(c.eviction_hard, vec![EvictionThreshold { signal: EvictionSignal::MemoryAvailable, limit: ThresholdValue::Quantity(200 << 20) }]);
+    }
+
+    #[test]
+    fn pod_egress_deny_cidrs_from_the_flag_or_the_file() {
+        assert!(load(&[]).unwrap().pod_egress_deny_cidrs.is_empty());
+        let c = load(&["--pod-egress-deny-cidrs", "10.0.0.0/8, 127.0.0.1,fd00::/8,10.1.2.3/16"]).unwrap();
+        assert_eq!(c.pod_egress_deny_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8", "10.1.0.0/16"]);
+        let e = err(&["--pod-egress-deny-cidrs", "10.0.0.0/8,10.0.0.0/33"]);
+        assert!(e.contains("--pod-egress-deny-cidrs") && e.contains("10.0.0.0/33"), "{e}");
+        assert!(err(&["--pod-egress-deny-cidrs", "etcd"]).contains("not a CIDR"));
+        let path = temp_file("deny.yaml", "kind: KubeletConfiguration\npodEgressDenyCIDRs: [192.0.2.0/24, \"::1\"]\n");
+        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.pod_egress_deny_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), ["192.0.2.0/24", "::1/128"]);
+        let c = load(&["--config", path.to_str().unwrap(), "--pod-egress-deny-cidrs="]).unwrap();
+        assert!(c.pod_egress_deny_cidrs.is_empty(), "the flag beats the file, even empty");
+        let c = load(&["--pod-egress-allow-cidrs", "169.254.20.10"]).unwrap();
+        assert_eq!(c.pod_egress_allow_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), ["169.254.20.10/32"]);
+        assert!(err(&["--pod-egress-allow-cidrs", "x/8"]).contains("--pod-egress-allow-cidrs"));
     }
 
     #[test]

@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     };
 
     // Read now, so a bad --registry-ca-file is one line and exit 2 like any other bad flag.
-    let mut provider_options = provider_wasmtime::ProviderOptions::default();
+    let mut provider_options = provider_wasmtime::ProviderOptions {
+        pod_egress: provider_wasmtime::network::NodeEgress { deny: config.pod_egress_deny_cidrs.clone(), allow: config.pod_egress_allow_cidrs.clone() },
+        ..Default::default()
+    };
     provider_options.registries.insecure_registries = config.insecure_registries.clone();
     provider_options.limits = provider_wasmtime::image::PullLimits {
         max_module_size: config.max_module_size,

@@ -277,7 +277,9 @@ async fn a_second_pod_on_a_held_port_is_rejected_at_admission() {
 
 #[tokio::test]
 async fn outbound_hosts_outside_the_allowed_list_are_refused() {
-    let agent = &node("http-out").await;
+    // The stand-in for "the outside" is on the node's loopback, which pods may not reach unless
+    // the node says so.
+    let agent = &test_node("http-out", &["--pod-egress-allow-cidrs=127.0.0.1/32"]).await;
     let [port, port2] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-out").await;
     // A plain HTTP server on loopback standing in for "the outside".

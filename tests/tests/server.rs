@@ -300,51 +300,6 @@ async fn kubectl_exec_runs_the_module_again_in_the_sandbox() {
 }
 
 #[tokio::test]
-async fn kubectl_port_forward_reaches_the_pod_ip() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let agent = &node().await;
-    let ns = Ns::new("portfwd").await;
-    ns.pod(agent, "tick", "ticker", "Always").await;
-    ns.wait_pod(agent, "tick", "the ticker to run", |p| phase(p) == "Running").await;
-    // Something listening on the pod IP (the node IP): an echo server standing in for a guest
-    // that serves a port (wasi-http and sockets arrive later).
-    let listener = tokio::net::TcpListener::bind((agent.node_ip.as_str(), 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    let mut child = Cluster::get()
-        .kubectl()
-        .args(["port-forward", "-n", &ns.name, "pod/tick", &format!(":{port}"), "--address", "127.0.0.1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // "Forwarding from 127.0.0.1:LOCAL -> PORT"
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let local: u16 = lines
-        .find_map(|l| l.ok()?.strip_prefix("Forwarding from 127.0.0.1:")?.split_whitespace().next()?.parse().ok())
-        .expect("kubectl prints the local port");
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local)).await.unwrap();
-    conn.write_all(b"hello through the tunnel").await.unwrap();
-    let mut got = vec![0u8; 24];
-    let read = tokio::time::timeout(TEST_TIMEOUT, conn.read_exact(&mut got)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    read.expect("an answer through the tunnel").unwrap();
-    assert_eq!(&got, b"hello through the tunnel");
-}
-
-#[tokio::test]
 async fn stats_summary_and_resource_metrics_from_real_measurements() {
     let _alone = CPU_HEAVY.lock().await;
     let agent = &test_node("stats", &["--housekeeping-interval=1s"]).await;

@@ -8,7 +8,10 @@
 //! instance's stdio through [`Provider::attach`] (output from now on; stdin only for a container
 //! with `stdin: true`; a TTY's resize messages are read and dropped). `/run` (POST, `cmd=`
 //! split on whitespace) is an exec without streams answering with the combined output, as the
-//! kubelet's. Port-forward connects to the pod IP, which is the node IP, on the requested port.
+//! kubelet's. Port-forward reaches only the pod's own listeners: the pod IP is the node IP, so a
+//! port there may be held by any process of the node; the provider says which of the pod's
+//! declared ports one of its containers is itself serving ([`Provider::pod_listener`]), and
+//! anything else is refused on the pair's error stream, never dialled.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -30,7 +33,7 @@ use crate::streaming::{handshake, idle, websocket, StreamingConfig};
 pub struct StreamContext {
     pub provider: Arc<dyn Provider>,
     pub client: Option<kube::Client>,
-    /// Where port-forward connects: the pod IP, which is the node IP.
+    /// The pod IP (the node IP). Port-forward dials what the provider names, not this.
     pub pod_ip: IpAddr,
     /// `--streaming-connection-idle-timeout` (zero: none).
     pub idle_timeout: std::time::Duration,
@@ -105,8 +108,8 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
         Endpoint::PortForward { namespace, pod, uid } => {
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
             let (_, headers) = negotiate(&request, portforward::PROTOCOLS)?;
-            let target = PortForwardTarget { pod: format!("{namespace}/{pod}"), uid };
-            let handler = Arc::new(TcpForward { ip: ctx.pod_ip });
+            let target = PortForwardTarget { pod: format!("{namespace}/{pod}"), uid: uid.clone() };
+            let handler = Arc::new(PodForward { provider: ctx.provider.clone(), pod_uid: uid });
             upgrade(request, headers, ctx.idle_timeout, move |io| async move {
                 if let Err(e) = portforward::serve_portforward(io, target, handler, &StreamingConfig::default()).await {
                     debug!(error = %e, "port-forward session ended with an error");
@@ -298,17 +301,30 @@ impl ExecHandler for ProviderAttach {
     }
 }
 
-/// Port-forward to the pod IP (the node IP): a TCP connection per stream pair.
-struct TcpForward {
-    ip: IpAddr,
+/// Port-forward into the pod: a TCP connection per stream pair, to the pod's own listener on
+/// the port (as the provider names it), or a refusal in the words of the kubelet's runtimes.
+struct PodForward {
+    provider: Arc<dyn Provider>,
+    pod_uid: String,
 }
 
-impl PortForwardHandler for TcpForward {
+impl PortForwardHandler for PodForward {
     async fn forward(&self, port: u16, mut stream: DuplexStream) -> std::io::Result<()> {
-        let mut tcp = tokio::net::TcpStream::connect((self.ip, port)).await?;
+        let Some(addr) = self.provider.pod_listener(&self.pod_uid, port).await else {
+            return Err(not_served(port, &self.pod_uid));
+        };
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("failed to connect to localhost:{port} inside namespace {:?}: {e}", self.pod_uid)))?;
         tokio::io::copy_bidirectional(&mut stream, &mut tcp).await?;
         Ok(())
     }
+}
+
+/// containerd's wording for a port nothing in the pod listens on, and why.
+fn not_served(port: u16, pod_uid: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        format!("failed to connect to localhost:{port} inside namespace {pod_uid:?}: no container of the pod is serving port {port} (port-forward reaches only a declared containerPort the pod itself listens on)"),
+    )
 }
 
 #[cfg(test)]

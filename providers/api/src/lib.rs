@@ -447,6 +447,15 @@ pub trait Provider: Send + Sync + 'static {
         Err(ProviderError::Exec(format!("container {container_id}: this runtime does not support attach")))
     }
 
+    /// Where the pod's own TCP listener on `port` is, for port-forward to dial: `Some` only
+    /// while one of the pod's containers is itself listening on that declared port (an HTTP
+    /// component's server, a socket a guest bound and listens on), never for a port some other
+    /// process holds. `None`: the pod is not serving `port`. The default serves nothing.
+    async fn pod_listener(&self, pod_uid: &str, port: u16) -> Option<std::net::SocketAddr> {
+        let _ = (pod_uid, port);
+        None
+    }
+
     /// [`Provider::exec`] with no stdin, returning the exit code and stdout and stderr
     /// interleaved as written, capped at [`EXEC_SYNC_OUTPUT_LIMIT`] bytes; for exec probes and
     /// exec lifecycle hooks (the CRI's `ExecSync`).

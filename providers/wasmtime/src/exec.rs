@@ -43,17 +43,19 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// `container_stop` is the container's stop token: when it is cancelled (the container is
 /// killed or has ended) the exec instance is interrupted too.
 /// The exec's CPU time and memory count on the container's `meter`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     engine: &Engine,
     instance: &Instance,
     config: &ContainerConfig,
+    network: &crate::network::NetworkPolicy,
     command: Vec<String>,
     io: ExecIo,
     container_stop: &CancellationToken,
     meter: &Arc<UsageMeter>,
 ) -> Result<i32, ProviderError> {
     let program = command.first().cloned().ok_or_else(|| ProviderError::Exec(format!("exec in container {}: the command is empty", config.name)))?;
-    let mut wasi = granted_context(config, &command).map_err(|e| ProviderError::Io(format!("exec {program:?} in container {}: {e}", config.name)))?;
+    let mut wasi = granted_context(config, network, &command).map_err(|e| ProviderError::Io(format!("exec {program:?} in container {}: {e}", config.name)))?;
     let stdout = ExecOutput::new(io.stdout);
     let stderr = ExecOutput::new(io.stderr);
     wasi.stdout(stdout.clone()).stderr(stderr.clone());

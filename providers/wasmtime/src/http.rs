@@ -17,24 +17,23 @@
 //! closed, and requests in flight finish; the container then exits 0. When the grace period
 //! runs out first, the kill interrupts the instances still running (exit 137).
 //!
-//! Policy ([`OutboundHooks`], [`grant_sockets`]): outgoing `wasi:http` requests and
-//! `wasi:sockets` connections go only where the pod's [`OutboundPolicy`] allows; a socket may
-//! bind only a declared port (or an ephemeral one, for a client) at the pod IP or the wildcard.
+//! Policy ([`OutboundHooks`]): outgoing `wasi:http` requests and `wasi:sockets` connections go
+//! only where the pod's [`NetworkPolicy`] (crate::network) allows. The listeners bound here are
+//! recorded as the pod's own, so port-forward and the pod's loopback reach them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use provider_api::{ContainerConfig, ContainerNetwork, ExitReason, OutboundPolicy, Protocol};
+use provider_api::{ContainerConfig, ContainerNetwork, ExitReason, Protocol};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store};
-use wasmtime_wasi::sockets::SocketAddrUse;
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -43,6 +42,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::instance::{self, Exit, UsageMeter, KILLED_EXIT_CODE};
 use crate::memory::Limiter;
 use crate::log::{ContainerLog, Stream};
+use crate::network::{HttpDenied, NetworkPolicy};
 
 /// Requests one HTTP container serves at once unless its pod says otherwise. Each in-flight
 /// request holds an instance (a linear memory of a few MiB for a small Rust component), so
@@ -193,7 +193,7 @@ impl WasiHttpView for HttpState {
 }
 
 /// The linker HTTP components are linked with: all of WASI 0.2 (env, filesystem, clocks,
-/// sockets under [`grant_sockets`]) plus `wasi:http`.
+/// sockets under the pod's [`NetworkPolicy`]) plus `wasi:http`.
 pub fn linker(engine: &Engine) -> wasmtime::Result<wasmtime::component::Linker<HttpState>> {
     let mut linker = wasmtime::component::Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -207,78 +207,57 @@ pub fn prepare(linker: &wasmtime::component::Linker<HttpState>, component: &wasm
     ProxyPre::new(pre).map_err(|e| format!("the component does not export wasi:http/incoming-handler: {e:#}"))
 }
 
-/// `wasi:http` hooks: outgoing requests are sent only where the pod's policy allows, else they
-/// fail with `HTTP-request-denied` before anything leaves the node.
+/// `wasi:http` hooks: an outgoing request is sent only where the pod's [`NetworkPolicy`]
+/// allows (the allowed outbound hosts, then every address the host resolves to), else it fails
+/// with `HTTP-request-denied` (not in the list) or `destination-IP-prohibited` (loopback outside
+/// the pod, link-local, the node's deny list) before anything leaves the node. A plain-HTTP
+/// request is then sent to the address that was checked (its Host header keeps the name), so a
+/// second resolution cannot lead it elsewhere.
 pub struct OutboundHooks {
-    policy: OutboundPolicy,
+    policy: NetworkPolicy,
 }
+
+type SendFuture = Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+type Sent = Result<(http::Response<wasmtime_wasi_http::WasiBody>, SendFuture), wasmtime_wasi_http::Error>;
 
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
         &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        mut request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
-        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn std::future::Future<
-                Output = Result<(http::Response<wasmtime_wasi_http::WasiBody>, Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>), wasmtime_wasi_http::Error>,
-            > + Send,
-    > {
-        let uri = request.uri();
-        let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let allowed = uri.authority().is_some_and(|a| self.policy.allows(a.host(), a.port_u16().unwrap_or(if tls { 443 } else { 80 })));
-        if !allowed {
-            tracing::debug!(uri = %uri, "outgoing request denied by the pod's allowed outbound hosts");
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
+        fut: SendFuture,
+    ) -> Box<dyn std::future::Future<Output = Sent> + Send> {
         // As the library's default hooks do: its plain sender, the request's own future unused.
         let _ = fut;
+        let policy = self.policy.clone();
         Box::new(async move {
+            let uri = request.uri().clone();
+            let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            let Some(authority) = uri.authority() else { return Err(wasmtime_wasi_http::Error::HttpRequestUriInvalid) };
+            let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            let checked = match policy.http_destination(authority.host(), port).await {
+                Ok(addr) => addr,
+                Err(denied) => {
+                    tracing::debug!(uri = %uri, ?denied, "outgoing request denied by the pod network policy");
+                    return Err(match denied {
+                        HttpDenied::NotAllowed => wasmtime_wasi_http::Error::HttpRequestDenied,
+                        HttpDenied::Prohibited(..) => wasmtime_wasi_http::Error::DestinationIpProhibited,
+                        HttpDenied::Unresolvable(_) => wasmtime_wasi_http::Error::DestinationNotFound,
+                    });
+                }
+            };
+            if !tls {
+                // TLS needs the name for SNI and the certificate; plain HTTP is pinned.
+                let mut parts = uri.into_parts();
+                parts.authority = http::uri::Authority::try_from(checked.to_string()).ok();
+                if let Ok(pinned) = http::Uri::from_parts(parts) {
+                    *request.uri_mut() = pinned;
+                }
+            }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>))
+            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as SendFuture))
         })
     }
-}
-
-/// Grants `wasi:sockets` under the container's network: TCP and UDP, name lookups, binds only
-/// on a declared port (or port 0, the implicit bind of a client) at the pod IP or the wildcard,
-/// connections and datagrams only to allowed destinations. Preview1 modules never see sockets.
-pub fn grant_sockets(wasi: &mut WasiCtxBuilder, network: &ContainerNetwork) {
-    let network = Arc::new(network.clone());
-    wasi.allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
-    wasi.socket_addr_check(move |addr, usage| {
-        let network = network.clone();
-        Box::pin(async move { socket_allowed(&network, addr, usage).await })
-    });
-}
-
-async fn socket_allowed(network: &ContainerNetwork, addr: SocketAddr, usage: SocketAddrUse) -> bool {
-    match usage {
-        SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
-            let protocol = if matches!(usage, SocketAddrUse::TcpBind) { Protocol::Tcp } else { Protocol::Udp };
-            let ip_ok = addr.ip().is_unspecified() || Some(addr.ip()) == network.pod_ip;
-            let port_ok = addr.port() == 0 || network.ports.iter().any(|p| p.port == addr.port() && p.protocol == protocol);
-            ip_ok && port_ok
-        }
-        SocketAddrUse::TcpListen | SocketAddrUse::TcpAccept => true,
-        _ => destination_allowed(&network.outbound, addr).await,
-    }
-}
-
-/// Whether the policy allows `addr`: named by address, or by a host name that resolves to it.
-pub async fn destination_allowed(policy: &OutboundPolicy, addr: SocketAddr) -> bool {
-    let OutboundPolicy::AllowOnly(hosts) = policy else { return true };
-    if policy.allows(&addr.ip().to_string(), addr.port()) {
-        return true;
-    }
-    for host in hosts.iter().filter(|h| h.host.parse::<IpAddr>().is_err() && h.port.is_none_or(|p| p == addr.port())) {
-        if let Ok(resolved) = tokio::net::lookup_host((host.host.as_str(), addr.port())).await {
-            if resolved.into_iter().any(|a| a.ip() == addr.ip()) {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// The listeners of an HTTP container, bound before it counts as started so a port taken by
@@ -286,8 +265,9 @@ pub async fn destination_allowed(policy: &OutboundPolicy, addr: SocketAddr) -> b
 #[derive(Debug)]
 pub struct Listeners(Vec<std::net::TcpListener>);
 
-/// Binds every declared TCP port at the pod IP.
-pub fn bind(network: &ContainerNetwork) -> Result<Listeners, String> {
+/// Binds every declared TCP port at the pod IP, and records each as one of the pod's own
+/// listeners (under `policy`'s container) once bound.
+pub fn bind(network: &ContainerNetwork, policy: &NetworkPolicy) -> Result<Listeners, String> {
     let ip = network.pod_ip.ok_or("the node has no IP to serve the HTTP component's ports on")?;
     let ports: Vec<u16> = network.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.port).collect();
     if ports.is_empty() {
@@ -298,6 +278,11 @@ pub fn bind(network: &ContainerNetwork) -> Result<Listeners, String> {
         let addr = SocketAddr::new(ip, port);
         let listener = listen(addr).map_err(|e| format!("binding {addr}: {e}"))?;
         listeners.push(listener);
+    }
+    for listener in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            policy.record_listener(addr);
+        }
     }
     Ok(Listeners(listeners))
 }
@@ -322,6 +307,7 @@ struct Shared {
     engine: Engine,
     pre: ProxyPre<HttpState>,
     config: ContainerConfig,
+    network: NetworkPolicy,
     argv: Vec<String>,
     log: ContainerLog,
     meter: Arc<UsageMeter>,
@@ -338,6 +324,7 @@ struct Shared {
 pub async fn serve(
     pre: ProxyPre<HttpState>,
     config: ContainerConfig,
+    network: NetworkPolicy,
     listeners: Listeners,
     log: ContainerLog,
     meter: Arc<UsageMeter>,
@@ -346,7 +333,7 @@ pub async fn serve(
 ) -> Exit {
     let max = config.network.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS).max(1);
     let argv = instance::argv(&config);
-    let shared = Arc::new(Shared { engine: pre.engine().clone(), pre, config, argv, log, meter, kill: kill.clone(), slots: Arc::new(Semaphore::new(max as usize)), max, rejected: AtomicU64::new(0) });
+    let shared = Arc::new(Shared { engine: pre.engine().clone(), pre, config, network, argv, log, meter, kill: kill.clone(), slots: Arc::new(Semaphore::new(max as usize)), max, rejected: AtomicU64::new(0) });
     let connections = TaskTracker::new();
     let mut accepting = Vec::new();
     for listener in listeners.0 {
@@ -462,7 +449,7 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
         shared.rejected.fetch_add(1, Ordering::Relaxed);
         return text_response(503, format!("wasm-kubelet: container {} is already serving its limit of {} concurrent requests; retry later\n", shared.config.name, shared.max));
     };
-    let mut wasi = match instance::granted_context(&shared.config, &shared.argv) {
+    let mut wasi = match instance::granted_context(&shared.config, &shared.network, &shared.argv) {
         Ok(w) => w,
         Err(e) => return text_response(500, format!("wasm-kubelet: container {}: {e}\n", shared.config.name)),
     };
@@ -471,7 +458,7 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
         ctx: wasi.build(),
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
-        hooks: OutboundHooks { policy: shared.config.network.outbound.clone() },
+        hooks: OutboundHooks { policy: shared.network.clone() },
         limiter: Limiter::new(shared.meter.budget().clone()),
     };
     let mut store = Store::new(&shared.engine, state);
@@ -535,32 +522,13 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use provider_api::{AllowedHost, PortMapping};
-
-    fn network(outbound: OutboundPolicy) -> ContainerNetwork {
-        ContainerNetwork { pod_ip: Some("127.0.0.5".parse().unwrap()), ports: vec![PortMapping { port: 8080, protocol: Protocol::Tcp }], outbound, max_concurrent_requests: None }
-    }
-
-    #[tokio::test]
-    async fn sockets_bind_only_declared_ports_and_connect_only_where_allowed() {
-        let net = network(OutboundPolicy::AllowOnly(vec![AllowedHost { host: "127.0.0.1".into(), port: Some(9000) }, AllowedHost { host: "localhost".into(), port: Some(9100) }]));
-        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
-        assert!(socket_allowed(&net, at("127.0.0.5:8080"), SocketAddrUse::TcpBind).await);
-        assert!(socket_allowed(&net, at("0.0.0.0:8080"), SocketAddrUse::TcpBind).await);
-        assert!(socket_allowed(&net, at("0.0.0.0:0"), SocketAddrUse::TcpBind).await, "a client's implicit bind");
-        assert!(!socket_allowed(&net, at("127.0.0.5:8081"), SocketAddrUse::TcpBind).await, "an undeclared port");
-        assert!(!socket_allowed(&net, at("127.0.0.6:8080"), SocketAddrUse::TcpBind).await, "another node's address");
-        assert!(!socket_allowed(&net, at("0.0.0.0:8080"), SocketAddrUse::UdpBind).await, "8080 is declared TCP only");
-        assert!(socket_allowed(&net, at("127.0.0.1:9000"), SocketAddrUse::TcpConnect).await);
-        assert!(!socket_allowed(&net, at("127.0.0.1:9001"), SocketAddrUse::TcpConnect).await);
-        assert!(!socket_allowed(&net, at("127.0.0.2:9000"), SocketAddrUse::UdpSend).await);
-        assert!(socket_allowed(&net, at("127.0.0.1:9100"), SocketAddrUse::TcpConnect).await, "localhost resolves to 127.0.0.1");
-        assert!(socket_allowed(&network(OutboundPolicy::AllowAll), at("127.0.0.9:1"), SocketAddrUse::TcpConnect).await);
-    }
+    use provider_api::PortMapping;
 
     #[tokio::test]
     async fn binding_needs_a_tcp_port_and_an_ip() {
         let mut network = ContainerNetwork::default();
+        let policy = NetworkPolicy::new(network.clone(), Arc::default(), Arc::default(), "c1");
+        let bind = |network: &ContainerNetwork| bind(network, &policy);
         assert!(bind(&network).unwrap_err().contains("no IP"));
         network.pod_ip = Some("127.0.0.1".parse().unwrap());
         assert!(bind(&network).unwrap_err().contains("at least one TCP containerPort"));
@@ -569,5 +537,11 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         network.ports = vec![PortMapping { port: taken.local_addr().unwrap().port(), protocol: Protocol::Tcp }];
         assert!(bind(&network).unwrap_err().starts_with("binding 127.0.0.1:"));
+        assert_eq!(policy.listeners_dial(network.ports[0].port), None, "a port another socket holds is never the pod's");
+        let port = taken.local_addr().unwrap().port();
+        drop(taken);
+        let listeners = bind(&network).expect("the port is free now");
+        assert_eq!(policy.listeners_dial(port), Some(SocketAddr::from(([127, 0, 0, 1], port))), "bound, so recorded as the pod's own");
+        drop(listeners);
     }
 }

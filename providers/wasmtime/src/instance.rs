@@ -4,7 +4,8 @@
 //! [`Instance::run`] (instantiates and calls `_start` / `wasi:cli/run#run`); exec runs the same
 //! program through [`Instance::execute`] with [`granted_context`]. Deny by default:
 //! the guest gets exactly argv, env, one preopen per mount, stdout/stderr to its log file, an
-//! empty stdin; no inherited env, no host filesystem, no network.
+//! empty stdin; no inherited env, no host filesystem, and sockets only as the pod's
+//! [`NetworkPolicy`] allows.
 //!
 //! The store is async (`call_async`): the epoch callback yields to tokio after every slice (one
 //! tick, more for a container that requests more CPU: [`crate::cpu::slice_ticks`]), so a busy
@@ -29,6 +30,7 @@ use crate::compile::Program;
 use crate::cpu::{self, CpuQuota};
 use crate::log::{ContainerLog, Stream};
 use crate::memory::{Limiter, MemoryBudget, Refusal};
+use crate::network::NetworkPolicy;
 
 /// Exit code of a killed container (128 + SIGKILL), as a kubelet user expects.
 pub const KILLED_EXIT_CODE: i32 = 137;
@@ -217,19 +219,19 @@ pub fn argv(config: &ContainerConfig) -> Vec<String> {
 }
 
 /// The WASI context the container is granted, and nothing more (see the module docs).
-pub fn wasi_context(config: &ContainerConfig, log: &ContainerLog) -> Result<WasiCtxBuilder, String> {
-    let mut wasi = granted_context(config, &argv(config))?;
+pub fn wasi_context(config: &ContainerConfig, network: &NetworkPolicy, log: &ContainerLog) -> Result<WasiCtxBuilder, String> {
+    let mut wasi = granted_context(config, network, &argv(config))?;
     wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr));
     Ok(wasi)
 }
 
 /// What the pod grants a run of the container's program, whatever its stdio: `argv`, the
-/// container's env, one preopen per mount and its working dir. Stdin is empty and stdout and
-/// stderr discard until the caller wires them.
-pub fn granted_context(config: &ContainerConfig, argv: &[String]) -> Result<WasiCtxBuilder, String> {
+/// container's env, one preopen per mount and its working dir, sockets under the pod's
+/// [`NetworkPolicy`]. Stdin is empty and stdout and stderr discard until the caller wires them.
+pub fn granted_context(config: &ContainerConfig, network: &NetworkPolicy, argv: &[String]) -> Result<WasiCtxBuilder, String> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(argv).envs(&config.env);
-    crate::http::grant_sockets(&mut wasi, &config.network);
+    network.grant(&mut wasi);
     for mount in &config.mounts {
         let perms = if mount.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
         wasi.preopened_dir(&mount.host_path, &mount.container_path, perms)

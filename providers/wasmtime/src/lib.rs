@@ -10,7 +10,9 @@
 //! - [`memory`]: the memory budget a container's stores share, and the node's for all guests;
 //! - [`exec`]: the container's program run again in its sandbox, stdio to the caller's streams;
 //! - `attach`: a client joins a running container's stdout/stderr and (with `stdin: true`) stdin;
-//! - [`log`]: the CRI-format container log with the kubelet's rotation.
+//! - [`log`]: the CRI-format container log with the kubelet's rotation;
+//! - [`network`]: the pod network policy (the pod's own loopback, link-local and the node's
+//!   deny list refused) for sockets, outgoing HTTP and port-forward.
 //!
 //! Containers live in one map owned by the provider, behind a mutex held only for map access
 //! (never across an await); each running container's task reports its exit over a `watch`
@@ -25,6 +27,7 @@ pub mod instance;
 pub mod http;
 pub mod log;
 pub mod memory;
+pub mod network;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -67,6 +70,8 @@ pub struct ProviderOptions {
     /// Bytes all guests on the node may hold together (the memory the node gives pods, as the
     /// kubelet's `kubepods` cgroup); `None`: no ceiling. See [`memory::NodeMemory`].
     pub node_memory_ceiling: Option<u64>,
+    /// `--pod-egress-deny-cidrs` and `--pod-egress-allow-cidrs` (see [`network`]).
+    pub pod_egress: network::NodeEgress,
 }
 
 /// Runs Wasm pods with wasmtime.
@@ -81,12 +86,16 @@ pub struct WasmtimeProvider {
     next_id: AtomicU64,
     /// What every guest on the node holds together; each container's budget charges it.
     node_memory: Arc<memory::NodeMemory>,
+    /// The node's pod egress settings, shared by every container's policy.
+    egress: Arc<network::NodeEgress>,
 }
 
 #[derive(Default)]
 struct State {
     sandboxes: HashMap<String, SandboxConfig>,
     containers: HashMap<String, Container>,
+    /// Per pod uid: the TCP listeners its containers hold (see [`network::PodListeners`]).
+    listeners: HashMap<String, Arc<network::PodListeners>>,
 }
 
 struct Container {
@@ -99,6 +108,8 @@ struct Container {
     meter: Arc<UsageMeter>,
     /// Set when the container starts: what `attach` joins.
     attach: Option<Arc<attach::Attachable>>,
+    /// What its sockets and outgoing requests may reach, and where its listeners are recorded.
+    network: network::NetworkPolicy,
 }
 
 /// A container's lifecycle: Created -> Running -> Exited (or Created -> Exited when stopped
@@ -144,7 +155,8 @@ impl WasmtimeProvider {
         compiled.sweep(&images.list().iter().filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect());
         let http = http::LazyHttpEngine::new(&root_dir);
         let node_memory = memory::NodeMemory::new(options.node_memory_ceiling);
-        Ok(Self { engine, linkers, images, compiled, http, state: Mutex::new(State::default()), next_id: AtomicU64::new(1), node_memory })
+        let egress = Arc::new(options.pod_egress);
+        Ok(Self { engine, linkers, images, compiled, http, state: Mutex::new(State::default()), next_id: AtomicU64::new(1), node_memory, egress })
     }
 
     /// What all guests on the node hold together, and their ceiling.
@@ -256,6 +268,7 @@ impl Provider for WasmtimeProvider {
             state.containers.remove(id);
         }
         state.sandboxes.remove(sandbox_id);
+        state.listeners.remove(sandbox_id);
         drop(state);
         results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
     }
@@ -291,7 +304,9 @@ impl Provider for WasmtimeProvider {
         // probes, hooks and HTTP requests all charge it (see `memory`).
         let budget = memory::MemoryBudget::new(config.memory_limit_bytes, self.node_memory.clone());
         let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores).with_cpu_request(config.cpu_request_millicores).with_memory(budget));
-        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter, attach: None });
+        let listeners = state.listeners.entry(sandbox_id.to_string()).or_default().clone();
+        let network = network::NetworkPolicy::new(config.network.clone(), self.egress.clone(), listeners, &id);
+        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter, attach: None, network });
         Ok(id)
     }
 
@@ -303,16 +318,16 @@ impl Provider for WasmtimeProvider {
         }
         let config = &container.config;
         let log = ContainerLog::open(&config.log_path).map_err(|e| ProviderError::Io(format!("container {}: opening log {}: {e}", config.name, config.log_path.display())))?;
-        let mut wasi = instance::wasi_context(config, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
+        let mut wasi = instance::wasi_context(config, &container.network, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
         // An HTTP component's requests each get their own empty stdin: nothing would read the pipe.
         let stdin = config.stdin && !matches!(container.instance, Instance::Http(_));
         let attachable = Arc::new(attach::Attachable::new(&config.name, stdin, config.stdin_once, &log, &mut wasi));
         // An HTTP component's ports are bound before it counts as started.
         let listeners = match &container.instance {
-            Instance::Http(_) => Some(http::bind(&config.network).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?),
+            Instance::Http(_) => Some(http::bind(&config.network, &container.network).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?),
             _ => None,
         };
-        let (drain, http_config) = (CancellationToken::new(), config.clone());
+        let (drain, http_config, network) = (CancellationToken::new(), config.clone(), container.network.clone());
         let started_at = SystemTime::now();
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(None);
@@ -325,11 +340,13 @@ impl Provider for WasmtimeProvider {
             async move {
                 tracing::info!("started");
                 let exit = match (&instance, listeners) {
-                    (Instance::Http(pre), Some(listeners)) => http::serve(pre.clone(), http_config, listeners, log.clone(), meter.clone(), drain, token.clone()).await,
+                    (Instance::Http(pre), Some(listeners)) => http::serve(pre.clone(), http_config, network.clone(), listeners, log.clone(), meter.clone(), drain, token.clone()).await,
                     _ => instance.run(&engine, wasi, token.clone(), &meter).await,
                 };
-                // The container's end ends its execs, as a pid namespace's end does.
+                // The container's end ends its execs, as a pid namespace's end does, and closes
+                // its sockets: none of its listeners is the pod's any more.
                 token.cancel();
+                network.forget_listeners();
                 log.finish();
                 tracing::info!(exit_code = exit.exit_code, reason = exit.reason.as_str(), message = exit.message.as_deref().unwrap_or(""), "exited");
                 let _ = tx.send(Some(exited(Some(started_at), exit)));
@@ -432,20 +449,25 @@ impl Provider for WasmtimeProvider {
         attachable.attach(io, exit).await
     }
 
+    async fn pod_listener(&self, pod_uid: &str, port: u16) -> Option<std::net::SocketAddr> {
+        let listeners = self.state().listeners.get(pod_uid).cloned()?;
+        listeners.dial(port)
+    }
+
     async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
-        let (pod_uid, config, instance, stop, meter) = {
+        let (pod_uid, config, network, instance, stop, meter) = {
             let state = self.state();
             let container = state.containers.get(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
             match (&container.phase, container.phase.state()) {
                 (Phase::Running { stop, .. }, ContainerState::Running { .. }) => {
-                    (container.pod_uid.clone(), container.config.clone(), container.instance.clone(), stop.clone(), container.meter.clone())
+                    (container.pod_uid.clone(), container.config.clone(), container.network.clone(), container.instance.clone(), stop.clone(), container.meter.clone())
                 }
                 (_, other) => return Err(ProviderError::Exec(format!("container {} ({container_id}) is {}, not Running: cannot exec into it", container.config.name, kind(&other)))),
             }
         };
         let program = command.first().map(String::as_str).unwrap_or("");
         let span = tracing::debug_span!("exec", pod = %pod_uid, name = %config.name, id = container_id, command = program);
-        exec::run(&self.engine, &instance, &config, command, io, &stop, &meter).instrument(span).await
+        exec::run(&self.engine, &instance, &config, &network, command, io, &stop, &meter).instrument(span).await
     }
 }
 
