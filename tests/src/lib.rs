@@ -395,6 +395,60 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The cluster admin's client certificate and key (for requests straight to a kubelet API).
+pub fn admin_cert() -> (PathBuf, PathBuf) {
+    let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
+    (pki.join("admin.crt"), pki.join("admin.key"))
+}
+
+/// Accepts the agent's self-signed serving certificate (the test talks to the node directly).
+#[derive(Debug)]
+pub struct AcceptAnyServer(pub std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client connection to a kubelet API.
+pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to the agent's kubelet API with the admin's client certificate.
+pub async fn admin_tls(agent: &Agent) -> Tls {
+    use rustls_pki_types::pem::PemObject;
+    let (crt, key) = admin_cert();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer(provider)))
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 10250)).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from(agent.node_ip.clone()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(server_name, tcp).await.unwrap()
+}
+
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where

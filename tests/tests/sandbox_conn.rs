@@ -7,11 +7,9 @@
 //! `--streaming-connection-idle-timeout` closing an exec session without traffic.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::{example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{admin_cert, admin_tls, example_image, Tls, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -190,58 +188,6 @@ async fn get(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
     Ok((status, text))
-}
-
-fn admin_cert() -> (PathBuf, PathBuf) {
-    let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
-    (pki.join("admin.crt"), pki.join("admin.key"))
-}
-
-/// Accepts the agent's self-signed serving certificate (the test talks to the node directly).
-#[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-/// A TLS connection to the agent's kubelet API with the admin's client certificate.
-async fn admin_tls(agent: &Agent) -> Tls {
-    use rustls_pki_types::pem::PemObject;
-    let (crt, key) = admin_cert();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
-        .with_client_auth_cert(certs, key)
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 10250)).await.unwrap();
-    let server_name = rustls_pki_types::ServerName::try_from(agent.node_ip.clone()).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await.unwrap()
 }
 
 /// Sends the upgrade request and reads the response head; returns its status.

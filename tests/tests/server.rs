@@ -7,10 +7,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::Duration;
 
-use integration_tests::{example_image, CpuOffer, phase, push_examples, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{admin_cert, admin_tls, example_image, CpuOffer, phase, push_examples, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::Api;
@@ -380,11 +380,6 @@ fn curl_method(agent: &Agent, method: &str, path: &str, cert: Option<(&Path, &Pa
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-fn admin_cert() -> (PathBuf, PathBuf) {
-    let pki = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pki");
-    (pki.join("admin.crt"), pki.join("admin.key"))
-}
-
 /// A toolbox pod running `command` (with `stdin: true` when asked).
 async fn toolbox_pod(ns: &Ns, agent: &Agent, name: &str, command: &[&str], stdin: bool) {
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -646,31 +641,6 @@ async fn standalone_node_serves_its_static_pods_with_anonymous_always_allow() {
     assert_eq!(kc["kubeletconfig"]["authorization"]["mode"], "AlwaysAllow");
 }
 
-/// Accepts the agent's self-signed serving certificate (the test talks to the node directly).
-#[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
@@ -680,22 +650,8 @@ async fn websocket_connect(agent: &Agent, path_and_query: &str) -> Ws {
 }
 
 async fn websocket_connect_with(agent: &Agent, path_and_query: &str, protocol: &'static str) -> Ws {
-    use rustls_pki_types::pem::PemObject;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let (crt, key) = admin_cert();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
-        .with_client_auth_cert(certs, key)
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 10250)).await.unwrap();
-    let server_name = rustls_pki_types::ServerName::try_from(agent.node_ip.clone()).unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(server_name, tcp).await.unwrap();
+    let stream = admin_tls(agent).await;
     let mut request = format!("wss://{}:10250{path_and_query}", agent.node_ip).into_client_request().unwrap();
     request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
     let (ws, response) = tokio_tungstenite::client_async(request, stream).await.unwrap_or_else(|e| panic!("WebSocket upgrade: {e}\n{}", agent.log_tail()));
