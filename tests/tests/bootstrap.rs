@@ -99,6 +99,8 @@ impl BootstrapAgent {
             format!("--pod-logs-dir={}", dir.join("logs").display()),
             format!("--client-ca-file={}", ca.display()),
             "--healthz-port=0".into(),
+            // Like every test agent: disk thresholds a nearly full build disk satisfies.
+            integration_tests::TEST_EVICTION_HARD.into(),
             "-v=4".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));

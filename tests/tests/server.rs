@@ -609,7 +609,7 @@ async fn standalone_node_serves_its_static_pods_with_anonymous_always_allow() {
         .arg(dir.join("logs"))
         .arg("--pod-manifest-path")
         .arg(&manifests)
-        .args(["--anonymous-auth=true", "--authorization-mode=AlwaysAllow"])
+        .args(["--anonymous-auth=true", "--authorization-mode=AlwaysAllow", integration_tests::TEST_EVICTION_HARD])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
