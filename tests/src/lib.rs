@@ -130,6 +130,13 @@ pub fn unique_name(what: &str) -> String {
 /// memory default, and disk thresholds low enough that a nearly full build disk is no pressure.
 pub const TEST_EVICTION_HARD: &str = "--eviction-hard=memory.available<100Mi,nodefs.available<2%,nodefs.inodesFree<2%,imagefs.available<2%";
 
+/// The flags every agent a test starts by hand (standalone, run-once, bootstrap) needs to work
+/// on this machine like [`Agent::start`]'s: the local cluster's plain-http registry named as
+/// insecure (no registry gets plain http otherwise), and [`TEST_EVICTION_HARD`].
+pub fn local_node_flags() -> Vec<String> {
+    vec![format!("--insecure-registries={}", Cluster::get().var("REGISTRY")), TEST_EVICTION_HARD.to_string()]
+}
+
 /// A running `wasm-kubelet` process serving one node. Killed (SIGKILL) when dropped.
 pub struct Agent {
     pub name: String,

@@ -99,10 +99,9 @@ impl BootstrapAgent {
             format!("--pod-logs-dir={}", dir.join("logs").display()),
             format!("--client-ca-file={}", ca.display()),
             "--healthz-port=0".into(),
-            // Like every test agent: disk thresholds a nearly full build disk satisfies.
-            integration_tests::TEST_EVICTION_HARD.into(),
             "-v=4".into(),
         ];
+        args.extend(integration_tests::local_node_flags());
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
         let child = Command::new(agent_binary()).args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("wasm-kubelet starts");
