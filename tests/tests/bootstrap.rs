@@ -338,12 +338,15 @@ async fn a_serving_certificate_approved_by_hand_is_served() {
 async fn a_bad_bootstrap_token_is_one_clear_line_and_a_failed_exit() {
     let bootstrap = bootstrap_kubeconfig();
     let text = std::fs::read_to_string(&bootstrap).unwrap();
-    let token = text.lines().find_map(|l| l.trim().strip_prefix("token: ")).expect("a token in the bootstrap kubeconfig").to_string();
+    let token = text.lines().find_map(|l| l.trim().strip_prefix("token: ")).expect("a token in the bootstrap kubeconfig").trim_matches('"').to_string();
     let (id, _) = token.split_once('.').unwrap();
     let dir = workspace_root().join("target/it").join(unique_name("badtoken"));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad-bootstrap.kubeconfig");
-    std::fs::write(&bad, text.replace(&token, &format!("{id}.0000000000000000"))).unwrap();
+    // A secret of the token's format that is not the token's. Letters in it, so that YAML reads
+    // the value as a string even when the id is all digits (a hex id often is) and the
+    // kubeconfig does not quote it.
+    std::fs::write(&bad, text.replace(&token, &format!("{id}.badbadbadbadbadb"))).unwrap();
 
     let mut agent = BootstrapAgent::start("badtoken", bad.to_str().unwrap(), &[]);
     let code = agent.exit_code(TEST_TIMEOUT).await;
@@ -372,7 +375,7 @@ async fn a_denied_csr_is_one_clear_line_and_a_failed_exit() {
     kubectl(&["create", "clusterrolebinding", &binding, "--clusterrole=system:node-bootstrapper", &format!("--serviceaccount={}:requester", ns.name)]);
     let token = kubectl(&["create", "token", "requester", "-n", &ns.name, "--duration=10m"]);
     let text = std::fs::read_to_string(&bootstrap).unwrap();
-    let bootstrap_token = text.lines().find_map(|l| l.trim().strip_prefix("token: ")).expect("a token in the bootstrap kubeconfig").to_string();
+    let bootstrap_token = text.lines().find_map(|l| l.trim().strip_prefix("token: ")).expect("a token in the bootstrap kubeconfig").trim_matches('"').to_string();
     let dir = workspace_root().join("target/it").join(&ns.name);
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("requester.kubeconfig");
