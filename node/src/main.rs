@@ -68,9 +68,12 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        // Installed before anything else runs (not inside the spawned task, which may not have
+        // run yet): a SIGTERM during start-up is then a clean shutdown, never the default action.
+        let signals = install_signal_handlers();
         let provider = provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), provider_options)?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(shutdown.clone()));
+        tokio::spawn(on_signal(signals, shutdown.clone()));
         wasm_kubelet::agent::run(config, Arc::new(provider), shutdown).await?;
         anyhow::Ok(())
     });
@@ -85,13 +88,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT listeners; `None` (logged) when they cannot be installed.
+fn install_signal_handlers() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
-        return;
-    };
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+            None
+        }
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn on_signal(signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>, shutdown: CancellationToken) {
+    let Some((mut term, mut int)) = signals else { return };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
