@@ -183,8 +183,8 @@ fn run_once_with(what: &str, manifests: &[(&str, String)], extra: &[&str]) -> (i
         write_manifest(&dir, file, text);
     }
     let mut child = Command::new(agent_binary())
-        .args(["--runonce", "--enable-server=false", "--healthz-port=0", "-v=4", "--hostname-override", &name, "--pod-manifest-path"])
         .args(integration_tests::local_node_flags())
+        .args(["--runonce", "--enable-server=false", "--healthz-port=0", "-v=4", "--hostname-override", &name, "--pod-manifest-path"])
         .arg(&dir)
         .arg("--root-dir")
         .arg(base.join("root"))
@@ -395,8 +395,8 @@ fn standalone_runs_a_static_pod_without_any_api_server() {
     let dir = manifest_dir(&name);
     write_manifest(&dir, "ticker.yaml", &ticker("alone", None));
     let mut child = Command::new(agent_binary())
-        .args(["--enable-server=false", "--healthz-port=0", "-v=4", "--hostname-override", &name, "--pod-manifest-path"])
         .args(integration_tests::local_node_flags())
+        .args(["--enable-server=false", "--healthz-port=0", "-v=4", "--hostname-override", &name, "--pod-manifest-path"])
         .arg(&dir)
         .arg("--root-dir")
         .arg(base.join("root"))
