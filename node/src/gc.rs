@@ -139,7 +139,14 @@ impl GarbageCollector {
                 None => return 0,
             }
         };
-        let in_use: HashSet<String> = self.provider.list_containers().await.into_iter().map(|c| c.image_digest).collect();
+        // Which images are in use is unknown while the runtime cannot be asked: remove none.
+        let in_use: HashSet<String> = match self.provider.list_containers().await {
+            Ok(listed) => listed.into_iter().map(|c| c.image_digest).collect(),
+            Err(e) => {
+                warn!(error = %e, "image garbage collection skipped");
+                return 0;
+            }
+        };
         let images = self.provider.list_images().await;
         let victims = images_to_remove(images, &in_use, SystemTime::now(), self.policy.image_min_age, to_free);
         let mut freed = 0;
@@ -162,8 +169,13 @@ impl GarbageCollector {
 
     /// Container collection; `all`: run now whatever the period (disk pressure).
     async fn collect_containers(&self, _all: bool) -> u64 {
-        let containers = self.provider.list_containers().await;
-        let sandboxes: HashMap<String, SandboxConfig> = self.provider.list_pod_sandboxes().await.into_iter().map(|s| (s.pod_uid.clone(), s)).collect();
+        let (containers, sandboxes) = match (self.provider.list_containers().await, self.provider.list_pod_sandboxes().await) {
+            (Ok(c), Ok(s)) => (c, s.into_iter().map(|s| (s.pod_uid.clone(), s)).collect::<HashMap<String, SandboxConfig>>()),
+            (Err(e), _) | (_, Err(e)) => {
+                debug!(error = %e, "container garbage collection skipped");
+                return 0;
+            }
+        };
         let victims = dead_to_remove(&containers, &self.policy, SystemTime::now());
         let mut freed = 0;
         for c in victims {
@@ -184,7 +196,11 @@ impl GarbageCollector {
     async fn collect_pod_logs(&mut self) {
         let Some(pods) = &self.pods else { return };
         let mut known: HashSet<String> = pods.borrow().keys().cloned().collect();
-        known.extend(self.provider.list_pod_sandboxes().await.into_iter().map(|s| s.pod_uid));
+        // A pod the runtime may still hold is never collected on a guess.
+        match self.provider.list_pod_sandboxes().await {
+            Ok(sandboxes) => known.extend(sandboxes.into_iter().map(|s| s.pod_uid)),
+            Err(_) => return,
+        }
         let gone: Vec<String> = self.seen.difference(&known).cloned().collect();
         self.seen.extend(known);
         for uid in gone {
@@ -338,6 +354,7 @@ mod tests {
             image_digest: "d".into(),
             state: ContainerState::Exited { started_at: None, finished_at: at, exit_code: 1, reason: ExitReason::Error, message: None },
             usage: ContainerUsage::default(),
+            annotations: Default::default(),
         }
     }
 

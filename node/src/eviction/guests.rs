@@ -49,7 +49,7 @@ mod tests {
         } else {
             ContainerState::Exited { started_at: None, finished_at: SystemTime::UNIX_EPOCH, exit_code: 0, reason: provider_api::ExitReason::Completed, message: None }
         };
-        ContainerSummary { id: "c".into(), pod_uid: "u".into(), name: "c".into(), attempt: 0, image_digest: String::new(), state, usage: ContainerUsage { cpu_nanos: 0, memory_bytes } }
+        ContainerSummary { id: "c".into(), pod_uid: "u".into(), name: "c".into(), attempt: 0, image_digest: String::new(), state, usage: ContainerUsage { cpu_nanos: 0, memory_bytes }, annotations: Default::default() }
     }
 
     #[test]

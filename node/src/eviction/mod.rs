@@ -152,7 +152,10 @@ impl EvictionManager {
         let decision = self.tracker.observe(&self.thresholds, &observations, self.config.eviction_pressure_transition_period, Instant::now());
         self.publish(&decision.conditions);
 
-        let containers = self.provider.list_containers().await;
+        let Ok(containers) = self.provider.list_containers().await else {
+            // Nothing is known about what runs while the runtime cannot be asked.
+            return;
+        };
         let pods = self.links.pods.borrow().clone();
         let active = self.active_pods(&containers);
 
@@ -215,7 +218,7 @@ impl EvictionManager {
     /// The guest memory guard ([`guests`]): guests together over allocatable memory evict the
     /// worst offender (memory ranking, the hard grace period), one per check.
     async fn guard_guests(&mut self) {
-        let containers = self.provider.list_containers().await;
+        let Ok(containers) = self.provider.list_containers().await else { return };
         let total = guests::guest_total(&containers);
         if total == 0 {
             return;
@@ -248,7 +251,8 @@ impl EvictionManager {
         }
         let deadline = Instant::now() + grace + POD_CLEANUP_TIMEOUT;
         while Instant::now() < deadline {
-            let running = self.provider.list_containers().await.iter().any(|c| c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. }));
+            // While the runtime cannot be asked the containers count as running.
+            let running = self.provider.list_containers().await.map_or(true, |l| l.iter().any(|c| c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. })));
             if !running {
                 debug!(uid, "evicted pod's containers stopped");
                 return;

@@ -34,7 +34,15 @@ pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>,
         }
         let mut current = HashMap::new();
         let relist_started = tokio::time::Instant::now();
-        let listed = provider.list_containers().await;
+        let listed = match provider.list_containers().await {
+            Ok(listed) => listed,
+            // Nothing changed that anyone can know of; the relist after the runtime is back
+            // reports what did.
+            Err(e) => {
+                tracing::debug!(error = %e, "relist skipped");
+                continue;
+            }
+        };
         record_relist(&listed, relist_started.elapsed());
         for c in listed {
             let kind = state_kind(&c.state);

@@ -352,7 +352,10 @@ impl PodWorker {
 
     /// Reads the provider's view of this pod's containers.
     async fn refresh(&mut self) {
-        let listed = self.ctx.provider.list_containers().await;
+        let Ok(listed) = self.ctx.provider.list_containers().await else {
+            // What runs is unknown while the runtime cannot be asked: keep what was last seen.
+            return;
+        };
         let mut oom_killed = Vec::new();
         for summary in listed.into_iter().filter(|s| s.pod_uid == self.key.uid) {
             let Some(record) = self.containers.get_mut(&summary.name) else { continue };
@@ -653,6 +656,7 @@ impl PodWorker {
             network: super::ports::container_network(&self.pod, container, &self.ctx.node_ip),
             stdin: container.stdin.unwrap_or(false),
             stdin_once: container.stdin_once.unwrap_or(false),
+            annotations: Default::default(),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
         let id = match self.ctx.provider.create_container(&sandbox, config).await {

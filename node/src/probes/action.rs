@@ -618,8 +618,8 @@ pub(crate) mod tests {
         async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
             Err(ProviderError::NotFound(id.into()))
         }
-        async fn list_containers(&self) -> Vec<provider_api::ContainerSummary> {
-            Vec::new()
+        async fn list_containers(&self) -> Result<Vec<provider_api::ContainerSummary>, provider_api::ProviderError> {
+            Ok(Vec::new())
         }
     }
 }

@@ -460,7 +460,12 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
         .and(warp::get())
         .then(move || {
             let node = running_node.clone();
-            async move { json_response(&pods::running_pod_list(node.provider.as_ref(), &node.pods).await) }
+            async move {
+                match pods::running_pod_list(node.provider.as_ref(), &node.pods).await {
+                    Ok(list) => json_response(&list),
+                    Err(e) => StatusError { code: 503, reason: "ServiceUnavailable", message: e.to_string(), headers: http::HeaderMap::new() }.into_warp(),
+                }
+            }
         });
     let configz = warp::path!("configz").and(warp::get()).map(move || json_response(&node.configz));
     let summary_view = stats_view.clone();

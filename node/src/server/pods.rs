@@ -111,11 +111,11 @@ pub fn pod_list(view: &PodsView) -> Value {
 
 /// `/runningpods/`: pods with a running container, from the runtime, with the fields the
 /// kubelet fills (name, namespace, uid; each running container's name and image).
-pub async fn running_pod_list(provider: &dyn Provider, view: &PodsView) -> Value {
-    let sandboxes: HashMap<String, (String, String)> = provider.list_pod_sandboxes().await.into_iter().map(|s| (s.pod_uid, (s.namespace, s.name))).collect();
+pub async fn running_pod_list(provider: &dyn Provider, view: &PodsView) -> Result<Value, provider_api::ProviderError> {
+    let sandboxes: HashMap<String, (String, String)> = provider.list_pod_sandboxes().await?.into_iter().map(|s| (s.pod_uid, (s.namespace, s.name))).collect();
     let known = view.latest();
     let mut by_pod: BTreeMap<String, Vec<Container>> = BTreeMap::new();
-    let mut containers = provider.list_containers().await;
+    let mut containers = provider.list_containers().await?;
     containers.sort_by(|a, b| a.name.cmp(&b.name));
     for c in containers {
         if !matches!(c.state, ContainerState::Running { .. }) {
@@ -144,7 +144,7 @@ pub async fn running_pod_list(provider: &dyn Provider, view: &PodsView) -> Value
             serde_json::to_value(&pod).unwrap_or(Value::Null)
         })
         .collect();
-    json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items })
+    Ok(json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items }))
 }
 
 /// `/configz`: the effective configuration as `{"kubeletconfig": {...}}`, in the field names

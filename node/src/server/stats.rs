@@ -80,13 +80,15 @@ impl Sampler {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let snapshot = Arc::new(self.sample(previous.as_deref()).await);
+            // While the runtime cannot be asked, the last snapshot stays the latest.
+            let Some(snapshot) = self.sample(previous.as_deref()).await else { continue };
+            let snapshot = Arc::new(snapshot);
             self.tx.send_replace(Some(snapshot.clone()));
             previous = Some(snapshot);
         }
     }
 
-    async fn sample(&self, previous: Option<&Snapshot>) -> Snapshot {
+    async fn sample(&self, previous: Option<&Snapshot>) -> Option<Snapshot> {
         let time = SystemTime::now();
         let elapsed = previous.and_then(|p| time.duration_since(p.time).ok()).filter(|d| !d.is_zero());
         let rate = |now: u64, before: Option<u64>| -> Option<u64> {
@@ -97,8 +99,13 @@ impl Sampler {
             .map(|p| p.pods.iter().flat_map(|pod| pod.containers.iter().map(move |c| ((pod.uid.as_str(), c.name.as_str()), c.cpu_nanos))).collect())
             .unwrap_or_default();
 
-        let sandboxes = self.provider.list_pod_sandboxes().await;
-        let containers = self.provider.list_containers().await;
+        let (sandboxes, containers) = match (self.provider.list_pod_sandboxes().await, self.provider.list_containers().await) {
+            (Ok(s), Ok(c)) => (s, c),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "stats sample skipped");
+                return None;
+            }
+        };
         let mut pods = Vec::new();
         for sandbox in sandboxes {
             // The latest attempt of each container, running or not (its CPU time is cumulative
@@ -132,7 +139,7 @@ impl Sampler {
         let node_cpu_nanos = node_cpu_nanos();
         let capacity = machine::capacity(&self.root_dir).ok();
         let available = machine::available(&self.root_dir).ok();
-        Snapshot {
+        Some(Snapshot {
             time,
             node_cpu_nanos,
             node_nano_cores: rate(node_cpu_nanos, previous.map(|p| p.node_cpu_nanos)),
@@ -144,7 +151,7 @@ impl Sampler {
             fs_inodes_free: available.map_or(0, |a| a.nodefs_inodes),
             image_fs_used: self.provider.image_fs().await.map(|i| (i.used_bytes, i.inodes_used)),
             pods,
-        }
+        })
     }
 }
 

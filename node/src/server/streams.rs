@@ -199,7 +199,7 @@ async fn pod_uid(ctx: &StreamContext, namespace: &str, pod: &str, given: Option<
 
 /// The id of the running instance of `container` in pod `uid`.
 async fn running_container(ctx: &StreamContext, uid: &str, container: &str) -> Result<String, StatusError> {
-    let containers = ctx.provider.list_containers().await;
+    let containers = ctx.provider.list_containers().await.map_err(|e| StatusError { code: 503, reason: "ServiceUnavailable", message: e.to_string(), headers: http::HeaderMap::new() })?;
     let mut of_pod = containers.into_iter().filter(|c| c.pod_uid == uid && c.name == container).collect::<Vec<_>>();
     if of_pod.is_empty() {
         return Err(StatusError::not_found(format!("container {container} not found in the pod")));

@@ -11,6 +11,7 @@
 //! relists ([`Provider::list_containers`]), and exec ([`Provider::exec`] streaming through an
 //! [`ExecIo`], [`Provider::exec_sync`] for probes and hooks).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -18,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What a provider runs, reported on the Node as `status.nodeInfo.containerRuntimeVersion`
 /// in the CRI's `<name>://<version>` form.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeInfo {
     /// A short lowercase name, e.g. `wasmtime`.
     pub name: String,
@@ -37,7 +39,7 @@ impl fmt::Display for RuntimeInfo {
 }
 
 /// Whether a provider can run pods right now. The node's Ready condition follows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RuntimeStatus {
     /// The runtime works.
     Ready,
@@ -46,7 +48,7 @@ pub enum RuntimeStatus {
 }
 
 /// Credentials for one registry, from a pod's `imagePullSecrets` (dockerconfigjson).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryAuth {
     /// Registry host[:port] the credentials are for, e.g. `127.0.0.1:5443`.
     pub registry: String,
@@ -62,7 +64,7 @@ impl fmt::Debug for RegistryAuth {
 }
 
 /// An image the provider holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageInfo {
     /// The reference it was pulled by, e.g. `127.0.0.1:5000/hello:v1`.
     pub reference: String,
@@ -73,7 +75,7 @@ pub struct ImageInfo {
 }
 
 /// An image as image garbage collection sees it ([`Provider::list_images`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     /// The reference it was pulled by; what [`Provider::remove_image`] takes.
     pub reference: String,
@@ -86,7 +88,7 @@ pub struct ImageRecord {
 }
 
 /// Where a provider keeps images, and how much they take.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageFsInfo {
     /// A directory on the image filesystem (statvfs of it gives capacity and free space).
     pub path: PathBuf,
@@ -97,7 +99,7 @@ pub struct ImageFsInfo {
 }
 
 /// Where a pod's sandbox lives; created by the node before any container starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxConfig {
     pub pod_uid: String,
     pub namespace: String,
@@ -107,7 +109,7 @@ pub struct SandboxConfig {
 }
 
 /// A directory made visible to a container (one per volumeMount).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
     /// The directory on the host.
     pub host_path: PathBuf,
@@ -118,7 +120,7 @@ pub struct Mount {
 
 /// Everything a provider needs to create one container. The node has already resolved
 /// environment references and `$(VAR)` expansion.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerConfig {
     pub name: String,
     /// The image reference the pod names; it must have been pulled.
@@ -151,12 +153,17 @@ pub struct ContainerConfig {
     pub stdin: bool,
     /// `stdinOnce: true`: the pipe closes when the first attached client closes its stdin.
     pub stdin_once: bool,
+    /// What the node needs to know about this run when it finds the container again after its
+    /// own restart (the spec hash, the termination-message file), as the kubelet keeps in CRI
+    /// annotations. The provider stores them and lists them; it never reads them.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A container's network, in the node's model: the pod IP is the node IP, a container may
 /// listen only on its declared ports, and outgoing connections follow the pod's policy. The
 /// default (no IP, no ports, any destination) is what a container that declares nothing gets.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerNetwork {
     /// Where the container's ports are served (the node IP); `None`: nowhere.
     pub pod_ip: Option<std::net::IpAddr>,
@@ -170,14 +177,14 @@ pub struct ContainerNetwork {
 }
 
 /// One declared `containerPort`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
     pub port: u16,
     pub protocol: Protocol,
 }
 
 /// A port's protocol (`ports[].protocol`, default TCP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -185,7 +192,7 @@ pub enum Protocol {
 }
 
 /// Which destinations a pod's outgoing connections may reach.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutboundPolicy {
     /// Anywhere (the default when the pod sets no policy).
     #[default]
@@ -195,7 +202,7 @@ pub enum OutboundPolicy {
 }
 
 /// One allowed destination: a host name or IP address, and a port or any port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowedHost {
     /// Lower case; an IPv6 address without brackets.
     pub host: String,
@@ -216,7 +223,7 @@ impl OutboundPolicy {
 }
 
 /// A container's state as the runtime sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
     Created,
     Running { started_at: SystemTime },
@@ -224,7 +231,7 @@ pub enum ContainerState {
 }
 
 /// Why a container stopped, in the words `status.containerStatuses[].state.terminated.reason` uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitReason {
     /// Exit code 0.
     Completed,
@@ -249,7 +256,7 @@ impl ExitReason {
 }
 
 /// What a container has used, measured by the runtime (not estimated).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerUsage {
     /// CPU time spent running the container's instances (and its execs), cumulative.
     pub cpu_nanos: u64,
@@ -258,7 +265,7 @@ pub struct ContainerUsage {
 }
 
 /// One container as listed by [`Provider::list_containers`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSummary {
     pub id: String,
     pub pod_uid: String,
@@ -267,6 +274,9 @@ pub struct ContainerSummary {
     pub image_digest: String,
     pub state: ContainerState,
     pub usage: ContainerUsage,
+    /// [`ContainerConfig::annotations`] as the container was created with.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The streams of one [`Provider::exec`]: where the command's stdin comes from and where its
@@ -308,7 +318,7 @@ impl fmt::Debug for AttachIo {
 pub const EXEC_SYNC_OUTPUT_LIMIT: usize = 16 * 1024;
 
 /// Errors a provider reports. Each variant says whether retrying can help.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ProviderError {
     /// The runtime could not be set up (bad engine settings, missing host support).
     /// Not retryable: the configuration has to change.
@@ -342,6 +352,10 @@ pub enum ProviderError {
     /// An exec ran out of its time and was interrupted. Retryable (a probe counts a failure).
     #[error("{0}")]
     Timeout(String),
+    /// The runtime cannot be reached (its process is down or restarting). Retryable: nothing
+    /// is known about the runtime's containers until it answers again.
+    #[error("container runtime unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// An error and its sources on one line, `: `-joined (a source already quoted by its parent is
@@ -393,12 +407,14 @@ pub trait Provider: Send + Sync + 'static {
     /// Forgets an exited container.
     async fn remove_container(&self, container_id: &str) -> Result<(), ProviderError>;
 
-    /// Every container the provider holds, in every state.
-    async fn list_containers(&self) -> Vec<ContainerSummary>;
+    /// Every container the provider holds, in every state. An error means the runtime could
+    /// not be asked (never "no containers"): callers skip their pass rather than act on it.
+    async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError>;
 
-    /// Every pod sandbox the provider holds (stats name pods by them).
-    async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
-        Vec::new()
+    /// Every pod sandbox the provider holds (stats name pods by them); errors as
+    /// [`Provider::list_containers`].
+    async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {
+        Ok(Vec::new())
     }
 
     /// The image filesystem; `None` when the provider keeps no images on disk.
@@ -545,8 +561,8 @@ mod tests {
         async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
             Err(ProviderError::NotFound(id.into()))
         }
-        async fn list_containers(&self) -> Vec<ContainerSummary> {
-            Vec::new()
+        async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
+            Ok(Vec::new())
         }
         async fn exec(&self, _: &str, command: Vec<String>, mut io: ExecIo) -> Result<i32, ProviderError> {
             use tokio::io::AsyncWriteExt;

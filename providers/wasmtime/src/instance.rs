@@ -395,6 +395,7 @@ mod tests {
             network: Default::default(),
             stdin: false,
             stdin_once: false,
+            annotations: Default::default(),
         }
     }
 

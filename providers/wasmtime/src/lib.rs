@@ -396,16 +396,26 @@ impl Provider for WasmtimeProvider {
         Ok(())
     }
 
-    async fn list_containers(&self) -> Vec<ContainerSummary> {
-        self.state()
+    async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
+        Ok(self
+            .state()
             .containers
             .iter()
-            .map(|(id, c)| ContainerSummary { id: id.clone(), pod_uid: c.pod_uid.clone(), name: c.config.name.clone(), attempt: c.config.attempt, image_digest: c.image_digest.clone(), state: c.phase.state(), usage: c.meter.usage() })
-            .collect()
+            .map(|(id, c)| ContainerSummary {
+                id: id.clone(),
+                pod_uid: c.pod_uid.clone(),
+                name: c.config.name.clone(),
+                attempt: c.config.attempt,
+                image_digest: c.image_digest.clone(),
+                state: c.phase.state(),
+                usage: c.meter.usage(),
+                annotations: c.config.annotations.clone(),
+            })
+            .collect())
     }
 
-    async fn list_pod_sandboxes(&self) -> Vec<SandboxConfig> {
-        self.state().sandboxes.values().cloned().collect()
+    async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {
+        Ok(self.state().sandboxes.values().cloned().collect())
     }
 
     async fn image_fs(&self) -> Option<provider_api::ImageFsInfo> {

@@ -51,11 +51,12 @@ fn config(root: &Path, name: &str) -> ContainerConfig {
         network: Default::default(),
         stdin: false,
         stdin_once: false,
+        annotations: Default::default(),
     }
 }
 
 async fn state_of(provider: &WasmtimeProvider, id: &str) -> ContainerState {
-    provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().state
+    provider.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().state
 }
 
 /// Waits (up to 10 s) for the container to exit; returns exit code, reason, message.
@@ -203,7 +204,7 @@ async fn a_busy_loop_is_killed_after_the_grace_period() {
     // Stopping again is a no-op; removing forgets it.
     provider.stop_container(&id, Duration::ZERO).await.unwrap();
     provider.remove_container(&id).await.unwrap();
-    assert!(provider.list_containers().await.is_empty());
+    assert!(provider.list_containers().await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -212,7 +213,7 @@ async fn usage_is_measured_cpu_while_busy_memory_while_alive() {
     let provider = provider_with(&root.0, BUSY).await;
     let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
     provider.start_container(&id).await.unwrap();
-    let usage = || async { provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().usage };
+    let usage = || async { provider.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().usage };
     // Wait (not sleep-and-hope) for the spinning guest to accumulate 100 ms of CPU time.
     let deadline = Instant::now() + Duration::from_secs(10);
     while usage().await.cpu_nanos < 100_000_000 {
@@ -251,7 +252,7 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
     provider.start_container(&free).await.unwrap();
     let cpu = |id: String| {
         let provider = &provider;
-        async move { provider.list_containers().await.into_iter().find(|c| c.id == id).unwrap().usage.cpu_nanos }
+        async move { provider.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().usage.cpu_nanos }
     };
     let (l0, f0, t0) = (cpu(limited.clone()).await, cpu(free.clone()).await, Instant::now());
     // The measurement window: wall time has to pass. A native thread spins through it, to
@@ -306,7 +307,7 @@ fn requests_weight_the_cpu_under_contention() {
             provider.start_container(&id).await.unwrap();
             ids.push(id);
         }
-        let cpu = || async { provider.list_containers().await.into_iter().map(|c| (c.id, c.usage.cpu_nanos)).collect::<std::collections::HashMap<_, _>>() };
+        let cpu = || async { provider.list_containers().await.unwrap().into_iter().map(|c| (c.id, c.usage.cpu_nanos)).collect::<std::collections::HashMap<_, _>>() };
         // Let every loop start, then measure over a window (wall time has to pass).
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (before, t0) = (cpu().await, Instant::now());
@@ -330,7 +331,7 @@ async fn a_busy_loop_does_not_starve_a_single_threaded_runtime() {
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert!(started.elapsed() < Duration::from_millis(500));
     provider.remove_pod_sandbox(POD, Duration::from_millis(20)).await.unwrap();
-    assert!(provider.list_containers().await.is_empty());
+    assert!(provider.list_containers().await.unwrap().is_empty());
 }
 
 #[tokio::test]
