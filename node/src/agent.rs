@@ -94,7 +94,9 @@ fn build_client(kube_config: kube::Config) -> Result<kube::Client, String> {
 
 /// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`] for its
 /// tasks to finish.
-pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: CancellationToken) -> Result<(), AgentError> {
+/// `runtime`: who answers for the provider when it is a runtime process apart from the agent
+/// (`None` while it cannot be reached); its changes are Node Events and wake the node status.
+pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<watch::Receiver<Option<provider_remote::RuntimeIdentity>>>, shutdown: CancellationToken) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.root_dir)
         .map_err(|source| AgentError::RootDir { path: config.root_dir.display().to_string(), source })?;
     let config = Arc::new(config);
@@ -123,7 +125,10 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             // The eviction manager owns the pressure conditions; node status reports them.
             let (pressure_tx, pressure_rx) = watch::channel(crate::eviction::Pressure::default());
             if config.register_node {
-                let manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx).with_pressure(pressure_rx);
+                let mut manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx).with_pressure(pressure_rx);
+                if let Some(runtime) = &runtime {
+                    manager = manager.with_runtime_changes(runtime.clone());
+                }
                 tasks.spawn(manager.run(shutdown.clone()));
             } else {
                 warn!("--register-node=false: not registering or updating the Node; the lease follows a Node someone else registered");
@@ -136,6 +141,9 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, shutdown: Cancella
             let (status_manager, status) = StatusManager::new(client.clone());
             tasks.spawn(status_manager.run(shutdown.clone()));
             let events = EventSink::start(client.clone(), &config.node_name);
+            if let Some(runtime) = runtime {
+                tasks.spawn(crate::runtime::report(runtime, events.clone(), config.node_name.clone(), shutdown.clone()));
+            }
             let ctx = worker_context(&config, &provider, Some(client.clone()), status.clone(), events.clone(), pods_view.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();

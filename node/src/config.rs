@@ -151,6 +151,16 @@ pub struct Flags {
     /// Run the static pods once, then exit.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub runonce: Option<String>,
+    /// Where the Wasm guests run: `spawn` (a runtime process apart from the agent, started by
+    /// the agent when none answers on --wasm-runtime-endpoint; it outlives agent restarts),
+    /// `external` (such a process started by the host, e.g. its own systemd unit; the agent
+    /// waits for it) or `in-agent` (inside the agent: every agent restart stops every pod;
+    /// what --runonce uses) (wasm-kubelet's own flag) [default: spawn].
+    #[arg(long, value_name = "MODE")]
+    pub wasm_runtime: Option<String>,
+    /// The Unix socket the Wasm runtime serves the agent on [default: <root-dir>/runtime/wasm-runtime.sock].
+    #[arg(long, value_name = "PATH")]
+    pub wasm_runtime_endpoint: Option<PathBuf>,
     /// Serve the kubelet API [default: true].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub enable_server: Option<String>,
@@ -384,6 +394,17 @@ struct AuthorizationFile {
     mode: Option<String>,
 }
 
+/// Where the Wasm guests run (`--wasm-runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmRuntimeMode {
+    /// A runtime process apart from the agent, started by the agent when none answers.
+    Spawn,
+    /// A runtime process started by the host; the agent only connects to it.
+    External,
+    /// Inside the agent process.
+    InAgent,
+}
+
 /// How the kubelet API authorizes a request (`--authorization-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthorizationMode {
@@ -524,6 +545,10 @@ pub struct Config {
     pub http_check_frequency: Duration,
     pub sync_frequency: Duration,
     pub runonce: bool,
+    /// `--wasm-runtime` (`InAgent` whenever `--runonce` is set: nothing outlives a run-once agent).
+    pub wasm_runtime: WasmRuntimeMode,
+    /// `--wasm-runtime-endpoint`.
+    pub wasm_runtime_endpoint: PathBuf,
     pub enable_server: bool,
     pub port: u16,
     pub healthz_port: u16,
@@ -806,6 +831,17 @@ impl Config {
             Some(v) => parse_bool("--runonce", &v)?,
             None => false,
         };
+        let wasm_runtime = match flags.wasm_runtime.as_deref() {
+            _ if runonce => WasmRuntimeMode::InAgent,
+            None | Some("spawn") => WasmRuntimeMode::Spawn,
+            Some("external") => WasmRuntimeMode::External,
+            Some("in-agent") => WasmRuntimeMode::InAgent,
+            Some(other) => return Err(invalid("--wasm-runtime", other, "want spawn, external or in-agent")),
+        };
+        let wasm_runtime_endpoint = flags.wasm_runtime_endpoint.unwrap_or_else(|| root_dir.join("runtime").join("wasm-runtime.sock"));
+        if !wasm_runtime_endpoint.is_absolute() {
+            return Err(invalid("--wasm-runtime-endpoint", wasm_runtime_endpoint.display(), "must be an absolute path"));
+        }
 
         let enable_server = match flags.enable_server {
             Some(v) => parse_bool("--enable-server", &v)?,
@@ -997,6 +1033,8 @@ impl Config {
             http_check_frequency,
             sync_frequency,
             runonce,
+            wasm_runtime,
+            wasm_runtime_endpoint,
             enable_server,
             port,
             healthz_port,

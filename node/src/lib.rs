@@ -16,10 +16,12 @@
 //! - [`certificates`]: TLS bootstrap and rotation of the client and serving certificates;
 //! - [`server`]: the kubelet API (HTTPS, authenticated and authorized): logs, exec, attach,
 //!   port-forward, `/run`, stats, metrics, `/pods`, `/runningpods/`, `/configz`;
-//! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them.
+//! - [`streaming`]: exec, attach and port-forward over SPDY/3.1, as the apiserver proxies them;
+//! - [`runtime`]: the Wasm runtime process the guests live in, apart from the agent: started,
+//!   adopted and supervised by the agent, reached through provider-remote.
 //!
 //! Pods reach a runtime only through the `provider-api` seam; this crate never names wasmtime
-//! (`main.rs` picks the provider).
+//! (`main.rs` picks the provider: in the agent, or a runtime process through provider-remote).
 
 pub mod agent;
 mod backoff;
@@ -35,5 +37,6 @@ pub mod node_status;
 pub mod pods;
 pub mod probes;
 pub mod quantity;
+pub mod runtime;
 pub mod streaming;
 pub mod server;

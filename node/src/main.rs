@@ -1,15 +1,24 @@
 //! The `wasm-kubelet` binary: parse and check the configuration (one line and exit 2 when it is
 //! wrong, before anything starts), start tracing, run the agent, drain on SIGTERM/SIGINT.
+//!
+//! `wasm-kubelet runtime <flags>` runs the Wasm runtime instead: the process the guests live in,
+//! serving the agent on `--wasm-runtime-endpoint` (see `wasm_kubelet::runtime`). It takes the
+//! agent's flags (the agent starts it with its own) and uses those that shape the runtime.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use wasm_kubelet::config::{Config, ConfigError};
+use wasm_kubelet::config::{Config, ConfigError, WasmRuntimeMode};
 
 fn main() -> ExitCode {
-    let config = match Config::load(std::env::args_os()) {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let runtime_mode = argv.get(1).is_some_and(|a| a == "runtime");
+    if runtime_mode {
+        argv.remove(1);
+    }
+    let config = match Config::load(argv.clone()) {
         Ok(config) => config,
         Err(ConfigError::HelpRequested(text)) => {
             print!("{text}");
@@ -71,10 +80,22 @@ fn main() -> ExitCode {
         // Installed before anything else runs (not inside the spawned task, which may not have
         // run yet): a SIGTERM during start-up is then a clean shutdown, never the default action.
         let signals = install_signal_handlers();
-        let provider = provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), provider_options)?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(signals, shutdown.clone()));
-        wasm_kubelet::agent::run(config, Arc::new(provider), shutdown).await?;
+        if runtime_mode {
+            return serve_runtime(&config, provider_options, shutdown).await;
+        }
+        let (provider, remote): (Arc<dyn provider_api::Provider>, _) = match config.wasm_runtime {
+            WasmRuntimeMode::InAgent => (Arc::new(provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), provider_options)?), None),
+            WasmRuntimeMode::Spawn | WasmRuntimeMode::External => match wasm_kubelet::runtime::connect(&config, &argv, &shutdown).await? {
+                Some(remote) => (remote.clone(), Some(remote)),
+                None => return anyhow::Ok(()),
+            },
+        };
+        if let Some(remote) = &remote {
+            tokio::spawn(wasm_kubelet::runtime::supervise(Arc::new(config.clone()), argv, remote.clone(), shutdown.clone()));
+        }
+        wasm_kubelet::agent::run(config, provider, remote.map(|r| r.identity()), shutdown).await?;
         anyhow::Ok(())
     });
     // Do not wait for stray blocking work (an API call in flight) beyond the agent's own grace.
@@ -108,4 +129,36 @@ async fn on_signal(signals: Option<(tokio::signal::unix::Signal, tokio::signal::
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+/// The runtime mode: one runtime per root dir (a lock), in its own memory cgroup, serving the
+/// provider on the endpoint until SIGTERM/SIGINT. Its guests end with it.
+async fn serve_runtime(config: &Config, options: provider_wasmtime::ProviderOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use wasm_kubelet::runtime;
+    let dir = runtime::lock_file(config).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(runtime::lock_file(config)).with_context(|| format!("opening {}", runtime::lock_file(config).display()))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(runtime::pid_file(config)).unwrap_or_default();
+        anyhow::bail!("another Wasm runtime (pid {}) serves {}", holder.trim(), config.root_dir.display());
+    }
+    std::fs::write(runtime::pid_file(config), std::process::id().to_string()).with_context(|| format!("writing {}", runtime::pid_file(config).display()))?;
+    // The kernel's line behind the guests' own limits: all guests plus the runtime's overhead.
+    if let Some(guests) = options.node_memory_ceiling {
+        let limit = guests.saturating_add(runtime::cgroup::RUNTIME_OVERHEAD);
+        match runtime::cgroup::place_self(&runtime::cgroup::name_for(&config.root_dir), limit) {
+            Ok(placed) => tracing::info!(cgroup = %placed.dir.display(), limit_bytes = placed.limit, "runtime in its own memory cgroup"),
+            Err(e) => tracing::warn!(error = %e, "the runtime runs without a memory cgroup of its own; give it one (systemd MemoryMax=) so guests cannot take the agent's memory"),
+        }
+    }
+    let provider = provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), options)?;
+    let listener = provider_remote::bind(&config.wasm_runtime_endpoint).with_context(|| format!("binding {}", config.wasm_runtime_endpoint.display()))?;
+    tracing::info!(socket = %config.wasm_runtime_endpoint.display(), pid = std::process::id(), "Wasm runtime serving");
+    provider_remote::serve(listener, Arc::new(provider), shutdown).await;
+    let _ = std::fs::remove_file(&config.wasm_runtime_endpoint);
+    let _ = std::fs::remove_file(runtime::pid_file(config));
+    drop(lock);
+    tracing::info!("Wasm runtime stopped; its guests ended with it");
+    Ok(())
 }

@@ -68,6 +68,9 @@ pub struct NodeStatusManager {
     last_write: Option<Instant>,
     /// The pressure conditions, as the eviction manager (their one owner) decides them.
     pressure: watch::Receiver<crate::eviction::Pressure>,
+    /// Changes of the runtime process answering (down, back, another one): the Ready
+    /// condition follows them at once, not at the next interval.
+    runtime_changes: Option<watch::Receiver<Option<provider_remote::RuntimeIdentity>>>,
 }
 
 impl NodeStatusManager {
@@ -79,12 +82,18 @@ impl NodeStatusManager {
         node_ref: watch::Sender<Option<NodeRef>>,
     ) -> Self {
         let pressure = watch::channel(crate::eviction::Pressure::default()).1;
-        Self { api: Api::all(client), config, provider, host: machine::host_info(), node_ref, last_write: None, pressure }
+        Self { api: Api::all(client), config, provider, host: machine::host_info(), node_ref, last_write: None, pressure, runtime_changes: None }
     }
 
     /// Reports the pressure conditions `pressure` carries (without it, none).
     pub fn with_pressure(mut self, pressure: watch::Receiver<crate::eviction::Pressure>) -> Self {
         self.pressure = pressure;
+        self
+    }
+
+    /// Writes the status again whenever `changes` does (the runtime process went or came back).
+    pub fn with_runtime_changes(mut self, changes: watch::Receiver<Option<provider_remote::RuntimeIdentity>>) -> Self {
+        self.runtime_changes = Some(changes);
         self
     }
 
@@ -106,9 +115,20 @@ impl NodeStatusManager {
                     wait
                 }
             };
+            let runtime_changed = async {
+                match self.runtime_changes.as_mut() {
+                    Some(changes) => {
+                        if changes.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                _ = runtime_changed => {}
             }
         }
     }

@@ -103,6 +103,8 @@ struct ContainerRecord {
     termination_file: Option<TerminationFile>,
     log_path: Option<PathBuf>,
     fallback_to_logs: bool,
+    /// Known only from the pod's status after an agent restart: not yet seen in the runtime.
+    adopting: bool,
 }
 
 /// A run's termination-message file: `name` in the host directory `dir` that the container
@@ -168,19 +170,12 @@ impl PodWorker {
                 ..Default::default()
             };
             if let Some(running) = &state.running {
-                // Instances live in the agent's process: one that was running when a previous
-                // agent stopped is gone. Say so as the kubelet does for a vanished container,
-                // and let the restart policy decide, without crash-loop backoff.
-                record.last_terminated = Some(ContainerStateTerminated {
-                    container_id: cs.container_id.clone(),
-                    exit_code: 137,
-                    reason: Some("ContainerStatusUnknown".into()),
-                    message: Some("The container could not be located when the node agent restarted".into()),
-                    started_at: running.started_at.clone(),
-                    finished_at: Some(Time(Utc::now())),
-                    signal: None,
-                });
-                record.retry_at = Some(Instant::now());
+                // Running when a previous agent stopped: the runtime process may still run it.
+                // The first refresh adopts it, or finds it gone (see `refresh`).
+                let started = running.started_at.as_ref().map_or_else(SystemTime::now, |t| SystemTime::from(t.0));
+                record.id = cs.container_id.as_deref().and_then(|id| id.strip_prefix("wasm://")).map(str::to_string);
+                record.current = Some(ContainerState::Running { started_at: started });
+                record.adopting = true;
             }
             containers.insert(cs.name.clone(), record);
         }
@@ -356,8 +351,10 @@ impl PodWorker {
             // What runs is unknown while the runtime cannot be asked: keep what was last seen.
             return;
         };
+        let listed: Vec<_> = listed.into_iter().filter(|s| s.pod_uid == self.key.uid).collect();
+        self.adopt_or_lose(&listed);
         let mut oom_killed = Vec::new();
-        for summary in listed.into_iter().filter(|s| s.pod_uid == self.key.uid) {
+        for summary in listed {
             let Some(record) = self.containers.get_mut(&summary.name) else { continue };
             if record.id.as_deref() != Some(summary.id.as_str()) {
                 continue;
@@ -387,6 +384,66 @@ impl PodWorker {
             let detail = detail.unwrap_or_else(|| "memory limit exceeded".into());
             self.ctx.events.warning(&self.container_ref(&name), "OOMKilling", format!("Container {name} was OOM-killed: {detail}"));
         }
+    }
+
+    /// Matches the containers the runtime lists for this pod (`listed`) with the records: one
+    /// known only from the pod's status (an agent restart) is adopted as it runs, with what the
+    /// run was started with; one the runtime no longer holds (the runtime restarted, or the
+    /// agent ran the guests in its own process) is lost, reported as the kubelet reports a
+    /// container that vanished, and the restart policy decides, without crash-loop backoff.
+    fn adopt_or_lose(&mut self, listed: &[provider_api::ContainerSummary]) {
+        let (init, app) = self.spec_containers();
+        let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
+        let log_dir = self.log_dir();
+        for (name, record) in self.containers.iter_mut() {
+            let live = matches!(record.current, Some(ContainerState::Running { .. } | ContainerState::Created));
+            let Some(id) = record.id.clone().filter(|_| live) else { continue };
+            match listed.iter().find(|s| s.id == id) {
+                Some(summary) if record.adopting => {
+                    record.adopting = false;
+                    let attempt = summary.attempt;
+                    let spec = init.iter().chain(app.iter()).find(|c| &c.name == name);
+                    record.spec_hash = summary.annotations.get(SPEC_HASH_ANNOTATION).and_then(|h| h.parse().ok()).unwrap_or_else(|| spec.map_or(0, spec_hash));
+                    record.termination_file = spec.and_then(|c| termination_file(&pod_dir, c, attempt));
+                    record.fallback_to_logs = spec.is_some_and(|c| c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"));
+                    record.log_path = Some(log_dir.join(name).join(format!("{attempt}.log")));
+                    if let ContainerState::Running { started_at } = summary.state {
+                        // The crash-loop backoff resets after a long run, counted from the real start.
+                        let ran = SystemTime::now().duration_since(started_at).unwrap_or_default();
+                        record.started_at = Instant::now().checked_sub(ran).or(Some(Instant::now()));
+                    }
+                    info!(container = %name, id, attempt, "container adopted from the runtime");
+                }
+                Some(_) => {}
+                None => {
+                    record.adopting = false;
+                    let started_at = match record.current {
+                        Some(ContainerState::Running { started_at }) => Some(Time(DateTime::<Utc>::from(started_at))),
+                        _ => None,
+                    };
+                    warn!(container = %name, id, "container not found in the runtime");
+                    record.last_terminated = Some(ContainerStateTerminated {
+                        container_id: Some(format!("wasm://{id}")),
+                        exit_code: 137,
+                        reason: Some("ContainerStatusUnknown".into()),
+                        message: Some("The container could not be located when the node agent or its container runtime restarted".into()),
+                        started_at,
+                        finished_at: Some(Time(Utc::now())),
+                        signal: None,
+                    });
+                    record.id = None;
+                    record.current = None;
+                    record.retry_at = Some(Instant::now());
+                    // The runtime lost the pod's sandbox with it.
+                    self.sandbox = None;
+                }
+            }
+        }
+    }
+
+    /// The pod's log directory, `<pod logs dir>/<namespace>_<name>_<uid>`.
+    fn log_dir(&self) -> PathBuf {
+        self.ctx.pod_logs_dir.join(format!("{}_{}_{}", self.key.namespace, self.key.name, self.key.uid))
     }
 
     /// Starts what should run. Returns the earliest retry instant, if any.
@@ -599,7 +656,7 @@ impl PodWorker {
         let args: Vec<String> = container.args.iter().flatten().map(|s| env::expand(s, &env)).collect();
 
         let attempt = self.containers[&name].attempts;
-        let log_dir = self.ctx.pod_logs_dir.join(format!("{}_{}_{}", self.key.namespace, pod_name, uid)).join(&name);
+        let log_dir = self.log_dir().join(&name);
         if let Err(e) = std::fs::create_dir_all(&log_dir) {
             return self.wait_and_retry(&name, "CreateContainerError", format!("creating log directory {}: {e}", log_dir.display()));
         }
@@ -613,28 +670,24 @@ impl PodWorker {
         };
         // terminationMessagePath: the file's directory is given to the container, so whatever it
         // writes there becomes the termination message.
-        let message_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
-        let termination_file = match std::path::Path::new(&message_path).parent().zip(std::path::Path::new(&message_path).file_name()) {
-            Some((guest_dir, file)) if message_path.starts_with('/') => {
-                // Made beneath the pod's directory, and the file made fresh: a directory left by
-                // an earlier agent (same attempt number) may hold a guest's symlink by that name.
-                let pod_dir = self.ctx.pods_dir.join(&uid);
-                let rel = std::path::Path::new("containers").join(&name).join(attempt.to_string());
-                let host_dir = pod_dir.join(&rel);
-                let made = std::fs::create_dir_all(&pod_dir)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| super::beneath::create_dir_all(&pod_dir, &rel, 0o755).map_err(|e| e.to_string()))
-                    .and_then(|_| super::beneath::create_empty_file(&host_dir, file, 0o666).map_err(|e| e.to_string()));
-                if let Err(e) = made {
-                    return self.wait_and_retry(&name, "CreateContainerError", format!("creating the termination message file: {e}"));
-                }
-                if !mounts.iter().any(|m| std::path::Path::new(&m.container_path) == guest_dir) {
-                    mounts.push(Mount { host_path: host_dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
-                }
-                Some(TerminationFile { dir: host_dir, name: file.to_os_string(), guest_path: message_path.clone() })
+        let pod_dir = self.ctx.pods_dir.join(&uid);
+        let termination_file = termination_file(&pod_dir, container, attempt);
+        if let Some(file) = &termination_file {
+            // Made beneath the pod's directory, and the file made fresh: a directory left by
+            // an earlier agent (same attempt number) may hold a guest's symlink by that name.
+            let rel = file.dir.strip_prefix(&pod_dir).unwrap_or(&file.dir).to_path_buf();
+            let made = std::fs::create_dir_all(&pod_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| super::beneath::create_dir_all(&pod_dir, &rel, 0o755).map_err(|e| e.to_string()))
+                .and_then(|_| super::beneath::create_empty_file(&file.dir, &file.name, 0o666).map_err(|e| e.to_string()));
+            if let Err(e) = made {
+                return self.wait_and_retry(&name, "CreateContainerError", format!("creating the termination message file: {e}"));
             }
-            _ => None,
-        };
+            let guest_dir = std::path::Path::new(&file.guest_path).parent().unwrap_or(std::path::Path::new("/"));
+            if !mounts.iter().any(|m| std::path::Path::new(&m.container_path) == guest_dir) {
+                mounts.push(Mount { host_path: file.dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
+            }
+        }
         let log_path = log_dir.join(format!("{attempt}.log"));
         let (cpu_limit_millicores, cpu_request_millicores) = match resources::cpu_limit(container).and_then(|l| Ok((l, resources::container_requests(container)?))) {
             Ok((limit, requests)) => (limit, Some(requests.milli_cpu).filter(|m| *m > 0)),
@@ -656,7 +709,7 @@ impl PodWorker {
             network: super::ports::container_network(&self.pod, container, &self.ctx.node_ip),
             stdin: container.stdin.unwrap_or(false),
             stdin_once: container.stdin_once.unwrap_or(false),
-            annotations: Default::default(),
+            annotations: BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), spec_hash(container).to_string())]),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
         let id = match self.ctx.provider.create_container(&sandbox, config).await {
@@ -1101,11 +1154,28 @@ fn log_tail(cri_log: &str, lines: usize, bytes: usize) -> String {
 }
 
 /// A hash of what defines a container, to notice a changed spec.
+/// Where run `attempt` of `container` finds its terminationMessagePath on the host: the file's
+/// name in `<pod dir>/containers/<name>/<attempt>/`, which the container sees as the path's
+/// parent. `None` for a path that is not absolute or names no file.
+fn termination_file(pod_dir: &std::path::Path, container: &Container, attempt: u32) -> Option<TerminationFile> {
+    let guest_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
+    let path = std::path::Path::new(&guest_path);
+    let (_, file) = path.parent().zip(path.file_name()).filter(|_| guest_path.starts_with('/'))?;
+    let dir = pod_dir.join("containers").join(&container.name).join(attempt.to_string());
+    Some(TerminationFile { dir, name: file.to_os_string(), guest_path })
+}
+
+/// Where the spec hash a container was started with is kept in the runtime, so an agent that
+/// adopts the container after a restart still sees a definition change.
+const SPEC_HASH_ANNOTATION: &str = "wasm-kubelet.io/spec-hash";
+
+/// A hash of the container's definition, stable across agent builds (SHA-256 of its JSON, not
+/// std's hasher, whose output may change with the toolchain): an upgraded agent that adopts a
+/// running container must not see a changed definition where there is none.
 fn spec_hash(c: &Container) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(c).unwrap_or_default().hash(&mut h);
-    h.finish().max(1)
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(serde_json::to_vec(c).unwrap_or_default());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 of 32 bytes")).max(1)
 }
 
 fn waiting(reason: &str, message: Option<String>) -> K8sState {
