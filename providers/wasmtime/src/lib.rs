@@ -174,6 +174,13 @@ impl WasmtimeProvider {
         self.compiled.compilations()
     }
 
+    /// Stores `wasm` (a module or component) as the image `reference`, as a pull would, without
+    /// a registry. For tests and tools (provider-remote's tests run guests written in WAT).
+    pub fn import_image(&self, reference: &str, wasm: &[u8]) -> Result<ImageInfo, ProviderError> {
+        let image = self.images.import(reference, wasm)?;
+        Ok(ImageInfo { reference: reference.to_string(), digest: image.manifest_digest, size: image.size })
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
