@@ -133,11 +133,16 @@ pub const TEST_EVICTION_HARD: &str = "--eviction-hard=memory.available<100Mi,nod
 /// The flags every agent a test starts by hand (standalone, run-once, bootstrap) needs to work
 /// on this machine like [`Agent::start`]'s: the local cluster's plain-http registry named as
 /// insecure (no registry gets plain http otherwise), and [`TEST_EVICTION_HARD`].
+///
+/// Such agents run their guests in their own process (`--wasm-runtime=in-agent`): nothing of
+/// theirs outlives them, as no harness stops a runtime they would spawn. The runtime process
+/// is exercised by every [`Agent`].
 pub fn local_node_flags() -> Vec<String> {
-    vec![format!("--insecure-registries={}", Cluster::get().var("REGISTRY")), TEST_EVICTION_HARD.to_string()]
+    vec![format!("--insecure-registries={}", Cluster::get().var("REGISTRY")), TEST_EVICTION_HARD.to_string(), "--wasm-runtime=in-agent".to_string()]
 }
 
-/// A running `wasm-kubelet` process serving one node. Killed (SIGKILL) when dropped.
+/// A running `wasm-kubelet` process serving one node, and the Wasm runtime process it starts
+/// (`--wasm-runtime=spawn`, the default). Both are killed (SIGKILL) when dropped.
 pub struct Agent {
     pub name: String,
     pub dir: PathBuf,
@@ -215,11 +220,12 @@ impl Agent {
             .spawn()
             .context("spawning wasm-kubelet")?;
         // Leave a pid file where `deploy/local-cluster down` looks, so a crashed test run
-        // cannot leak the agent.
+        // cannot leak the agent, and where the runtime's pid file will be (`.runtime`).
         let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
         std::fs::create_dir_all(&pids)?;
         std::fs::write(pids.join(format!("agent-{}.pid", self.name)), child.id().to_string())?;
         std::fs::write(pids.join(format!("agent-{}.cmd", self.name)), agent_binary().display().to_string())?;
+        std::fs::write(pids.join(format!("agent-{}.runtime", self.name)), self.runtime_pid_file().display().to_string())?;
         self.child = Some(child);
         self.runs += 1;
         Ok(())
@@ -272,29 +278,86 @@ impl Agent {
         }
     }
 
-    /// The last lines of the agent's log, for failure messages.
+    /// The last lines of the agent's log and of its runtime's, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        let tail = |text: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        let agent = tail(std::fs::read_to_string(self.log_path()).unwrap_or_default());
+        match std::fs::read_to_string(self.runtime_log_path()) {
+            Ok(runtime) => format!("{agent}\n--- wasm runtime log:\n{}", tail(runtime)),
+            Err(_) => agent,
+        }
     }
 
+    /// The agent's log, then its runtime's (the guests' side: pulls, compilations, exits).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        let mut text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        text.push_str(&std::fs::read_to_string(self.runtime_log_path()).unwrap_or_default());
+        text
+    }
+
+    fn runtime_log_path(&self) -> PathBuf {
+        self.dir.join("root/runtime/wasm-runtime.log")
+    }
+
+    fn runtime_pid_file(&self) -> PathBuf {
+        self.dir.join("root/runtime/wasm-runtime.pid")
+    }
+
+    /// The pid of the Wasm runtime process serving this node, while one runs.
+    pub fn runtime_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.runtime_pid_file()).ok()?.trim().parse().ok()?;
+        // The pid must still be a runtime (pids are reused).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (args.get(1) == Some(&&b"runtime"[..])).then_some(pid)
+    }
+
+    /// SIGKILL to the runtime process, as a crash would; returns once it is gone.
+    pub fn kill_runtime(&self) -> Option<u32> {
+        let pid = self.runtime_pid()?;
+        // SAFETY: plain kill(2); the pid was checked to be a runtime just above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Not our child: gone once /proc says it is gone or a zombie.
+        while Instant::now() < deadline {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') => std::thread::sleep(Duration::from_millis(10)),
+                _ => break,
+            }
+        }
+        Some(pid)
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        // The runtime's memory cgroup goes with it (an empty cgroup can be removed).
+        let cgroup = self.runtime_pid().and_then(|pid| runtime_cgroup(pid));
+        self.kill_runtime();
+        if let Some(dir) = cgroup {
+            let _ = std::fs::remove_dir(dir);
+        }
         // A killed agent leaves its tmpfs volumes (secrets, tokens, memory emptyDirs) mounted.
         unmount_under(&self.dir);
         let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.pid", self.name)));
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.cmd", self.name)));
+        let _ = std::fs::remove_file(pids.join(format!("agent-{}.runtime", self.name)));
         // Remove the Node so test nodes do not pile up in the cluster.
         let _ = Cluster::get().kubectl().args(["delete", "node", &self.name, "--ignore-not-found", "--wait=false"]).output();
     }
+}
+
+/// The memory cgroup directory of `pid` when it is the runtime's own (cgroup v1 or v2).
+pub fn runtime_cgroup(pid: u32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let v1 = text.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/'))));
+    let v2 = || text.lines().find_map(|l| l.strip_prefix("0::").map(|p| Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/'))));
+    v1.or_else(v2).filter(|d| d.file_name().is_some_and(|n| n.to_string_lossy().starts_with("wasm-kubelet-runtime-")))
 }
 
 /// The port every agent's kubelet API listens on unless a test sets `--port`.

@@ -172,7 +172,9 @@ fn assert_store_consistent(root: &Path) {
 #[tokio::test]
 async fn an_agent_killed_while_collecting_many_images_restarts_with_a_usable_store() {
     // Image GC off while the images are pulled (usage never reaches 100%).
-    let mut agent = test_node("gc-crash", &["--image-gc-period=1s", "--minimum-image-ttl-duration=0s", "--image-gc-high-threshold=100", "--image-gc-low-threshold=100"]).await;
+    // The image store lives where the guests do: in the agent here, so killing the agent
+    // interrupts a removal (with a runtime process apart, killing it would).
+    let mut agent = test_node("gc-crash", &["--image-gc-period=1s", "--minimum-image-ttl-duration=0s", "--image-gc-high-threshold=100", "--image-gc-low-threshold=100", "--wasm-runtime=in-agent"]).await;
     let ns = TestNamespace::new("gc-crash").await;
     let registry = Cluster::get().var("REGISTRY").to_string();
     let base = std::fs::read(example_wasm("hello")).expect("hello.wasm built by push-examples");

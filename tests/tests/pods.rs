@@ -275,13 +275,62 @@ async fn a_corrupt_module_fails_with_a_clear_reason() {
 }
 
 #[tokio::test]
-async fn an_agent_restart_keeps_statuses_right_without_duplicates() {
+async fn an_agent_restart_adopts_running_containers_without_a_restart() {
     let mut agent = node().await;
     let ns = Ns::new("restart").await;
     ns.create_pod(&agent, "done", "Never", serde_json::json!([{"name": "hello", "image": example_image("hello")}]), serde_json::json!({})).await;
     ns.create_pod(&agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": example_image("ticker")}]), serde_json::json!({})).await;
     let done = ns.wait_pod(&agent, "done", "hello to succeed", |p| phase(p) == "Succeeded").await;
+    let before = ns.wait_pod(&agent, "tick", "the ticker to run", |p| phase(p) == "Running" && container_status(p, 0).is_some_and(|c| c.ready)).await;
+    let runtime = agent.runtime_pid().expect("the agent started a runtime process");
+
+    agent.kill9();
+    agent.spawn().unwrap();
+
+    // The runtime process kept the ticker running: the new agent adopts the same instance
+    // (same container ID, same start time, no restart). The pod's status already says so, so
+    // what shows the new agent's decision is its log: adopted, not lost.
+    wait_for("the restarted agent to adopt the ticker", TEST_TIMEOUT, || async {
+        let log = std::fs::read_to_string(agent.dir.join("agent.log")).ok()?;
+        log.lines().any(|l| l.contains("container adopted from the runtime") && l.contains("container=tick")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    assert!(agent.log().contains("adopting the Wasm runtime that answers"), "{}", agent.log_tail());
+    assert!(!agent.log().contains("container not found in the runtime"), "{}", agent.log_tail());
+    // Two syncs later (a PLEG relist a second) the status still says the same instance runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tick = ns.pods().get("tick").await.unwrap();
+    assert_eq!(agent.runtime_pid(), Some(runtime), "the same runtime process serves the restarted agent");
+    let (b, a) = (container_status(&before, 0).unwrap(), container_status(&tick, 0).unwrap());
+    assert_eq!(a.container_id, b.container_id, "the same instance");
+    assert_eq!(a.restart_count, 0);
+    assert!(a.last_state.as_ref().and_then(|s| s.terminated.as_ref()).is_none(), "no terminated state: {:?}", a.last_state);
+    assert_eq!(a.state.as_ref().and_then(|s| s.running.as_ref()).and_then(|r| r.started_at.clone()), b.state.as_ref().and_then(|s| s.running.as_ref()).and_then(|r| r.started_at.clone()));
+    let done_after = ns.pods().get("done").await.unwrap();
+    assert_eq!(phase(&done_after), "Succeeded");
+    assert_eq!(container_status(&done_after, 0).unwrap().restart_count, 0);
+    assert_eq!(pod_logs(&agent, &ns, &tick, "tick"), ["0.log"]);
+    assert_eq!(pod_logs(&agent, &ns, &done, "hello"), ["0.log"]);
+}
+
+/// The log files of `container`'s runs, sorted.
+fn pod_logs(agent: &Agent, ns: &Ns, pod: &Pod, container: &str) -> Vec<String> {
+    let dir = agent.dir.join("logs").join(format!("{}_{}_{}", ns.name, pod.metadata.name.as_deref().unwrap(), pod.metadata.uid.as_deref().unwrap())).join(container);
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn containers_lost_with_an_in_agent_runtime_are_reported_and_restarted_once() {
+    let mut agent = test_node("pods-in-agent", &["--wasm-runtime=in-agent"]).await;
+    let ns = Ns::new("restart-in-agent").await;
+    ns.create_pod(&agent, "done", "Never", serde_json::json!([{"name": "hello", "image": example_image("hello")}]), serde_json::json!({})).await;
+    ns.create_pod(&agent, "tick", "Always", serde_json::json!([{"name": "tick", "image": example_image("ticker")}]), serde_json::json!({})).await;
+    let done = ns.wait_pod(&agent, "done", "hello to succeed", |p| phase(p) == "Succeeded").await;
     ns.wait_pod(&agent, "tick", "the ticker to run", |p| phase(p) == "Running" && container_status(p, 0).is_some_and(|c| c.ready)).await;
+    assert_eq!(agent.runtime_pid(), None, "no runtime process in-agent");
 
     agent.kill9();
     agent.spawn().unwrap();
@@ -301,14 +350,8 @@ async fn an_agent_restart_keeps_statuses_right_without_duplicates() {
     assert_eq!(container_status(&done_after, 0).unwrap().restart_count, 0);
 
     // One instance per run: the ticker has logs for runs 0 and 1 only, hello for run 0 only.
-    let logs = |pod: &Pod, container: &str| -> Vec<String> {
-        let dir = agent.dir.join("logs").join(format!("{}_{}_{}", ns.name, pod.metadata.name.as_deref().unwrap(), pod.metadata.uid.as_deref().unwrap())).join(container);
-        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        names
-    };
-    assert_eq!(logs(&tick, "tick"), ["0.log", "1.log"]);
-    assert_eq!(logs(&done, "hello"), ["0.log"]);
+    assert_eq!(pod_logs(&agent, &ns, &tick, "tick"), ["0.log", "1.log"]);
+    assert_eq!(pod_logs(&agent, &ns, &done, "hello"), ["0.log"]);
 }
 
 #[tokio::test]

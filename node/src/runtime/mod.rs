@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use provider_api::ProviderError;
+use provider_api::{Provider, ProviderError};
 use provider_remote::{RemoteProvider, RuntimeIdentity};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -703,7 +703,6 @@ impl ImageStore {
 
     /// Stores `wasm` as the single layer of `reference`, as a pull would (tests use it in place
     /// of a registry).
-    #[cfg(test)]
     pub(crate) fn import(&self, reference: &str, wasm: &[u8]) -> Result<StoredImage, ProviderError> {
         let layer_digest = format!("sha256:{}", to_hex(&Sha256::digest(wasm)));
         let blob = self.blob_path(&layer_digest).map_err(ProviderError::Io)?;
