@@ -605,3 +605,120 @@ fn a_frame_over_the_limit_or_a_bad_first_frame_closes_the_connection() {
     after_hello.extend(((wire::MAX_FRAME + 1) as u32).to_be_bytes());
     feed(after_hello).unwrap();
 }
+
+/// Records how a stream call ended on the runtime's side: for exec, what stdin held and whether
+/// writing after it worked; for attach, that the call was dropped.
+struct Recorder {
+    ended: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+/// Reports `attach dropped` when the runtime drops an attach call.
+struct OnDrop(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send("attach dropped".into());
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for Recorder {
+    fn runtime_info(&self) -> provider_api::RuntimeInfo {
+        Fake.runtime_info()
+    }
+    async fn status(&self) -> RuntimeStatus {
+        RuntimeStatus::Ready
+    }
+    async fn image_status(&self, _: &str) -> Option<provider_api::ImageInfo> {
+        None
+    }
+    async fn pull_image(&self, reference: &str, auth: &[provider_api::RegistryAuth]) -> Result<provider_api::ImageInfo, ProviderError> {
+        Fake.pull_image(reference, auth).await
+    }
+    async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
+        Ok(config.pod_uid.clone())
+    }
+    async fn remove_pod_sandbox(&self, _: &str, _: Duration) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    async fn create_container(&self, sandbox_id: &str, _: ContainerConfig) -> Result<String, ProviderError> {
+        Err(ProviderError::NotFound(sandbox_id.into()))
+    }
+    async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(id.into()))
+    }
+    async fn stop_container(&self, id: &str, _: Duration) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(id.into()))
+    }
+    async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(id.into()))
+    }
+    async fn list_containers(&self) -> Result<Vec<provider_api::ContainerSummary>, ProviderError> {
+        Ok(Vec::new())
+    }
+    async fn exec(&self, _: &str, _: Vec<String>, mut io: ExecIo) -> Result<i32, ProviderError> {
+        let _ = self.ended.send("exec started".into());
+        let mut input = Vec::new();
+        if let Some(mut stdin) = io.stdin.take() {
+            let _ = stdin.read_to_end(&mut input).await;
+        }
+        let wrote = io.stdout.write_all(b"after the client left\n").await.is_ok();
+        let _ = self.ended.send(format!("exec stdin {:?}, output written: {wrote}", String::from_utf8_lossy(&input)));
+        Ok(0)
+    }
+    async fn attach(&self, _: &str, io: AttachIo) -> Result<(), ProviderError> {
+        let _guard = OnDrop(self.ended.clone());
+        let mut stdout = io.stdout.expect("stdout attached");
+        stdout.write_all(b"attached\n").await.map_err(|e| ProviderError::Io(e.to_string()))?;
+        // A container that writes nothing more and does not end.
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_exec_closes_its_stdin_and_the_exec_runs_on_while_an_attach_ends() {
+    let root = Root::new("leaving");
+    let (ended, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let _server = serve_on(&root.socket(), Arc::new(Recorder { ended }));
+    let remote = RemoteProvider::connect(root.socket()).await.unwrap();
+
+    // The caller's stdin stays open; the caller gives up on the exec once it runs.
+    let (mut typed, stdin) = tokio::io::duplex(64);
+    typed.write_all(b"typed").await.unwrap();
+    let (stdout, _out) = tokio::io::duplex(64);
+    let exec = remote.exec("c", argv(&["x"]), ExecIo { stdin: Some(Box::pin(stdin)), stdout: Box::pin(stdout), stderr: Box::pin(Capture::default()), timeout: None });
+    tokio::select! {
+        result = exec => panic!("the exec ended while its stdin was open: {result:?}"),
+        started = seen.recv() => assert_eq!(started.as_deref(), Some("exec started")),
+    }
+    let line = within("the exec ends on the runtime", seen.recv()).await.unwrap();
+    assert!(line.starts_with("exec stdin ") && line.ends_with("output written: true"), "{line}");
+    let stdin_seen = &line["exec stdin ".len()..line.find(',').unwrap()];
+    assert!(["\"\"", "\"typed\""].contains(&stdin_seen), "stdin held only what was typed: {line}");
+    drop(typed);
+
+    // An attach whose caller leaves is dropped on the runtime's side, though the container
+    // neither writes nor ends.
+    let (stdout, mut attached) = tokio::io::duplex(64);
+    let attach = remote.attach("c", AttachIo { stdin: None, stdout: Some(Box::pin(stdout)), stderr: None });
+    let mut buf = [0u8; 16];
+    tokio::select! {
+        result = attach => panic!("the attach ended by itself: {result:?}"),
+        read = attached.read(&mut buf) => assert!(read.unwrap() > 0),
+    }
+    assert_eq!(within("the attach is dropped on the runtime", seen.recv()).await.unwrap(), "attach dropped");
+}
+
+#[tokio::test]
+async fn bind_replaces_a_stale_socket_and_refuses_anything_else() {
+    let root = Root::new("bind");
+    let socket = root.socket();
+    drop(bind(&socket).unwrap());
+    assert!(socket.exists(), "a listener's socket file outlives it");
+    let _listener = bind(&socket).expect("the stale socket is replaced");
+    let file = root.0.join("run/not-a-socket");
+    std::fs::write(&file, "data").unwrap();
+    let refused = bind(&file).unwrap_err();
+    assert!(refused.to_string().contains("not a socket"), "{refused}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+}
