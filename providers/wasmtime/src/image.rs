@@ -702,7 +702,7 @@ impl ImageStore {
     }
 
     /// Stores `wasm` as the single layer of `reference`, as a pull would (tests use it in place
-    /// of a registry).
+    /// of a registry; `WasmtimeProvider::import_image` offers it to other crates' tests).
     pub(crate) fn import(&self, reference: &str, wasm: &[u8]) -> Result<StoredImage, ProviderError> {
         let layer_digest = format!("sha256:{}", to_hex(&Sha256::digest(wasm)));
         let blob = self.blob_path(&layer_digest).map_err(ProviderError::Io)?;
