@@ -108,8 +108,12 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
     // TLS bootstrap when asked and needed, then the one client every task shares; it follows
     // the rotated client certificate with --rotate-certificates (certificates::client).
     let client = crate::certificates::client::connect(&config, &tasks, &shutdown, build_client).await?;
-    // Pod directories of pods gone while the agent was down, before any worker makes new ones.
-    crate::pods::volumes::remove_orphaned_pod_dirs(&config, client.as_ref()).await;
+    // Pods gone while the agent was down: their containers (a runtime process kept them
+    // running), then their directories, before any worker makes new ones.
+    if let Some(keep) = crate::pods::volumes::pods_to_keep(&config, client.as_ref()).await {
+        remove_orphaned_sandboxes(provider.as_ref(), &keep).await;
+        crate::pods::volumes::remove_orphaned_pod_dirs(&config, &keep).await;
+    }
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
     // stops the agent at once (as it stops the kubelet).
     let mut pods_view = crate::server::pods::PodsViewSender::disabled();
@@ -348,6 +352,19 @@ async fn follow_existing_node(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}
+
+/// Stops and forgets the runtime's sandboxes of pods this node no longer has (deleted while no
+/// agent ran), as the kubelet's pod cleanup kills orphaned pods. Their grace period is gone with
+/// their API objects: 2 s.
+async fn remove_orphaned_sandboxes(provider: &dyn Provider, keep: &std::collections::HashSet<String>) {
+    let Ok(sandboxes) = provider.list_pod_sandboxes().await else { return };
+    for sandbox in sandboxes.into_iter().filter(|s| !keep.contains(&s.pod_uid)) {
+        info!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), uid = %sandbox.pod_uid, "stopping the containers of a pod gone while the agent was down");
+        if let Err(e) = provider.remove_pod_sandbox(&sandbox.pod_uid, Duration::from_secs(2)).await {
+            warn!(uid = %sandbox.pod_uid, error = %e, "removing an orphaned pod's sandbox");
         }
     }
 }

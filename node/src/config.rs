@@ -1439,6 +1439,8 @@ mod tests {
         assert!(err(&["--allowed-unsafe-sysctls=net.core.somaxconn"]).contains("no kernel sysctls"));
         assert!(err(&["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"]).contains("--container-runtime-endpoint"));
         assert!(err(&["--runonce=perhaps"]).contains("--runonce"));
+        assert!(err(&["--wasm-runtime=shim"]).contains("--wasm-runtime"));
+        assert!(err(&["--wasm-runtime-endpoint=relative.sock"]).contains("--wasm-runtime-endpoint"));
         assert!(err(&["--manifest-url-header=NoColon"]).contains("--manifest-url-header"));
         assert!(err(&["--manifest-url=ftp://example.com/pods"]).contains("--manifest-url"));
         assert!(err(&["--streaming-connection-idle-timeout=4"]).contains("--streaming-connection-idle-timeout"));
@@ -1640,5 +1642,16 @@ mod tests {
         assert!(err(&["--kube-reserved=memory"]).contains("--kube-reserved"));
         assert!(err(&["--kube-reserved=cpu=lots"]).contains("is not a quantity"));
         assert_eq!(load(&["--kube-reserved=cpu=1e-1,memory=0.5Gi"]).unwrap().kube_reserved, Reserved { milli_cpu: 100, memory: 512 << 20, ..Default::default() });
+    }
+
+    #[test]
+    fn the_wasm_runtime_is_a_process_apart_unless_running_once() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.wasm_runtime, WasmRuntimeMode::Spawn);
+        assert_eq!(c.wasm_runtime_endpoint, PathBuf::from("/var/lib/wasm-kubelet/runtime/wasm-runtime.sock"));
+        let c = load(&["--wasm-runtime=external", "--wasm-runtime-endpoint=/run/wk.sock"]).unwrap();
+        assert_eq!((c.wasm_runtime, c.wasm_runtime_endpoint), (WasmRuntimeMode::External, PathBuf::from("/run/wk.sock")));
+        assert_eq!(load(&["--wasm-runtime=in-agent"]).unwrap().wasm_runtime, WasmRuntimeMode::InAgent);
+        assert_eq!(load(&["--runonce", "--wasm-runtime=spawn"]).unwrap().wasm_runtime, WasmRuntimeMode::InAgent, "nothing outlives a run-once agent");
     }
 }

@@ -258,3 +258,28 @@ async fn a_guest_without_limits_dies_at_the_ceiling_and_the_agent_keeps_its_hear
     let ready = node.status.and_then(|s| s.conditions).and_then(|cs| cs.into_iter().find(|c| c.type_ == "Ready")).unwrap();
     assert_eq!(ready.status, "True", "{ready:?}");
 }
+
+#[tokio::test]
+async fn a_pod_deleted_while_no_agent_runs_is_stopped_by_the_next_agent() {
+    let mut agent = test_node("orphan", &[]).await;
+    let ns = TestNamespace::new("orphan").await;
+    ns.create_bound_pod(&agent, "gone", serde_json::json!({}), serde_json::json!({"containers": [{"name": "tick", "image": example_image("ticker")}]})).await;
+    let pod = ns.wait_pod(&agent, "gone", "the ticker to run", |p| phase(p) == "Running").await;
+    let uid = pod.metadata.uid.clone().unwrap();
+
+    agent.kill9();
+    // Deleted outright while no agent runs: nothing on the node hears of it.
+    ns.pods().delete("gone", &kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    wait_for("the pod object gone", TEST_TIMEOUT, || async { ns.pods().get_opt("gone").await.ok()?.is_none().then_some(()) }).await.unwrap();
+    agent.spawn().unwrap();
+
+    // The runtime still ran it; the new agent stops it, and its instance exits.
+    wait_for("the orphan's instance to exit in the runtime", TEST_TIMEOUT, || async {
+        let log = agent.log();
+        let stopped = log.lines().any(|l| l.contains("stopping the containers of a pod gone while the agent was down") && l.contains(&uid));
+        let exited = log.lines().any(|l| l.contains(&uid) && l.contains("exited"));
+        (stopped && exited).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+}

@@ -433,3 +433,28 @@ fn standalone_runs_a_static_pod_without_any_api_server() {
     assert!(ticked, "the static pod did not tick within {TIMEOUT:?}\n{log}");
     assert!(status.success(), "a clean exit on SIGTERM: {status:?}\n{log}");
 }
+
+#[tokio::test]
+async fn an_agent_restart_adopts_a_running_static_pod_instead_of_starting_it_twice() {
+    let (mut agent, _dir) = start_node("static-adopt", |dir| write_manifest(dir, "ticker.yaml", &ticker("ticker", None))).await;
+    let pods: Api<Pod> = Api::namespaced(Cluster::get().admin().await, "default");
+    let mirror_name = format!("ticker-{}", agent.name);
+    wait_mirror(&pods, &agent, &mirror_name, "the static ticker to run", running_ticker).await;
+
+    // A static pod's manifest carries no status: what runs is known only from the runtime.
+    agent.kill9();
+    agent.spawn().unwrap();
+    wait_for("the restarted agent to adopt the static ticker", TIMEOUT, || async {
+        let log = std::fs::read_to_string(agent.dir.join("agent.log")).ok()?;
+        log.lines().any(|l| l.contains("container adopted from the runtime") && l.contains("container=ticker ")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    let mirror = wait_mirror(&pods, &agent, &mirror_name, "the mirror to show the ticker running", running_ticker).await;
+    let status = &mirror.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0];
+    assert_eq!(status.restart_count, 0, "{status:?}");
+    // One instance: the runtime started the ticker once.
+    let runtime_log = std::fs::read_to_string(agent.dir.join("root/runtime/wasm-runtime.log")).unwrap();
+    let starts = runtime_log.lines().filter(|l| l.contains("name=ticker") && l.ends_with("started")).count();
+    assert_eq!(starts, 1, "the runtime started the ticker once:\n{runtime_log}");
+}

@@ -146,6 +146,9 @@ pub struct PodWorker {
     port_claim: Option<super::ports::PortClaim>,
     /// The pod's place in the admission ledger while it may run (dropped: its requests free).
     admitted: Option<admission::Admitted>,
+    /// Whether the runtime's list was searched once for containers of this pod that run
+    /// although its status does not say so (see `adopt_or_lose`).
+    looked_for_running: bool,
 }
 
 impl PodWorker {
@@ -193,7 +196,7 @@ impl PodWorker {
             ..Default::default()
         };
         let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -393,6 +396,30 @@ impl PodWorker {
     /// container that vanished, and the restart policy decides, without crash-loop backoff.
     fn adopt_or_lose(&mut self, listed: &[provider_api::ContainerSummary]) {
         let (init, app) = self.spec_containers();
+        if !self.looked_for_running {
+            // Once, at the first answer: a container that runs although the pod's status does
+            // not say so (a static pod, whose manifest carries no status; a status write lost
+            // with the previous agent) is adopted too, its latest run, rather than started twice.
+            self.looked_for_running = true;
+            for c in init.iter().chain(app.iter()) {
+                let record = self.containers.entry(c.name.clone()).or_default();
+                if record.id.is_some() {
+                    continue;
+                }
+                let latest = listed.iter().filter(|s| s.name == c.name).max_by_key(|s| s.attempt);
+                if let Some(s) = latest.filter(|s| matches!(s.state, ContainerState::Running { .. } | ContainerState::Created)) {
+                    record.id = Some(s.id.clone());
+                    record.current = Some(s.state.clone());
+                    record.attempts = record.attempts.max(s.attempt + 1);
+                    record.restart_count = record.restart_count.max(s.attempt as i32);
+                    if record.image_id.is_empty() {
+                        let image = c.image.clone().unwrap_or_default();
+                        record.image_id = format!("{}@{}", image.split('@').next().unwrap_or(&image), s.image_digest);
+                    }
+                    record.adopting = true;
+                }
+            }
+        }
         let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
         let log_dir = self.log_dir();
         for (name, record) in self.containers.iter_mut() {

@@ -374,31 +374,38 @@ pub fn sub_path(volume: &Materialized, vm: &VolumeMount, env: &[(String, String)
     }
 }
 
-/// Start-up cleanup: removes the pod directories (unmounting their tmpfs) of pods that no
-/// source holds any more, as the kubelet's HandlePodCleanups does once its sources are ready.
-/// The sources are read once here, before any worker runs; when one cannot be read, nothing
-/// is removed (a directory of a pod that still exists holds its emptyDir data).
-pub async fn remove_orphaned_pod_dirs(config: &crate::config::Config, client: Option<&kube::Client>) {
-    let pods_dir = config.root_dir.join("pods");
-    if !pods_dir.exists() {
-        return;
-    }
+/// The UIDs of the pods this node has at start-up: its static pods and the pods bound to it in
+/// the API server. `None` (logged) when a source cannot be read: nothing may then be removed on
+/// a guess.
+pub async fn pods_to_keep(config: &crate::config::Config, client: Option<&kube::Client>) -> Option<std::collections::HashSet<String>> {
     let url = config.manifest_url.as_deref().map(|u| (u, config.manifest_url_header.as_slice()));
     let Some(mut keep) = super::static_source::current_uids(config.pod_manifest_path.as_deref(), url, &config.node_name).await else {
-        tracing::warn!("a static pod source cannot be read; leaving pod directories alone until the next start");
-        return;
+        tracing::warn!("a static pod source cannot be read; leaving orphaned pods alone until the next start");
+        return None;
     };
     if let Some(client) = client {
         let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={}", config.node_name));
         match Api::<Pod>::all(client.clone()).list(&params).await {
             Ok(list) => keep.extend(list.items.into_iter().filter_map(|p| p.metadata.uid)),
             Err(e) => {
-                tracing::warn!(error = %crate::config::one_line(&e), "listing this node's pods; leaving pod directories alone until the next start");
-                return;
+                tracing::warn!(error = %crate::config::one_line(&e), "listing this node's pods; leaving orphaned pods alone until the next start");
+                return None;
             }
         }
     }
-    for (uid, result) in mount::remove_orphans(&pods_dir, &keep) {
+    Some(keep)
+}
+
+/// Start-up cleanup: removes the pod directories (unmounting their tmpfs) of pods that no
+/// source holds any more, as the kubelet's HandlePodCleanups does once its sources are ready.
+/// The sources are read once here, before any worker runs; when one cannot be read, nothing
+/// is removed (a directory of a pod that still exists holds its emptyDir data).
+pub async fn remove_orphaned_pod_dirs(config: &crate::config::Config, keep: &std::collections::HashSet<String>) {
+    let pods_dir = config.root_dir.join("pods");
+    if !pods_dir.exists() {
+        return;
+    }
+    for (uid, result) in mount::remove_orphans(&pods_dir, keep) {
         match result {
             Ok(()) => info!(%uid, "removed the directory of an orphaned pod"),
             Err(e) => tracing::warn!(%uid, error = %e, "removing the directory of an orphaned pod"),
