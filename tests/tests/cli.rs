@@ -42,7 +42,8 @@ fn help_prints_to_stdout_and_exits_0() {
 fn standalone_runs_without_an_api_server() {
     let root = workspace_root().join(format!("target/it/standalone-{}", std::process::id()));
     let mut child = Command::new(agent_binary())
-        .args(["--hostname-override=standalone", "--healthz-port=0", "--enable-server=false", "--root-dir"])
+        // Guests in the agent: a runtime process it spawned would outlive this test.
+        .args(["--hostname-override=standalone", "--healthz-port=0", "--enable-server=false", "--wasm-runtime=in-agent", "--root-dir"])
         .arg(&root)
         .stderr(Stdio::piped())
         .spawn()
