@@ -3,7 +3,10 @@
 //! Prints figures; it never fails on timing.
 //!
 //!   cargo build --release -p wasm-kubelet
-//!   WASM_KUBELET_BIN=target/release/wasm-kubelet cargo run --release -p integration-tests --bin pod-startup-bench -- [PODS]
+//!   WASM_KUBELET_BIN=target/release/wasm-kubelet cargo run --release -p integration-tests --bin pod-startup-bench -- [PODS] [AGENT FLAGS...]
+//!
+//! e.g. `-- 100 --wasm-runtime=in-agent` for the guests inside the agent; memory is the agent's
+//! and its runtime process's together.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -97,7 +100,11 @@ async fn main() -> anyhow::Result<()> {
     let cluster = Cluster::get();
     push_examples();
     let client = cluster.admin().await;
-    let agent = Agent::start(&unique_name("bench"), &["--max-pods=5000"])?;
+    let extra: Vec<String> = std::env::args().skip(2).collect();
+    let mut flags = vec!["--max-pods=5000"];
+    flags.extend(extra.iter().map(String::as_str));
+    let agent = Agent::start(&unique_name("bench"), &flags)?;
+    println!("agent flags: {}", extra.join(" "));
     let ns_name = unique_name("bench");
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns_name}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
@@ -113,16 +120,18 @@ async fn main() -> anyhow::Result<()> {
     measure(&pods, &agent.name, &example_image("ticker"), "Always", &warm, running).await;
     measure(&pods, &agent.name, &example_image("hello"), "Never", &["warm-hello".into()], succeeded).await;
 
-    let rss_before = rss_kib(agent.pid().unwrap_or(0));
+    // The pods' memory is wherever the guests run: the agent, and the runtime process if any.
+    let rss = || rss_kib(agent.pid().unwrap_or(0)) + agent.runtime_pid().map_or(0, rss_kib);
+    let rss_before = rss();
     let names: Vec<String> = (0..n).map(|i| format!("ticker-{i}")).collect();
     let started = Instant::now();
     let samples = measure(&pods, &agent.name, &example_image("ticker"), "Always", &names, running).await;
     let wall = started.elapsed();
     report("create -> Running (ticker, cached image)", samples);
     println!("{n} pods Running in {:.2}s wall", wall.as_secs_f64());
-    let rss_after = rss_kib(agent.pid().unwrap_or(0));
+    let rss_after = rss();
     println!(
-        "agent RSS: {} KiB before, {} KiB with {} more running pods ({:.0} KiB per pod)",
+        "agent + runtime RSS: {} KiB before, {} KiB with {} more running pods ({:.0} KiB per pod)",
         rss_before,
         rss_after,
         n,
