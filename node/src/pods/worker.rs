@@ -60,6 +60,8 @@ pub struct PodDesire {
 /// What every worker shares.
 pub struct WorkerContext {
     pub provider: Arc<dyn Provider>,
+    /// What the provider runs, as the PLEG last listed it (the one place it is listed).
+    pub runtime: super::pleg::RuntimeCache,
     /// Where the kubelet API's `/pods` learns each pod and its latest status.
     pub pods_view: crate::server::pods::PodsViewSender,
     pub client: Option<kube::Client>,
@@ -149,6 +151,9 @@ pub struct PodWorker {
     /// Whether the runtime's list was searched once for containers of this pod that run
     /// although its status does not say so (see `adopt_or_lose`).
     looked_for_running: bool,
+    /// When this worker last changed what the runtime runs (created, started or stopped a
+    /// container): the runtime snapshot it reads must be at least this recent.
+    acted_at: Instant,
 }
 
 impl PodWorker {
@@ -196,7 +201,7 @@ impl PodWorker {
             ..Default::default()
         };
         let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false, acted_at: Instant::now() }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -350,11 +355,12 @@ impl PodWorker {
 
     /// Reads the provider's view of this pod's containers.
     async fn refresh(&mut self) {
-        let Ok(listed) = self.ctx.provider.list_containers().await else {
+        let snapshot = self.ctx.runtime.newer_than(self.acted_at).await;
+        let Some(listed) = snapshot.containers.as_ref() else {
             // What runs is unknown while the runtime cannot be asked: keep what was last seen.
             return;
         };
-        let listed: Vec<_> = listed.into_iter().filter(|s| s.pod_uid == self.key.uid).collect();
+        let listed: Vec<_> = listed.iter().filter(|s| s.pod_uid == self.key.uid).cloned().collect();
         self.adopt_or_lose(&listed);
         let mut oom_killed = Vec::new();
         for summary in listed {
@@ -565,6 +571,7 @@ impl PodWorker {
                 if let Err(e) = self.ctx.provider.stop_container(&id, grace).await {
                     warn!(container = %c.name, error = %e, "stopping a changed container");
                 }
+                self.acted_at = Instant::now();
                 self.refresh().await;
                 let record = self.containers.get_mut(&c.name).expect("record exists");
                 record.retry_at = Some(Instant::now());
@@ -739,7 +746,10 @@ impl PodWorker {
             annotations: BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), spec_hash(container).to_string())]),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
-        let id = match self.ctx.provider.create_container(&sandbox, config).await {
+        let created = self.ctx.provider.create_container(&sandbox, config).await;
+        // Marked once the call returned: a snapshot begun before that may not hold the container.
+        self.acted_at = Instant::now();
+        let id = match created {
             Ok(id) => id,
             Err(e) => {
                 self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
@@ -747,7 +757,9 @@ impl PodWorker {
             }
         };
         self.ctx.events.normal(&cref, "Created", format!("Created container: {name}"));
-        if let Err(e) = self.ctx.provider.start_container(&id).await {
+        let started = self.ctx.provider.start_container(&id).await;
+        self.acted_at = Instant::now();
+        if let Err(e) = started {
             self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
             return self.wait_and_retry(&name, "RunContainerError", e.to_string());
         }
@@ -861,6 +873,7 @@ impl PodWorker {
             }
         });
         futures::future::join_all(stops).await;
+        self.acted_at = Instant::now();
         self.refresh().await;
     }
 
@@ -896,6 +909,9 @@ impl PodWorker {
             if let Err(e) = self.ctx.provider.remove_pod_sandbox(&sandbox, Duration::ZERO).await {
                 warn!(error = %e, "removing the pod sandbox");
             }
+            // Every reader of the runtime cache (`/runningpods/`, stats, eviction) sees the pod
+            // gone before its API object is: a snapshot taken after the removal.
+            self.ctx.runtime.fresh().await;
         }
         // Volumes go with the pod: tmpfs unmounted, the pod directory removed.
         self.volumes = None;
@@ -1095,6 +1111,7 @@ impl PodWorker {
         if let Err(e) = probes::stop_with_pre_stop(&self.ctx.provider, &self.ctx.events, &cref, spec, &kill.id, &self.ctx.node_ip, grace).await {
             warn!(container = %kill.container, error = %e, "stopping a container that failed its probe");
         }
+        self.acted_at = Instant::now();
         self.refresh().await;
     }
 
@@ -1111,6 +1128,7 @@ impl PodWorker {
         if let Err(e) = self.ctx.provider.stop_container(&id, self.pod_grace()).await {
             warn!(container = %container.name, error = %e, "stopping a container whose postStart hook failed");
         }
+        self.acted_at = Instant::now();
         self.refresh().await;
     }
 
