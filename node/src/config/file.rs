@@ -263,15 +263,54 @@ fn flag_of(path: &str) -> Option<&'static str> {
     KEY_FLAGS.iter().find(|(key, _)| *key == path || *key == top).map(|(_, flag)| *flag)
 }
 
+/// The text with every `key: null` left out: the kubelet decodes its file with Go's
+/// encoding/json, where a null leaves the default, and so does this agent. Read from the text
+/// itself (not a `serde_yaml::Value`), a plain scalar such as `pid: 1000` still reads as the
+/// string a quantity wants; so the text is written anew only when it holds a null.
+fn without_nulls(text: &str) -> Result<std::borrow::Cow<'_, str>, serde_yaml::Error> {
+    fn drop_nulls(v: &mut serde_yaml::Value) -> bool {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                let before = m.len();
+                m.retain(|_, v| !v.is_null());
+                let dropped = m.len() != before;
+                m.values_mut().fold(dropped, |dropped, v| drop_nulls(v) | dropped)
+            }
+            serde_yaml::Value::Sequence(items) => items.iter_mut().fold(false, |dropped, v| drop_nulls(v) | dropped),
+            _ => false,
+        }
+    }
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text)?;
+    if !drop_nulls(&mut value) {
+        return Ok(text.into());
+    }
+    serde_yaml::to_string(&value).map(Into::into)
+}
+
+/// `a.b[0].c`, `a.b[0]`, `a.b`, `a`: the key and the keys it is under.
+fn key_prefixes(key: &str) -> impl Iterator<Item = &str> {
+    std::iter::once(key).chain(key.char_indices().rev().filter(|(_, c)| matches!(c, '.' | '[')).map(|(i, _)| &key[..i]))
+}
+
 /// Reads and checks the file: one line naming the file (and the key, and its flag) if not.
 pub(super) fn read(path: &Path) -> Result<KubeletConfiguration, ConfigError> {
     let fail = |reason: String| ConfigError::ConfigFile { path: path.into(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let text = without_nulls(&text).map_err(|e| fail(e.to_string().replace('\n', " ")))?;
     let file: KubeletConfiguration = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text)).map_err(|e| {
         let key = e.path().to_string();
-        let message = e.into_inner().to_string().replace('\n', " ");
-        // serde_yaml names the key itself; it is named once, with its flag.
-        let message = message.strip_prefix(&format!("{key}: ")).unwrap_or(&message).to_string();
+        let inner = e.into_inner();
+        let mut message = inner.to_string().replace('\n', " ");
+        if key != "." {
+            // serde_yaml may name the key (or the map it is in) and the line itself; here the
+            // key is named once, in full, with its flag.
+            if let Some(rest) = key_prefixes(&key).find_map(|prefix| message.strip_prefix(&format!("{prefix}: "))) {
+                message = rest.to_string();
+            }
+            if let Some(at) = inner.location().map(|l| format!(" at line {} column {}", l.line(), l.column())) {
+                message = message.strip_suffix(&at).unwrap_or(&message).to_string();
+            }
+        }
         fail(match flag_of(&key) {
             Some(flag) => format!("{key} ({flag}): {message}"),
             None if key != "." => format!("{key}: {message}"),

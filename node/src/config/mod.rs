@@ -790,4 +790,92 @@ mod tests {
         assert_eq!(load(&["--wasm-runtime=in-agent"]).unwrap().wasm_runtime, WasmRuntimeMode::InAgent);
         assert_eq!(load(&["--runonce", "--wasm-runtime=spawn"]).unwrap().wasm_runtime, WasmRuntimeMode::InAgent, "nothing outlives a run-once agent");
     }
+
+    /// One setting of each kind: its default, the file's value over it, the flag's over both.
+    #[test]
+    fn a_flag_beats_the_file_which_beats_the_default() {
+        type Get = fn(&Config) -> String;
+        let rows: &[(&str, &str, &str, Get, &str, &str, &str)] = &[
+            // (kind, file line, flag, read, default, from the file, from the flag)
+            ("duration", "fileCheckFrequency: 7s", "--file-check-frequency=9s", |c| format!("{:?}", c.file_check_frequency), "20s", "7s", "9s"),
+            ("duration", "imageMinimumGCAge: 1h", "--minimum-image-ttl-duration=30m", |c| format!("{:?}", c.minimum_image_ttl_duration), "120s", "3600s", "1800s"),
+            ("quantity", "maxModuleSize: 64Mi", "--max-module-size=1Gi", |c| c.max_module_size.to_string(), "268435456", "67108864", "1073741824"),
+            ("quantity", "kubeReserved: {cpu: 250m, pid: 1000}", "--kube-reserved=memory=1Ki", |c| format!("{:?}", c.kube_reserved), &format!("{:?}", Reserved::default()), &format!("{:?}", Reserved { milli_cpu: 250, pid: 1000, ..Default::default() }), &format!("{:?}", Reserved { memory: 1024, ..Default::default() })),
+            ("number", "port: 11250", "--port=12250", |c| c.port.to_string(), "10250", "11250", "12250"),
+            ("number", "imageGCHighThresholdPercent: 95", "--image-gc-high-threshold=90", |c| c.image_gc_high_threshold.to_string(), "85", "95", "90"),
+            ("bool", "registerNode: false", "--register-node=true", |c| c.register_node.to_string(), "true", "false", "true"),
+            ("bool", "enableServer: false", "--enable-server", |c| c.enable_server.to_string(), "true", "false", "true"),
+            ("bool", "authentication: {anonymous: {enabled: true}}", "--anonymous-auth=false", |c| c.anonymous_auth.to_string(), "false", "true", "false"),
+            ("list", "insecureRegistries: [a.lan, 'b.lan:5000']", "--insecure-registries=c.lan", |c| c.insecure_registries.join(","), "", "a.lan,b.lan:5000", "c.lan"),
+            ("list", "podEgressAllowCIDRs: [169.254.20.10]", "--pod-egress-allow-cidrs=127.0.0.53", |c| format!("{:?}", c.pod_egress_allow_cidrs), "[]", "[169.254.20.10/32]", "[127.0.0.53/32]"),
+            ("list", "registerWithTaints: [{key: a, effect: NoSchedule}]", "--register-with-taints=b=c:NoExecute", |c| c.register_with_taints.iter().map(|t| t.key.clone()).collect(), "", "a", "b"),
+            ("map", "evictionHard: {memory.available: 1Gi}", "--eviction-hard=pid.available<10%", |c| format!("{:?}", c.eviction_hard.iter().map(|t| t.signal).collect::<Vec<_>>()), "[MemoryAvailable, NodefsAvailable, NodefsInodesFree, ImagefsAvailable]", "[MemoryAvailable]", "[PidAvailable]"),
+            ("map", "evictionMinimumReclaim: {nodefs.available: 5%}", "--eviction-minimum-reclaim=memory.available=1Mi", |c| format!("{:?}", c.eviction_minimum_reclaim), "{}", "{NodefsAvailable: Percent(5.0)}", "{MemoryAvailable: Quantity(1048576)}"),
+            ("map", "staticPodURLHeader: {X-A: [one]}", "--manifest-url-header=X-B:two", |c| format!("{:?}", c.manifest_url_header), "[]", r#"[("X-A", "one")]"#, r#"[("X-B", "two")]"#),
+            ("enum", "authorization: {mode: AlwaysAllow}", "--authorization-mode=AlwaysAllow", |c| format!("{:?}", c.authorization_mode), "AlwaysAllow", "AlwaysAllow", "AlwaysAllow"),
+        ];
+        for (i, (kind, line, flag, get, default, from_file, from_flag)) in rows.iter().enumerate() {
+            let file = temp_file(&format!("precedence-{i}.yaml"), &format!("kind: KubeletConfiguration\n{line}\n"));
+            let file = file.to_str().unwrap();
+            assert_eq!(get(&load(&[]).unwrap()), *default, "{kind} {line}: the default");
+            assert_eq!(get(&load(&["--config", file]).unwrap()), *from_file, "{kind} {line}: the file beats the default");
+            assert_eq!(get(&load(&["--config", file, flag]).unwrap()), *from_flag, "{kind} {flag}: the flag beats the file");
+        }
+        // A key set to null is the key left out, as the kubelet's decoding leaves the default.
+        let file = temp_file("nulls.yaml", "kind: KubeletConfiguration\nenableServer:\nevictionHard: null\nport: 11250\n");
+        let c = load(&["--config", file.to_str().unwrap()]).unwrap();
+        assert!(c.enable_server && c.eviction_hard.len() == 4 && c.port == 11250, "{c:?}");
+    }
+
+    /// A bad value is one line naming the flag, or the file, the key and the key's flag, with
+    /// the value and why; the same value is refused for the same reason either way.
+    #[test]
+    fn a_bad_value_names_the_flag_or_the_file_key() {
+        let rows: &[(&str, &str, &str, &str)] = &[
+            // (flag, file line, the line's key as named, why)
+            ("--file-check-frequency=often", "fileCheckFrequency: often", "fileCheckFrequency (--file-check-frequency)", r#"invalid value "often": want a duration such as 10s, 1m30s or 500ms"#),
+            ("--max-module-size=12Xi", "maxModuleSize: 12Xi", "maxModuleSize (--max-module-size)", r#"invalid value "12Xi": "12Xi" is not a quantity"#),
+            ("--max-module-size=0", "maxModuleSize: '0'", "maxModuleSize (--max-module-size)", r#"invalid value "0": must be positive"#),
+            ("--port=70000", "port: 70000", "port (--port)", r#"invalid value "70000": must be between 1 and 65535"#),
+            ("--image-gc-low-threshold=101", "imageGCLowThresholdPercent: 101", "imageGCLowThresholdPercent (--image-gc-low-threshold)", r#"invalid value "101": must be between 0 and 100"#),
+            ("--register-node=maybe", "registerNode: maybe", "registerNode (--register-node)", "invalid type: string \"maybe\", expected a boolean"),
+            ("--insecure-registries=http://x", "insecureRegistries: ['http://x']", "insecureRegistries (--insecure-registries)", r#"invalid value "http://x": want host[:port]"#),
+            ("--pod-egress-deny-cidrs=10.0.0.0/33", "podEgressDenyCIDRs: [10.0.0.0/33]", "podEgressDenyCIDRs (--pod-egress-deny-cidrs)", r#"invalid value "10.0.0.0/33": not a CIDR"#),
+            ("--system-reserved=gpu=1", "systemReserved: {gpu: '1'}", "systemReserved (--system-reserved)", r#"invalid value "gpu=1": unknown resource "gpu""#),
+            ("--eviction-soft-grace-period=memory.available=soon", "evictionSoftGracePeriod: {memory.available: soon}", "evictionSoftGracePeriod (--eviction-soft-grace-period)", r#"invalid value "memory.available=soon": want a duration"#),
+            ("--register-with-taints=a:Sometimes", "registerWithTaints: [{key: a, effect: Sometimes}]", "registerWithTaints (--register-with-taints)", r#"invalid value "a=:Sometimes": the effect must be"#),
+            ("--authorization-mode=RBAC", "authorization: {mode: RBAC}", "authorization.mode (--authorization-mode)", r#"invalid value "RBAC": must be Webhook or AlwaysAllow"#),
+            ("--address=localhost", "address: localhost", "address (--address)", r#"invalid value "localhost": not an IP address"#),
+        ];
+        for (i, (flag, line, key, why)) in rows.iter().enumerate() {
+            let (name, value) = flag.split_once('=').unwrap();
+            let e = err(&[flag]);
+            // The flag's form: `invalid value "<value>" for --flag: <reason>`, as before.
+            if let Some(rest) = why.strip_prefix("invalid value ") {
+                let (shown, reason) = rest.split_once(": ").unwrap();
+                assert!(e.starts_with(&format!("invalid value {shown} for {name}: {reason}")), "{flag}: {e}");
+            } else {
+                assert!(e.contains(name) && e.contains(value), "{flag}: {e}");
+            }
+            let path = temp_file(&format!("bad-{i}.yaml"), &format!("kind: KubeletConfiguration\n{line}\n"));
+            let e = err(&["--config", path.to_str().unwrap()]);
+            assert!(e.starts_with(&format!("config file {}: {key}: {why}", path.display())), "{line}: {e}");
+        }
+        // Rules between settings name the flag whichever side the values came from.
+        let path = temp_file("gc.yaml", "kind: KubeletConfiguration\nimageGCHighThresholdPercent: 50\nimageGCLowThresholdPercent: 60\n");
+        assert_eq!(err(&["--config", path.to_str().unwrap()]), r#"invalid value "60" for --image-gc-low-threshold: must not exceed --image-gc-high-threshold (50)"#);
+        let c = load(&["--config", path.to_str().unwrap(), "--image-gc-high-threshold=70"]).unwrap();
+        assert_eq!((c.image_gc_high_threshold, c.image_gc_low_threshold), (70, 60), "the flag's value is the one checked");
+    }
+
+    #[test]
+    fn every_key_named_with_a_flag_names_a_real_flag() {
+        use clap::CommandFactory;
+        let command = Flags::command();
+        for (key, flag) in file::KEY_FLAGS {
+            let long = flag.trim_start_matches("--");
+            assert!(command.get_arguments().any(|a| a.get_long() == Some(long)), "{key}: {flag} is no flag");
+        }
+        assert_eq!(file::KubeletConfiguration::default().eviction_hard, values::thresholds("memory.available<100Mi,nodefs.available<10%,nodefs.inodesFree<5%,imagefs.available<15%").unwrap());
+    }
 }
