@@ -3,6 +3,12 @@
 //! Names and defaults follow the kubelet. Precedence, as in the kubelet: a flag given on the
 //! command line beats the KubeletConfiguration file, which beats the default. Every problem is
 //! one [`ConfigError`] whose `Display` is a single line naming the flag or field at fault.
+//!
+//! Configuration as data, in four steps ([`Config::load`]): `flags.rs` parses every flag to its
+//! type (clap); `file.rs` reads the file into typed fields that hold the defaults where the file
+//! is silent (serde); `Config::overlay` takes each flag over the file's value; `validate.rs`
+//! checks the rules between settings. A flag and its file key share one parser (`values.rs`),
+//! so a value is refused for the same reason wherever it came from.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
