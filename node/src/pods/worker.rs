@@ -274,32 +274,10 @@ impl PodWorker {
         self.refresh().await;
 
         if self.terminal.is_none() {
-            if let Err(reason) = admission::admit(&self.pod) {
-                warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
-                self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
-                self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
-            }
-        }
-        if self.terminal.is_none() && self.admitted.is_none() {
-            // The pod's requests must fit allocatable less what admitted pods request.
-            match self.ctx.admission.admit(&self.pod).await {
-                Ok(ticket) => self.admitted = Some(ticket),
-                Err(reason) => {
-                    warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
-                    self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
-                    let message = format!("Pod was rejected: {}", reason.message);
-                    self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(message) });
-                }
-            }
-        }
-        if self.terminal.is_none() && self.port_claim.is_none() {
-            match self.ctx.host_ports.claim(&self.key.uid, &self.pod) {
-                Ok(claim) => self.port_claim = Some(claim),
-                Err(reason) => {
-                    warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
-                    self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
-                    self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
-                }
+            if let Err((rejection, status_message)) = self.admit().await {
+                warn!(reason = %rejection.reason, message = %rejection.message, "pod rejected");
+                self.ctx.events.warning(&self.object_ref(), &rejection.reason, rejection.message.clone());
+                self.terminal = Some(Terminal { phase: "Failed", reason: Some(rejection.reason), message: Some(status_message) });
             }
         }
         if self.terminal.is_none() {
@@ -339,6 +317,31 @@ impl PodWorker {
         }
         self.ctx.status.set(self.key.clone(), status);
         wake
+    }
+
+    /// Admission, as a chain: what the node runs at all (the spec), then the pod's requests
+    /// against allocatable less what admitted pods request, then its host ports. The first
+    /// handler to refuse ends the chain; the one rejection path is the caller's. A pod admitted
+    /// once keeps its ticket and its ports while it may run. A refusal is the rejection (its
+    /// message is the Event's) and the pod status's message (resource refusals say "Pod was
+    /// rejected: ...", as the kubelet's).
+    async fn admit(&mut self) -> Result<(), (admission::Rejection, String)> {
+        let as_is = |r: admission::Rejection| {
+            let message = r.message.clone();
+            (r, message)
+        };
+        admission::admit(&self.pod).map_err(as_is)?;
+        if self.admitted.is_none() {
+            let ticket = self.ctx.admission.admit(&self.pod).await.map_err(|r| {
+                let message = format!("Pod was rejected: {}", r.message);
+                (r, message)
+            })?;
+            self.admitted = Some(ticket);
+        }
+        if self.port_claim.is_none() {
+            self.port_claim = Some(self.ctx.host_ports.claim(&self.key.uid, &self.pod).map_err(as_is)?);
+        }
+        Ok(())
     }
 
     fn active_deadline(&self) -> Option<DateTime<Utc>> {
