@@ -444,7 +444,7 @@ impl PodWorker {
                     record.spec_hash = summary.annotations.get(SPEC_HASH_ANNOTATION).and_then(|h| h.parse().ok()).unwrap_or_else(|| spec.map_or(0, spec_hash));
                     record.termination_file = spec.and_then(|c| termination_file(&pod_dir, c, attempt));
                     record.fallback_to_logs = spec.is_some_and(|c| c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"));
-                    record.log_path = Some(log_dir.join(name).join(format!("{attempt}.log")));
+                    record.log_path = Some(super::layout::container_log(&log_dir, name, attempt));
                     if let ContainerState::Running { started_at } = summary.state {
                         // The crash-loop backoff resets after a long run, counted from the real start.
                         let ran = SystemTime::now().duration_since(started_at).unwrap_or_default();
@@ -481,7 +481,7 @@ impl PodWorker {
 
     /// The pod's log directory, `<pod logs dir>/<namespace>_<name>_<uid>`.
     fn log_dir(&self) -> PathBuf {
-        self.ctx.pod_logs_dir.join(format!("{}_{}_{}", self.key.namespace, self.key.name, self.key.uid))
+        super::layout::pod_log_dir(&self.ctx.pod_logs_dir, &self.key.namespace, &self.key.name, &self.key.uid)
     }
 
     /// Starts what should run. Returns the earliest retry instant, if any.
@@ -694,7 +694,7 @@ impl PodWorker {
                 mounts.push(Mount { host_path: file.dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
             }
         }
-        let log_path = log_dir.join(format!("{attempt}.log"));
+        let log_path = super::layout::container_log(&self.log_dir(), &name, attempt);
         let (cpu_limit_millicores, cpu_request_millicores) = match resources::cpu_limit(container).and_then(|l| Ok((l, resources::container_requests(container)?))) {
             Ok((limit, requests)) => (limit, Some(requests.milli_cpu).filter(|m| *m > 0)),
             Err(e) => return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string()),
@@ -1173,7 +1173,7 @@ fn termination_file(pod_dir: &std::path::Path, container: &Container, attempt: u
     let guest_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
     let path = std::path::Path::new(&guest_path);
     let (_, file) = path.parent().zip(path.file_name()).filter(|_| guest_path.starts_with('/'))?;
-    let dir = pod_dir.join("containers").join(&container.name).join(attempt.to_string());
+    let dir = super::layout::run_dir(pod_dir, &container.name, attempt);
     Some(TerminationFile { dir, name: file.to_os_string(), guest_path })
 }
 
