@@ -42,6 +42,12 @@ pub fn container_log(pod_log_dir: &Path, container: &str, attempt: u32) -> PathB
     pod_log_dir.join(container).join(format!("{attempt}.log"))
 }
 
+/// The UID in `dir_name` when it is a log directory of pod `namespace/name` (several UIDs: a
+/// pod deleted and made again under the same name).
+pub fn uid_of_pod_log_dir<'a>(dir_name: &'a str, namespace: &str, name: &str) -> Option<&'a str> {
+    dir_name.strip_prefix(namespace)?.strip_prefix('_')?.strip_prefix(name)?.strip_prefix('_')
+}
+
 /// Whether `dir_name` (an entry of the pod logs directory) is the log directory of pod `uid`.
 pub fn is_pod_log_dir_of(dir_name: &str, uid: &str) -> bool {
     dir_name.matches('_').count() == 2 && dir_name.ends_with(&format!("_{uid}"))
@@ -60,6 +66,8 @@ mod tests {
         let logs = pod_log_dir(Path::new("/var/log/pods"), "ns", "web", "u1");
         assert_eq!(container_log(&logs, "app", 0), Path::new("/var/log/pods/ns_web_u1/app/0.log"));
         assert!(is_pod_log_dir_of("ns_web_u1", "u1"));
+        assert_eq!(uid_of_pod_log_dir("ns_web_u1", "ns", "web"), Some("u1"));
+        assert_eq!(uid_of_pod_log_dir("ns_web2_u1", "ns", "web"), None);
         assert!(!is_pod_log_dir_of("ns_web_u12", "u1") && !is_pod_log_dir_of("web_u1", "u1"));
     }
 }
