@@ -2,14 +2,101 @@
 //! previous listing, and tells the pod manager which pods had a container change state, so
 //! their workers sync. The provider knows nothing about pods' Kubernetes state; this is how
 //! the node learns that an instance exited.
+//!
+//! It is also the runtime cache: the one place the provider's containers and sandboxes are
+//! listed. Each relist is a [`RuntimeSnapshot`] that workers, eviction, garbage collection,
+//! stats and the kubelet API read through a [`RuntimeCache`]; a reader that must see its own
+//! action (a container it just started or stopped) asks for a snapshot newer than that action
+//! ([`RuntimeCache::newer_than`]), which relists at once, as the kubelet's `GetNewerThan`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use provider_api::{ContainerState, Provider};
-use tokio::sync::mpsc;
+use provider_api::{ContainerState, ContainerSummary, Provider, SandboxConfig};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// What the provider held at one relist.
+#[derive(Debug)]
+pub struct RuntimeSnapshot {
+    /// The relist's number, counted when it began: every change completed before a
+    /// [`RuntimeCache::mark`] that returned this number or less is in it.
+    pub generation: u64,
+    /// Every container, in every state; `None` while the runtime cannot be asked (readers
+    /// then skip their pass rather than conclude that nothing runs).
+    pub containers: Option<Vec<ContainerSummary>>,
+    /// Every pod sandbox; `None` as for `containers`.
+    pub sandboxes: Option<Vec<SandboxConfig>>,
+}
+
+/// The readers' side of the runtime cache (cheap to clone).
+#[derive(Clone)]
+pub struct RuntimeCache {
+    rx: watch::Receiver<Arc<RuntimeSnapshot>>,
+    relist: Arc<Notify>,
+    /// Relists begun so far (the last one's generation).
+    begun: Arc<AtomicU64>,
+}
+
+/// The PLEG's side: publishes snapshots, hears relist requests.
+pub struct RuntimePublisher {
+    tx: watch::Sender<Arc<RuntimeSnapshot>>,
+    relist: Arc<Notify>,
+    begun: Arc<AtomicU64>,
+}
+
+/// A point in the cache's history, taken right after an action (see [`RuntimeCache::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark(u64);
+
+/// A cache with nothing in it yet (an empty snapshot, generation 0, from before any relist).
+pub fn runtime_cache() -> (RuntimeCache, RuntimePublisher) {
+    let empty = Arc::new(RuntimeSnapshot { generation: 0, containers: None, sandboxes: None });
+    let (tx, rx) = watch::channel(empty);
+    let (relist, begun) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
+    (RuntimeCache { rx, relist: relist.clone(), begun: begun.clone() }, RuntimePublisher { tx, relist, begun })
+}
+
+impl RuntimeCache {
+    /// The latest snapshot, however old (at most a relist period while the PLEG runs).
+    pub fn latest(&self) -> Arc<RuntimeSnapshot> {
+        self.rx.borrow().clone()
+    }
+
+    /// Now, in the cache's history: a relist that begins after this call has a generation of at
+    /// least the mark (one already under way may have missed what was just done). Counted, not
+    /// timed: two instants can be equal, and a coarse clock must not make a stale list fresh.
+    pub fn mark(&self) -> Mark {
+        Mark(self.begun.load(Ordering::SeqCst) + 1)
+    }
+
+    /// A snapshot from a relist begun after `mark` was taken: the latest if it is, else one
+    /// relisted now (requests from many readers are served by one relist).
+    pub async fn newer_than(&self, mark: Mark) -> Arc<RuntimeSnapshot> {
+        let mut rx = self.rx.clone();
+        loop {
+            {
+                let latest = rx.borrow_and_update();
+                if latest.generation >= mark.0 {
+                    return latest.clone();
+                }
+            }
+            self.relist.notify_one();
+            if rx.changed().await.is_err() {
+                // The PLEG is gone (shutdown): the last snapshot is all there is.
+                return self.rx.borrow().clone();
+            }
+        }
+    }
+
+    /// A snapshot newer than now: what the runtime holds after everything done so far.
+    pub async fn fresh(&self) -> Arc<RuntimeSnapshot> {
+        self.newer_than(self.mark()).await
+    }
+}
 
 /// The kubelet's relist period.
 pub const RELIST_PERIOD: Duration = Duration::from_secs(1);
@@ -23,7 +110,7 @@ fn state_kind(s: &ContainerState) -> u8 {
     }
 }
 
-pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>, shutdown: CancellationToken) {
+pub async fn run(provider: Arc<dyn Provider>, cache: RuntimePublisher, tx: mpsc::UnboundedSender<String>, shutdown: CancellationToken) {
     let mut previous: HashMap<String, (String, u8)> = HashMap::new();
     let mut tick = tokio::time::interval(RELIST_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -31,18 +118,19 @@ pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>,
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            _ = cache.relist.notified() => {}
         }
         let mut current = HashMap::new();
-        let relist_started = tokio::time::Instant::now();
-        let listed = match provider.list_containers().await {
-            Ok(listed) => listed,
-            // Nothing changed that anyone can know of; the relist after the runtime is back
-            // reports what did.
-            Err(e) => {
-                tracing::debug!(error = %e, "relist skipped");
-                continue;
-            }
-        };
+        let relist_started = Instant::now();
+        let generation = cache.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let (listed, sandboxes) = (provider.list_containers().await, provider.list_pod_sandboxes().await);
+        if let Err(e) = listed.as_ref().and(sandboxes.as_ref()) {
+            tracing::debug!(error = %e, "the runtime cannot be listed");
+        }
+        cache.tx.send_replace(Arc::new(RuntimeSnapshot { generation, containers: listed.as_ref().ok().cloned(), sandboxes: sandboxes.ok() }));
+        // Nothing changed that anyone can know of while the runtime cannot be asked; the
+        // relist after it is back reports what did.
+        let Ok(listed) = listed else { continue };
         record_relist(&listed, relist_started.elapsed());
         for c in listed {
             let kind = state_kind(&c.state);
