@@ -244,6 +244,9 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 /// only the two messages and the 5-byte gRPC prefix are, and tonic (with prost and its code
 /// generation) is not a dependency yet. It arrives with the containerd provider (CRI over
 /// gRPC, issue 14); this probe moves to tonic-health's generated client then.
+/// The largest gRPC health reply read (grpc-go's default receive limit).
+const GRPC_MAX_REPLY: usize = 4 << 20;
+
 async fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> Result<(), String> {
     use http_body_util::BodyExt;
     let addr = host_port(host, port);
@@ -266,7 +269,9 @@ async fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> 
             .map_err(|e| format!("error: health rpc probe failed: {e}"))?;
         let response = sender.send_request(request).await.map_err(|e| format!("error: health rpc probe failed: {e}"))?;
         let (head, body) = response.into_parts();
-        let collected = body.collect().await.map_err(|e| format!("error: health rpc probe failed: {e}"))?;
+        // At most 4 MiB of reply, as the kubelet's gRPC client receives: a pod streaming data
+        // for the whole timeout holds no more of the agent's memory than that.
+        let collected = http_body_util::Limited::new(body, GRPC_MAX_REPLY).collect().await.map_err(|e| format!("error: health rpc probe failed: {e}"))?;
         let trailers = collected.trailers().cloned().unwrap_or_default();
         let message = collected.to_bytes();
         // A trailers-only response carries grpc-status in the headers.
