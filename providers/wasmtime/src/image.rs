@@ -1068,9 +1068,10 @@ impl Drop for TempDir {
 /// cannot be read skipped. Blocking: walks the whole tree (callers use `spawn_blocking`).
 pub fn tree_usage(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    // walkdir yields `path` itself first; with follow_links(false) its metadata is lstat's.
+    // walkdir yields `path` itself first; it would follow `path` if a link unless told not to.
     walkdir::WalkDir::new(path)
         .follow_links(false)
+        .follow_root_links(false)
         .into_iter()
         .flatten()
         .filter_map(|entry| entry.metadata().ok())
