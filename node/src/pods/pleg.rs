@@ -73,8 +73,8 @@ fn record_relist(listed: &[provider_api::ContainerSummary], took: Duration) {
             running_pods.insert(c.pod_uid.as_str());
         }
     }
-    for (state, count) in ["created", "running", "exited"].iter().zip(by_state) {
-        metrics.running_containers.get_or_create(&crate::metrics::ContainerStateLabels { container_state: *state }).set(i64::from(count));
+    for (state, count) in ["created", "running", "exited"].into_iter().zip(by_state) {
+        metrics.running_containers.get_or_create(&crate::metrics::ContainerStateLabels { container_state: state }).set(i64::from(count));
     }
     metrics.running_pods.set(running_pods.len() as i64);
 }
