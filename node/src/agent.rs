@@ -117,7 +117,9 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
     // The kubelet API: bound before anything else runs, so a busy port or a bad certificate
     // stops the agent at once (as it stops the kubelet).
     let mut pods_view = crate::server::pods::PodsViewSender::disabled();
-    if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone(), provider.clone()).await? {
+    // The runtime cache: the PLEG lists the provider, every other reader reads the snapshot.
+    let (runtime_cache, runtime_publisher) = pleg::runtime_cache();
+    if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone(), provider.clone(), runtime_cache.clone()).await? {
         pods_view = server.pods_sender();
         tasks.spawn(server.run(shutdown.clone()));
     }
@@ -148,7 +150,7 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
             if let Some(runtime) = runtime {
                 tasks.spawn(crate::runtime::report(runtime, events.clone(), config.node_name.clone(), shutdown.clone()));
             }
-            let ctx = worker_context(&config, &provider, Some(client.clone()), status.clone(), events.clone(), pods_view.clone());
+            let ctx = worker_context(&config, &provider, runtime_cache.clone(), Some(client.clone()), status.clone(), events.clone(), pods_view.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (api_tx, api_rx) = mpsc::unbounded_channel();
@@ -159,14 +161,14 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
             let outputs = MergeOutputs { pods: change_tx, mirrors: Some(mirror_tx), status: Some(status), statics: watch::channel(None).0, runonce: false };
             let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
             tasks.spawn(static_source::merge(Some(api_rx), static_rx.1, static_rx.0, outputs, shutdown.clone()));
-            tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
+            tasks.spawn(pleg::run(provider.clone(), runtime_publisher, pleg_tx, shutdown.clone()));
             // Eviction and garbage collection see the manager's pods; evictions go back through it.
             let (pods_tx, pods_rx) = watch::channel(crate::eviction::PodSet::new());
             let (evict_tx, evict_rx) = mpsc::unbounded_channel();
-            let (gc, gc_handle) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), events.clone(), Some(pods_rx.clone()));
+            let (gc, gc_handle) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), runtime_cache.clone(), events.clone(), Some(pods_rx.clone()));
             tasks.spawn(gc.run(shutdown.clone()));
             let links = crate::eviction::EvictionLinks { pods: pods_rx, evict: evict_tx, pressure: pressure_tx, gc: Some(gc_handle) };
-            let eviction = crate::eviction::EvictionManager::new(config.clone(), provider.clone(), events.clone(), links);
+            let eviction = crate::eviction::EvictionManager::new(config.clone(), provider.clone(), runtime_cache.clone(), events.clone(), links);
             tasks.spawn(eviction.run(shutdown.clone()));
             let links = manager::ManagerLinks { pods: pods_tx, evictions: evict_rx };
             tasks.spawn(manager::run_linked(ctx, change_rx, pleg_rx, Some(links), shutdown.clone()));
@@ -182,19 +184,19 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
             let (latest_tx, latest_rx) = watch::channel(HashMap::new());
             tasks.spawn(static_source::local_status(status_rx, latest_tx));
             let events = EventSink::disabled();
-            let ctx = worker_context(&config, &provider, None, status, events.clone(), pods_view.clone());
+            let ctx = worker_context(&config, &provider, runtime_cache.clone(), None, status, events.clone(), pods_view.clone());
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (statics_tx, statics_rx) = watch::channel(None);
             let outputs = MergeOutputs { pods: change_tx, mirrors: None, status: None, statics: statics_tx, runonce: config.runonce };
             let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
             tasks.spawn(static_source::merge(None, static_rx.1, static_rx.0, outputs, shutdown.clone()));
-            tasks.spawn(pleg::run(provider.clone(), pleg_tx, shutdown.clone()));
+            tasks.spawn(pleg::run(provider.clone(), runtime_publisher, pleg_tx, shutdown.clone()));
             tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
             // Images and dead containers are collected without an API server too (static pods
             // are critical: there is nothing to evict, and no Node to report pressure on).
             if !config.runonce {
-                let (gc, _) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), events.clone(), None);
+                let (gc, _) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), runtime_cache.clone(), events.clone(), None);
                 tasks.spawn(gc.run(shutdown.clone()));
             }
             if config.runonce {
@@ -297,10 +299,11 @@ async fn run_once(
 }
 
 /// What every pod worker shares; `client` is None without an API server.
-fn worker_context(config: &Config, provider: &Arc<dyn Provider>, client: Option<kube::Client>, status: StatusSender, events: EventSink, pods_view: crate::server::pods::PodsViewSender) -> Arc<WorkerContext> {
+fn worker_context(config: &Config, provider: &Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, client: Option<kube::Client>, status: StatusSender, events: EventSink, pods_view: crate::server::pods::PodsViewSender) -> Arc<WorkerContext> {
     let allocatable = allocatable(config);
     Arc::new(WorkerContext {
         provider: provider.clone(),
+        runtime,
         pods_view,
         client,
         status,

@@ -78,6 +78,8 @@ impl GcPolicy {
 pub struct GarbageCollector {
     config: Arc<Config>,
     provider: Arc<dyn Provider>,
+    /// What the provider runs (the PLEG's snapshot): read, never listed here.
+    runtime: crate::pods::pleg::RuntimeCache,
     events: EventSink,
     policy: GcPolicy,
     pods: Option<watch::Receiver<PodSet>>,
@@ -89,10 +91,10 @@ pub struct GarbageCollector {
 
 impl GarbageCollector {
     /// `pods`: the pods the node has (their logs are kept); `None` keeps every pod's logs.
-    pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, events: EventSink, pods: Option<watch::Receiver<PodSet>>) -> (Self, GcHandle) {
+    pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, events: EventSink, pods: Option<watch::Receiver<PodSet>>) -> (Self, GcHandle) {
         let (tx, requests) = mpsc::unbounded_channel();
         let policy = GcPolicy::from_config(&config);
-        (Self { config, provider, events, policy, pods, requests, seen: HashSet::new() }, GcHandle { tx })
+        (Self { config, provider, runtime, events, policy, pods, requests, seen: HashSet::new() }, GcHandle { tx })
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -140,13 +142,13 @@ impl GarbageCollector {
             }
         };
         // Which images are in use is unknown while the runtime cannot be asked: remove none.
-        let in_use: HashSet<String> = match self.provider.list_containers().await {
-            Ok(listed) => listed.into_iter().map(|c| c.image_digest).collect(),
-            Err(e) => {
-                warn!(error = %e, "image garbage collection skipped");
-                return 0;
-            }
+        // A fresh snapshot: a container created a moment ago holds its image too.
+        let snapshot = self.runtime.fresh().await;
+        let Some(listed) = snapshot.containers.as_ref() else {
+            warn!("image garbage collection skipped: the container runtime cannot be listed");
+            return 0;
         };
+        let in_use: HashSet<String> = listed.iter().map(|c| c.image_digest.clone()).collect();
         let images = self.provider.list_images().await;
         let victims = images_to_remove(images, &in_use, SystemTime::now(), self.policy.image_min_age, to_free);
         let mut freed = 0;
@@ -169,14 +171,13 @@ impl GarbageCollector {
 
     /// Container collection; `all`: run now whatever the period (disk pressure).
     async fn collect_containers(&self, _all: bool) -> u64 {
-        let (containers, sandboxes) = match (self.provider.list_containers().await, self.provider.list_pod_sandboxes().await) {
-            (Ok(c), Ok(s)) => (c, s.into_iter().map(|s| (s.pod_uid.clone(), s)).collect::<HashMap<String, SandboxConfig>>()),
-            (Err(e), _) | (_, Err(e)) => {
-                debug!(error = %e, "container garbage collection skipped");
-                return 0;
-            }
+        let snapshot = self.runtime.latest();
+        let (Some(containers), Some(sandboxes)) = (snapshot.containers.as_ref(), snapshot.sandboxes.as_ref()) else {
+            debug!("container garbage collection skipped: the container runtime cannot be listed");
+            return 0;
         };
-        let victims = dead_to_remove(&containers, &self.policy, SystemTime::now());
+        let sandboxes: HashMap<String, SandboxConfig> = sandboxes.iter().map(|s| (s.pod_uid.clone(), s.clone())).collect();
+        let victims = dead_to_remove(containers, &self.policy, SystemTime::now());
         let mut freed = 0;
         for c in victims {
             if let Err(e) = self.provider.remove_container(&c.id).await {
@@ -197,9 +198,9 @@ impl GarbageCollector {
         let Some(pods) = &self.pods else { return };
         let mut known: HashSet<String> = pods.borrow().keys().cloned().collect();
         // A pod the runtime may still hold is never collected on a guess.
-        match self.provider.list_pod_sandboxes().await {
-            Ok(sandboxes) => known.extend(sandboxes.into_iter().map(|s| s.pod_uid)),
-            Err(_) => return,
+        match self.runtime.latest().sandboxes.as_ref() {
+            Some(sandboxes) => known.extend(sandboxes.iter().map(|s| s.pod_uid.clone())),
+            None => return,
         }
         let gone: Vec<String> = self.seen.difference(&known).cloned().collect();
         self.seen.extend(known);

@@ -352,6 +352,23 @@ impl Drop for Agent {
     }
 }
 
+/// `GET path` on the agent's kubelet API with the admin client certificate (curl): (HTTP
+/// status, body).
+pub fn kubelet_get(agent: &Agent, path: &str) -> (u16, String) {
+    let (crt, key) = admin_cert();
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "20", "-w", "\n%{http_code}", "--cert"])
+        .arg(crt)
+        .arg("--key")
+        .arg(key)
+        .arg(format!("https://{}:10250{path}", agent.node_ip))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 /// The memory cgroup directory of `pid` when it is the runtime's own (cgroup v1 or v2).
 pub fn runtime_cgroup(pid: u32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

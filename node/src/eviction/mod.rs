@@ -88,6 +88,8 @@ pub struct EvictionLinks {
 pub struct EvictionManager {
     config: Arc<Config>,
     provider: Arc<dyn Provider>,
+    /// What the provider runs (the PLEG's snapshot).
+    runtime: crate::pods::pleg::RuntimeCache,
     events: EventSink,
     links: EvictionLinks,
     thresholds: Vec<Threshold>,
@@ -111,9 +113,9 @@ pub fn thresholds(config: &Config) -> Vec<Threshold> {
 }
 
 impl EvictionManager {
-    pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, events: EventSink, links: EvictionLinks) -> Self {
+    pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, events: EventSink, links: EvictionLinks) -> Self {
         let thresholds = thresholds(&config);
-        Self { config, provider, events, links, thresholds, tracker: ThresholdTracker::default(), evicted: HashSet::new() }
+        Self { config, provider, runtime, events, links, thresholds, tracker: ThresholdTracker::default(), evicted: HashSet::new() }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -152,7 +154,8 @@ impl EvictionManager {
         let decision = self.tracker.observe(&self.thresholds, &observations, self.config.eviction_pressure_transition_period, Instant::now());
         self.publish(&decision.conditions);
 
-        let Ok(containers) = self.provider.list_containers().await else {
+        let snapshot = self.runtime.latest();
+        let Some(containers) = snapshot.containers.as_ref() else {
             // Nothing is known about what runs while the runtime cannot be asked.
             return;
         };
@@ -218,8 +221,9 @@ impl EvictionManager {
     /// The guest memory guard ([`guests`]): guests together over allocatable memory evict the
     /// worst offender (memory ranking, the hard grace period), one per check.
     async fn guard_guests(&mut self) {
-        let Ok(containers) = self.provider.list_containers().await else { return };
-        let total = guests::guest_total(&containers);
+        let snapshot = self.runtime.latest();
+        let Some(containers) = snapshot.containers.as_ref() else { return };
+        let total = guests::guest_total(containers);
         if total == 0 {
             return;
         }
@@ -252,7 +256,7 @@ impl EvictionManager {
         let deadline = Instant::now() + grace + POD_CLEANUP_TIMEOUT;
         while Instant::now() < deadline {
             // While the runtime cannot be asked the containers count as running.
-            let running = self.provider.list_containers().await.map_or(true, |l| l.iter().any(|c| c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. })));
+            let running = self.runtime.fresh().await.containers.as_ref().is_none_or(|l| l.iter().any(|c| c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. })));
             if !running {
                 debug!(uid, "evicted pod's containers stopped");
                 return;

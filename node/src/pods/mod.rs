@@ -1,14 +1,17 @@
 //! Pods: where they come from ([`source`], static pods from [`static_source`], whose API
 //! objects [`mirror`] keeps), who acts on each ([`manager`] and one
-//! [`worker`] per UID), how the node learns about container changes ([`pleg`]), and the only
-//! writer of pod status ([`status`]). [`volumes`] sets up what containers mount. [`admission`] and [`env`] are pure helpers. [`beneath`] is how every path inside a pod's
-//! directories is opened.
+//! [`worker`] per UID), how the node learns about container changes ([`pleg`], which is also
+//! the runtime cache every reader shares), and the only writer of pod status ([`status`]).
+//! A worker decides with [`plan`] (pure: which containers start, restart or are replaced) and
+//! carries the steps out itself. [`volumes`] sets up what containers mount. [`admission`] and
+//! [`env`] are pure helpers. [`beneath`] is how every path inside a pod's directories is opened.
 
 pub mod admission;
 pub mod beneath;
 pub mod env;
 pub mod manager;
 pub mod mirror;
+pub mod plan;
 pub mod pleg;
 pub mod ports;
 pub mod resources;

@@ -2,14 +2,85 @@
 //! previous listing, and tells the pod manager which pods had a container change state, so
 //! their workers sync. The provider knows nothing about pods' Kubernetes state; this is how
 //! the node learns that an instance exited.
+//!
+//! It is also the runtime cache: the one place the provider's containers and sandboxes are
+//! listed. Each relist is a [`RuntimeSnapshot`] that workers, eviction, garbage collection,
+//! stats and the kubelet API read through a [`RuntimeCache`]; a reader that must see its own
+//! action (a container it just started or stopped) asks for a snapshot newer than that action
+//! ([`RuntimeCache::newer_than`]), which relists at once, as the kubelet's `GetNewerThan`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use provider_api::{ContainerState, Provider};
-use tokio::sync::mpsc;
+use provider_api::{ContainerState, ContainerSummary, Provider, SandboxConfig};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// What the provider held at one relist.
+#[derive(Debug)]
+pub struct RuntimeSnapshot {
+    /// When the relist began: every change the runtime made before this instant is in it.
+    pub taken_at: Instant,
+    /// Every container, in every state; `None` while the runtime cannot be asked (readers
+    /// then skip their pass rather than conclude that nothing runs).
+    pub containers: Option<Vec<ContainerSummary>>,
+    /// Every pod sandbox; `None` as for `containers`.
+    pub sandboxes: Option<Vec<SandboxConfig>>,
+}
+
+/// The readers' side of the runtime cache (cheap to clone).
+#[derive(Clone)]
+pub struct RuntimeCache {
+    rx: watch::Receiver<Arc<RuntimeSnapshot>>,
+    relist: Arc<Notify>,
+}
+
+/// The PLEG's side: publishes snapshots, hears relist requests.
+pub struct RuntimePublisher {
+    tx: watch::Sender<Arc<RuntimeSnapshot>>,
+    relist: Arc<Notify>,
+}
+
+/// A cache with nothing in it yet (an empty snapshot from before any relist).
+pub fn runtime_cache() -> (RuntimeCache, RuntimePublisher) {
+    let empty = Arc::new(RuntimeSnapshot { taken_at: Instant::now(), containers: None, sandboxes: None });
+    let (tx, rx) = watch::channel(empty);
+    let relist = Arc::new(Notify::new());
+    (RuntimeCache { rx, relist: relist.clone() }, RuntimePublisher { tx, relist })
+}
+
+impl RuntimeCache {
+    /// The latest snapshot, however old (at most a relist period while the PLEG runs).
+    pub fn latest(&self) -> Arc<RuntimeSnapshot> {
+        self.rx.borrow().clone()
+    }
+
+    /// A snapshot taken at or after `at`: the latest if it is, else one relisted now (requests
+    /// from many readers are served by one relist).
+    pub async fn newer_than(&self, at: Instant) -> Arc<RuntimeSnapshot> {
+        let mut rx = self.rx.clone();
+        loop {
+            {
+                let latest = rx.borrow_and_update();
+                if latest.taken_at >= at {
+                    return latest.clone();
+                }
+            }
+            self.relist.notify_one();
+            if rx.changed().await.is_err() {
+                // The PLEG is gone (shutdown): the last snapshot is all there is.
+                return self.rx.borrow().clone();
+            }
+        }
+    }
+
+    /// A snapshot newer than now: what the runtime holds after everything done so far.
+    pub async fn fresh(&self) -> Arc<RuntimeSnapshot> {
+        self.newer_than(Instant::now()).await
+    }
+}
 
 /// The kubelet's relist period.
 pub const RELIST_PERIOD: Duration = Duration::from_secs(1);
@@ -23,7 +94,7 @@ fn state_kind(s: &ContainerState) -> u8 {
     }
 }
 
-pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>, shutdown: CancellationToken) {
+pub async fn run(provider: Arc<dyn Provider>, cache: RuntimePublisher, tx: mpsc::UnboundedSender<String>, shutdown: CancellationToken) {
     let mut previous: HashMap<String, (String, u8)> = HashMap::new();
     let mut tick = tokio::time::interval(RELIST_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -31,18 +102,18 @@ pub async fn run(provider: Arc<dyn Provider>, tx: mpsc::UnboundedSender<String>,
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            _ = cache.relist.notified() => {}
         }
         let mut current = HashMap::new();
-        let relist_started = tokio::time::Instant::now();
-        let listed = match provider.list_containers().await {
-            Ok(listed) => listed,
-            // Nothing changed that anyone can know of; the relist after the runtime is back
-            // reports what did.
-            Err(e) => {
-                tracing::debug!(error = %e, "relist skipped");
-                continue;
-            }
-        };
+        let relist_started = Instant::now();
+        let (listed, sandboxes) = (provider.list_containers().await, provider.list_pod_sandboxes().await);
+        if let Err(e) = listed.as_ref().and(sandboxes.as_ref()) {
+            tracing::debug!(error = %e, "the runtime cannot be listed");
+        }
+        cache.tx.send_replace(Arc::new(RuntimeSnapshot { taken_at: relist_started, containers: listed.as_ref().ok().cloned(), sandboxes: sandboxes.ok() }));
+        // Nothing changed that anyone can know of while the runtime cannot be asked; the
+        // relist after it is back reports what did.
+        let Ok(listed) = listed else { continue };
         record_relist(&listed, relist_started.elapsed());
         for c in listed {
             let kind = state_kind(&c.state);

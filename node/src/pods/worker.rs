@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::admission;
 use super::env;
+use super::plan;
 use super::resources;
 use super::status::{PodKey, StatusSender};
 use super::volumes;
@@ -60,6 +61,8 @@ pub struct PodDesire {
 /// What every worker shares.
 pub struct WorkerContext {
     pub provider: Arc<dyn Provider>,
+    /// What the provider runs, as the PLEG last listed it (the one place it is listed).
+    pub runtime: super::pleg::RuntimeCache,
     /// Where the kubelet API's `/pods` learns each pod and its latest status.
     pub pods_view: crate::server::pods::PodsViewSender,
     pub client: Option<kube::Client>,
@@ -149,6 +152,9 @@ pub struct PodWorker {
     /// Whether the runtime's list was searched once for containers of this pod that run
     /// although its status does not say so (see `adopt_or_lose`).
     looked_for_running: bool,
+    /// When this worker last changed what the runtime runs (created, started or stopped a
+    /// container): the runtime snapshot it reads must be at least this recent.
+    acted_at: Instant,
 }
 
 impl PodWorker {
@@ -196,7 +202,7 @@ impl PodWorker {
             ..Default::default()
         };
         let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false }
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false, acted_at: Instant::now() }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -344,17 +350,18 @@ impl PodWorker {
         (spec.init_containers.unwrap_or_default(), spec.containers)
     }
 
-    fn restart_policy(&self) -> &str {
-        self.pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always")
+    fn restart_policy(&self) -> plan::RestartPolicy {
+        plan::RestartPolicy::of(self.pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()))
     }
 
     /// Reads the provider's view of this pod's containers.
     async fn refresh(&mut self) {
-        let Ok(listed) = self.ctx.provider.list_containers().await else {
+        let snapshot = self.ctx.runtime.newer_than(self.acted_at).await;
+        let Some(listed) = snapshot.containers.as_ref() else {
             // What runs is unknown while the runtime cannot be asked: keep what was last seen.
             return;
         };
-        let listed: Vec<_> = listed.into_iter().filter(|s| s.pod_uid == self.key.uid).collect();
+        let listed: Vec<_> = listed.iter().filter(|s| s.pod_uid == self.key.uid).cloned().collect();
         self.adopt_or_lose(&listed);
         let mut oom_killed = Vec::new();
         for summary in listed {
@@ -526,71 +533,39 @@ impl PodWorker {
             }
         }
         wake = wake.or(self.volumes_refresh_at);
-        let policy = self.restart_policy().to_string();
+        let policy = self.restart_policy();
         let (init, app) = self.spec_containers();
         let mut earliest = |at: Option<Instant>| {
             if let Some(at) = at {
                 wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
             }
         };
-
-        // Init containers: in order, each to success before the next.
-        for c in &init {
-            let record = self.containers.entry(c.name.clone()).or_default();
-            match &record.current {
-                Some(ContainerState::Exited { exit_code: 0, .. }) => continue,
-                None if record.last_terminated.as_ref().is_some_and(|t| t.exit_code == 0) && record.id.is_none() => continue,
-                Some(ContainerState::Running { .. }) | Some(ContainerState::Created) => return wake,
-                Some(ContainerState::Exited { .. }) if policy == "Never" => return wake, // the pod fails
-                _ => {
-                    let at = self.start_container(c, true).await;
-                    earliest(at);
-                    return wake;
-                }
-            }
+        for c in init.iter().chain(&app) {
+            self.containers.entry(c.name.clone()).or_default();
         }
-
-        for c in &app {
-            let hash = spec_hash(c);
-            let changed = {
-                let record = self.containers.entry(c.name.clone()).or_default();
-                matches!(record.current, Some(ContainerState::Running { .. })) && record.spec_hash != 0 && record.spec_hash != hash
+        let steps = plan::plan(policy, &hashes(&init), &hashes(&app), |name| self.containers.get(name).map(seen).unwrap_or_default());
+        for step in steps {
+            let (name, is_init) = match &step {
+                plan::Step::Start { name, init } => (name.clone(), *init),
+                plan::Step::Replace { name } => (name.clone(), false),
             };
-            if changed {
+            let Some(c) = init.iter().chain(&app).find(|c| c.name == name) else { continue };
+            if matches!(step, plan::Step::Replace { .. }) {
                 // The kubelet restarts a container whose definition changed (e.g. a new image),
                 // without crash-loop backoff and without counting it as a failure.
-                let id = self.containers[&c.name].id.clone().unwrap_or_default();
+                let id = self.containers[&name].id.clone().unwrap_or_default();
                 let grace = Duration::from_secs(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64);
-                self.ctx.events.normal(&self.container_ref(&c.name), "Killing", format!("Container {} definition changed, will be restarted", c.name));
+                self.ctx.events.normal(&self.container_ref(&name), "Killing", format!("Container {name} definition changed, will be restarted"));
                 if let Err(e) = self.ctx.provider.stop_container(&id, grace).await {
-                    warn!(container = %c.name, error = %e, "stopping a changed container");
+                    warn!(container = %name, error = %e, "stopping a changed container");
                 }
+                self.acted_at = Instant::now();
                 self.refresh().await;
-                let record = self.containers.get_mut(&c.name).expect("record exists");
+                let record = self.containers.get_mut(&name).expect("record exists");
                 record.retry_at = Some(Instant::now());
             }
-            let record = self.containers.entry(c.name.clone()).or_default();
-            let restart = changed || match &record.current {
-                Some(ContainerState::Running { .. }) | Some(ContainerState::Created) => false,
-                Some(ContainerState::Exited { exit_code, .. }) => match policy.as_str() {
-                    "Always" => true,
-                    "OnFailure" => *exit_code != 0,
-                    _ => false,
-                },
-                None => match &record.last_terminated {
-                    // Known only from the pod's status (an agent restart): follow the policy.
-                    Some(t) if record.id.is_none() && record.attempts > 0 => match policy.as_str() {
-                        "Always" => true,
-                        "OnFailure" => t.exit_code != 0,
-                        _ => false,
-                    },
-                    _ => true,
-                },
-            };
-            if restart {
-                let at = self.start_container(c, false).await;
-                earliest(at);
-            }
+            let at = self.start_container(c, is_init).await;
+            earliest(at);
         }
         wake
     }
@@ -740,7 +715,10 @@ impl PodWorker {
             annotations: BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), spec_hash(container).to_string())]),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
-        let id = match self.ctx.provider.create_container(&sandbox, config).await {
+        let created = self.ctx.provider.create_container(&sandbox, config).await;
+        // Marked once the call returned: a snapshot begun before that may not hold the container.
+        self.acted_at = Instant::now();
+        let id = match created {
             Ok(id) => id,
             Err(e) => {
                 self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
@@ -748,7 +726,9 @@ impl PodWorker {
             }
         };
         self.ctx.events.normal(&cref, "Created", format!("Created container: {name}"));
-        if let Err(e) = self.ctx.provider.start_container(&id).await {
+        let started = self.ctx.provider.start_container(&id).await;
+        self.acted_at = Instant::now();
+        if let Err(e) = started {
             self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
             return self.wait_and_retry(&name, "RunContainerError", e.to_string());
         }
@@ -862,6 +842,7 @@ impl PodWorker {
             }
         });
         futures::future::join_all(stops).await;
+        self.acted_at = Instant::now();
         self.refresh().await;
     }
 
@@ -897,6 +878,9 @@ impl PodWorker {
             if let Err(e) = self.ctx.provider.remove_pod_sandbox(&sandbox, Duration::ZERO).await {
                 warn!(error = %e, "removing the pod sandbox");
             }
+            // Every reader of the runtime cache (`/runningpods/`, stats, eviction) sees the pod
+            // gone before its API object is: a snapshot taken after the removal.
+            self.ctx.runtime.fresh().await;
         }
         // Volumes go with the pod: tmpfs unmounted, the pod directory removed.
         self.volumes = None;
@@ -1049,16 +1033,8 @@ impl PodWorker {
         }
     }
 
-    fn will_restart(&self, r: &ContainerRecord, policy: &str) -> bool {
-        if self.terminal.is_some() {
-            return false;
-        }
-        let code = r.last_terminated.as_ref().map_or(0, |t| t.exit_code);
-        match policy {
-            "Always" => true,
-            "OnFailure" => code != 0,
-            _ => false,
-        }
+    fn will_restart(&self, r: &ContainerRecord, policy: plan::RestartPolicy) -> bool {
+        self.terminal.is_none() && policy.restarts_after(r.last_terminated.as_ref().map_or(0, |t| t.exit_code))
     }
 }
 
@@ -1096,6 +1072,7 @@ impl PodWorker {
         if let Err(e) = probes::stop_with_pre_stop(&self.ctx.provider, &self.ctx.events, &cref, spec, &kill.id, &self.ctx.node_ip, grace).await {
             warn!(container = %kill.container, error = %e, "stopping a container that failed its probe");
         }
+        self.acted_at = Instant::now();
         self.refresh().await;
     }
 
@@ -1112,6 +1089,7 @@ impl PodWorker {
         if let Err(e) = self.ctx.provider.stop_container(&id, self.pod_grace()).await {
             warn!(container = %container.name, error = %e, "stopping a container whose postStart hook failed");
         }
+        self.acted_at = Instant::now();
         self.refresh().await;
     }
 
@@ -1193,6 +1171,26 @@ fn termination_file(pod_dir: &std::path::Path, container: &Container, attempt: u
     Some(TerminationFile { dir, name: file.to_os_string(), guest_path })
 }
 
+/// Each container's name with the hash of its definition, for [`plan::plan`].
+fn hashes(containers: &[Container]) -> Vec<(&str, u64)> {
+    containers.iter().map(|c| (c.name.as_str(), spec_hash(c))).collect()
+}
+
+/// What the plan needs to know of a container (see [`plan::Seen`]).
+fn seen(r: &ContainerRecord) -> plan::Seen {
+    plan::Seen {
+        now: r.current.as_ref().map(|s| match s {
+            ContainerState::Created => plan::Now::Created,
+            ContainerState::Running { .. } => plan::Now::Running,
+            ContainerState::Exited { exit_code, .. } => plan::Now::Exited { exit_code: *exit_code },
+        }),
+        last_exit: r.last_terminated.as_ref().map(|t| t.exit_code),
+        has_id: r.id.is_some(),
+        attempts: r.attempts,
+        started_hash: r.spec_hash,
+    }
+}
+
 /// Where the spec hash a container was started with is kept in the runtime, so an agent that
 /// adopts the container after a restart still sees a definition change.
 const SPEC_HASH_ANNOTATION: &str = "wasm-kubelet.io/spec-hash";
@@ -1223,8 +1221,8 @@ fn terminated(id: &str, started: Option<SystemTime>, finished: SystemTime, code:
 }
 
 /// The kubelet's getPhase, for a pod that is not already terminal.
-fn pod_phase(policy: &str, init_done: bool, init_failed: bool, app: &[ContainerStatus]) -> &'static str {
-    if init_failed && policy == "Never" {
+fn pod_phase(policy: plan::RestartPolicy, init_done: bool, init_failed: bool, app: &[ContainerStatus]) -> &'static str {
+    if init_failed && policy == plan::RestartPolicy::Never {
         return "Failed";
     }
     if !init_done {
@@ -1257,13 +1255,13 @@ fn pod_phase(policy: &str, init_done: bool, init_failed: bool, app: &[ContainerS
         return "Running";
     }
     if stopped > 0 {
-        if policy == "Always" {
+        if policy == plan::RestartPolicy::Always {
             return "Running";
         }
         if stopped == succeeded {
             return "Succeeded";
         }
-        if policy == "Never" {
+        if policy == plan::RestartPolicy::Never {
             return "Failed";
         }
         return "Running";
@@ -1380,14 +1378,14 @@ mod tests {
     #[test]
     fn phases_follow_the_kubelet() {
         let running = K8sState { running: Some(Default::default()), ..Default::default() };
-        assert_eq!(pod_phase("Never", true, false, &[cs(exited(0), None)]), "Succeeded");
-        assert_eq!(pod_phase("Never", true, false, &[cs(exited(3), None)]), "Failed");
-        assert_eq!(pod_phase("Always", true, false, &[cs(exited(0), None)]), "Running");
-        assert_eq!(pod_phase("OnFailure", true, false, &[cs(waiting("CrashLoopBackOff", None), Some(ContainerStateTerminated { exit_code: 1, ..Default::default() }))]), "Running");
-        assert_eq!(pod_phase("Never", true, false, &[cs(running, None)]), "Running");
-        assert_eq!(pod_phase("Never", true, false, &[cs(waiting("ContainerCreating", None), None)]), "Pending");
-        assert_eq!(pod_phase("Never", false, false, &[cs(waiting("PodInitializing", None), None)]), "Pending");
-        assert_eq!(pod_phase("Never", false, true, &[]), "Failed");
+        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(exited(0), None)]), "Succeeded");
+        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(exited(3), None)]), "Failed");
+        assert_eq!(pod_phase(plan::RestartPolicy::Always, true, false, &[cs(exited(0), None)]), "Running");
+        assert_eq!(pod_phase(plan::RestartPolicy::OnFailure, true, false, &[cs(waiting("CrashLoopBackOff", None), Some(ContainerStateTerminated { exit_code: 1, ..Default::default() }))]), "Running");
+        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(running, None)]), "Running");
+        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(waiting("ContainerCreating", None), None)]), "Pending");
+        assert_eq!(pod_phase(plan::RestartPolicy::Never, false, false, &[cs(waiting("PodInitializing", None), None)]), "Pending");
+        assert_eq!(pod_phase(plan::RestartPolicy::Never, false, true, &[]), "Failed");
     }
 
     #[test]

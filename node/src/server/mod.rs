@@ -183,7 +183,8 @@ pub struct KubeletServer {
 
 impl KubeletServer {
     /// Binds the ports and prepares TLS; `None` when `--enable-server=false`.
-    pub async fn bind(config: &Config, client: Option<kube::Client>, provider: Arc<dyn provider_api::Provider>) -> Result<Option<Self>, ServerError> {
+    /// `runtime`: the PLEG's snapshot of what the provider runs (`/runningpods/`, stats, exec targets).
+    pub async fn bind(config: &Config, client: Option<kube::Client>, provider: Arc<dyn provider_api::Provider>, runtime: crate::pods::pleg::RuntimeCache) -> Result<Option<Self>, ServerError> {
         if !config.enable_server {
             info!("--enable-server=false: the kubelet API is off (kubectl logs/exec will not reach this node)");
             return Ok(None);
@@ -210,13 +211,14 @@ impl KubeletServer {
         let authz = Authorizer::new(config.authorization_mode, client.clone(), config.node_name.clone());
         let streams = Arc::new(streams::StreamContext {
             provider,
+            runtime: runtime.clone(),
             client: client.clone(),
             pod_ip: config.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             idle_timeout: config.streaming_connection_idle_timeout,
         });
-        let (sampler, snapshots) = stats::Sampler::new(streams.provider.clone(), config.root_dir.clone(), config.housekeeping_interval);
+        let (sampler, snapshots) = stats::Sampler::new(streams.provider.clone(), runtime.clone(), config.root_dir.clone(), config.housekeeping_interval);
         let (pods_sender, pods_view) = pods::PodsView::start();
-        let node_routes = NodeRoutes { provider: streams.provider.clone(), pods: pods_view, configz: Arc::new(pods::configz(config)) };
+        let node_routes = NodeRoutes { runtime, pods: pods_view, configz: Arc::new(pods::configz(config)) };
         let routes = routes(config.pod_logs_dir.clone(), client, StatsView { node_name: config.node_name.clone(), boot: boot_time(), snapshots }, node_routes);
         info!(
             %addr,
@@ -438,7 +440,7 @@ fn boot_time() -> std::time::SystemTime {
 /// What `/pods`, `/runningpods/` and `/configz` read.
 #[derive(Clone)]
 struct NodeRoutes {
-    provider: Arc<dyn provider_api::Provider>,
+    runtime: crate::pods::pleg::RuntimeCache,
     pods: pods::PodsView,
     configz: Arc<serde_json::Value>,
 }
@@ -462,7 +464,7 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
         .then(move || {
             let node = running_node.clone();
             async move {
-                match pods::running_pod_list(node.provider.as_ref(), &node.pods).await {
+                match pods::running_pod_list(&node.runtime.latest(), &node.pods) {
                     Ok(list) => json_response(&list),
                     Err(e) => StatusError { code: 503, reason: "ServiceUnavailable", message: e.to_string(), headers: http::HeaderMap::new() }.into_warp(),
                 }

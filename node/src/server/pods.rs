@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use provider_api::{ContainerState, Provider};
+use provider_api::ContainerState;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -111,11 +111,12 @@ pub fn pod_list(view: &PodsView) -> Value {
 
 /// `/runningpods/`: pods with a running container, from the runtime, with the fields the
 /// kubelet fills (name, namespace, uid; each running container's name and image).
-pub async fn running_pod_list(provider: &dyn Provider, view: &PodsView) -> Result<Value, provider_api::ProviderError> {
-    let sandboxes: HashMap<String, (String, String)> = provider.list_pod_sandboxes().await?.into_iter().map(|s| (s.pod_uid, (s.namespace, s.name))).collect();
+pub fn running_pod_list(runtime: &crate::pods::pleg::RuntimeSnapshot, view: &PodsView) -> Result<Value, provider_api::ProviderError> {
+    let unavailable = || provider_api::ProviderError::Unavailable("the container runtime cannot be listed".into());
+    let sandboxes: HashMap<String, (String, String)> = runtime.sandboxes.as_ref().ok_or_else(unavailable)?.iter().map(|s| (s.pod_uid.clone(), (s.namespace.clone(), s.name.clone()))).collect();
     let known = view.latest();
     let mut by_pod: BTreeMap<String, Vec<Container>> = BTreeMap::new();
-    let mut containers = provider.list_containers().await?;
+    let mut containers = runtime.containers.clone().ok_or_else(unavailable)?;
     containers.sort_by(|a, b| a.name.cmp(&b.name));
     for c in containers {
         if !matches!(c.state, ContainerState::Running { .. }) {

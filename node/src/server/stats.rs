@@ -67,15 +67,17 @@ pub struct Snapshot {
 /// Takes samples; the only owner of the previous one.
 pub struct Sampler {
     provider: Arc<dyn Provider>,
+    /// What the provider runs (the PLEG's snapshot; usage is as of its relist).
+    runtime: crate::pods::pleg::RuntimeCache,
     root_dir: PathBuf,
     interval: Duration,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
 }
 
 impl Sampler {
-    pub fn new(provider: Arc<dyn Provider>, root_dir: PathBuf, interval: Duration) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
+    pub fn new(provider: Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, root_dir: PathBuf, interval: Duration) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
         let (tx, rx) = watch::channel(None);
-        (Self { provider, root_dir, interval, tx }, rx)
+        (Self { provider, runtime, root_dir, interval, tx }, rx)
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -106,12 +108,11 @@ impl Sampler {
             .map(|p| p.pods.iter().flat_map(|pod| pod.containers.iter().map(move |c| ((pod.uid.as_str(), c.name.as_str()), c.cpu_nanos))).collect())
             .unwrap_or_default();
 
-        let (sandboxes, containers) = match (self.provider.list_pod_sandboxes().await, self.provider.list_containers().await) {
-            (Ok(s), Ok(c)) => (s, c),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!(error = %e, "stats sample skipped");
-                return None;
-            }
+        // Fresh, so usage and the sample's time agree (rates are per second between samples).
+        let snapshot = self.runtime.fresh().await;
+        let (Some(sandboxes), Some(containers)) = (snapshot.sandboxes.clone(), snapshot.containers.as_ref()) else {
+            tracing::debug!("stats sample skipped: the container runtime cannot be listed");
+            return None;
         };
         let mut pods = Vec::new();
         for sandbox in sandboxes {

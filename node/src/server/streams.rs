@@ -32,6 +32,8 @@ use crate::streaming::{handshake, idle, websocket, StreamingConfig};
 /// What the streaming endpoints need.
 pub struct StreamContext {
     pub provider: Arc<dyn Provider>,
+    /// What the provider runs (the PLEG's snapshot): which instance an exec or attach targets.
+    pub runtime: crate::pods::pleg::RuntimeCache,
     pub client: Option<kube::Client>,
     /// The pod IP (the node IP). Port-forward dials what the provider names, not this.
     pub pod_ip: IpAddr,
@@ -199,7 +201,9 @@ async fn pod_uid(ctx: &StreamContext, namespace: &str, pod: &str, given: Option<
 
 /// The id of the running instance of `container` in pod `uid`.
 async fn running_container(ctx: &StreamContext, uid: &str, container: &str) -> Result<String, StatusError> {
-    let containers = ctx.provider.list_containers().await.map_err(|e| StatusError { code: 503, reason: "ServiceUnavailable", message: e.to_string(), headers: http::HeaderMap::new() })?;
+    // Fresh: a container that restarted a moment ago is targeted in its new instance.
+    let snapshot = ctx.runtime.fresh().await;
+    let containers = snapshot.containers.clone().ok_or_else(|| StatusError { code: 503, reason: "ServiceUnavailable", message: "the container runtime cannot be listed".into(), headers: http::HeaderMap::new() })?;
     let mut of_pod = containers.into_iter().filter(|c| c.pod_uid == uid && c.name == container).collect::<Vec<_>>();
     if of_pod.is_empty() {
         return Err(StatusError::not_found(format!("container {container} not found in the pod")));
