@@ -10,6 +10,7 @@
 //! ([`RuntimeCache::newer_than`]), which relists at once, as the kubelet's `GetNewerThan`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 /// What the provider held at one relist.
 #[derive(Debug)]
 pub struct RuntimeSnapshot {
-    /// When the relist began: every change the runtime made before this instant is in it.
-    pub taken_at: Instant,
+    /// The relist's number, counted when it began: every change completed before a
+    /// [`RuntimeCache::mark`] that returned this number or less is in it.
+    pub generation: u64,
     /// Every container, in every state; `None` while the runtime cannot be asked (readers
     /// then skip their pass rather than conclude that nothing runs).
     pub containers: Option<Vec<ContainerSummary>>,
@@ -35,20 +37,27 @@ pub struct RuntimeSnapshot {
 pub struct RuntimeCache {
     rx: watch::Receiver<Arc<RuntimeSnapshot>>,
     relist: Arc<Notify>,
+    /// Relists begun so far (the last one's generation).
+    begun: Arc<AtomicU64>,
 }
 
 /// The PLEG's side: publishes snapshots, hears relist requests.
 pub struct RuntimePublisher {
     tx: watch::Sender<Arc<RuntimeSnapshot>>,
     relist: Arc<Notify>,
+    begun: Arc<AtomicU64>,
 }
 
-/// A cache with nothing in it yet (an empty snapshot from before any relist).
+/// A point in the cache's history, taken right after an action (see [`RuntimeCache::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark(u64);
+
+/// A cache with nothing in it yet (an empty snapshot, generation 0, from before any relist).
 pub fn runtime_cache() -> (RuntimeCache, RuntimePublisher) {
-    let empty = Arc::new(RuntimeSnapshot { taken_at: Instant::now(), containers: None, sandboxes: None });
+    let empty = Arc::new(RuntimeSnapshot { generation: 0, containers: None, sandboxes: None });
     let (tx, rx) = watch::channel(empty);
-    let relist = Arc::new(Notify::new());
-    (RuntimeCache { rx, relist: relist.clone() }, RuntimePublisher { tx, relist })
+    let (relist, begun) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
+    (RuntimeCache { rx, relist: relist.clone(), begun: begun.clone() }, RuntimePublisher { tx, relist, begun })
 }
 
 impl RuntimeCache {
@@ -57,14 +66,21 @@ impl RuntimeCache {
         self.rx.borrow().clone()
     }
 
-    /// A snapshot taken at or after `at`: the latest if it is, else one relisted now (requests
-    /// from many readers are served by one relist).
-    pub async fn newer_than(&self, at: Instant) -> Arc<RuntimeSnapshot> {
+    /// Now, in the cache's history: a relist that begins after this call has a generation of at
+    /// least the mark (one already under way may have missed what was just done). Counted, not
+    /// timed: two instants can be equal, and a coarse clock must not make a stale list fresh.
+    pub fn mark(&self) -> Mark {
+        Mark(self.begun.load(Ordering::SeqCst) + 1)
+    }
+
+    /// A snapshot from a relist begun after `mark` was taken: the latest if it is, else one
+    /// relisted now (requests from many readers are served by one relist).
+    pub async fn newer_than(&self, mark: Mark) -> Arc<RuntimeSnapshot> {
         let mut rx = self.rx.clone();
         loop {
             {
                 let latest = rx.borrow_and_update();
-                if latest.taken_at >= at {
+                if latest.generation >= mark.0 {
                     return latest.clone();
                 }
             }
@@ -78,7 +94,7 @@ impl RuntimeCache {
 
     /// A snapshot newer than now: what the runtime holds after everything done so far.
     pub async fn fresh(&self) -> Arc<RuntimeSnapshot> {
-        self.newer_than(Instant::now()).await
+        self.newer_than(self.mark()).await
     }
 }
 
@@ -106,11 +122,12 @@ pub async fn run(provider: Arc<dyn Provider>, cache: RuntimePublisher, tx: mpsc:
         }
         let mut current = HashMap::new();
         let relist_started = Instant::now();
+        let generation = cache.begun.fetch_add(1, Ordering::SeqCst) + 1;
         let (listed, sandboxes) = (provider.list_containers().await, provider.list_pod_sandboxes().await);
         if let Err(e) = listed.as_ref().and(sandboxes.as_ref()) {
             tracing::debug!(error = %e, "the runtime cannot be listed");
         }
-        cache.tx.send_replace(Arc::new(RuntimeSnapshot { taken_at: relist_started, containers: listed.as_ref().ok().cloned(), sandboxes: sandboxes.ok() }));
+        cache.tx.send_replace(Arc::new(RuntimeSnapshot { generation, containers: listed.as_ref().ok().cloned(), sandboxes: sandboxes.ok() }));
         // Nothing changed that anyone can know of while the runtime cannot be asked; the
         // relist after it is back reports what did.
         let Ok(listed) = listed else { continue };

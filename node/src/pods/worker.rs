@@ -154,7 +154,7 @@ pub struct PodWorker {
     looked_for_running: bool,
     /// When this worker last changed what the runtime runs (created, started or stopped a
     /// container): the runtime snapshot it reads must be at least this recent.
-    acted_at: Instant,
+    acted_at: super::pleg::Mark,
 }
 
 impl PodWorker {
@@ -202,7 +202,8 @@ impl PodWorker {
             ..Default::default()
         };
         let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false, acted_at: Instant::now() }
+        let acted_at = ctx.runtime.mark();
+        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false, acted_at }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -559,7 +560,7 @@ impl PodWorker {
                 if let Err(e) = self.ctx.provider.stop_container(&id, grace).await {
                     warn!(container = %name, error = %e, "stopping a changed container");
                 }
-                self.acted_at = Instant::now();
+                self.acted_at = self.ctx.runtime.mark();
                 self.refresh().await;
                 let record = self.containers.get_mut(&name).expect("record exists");
                 record.retry_at = Some(Instant::now());
@@ -717,7 +718,7 @@ impl PodWorker {
         let sandbox = self.sandbox.clone().unwrap_or_default();
         let created = self.ctx.provider.create_container(&sandbox, config).await;
         // Marked once the call returned: a snapshot begun before that may not hold the container.
-        self.acted_at = Instant::now();
+        self.acted_at = self.ctx.runtime.mark();
         let id = match created {
             Ok(id) => id,
             Err(e) => {
@@ -727,7 +728,7 @@ impl PodWorker {
         };
         self.ctx.events.normal(&cref, "Created", format!("Created container: {name}"));
         let started = self.ctx.provider.start_container(&id).await;
-        self.acted_at = Instant::now();
+        self.acted_at = self.ctx.runtime.mark();
         if let Err(e) = started {
             self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
             return self.wait_and_retry(&name, "RunContainerError", e.to_string());
@@ -842,7 +843,7 @@ impl PodWorker {
             }
         });
         futures::future::join_all(stops).await;
-        self.acted_at = Instant::now();
+        self.acted_at = self.ctx.runtime.mark();
         self.refresh().await;
     }
 
@@ -903,7 +904,10 @@ impl PodWorker {
         let now = Time(Utc::now());
         let previous = self.last_status.clone().or_else(|| self.pod.status.clone()).unwrap_or_default();
 
-        let status_of = |c: &Container| -> ContainerStatus {
+        let status_of = |c: &Container, is_init: bool| -> ContainerStatus {
+            // An init container that succeeded is done whatever the pod's policy; one that
+            // failed runs again unless the policy is Never (as OnFailure).
+            let policy = if is_init && policy != plan::RestartPolicy::Never { plan::RestartPolicy::OnFailure } else { policy };
             let record = self.containers.get(&c.name);
             let image = c.image.clone().unwrap_or_default();
             let (state, last_state) = match record {
@@ -950,8 +954,8 @@ impl PodWorker {
                 ..Default::default()
             }
         };
-        let init_statuses: Vec<ContainerStatus> = init.iter().map(status_of).collect();
-        let app_statuses: Vec<ContainerStatus> = app.iter().map(status_of).collect();
+        let init_statuses: Vec<ContainerStatus> = init.iter().map(|c| status_of(c, true)).collect();
+        let app_statuses: Vec<ContainerStatus> = app.iter().map(|c| status_of(c, false)).collect();
 
         let init_done = init_statuses.iter().all(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code == 0));
         let init_failed = init_statuses.iter().any(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code != 0));
@@ -1072,7 +1076,7 @@ impl PodWorker {
         if let Err(e) = probes::stop_with_pre_stop(&self.ctx.provider, &self.ctx.events, &cref, spec, &kill.id, &self.ctx.node_ip, grace).await {
             warn!(container = %kill.container, error = %e, "stopping a container that failed its probe");
         }
-        self.acted_at = Instant::now();
+        self.acted_at = self.ctx.runtime.mark();
         self.refresh().await;
     }
 
@@ -1089,7 +1093,7 @@ impl PodWorker {
         if let Err(e) = self.ctx.provider.stop_container(&id, self.pod_grace()).await {
             warn!(container = %container.name, error = %e, "stopping a container whose postStart hook failed");
         }
-        self.acted_at = Instant::now();
+        self.acted_at = self.ctx.runtime.mark();
         self.refresh().await;
     }
 
@@ -1358,6 +1362,10 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod worker_tests;
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,9 @@
 //! relists ([`Provider::list_containers`]), and exec ([`Provider::exec`] streaming through an
 //! [`ExecIo`], [`Provider::exec_sync`] for probes and hooks).
 
+#[cfg(feature = "fake")]
+pub mod fake;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
