@@ -310,7 +310,7 @@ fn worker_context(config: &Config, provider: &Arc<dyn Provider>, runtime: crate:
         events,
         node_name: config.node_name.clone(),
         node_ip: node_ip(config),
-        pods_dir: config.root_dir.join("pods"),
+        pods_dir: crate::pods::layout::pods_dir(&config.root_dir),
         pod_logs_dir: config.pod_logs_dir.clone(),
         node_allocatable: (allocatable.milli_cpu, allocatable.memory_bytes),
         admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),

@@ -208,8 +208,7 @@ impl GarbageCollector {
             self.seen.remove(&uid);
             for entry in std::fs::read_dir(&self.config.pod_logs_dir).into_iter().flatten().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                // <namespace>_<name>_<uid>: neither a namespace nor a name holds `_`.
-                if name.matches('_').count() != 2 || !name.ends_with(&format!("_{uid}")) {
+                if !crate::pods::layout::is_pod_log_dir_of(&name, &uid) {
                     continue;
                 }
                 match std::fs::remove_dir_all(entry.path()) {
@@ -301,7 +300,7 @@ pub fn dead_to_remove<'a>(containers: &'a [ContainerSummary], policy: &GcPolicy,
 }
 
 fn pod_log_dir(root: &Path, sandbox: &SandboxConfig) -> PathBuf {
-    root.join(format!("{}_{}_{}", sandbox.namespace, sandbox.name, sandbox.pod_uid))
+    crate::pods::layout::pod_log_dir(root, &sandbox.namespace, &sandbox.name, &sandbox.pod_uid)
 }
 
 /// Deletes `<attempt>.log` and its rotated siblings in `dir`; returns the bytes freed.

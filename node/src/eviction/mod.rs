@@ -368,11 +368,7 @@ impl EvictionManager {
     /// walks (a guest's tree can be large) run on a blocking thread, off the runtime's workers.
     async fn storage_usage(&self, pod: &Pod) -> StorageUsage {
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-        let logs = self.config.pod_logs_dir.join(format!(
-            "{}_{}_{uid}",
-            pod.metadata.namespace.as_deref().unwrap_or("default"),
-            pod.metadata.name.as_deref().unwrap_or("")
-        ));
+        let logs = crate::pods::layout::pod_log_dir(&self.config.pod_logs_dir, pod.metadata.namespace.as_deref().unwrap_or("default"), pod.metadata.name.as_deref().unwrap_or(""), uid);
         let spec = pod.spec.clone().unwrap_or_default();
         let containers: Vec<(String, PathBuf)> = spec.containers.iter().map(|c| (c.name.clone(), logs.join(&c.name))).collect();
         let volumes: Vec<(String, PathBuf, bool)> = spec
@@ -445,7 +441,7 @@ struct StorageUsage {
 
 /// Where the pod worker materialises an emptyDir volume (see `pods::volumes`).
 fn empty_dir_path(root: &Path, uid: &str, volume: &str) -> PathBuf {
-    root.join("pods").join(uid).join("volumes").join("kubernetes.io~empty-dir").join(volume)
+    crate::pods::layout::volume_dir(&crate::pods::layout::pod_dir(root, uid), "empty-dir", volume)
 }
 
 /// Bytes the files under `path` occupy on disk (allocated blocks, as `du`); 0 when missing.

@@ -4,11 +4,13 @@
 //! the runtime cache every reader shares), and the only writer of pod status ([`status`]).
 //! A worker decides with [`plan`] (pure: which containers start, restart or are replaced) and
 //! carries the steps out itself. [`volumes`] sets up what containers mount. [`admission`] and
-//! [`env`] are pure helpers. [`beneath`] is how every path inside a pod's directories is opened.
+//! [`env`] are pure helpers. [`beneath`] is how every path inside a pod's directories is opened;
+//! [`layout`] is where those directories are.
 
 pub mod admission;
 pub mod beneath;
 pub mod env;
+pub mod layout;
 pub mod manager;
 pub mod mirror;
 pub mod plan;

@@ -274,32 +274,10 @@ impl PodWorker {
         self.refresh().await;
 
         if self.terminal.is_none() {
-            if let Err(reason) = admission::admit(&self.pod) {
-                warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
-                self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
-                self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
-            }
-        }
-        if self.terminal.is_none() && self.admitted.is_none() {
-            // The pod's requests must fit allocatable less what admitted pods request.
-            match self.ctx.admission.admit(&self.pod).await {
-                Ok(ticket) => self.admitted = Some(ticket),
-                Err(reason) => {
-                    warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
-                    self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
-                    let message = format!("Pod was rejected: {}", reason.message);
-                    self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(message) });
-                }
-            }
-        }
-        if self.terminal.is_none() && self.port_claim.is_none() {
-            match self.ctx.host_ports.claim(&self.key.uid, &self.pod) {
-                Ok(claim) => self.port_claim = Some(claim),
-                Err(reason) => {
-                    warn!(reason = %reason.reason, message = %reason.message, "pod rejected");
-                    self.ctx.events.warning(&self.object_ref(), &reason.reason, reason.message.clone());
-                    self.terminal = Some(Terminal { phase: "Failed", reason: Some(reason.reason), message: Some(reason.message) });
-                }
+            if let Err((rejection, status_message)) = self.admit().await {
+                warn!(reason = %rejection.reason, message = %rejection.message, "pod rejected");
+                self.ctx.events.warning(&self.object_ref(), &rejection.reason, rejection.message.clone());
+                self.terminal = Some(Terminal { phase: "Failed", reason: Some(rejection.reason), message: Some(status_message) });
             }
         }
         if self.terminal.is_none() {
@@ -339,6 +317,31 @@ impl PodWorker {
         }
         self.ctx.status.set(self.key.clone(), status);
         wake
+    }
+
+    /// Admission, as a chain: what the node runs at all (the spec), then the pod's requests
+    /// against allocatable less what admitted pods request, then its host ports. The first
+    /// handler to refuse ends the chain; the one rejection path is the caller's. A pod admitted
+    /// once keeps its ticket and its ports while it may run. A refusal is the rejection (its
+    /// message is the Event's) and the pod status's message (resource refusals say "Pod was
+    /// rejected: ...", as the kubelet's).
+    async fn admit(&mut self) -> Result<(), (admission::Rejection, String)> {
+        let as_is = |r: admission::Rejection| {
+            let message = r.message.clone();
+            (r, message)
+        };
+        admission::admit(&self.pod).map_err(as_is)?;
+        if self.admitted.is_none() {
+            let ticket = self.ctx.admission.admit(&self.pod).await.map_err(|r| {
+                let message = format!("Pod was rejected: {}", r.message);
+                (r, message)
+            })?;
+            self.admitted = Some(ticket);
+        }
+        if self.port_claim.is_none() {
+            self.port_claim = Some(self.ctx.host_ports.claim(&self.key.uid, &self.pod).map_err(as_is)?);
+        }
+        Ok(())
     }
 
     fn active_deadline(&self) -> Option<DateTime<Utc>> {
@@ -441,7 +444,7 @@ impl PodWorker {
                     record.spec_hash = summary.annotations.get(SPEC_HASH_ANNOTATION).and_then(|h| h.parse().ok()).unwrap_or_else(|| spec.map_or(0, spec_hash));
                     record.termination_file = spec.and_then(|c| termination_file(&pod_dir, c, attempt));
                     record.fallback_to_logs = spec.is_some_and(|c| c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"));
-                    record.log_path = Some(log_dir.join(name).join(format!("{attempt}.log")));
+                    record.log_path = Some(super::layout::container_log(&log_dir, name, attempt));
                     if let ContainerState::Running { started_at } = summary.state {
                         // The crash-loop backoff resets after a long run, counted from the real start.
                         let ran = SystemTime::now().duration_since(started_at).unwrap_or_default();
@@ -478,7 +481,7 @@ impl PodWorker {
 
     /// The pod's log directory, `<pod logs dir>/<namespace>_<name>_<uid>`.
     fn log_dir(&self) -> PathBuf {
-        self.ctx.pod_logs_dir.join(format!("{}_{}_{}", self.key.namespace, self.key.name, self.key.uid))
+        super::layout::pod_log_dir(&self.ctx.pod_logs_dir, &self.key.namespace, &self.key.name, &self.key.uid)
     }
 
     /// Starts what should run. Returns the earliest retry instant, if any.
@@ -692,7 +695,7 @@ impl PodWorker {
                 mounts.push(Mount { host_path: file.dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
             }
         }
-        let log_path = log_dir.join(format!("{attempt}.log"));
+        let log_path = super::layout::container_log(&self.log_dir(), &name, attempt);
         let (cpu_limit_millicores, cpu_request_millicores) = match resources::cpu_limit(container).and_then(|l| Ok((l, resources::container_requests(container)?))) {
             Ok((limit, requests)) => (limit, Some(requests.milli_cpu).filter(|m| *m > 0)),
             Err(e) => return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string()),
@@ -1171,7 +1174,7 @@ fn termination_file(pod_dir: &std::path::Path, container: &Container, attempt: u
     let guest_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
     let path = std::path::Path::new(&guest_path);
     let (_, file) = path.parent().zip(path.file_name()).filter(|_| guest_path.starts_with('/'))?;
-    let dir = pod_dir.join("containers").join(&container.name).join(attempt.to_string());
+    let dir = super::layout::run_dir(pod_dir, &container.name, attempt);
     Some(TerminationFile { dir, name: file.to_os_string(), guest_path })
 }
 

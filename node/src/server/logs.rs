@@ -121,13 +121,12 @@ pub async fn open(
     if !is_dns_subdomain(namespace) || !is_dns_subdomain(pod) || !is_dns_subdomain(container) {
         return Err(StatusError::not_found(format!("pod \"{namespace}/{pod}\" container \"{container}\" not found")));
     }
-    let prefix = format!("{namespace}_{pod}_");
     // Several UIDs (a pod deleted and made again under the same name): the newest directory.
     let mut newest: Option<(std::time::SystemTime, PathBuf, String)> = None;
     if let Ok(entries) = std::fs::read_dir(logs_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(uid) = name.strip_prefix(&prefix) else { continue };
+            let Some(uid) = crate::pods::layout::uid_of_pod_log_dir(&name, namespace, pod) else { continue };
             let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
             if newest.as_ref().is_none_or(|(t, _, _)| modified > *t) {
                 newest = Some((modified, entry.path(), uid.to_string()));

@@ -117,7 +117,7 @@ pub async fn materialize(client: Option<&kube::Client>, pod: &Pod, pod_dir: &Pat
                 continue;
             }
         }
-        let dir = pod_dir.join("volumes").join(format!("kubernetes.io~{kind}")).join(&volume.name);
+        let dir = super::layout::volume_dir(pod_dir, kind, &volume.name);
         let materialized = match kind {
             "host-path" => {
                 let hp = volume.host_path.as_ref().expect("kind_of checked it");
@@ -401,7 +401,7 @@ pub async fn pods_to_keep(config: &crate::config::Config, client: Option<&kube::
 /// The sources are read once here, before any worker runs; when one cannot be read, nothing
 /// is removed (a directory of a pod that still exists holds its emptyDir data).
 pub async fn remove_orphaned_pod_dirs(config: &crate::config::Config, keep: &std::collections::HashSet<String>) {
-    let pods_dir = config.root_dir.join("pods");
+    let pods_dir = super::layout::pods_dir(&config.root_dir);
     if !pods_dir.exists() {
         return;
     }
