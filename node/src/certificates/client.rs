@@ -144,7 +144,7 @@ async fn usable(path: &Path) -> Result<(), String> {
     let leaf = rustls_pki_types::pem::PemObject::pem_slice_iter(&cert)
         .next()
         .and_then(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.ok())
-        .and_then(|c| Leaf::from_der(&c))
+        .and_then(|c| Leaf::from_der(&c).ok())
         .ok_or("its client certificate cannot be read")?;
     if !leaf.valid_at(Timestamp::now()) {
         return Err(format!("its client certificate is valid from {} to {} only", leaf.not_before, leaf.not_after));

@@ -65,26 +65,9 @@ pub struct Leaf {
 
 impl Leaf {
     /// Reads the serial and validity out of a DER certificate.
-    pub fn from_der(der: &[u8]) -> Option<Leaf> {
-        use crate::server::tls::{element, tbs_fields};
-        const SEQUENCE: u8 = 0x30;
-        let rest = tbs_fields(der)?;
-        let (tag, serial, rest) = element(rest)?;
-        if tag != 0x02 {
-            return None;
-        }
-        let rest = element(rest)?.2; // signature algorithm
-        let rest = element(rest)?.2; // issuer
-        let (tag, validity, _) = element(rest)?;
-        if tag != SEQUENCE {
-            return None;
-        }
-        let (tag, not_before, rest) = element(validity)?;
-        let not_before = asn1_time(tag, not_before)?;
-        let (tag, not_after, _) = element(rest)?;
-        let not_after = asn1_time(tag, not_after)?;
-        let serial = serial.iter().skip_while(|b| **b == 0).map(|b| format!("{b:02x}")).collect();
-        Some(Leaf { serial, not_before, not_after })
+    pub fn from_der(der: &[u8]) -> Result<Leaf, crate::x509::X509Error> {
+        let fields = crate::x509::read(der)?;
+        Ok(Leaf { serial: fields.serial, not_before: fields.not_before, not_after: fields.not_after })
     }
 
     /// Whether the certificate is valid at `now`.
@@ -117,23 +100,6 @@ pub fn until(at: Timestamp) -> Duration {
     Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
-/// UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ), the two forms RFC 5280 allows.
-fn asn1_time(tag: u8, bytes: &[u8]) -> Option<Timestamp> {
-    let text = std::str::from_utf8(bytes).ok()?.strip_suffix('Z')?;
-    let (year, rest) = match (tag, text.len()) {
-        (0x17, 12) => {
-            let yy: i32 = text[..2].parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
-        }
-        (0x18, 14) => (text[..4].parse().ok()?, &text[4..]),
-        _ => return None,
-    };
-    if !rest.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    format!("{year:04}-{}-{}T{}:{}:{}Z", &rest[0..2], &rest[2..4], &rest[4..6], &rest[6..8], &rest[8..10]).parse().ok()
-}
-
 /// A certificate and its key as the store keeps them: one PEM file holding both.
 #[derive(Debug)]
 pub struct Pair {
@@ -153,7 +119,7 @@ impl Pair {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertificateError::Parse { what: what(), reason: e.to_string() })?;
         let first = chain.first().ok_or_else(|| CertificateError::Parse { what: what(), reason: "no PEM certificate in it".into() })?;
-        let leaf = Leaf::from_der(first).ok_or_else(|| CertificateError::Parse { what: what(), reason: "not an X.509 certificate".into() })?;
+        let leaf = Leaf::from_der(first).map_err(|e| CertificateError::Parse { what: what(), reason: e.to_string() })?;
         let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| CertificateError::Parse { what: what(), reason: format!("private key: {e}") })?;
         Ok(Pair { path, pem, chain, key, leaf })
     }

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodStatus, Toleration};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -549,13 +548,12 @@ pub async fn current_uids(dir: Option<&Path>, url: Option<(&str, &[(String, Stri
     Some(uids)
 }
 
-/// A plain HTTP/1.0 GET (no chunked encoding to undo; the server closes after the body), over
-/// TCP for `http://` and over TLS for `https://`. The server is verified against the system's
-/// trust store (rustls-native-certs; where an admin adds a private CA) and the web PKI roots
-/// (webpki-roots, as image pulls trust), with rustls' ring provider as the rest of the agent.
+/// One GET of the manifest URL on hyper's client (`http_client`), over TCP for `http://` and
+/// over TLS for `https://`. The server is verified against the system's trust store
+/// (rustls-native-certs; where an admin adds a private CA) and the web PKI roots (webpki-roots,
+/// as image pulls trust), with rustls' ring provider as the rest of the agent.
 async fn http_get(url: &str, headers: &[(String, String)]) -> Result<Vec<u8>, String> {
-    let tls = if url.starts_with("https://") { Some(manifest_tls()?) } else { None };
-    http_get_with(url, headers, tls).await
+    http_get_with(url, headers, &*manifest_tls()?).await
 }
 
 /// The TLS client settings for `https://` manifest URLs, made once.
@@ -571,81 +569,51 @@ fn manifest_tls() -> Result<Arc<rustls::ClientConfig>, String> {
             }
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            let config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| format!("TLS settings: {e}"))?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
             Ok(Arc::new(config))
         })
         .clone()
 }
 
-/// [`http_get`] with the TLS settings given (`None` refuses `https://`).
-async fn http_get_with(url: &str, headers: &[(String, String)], tls: Option<Arc<rustls::ClientConfig>>) -> Result<Vec<u8>, String> {
-    let (secure, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
-        (Some(rest), _) => (false, rest),
-        (_, Some(rest)) => (true, rest),
-        _ => return Err("only http:// and https:// manifest URLs are supported".into()),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']');
-    let addr = if has_port { authority.to_string() } else { format!("{authority}:{}", if secure { 443 } else { 80 }) };
-    let stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let mut request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: */*\r\nUser-Agent: wasm-kubelet\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
+/// [`http_get`] with the TLS settings given: returns the body of a 200, at most
+/// [`MAX_MANIFEST_BYTES`] of it. Redirects are not followed.
+async fn http_get_with(url: &str, headers: &[(String, String)], tls: &rustls::ClientConfig) -> Result<Vec<u8>, String> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("only http:// and https:// manifest URLs are supported".into());
     }
-    request.push_str("\r\n");
-    if !secure {
-        return exchange(stream, &request).await;
+    let authority = uri.authority().map(|a| a.to_string()).ok_or("the URL names no host")?;
+    let mut request = http::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+    for (name, value) in headers {
+        let invalid = || format!("invalid header {name:?}");
+        let name = http::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+        request.headers_mut().append(name, http::header::HeaderValue::from_str(value).map_err(|_| invalid())?);
     }
-    let tls = tls.ok_or("https:// is not available")?;
-    let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, stream).await.map_err(|e| format!("TLS with {addr}: {e}"))?;
-    exchange(stream, &request).await
-}
-
-/// Sends `request`, reads the response to the end (at most [`MAX_MANIFEST_BYTES`] of body) and
-/// returns the body of a 200.
-async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S, request: &str) -> Result<Vec<u8>, String> {
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("sending the request: {e}"))?;
-    let mut response = Vec::new();
-    let read = (&mut stream).take(MAX_MANIFEST_BYTES as u64 + 65536).read_to_end(&mut response).await;
-    // Many HTTP/1.0 servers close a TLS connection without close_notify; the body is whole
-    // anyway when it is as long as its Content-Length says.
-    let truncated = match read {
-        Ok(_) => false,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
-        Err(e) => return Err(format!("reading the response: {e}")),
-    };
-    let end = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or("not an HTTP response")?;
-    let head = String::from_utf8_lossy(&response[..end]);
-    let status_line = head.lines().next().unwrap_or_default();
-    let code = status_line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).ok_or_else(|| format!("not an HTTP response: {status_line:?}"))?;
-    if code != 200 {
-        return Err(format!("HTTP status {code}"));
+    // Defaults unless --manifest-url-header names them (Host comes from the URL, as in Go).
+    for (name, value) in [(http::header::ACCEPT, "*/*"), (http::header::USER_AGENT, "wasm-kubelet")] {
+        request.headers_mut().entry(name).or_insert(http::header::HeaderValue::from_static(value));
     }
-    let body = response[end + 4..].to_vec();
-    if truncated {
-        let length = head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
-        });
-        if length != Some(body.len()) {
-            return Err("the TLS connection ended without close_notify before the body was known to be whole".into());
+    let response = crate::http_client::one_shot(tls).request(request).await.map_err(|e| match crate::http_client::failure(&e) {
+        f if f.tls => format!("TLS with {authority}: {f}"),
+        f if f.connect => format!("connecting to {authority}: {f}"),
+        f => f.message,
+    })?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("HTTP status {}", response.status().as_u16()));
+    }
+    let body = http_body_util::Limited::new(response.into_body(), MAX_MANIFEST_BYTES).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            format!("the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+        } else {
+            format!("reading the response: {e}")
         }
-    }
-    if body.len() > MAX_MANIFEST_BYTES {
-        return Err(format!("the manifest is larger than {MAX_MANIFEST_BYTES} bytes"));
-    }
-    Ok(body)
+    })?;
+    Ok(body.to_bytes().to_vec())
 }
 
 /// What [`merge`] tells the mirror pod manager.
@@ -861,6 +829,7 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn origin() -> Origin {
         Origin::File("/etc/kubernetes/manifests/web.yaml".into())
@@ -1055,7 +1024,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.der().clone()).unwrap();
         let trusting = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
-        let body = http_get_with(&url, &[], Some(Arc::new(trusting))).await.unwrap();
+        let body = http_get_with(&url, &[], &trusting).await.unwrap();
         assert_eq!(String::from_utf8(body).unwrap(), POD);
         let refused = http_get(&url, &[]).await.unwrap_err();
         assert!(refused.contains("TLS") && refused.contains("certificate"), "{refused}");

@@ -9,14 +9,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Container, LifecycleHandler, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use provider_api::{Provider, ProviderError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The User-Agent the kubelet's HTTP prober sends (`kube-probe/<major>.<minor>`); servers
 /// that special-case probes look for this prefix.
 const USER_AGENT: &str = "kube-probe/1.34";
-/// The most of a response head read before giving up on finding the status line.
-const MAX_STATUS_LINE: usize = 4096;
 
 /// One check, ready to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,83 +173,42 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// A minimal HTTP/1.1 GET over plain TCP or TLS: sends the request, reads the status line,
-/// returns the status code.
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)], https: bool) -> std::io::Result<u16> {
-    let tcp = TcpStream::connect((host, port)).await?;
-    if !https {
-        return http_get_on(tcp, host, port, path, headers).await;
+/// One GET on hyper's client (a new connection each time, as the kubelet's prober disables
+/// keep-alives), returning the status code. The body is never read: the status decides, and
+/// dropping the response closes the connection. Redirects are not followed (a 3xx is success).
+async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)], https: bool) -> Result<u16, String> {
+    let url = format!("{}://{}{path}", if https { "https" } else { "http" }, host_port(host, port));
+    let mut request = http::Request::get(url.as_str()).body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| format!("invalid URL: {e}"))?;
+    let all = [("Host", host_port(host, port)), ("User-Agent", USER_AGENT.into()), ("Accept", "*/*".into())];
+    let own = headers.iter().map(|(n, v)| (n.as_str(), v.clone()));
+    // The probe's own headers replace the defaults of the same name, as in the kubelet.
+    for (name, value) in all.into_iter().chain(own) {
+        let invalid = || format!("invalid header {name:?}");
+        let name = http::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+        let value = http::header::HeaderValue::from_str(&value).map_err(|_| invalid())?;
+        request.headers_mut().insert(name, value);
     }
-    let name = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => rustls_pki_types::ServerName::IpAddress(ip.into()),
-        Err(_) => rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
-    };
-    let tls = tokio_rustls::TlsConnector::from(insecure_tls()).connect(name, tcp).await?;
-    http_get_on(tls, host, port, path, headers).await
+    request.headers_mut().insert(http::header::CONNECTION, http::header::HeaderValue::from_static("close"));
+    let response = http_client().request(request).await.map_err(|e| crate::http_client::failure(&e).message)?;
+    Ok(response.status().as_u16())
 }
 
-async fn http_get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S, host: &str, port: u16, path: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
-    let mut all: Vec<(String, String)> =
-        vec![("Host".into(), host_port(host, port)), ("User-Agent".into(), USER_AGENT.into()), ("Accept".into(), "*/*".into())];
-    for (name, value) in headers {
-        // The probe's own headers replace the defaults of the same name, as in the kubelet.
-        match all.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            Some(slot) => slot.1 = value.clone(),
-            None => all.push((name.clone(), value.clone())),
-        }
-    }
-    let mut request = format!("GET {path} HTTP/1.1\r\n");
-    for (name, value) in &all {
-        if name.contains(['\r', '\n']) || value.contains(['\r', '\n']) {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid header {name:?}")));
-        }
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    loop {
-        if let Some(end) = head.windows(2).position(|w| w == b"\r\n") {
-            return parse_status_line(&head[..end]);
-        }
-        if head.len() > MAX_STATUS_LINE {
-            break;
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "malformed HTTP response"))
-}
-
-fn parse_status_line(line: &[u8]) -> std::io::Result<u16> {
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next().and_then(|c| c.parse::<u16>().ok())) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => Ok(code),
-        _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("malformed HTTP status line {line:?}"))),
-    }
+/// The one client of HTTP probes and hooks, made once.
+fn http_client() -> &'static crate::http_client::OneShotClient {
+    static CLIENT: std::sync::OnceLock<crate::http_client::OneShotClient> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| crate::http_client::one_shot(&insecure_tls()))
 }
 
 /// The TLS client of HTTPS probes: any certificate is accepted (the kubelet's prober sets
 /// `InsecureSkipVerify`), but the handshake's signatures are still checked.
-fn insecure_tls() -> std::sync::Arc<rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            let verifier = std::sync::Arc::new(AnyCertificate(provider.clone()));
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map(|b| b.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
-                // The ring provider supports the default versions; this cannot fail.
-                .unwrap_or_else(|_| rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth());
-            std::sync::Arc::new(config)
-        })
-        .clone()
+fn insecure_tls() -> rustls::ClientConfig {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = std::sync::Arc::new(AnyCertificate(provider.clone()));
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
+        // The ring provider supports the default versions; this cannot fail.
+        .unwrap_or_else(|_| rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
 }
 
 #[derive(Debug)]
@@ -283,6 +239,11 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 /// `grpc.health.v1.Health/Check` over h2c (the kubelet's gRPC prober speaks plaintext HTTP/2),
 /// with the kubelet's failure messages. The messages are tiny, so they are encoded by hand:
 /// the request is `{service: string = 1}`, the response `{status: enum = 1}`.
+///
+/// Why not tonic and tonic-health: the HTTP/2 here is hyper's (no framing is hand-written),
+/// only the two messages and the 5-byte gRPC prefix are, and tonic (with prost and its code
+/// generation) is not a dependency yet. It arrives with the containerd provider (CRI over
+/// gRPC, issue 14); this probe moves to tonic-health's generated client then.
 async fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> Result<(), String> {
     use http_body_util::BodyExt;
     let addr = host_port(host, port);
@@ -414,6 +375,7 @@ fn grpc_code_name(code: u32) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn container() -> Container {
         serde_json::from_value(serde_json::json!({"name": "c", "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 9090}]})).unwrap()
@@ -438,9 +400,6 @@ pub(crate) mod tests {
         assert!(http_success(399));
         assert!(!http_success(400));
         assert!(!http_success(500));
-        assert_eq!(parse_status_line(b"HTTP/1.1 204 No Content").unwrap(), 204);
-        assert_eq!(parse_status_line(b"HTTP/1.0 500").unwrap(), 500);
-        assert!(parse_status_line(b"SSH-2.0-OpenSSH").is_err());
     }
 
     #[test]
@@ -464,12 +423,12 @@ pub(crate) mod tests {
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
-            for status in ["200 OK", "503 Service Unavailable"] {
+            for reply in ["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 204 No Content\r\n\r\n", "HTTP/1.0 500\r\n\r\n", "SSH-2.0-OpenSSH\r\n"] {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = vec![0u8; 2048];
                 let n = s.read(&mut buf).await.unwrap();
                 seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await.unwrap();
+                s.write_all(reply.as_bytes()).await.unwrap();
             }
             seen
         });
@@ -477,6 +436,10 @@ pub(crate) mod tests {
         let action = Action::HttpGet { host: "127.0.0.1".into(), port, path: "/healthz".into(), headers: vec![("Host".into(), "probe.example".into())], https: false };
         assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
         assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 503".into()));
+        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
+        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 500".into()));
+        let not_http = action.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err();
+        assert!(not_http.starts_with("Get \"http://127.0.0.1:"), "{not_http}");
         let seen = server.await.unwrap();
         assert!(seen[0].starts_with("GET /healthz HTTP/1.1\r\n") && seen[0].contains("Host: probe.example\r\n") && seen[0].contains("User-Agent: kube-probe/"), "{}", seen[0]);
         // Nothing listens any more: a refused connection is a failure, and so is a refused TCP probe.

@@ -1,6 +1,6 @@
 //! TLS for the kubelet API: the serving certificate (given, or self-signed into `--cert-dir`
-//! and reused), the client-certificate verifier for `--client-ca-file`, and reading the user
-//! (CN) and groups (O) out of a verified client certificate.
+//! and reused), the client-certificate verifier for `--client-ca-file`, and the user (CN) and
+//! groups (O) of a verified client certificate (read by [`crate::x509`]).
 //!
 //! Without `--tls-cert-file`, the certificate is chosen at each handshake by
 //! [`ServingResolver`]: the valid `kubelet-server-current.pem` in `--cert-dir` (issued by the
@@ -193,94 +193,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     file.write_all(bytes).map_err(|e| cert_error(path, e.to_string()))
 }
 
-/// The user a verified client certificate names: CN is the user, each O a group (as the API
-/// server reads client certificates). `None` when the subject has no CN.
+/// The user a verified client certificate names: CN is the user (the last, as Go reads a
+/// Name), each O a group (as the API server reads client certificates). `None` when the
+/// subject has no CN or the certificate does not parse.
 pub fn user_from_certificate(der: &[u8]) -> Option<User> {
-    let subject = subject(der)?;
-    let mut name = None;
-    let mut groups = Vec::new();
-    for (oid, value) in attributes(subject)? {
-        match oid {
-            OID_COMMON_NAME => name = Some(value),
-            OID_ORGANIZATION => groups.push(value),
-            _ => {}
-        }
-    }
-    Some(User { name: name.filter(|n| !n.is_empty())?, uid: String::new(), groups, extra: Default::default() })
-}
-
-// DER encodings of the attribute type OIDs 2.5.4.3 (commonName) and 2.5.4.10 (organizationName).
-const OID_COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
-const OID_ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
-
-/// One DER element: (tag, contents, rest). Single-byte tags and definite lengths only, which is
-/// all DER allows for the structures read here.
-pub(crate) fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-const SEQUENCE: u8 = 0x30;
-
-/// The fields of a certificate's tbsCertificate after its optional version: serial, signature,
-/// issuer, validity, subject, ... (Certificate → tbsCertificate → [0] version → these).
-pub(crate) fn tbs_fields(der: &[u8]) -> Option<&[u8]> {
-    let (tag, cert, _) = element(der)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (tag, tbs, _) = element(cert)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (tag, _, after) = element(tbs)?;
-    Some(if tag == 0xa0 { after } else { tbs })
-}
-
-/// The subject Name of a certificate.
-fn subject(der: &[u8]) -> Option<&[u8]> {
-    let mut rest = tbs_fields(der)?;
-    for _ in 0..4 {
-        rest = element(rest)?.2; // serial, signature, issuer, validity
-    }
-    let (tag, subject, _) = element(rest)?;
-    (tag == SEQUENCE).then_some(subject)
-}
-
-/// (attribute type OID, string value) of every attribute in a Name.
-fn attributes(name: &[u8]) -> Option<Vec<(&[u8], String)>> {
-    let mut out = Vec::new();
-    let mut rdns = name;
-    while !rdns.is_empty() {
-        let (_, set, rest) = element(rdns)?;
-        rdns = rest;
-        let mut atvs = set;
-        while !atvs.is_empty() {
-            let (_, atv, rest) = element(atvs)?;
-            atvs = rest;
-            let (oid_tag, oid, value) = element(atv)?;
-            let (value_tag, value, _) = element(value)?;
-            // UTF8String, PrintableString, T61String, IA5String: all read as UTF-8 here.
-            if oid_tag == 0x06 && matches!(value_tag, 0x0c | 0x13 | 0x14 | 0x16) {
-                out.push((oid, String::from_utf8_lossy(value).into_owned()));
-            }
-        }
-    }
-    Some(out)
+    let fields = crate::x509::read(der).ok()?;
+    let name = fields.common_names.into_iter().last().filter(|n| !n.is_empty())?;
+    Some(User { name, uid: String::new(), groups: fields.organizations, extra: Default::default() })
 }
 
 #[cfg(test)]
