@@ -164,7 +164,7 @@ impl EvictionManager {
 
         // Local storage limits are enforced whatever the node's pressure (as the kubelet's
         // localStorageEviction); a pod evicted for them ends this pass.
-        if let Some((uid, message)) = self.local_storage_violation(&active) {
+        if let Some((uid, message)) = self.local_storage_violation(&active).await {
             self.evict(&uid, message, Duration::ZERO).await;
             return;
         }
@@ -187,7 +187,7 @@ impl EvictionManager {
             }
         }
 
-        let mut candidates: Vec<Candidate> = active.iter().map(|pod| self.candidate(pod, resource, &containers)).collect();
+        let mut candidates = self.candidates(&active, resource, &containers).await;
         rank::rank(&mut candidates, resource);
         let Some(victim) = candidates.first() else {
             warn!(signal = threshold.signal.as_str(), "eviction threshold met but no pod can be evicted");
@@ -233,7 +233,7 @@ impl EvictionManager {
             return;
         }
         let active = self.active_pods(&containers);
-        let mut candidates: Vec<Candidate> = active.iter().map(|pod| self.candidate(pod, Resource::Memory, &containers)).collect();
+        let mut candidates = self.candidates(&active, Resource::Memory, &containers).await;
         rank::rank(&mut candidates, Resource::Memory);
         let Some(victim) = candidates.first() else {
             warn!(guests_bytes = total, allocatable_bytes = allocatable, "the guests hold more than the node's allocatable memory but no pod can be evicted");
@@ -315,14 +315,23 @@ impl EvictionManager {
         Ok(o)
     }
 
-    /// A pod with its use of `resource`.
-    fn candidate(&self, pod: &Pod, resource: Resource, containers: &[ContainerSummary]) -> Candidate {
+    /// Each pod with its use of `resource`.
+    async fn candidates(&self, active: &[Arc<Pod>], resource: Resource, containers: &[ContainerSummary]) -> Vec<Candidate> {
+        let mut candidates = Vec::with_capacity(active.len());
+        for pod in active {
+            let storage = if resource == Resource::Pids { None } else { Some(self.storage_usage(pod).await) };
+            candidates.push(self.candidate(pod, resource, containers, storage));
+        }
+        candidates
+    }
+
+    /// A pod with its use of `resource` (`storage`: its disk and emptyDir use, unless pids).
+    fn candidate(&self, pod: &Pod, resource: Resource, containers: &[ContainerSummary], storage: Option<StorageUsage>) -> Candidate {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
         let request_of = |c: &k8s_openapi::api::core::v1::Container, what: &str| -> u64 {
             c.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get(what)).and_then(|q| quantity::bytes(&q.0).ok()).unwrap_or(0)
         };
-        let storage = (resource != Resource::Pids).then(|| self.storage_usage(pod));
         let uses = spec
             .containers
             .iter()
@@ -355,27 +364,32 @@ impl EvictionManager {
         }
     }
 
-    /// Bytes a pod holds on the node's disk: each container's logs, each emptyDir volume.
-    fn storage_usage(&self, pod: &Pod) -> StorageUsage {
+    /// Bytes a pod holds on the node's disk: each container's logs, each emptyDir volume. The
+    /// walks (a guest's tree can be large) run on a blocking thread, off the runtime's workers.
+    async fn storage_usage(&self, pod: &Pod) -> StorageUsage {
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
         let logs = crate::pods::layout::pod_log_dir(&self.config.pod_logs_dir, pod.metadata.namespace.as_deref().unwrap_or("default"), pod.metadata.name.as_deref().unwrap_or(""), uid);
         let spec = pod.spec.clone().unwrap_or_default();
-        let containers = spec.containers.iter().map(|c| (c.name.clone(), disk_usage(&logs.join(&c.name)))).collect();
-        let volumes = spec
+        let containers: Vec<(String, PathBuf)> = spec.containers.iter().map(|c| (c.name.clone(), logs.join(&c.name))).collect();
+        let volumes: Vec<(String, PathBuf, bool)> = spec
             .volumes
             .iter()
             .flatten()
             .filter(|v| v.empty_dir.is_some())
             .map(|v| {
                 let memory = v.empty_dir.as_ref().and_then(|e| e.medium.as_deref()) == Some("Memory");
-                (v.name.clone(), (disk_usage(&empty_dir_path(&self.config.root_dir, uid, &v.name)), memory))
+                (v.name.clone(), empty_dir_path(&self.config.root_dir, uid, &v.name), memory)
             })
             .collect();
-        StorageUsage { containers, volumes }
+        let measure = move || StorageUsage {
+            containers: containers.into_iter().map(|(name, path)| (name, disk_usage(&path))).collect(),
+            volumes: volumes.into_iter().map(|(name, path, memory)| (name, (disk_usage(&path), memory))).collect(),
+        };
+        tokio::task::spawn_blocking(measure).await.unwrap_or_default()
     }
 
     /// The first active pod over a local-storage limit, with the kubelet's message.
-    fn local_storage_violation(&self, active: &[Arc<Pod>]) -> Option<(String, String)> {
+    async fn local_storage_violation(&self, active: &[Arc<Pod>]) -> Option<(String, String)> {
         for pod in active.iter().filter(|p| !is_critical(p)) {
             let spec = pod.spec.clone().unwrap_or_default();
             let limited = spec.volumes.iter().flatten().any(|v| v.empty_dir.as_ref().is_some_and(|e| e.size_limit.is_some()))
@@ -383,7 +397,7 @@ impl EvictionManager {
             if !limited {
                 continue;
             }
-            let usage = self.storage_usage(pod);
+            let usage = self.storage_usage(pod).await;
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             for v in spec.volumes.iter().flatten() {
                 let Some(limit) = v.empty_dir.as_ref().and_then(|e| e.size_limit.as_ref()) else { continue };
@@ -418,6 +432,7 @@ fn limit_of(c: &k8s_openapi::api::core::v1::Container, what: &str) -> Option<(St
     Some((q.0.clone(), quantity::bytes(&q.0).ok()?))
 }
 
+#[derive(Default)]
 struct StorageUsage {
     containers: HashMap<String, u64>,
     /// Bytes, and whether the volume is memory-backed (`medium: Memory`).

@@ -185,6 +185,12 @@ pub fn is_dir(fd: impl AsFd) -> bool {
 /// (a mount point) are not entered. Iterative: a guest's deep tree cannot exhaust the stack,
 /// and at most two directories are open at any time. A directory too deep to name within
 /// PATH_MAX is not entered (its own entry is still counted).
+///
+/// Not a path-based walker such as walkdir: it opens each directory by its full path, so a guest
+/// that swaps a directory the walk already holds open for a symlink (`sub` -> `/elsewhere`)
+/// sends the walk through the link (`sub/deeper` is then `/elsewhere/deeper`), follow_links(false)
+/// notwithstanding. Here each directory is opened from the root's fd by openat2, which refuses
+/// any symlink on the way (`WALK`), whatever the guest swaps in.
 pub fn disk_usage(root: &Path) -> u64 {
     let Ok(root_fd) = open_root(root) else { return 0 };
     let Ok(root_stat) = rustix::fs::fstat(&root_fd) else { return 0 };

@@ -152,7 +152,7 @@ pub async fn run(provider: Arc<dyn Provider>, cache: RuntimePublisher, tx: mpsc:
 /// `kubelet_running_containers{container_state}` from one relist.
 fn record_relist(listed: &[provider_api::ContainerSummary], took: Duration) {
     let metrics = crate::metrics::kubelet();
-    metrics.pleg_relist_duration.with(&[]).observe_duration(took);
+    metrics.pleg_relist_duration.observe(took.as_secs_f64());
     let mut by_state = [0u32; 3];
     let mut running_pods = std::collections::HashSet::new();
     for c in listed {
@@ -161,8 +161,8 @@ fn record_relist(listed: &[provider_api::ContainerSummary], took: Duration) {
             running_pods.insert(c.pod_uid.as_str());
         }
     }
-    for (state, count) in ["created", "running", "exited"].iter().zip(by_state) {
-        metrics.running_containers.with(&[state]).set(f64::from(count));
+    for (state, count) in ["created", "running", "exited"].into_iter().zip(by_state) {
+        metrics.running_containers.get_or_create(&crate::metrics::ContainerStateLabels { container_state: state }).set(i64::from(count));
     }
-    metrics.running_pods.with(&[]).set(running_pods.len() as f64);
+    metrics.running_pods.set(running_pods.len() as i64);
 }

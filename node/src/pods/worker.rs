@@ -616,7 +616,8 @@ impl PodWorker {
                 let auth = self.pull_secrets().await;
                 let started = std::time::Instant::now();
                 let pulled = self.ctx.provider.pull_image(&image, &auth).await;
-                crate::metrics::kubelet().image_pull_duration.with(&[if pulled.is_ok() { "success" } else { "error" }]).observe_duration(started.elapsed());
+                let result = if pulled.is_ok() { "success" } else { "error" };
+                crate::metrics::kubelet().image_pull_duration.get_or_create(&crate::metrics::PullResultLabels { result }).observe(started.elapsed().as_secs_f64());
                 match pulled {
                     Ok(info) => {
                         self.ctx.events.normal(

@@ -18,7 +18,7 @@
 
 pub mod action;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -238,12 +238,14 @@ pub struct PodProbes {
     tx: mpsc::UnboundedSender<ProbeUpdate>,
     rx: mpsc::UnboundedReceiver<ProbeUpdate>,
     instances: HashMap<String, Instance>,
+    /// The containers and kinds a prober ran for: their `prober_probe_total` series go with the pod.
+    probed: HashSet<(ProbeKind, String)>,
 }
 
 impl PodProbes {
     pub fn new(provider: Arc<dyn Provider>, events: EventSink, pod_ip: String, pod_ref: ObjectReference) -> PodProbes {
         let (tx, rx) = mpsc::unbounded_channel();
-        PodProbes { provider, events, pod_ip, pod_ref, tx, rx, instances: HashMap::new() }
+        PodProbes { provider, events, pod_ip, pod_ref, tx, rx, instances: HashMap::new(), probed: HashSet::new() }
     }
 
     /// The next changed result. Never ends (this holds a sender): select on it.
@@ -285,6 +287,7 @@ impl PodProbes {
                     self.tx.clone(),
                 );
                 inst.tasks.insert(kind, task);
+                self.probed.insert((kind, c.name.clone()));
             }
         }
     }
@@ -328,23 +331,29 @@ impl PodProbes {
     }
 }
 
-/// `prober_probe_total` on `/metrics/probes`, with the kubelet's name, help and labels.
-fn probe_total() -> &'static crate::metrics::Counter {
-    static TOTAL: std::sync::OnceLock<crate::metrics::Counter> = std::sync::OnceLock::new();
-    TOTAL.get_or_init(|| {
-        crate::metrics::probes().counter(
-            "prober_probe_total",
-            "Cumulative number of a liveness, readiness or startup probe for a container by result.",
-            &["probe_type", "result", "container", "pod", "namespace", "pod_uid"],
-        )
-    })
+/// The probe outcomes `prober_probe_total` counts, as the kubelet labels them.
+const PROBE_RESULTS: [&str; 2] = ["successful", "failed"];
+
+/// A container's `prober_probe_total` series (`/metrics/probes`) for one kind and result.
+fn probe_series(pod_ref: &ObjectReference, container: &str, kind: ProbeKind, result: &'static str) -> crate::metrics::ProbeLabels {
+    crate::metrics::ProbeLabels {
+        probe_type: kind.label(),
+        result,
+        container: container.to_string(),
+        pod: pod_ref.name.clone().unwrap_or_default(),
+        namespace: pod_ref.namespace.clone().unwrap_or_default(),
+        pod_uid: pod_ref.uid.clone().unwrap_or_default(),
+    }
 }
 
 impl Drop for PodProbes {
     /// The pod's worker is done: its probe series go, as the kubelet's prober drops them.
     fn drop(&mut self) {
-        if let Some(uid) = self.pod_ref.uid.as_deref() {
-            probe_total().retain(|labels| labels.get(5).map(String::as_str) != Some(uid));
+        let total = &crate::metrics::probes().probe_total;
+        for (kind, container) in &self.probed {
+            for result in PROBE_RESULTS {
+                total.remove(&probe_series(&self.pod_ref, container, *kind, result));
+            }
         }
     }
 }
@@ -371,21 +380,15 @@ fn spawn_prober(
     let timing = Timing::of(probe);
     let action = Action::from_probe(probe, container, pod_ip);
     let (name, id) = (container.name.clone(), id.to_string());
-    // container, pod, namespace, pod_uid: the labels of this prober's prober_probe_total series.
-    let series: Arc<[String; 4]> = Arc::new([
-        name.clone(),
-        cref.name.clone().unwrap_or_default(),
-        cref.namespace.clone().unwrap_or_default(),
-        cref.uid.clone().unwrap_or_default(),
-    ]);
+    // This prober's prober_probe_total series, one per result.
+    let series: Arc<[crate::metrics::ProbeLabels; 2]> = Arc::new(PROBE_RESULTS.map(|result| probe_series(&cref, &name, kind, result)));
     let first = (started_at + timing.initial_delay).max(Instant::now());
     let task = async move {
         let probe = || {
             let (provider, action, id, series) = (provider.clone(), action.clone(), id.clone(), series.clone());
             async move {
                 let result = action.run(&provider, &id, timing.timeout).await;
-                let outcome = if result.is_ok() { "successful" } else { "failed" };
-                probe_total().with(&[kind.label(), outcome, &series[0], &series[1], &series[2], &series[3]]).inc();
+                crate::metrics::probes().probe_total.get_or_create(if result.is_ok() { &series[0] } else { &series[1] }).inc();
                 result
             }
         };
@@ -546,12 +549,31 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_probe_series_go_with_its_prober() {
+        let pod = |uid: &str| ObjectReference { name: Some("p".into()), namespace: Some("ns".into()), uid: Some(uid.into()), ..Default::default() };
+        let (gone, stays) = (pod("uid-of-a-pod-that-goes"), pod("uid-of-a-pod-that-stays"));
+        let total = &crate::metrics::probes().probe_total;
+        for (kind, result) in [(ProbeKind::Liveness, "failed"), (ProbeKind::Readiness, "successful")] {
+            total.get_or_create(&probe_series(&gone, "c", kind, result)).inc();
+            total.get_or_create(&probe_series(&stays, "c", kind, result)).inc();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let probed = HashSet::from([(ProbeKind::Liveness, "c".to_string()), (ProbeKind::Readiness, "c".to_string())]);
+        let probes = PodProbes { provider: Arc::new(action::tests::NoProvider), events: EventSink::disabled(), pod_ip: "h".into(), pod_ref: gone, tx, rx, instances: HashMap::new(), probed };
+        assert!(crate::metrics::render_probes().contains("uid-of-a-pod-that-goes"));
+        drop(probes);
+        let text = crate::metrics::render_probes();
+        assert!(!text.contains("uid-of-a-pod-that-goes"), "{text}");
+        assert_eq!(text.matches("uid-of-a-pod-that-stays").count(), 2, "{text}");
+    }
+
+    #[test]
     fn ready_and_started_follow_the_probes() {
         let c = |v: serde_json::Value| -> Container { serde_json::from_value(v).unwrap() };
         let plain = c(serde_json::json!({"name": "a"}));
         let gated = c(serde_json::json!({"name": "b", "readinessProbe": {"exec": {"command": ["true"]}}}));
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut probes = PodProbes { provider: Arc::new(action::tests::NoProvider), events: EventSink::disabled(), pod_ip: "h".into(), pod_ref: Default::default(), tx, rx, instances: HashMap::new() };
+        let mut probes = PodProbes { provider: Arc::new(action::tests::NoProvider), events: EventSink::disabled(), pod_ip: "h".into(), pod_ref: Default::default(), tx, rx, instances: HashMap::new(), probed: HashSet::new() };
         assert!(probes.ready(&plain) && probes.started(&plain));
         assert!(!probes.ready(&gated) && probes.started(&gated));
         probes.instances.insert("b".into(), Instance { id: "1".into(), started: true, ready: false, tasks: HashMap::new() });

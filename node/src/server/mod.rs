@@ -206,7 +206,7 @@ impl KubeletServer {
                 Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?)
             }
         };
-        crate::metrics::kubelet().node_name.with(&[&config.node_name]).set(1.0);
+        crate::metrics::kubelet().node_name.get_or_create(&crate::metrics::NodeLabels { node: config.node_name.clone() }).set(1);
         let authn = Authenticator::new(client.clone(), config.authentication_token_webhook, config.anonymous_auth);
         let authz = Authorizer::new(config.authorization_mode, client.clone(), config.node_name.clone());
         let streams = Arc::new(streams::StreamContext {
@@ -357,7 +357,7 @@ fn count_request(request: &http::Request<Incoming>) {
     const KNOWN: &[&str] = &["healthz", "containerLogs", "stats", "metrics", "pods", "runningpods", "configz", "exec", "attach", "portForward", "run"];
     let path = request.uri().path();
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    let first = if KNOWN.contains(&first) { first } else { "other" };
+    let first = KNOWN.iter().copied().find(|k| *k == first).unwrap_or("other");
     let follow = first == "containerLogs" && request.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "follow=true" || kv == "follow=1"));
     let long_running = follow || matches!(first, "exec" | "attach" | "portForward");
     let method = match *request.method() {
@@ -366,7 +366,8 @@ fn count_request(request: &http::Request<Incoming>) {
         http::Method::HEAD => "HEAD",
         _ => "other",
     };
-    crate::metrics::kubelet().http_requests.with(&[method, first, "readwrite", if long_running { "true" } else { "false" }]).inc();
+    let labels = crate::metrics::HttpRequestLabels { method, path: first, server_type: "readwrite", long_running: if long_running { "true" } else { "false" } };
+    crate::metrics::kubelet().http_requests.get_or_create(&labels).inc();
 }
 
 /// warp's service is a tower service (always ready), not a hyper one.
@@ -487,8 +488,8 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
         }
         Err(e) => e.into_warp(),
     });
-    let metrics = warp::path!("metrics").and(warp::get()).map(|| metrics_response(crate::metrics::global().render() + &crate::metrics::process_metrics()));
-    let probe_metrics = warp::path!("metrics" / "probes").and(warp::get()).map(|| metrics_response(crate::metrics::probes().render()));
+    let metrics = warp::path!("metrics").and(warp::get()).map(|| metrics_response(crate::metrics::render()));
+    let probe_metrics = warp::path!("metrics" / "probes").and(warp::get()).map(|| metrics_response(crate::metrics::render_probes()));
     let healthz = warp::path!("healthz").and(warp::get().or(warp::head()).unify()).map(healthz_response);
     let logs = warp::path!("containerLogs" / String / String / String)
         .and(warp::get())

@@ -18,7 +18,14 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::machine;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::{machine, metrics};
 
 /// One container in a snapshot.
 #[derive(Debug, Clone)]
@@ -235,77 +242,117 @@ pub fn summary(node_name: &str, boot: SystemTime, s: &Snapshot) -> Value {
     })
 }
 
-/// The Prometheus text metrics-server reads from `/metrics/resource`.
-pub fn resource_metrics(s: &Snapshot) -> String {
+/// The Prometheus text metrics-server reads from `/metrics/resource`: the kubelet's families,
+/// help texts and label order, each sample stamped with the snapshot's time (ms), as the
+/// kubelet stamps them: metrics-server takes a CPU rate between two samples' own times.
+pub fn resource_metrics(s: &Arc<Snapshot>) -> String {
     let ms = s.time.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    let secs = |nanos: u64| nanos as f64 / 1e9;
+    let mut sampled = Registry::default();
+    sampled.register_collector(Box::new(ResourceMetrics(s.clone())));
+    // prometheus-client writes no timestamps: one is added to each sample line. In the text
+    // format a line is a `#` comment or one sample (newlines in label values are escaped).
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for l in lines {
-            out.push_str(&l);
-            out.push('\n');
+    for line in metrics::encode(&sampled).lines() {
+        out.push_str(line);
+        if !line.starts_with('#') {
+            out.push(' ');
+            out.push_str(&ms.to_string());
         }
-    };
-    let containers: Vec<(&PodSample, &ContainerSample)> = s.pods.iter().flat_map(|p| p.containers.iter().map(move |c| (p, c))).collect();
-    // Labels in the order container, pod, namespace, as the kubelet writes them.
-    let labels = |p: &PodSample, c: &ContainerSample| format!("container=\"{}\",pod=\"{}\",namespace=\"{}\"", c.name, p.name, p.namespace);
-    family(
-        "container_cpu_usage_seconds_total",
-        "counter",
-        "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
-        containers.iter().map(|(p, c)| format!("container_cpu_usage_seconds_total{{{}}} {} {ms}", labels(p, c), secs(c.cpu_nanos))).collect(),
-    );
-    family(
-        "container_memory_working_set_bytes",
-        "gauge",
-        "[STABLE] Current working set of the container in bytes",
-        containers.iter().map(|(p, c)| format!("container_memory_working_set_bytes{{{}}} {} {ms}", labels(p, c), c.memory_bytes)).collect(),
-    );
-    family(
-        "container_start_time_seconds",
-        "gauge",
-        "[STABLE] Start time of the container since unix epoch in seconds",
-        containers
+        out.push('\n');
+    }
+    // The kubelet's scrape_error has no timestamp.
+    let mut unstamped = Registry::default();
+    let scrape_error: Gauge = Gauge::default();
+    metrics::describe(&mut unstamped, "scrape_error", "[ALPHA] 1 if there was an error while getting container metrics, 0 otherwise", &scrape_error);
+    out + &metrics::encode(&unstamped)
+}
+
+/// `container_*{container,pod,namespace}` (labels in the kubelet's order).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ContainerLabels {
+    container: String,
+    pod: String,
+    namespace: String,
+}
+
+/// `pod_*{pod,namespace}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PodLabels {
+    pod: String,
+    namespace: String,
+}
+
+/// `/metrics/resource`'s stamped families, read from one snapshot.
+#[derive(Debug)]
+struct ResourceMetrics(Arc<Snapshot>);
+
+impl Collector for ResourceMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let secs = |nanos: u64| nanos as f64 / 1e9;
+        let containers: Vec<(ContainerLabels, &ContainerSample)> = s
+            .pods
             .iter()
-            .map(|(p, c)| {
-                let started = c.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-                format!("container_start_time_seconds{{{}}} {started} {ms}", labels(p, c))
-            })
-            .collect(),
-    );
-    family(
-        "node_cpu_usage_seconds_total",
-        "counter",
-        "[STABLE] Cumulative cpu time consumed by the node in core-seconds",
-        vec![format!("node_cpu_usage_seconds_total {} {ms}", secs(s.node_cpu_nanos))],
-    );
-    family(
-        "node_memory_working_set_bytes",
-        "gauge",
-        "[STABLE] Current working set of the node in bytes",
-        vec![format!("node_memory_working_set_bytes {} {ms}", s.node_memory_total.saturating_sub(s.node_memory_available))],
-    );
-    family(
-        "pod_cpu_usage_seconds_total",
-        "counter",
-        "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
-        s.pods
-            .iter()
-            .map(|p| format!("pod_cpu_usage_seconds_total{{pod=\"{}\",namespace=\"{}\"}} {} {ms}", p.name, p.namespace, secs(p.containers.iter().map(|c| c.cpu_nanos).sum())))
-            .collect(),
-    );
-    family(
-        "pod_memory_working_set_bytes",
-        "gauge",
-        "[STABLE] Current working set of the pod in bytes",
-        s.pods
-            .iter()
-            .map(|p| format!("pod_memory_working_set_bytes{{pod=\"{}\",namespace=\"{}\"}} {} {ms}", p.name, p.namespace, p.containers.iter().map(|c| c.memory_bytes).sum::<u64>()))
-            .collect(),
-    );
-    family("scrape_error", "gauge", "[ALPHA] 1 if there was an error while getting container metrics, 0 otherwise", vec!["scrape_error 0".into()]);
-    out
+            .flat_map(|p| p.containers.iter().map(move |c| (ContainerLabels { container: c.name.clone(), pod: p.name.clone(), namespace: p.namespace.clone() }, c)))
+            .collect();
+        let pods: Vec<(PodLabels, &PodSample)> = s.pods.iter().map(|p| (PodLabels { pod: p.name.clone(), namespace: p.namespace.clone() }, p)).collect();
+        // Counters are named without `_total`: the encoder adds it.
+        family(
+            &mut encoder,
+            "container_cpu_usage_seconds",
+            "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
+            MetricType::Counter,
+            containers.iter().map(|(l, c)| (l, ConstCounter::new(secs(c.cpu_nanos)))),
+        )?;
+        family(
+            &mut encoder,
+            "container_memory_working_set_bytes",
+            "[STABLE] Current working set of the container in bytes",
+            MetricType::Gauge,
+            containers.iter().map(|(l, c)| (l, ConstGauge::new(c.memory_bytes))),
+        )?;
+        family(
+            &mut encoder,
+            "container_start_time_seconds",
+            "[STABLE] Start time of the container since unix epoch in seconds",
+            MetricType::Gauge,
+            containers.iter().map(|(l, c)| (l, ConstGauge::new(c.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)))),
+        )?;
+        let node_cpu = encoder.encode_descriptor("node_cpu_usage_seconds", "[STABLE] Cumulative cpu time consumed by the node in core-seconds", None, MetricType::Counter)?;
+        ConstCounter::new(secs(s.node_cpu_nanos)).encode(node_cpu)?;
+        let node_memory = encoder.encode_descriptor("node_memory_working_set_bytes", "[STABLE] Current working set of the node in bytes", None, MetricType::Gauge)?;
+        ConstGauge::new(s.node_memory_total.saturating_sub(s.node_memory_available)).encode(node_memory)?;
+        family(
+            &mut encoder,
+            "pod_cpu_usage_seconds",
+            "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
+            MetricType::Counter,
+            pods.iter().map(|(l, p)| (l, ConstCounter::new(secs(p.containers.iter().map(|c| c.cpu_nanos).sum())))),
+        )?;
+        family(
+            &mut encoder,
+            "pod_memory_working_set_bytes",
+            "[STABLE] Current working set of the pod in bytes",
+            MetricType::Gauge,
+            pods.iter().map(|(l, p)| (l, ConstGauge::new(p.containers.iter().map(|c| c.memory_bytes).sum::<u64>()))),
+        )
+    }
+}
+
+/// One family: its `# HELP`/`# TYPE` lines (even without series, as the kubelet writes them) and
+/// a sample per label set.
+fn family<'a, L: EncodeLabelSet + 'a, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl Iterator<Item = (&'a L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in series {
+        metric.encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -355,7 +402,7 @@ mod tests {
 
     #[test]
     fn resource_metrics_label_order_and_values() {
-        let text = resource_metrics(&snapshot());
+        let text = resource_metrics(&Arc::new(snapshot()));
         assert!(text.contains("container_cpu_usage_seconds_total{container=\"c\",pod=\"p\",namespace=\"ns\"} 1.5 1700000000000\n"), "{text}");
         assert!(text.contains("pod_memory_working_set_bytes{pod=\"p\",namespace=\"ns\"} 65536 "));
         assert!(text.contains("# TYPE node_cpu_usage_seconds_total counter"));

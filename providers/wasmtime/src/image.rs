@@ -1063,18 +1063,19 @@ impl Drop for TempDir {
     }
 }
 
-/// (bytes allocated, files) under `path`, as `du` counts them.
+/// (bytes allocated, files) under `path`, as `du` counts them: `path` itself included, symlinks
+/// counted and never followed (a link to elsewhere or a loop adds only the link), entries that
+/// cannot be read skipped. Blocking: walks the whole tree (callers use `spawn_blocking`).
 pub fn tree_usage(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return (0, 0) };
-    let mut total = (meta.blocks() * 512, 1);
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
-            let (bytes, files) = tree_usage(&entry.path());
-            total = (total.0 + bytes, total.1 + files);
-        }
-    }
-    total
+    // walkdir yields `path` itself first; it would follow `path` if a link unless told not to.
+    walkdir::WalkDir::new(path)
+        .follow_links(false)
+        .follow_root_links(false)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.metadata().ok())
+        .fold((0, 0), |(bytes, files), meta| (bytes + meta.blocks() * 512, files + 1))
 }
 
 /// Milliseconds: two images used within a second still have an order.
@@ -1528,6 +1529,33 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("wk-images-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn tree_usage_counts_links_without_following_them() {
+        use std::os::unix::fs::symlink;
+        let dir = store_dir("usage");
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).unwrap();
+        std::fs::write(tree.join("a/b/blob"), vec![1u8; 64 * 1024]).unwrap();
+        std::fs::create_dir_all(dir.join("outside")).unwrap();
+        std::fs::write(dir.join("outside/big"), vec![2u8; 1024 * 1024]).unwrap();
+        let (bytes, files) = super::tree_usage(&tree);
+        // tree, a, a/b, a/b/blob.
+        assert_eq!(files, 4);
+        assert!(bytes >= 64 * 1024, "{bytes}");
+        // A loop, a link up and a link to a tree outside: each adds itself, none is walked.
+        symlink("loop", tree.join("a/loop")).unwrap();
+        symlink("..", tree.join("a/b/up")).unwrap();
+        symlink(dir.join("outside"), tree.join("out")).unwrap();
+        let (linked, linked_files) = super::tree_usage(&tree);
+        assert_eq!(linked_files, 7);
+        assert!(linked < bytes + 1024 * 1024, "{linked} counted the linked-to tree");
+        // The root itself a link: counted as the link, not followed.
+        symlink(&tree, dir.join("alias")).unwrap();
+        assert_eq!(super::tree_usage(&dir.join("alias")).1, 1);
+        assert_eq!(super::tree_usage(&dir.join("missing")), (0, 0));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
