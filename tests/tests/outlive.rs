@@ -181,12 +181,16 @@ async fn a_killed_runtime_is_reported_and_its_pods_restart_per_policy() {
     // Watch the Node's Ready condition from before the kill: the runtime's absence must show.
     let nodes: Api<Node> = Api::all(Cluster::get().admin().await);
     let node_name = agent.name.clone();
+    let (watching_tx, watching) = tokio::sync::oneshot::channel();
     let said_down = tokio::spawn(async move {
         use futures::StreamExt;
-        let config = kube::runtime::watcher::Config::default().fields(&format!("metadata.name={node_name}"));
         let mut stream = std::pin::pin!(kube::runtime::watcher::watch_object(nodes, &node_name).boxed());
-        let _ = config;
+        let mut watching_tx = Some(watching_tx);
         while let Some(Ok(Some(node))) = stream.next().await {
+            // The first item is the Node as it is now: from here on no change is missed.
+            if let Some(tx) = watching_tx.take() {
+                let _ = tx.send(());
+            }
             let ready = node.status.and_then(|s| s.conditions).and_then(|cs| cs.into_iter().find(|c| c.type_ == "Ready"));
             if let Some(c) = ready.filter(|c| c.status == "False") {
                 return c.message.unwrap_or_default();
@@ -194,8 +198,7 @@ async fn a_killed_runtime_is_reported_and_its_pods_restart_per_policy() {
         }
         String::new()
     });
-    // Let the watch start before the kill (it lists the Node first).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(TEST_TIMEOUT, watching).await.expect("the Node watch started").expect("the watch task runs");
     let old = agent.kill_runtime().expect("a runtime process");
 
     let always = ns
