@@ -294,3 +294,22 @@ async fn an_image_pull_secret_opens_the_tls_registry() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_image_name_that_does_not_parse_is_invalid_image_name() {
+    let agent = &node().await;
+    let ns = Ns::new("badname").await;
+    // The API server accepts any non-blank image; a repository in capitals is no OCI reference.
+    let reference = format!("{}/wk-images/NotLowerCase:v1", Cluster::get().var("REGISTRY"));
+    ns.create_pod(agent, "bad", serde_json::json!({"name": "c", "image": reference}), serde_json::json!({})).await;
+    let pod = ns
+        .wait_pod(agent, "bad", "InvalidImageName", |p| {
+            p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).and_then(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone()).as_deref()
+                == Some("InvalidImageName")
+        })
+        .await;
+    let waiting = pod.status.unwrap().container_statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap();
+    assert!(waiting.message.unwrap_or_default().contains(&reference));
+    ns.wait_events(agent, "bad", "an InspectFailed event", |events| events.iter().any(|(r, m)| r == "InspectFailed" && m.contains(&reference))).await;
+    // That it is never pulled again is the fast tier's (pods/worker_tests.rs, on paused time).
+}

@@ -108,6 +108,8 @@ struct ContainerRecord {
     fallback_to_logs: bool,
     /// Known only from the pod's status after an agent restart: not yet seen in the runtime.
     adopting: bool,
+    /// An image name that does not parse: not pulled again until the spec names another.
+    invalid_image: Option<String>,
 }
 
 /// A run's termination-message file: `name` in the host directory `dir` that the container
@@ -597,6 +599,9 @@ impl PodWorker {
             return Some(at);
         }
         let image = container.image.clone().unwrap_or_default();
+        if self.containers[&name].invalid_image.as_deref() == Some(image.as_str()) {
+            return None;
+        }
 
         // Image, per imagePullPolicy.
         let policy = container.image_pull_policy.clone().unwrap_or_else(|| default_pull_policy(&image).into());
@@ -626,6 +631,15 @@ impl PodWorker {
                             format!("Successfully pulled image \"{image}\" in {:.3}s. Image size: {} bytes.", started.elapsed().as_secs_f64(), info.size),
                         );
                         info
+                    }
+                    Err(ProviderError::InvalidImageName(msg)) => {
+                        // Not retried: no registry can answer a name that does not parse. The
+                        // container waits until the pod names another image.
+                        self.ctx.events.warning(&cref, "InspectFailed", format!("Failed to apply default image tag \"{image}\": {msg}"));
+                        let record = self.containers.get_mut(&name).expect("record exists");
+                        record.invalid_image = Some(image.clone());
+                        record.waiting = Some(("InvalidImageName".into(), format!("Failed to apply default image tag \"{image}\": {msg}")));
+                        return None;
                     }
                     Err(ProviderError::UnsupportedImage(msg)) => {
                         self.ctx.events.warning(&cref, "Failed", format!("Failed to pull image \"{image}\": {msg}"));

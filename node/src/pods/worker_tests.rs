@@ -231,3 +231,20 @@ async fn a_changed_image_replaces_the_running_container() {
     let calls = h.fake.calls();
     assert!(calls.contains(&"stop app#0".to_string()) && calls.contains(&"pull registry.test/app:v2".to_string()), "{calls:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_image_name_that_does_not_parse_waits_without_pulling_again() {
+    let bad = "registry.test/App:v1";
+    let spec = serde_json::json!({"restartPolicy": "Always", "containers": [{"name": "app", "image": bad}]});
+    let mut h = Harness::start_with(pod(spec), |fake| fake.fail_pulls(bad, ProviderError::InvalidImageName("couldn't parse image name: invalid reference format".into()))).await;
+    let s = h.wait("InvalidImageName", |s| waiting_reason(s, "app") == Some("InvalidImageName")).await;
+    assert!(state_of(&s, "app").unwrap().state.as_ref().unwrap().waiting.as_ref().unwrap().message.as_deref().unwrap().contains(bad));
+    // Ten minutes of syncs later: still one pull, still waiting (no ImagePullBackOff).
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let pulls = h.fake.calls().iter().filter(|c| c.starts_with("pull ")).count();
+    assert_eq!(pulls, 1, "{:?}", h.fake.calls());
+    // The pod names another image: it is pulled and runs.
+    let fixed = pod(serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}));
+    h.desire.send_replace(PodDesire { pod: Arc::new(fixed), removed: false, evict: None });
+    h.wait("the app runs", |s| running(s, "app")).await;
+}

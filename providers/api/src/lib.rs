@@ -331,6 +331,10 @@ pub enum ProviderError {
     /// digest mismatch). Retryable with backoff (ImagePullBackOff).
     #[error("{0}")]
     Pull(String),
+    /// The image reference cannot be parsed. Not retryable: the pod spec must name another
+    /// image (the kubelet's InvalidImageName).
+    #[error("{0}")]
+    InvalidImageName(String),
     /// The image is not something this provider runs (not Wasm, no module in it).
     /// Not retryable for this image.
     #[error("{0}")]

@@ -448,7 +448,7 @@ impl ImageStore {
     }
 
     async fn pull_once(&self, reference: &str, auth: &[RegistryAuth], progress: &Progress) -> Result<ImageInfo, ProviderError> {
-        let parsed: Reference = reference.parse().map_err(|e| ProviderError::Pull(format!("invalid image reference {reference:?}: {e}")))?;
+        let parsed: Reference = reference.parse().map_err(|e| ProviderError::InvalidImageName(format!("couldn't parse image name {reference:?}: {e}")))?;
         let registry = parsed.resolve_registry().to_string();
         let credentials = credentials_for(parsed.registry(), auth);
 
