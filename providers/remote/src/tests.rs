@@ -457,8 +457,14 @@ async fn a_peer_of_another_uid_is_refused_even_when_the_socket_mode_lets_it_conn
 
 // --- fuzz: arbitrary input never panics the server, which answers or closes -------------------
 
-/// A provider with nothing in it, whose exec copies stdin to stdout.
-struct Fake;
+/// A provider with nothing in it. Without `ended`, its exec copies stdin to stdout. With it,
+/// it records how a stream call ended on the runtime's side: for exec, what stdin held and
+/// whether writing after it worked; for attach (a container that writes one line and never
+/// ends), that the call was dropped.
+#[derive(Default)]
+struct Fake {
+    ended: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
 
 #[async_trait::async_trait]
 impl Provider for Fake {
@@ -496,10 +502,29 @@ impl Provider for Fake {
         Ok(Vec::new())
     }
     async fn exec(&self, _: &str, _: Vec<String>, mut io: ExecIo) -> Result<i32, ProviderError> {
+        let Some(ended) = &self.ended else {
+            // Copies stdin to stdout.
+            if let Some(mut stdin) = io.stdin.take() {
+                tokio::io::copy(&mut stdin, &mut io.stdout).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+            }
+            return Ok(0);
+        };
+        let _ = ended.send("exec started".into());
+        let mut input = Vec::new();
         if let Some(mut stdin) = io.stdin.take() {
-            tokio::io::copy(&mut stdin, &mut io.stdout).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+            let _ = stdin.read_to_end(&mut input).await;
         }
+        let wrote = io.stdout.write_all(b"after the client left\n").await.is_ok();
+        let _ = ended.send(format!("exec stdin {:?}, output written: {wrote}", String::from_utf8_lossy(&input)));
         Ok(0)
+    }
+    async fn attach(&self, id: &str, io: AttachIo) -> Result<(), ProviderError> {
+        let Some(ended) = &self.ended else { return Err(ProviderError::NotFound(id.into())) };
+        let _guard = OnDrop(ended.clone());
+        let mut stdout = io.stdout.expect("stdout attached");
+        stdout.write_all(b"attached\n").await.map_err(|e| ProviderError::Io(e.to_string()))?;
+        // A container that writes nothing more and does not end.
+        std::future::pending().await
     }
 }
 
@@ -521,7 +546,7 @@ fn fuzz_server() -> &'static (tokio::runtime::Runtime, PathBuf, Arc<std::sync::a
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join("provider.sock");
         let listener = runtime.block_on(async { bind(&socket) }).unwrap();
-        runtime.spawn(serve(listener, Arc::new(Fake), CancellationToken::new()));
+        runtime.spawn(serve(listener, Arc::new(Fake::default()), CancellationToken::new()));
         (runtime, socket, panics)
     })
 }
@@ -606,12 +631,6 @@ fn a_frame_over_the_limit_or_a_bad_first_frame_closes_the_connection() {
     feed(after_hello).unwrap();
 }
 
-/// Records how a stream call ended on the runtime's side: for exec, what stdin held and whether
-/// writing after it worked; for attach, that the call was dropped.
-struct Recorder {
-    ended: tokio::sync::mpsc::UnboundedSender<String>,
-}
-
 /// Reports `attach dropped` when the runtime drops an attach call.
 struct OnDrop(tokio::sync::mpsc::UnboundedSender<String>);
 
@@ -621,65 +640,12 @@ impl Drop for OnDrop {
     }
 }
 
-#[async_trait::async_trait]
-impl Provider for Recorder {
-    fn runtime_info(&self) -> provider_api::RuntimeInfo {
-        Fake.runtime_info()
-    }
-    async fn status(&self) -> RuntimeStatus {
-        RuntimeStatus::Ready
-    }
-    async fn image_status(&self, _: &str) -> Option<provider_api::ImageInfo> {
-        None
-    }
-    async fn pull_image(&self, reference: &str, auth: &[provider_api::RegistryAuth]) -> Result<provider_api::ImageInfo, ProviderError> {
-        Fake.pull_image(reference, auth).await
-    }
-    async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
-        Ok(config.pod_uid.clone())
-    }
-    async fn remove_pod_sandbox(&self, _: &str, _: Duration) -> Result<(), ProviderError> {
-        Ok(())
-    }
-    async fn create_container(&self, sandbox_id: &str, _: ContainerConfig) -> Result<String, ProviderError> {
-        Err(ProviderError::NotFound(sandbox_id.into()))
-    }
-    async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
-        Err(ProviderError::NotFound(id.into()))
-    }
-    async fn stop_container(&self, id: &str, _: Duration) -> Result<(), ProviderError> {
-        Err(ProviderError::NotFound(id.into()))
-    }
-    async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
-        Err(ProviderError::NotFound(id.into()))
-    }
-    async fn list_containers(&self) -> Result<Vec<provider_api::ContainerSummary>, ProviderError> {
-        Ok(Vec::new())
-    }
-    async fn exec(&self, _: &str, _: Vec<String>, mut io: ExecIo) -> Result<i32, ProviderError> {
-        let _ = self.ended.send("exec started".into());
-        let mut input = Vec::new();
-        if let Some(mut stdin) = io.stdin.take() {
-            let _ = stdin.read_to_end(&mut input).await;
-        }
-        let wrote = io.stdout.write_all(b"after the client left\n").await.is_ok();
-        let _ = self.ended.send(format!("exec stdin {:?}, output written: {wrote}", String::from_utf8_lossy(&input)));
-        Ok(0)
-    }
-    async fn attach(&self, _: &str, io: AttachIo) -> Result<(), ProviderError> {
-        let _guard = OnDrop(self.ended.clone());
-        let mut stdout = io.stdout.expect("stdout attached");
-        stdout.write_all(b"attached\n").await.map_err(|e| ProviderError::Io(e.to_string()))?;
-        // A container that writes nothing more and does not end.
-        std::future::pending().await
-    }
-}
 
 #[tokio::test]
 async fn a_client_leaving_mid_exec_closes_its_stdin_and_the_exec_runs_on_while_an_attach_ends() {
     let root = Root::new("leaving");
     let (ended, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    let _server = serve_on(&root.socket(), Arc::new(Recorder { ended }));
+    let _server = serve_on(&root.socket(), Arc::new(Fake { ended: Some(ended) }));
     let remote = RemoteProvider::connect(root.socket()).await.unwrap();
 
     // The caller's stdin stays open; the caller gives up on the exec once it runs.
