@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{one_line, Config};
-use crate::lease::LeaseHeartbeat;
 use crate::events::EventSink;
+use crate::lease::LeaseHeartbeat;
 use crate::node_status::NodeStatusManager;
 use crate::pods::mirror::MirrorManager;
 use crate::pods::static_source::{self, MergeOutputs, StaticSet};
@@ -35,7 +35,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// 1024 is the hard cap's afterthought, not a budget. Returns (before, after) soft limits, or
 /// the error of getrlimit/setrlimit (the agent then runs with the limit it was given).
 pub fn raise_open_file_limit() -> std::io::Result<(libc::rlim_t, libc::rlim_t)> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit(2) writes one rlimit through a valid pointer to our own struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -57,7 +60,10 @@ pub enum AgentError {
     #[error("kubeconfig {path}: {reason}")]
     Client { path: String, reason: String },
     #[error("root directory {path}: {source}")]
-    RootDir { path: String, source: std::io::Error },
+    RootDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kubelet API: {0}")]
     Server(#[from] crate::server::ServerError),
     /// TLS bootstrap failed (CSR denied, failed or not issued in time; bad bootstrap
@@ -75,30 +81,51 @@ pub enum AgentError {
 /// Builds a client from the node's kubeconfig as it is (no bootstrap, no rotation: the agent
 /// itself uses `certificates::client::connect`).
 pub async fn client(config: &Config) -> Result<Option<kube::Client>, AgentError> {
-    let Some(path) = &config.kubeconfig else { return Ok(None) };
-    let fail = |reason: String| AgentError::Client { path: path.display().to_string(), reason };
+    let Some(path) = &config.kubeconfig else {
+        return Ok(None);
+    };
+    let fail = |reason: String| AgentError::Client {
+        path: path.display().to_string(),
+        reason,
+    };
     let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| fail(one_line(&e)))?;
-    let kube_config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| fail(one_line(&e)))?;
+    let kube_config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(|e| fail(one_line(&e)))?;
     build_client(kube_config).map(Some).map_err(fail)
 }
 
 /// A client for one kube::Config, counted in the agent's metrics (for the kubeconfig's
 /// credentials, and again for each rotated client certificate).
 fn build_client(kube_config: kube::Config) -> Result<kube::Client, String> {
-    let host = kube_config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
+    let host = kube_config
+        .cluster_url
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let builder = kube::client::ClientBuilder::try_from(kube_config).map_err(|e| one_line(&e))?;
-    Ok(builder.with_layer(&crate::metrics::CountApiRequests::new(&host)).build())
+    Ok(builder
+        .with_layer(&crate::metrics::CountApiRequests::new(&host))
+        .build())
 }
 
 /// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`] for its
 /// tasks to finish.
 /// `runtime`: who answers for the provider when it is a runtime process apart from the agent
 /// (`None` while it cannot be reached); its changes are Node Events and wake the node status.
-pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<watch::Receiver<Option<provider_remote::RuntimeIdentity>>>, shutdown: CancellationToken) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.root_dir)
-        .map_err(|source| AgentError::RootDir { path: config.root_dir.display().to_string(), source })?;
+pub async fn run(
+    config: Config,
+    provider: Arc<dyn Provider>,
+    runtime: Option<watch::Receiver<Option<provider_remote::RuntimeIdentity>>>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.root_dir).map_err(|source| AgentError::RootDir {
+        path: config.root_dir.display().to_string(),
+        source,
+    })?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
     // Run-once ends the agent itself when its pods are done.
@@ -107,7 +134,8 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
 
     // TLS bootstrap when asked and needed, then the one client every task shares; it follows
     // the rotated client certificate with --rotate-certificates (certificates::client).
-    let client = crate::certificates::client::connect(&config, &tasks, &shutdown, build_client).await?;
+    let client =
+        crate::certificates::client::connect(&config, &tasks, &shutdown, build_client).await?;
     // Pods gone while the agent was down: their containers (a runtime process kept them
     // running), then their directories, before any worker makes new ones.
     if let Some(keep) = crate::pods::volumes::pods_to_keep(&config, client.as_ref()).await {
@@ -119,7 +147,14 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
     let mut pods_view = crate::server::pods::PodsViewSender::disabled();
     // The runtime cache: the PLEG lists the provider, every other reader reads the snapshot.
     let (runtime_cache, runtime_publisher) = pleg::runtime_cache();
-    if let Some(server) = crate::server::KubeletServer::bind(&config, client.clone(), provider.clone(), runtime_cache.clone()).await? {
+    if let Some(server) = crate::server::KubeletServer::bind(
+        &config,
+        client.clone(),
+        provider.clone(),
+        runtime_cache.clone(),
+    )
+    .await?
+    {
         pods_view = server.pods_sender();
         tasks.spawn(server.run(shutdown.clone()));
     }
@@ -131,16 +166,33 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
             // The eviction manager owns the pressure conditions; node status reports them.
             let (pressure_tx, pressure_rx) = watch::channel(crate::eviction::Pressure::default());
             if config.register_node {
-                let mut manager = NodeStatusManager::new(client.clone(), config.clone(), provider.clone(), node_tx).with_pressure(pressure_rx);
+                let mut manager = NodeStatusManager::new(
+                    client.clone(),
+                    config.clone(),
+                    provider.clone(),
+                    node_tx,
+                )
+                .with_pressure(pressure_rx);
                 if let Some(runtime) = &runtime {
                     manager = manager.with_runtime_changes(runtime.clone());
                 }
                 tasks.spawn(manager.run(shutdown.clone()));
             } else {
                 warn!("--register-node=false: not registering or updating the Node; the lease follows a Node someone else registered");
-                tasks.spawn(follow_existing_node(client.clone(), config.node_name.clone(), node_tx, shutdown.clone()));
+                tasks.spawn(follow_existing_node(
+                    client.clone(),
+                    config.node_name.clone(),
+                    node_tx,
+                    shutdown.clone(),
+                ));
             }
-            let lease = LeaseHeartbeat::new(client.clone(), config.node_name.clone(), config.node_lease_duration, config.lease_renew_interval(), node_rx);
+            let lease = LeaseHeartbeat::new(
+                client.clone(),
+                config.node_name.clone(),
+                config.node_lease_duration,
+                config.lease_renew_interval(),
+                node_rx,
+            );
             tasks.spawn(lease.run(shutdown.clone()));
 
             // Pods: source -> manager -> one worker per pod -> status manager.
@@ -148,30 +200,91 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
             tasks.spawn(status_manager.run(shutdown.clone()));
             let events = EventSink::start(client.clone(), &config.node_name);
             if let Some(runtime) = runtime {
-                tasks.spawn(crate::runtime::report(runtime, events.clone(), config.node_name.clone(), shutdown.clone()));
+                tasks.spawn(crate::runtime::report(
+                    runtime,
+                    events.clone(),
+                    config.node_name.clone(),
+                    shutdown.clone(),
+                ));
             }
-            let ctx = worker_context(&config, &provider, runtime_cache.clone(), Some(client.clone()), status.clone(), events.clone(), pods_view.clone());
+            let ctx = worker_context(
+                &config,
+                &provider,
+                runtime_cache.clone(),
+                Some(client.clone()),
+                status.clone(),
+                events.clone(),
+                pods_view.clone(),
+            );
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (api_tx, api_rx) = mpsc::unbounded_channel();
             let (mirror_tx, mirror_rx) = mpsc::unbounded_channel();
-            tasks.spawn(source::watch_pods(client.clone(), config.node_name.clone(), api_tx, shutdown.clone()));
+            tasks.spawn(source::watch_pods(
+                client.clone(),
+                config.node_name.clone(),
+                api_tx,
+                shutdown.clone(),
+            ));
             let mirrors = MirrorManager::new(client, node_rx_for_mirrors, status.clone());
             tasks.spawn(mirrors.run(mirror_rx, shutdown.clone()));
-            let outputs = MergeOutputs { pods: change_tx, mirrors: Some(mirror_tx), status: Some(status), statics: watch::channel(None).0, runonce: false };
+            let outputs = MergeOutputs {
+                pods: change_tx,
+                mirrors: Some(mirror_tx),
+                status: Some(status),
+                statics: watch::channel(None).0,
+                runonce: false,
+            };
             let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
-            tasks.spawn(static_source::merge(Some(api_rx), static_rx.1, static_rx.0, outputs, shutdown.clone()));
-            tasks.spawn(pleg::run(provider.clone(), runtime_publisher, pleg_tx, shutdown.clone()));
+            tasks.spawn(static_source::merge(
+                Some(api_rx),
+                static_rx.1,
+                static_rx.0,
+                outputs,
+                shutdown.clone(),
+            ));
+            tasks.spawn(pleg::run(
+                provider.clone(),
+                runtime_publisher,
+                pleg_tx,
+                shutdown.clone(),
+            ));
             // Eviction and garbage collection see the manager's pods; evictions go back through it.
             let (pods_tx, pods_rx) = watch::channel(crate::eviction::PodSet::new());
             let (evict_tx, evict_rx) = mpsc::unbounded_channel();
-            let (gc, gc_handle) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), runtime_cache.clone(), events.clone(), Some(pods_rx.clone()));
+            let (gc, gc_handle) = crate::gc::GarbageCollector::new(
+                config.clone(),
+                provider.clone(),
+                runtime_cache.clone(),
+                events.clone(),
+                Some(pods_rx.clone()),
+            );
             tasks.spawn(gc.run(shutdown.clone()));
-            let links = crate::eviction::EvictionLinks { pods: pods_rx, evict: evict_tx, pressure: pressure_tx, gc: Some(gc_handle) };
-            let eviction = crate::eviction::EvictionManager::new(config.clone(), provider.clone(), runtime_cache.clone(), events.clone(), links);
+            let links = crate::eviction::EvictionLinks {
+                pods: pods_rx,
+                evict: evict_tx,
+                pressure: pressure_tx,
+                gc: Some(gc_handle),
+            };
+            let eviction = crate::eviction::EvictionManager::new(
+                config.clone(),
+                provider.clone(),
+                runtime_cache.clone(),
+                events.clone(),
+                links,
+            );
             tasks.spawn(eviction.run(shutdown.clone()));
-            let links = manager::ManagerLinks { pods: pods_tx, evictions: evict_rx };
-            tasks.spawn(manager::run_linked(ctx, change_rx, pleg_rx, Some(links), shutdown.clone()));
+            let links = manager::ManagerLinks {
+                pods: pods_tx,
+                evictions: evict_rx,
+            };
+            tasks.spawn(manager::run_linked(
+                ctx,
+                change_rx,
+                pleg_rx,
+                Some(links),
+                shutdown.clone(),
+            ));
         }
         _ => {
             if config.runonce {
@@ -184,23 +297,58 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
             let (latest_tx, latest_rx) = watch::channel(HashMap::new());
             tasks.spawn(static_source::local_status(status_rx, latest_tx));
             let events = EventSink::disabled();
-            let ctx = worker_context(&config, &provider, runtime_cache.clone(), None, status, events.clone(), pods_view.clone());
+            let ctx = worker_context(
+                &config,
+                &provider,
+                runtime_cache.clone(),
+                None,
+                status,
+                events.clone(),
+                pods_view.clone(),
+            );
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
             let (statics_tx, statics_rx) = watch::channel(None);
-            let outputs = MergeOutputs { pods: change_tx, mirrors: None, status: None, statics: statics_tx, runonce: config.runonce };
+            let outputs = MergeOutputs {
+                pods: change_tx,
+                mirrors: None,
+                status: None,
+                statics: statics_tx,
+                runonce: config.runonce,
+            };
             let static_rx = spawn_static_sources(&tasks, &config, &events, &shutdown);
-            tasks.spawn(static_source::merge(None, static_rx.1, static_rx.0, outputs, shutdown.clone()));
-            tasks.spawn(pleg::run(provider.clone(), runtime_publisher, pleg_tx, shutdown.clone()));
+            tasks.spawn(static_source::merge(
+                None,
+                static_rx.1,
+                static_rx.0,
+                outputs,
+                shutdown.clone(),
+            ));
+            tasks.spawn(pleg::run(
+                provider.clone(),
+                runtime_publisher,
+                pleg_tx,
+                shutdown.clone(),
+            ));
             tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
             // Images and dead containers are collected without an API server too (static pods
             // are critical: there is nothing to evict, and no Node to report pressure on).
             if !config.runonce {
-                let (gc, _) = crate::gc::GarbageCollector::new(config.clone(), provider.clone(), runtime_cache.clone(), events.clone(), None);
+                let (gc, _) = crate::gc::GarbageCollector::new(
+                    config.clone(),
+                    provider.clone(),
+                    runtime_cache.clone(),
+                    events.clone(),
+                    None,
+                );
                 tasks.spawn(gc.run(shutdown.clone()));
             }
             if config.runonce {
-                run_once_outcome = Some(tokio::spawn(run_once(statics_rx, latest_rx, shutdown.clone())));
+                run_once_outcome = Some(tokio::spawn(run_once(
+                    statics_rx,
+                    latest_rx,
+                    shutdown.clone(),
+                )));
             }
         }
     }
@@ -208,7 +356,10 @@ pub async fn run(config: Config, provider: Arc<dyn Provider>, runtime: Option<wa
 
     shutdown.cancelled().await;
     info!("shutting down");
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!(grace = ?SHUTDOWN_GRACE, "tasks did not stop within the grace period; exiting anyway");
     }
     match run_once_outcome {
@@ -230,7 +381,14 @@ fn spawn_static_sources(
     if let Some(path) = &config.pod_manifest_path {
         count += 1;
         info!(path = %path.display(), every = ?config.file_check_frequency, "static pods from the manifest path");
-        tasks.spawn(static_source::watch_dir(path.clone(), config.node_name.clone(), config.file_check_frequency, events.clone(), tx.clone(), shutdown.clone()));
+        tasks.spawn(static_source::watch_dir(
+            path.clone(),
+            config.node_name.clone(),
+            config.file_check_frequency,
+            events.clone(),
+            tx.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(url) = &config.manifest_url {
         count += 1;
@@ -299,7 +457,15 @@ async fn run_once(
 }
 
 /// What every pod worker shares; `client` is None without an API server.
-fn worker_context(config: &Config, provider: &Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, client: Option<kube::Client>, status: StatusSender, events: EventSink, pods_view: crate::server::pods::PodsViewSender) -> Arc<WorkerContext> {
+fn worker_context(
+    config: &Config,
+    provider: &Arc<dyn Provider>,
+    runtime: crate::pods::pleg::RuntimeCache,
+    client: Option<kube::Client>,
+    status: StatusSender,
+    events: EventSink,
+    pods_view: crate::server::pods::PodsViewSender,
+) -> Arc<WorkerContext> {
     let allocatable = allocatable(config);
     Arc::new(WorkerContext {
         provider: provider.clone(),
@@ -321,15 +487,27 @@ fn worker_context(config: &Config, provider: &Arc<dyn Provider>, runtime: crate:
 
 /// The IP pods get: the node's (DESIGN: the pod IP is the node IP).
 fn node_ip(config: &Config) -> String {
-    config.node_ip.map(|ip| ip.to_string()).unwrap_or_else(|| crate::node_status::resolve_node_ip(&config.node_name).map(|ip| ip.to_string()).unwrap_or_default())
+    config.node_ip.map(|ip| ip.to_string()).unwrap_or_else(|| {
+        crate::node_status::resolve_node_ip(&config.node_name)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default()
+    })
 }
 
 /// Node allocatable, for admission and for resourceFieldRef without limits. A machine that
 /// cannot be measured counts as one core and no memory (the Node status names the error).
 fn allocatable(config: &Config) -> crate::machine::Allocatable {
-    let capacity = crate::machine::capacity(&config.root_dir)
-        .unwrap_or(crate::machine::Capacity { cpus: 1, memory_bytes: 0, ephemeral_storage_bytes: 0 });
-    crate::machine::Allocatable::compute(&capacity, &config.system_reserved, &config.kube_reserved, &config.eviction_hard)
+    let capacity = crate::machine::capacity(&config.root_dir).unwrap_or(crate::machine::Capacity {
+        cpus: 1,
+        memory_bytes: 0,
+        ephemeral_storage_bytes: 0,
+    });
+    crate::machine::Allocatable::compute(
+        &capacity,
+        &config.system_reserved,
+        &config.kube_reserved,
+        &config.eviction_hard,
+    )
 }
 
 /// Without registration, the lease still needs the Node's UID: poll for it.
@@ -343,7 +521,12 @@ async fn follow_existing_node(
     loop {
         match api.get_opt(&name).await {
             Ok(node) => {
-                let node_ref = node.and_then(|n| Some(crate::node_status::NodeRef { name: name.clone(), uid: n.metadata.uid? }));
+                let node_ref = node.and_then(|n| {
+                    Some(crate::node_status::NodeRef {
+                        name: name.clone(),
+                        uid: n.metadata.uid?,
+                    })
+                });
                 node_tx.send_if_modified(|current| {
                     let changed = *current != node_ref;
                     *current = node_ref;
@@ -362,11 +545,19 @@ async fn follow_existing_node(
 /// Stops and forgets the runtime's sandboxes of pods this node no longer has (deleted while no
 /// agent ran), as the kubelet's pod cleanup kills orphaned pods. Their grace period is gone with
 /// their API objects: 2 s.
-async fn remove_orphaned_sandboxes(provider: &dyn Provider, keep: &std::collections::HashSet<String>) {
-    let Ok(sandboxes) = provider.list_pod_sandboxes().await else { return };
+async fn remove_orphaned_sandboxes(
+    provider: &dyn Provider,
+    keep: &std::collections::HashSet<String>,
+) {
+    let Ok(sandboxes) = provider.list_pod_sandboxes().await else {
+        return;
+    };
     for sandbox in sandboxes.into_iter().filter(|s| !keep.contains(&s.pod_uid)) {
         info!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), uid = %sandbox.pod_uid, "stopping the containers of a pod gone while the agent was down");
-        if let Err(e) = provider.remove_pod_sandbox(&sandbox.pod_uid, Duration::from_secs(2)).await {
+        if let Err(e) = provider
+            .remove_pod_sandbox(&sandbox.pod_uid, Duration::from_secs(2))
+            .await
+        {
             warn!(uid = %sandbox.pod_uid, error = %e, "removing an orphaned pod's sandbox");
         }
     }

@@ -14,7 +14,10 @@ impl Backoff {
     pub const FIRST: Duration = Duration::from_millis(200);
 
     pub fn new(max: Duration) -> Self {
-        Self { next: Self::FIRST.min(max), max }
+        Self {
+            next: Self::FIRST.min(max),
+            max,
+        }
     }
 
     /// The wait before the next attempt.

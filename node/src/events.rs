@@ -61,7 +61,12 @@ impl EventSink {
 
     fn emit(&self, object: &ObjectReference, warning: bool, reason: &str, message: String) {
         let Some(tx) = &self.tx else { return };
-        let pending = Pending { object: object.clone(), warning, reason: reason.into(), message };
+        let pending = Pending {
+            object: object.clone(),
+            warning,
+            reason: reason.into(),
+            message,
+        };
         if tx.try_send(pending).is_err() {
             debug!(reason, "event queue full; event dropped");
         }
@@ -76,26 +81,48 @@ async fn publish(client: kube::Client, node_name: String, mut rx: mpsc::Receiver
     let mut seen: HashMap<Key, (String, String, i32, Instant)> = HashMap::new();
     while let Some(p) = rx.recv().await {
         seen.retain(|_, v| v.3.elapsed() < AGGREGATE_FOR);
-        let namespace = p.object.namespace.clone().unwrap_or_else(|| "default".into());
+        let namespace = p
+            .object
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let api: Api<Event> = Api::namespaced(client.clone(), &namespace);
-        let key: Key = (p.object.uid.clone().unwrap_or_default(), p.object.field_path.clone(), p.reason.clone(), p.message.clone());
+        let key: Key = (
+            p.object.uid.clone().unwrap_or_default(),
+            p.object.field_path.clone(),
+            p.reason.clone(),
+            p.message.clone(),
+        );
         let now = Utc::now();
         let result = match seen.get_mut(&key) {
             Some((ns, name, count, _)) => {
                 *count += 1;
                 let patch = serde_json::json!({ "count": *count, "lastTimestamp": Time(now) });
                 let api: Api<Event> = Api::namespaced(client.clone(), ns);
-                api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
             }
             None => {
-                let name = format!("{}.{:x}", p.object.name.as_deref().unwrap_or("node"), now.timestamp_nanos_opt().unwrap_or_default());
+                let name = format!(
+                    "{}.{:x}",
+                    p.object.name.as_deref().unwrap_or("node"),
+                    now.timestamp_nanos_opt().unwrap_or_default()
+                );
                 let event = Event {
-                    metadata: ObjectMeta { name: Some(name.clone()), namespace: Some(namespace.clone()), ..Default::default() },
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(namespace.clone()),
+                        ..Default::default()
+                    },
                     involved_object: p.object.clone(),
                     reason: Some(p.reason.clone()),
                     message: Some(p.message.clone()),
                     type_: Some(if p.warning { "Warning" } else { "Normal" }.into()),
-                    source: Some(EventSource { component: Some("kubelet".into()), host: Some(node_name.clone()) }),
+                    source: Some(EventSource {
+                        component: Some("kubelet".into()),
+                        host: Some(node_name.clone()),
+                    }),
                     first_timestamp: Some(Time(now)),
                     last_timestamp: Some(Time(now)),
                     event_time: None::<MicroTime>,

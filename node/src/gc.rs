@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::eviction::PodSet;
 use crate::events::EventSink;
+use crate::eviction::PodSet;
 use crate::machine;
 
 /// Asks the garbage collector to free what it can now; answered with the bytes freed.
@@ -91,10 +91,28 @@ pub struct GarbageCollector {
 
 impl GarbageCollector {
     /// `pods`: the pods the node has (their logs are kept); `None` keeps every pod's logs.
-    pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, events: EventSink, pods: Option<watch::Receiver<PodSet>>) -> (Self, GcHandle) {
+    pub fn new(
+        config: Arc<Config>,
+        provider: Arc<dyn Provider>,
+        runtime: crate::pods::pleg::RuntimeCache,
+        events: EventSink,
+        pods: Option<watch::Receiver<PodSet>>,
+    ) -> (Self, GcHandle) {
         let (tx, requests) = mpsc::unbounded_channel();
         let policy = GcPolicy::from_config(&config);
-        (Self { config, provider, runtime, events, policy, pods, requests, seen: HashSet::new() }, GcHandle { tx })
+        (
+            Self {
+                config,
+                provider,
+                runtime,
+                events,
+                policy,
+                pods,
+                requests,
+                seen: HashSet::new(),
+            },
+            GcHandle { tx },
+        )
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -122,21 +140,36 @@ impl GarbageCollector {
     }
 
     fn node_ref(&self) -> ObjectReference {
-        ObjectReference { kind: Some("Node".into()), name: Some(self.config.node_name.clone()), uid: Some(self.config.node_name.clone()), ..Default::default() }
+        ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(self.config.node_name.clone()),
+            uid: Some(self.config.node_name.clone()),
+            ..Default::default()
+        }
     }
 
     /// Image collection; `all`: every unused image regardless of usage (disk pressure).
     async fn collect_images(&self, all: bool) -> u64 {
-        let Some(fs) = self.provider.image_fs().await else { return 0 };
-        let (capacity, available) = match (machine::capacity(&fs.path), machine::available(&fs.path)) {
-            (Ok(c), Ok(a)) => (c.ephemeral_storage_bytes, a.nodefs_bytes),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(error = %e, "image garbage collection: measuring the image filesystem");
-                return 0;
-            }
+        let Some(fs) = self.provider.image_fs().await else {
+            return 0;
         };
-        let to_free = if all { u64::MAX } else {
-            match bytes_to_free(capacity, available, self.policy.image_high_percent, self.policy.image_low_percent) {
+        let (capacity, available) =
+            match (machine::capacity(&fs.path), machine::available(&fs.path)) {
+                (Ok(c), Ok(a)) => (c.ephemeral_storage_bytes, a.nodefs_bytes),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!(error = %e, "image garbage collection: measuring the image filesystem");
+                    return 0;
+                }
+            };
+        let to_free = if all {
+            u64::MAX
+        } else {
+            match bytes_to_free(
+                capacity,
+                available,
+                self.policy.image_high_percent,
+                self.policy.image_low_percent,
+            ) {
                 Some(bytes) => bytes,
                 None => return 0,
             }
@@ -150,7 +183,13 @@ impl GarbageCollector {
         };
         let in_use: HashSet<String> = listed.iter().map(|c| c.image_digest.clone()).collect();
         let images = self.provider.list_images().await;
-        let victims = images_to_remove(images, &in_use, SystemTime::now(), self.policy.image_min_age, to_free);
+        let victims = images_to_remove(
+            images,
+            &in_use,
+            SystemTime::now(),
+            self.policy.image_min_age,
+            to_free,
+        );
         let mut freed = 0;
         for image in &victims.remove {
             match self.provider.remove_image(&image.reference).await {
@@ -164,7 +203,8 @@ impl GarbageCollector {
         if !all && freed < to_free {
             let message = format!("Failed to garbage collect required amount of images. Attempted to free {to_free} bytes, but only found {freed} bytes eligible to free.");
             warn!("{message}");
-            self.events.warning(&self.node_ref(), "FreeDiskSpaceFailed", message);
+            self.events
+                .warning(&self.node_ref(), "FreeDiskSpaceFailed", message);
         }
         freed
     }
@@ -172,11 +212,16 @@ impl GarbageCollector {
     /// Container collection; `all`: run now whatever the period (disk pressure).
     async fn collect_containers(&self, _all: bool) -> u64 {
         let snapshot = self.runtime.latest();
-        let (Some(containers), Some(sandboxes)) = (snapshot.containers.as_ref(), snapshot.sandboxes.as_ref()) else {
+        let (Some(containers), Some(sandboxes)) =
+            (snapshot.containers.as_ref(), snapshot.sandboxes.as_ref())
+        else {
             debug!("container garbage collection skipped: the container runtime cannot be listed");
             return 0;
         };
-        let sandboxes: HashMap<String, SandboxConfig> = sandboxes.iter().map(|s| (s.pod_uid.clone(), s.clone())).collect();
+        let sandboxes: HashMap<String, SandboxConfig> = sandboxes
+            .iter()
+            .map(|s| (s.pod_uid.clone(), s.clone()))
+            .collect();
         let victims = dead_to_remove(containers, &self.policy, SystemTime::now());
         let mut freed = 0;
         for c in victims {
@@ -206,7 +251,11 @@ impl GarbageCollector {
         self.seen.extend(known);
         for uid in gone {
             self.seen.remove(&uid);
-            for entry in std::fs::read_dir(&self.config.pod_logs_dir).into_iter().flatten().flatten() {
+            for entry in std::fs::read_dir(&self.config.pod_logs_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !crate::pods::layout::is_pod_log_dir_of(&name, &uid) {
                     continue;
@@ -241,10 +290,20 @@ pub struct ImageChoice {
 
 /// The images to remove to free `to_free` bytes: unused ones (no container's image digest),
 /// last used longer than `min_age` ago, least recently used first.
-pub fn images_to_remove(mut images: Vec<ImageRecord>, in_use: &HashSet<String>, now: SystemTime, min_age: Duration, to_free: u64) -> ImageChoice {
+pub fn images_to_remove(
+    mut images: Vec<ImageRecord>,
+    in_use: &HashSet<String>,
+    now: SystemTime,
+    min_age: Duration,
+    to_free: u64,
+) -> ImageChoice {
     images.retain(|i| !in_use.contains(&i.digest));
     images.retain(|i| now.duration_since(i.last_used).unwrap_or_default() >= min_age);
-    images.sort_by(|a, b| a.last_used.cmp(&b.last_used).then_with(|| a.reference.cmp(&b.reference)));
+    images.sort_by(|a, b| {
+        a.last_used
+            .cmp(&b.last_used)
+            .then_with(|| a.reference.cmp(&b.reference))
+    });
     let mut freed = 0u64;
     let mut remove = Vec::new();
     for image in images {
@@ -262,21 +321,36 @@ pub fn images_to_remove(mut images: Vec<ImageRecord>, in_use: &HashSet<String>, 
 /// finished at least `container_min_age` ago. A container's latest instance is its current one,
 /// running or not, and is never collected: `kubectl logs` shows it, and `--previous` the dead
 /// one before it.
-pub fn dead_to_remove<'a>(containers: &'a [ContainerSummary], policy: &GcPolicy, now: SystemTime) -> Vec<&'a ContainerSummary> {
+pub fn dead_to_remove<'a>(
+    containers: &'a [ContainerSummary],
+    policy: &GcPolicy,
+    now: SystemTime,
+) -> Vec<&'a ContainerSummary> {
     let finished = |c: &ContainerSummary| match c.state {
         ContainerState::Exited { finished_at, .. } => Some(finished_at),
         _ => None,
     };
     let mut latest: HashMap<(&str, &str), u32> = HashMap::new();
     for c in containers {
-        let attempt = latest.entry((c.pod_uid.as_str(), c.name.as_str())).or_insert(c.attempt);
+        let attempt = latest
+            .entry((c.pod_uid.as_str(), c.name.as_str()))
+            .or_insert(c.attempt);
         *attempt = (*attempt).max(c.attempt);
     }
     let mut groups: BTreeMap<(&str, &str), Vec<&ContainerSummary>> = BTreeMap::new();
-    let old_enough = |c: &ContainerSummary| finished(c).is_some_and(|at| now.duration_since(at).unwrap_or_default() >= policy.container_min_age);
-    let current = |c: &ContainerSummary| latest.get(&(c.pod_uid.as_str(), c.name.as_str())) == Some(&c.attempt);
+    let old_enough = |c: &ContainerSummary| {
+        finished(c).is_some_and(|at| {
+            now.duration_since(at).unwrap_or_default() >= policy.container_min_age
+        })
+    };
+    let current = |c: &ContainerSummary| {
+        latest.get(&(c.pod_uid.as_str(), c.name.as_str())) == Some(&c.attempt)
+    };
     for c in containers.iter().filter(|c| old_enough(c) && !current(c)) {
-        groups.entry((c.pod_uid.as_str(), c.name.as_str())).or_default().push(c);
+        groups
+            .entry((c.pod_uid.as_str(), c.name.as_str()))
+            .or_default()
+            .push(c);
     }
     let mut remove = Vec::new();
     let mut kept = Vec::new();
@@ -284,7 +358,11 @@ pub fn dead_to_remove<'a>(containers: &'a [ContainerSummary], policy: &GcPolicy,
         // Newest first.
         dead.sort_by_key(|c| std::cmp::Reverse(c.attempt));
         let keep = usize::try_from(policy.max_dead_per_container).unwrap_or(usize::MAX);
-        let older = if keep < dead.len() { dead.split_off(keep) } else { Vec::new() };
+        let older = if keep < dead.len() {
+            dead.split_off(keep)
+        } else {
+            Vec::new()
+        };
         remove.extend(older);
         kept.extend(dead);
     }
@@ -323,25 +401,59 @@ mod tests {
     use provider_api::{ContainerUsage, ExitReason};
 
     fn image(reference: &str, digest: &str, size: u64, used_secs_ago: u64) -> ImageRecord {
-        ImageRecord { reference: reference.into(), digest: digest.into(), size, last_used: SystemTime::now() - Duration::from_secs(used_secs_ago) }
+        ImageRecord {
+            reference: reference.into(),
+            digest: digest.into(),
+            size,
+            last_used: SystemTime::now() - Duration::from_secs(used_secs_ago),
+        }
     }
 
     #[test]
     fn usage_above_the_high_threshold_frees_down_to_the_low_one() {
-        assert_eq!(bytes_to_free(1000, 200, 85, 80), None, "80% used is under 85%");
-        assert_eq!(bytes_to_free(1000, 100, 85, 80), Some(100), "90% used: free to 80%");
+        assert_eq!(
+            bytes_to_free(1000, 200, 85, 80),
+            None,
+            "80% used is under 85%"
+        );
+        assert_eq!(
+            bytes_to_free(1000, 100, 85, 80),
+            Some(100),
+            "90% used: free to 80%"
+        );
         assert_eq!(bytes_to_free(0, 0, 85, 80), None);
     }
 
     #[test]
     fn unused_images_go_least_recently_used_first_and_in_use_or_young_ones_stay() {
-        let images = vec![image("new", "d1", 10, 10), image("old", "d2", 10, 1000), image("older-in-use", "d3", 10, 5000), image("mid", "d4", 10, 500)];
+        let images = vec![
+            image("new", "d1", 10, 10),
+            image("old", "d2", 10, 1000),
+            image("older-in-use", "d3", 10, 5000),
+            image("mid", "d4", 10, 500),
+        ];
         let in_use = HashSet::from(["d3".to_string()]);
-        let choice = images_to_remove(images.clone(), &in_use, SystemTime::now(), Duration::from_secs(120), 15);
+        let choice = images_to_remove(
+            images.clone(),
+            &in_use,
+            SystemTime::now(),
+            Duration::from_secs(120),
+            15,
+        );
         let names: Vec<&str> = choice.remove.iter().map(|i| i.reference.as_str()).collect();
         assert_eq!(names, ["old", "mid"]);
-        let all = images_to_remove(images, &in_use, SystemTime::now(), Duration::from_secs(120), u64::MAX);
-        assert_eq!(all.remove.len(), 2, "the young and the in-use image are never candidates");
+        let all = images_to_remove(
+            images,
+            &in_use,
+            SystemTime::now(),
+            Duration::from_secs(120),
+            u64::MAX,
+        );
+        assert_eq!(
+            all.remove.len(),
+            2,
+            "the young and the in-use image are never candidates"
+        );
     }
 
     fn dead(pod: &str, name: &str, attempt: u32, finished_secs_ago: u64) -> ContainerSummary {
@@ -352,39 +464,87 @@ mod tests {
             name: name.into(),
             attempt,
             image_digest: "d".into(),
-            state: ContainerState::Exited { started_at: None, finished_at: at, exit_code: 1, reason: ExitReason::Error, message: None },
+            state: ContainerState::Exited {
+                started_at: None,
+                finished_at: at,
+                exit_code: 1,
+                reason: ExitReason::Error,
+                message: None,
+            },
             usage: ContainerUsage::default(),
             annotations: Default::default(),
         }
     }
 
     fn policy(per_container: i32, max: i32, min_age_secs: u64) -> GcPolicy {
-        GcPolicy { image_high_percent: 85, image_low_percent: 80, image_min_age: Duration::ZERO, max_dead_per_container: per_container, max_dead: max, container_min_age: Duration::from_secs(min_age_secs) }
+        GcPolicy {
+            image_high_percent: 85,
+            image_low_percent: 80,
+            image_min_age: Duration::ZERO,
+            max_dead_per_container: per_container,
+            max_dead: max,
+            container_min_age: Duration::from_secs(min_age_secs),
+        }
     }
 
     #[test]
     fn one_dead_instance_per_container_is_kept_the_newest() {
         let mut running = dead("p", "c", 3, 0);
-        running.state = ContainerState::Running { started_at: SystemTime::now() };
-        let list = vec![dead("p", "c", 0, 30), dead("p", "c", 2, 10), dead("p", "c", 1, 20), running, dead("q", "c", 0, 5)];
-        let ids: Vec<&str> = dead_to_remove(&list, &policy(1, -1, 0), SystemTime::now()).iter().map(|c| c.id.as_str()).collect();
+        running.state = ContainerState::Running {
+            started_at: SystemTime::now(),
+        };
+        let list = vec![
+            dead("p", "c", 0, 30),
+            dead("p", "c", 2, 10),
+            dead("p", "c", 1, 20),
+            running,
+            dead("q", "c", 0, 5),
+        ];
+        let ids: Vec<&str> = dead_to_remove(&list, &policy(1, -1, 0), SystemTime::now())
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
         assert_eq!(ids, ["p-c-0", "p-c-1"]);
     }
 
     #[test]
     fn the_current_instance_is_kept_even_when_dead() {
-        let list = vec![dead("p", "c", 0, 30), dead("p", "c", 1, 20), dead("p", "c", 2, 10)];
-        let ids: Vec<&str> = dead_to_remove(&list, &policy(1, -1, 0), SystemTime::now()).iter().map(|c| c.id.as_str()).collect();
+        let list = vec![
+            dead("p", "c", 0, 30),
+            dead("p", "c", 1, 20),
+            dead("p", "c", 2, 10),
+        ];
+        let ids: Vec<&str> = dead_to_remove(&list, &policy(1, -1, 0), SystemTime::now())
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
         assert_eq!(ids, ["p-c-0"], "2 is current, 1 the one dead instance kept");
     }
 
     #[test]
     fn the_node_limit_removes_the_oldest_kept_and_young_ones_wait() {
-        let list = vec![dead("p", "c", 0, 30), dead("p", "c", 1, 1), dead("q", "c", 0, 20), dead("q", "c", 1, 1), dead("r", "c", 0, 10), dead("r", "c", 1, 1)];
-        let ids: Vec<&str> = dead_to_remove(&list, &policy(1, 1, 0), SystemTime::now()).iter().map(|c| c.id.as_str()).collect();
+        let list = vec![
+            dead("p", "c", 0, 30),
+            dead("p", "c", 1, 1),
+            dead("q", "c", 0, 20),
+            dead("q", "c", 1, 1),
+            dead("r", "c", 0, 10),
+            dead("r", "c", 1, 1),
+        ];
+        let ids: Vec<&str> = dead_to_remove(&list, &policy(1, 1, 0), SystemTime::now())
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
         assert_eq!(ids, ["p-c-0", "q-c-0"]);
-        assert!(dead_to_remove(&list, &policy(0, -1, 60), SystemTime::now()).is_empty(), "younger than the minimum age");
-        assert_eq!(dead_to_remove(&list, &policy(-1, -1, 0), SystemTime::now()).len(), 0, "no limits");
+        assert!(
+            dead_to_remove(&list, &policy(0, -1, 60), SystemTime::now()).is_empty(),
+            "younger than the minimum age"
+        );
+        assert_eq!(
+            dead_to_remove(&list, &policy(-1, -1, 0), SystemTime::now()).len(),
+            0,
+            "no limits"
+        );
     }
 
     #[test]
@@ -395,7 +555,11 @@ mod tests {
             std::fs::write(dir.join(f), b"x").expect("file");
         }
         assert_eq!(remove_attempt_logs(&dir, 0), 2);
-        let mut left: Vec<String> = std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         left.sort();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(left, ["1.log", "10.log"]);

@@ -22,8 +22,15 @@ pub type OneShotClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 /// (`DisableKeepAlives`) does. Header names go out in canonical case (`User-Agent`), as Go's
 /// client writes them.
 pub fn one_shot(tls: &rustls::ClientConfig) -> OneShotClient {
-    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls.clone()).https_or_http().enable_http1().build();
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).http1_title_case_headers(true).build(connector)
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .http1_title_case_headers(true)
+        .build(connector)
 }
 
 /// A client error as one line, and what kind it was.
@@ -61,6 +68,14 @@ pub fn failure(e: &hyper_util::client::legacy::Error) -> Failure {
             None => cause.source(),
         };
     }
-    let message = if parts.is_empty() { e.to_string() } else { parts.join(": ") };
-    Failure { connect: e.is_connect(), tls, message }
+    let message = if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    };
+    Failure {
+        connect: e.is_connect(),
+        tls,
+        message,
+    }
 }

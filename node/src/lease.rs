@@ -43,8 +43,21 @@ pub struct LeaseHeartbeat {
 }
 
 impl LeaseHeartbeat {
-    pub fn new(client: kube::Client, name: String, duration: Duration, renew_interval: Duration, node: watch::Receiver<Option<NodeRef>>) -> Self {
-        Self { api: Api::namespaced(client, NODE_LEASE_NAMESPACE), name, duration, renew_interval, node, latest: None }
+    pub fn new(
+        client: kube::Client,
+        name: String,
+        duration: Duration,
+        renew_interval: Duration,
+        node: watch::Receiver<Option<NodeRef>>,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client, NODE_LEASE_NAMESPACE),
+            name,
+            duration,
+            renew_interval,
+            node,
+            latest: None,
+        }
     }
 
     /// Renews until `shutdown` fires. Waits for the Node to be registered first, so the Lease
@@ -84,7 +97,10 @@ impl LeaseHeartbeat {
 
     async fn renew(&mut self, owner: &NodeRef) -> Result<(), LeaseError> {
         let name = self.name.clone();
-        let err = move |source| LeaseError { name: name.clone(), source };
+        let err = move |source| LeaseError {
+            name: name.clone(),
+            source,
+        };
         let now = MicroTime(Utc::now());
         let owner_ref = OwnerReference {
             api_version: "v1".into(),
@@ -111,7 +127,12 @@ impl LeaseHeartbeat {
                 spec_in.renew_time = spec.renew_time;
                 // After the Node was re-registered its UID is new: point the owner at it.
                 lease.metadata.owner_references = Some(vec![owner_ref]);
-                self.latest = Some(self.api.replace(&self.name, &PostParams::default(), &lease).await.map_err(&err)?);
+                self.latest = Some(
+                    self.api
+                        .replace(&self.name, &PostParams::default(), &lease)
+                        .await
+                        .map_err(&err)?,
+                );
                 debug!("lease renewed");
             }
             None => {
@@ -124,7 +145,12 @@ impl LeaseHeartbeat {
                     },
                     spec: Some(spec),
                 };
-                self.latest = Some(self.api.create(&PostParams::default(), &lease).await.map_err(&err)?);
+                self.latest = Some(
+                    self.api
+                        .create(&PostParams::default(), &lease)
+                        .await
+                        .map_err(&err)?,
+                );
                 debug!("lease created");
             }
         }

@@ -39,6 +39,6 @@ pub mod pods;
 pub mod probes;
 pub mod quantity;
 pub mod runtime;
-pub mod streaming;
 pub mod server;
+pub mod streaming;
 pub mod x509;

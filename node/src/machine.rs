@@ -39,13 +39,32 @@ impl Allocatable {
     /// `capacity − system_reserved − kube_reserved − hard eviction threshold`: memory less the
     /// `memory.available` threshold, ephemeral storage less `nodefs.available` (percentages of
     /// capacity); CPU has no eviction threshold.
-    pub fn compute(capacity: &Capacity, system: &Reserved, kube: &Reserved, eviction_hard: &[EvictionThreshold]) -> Self {
-        let threshold = |signal: EvictionSignal, total: u64| eviction_hard.iter().find(|t| t.signal == signal).map_or(0, |t| t.limit.absolute(total));
+    pub fn compute(
+        capacity: &Capacity,
+        system: &Reserved,
+        kube: &Reserved,
+        eviction_hard: &[EvictionThreshold],
+    ) -> Self {
+        let threshold = |signal: EvictionSignal, total: u64| {
+            eviction_hard
+                .iter()
+                .find(|t| t.signal == signal)
+                .map_or(0, |t| t.limit.absolute(total))
+        };
         let memory_eviction = threshold(EvictionSignal::MemoryAvailable, capacity.memory_bytes);
-        let storage_eviction = threshold(EvictionSignal::NodefsAvailable, capacity.ephemeral_storage_bytes);
+        let storage_eviction = threshold(
+            EvictionSignal::NodefsAvailable,
+            capacity.ephemeral_storage_bytes,
+        );
         Allocatable {
-            milli_cpu: (u64::from(capacity.cpus) * 1000).saturating_sub(system.milli_cpu).saturating_sub(kube.milli_cpu),
-            memory_bytes: capacity.memory_bytes.saturating_sub(system.memory).saturating_sub(kube.memory).saturating_sub(memory_eviction),
+            milli_cpu: (u64::from(capacity.cpus) * 1000)
+                .saturating_sub(system.milli_cpu)
+                .saturating_sub(kube.milli_cpu),
+            memory_bytes: capacity
+                .memory_bytes
+                .saturating_sub(system.memory)
+                .saturating_sub(kube.memory)
+                .saturating_sub(memory_eviction),
             ephemeral_storage_bytes: capacity
                 .ephemeral_storage_bytes
                 .saturating_sub(system.ephemeral_storage)
@@ -86,7 +105,10 @@ pub struct MeasureError {
 }
 
 fn read(path: &str) -> Result<String, MeasureError> {
-    std::fs::read_to_string(path).map_err(|source| MeasureError { what: path.into(), source })
+    std::fs::read_to_string(path).map_err(|source| MeasureError {
+        what: path.into(),
+        source,
+    })
 }
 
 /// A `Key:   1234 kB` line of /proc/meminfo, in bytes.
@@ -107,9 +129,16 @@ struct FsStats {
 
 fn statvfs(path: &Path) -> Result<FsStats, MeasureError> {
     use std::os::unix::ffi::OsStrExt;
-    let err = |source| MeasureError { what: format!("the filesystem of {}", path.display()), source };
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte")))?;
+    let err = |source| MeasureError {
+        what: format!("the filesystem of {}", path.display()),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "path has a NUL byte",
+        ))
+    })?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is a valid NUL-terminated string and st a properly sized out-parameter.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
@@ -126,7 +155,9 @@ fn statvfs(path: &Path) -> Result<FsStats, MeasureError> {
 
 /// CPUs this process may run on (the kubelet counts online CPUs the same way through cAdvisor).
 fn cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 /// Capacity of the machine, with ephemeral storage measured on the filesystem of `root_dir`.
@@ -134,7 +165,11 @@ pub fn capacity(root_dir: &Path) -> Result<Capacity, MeasureError> {
     let meminfo = read("/proc/meminfo")?;
     let memory_bytes = meminfo_field(&meminfo, "MemTotal").unwrap_or(0);
     let fs = statvfs(root_dir)?;
-    Ok(Capacity { cpus: cpus(), memory_bytes, ephemeral_storage_bytes: fs.size })
+    Ok(Capacity {
+        cpus: cpus(),
+        memory_bytes,
+        ephemeral_storage_bytes: fs.size,
+    })
 }
 
 /// The free resources the pressure conditions are computed from.
@@ -142,7 +177,10 @@ pub fn available(root_dir: &Path) -> Result<Available, MeasureError> {
     let meminfo = read("/proc/meminfo")?;
     let memory_bytes = meminfo_field(&meminfo, "MemAvailable").unwrap_or(0);
     let fs = statvfs(root_dir)?;
-    let pids_max: u64 = read("/proc/sys/kernel/pid_max")?.trim().parse().unwrap_or(u64::from(u32::MAX));
+    let pids_max: u64 = read("/proc/sys/kernel/pid_max")?
+        .trim()
+        .parse()
+        .unwrap_or(u64::from(u32::MAX));
     let running = read("/proc/loadavg")?
         .split_whitespace()
         .nth(3)
@@ -161,12 +199,18 @@ pub fn available(root_dir: &Path) -> Result<Available, MeasureError> {
 
 /// Host identity for nodeInfo. Missing files give empty fields, as the kubelet leaves them.
 pub fn host_info() -> HostInfo {
-    let first_line = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+    let first_line = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
     let os_image = std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+            text.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
         })
         .unwrap_or_else(|| "Linux".into());
     let architecture = match std::env::consts::ARCH {
@@ -194,7 +238,8 @@ mod tests {
 
     #[test]
     fn meminfo_lines_parse_to_bytes() {
-        let text = "MemTotal:       24523456 kB\nMemFree:        1000 kB\nMemAvailable:   2048 kB\n";
+        let text =
+            "MemTotal:       24523456 kB\nMemFree:        1000 kB\nMemAvailable:   2048 kB\n";
         assert_eq!(meminfo_field(text, "MemTotal"), Some(24523456 * 1024));
         assert_eq!(meminfo_field(text, "MemAvailable"), Some(2048 * 1024));
         assert_eq!(meminfo_field(text, "Mem"), None);
@@ -212,27 +257,61 @@ mod tests {
 
     #[test]
     fn allocatable_is_capacity_less_reserved_and_hard_eviction() {
-        let capacity = Capacity { cpus: 2, memory_bytes: 8 << 30, ephemeral_storage_bytes: 100 << 30 };
-        let system = Reserved { milli_cpu: 100, memory: 1 << 30, ephemeral_storage: 1 << 30, pid: 0 };
-        let kube = Reserved { milli_cpu: 150, memory: 512 << 20, ..Default::default() };
+        let capacity = Capacity {
+            cpus: 2,
+            memory_bytes: 8 << 30,
+            ephemeral_storage_bytes: 100 << 30,
+        };
+        let system = Reserved {
+            milli_cpu: 100,
+            memory: 1 << 30,
+            ephemeral_storage: 1 << 30,
+            pid: 0,
+        };
+        let kube = Reserved {
+            milli_cpu: 150,
+            memory: 512 << 20,
+            ..Default::default()
+        };
         let hard = [
-            EvictionThreshold { signal: EvictionSignal::MemoryAvailable, limit: ThresholdValue::Quantity(100 << 20) },
-            EvictionThreshold { signal: EvictionSignal::NodefsAvailable, limit: ThresholdValue::Percent(10.0) },
+            EvictionThreshold {
+                signal: EvictionSignal::MemoryAvailable,
+                limit: ThresholdValue::Quantity(100 << 20),
+            },
+            EvictionThreshold {
+                signal: EvictionSignal::NodefsAvailable,
+                limit: ThresholdValue::Percent(10.0),
+            },
         ];
         let a = Allocatable::compute(&capacity, &system, &kube, &hard);
         assert_eq!(a.milli_cpu, 1750);
         assert_eq!(a.cpu_quantity(), "1750m");
-        assert_eq!(a.memory_bytes, (8 << 30) - (1 << 30) - (512 << 20) - (100 << 20));
-        assert_eq!(a.ephemeral_storage_bytes, (100u64 << 30) - (1 << 30) - (10 << 30));
+        assert_eq!(
+            a.memory_bytes,
+            (8 << 30) - (1 << 30) - (512 << 20) - (100 << 20)
+        );
+        assert_eq!(
+            a.ephemeral_storage_bytes,
+            (100u64 << 30) - (1 << 30) - (10 << 30)
+        );
         // More reserved than there is: zero, never an underflow.
-        let greedy = Reserved { milli_cpu: 5000, memory: 16 << 30, ..Default::default() };
+        let greedy = Reserved {
+            milli_cpu: 5000,
+            memory: 16 << 30,
+            ..Default::default()
+        };
         let a = Allocatable::compute(&capacity, &greedy, &Reserved::default(), &[]);
-        assert_eq!((a.milli_cpu, a.memory_bytes, a.cpu_quantity().as_str()), (0, 0, "0"));
+        assert_eq!(
+            (a.milli_cpu, a.memory_bytes, a.cpu_quantity().as_str()),
+            (0, 0, "0")
+        );
     }
 
     #[test]
     fn missing_root_dir_is_a_named_error() {
-        let e = capacity(Path::new("/nonexistent/wasm-kubelet")).unwrap_err().to_string();
+        let e = capacity(Path::new("/nonexistent/wasm-kubelet"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/wasm-kubelet"), "{e}");
     }
 }

@@ -32,7 +32,10 @@ fn main() -> ExitCode {
 
     // Read now, so a bad --registry-ca-file is one line and exit 2 like any other bad flag.
     let mut provider_options = provider_wasmtime::ProviderOptions {
-        pod_egress: provider_wasmtime::network::NodeEgress { deny: config.pod_egress_deny_cidrs.clone(), allow: config.pod_egress_allow_cidrs.clone() },
+        pod_egress: provider_wasmtime::network::NodeEgress {
+            deny: config.pod_egress_deny_cidrs.clone(),
+            allow: config.pod_egress_allow_cidrs.clone(),
+        },
         ..Default::default()
     };
     provider_options.registries.insecure_registries = config.insecure_registries.clone();
@@ -43,7 +46,15 @@ fn main() -> ExitCode {
     };
     // All guests together stay under the node's memory for pods (eviction::guests).
     provider_options.node_memory_ceiling =
-        wasm_kubelet::machine::capacity(std::path::Path::new("/")).ok().map(|c| wasm_kubelet::eviction::guests::ceiling(c.memory_bytes, &config.system_reserved, &config.kube_reserved));
+        wasm_kubelet::machine::capacity(std::path::Path::new("/"))
+            .ok()
+            .map(|c| {
+                wasm_kubelet::eviction::guests::ceiling(
+                    c.memory_bytes,
+                    &config.system_reserved,
+                    &config.kube_reserved,
+                )
+            });
     if let Some(path) = &config.registry_ca_file {
         if let Err(e) = provider_options.registries.add_ca_file(path) {
             eprintln!("wasm-kubelet: --registry-ca-file {e}");
@@ -60,16 +71,29 @@ fn main() -> ExitCode {
         EnvFilter::new(format!("warn,wasm_kubelet={default_level},provider_wasmtime={default_level},provider_api={default_level}"))
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
     for notice in &config.notices {
         tracing::warn!("{notice}");
     }
     match wasm_kubelet::agent::raise_open_file_limit() {
-        Ok((before, after)) => tracing::info!(before, after, "open-file soft limit raised to the hard limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file soft limit; running with the one given"),
+        Ok((before, after)) => tracing::info!(
+            before,
+            after,
+            "open-file soft limit raised to the hard limit"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file soft limit; running with the one given")
+        }
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wasm-kubelet: cannot start the async runtime: {e}");
@@ -86,14 +110,27 @@ fn main() -> ExitCode {
             return serve_runtime(&config, provider_options, shutdown).await;
         }
         let (provider, remote): (Arc<dyn provider_api::Provider>, _) = match config.wasm_runtime {
-            WasmRuntimeMode::InAgent => (Arc::new(provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), provider_options)?), None),
-            WasmRuntimeMode::Spawn | WasmRuntimeMode::External => match wasm_kubelet::runtime::connect(&config, &argv, &shutdown).await? {
-                Some(remote) => (remote.clone(), Some(remote)),
-                None => return anyhow::Ok(()),
-            },
+            WasmRuntimeMode::InAgent => (
+                Arc::new(provider_wasmtime::WasmtimeProvider::with_options(
+                    config.root_dir.clone(),
+                    provider_options,
+                )?),
+                None,
+            ),
+            WasmRuntimeMode::Spawn | WasmRuntimeMode::External => {
+                match wasm_kubelet::runtime::connect(&config, &argv, &shutdown).await? {
+                    Some(remote) => (remote.clone(), Some(remote)),
+                    None => return anyhow::Ok(()),
+                }
+            }
         };
         if let Some(remote) = &remote {
-            tokio::spawn(wasm_kubelet::runtime::supervise(Arc::new(config.clone()), argv, remote.clone(), shutdown.clone()));
+            tokio::spawn(wasm_kubelet::runtime::supervise(
+                Arc::new(config.clone()),
+                argv,
+                remote.clone(),
+                shutdown.clone(),
+            ));
         }
         wasm_kubelet::agent::run(config, provider, remote.map(|r| r.identity()), shutdown).await?;
         anyhow::Ok(())
@@ -112,7 +149,10 @@ fn main() -> ExitCode {
 /// SIGTERM and SIGINT listeners; `None` (logged) when they cannot be installed.
 fn install_signal_handlers() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(term), Ok(int)) => Some((term, int)),
         _ => {
             tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
@@ -122,8 +162,13 @@ fn install_signal_handlers() -> Option<(tokio::signal::unix::Signal, tokio::sign
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn on_signal(signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>, shutdown: CancellationToken) {
-    let Some((mut term, mut int)) = signals else { return };
+async fn on_signal(
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    shutdown: CancellationToken,
+) {
+    let Some((mut term, mut int)) = signals else {
+        return;
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
@@ -133,27 +178,50 @@ async fn on_signal(signals: Option<(tokio::signal::unix::Signal, tokio::signal::
 
 /// The runtime mode: one runtime per root dir (a lock), in its own memory cgroup, serving the
 /// provider on the endpoint until SIGTERM/SIGINT. Its guests end with it.
-async fn serve_runtime(config: &Config, options: provider_wasmtime::ProviderOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn serve_runtime(
+    config: &Config,
+    options: provider_wasmtime::ProviderOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     use wasm_kubelet::runtime;
-    let dir = runtime::lock_file(config).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let dir = runtime::lock_file(config)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(runtime::lock_file(config)).with_context(|| format!("opening {}", runtime::lock_file(config).display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(runtime::lock_file(config))
+        .with_context(|| format!("opening {}", runtime::lock_file(config).display()))?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let holder = std::fs::read_to_string(runtime::pid_file(config)).unwrap_or_default();
-        anyhow::bail!("another Wasm runtime (pid {}) serves {}", holder.trim(), config.root_dir.display());
+        anyhow::bail!(
+            "another Wasm runtime (pid {}) serves {}",
+            holder.trim(),
+            config.root_dir.display()
+        );
     }
-    std::fs::write(runtime::pid_file(config), std::process::id().to_string()).with_context(|| format!("writing {}", runtime::pid_file(config).display()))?;
+    std::fs::write(runtime::pid_file(config), std::process::id().to_string())
+        .with_context(|| format!("writing {}", runtime::pid_file(config).display()))?;
     // The kernel's line behind the guests' own limits: all guests plus the runtime's overhead.
     if let Some(guests) = options.node_memory_ceiling {
         let limit = guests.saturating_add(runtime::cgroup::RUNTIME_OVERHEAD);
         match runtime::cgroup::place_self(&runtime::cgroup::name_for(&config.root_dir), limit) {
-            Ok(placed) => tracing::info!(cgroup = %placed.dir.display(), limit_bytes = placed.limit, "runtime in its own memory cgroup"),
-            Err(e) => tracing::warn!(error = %e, "the runtime runs without a memory cgroup of its own; give it one (systemd MemoryMax=) so guests cannot take the agent's memory"),
+            Ok(placed) => {
+                tracing::info!(cgroup = %placed.dir.display(), limit_bytes = placed.limit, "runtime in its own memory cgroup")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the runtime runs without a memory cgroup of its own; give it one (systemd MemoryMax=) so guests cannot take the agent's memory")
+            }
         }
     }
-    let provider = provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), options)?;
-    let listener = provider_remote::bind(&config.wasm_runtime_endpoint).with_context(|| format!("binding {}", config.wasm_runtime_endpoint.display()))?;
+    let provider =
+        provider_wasmtime::WasmtimeProvider::with_options(config.root_dir.clone(), options)?;
+    let listener = provider_remote::bind(&config.wasm_runtime_endpoint)
+        .with_context(|| format!("binding {}", config.wasm_runtime_endpoint.display()))?;
     tracing::info!(socket = %config.wasm_runtime_endpoint.display(), pid = std::process::id(), "Wasm runtime serving");
     provider_remote::serve(listener, Arc::new(provider), shutdown).await;
     let _ = std::fs::remove_file(&config.wasm_runtime_endpoint);

@@ -43,17 +43,23 @@ use prometheus_client::registry::Registry;
 
 /// Prometheus' default histogram buckets (seconds), which the kubelet uses for its operation
 /// timings (`metrics.DefBuckets`).
-pub const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const DEFAULT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// The kubelet's pod start-up buckets (seconds): round numbers, roughly exponential, up to an
 /// hour (`podStartupDurationBuckets` in the kubelet's metrics). Wasm pods start in well under a
 /// second, so the first bucket (0.5 s) is where most land.
-pub const POD_START_BUCKETS: &[f64] =
-    &[0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0];
+pub const POD_START_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0,
+    300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
+];
 
 /// Image pull buckets (seconds): from a small module off a local registry to a large one over a
 /// slow link.
-pub const IMAGE_PULL_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+pub const IMAGE_PULL_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 /// The `Content-Type` of [`render`] and [`render_probes`]: the text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -170,11 +176,15 @@ fn kubelet_served() -> &'static (KubeletMetrics, Registry) {
 pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
     let metrics = KubeletMetrics {
         pod_start_duration: Histogram::new(POD_START_BUCKETS.iter().copied()),
-        pod_worker_duration: Family::new_with_constructor(|| Histogram::new(DEFAULT_BUCKETS.iter().copied())),
+        pod_worker_duration: Family::new_with_constructor(|| {
+            Histogram::new(DEFAULT_BUCKETS.iter().copied())
+        }),
         pleg_relist_duration: Histogram::new(DEFAULT_BUCKETS.iter().copied()),
         running_pods: Gauge::default(),
         running_containers: Family::default(),
-        image_pull_duration: Family::new_with_constructor(|| Histogram::new(IMAGE_PULL_BUCKETS.iter().copied())),
+        image_pull_duration: Family::new_with_constructor(|| {
+            Histogram::new(IMAGE_PULL_BUCKETS.iter().copied())
+        }),
         rest_client_requests: Family::default(),
         node_name: Family::default(),
         http_requests: Family::default(),
@@ -183,10 +193,30 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
     let m = &metrics;
     // Registered in name order: families are served in registration order, and client_golang
     // (which Prometheus tooling is tested against) sorts them by name.
-    describe(&mut r, "kubelet_http_requests_total", "Number of the http requests received since the server started", &m.http_requests);
-    describe(&mut r, "kubelet_image_pull_duration_seconds", "Duration in seconds to pull an image, by result (success or error)", &m.image_pull_duration);
-    describe(&mut r, "kubelet_node_name", "The node's name. The count is always 1.", &m.node_name);
-    describe(&mut r, "kubelet_pleg_relist_duration_seconds", "Duration in seconds for relisting pods in PLEG.", &m.pleg_relist_duration);
+    describe(
+        &mut r,
+        "kubelet_http_requests_total",
+        "Number of the http requests received since the server started",
+        &m.http_requests,
+    );
+    describe(
+        &mut r,
+        "kubelet_image_pull_duration_seconds",
+        "Duration in seconds to pull an image, by result (success or error)",
+        &m.image_pull_duration,
+    );
+    describe(
+        &mut r,
+        "kubelet_node_name",
+        "The node's name. The count is always 1.",
+        &m.node_name,
+    );
+    describe(
+        &mut r,
+        "kubelet_pleg_relist_duration_seconds",
+        "Duration in seconds for relisting pods in PLEG.",
+        &m.pleg_relist_duration,
+    );
     describe(
         &mut r,
         "kubelet_pod_start_duration_seconds",
@@ -199,9 +229,24 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
         "Duration in seconds to sync a single pod. Broken down by operation type: create, update, sync or kill",
         &m.pod_worker_duration,
     );
-    describe(&mut r, "kubelet_running_containers", "Number of containers currently running", &m.running_containers);
-    describe(&mut r, "kubelet_running_pods", "Number of pods that have a running pod sandbox and a running container", &m.running_pods);
-    describe(&mut r, "rest_client_requests_total", "Number of HTTP requests to the API server, partitioned by status code, method, and host.", &m.rest_client_requests);
+    describe(
+        &mut r,
+        "kubelet_running_containers",
+        "Number of containers currently running",
+        &m.running_containers,
+    );
+    describe(
+        &mut r,
+        "kubelet_running_pods",
+        "Number of pods that have a running pod sandbox and a running container",
+        &m.running_pods,
+    );
+    describe(
+        &mut r,
+        "rest_client_requests_total",
+        "Number of HTTP requests to the API server, partitioned by status code, method, and host.",
+        &m.rest_client_requests,
+    );
     (metrics, r)
 }
 
@@ -219,7 +264,9 @@ pub fn probes() -> &'static ProbeMetrics {
 
 fn probes_served() -> &'static (ProbeMetrics, Registry) {
     static PROBES: LazyLock<(ProbeMetrics, Registry)> = LazyLock::new(|| {
-        let metrics = ProbeMetrics { probe_total: Family::default() };
+        let metrics = ProbeMetrics {
+            probe_total: Family::default(),
+        };
         let mut r = Registry::default();
         describe(&mut r, "prober_probe_total", "Cumulative number of a liveness, readiness or startup probe for a container by result.", &metrics.probe_total);
         (metrics, r)
@@ -253,15 +300,23 @@ pub fn encode(registry: &Registry) -> String {
 /// text (the kubelet's are served as the kubelet writes them, some without one). A counter is
 /// named here with its `_total`, as it is served; the encoder adds the suffix, so it is taken
 /// off the name it is given.
-pub(crate) fn describe<M>(registry: &mut Registry, name: &'static str, help: &'static str, metric: &M)
-where
+pub(crate) fn describe<M>(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    metric: &M,
+) where
     M: EncodeMetric + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
     let name = match metric.metric_type() {
         MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
         _ => name,
     };
-    registry.register_collector(Box::new(Described { name, help, metric: metric.clone() }));
+    registry.register_collector(Box::new(Described {
+        name,
+        help,
+        metric: metric.clone(),
+    }));
 }
 
 /// One family, described as served (see [`describe`]).
@@ -277,7 +332,8 @@ impl<M: EncodeMetric + std::fmt::Debug + Send + Sync + 'static> Collector for De
         if self.metric.is_empty() {
             return Ok(());
         }
-        let series = encoder.encode_descriptor(self.name, self.help, None, self.metric.metric_type())?;
+        let series =
+            encoder.encode_descriptor(self.name, self.help, None, self.metric.metric_type())?;
         self.metric.encode(series)
     }
 }
@@ -294,19 +350,34 @@ pub fn observe_pod_sync(
     start_observed: &mut bool,
 ) {
     let metrics = kubelet();
-    metrics.pod_worker_duration.get_or_create(&OperationLabels { operation }).observe(took.as_secs_f64());
+    metrics
+        .pod_worker_duration
+        .get_or_create(&OperationLabels { operation })
+        .observe(took.as_secs_f64());
     if *start_observed {
         return;
     }
     let Some(status) = status else { return };
     let statuses = status.container_statuses.as_deref().unwrap_or_default();
-    let all_running = status.phase.as_deref() == Some("Running") && !statuses.is_empty() && statuses.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+    let all_running = status.phase.as_deref() == Some("Running")
+        && !statuses.is_empty()
+        && statuses
+            .iter()
+            .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
     if !all_running {
         return;
     }
     *start_observed = true;
-    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(first_seen);
-    let seconds = (k8s_openapi::chrono::Utc::now() - created).num_milliseconds().max(0) as f64 / 1000.0;
+    let created = pod
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(first_seen);
+    let seconds = (k8s_openapi::chrono::Utc::now() - created)
+        .num_milliseconds()
+        .max(0) as f64
+        / 1000.0;
     metrics.pod_start_duration.observe(seconds);
 }
 
@@ -327,7 +398,10 @@ impl CountApiRequests {
 impl<S> tower_layer::Layer<S> for CountApiRequests {
     type Service = CountedApiService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        CountedApiService { inner, host: self.host.clone() }
+        CountedApiService {
+            inner,
+            host: self.host.clone(),
+        }
     }
 }
 
@@ -345,9 +419,13 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -361,12 +439,18 @@ where
                 Ok(r) => r.status().as_u16().to_string(),
                 Err(_) => "<error>".to_string(),
             };
-            kubelet().rest_client_requests.get_or_create(&RestClientLabels { code, method, host: host.to_string() }).inc();
+            kubelet()
+                .rest_client_requests
+                .get_or_create(&RestClientLabels {
+                    code,
+                    method,
+                    host: host.to_string(),
+                })
+                .inc();
             response
         })
     }
 }
-
 
 /// `process_*` series of this process from `/proc/self`, read at scrape time (cheap: two small
 /// files and a directory listing): CPU seconds, start time, resident memory, open fds.
@@ -377,19 +461,39 @@ impl Collector for ProcessMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let sample = ProcessSample::read();
         if let Some(seconds) = sample.cpu_seconds {
-            let series = encoder.encode_descriptor("process_cpu_seconds", "Total user and system CPU time spent in seconds.", None, MetricType::Counter)?;
+            let series = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                MetricType::Counter,
+            )?;
             ConstCounter::new(seconds).encode(series)?;
         }
         if let Some(start) = sample.start_time {
-            let series = encoder.encode_descriptor("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", None, MetricType::Gauge)?;
+            let series = encoder.encode_descriptor(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                None,
+                MetricType::Gauge,
+            )?;
             ConstGauge::new(start).encode(series)?;
         }
         if let Some(bytes) = sample.resident_bytes {
-            let series = encoder.encode_descriptor("process_resident_memory_bytes", "Resident memory size in bytes.", None, MetricType::Gauge)?;
+            let series = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                None,
+                MetricType::Gauge,
+            )?;
             ConstGauge::new(bytes).encode(series)?;
         }
         if let Some(fds) = sample.open_fds {
-            let series = encoder.encode_descriptor("process_open_fds", "Number of open file descriptors.", None, MetricType::Gauge)?;
+            let series = encoder.encode_descriptor(
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                MetricType::Gauge,
+            )?;
             ConstGauge::new(fds).encode(series)?;
         }
         Ok(())
@@ -407,14 +511,23 @@ struct ProcessSample {
 
 impl ProcessSample {
     fn read() -> ProcessSample {
-        let mut sample = ProcessSample { open_fds: std::fs::read_dir("/proc/self/fd").ok().map(|fds| fds.count() as u64), ..Default::default() };
+        let mut sample = ProcessSample {
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|fds| fds.count() as u64),
+            ..Default::default()
+        };
         // Linux reports times in clock ticks and pages; both sizes come from sysconf.
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return sample };
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return sample;
+        };
         // Fields after the command (which may hold spaces) start at the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return sample };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return sample;
+        };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // rest[0] is field 3 (state): utime is field 14, stime 15, starttime 22, rss 24.
         let field = |n: usize| fields.get(n - 3).and_then(|s| s.parse::<u64>().ok());
@@ -422,7 +535,10 @@ impl ProcessSample {
             if let (Some(utime), Some(stime)) = (field(14), field(15)) {
                 sample.cpu_seconds = Some((utime + stime) as f64 / ticks);
             }
-            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()));
+            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+            });
             if let (Some(start), Some(boot)) = (field(22), boot) {
                 sample.start_time = Some(boot + start as f64 / ticks);
             }
@@ -443,9 +559,26 @@ mod tests {
     #[test]
     fn families_keep_their_names_help_types_and_label_order() {
         let (m, r) = kubelet_registry();
-        m.rest_client_requests.get_or_create(&RestClientLabels { code: "200".into(), method: "GET".into(), host: "h:6443".into() }).inc_by(3);
-        m.node_name.get_or_create(&NodeLabels { node: "quote\"back\\slash\nline".into() }).set(1);
-        m.http_requests.get_or_create(&HttpRequestLabels { method: "GET", path: "pods", server_type: "readwrite", long_running: "false" }).inc();
+        m.rest_client_requests
+            .get_or_create(&RestClientLabels {
+                code: "200".into(),
+                method: "GET".into(),
+                host: "h:6443".into(),
+            })
+            .inc_by(3);
+        m.node_name
+            .get_or_create(&NodeLabels {
+                node: "quote\"back\\slash\nline".into(),
+            })
+            .set(1);
+        m.http_requests
+            .get_or_create(&HttpRequestLabels {
+                method: "GET",
+                path: "pods",
+                server_type: "readwrite",
+                long_running: "false",
+            })
+            .inc();
         m.running_pods.set(2);
         let text = encode(&r);
         let l = lines(&text);
@@ -464,27 +597,45 @@ mod tests {
         ] {
             assert!(l.contains(&expected), "{expected}\n{text}");
         }
-        let pod_worker = l.iter().position(|x| x.starts_with("# HELP kubelet_pod_worker_duration_seconds"));
-        assert!(pod_worker.is_none(), "a labelled family with no series is not served: {text}");
+        let pod_worker = l
+            .iter()
+            .position(|x| x.starts_with("# HELP kubelet_pod_worker_duration_seconds"));
+        assert!(
+            pod_worker.is_none(),
+            "a labelled family with no series is not served: {text}"
+        );
         // Families in name order, text format 0.0.4 (no OpenMetrics `# EOF`).
-        let names: Vec<&str> = l.iter().filter_map(|x| x.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        let names: Vec<&str> = l
+            .iter()
+            .filter_map(|x| x.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
         let mut sorted = names.clone();
         sorted.sort();
         assert_eq!(names, sorted);
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
         assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
     }
 
     #[test]
     fn histograms_are_cumulative_with_their_buckets_sum_and_count() {
         let (m, r) = kubelet_registry();
-        let sync = m.pod_worker_duration.get_or_create_owned(&OperationLabels { operation: "sync" });
+        let sync = m
+            .pod_worker_duration
+            .get_or_create_owned(&OperationLabels { operation: "sync" });
         for v in [0.004, 0.1, 0.5, 70.0] {
             sync.observe(v);
         }
         let text = encode(&r);
         let l = lines(&text);
-        let buckets: Vec<&str> = l.iter().filter_map(|x| x.strip_prefix("kubelet_pod_worker_duration_seconds_bucket{operation=\"sync\",")).collect();
+        let buckets: Vec<&str> = l
+            .iter()
+            .filter_map(|x| {
+                x.strip_prefix("kubelet_pod_worker_duration_seconds_bucket{operation=\"sync\",")
+            })
+            .collect();
         assert_eq!(
             buckets,
             [
@@ -503,16 +654,40 @@ mod tests {
             ],
             "{text}"
         );
-        assert!(l.contains(&"kubelet_pod_worker_duration_seconds_sum{operation=\"sync\"} 70.604"), "{text}");
-        assert!(l.contains(&"kubelet_pod_worker_duration_seconds_count{operation=\"sync\"} 4"), "{text}");
+        assert!(
+            l.contains(&"kubelet_pod_worker_duration_seconds_sum{operation=\"sync\"} 70.604"),
+            "{text}"
+        );
+        assert!(
+            l.contains(&"kubelet_pod_worker_duration_seconds_count{operation=\"sync\"} 4"),
+            "{text}"
+        );
         assert!(l.contains(&"# HELP kubelet_pod_worker_duration_seconds Duration in seconds to sync a single pod. Broken down by operation type: create, update, sync or kill"), "{text}");
-        assert!(l.contains(&"# TYPE kubelet_pod_worker_duration_seconds histogram"), "{text}");
+        assert!(
+            l.contains(&"# TYPE kubelet_pod_worker_duration_seconds histogram"),
+            "{text}"
+        );
         // The pod start buckets, whole seconds written as integers, as client_golang writes them.
-        assert!(l.contains(&"kubelet_pod_start_duration_seconds_bucket{le=\"3600\"} 0"), "{text}");
-        m.image_pull_duration.get_or_create(&PullResultLabels { result: "success" }).observe(0.2);
+        assert!(
+            l.contains(&"kubelet_pod_start_duration_seconds_bucket{le=\"3600\"} 0"),
+            "{text}"
+        );
+        m.image_pull_duration
+            .get_or_create(&PullResultLabels { result: "success" })
+            .observe(0.2);
         let text = encode(&r);
-        assert!(text.contains("kubelet_image_pull_duration_seconds_bucket{result=\"success\",le=\"0.25\"} 1\n"), "{text}");
-        assert!(text.contains("kubelet_image_pull_duration_seconds_bucket{result=\"success\",le=\"300\"} 1\n"), "{text}");
+        assert!(
+            text.contains(
+                "kubelet_image_pull_duration_seconds_bucket{result=\"success\",le=\"0.25\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kubelet_image_pull_duration_seconds_bucket{result=\"success\",le=\"300\"} 1\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -520,13 +695,25 @@ mod tests {
         let family: Family<ProbeLabels, Counter> = Family::default();
         let mut r = Registry::default();
         describe(&mut r, "prober_probe_total", "Probes.", &family);
-        let labels = |uid: &str| ProbeLabels { probe_type: "Liveness", result: "successful", container: "c".into(), pod: "p".into(), namespace: "ns".into(), pod_uid: uid.into() };
+        let labels = |uid: &str| ProbeLabels {
+            probe_type: "Liveness",
+            result: "successful",
+            container: "c".into(),
+            pod: "p".into(),
+            namespace: "ns".into(),
+            pod_uid: uid.into(),
+        };
         family.get_or_create(&labels("u1")).inc();
         family.get_or_create(&labels("u2")).inc();
         family.remove(&labels("u1"));
         let text = encode(&r);
         assert!(!text.contains("u1") && text.contains("prober_probe_total{probe_type=\"Liveness\",result=\"successful\",container=\"c\",pod=\"p\",namespace=\"ns\",pod_uid=\"u2\"} 1\n"), "{text}");
-        assert!(text.starts_with("# HELP prober_probe_total Probes.\n# TYPE prober_probe_total counter\n"), "{text}");
+        assert!(
+            text.starts_with(
+                "# HELP prober_probe_total Probes.\n# TYPE prober_probe_total counter\n"
+            ),
+            "{text}"
+        );
         family.remove(&labels("u2"));
         assert_eq!(encode(&r), "", "a family without series is not served");
     }
@@ -536,11 +723,23 @@ mod tests {
         let mut r = Registry::default();
         r.register_collector(Box::new(ProcessMetrics));
         let text = encode(&r);
-        let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
-        assert!(value("process_resident_memory_bytes").is_some_and(|v| v > 0.0), "{text}");
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        };
+        assert!(
+            value("process_resident_memory_bytes").is_some_and(|v| v > 0.0),
+            "{text}"
+        );
         assert!(value("process_open_fds").is_some_and(|v| v > 0.0), "{text}");
         assert!(value("process_cpu_seconds_total").is_some(), "{text}");
-        assert!(value("process_start_time_seconds").is_some_and(|v| v > 1.0e9), "{text}");
-        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"), "{text}");
+        assert!(
+            value("process_start_time_seconds").is_some_and(|v| v > 1.0e9),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
     }
 }

@@ -13,7 +13,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
-    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus, NodeSystemInfo, Taint,
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+    NodeSystemInfo, Taint,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -82,7 +83,16 @@ impl NodeStatusManager {
         node_ref: watch::Sender<Option<NodeRef>>,
     ) -> Self {
         let pressure = watch::channel(crate::eviction::Pressure::default()).1;
-        Self { api: Api::all(client), config, provider, host: machine::host_info(), node_ref, last_write: None, pressure, runtime_changes: None }
+        Self {
+            api: Api::all(client),
+            config,
+            provider,
+            host: machine::host_info(),
+            node_ref,
+            last_write: None,
+            pressure,
+            runtime_changes: None,
+        }
     }
 
     /// Reports the pressure conditions `pressure` carries (without it, none).
@@ -92,7 +102,10 @@ impl NodeStatusManager {
     }
 
     /// Writes the status again whenever `changes` does (the runtime process went or came back).
-    pub fn with_runtime_changes(mut self, changes: watch::Receiver<Option<provider_remote::RuntimeIdentity>>) -> Self {
+    pub fn with_runtime_changes(
+        mut self,
+        changes: watch::Receiver<Option<provider_remote::RuntimeIdentity>>,
+    ) -> Self {
         self.runtime_changes = Some(changes);
         self
     }
@@ -102,12 +115,20 @@ impl NodeStatusManager {
         let mut backoff = Backoff::new(self.config.node_status_update_frequency);
         let mut registered = false;
         loop {
-            let result = if registered { self.sync_status().await } else { self.register().await };
+            let result = if registered {
+                self.sync_status().await
+            } else {
+                self.register().await
+            };
             let wait = match result {
                 Ok(still_registered) => {
                     registered = still_registered;
                     backoff.reset();
-                    if registered { self.config.node_status_update_frequency } else { std::time::Duration::ZERO }
+                    if registered {
+                        self.config.node_status_update_frequency
+                    } else {
+                        std::time::Duration::ZERO
+                    }
                 }
                 Err(e) => {
                     let wait = backoff.next();
@@ -150,7 +171,10 @@ impl NodeStatusManager {
                     .api
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
-                    .map_err(|source| NodeStatusError::Register { node: name.clone(), source })?;
+                    .map_err(|source| NodeStatusError::Register {
+                        node: name.clone(),
+                        source,
+                    })?;
                 info!(node = %name, "node already registered; adopted it");
                 node
             }
@@ -174,33 +198,54 @@ impl NodeStatusManager {
                 self.node_ref.send_replace(None);
                 return Ok(false);
             }
-            Err(source) => return Err(NodeStatusError::Get { node: name.clone(), source }),
+            Err(source) => {
+                return Err(NodeStatusError::Get {
+                    node: name.clone(),
+                    source,
+                })
+            }
         };
         let current_uid = node.metadata.uid.clone().unwrap_or_default();
         if self.node_ref.borrow().as_ref().map(|r| r.uid.as_str()) != Some(current_uid.as_str()) {
             // Deleted and recreated by someone else between two intervals: follow the new UID.
-            self.node_ref.send_replace(Some(NodeRef { name: name.clone(), uid: current_uid }));
+            self.node_ref.send_replace(Some(NodeRef {
+                name: name.clone(),
+                uid: current_uid,
+            }));
         }
         let capacity = machine::capacity(&self.config.root_dir)?;
         self.write_status_if_needed(&node, capacity).await?;
         Ok(true)
     }
 
-    async fn write_status_if_needed(&mut self, current: &Node, capacity: Capacity) -> Result<(), NodeStatusError> {
+    async fn write_status_if_needed(
+        &mut self,
+        current: &Node,
+        capacity: Capacity,
+    ) -> Result<(), NodeStatusError> {
         let runtime = self.provider.status().await;
         let now = Utc::now();
         let observed = current.status.clone().unwrap_or_default();
         let wanted = self.desired_status(&capacity, &runtime, &observed, now);
-        let due = self.last_write.is_none_or(|t| t.elapsed() >= self.config.node_status_report_frequency);
+        let due = self
+            .last_write
+            .is_none_or(|t| t.elapsed() >= self.config.node_status_report_frequency);
         if !due && same_status(&observed, &wanted) {
             debug!("node status unchanged");
             return Ok(());
         }
         let patch = serde_json::json!({ "status": wanted });
         self.api
-            .patch_status(&self.config.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(
+                &self.config.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
-            .map_err(|source| NodeStatusError::Update { node: self.config.node_name.clone(), source })?;
+            .map_err(|source| NodeStatusError::Update {
+                node: self.config.node_name.clone(),
+                source,
+            })?;
         self.last_write = Some(Instant::now());
         debug!("node status written");
         Ok(())
@@ -212,7 +257,10 @@ impl NodeStatusManager {
         let mut labels = BTreeMap::from([
             ("kubernetes.io/hostname".to_string(), c.node_name.clone()),
             ("kubernetes.io/os".to_string(), "linux".to_string()),
-            ("kubernetes.io/arch".to_string(), self.host.architecture.clone()),
+            (
+                "kubernetes.io/arch".to_string(),
+                self.host.architecture.clone(),
+            ),
             (RUNTIME_LABEL.to_string(), RUNTIME_WASM.to_string()),
         ]);
         labels.extend(c.node_labels.clone());
@@ -231,8 +279,16 @@ impl NodeStatusManager {
             time_added: None,
         }));
         Node {
-            metadata: ObjectMeta { name: Some(c.node_name.clone()), labels: Some(labels), ..Default::default() },
-            spec: Some(NodeSpec { taints: Some(taints), provider_id: c.provider_id.clone(), ..Default::default() }),
+            metadata: ObjectMeta {
+                name: Some(c.node_name.clone()),
+                labels: Some(labels),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                taints: Some(taints),
+                provider_id: c.provider_id.clone(),
+                ..Default::default()
+            }),
             status: None,
         }
     }
@@ -247,26 +303,47 @@ impl NodeStatusManager {
         now: k8s_openapi::chrono::DateTime<Utc>,
     ) -> NodeStatus {
         let c = &self.config;
-        let allocatable = crate::machine::Allocatable::compute(capacity, &c.system_reserved, &c.kube_reserved, &c.eviction_hard);
+        let allocatable = crate::machine::Allocatable::compute(
+            capacity,
+            &c.system_reserved,
+            &c.kube_reserved,
+            &c.eviction_hard,
+        );
 
         let resources = |cpu: String, memory: u64, storage: u64| {
             BTreeMap::from([
                 ("cpu".to_string(), Quantity(cpu)),
-                ("memory".to_string(), Quantity(format!("{}Ki", memory / 1024))),
-                ("ephemeral-storage".to_string(), Quantity(format!("{}Ki", storage / 1024))),
+                (
+                    "memory".to_string(),
+                    Quantity(format!("{}Ki", memory / 1024)),
+                ),
+                (
+                    "ephemeral-storage".to_string(),
+                    Quantity(format!("{}Ki", storage / 1024)),
+                ),
                 ("pods".to_string(), Quantity(c.max_pods.to_string())),
             ])
         };
 
         // The eviction manager measures the signals against every threshold and keeps a
         // condition through --eviction-pressure-transition-period.
-        let crate::eviction::Pressure { memory: memory_pressure, disk: disk_pressure, pid: pid_pressure } = self.pressure.borrow().clone();
+        let crate::eviction::Pressure {
+            memory: memory_pressure,
+            disk: disk_pressure,
+            pid: pid_pressure,
+        } = self.pressure.borrow().clone();
 
         let condition = |kind: &str, status: bool, reason: &str, message: String| {
             let status = if status { "True" } else { "False" }.to_string();
-            let previous = observed.conditions.iter().flatten().find(|c| c.type_ == kind);
+            let previous = observed
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == kind);
             let transition = match previous {
-                Some(p) if p.status == status => p.last_transition_time.clone().unwrap_or(Time(now)),
+                Some(p) if p.status == status => {
+                    p.last_transition_time.clone().unwrap_or(Time(now))
+                }
                 _ => Time(now),
             };
             NodeCondition {
@@ -284,47 +361,99 @@ impl NodeStatusManager {
         };
         let conditions = vec![
             match &memory_pressure {
-                None => condition("MemoryPressure", false, "KubeletHasSufficientMemory", "kubelet has sufficient memory available".into()),
+                None => condition(
+                    "MemoryPressure",
+                    false,
+                    "KubeletHasSufficientMemory",
+                    "kubelet has sufficient memory available".into(),
+                ),
                 Some(_) => condition(
                     "MemoryPressure",
                     true,
                     "KubeletHasInsufficientMemory",
-                    with_detail("kubelet has insufficient memory available", memory_pressure.clone()),
+                    with_detail(
+                        "kubelet has insufficient memory available",
+                        memory_pressure.clone(),
+                    ),
                 ),
             },
             match &disk_pressure {
-                None => condition("DiskPressure", false, "KubeletHasNoDiskPressure", "kubelet has no disk pressure".into()),
-                Some(_) => condition("DiskPressure", true, "KubeletHasDiskPressure", with_detail("kubelet has disk pressure", disk_pressure.clone())),
+                None => condition(
+                    "DiskPressure",
+                    false,
+                    "KubeletHasNoDiskPressure",
+                    "kubelet has no disk pressure".into(),
+                ),
+                Some(_) => condition(
+                    "DiskPressure",
+                    true,
+                    "KubeletHasDiskPressure",
+                    with_detail("kubelet has disk pressure", disk_pressure.clone()),
+                ),
             },
             match &pid_pressure {
-                None => condition("PIDPressure", false, "KubeletHasSufficientPID", "kubelet has sufficient PID available".into()),
+                None => condition(
+                    "PIDPressure",
+                    false,
+                    "KubeletHasSufficientPID",
+                    "kubelet has sufficient PID available".into(),
+                ),
                 Some(_) => condition(
                     "PIDPressure",
                     true,
                     "KubeletHasInsufficientPID",
-                    with_detail("kubelet has insufficient PID available", pid_pressure.clone()),
+                    with_detail(
+                        "kubelet has insufficient PID available",
+                        pid_pressure.clone(),
+                    ),
                 ),
             },
             match runtime {
-                RuntimeStatus::Ready => condition("Ready", true, "KubeletReady", "wasm-kubelet is posting ready status".into()),
-                RuntimeStatus::NotReady { message } => {
-                    condition("Ready", false, "KubeletNotReady", format!("container runtime is not ready: {message}"))
-                }
+                RuntimeStatus::Ready => condition(
+                    "Ready",
+                    true,
+                    "KubeletReady",
+                    "wasm-kubelet is posting ready status".into(),
+                ),
+                RuntimeStatus::NotReady { message } => condition(
+                    "Ready",
+                    false,
+                    "KubeletNotReady",
+                    format!("container runtime is not ready: {message}"),
+                ),
             },
         ];
 
         let mut addresses = Vec::new();
         if let Some(ip) = self.node_ip() {
-            addresses.push(NodeAddress { type_: "InternalIP".into(), address: ip.to_string() });
+            addresses.push(NodeAddress {
+                type_: "InternalIP".into(),
+                address: ip.to_string(),
+            });
         }
-        addresses.push(NodeAddress { type_: "Hostname".into(), address: c.node_name.clone() });
+        addresses.push(NodeAddress {
+            type_: "Hostname".into(),
+            address: c.node_name.clone(),
+        });
 
         NodeStatus {
-            capacity: Some(resources(capacity.cpus.to_string(), capacity.memory_bytes, capacity.ephemeral_storage_bytes)),
-            allocatable: Some(resources(allocatable.cpu_quantity(), allocatable.memory_bytes, allocatable.ephemeral_storage_bytes)),
+            capacity: Some(resources(
+                capacity.cpus.to_string(),
+                capacity.memory_bytes,
+                capacity.ephemeral_storage_bytes,
+            )),
+            allocatable: Some(resources(
+                allocatable.cpu_quantity(),
+                allocatable.memory_bytes,
+                allocatable.ephemeral_storage_bytes,
+            )),
             conditions: Some(conditions),
             addresses: Some(addresses),
-            daemon_endpoints: Some(NodeDaemonEndpoints { kubelet_endpoint: Some(DaemonEndpoint { port: c.port.into() }) }),
+            daemon_endpoints: Some(NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint {
+                    port: c.port.into(),
+                }),
+            }),
             node_info: Some(NodeSystemInfo {
                 machine_id: self.host.machine_id.clone(),
                 system_uuid: self.host.system_uuid.clone(),
@@ -344,21 +473,32 @@ impl NodeStatusManager {
 
     /// --node-ip, else the first non-loopback address the hostname resolves to.
     fn node_ip(&self) -> Option<IpAddr> {
-        self.config.node_ip.or_else(|| resolve_node_ip(&self.config.node_name))
+        self.config
+            .node_ip
+            .or_else(|| resolve_node_ip(&self.config.node_name))
     }
 }
 
 /// The first non-loopback address `name` resolves to.
 pub fn resolve_node_ip(name: &str) -> Option<IpAddr> {
     use std::net::ToSocketAddrs;
-    (name, 0).to_socket_addrs().ok()?.map(|a| a.ip()).find(|ip| !ip.is_loopback())
+    (name, 0)
+        .to_socket_addrs()
+        .ok()?
+        .map(|a| a.ip())
+        .find(|ip| !ip.is_loopback())
 }
 
 /// Whether `observed` already says what `wanted` says, apart from heartbeat times and the
 /// exact free-memory figures inside pressure messages (which change every interval).
 fn same_status(observed: &NodeStatus, wanted: &NodeStatus) -> bool {
     let conditions = |s: &NodeStatus| -> Vec<(String, String, Option<String>)> {
-        let mut v: Vec<_> = s.conditions.iter().flatten().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect();
+        let mut v: Vec<_> = s
+            .conditions
+            .iter()
+            .flatten()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect();
         v.sort();
         v
     };
@@ -391,7 +531,9 @@ mod tests {
     fn heartbeat_times_alone_are_no_change() {
         let a = status_with("Ready", "True", "KubeletReady");
         let mut b = a.clone();
-        b.conditions.as_mut().unwrap()[0].last_heartbeat_time = Some(Time(Utc::now() + k8s_openapi::chrono::Duration::seconds(30)));
+        b.conditions.as_mut().unwrap()[0].last_heartbeat_time = Some(Time(
+            Utc::now() + k8s_openapi::chrono::Duration::seconds(30),
+        ));
         assert!(same_status(&a, &b));
     }
 

@@ -67,31 +67,69 @@ impl Quantity {
             return Err(QuantityError::Format(s.into()));
         }
         if s == "0" {
-            return Ok(Quantity { nanos: 0, format: Format::DecimalSI, text: s.into() });
+            return Ok(Quantity {
+                nanos: 0,
+                format: Format::DecimalSI,
+                text: s.into(),
+            });
         }
         let parts = scan(s).ok_or_else(|| QuantityError::Format(s.into()))?;
-        let (base2, exponent, format) = interpret(parts.suffix).ok_or_else(|| QuantityError::Suffix(s.into()))?;
+        let (base2, exponent, format) =
+            interpret(parts.suffix).ok_or_else(|| QuantityError::Suffix(s.into()))?;
         // Go takes a fast path (int64 arithmetic) or, past its precision, a slow one (inf.Dec)
         // that re-reads the number part and so needs a digit in it: "Pi" alone is an error,
         // "Mi" alone is zero. Same value either way otherwise.
         let denom_len = parts.denom.len() as i64;
         let precision = if base2 {
-            if denom_len == 0 { 15 - parts.num.len() as i64 - i64::from(exponent) * 3 / 10 - 1 } else { -1 }
+            if denom_len == 0 {
+                15 - parts.num.len() as i64 - i64::from(exponent) * 3 / 10 - 1
+            } else {
+                -1
+            }
         } else {
             18 - (parts.num.len() as i64 + denom_len)
         };
-        let scale = if base2 { -denom_len } else { i64::from(exponent) - denom_len };
+        let scale = if base2 {
+            -denom_len
+        } else {
+            i64::from(exponent) - denom_len
+        };
         let fast = precision >= 0 && scale >= -9;
         if !fast && !parts.number.bytes().any(|b| b.is_ascii_digit()) {
             return Err(QuantityError::Numeric(s.into()));
         }
-        let digits: Vec<u8> = parts.num.bytes().chain(parts.denom.bytes()).map(|b| b - b'0').collect();
-        let magnitude = if base2 { nanos_of(digits, exponent as u32, -denom_len) } else { nanos_of(digits, 0, scale) };
-        let magnitude = if format == Format::BinarySI { magnitude.min(BINARY_CAP_NANOS) } else { magnitude };
+        let digits: Vec<u8> = parts
+            .num
+            .bytes()
+            .chain(parts.denom.bytes())
+            .map(|b| b - b'0')
+            .collect();
+        let magnitude = if base2 {
+            nanos_of(digits, exponent as u32, -denom_len)
+        } else {
+            nanos_of(digits, 0, scale)
+        };
+        let magnitude = if format == Format::BinarySI {
+            magnitude.min(BINARY_CAP_NANOS)
+        } else {
+            magnitude
+        };
         // Go: a binary quantity between 0 and 1 is printed as decimal ("avoids rounding").
-        let format = if format == Format::BinarySI && magnitude > 0 && magnitude < NANO { Format::DecimalSI } else { format };
-        let nanos = if parts.positive { magnitude } else { -magnitude };
-        Ok(Quantity { nanos, format, text: s.into() })
+        let format = if format == Format::BinarySI && magnitude > 0 && magnitude < NANO {
+            Format::DecimalSI
+        } else {
+            format
+        };
+        let nanos = if parts.positive {
+            magnitude
+        } else {
+            -magnitude
+        };
+        Ok(Quantity {
+            nanos,
+            format,
+            text: s.into(),
+        })
     }
 
     /// The exact value in nano-units (10^-9), as the API server holds it.
@@ -186,13 +224,23 @@ fn scan(s: &str) -> Option<Parts<'_>> {
         pos += 1;
     }
     if pos >= end {
-        return Some(Parts { positive, number: "0", num: "0", denom: "", suffix: "" });
+        return Some(Parts {
+            positive,
+            number: "0",
+            num: "0",
+            denom: "",
+            suffix: "",
+        });
     }
     let num_start = pos;
     while pos < end && b[pos].is_ascii_digit() {
         pos += 1;
     }
-    let num = if pos == num_start { "0" } else { &s[num_start..pos] };
+    let num = if pos == num_start {
+        "0"
+    } else {
+        &s[num_start..pos]
+    };
     let mut denom = "";
     if pos < end && b[pos] == b'.' {
         pos += 1;
@@ -213,7 +261,13 @@ fn scan(s: &str) -> Option<Parts<'_>> {
     while pos < end && b[pos].is_ascii_digit() {
         pos += 1;
     }
-    (pos == end).then(|| Parts { positive, number, num, denom, suffix: &s[suffix_start..] })
+    (pos == end).then(|| Parts {
+        positive,
+        number,
+        num,
+        denom,
+        suffix: &s[suffix_start..],
+    })
 }
 
 /// (base 2?, exponent, format) of a suffix, as Go's suffixer interprets it.
@@ -273,12 +327,17 @@ fn nanos_of(mut digits: Vec<u8>, shift: u32, scale: i64) -> i128 {
     let (whole, round_up) = if k >= 0 {
         (digits, false)
     } else {
-        let cut = digits.len().saturating_sub(usize::try_from(-k).unwrap_or(usize::MAX));
+        let cut = digits
+            .len()
+            .saturating_sub(usize::try_from(-k).unwrap_or(usize::MAX));
         (&digits[..cut], digits[cut..].iter().any(|d| *d != 0))
     };
     let mut value: i128 = 0;
     for d in whole {
-        value = match value.checked_mul(10).and_then(|v| v.checked_add(i128::from(*d))) {
+        value = match value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(i128::from(*d)))
+        {
             Some(v) => v,
             None => return i128::MAX,
         };
@@ -300,7 +359,11 @@ fn nanos_of(mut digits: Vec<u8>, shift: u32, scale: i64) -> i128 {
 /// `n / d` rounded toward +infinity (`d` > 0).
 fn ceil_div(n: i128, d: i128) -> i128 {
     let q = n.div_euclid(d);
-    if n.rem_euclid(d) == 0 { q } else { q + 1 }
+    if n.rem_euclid(d) == 0 {
+        q
+    } else {
+        q + 1
+    }
 }
 
 #[cfg(test)]
@@ -425,14 +488,30 @@ mod tests {
             let q = Quantity::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
             assert_eq!((q.nanos(), q.format()), (*nanos, *format), "{input}");
             // Go's test also reads each with a sign in front.
-            assert_eq!(Quantity::parse(&format!("-{input}")).unwrap().nanos(), -nanos, "-{input}");
-            assert_eq!(Quantity::parse(&format!("+{input}")).unwrap().nanos(), *nanos, "+{input}");
+            assert_eq!(
+                Quantity::parse(&format!("-{input}")).unwrap().nanos(),
+                -nanos,
+                "-{input}"
+            );
+            assert_eq!(
+                Quantity::parse(&format!("+{input}")).unwrap().nanos(),
+                *nanos,
+                "+{input}"
+            );
         }
         // TestParseQuantityString's odd ones, and the empty string.
-        for (input, nanos) in [(".", 0), ("-.", 0), ("1E-3", dec(1, -3)), ("-1.025Ti", -dec(1025 << 40, -3))] {
+        for (input, nanos) in [
+            (".", 0),
+            ("-.", 0),
+            ("1E-3", dec(1, -3)),
+            ("-1.025Ti", -dec(1025 << 40, -3)),
+        ] {
             assert_eq!(Quantity::parse(input).unwrap().nanos(), nanos, "{input}");
         }
-        let invalid = ["", "1.1.M", "1+1.0M", "0.1mi", "0.1am", "aoeu", ".5i", "1i", "-3.01i", "-3.01e-", " 1", "1 "];
+        let invalid = [
+            "", "1.1.M", "1+1.0M", "0.1mi", "0.1am", "aoeu", ".5i", "1i", "-3.01i", "-3.01e-",
+            " 1", "1 ",
+        ];
         for input in invalid {
             assert!(Quantity::parse(input).is_err(), "{input:?} parsed");
         }

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use wasm_kubelet::streaming::spdy::{self, Frame, HeaderCompressor, HeaderDecompressor, Headers, Setting};
+use wasm_kubelet::streaming::spdy::{
+    self, Frame, HeaderCompressor, HeaderDecompressor, Headers, Setting,
+};
 
 /// Reads frames from `bytes` until the end or the first error; never panics.
 fn read_all(bytes: &[u8], hd: &mut HeaderDecompressor) -> (Vec<Frame>, Option<String>) {
@@ -31,7 +33,9 @@ fn within_bounds(headers: &Headers) -> bool {
 
 fn check_frame_bounds(frame: &Frame) -> bool {
     match frame {
-        Frame::SynStream { headers, .. } | Frame::SynReply { headers, .. } | Frame::Headers { headers, .. } => within_bounds(headers),
+        Frame::SynStream { headers, .. }
+        | Frame::SynReply { headers, .. }
+        | Frame::Headers { headers, .. } => within_bounds(headers),
         _ => true,
     }
 }
@@ -39,13 +43,15 @@ fn check_frame_bounds(frame: &Frame) -> bool {
 fn arb_headers() -> impl Strategy<Value = Headers> {
     // Distinct names (the encoder groups a repeated name), printable values without NUL (NUL
     // joins a name's values on the wire).
-    prop::collection::btree_map("[a-z][a-z0-9-]{0,15}", "[ -~]{0,40}", 0..6).prop_map(|pairs: BTreeMap<String, String>| {
-        let mut headers = Headers::new();
-        for (name, value) in pairs {
-            headers.insert(&name, &value);
-        }
-        headers
-    })
+    prop::collection::btree_map("[a-z][a-z0-9-]{0,15}", "[ -~]{0,40}", 0..6).prop_map(
+        |pairs: BTreeMap<String, String>| {
+            let mut headers = Headers::new();
+            for (name, value) in pairs {
+                headers.insert(&name, &value);
+            }
+            headers
+        },
+    )
 }
 
 fn stream_id() -> impl Strategy<Value = u32> {
@@ -54,18 +60,68 @@ fn stream_id() -> impl Strategy<Value = u32> {
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (stream_id(), 0u32..=0x7fff_ffff, 0u8..8, any::<u8>(), arb_headers())
-            .prop_map(|(stream_id, associated_to, priority, flags, headers)| Frame::SynStream { stream_id, associated_to, priority, flags, headers }),
-        (stream_id(), any::<u8>(), arb_headers()).prop_map(|(stream_id, flags, headers)| Frame::SynReply { stream_id, flags, headers }),
-        (stream_id(), any::<u8>(), arb_headers()).prop_map(|(stream_id, flags, headers)| Frame::Headers { stream_id, flags, headers }),
-        (stream_id(), 1u32..).prop_map(|(stream_id, status)| Frame::RstStream { stream_id, status }),
-        (any::<u8>(), prop::collection::vec((any::<u8>(), 0u32..0x0100_0000, any::<u32>()), 0..8))
-            .prop_map(|(flags, s)| Frame::Settings { flags, settings: s.into_iter().map(|(flags, id, value)| Setting { flags, id, value }).collect() }),
+        (
+            stream_id(),
+            0u32..=0x7fff_ffff,
+            0u8..8,
+            any::<u8>(),
+            arb_headers()
+        )
+            .prop_map(|(stream_id, associated_to, priority, flags, headers)| {
+                Frame::SynStream {
+                    stream_id,
+                    associated_to,
+                    priority,
+                    flags,
+                    headers,
+                }
+            }),
+        (stream_id(), any::<u8>(), arb_headers()).prop_map(|(stream_id, flags, headers)| {
+            Frame::SynReply {
+                stream_id,
+                flags,
+                headers,
+            }
+        }),
+        (stream_id(), any::<u8>(), arb_headers()).prop_map(|(stream_id, flags, headers)| {
+            Frame::Headers {
+                stream_id,
+                flags,
+                headers,
+            }
+        }),
+        (stream_id(), 1u32..)
+            .prop_map(|(stream_id, status)| Frame::RstStream { stream_id, status }),
+        (
+            any::<u8>(),
+            prop::collection::vec((any::<u8>(), 0u32..0x0100_0000, any::<u32>()), 0..8)
+        )
+            .prop_map(|(flags, s)| Frame::Settings {
+                flags,
+                settings: s
+                    .into_iter()
+                    .map(|(flags, id, value)| Setting { flags, id, value })
+                    .collect()
+            }),
         any::<u32>().prop_map(|id| Frame::Ping { id }),
-        (0u32..=0x7fff_ffff, any::<u32>()).prop_map(|(last_good_stream_id, status)| Frame::GoAway { last_good_stream_id, status }),
-        (0u32..=0x7fff_ffff, 1u32..=0x7fff_ffff).prop_map(|(stream_id, delta)| Frame::WindowUpdate { stream_id, delta }),
-        (stream_id(), any::<u8>(), prop::collection::vec(any::<u8>(), 0..256))
-            .prop_map(|(stream_id, flags, data)| Frame::Data { stream_id, flags, data: data.into() }),
+        (0u32..=0x7fff_ffff, any::<u32>()).prop_map(|(last_good_stream_id, status)| {
+            Frame::GoAway {
+                last_good_stream_id,
+                status,
+            }
+        }),
+        (0u32..=0x7fff_ffff, 1u32..=0x7fff_ffff)
+            .prop_map(|(stream_id, delta)| Frame::WindowUpdate { stream_id, delta }),
+        (
+            stream_id(),
+            any::<u8>(),
+            prop::collection::vec(any::<u8>(), 0..256)
+        )
+            .prop_map(|(stream_id, flags, data)| Frame::Data {
+                stream_id,
+                flags,
+                data: data.into()
+            }),
     ]
 }
 
@@ -205,8 +261,15 @@ fn spdy_nul_split_header_bomb_is_refused() {
     let frame = syn_stream_with_block(&raw_block(1, &[(vec![b'n'; 512], vec![0u8; 255 * 1024])]));
     let mut hd = HeaderDecompressor::new();
     let (frames, error) = read_all(&frame, &mut hd);
-    assert!(frames.is_empty(), "the block decoded to {} frames", frames.len());
-    assert!(error.is_some_and(|e| e.contains("headers")), "refused as too many headers");
+    assert!(
+        frames.is_empty(),
+        "the block decoded to {} frames",
+        frames.len()
+    );
+    assert!(
+        error.is_some_and(|e| e.contains("headers")),
+        "refused as too many headers"
+    );
 }
 
 /// A zlib bomb: a small frame that inflates to 16 MiB is refused while inflating.
@@ -214,17 +277,26 @@ fn spdy_nul_split_header_bomb_is_refused() {
 fn spdy_zlib_bomb_is_refused() {
     let frame = syn_stream_with_block(&raw_block(1, &[(b"a".to_vec(), vec![b'a'; 16 << 20])]));
     // Under the control-frame cap, so it is the inflater that refuses it.
-    assert!(frame.len() < spdy::MAX_HEADER_BLOCK / 2, "the bomb is small on the wire: {}", frame.len());
+    assert!(
+        frame.len() < spdy::MAX_HEADER_BLOCK / 2,
+        "the bomb is small on the wire: {}",
+        frame.len()
+    );
     let mut hd = HeaderDecompressor::new();
     let (frames, error) = read_all(&frame, &mut hd);
     assert!(frames.is_empty());
-    assert!(error.is_some_and(|e| e.contains("inflates past")), "refused while inflating");
+    assert!(
+        error.is_some_and(|e| e.contains("inflates past")),
+        "refused while inflating"
+    );
 }
 
 /// A YAML alias bomb ("billion laughs") as a static manifest is refused, not expanded.
 #[test]
 fn static_manifest_alias_bomb_is_refused() {
-    let mut text = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+    let mut text = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
     let mut prev = 'a';
     for name in "bcdefghij".chars() {
         text.push_str(&format!("{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));

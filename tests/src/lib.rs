@@ -20,7 +20,10 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The running local cluster, as described by its env file.
@@ -43,15 +46,21 @@ impl Cluster {
 
     fn load(dir: &Path) -> anyhow::Result<Cluster> {
         let path = dir.join("env");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("no local cluster ({}); start one with `deploy/local-cluster up`", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no local cluster ({}); start one with `deploy/local-cluster up`",
+                path.display()
+            )
+        })?;
         let vars: HashMap<String, String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("export "))
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let named = vars.get("LOCAL_CLUSTER_DIR").with_context(|| format!("{} names no LOCAL_CLUSTER_DIR", path.display()))?;
+        let named = vars
+            .get("LOCAL_CLUSTER_DIR")
+            .with_context(|| format!("{} names no LOCAL_CLUSTER_DIR", path.display()))?;
         let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
             _ => a == b,
@@ -63,12 +72,16 @@ impl Cluster {
     }
 
     pub fn var(&self, name: &str) -> &str {
-        self.vars.get(name).unwrap_or_else(|| panic!("{name} missing from the local cluster env file"))
+        self.vars
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing from the local cluster env file"))
     }
 
     /// A client with cluster-admin rights.
     pub async fn admin(&self) -> kube::Client {
-        client_from(Path::new(self.var("KUBECONFIG"))).await.expect("admin client")
+        client_from(Path::new(self.var("KUBECONFIG")))
+            .await
+            .expect("admin client")
     }
 
     /// The real kubectl of the pinned version, with the admin kubeconfig.
@@ -113,9 +126,15 @@ pub fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("WASM_KUBELET_BIN") {
         return p.into();
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
     let bin = target.join("debug/wasm-kubelet");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p wasm-kubelet` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p wasm-kubelet` first",
+        bin.display()
+    );
     bin
 }
 
@@ -123,7 +142,11 @@ pub fn agent_binary() -> PathBuf {
 pub fn unique_name(what: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("it-{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "it-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The hard eviction thresholds test agents get unless a test sets its own: the kubelet's
@@ -138,7 +161,11 @@ pub const TEST_EVICTION_HARD: &str = "--eviction-hard=memory.available<100Mi,nod
 /// theirs outlives them, as no harness stops a runtime they would spawn. The runtime process
 /// is exercised by every [`Agent`].
 pub fn local_node_flags() -> Vec<String> {
-    vec![format!("--insecure-registries={}", Cluster::get().var("REGISTRY")), TEST_EVICTION_HARD.to_string(), "--wasm-runtime=in-agent".to_string()]
+    vec![
+        format!("--insecure-registries={}", Cluster::get().var("REGISTRY")),
+        TEST_EVICTION_HARD.to_string(),
+        "--wasm-runtime=in-agent".to_string(),
+    ]
 }
 
 /// A running `wasm-kubelet` process serving one node, and the Wasm runtime process it starts
@@ -180,7 +207,10 @@ impl Agent {
             "--address".into(),
             node_ip.clone(),
             "--client-ca-file".into(),
-            Path::new(cluster.var("LOCAL_CLUSTER_DIR")).join("pki/ca.crt").display().to_string(),
+            Path::new(cluster.var("LOCAL_CLUSTER_DIR"))
+                .join("pki/ca.crt")
+                .display()
+                .to_string(),
             "-v=4".into(),
         ];
         // The local cluster's plain-http registry is the only one spoken to without TLS, as a
@@ -199,7 +229,15 @@ impl Agent {
             args.push(TEST_EVICTION_HARD.into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = Agent { name: name.into(), dir, node_ip, args, child: None, runs: 0, _address: address };
+        let mut agent = Agent {
+            name: name.into(),
+            dir,
+            node_ip,
+            args,
+            child: None,
+            runs: 0,
+            _address: address,
+        };
         agent.spawn()?;
         Ok(agent)
     }
@@ -211,7 +249,10 @@ impl Agent {
     /// (Re)starts the process with the same flags; its log is appended to.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "agent {} already runs", self.name);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let child = Command::new(agent_binary())
             .args(&self.args)
             .stdin(Stdio::null())
@@ -223,9 +264,18 @@ impl Agent {
         // cannot leak the agent, and where the runtime's pid file will be (`.runtime`).
         let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
         std::fs::create_dir_all(&pids)?;
-        std::fs::write(pids.join(format!("agent-{}.pid", self.name)), child.id().to_string())?;
-        std::fs::write(pids.join(format!("agent-{}.cmd", self.name)), agent_binary().display().to_string())?;
-        std::fs::write(pids.join(format!("agent-{}.runtime", self.name)), self.runtime_pid_file().display().to_string())?;
+        std::fs::write(
+            pids.join(format!("agent-{}.pid", self.name)),
+            child.id().to_string(),
+        )?;
+        std::fs::write(
+            pids.join(format!("agent-{}.cmd", self.name)),
+            agent_binary().display().to_string(),
+        )?;
+        std::fs::write(
+            pids.join(format!("agent-{}.runtime", self.name)),
+            self.runtime_pid_file().display().to_string(),
+        )?;
         self.child = Some(child);
         self.runs += 1;
         Ok(())
@@ -272,7 +322,10 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("agent {} did not exit within {within:?} of SIGTERM", self.name);
+                bail!(
+                    "agent {} did not exit within {within:?} of SIGTERM",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -308,7 +361,11 @@ impl Agent {
 
     /// The pid of the Wasm runtime process serving this node, while one runs.
     pub fn runtime_pid(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.runtime_pid_file()).ok()?.trim().parse().ok()?;
+        let pid: u32 = std::fs::read_to_string(self.runtime_pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         // The pid must still be a runtime (pids are reused).
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
@@ -324,7 +381,16 @@ impl Agent {
         // Not our child: gone once /proc says it is gone or a zombie.
         while Instant::now() < deadline {
             match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                Ok(stat) if !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') => std::thread::sleep(Duration::from_millis(10)),
+                Ok(stat)
+                    if !stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z') =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 _ => break,
             }
         }
@@ -348,7 +414,16 @@ impl Drop for Agent {
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.cmd", self.name)));
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.runtime", self.name)));
         // Remove the Node so test nodes do not pile up in the cluster.
-        let _ = Cluster::get().kubectl().args(["delete", "node", &self.name, "--ignore-not-found", "--wait=false"]).output();
+        let _ = Cluster::get()
+            .kubectl()
+            .args([
+                "delete",
+                "node",
+                &self.name,
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .output();
     }
 }
 
@@ -372,9 +447,20 @@ pub fn kubelet_get(agent: &Agent, path: &str) -> (u16, String) {
 /// The memory cgroup directory of `pid` when it is the runtime's own (cgroup v1 or v2).
 pub fn runtime_cgroup(pid: u32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let v1 = text.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/'))));
-    let v2 = || text.lines().find_map(|l| l.strip_prefix("0::").map(|p| Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/'))));
-    v1.or_else(v2).filter(|d| d.file_name().is_some_and(|n| n.to_string_lossy().starts_with("wasm-kubelet-runtime-")))
+    let v1 = text.lines().find_map(|l| {
+        l.split_once(":memory:")
+            .map(|(_, p)| Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')))
+    });
+    let v2 = || {
+        text.lines().find_map(|l| {
+            l.strip_prefix("0::")
+                .map(|p| Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')))
+        })
+    };
+    v1.or_else(v2).filter(|d| {
+        d.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("wasm-kubelet-runtime-"))
+    })
 }
 
 /// The port every agent's kubelet API listens on unless a test sets `--port`.
@@ -408,7 +494,14 @@ impl LoopbackAddress {
         for _ in 0..SPAN {
             let i = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
             let ip = format!("127.{}.{}.1", 1 + i / 250, 1 + i % 250);
-            let Ok(lock) = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(format!("{ip}.lock"))) else { continue };
+            let Ok(lock) = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{ip}.lock")))
+            else {
+                continue;
+            };
             // Locks are per open file: another agent of this very process conflicts too.
             if lock.try_lock().is_err() {
                 continue;
@@ -419,7 +512,10 @@ impl LoopbackAddress {
             }
             return LoopbackAddress { ip, _lock: lock };
         }
-        panic!("no free loopback address in 127.1-250.1-250.1 (locks in {})", dir.display());
+        panic!(
+            "no free loopback address in 127.1-250.1-250.1 (locks in {})",
+            dir.display()
+        );
     }
 }
 
@@ -427,9 +523,16 @@ impl LoopbackAddress {
 /// made for its pods outlive the agent when it is killed.
 pub fn unmount_under(dir: &Path) {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(root) = std::fs::canonicalize(dir) else { return };
+    let Ok(root) = std::fs::canonicalize(dir) else {
+        return;
+    };
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&root)).collect();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&root))
+        .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for point in points {
         if let Ok(path) = std::ffi::CString::new(point.as_os_str().as_bytes()) {
@@ -470,13 +573,18 @@ impl CpuOffer {
     /// Stops the spinning thread; the cores it got while it ran.
     pub fn finish(self) -> f64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.spinner.join().expect("the spinning thread does not panic")
+        self.spinner
+            .join()
+            .expect("the spinning thread does not panic")
     }
 }
 
 /// CPU time of the calling thread.
 fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime(2) with a valid clock id and out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -503,11 +611,31 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -522,7 +650,10 @@ pub async fn admin_tls(agent: &Agent) -> Tls {
     use rustls_pki_types::pem::PemObject;
     let (crt, key) = admin_cert();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt).unwrap().map(Result::unwrap).collect();
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&crt)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
     let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -531,9 +662,14 @@ pub async fn admin_tls(agent: &Agent) -> Tls {
         .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnyServer(provider)))
         .with_client_auth_cert(certs, key)
         .unwrap();
-    let tcp = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 10250)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect((agent.node_ip.as_str(), 10250))
+        .await
+        .unwrap();
     let server_name = rustls_pki_types::ServerName::try_from(agent.node_ip.clone()).unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(server_name, tcp).await.unwrap()
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(server_name, tcp)
+        .await
+        .unwrap()
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` naming `what`.
@@ -564,15 +700,28 @@ pub fn push_examples() -> &'static HashMap<String, String> {
     static PUSHED: OnceLock<HashMap<String, String>> = OnceLock::new();
     PUSHED.get_or_init(|| {
         let registry = Cluster::get().var("REGISTRY").to_string();
-        let out = Command::new(workspace_root().join("deploy/build-examples")).stderr(Stdio::inherit()).output().expect("deploy/build-examples runs");
+        let out = Command::new(workspace_root().join("deploy/build-examples"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("deploy/build-examples runs");
         assert!(out.status.success(), "build-examples failed");
         let mut pushed = HashMap::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let (name, path) = line.split_once(' ').unwrap_or_else(|| panic!("build-examples printed {line:?}, not `NAME PATH`"));
+            let (name, path) = line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("build-examples printed {line:?}, not `NAME PATH`"));
             let wasm = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
             let reference = format!("{registry}/wasm-examples/{name}:{}", content_tag(&wasm));
-            let out = Command::new(workspace_root().join("deploy/push-wasm")).arg(path).arg(&reference).output().expect("deploy/push-wasm runs");
-            assert!(out.status.success(), "push-wasm {reference}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new(workspace_root().join("deploy/push-wasm"))
+                .arg(path)
+                .arg(&reference)
+                .output()
+                .expect("deploy/push-wasm runs");
+            assert!(
+                out.status.success(),
+                "push-wasm {reference}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             pushed.insert(name.to_string(), reference);
         }
         pushed
@@ -583,16 +732,27 @@ pub fn push_examples() -> &'static HashMap<String, String> {
 /// them first). Honours `WASM_EXAMPLES_TARGET_DIR` as deploy/build-examples does.
 pub fn example_wasm(name: &str) -> PathBuf {
     push_examples();
-    let target = std::env::var_os("WASM_EXAMPLES_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/wasm-examples"));
-    let path = target.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing after deploy/push-examples", path.display());
+    let target = std::env::var_os("WASM_EXAMPLES_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/wasm-examples"));
+    let path = target
+        .join("wasm32-wasip1/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing after deploy/push-examples",
+        path.display()
+    );
     path
 }
 
 /// The image reference of a wasm-examples program in the local registry (pushed first when
 /// this process has not yet).
 pub fn example_image(name: &str) -> String {
-    push_examples().get(name).cloned().unwrap_or_else(|| panic!("no wasm-examples program {name}"))
+    push_examples()
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no wasm-examples program {name}"))
 }
 
 /// A tag that names `wasm`'s bytes without a crypto dependency: two hashes of different
@@ -621,8 +781,16 @@ pub fn push_wasm(name: &str, wasm: &[u8]) -> String {
     let partial = dir.join(format!(".{name}-{tag}.wasm.{}", unique_name("push")));
     std::fs::write(&partial, wasm).expect("guest written");
     std::fs::rename(&partial, &file).expect("guest renamed into place");
-    let out = Command::new(workspace_root().join("deploy/push-wasm")).arg(&file).arg(&reference).output().expect("deploy/push-wasm runs");
-    assert!(out.status.success(), "push-wasm {reference}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(workspace_root().join("deploy/push-wasm"))
+        .arg(&file)
+        .arg(&reference)
+        .output()
+        .expect("deploy/push-wasm runs");
+    assert!(
+        out.status.success(),
+        "push-wasm {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     reference
 }
 
@@ -636,20 +804,31 @@ pub fn push_wat(name: &str, wat: &str) -> String {
 
 /// The status of condition `kind` on a Node ("True", "False", "Unknown").
 pub fn node_condition(node: &Node, kind: &str) -> Option<String> {
-    node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
 }
 
 /// Whether the Node carries a taint with this key.
 pub fn has_taint(node: &Node, key: &str) -> bool {
-    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == key))
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == key))
 }
 
 /// Waits for the agent's Node to exist; on time-out fails with the agent's log.
 async fn wait_registered(agent: &Agent) {
     let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
-    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    wait_for("the test node to register", TEST_TIMEOUT, || async {
+        nodes.get_opt(&agent.name).await.ok()?
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
 }
 
 /// How long a test waits for a node or pod condition.
@@ -680,10 +859,18 @@ impl TestNamespace {
         use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
         let client = Cluster::get().admin().await;
         let name = unique_name(what);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("valid namespace");
-        kube::Api::<Namespace>::all(client.clone()).create(&Default::default(), &ns).await.expect("namespace created");
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+            .expect("valid namespace");
+        kube::Api::<Namespace>::all(client.clone())
+            .create(&Default::default(), &ns)
+            .await
+            .expect("namespace created");
         let sas: kube::Api<ServiceAccount> = kube::Api::namespaced(client.clone(), &name);
-        wait_for("the default service account", TEST_TIMEOUT, || async { sas.get_opt("default").await.ok()? }).await.expect("default service account");
+        wait_for("the default service account", TEST_TIMEOUT, || async {
+            sas.get_opt("default").await.ok()?
+        })
+        .await
+        .expect("default service account");
         Self { client, name }
     }
 
@@ -694,7 +881,13 @@ impl TestNamespace {
     /// Creates pod `name` bound to the agent's node (no scheduler in the way, so admission is
     /// the node's alone). `spec` is merged over restartPolicy Never, a 1 s grace period and a
     /// toleration of every taint; `metadata` over the name.
-    pub async fn create_bound_pod(&self, agent: &Agent, name: &str, metadata: serde_json::Value, spec: serde_json::Value) -> Pod {
+    pub async fn create_bound_pod(
+        &self,
+        agent: &Agent,
+        name: &str,
+        metadata: serde_json::Value,
+        spec: serde_json::Value,
+    ) -> Pod {
         let mut full_spec = serde_json::json!({
             "nodeName": agent.name,
             "restartPolicy": "Never",
@@ -707,29 +900,53 @@ impl TestNamespace {
                 base.extend(extra);
             }
         }
-        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": full_metadata, "spec": full_spec})).expect("a valid pod");
-        self.pods().create(&Default::default(), &pod).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
+        let pod: Pod = serde_json::from_value(
+            serde_json::json!({"metadata": full_metadata, "spec": full_spec}),
+        )
+        .expect("a valid pod");
+        self.pods()
+            .create(&Default::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"))
     }
 
     /// Waits until pod `name` passes `check`; on time-out fails with its status, its events
     /// and the agent's log.
-    pub async fn wait_pod(&self, agent: &Agent, name: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+    pub async fn wait_pod(
+        &self,
+        agent: &Agent,
+        name: &str,
+        what: &str,
+        check: impl Fn(&Pod) -> bool,
+    ) -> Pod {
         let pods = self.pods();
-        let result = wait_for(what, TEST_TIMEOUT, || async { pods.get_opt(name).await.ok()?.filter(|p| check(p)) }).await;
+        let result = wait_for(what, TEST_TIMEOUT, || async {
+            pods.get_opt(name).await.ok()?.filter(|p| check(p))
+        })
+        .await;
         match result {
             Ok(pod) => pod,
             Err(e) => {
                 let pod = pods.get_opt(name).await.ok().flatten();
                 let events = self.events(name).await;
-                panic!("{e}\npod status: {:#?}\nevents: {events:#?}\nagent log:\n{}", pod.and_then(|p| p.status), agent.log_tail())
+                panic!(
+                    "{e}\npod status: {:#?}\nevents: {events:#?}\nagent log:\n{}",
+                    pod.and_then(|p| p.status),
+                    agent.log_tail()
+                )
             }
         }
     }
 
     /// (reason, message) of the events about pod `pod`.
     pub async fn events(&self, pod: &str) -> Vec<(String, String)> {
-        let events: kube::Api<k8s_openapi::api::core::v1::Event> = kube::Api::namespaced(self.client.clone(), &self.name);
-        let list = events.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+        let events: kube::Api<k8s_openapi::api::core::v1::Event> =
+            kube::Api::namespaced(self.client.clone(), &self.name);
+        let list = events
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
         list.into_iter()
             .filter(|e| e.involved_object.name.as_deref() == Some(pod))
             .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
@@ -739,7 +956,13 @@ impl TestNamespace {
     /// Waits until the events about `pod` pass `check` (Events are published by the agent
     /// asynchronously, after the status change they describe may already be visible); returns
     /// them. On time-out fails with the events seen and the agent's log.
-    pub async fn wait_events(&self, agent: &Agent, pod: &str, what: &str, check: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
+    pub async fn wait_events(
+        &self,
+        agent: &Agent,
+        pod: &str,
+        what: &str,
+        check: impl Fn(&[(String, String)]) -> bool,
+    ) -> Vec<(String, String)> {
         let result = wait_for(what, TEST_TIMEOUT, || async {
             let events = self.events(pod).await;
             check(&events).then_some(events)
@@ -747,25 +970,39 @@ impl TestNamespace {
         .await;
         match result {
             Ok(events) => events,
-            Err(e) => panic!("{e}\nevents: {:#?}\nagent log:\n{}", self.events(pod).await, agent.log_tail()),
+            Err(e) => panic!(
+                "{e}\nevents: {:#?}\nagent log:\n{}",
+                self.events(pod).await,
+                agent.log_tail()
+            ),
         }
     }
 
     /// The reasons of the events about pod `pod`.
     pub async fn event_reasons(&self, pod: &str) -> Vec<String> {
-        self.events(pod).await.into_iter().map(|(reason, _)| reason).collect()
+        self.events(pod)
+            .await
+            .into_iter()
+            .map(|(reason, _)| reason)
+            .collect()
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let _ = Cluster::get().kubectl().args(["delete", "namespace", &self.name, "--wait=false"]).output();
+        let _ = Cluster::get()
+            .kubectl()
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .output();
     }
 }
 
 /// A pod's phase, "" before it has one.
 pub fn phase(pod: &Pod) -> &str {
-    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
 }
 
 /// A tmpfs mounted for one test (we are root), for a small filesystem whose filling is real
@@ -779,9 +1016,20 @@ impl Tmpfs {
     /// Mounts a tmpfs of `size` (as mount's `size=`, e.g. `64m`) at `path`.
     pub fn mount(path: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(path).expect("mount point");
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path).output().expect("mount runs");
-        assert!(out.status.success(), "mount tmpfs at {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-        Tmpfs { path: path.to_path_buf() }
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mount tmpfs at {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
     }
 
     /// (size, bytes available) of the filesystem.
@@ -790,8 +1038,16 @@ impl Tmpfs {
         let c = std::ffi::CString::new(self.path.as_os_str().as_bytes()).expect("path without NUL");
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: a NUL-terminated path and a properly sized out-parameter.
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs {}", self.path.display());
-        (st.f_blocks as u64 * st.f_frsize as u64, st.f_bavail as u64 * st.f_frsize as u64)
+        assert_eq!(
+            unsafe { libc::statvfs(c.as_ptr(), &mut st) },
+            0,
+            "statvfs {}",
+            self.path.display()
+        );
+        (
+            st.f_blocks as u64 * st.f_frsize as u64,
+            st.f_bavail as u64 * st.f_frsize as u64,
+        )
     }
 }
 

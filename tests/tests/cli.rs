@@ -8,7 +8,10 @@ use integration_tests::{agent_binary, workspace_root, TEST_TIMEOUT};
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(agent_binary()).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -17,16 +20,35 @@ fn bad_input_is_one_line_and_exit_2() {
         (&["--no-such-flag"], "--no-such-flag"),
         (&["--node-ip=300.1.1.1"], "--node-ip"),
         (&["--max-pods=lots"], "--max-pods"),
-        (&["--node-status-update-frequency=fast"], "--node-status-update-frequency"),
-        (&["--kubeconfig=/nonexistent/kubeconfig"], "/nonexistent/kubeconfig"),
-        (&["--config=/nonexistent/kubelet.yaml"], "/nonexistent/kubelet.yaml"),
-        (&["--allowed-unsafe-sysctls=kernel.msg*"], "--allowed-unsafe-sysctls"),
+        (
+            &["--node-status-update-frequency=fast"],
+            "--node-status-update-frequency",
+        ),
+        (
+            &["--kubeconfig=/nonexistent/kubeconfig"],
+            "/nonexistent/kubeconfig",
+        ),
+        (
+            &["--config=/nonexistent/kubelet.yaml"],
+            "/nonexistent/kubelet.yaml",
+        ),
+        (
+            &["--allowed-unsafe-sysctls=kernel.msg*"],
+            "--allowed-unsafe-sysctls",
+        ),
     ];
     for (args, names) in cases {
         let (code, stderr) = run(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?} gives one line: {stderr}");
-        assert!(stderr.starts_with("wasm-kubelet: ") && stderr.contains(names), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?} gives one line: {stderr}"
+        );
+        assert!(
+            stderr.starts_with("wasm-kubelet: ") && stderr.contains(names),
+            "{args:?}: {stderr}"
+        );
     }
 }
 
@@ -43,7 +65,13 @@ fn standalone_runs_without_an_api_server() {
     let root = workspace_root().join(format!("target/it/standalone-{}", std::process::id()));
     let mut child = Command::new(agent_binary())
         // Guests in the agent: a runtime process it spawned would outlive this test.
-        .args(["--hostname-override=standalone", "--healthz-port=0", "--enable-server=false", "--wasm-runtime=in-agent", "--root-dir"])
+        .args([
+            "--hostname-override=standalone",
+            "--healthz-port=0",
+            "--enable-server=false",
+            "--wasm-runtime=in-agent",
+            "--root-dir",
+        ])
         .arg(&root)
         .stderr(Stdio::piped())
         .spawn()
@@ -52,7 +80,10 @@ fn standalone_runs_without_an_api_server() {
     let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = lines_tx.send(line);
         }
     });
@@ -66,7 +97,10 @@ fn standalone_runs_without_an_api_server() {
             Err(_) => panic!("no standalone notice within {TEST_TIMEOUT:?}: {log}"),
         }
     }
-    assert!(child.try_wait().unwrap().is_none(), "standalone agent keeps running");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "standalone agent keeps running"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();

@@ -6,7 +6,9 @@
 
 use std::process::Stdio;
 
-use integration_tests::{example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{
+    example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT,
+};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, PostParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,7 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// (on 0.0.0.0, which conflicts with every address) cannot make a test fail. The listeners
 /// are held until all `N` are chosen, so the ports differ.
 fn free_ports<const N: usize>(ip: &str) -> [u16; N] {
-    let listeners: Vec<std::net::TcpListener> = (0..N).map(|_| std::net::TcpListener::bind((ip, 0)).expect("a free port on the node IP")).collect();
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind((ip, 0)).expect("a free port on the node IP"))
+        .collect();
     std::array::from_fn(|i| listeners[i].local_addr().expect("a bound address").port())
 }
 
@@ -26,14 +30,23 @@ async fn node(what: &str) -> Agent {
 
 /// An `http-health` pod serving on `port`, with an emptyDir for its state at /data;
 /// `annotations` and `container` are merged into the pod's metadata and its container.
-async fn http_pod(ns: &TestNamespace, agent: &Agent, port: u16, name: &str, annotations: serde_json::Value, container: serde_json::Value) -> Pod {
+async fn http_pod(
+    ns: &TestNamespace,
+    agent: &Agent,
+    port: u16,
+    name: &str,
+    annotations: serde_json::Value,
+    container: serde_json::Value,
+) -> Pod {
     let mut c = serde_json::json!({
         "name": "web", "image": example_image("http-health"),
         "ports": [{"name": "http", "containerPort": port}],
         "env": [{"name": "GREETING", "value": "hello from the pod spec"}],
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
     });
-    c.as_object_mut().unwrap().extend(container.as_object().unwrap().clone());
+    c.as_object_mut()
+        .unwrap()
+        .extend(container.as_object().unwrap().clone());
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "annotations": annotations},
         "spec": {
@@ -44,27 +57,50 @@ async fn http_pod(ns: &TestNamespace, agent: &Agent, port: u16, name: &str, anno
         }
     }))
     .unwrap();
-    ns.pods().create(&PostParams::default(), &pod).await.unwrap()
+    ns.pods()
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap()
 }
 
 /// `GET path` on a fresh connection; (status, body).
 async fn get(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head.lines().any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
-    Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
 }
 
 /// The payload of a chunked body (`SIZE\r\nDATA\r\n ... 0\r\n\r\n`).
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -75,7 +111,13 @@ fn dechunk(mut body: &str) -> String {
 }
 
 fn condition(pod: &Pod, kind: &str) -> Option<String> {
-    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind).map(|c| c.status.clone())
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
 }
 
 fn ready(pod: &Pod) -> bool {
@@ -83,11 +125,20 @@ fn ready(pod: &Pod) -> bool {
 }
 
 fn running(pod: &Pod) -> bool {
-    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).and_then(|c| c.state.as_ref()).is_some_and(|s| s.running.is_some())
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some())
 }
 
 fn kubectl_logs(ns: &str, pod: &str) -> String {
-    let out = Cluster::get().kubectl().args(["logs", "-n", ns, pod]).output().expect("kubectl runs");
+    let out = Cluster::get()
+        .kubectl()
+        .args(["logs", "-n", ns, pod])
+        .output()
+        .expect("kubectl runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -101,29 +152,61 @@ async fn the_component_serves_the_pod_ip_and_its_readiness_probe_flips_both_ways
     // loaded machine (the 1 s default timeout, one failure): the restart count below is about
     // readiness, which may flip on one slow answer and is waited on both ways.
     let liveness = serde_json::json!({"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1, "timeoutSeconds": 10, "failureThreshold": 6});
-    http_pod(&ns, agent, port, "web", serde_json::json!({}), serde_json::json!({"readinessProbe": probe("/ready"), "livenessProbe": liveness})).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "web",
+        serde_json::json!({}),
+        serde_json::json!({"readinessProbe": probe("/ready"), "livenessProbe": liveness}),
+    )
+    .await;
 
     // The readiness probe reaches the Wasm component itself.
-    ns.wait_pod(agent, "web", "the pod to become Ready", ready).await;
+    ns.wait_pod(agent, "web", "the pod to become Ready", ready)
+        .await;
     let ip = agent.node_ip.as_str();
-    assert_eq!(get(ip, port, "/").await.unwrap(), (200, "hello from http-health\n".into()));
+    assert_eq!(
+        get(ip, port, "/").await.unwrap(),
+        (200, "hello from http-health\n".into())
+    );
     // Each request is an instance with the container's env and volumes.
-    assert_eq!(get(ip, port, "/env/GREETING").await.unwrap(), (200, "hello from the pod spec\n".into()));
+    assert_eq!(
+        get(ip, port, "/env/GREETING").await.unwrap(),
+        (200, "hello from the pod spec\n".into())
+    );
 
     assert_eq!(get(ip, port, "/set/unready").await.unwrap().0, 200);
-    let pod = ns.wait_pod(agent, "web", "the pod to turn not Ready", |p| condition(p, "Ready").as_deref() == Some("False")).await;
+    let pod = ns
+        .wait_pod(agent, "web", "the pod to turn not Ready", |p| {
+            condition(p, "Ready").as_deref() == Some("False")
+        })
+        .await;
     assert!(running(&pod), "unready is not dead: {:?}", pod.status);
     assert_eq!(get(ip, port, "/ready").await.unwrap().0, 503);
     assert_eq!(get(ip, port, "/set/ready").await.unwrap().0, 200);
-    let pod = ns.wait_pod(agent, "web", "the pod to be Ready again", ready).await;
-    let restarts = pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].restart_count;
+    let pod = ns
+        .wait_pod(agent, "web", "the pod to be Ready again", ready)
+        .await;
+    let restarts = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .restart_count;
     assert_eq!(restarts, 0, "readiness never restarts");
 
     // The guest's stdout is the container log, through the API server.
-    wait_for("the guest's state changes in kubectl logs", TEST_TIMEOUT, || async {
-        let logs = kubectl_logs(&ns.name, "web");
-        (logs.contains("state: unready") && logs.contains("state: ready")).then_some(())
-    })
+    wait_for(
+        "the guest's state changes in kubectl logs",
+        TEST_TIMEOUT,
+        || async {
+            let logs = kubectl_logs(&ns.name, "web");
+            (logs.contains("state: unready") && logs.contains("state: ready")).then_some(())
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\nlogs: {}", kubectl_logs(&ns.name, "web")));
 }
@@ -134,25 +217,79 @@ async fn a_failing_liveness_probe_on_the_component_restarts_it() {
     let [port] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-live").await;
     let probe = serde_json::json!({"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 1, "failureThreshold": 2});
-    http_pod(&ns, agent, port, "web", serde_json::json!({}), serde_json::json!({"livenessProbe": probe})).await;
-    ns.wait_pod(agent, "web", "the container to run", running).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "web",
+        serde_json::json!({}),
+        serde_json::json!({"livenessProbe": probe}),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the container to run", running)
+        .await;
     let ip = agent.node_ip.clone();
-    wait_for("the component to answer", TEST_TIMEOUT, || async { get(&ip, port, "/healthz").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
+    wait_for("the component to answer", TEST_TIMEOUT, || async {
+        get(&ip, port, "/healthz")
+            .await
+            .ok()
+            .filter(|(s, _)| *s == 200)
+    })
+    .await
+    .unwrap();
     assert_eq!(get(&ip, port, "/set/unhealthy").await.unwrap().0, 200);
     let pod = ns
-        .wait_pod(agent, "web", "a restart after the liveness failure", |p| p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|c| c[0].restart_count >= 1))
+        .wait_pod(agent, "web", "a restart after the liveness failure", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c[0].restart_count >= 1)
+        })
         .await;
     // Events are published asynchronously, possibly after the restart is visible.
-    ns.wait_events(agent, "web", "the Unhealthy (status 500) and Killing events", |events| {
-        events.iter().any(|(r, m)| r == "Unhealthy" && m.contains("Liveness probe failed: HTTP probe failed with statuscode: 500"))
-            && events.iter().any(|(r, m)| r == "Killing" && m.contains("failed liveness probe"))
-    })
+    ns.wait_events(
+        agent,
+        "web",
+        "the Unhealthy (status 500) and Killing events",
+        |events| {
+            events.iter().any(|(r, m)| {
+                r == "Unhealthy"
+                    && m.contains("Liveness probe failed: HTTP probe failed with statuscode: 500")
+            }) && events
+                .iter()
+                .any(|(r, m)| r == "Killing" && m.contains("failed liveness probe"))
+        },
+    )
     .await;
-    assert!(pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].last_state.as_ref().and_then(|s| s.terminated.as_ref()).is_some());
+    assert!(pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .is_some());
     // The restarted container binds its port again (the old listeners were closed) and, told
     // to be healthy (its state survives in the emptyDir), stays up.
-    wait_for("the restarted component to answer", TEST_TIMEOUT, || async { get(&ip, port, "/set/healthy").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
-    ns.wait_pod(agent, "web", "the pod to become Ready", |p| condition(p, "Ready").as_deref() == Some("True")).await;
+    wait_for(
+        "the restarted component to answer",
+        TEST_TIMEOUT,
+        || async {
+            get(&ip, port, "/set/healthy")
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        },
+    )
+    .await
+    .unwrap();
+    ns.wait_pod(agent, "web", "the pod to become Ready", |p| {
+        condition(p, "Ready").as_deref() == Some("True")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -160,18 +297,47 @@ async fn a_thousand_concurrent_requests_are_all_answered() {
     let agent = &node("http-load").await;
     let [port, port2] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-load").await;
-    http_pod(&ns, agent, port, "web", serde_json::json!({}), serde_json::json!({})).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "web",
+        serde_json::json!({}),
+        serde_json::json!({}),
+    )
+    .await;
     // A second pod bounded to 4 requests at once, on its own port.
-    http_pod(&ns, agent, port, "narrow", serde_json::json!({"wasm-kubelet.io/max-concurrent-requests": "4"}), serde_json::json!({"ports": [{"containerPort": port2}]})).await;
-    ns.wait_pod(agent, "web", "the web pod to run", running).await;
-    ns.wait_pod(agent, "narrow", "the narrow pod to run", running).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "narrow",
+        serde_json::json!({"wasm-kubelet.io/max-concurrent-requests": "4"}),
+        serde_json::json!({"ports": [{"containerPort": port2}]}),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the web pod to run", running)
+        .await;
+    ns.wait_pod(agent, "narrow", "the narrow pod to run", running)
+        .await;
     let ip = agent.node_ip.clone();
-    wait_for("the component to answer", TEST_TIMEOUT, || async { get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
+    wait_for("the component to answer", TEST_TIMEOUT, || async {
+        get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200)
+    })
+    .await
+    .unwrap();
 
     let burst = |port: u16, path: &'static str, n: usize| {
         let ip = ip.clone();
         async move {
-            let tasks: Vec<_> = (0..n).map(|_| tokio::spawn({ let ip = ip.clone(); async move { get(&ip, port, path).await } })).collect();
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    tokio::spawn({
+                        let ip = ip.clone();
+                        async move { get(&ip, port, path).await }
+                    })
+                })
+                .collect();
             let mut answers = Vec::new();
             for t in tasks {
                 answers.push(t.await.unwrap());
@@ -181,17 +347,43 @@ async fn a_thousand_concurrent_requests_are_all_answered() {
     };
     // Under the default bound (1024), every one of 1000 concurrent requests is served.
     let answers = burst(port, "/sleep?ms=200", 1000).await;
-    let failed: Vec<_> = answers.iter().filter(|a| !matches!(a, Ok((200, _)))).take(5).collect();
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, _))))
+        .take(5)
+        .collect();
     assert!(failed.is_empty(), "all 1000 answered 200; not: {failed:?}");
-    assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|(_, b)| b == "slept 200 ms\n")));
+    assert!(answers
+        .iter()
+        .all(|a| a.as_ref().is_ok_and(|(_, b)| b == "slept 200 ms\n")));
 
     // Over a bound of 4, every request still gets an answer: 200, or a 503 that says why.
     let answers = burst(port2, "/sleep?ms=300", 100).await;
     let ok = answers.iter().filter(|a| matches!(a, Ok((200, _)))).count();
-    let busy: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().ok().filter(|(s, _)| *s == 503).map(|(_, b)| b)).collect();
-    assert_eq!(ok + busy.len(), 100, "every request answered: {:?}", answers.iter().filter(|a| a.is_err()).take(3).collect::<Vec<_>>());
-    assert!(ok >= 4 && !busy.is_empty(), "{ok} served, {} turned away", busy.len());
-    assert!(busy[0].contains("limit of 4 concurrent requests"), "{}", busy[0]);
+    let busy: Vec<&String> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok().filter(|(s, _)| *s == 503).map(|(_, b)| b))
+        .collect();
+    assert_eq!(
+        ok + busy.len(),
+        100,
+        "every request answered: {:?}",
+        answers
+            .iter()
+            .filter(|a| a.is_err())
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        ok >= 4 && !busy.is_empty(),
+        "{ok} served, {} turned away",
+        busy.len()
+    );
+    assert!(
+        busy[0].contains("limit of 4 concurrent requests"),
+        "{}",
+        busy[0]
+    );
 }
 
 #[tokio::test]
@@ -199,21 +391,60 @@ async fn the_memory_limit_holds_for_all_requests_in_flight_together() {
     let agent = &node("http-mem").await;
     let [port] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-mem").await;
-    http_pod(&ns, agent, port, "lean", serde_json::json!({}), serde_json::json!({"resources": {"limits": {"memory": "8Mi"}}})).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "lean",
+        serde_json::json!({}),
+        serde_json::json!({"resources": {"limits": {"memory": "8Mi"}}}),
+    )
+    .await;
     ns.wait_pod(agent, "lean", "the pod to run", running).await;
     let ip = agent.node_ip.clone();
-    wait_for("the component to answer", TEST_TIMEOUT, || async { get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
+    wait_for("the component to answer", TEST_TIMEOUT, || async {
+        get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200)
+    })
+    .await
+    .unwrap();
     // Each instance holds a linear memory of more than 1 MiB: 8 MiB cannot hold 100 at once.
-    let tasks: Vec<_> = (0..100).map(|_| tokio::spawn({ let ip = ip.clone(); async move { get(&ip, port, "/sleep?ms=300").await } })).collect();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn({
+                let ip = ip.clone();
+                async move { get(&ip, port, "/sleep?ms=300").await }
+            })
+        })
+        .collect();
     let mut answers = Vec::new();
     for t in tasks {
         answers.push(t.await.unwrap());
     }
     let ok = answers.iter().filter(|a| matches!(a, Ok((200, _)))).count();
-    let busy: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().ok().filter(|(s, _)| *s == 503).map(|(_, b)| b)).collect();
-    assert_eq!(ok + busy.len(), 100, "every request answered 200 or 503: {:?}", answers.iter().filter(|a| !matches!(a, Ok((200 | 503, _)))).take(3).collect::<Vec<_>>());
-    assert!(ok >= 1 && !busy.is_empty(), "{ok} served, {} turned away", busy.len());
-    assert!(busy[0].contains("memory limit of 8388608 bytes"), "{}", busy[0]);
+    let busy: Vec<&String> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok().filter(|(s, _)| *s == 503).map(|(_, b)| b))
+        .collect();
+    assert_eq!(
+        ok + busy.len(),
+        100,
+        "every request answered 200 or 503: {:?}",
+        answers
+            .iter()
+            .filter(|a| !matches!(a, Ok((200 | 503, _))))
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        ok >= 1 && !busy.is_empty(),
+        "{ok} served, {} turned away",
+        busy.len()
+    );
+    assert!(
+        busy[0].contains("memory limit of 8388608 bytes"),
+        "{}",
+        busy[0]
+    );
     // The container itself lives on: the limit turned requests away, it did not kill it.
     let pod = ns.pods().get("lean").await.unwrap();
     assert!(running(&pod), "{:?}", pod.status);
@@ -224,11 +455,28 @@ async fn kubectl_port_forward_reaches_the_component() {
     let agent = &node("http-pf").await;
     let [port] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-pf").await;
-    http_pod(&ns, agent, port, "web", serde_json::json!({}), serde_json::json!({})).await;
-    ns.wait_pod(agent, "web", "the container to run", running).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "web",
+        serde_json::json!({}),
+        serde_json::json!({}),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the container to run", running)
+        .await;
     let mut child = Cluster::get()
         .kubectl()
-        .args(["port-forward", "-n", &ns.name, "pod/web", &format!(":{port}"), "--address", "127.0.0.1"])
+        .args([
+            "port-forward",
+            "-n",
+            &ns.name,
+            "pod/web",
+            &format!(":{port}"),
+            "--address",
+            "127.0.0.1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -239,7 +487,14 @@ async fn kubectl_port_forward_reaches_the_component() {
     let (local, _stdout) = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut lines = std::io::BufReader::new(stdout).lines();
-        let local: Option<u16> = lines.find_map(|l| l.ok()?.strip_prefix("Forwarding from 127.0.0.1:")?.split_whitespace().next()?.parse().ok());
+        let local: Option<u16> = lines.find_map(|l| {
+            l.ok()?
+                .strip_prefix("Forwarding from 127.0.0.1:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
         (local.expect("kubectl prints the local port"), lines)
     })
     .await
@@ -248,7 +503,12 @@ async fn kubectl_port_forward_reaches_the_component() {
     let _ = child.kill();
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(answer.expect("an answer through the tunnel").unwrap_or_else(|e| panic!("{e}; kubectl: {stderr}")), (200, "hello from the pod spec\n".into()));
+    assert_eq!(
+        answer
+            .expect("an answer through the tunnel")
+            .unwrap_or_else(|e| panic!("{e}; kubectl: {stderr}")),
+        (200, "hello from the pod spec\n".into())
+    );
 }
 
 #[tokio::test]
@@ -256,23 +516,72 @@ async fn a_second_pod_on_a_held_port_is_rejected_at_admission() {
     let agent = &node("http-ports").await;
     let [port] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-ports").await;
-    http_pod(&ns, agent, port, "first", serde_json::json!({}), serde_json::json!({})).await;
-    ns.wait_pod(agent, "first", "the first pod to run", running).await;
-    http_pod(&ns, agent, port, "second", serde_json::json!({}), serde_json::json!({})).await;
-    let pod = ns.wait_pod(agent, "second", "the second pod to fail", |p| phase(p) == "Failed").await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "first",
+        serde_json::json!({}),
+        serde_json::json!({}),
+    )
+    .await;
+    ns.wait_pod(agent, "first", "the first pod to run", running)
+        .await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "second",
+        serde_json::json!({}),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "second", "the second pod to fail", |p| {
+            phase(p) == "Failed"
+        })
+        .await;
     let status = pod.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("NodePorts"));
     let message = status.message.unwrap_or_default();
-    assert!(message.contains(&format!("{port}/TCP is held by pod {}/first", ns.name)), "{message}");
-    ns.wait_events(agent, "second", "a NodePorts event", |events| events.iter().any(|(r, m)| r == "NodePorts" && m.contains("didn't have free ports"))).await;
+    assert!(
+        message.contains(&format!("{port}/TCP is held by pod {}/first", ns.name)),
+        "{message}"
+    );
+    ns.wait_events(agent, "second", "a NodePorts event", |events| {
+        events
+            .iter()
+            .any(|(r, m)| r == "NodePorts" && m.contains("didn't have free ports"))
+    })
+    .await;
     // The first pod is untouched and still serves.
     assert_eq!(get(&agent.node_ip, port, "/").await.unwrap().0, 200);
 
     // Once the first pod is gone, its port is free for a new pod.
-    ns.pods().delete("first", &DeleteParams::default()).await.unwrap();
-    wait_for("the first pod to be gone", TEST_TIMEOUT, || async { ns.pods().get_opt("first").await.ok().and_then(|p| p.is_none().then_some(())) }).await.unwrap();
-    http_pod(&ns, agent, port, "third", serde_json::json!({}), serde_json::json!({})).await;
-    ns.wait_pod(agent, "third", "the third pod to run", running).await;
+    ns.pods()
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the first pod to be gone", TEST_TIMEOUT, || async {
+        ns.pods()
+            .get_opt("first")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "third",
+        serde_json::json!({}),
+        serde_json::json!({}),
+    )
+    .await;
+    ns.wait_pod(agent, "third", "the third pod to run", running)
+        .await;
 }
 
 #[tokio::test]
@@ -308,18 +617,58 @@ async fn outbound_hosts_outside_the_allowed_list_are_refused() {
     let policy = serde_json::json!({"wasm-kubelet.io/allowed-outbound-hosts": "127.0.0.1:1"});
 
     // wasi:http: the component's outgoing request to a host outside its list is denied.
-    http_pod(&ns, agent, port, "web", policy.clone(), serde_json::json!({})).await;
-    ns.wait_pod(agent, "web", "the container to run", running).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "web",
+        policy.clone(),
+        serde_json::json!({}),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the container to run", running)
+        .await;
     let ip = agent.node_ip.clone();
-    wait_for("the component to answer", TEST_TIMEOUT, || async { get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
-    let (status, body) = get(&ip, port, &format!("/fetch?url=http://{allowed}/")).await.unwrap();
-    assert_eq!((status, body.as_str()), (502, "refused: ErrorCode::HttpRequestDenied\n"));
+    wait_for("the component to answer", TEST_TIMEOUT, || async {
+        get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200)
+    })
+    .await
+    .unwrap();
+    let (status, body) = get(&ip, port, &format!("/fetch?url=http://{allowed}/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (502, "refused: ErrorCode::HttpRequestDenied\n")
+    );
     // An open pod may fetch it.
-    http_pod(&ns, agent, port, "open", serde_json::json!({}), serde_json::json!({"ports": [{"containerPort": port2}]})).await;
-    ns.wait_pod(agent, "open", "the open pod to run", running).await;
-    wait_for("the open component to answer", TEST_TIMEOUT, || async { get(&ip, port2, "/").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
-    assert_eq!(get(&ip, port2, &format!("/fetch?url=http://{allowed}/")).await.unwrap(), (200, "fetched 200: outside\n".into()));
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "only the open pod's request left the node");
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "open",
+        serde_json::json!({}),
+        serde_json::json!({"ports": [{"containerPort": port2}]}),
+    )
+    .await;
+    ns.wait_pod(agent, "open", "the open pod to run", running)
+        .await;
+    wait_for("the open component to answer", TEST_TIMEOUT, || async {
+        get(&ip, port2, "/").await.ok().filter(|(s, _)| *s == 200)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        get(&ip, port2, &format!("/fetch?url=http://{allowed}/"))
+            .await
+            .unwrap(),
+        (200, "fetched 200: outside\n".into())
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the open pod's request left the node"
+    );
 
     // wasi:sockets: a command component's TCP connection, refused and allowed.
     let client = |name: &str, annotations: serde_json::Value| {
@@ -332,15 +681,37 @@ async fn outbound_hosts_outside_the_allowed_list_are_refused() {
         }))
         .unwrap()
     };
-    ns.pods().create(&PostParams::default(), &client("denied", policy)).await.unwrap();
-    ns.pods().create(&PostParams::default(), &client("permitted", serde_json::json!({"wasm-kubelet.io/allowed-outbound-hosts": allowed.clone()}))).await.unwrap();
-    ns.wait_pod(agent, "denied", "the refused client to fail", |p| phase(p) == "Failed").await;
-    ns.wait_pod(agent, "permitted", "the allowed client to succeed", |p| phase(p) == "Succeeded").await;
+    ns.pods()
+        .create(&PostParams::default(), &client("denied", policy))
+        .await
+        .unwrap();
+    ns.pods()
+        .create(
+            &PostParams::default(),
+            &client(
+                "permitted",
+                serde_json::json!({"wasm-kubelet.io/allowed-outbound-hosts": allowed.clone()}),
+            ),
+        )
+        .await
+        .unwrap();
+    ns.wait_pod(agent, "denied", "the refused client to fail", |p| {
+        phase(p) == "Failed"
+    })
+    .await;
+    ns.wait_pod(agent, "permitted", "the allowed client to succeed", |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
     let logs = kubectl_logs(&ns.name, "denied");
     assert!(logs.starts_with("refused: "), "{logs}");
     let logs = kubectl_logs(&ns.name, "permitted");
     assert_eq!(logs.trim(), "connected: HTTP/1.1 200 OK");
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "the refused client never reached the listener");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the refused client never reached the listener"
+    );
 }
 
 #[tokio::test]
@@ -348,19 +719,49 @@ async fn deleting_the_pod_drains_requests_in_flight() {
     let agent = &node("http-drain").await;
     let [port] = free_ports(&agent.node_ip);
     let ns = TestNamespace::new("http-drain").await;
-    http_pod(&ns, agent, port, "web", serde_json::json!({}), serde_json::json!({})).await;
-    ns.wait_pod(agent, "web", "the container to run", running).await;
+    http_pod(
+        &ns,
+        agent,
+        port,
+        "web",
+        serde_json::json!({}),
+        serde_json::json!({}),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the container to run", running)
+        .await;
     let ip = agent.node_ip.clone();
-    wait_for("the component to answer", TEST_TIMEOUT, || async { get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200) }).await.unwrap();
+    wait_for("the component to answer", TEST_TIMEOUT, || async {
+        get(&ip, port, "/").await.ok().filter(|(s, _)| *s == 200)
+    })
+    .await
+    .unwrap();
     // A slow request is in flight when the pod is deleted (grace period 5 s).
     let slow = tokio::spawn({
         let ip = ip.clone();
         async move { get(&ip, port, "/sleep?ms=2000").await }
     });
-    wait_for("the slow request to be in flight", TEST_TIMEOUT, || async { kubectl_logs(&ns.name, "web").contains("sleeping 2000 ms").then_some(()) }).await.unwrap();
-    ns.pods().delete("web", &DeleteParams::default()).await.unwrap();
-    assert_eq!(slow.await.unwrap().unwrap(), (200, "slept 2000 ms\n".into()), "the request in flight finished");
-    wait_for("the listener to close", TEST_TIMEOUT, || async { get(&ip, port, "/").await.is_err().then_some(()) }).await.unwrap();
+    wait_for("the slow request to be in flight", TEST_TIMEOUT, || async {
+        kubectl_logs(&ns.name, "web")
+            .contains("sleeping 2000 ms")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    ns.pods()
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        (200, "slept 2000 ms\n".into()),
+        "the request in flight finished"
+    );
+    wait_for("the listener to close", TEST_TIMEOUT, || async {
+        get(&ip, port, "/").await.is_err().then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -387,18 +788,48 @@ async fn a_socket_listener_binds_only_its_declared_port() {
         }))
         .unwrap()
     };
-    ns.pods().create(&PostParams::default(), &echo("declared", declared, declared)).await.unwrap();
-    ns.pods().create(&PostParams::default(), &echo("undeclared", undeclared, other_declared)).await.unwrap();
+    ns.pods()
+        .create(
+            &PostParams::default(),
+            &echo("declared", declared, declared),
+        )
+        .await
+        .unwrap();
+    ns.pods()
+        .create(
+            &PostParams::default(),
+            &echo("undeclared", undeclared, other_declared),
+        )
+        .await
+        .unwrap();
 
     // The tcpSocket readiness probe reaches the guest's own listener.
-    ns.wait_pod(agent, "declared", "the listener to be Ready", ready).await;
-    let mut conn = tokio::net::TcpStream::connect((agent.node_ip.as_str(), declared)).await.unwrap();
+    ns.wait_pod(agent, "declared", "the listener to be Ready", ready)
+        .await;
+    let mut conn = tokio::net::TcpStream::connect((agent.node_ip.as_str(), declared))
+        .await
+        .unwrap();
     conn.write_all(b"hello\n").await.unwrap();
     let mut got = vec![0u8; "echo: hello\n".len()];
-    tokio::time::timeout(TEST_TIMEOUT, conn.read_exact(&mut got)).await.expect("an echo").unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, conn.read_exact(&mut got))
+        .await
+        .expect("an echo")
+        .unwrap();
     assert_eq!(got, b"echo: hello\n");
 
-    ns.wait_pod(agent, "undeclared", "the undeclared listener to fail", |p| phase(p) == "Failed").await;
+    ns.wait_pod(
+        agent,
+        "undeclared",
+        "the undeclared listener to fail",
+        |p| phase(p) == "Failed",
+    )
+    .await;
     let logs = kubectl_logs(&ns.name, "undeclared");
-    assert!(logs.starts_with(&format!("cannot listen on {}:{undeclared}: ", agent.node_ip)), "{logs}");
+    assert!(
+        logs.starts_with(&format!(
+            "cannot listen on {}:{undeclared}: ",
+            agent.node_ip
+        )),
+        "{logs}"
+    );
 }

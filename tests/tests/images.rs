@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use integration_tests::{example_wasm, phase, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace};
+use integration_tests::{
+    example_wasm, phase, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace,
+};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::Api;
@@ -35,16 +37,32 @@ struct Registry {
 
 impl Registry {
     fn plain() -> Registry {
-        Registry { host: Cluster::get().var("REGISTRY").into(), user: None, cacert: None }
+        Registry {
+            host: Cluster::get().var("REGISTRY").into(),
+            user: None,
+            cacert: None,
+        }
     }
 
     fn secure() -> Registry {
         let c = Cluster::get();
-        Registry { host: c.var("SECURE_REGISTRY").into(), user: Some(format!("{}:{}", c.var("SECURE_REGISTRY_USER"), c.var("SECURE_REGISTRY_PASSWORD"))), cacert: Some(c.var("SECURE_REGISTRY_CA").into()) }
+        Registry {
+            host: c.var("SECURE_REGISTRY").into(),
+            user: Some(format!(
+                "{}:{}",
+                c.var("SECURE_REGISTRY_USER"),
+                c.var("SECURE_REGISTRY_PASSWORD")
+            )),
+            cacert: Some(c.var("SECURE_REGISTRY_CA").into()),
+        }
     }
 
     fn base(&self, repo: &str) -> String {
-        let scheme = if self.cacert.is_some() { "https" } else { "http" };
+        let scheme = if self.cacert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}/v2/{repo}", self.host)
     }
 
@@ -53,8 +71,20 @@ impl Registry {
         let dir = tempdir("curl");
         let (headers, body) = (dir.join("headers"), dir.join("body"));
         let mut cmd = Command::new("curl");
-        cmd.args(["--silent", "--show-error", "--connect-timeout", "10", "--request", method, "--write-out", "%{http_code}"]);
-        cmd.arg("--dump-header").arg(&headers).arg("--output").arg(&body);
+        cmd.args([
+            "--silent",
+            "--show-error",
+            "--connect-timeout",
+            "10",
+            "--request",
+            method,
+            "--write-out",
+            "%{http_code}",
+        ]);
+        cmd.arg("--dump-header")
+            .arg(&headers)
+            .arg("--output")
+            .arg(&body);
         if let Some(user) = &self.user {
             cmd.args(["--user", user]);
         }
@@ -62,57 +92,121 @@ impl Registry {
             cmd.args(["--cacert", ca]);
         }
         let out = cmd.args(extra).arg(url).output().expect("curl runs");
-        let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        let status = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
         let result = (status, read(&headers), read(&body));
         let _ = std::fs::remove_dir_all(&dir);
-        assert_ne!(status, 0, "{method} {url}: no response: {}", String::from_utf8_lossy(&out.stderr));
+        assert_ne!(
+            status,
+            0,
+            "{method} {url}: no response: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         result
     }
 
     /// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); its descriptor.
     fn push_blob(&self, repo: &str, media_type: &str, bytes: &[u8]) -> serde_json::Value {
         let digest = sha256(bytes);
-        let (status, headers, body) = self.request("POST", &format!("{}/blobs/uploads/", self.base(repo)), &["--header", "Content-Length: 0"]);
+        let (status, headers, body) = self.request(
+            "POST",
+            &format!("{}/blobs/uploads/", self.base(repo)),
+            &["--header", "Content-Length: 0"],
+        );
         assert_eq!(status, 202, "starting a blob upload: {body}");
         let location = headers
             .lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("location")).map(|(_, v)| v.trim().to_string()))
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
             .expect("a Location header");
-        let location = if location.starts_with('/') { format!("{}{location}", self.base(repo).split("/v2/").next().unwrap()) } else { location };
+        let location = if location.starts_with('/') {
+            format!(
+                "{}{location}",
+                self.base(repo).split("/v2/").next().unwrap()
+            )
+        } else {
+            location
+        };
         let sep = if location.contains('?') { '&' } else { '?' };
         let file = tempdir("blob").join("blob");
         std::fs::write(&file, bytes).unwrap();
         let data = format!("@{}", file.display());
-        let (status, _, body) = self.request("PUT", &format!("{location}{sep}digest={digest}"), &["--header", "Content-Type: application/octet-stream", "--data-binary", &data]);
+        let (status, _, body) = self.request(
+            "PUT",
+            &format!("{location}{sep}digest={digest}"),
+            &[
+                "--header",
+                "Content-Type: application/octet-stream",
+                "--data-binary",
+                &data,
+            ],
+        );
         let _ = std::fs::remove_dir_all(file.parent().unwrap());
         assert_eq!(status, 201, "uploading blob {digest}: {body}");
         serde_json::json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
     }
 
     /// Pushes an image: the config and layers as blobs, then the manifest; `repo:tag`.
-    fn push_image(&self, repo: &str, tag: &str, manifest_type: &str, config_type: &str, config: &serde_json::Value, layers: &[(&str, Vec<u8>)]) -> String {
+    fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        manifest_type: &str,
+        config_type: &str,
+        config: &serde_json::Value,
+        layers: &[(&str, Vec<u8>)],
+    ) -> String {
         let config = self.push_blob(repo, config_type, config.to_string().as_bytes());
-        let layers: Vec<serde_json::Value> = layers.iter().map(|(media_type, bytes)| self.push_blob(repo, media_type, bytes)).collect();
+        let layers: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|(media_type, bytes)| self.push_blob(repo, media_type, bytes))
+            .collect();
         let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": manifest_type, "config": config, "layers": layers}).to_string();
-        let (status, _, body) = self.request("PUT", &format!("{}/manifests/{tag}", self.base(repo)), &["--header", &format!("Content-Type: {manifest_type}"), "--data-binary", &manifest]);
+        let (status, _, body) = self.request(
+            "PUT",
+            &format!("{}/manifests/{tag}", self.base(repo)),
+            &[
+                "--header",
+                &format!("Content-Type: {manifest_type}"),
+                "--data-binary",
+                &manifest,
+            ],
+        );
         assert_eq!(status, 201, "putting the manifest of {repo}:{tag}: {body}");
         format!("{}/{repo}:{tag}", self.host)
     }
 }
 
 fn tempdir(what: &str) -> PathBuf {
-    let dir = workspace_root().join("target/it/images-tmp").join(unique_name(what));
+    let dir = workspace_root()
+        .join("target/it/images-tmp")
+        .join(unique_name(what));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 fn sha256(bytes: &[u8]) -> String {
     use std::io::Write;
-    let mut child = Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("sha256sum runs");
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
-    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap())
+    format!(
+        "sha256:{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    )
 }
 
 /// A tar layer of `files` (path in the image, content), made by GNU tar with root ownership;
@@ -126,12 +220,29 @@ fn tar_layer(files: &[(&str, &[u8])], gzip: bool) -> (Vec<u8>, String) {
         std::fs::write(&file, content).unwrap();
     }
     let tar = dir.join("layer.tar");
-    let status = Command::new("tar").args(["--owner=0", "--group=0", "--numeric-owner", "--sort=name", "-C"]).arg(&root).arg("-cf").arg(&tar).arg(".").status().unwrap();
+    let status = Command::new("tar")
+        .args([
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
     assert!(status.success(), "tar failed");
     let bytes = std::fs::read(&tar).unwrap();
     let diff_id = sha256(&bytes);
     let layer = if gzip {
-        let out = Command::new("gzip").args(["-n", "-c"]).arg(&tar).output().unwrap();
+        let out = Command::new("gzip")
+            .args(["-n", "-c"])
+            .arg(&tar)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "gzip failed");
         out.stdout
     } else {
@@ -157,28 +268,57 @@ type Ns = TestNamespace;
 
 /// Single-container pods with restartPolicy Never, in the test's namespace.
 trait CreatePods {
-    async fn create_pod(&self, agent: &Agent, name: &str, container: serde_json::Value, extra: serde_json::Value);
+    async fn create_pod(
+        &self,
+        agent: &Agent,
+        name: &str,
+        container: serde_json::Value,
+        extra: serde_json::Value,
+    );
 }
 
 impl CreatePods for Ns {
-    async fn create_pod(&self, agent: &Agent, name: &str, container: serde_json::Value, extra: serde_json::Value) {
-        let mut spec = serde_json::json!({"terminationGracePeriodSeconds": 2, "containers": [container]});
+    async fn create_pod(
+        &self,
+        agent: &Agent,
+        name: &str,
+        container: serde_json::Value,
+        extra: serde_json::Value,
+    ) {
+        let mut spec =
+            serde_json::json!({"terminationGracePeriodSeconds": 2, "containers": [container]});
         if let (Some(spec), serde_json::Value::Object(extra)) = (spec.as_object_mut(), extra) {
             spec.extend(extra);
         }
-        self.create_bound_pod(agent, name, serde_json::json!({}), spec).await;
+        self.create_bound_pod(agent, name, serde_json::json!({}), spec)
+            .await;
     }
 }
 
 fn waiting_reason(pod: &Pod) -> Option<&str> {
-    pod.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .as_deref()
 }
 
 /// The CRI log of a container's first run.
 fn log_of(agent: &Agent, ns: &str, pod: &Pod, container: &str) -> String {
     let uid = pod.metadata.uid.as_deref().unwrap();
     let name = pod.metadata.name.as_deref().unwrap();
-    let path = agent.dir.join("logs").join(format!("{ns}_{name}_{uid}")).join(container).join("0.log");
+    let path = agent
+        .dir
+        .join("logs")
+        .join(format!("{ns}_{name}_{uid}"))
+        .join(container)
+        .join("0.log");
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -191,7 +331,13 @@ async fn an_oci_image_runs_the_module_its_entrypoint_names() {
     let ns = Ns::new("ociimage").await;
     // Two layers: a base with an unrelated file and a stale module, and the app layer on top
     // (which wins), as a Dockerfile `FROM base` + `COPY hello.wasm /app/` makes.
-    let (base, base_id) = tar_layer(&[("/etc/motd", b"base layer\n"), ("/app/hello.wasm", b"\0asm stale")], false);
+    let (base, base_id) = tar_layer(
+        &[
+            ("/etc/motd", b"base layer\n"),
+            ("/app/hello.wasm", b"\0asm stale"),
+        ],
+        false,
+    );
     let (app, app_id) = tar_layer(&[("/app/hello.wasm", &hello)], true);
     let reference = Registry::plain().push_image(
         "wk-images/hello-oci",
@@ -201,8 +347,18 @@ async fn an_oci_image_runs_the_module_its_entrypoint_names() {
         &image_config(&["/app/hello.wasm"], &[], &[&base_id, &app_id]),
         &[(OCI_TAR, base), (OCI_TAR_GZIP, app)],
     );
-    ns.create_pod(agent, "hello", serde_json::json!({"name": "hello", "image": reference}), serde_json::json!({})).await;
-    let pod = ns.wait_pod(agent, "hello", "the OCI image's module to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    ns.create_pod(
+        agent,
+        "hello",
+        serde_json::json!({"name": "hello", "image": reference}),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "hello", "the OCI image's module to succeed", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
     assert_eq!(phase(&pod), "Succeeded", "{:#?}", pod.status);
     let log = log_of(agent, &ns.name, &pod, "hello");
     assert!(log.contains("Hello from WebAssembly!"), "log: {log}");
@@ -219,21 +375,54 @@ async fn a_docker_image_gives_entrypoint_and_cmd_as_argv() {
         &agent.name,
         DOCKER_MANIFEST,
         DOCKER_CONFIG,
-        &image_config(&["/bin/env-and-args.wasm", "from-entrypoint"], &["from-cmd"], &[&diff_id]),
+        &image_config(
+            &["/bin/env-and-args.wasm", "from-entrypoint"],
+            &["from-cmd"],
+            &[&diff_id],
+        ),
         &[(DOCKER_TAR_GZIP, layer)],
     );
     // No command, no args: Entrypoint + Cmd. Args only: Entrypoint + args.
-    ns.create_pod(agent, "defaults", serde_json::json!({"name": "c", "image": reference}), serde_json::json!({})).await;
-    ns.create_pod(agent, "args", serde_json::json!({"name": "c", "image": reference, "args": ["from-pod"]}), serde_json::json!({})).await;
-    let pod = ns.wait_pod(agent, "defaults", "the defaults pod to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    ns.create_pod(
+        agent,
+        "defaults",
+        serde_json::json!({"name": "c", "image": reference}),
+        serde_json::json!({}),
+    )
+    .await;
+    ns.create_pod(
+        agent,
+        "args",
+        serde_json::json!({"name": "c", "image": reference, "args": ["from-pod"]}),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "defaults", "the defaults pod to succeed", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
     let log = log_of(agent, &ns.name, &pod, "c");
     assert_eq!(phase(&pod), "Succeeded", "log:\n{log}");
-    for want in ["arg[0]=/bin/env-and-args.wasm", "arg[1]=from-entrypoint", "arg[2]=from-cmd"] {
+    for want in [
+        "arg[0]=/bin/env-and-args.wasm",
+        "arg[1]=from-entrypoint",
+        "arg[2]=from-cmd",
+    ] {
         assert!(log.contains(want), "{want} in log:\n{log}");
     }
-    let pod = ns.wait_pod(agent, "args", "the args pod to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    let pod = ns
+        .wait_pod(agent, "args", "the args pod to succeed", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
     let log = log_of(agent, &ns.name, &pod, "c");
-    assert!(log.contains("arg[1]=from-entrypoint") && log.contains("arg[2]=from-pod") && !log.contains("from-cmd"), "log:\n{log}");
+    assert!(
+        log.contains("arg[1]=from-entrypoint")
+            && log.contains("arg[2]=from-pod")
+            && !log.contains("from-cmd"),
+        "log:\n{log}"
+    );
 }
 
 #[tokio::test]
@@ -241,14 +430,31 @@ async fn an_oci_image_whose_entrypoint_is_not_wasm_is_unsupported() {
     let agent = &node().await;
     let ns = Ns::new("notwasm").await;
     let (layer, diff_id) = tar_layer(&[("/app/run.sh", b"#!/bin/sh\necho hi\n")], true);
-    let reference =
-        Registry::plain().push_image("wk-images/script", &agent.name, OCI_MANIFEST, OCI_CONFIG, &image_config(&["/app/run.sh"], &[], &[&diff_id]), &[(OCI_TAR_GZIP, layer)]);
-    ns.create_pod(agent, "script", serde_json::json!({"name": "c", "image": reference}), serde_json::json!({})).await;
-    let pod = ns.wait_pod(agent, "script", "the pod to fail", |p| phase(p) == "Failed").await;
+    let reference = Registry::plain().push_image(
+        "wk-images/script",
+        &agent.name,
+        OCI_MANIFEST,
+        OCI_CONFIG,
+        &image_config(&["/app/run.sh"], &[], &[&diff_id]),
+        &[(OCI_TAR_GZIP, layer)],
+    );
+    ns.create_pod(
+        agent,
+        "script",
+        serde_json::json!({"name": "c", "image": reference}),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "script", "the pod to fail", |p| phase(p) == "Failed")
+        .await;
     let status = pod.status.as_ref().unwrap();
     assert_eq!(status.reason.as_deref(), Some("UnsupportedImage"));
     let message = status.message.clone().unwrap_or_default();
-    assert!(message.contains("/app/run.sh") && message.contains("not WebAssembly"), "{message}");
+    assert!(
+        message.contains("/app/run.sh") && message.contains("not WebAssembly"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -261,10 +467,19 @@ async fn an_image_pull_secret_opens_the_tls_registry() {
     let out = Command::new(workspace_root().join("deploy/push-wasm"))
         .arg(&hello)
         .arg(&reference)
-        .args(["--user", secure.user.as_deref().unwrap(), "--cacert", secure.cacert.as_deref().unwrap()])
+        .args([
+            "--user",
+            secure.user.as_deref().unwrap(),
+            "--cacert",
+            secure.cacert.as_deref().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "push-wasm to the TLS registry: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "push-wasm to the TLS registry: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let ns = Ns::new("pullsecret").await;
     let dockerconfig = serde_json::json!({"auths": {secure.host.clone(): {"username": cluster.var("SECURE_REGISTRY_USER"), "password": cluster.var("SECURE_REGISTRY_PASSWORD")}}});
@@ -274,24 +489,64 @@ async fn an_image_pull_secret_opens_the_tls_registry() {
         "stringData": {".dockerconfigjson": dockerconfig.to_string()},
     }))
     .unwrap();
-    Api::<Secret>::namespaced(ns.client.clone(), &ns.name).create(&PostParams::default(), &secret).await.unwrap();
+    Api::<Secret>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
 
-    ns.create_pod(agent, "with-secret", serde_json::json!({"name": "hello", "image": reference}), serde_json::json!({"imagePullSecrets": [{"name": "registry"}]})).await;
-    ns.create_pod(agent, "without-secret", serde_json::json!({"name": "hello", "image": reference}), serde_json::json!({})).await;
+    ns.create_pod(
+        agent,
+        "with-secret",
+        serde_json::json!({"name": "hello", "image": reference}),
+        serde_json::json!({"imagePullSecrets": [{"name": "registry"}]}),
+    )
+    .await;
+    ns.create_pod(
+        agent,
+        "without-secret",
+        serde_json::json!({"name": "hello", "image": reference}),
+        serde_json::json!({}),
+    )
+    .await;
 
-    let pod = ns.wait_pod(agent, "with-secret", "the pod with the pull secret to succeed", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    let pod = ns
+        .wait_pod(
+            agent,
+            "with-secret",
+            "the pod with the pull secret to succeed",
+            |p| matches!(phase(p), "Succeeded" | "Failed"),
+        )
+        .await;
     assert_eq!(phase(&pod), "Succeeded", "{:#?}", pod.status);
     assert!(log_of(agent, &ns.name, &pod, "hello").contains("Hello from WebAssembly!"));
 
-    let pod = ns.wait_pod(agent, "without-secret", "ErrImagePull or ImagePullBackOff", |p| matches!(waiting_reason(p), Some("ErrImagePull" | "ImagePullBackOff"))).await;
+    let pod = ns
+        .wait_pod(
+            agent,
+            "without-secret",
+            "ErrImagePull or ImagePullBackOff",
+            |p| matches!(waiting_reason(p), Some("ErrImagePull" | "ImagePullBackOff")),
+        )
+        .await;
     assert_eq!(phase(&pod), "Pending");
     // The event is published asynchronously, possibly after the waiting reason is visible.
-    ns.wait_events(agent, "without-secret", "a Failed event about authentication", |events| {
-        events.iter().filter(|(reason, _)| reason == "Failed").any(|(_, m)| {
-            let m = m.to_ascii_lowercase();
-            m.contains(&reference.to_ascii_lowercase()) && (m.contains("unauthorized") || m.contains("not authorized") || m.contains("authentication"))
-        })
-    })
+    ns.wait_events(
+        agent,
+        "without-secret",
+        "a Failed event about authentication",
+        |events| {
+            events
+                .iter()
+                .filter(|(reason, _)| reason == "Failed")
+                .any(|(_, m)| {
+                    let m = m.to_ascii_lowercase();
+                    m.contains(&reference.to_ascii_lowercase())
+                        && (m.contains("unauthorized")
+                            || m.contains("not authorized")
+                            || m.contains("authentication"))
+                })
+        },
+    )
     .await;
 }
 
@@ -300,16 +555,40 @@ async fn an_image_name_that_does_not_parse_is_invalid_image_name() {
     let agent = &node().await;
     let ns = Ns::new("badname").await;
     // The API server accepts any non-blank image; a repository in capitals is no OCI reference.
-    let reference = format!("{}/wk-images/NotLowerCase:v1", Cluster::get().var("REGISTRY"));
-    ns.create_pod(agent, "bad", serde_json::json!({"name": "c", "image": reference}), serde_json::json!({})).await;
+    let reference = format!(
+        "{}/wk-images/NotLowerCase:v1",
+        Cluster::get().var("REGISTRY")
+    );
+    ns.create_pod(
+        agent,
+        "bad",
+        serde_json::json!({"name": "c", "image": reference}),
+        serde_json::json!({}),
+    )
+    .await;
     let pod = ns
         .wait_pod(agent, "bad", "InvalidImageName", |p| {
-            p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first()).and_then(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone()).as_deref()
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())
+                .as_deref()
                 == Some("InvalidImageName")
         })
         .await;
-    let waiting = pod.status.unwrap().container_statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap();
+    let waiting = pod.status.unwrap().container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap()
+        .waiting
+        .unwrap();
     assert!(waiting.message.unwrap_or_default().contains(&reference));
-    ns.wait_events(agent, "bad", "an InspectFailed event", |events| events.iter().any(|(r, m)| r == "InspectFailed" && m.contains(&reference))).await;
+    ns.wait_events(agent, "bad", "an InspectFailed event", |events| {
+        events
+            .iter()
+            .any(|(r, m)| r == "InspectFailed" && m.contains(&reference))
+    })
+    .await;
     // That it is never pulled again is the fast tier's (pods/worker_tests.rs, on paused time).
 }

@@ -9,7 +9,10 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use integration_tests::{admin_cert, admin_tls, example_image, Tls, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{
+    admin_cert, admin_tls, example_image, phase, test_node, wait_for, Agent, Cluster,
+    TestNamespace, Tls, TEST_TIMEOUT,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -28,14 +31,27 @@ const PORT: u16 = 8080;
 
 fn open_fds(agent: &Agent) -> usize {
     let pid = agent.pid().expect("the agent runs");
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
 fn status_kib(agent: &Agent, field: &str) -> u64 {
     let pid = agent.pid().expect("the agent runs");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// The largest descriptor count seen over `window`, sampled every 50 ms: connections the agent
@@ -75,7 +91,12 @@ fn closed_by_peer(stream: &tokio::net::TcpStream) -> bool {
 async fn lease_renew_time(client: &kube::Client, node: &str) -> Option<String> {
     let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), "kube-node-lease");
     let lease = leases.get_opt(node).await.ok()??;
-    Some(serde_json::to_value(lease.spec?.renew_time?).ok()?.as_str()?.to_string())
+    Some(
+        serde_json::to_value(lease.spec?.renew_time?)
+            .ok()?
+            .as_str()?
+            .to_string(),
+    )
 }
 
 #[tokio::test]
@@ -97,10 +118,15 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
     }))
     .unwrap();
     ns.pods().create(&Default::default(), &pod).await.unwrap();
-    ns.wait_pod(agent, "web", "the HTTP pod to run", |p| phase(p) == "Running").await;
+    ns.wait_pod(agent, "web", "the HTTP pod to run", |p| {
+        phase(p) == "Running"
+    })
+    .await;
     let ip = agent.node_ip.clone();
     let admin = Cluster::get().admin().await;
-    let renewed_before = lease_renew_time(&admin, &agent.name).await.expect("the node has a Lease");
+    let renewed_before = lease_renew_time(&admin, &agent.name)
+        .await
+        .expect("the node has a Lease");
 
     // The pod port: a thousand connections that never send a byte, and one slowloris that
     // sends a header a byte a second (which must not reset the header-read timer).
@@ -114,12 +140,20 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
         "the pod port's {FLOOD} idle connections took the agent from {baseline} to {peak} descriptors (cap {POD_MAX_CONNECTIONS} + margin {FD_MARGIN})\n{}",
         agent.log_tail()
     );
-    assert!(refused_at_once >= FLOOD - POD_MAX_CONNECTIONS - FD_MARGIN, "only {refused_at_once} connections over the cap were closed at once");
+    assert!(
+        refused_at_once >= FLOOD - POD_MAX_CONNECTIONS - FD_MARGIN,
+        "only {refused_at_once} connections over the cap were closed at once"
+    );
     // The pod still answers meanwhile on a fresh connection once slots free up; first, every
     // idle connection and the slowloris are closed by the header-read timeout.
-    let mut slowloris = tokio::net::TcpStream::connect((ip.as_str(), PORT)).await.unwrap();
+    let mut slowloris = tokio::net::TcpStream::connect((ip.as_str(), PORT))
+        .await
+        .unwrap();
     let trickle = tokio::spawn(async move {
-        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'a')) {
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'a'))
+        {
             if slowloris.write_all(&[*byte]).await.is_err() {
                 return true;
             }
@@ -131,13 +165,31 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
         false
     });
     let conns = &pod_conns;
-    wait_for("the pod port to close every idle connection", TEST_TIMEOUT, || async move { conns.iter().all(closed_by_peer).then_some(()) })
+    wait_for(
+        "the pod port to close every idle connection",
+        TEST_TIMEOUT,
+        || async move { conns.iter().all(closed_by_peer).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} of {FLOOD} still open\n{}",
+            pod_conns.iter().filter(|c| !closed_by_peer(c)).count(),
+            agent.log_tail()
+        )
+    });
+    let slow_closed = tokio::time::timeout(TEST_TIMEOUT, trickle)
         .await
-        .unwrap_or_else(|e| panic!("{e}: {} of {FLOOD} still open\n{}", pod_conns.iter().filter(|c| !closed_by_peer(c)).count(), agent.log_tail()));
-    let slow_closed = tokio::time::timeout(TEST_TIMEOUT, trickle).await.expect("the slowloris connection is closed").unwrap();
-    assert!(slow_closed, "the slowloris connection was closed by the agent");
+        .expect("the slowloris connection is closed")
+        .unwrap();
+    assert!(
+        slow_closed,
+        "the slowloris connection was closed by the agent"
+    );
     drop(pod_conns);
-    let (status, body) = get(&ip, PORT, "/").await.expect("the pod answers after the flood");
+    let (status, body) = get(&ip, PORT, "/")
+        .await
+        .expect("the pod answers after the flood");
     assert_eq!(status, 200, "{body}");
 
     // The kubelet API: a thousand TCP connections that never start TLS.
@@ -151,11 +203,18 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
         "the kubelet API's {FLOOD} idle connections took the agent from {baseline} to {peak} descriptors (cap {API_MAX_CONNECTIONS} + margin {FD_MARGIN})\n{}",
         agent.log_tail()
     );
-    assert!(refused_at_once >= FLOOD - API_MAX_CONNECTIONS - FD_MARGIN, "only {refused_at_once} connections over the cap were closed at once");
+    assert!(
+        refused_at_once >= FLOOD - API_MAX_CONNECTIONS - FD_MARGIN,
+        "only {refused_at_once} connections over the cap were closed at once"
+    );
     let conns = &api_conns;
-    wait_for("the kubelet API to close every idle connection", TEST_TIMEOUT, || async move { conns.iter().all(closed_by_peer).then_some(()) })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    wait_for(
+        "the kubelet API to close every idle connection",
+        TEST_TIMEOUT,
+        || async move { conns.iter().all(closed_by_peer).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     drop(api_conns);
     // Served again once the flood is gone.
     let (crt, key) = admin_cert();
@@ -171,10 +230,14 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
 
     // The heartbeat went on through both floods.
     let (admin, before) = (&admin, &renewed_before);
-    wait_for("the node's Lease to be renewed", TEST_TIMEOUT, || async move {
-        let now = lease_renew_time(admin, &agent.name).await?;
-        (now != *before).then_some(())
-    })
+    wait_for(
+        "the node's Lease to be renewed",
+        TEST_TIMEOUT,
+        || async move {
+            let now = lease_renew_time(admin, &agent.name).await?;
+            (now != *before).then_some(())
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
 }
@@ -182,11 +245,20 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
 /// `GET path` on a fresh connection; (status, body).
 async fn get(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
     Ok((status, text))
 }
 
@@ -197,11 +269,19 @@ async fn upgrade(tls: &mut Tls, path_and_query: &str, upgrade: &str, extra: &str
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(tls.read(&mut byte).await.unwrap(), 1, "the response head ended early: {:?}", String::from_utf8_lossy(&head));
+        assert_eq!(
+            tls.read(&mut byte).await.unwrap(),
+            1,
+            "the response head ended early: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
     }
     let text = String::from_utf8_lossy(&head);
-    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"))
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
 }
 
 /// A SYN_STREAM for stream 1 whose header block is `raw` (an uncompressed SPDY name/value
@@ -255,7 +335,9 @@ async fn read_until_closed(tls: &mut Tls, agent: &Agent) -> Vec<u16> {
             }
         }
     };
-    tokio::time::timeout(TEST_TIMEOUT, read).await.unwrap_or_else(|_| panic!("the session was not closed\n{}", agent.log_tail()));
+    tokio::time::timeout(TEST_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| panic!("the session was not closed\n{}", agent.log_tail()));
     types
 }
 
@@ -267,7 +349,8 @@ async fn toolbox_pod(ns: &TestNamespace, agent: &Agent, name: &str, command: &[&
         serde_json::json!({"containers": [{"name": name, "image": example_image("toolbox"), "command": command, "stdin": true}]}),
     )
     .await;
-    ns.wait_pod(agent, name, "the toolbox to run", |p| phase(p) == "Running").await;
+    ns.wait_pod(agent, name, "the toolbox to run", |p| phase(p) == "Running")
+        .await;
 }
 
 #[tokio::test]
@@ -286,7 +369,10 @@ async fn an_oversized_spdy_header_block_is_refused_and_memory_stays_flat() {
     eprintln!("zlib bomb: {} bytes on the wire", bomb.len());
     tls.write_all(&bomb).await.unwrap();
     let types = read_until_closed(&mut tls, agent).await;
-    assert!(types.contains(&7), "the session ends with GOAWAY, got control frames {types:?}");
+    assert!(
+        types.contains(&7),
+        "the session ends with GOAWAY, got control frames {types:?}"
+    );
 
     // Within the inflate cap, but a long name with a quarter of a million NUL-separated empty
     // values: decoded naively, the name is copied once per value (over 100 MiB).
@@ -297,13 +383,31 @@ async fn an_oversized_spdy_header_block_is_refused_and_memory_stays_flat() {
     tls.write_all(&split_bomb).await.unwrap();
     let types = read_until_closed(&mut tls, agent).await;
     let hwm_after = status_kib(agent, "VmHWM");
-    eprintln!("agent peak RSS: {hwm_before} KiB before, {hwm_after} KiB after; control frames {types:?}");
-    assert!(types.contains(&7) || types.contains(&3), "the stream or session is refused, got control frames {types:?}");
-    assert!(hwm_after <= hwm_before + 32 * 1024, "the agent's peak RSS grew from {hwm_before} KiB to {hwm_after} KiB\n{}", agent.log_tail());
+    eprintln!(
+        "agent peak RSS: {hwm_before} KiB before, {hwm_after} KiB after; control frames {types:?}"
+    );
+    assert!(
+        types.contains(&7) || types.contains(&3),
+        "the stream or session is refused, got control frames {types:?}"
+    );
+    assert!(
+        hwm_after <= hwm_before + 32 * 1024,
+        "the agent's peak RSS grew from {hwm_before} KiB to {hwm_after} KiB\n{}",
+        agent.log_tail()
+    );
 
     // The node still serves exec afterwards (a fresh session is not affected).
-    let out = Cluster::get().kubectl().args(["exec", "-n", &ns.name, "box", "--", "echo", "still", "here"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("still here"), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log_tail());
+    let out = Cluster::get()
+        .kubectl()
+        .args(["exec", "-n", &ns.name, "box", "--", "echo", "still", "here"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("still here"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_tail()
+    );
 }
 
 #[tokio::test]
@@ -329,20 +433,39 @@ async fn an_exec_session_without_traffic_is_closed_after_the_streaming_idle_time
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("kubectl exec did not end after the idle timeout\n{}", agent.log_tail());
+            panic!(
+                "kubectl exec did not end after the idle timeout\n{}",
+                agent.log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(stdin);
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("ping"), "the typed line came back before the session went idle: {stdout:?}");
-    assert!(agent.log().contains("--streaming-connection-idle-timeout"), "the agent says why it closed the session\n{}", agent.log_tail());
+    assert!(
+        stdout.contains("ping"),
+        "the typed line came back before the session went idle: {stdout:?}"
+    );
+    assert!(
+        agent.log().contains("--streaming-connection-idle-timeout"),
+        "the agent says why it closed the session\n{}",
+        agent.log_tail()
+    );
 
     // A direct SPDY session (no API server in between) that sends nothing after the upgrade is
     // closed too.
     let mut tls = admin_tls(agent).await;
     let path = format!("/exec/{}/box/box?command=cat&stdin=1&stdout=1", ns.name);
-    assert_eq!(upgrade(&mut tls, &path, "SPDY/3.1", "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n").await, 101);
+    assert_eq!(
+        upgrade(
+            &mut tls,
+            &path,
+            "SPDY/3.1",
+            "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+        )
+        .await,
+        101
+    );
     read_until_closed(&mut tls, agent).await;
 }

@@ -7,7 +7,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use integration_tests::{example_image, phase, push_wat, test_node, unique_name, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{
+    example_image, phase, push_wat, test_node, unique_name, wait_for, workspace_root, Agent,
+    Cluster, TestNamespace, TEST_TIMEOUT,
+};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::api::DeleteParams;
 use kube::Api;
@@ -21,11 +24,21 @@ struct Secret {
 
 impl Secret {
     fn new(what: &str) -> Secret {
-        let dir = workspace_root().join("target/it-secrets").join(unique_name(what));
+        let dir = workspace_root()
+            .join("target/it-secrets")
+            .join(unique_name(what));
         std::fs::create_dir_all(&dir).unwrap();
         let mut random = [0u8; 16];
-        std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random)).unwrap();
-        let content = format!("HOST-SECRET-{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+            .unwrap();
+        let content = format!(
+            "HOST-SECRET-{}",
+            random
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
         let file = dir.join("secret");
         std::fs::write(&file, &content).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -34,7 +47,11 @@ impl Secret {
 
     /// `path` as a relative symlink target from any directory: enough `..` to reach `/`.
     fn relative(path: &Path) -> String {
-        format!("{}{}", "../".repeat(40), path.strip_prefix("/").unwrap().display())
+        format!(
+            "{}{}",
+            "../".repeat(40),
+            path.strip_prefix("/").unwrap().display()
+        )
     }
 }
 
@@ -123,17 +140,32 @@ fn wait_for_go_guest() -> String {
 
 fn status_of<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {
     let s = pod.status.as_ref()?;
-    s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten()).find(|c| c.name == container)
+    s.container_statuses
+        .iter()
+        .flatten()
+        .chain(s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == container)
 }
 
 fn terminated_message(pod: &Pod, container: &str) -> Option<(i32, String)> {
-    let t = status_of(pod, container)?.state.as_ref()?.terminated.as_ref()?;
+    let t = status_of(pod, container)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?;
     Some((t.exit_code, t.message.clone().unwrap_or_default()))
 }
 
 fn waiting(pod: &Pod, container: &str) -> Option<(String, String)> {
-    let w = status_of(pod, container)?.state.as_ref()?.waiting.as_ref()?;
-    Some((w.reason.clone().unwrap_or_default(), w.message.clone().unwrap_or_default()))
+    let w = status_of(pod, container)?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?;
+    Some((
+        w.reason.clone().unwrap_or_default(),
+        w.message.clone().unwrap_or_default(),
+    ))
 }
 
 /// Everything under the agent's pod-log directory, concatenated.
@@ -160,17 +192,32 @@ async fn a_termination_message_symlinked_out_is_not_read() {
     let secret = Secret::new("tm-link");
     let agent = test_node("tm-link", &[]).await;
     let ns = TestNamespace::new("tm-link").await;
-    let image = push_wat("tm-symlink", &symlink_guest("termination-log", &Secret::relative(&secret.file), 1));
-    ns.create_bound_pod(&agent, "leak", serde_json::json!({}), serde_json::json!({
-        "automountServiceAccountToken": false,
-        "containers": [{"name": "leak", "image": image}],
-    }))
+    let image = push_wat(
+        "tm-symlink",
+        &symlink_guest("termination-log", &Secret::relative(&secret.file), 1),
+    );
+    ns.create_bound_pod(
+        &agent,
+        "leak",
+        serde_json::json!({}),
+        serde_json::json!({
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "leak", "image": image}],
+        }),
+    )
     .await;
-    let pod = ns.wait_pod(&agent, "leak", "the container to terminate", |p| terminated_message(p, "leak").is_some()).await;
+    let pod = ns
+        .wait_pod(&agent, "leak", "the container to terminate", |p| {
+            terminated_message(p, "leak").is_some()
+        })
+        .await;
     let (code, message) = terminated_message(&pod, "leak").unwrap();
     assert_eq!(code, 1, "the guest made its symlink (an exit of 100+errno says which call failed); message: {message:?}");
     println!("terminated.message: {message:?}");
-    assert!(!message.contains(&secret.content), "the host secret was published in the pod status: {message:?}");
+    assert!(
+        !message.contains(&secret.content),
+        "the host secret was published in the pod status: {message:?}"
+    );
     assert_eq!(message, "Error on reading termination log /dev/termination-log: the path leads outside the container's termination message directory");
 }
 
@@ -182,24 +229,51 @@ async fn a_fifo_as_termination_message_does_not_hang_the_pod() {
     let ns = TestNamespace::new("tm-fifo").await;
     let image = push_wat("tm-wait-for-go", &wait_for_go_guest());
     let pod = ns
-        .create_bound_pod(&agent, "fifo", serde_json::json!({}), serde_json::json!({
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "fifo", "image": image}],
-        }))
+        .create_bound_pod(
+            &agent,
+            "fifo",
+            serde_json::json!({}),
+            serde_json::json!({
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "fifo", "image": image}],
+            }),
+        )
         .await;
-    ns.wait_pod(&agent, "fifo", "the container to run", |p| phase(p) == "Running").await;
-    let dir = agent.dir.join("root/pods").join(pod.metadata.uid.as_deref().unwrap()).join("containers/fifo/0");
+    ns.wait_pod(&agent, "fifo", "the container to run", |p| {
+        phase(p) == "Running"
+    })
+    .await;
+    let dir = agent
+        .dir
+        .join("root/pods")
+        .join(pod.metadata.uid.as_deref().unwrap())
+        .join("containers/fifo/0");
     let file = dir.join("termination-log");
     std::fs::remove_file(&file).unwrap();
     let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", file.display());
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {}",
+        file.display()
+    );
     std::fs::write(dir.join("go"), "").unwrap();
-    let pod = ns.wait_pod(&agent, "fifo", "the terminated status, despite the FIFO", |p| terminated_message(p, "fifo").is_some()).await;
+    let pod = ns
+        .wait_pod(
+            &agent,
+            "fifo",
+            "the terminated status, despite the FIFO",
+            |p| terminated_message(p, "fifo").is_some(),
+        )
+        .await;
     let (code, message) = terminated_message(&pod, "fifo").unwrap();
     println!("terminated.message: {message:?}");
     assert_eq!(code, 1);
-    assert_eq!(message, "Error on reading termination log /dev/termination-log: not a regular file");
+    assert_eq!(
+        message,
+        "Error on reading termination log /dev/termination-log: not a regular file"
+    );
 }
 
 /// An oversized termination message: the kubelet keeps its last 4096 bytes.
@@ -208,16 +282,29 @@ async fn an_oversized_termination_message_is_capped_to_its_tail() {
     let agent = test_node("tm-big", &[]).await;
     let ns = TestNamespace::new("tm-big").await;
     let image = push_wat("tm-big", &big_message_guest(100_000, "THE-END"));
-    ns.create_bound_pod(&agent, "big", serde_json::json!({}), serde_json::json!({
-        "automountServiceAccountToken": false,
-        "containers": [{"name": "big", "image": image}],
-    }))
+    ns.create_bound_pod(
+        &agent,
+        "big",
+        serde_json::json!({}),
+        serde_json::json!({
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "big", "image": image}],
+        }),
+    )
     .await;
-    let pod = ns.wait_pod(&agent, "big", "the container to terminate", |p| terminated_message(p, "big").is_some()).await;
+    let pod = ns
+        .wait_pod(&agent, "big", "the container to terminate", |p| {
+            terminated_message(p, "big").is_some()
+        })
+        .await;
     let (code, message) = terminated_message(&pod, "big").unwrap();
     assert_eq!(code, 1, "the guest wrote its message");
     assert_eq!(message.len(), 4096, "capped at the kubelet's 4096 bytes");
-    assert!(message.ends_with("THE-END"), "the tail is kept, as the kubelet's tail.ReadAtMost: ...{:?}", &message[message.len() - 20..]);
+    assert!(
+        message.ends_with("THE-END"),
+        "the tail is kept, as the kubelet's tail.ReadAtMost: ...{:?}",
+        &message[message.len() - 20..]
+    );
 }
 
 /// An init container plants a symlink out of an emptyDir; app containers then mount the
@@ -228,7 +315,10 @@ async fn a_sub_path_through_a_guest_symlink_is_refused() {
     let secret = Secret::new("subpath");
     let agent = test_node("subpath", &[]).await;
     let ns = TestNamespace::new("subpath").await;
-    let plant = push_wat("subpath-plant", &symlink_guest("esc", &Secret::relative(&secret.dir), 0));
+    let plant = push_wat(
+        "subpath-plant",
+        &symlink_guest("esc", &Secret::relative(&secret.dir), 0),
+    );
     let reader = example_image("file-reader");
     ns.create_bound_pod(&agent, "sub", serde_json::json!({}), serde_json::json!({
         "automountServiceAccountToken": false,
@@ -240,23 +330,52 @@ async fn a_sub_path_through_a_guest_symlink_is_refused() {
         ],
     }))
     .await;
-    let refused = |p: &Pod, c: &str| waiting(p, c).is_some_and(|(reason, _)| reason == "CreateContainerConfigError");
-    let pod = ns.wait_pod(&agent, "sub", "both app containers refused", |p| refused(p, "reader") && refused(p, "maker")).await;
-    assert_eq!(terminated_message(&pod, "plant").map(|t| t.0), Some(0), "the init container planted its link");
+    let refused = |p: &Pod, c: &str| {
+        waiting(p, c).is_some_and(|(reason, _)| reason == "CreateContainerConfigError")
+    };
+    let pod = ns
+        .wait_pod(&agent, "sub", "both app containers refused", |p| {
+            refused(p, "reader") && refused(p, "maker")
+        })
+        .await;
+    assert_eq!(
+        terminated_message(&pod, "plant").map(|t| t.0),
+        Some(0),
+        "the init container planted its link"
+    );
     let (_, reader_msg) = waiting(&pod, "reader").unwrap();
     let (_, maker_msg) = waiting(&pod, "maker").unwrap();
     println!("reader: {reader_msg:?}\nmaker: {maker_msg:?}");
-    assert_eq!(reader_msg, "failed to prepare subPath for volumeMount \"shared\" of container \"reader\"");
+    assert_eq!(
+        reader_msg,
+        "failed to prepare subPath for volumeMount \"shared\" of container \"reader\""
+    );
     assert!(
         maker_msg == "failed to prepare subPath for volumeMount \"shared\" of container \"maker\""
             || maker_msg == "failed to create subPath directory for volumeMount \"shared\" of container \"maker\"",
         "{maker_msg:?}"
     );
-    let entries: Vec<_> = std::fs::read_dir(&secret.dir).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(entries, vec![std::ffi::OsString::from("secret")], "nothing created in the host directory");
-    assert!(!all_logs(&agent).contains(&secret.content), "no container read the host file");
+    let entries: Vec<_> = std::fs::read_dir(&secret.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        entries,
+        vec![std::ffi::OsString::from("secret")],
+        "nothing created in the host directory"
+    );
+    assert!(
+        !all_logs(&agent).contains(&secret.content),
+        "no container read the host file"
+    );
     let reasons = ns.events("sub").await;
-    assert!(reasons.iter().any(|(r, m)| r == "Failed" && m == &format!("Error: {reader_msg}")), "a Failed event as the kubelet's: {reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|(r, m)| r == "Failed" && m == &format!("Error: {reader_msg}")),
+        "a Failed event as the kubelet's: {reasons:?}"
+    );
 }
 
 /// A guest plants symlinks to a host directory and to a file in it inside its emptyDir;
@@ -266,7 +385,10 @@ async fn teardown_does_not_follow_a_guest_symlink() {
     let secret = Secret::new("teardown");
     let agent = test_node("teardown", &[]).await;
     let ns = TestNamespace::new("teardown").await;
-    let image = push_wat("teardown-plant", &symlink_guest("link", &Secret::relative(&secret.dir), 0));
+    let image = push_wat(
+        "teardown-plant",
+        &symlink_guest("link", &Secret::relative(&secret.dir), 0),
+    );
     let pod = ns
         .create_bound_pod(&agent, "plant", serde_json::json!({}), serde_json::json!({
             "automountServiceAccountToken": false,
@@ -274,17 +396,47 @@ async fn teardown_does_not_follow_a_guest_symlink() {
             "containers": [{"name": "plant", "image": image, "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
         }))
         .await;
-    let done = ns.wait_pod(&agent, "plant", "the guest to plant its link", |p| terminated_message(p, "plant").is_some()).await;
-    assert_eq!(terminated_message(&done, "plant").map(|t| t.0), Some(0), "the guest made its symlink");
-    let pod_dir = agent.dir.join("root/pods").join(pod.metadata.uid.as_deref().unwrap());
+    let done = ns
+        .wait_pod(&agent, "plant", "the guest to plant its link", |p| {
+            terminated_message(p, "plant").is_some()
+        })
+        .await;
+    assert_eq!(
+        terminated_message(&done, "plant").map(|t| t.0),
+        Some(0),
+        "the guest made its symlink"
+    );
+    let pod_dir = agent
+        .dir
+        .join("root/pods")
+        .join(pod.metadata.uid.as_deref().unwrap());
     let link = pod_dir.join("volumes/kubernetes.io~empty-dir/scratch/link");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is there before the teardown");
-    ns.pods().delete("plant", &DeleteParams::default()).await.unwrap();
-    let pods: Api<Pod> = ns.pods();
-    wait_for("the pod to be gone and its directory removed", TEST_TIMEOUT, || async { (pods.get_opt("plant").await.ok()?.is_none() && !pod_dir.exists()).then_some(()) })
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link is there before the teardown"
+    );
+    ns.pods()
+        .delete("plant", &DeleteParams::default())
         .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
-    assert_eq!(std::fs::read_to_string(&secret.file).unwrap(), secret.content, "the host file the link pointed into is intact");
+        .unwrap();
+    let pods: Api<Pod> = ns.pods();
+    wait_for(
+        "the pod to be gone and its directory removed",
+        TEST_TIMEOUT,
+        || async {
+            (pods.get_opt("plant").await.ok()?.is_none() && !pod_dir.exists()).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    assert_eq!(
+        std::fs::read_to_string(&secret.file).unwrap(),
+        secret.content,
+        "the host file the link pointed into is intact"
+    );
 }
 
 /// A static pod whose volume and container names would make host paths outside the agent's
@@ -308,17 +460,46 @@ async fn a_static_pod_with_escaping_names_is_refused_before_touching_the_disk() 
     )
     .unwrap();
     let logs = base.join("logs");
-    let agent = Agent::start(&name, &["--pod-logs-dir", logs.to_str().unwrap(), "--pod-manifest-path", manifests.to_str().unwrap(), "--file-check-frequency", "1s"]).unwrap();
+    let agent = Agent::start(
+        &name,
+        &[
+            "--pod-logs-dir",
+            logs.to_str().unwrap(),
+            "--pod-manifest-path",
+            manifests.to_str().unwrap(),
+            "--file-check-frequency",
+            "1s",
+        ],
+    )
+    .unwrap();
     let pods: Api<Pod> = Api::namespaced(Cluster::get().admin().await, "default");
     let mirror = format!("good-{}", agent.name);
-    wait_for("the good static pod to run", TEST_TIMEOUT, || async { (phase(&pods.get_opt(&mirror).await.ok()??) == "Running").then_some(()) })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
-    let warned = wait_for("a warning naming bad.yaml and the invalid name", TEST_TIMEOUT, || async {
-        agent.log().lines().any(|l| l.contains("WARN") && l.contains("bad.yaml") && l.contains("RFC 1123 label")).then_some(())
+    wait_for("the good static pod to run", TEST_TIMEOUT, || async {
+        (phase(&pods.get_opt(&mirror).await.ok()??) == "Running").then_some(())
     })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
+    let warned = wait_for(
+        "a warning naming bad.yaml and the invalid name",
+        TEST_TIMEOUT,
+        || async {
+            agent
+                .log()
+                .lines()
+                .any(|l| {
+                    l.contains("WARN") && l.contains("bad.yaml") && l.contains("RFC 1123 label")
+                })
+                .then_some(())
+        },
+    )
     .await;
-    let escaped: Vec<PathBuf> = [base.join("escaped-volume"), base.join("escaped-container")].into_iter().filter(|p| p.exists()).collect();
-    assert!(escaped.is_empty(), "created outside the agent's pod directories: {escaped:?}");
+    let escaped: Vec<PathBuf> = [base.join("escaped-volume"), base.join("escaped-container")]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
+    assert!(
+        escaped.is_empty(),
+        "created outside the agent's pod directories: {escaped:?}"
+    );
     warned.unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
 }

@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
 
-use integration_tests::{push_wat, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{
+    push_wat, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT,
+};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
 const MIB: u64 = 1 << 20;
@@ -38,28 +40,65 @@ const PRELUDE: &str = r#"
 /// The agent's resident and peak resident memory (VmRSS, VmHWM), in bytes.
 fn agent_rss(agent: &Agent) -> (u64, u64) {
     let pid = agent.pid().expect("the agent runs");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's /proc status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's /proc status");
     let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"));
-        line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("a number of kB") * 1024
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"));
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .expect("a number of kB")
+            * 1024
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn terminated(pod: &Pod) -> Option<ContainerStateTerminated> {
-    pod.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.terminated.clone()
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .terminated
+        .clone()
 }
 
 /// A pod of one container running `image` under `limits.memory`.
-async fn create(ns: &TestNamespace, agent: &Agent, name: &str, image: &str, memory: &str, args: &[&str]) {
+async fn create(
+    ns: &TestNamespace,
+    agent: &Agent,
+    name: &str,
+    image: &str,
+    memory: &str,
+    args: &[&str],
+) {
     let container = serde_json::json!({"name": "guest", "image": image, "args": args, "resources": {"limits": {"memory": memory}}});
-    ns.create_bound_pod(agent, name, serde_json::json!({}), serde_json::json!({"containers": [container]})).await;
+    ns.create_bound_pod(
+        agent,
+        name,
+        serde_json::json!({}),
+        serde_json::json!({"containers": [container]}),
+    )
+    .await;
 }
 
 async fn assert_oomkilled(ns: &TestNamespace, agent: &Agent, name: &str) {
-    let pod = ns.wait_pod(agent, name, "the guest to be OOMKilled", |p| terminated(p).is_some()).await;
+    let pod = ns
+        .wait_pod(agent, name, "the guest to be OOMKilled", |p| {
+            terminated(p).is_some()
+        })
+        .await;
     let t = terminated(&pod).unwrap();
-    assert_eq!((t.exit_code, t.reason.as_deref()), (137, Some("OOMKilled")), "{t:?}");
+    assert_eq!(
+        (t.exit_code, t.reason.as_deref()),
+        (137, Some("OOMKilled")),
+        "{t:?}"
+    );
 }
 
 /// Five linear memories of 62 MiB each (multi-memory is on in wasmtime 48): each is under a
@@ -92,25 +131,44 @@ async fn five_memories_share_one_limit() {
     // the agent does for the measured pod is the guest's memory and a pod start, not a
     // compilation.
     create(&ns, agent, "warm-up", &image, "1Mi", &[]).await;
-    ns.wait_pod(agent, "warm-up", "the warm-up pod to end", |p| terminated(p).is_some()).await;
+    ns.wait_pod(agent, "warm-up", "the warm-up pod to end", |p| {
+        terminated(p).is_some()
+    })
+    .await;
     // Reset the agent's peak RSS (VmHWM) to its RSS now: `5` in clear_refs (proc(5)).
-    std::fs::write(format!("/proc/{}/clear_refs", agent.pid().unwrap()), "5").expect("reset the agent's VmHWM");
+    std::fs::write(format!("/proc/{}/clear_refs", agent.pid().unwrap()), "5")
+        .expect("reset the agent's VmHWM");
     let (before, _) = agent_rss(agent);
     create(&ns, agent, "many-memories", &image, "64Mi", &[]).await;
     // Either the pod ends, or the agent holds more than the limit on its behalf.
     let pods = ns.pods();
-    let grew_past = wait_for("the pod to end or the agent to grow past the limit", TEST_TIMEOUT, || async {
-        let pod = pods.get_opt("many-memories").await.ok()??;
-        let (_, peak) = agent_rss(agent);
-        (terminated(&pod).is_some() || peak.saturating_sub(before) > 80 * MIB).then_some(peak.saturating_sub(before))
-    })
+    let grew_past = wait_for(
+        "the pod to end or the agent to grow past the limit",
+        TEST_TIMEOUT,
+        || async {
+            let pod = pods.get_opt("many-memories").await.ok()??;
+            let (_, peak) = agent_rss(agent);
+            (terminated(&pod).is_some() || peak.saturating_sub(before) > 80 * MIB)
+                .then_some(peak.saturating_sub(before))
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     let (after, peak) = agent_rss(agent);
-    eprintln!("agent RSS before {} MiB, after {} MiB, peak {} MiB (grew {} MiB at most)", before / MIB, after / MIB, peak / MIB, grew_past / MIB);
+    eprintln!(
+        "agent RSS before {} MiB, after {} MiB, peak {} MiB (grew {} MiB at most)",
+        before / MIB,
+        after / MIB,
+        peak / MIB,
+        grew_past / MIB
+    );
     // The limit, and 16 MiB for the agent's own work on a pod start (watch events, status
     // patches, the log file, the store): without the fix the growth is five times the limit.
-    assert!(peak.saturating_sub(before) <= 80 * MIB, "the agent grew by {} MiB for a pod limited to 64 MiB", peak.saturating_sub(before) / MIB);
+    assert!(
+        peak.saturating_sub(before) <= 80 * MIB,
+        "the agent grew by {} MiB for a pod limited to 64 MiB",
+        peak.saturating_sub(before) / MIB
+    );
     assert_oomkilled(&ns, agent, "many-memories").await;
 }
 
@@ -151,7 +209,14 @@ async fn a_milli_byte_limit_still_limits() {
     let ns = TestNamespace::new("mem-milli").await;
     create(&ns, agent, "milli", &image, "67108864001m", &[]).await;
     let pod = ns.pods().get("milli").await.unwrap();
-    let limit = pod.spec.unwrap().containers[0].resources.clone().unwrap().limits.unwrap()["memory"].0.clone();
+    let limit = pod.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap()["memory"]
+        .0
+        .clone();
     assert_eq!(limit, "67108864001m", "the API server keeps the milli form");
     assert_oomkilled(&ns, agent, "milli").await;
 }
@@ -187,12 +252,23 @@ async fn concurrent_execs_share_the_containers_limit() {
     let agent = &test_node("mem-exec", &[]).await;
     let ns = TestNamespace::new("mem-exec").await;
     create(&ns, agent, "greedy", &image, "64Mi", &["serve"]).await;
-    ns.wait_pod(agent, "greedy", "the pod to run", |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).await;
+    ns.wait_pod(agent, "greedy", "the pod to run", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await;
     let logs = || {
-        let out = Cluster::get().kubectl().args(["logs", "-n", &ns.name, "greedy"]).output().expect("kubectl logs runs");
+        let out = Cluster::get()
+            .kubectl()
+            .args(["logs", "-n", &ns.name, "greedy"])
+            .output()
+            .expect("kubectl logs runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    wait_for("the container to hold its 16 MiB", TEST_TIMEOUT, || async { logs().contains("ready").then_some(()) }).await.unwrap();
+    wait_for("the container to hold its 16 MiB", TEST_TIMEOUT, || async {
+        logs().contains("ready").then_some(())
+    })
+    .await
+    .unwrap();
 
     const EXECS: usize = 5;
     let (tx, rx) = mpsc::channel();
@@ -210,7 +286,8 @@ async fn concurrent_execs_share_the_containers_limit() {
         let tx = tx.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
-            let grown = BufReader::new(stdout).read_line(&mut line).is_ok() && line.trim() == "grown";
+            let grown =
+                BufReader::new(stdout).read_line(&mut line).is_ok() && line.trim() == "grown";
             let _ = tx.send((i, grown));
         });
         children.push(child);
@@ -218,22 +295,34 @@ async fn concurrent_execs_share_the_containers_limit() {
     // Every exec has grown (and holds its memory) or has ended: only then are stdins closed.
     let mut grown = 0;
     for _ in 0..EXECS {
-        let (_, ok) = rx.recv_timeout(TEST_TIMEOUT).unwrap_or_else(|_| panic!("an exec neither grew nor ended\n{}", agent.log_tail()));
+        let (_, ok) = rx
+            .recv_timeout(TEST_TIMEOUT)
+            .unwrap_or_else(|_| panic!("an exec neither grew nor ended\n{}", agent.log_tail()));
         grown += usize::from(ok);
     }
     let mut outcomes = Vec::new();
     for mut child in children {
         drop(child.stdin.take());
         let out = child.wait_with_output().expect("kubectl ends");
-        outcomes.push((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()));
+        outcomes.push((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     eprintln!("{grown} of {EXECS} execs grew; outcomes: {outcomes:?}");
     let succeeded = outcomes.iter().filter(|(code, _)| *code == 0).count();
-    assert!(succeeded <= 2, "{succeeded} execs of 20 MiB ran beside a container of 16 MiB under 64Mi: {outcomes:?}");
+    assert!(
+        succeeded <= 2,
+        "{succeeded} execs of 20 MiB ran beside a container of 16 MiB under 64Mi: {outcomes:?}"
+    );
     assert!(succeeded >= 1, "no exec ran at all: {outcomes:?}");
     for (code, stderr) in outcomes.iter().filter(|(code, _)| *code != 0) {
         assert_eq!(*code, 137, "{stderr}");
-        assert!(stderr.contains("out of memory") && stderr.contains("memory limit of 67108864 bytes exceeded"), "{stderr}");
+        assert!(
+            stderr.contains("out of memory")
+                && stderr.contains("memory limit of 67108864 bytes exceeded"),
+            "{stderr}"
+        );
     }
     // The container itself runs on: a failed exec is the exec's failure.
     let pod = ns.pods().get("greedy").await.unwrap();

@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use integration_tests::{example_image, phase, test_node, wait_for, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{
+    example_image, phase, test_node, wait_for, Cluster, TestNamespace, TEST_TIMEOUT,
+};
 use k8s_openapi::api::core::v1::Pod;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,7 +51,15 @@ impl PortForward {
     async fn start(ns: &str, pod: &str, port: u16) -> PortForward {
         let mut child = Cluster::get()
             .kubectl()
-            .args(["port-forward", "-n", ns, &format!("pod/{pod}"), &format!(":{port}"), "--address", "127.0.0.1"])
+            .args([
+                "port-forward",
+                "-n",
+                ns,
+                &format!("pod/{pod}"),
+                &format!(":{port}"),
+                "--address",
+                "127.0.0.1",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -58,18 +68,31 @@ impl PortForward {
         let (local, lines) = tokio::task::spawn_blocking(move || {
             use std::io::BufRead;
             let mut lines = std::io::BufReader::new(stdout).lines();
-            let local: Option<u16> = lines.find_map(|l| l.ok()?.strip_prefix("Forwarding from 127.0.0.1:")?.split_whitespace().next()?.parse().ok());
+            let local: Option<u16> = lines.find_map(|l| {
+                l.ok()?
+                    .strip_prefix("Forwarding from 127.0.0.1:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
             (local.expect("kubectl prints the local port"), lines)
         })
         .await
         .unwrap();
-        PortForward { child, local, _stdout: lines }
+        PortForward {
+            child,
+            local,
+            _stdout: lines,
+        }
     }
 
     /// Sends `send` through the tunnel and reads until the far side closes (or the time-out);
     /// what came back, lossily as text.
     async fn exchange(&self, send: &[u8]) -> String {
-        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.local)).await else { return String::new() };
+        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.local)).await else {
+            return String::new();
+        };
         let _ = conn.write_all(send).await;
         let mut got = Vec::new();
         let _ = tokio::time::timeout(TEST_TIMEOUT, conn.read_to_end(&mut got)).await;
@@ -78,7 +101,9 @@ impl PortForward {
 
     /// Sends `send` and reads until `want` arrives (for servers that keep the connection open).
     async fn read_until(&self, send: &[u8], want: &str) -> String {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.local)).await.unwrap();
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.local))
+            .await
+            .unwrap();
         conn.write_all(send).await.unwrap();
         let mut got = Vec::new();
         let _ = tokio::time::timeout(TEST_TIMEOUT, async {
@@ -115,17 +140,36 @@ impl Drop for PortForward {
 }
 
 fn running(pod: &Pod) -> bool {
-    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| {
+            !cs.is_empty()
+                && cs
+                    .iter()
+                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        })
 }
 
 /// The exit code of container `name` once it has terminated.
 fn exit_code(pod: &Pod, name: &str) -> Option<i32> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses.iter().find(|c| c.name == name)?.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
+    statuses
+        .iter()
+        .find(|c| c.name == name)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+        .map(|t| t.exit_code)
 }
 
 fn kubectl_logs(ns: &str, pod: &str, container: &str) -> String {
-    let out = Cluster::get().kubectl().args(["logs", "-n", ns, pod, "-c", container]).output().expect("kubectl runs");
+    let out = Cluster::get()
+        .kubectl()
+        .args(["logs", "-n", ns, pod, "-c", container])
+        .output()
+        .expect("kubectl runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -151,38 +195,92 @@ async fn port_forward_reaches_only_what_the_pod_itself_serves() {
     // A pod that declares the held port but does not (cannot) serve it, and one that does not
     // declare it at all.
     let ticker = |ports: serde_json::Value| serde_json::json!({"restartPolicy": "Always", "containers": [{"name": "ticker", "image": example_image("ticker"), "ports": ports}]});
-    ns.create_bound_pod(agent, "declares", serde_json::json!({}), ticker(serde_json::json!([{"containerPort": held}]))).await;
-    ns.create_bound_pod(agent, "undeclared", serde_json::json!({}), ticker(serde_json::json!([]))).await;
+    ns.create_bound_pod(
+        agent,
+        "declares",
+        serde_json::json!({}),
+        ticker(serde_json::json!([{"containerPort": held}])),
+    )
+    .await;
+    ns.create_bound_pod(
+        agent,
+        "undeclared",
+        serde_json::json!({}),
+        ticker(serde_json::json!([])),
+    )
+    .await;
     for pod in ["declares", "undeclared"] {
         ns.wait_pod(agent, pod, "the ticker to run", running).await;
         let forward = PortForward::start(&ns.name, pod, held).await;
         let got = forward.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let stderr = forward.stop();
-        assert!(!got.contains(SECRET), "port-forward to {pod}:{held} read another process's listener: {got:?}");
-        assert!(stderr.contains(&format!("failed to connect to localhost:{held} inside namespace")), "kubectl says why ({pod}): {stderr}");
+        assert!(
+            !got.contains(SECRET),
+            "port-forward to {pod}:{held} read another process's listener: {got:?}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "failed to connect to localhost:{held} inside namespace"
+            )),
+            "kubectl says why ({pod}): {stderr}"
+        );
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was ever dialled at the held port");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "nothing was ever dialled at the held port"
+    );
 
     // The pod's own listeners still work: an HTTP component (the agent's server for it) and a
     // wasi:sockets guest's listener.
-    ns.create_bound_pod(agent, "web", serde_json::json!({}), serde_json::json!({"restartPolicy": "Always", "containers": [http_health(HTTP_PORT)]})).await;
+    ns.create_bound_pod(
+        agent,
+        "web",
+        serde_json::json!({}),
+        serde_json::json!({"restartPolicy": "Always", "containers": [http_health(HTTP_PORT)]}),
+    )
+    .await;
     let echo = serde_json::json!({
         "name": "echo", "image": example_image("tcp-echo"), "args": [format!("$(POD_IP):{ECHO_PORT}")],
         "ports": [{"containerPort": ECHO_PORT}],
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
     });
-    ns.create_bound_pod(agent, "echo", serde_json::json!({}), serde_json::json!({"restartPolicy": "Always", "containers": [echo]})).await;
-    ns.wait_pod(agent, "web", "the component to run", running).await;
+    ns.create_bound_pod(
+        agent,
+        "echo",
+        serde_json::json!({}),
+        serde_json::json!({"restartPolicy": "Always", "containers": [echo]}),
+    )
+    .await;
+    ns.wait_pod(agent, "web", "the component to run", running)
+        .await;
     let forward = PortForward::start(&ns.name, "web", HTTP_PORT).await;
-    let got = forward.exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let got = forward
+        .exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
     let stderr = forward.stop();
-    assert!(got.starts_with("HTTP/1.1 200"), "the component answers through the tunnel: {got:?}; kubectl: {stderr}");
-    ns.wait_pod(agent, "echo", "the echo guest to run", running).await;
-    wait_for("the echo guest to listen", TEST_TIMEOUT, || async { kubectl_logs(&ns.name, "echo", "echo").contains("listening on").then_some(()) }).await.unwrap();
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "the component answers through the tunnel: {got:?}; kubectl: {stderr}"
+    );
+    ns.wait_pod(agent, "echo", "the echo guest to run", running)
+        .await;
+    wait_for("the echo guest to listen", TEST_TIMEOUT, || async {
+        kubectl_logs(&ns.name, "echo", "echo")
+            .contains("listening on")
+            .then_some(())
+    })
+    .await
+    .unwrap();
     let forward = PortForward::start(&ns.name, "echo", ECHO_PORT).await;
-    let got = forward.read_until(b"through the tunnel\n", "echo: through the tunnel").await;
+    let got = forward
+        .read_until(b"through the tunnel\n", "echo: through the tunnel")
+        .await;
     let stderr = forward.stop();
-    assert!(got.contains("echo: through the tunnel"), "the guest's own listener answers: {got:?}; kubectl: {stderr}");
+    assert!(
+        got.contains("echo: through the tunnel"),
+        "the guest's own listener answers: {got:?}; kubectl: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -193,21 +291,47 @@ async fn guests_reach_only_their_own_pods_listeners_on_loopback() {
     const SECRET: &str = "node-daemon";
     let (daemon, accepted) = secret_listener("127.0.0.1", SECRET).await;
     let (at_node_ip, accepted_at_node_ip) = secret_listener(&agent.node_ip, SECRET).await;
-    for (name, target) in [("loopback", format!("127.0.0.1:{daemon}")), ("nodeip", format!("$(POD_IP):{at_node_ip}"))] {
-        ns.create_bound_pod(agent, name, serde_json::json!({}), serde_json::json!({"containers": [net_client(&target)]})).await;
-        let pod = ns.wait_pod(agent, name, "the client to finish", |p| matches!(phase(p), "Succeeded" | "Failed")).await;
+    for (name, target) in [
+        ("loopback", format!("127.0.0.1:{daemon}")),
+        ("nodeip", format!("$(POD_IP):{at_node_ip}")),
+    ] {
+        ns.create_bound_pod(
+            agent,
+            name,
+            serde_json::json!({}),
+            serde_json::json!({"containers": [net_client(&target)]}),
+        )
+        .await;
+        let pod = ns
+            .wait_pod(agent, name, "the client to finish", |p| {
+                matches!(phase(p), "Succeeded" | "Failed")
+            })
+            .await;
         let logs = kubectl_logs(&ns.name, name, "client");
         // Refused by the policy (access denied), not merely by a closed port.
-        assert!(logs.starts_with("refused: ") && logs.contains("ermission denied"), "a guest connected to another process on the node's loopback ({target}): {logs}");
+        assert!(
+            logs.starts_with("refused: ") && logs.contains("ermission denied"),
+            "a guest connected to another process on the node's loopback ({target}): {logs}"
+        );
         assert_eq!(phase(&pod), "Failed");
     }
-    assert_eq!(accepted.load(Ordering::SeqCst) + accepted_at_node_ip.load(Ordering::SeqCst), 0, "no connection reached the node's daemons");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst) + accepted_at_node_ip.load(Ordering::SeqCst),
+        0,
+        "no connection reached the node's daemons"
+    );
 
     // Its own pod's listener, on the same loopback: reached. The client waits for the component
     // (OnFailure restarts it until the server is up).
     ns.create_bound_pod(agent, "own", serde_json::json!({}), serde_json::json!({"restartPolicy": "OnFailure", "containers": [http_health(HTTP_PORT), net_client(&format!("$(POD_IP):{HTTP_PORT}"))]})).await;
-    ns.wait_pod(agent, "own", "the client to connect to its own pod", |p| exit_code(p, "client") == Some(0)).await;
-    assert_eq!(kubectl_logs(&ns.name, "own", "client").trim(), "connected: HTTP/1.1 200 OK");
+    ns.wait_pod(agent, "own", "the client to connect to its own pod", |p| {
+        exit_code(p, "client") == Some(0)
+    })
+    .await;
+    assert_eq!(
+        kubectl_logs(&ns.name, "own", "client").trim(),
+        "connected: HTTP/1.1 200 OK"
+    );
 }
 
 #[tokio::test]
@@ -217,18 +341,31 @@ async fn the_nodes_deny_list_holds_even_for_the_pods_own_address() {
     let agent = &test_node("net-deny", &["--pod-egress-deny-cidrs=127.0.0.0/8"]).await;
     let ns = TestNamespace::new("net-deny").await;
     ns.create_bound_pod(agent, "own", serde_json::json!({}), serde_json::json!({"restartPolicy": "Never", "containers": [http_health(HTTP_PORT), net_client(&format!("$(POD_IP):{HTTP_PORT}"))]})).await;
-    let pod = ns.wait_pod(agent, "own", "the client to finish", |p| exit_code(p, "client").is_some()).await;
+    let pod = ns
+        .wait_pod(agent, "own", "the client to finish", |p| {
+            exit_code(p, "client").is_some()
+        })
+        .await;
     let logs = kubectl_logs(&ns.name, "own", "client");
-    assert!(logs.starts_with("refused: ") && logs.contains("ermission denied"), "refused by the policy, not by a closed port: {logs}");
+    assert!(
+        logs.starts_with("refused: ") && logs.contains("ermission denied"),
+        "refused by the policy, not by a closed port: {logs}"
+    );
     assert_eq!(exit_code(&pod, "client"), Some(1));
     // The component itself serves (the deny list is about what pods reach, not who reaches them).
     let ip = agent.node_ip.clone();
     let answered = wait_for("the component to answer the test", TEST_TIMEOUT, || async {
-        let mut s = tokio::net::TcpStream::connect((ip.as_str(), HTTP_PORT)).await.ok()?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut s = tokio::net::TcpStream::connect((ip.as_str(), HTTP_PORT))
+            .await
+            .ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.ok()?;
-        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200").then_some(())
+        String::from_utf8_lossy(&got)
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
     })
     .await;
     assert!(answered.is_ok());

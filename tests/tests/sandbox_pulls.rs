@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::{push_wasm, push_wat, unique_name, wait_for, workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
+use integration_tests::{
+    push_wasm, push_wat, unique_name, wait_for, workspace_root, Agent, Cluster, TestNamespace,
+    TEST_TIMEOUT,
+};
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -26,13 +29,29 @@ async fn node(extra: &[&str]) -> Agent {
     args.extend_from_slice(extra);
     let agent = Agent::start(&name, &args).expect("the agent starts");
     let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
-    wait_for("the test node to register", TEST_TIMEOUT, || async { nodes.get_opt(&agent.name).await.ok()? }).await.unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    wait_for("the test node to register", TEST_TIMEOUT, || async {
+        nodes.get_opt(&agent.name).await.ok()?
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     agent
 }
 
 fn waiting(pod: &Pod) -> Option<(String, String)> {
-    let w = pod.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.as_ref()?;
-    Some((w.reason.clone().unwrap_or_default(), w.message.clone().unwrap_or_default()))
+    let w = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?;
+    Some((
+        w.reason.clone().unwrap_or_default(),
+        w.message.clone().unwrap_or_default(),
+    ))
 }
 
 fn pull_failed(pod: &Pod) -> bool {
@@ -41,8 +60,15 @@ fn pull_failed(pod: &Pod) -> bool {
 
 /// (VmRSS, VmHWM) of a process, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's /proc status");
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("a memory field");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's /proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a memory field")
+    };
     (field("VmRSS:"), field("VmHWM:"))
 }
 
@@ -55,8 +81,17 @@ const HELLO: &str = r#"(module
 /// clients, the engine warming) is in the baseline, not in what is measured.
 async fn warm_up(agent: &Agent, ns: &TestNamespace) {
     let hello = push_wat("pulls-hello", HELLO);
-    ns.create_bound_pod(agent, "warm-up", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": hello}]})).await;
-    ns.wait_pod(agent, "warm-up", "the warm-up pod to succeed", |p| integration_tests::phase(p) == "Succeeded").await;
+    ns.create_bound_pod(
+        agent,
+        "warm-up",
+        serde_json::json!({}),
+        serde_json::json!({"containers": [{"name": "c", "image": hello}]}),
+    )
+    .await;
+    ns.wait_pod(agent, "warm-up", "the warm-up pod to succeed", |p| {
+        integration_tests::phase(p) == "Succeeded"
+    })
+    .await;
 }
 
 /// A listener on 127.0.0.1 standing for any plain-http daemon of the node (the kubelet's
@@ -89,7 +124,11 @@ impl SecretServer {
                 let _ = stream.write_all(response.as_bytes());
             }
         });
-        SecretServer { port, secret, http_requests }
+        SecretServer {
+            port,
+            secret,
+            http_requests,
+        }
     }
 }
 
@@ -99,21 +138,53 @@ async fn an_image_reference_cannot_make_the_agent_speak_plain_http_to_a_loopback
     let agent = &node(&[]).await;
     let ns = TestNamespace::new("pulls-port").await;
     let image = format!("127.0.0.1:{}/x:y", server.port);
-    ns.create_bound_pod(agent, "scan", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": image}]})).await;
-    let pod = ns.wait_pod(agent, "scan", "the pull to fail", pull_failed).await;
+    ns.create_bound_pod(
+        agent,
+        "scan",
+        serde_json::json!({}),
+        serde_json::json!({"containers": [{"name": "c", "image": image}]}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "scan", "the pull to fail", pull_failed)
+        .await;
 
     let events = ns.events("scan").await;
     let (_, message) = waiting(&pod).unwrap();
     for text in events.iter().map(|(_, m)| m).chain([&message]) {
-        assert!(!text.contains(&server.secret), "the body of what answered on 127.0.0.1:{} reached the pod: {text}", server.port);
+        assert!(
+            !text.contains(&server.secret),
+            "the body of what answered on 127.0.0.1:{} reached the pod: {text}",
+            server.port
+        );
     }
-    assert_eq!(server.http_requests.load(Ordering::SeqCst), 0, "the agent sent plain-http requests to 127.0.0.1:{}; events: {events:#?}", server.port);
-    assert!(message.contains("--insecure-registries"), "the message says why plain http was not tried: {message}");
+    assert_eq!(
+        server.http_requests.load(Ordering::SeqCst),
+        0,
+        "the agent sent plain-http requests to 127.0.0.1:{}; events: {events:#?}",
+        server.port
+    );
+    assert!(
+        message.contains("--insecure-registries"),
+        "the message says why plain http was not tried: {message}"
+    );
 
     // The cluster's registry, named in --insecure-registries (Agent::start does), still works.
     let hello = push_wat("pulls-hello", HELLO);
-    ns.create_bound_pod(agent, "hello", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": hello}]})).await;
-    ns.wait_pod(agent, "hello", "the pod from the insecure registry to succeed", |p| integration_tests::phase(p) == "Succeeded").await;
+    ns.create_bound_pod(
+        agent,
+        "hello",
+        serde_json::json!({}),
+        serde_json::json!({"containers": [{"name": "c", "image": hello}]}),
+    )
+    .await;
+    ns.wait_pod(
+        agent,
+        "hello",
+        "the pod from the insecure registry to succeed",
+        |p| integration_tests::phase(p) == "Succeeded",
+    )
+    .await;
 }
 
 /// A valid core module padded with a custom section to `size` bytes at least.
@@ -148,30 +219,66 @@ async fn a_module_over_the_max_module_size_is_refused_before_it_is_downloaded() 
     warm_up(agent, &ns).await;
     let pid = agent.pid().expect("the agent runs");
     let (rss_before, hwm_before) = memory_kib(pid);
-    ns.create_bound_pod(agent, "big", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": big}]})).await;
-    let pod = ns.wait_pod(agent, "big", "the pull to be refused", pull_failed).await;
+    ns.create_bound_pod(
+        agent,
+        "big",
+        serde_json::json!({}),
+        serde_json::json!({"containers": [{"name": "c", "image": big}]}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "big", "the pull to be refused", pull_failed)
+        .await;
     let (_, message) = waiting(&pod).unwrap();
-    assert!(message.contains("--max-module-size") && message.contains("1048576"), "a clear reason: {message}");
+    assert!(
+        message.contains("--max-module-size") && message.contains("1048576"),
+        "a clear reason: {message}"
+    );
     let (rss_after, hwm_after) = memory_kib(pid);
     eprintln!("agent VmRSS {rss_before} -> {rss_after} KiB, VmHWM {hwm_before} -> {hwm_after} KiB");
     // Less than half the module: it was never held in memory.
-    assert!(hwm_after < hwm_before + 24 * 1024, "the agent's peak RSS grew by {} KiB for a refused 48 MiB module", hwm_after - hwm_before);
+    assert!(
+        hwm_after < hwm_before + 24 * 1024,
+        "the agent's peak RSS grew by {} KiB for a refused 48 MiB module",
+        hwm_after - hwm_before
+    );
     let blobs = agent.dir.join("root/images/blobs/sha256");
-    let stored: u64 = std::fs::read_dir(&blobs).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-    assert!(stored < 1 << 20, "{stored} bytes were written to {}", blobs.display());
+    let stored: u64 = std::fs::read_dir(&blobs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(
+        stored < 1 << 20,
+        "{stored} bytes were written to {}",
+        blobs.display()
+    );
 }
 
 // ------------------------------------------------------------------ an ordinary OCI image
 
 fn tempdir(what: &str) -> PathBuf {
-    let dir = workspace_root().join("target/it/pulls-tmp").join(unique_name(what));
+    let dir = workspace_root()
+        .join("target/it/pulls-tmp")
+        .join(unique_name(what));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
-    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap())
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum runs");
+    format!(
+        "sha256:{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    )
 }
 
 /// curl against the plain-http registry; returns (status, headers, body).
@@ -179,7 +286,16 @@ fn curl(method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
     let dir = tempdir("curl");
     let (headers, body) = (dir.join("headers"), dir.join("body"));
     let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--connect-timeout", "10", "--request", method, "--write-out", "%{http_code}"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--connect-timeout",
+            "10",
+            "--request",
+            method,
+            "--write-out",
+            "%{http_code}",
+        ])
         .arg("--dump-header")
         .arg(&headers)
         .arg("--output")
@@ -188,7 +304,10 @@ fn curl(method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
         .arg(url)
         .output()
         .expect("curl runs");
-    let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let result = (status, read(&headers), read(&body));
     let _ = std::fs::remove_dir_all(&dir);
@@ -200,13 +319,37 @@ fn push_blob(repo: &str, media_type: &str, file: &Path) -> serde_json::Value {
     let registry = Cluster::get().var("REGISTRY");
     let digest = sha256(file);
     let size = std::fs::metadata(file).unwrap().len();
-    let (status, headers, body) = curl("POST", &format!("http://{registry}/v2/{repo}/blobs/uploads/"), &["--header", "Content-Length: 0"]);
+    let (status, headers, body) = curl(
+        "POST",
+        &format!("http://{registry}/v2/{repo}/blobs/uploads/"),
+        &["--header", "Content-Length: 0"],
+    );
     assert_eq!(status, 202, "starting a blob upload: {body}");
-    let location = headers.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("location")).map(|(_, v)| v.trim().to_string())).expect("a Location header");
-    let location = if location.starts_with('/') { format!("http://{registry}{location}") } else { location };
+    let location = headers
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .expect("a Location header");
+    let location = if location.starts_with('/') {
+        format!("http://{registry}{location}")
+    } else {
+        location
+    };
     let sep = if location.contains('?') { '&' } else { '?' };
     let data = format!("@{}", file.display());
-    let (status, _, body) = curl("PUT", &format!("{location}{sep}digest={digest}"), &["--header", "Content-Type: application/octet-stream", "--data-binary", &data]);
+    let (status, _, body) = curl(
+        "PUT",
+        &format!("{location}{sep}digest={digest}"),
+        &[
+            "--header",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &data,
+        ],
+    );
     assert_eq!(status, 201, "uploading blob {digest}: {body}");
     serde_json::json!({"mediaType": media_type, "digest": digest, "size": size})
 }
@@ -226,10 +369,27 @@ fn push_layered_image(repo: &str, padding: &[(&str, usize)], module: &[u8]) -> S
     std::fs::write(root.join("app/x.wasm"), module).unwrap();
     let tar = dir.join("layer.tar");
     // --sort=name: the padding (named to sort first) comes before the module in the archive.
-    let status = Command::new("tar").args(["--owner=0", "--group=0", "--numeric-owner", "--sort=name", "-C"]).arg(&root).arg("-cf").arg(&tar).arg(".").status().unwrap();
+    let status = Command::new("tar")
+        .args([
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
     assert!(status.success(), "tar failed");
     let diff_id = sha256(&tar);
-    let status = Command::new("gzip").args(["-n", "-9"]).arg(&tar).status().unwrap();
+    let status = Command::new("gzip")
+        .args(["-n", "-9"])
+        .arg(&tar)
+        .status()
+        .unwrap();
     assert!(status.success(), "gzip failed");
     let layer = push_blob(repo, OCI_TAR_GZIP, &dir.join("layer.tar.gz"));
     let config = serde_json::json!({"architecture": "wasm", "os": "wasip1", "config": {"Entrypoint": ["/app/x.wasm"]}, "rootfs": {"type": "layers", "diff_ids": [diff_id]}});
@@ -238,7 +398,16 @@ fn push_layered_image(repo: &str, padding: &[(&str, usize)], module: &[u8]) -> S
     let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}).to_string();
     let registry = Cluster::get().var("REGISTRY");
     let tag = unique_name("t");
-    let (status, _, body) = curl("PUT", &format!("http://{registry}/v2/{repo}/manifests/{tag}"), &["--header", &format!("Content-Type: {OCI_MANIFEST}"), "--data-binary", &manifest]);
+    let (status, _, body) = curl(
+        "PUT",
+        &format!("http://{registry}/v2/{repo}/manifests/{tag}"),
+        &[
+            "--header",
+            &format!("Content-Type: {OCI_MANIFEST}"),
+            "--data-binary",
+            &manifest,
+        ],
+    );
     assert_eq!(status, 201, "putting the manifest: {body}");
     let _ = std::fs::remove_dir_all(&dir);
     format!("{registry}/{repo}:{tag}")
@@ -254,17 +423,38 @@ async fn a_layer_that_inflates_past_the_cap_is_refused() {
     warm_up(agent, &ns).await;
     let pid = agent.pid().expect("the agent runs");
     let (rss_before, hwm_before) = memory_kib(pid);
-    ns.create_bound_pod(agent, "bomb", serde_json::json!({}), serde_json::json!({"containers": [{"name": "c", "image": image}]})).await;
-    let pod = ns.wait_pod(agent, "bomb", "the layer to be refused", pull_failed).await;
+    ns.create_bound_pod(
+        agent,
+        "bomb",
+        serde_json::json!({}),
+        serde_json::json!({"containers": [{"name": "c", "image": image}]}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "bomb", "the layer to be refused", pull_failed)
+        .await;
     let (_, message) = waiting(&pod).unwrap();
-    assert!(message.contains("inflates to more than 1048576 bytes") && message.contains("--max-layer-uncompressed-size"), "a clear reason: {message}");
+    assert!(
+        message.contains("inflates to more than 1048576 bytes")
+            && message.contains("--max-layer-uncompressed-size"),
+        "a clear reason: {message}"
+    );
     let (rss_after, hwm_after) = memory_kib(pid);
     eprintln!("agent VmRSS {rss_before} -> {rss_after} KiB, VmHWM {hwm_before} -> {hwm_after} KiB");
     // Less than half of what the layer inflates to: it was never held in memory.
-    assert!(hwm_after < hwm_before + 32 * 1024, "the agent's peak RSS grew by {} KiB", hwm_after - hwm_before);
+    assert!(
+        hwm_after < hwm_before + 32 * 1024,
+        "the agent's peak RSS grew by {} KiB",
+        hwm_after - hwm_before
+    );
     let scratch = agent.dir.join("root/images/tmp");
     let left = std::fs::read_dir(&scratch).into_iter().flatten().count();
-    assert_eq!(left, 0, "the downloaded layer is removed from {}", scratch.display());
+    assert_eq!(
+        left,
+        0,
+        "the downloaded layer is removed from {}",
+        scratch.display()
+    );
 }
 
 #[tokio::test]
@@ -280,26 +470,59 @@ async fn a_module_that_fails_to_compile_is_compiled_once_however_often_it_restar
     let events: kube::Api<Event> = kube::Api::namespaced(ns.client.clone(), &ns.name);
     let attempts = || async {
         let list = events.list(&Default::default()).await.ok()?;
-        let n: i32 = list.items.iter().filter(|e| e.involved_object.name.as_deref() == Some("broken") && e.reason.as_deref() == Some("Failed") && e.message.as_deref().is_some_and(|m| m.starts_with("Error: "))).map(|e| e.count.unwrap_or(1)).sum();
+        let n: i32 = list
+            .items
+            .iter()
+            .filter(|e| {
+                e.involved_object.name.as_deref() == Some("broken")
+                    && e.reason.as_deref() == Some("Failed")
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with("Error: "))
+            })
+            .map(|e| e.count.unwrap_or(1))
+            .sum();
         Some(n)
     };
-    wait_for("three failed attempts to create the container", Duration::from_secs(120), || async { attempts().await.filter(|n| *n >= 3) })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    wait_for(
+        "three failed attempts to create the container",
+        Duration::from_secs(120),
+        || async { attempts().await.filter(|n| *n >= 3) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     let pod = ns.pods().get("broken").await.unwrap();
     let (reason, message) = waiting(&pod).unwrap_or_default();
     assert_eq!(reason, "CreateContainerError", "{message}");
-    assert!(message.contains("compil"), "the compiler's error: {message}");
+    assert!(
+        message.contains("compil"),
+        "the compiler's error: {message}"
+    );
 
-    let digest = String::from_utf8_lossy(&Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().map(|mut c| {
-        c.stdin.take().unwrap().write_all(broken).unwrap();
-        c.wait_with_output().unwrap().stdout
-    }).unwrap())
+    let digest = String::from_utf8_lossy(
+        &Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map(|mut c| {
+                c.stdin.take().unwrap().write_all(broken).unwrap();
+                c.wait_with_output().unwrap().stdout
+            })
+            .unwrap(),
+    )
     .split_whitespace()
     .next()
     .unwrap()
     .to_string();
     let log = agent.log();
-    let compilations = log.lines().filter(|l| l.contains("compile: compiling digest=") && l.contains(&digest)).count();
-    assert_eq!(compilations, 1, "one compilation of sha256:{digest} for three attempts; agent log:\n{}", agent.log_tail());
+    let compilations = log
+        .lines()
+        .filter(|l| l.contains("compile: compiling digest=") && l.contains(&digest))
+        .count();
+    assert_eq!(
+        compilations,
+        1,
+        "one compilation of sha256:{digest} for three attempts; agent log:\n{}",
+        agent.log_tail()
+    );
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use jiff::Timestamp;
-use kube::config::{Kubeconfig, KubeConfigOptions};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,13 +60,18 @@ pub async fn connect(
     shutdown: &CancellationToken,
     build: BuildClient,
 ) -> Result<Option<kube::Client>, CertificateError> {
-    let Some(path) = &config.kubeconfig else { return Ok(None) };
+    let Some(path) = &config.kubeconfig else {
+        return Ok(None);
+    };
     let store = Store::client(&config.cert_dir);
     if let Some(bootstrap) = &config.bootstrap_kubeconfig {
         bootstrap_if_needed(path, bootstrap, &store, &config.node_name, build).await?;
     }
     let base = kube_config(path).await?;
-    let kubeconfig_error = |reason: String| CertificateError::Kubeconfig { path: path.clone(), reason };
+    let kubeconfig_error = |reason: String| CertificateError::Kubeconfig {
+        path: path.clone(),
+        reason,
+    };
     let client = if !config.rotate_certificates || config.runonce {
         build(base).map_err(kubeconfig_error)?
     } else {
@@ -84,7 +89,14 @@ pub async fn connect(
             Some(current) => {
                 let inner = client_for(&base, &current, build)?;
                 let (tx, rx) = watch::channel(inner);
-                let rotation = ClientRotation { store, base: base.clone(), node_name: config.node_name.clone(), current, tx, build };
+                let rotation = ClientRotation {
+                    store,
+                    base: base.clone(),
+                    node_name: config.node_name.clone(),
+                    current,
+                    tx,
+                    build,
+                };
                 tasks.spawn(rotation.run(shutdown.clone()));
                 kube::Client::new(CurrentClient(rx), base.default_namespace)
             }
@@ -99,20 +111,32 @@ pub async fn connect(
 
 /// The kube::Config of a kubeconfig file.
 async fn kube_config(path: &Path) -> Result<kube::Config, CertificateError> {
-    let fail = |reason: String| CertificateError::Kubeconfig { path: path.to_path_buf(), reason };
+    let fail = |reason: String| CertificateError::Kubeconfig {
+        path: path.to_path_buf(),
+        reason,
+    };
     let kubeconfig = Kubeconfig::read_from(path).map_err(|e| fail(one_line(&e)))?;
-    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(|e| fail(one_line(&e)))
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| fail(one_line(&e)))
 }
 
 /// `base` with the identity replaced by `pair` (its dated file, certificate and key in one).
-fn client_for(base: &kube::Config, pair: &Pair, build: BuildClient) -> Result<kube::Client, CertificateError> {
+fn client_for(
+    base: &kube::Config,
+    pair: &Pair,
+    build: BuildClient,
+) -> Result<kube::Client, CertificateError> {
     let mut config = base.clone();
     let file = pair.path.display().to_string();
     config.auth_info.client_certificate = Some(file.clone());
     config.auth_info.client_key = Some(file);
     config.auth_info.client_certificate_data = None;
     config.auth_info.client_key_data = None;
-    build(config).map_err(|reason| CertificateError::File { path: pair.path.clone(), reason })
+    build(config).map_err(|reason| CertificateError::File {
+        path: pair.path.clone(),
+        reason,
+    })
 }
 
 /// (certificate, private key), PEM.
@@ -123,16 +147,27 @@ fn identity_pem(config: &kube::Config) -> Result<Option<IdentityPem>, String> {
     let auth = &config.auth_info;
     let read = |file: &Option<String>, data: Option<&str>| -> Result<Option<Vec<u8>>, String> {
         if let Some(data) = data {
-            return base64::engine::general_purpose::STANDARD.decode(data.trim()).map(Some).map_err(|e| format!("base64: {e}"));
+            return base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map(Some)
+                .map_err(|e| format!("base64: {e}"));
         }
         match file {
-            Some(file) => std::fs::read(file).map(Some).map_err(|e| format!("{file}: {e}")),
+            Some(file) => std::fs::read(file)
+                .map(Some)
+                .map_err(|e| format!("{file}: {e}")),
             None => Ok(None),
         }
     };
     use secrecy::ExposeSecret;
-    let cert = read(&auth.client_certificate, auth.client_certificate_data.as_deref())?;
-    let key = read(&auth.client_key, auth.client_key_data.as_ref().map(|k| k.expose_secret()))?;
+    let cert = read(
+        &auth.client_certificate,
+        auth.client_certificate_data.as_deref(),
+    )?;
+    let key = read(
+        &auth.client_key,
+        auth.client_key_data.as_ref().map(|k| k.expose_secret()),
+    )?;
     Ok(cert.zip(key))
 }
 
@@ -140,20 +175,31 @@ fn identity_pem(config: &kube::Config) -> Result<Option<IdentityPem>, String> {
 /// certificate (if it has one) is valid now. Token credentials count as usable.
 async fn usable(path: &Path) -> Result<(), String> {
     let config = kube_config(path).await.map_err(|e| e.to_string())?;
-    let Some((cert, _)) = identity_pem(&config)? else { return Ok(()) };
+    let Some((cert, _)) = identity_pem(&config)? else {
+        return Ok(());
+    };
     let leaf = rustls_pki_types::pem::PemObject::pem_slice_iter(&cert)
         .next()
         .and_then(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.ok())
         .and_then(|c| Leaf::from_der(&c).ok())
         .ok_or("its client certificate cannot be read")?;
     if !leaf.valid_at(Timestamp::now()) {
-        return Err(format!("its client certificate is valid from {} to {} only", leaf.not_before, leaf.not_after));
+        return Err(format!(
+            "its client certificate is valid from {} to {} only",
+            leaf.not_before, leaf.not_after
+        ));
     }
     Ok(())
 }
 
 /// TLS bootstrap (see the module doc).
-async fn bootstrap_if_needed(kubeconfig: &Path, bootstrap: &Path, store: &Store, node_name: &str, build: BuildClient) -> Result<(), CertificateError> {
+async fn bootstrap_if_needed(
+    kubeconfig: &Path,
+    bootstrap: &Path,
+    store: &Store,
+    node_name: &str,
+    build: BuildClient,
+) -> Result<(), CertificateError> {
     let why = match usable(kubeconfig).await {
         Ok(()) => {
             info!(kubeconfig = %kubeconfig.display(), "the kubeconfig is usable; no TLS bootstrap needed");
@@ -161,14 +207,26 @@ async fn bootstrap_if_needed(kubeconfig: &Path, bootstrap: &Path, store: &Store,
         }
         Err(why) => why,
     };
-    let bootstrap_kubeconfig = Kubeconfig::read_from(bootstrap).map_err(|e| CertificateError::Kubeconfig { path: bootstrap.into(), reason: one_line(&e) })?;
-    let cluster = current_cluster(&bootstrap_kubeconfig).ok_or_else(|| CertificateError::Kubeconfig { path: bootstrap.into(), reason: "it names no cluster".into() })?;
+    let bootstrap_kubeconfig =
+        Kubeconfig::read_from(bootstrap).map_err(|e| CertificateError::Kubeconfig {
+            path: bootstrap.into(),
+            reason: one_line(&e),
+        })?;
+    let cluster =
+        current_cluster(&bootstrap_kubeconfig).ok_or_else(|| CertificateError::Kubeconfig {
+            path: bootstrap.into(),
+            reason: "it names no cluster".into(),
+        })?;
     if let Some(pair) = store.load_valid() {
         info!(kubeconfig = %kubeconfig.display(), cert = %pair.path.display(), "the kubeconfig is not usable ({why}); writing one for the stored client certificate");
         return write_kubeconfig(kubeconfig, cluster, &store.current_path());
     }
     info!(kubeconfig = %kubeconfig.display(), bootstrap = %bootstrap.display(), "TLS bootstrap: the kubeconfig is not usable ({why}); requesting a client certificate with the bootstrap kubeconfig");
-    let client = build(kube_config(bootstrap).await?).map_err(|reason| CertificateError::Kubeconfig { path: bootstrap.into(), reason })?;
+    let client =
+        build(kube_config(bootstrap).await?).map_err(|reason| CertificateError::Kubeconfig {
+            path: bootstrap.into(),
+            reason,
+        })?;
     let request = csr::Request {
         signer: KUBE_APISERVER_CLIENT_KUBELET,
         usages: CLIENT_USAGES,
@@ -187,16 +245,33 @@ async fn bootstrap_if_needed(kubeconfig: &Path, bootstrap: &Path, store: &Store,
 /// The cluster of the kubeconfig's current context (or its only cluster).
 fn current_cluster(kubeconfig: &Kubeconfig) -> Option<&kube::config::Cluster> {
     let by_context = kubeconfig.current_context.as_ref().and_then(|current| {
-        let context = kubeconfig.contexts.iter().find(|c| &c.name == current)?.context.as_ref()?;
-        kubeconfig.clusters.iter().find(|c| c.name == context.cluster)?.cluster.as_ref()
+        let context = kubeconfig
+            .contexts
+            .iter()
+            .find(|c| &c.name == current)?
+            .context
+            .as_ref()?;
+        kubeconfig
+            .clusters
+            .iter()
+            .find(|c| c.name == context.cluster)?
+            .cluster
+            .as_ref()
     });
     by_context.or_else(|| kubeconfig.clusters.first()?.cluster.as_ref())
 }
 
 /// Writes the node's kubeconfig, as the kubelet does after bootstrap: the bootstrap cluster,
 /// and `cert` as certificate and key (the current-symlink, so rotations need no rewrite).
-fn write_kubeconfig(path: &Path, cluster: &kube::config::Cluster, cert: &Path) -> Result<(), CertificateError> {
-    let cluster = serde_json::to_value(cluster).map_err(|e| CertificateError::Kubeconfig { path: path.into(), reason: e.to_string() })?;
+fn write_kubeconfig(
+    path: &Path,
+    cluster: &kube::config::Cluster,
+    cert: &Path,
+) -> Result<(), CertificateError> {
+    let cluster = serde_json::to_value(cluster).map_err(|e| CertificateError::Kubeconfig {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     let cert = cert.display().to_string();
     let kubeconfig = serde_json::json!({
         "apiVersion": "v1",
@@ -206,17 +281,32 @@ fn write_kubeconfig(path: &Path, cluster: &kube::config::Cluster, cert: &Path) -
         "contexts": [{"name": "default-context", "context": {"cluster": "default-cluster", "user": "default-auth"}}],
         "current-context": "default-context",
     });
-    let text = serde_yaml::to_string(&kubeconfig).map_err(|e| CertificateError::Kubeconfig { path: path.into(), reason: e.to_string() })?;
+    let text = serde_yaml::to_string(&kubeconfig).map_err(|e| CertificateError::Kubeconfig {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| CertificateError::File { path: dir.into(), reason: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|e| CertificateError::File {
+            path: dir.into(),
+            reason: e.to_string(),
+        })?;
     }
     super::write_private(path, text.as_bytes())
 }
 
 /// Copies the kubeconfig's client certificate into the store; `None` when it has none.
-fn import(base: &kube::Config, store: &Store, kubeconfig: &Path) -> Result<Option<Pair>, CertificateError> {
-    let fail = |reason: String| CertificateError::Kubeconfig { path: kubeconfig.into(), reason };
-    let Some((cert, key)) = identity_pem(base).map_err(fail)? else { return Ok(None) };
+fn import(
+    base: &kube::Config,
+    store: &Store,
+    kubeconfig: &Path,
+) -> Result<Option<Pair>, CertificateError> {
+    let fail = |reason: String| CertificateError::Kubeconfig {
+        path: kubeconfig.into(),
+        reason,
+    };
+    let Some((cert, key)) = identity_pem(base).map_err(fail)? else {
+        return Ok(None);
+    };
     store.save(&cert, &key).map(Some)
 }
 
@@ -314,7 +404,10 @@ mod tests {
 
     #[test]
     fn the_written_kubeconfig_reads_back_with_the_bootstrap_cluster() {
-        let dir = std::env::temp_dir().join(format!("wasm-kubelet-kubeconfig-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "wasm-kubelet-kubeconfig-test-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let bootstrap = dir.join("bootstrap.kubeconfig");
@@ -332,11 +425,17 @@ mod tests {
         assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:6443"));
         assert_eq!(cluster.certificate_authority.as_deref(), Some("/ca.crt"));
         let user = written.auth_infos[0].auth_info.as_ref().unwrap();
-        let cert = dir.join("pki/kubelet-client-current.pem").display().to_string();
+        let cert = dir
+            .join("pki/kubelet-client-current.pem")
+            .display()
+            .to_string();
         assert_eq!(user.client_certificate.as_deref(), Some(cert.as_str()));
         assert_eq!(user.client_key.as_deref(), Some(cert.as_str()));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -48,10 +48,18 @@ pub enum CertificateError {
     Api(String),
     /// The CSR was denied or failed. Not retryable with the same request.
     #[error("certificate signing request {name} was {verdict}: {reason}")]
-    Refused { name: String, verdict: &'static str, reason: String },
+    Refused {
+        name: String,
+        verdict: &'static str,
+        reason: String,
+    },
     /// Nobody approved or signed the CSR in time. Retryable with a new request.
     #[error("certificate signing request {name} was not issued within {waited:?}{hint}")]
-    TimedOut { name: String, waited: Duration, hint: String },
+    TimedOut {
+        name: String,
+        waited: Duration,
+        hint: String,
+    },
 }
 
 /// What a certificate says about its lifetime and identity.
@@ -67,7 +75,11 @@ impl Leaf {
     /// Reads the serial and validity out of a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Leaf, crate::x509::X509Error> {
         let fields = crate::x509::read(der)?;
-        Ok(Leaf { serial: fields.serial, not_before: fields.not_before, not_after: fields.not_after })
+        Ok(Leaf {
+            serial: fields.serial,
+            not_before: fields.not_before,
+            not_after: fields.not_after,
+        })
     }
 
     /// Whether the certificate is valid at `now`.
@@ -82,7 +94,8 @@ impl Leaf {
         let lifetime = self.not_after.as_millisecond() - self.not_before.as_millisecond();
         let fraction = 0.7 + 0.2 * random_fraction.clamp(0.0, 1.0);
         let offset = (lifetime as f64 * fraction).round() as i64;
-        Timestamp::from_millisecond(self.not_before.as_millisecond() + offset).unwrap_or(self.not_after)
+        Timestamp::from_millisecond(self.not_before.as_millisecond() + offset)
+            .unwrap_or(self.not_after)
     }
 }
 
@@ -117,11 +130,29 @@ impl Pair {
         let what = || path.display().to_string();
         let chain = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CertificateError::Parse { what: what(), reason: e.to_string() })?;
-        let first = chain.first().ok_or_else(|| CertificateError::Parse { what: what(), reason: "no PEM certificate in it".into() })?;
-        let leaf = Leaf::from_der(first).map_err(|e| CertificateError::Parse { what: what(), reason: e.to_string() })?;
-        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| CertificateError::Parse { what: what(), reason: format!("private key: {e}") })?;
-        Ok(Pair { path, pem, chain, key, leaf })
+            .map_err(|e| CertificateError::Parse {
+                what: what(),
+                reason: e.to_string(),
+            })?;
+        let first = chain.first().ok_or_else(|| CertificateError::Parse {
+            what: what(),
+            reason: "no PEM certificate in it".into(),
+        })?;
+        let leaf = Leaf::from_der(first).map_err(|e| CertificateError::Parse {
+            what: what(),
+            reason: e.to_string(),
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| CertificateError::Parse {
+            what: what(),
+            reason: format!("private key: {e}"),
+        })?;
+        Ok(Pair {
+            path,
+            pem,
+            chain,
+            key,
+            leaf,
+        })
     }
 }
 
@@ -136,12 +167,18 @@ pub struct Store {
 impl Store {
     /// The client certificate store (`kubelet-client-*.pem`).
     pub fn client(cert_dir: &Path) -> Store {
-        Store { dir: cert_dir.to_path_buf(), prefix: "kubelet-client" }
+        Store {
+            dir: cert_dir.to_path_buf(),
+            prefix: "kubelet-client",
+        }
     }
 
     /// The serving certificate store (`kubelet-server-*.pem`).
     pub fn server(cert_dir: &Path) -> Store {
-        Store { dir: cert_dir.to_path_buf(), prefix: "kubelet-server" }
+        Store {
+            dir: cert_dir.to_path_buf(),
+            prefix: "kubelet-server",
+        }
     }
 
     /// `<cert-dir>/<prefix>-current.pem`, the path a kubeconfig names.
@@ -155,9 +192,17 @@ impl Store {
         let target = match std::fs::canonicalize(&link) {
             Ok(target) => target,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(CertificateError::File { path: link, reason: e.to_string() }),
+            Err(e) => {
+                return Err(CertificateError::File {
+                    path: link,
+                    reason: e.to_string(),
+                })
+            }
         };
-        let pem = std::fs::read(&target).map_err(|e| CertificateError::File { path: target.clone(), reason: e.to_string() })?;
+        let pem = std::fs::read(&target).map_err(|e| CertificateError::File {
+            path: target.clone(),
+            reason: e.to_string(),
+        })?;
         Pair::parse(target, pem).map(Some)
     }
 
@@ -180,7 +225,10 @@ impl Store {
     /// Writes a new pair as `<prefix>-<time>.pem` (mode 0600) and points the `-current`
     /// symlink at it atomically (a new link renamed over the old).
     pub fn save(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<Pair, CertificateError> {
-        let file_err = |path: &Path, e: std::io::Error| CertificateError::File { path: path.to_path_buf(), reason: e.to_string() };
+        let file_err = |path: &Path, e: std::io::Error| CertificateError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
         std::fs::create_dir_all(&self.dir).map_err(|e| file_err(&self.dir, e))?;
         let mut pem = cert_pem.to_vec();
         if !pem.ends_with(b"\n") {
@@ -195,7 +243,8 @@ impl Store {
         let link = self.current_path();
         let tmp = self.dir.join(format!(".{}-current.pem.tmp", self.prefix));
         let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(path.file_name().unwrap_or(path.as_os_str()), &tmp).map_err(|e| file_err(&tmp, e))?;
+        std::os::unix::fs::symlink(path.file_name().unwrap_or(path.as_os_str()), &tmp)
+            .map_err(|e| file_err(&tmp, e))?;
         std::fs::rename(&tmp, &link).map_err(|e| file_err(&link, e))?;
         Ok(pair)
     }
@@ -205,12 +254,23 @@ impl Store {
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CertificateError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let err = |p: &Path, e: std::io::Error| CertificateError::File { path: p.to_path_buf(), reason: e.to_string() };
+    let err = |p: &Path, e: std::io::Error| CertificateError::File {
+        path: p.to_path_buf(),
+        reason: e.to_string(),
+    };
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(|e| err(&tmp, e))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| err(&tmp, e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| err(&tmp, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| err(path, e))
 }
 
@@ -233,39 +293,80 @@ mod tests {
         let (cert, key) = signed((2026, 1, 2), (2051, 3, 4));
         let pair = Pair::parse("x.pem".into(), format!("{cert}{key}").into_bytes()).unwrap();
         assert_eq!(pair.leaf.serial, "01abcd");
-        assert_eq!(pair.leaf.not_before, "2026-01-02T00:00:00Z".parse::<Timestamp>().unwrap());
-        assert_eq!(pair.leaf.not_after, "2051-03-04T00:00:00Z".parse::<Timestamp>().unwrap());
+        assert_eq!(
+            pair.leaf.not_before,
+            "2026-01-02T00:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert_eq!(
+            pair.leaf.not_after,
+            "2051-03-04T00:00:00Z".parse::<Timestamp>().unwrap()
+        );
         assert!(pair.leaf.valid_at("2030-01-01T00:00:00Z".parse().unwrap()));
         assert!(!pair.leaf.valid_at("2052-01-01T00:00:00Z".parse().unwrap()));
     }
 
     #[test]
     fn rotation_deadline_is_between_70_and_90_percent_of_the_lifetime() {
-        let leaf = Leaf { serial: "1".into(), not_before: "2026-01-01T00:00:00Z".parse().unwrap(), not_after: "2026-01-01T00:10:00Z".parse().unwrap() };
-        assert_eq!(leaf.rotation_deadline(0.0), "2026-01-01T00:07:00Z".parse::<Timestamp>().unwrap());
-        assert_eq!(leaf.rotation_deadline(1.0), "2026-01-01T00:09:00Z".parse::<Timestamp>().unwrap());
-        assert_eq!(leaf.rotation_deadline(0.5), "2026-01-01T00:08:00Z".parse::<Timestamp>().unwrap());
+        let leaf = Leaf {
+            serial: "1".into(),
+            not_before: "2026-01-01T00:00:00Z".parse().unwrap(),
+            not_after: "2026-01-01T00:10:00Z".parse().unwrap(),
+        };
+        assert_eq!(
+            leaf.rotation_deadline(0.0),
+            "2026-01-01T00:07:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert_eq!(
+            leaf.rotation_deadline(1.0),
+            "2026-01-01T00:09:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert_eq!(
+            leaf.rotation_deadline(0.5),
+            "2026-01-01T00:08:00Z".parse::<Timestamp>().unwrap()
+        );
         let r = random_fraction();
         assert!((0.0..1.0).contains(&r), "{r}");
     }
 
     #[test]
     fn store_writes_dated_files_and_moves_the_current_link() {
-        let dir = std::env::temp_dir().join(format!("wasm-kubelet-store-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("wasm-kubelet-store-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::client(&dir);
         assert!(store.load().unwrap().is_none());
         let (cert, key) = signed((2026, 1, 2), (2027, 1, 2));
         let first = store.save(cert.as_bytes(), key.as_bytes()).unwrap();
-        let name = first.path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with("kubelet-client-20") && name.ends_with(".pem"), "{name}");
-        assert_eq!(std::fs::read_link(store.current_path()).unwrap(), Path::new(&name));
+        let name = first
+            .path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with("kubelet-client-20") && name.ends_with(".pem"),
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::read_link(store.current_path()).unwrap(),
+            Path::new(&name)
+        );
         let loaded = store.load().unwrap().unwrap();
         assert_eq!(loaded.leaf, first.leaf);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&first.path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(store.save(b"not a certificate", key.as_bytes()).is_err(), "garbage is refused before it is stored");
-        assert_eq!(store.load().unwrap().unwrap().leaf, first.leaf, "the current link still names the good pair");
+        assert_eq!(
+            std::fs::metadata(&first.path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            store.save(b"not a certificate", key.as_bytes()).is_err(),
+            "garbage is refused before it is stored"
+        );
+        assert_eq!(
+            store.load().unwrap().unwrap().leaf,
+            first.leaf,
+            "the current link still names the good pair"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

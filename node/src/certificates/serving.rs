@@ -33,9 +33,16 @@ pub struct ServingRotation {
 impl ServingRotation {
     pub fn new(client: kube::Client, config: &Config) -> Self {
         let mut subject_alt_names = vec![config.node_name.clone()];
-        let ip = config.node_ip.or_else(|| crate::node_status::resolve_node_ip(&config.node_name));
+        let ip = config
+            .node_ip
+            .or_else(|| crate::node_status::resolve_node_ip(&config.node_name));
         subject_alt_names.extend(ip.map(|ip| ip.to_string()));
-        Self { client, store: Store::server(&config.cert_dir), node_name: config.node_name.clone(), subject_alt_names }
+        Self {
+            client,
+            store: Store::server(&config.cert_dir),
+            node_name: config.node_name.clone(),
+            subject_alt_names,
+        }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -61,7 +68,8 @@ impl ServingRotation {
                 _ = shutdown.cancelled() => return,
                 result = csr::request(self.client.clone(), &request) => result,
             };
-            let saved = result.and_then(|(cert, key)| self.store.save(cert.as_bytes(), key.as_bytes()));
+            let saved =
+                result.and_then(|(cert, key)| self.store.save(cert.as_bytes(), key.as_bytes()));
             match saved {
                 Ok(pair) => {
                     retry = RETRY_FIRST;

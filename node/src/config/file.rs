@@ -63,9 +63,15 @@ pub(super) struct KubeletConfiguration {
     pub eviction_max_pod_grace_period: i64,
     #[serde(rename = "imageMinimumGCAge", deserialize_with = "de::duration")]
     pub image_minimum_gc_age: Duration,
-    #[serde(rename = "imageGCHighThresholdPercent", deserialize_with = "de::percent")]
+    #[serde(
+        rename = "imageGCHighThresholdPercent",
+        deserialize_with = "de::percent"
+    )]
     pub image_gc_high_threshold_percent: u8,
-    #[serde(rename = "imageGCLowThresholdPercent", deserialize_with = "de::percent")]
+    #[serde(
+        rename = "imageGCLowThresholdPercent",
+        deserialize_with = "de::percent"
+    )]
     pub image_gc_low_threshold_percent: u8,
     #[serde(deserialize_with = "de::duration")]
     pub image_pull_progress_deadline: Duration,
@@ -133,7 +139,9 @@ pub(super) struct Anonymous {
 
 impl Default for Anonymous {
     fn default() -> Self {
-        Self { enabled: DEFAULT_ANONYMOUS_AUTH }
+        Self {
+            enabled: DEFAULT_ANONYMOUS_AUTH,
+        }
     }
 }
 
@@ -192,7 +200,8 @@ impl Default for KubeletConfiguration {
             authorization: Authorization::default(),
             insecure_registries: Vec::new(),
             max_module_size: provider_wasmtime::image::DEFAULT_MAX_MODULE_SIZE,
-            max_layer_uncompressed_size: provider_wasmtime::image::DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
+            max_layer_uncompressed_size:
+                provider_wasmtime::image::DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
             pod_egress_deny_cidrs: Vec::new(),
             pod_egress_allow_cidrs: Vec::new(),
         }
@@ -204,10 +213,15 @@ impl Default for KubeletConfiguration {
 fn default_eviction_hard() -> Thresholds {
     use EvictionSignal::*;
     use ThresholdValue::*;
-    [(MemoryAvailable, Quantity(100 << 20)), (NodefsAvailable, Percent(10.0)), (NodefsInodesFree, Percent(5.0)), (ImagefsAvailable, Percent(15.0))]
-        .into_iter()
-        .map(|(signal, limit)| EvictionThreshold { signal, limit })
-        .collect()
+    [
+        (MemoryAvailable, Quantity(100 << 20)),
+        (NodefsAvailable, Percent(10.0)),
+        (NodefsInodesFree, Percent(5.0)),
+        (ImagefsAvailable, Percent(15.0)),
+    ]
+    .into_iter()
+    .map(|(signal, limit)| EvictionThreshold { signal, limit })
+    .collect()
 }
 
 /// The flag of each key whose value can be refused, named with it in the error.
@@ -218,7 +232,10 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
     ("fileCheckFrequency", "--file-check-frequency"),
     ("httpCheckFrequency", "--http-check-frequency"),
     ("syncFrequency", "--sync-frequency"),
-    ("nodeStatusUpdateFrequency", "--node-status-update-frequency"),
+    (
+        "nodeStatusUpdateFrequency",
+        "--node-status-update-frequency",
+    ),
     ("enableServer", "--enable-server"),
     ("port", "--port"),
     ("healthzPort", "--healthz-port"),
@@ -229,13 +246,25 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
     ("evictionSoft", "--eviction-soft"),
     ("evictionSoftGracePeriod", "--eviction-soft-grace-period"),
     ("evictionMinimumReclaim", "--eviction-minimum-reclaim"),
-    ("evictionPressureTransitionPeriod", "--eviction-pressure-transition-period"),
-    ("evictionMaxPodGracePeriod", "--eviction-max-pod-grace-period"),
+    (
+        "evictionPressureTransitionPeriod",
+        "--eviction-pressure-transition-period",
+    ),
+    (
+        "evictionMaxPodGracePeriod",
+        "--eviction-max-pod-grace-period",
+    ),
     ("imageMinimumGCAge", "--minimum-image-ttl-duration"),
     ("imageGCHighThresholdPercent", "--image-gc-high-threshold"),
     ("imageGCLowThresholdPercent", "--image-gc-low-threshold"),
-    ("imagePullProgressDeadline", "--image-pull-progress-deadline"),
-    ("streamingConnectionIdleTimeout", "--streaming-connection-idle-timeout"),
+    (
+        "imagePullProgressDeadline",
+        "--image-pull-progress-deadline",
+    ),
+    (
+        "streamingConnectionIdleTimeout",
+        "--streaming-connection-idle-timeout",
+    ),
     ("housekeepingInterval", "--housekeeping-interval"),
     ("registerNode", "--register-node"),
     ("registerWithTaints", "--register-with-taints"),
@@ -247,7 +276,10 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
     ("rotateCertificates", "--rotate-certificates"),
     ("serverTLSBootstrap", "--rotate-server-certificates"),
     ("authentication.x509.clientCAFile", "--client-ca-file"),
-    ("authentication.webhook.enabled", "--authentication-token-webhook"),
+    (
+        "authentication.webhook.enabled",
+        "--authentication-token-webhook",
+    ),
     ("authentication.anonymous.enabled", "--anonymous-auth"),
     ("authorization.mode", "--authorization-mode"),
     ("insecureRegistries", "--insecure-registries"),
@@ -260,7 +292,10 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
 /// The flag of the key at `path` (`registerWithTaints[0].effect` is registerWithTaints').
 fn flag_of(path: &str) -> Option<&'static str> {
     let top = path.split(['[', '.']).next().unwrap_or(path);
-    KEY_FLAGS.iter().find(|(key, _)| *key == path || *key == top).map(|(_, flag)| *flag)
+    KEY_FLAGS
+        .iter()
+        .find(|(key, _)| *key == path || *key == top)
+        .map(|(_, flag)| *flag)
 }
 
 /// The text with every `key: null` left out: the kubelet decodes its file with Go's
@@ -274,9 +309,12 @@ fn without_nulls(text: &str) -> Result<std::borrow::Cow<'_, str>, serde_yaml::Er
                 let before = m.len();
                 m.retain(|_, v| !v.is_null());
                 let dropped = m.len() != before;
-                m.values_mut().fold(dropped, |dropped, v| drop_nulls(v) | dropped)
+                m.values_mut()
+                    .fold(dropped, |dropped, v| drop_nulls(v) | dropped)
             }
-            serde_yaml::Value::Sequence(items) => items.iter_mut().fold(false, |dropped, v| drop_nulls(v) | dropped),
+            serde_yaml::Value::Sequence(items) => items
+                .iter_mut()
+                .fold(false, |dropped, v| drop_nulls(v) | dropped),
             _ => false,
         }
     }
@@ -289,25 +327,41 @@ fn without_nulls(text: &str) -> Result<std::borrow::Cow<'_, str>, serde_yaml::Er
 
 /// `a.b[0].c`, `a.b[0]`, `a.b`, `a`: the key and the keys it is under.
 fn key_prefixes(key: &str) -> impl Iterator<Item = &str> {
-    std::iter::once(key).chain(key.char_indices().rev().filter(|(_, c)| matches!(c, '.' | '[')).map(|(i, _)| &key[..i]))
+    std::iter::once(key).chain(
+        key.char_indices()
+            .rev()
+            .filter(|(_, c)| matches!(c, '.' | '['))
+            .map(|(i, _)| &key[..i]),
+    )
 }
 
 /// Reads and checks the file: one line naming the file (and the key, and its flag) if not.
 pub(super) fn read(path: &Path) -> Result<KubeletConfiguration, ConfigError> {
-    let fail = |reason: String| ConfigError::ConfigFile { path: path.into(), reason };
+    let fail = |reason: String| ConfigError::ConfigFile {
+        path: path.into(),
+        reason,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     let text = without_nulls(&text).map_err(|e| fail(e.to_string().replace('\n', " ")))?;
-    let file: KubeletConfiguration = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text)).map_err(|e| {
+    let file: KubeletConfiguration = serde_path_to_error::deserialize(
+        serde_yaml::Deserializer::from_str(&text),
+    )
+    .map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
         let mut message = inner.to_string().replace('\n', " ");
         if key != "." {
             // serde_yaml may name the key (or the map it is in) and the line itself; here the
             // key is named once, in full, with its flag.
-            if let Some(rest) = key_prefixes(&key).find_map(|prefix| message.strip_prefix(&format!("{prefix}: "))) {
+            if let Some(rest) =
+                key_prefixes(&key).find_map(|prefix| message.strip_prefix(&format!("{prefix}: ")))
+            {
                 message = rest.to_string();
             }
-            if let Some(at) = inner.location().map(|l| format!(" at line {} column {}", l.line(), l.column())) {
+            if let Some(at) = inner
+                .location()
+                .map(|l| format!(" at line {} column {}", l.line(), l.column()))
+            {
                 message = message.strip_suffix(&at).unwrap_or(&message).to_string();
             }
         }
@@ -324,7 +378,9 @@ pub(super) fn read(path: &Path) -> Result<KubeletConfiguration, ConfigError> {
     }
     if let Some(api_version) = &file.api_version {
         if api_version != "kubelet.config.k8s.io/v1beta1" {
-            return Err(fail(format!("apiVersion is {api_version:?}, want kubelet.config.k8s.io/v1beta1")));
+            return Err(fail(format!(
+                "apiVersion is {api_version:?}, want kubelet.config.k8s.io/v1beta1"
+            )));
         }
     }
     Ok(file)
@@ -334,14 +390,27 @@ pub(super) fn read(path: &Path) -> Result<KubeletConfiguration, ConfigError> {
 mod de {
     use super::*;
 
-    fn via<'de, D: Deserializer<'de>, T>(d: D, parse: fn(&str) -> Result<T, Bad>) -> Result<T, D::Error> {
+    fn via<'de, D: Deserializer<'de>, T>(
+        d: D,
+        parse: fn(&str) -> Result<T, Bad>,
+    ) -> Result<T, D::Error> {
         parse(&String::deserialize(d)?).map_err(D::Error::custom)
     }
 
     /// A map `key: value` read as the flag's `key<sep>value,...`.
-    fn map_via<'de, D: Deserializer<'de>, T>(d: D, sep: char, parse: fn(&str) -> Result<T, Bad>) -> Result<T, D::Error> {
+    fn map_via<'de, D: Deserializer<'de>, T>(
+        d: D,
+        sep: char,
+        parse: fn(&str) -> Result<T, Bad>,
+    ) -> Result<T, D::Error> {
         let map = BTreeMap::<String, String>::deserialize(d)?;
-        parse(&map.iter().map(|(k, v)| format!("{k}{sep}{v}")).collect::<Vec<_>>().join(",")).map_err(D::Error::custom)
+        parse(
+            &map.iter()
+                .map(|(k, v)| format!("{k}{sep}{v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .map_err(D::Error::custom)
     }
 
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -373,17 +442,28 @@ mod de {
     }
 
     pub fn manifest_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|u| values::manifest_url(&u)).transpose().map_err(D::Error::custom)
+        Option::<String>::deserialize(d)?
+            .map(|u| values::manifest_url(&u))
+            .transpose()
+            .map_err(D::Error::custom)
     }
 
-    pub fn authorization_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AuthorizationMode>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|m| values::authorization_mode(&m)).transpose().map_err(D::Error::custom)
+    pub fn authorization_mode<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<AuthorizationMode>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|m| values::authorization_mode(&m))
+            .transpose()
+            .map_err(D::Error::custom)
     }
 
     /// `{Key: [value, ...]}`: one header per value.
     pub fn headers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
         let map = BTreeMap::<String, Vec<String>>::deserialize(d)?;
-        Ok(map.into_iter().flat_map(|(k, values)| values.into_iter().map(move |v| (k.clone(), v))).collect())
+        Ok(map
+            .into_iter()
+            .flat_map(|(k, values)| values.into_iter().map(move |v| (k.clone(), v)))
+            .collect())
     }
 
     pub fn reserved<'de, D: Deserializer<'de>>(d: D) -> Result<Reserved, D::Error> {
@@ -394,21 +474,33 @@ mod de {
         map_via(d, '<', values::thresholds)
     }
 
-    pub fn grace_periods<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<EvictionSignal, Duration>, D::Error> {
+    pub fn grace_periods<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<EvictionSignal, Duration>, D::Error> {
         map_via(d, '=', values::grace_periods)
     }
 
-    pub fn reclaims<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<EvictionSignal, ThresholdValue>, D::Error> {
+    pub fn reclaims<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<EvictionSignal, ThresholdValue>, D::Error> {
         map_via(d, '=', values::reclaims)
     }
 
     pub fn taints<'de, D: Deserializer<'de>>(d: D) -> Result<Taints, D::Error> {
-        Vec::<TaintSpec>::deserialize(d)?.into_iter().map(values::taint).collect::<Result<_, _>>().map_err(D::Error::custom)
+        Vec::<TaintSpec>::deserialize(d)?
+            .into_iter()
+            .map(values::taint)
+            .collect::<Result<_, _>>()
+            .map_err(D::Error::custom)
     }
 
     /// A list of `host[:port]`; unlike the flag's, an empty entry is refused.
     pub fn registries<'de, D: Deserializer<'de>>(d: D) -> Result<Names, D::Error> {
-        Vec::<String>::deserialize(d)?.iter().map(|r| values::registry(r.trim())).collect::<Result<_, _>>().map_err(D::Error::custom)
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|r| values::registry(r.trim()))
+            .collect::<Result<_, _>>()
+            .map_err(D::Error::custom)
     }
 
     pub fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Cidrs, D::Error> {

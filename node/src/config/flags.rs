@@ -8,12 +8,18 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::values::{self, Bad, Cidrs, Names, Taints, Thresholds};
-use super::{AuthorizationMode, ConfigError, EvictionSignal, Reserved, ThresholdValue, WasmRuntimeMode};
+use super::{
+    AuthorizationMode, ConfigError, EvictionSignal, Reserved, ThresholdValue, WasmRuntimeMode,
+};
 
 /// The command line, each value parsed to its type by clap with the function its file key
 /// uses too (values.rs). Every field is optional, so a flag given beats the file and the default.
 #[derive(Debug, Default, Parser)]
-#[command(name = "wasm-kubelet", version, about = "A kubelet for WebAssembly workloads.")]
+#[command(
+    name = "wasm-kubelet",
+    version,
+    about = "A kubelet for WebAssembly workloads."
+)]
 pub struct Flags {
     /// kubeconfig with the node's credentials; without it the agent runs standalone.
     #[arg(long, value_name = "PATH")]
@@ -249,18 +255,31 @@ impl Flags {
     {
         Self::try_parse_from(args).map_err(|e| {
             use clap::error::{ContextKind, ContextValue, ErrorKind};
-            if let (Some(bad), Some(ContextValue::String(arg))) =
-                (std::error::Error::source(&e).and_then(|s| s.downcast_ref::<Bad>()), e.get(ContextKind::InvalidArg))
-            {
+            if let (Some(bad), Some(ContextValue::String(arg))) = (
+                std::error::Error::source(&e).and_then(|s| s.downcast_ref::<Bad>()),
+                e.get(ContextKind::InvalidArg),
+            ) {
                 // `arg` is `--flag <VALUE_NAME>`.
                 let flag = arg.split(' ').next().unwrap_or(arg).to_string();
-                return ConfigError::InvalidValue { flag, value: bad.value.clone(), reason: bad.reason.clone() };
+                return ConfigError::InvalidValue {
+                    flag,
+                    value: bad.value.clone(),
+                    reason: bad.reason.clone(),
+                };
             }
             let text = e.render().to_string();
             match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ConfigError::HelpRequested(text),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    ConfigError::HelpRequested(text)
+                }
                 // clap renders usage help after the error; the user gets the first line only.
-                _ => ConfigError::Usage(text.lines().next().unwrap_or("bad command line").trim_start_matches("error: ").to_string()),
+                _ => ConfigError::Usage(
+                    text.lines()
+                        .next()
+                        .unwrap_or("bad command line")
+                        .trim_start_matches("error: ")
+                        .to_string(),
+                ),
             }
         })
     }

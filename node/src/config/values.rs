@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::{EvictionSignal, EvictionThreshold, Reserved, TaintSpec, ThresholdValue, WasmRuntimeMode, AuthorizationMode};
+use super::{
+    AuthorizationMode, EvictionSignal, EvictionThreshold, Reserved, TaintSpec, ThresholdValue,
+    WasmRuntimeMode,
+};
 
 /// A value not of its form: the value (or the one item of a list) at fault, and why.
 /// Flags report it as `invalid value "<value>" for --flag: <reason>`.
@@ -19,7 +22,10 @@ pub struct Bad {
 }
 
 fn bad(value: impl std::fmt::Display, reason: impl Into<String>) -> Bad {
-    Bad { value: value.to_string(), reason: reason.into() }
+    Bad {
+        value: value.to_string(),
+        reason: reason.into(),
+    }
 }
 
 // Names for the list-valued settings: clap's derive reads an `Option<Vec<T>>` field as a
@@ -45,13 +51,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
             return Err("want a duration such as 10s, 1m30s or 500ms".into());
         }
-        let number: f64 = rest[..num_len].parse().map_err(|_| "bad number in duration".to_string())?;
+        let number: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| "bad number in duration".to_string())?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -93,7 +105,8 @@ pub fn count(s: &str) -> Result<i32, Bad> {
 
 /// `--eviction-max-pod-grace-period`.
 pub fn seconds(s: &str) -> Result<i64, Bad> {
-    s.parse().map_err(|_| bad(s, "not a whole number of seconds"))
+    s.parse()
+        .map_err(|_| bad(s, "not a whole number of seconds"))
 }
 
 /// `--image-gc-*-threshold`.
@@ -102,7 +115,10 @@ pub fn percent(s: &str) -> Result<u8, Bad> {
 }
 
 pub fn percent_number(v: u32) -> Result<u8, Bad> {
-    u8::try_from(v).ok().filter(|p| *p <= 100).ok_or_else(|| bad(v, "must be between 0 and 100"))
+    u8::try_from(v)
+        .ok()
+        .filter(|p| *p <= 100)
+        .ok_or_else(|| bad(v, "must be between 0 and 100"))
 }
 
 /// `--port`: 1 to 65535.
@@ -111,7 +127,10 @@ pub fn port(s: &str) -> Result<u16, Bad> {
 }
 
 pub fn port_number(v: u32) -> Result<u16, Bad> {
-    u16::try_from(v).ok().filter(|p| *p > 0).ok_or_else(|| bad(v, "must be between 1 and 65535"))
+    u16::try_from(v)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad(v, "must be between 1 and 65535"))
 }
 
 /// `--healthz-port`: 0 turns it off.
@@ -163,7 +182,11 @@ pub fn manifest_url(s: &str) -> Result<String, Bad> {
 /// One `--manifest-url-header`, `Key:Value`.
 pub fn header(s: &str) -> Result<(String, String), Bad> {
     match s.split_once(':') {
-        Some((k, v)) if !k.trim().is_empty() && !k.contains(char::is_whitespace) && !v.contains(['\r', '\n']) => {
+        Some((k, v))
+            if !k.trim().is_empty()
+                && !k.contains(char::is_whitespace)
+                && !v.contains(['\r', '\n']) =>
+        {
             Ok((k.trim().to_string(), v.trim().to_string()))
         }
         _ => Err(bad(s, "want Key:Value")),
@@ -209,7 +232,9 @@ pub fn cidrs(list: &str) -> Result<Cidrs, Bad> {
 pub fn labels(v: &str) -> Result<BTreeMap<String, String>, Bad> {
     let mut labels = BTreeMap::new();
     for pair in items(v) {
-        let (key, value) = pair.split_once('=').ok_or_else(|| bad(pair, "want key=value"))?;
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(pair, "want key=value"))?;
         if !super::is_qualified_name(key) {
             return Err(bad(pair, format!("{key:?} is not a valid label key")));
         }
@@ -225,20 +250,37 @@ pub fn labels(v: &str) -> Result<BTreeMap<String, String>, Bad> {
 pub fn taints(v: &str) -> Result<Taints, Bad> {
     let mut taints = Vec::new();
     for item in items(v) {
-        let (kv, effect) = item.rsplit_once(':').ok_or_else(|| bad(item, "want key=value:Effect"))?;
+        let (kv, effect) = item
+            .rsplit_once(':')
+            .ok_or_else(|| bad(item, "want key=value:Effect"))?;
         let (key, value) = match kv.split_once('=') {
             Some((k, v)) => (k.to_string(), Some(v.to_string())),
             None => (kv.to_string(), None),
         };
-        taints.push(taint(TaintSpec { key, value, effect: effect.to_string() })?);
+        taints.push(taint(TaintSpec {
+            key,
+            value,
+            effect: effect.to_string(),
+        })?);
     }
     Ok(taints)
 }
 
 pub fn taint(t: TaintSpec) -> Result<TaintSpec, Bad> {
-    let shown = format!("{}={}:{}", t.key, t.value.as_deref().unwrap_or(""), t.effect);
-    if !matches!(t.effect.as_str(), "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
-        return Err(bad(shown, "the effect must be NoSchedule, PreferNoSchedule or NoExecute"));
+    let shown = format!(
+        "{}={}:{}",
+        t.key,
+        t.value.as_deref().unwrap_or(""),
+        t.effect
+    );
+    if !matches!(
+        t.effect.as_str(),
+        "NoSchedule" | "PreferNoSchedule" | "NoExecute"
+    ) {
+        return Err(bad(
+            shown,
+            "the effect must be NoSchedule, PreferNoSchedule or NoExecute",
+        ));
     }
     if !super::is_qualified_name(&t.key) {
         return Err(bad(shown, format!("{:?} is not a valid taint key", t.key)));
@@ -255,15 +297,27 @@ pub fn taint(t: TaintSpec) -> Result<TaintSpec, Bad> {
 pub fn reserved(v: &str) -> Result<Reserved, Bad> {
     let mut r = Reserved::default();
     for item in items(v) {
-        let (name, value) = item.split_once('=').ok_or_else(|| bad(item, "expected resource=quantity"))?;
-        let quantity = |q: &str| crate::quantity::bytes(q.trim()).map_err(|reason| bad(item, reason.to_string()));
+        let (name, value) = item
+            .split_once('=')
+            .ok_or_else(|| bad(item, "expected resource=quantity"))?;
+        let quantity = |q: &str| {
+            crate::quantity::bytes(q.trim()).map_err(|reason| bad(item, reason.to_string()))
+        };
         match name.trim() {
             // Millicores: `100m`, or cores (`0.5`), rounded up as the kubelet reads them.
-            "cpu" => r.milli_cpu = crate::quantity::milli_cpu(value.trim()).map_err(|reason| bad(item, reason.to_string()))?,
+            "cpu" => {
+                r.milli_cpu = crate::quantity::milli_cpu(value.trim())
+                    .map_err(|reason| bad(item, reason.to_string()))?
+            }
             "memory" => r.memory = quantity(value)?,
             "ephemeral-storage" => r.ephemeral_storage = quantity(value)?,
             "pid" => r.pid = quantity(value)?,
-            other => return Err(bad(item, format!("unknown resource {other:?} (cpu, memory, ephemeral-storage, pid)"))),
+            other => {
+                return Err(bad(
+                    item,
+                    format!("unknown resource {other:?} (cpu, memory, ephemeral-storage, pid)"),
+                ))
+            }
         }
     }
     Ok(r)
@@ -273,7 +327,9 @@ pub fn reserved(v: &str) -> Result<Reserved, Bad> {
 pub fn thresholds(v: &str) -> Result<Thresholds, Bad> {
     let mut thresholds = Vec::new();
     for item in items(v) {
-        let (signal, limit) = item.split_once('<').ok_or_else(|| bad(item, "want signal<value, e.g. memory.available<100Mi"))?;
+        let (signal, limit) = item
+            .split_once('<')
+            .ok_or_else(|| bad(item, "want signal<value, e.g. memory.available<100Mi"))?;
         let signal = EvictionSignal::parse(signal).ok_or_else(|| {
             bad(item, "unknown signal (memory.available, nodefs.available, nodefs.inodesFree, imagefs.available, imagefs.inodesFree, pid.available)")
         })?;
@@ -285,7 +341,9 @@ pub fn thresholds(v: &str) -> Result<Thresholds, Bad> {
                 }
                 ThresholdValue::Percent(p)
             }
-            None => ThresholdValue::Quantity(crate::quantity::bytes(limit).map_err(|reason| bad(item, reason.to_string()))?),
+            None => ThresholdValue::Quantity(
+                crate::quantity::bytes(limit).map_err(|reason| bad(item, reason.to_string()))?,
+            ),
         };
         thresholds.push(EvictionThreshold { signal, limit });
     }
@@ -294,13 +352,22 @@ pub fn thresholds(v: &str) -> Result<Thresholds, Bad> {
 
 /// `signal=value,...`, each value read by `value` (the form of --eviction-soft-grace-period
 /// and --eviction-minimum-reclaim).
-fn signal_map<T>(v: &str, value: impl Fn(&str) -> Result<T, String>) -> Result<BTreeMap<EvictionSignal, T>, Bad> {
+fn signal_map<T>(
+    v: &str,
+    value: impl Fn(&str) -> Result<T, String>,
+) -> Result<BTreeMap<EvictionSignal, T>, Bad> {
     let mut out = BTreeMap::new();
     for item in items(v) {
-        let (signal, text) = item.split_once('=').ok_or_else(|| bad(item, "want signal=value, e.g. memory.available=1m30s"))?;
-        let signal = EvictionSignal::parse(signal.trim()).ok_or_else(|| bad(item, "unknown signal"))?;
+        let (signal, text) = item
+            .split_once('=')
+            .ok_or_else(|| bad(item, "want signal=value, e.g. memory.available=1m30s"))?;
+        let signal =
+            EvictionSignal::parse(signal.trim()).ok_or_else(|| bad(item, "unknown signal"))?;
         let text = text.trim();
-        out.insert(signal, value(text).map_err(|reason| bad(format!("{}={text}", signal.as_str()), reason))?);
+        out.insert(
+            signal,
+            value(text).map_err(|reason| bad(format!("{}={text}", signal.as_str()), reason))?,
+        );
     }
     Ok(out)
 }
@@ -313,7 +380,14 @@ pub fn grace_periods(v: &str) -> Result<BTreeMap<EvictionSignal, Duration>, Bad>
 /// `--eviction-minimum-reclaim`: `signal=quantity|percent,...`.
 pub fn reclaims(v: &str) -> Result<BTreeMap<EvictionSignal, ThresholdValue>, Bad> {
     signal_map(v, |text| match text.strip_suffix('%') {
-        Some(p) => p.parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p)).map(ThresholdValue::Percent).ok_or_else(|| "a percentage must be between 0 and 100".to_string()),
-        None => crate::quantity::bytes(text).map(ThresholdValue::Quantity).map_err(|e| e.to_string()),
+        Some(p) => p
+            .parse::<f64>()
+            .ok()
+            .filter(|p| (0.0..=100.0).contains(p))
+            .map(ThresholdValue::Percent)
+            .ok_or_else(|| "a percentage must be between 0 and 100".to_string()),
+        None => crate::quantity::bytes(text)
+            .map(ThresholdValue::Quantity)
+            .map_err(|e| e.to_string()),
     })
 }

@@ -28,13 +28,19 @@ pub const GUEST_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// kube_reserved`, the kubelet's `kubepods` cgroup limit (the hard eviction threshold is left
 /// as room for the eviction manager to act first).
 pub fn ceiling(capacity_memory: u64, system: &Reserved, kube: &Reserved) -> u64 {
-    capacity_memory.saturating_sub(system.memory).saturating_sub(kube.memory)
+    capacity_memory
+        .saturating_sub(system.memory)
+        .saturating_sub(kube.memory)
 }
 
 /// Bytes the running containers' guests hold together, as the provider counts them (every
 /// linear memory and table of every store: instances, execs, requests).
 pub fn guest_total(containers: &[ContainerSummary]) -> u64 {
-    containers.iter().filter(|c| matches!(c.state, ContainerState::Running { .. })).map(|c| c.usage.memory_bytes).sum()
+    containers
+        .iter()
+        .filter(|c| matches!(c.state, ContainerState::Running { .. }))
+        .map(|c| c.usage.memory_bytes)
+        .sum()
 }
 
 #[cfg(test)]
@@ -45,23 +51,59 @@ mod tests {
 
     fn container(memory_bytes: u64, running: bool) -> ContainerSummary {
         let state = if running {
-            ContainerState::Running { started_at: SystemTime::UNIX_EPOCH }
+            ContainerState::Running {
+                started_at: SystemTime::UNIX_EPOCH,
+            }
         } else {
-            ContainerState::Exited { started_at: None, finished_at: SystemTime::UNIX_EPOCH, exit_code: 0, reason: provider_api::ExitReason::Completed, message: None }
+            ContainerState::Exited {
+                started_at: None,
+                finished_at: SystemTime::UNIX_EPOCH,
+                exit_code: 0,
+                reason: provider_api::ExitReason::Completed,
+                message: None,
+            }
         };
-        ContainerSummary { id: "c".into(), pod_uid: "u".into(), name: "c".into(), attempt: 0, image_digest: String::new(), state, usage: ContainerUsage { cpu_nanos: 0, memory_bytes }, annotations: Default::default() }
+        ContainerSummary {
+            id: "c".into(),
+            pod_uid: "u".into(),
+            name: "c".into(),
+            attempt: 0,
+            image_digest: String::new(),
+            state,
+            usage: ContainerUsage {
+                cpu_nanos: 0,
+                memory_bytes,
+            },
+            annotations: Default::default(),
+        }
     }
 
     #[test]
     fn running_guests_count_together() {
-        assert_eq!(guest_total(&[container(10, true), container(5, true), container(100, false)]), 15);
+        assert_eq!(
+            guest_total(&[
+                container(10, true),
+                container(5, true),
+                container(100, false)
+            ]),
+            15
+        );
     }
 
     #[test]
     fn the_ceiling_is_capacity_less_reservations() {
-        let system = Reserved { memory: 1 << 30, ..Default::default() };
-        let kube = Reserved { memory: 512 << 20, ..Default::default() };
-        assert_eq!(ceiling(8 << 30, &system, &kube), (8 << 30) - (1 << 30) - (512 << 20));
+        let system = Reserved {
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        let kube = Reserved {
+            memory: 512 << 20,
+            ..Default::default()
+        };
+        assert_eq!(
+            ceiling(8 << 30, &system, &kube),
+            (8 << 30) - (1 << 30) - (512 << 20)
+        );
         assert_eq!(ceiling(1 << 30, &system, &kube), 0);
     }
 }

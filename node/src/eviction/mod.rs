@@ -39,11 +39,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, EvictionSignal};
-use crate::quantity;
 use crate::events::EventSink;
 use crate::gc::GcHandle;
 use crate::machine;
 use crate::pods::static_source::{ANNOTATION_MIRROR, ANNOTATION_SOURCE};
+use crate::quantity;
 use rank::{Candidate, ContainerUse, Resource};
 use thresholds::{Observation, Observations, PressureCondition, Threshold, ThresholdTracker};
 
@@ -105,7 +105,15 @@ pub fn thresholds(config: &Config) -> Vec<Threshold> {
         .map(|(t, hard)| Threshold {
             signal: t.signal,
             value: t.limit,
-            grace: if hard { Duration::ZERO } else { config.eviction_soft_grace_period.get(&t.signal).copied().unwrap_or_default() },
+            grace: if hard {
+                Duration::ZERO
+            } else {
+                config
+                    .eviction_soft_grace_period
+                    .get(&t.signal)
+                    .copied()
+                    .unwrap_or_default()
+            },
             hard,
             min_reclaim: config.eviction_minimum_reclaim.get(&t.signal).copied(),
         })
@@ -113,9 +121,24 @@ pub fn thresholds(config: &Config) -> Vec<Threshold> {
 }
 
 impl EvictionManager {
-    pub fn new(config: Arc<Config>, provider: Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, events: EventSink, links: EvictionLinks) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        provider: Arc<dyn Provider>,
+        runtime: crate::pods::pleg::RuntimeCache,
+        events: EventSink,
+        links: EvictionLinks,
+    ) -> Self {
         let thresholds = thresholds(&config);
-        Self { config, provider, runtime, events, links, thresholds, tracker: ThresholdTracker::default(), evicted: HashSet::new() }
+        Self {
+            config,
+            provider,
+            runtime,
+            events,
+            links,
+            thresholds,
+            tracker: ThresholdTracker::default(),
+            evicted: HashSet::new(),
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -139,7 +162,12 @@ impl EvictionManager {
 
     fn node_ref(&self) -> ObjectReference {
         // The kubelet's node reference: the UID is the node's name.
-        ObjectReference { kind: Some("Node".into()), name: Some(self.config.node_name.clone()), uid: Some(self.config.node_name.clone()), ..Default::default() }
+        ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(self.config.node_name.clone()),
+            uid: Some(self.config.node_name.clone()),
+            ..Default::default()
+        }
     }
 
     /// One housekeeping pass.
@@ -151,7 +179,12 @@ impl EvictionManager {
                 return;
             }
         };
-        let decision = self.tracker.observe(&self.thresholds, &observations, self.config.eviction_pressure_transition_period, Instant::now());
+        let decision = self.tracker.observe(
+            &self.thresholds,
+            &observations,
+            self.config.eviction_pressure_transition_period,
+            Instant::now(),
+        );
         self.publish(&decision.conditions);
 
         let snapshot = self.runtime.latest();
@@ -169,19 +202,43 @@ impl EvictionManager {
             return;
         }
 
-        let Some(&index) = decision.act_on.iter().min_by_key(|i| eviction_priority(self.thresholds[**i].signal)) else { return };
+        let Some(&index) = decision
+            .act_on
+            .iter()
+            .min_by_key(|i| eviction_priority(self.thresholds[**i].signal))
+        else {
+            return;
+        };
         let threshold = self.thresholds[index].clone();
         let resource = resource_of(threshold.signal);
-        info!(signal = threshold.signal.as_str(), "eviction threshold met; reclaiming {}", resource.as_str());
-        self.events.warning(&self.node_ref(), "EvictionThresholdMet", format!("Attempting to reclaim {}", resource.as_str()));
+        info!(
+            signal = threshold.signal.as_str(),
+            "eviction threshold met; reclaiming {}",
+            resource.as_str()
+        );
+        self.events.warning(
+            &self.node_ref(),
+            "EvictionThresholdMet",
+            format!("Attempting to reclaim {}", resource.as_str()),
+        );
 
         if resource == Resource::EphemeralStorage {
             if let Some(gc) = &self.links.gc {
                 let freed = gc.reclaim().await;
-                let after = self.observe().await.ok().and_then(|o| o.get(&threshold.signal).copied());
-                info!(freed_bytes = freed, "node-level reclaim (unused images, dead containers)");
+                let after = self
+                    .observe()
+                    .await
+                    .ok()
+                    .and_then(|o| o.get(&threshold.signal).copied());
+                info!(
+                    freed_bytes = freed,
+                    "node-level reclaim (unused images, dead containers)"
+                );
                 if after.is_some_and(|o| !threshold.met(o, true)) {
-                    info!(signal = threshold.signal.as_str(), "node-level reclaim relieved the pressure; no pod evicted");
+                    info!(
+                        signal = threshold.signal.as_str(),
+                        "node-level reclaim relieved the pressure; no pod evicted"
+                    );
                     return;
                 }
             }
@@ -190,17 +247,31 @@ impl EvictionManager {
         let mut candidates = self.candidates(&active, resource, &containers).await;
         rank::rank(&mut candidates, resource);
         let Some(victim) = candidates.first() else {
-            warn!(signal = threshold.signal.as_str(), "eviction threshold met but no pod can be evicted");
+            warn!(
+                signal = threshold.signal.as_str(),
+                "eviction threshold met but no pod can be evicted"
+            );
             return;
         };
         let observed = observations.get(&threshold.signal).copied();
-        let quantities = observed.map(|o| (thresholds::show(threshold.signal, threshold.quantity(o.capacity)), thresholds::show(threshold.signal, o.available)));
+        let quantities = observed.map(|o| {
+            (
+                thresholds::show(threshold.signal, threshold.quantity(o.capacity)),
+                thresholds::show(threshold.signal, o.available),
+            )
+        });
         let message = rank::message(resource, quantities, victim);
         let grace = if threshold.hard {
             HARD_EVICTION_GRACE
         } else {
-            let own = pods.get(&victim.uid).map_or(Duration::from_secs(30), |p| pod_grace(p));
-            if self.config.eviction_max_pod_grace_period.is_zero() { own } else { own.min(self.config.eviction_max_pod_grace_period) }
+            let own = pods
+                .get(&victim.uid)
+                .map_or(Duration::from_secs(30), |p| pod_grace(p));
+            if self.config.eviction_max_pod_grace_period.is_zero() {
+                own
+            } else {
+                own.min(self.config.eviction_max_pod_grace_period)
+            }
         };
         info!(pod = %victim.name, usage = victim.usage(), request = victim.request(), "evicting");
         let uid = victim.uid.clone();
@@ -213,7 +284,11 @@ impl EvictionManager {
         self.evicted.retain(|uid| pods.contains_key(uid));
         pods.iter()
             .filter(|(uid, _)| !self.evicted.contains(*uid))
-            .filter(|(uid, _)| containers.iter().any(|c| &c.pod_uid == *uid && matches!(c.state, ContainerState::Running { .. })))
+            .filter(|(uid, _)| {
+                containers.iter().any(|c| {
+                    &c.pod_uid == *uid && matches!(c.state, ContainerState::Running { .. })
+                })
+            })
             .map(|(_, pod)| pod.clone())
             .collect()
     }
@@ -222,27 +297,50 @@ impl EvictionManager {
     /// worst offender (memory ranking, the hard grace period), one per check.
     async fn guard_guests(&mut self) {
         let snapshot = self.runtime.latest();
-        let Some(containers) = snapshot.containers.as_ref() else { return };
+        let Some(containers) = snapshot.containers.as_ref() else {
+            return;
+        };
         let total = guests::guest_total(containers);
         if total == 0 {
             return;
         }
-        let Ok(capacity) = machine::capacity(&self.config.root_dir) else { return };
-        let allocatable = machine::Allocatable::compute(&capacity, &self.config.system_reserved, &self.config.kube_reserved, &self.config.eviction_hard).memory_bytes;
+        let Ok(capacity) = machine::capacity(&self.config.root_dir) else {
+            return;
+        };
+        let allocatable = machine::Allocatable::compute(
+            &capacity,
+            &self.config.system_reserved,
+            &self.config.kube_reserved,
+            &self.config.eviction_hard,
+        )
+        .memory_bytes;
         if total <= allocatable {
             return;
         }
         let active = self.active_pods(&containers);
-        let mut candidates = self.candidates(&active, Resource::Memory, &containers).await;
+        let mut candidates = self
+            .candidates(&active, Resource::Memory, &containers)
+            .await;
         rank::rank(&mut candidates, Resource::Memory);
         let Some(victim) = candidates.first() else {
-            warn!(guests_bytes = total, allocatable_bytes = allocatable, "the guests hold more than the node's allocatable memory but no pod can be evicted");
+            warn!(
+                guests_bytes = total,
+                allocatable_bytes = allocatable,
+                "the guests hold more than the node's allocatable memory but no pod can be evicted"
+            );
             return;
         };
-        let quantities = (thresholds::binary_quantity(allocatable), thresholds::binary_quantity(allocatable.saturating_sub(total)));
+        let quantities = (
+            thresholds::binary_quantity(allocatable),
+            thresholds::binary_quantity(allocatable.saturating_sub(total)),
+        );
         let message = rank::message(Resource::Memory, Some(quantities), victim);
         warn!(pod = %victim.name, usage = victim.usage(), guests_bytes = total, allocatable_bytes = allocatable, "the guests together hold more than the node's allocatable memory; evicting the worst offender");
-        self.events.warning(&self.node_ref(), "EvictionThresholdMet", "Attempting to reclaim memory".to_string());
+        self.events.warning(
+            &self.node_ref(),
+            "EvictionThresholdMet",
+            "Attempting to reclaim memory".to_string(),
+        );
         let uid = victim.uid.clone();
         self.evict(&uid, message, HARD_EVICTION_GRACE).await;
     }
@@ -250,20 +348,38 @@ impl EvictionManager {
     /// Sends the eviction to the pod's worker and waits for its containers to stop.
     async fn evict(&mut self, uid: &str, message: String, grace: Duration) {
         self.evicted.insert(uid.to_string());
-        if self.links.evict.send((uid.to_string(), Eviction { message, grace })).is_err() {
+        if self
+            .links
+            .evict
+            .send((uid.to_string(), Eviction { message, grace }))
+            .is_err()
+        {
             return;
         }
         let deadline = Instant::now() + grace + POD_CLEANUP_TIMEOUT;
         while Instant::now() < deadline {
             // While the runtime cannot be asked the containers count as running.
-            let running = self.runtime.fresh().await.containers.as_ref().is_none_or(|l| l.iter().any(|c| c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. })));
+            let running = self
+                .runtime
+                .fresh()
+                .await
+                .containers
+                .as_ref()
+                .is_none_or(|l| {
+                    l.iter().any(|c| {
+                        c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. })
+                    })
+                });
             if !running {
                 debug!(uid, "evicted pod's containers stopped");
                 return;
             }
             tokio::time::sleep(POD_CLEANUP_POLL).await;
         }
-        warn!(uid, "evicted pod's containers still run after the clean-up timeout");
+        warn!(
+            uid,
+            "evicted pod's containers still run after the clean-up timeout"
+        );
     }
 
     /// Publishes the conditions when they changed, with the kubelet's Node events.
@@ -276,15 +392,34 @@ impl EvictionManager {
         let before = self.links.pressure.borrow().clone();
         let node = self.node_ref();
         let changes = [
-            (before.memory.is_some(), pressure.memory.is_some(), "NodeHasInsufficientMemory", "NodeHasSufficientMemory"),
-            (before.disk.is_some(), pressure.disk.is_some(), "NodeHasDiskPressure", "NodeHasNoDiskPressure"),
-            (before.pid.is_some(), pressure.pid.is_some(), "NodeHasInsufficientPID", "NodeHasSufficientPID"),
+            (
+                before.memory.is_some(),
+                pressure.memory.is_some(),
+                "NodeHasInsufficientMemory",
+                "NodeHasSufficientMemory",
+            ),
+            (
+                before.disk.is_some(),
+                pressure.disk.is_some(),
+                "NodeHasDiskPressure",
+                "NodeHasNoDiskPressure",
+            ),
+            (
+                before.pid.is_some(),
+                pressure.pid.is_some(),
+                "NodeHasInsufficientPID",
+                "NodeHasSufficientPID",
+            ),
         ];
         for (was, is, on, off) in changes {
             if was != is {
                 let reason = if is { on } else { off };
                 info!(condition = reason, "node pressure changed");
-                self.events.normal(&node, reason, format!("Node {} status is now: {reason}", self.config.node_name));
+                self.events.normal(
+                    &node,
+                    reason,
+                    format!("Node {} status is now: {reason}", self.config.node_name),
+                );
             }
         }
         self.links.pressure.send_if_modified(|current| {
@@ -300,37 +435,101 @@ impl EvictionManager {
         let capacity = machine::capacity(root)?;
         let available = machine::available(root)?;
         let mut o = Observations::new();
-        o.insert(EvictionSignal::MemoryAvailable, Observation { available: available.memory_bytes, capacity: capacity.memory_bytes });
-        o.insert(EvictionSignal::NodefsAvailable, Observation { available: available.nodefs_bytes, capacity: capacity.ephemeral_storage_bytes });
-        o.insert(EvictionSignal::NodefsInodesFree, Observation { available: available.nodefs_inodes, capacity: available.nodefs_inodes_total });
-        o.insert(EvictionSignal::PidAvailable, Observation { available: available.pids, capacity: available.pids_max });
+        o.insert(
+            EvictionSignal::MemoryAvailable,
+            Observation {
+                available: available.memory_bytes,
+                capacity: capacity.memory_bytes,
+            },
+        );
+        o.insert(
+            EvictionSignal::NodefsAvailable,
+            Observation {
+                available: available.nodefs_bytes,
+                capacity: capacity.ephemeral_storage_bytes,
+            },
+        );
+        o.insert(
+            EvictionSignal::NodefsInodesFree,
+            Observation {
+                available: available.nodefs_inodes,
+                capacity: available.nodefs_inodes_total,
+            },
+        );
+        o.insert(
+            EvictionSignal::PidAvailable,
+            Observation {
+                available: available.pids,
+                capacity: available.pids_max,
+            },
+        );
         // The image filesystem is where the provider keeps images; without one, nodefs.
-        let image_dir = self.provider.image_fs().await.map(|fs| fs.path).unwrap_or_else(|| root.clone());
-        let (image_capacity, image_available) = match (machine::capacity(&image_dir), machine::available(&image_dir)) {
+        let image_dir = self
+            .provider
+            .image_fs()
+            .await
+            .map(|fs| fs.path)
+            .unwrap_or_else(|| root.clone());
+        let (image_capacity, image_available) = match (
+            machine::capacity(&image_dir),
+            machine::available(&image_dir),
+        ) {
             (Ok(c), Ok(a)) => (c, a),
             _ => (capacity, available),
         };
-        o.insert(EvictionSignal::ImagefsAvailable, Observation { available: image_available.nodefs_bytes, capacity: image_capacity.ephemeral_storage_bytes });
-        o.insert(EvictionSignal::ImagefsInodesFree, Observation { available: image_available.nodefs_inodes, capacity: image_available.nodefs_inodes_total });
+        o.insert(
+            EvictionSignal::ImagefsAvailable,
+            Observation {
+                available: image_available.nodefs_bytes,
+                capacity: image_capacity.ephemeral_storage_bytes,
+            },
+        );
+        o.insert(
+            EvictionSignal::ImagefsInodesFree,
+            Observation {
+                available: image_available.nodefs_inodes,
+                capacity: image_available.nodefs_inodes_total,
+            },
+        );
         Ok(o)
     }
 
     /// Each pod with its use of `resource`.
-    async fn candidates(&self, active: &[Arc<Pod>], resource: Resource, containers: &[ContainerSummary]) -> Vec<Candidate> {
+    async fn candidates(
+        &self,
+        active: &[Arc<Pod>],
+        resource: Resource,
+        containers: &[ContainerSummary],
+    ) -> Vec<Candidate> {
         let mut candidates = Vec::with_capacity(active.len());
         for pod in active {
-            let storage = if resource == Resource::Pids { None } else { Some(self.storage_usage(pod).await) };
+            let storage = if resource == Resource::Pids {
+                None
+            } else {
+                Some(self.storage_usage(pod).await)
+            };
             candidates.push(self.candidate(pod, resource, containers, storage));
         }
         candidates
     }
 
     /// A pod with its use of `resource` (`storage`: its disk and emptyDir use, unless pids).
-    fn candidate(&self, pod: &Pod, resource: Resource, containers: &[ContainerSummary], storage: Option<StorageUsage>) -> Candidate {
+    fn candidate(
+        &self,
+        pod: &Pod,
+        resource: Resource,
+        containers: &[ContainerSummary],
+        storage: Option<StorageUsage>,
+    ) -> Candidate {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
         let request_of = |c: &k8s_openapi::api::core::v1::Container, what: &str| -> u64 {
-            c.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get(what)).and_then(|q| quantity::bytes(&q.0).ok()).unwrap_or(0)
+            c.resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get(what))
+                .and_then(|q| quantity::bytes(&q.0).ok())
+                .unwrap_or(0)
         };
         let uses = spec
             .containers
@@ -339,10 +538,17 @@ impl EvictionManager {
                 let usage = match resource {
                     Resource::Memory => containers
                         .iter()
-                        .filter(|s| s.pod_uid == uid && s.name == c.name && matches!(s.state, ContainerState::Running { .. }))
+                        .filter(|s| {
+                            s.pod_uid == uid
+                                && s.name == c.name
+                                && matches!(s.state, ContainerState::Running { .. })
+                        })
                         .map(|s| s.usage.memory_bytes)
                         .sum(),
-                    Resource::EphemeralStorage => storage.as_ref().and_then(|s| s.containers.get(&c.name).copied()).unwrap_or(0),
+                    Resource::EphemeralStorage => storage
+                        .as_ref()
+                        .and_then(|s| s.containers.get(&c.name).copied())
+                        .unwrap_or(0),
                     Resource::Pids => 0,
                 };
                 let request = match resource {
@@ -350,17 +556,31 @@ impl EvictionManager {
                     Resource::EphemeralStorage => request_of(c, "ephemeral-storage"),
                     Resource::Pids => 0,
                 };
-                ContainerUse { name: c.name.clone(), usage, request }
+                ContainerUse {
+                    name: c.name.clone(),
+                    usage,
+                    request,
+                }
             })
             .collect();
         Candidate {
             uid,
-            name: format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or(""), pod.metadata.name.as_deref().unwrap_or("")),
+            name: format!(
+                "{}/{}",
+                pod.metadata.namespace.as_deref().unwrap_or(""),
+                pod.metadata.name.as_deref().unwrap_or("")
+            ),
             priority: spec.priority.unwrap_or(0),
             critical: is_critical(pod),
             containers: uses,
             // A memory-medium emptyDir is memory (tmpfs), a disk one is ephemeral storage.
-            pod_usage: storage.map_or(0, |s| s.volumes.values().filter(|(_, memory)| *memory == (resource == Resource::Memory)).map(|(bytes, _)| bytes).sum()),
+            pod_usage: storage.map_or(0, |s| {
+                s.volumes
+                    .values()
+                    .filter(|(_, memory)| *memory == (resource == Resource::Memory))
+                    .map(|(bytes, _)| bytes)
+                    .sum()
+            }),
         }
     }
 
@@ -368,55 +588,112 @@ impl EvictionManager {
     /// walks (a guest's tree can be large) run on a blocking thread, off the runtime's workers.
     async fn storage_usage(&self, pod: &Pod) -> StorageUsage {
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-        let logs = crate::pods::layout::pod_log_dir(&self.config.pod_logs_dir, pod.metadata.namespace.as_deref().unwrap_or("default"), pod.metadata.name.as_deref().unwrap_or(""), uid);
+        let logs = crate::pods::layout::pod_log_dir(
+            &self.config.pod_logs_dir,
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.metadata.name.as_deref().unwrap_or(""),
+            uid,
+        );
         let spec = pod.spec.clone().unwrap_or_default();
-        let containers: Vec<(String, PathBuf)> = spec.containers.iter().map(|c| (c.name.clone(), logs.join(&c.name))).collect();
+        let containers: Vec<(String, PathBuf)> = spec
+            .containers
+            .iter()
+            .map(|c| (c.name.clone(), logs.join(&c.name)))
+            .collect();
         let volumes: Vec<(String, PathBuf, bool)> = spec
             .volumes
             .iter()
             .flatten()
             .filter(|v| v.empty_dir.is_some())
             .map(|v| {
-                let memory = v.empty_dir.as_ref().and_then(|e| e.medium.as_deref()) == Some("Memory");
-                (v.name.clone(), empty_dir_path(&self.config.root_dir, uid, &v.name), memory)
+                let memory =
+                    v.empty_dir.as_ref().and_then(|e| e.medium.as_deref()) == Some("Memory");
+                (
+                    v.name.clone(),
+                    empty_dir_path(&self.config.root_dir, uid, &v.name),
+                    memory,
+                )
             })
             .collect();
         let measure = move || StorageUsage {
-            containers: containers.into_iter().map(|(name, path)| (name, disk_usage(&path))).collect(),
-            volumes: volumes.into_iter().map(|(name, path, memory)| (name, (disk_usage(&path), memory))).collect(),
+            containers: containers
+                .into_iter()
+                .map(|(name, path)| (name, disk_usage(&path)))
+                .collect(),
+            volumes: volumes
+                .into_iter()
+                .map(|(name, path, memory)| (name, (disk_usage(&path), memory)))
+                .collect(),
         };
-        tokio::task::spawn_blocking(measure).await.unwrap_or_default()
+        tokio::task::spawn_blocking(measure)
+            .await
+            .unwrap_or_default()
     }
 
     /// The first active pod over a local-storage limit, with the kubelet's message.
     async fn local_storage_violation(&self, active: &[Arc<Pod>]) -> Option<(String, String)> {
         for pod in active.iter().filter(|p| !is_critical(p)) {
             let spec = pod.spec.clone().unwrap_or_default();
-            let limited = spec.volumes.iter().flatten().any(|v| v.empty_dir.as_ref().is_some_and(|e| e.size_limit.is_some()))
-                || spec.containers.iter().any(|c| limit_of(c, "ephemeral-storage").is_some());
+            let limited = spec
+                .volumes
+                .iter()
+                .flatten()
+                .any(|v| v.empty_dir.as_ref().is_some_and(|e| e.size_limit.is_some()))
+                || spec
+                    .containers
+                    .iter()
+                    .any(|c| limit_of(c, "ephemeral-storage").is_some());
             if !limited {
                 continue;
             }
             let usage = self.storage_usage(pod).await;
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             for v in spec.volumes.iter().flatten() {
-                let Some(limit) = v.empty_dir.as_ref().and_then(|e| e.size_limit.as_ref()) else { continue };
-                let Ok(bytes) = quantity::bytes(&limit.0) else { continue };
+                let Some(limit) = v.empty_dir.as_ref().and_then(|e| e.size_limit.as_ref()) else {
+                    continue;
+                };
+                let Ok(bytes) = quantity::bytes(&limit.0) else {
+                    continue;
+                };
                 // Memory-medium ones too: their sizeLimit bounds the tmpfs usage.
                 if usage.volumes.get(&v.name).map_or(0, |(b, _)| *b) > bytes {
-                    return Some((uid, format!("Usage of EmptyDir volume \"{}\" exceeds the limit \"{}\".", v.name, limit.0)));
+                    return Some((
+                        uid,
+                        format!(
+                            "Usage of EmptyDir volume \"{}\" exceeds the limit \"{}\".",
+                            v.name, limit.0
+                        ),
+                    ));
                 }
             }
             for c in &spec.containers {
-                let Some((text, bytes)) = limit_of(c, "ephemeral-storage") else { continue };
+                let Some((text, bytes)) = limit_of(c, "ephemeral-storage") else {
+                    continue;
+                };
                 if usage.containers.get(&c.name).copied().unwrap_or(0) > bytes {
-                    return Some((uid, format!("Container {} exceeded its local ephemeral storage limit \"{text}\".", c.name)));
+                    return Some((
+                        uid,
+                        format!(
+                            "Container {} exceeded its local ephemeral storage limit \"{text}\".",
+                            c.name
+                        ),
+                    ));
                 }
             }
-            let limits: Option<Vec<(String, u64)>> = spec.containers.iter().map(|c| limit_of(c, "ephemeral-storage")).collect();
+            let limits: Option<Vec<(String, u64)>> = spec
+                .containers
+                .iter()
+                .map(|c| limit_of(c, "ephemeral-storage"))
+                .collect();
             if let Some(limits) = limits {
                 let total: u64 = limits.iter().map(|(_, b)| b).sum();
-                let used = usage.containers.values().sum::<u64>() + usage.volumes.values().filter(|(_, memory)| !memory).map(|(b, _)| b).sum::<u64>();
+                let used = usage.containers.values().sum::<u64>()
+                    + usage
+                        .volumes
+                        .values()
+                        .filter(|(_, memory)| !memory)
+                        .map(|(b, _)| b)
+                        .sum::<u64>();
                 if used > total {
                     return Some((uid, format!("Pod ephemeral local storage usage exceeds the total limit of containers {}.", thresholds::binary_quantity(total))));
                 }
@@ -441,7 +718,11 @@ struct StorageUsage {
 
 /// Where the pod worker materialises an emptyDir volume (see `pods::volumes`).
 fn empty_dir_path(root: &Path, uid: &str, volume: &str) -> PathBuf {
-    crate::pods::layout::volume_dir(&crate::pods::layout::pod_dir(root, uid), "empty-dir", volume)
+    crate::pods::layout::volume_dir(
+        &crate::pods::layout::pod_dir(root, uid),
+        "empty-dir",
+        volume,
+    )
 }
 
 /// Bytes the files under `path` occupy on disk (allocated blocks, as `du`); 0 when missing.
@@ -454,14 +735,26 @@ pub fn disk_usage(path: &Path) -> u64 {
 /// Static pods, mirror pods and system-critical priorities are never evicted.
 pub fn is_critical(pod: &Pod) -> bool {
     let annotations = pod.metadata.annotations.as_ref();
-    let static_pod = annotations.and_then(|a| a.get(ANNOTATION_SOURCE)).is_some_and(|s| s != "api");
+    let static_pod = annotations
+        .and_then(|a| a.get(ANNOTATION_SOURCE))
+        .is_some_and(|s| s != "api");
     let mirror = annotations.is_some_and(|a| a.contains_key(ANNOTATION_MIRROR));
-    let system = pod.spec.as_ref().and_then(|s| s.priority).is_some_and(|p| p >= SYSTEM_CRITICAL_PRIORITY);
+    let system = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.priority)
+        .is_some_and(|p| p >= SYSTEM_CRITICAL_PRIORITY);
     static_pod || mirror || system
 }
 
 fn pod_grace(pod: &Pod) -> Duration {
-    Duration::from_secs(pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64)
+    Duration::from_secs(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0) as u64,
+    )
 }
 
 fn resource_of(signal: EvictionSignal) -> Resource {
@@ -497,7 +790,10 @@ mod tests {
     #[test]
     fn static_mirror_and_system_critical_pods_are_critical() {
         assert!(!is_critical(&pod(&[], None)));
-        assert!(!is_critical(&pod(&[(ANNOTATION_SOURCE, "api")], Some(1000))));
+        assert!(!is_critical(&pod(
+            &[(ANNOTATION_SOURCE, "api")],
+            Some(1000)
+        )));
         assert!(is_critical(&pod(&[(ANNOTATION_SOURCE, "file")], None)));
         assert!(is_critical(&pod(&[(ANNOTATION_MIRROR, "abc")], None)));
         assert!(is_critical(&pod(&[], Some(SYSTEM_CRITICAL_PRIORITY))));
@@ -516,7 +812,12 @@ mod tests {
 
     #[test]
     fn memory_is_acted_on_before_disk_and_pids() {
-        let mut signals = [EvictionSignal::PidAvailable, EvictionSignal::NodefsInodesFree, EvictionSignal::ImagefsAvailable, EvictionSignal::MemoryAvailable];
+        let mut signals = [
+            EvictionSignal::PidAvailable,
+            EvictionSignal::NodefsInodesFree,
+            EvictionSignal::ImagefsAvailable,
+            EvictionSignal::MemoryAvailable,
+        ];
         signals.sort_by_key(|s| eviction_priority(*s));
         assert_eq!(signals[0], EvictionSignal::MemoryAvailable);
         assert_eq!(signals[3], EvictionSignal::PidAvailable);

@@ -87,7 +87,9 @@ pub fn rank(pods: &mut Vec<Candidate>, resource: Resource) {
 pub fn message(resource: Resource, threshold: Option<(String, String)>, pod: &Candidate) -> String {
     let mut text = format!("The node was low on resource: {}. ", resource.as_str());
     if let Some((quantity, available)) = threshold {
-        text.push_str(&format!("Threshold quantity: {quantity}, available: {available}. "));
+        text.push_str(&format!(
+            "Threshold quantity: {quantity}, available: {available}. "
+        ));
     }
     if resource != Resource::Pids {
         for c in pod.containers.iter().filter(|c| c.usage > c.request) {
@@ -115,7 +117,11 @@ mod tests {
             name: format!("ns/{name}"),
             priority,
             critical: false,
-            containers: vec![ContainerUse { name: name.into(), usage, request }],
+            containers: vec![ContainerUse {
+                name: name.into(),
+                usage,
+                request,
+            }],
             pod_usage: 0,
         }
     }
@@ -130,21 +136,30 @@ mod tests {
         let guaranteed = pod("guaranteed", 0, 60 * MI, 64 * MI);
         let best_effort = pod("best-effort", 0, 10 * MI, 0);
         let burstable = pod("burstable", 0, 60 * MI, 30 * MI);
-        assert_eq!(order(vec![guaranteed, best_effort, burstable], Resource::Memory), ["burstable", "best-effort", "guaranteed"]);
+        assert_eq!(
+            order(vec![guaranteed, best_effort, burstable], Resource::Memory),
+            ["burstable", "best-effort", "guaranteed"]
+        );
     }
 
     #[test]
     fn among_pods_over_requests_lower_priority_goes_first() {
         let important = pod("important", 1000, 500 * MI, 0);
         let ordinary = pod("ordinary", 0, 10 * MI, 0);
-        assert_eq!(order(vec![important, ordinary], Resource::EphemeralStorage), ["ordinary", "important"]);
+        assert_eq!(
+            order(vec![important, ordinary], Resource::EphemeralStorage),
+            ["ordinary", "important"]
+        );
     }
 
     #[test]
     fn critical_pods_are_never_candidates() {
         let mut static_pod = pod("static", 0, 900 * MI, 0);
         static_pod.critical = true;
-        assert_eq!(order(vec![static_pod, pod("other", 0, MI, 0)], Resource::Memory), ["other"]);
+        assert_eq!(
+            order(vec![static_pod, pod("other", 0, MI, 0)], Resource::Memory),
+            ["other"]
+        );
     }
 
     #[test]
@@ -152,13 +167,20 @@ mod tests {
         let mut writer = pod("writer", 0, 0, 10 * MI);
         writer.pod_usage = 20 * MI;
         let logger = pod("logger", 0, 5 * MI, 10 * MI);
-        assert_eq!(order(vec![logger, writer], Resource::EphemeralStorage), ["writer", "logger"]);
+        assert_eq!(
+            order(vec![logger, writer], Resource::EphemeralStorage),
+            ["writer", "logger"]
+        );
     }
 
     #[test]
     fn the_message_names_the_threshold_and_the_containers_over_their_requests() {
         let mut p = pod("hog", 0, 200 * MI, 0);
-        p.containers.push(ContainerUse { name: "quiet".into(), usage: MI, request: 64 * MI });
+        p.containers.push(ContainerUse {
+            name: "quiet".into(),
+            usage: MI,
+            request: 64 * MI,
+        });
         let text = message(Resource::Memory, Some(("100Mi".into(), "50Mi".into())), &p);
         assert_eq!(
             text,

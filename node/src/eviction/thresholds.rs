@@ -36,7 +36,10 @@ impl Threshold {
     pub fn met(&self, observed: Observation, enforce_min_reclaim: bool) -> bool {
         let mut limit = self.quantity(observed.capacity);
         if enforce_min_reclaim {
-            limit = limit.saturating_add(self.min_reclaim.map_or(0, |r| r.absolute(observed.capacity)));
+            limit = limit.saturating_add(
+                self.min_reclaim
+                    .map_or(0, |r| r.absolute(observed.capacity)),
+            );
         }
         observed.available < limit
     }
@@ -64,9 +67,10 @@ impl PressureCondition {
     pub fn of(signal: EvictionSignal) -> Self {
         match signal {
             EvictionSignal::MemoryAvailable => Self::MemoryPressure,
-            EvictionSignal::NodefsAvailable | EvictionSignal::NodefsInodesFree | EvictionSignal::ImagefsAvailable | EvictionSignal::ImagefsInodesFree => {
-                Self::DiskPressure
-            }
+            EvictionSignal::NodefsAvailable
+            | EvictionSignal::NodefsInodesFree
+            | EvictionSignal::ImagefsAvailable
+            | EvictionSignal::ImagefsInodesFree => Self::DiskPressure,
             EvictionSignal::PidAvailable => Self::PIDPressure,
         }
     }
@@ -95,16 +99,28 @@ pub struct ThresholdTracker {
 
 impl ThresholdTracker {
     /// One housekeeping pass over `observations` at `now`.
-    pub fn observe(&mut self, thresholds: &[Threshold], observations: &Observations, transition: Duration, now: Instant) -> Decision {
+    pub fn observe(
+        &mut self,
+        thresholds: &[Threshold],
+        observations: &Observations,
+        transition: Duration,
+        now: Instant,
+    ) -> Decision {
         let met_now: BTreeSet<usize> = thresholds
             .iter()
             .enumerate()
             .filter(|(i, t)| {
-                observations.get(&t.signal).is_some_and(|o| t.met(*o, false) || (self.met.contains(i) && t.met(*o, true)))
+                observations
+                    .get(&t.signal)
+                    .is_some_and(|o| t.met(*o, false) || (self.met.contains(i) && t.met(*o, true)))
             })
             .map(|(i, _)| i)
             .collect();
-        let newly_met: Vec<usize> = met_now.iter().copied().filter(|i| !self.first_observed.contains_key(i)).collect();
+        let newly_met: Vec<usize> = met_now
+            .iter()
+            .copied()
+            .filter(|i| !self.first_observed.contains_key(i))
+            .collect();
         self.first_observed.retain(|i, _| met_now.contains(i));
         for i in &met_now {
             self.first_observed.entry(*i).or_insert(now);
@@ -113,40 +129,73 @@ impl ThresholdTracker {
         let mut details: BTreeMap<PressureCondition, String> = BTreeMap::new();
         for i in &met_now {
             let t = &thresholds[*i];
-            let Some(o) = observations.get(&t.signal) else { continue };
-            let detail = format!("{} is {} (threshold {})", t.signal.as_str(), show(t.signal, o.available), show(t.signal, t.quantity(o.capacity)));
+            let Some(o) = observations.get(&t.signal) else {
+                continue;
+            };
+            let detail = format!(
+                "{} is {} (threshold {})",
+                t.signal.as_str(),
+                show(t.signal, o.available),
+                show(t.signal, t.quantity(o.capacity))
+            );
             let condition = PressureCondition::of(t.signal);
             self.condition_last_observed.insert(condition, now);
             details.entry(condition).or_insert(detail);
         }
         // Observed now, or within the transition period.
-        self.condition_last_observed.retain(|c, at| details.contains_key(c) || now.saturating_duration_since(*at) < transition);
+        self.condition_last_observed.retain(|c, at| {
+            details.contains_key(c) || now.saturating_duration_since(*at) < transition
+        });
         let conditions = self
             .condition_last_observed
             .keys()
             .map(|c| {
-                let detail = details.get(c).cloned().unwrap_or_else(|| format!("no threshold met now; clears {} after the last one", show_duration(transition)));
+                let detail = details.get(c).cloned().unwrap_or_else(|| {
+                    format!(
+                        "no threshold met now; clears {} after the last one",
+                        show_duration(transition)
+                    )
+                });
                 (*c, detail)
             })
             .collect();
 
-        let act_on: Vec<usize> = met_now.iter().copied().filter(|i| self.first_observed.get(i).is_some_and(|at| now.saturating_duration_since(*at) >= thresholds[*i].grace)).collect();
+        let act_on: Vec<usize> = met_now
+            .iter()
+            .copied()
+            .filter(|i| {
+                self.first_observed
+                    .get(i)
+                    .is_some_and(|at| now.saturating_duration_since(*at) >= thresholds[*i].grace)
+            })
+            .collect();
         self.met = act_on.iter().copied().collect();
-        Decision { conditions, act_on, newly_met }
+        Decision {
+            conditions,
+            act_on,
+            newly_met,
+        }
     }
 }
 
 /// A signal's amount in its units: bytes in the kubelet's binary quantity form, else a count.
 pub fn show(signal: EvictionSignal, amount: u64) -> String {
     match signal {
-        EvictionSignal::MemoryAvailable | EvictionSignal::NodefsAvailable | EvictionSignal::ImagefsAvailable => binary_quantity(amount),
+        EvictionSignal::MemoryAvailable
+        | EvictionSignal::NodefsAvailable
+        | EvictionSignal::ImagefsAvailable => binary_quantity(amount),
         _ => amount.to_string(),
     }
 }
 
 /// Bytes as a Kubernetes binary quantity: `100Mi`, `51200Ki`, or plain bytes.
 pub fn binary_quantity(bytes: u64) -> String {
-    for (suffix, unit) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+    for (suffix, unit) in [
+        ("Ti", 1u64 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ] {
         if bytes != 0 && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
@@ -156,7 +205,11 @@ pub fn binary_quantity(bytes: u64) -> String {
 
 fn show_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 60 && s.is_multiple_of(60) { format!("{}m", s / 60) } else { format!("{s}s") }
+    if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 #[cfg(test)]
@@ -166,31 +219,71 @@ mod tests {
     const MI: u64 = 1 << 20;
 
     fn hard(signal: EvictionSignal, q: u64) -> Threshold {
-        Threshold { signal, value: ThresholdValue::Quantity(q), grace: Duration::ZERO, hard: true, min_reclaim: None }
+        Threshold {
+            signal,
+            value: ThresholdValue::Quantity(q),
+            grace: Duration::ZERO,
+            hard: true,
+            min_reclaim: None,
+        }
     }
 
     fn obs(signal: EvictionSignal, available: u64) -> Observations {
-        BTreeMap::from([(signal, Observation { available, capacity: 1000 * MI })])
+        BTreeMap::from([(
+            signal,
+            Observation {
+                available,
+                capacity: 1000 * MI,
+            },
+        )])
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_hard_threshold_acts_at_once_and_the_condition_outlasts_it_by_the_transition_period() {
+    async fn a_hard_threshold_acts_at_once_and_the_condition_outlasts_it_by_the_transition_period()
+    {
         let thresholds = vec![hard(EvictionSignal::MemoryAvailable, 100 * MI)];
         let mut t = ThresholdTracker::default();
         let transition = Duration::from_secs(30);
-        let d = t.observe(&thresholds, &obs(EvictionSignal::MemoryAvailable, 50 * MI), transition, Instant::now());
+        let d = t.observe(
+            &thresholds,
+            &obs(EvictionSignal::MemoryAvailable, 50 * MI),
+            transition,
+            Instant::now(),
+        );
         assert_eq!(d.act_on, vec![0]);
         assert_eq!(d.newly_met, vec![0]);
-        assert_eq!(d.conditions.get(&PressureCondition::MemoryPressure).map(String::as_str), Some("memory.available is 50Mi (threshold 100Mi)"));
+        assert_eq!(
+            d.conditions
+                .get(&PressureCondition::MemoryPressure)
+                .map(String::as_str),
+            Some("memory.available is 50Mi (threshold 100Mi)")
+        );
 
         tokio::time::advance(Duration::from_secs(10)).await;
-        let d = t.observe(&thresholds, &obs(EvictionSignal::MemoryAvailable, 500 * MI), transition, Instant::now());
+        let d = t.observe(
+            &thresholds,
+            &obs(EvictionSignal::MemoryAvailable, 500 * MI),
+            transition,
+            Instant::now(),
+        );
         assert!(d.act_on.is_empty());
-        assert!(d.conditions.contains_key(&PressureCondition::MemoryPressure), "kept during the transition period");
+        assert!(
+            d.conditions
+                .contains_key(&PressureCondition::MemoryPressure),
+            "kept during the transition period"
+        );
 
         tokio::time::advance(Duration::from_secs(21)).await;
-        let d = t.observe(&thresholds, &obs(EvictionSignal::MemoryAvailable, 500 * MI), transition, Instant::now());
-        assert!(d.conditions.is_empty(), "cleared after the transition period");
+        let d = t.observe(
+            &thresholds,
+            &obs(EvictionSignal::MemoryAvailable, 500 * MI),
+            transition,
+            Instant::now(),
+        );
+        assert!(
+            d.conditions.is_empty(),
+            "cleared after the transition period"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -205,7 +298,10 @@ mod tests {
         assert!(d.conditions.contains_key(&PressureCondition::DiskPressure));
         assert!(d.act_on.is_empty());
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(t.observe(&thresholds, &low, Duration::ZERO, Instant::now()).act_on.is_empty());
+        assert!(t
+            .observe(&thresholds, &low, Duration::ZERO, Instant::now())
+            .act_on
+            .is_empty());
         tokio::time::advance(Duration::from_secs(1)).await;
         let d = t.observe(&thresholds, &low, Duration::ZERO, Instant::now());
         assert_eq!(d.act_on, vec![0]);
@@ -218,19 +314,71 @@ mod tests {
         th.min_reclaim = Some(ThresholdValue::Quantity(50 * MI));
         let thresholds = vec![th];
         let mut t = ThresholdTracker::default();
-        assert_eq!(t.observe(&thresholds, &obs(EvictionSignal::NodefsAvailable, 90 * MI), Duration::ZERO, Instant::now()).act_on, vec![0]);
-        assert_eq!(t.observe(&thresholds, &obs(EvictionSignal::NodefsAvailable, 120 * MI), Duration::ZERO, Instant::now()).act_on, vec![0]);
-        assert!(t.observe(&thresholds, &obs(EvictionSignal::NodefsAvailable, 150 * MI), Duration::ZERO, Instant::now()).act_on.is_empty());
+        assert_eq!(
+            t.observe(
+                &thresholds,
+                &obs(EvictionSignal::NodefsAvailable, 90 * MI),
+                Duration::ZERO,
+                Instant::now()
+            )
+            .act_on,
+            vec![0]
+        );
+        assert_eq!(
+            t.observe(
+                &thresholds,
+                &obs(EvictionSignal::NodefsAvailable, 120 * MI),
+                Duration::ZERO,
+                Instant::now()
+            )
+            .act_on,
+            vec![0]
+        );
+        assert!(t
+            .observe(
+                &thresholds,
+                &obs(EvictionSignal::NodefsAvailable, 150 * MI),
+                Duration::ZERO,
+                Instant::now()
+            )
+            .act_on
+            .is_empty());
         // Without having acted, 120Mi is simply above the threshold.
         let mut fresh = ThresholdTracker::default();
-        assert!(fresh.observe(&thresholds, &obs(EvictionSignal::NodefsAvailable, 120 * MI), Duration::ZERO, Instant::now()).act_on.is_empty());
+        assert!(fresh
+            .observe(
+                &thresholds,
+                &obs(EvictionSignal::NodefsAvailable, 120 * MI),
+                Duration::ZERO,
+                Instant::now()
+            )
+            .act_on
+            .is_empty());
     }
 
     #[test]
     fn percentages_are_of_the_signal_capacity() {
-        let t = Threshold { signal: EvictionSignal::NodefsAvailable, value: ThresholdValue::Percent(10.0), grace: Duration::ZERO, hard: true, min_reclaim: None };
-        assert!(t.met(Observation { available: 99, capacity: 1000 }, false));
-        assert!(!t.met(Observation { available: 100, capacity: 1000 }, false));
+        let t = Threshold {
+            signal: EvictionSignal::NodefsAvailable,
+            value: ThresholdValue::Percent(10.0),
+            grace: Duration::ZERO,
+            hard: true,
+            min_reclaim: None,
+        };
+        assert!(t.met(
+            Observation {
+                available: 99,
+                capacity: 1000
+            },
+            false
+        ));
+        assert!(!t.met(
+            Observation {
+                available: 100,
+                capacity: 1000
+            },
+            false
+        ));
     }
 
     #[test]

@@ -23,39 +23,88 @@ pub struct Rejection {
 }
 
 fn reject(reason: &str, message: String) -> Result<(), Rejection> {
-    Err(Rejection { reason: reason.into(), message })
+    Err(Rejection {
+        reason: reason.into(),
+        message,
+    })
 }
 
 /// Checks what a Wasm node cannot honour. Volume types are admitted only when
 /// [`super::volumes`] can materialise them.
 pub fn admit(pod: &Pod) -> Result<(), Rejection> {
-    let Some(spec) = &pod.spec else { return reject("UnsupportedPodSpec", "the pod has no spec".into()) };
+    let Some(spec) = &pod.spec else {
+        return reject("UnsupportedPodSpec", "the pod has no spec".into());
+    };
     if spec.host_pid == Some(true) {
-        return reject("UnsupportedPodSpec", "hostPID is not supported: WebAssembly pods have no process namespace to share".into());
+        return reject(
+            "UnsupportedPodSpec",
+            "hostPID is not supported: WebAssembly pods have no process namespace to share".into(),
+        );
     }
     if spec.host_ipc == Some(true) {
-        return reject("UnsupportedPodSpec", "hostIPC is not supported: WebAssembly pods have no IPC namespace to share".into());
+        return reject(
+            "UnsupportedPodSpec",
+            "hostIPC is not supported: WebAssembly pods have no IPC namespace to share".into(),
+        );
     }
-    for c in spec.init_containers.iter().flatten().chain(spec.containers.iter()) {
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+    {
         let sc = c.security_context.as_ref();
         if sc.and_then(|s| s.privileged) == Some(true) {
-            return reject("UnsupportedPodSpec", format!("container {} asks to be privileged, which a WebAssembly sandbox cannot grant", c.name));
+            return reject(
+                "UnsupportedPodSpec",
+                format!(
+                    "container {} asks to be privileged, which a WebAssembly sandbox cannot grant",
+                    c.name
+                ),
+            );
         }
-        if sc.and_then(|s| s.capabilities.as_ref()).and_then(|caps| caps.add.as_ref()).is_some_and(|a| !a.is_empty()) {
-            return reject("UnsupportedPodSpec", format!("container {} adds Linux capabilities, which WebAssembly pods do not have", c.name));
+        if sc
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|caps| caps.add.as_ref())
+            .is_some_and(|a| !a.is_empty())
+        {
+            return reject(
+                "UnsupportedPodSpec",
+                format!(
+                    "container {} adds Linux capabilities, which WebAssembly pods do not have",
+                    c.name
+                ),
+            );
         }
         if c.image.as_deref().unwrap_or("").is_empty() {
-            return reject("UnsupportedPodSpec", format!("container {} has no image", c.name));
+            return reject(
+                "UnsupportedPodSpec",
+                format!("container {} has no image", c.name),
+            );
         }
     }
-    if let Some(sysctls) = spec.security_context.as_ref().and_then(|s| s.sysctls.as_ref()) {
+    if let Some(sysctls) = spec
+        .security_context
+        .as_ref()
+        .and_then(|s| s.sysctls.as_ref())
+    {
         if !sysctls.is_empty() {
-            return reject("SysctlForbidden", "sysctls are not supported: WebAssembly pods have no kernel parameters".into());
+            return reject(
+                "SysctlForbidden",
+                "sysctls are not supported: WebAssembly pods have no kernel parameters".into(),
+            );
         }
     }
     for v in spec.volumes.iter().flatten() {
         if !super::volumes::supported(v) {
-            return reject("UnsupportedVolume", format!("volume {} is of type {}, which this node does not support", v.name, super::volumes::type_name(v)));
+            return reject(
+                "UnsupportedVolume",
+                format!(
+                    "volume {} is of type {}, which this node does not support",
+                    v.name,
+                    super::volumes::type_name(v)
+                ),
+            );
         }
     }
     // Ports, the outbound hosts annotation, the request bound (which pod holds a port is the
@@ -71,8 +120,14 @@ pub struct Ledger {
 }
 
 enum LedgerRequest {
-    Admit { uid: String, requests: Resources, reply: oneshot::Sender<Result<(), Rejection>> },
-    Release { uid: String },
+    Admit {
+        uid: String,
+        requests: Resources,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    Release {
+        uid: String,
+    },
 }
 
 /// A pod's place in the ledger: its requests count against allocatable until it is dropped
@@ -84,7 +139,9 @@ pub struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let _ = self.ledger.send(LedgerRequest::Release { uid: std::mem::take(&mut self.uid) });
+        let _ = self.ledger.send(LedgerRequest::Release {
+            uid: std::mem::take(&mut self.uid),
+        });
     }
 }
 
@@ -93,11 +150,19 @@ impl Ledger {
     /// when every handle and ticket is dropped.
     pub fn spawn(allocatable: Allocatable, max_pods: u32) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut book = Book { allocatable, max_pods, admitted: HashMap::new() };
+        let mut book = Book {
+            allocatable,
+            max_pods,
+            admitted: HashMap::new(),
+        };
         tokio::spawn(async move {
             while let Some(request) = rx.recv().await {
                 match request {
-                    LedgerRequest::Admit { uid, requests, reply } => {
+                    LedgerRequest::Admit {
+                        uid,
+                        requests,
+                        reply,
+                    } => {
                         let _ = reply.send(book.admit(&uid, requests));
                     }
                     LedgerRequest::Release { uid } => {
@@ -114,14 +179,31 @@ impl Ledger {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let requests = match pod.spec.as_ref().map(pod_requests) {
             Some(Ok(r)) => r,
-            Some(Err(e)) => return Err(Rejection { reason: "UnsupportedPodSpec".into(), message: format!("cannot read the pod's resources: {e}") }),
+            Some(Err(e)) => {
+                return Err(Rejection {
+                    reason: "UnsupportedPodSpec".into(),
+                    message: format!("cannot read the pod's resources: {e}"),
+                })
+            }
             None => Resources::default(),
         };
         let (reply, answer) = oneshot::channel();
-        let gone = || Rejection { reason: "UnexpectedAdmissionError".into(), message: "the admission ledger has stopped (the agent is shutting down)".into() };
-        self.requests.send(LedgerRequest::Admit { uid: uid.clone(), requests, reply }).map_err(|_| gone())?;
+        let gone = || Rejection {
+            reason: "UnexpectedAdmissionError".into(),
+            message: "the admission ledger has stopped (the agent is shutting down)".into(),
+        };
+        self.requests
+            .send(LedgerRequest::Admit {
+                uid: uid.clone(),
+                requests,
+                reply,
+            })
+            .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())??;
-        Ok(Admitted { uid, ledger: self.requests.clone() })
+        Ok(Admitted {
+            uid,
+            ledger: self.requests.clone(),
+        })
     }
 }
 
@@ -139,24 +221,49 @@ impl Book {
         if self.admitted.contains_key(uid) {
             return Ok(());
         }
-        let used = self.admitted.values().fold(Resources::default(), |a, r| a.add(*r));
-        let short = |resource: &str, requested: u64, used: u64, capacity: u64| Rejection {
+        let used = self
+            .admitted
+            .values()
+            .fold(Resources::default(), |a, r| a.add(*r));
+        let short = |resource: &str, requested: u64, used: u64, capacity: u64| {
+            Rejection {
             reason: format!("OutOf{resource}"),
             message: format!("Node didn't have enough resource: {resource}, requested: {requested}, used: {used}, capacity: {capacity}"),
+        }
         };
         let pods = self.admitted.len() as u64;
         if pods + 1 > u64::from(self.max_pods) {
             return Err(short("pods", 1, pods, u64::from(self.max_pods)));
         }
         let a = &self.allocatable;
-        if requests.milli_cpu > 0 && requests.milli_cpu > a.milli_cpu.saturating_sub(used.milli_cpu) {
-            return Err(short("cpu", requests.milli_cpu, used.milli_cpu, a.milli_cpu));
+        if requests.milli_cpu > 0 && requests.milli_cpu > a.milli_cpu.saturating_sub(used.milli_cpu)
+        {
+            return Err(short(
+                "cpu",
+                requests.milli_cpu,
+                used.milli_cpu,
+                a.milli_cpu,
+            ));
         }
         if requests.memory > 0 && requests.memory > a.memory_bytes.saturating_sub(used.memory) {
-            return Err(short("memory", requests.memory, used.memory, a.memory_bytes));
+            return Err(short(
+                "memory",
+                requests.memory,
+                used.memory,
+                a.memory_bytes,
+            ));
         }
-        if requests.ephemeral_storage > 0 && requests.ephemeral_storage > a.ephemeral_storage_bytes.saturating_sub(used.ephemeral_storage) {
-            return Err(short("ephemeral-storage", requests.ephemeral_storage, used.ephemeral_storage, a.ephemeral_storage_bytes));
+        if requests.ephemeral_storage > 0
+            && requests.ephemeral_storage
+                > a.ephemeral_storage_bytes
+                    .saturating_sub(used.ephemeral_storage)
+        {
+            return Err(short(
+                "ephemeral-storage",
+                requests.ephemeral_storage,
+                used.ephemeral_storage,
+                a.ephemeral_storage_bytes,
+            ));
         }
         self.admitted.insert(uid.to_string(), requests);
         Ok(())
@@ -168,59 +275,169 @@ mod tests {
     use super::*;
 
     fn pod(spec: serde_json::Value) -> Pod {
-        serde_json::from_value(serde_json::json!({ "metadata": {"name": "p"}, "spec": spec })).unwrap()
+        serde_json::from_value(serde_json::json!({ "metadata": {"name": "p"}, "spec": spec }))
+            .unwrap()
     }
 
     #[test]
     fn plain_wasm_pod_is_admitted() {
-        assert!(admit(&pod(serde_json::json!({"containers": [{"name": "c", "image": "r/hello:v1"}]}))).is_ok());
+        assert!(admit(&pod(
+            serde_json::json!({"containers": [{"name": "c", "image": "r/hello:v1"}]})
+        ))
+        .is_ok());
     }
 
     #[test]
     fn host_namespaces_privilege_and_unknown_volumes_are_rejected_with_reasons() {
-        let r = admit(&pod(serde_json::json!({"hostPID": true, "containers": [{"name": "c", "image": "i"}]}))).unwrap_err();
+        let r = admit(&pod(
+            serde_json::json!({"hostPID": true, "containers": [{"name": "c", "image": "i"}]}),
+        ))
+        .unwrap_err();
         assert!(r.message.contains("hostPID"));
         let r = admit(&pod(serde_json::json!({"containers": [{"name": "c", "image": "i", "securityContext": {"privileged": true}}]}))).unwrap_err();
         assert!(r.message.contains("privileged"));
         let r = admit(&pod(serde_json::json!({"volumes": [{"name": "v", "nfs": {"server": "s", "path": "/"}}], "containers": [{"name": "c", "image": "i"}]})))
             .unwrap_err();
         assert_eq!(r.reason, "UnsupportedVolume");
-        assert_eq!(r.message, "volume v is of type nfs, which this node does not support");
+        assert_eq!(
+            r.message,
+            "volume v is of type nfs, which this node does not support"
+        );
     }
 
     fn book() -> Book {
-        Book { allocatable: Allocatable { milli_cpu: 2000, memory_bytes: 1 << 30, ephemeral_storage_bytes: 10 << 30 }, max_pods: 3, admitted: HashMap::new() }
+        Book {
+            allocatable: Allocatable {
+                milli_cpu: 2000,
+                memory_bytes: 1 << 30,
+                ephemeral_storage_bytes: 10 << 30,
+            },
+            max_pods: 3,
+            admitted: HashMap::new(),
+        }
     }
 
     #[test]
     fn requests_must_fit_what_admitted_pods_left() {
         let mut b = book();
-        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20, ephemeral_storage: 0 }).is_ok());
-        assert!(b.admit("a", Resources { milli_cpu: 1500, memory: 512 << 20, ephemeral_storage: 0 }).is_ok(), "admitting the same pod again is a no-op");
-        let r = b.admit("b", Resources { milli_cpu: 600, memory: 0, ephemeral_storage: 0 }).unwrap_err();
+        assert!(b
+            .admit(
+                "a",
+                Resources {
+                    milli_cpu: 1500,
+                    memory: 512 << 20,
+                    ephemeral_storage: 0
+                }
+            )
+            .is_ok());
+        assert!(
+            b.admit(
+                "a",
+                Resources {
+                    milli_cpu: 1500,
+                    memory: 512 << 20,
+                    ephemeral_storage: 0
+                }
+            )
+            .is_ok(),
+            "admitting the same pod again is a no-op"
+        );
+        let r = b
+            .admit(
+                "b",
+                Resources {
+                    milli_cpu: 600,
+                    memory: 0,
+                    ephemeral_storage: 0,
+                },
+            )
+            .unwrap_err();
         assert_eq!(r.reason, "OutOfcpu");
-        assert_eq!(r.message, "Node didn't have enough resource: cpu, requested: 600, used: 1500, capacity: 2000");
-        let r = b.admit("b", Resources { milli_cpu: 500, memory: 600 << 20, ephemeral_storage: 0 }).unwrap_err();
+        assert_eq!(
+            r.message,
+            "Node didn't have enough resource: cpu, requested: 600, used: 1500, capacity: 2000"
+        );
+        let r = b
+            .admit(
+                "b",
+                Resources {
+                    milli_cpu: 500,
+                    memory: 600 << 20,
+                    ephemeral_storage: 0,
+                },
+            )
+            .unwrap_err();
         assert_eq!(r.reason, "OutOfmemory");
-        assert_eq!(r.message, format!("Node didn't have enough resource: memory, requested: {}, used: {}, capacity: {}", 600 << 20, 512 << 20, 1 << 30));
-        assert!(b.admit("b", Resources { milli_cpu: 500, memory: 512 << 20, ephemeral_storage: 0 }).is_ok(), "exactly what is left fits");
-        let r = b.admit("c", Resources { ephemeral_storage: 11 << 30, ..Default::default() }).unwrap_err();
+        assert_eq!(
+            r.message,
+            format!(
+                "Node didn't have enough resource: memory, requested: {}, used: {}, capacity: {}",
+                600 << 20,
+                512 << 20,
+                1 << 30
+            )
+        );
+        assert!(
+            b.admit(
+                "b",
+                Resources {
+                    milli_cpu: 500,
+                    memory: 512 << 20,
+                    ephemeral_storage: 0
+                }
+            )
+            .is_ok(),
+            "exactly what is left fits"
+        );
+        let r = b
+            .admit(
+                "c",
+                Resources {
+                    ephemeral_storage: 11 << 30,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
         assert_eq!((r.reason.as_str(), r.message.as_str()), ("OutOfephemeral-storage", format!("Node didn't have enough resource: ephemeral-storage, requested: {}, used: 0, capacity: {}", 11u64 << 30, 10u64 << 30).as_str()));
-        assert!(b.admit("c", Resources::default()).is_ok(), "a pod without requests always fits");
-        assert_eq!(b.admit("d", Resources::default()).unwrap_err().reason, "OutOfpods");
+        assert!(
+            b.admit("c", Resources::default()).is_ok(),
+            "a pod without requests always fits"
+        );
+        assert_eq!(
+            b.admit("d", Resources::default()).unwrap_err().reason,
+            "OutOfpods"
+        );
     }
 
     #[tokio::test]
     async fn a_released_ticket_gives_its_requests_back() {
-        let ledger = Ledger::spawn(Allocatable { milli_cpu: 1000, memory_bytes: 1 << 30, ephemeral_storage_bytes: 0 }, 110);
-        let greedy = |uid: &str| pod_with(uid, serde_json::json!({"containers": [{"name": "c", "image": "i", "resources": {"requests": {"cpu": "800m"}}}]}));
+        let ledger = Ledger::spawn(
+            Allocatable {
+                milli_cpu: 1000,
+                memory_bytes: 1 << 30,
+                ephemeral_storage_bytes: 0,
+            },
+            110,
+        );
+        let greedy = |uid: &str| {
+            pod_with(
+                uid,
+                serde_json::json!({"containers": [{"name": "c", "image": "i", "resources": {"requests": {"cpu": "800m"}}}]}),
+            )
+        };
         let first = ledger.admit(&greedy("one")).await.unwrap();
-        assert_eq!(ledger.admit(&greedy("two")).await.err().unwrap().reason, "OutOfcpu");
+        assert_eq!(
+            ledger.admit(&greedy("two")).await.err().unwrap().reason,
+            "OutOfcpu"
+        );
         drop(first);
         assert!(ledger.admit(&greedy("two")).await.is_ok());
     }
 
     fn pod_with(uid: &str, spec: serde_json::Value) -> Pod {
-        serde_json::from_value(serde_json::json!({ "metadata": {"name": uid, "uid": uid}, "spec": spec })).unwrap()
+        serde_json::from_value(
+            serde_json::json!({ "metadata": {"name": uid, "uid": uid}, "spec": spec }),
+        )
+        .unwrap()
     }
 }

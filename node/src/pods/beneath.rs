@@ -30,7 +30,9 @@ use rustix::io::Errno;
 /// magic links (`/proc/self/fd/N` inside a hostPath of /proc would otherwise be a way out).
 const BENEATH: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
 /// Walks follow no link at all and stay on the root's filesystem.
-const WALK: ResolveFlags = BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_XDEV);
+const WALK: ResolveFlags = BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_XDEV);
 
 /// Why a path beneath a root could not be used. Retrying does not help unless the guest
 /// changes what it put there.
@@ -48,7 +50,10 @@ pub enum Error {
     NotRelative { rel: PathBuf },
     /// Any other failure of the system call, with the path it was about.
     #[error("{rel}: {source}")]
-    Io { rel: PathBuf, source: std::io::Error },
+    Io {
+        rel: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -61,8 +66,14 @@ impl Error {
         match e {
             // EXDEV: a step left the root (RESOLVE_BENEATH); ELOOP: a magic link or, in a walk, a
             // symlink. Both mean "not a place this root may reach".
-            Errno::XDEV | Errno::LOOP => Error::Escapes { root: root.to_path_buf(), rel: rel.to_path_buf() },
-            other => Error::Io { rel: rel.to_path_buf(), source: other.into() },
+            Errno::XDEV | Errno::LOOP => Error::Escapes {
+                root: root.to_path_buf(),
+                rel: rel.to_path_buf(),
+            },
+            other => Error::Io {
+                rel: rel.to_path_buf(),
+                source: other.into(),
+            },
         }
     }
 }
@@ -73,21 +84,44 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// made (a pod's directory, a volume's) or one the pod spec names (a hostPath): no guest can
 /// write along it.
 pub fn open_root(root: &Path) -> Result<OwnedFd> {
-    rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| Error::Io { rel: root.to_path_buf(), source: e.into() })
+    rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::Io {
+        rel: root.to_path_buf(),
+        source: e.into(),
+    })
 }
 
 /// `rel` must be relative and non-empty (`.` for the root itself).
 fn check_relative(rel: &Path) -> Result<()> {
     if rel.as_os_str().is_empty() || rel.is_absolute() {
-        return Err(Error::NotRelative { rel: rel.to_path_buf() });
+        return Err(Error::NotRelative {
+            rel: rel.to_path_buf(),
+        });
     }
     Ok(())
 }
 
 /// Opens `rel` beneath the directory `root_fd` (whose path, `root`, is for messages only).
-pub fn open_at(root_fd: impl AsFd, root: &Path, rel: &Path, flags: OFlags, mode: u32) -> Result<OwnedFd> {
+pub fn open_at(
+    root_fd: impl AsFd,
+    root: &Path,
+    rel: &Path,
+    flags: OFlags,
+    mode: u32,
+) -> Result<OwnedFd> {
     check_relative(rel)?;
-    rustix::fs::openat2(root_fd, rel, flags | OFlags::CLOEXEC, Mode::from_raw_mode(mode), BENEATH).map_err(|e| Error::from_errno(root, rel, e))
+    rustix::fs::openat2(
+        root_fd,
+        rel,
+        flags | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+        BENEATH,
+    )
+    .map_err(|e| Error::from_errno(root, rel, e))
 }
 
 /// Reads at most `cap` bytes of the regular file `rel` beneath `root`: the last `cap` bytes
@@ -98,10 +132,21 @@ pub fn read_tail(root: &Path, rel: &Path, cap: usize) -> Result<Vec<u8>> {
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
     // O_NOCTTY: a guest cannot make a terminal ours by planting a device node anyway, but
     // opening one must never change the agent's controlling terminal.
-    let fd = open_at(&root_fd, root, rel, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY, 0)?;
-    let stat = rustix::fs::fstat(&fd).map_err(|e| Error::Io { rel: rel.to_path_buf(), source: e.into() })?;
+    let fd = open_at(
+        &root_fd,
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+        0,
+    )?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| Error::Io {
+        rel: rel.to_path_buf(),
+        source: e.into(),
+    })?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-        return Err(Error::NotRegular { rel: rel.to_path_buf() });
+        return Err(Error::NotRegular {
+            rel: rel.to_path_buf(),
+        });
     }
     let file = File::from(fd);
     let size = stat.st_size.max(0) as u64;
@@ -114,7 +159,12 @@ pub fn read_tail(root: &Path, rel: &Path, cap: usize) -> Result<Vec<u8>> {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(Error::Io { rel: rel.to_path_buf(), source }),
+            Err(source) => {
+                return Err(Error::Io {
+                    rel: rel.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
     out.truncate(filled);
@@ -126,8 +176,12 @@ pub fn read_tail(root: &Path, rel: &Path, cap: usize) -> Result<Vec<u8>> {
 /// followed or opened.
 pub fn create_empty_file(dir: &Path, name: &OsStr, mode: u32) -> Result<()> {
     let rel = Path::new(name);
-    if rel.components().count() != 1 || !matches!(rel.components().next(), Some(Component::Normal(_))) {
-        return Err(Error::NotRelative { rel: rel.to_path_buf() });
+    if rel.components().count() != 1
+        || !matches!(rel.components().next(), Some(Component::Normal(_)))
+    {
+        return Err(Error::NotRelative {
+            rel: rel.to_path_buf(),
+        });
     }
     let dir_fd = open_root(dir)?;
     match rustix::fs::unlinkat(&dir_fd, rel, AtFlags::empty()) {
@@ -135,7 +189,14 @@ pub fn create_empty_file(dir: &Path, name: &OsStr, mode: u32) -> Result<()> {
         Err(e) => return Err(Error::from_errno(dir, rel, e)),
     }
     // O_EXCL with O_CREAT never follows a symlink, even one planted between the unlink and here.
-    open_at(&dir_fd, dir, rel, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW, mode).map(drop)
+    open_at(
+        &dir_fd,
+        dir,
+        rel,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW,
+        mode,
+    )
+    .map(drop)
 }
 
 /// Makes every missing directory of `rel` beneath `root` (mode `mode`, less the umask) and
@@ -153,7 +214,12 @@ pub fn create_dir_all(root: &Path, rel: &Path, mode: u32) -> Result<OwnedFd> {
             Component::CurDir => continue,
             Component::Normal(name) => name,
             // `..` and a root are refused by the callers' validation already; refuse here too.
-            _ => return Err(Error::Escapes { root: root.to_path_buf(), rel: rel.to_path_buf() }),
+            _ => {
+                return Err(Error::Escapes {
+                    root: root.to_path_buf(),
+                    rel: rel.to_path_buf(),
+                })
+            }
         };
         prefix.push(name);
         // Resolve the prefix from the root each time: a symlink component is followed only
@@ -167,7 +233,14 @@ pub fn create_dir_all(root: &Path, rel: &Path, mode: u32) -> Result<OwnedFd> {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(Error::from_errno(root, &prefix, e)),
                 }
-                rustix::fs::openat2(&current, name, dir_flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), BENEATH).map_err(|e| Error::from_errno(root, &prefix, e))?
+                rustix::fs::openat2(
+                    &current,
+                    name,
+                    dir_flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    BENEATH,
+                )
+                .map_err(|e| Error::from_errno(root, &prefix, e))?
             }
             Err(e) => return Err(e),
         };
@@ -192,21 +265,39 @@ pub fn is_dir(fd: impl AsFd) -> bool {
 /// notwithstanding. Here each directory is opened from the root's fd by openat2, which refuses
 /// any symlink on the way (`WALK`), whatever the guest swaps in.
 pub fn disk_usage(root: &Path) -> u64 {
-    let Ok(root_fd) = open_root(root) else { return 0 };
-    let Ok(root_stat) = rustix::fs::fstat(&root_fd) else { return 0 };
+    let Ok(root_fd) = open_root(root) else {
+        return 0;
+    };
+    let Ok(root_stat) = rustix::fs::fstat(&root_fd) else {
+        return 0;
+    };
     let mut total = root_stat.st_blocks as u64 * 512;
     let mut pending: Vec<PathBuf> = vec![PathBuf::from(".")];
     while let Some(rel) = pending.pop() {
-        let Ok(fd) = rustix::fs::openat2(&root_fd, &rel, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), WALK) else { continue };
-        let Ok(dir) = rustix::fs::Dir::read_from(&fd) else { continue };
+        let Ok(fd) = rustix::fs::openat2(
+            &root_fd,
+            &rel,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            WALK,
+        ) else {
+            continue;
+        };
+        let Ok(dir) = rustix::fs::Dir::read_from(&fd) else {
+            continue;
+        };
         for entry in dir.flatten() {
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
             }
-            let Ok(stat) = rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) else { continue };
+            let Ok(stat) = rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
             total += stat.st_blocks as u64 * 512;
-            if FileType::from_raw_mode(stat.st_mode) == FileType::Directory && stat.st_dev == root_stat.st_dev {
+            if FileType::from_raw_mode(stat.st_mode) == FileType::Directory
+                && stat.st_dev == root_stat.st_dev
+            {
                 pending.push(rel.join(name));
             }
         }
@@ -233,19 +324,32 @@ mod tests {
         let root = base.join("root");
         std::fs::write(root.join("ok"), "inside").unwrap();
         assert_eq!(read_tail(&root, Path::new("ok"), 4096).unwrap(), b"inside");
-        assert!(matches!(read_tail(&root, Path::new("../outside"), 4096), Err(Error::Escapes { .. })));
+        assert!(matches!(
+            read_tail(&root, Path::new("../outside"), 4096),
+            Err(Error::Escapes { .. })
+        ));
         // An absolute symlink, and a relative one climbing out.
         symlink(base.join("outside"), root.join("abs")).unwrap();
         symlink("../outside", root.join("rel")).unwrap();
-        symlink("../../../../../../../../../../etc/hostname", root.join("deep")).unwrap();
+        symlink(
+            "../../../../../../../../../../etc/hostname",
+            root.join("deep"),
+        )
+        .unwrap();
         for link in ["abs", "rel", "deep"] {
             let e = read_tail(&root, Path::new(link), 4096).unwrap_err();
             assert!(matches!(e, Error::Escapes { .. }), "{link}: {e}");
         }
-        assert!(read_tail(&root, Path::new("/etc/hostname"), 4096).is_err(), "absolute paths are not relative");
+        assert!(
+            read_tail(&root, Path::new("/etc/hostname"), 4096).is_err(),
+            "absolute paths are not relative"
+        );
         // A symlink that stays inside resolves.
         symlink("ok", root.join("alias")).unwrap();
-        assert_eq!(read_tail(&root, Path::new("alias"), 4096).unwrap(), b"inside");
+        assert_eq!(
+            read_tail(&root, Path::new("alias"), 4096).unwrap(),
+            b"inside"
+        );
         let _ = std::fs::remove_dir_all(&base);
     }
 
@@ -257,7 +361,10 @@ mod tests {
         symlink("a", root.join("b")).unwrap();
         assert!(read_tail(&root, Path::new("a"), 10).is_err());
         assert!(create_dir_all(&root, Path::new("a/sub"), 0o755).is_err());
-        assert!(disk_usage(&root) > 0, "the links themselves are counted, the loop is not walked");
+        assert!(
+            disk_usage(&root) > 0,
+            "the links themselves are counted, the loop is not walked"
+        );
         let _ = std::fs::remove_dir_all(&base);
     }
 
@@ -265,13 +372,28 @@ mod tests {
     fn a_fifo_is_refused_without_blocking() {
         let base = tempdir("fifo");
         let root = base.join("root");
-        rustix::fs::mknodat(rustix::fs::CWD, root.join("fifo"), FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
-        assert!(matches!(read_tail(&root, Path::new("fifo"), 4096), Err(Error::NotRegular { .. })));
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            read_tail(&root, Path::new("fifo"), 4096),
+            Err(Error::NotRegular { .. })
+        ));
         std::fs::create_dir(root.join("dir")).unwrap();
-        assert!(matches!(read_tail(&root, Path::new("dir"), 4096), Err(Error::NotRegular { .. })));
+        assert!(matches!(
+            read_tail(&root, Path::new("dir"), 4096),
+            Err(Error::NotRegular { .. })
+        ));
         // The file is replaced, not opened.
         create_empty_file(&root, OsStr::new("fifo"), 0o644).unwrap();
-        assert!(std::fs::symlink_metadata(root.join("fifo")).unwrap().is_file());
+        assert!(std::fs::symlink_metadata(root.join("fifo"))
+            .unwrap()
+            .is_file());
         let _ = std::fs::remove_dir_all(&base);
     }
 
@@ -295,8 +417,14 @@ mod tests {
         let root = base.join("root");
         symlink(base.join("outside"), root.join("termination-log")).unwrap();
         create_empty_file(&root, OsStr::new("termination-log"), 0o644).unwrap();
-        assert_eq!(std::fs::read_to_string(base.join("outside")).unwrap(), "host secret", "not truncated through the link");
-        assert!(std::fs::symlink_metadata(root.join("termination-log")).unwrap().is_file());
+        assert_eq!(
+            std::fs::read_to_string(base.join("outside")).unwrap(),
+            "host secret",
+            "not truncated through the link"
+        );
+        assert!(std::fs::symlink_metadata(root.join("termination-log"))
+            .unwrap()
+            .is_file());
         assert!(create_empty_file(&root, OsStr::new("../x"), 0o644).is_err());
         let _ = std::fs::remove_dir_all(&base);
     }
@@ -316,9 +444,16 @@ mod tests {
         symlink("../host", root.join("out")).unwrap();
         symlink(base.join("host"), root.join("abs")).unwrap();
         for rel in ["out", "out/made", "abs/made", "../host/made"] {
-            assert!(create_dir_all(&root, Path::new(rel), 0o755).is_err(), "{rel}");
+            assert!(
+                create_dir_all(&root, Path::new(rel), 0o755).is_err(),
+                "{rel}"
+            );
         }
-        assert_eq!(std::fs::read_dir(base.join("host")).unwrap().count(), 0, "nothing created outside the root");
+        assert_eq!(
+            std::fs::read_dir(base.join("host")).unwrap().count(),
+            0,
+            "nothing created outside the root"
+        );
         let _ = std::fs::remove_dir_all(&base);
     }
 
@@ -346,9 +481,15 @@ mod tests {
         let mut fd = open_root(&root).unwrap();
         for _ in 0..1500 {
             rustix::fs::mkdirat(&fd, "d", Mode::from_raw_mode(0o755)).unwrap();
-            fd = rustix::fs::openat(&fd, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+            fd = rustix::fs::openat(&fd, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
+                .unwrap();
         }
-        let used = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || disk_usage(&root)).unwrap().join().unwrap();
+        let used = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || disk_usage(&root))
+            .unwrap()
+            .join()
+            .unwrap();
         assert!(used > 0);
         // std's remove_dir_all handles the depth within the fd limit; the test cleans up.
         let _ = std::fs::remove_dir_all(&base);

@@ -59,7 +59,11 @@ pub fn referenced(container: &Container) -> Referenced {
 }
 
 /// The environment, in order, later entries overriding earlier ones of the same name.
-pub fn resolve(pod: &Pod, container: &Container, sources: &Sources) -> Result<Vec<(String, String)>, EnvError> {
+pub fn resolve(
+    pod: &Pod,
+    container: &Container,
+    sources: &Sources,
+) -> Result<Vec<(String, String)>, EnvError> {
     let mut env: Vec<(String, String)> = Vec::new();
     let set = |env: &mut Vec<(String, String)>, name: String, value: String| {
         env.retain(|(n, _)| *n != name);
@@ -69,9 +73,19 @@ pub fn resolve(pod: &Pod, container: &Container, sources: &Sources) -> Result<Ve
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let (kind, name, optional, data) = if let Some(cm) = &from.config_map_ref {
-            ("configmap", cm.name.as_str(), cm.optional.unwrap_or(false), sources.config_maps.get(&cm.name).cloned().flatten())
+            (
+                "configmap",
+                cm.name.as_str(),
+                cm.optional.unwrap_or(false),
+                sources.config_maps.get(&cm.name).cloned().flatten(),
+            )
         } else if let Some(s) = &from.secret_ref {
-            ("secret", s.name.as_str(), s.optional.unwrap_or(false), sources.secrets.get(&s.name).cloned().flatten())
+            (
+                "secret",
+                s.name.as_str(),
+                s.optional.unwrap_or(false),
+                sources.secrets.get(&s.name).cloned().flatten(),
+            )
         } else {
             continue;
         };
@@ -94,15 +108,33 @@ pub fn resolve(pod: &Pod, container: &Container, sources: &Sources) -> Result<Ve
                     match lookup(&sources.config_maps, &k.name, &k.key) {
                         Lookup::Found(v) => v,
                         _ if k.optional.unwrap_or(false) => continue,
-                        Lookup::NoObject => return Err(EnvError(format!("configmap \"{}\" not found", k.name))),
-                        Lookup::NoKey => return Err(EnvError(format!("couldn't find key {} in ConfigMap {}/{}", k.key, ns(pod), k.name))),
+                        Lookup::NoObject => {
+                            return Err(EnvError(format!("configmap \"{}\" not found", k.name)))
+                        }
+                        Lookup::NoKey => {
+                            return Err(EnvError(format!(
+                                "couldn't find key {} in ConfigMap {}/{}",
+                                k.key,
+                                ns(pod),
+                                k.name
+                            )))
+                        }
                     }
                 } else if let Some(k) = &from.secret_key_ref {
                     match lookup(&sources.secrets, &k.name, &k.key) {
                         Lookup::Found(v) => v,
                         _ if k.optional.unwrap_or(false) => continue,
-                        Lookup::NoObject => return Err(EnvError(format!("secret \"{}\" not found", k.name))),
-                        Lookup::NoKey => return Err(EnvError(format!("couldn't find key {} in Secret {}/{}", k.key, ns(pod), k.name))),
+                        Lookup::NoObject => {
+                            return Err(EnvError(format!("secret \"{}\" not found", k.name)))
+                        }
+                        Lookup::NoKey => {
+                            return Err(EnvError(format!(
+                                "couldn't find key {} in Secret {}/{}",
+                                k.key,
+                                ns(pod),
+                                k.name
+                            )))
+                        }
                     }
                 } else if let Some(f) = &from.field_ref {
                     field_value(pod, &f.field_path, sources)?
@@ -112,10 +144,17 @@ pub fn resolve(pod: &Pod, container: &Container, sources: &Sources) -> Result<Ve
                             .spec
                             .as_ref()
                             .and_then(|s| s.containers.iter().find(|c| &c.name == name))
-                            .ok_or_else(|| EnvError(format!("resourceFieldRef names unknown container {name}")))?,
+                            .ok_or_else(|| {
+                                EnvError(format!("resourceFieldRef names unknown container {name}"))
+                            })?,
                         _ => container,
                     };
-                    resource_value(target, &r.resource, r.divisor.as_ref().map(|q| q.0.as_str()), sources)?
+                    resource_value(
+                        target,
+                        &r.resource,
+                        r.divisor.as_ref().map(|q| q.0.as_str()),
+                        sources,
+                    )?
                 } else {
                     String::new()
                 }
@@ -132,7 +171,11 @@ enum Lookup {
     NoKey,
 }
 
-fn lookup(objects: &HashMap<String, Option<BTreeMap<String, String>>>, name: &str, key: &str) -> Lookup {
+fn lookup(
+    objects: &HashMap<String, Option<BTreeMap<String, String>>>,
+    name: &str,
+    key: &str,
+) -> Lookup {
     match objects.get(name).and_then(Option::as_ref) {
         None => Lookup::NoObject,
         Some(data) => data.get(key).cloned().map_or(Lookup::NoKey, Lookup::Found),
@@ -145,16 +188,35 @@ fn ns(pod: &Pod) -> &str {
 
 fn field_value(pod: &Pod, path: &str, sources: &Sources) -> Result<String, EnvError> {
     let m = &pod.metadata;
-    let from_map = |map: &Option<BTreeMap<String, String>>, key: &str| map.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default();
-    let quoted_key = |prefix: &str| path.strip_prefix(prefix).and_then(|rest| rest.strip_suffix("']")).map(str::to_string);
+    let from_map = |map: &Option<BTreeMap<String, String>>, key: &str| {
+        map.as_ref()
+            .and_then(|m| m.get(key))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let quoted_key = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix("']"))
+            .map(str::to_string)
+    };
     Ok(match path {
         "metadata.name" => m.name.clone().unwrap_or_default(),
         "metadata.namespace" => ns(pod).to_string(),
         "metadata.uid" => m.uid.clone().unwrap_or_default(),
-        "spec.nodeName" => pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "spec.nodeName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        "spec.serviceAccountName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
         // The pod IP is the node IP (DESIGN: no pod network for Wasm pods).
-        "status.hostIP" | "status.hostIPs" | "status.podIP" | "status.podIPs" => sources.host_ip.clone(),
+        "status.hostIP" | "status.hostIPs" | "status.podIP" | "status.podIPs" => {
+            sources.host_ip.clone()
+        }
         _ => {
             if let Some(k) = quoted_key("metadata.labels['") {
                 from_map(&m.labels, &k)
@@ -167,13 +229,24 @@ fn field_value(pod: &Pod, path: &str, sources: &Sources) -> Result<String, EnvEr
     })
 }
 
-pub(super) fn resource_value(container: &Container, resource: &str, divisor: Option<&str>, sources: &Sources) -> Result<String, EnvError> {
+pub(super) fn resource_value(
+    container: &Container,
+    resource: &str,
+    divisor: Option<&str>,
+    sources: &Sources,
+) -> Result<String, EnvError> {
     let res = container.resources.as_ref();
     let get = |kind: &str, name: &str| -> Option<String> {
-        let map = if kind == "limits" { res.and_then(|r| r.limits.as_ref()) } else { res.and_then(|r| r.requests.as_ref()) };
+        let map = if kind == "limits" {
+            res.and_then(|r| r.limits.as_ref())
+        } else {
+            res.and_then(|r| r.requests.as_ref())
+        };
         map.and_then(|m| m.get(name)).map(|q| q.0.clone())
     };
-    let (kind, name) = resource.split_once('.').ok_or_else(|| EnvError(format!("unsupported resourceFieldRef {resource}")))?;
+    let (kind, name) = resource
+        .split_once('.')
+        .ok_or_else(|| EnvError(format!("unsupported resourceFieldRef {resource}")))?;
     let is_cpu = name == "cpu";
     // Value in base units: millicores for cpu, bytes otherwise.
     let value = match get(kind, name) {
@@ -196,7 +269,12 @@ pub(super) fn resource_value(container: &Container, resource: &str, divisor: Opt
 /// rounded up) for memory and storage.
 fn parse_base_units(q: &str, is_cpu: bool) -> Result<u64, EnvError> {
     let quantity = crate::quantity::Quantity::parse(q).map_err(|e| EnvError(e.to_string()))?;
-    if is_cpu { quantity.millis() } else { quantity.bytes() }.map_err(|e| EnvError(e.to_string()))
+    if is_cpu {
+        quantity.millis()
+    } else {
+        quantity.bytes()
+    }
+    .map_err(|e| EnvError(e.to_string()))
 }
 
 /// Kubernetes `$(VAR)` expansion against the variables defined so far: `$$` is a literal `$`,
@@ -237,7 +315,10 @@ pub fn expand(input: &str, env: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector, SecretEnvSource, SecretKeySelector};
+    use k8s_openapi::api::core::v1::{
+        ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource, ObjectFieldSelector,
+        SecretEnvSource, SecretKeySelector,
+    };
 
     fn pod() -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -248,18 +329,39 @@ mod tests {
     }
 
     fn var(name: &str, value: &str) -> EnvVar {
-        EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+        EnvVar {
+            name: name.into(),
+            value: Some(value.into()),
+            value_from: None,
+        }
     }
 
     fn from(name: &str, source: EnvVarSource) -> EnvVar {
-        EnvVar { name: name.into(), value: None, value_from: Some(source) }
+        EnvVar {
+            name: name.into(),
+            value: None,
+            value_from: Some(source),
+        }
     }
 
     fn sources() -> Sources {
-        let mut s = Sources { host_ip: "127.0.0.9".into(), node_allocatable: (2000, 1 << 30), ..Default::default() };
-        s.config_maps.insert("cfg".into(), Some(BTreeMap::from([("color".into(), "blue".into()), ("size".into(), "L".into())])));
+        let mut s = Sources {
+            host_ip: "127.0.0.9".into(),
+            node_allocatable: (2000, 1 << 30),
+            ..Default::default()
+        };
+        s.config_maps.insert(
+            "cfg".into(),
+            Some(BTreeMap::from([
+                ("color".into(), "blue".into()),
+                ("size".into(), "L".into()),
+            ])),
+        );
         s.config_maps.insert("gone".into(), None);
-        s.secrets.insert("creds".into(), Some(BTreeMap::from([("password".into(), "s3cret".into())])));
+        s.secrets.insert(
+            "creds".into(),
+            Some(BTreeMap::from([("password".into(), "s3cret".into())])),
+        );
         s
     }
 
@@ -270,20 +372,53 @@ mod tests {
         c.env = Some(vec![
             var("GREETING", "hello"),
             var("MSG", "$(GREETING) world $$(GREETING) $(UNDEFINED)"),
-            from("POD", EnvVarSource { field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }), ..Default::default() }),
-            from("APP", EnvVarSource { field_ref: Some(ObjectFieldSelector { field_path: "metadata.labels['app']".into(), api_version: None }), ..Default::default() }),
-            from("IP", EnvVarSource { field_ref: Some(ObjectFieldSelector { field_path: "status.podIP".into(), api_version: None }), ..Default::default() }),
+            from(
+                "POD",
+                EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        api_version: None,
+                    }),
+                    ..Default::default()
+                },
+            ),
+            from(
+                "APP",
+                EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.labels['app']".into(),
+                        api_version: None,
+                    }),
+                    ..Default::default()
+                },
+            ),
+            from(
+                "IP",
+                EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "status.podIP".into(),
+                        api_version: None,
+                    }),
+                    ..Default::default()
+                },
+            ),
             from(
                 "MEM",
                 EnvVarSource {
-                    resource_field_ref: Some(k8s_openapi::api::core::v1::ResourceFieldSelector { resource: "limits.memory".into(), ..Default::default() }),
+                    resource_field_ref: Some(k8s_openapi::api::core::v1::ResourceFieldSelector {
+                        resource: "limits.memory".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
             ),
             from(
                 "CPU",
                 EnvVarSource {
-                    resource_field_ref: Some(k8s_openapi::api::core::v1::ResourceFieldSelector { resource: "limits.cpu".into(), ..Default::default() }),
+                    resource_field_ref: Some(k8s_openapi::api::core::v1::ResourceFieldSelector {
+                        resource: "limits.cpu".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
             ),
@@ -303,12 +438,24 @@ mod tests {
             "limits": {"memory": "67108864001m", "cpu": "1.5"}, "requests": {"memory": "0.5Ki", "cpu": "0.0001"}}}))
         .unwrap();
         let value = |r: &str, d: Option<&str>| resource_value(&c, r, d, &sources()).unwrap();
-        assert_eq!(value("limits.memory", None), "67108865", "milli bytes round up");
-        assert_eq!(value("limits.memory", Some("1Mi")), "65", "64 MiB and a byte, in MiB, rounded up");
+        assert_eq!(
+            value("limits.memory", None),
+            "67108865",
+            "milli bytes round up"
+        );
+        assert_eq!(
+            value("limits.memory", Some("1Mi")),
+            "65",
+            "64 MiB and a byte, in MiB, rounded up"
+        );
         assert_eq!(value("limits.cpu", None), "2", "1500m in cores, rounded up");
         assert_eq!(value("limits.cpu", Some("1m")), "1500");
         assert_eq!(value("requests.memory", Some("1")), "512");
-        assert_eq!(value("requests.cpu", Some("1m")), "1", "0.0001 cores is 1 millicore, rounded up");
+        assert_eq!(
+            value("requests.cpu", Some("1m")),
+            "1",
+            "0.0001 cores is 1 millicore, rounded up"
+        );
         assert!(resource_value(&c, "limits.memory", Some("1Xi"), &sources()).is_err());
     }
 
@@ -317,15 +464,65 @@ mod tests {
         let pod = pod();
         let mut c = pod.spec.as_ref().unwrap().containers[0].clone();
         c.env_from = Some(vec![
-            EnvFromSource { prefix: Some("CFG_".into()), config_map_ref: Some(k8s_openapi::api::core::v1::ConfigMapEnvSource { name: "cfg".into(), optional: None }), secret_ref: None },
-            EnvFromSource { prefix: None, config_map_ref: None, secret_ref: Some(SecretEnvSource { name: "missing".into(), optional: Some(true) }) },
+            EnvFromSource {
+                prefix: Some("CFG_".into()),
+                config_map_ref: Some(k8s_openapi::api::core::v1::ConfigMapEnvSource {
+                    name: "cfg".into(),
+                    optional: None,
+                }),
+                secret_ref: None,
+            },
+            EnvFromSource {
+                prefix: None,
+                config_map_ref: None,
+                secret_ref: Some(SecretEnvSource {
+                    name: "missing".into(),
+                    optional: Some(true),
+                }),
+            },
         ]);
         c.env = Some(vec![
-            from("COLOR", EnvVarSource { config_map_key_ref: Some(ConfigMapKeySelector { name: "cfg".into(), key: "color".into(), optional: None }), ..Default::default() }),
-            from("PW", EnvVarSource { secret_key_ref: Some(SecretKeySelector { name: "creds".into(), key: "password".into(), optional: None }), ..Default::default() }),
-            from("OPT", EnvVarSource { secret_key_ref: Some(SecretKeySelector { name: "creds".into(), key: "nope".into(), optional: Some(true) }), ..Default::default() }),
+            from(
+                "COLOR",
+                EnvVarSource {
+                    config_map_key_ref: Some(ConfigMapKeySelector {
+                        name: "cfg".into(),
+                        key: "color".into(),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+            ),
+            from(
+                "PW",
+                EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: "creds".into(),
+                        key: "password".into(),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+            ),
+            from(
+                "OPT",
+                EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: "creds".into(),
+                        key: "nope".into(),
+                        optional: Some(true),
+                    }),
+                    ..Default::default()
+                },
+            ),
         ]);
-        assert_eq!(referenced(&c), Referenced { config_maps: vec!["cfg".into()], secrets: vec!["creds".into(), "missing".into()] });
+        assert_eq!(
+            referenced(&c),
+            Referenced {
+                config_maps: vec!["cfg".into()],
+                secrets: vec!["creds".into(), "missing".into()]
+            }
+        );
         let env: HashMap<_, _> = resolve(&pod, &c, &sources()).unwrap().into_iter().collect();
         assert_eq!(env["CFG_color"], "blue");
         assert_eq!(env["COLOR"], "blue");
@@ -337,10 +534,36 @@ mod tests {
     fn a_missing_mandatory_reference_is_an_error_naming_it() {
         let pod = pod();
         let mut c = pod.spec.as_ref().unwrap().containers[0].clone();
-        c.env = Some(vec![from("PW", EnvVarSource { secret_key_ref: Some(SecretKeySelector { name: "absent".into(), key: "k".into(), optional: None }), ..Default::default() })]);
-        assert_eq!(resolve(&pod, &c, &sources()).unwrap_err().0, "secret \"absent\" not found");
-        c.env = Some(vec![from("C", EnvVarSource { config_map_key_ref: Some(ConfigMapKeySelector { name: "cfg".into(), key: "nokey".into(), optional: None }), ..Default::default() })]);
-        assert!(resolve(&pod, &c, &sources()).unwrap_err().0.contains("couldn't find key nokey"));
+        c.env = Some(vec![from(
+            "PW",
+            EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: "absent".into(),
+                    key: "k".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            },
+        )]);
+        assert_eq!(
+            resolve(&pod, &c, &sources()).unwrap_err().0,
+            "secret \"absent\" not found"
+        );
+        c.env = Some(vec![from(
+            "C",
+            EnvVarSource {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name: "cfg".into(),
+                    key: "nokey".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            },
+        )]);
+        assert!(resolve(&pod, &c, &sources())
+            .unwrap_err()
+            .0
+            .contains("couldn't find key nokey"));
     }
 
     #[test]

@@ -31,7 +31,12 @@ struct WorkerHandle {
     nudge: Arc<Notify>,
 }
 
-pub async fn run(ctx: Arc<WorkerContext>, changes: mpsc::UnboundedReceiver<PodChange>, pleg: mpsc::UnboundedReceiver<String>, shutdown: CancellationToken) {
+pub async fn run(
+    ctx: Arc<WorkerContext>,
+    changes: mpsc::UnboundedReceiver<PodChange>,
+    pleg: mpsc::UnboundedReceiver<String>,
+    shutdown: CancellationToken,
+) {
     run_linked(ctx, changes, pleg, None, shutdown).await
 }
 
@@ -49,7 +54,12 @@ pub async fn run_linked(
     };
     let publish = |workers: &HashMap<String, WorkerHandle>| {
         if let Some(tx) = &pods_tx {
-            tx.send_replace(workers.iter().map(|(uid, h)| (uid.clone(), h.desired.borrow().pod.clone())).collect());
+            tx.send_replace(
+                workers
+                    .iter()
+                    .map(|(uid, h)| (uid.clone(), h.desired.borrow().pod.clone()))
+                    .collect(),
+            );
         }
     };
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::source::PodChange;
-use super::static_source::{annotation, static_key, MirrorInput, ANNOTATION_HASH, ANNOTATION_MIRROR};
+use super::static_source::{
+    annotation, static_key, MirrorInput, ANNOTATION_HASH, ANNOTATION_MIRROR,
+};
 use super::status::StatusSender;
 use crate::config::one_line;
 use crate::node_status::NodeRef;
@@ -46,11 +48,26 @@ pub struct MirrorManager {
 }
 
 impl MirrorManager {
-    pub fn new(api: kube::Client, node: watch::Receiver<Option<NodeRef>>, status: StatusSender) -> Self {
-        Self { api, node, status, statics: None, mirrors: HashMap::new(), told: HashMap::new() }
+    pub fn new(
+        api: kube::Client,
+        node: watch::Receiver<Option<NodeRef>>,
+        status: StatusSender,
+    ) -> Self {
+        Self {
+            api,
+            node,
+            status,
+            statics: None,
+            mirrors: HashMap::new(),
+            told: HashMap::new(),
+        }
     }
 
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MirrorInput>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<MirrorInput>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -79,26 +96,37 @@ impl MirrorManager {
                 self.mirrors.insert(name_of(&pod), (*pod).clone());
             }
             MirrorInput::Observed(PodChange::Removed(uid)) => {
-                self.mirrors.retain(|_, m| m.metadata.uid.as_deref() != Some(uid.as_str()));
+                self.mirrors
+                    .retain(|_, m| m.metadata.uid.as_deref() != Some(uid.as_str()));
             }
         }
     }
 
     async fn reconcile(&mut self) {
-        let Some(statics) = self.statics.clone() else { return };
+        let Some(statics) = self.statics.clone() else {
+            return;
+        };
         let node = self.node.borrow().clone();
         // Mirrors whose static pod is gone.
-        let orphans: Vec<Name> = self.mirrors.keys().filter(|k| !statics.contains_key(*k)).cloned().collect();
+        let orphans: Vec<Name> = self
+            .mirrors
+            .keys()
+            .filter(|k| !statics.contains_key(*k))
+            .cloned()
+            .collect();
         for name in orphans {
             if self.delete(&name).await {
                 info!(pod = %format!("{}/{}", name.0, name.1), "deleted the mirror pod of a removed static pod");
             }
         }
         for (name, pod) in &statics {
-            let hash = annotation(pod, ANNOTATION_HASH).unwrap_or_default().to_string();
+            let hash = annotation(pod, ANNOTATION_HASH)
+                .unwrap_or_default()
+                .to_string();
             let key = static_key(pod);
             if let Some(mirror) = self.mirrors.get(name) {
-                let current = annotation(mirror, ANNOTATION_MIRROR) == Some(hash.as_str()) && mirror.metadata.deletion_timestamp.is_none();
+                let current = annotation(mirror, ANNOTATION_MIRROR) == Some(hash.as_str())
+                    && mirror.metadata.deletion_timestamp.is_none();
                 if current {
                     let mirror_uid = mirror.metadata.uid.clone().unwrap_or_default();
                     if self.told.get(&key.uid) != Some(&mirror_uid) {
@@ -127,16 +155,25 @@ impl MirrorManager {
                 None => continue,
             }
         }
-        self.told.retain(|uid, _| statics.values().any(|p| p.metadata.uid.as_deref() == Some(uid.as_str())));
+        self.told.retain(|uid, _| {
+            statics
+                .values()
+                .any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))
+        });
     }
 
     /// Deletes the mirror pod `name` (grace 0, UID precondition). True when it is gone.
     async fn delete(&mut self, name: &Name) -> bool {
-        let Some(mirror) = self.mirrors.get(name) else { return true };
+        let Some(mirror) = self.mirrors.get(name) else {
+            return true;
+        };
         let api: Api<Pod> = Api::namespaced(self.api.clone(), &name.0);
         let params = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: mirror.metadata.uid.clone(), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: mirror.metadata.uid.clone(),
+                resource_version: None,
+            }),
             ..Default::default()
         };
         match api.delete(&name.1, &params).await {
@@ -203,7 +240,13 @@ pub fn mirror_of(pod: &Pod, hash: &str, node: &NodeRef) -> Pod {
 }
 
 fn name_of(pod: &Pod) -> Name {
-    (pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()), pod.metadata.name.clone().unwrap_or_default())
+    (
+        pod.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -216,13 +259,26 @@ mod tests {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec: {containers: [{name: c, image: 'x:1'}]}\n";
         let pod = &parse_manifest(text, &Origin::File("/m/web.yaml".into()), "n1").unwrap()[0];
         let hash = annotation(pod, ANNOTATION_HASH).unwrap();
-        let m = mirror_of(pod, hash, &NodeRef { name: "n1".into(), uid: "node-uid".into() });
+        let m = mirror_of(
+            pod,
+            hash,
+            &NodeRef {
+                name: "n1".into(),
+                uid: "node-uid".into(),
+            },
+        );
         assert_eq!(annotation(&m, ANNOTATION_MIRROR), Some(hash));
-        assert!(m.metadata.uid.is_none(), "the API server assigns the mirror its own UID");
+        assert!(
+            m.metadata.uid.is_none(),
+            "the API server assigns the mirror its own UID"
+        );
         assert_eq!(m.metadata.name.as_deref(), Some("web-n1"));
         assert_eq!(m.metadata.labels, pod.metadata.labels);
         let owner = &m.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("Node", "n1", "node-uid"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Node", "n1", "node-uid")
+        );
         assert_eq!(m.spec, pod.spec);
     }
 }

@@ -78,7 +78,12 @@ pub enum Step {
 ///
 /// Init containers run in order, each to success before the next; a running one, or a failed
 /// one under `Never`, holds the rest back. App containers each restart per `policy`.
-pub fn plan(policy: RestartPolicy, init: &[(&str, u64)], app: &[(&str, u64)], seen: impl Fn(&str) -> Seen) -> Vec<Step> {
+pub fn plan(
+    policy: RestartPolicy,
+    init: &[(&str, u64)],
+    app: &[(&str, u64)],
+    seen: impl Fn(&str) -> Seen,
+) -> Vec<Step> {
     for (name, _) in init {
         let s = seen(name);
         match s.now {
@@ -87,25 +92,37 @@ pub fn plan(policy: RestartPolicy, init: &[(&str, u64)], app: &[(&str, u64)], se
             Some(Now::Running | Now::Created) => return Vec::new(),
             // The pod fails; nothing more starts.
             Some(Now::Exited { .. }) if policy == RestartPolicy::Never => return Vec::new(),
-            _ => return vec![Step::Start { name: name.to_string(), init: true }],
+            _ => {
+                return vec![Step::Start {
+                    name: name.to_string(),
+                    init: true,
+                }]
+            }
         }
     }
     let mut steps = Vec::new();
     for (name, hash) in app {
         let s = seen(name);
         if s.now == Some(Now::Running) && s.started_hash != 0 && s.started_hash != *hash {
-            steps.push(Step::Replace { name: name.to_string() });
+            steps.push(Step::Replace {
+                name: name.to_string(),
+            });
             continue;
         }
         let start = match (s.now, s.last_exit) {
             (Some(Now::Running | Now::Created), _) => false,
             (Some(Now::Exited { exit_code }), _) => policy.restarts_after(exit_code),
             // Known only from the pod's status (an agent restart): follow the policy.
-            (None, Some(exit_code)) if !s.has_id && s.attempts > 0 => policy.restarts_after(exit_code),
+            (None, Some(exit_code)) if !s.has_id && s.attempts > 0 => {
+                policy.restarts_after(exit_code)
+            }
             (None, _) => true,
         };
         if start {
-            steps.push(Step::Start { name: name.to_string(), init: false });
+            steps.push(Step::Start {
+                name: name.to_string(),
+                init: false,
+            });
         }
     }
     steps
@@ -118,72 +135,171 @@ mod tests {
     use RestartPolicy::*;
 
     fn start(name: &str) -> Step {
-        Step::Start { name: name.into(), init: false }
+        Step::Start {
+            name: name.into(),
+            init: false,
+        }
     }
     fn start_init(name: &str) -> Step {
-        Step::Start { name: name.into(), init: true }
+        Step::Start {
+            name: name.into(),
+            init: true,
+        }
     }
     fn exited(code: i32) -> Seen {
-        Seen { now: Some(Now::Exited { exit_code: code }), last_exit: Some(code), has_id: true, attempts: 1, started_hash: 7 }
+        Seen {
+            now: Some(Now::Exited { exit_code: code }),
+            last_exit: Some(code),
+            has_id: true,
+            attempts: 1,
+            started_hash: 7,
+        }
     }
     fn running(hash: u64) -> Seen {
-        Seen { now: Some(Now::Running), has_id: true, attempts: 1, started_hash: hash, ..Default::default() }
+        Seen {
+            now: Some(Now::Running),
+            has_id: true,
+            attempts: 1,
+            started_hash: hash,
+            ..Default::default()
+        }
     }
     /// Finished before the agent restarted: known only from the pod's status.
     fn from_status(code: i32) -> Seen {
-        Seen { now: None, last_exit: Some(code), has_id: false, attempts: 1, started_hash: 0 }
+        Seen {
+            now: None,
+            last_exit: Some(code),
+            has_id: false,
+            attempts: 1,
+            started_hash: 0,
+        }
     }
     fn run(policy: RestartPolicy, init: &[&str], app: &[&str], seen: &[(&str, Seen)]) -> Vec<Step> {
         let seen: HashMap<&str, Seen> = seen.iter().copied().collect();
         fn with_hash<'a>(names: &[&'a str]) -> Vec<(&'a str, u64)> {
             names.iter().map(|n| (*n, 7u64)).collect()
         }
-        plan(policy, &with_hash(init), &with_hash(app), |n| seen.get(n).copied().unwrap_or_default())
+        plan(policy, &with_hash(init), &with_hash(app), |n| {
+            seen.get(n).copied().unwrap_or_default()
+        })
     }
 
     #[test]
     fn restart_policies_decide_what_follows_an_exit() {
         // (policy, exit code) -> restarted?
-        let table = [(Always, 0, true), (Always, 1, true), (OnFailure, 0, false), (OnFailure, 137, true), (Never, 0, false), (Never, 1, false)];
+        let table = [
+            (Always, 0, true),
+            (Always, 1, true),
+            (OnFailure, 0, false),
+            (OnFailure, 137, true),
+            (Never, 0, false),
+            (Never, 1, false),
+        ];
         for (policy, code, restarts) in table {
             let steps = run(policy, &[], &["app"], &[("app", exited(code))]);
-            assert_eq!(!steps.is_empty(), restarts, "{policy:?} after exit {code}: {steps:?}");
+            assert_eq!(
+                !steps.is_empty(),
+                restarts,
+                "{policy:?} after exit {code}: {steps:?}"
+            );
             // The same run known only from the pod's status (an agent restart) decides the same.
             let steps = run(policy, &[], &["app"], &[("app", from_status(code))]);
-            assert_eq!(!steps.is_empty(), restarts, "{policy:?} after exit {code}, from the status: {steps:?}");
+            assert_eq!(
+                !steps.is_empty(),
+                restarts,
+                "{policy:?} after exit {code}, from the status: {steps:?}"
+            );
         }
     }
 
     #[test]
     fn new_containers_start_and_running_ones_stay() {
         assert_eq!(run(Never, &[], &["a", "b"], &[]), [start("a"), start("b")]);
-        assert_eq!(run(Always, &[], &["a", "b"], &[("a", running(7))]), [start("b")]);
-        let created = Seen { now: Some(Now::Created), has_id: true, attempts: 1, ..Default::default() };
+        assert_eq!(
+            run(Always, &[], &["a", "b"], &[("a", running(7))]),
+            [start("b")]
+        );
+        let created = Seen {
+            now: Some(Now::Created),
+            has_id: true,
+            attempts: 1,
+            ..Default::default()
+        };
         assert_eq!(run(Always, &[], &["a"], &[("a", created)]), []);
         // A run that was lost (no state, no ID, but runs before): started again whatever the policy says
         // of exits, because it did not exit.
-        let lost = Seen { now: None, last_exit: Some(137), has_id: false, attempts: 1, started_hash: 0 };
+        let lost = Seen {
+            now: None,
+            last_exit: Some(137),
+            has_id: false,
+            attempts: 1,
+            started_hash: 0,
+        };
         assert_eq!(run(Always, &[], &["a"], &[("a", lost)]), [start("a")]);
     }
 
     #[test]
     fn init_containers_run_in_order_each_to_success() {
-        assert_eq!(run(Always, &["i1", "i2"], &["app"], &[]), [start_init("i1")], "the first init container alone");
-        assert_eq!(run(Always, &["i1", "i2"], &["app"], &[("i1", running(7))]), [], "nothing while it runs");
-        assert_eq!(run(Always, &["i1", "i2"], &["app"], &[("i1", exited(0))]), [start_init("i2")]);
-        assert_eq!(run(Always, &["i1", "i2"], &["app"], &[("i1", exited(0)), ("i2", exited(0))]), [start("app")]);
-        assert_eq!(run(Always, &["i1"], &["app"], &[("i1", exited(1))]), [start_init("i1")], "a failed init container runs again");
-        assert_eq!(run(OnFailure, &["i1"], &["app"], &[("i1", exited(1))]), [start_init("i1")]);
-        assert_eq!(run(Never, &["i1"], &["app"], &[("i1", exited(1))]), [], "under Never the pod fails");
+        assert_eq!(
+            run(Always, &["i1", "i2"], &["app"], &[]),
+            [start_init("i1")],
+            "the first init container alone"
+        );
+        assert_eq!(
+            run(Always, &["i1", "i2"], &["app"], &[("i1", running(7))]),
+            [],
+            "nothing while it runs"
+        );
+        assert_eq!(
+            run(Always, &["i1", "i2"], &["app"], &[("i1", exited(0))]),
+            [start_init("i2")]
+        );
+        assert_eq!(
+            run(
+                Always,
+                &["i1", "i2"],
+                &["app"],
+                &[("i1", exited(0)), ("i2", exited(0))]
+            ),
+            [start("app")]
+        );
+        assert_eq!(
+            run(Always, &["i1"], &["app"], &[("i1", exited(1))]),
+            [start_init("i1")],
+            "a failed init container runs again"
+        );
+        assert_eq!(
+            run(OnFailure, &["i1"], &["app"], &[("i1", exited(1))]),
+            [start_init("i1")]
+        );
+        assert_eq!(
+            run(Never, &["i1"], &["app"], &[("i1", exited(1))]),
+            [],
+            "under Never the pod fails"
+        );
         // Succeeded before an agent restart: known from the status only, not run again.
-        assert_eq!(run(Always, &["i1"], &["app"], &[("i1", from_status(0))]), [start("app")]);
+        assert_eq!(
+            run(Always, &["i1"], &["app"], &[("i1", from_status(0))]),
+            [start("app")]
+        );
     }
 
     #[test]
     fn a_changed_definition_replaces_the_running_container() {
-        assert_eq!(run(Always, &[], &["app"], &[("app", running(9))]), [Step::Replace { name: "app".into() }]);
-        assert_eq!(run(Never, &[], &["app"], &[("app", running(9))]), [Step::Replace { name: "app".into() }], "whatever the policy");
-        assert_eq!(run(Always, &[], &["app"], &[("app", running(0))]), [], "an unknown hash is no change");
+        assert_eq!(
+            run(Always, &[], &["app"], &[("app", running(9))]),
+            [Step::Replace { name: "app".into() }]
+        );
+        assert_eq!(
+            run(Never, &[], &["app"], &[("app", running(9))]),
+            [Step::Replace { name: "app".into() }],
+            "whatever the policy"
+        );
+        assert_eq!(
+            run(Always, &[], &["app"], &[("app", running(0))]),
+            [],
+            "an unknown hash is no change"
+        );
         assert_eq!(run(Always, &[], &["app"], &[("app", running(7))]), []);
     }
 

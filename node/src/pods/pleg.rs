@@ -54,10 +54,21 @@ pub struct Mark(u64);
 
 /// A cache with nothing in it yet (an empty snapshot, generation 0, from before any relist).
 pub fn runtime_cache() -> (RuntimeCache, RuntimePublisher) {
-    let empty = Arc::new(RuntimeSnapshot { generation: 0, containers: None, sandboxes: None });
+    let empty = Arc::new(RuntimeSnapshot {
+        generation: 0,
+        containers: None,
+        sandboxes: None,
+    });
     let (tx, rx) = watch::channel(empty);
     let (relist, begun) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
-    (RuntimeCache { rx, relist: relist.clone(), begun: begun.clone() }, RuntimePublisher { tx, relist, begun })
+    (
+        RuntimeCache {
+            rx,
+            relist: relist.clone(),
+            begun: begun.clone(),
+        },
+        RuntimePublisher { tx, relist, begun },
+    )
 }
 
 impl RuntimeCache {
@@ -110,7 +121,12 @@ fn state_kind(s: &ContainerState) -> u8 {
     }
 }
 
-pub async fn run(provider: Arc<dyn Provider>, cache: RuntimePublisher, tx: mpsc::UnboundedSender<String>, shutdown: CancellationToken) {
+pub async fn run(
+    provider: Arc<dyn Provider>,
+    cache: RuntimePublisher,
+    tx: mpsc::UnboundedSender<String>,
+    shutdown: CancellationToken,
+) {
     let mut previous: HashMap<String, (String, u8)> = HashMap::new();
     let mut tick = tokio::time::interval(RELIST_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,11 +139,18 @@ pub async fn run(provider: Arc<dyn Provider>, cache: RuntimePublisher, tx: mpsc:
         let mut current = HashMap::new();
         let relist_started = Instant::now();
         let generation = cache.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let (listed, sandboxes) = (provider.list_containers().await, provider.list_pod_sandboxes().await);
+        let (listed, sandboxes) = (
+            provider.list_containers().await,
+            provider.list_pod_sandboxes().await,
+        );
         if let Err(e) = listed.as_ref().and(sandboxes.as_ref()) {
             tracing::debug!(error = %e, "the runtime cannot be listed");
         }
-        cache.tx.send_replace(Arc::new(RuntimeSnapshot { generation, containers: listed.as_ref().ok().cloned(), sandboxes: sandboxes.ok() }));
+        cache.tx.send_replace(Arc::new(RuntimeSnapshot {
+            generation,
+            containers: listed.as_ref().ok().cloned(),
+            sandboxes: sandboxes.ok(),
+        }));
         // Nothing changed that anyone can know of while the runtime cannot be asked; the
         // relist after it is back reports what did.
         let Ok(listed) = listed else { continue };
@@ -162,7 +185,12 @@ fn record_relist(listed: &[provider_api::ContainerSummary], took: Duration) {
         }
     }
     for (state, count) in ["created", "running", "exited"].into_iter().zip(by_state) {
-        metrics.running_containers.get_or_create(&crate::metrics::ContainerStateLabels { container_state: state }).set(i64::from(count));
+        metrics
+            .running_containers
+            .get_or_create(&crate::metrics::ContainerStateLabels {
+                container_state: state,
+            })
+            .set(i64::from(count));
     }
     metrics.running_pods.set(running_pods.len() as i64);
 }

@@ -39,7 +39,9 @@ struct HostPort {
 impl HostPort {
     /// Two claims collide on the same port and protocol unless both name different addresses.
     fn collides(&self, other: &HostPort) -> bool {
-        self.port == other.port && self.protocol == other.protocol && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+        self.port == other.port
+            && self.protocol == other.protocol
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
     }
 
     fn describe(&self) -> String {
@@ -80,7 +82,11 @@ pub struct PortClaim {
 impl Drop for PortClaim {
     fn drop(&mut self) {
         if let Some((table, uid)) = self.table.take() {
-            table.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+            table
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uid);
         }
     }
 }
@@ -98,7 +104,10 @@ impl HostPorts {
             if other_uid == uid {
                 continue;
             }
-            if let Some(mine) = wanted.iter().find(|w| other.ports.iter().any(|p| w.collides(p))) {
+            if let Some(mine) = wanted
+                .iter()
+                .find(|w| other.ports.iter().any(|p| w.collides(p)))
+            {
                 return Err(Rejection {
                     reason: PORT_CONFLICT_REASON.into(),
                     message: format!(
@@ -109,21 +118,40 @@ impl HostPorts {
                 });
             }
         }
-        held.insert(uid.to_string(), Held { pod: pod_name(pod), ports: wanted });
-        Ok(PortClaim { table: Some((self.clone(), uid.to_string())) })
+        held.insert(
+            uid.to_string(),
+            Held {
+                pod: pod_name(pod),
+                ports: wanted,
+            },
+        );
+        Ok(PortClaim {
+            table: Some((self.clone(), uid.to_string())),
+        })
     }
 }
 
 fn pod_name(pod: &Pod) -> String {
-    format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or("default"), pod.metadata.name.as_deref().unwrap_or(""))
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or("")
+    )
 }
 
 /// Every port the pod's containers (init containers included: they bind too) declare, or a
 /// rejection when two of its own containers declare the same one.
 fn declared(pod: &Pod) -> Result<Vec<HostPort>, Rejection> {
-    let Some(spec) = &pod.spec else { return Ok(Vec::new()) };
+    let Some(spec) = &pod.spec else {
+        return Ok(Vec::new());
+    };
     let mut ports: Vec<(HostPort, &str)> = Vec::new();
-    for c in spec.init_containers.iter().flatten().chain(spec.containers.iter()) {
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+    {
         for p in c.ports.iter().flatten() {
             let port = host_port(p, &c.name)?;
             if let Some((_, owner)) = ports.iter().find(|(q, _)| q.collides(&port)) {
@@ -139,8 +167,14 @@ fn declared(pod: &Pod) -> Result<Vec<HostPort>, Rejection> {
 }
 
 fn host_port(p: &ContainerPort, container: &str) -> Result<HostPort, Rejection> {
-    let invalid = |what: String| Rejection { reason: "UnsupportedPodSpec".into(), message: format!("container {container}: {what}") };
-    let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0).ok_or_else(|| invalid(format!("invalid containerPort {}", p.container_port)))?;
+    let invalid = |what: String| Rejection {
+        reason: "UnsupportedPodSpec".into(),
+        message: format!("container {container}: {what}"),
+    };
+    let port = u16::try_from(p.container_port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid(format!("invalid containerPort {}", p.container_port)))?;
     // A hostPort other than the containerPort cannot be honoured: there is no NAT in front of a
     // Wasm pod, the guest is reached on its containerPort at the node IP.
     if let Some(host) = p.host_port.filter(|h| *h != 0 && *h != p.container_port) {
@@ -148,9 +182,17 @@ fn host_port(p: &ContainerPort, container: &str) -> Result<HostPort, Rejection> 
     }
     let host_ip = match p.host_ip.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(s.parse::<IpAddr>().map_err(|_| invalid(format!("invalid hostIP {s:?}")))?).filter(|ip| !ip.is_unspecified()),
+        Some(s) => Some(
+            s.parse::<IpAddr>()
+                .map_err(|_| invalid(format!("invalid hostIP {s:?}")))?,
+        )
+        .filter(|ip| !ip.is_unspecified()),
     };
-    Ok(HostPort { host_ip, protocol: protocol(p)?, port })
+    Ok(HostPort {
+        host_ip,
+        protocol: protocol(p)?,
+        port,
+    })
 }
 
 fn protocol(p: &ContainerPort) -> Result<Protocol, Rejection> {
@@ -158,14 +200,24 @@ fn protocol(p: &ContainerPort) -> Result<Protocol, Rejection> {
         "TCP" | "" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
         "SCTP" => Ok(Protocol::Sctp),
-        other => Err(Rejection { reason: "UnsupportedPodSpec".into(), message: format!("port {} has unknown protocol {other}", p.container_port) }),
+        other => Err(Rejection {
+            reason: "UnsupportedPodSpec".into(),
+            message: format!("port {} has unknown protocol {other}", p.container_port),
+        }),
     }
 }
 
 /// The pod's outbound policy from its [`ALLOWED_OUTBOUND_HOSTS`] annotation; a malformed entry
 /// is a rejection naming it.
 pub fn outbound_policy(pod: &Pod) -> Result<OutboundPolicy, Rejection> {
-    let Some(value) = pod.metadata.annotations.as_ref().and_then(|a| a.get(ALLOWED_OUTBOUND_HOSTS)) else { return Ok(OutboundPolicy::AllowAll) };
+    let Some(value) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ALLOWED_OUTBOUND_HOSTS))
+    else {
+        return Ok(OutboundPolicy::AllowAll);
+    };
     let mut hosts = Vec::new();
     for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         hosts.push(parse_allowed_host(entry).map_err(|why| Rejection {
@@ -193,18 +245,41 @@ fn parse_allowed_host(entry: &str) -> Result<AllowedHost, String> {
     }
     let port = match port {
         None => None,
-        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("invalid port {p:?}"))?),
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("invalid port {p:?}"))?,
+        ),
     };
-    Ok(AllowedHost { host: host.to_ascii_lowercase(), port })
+    Ok(AllowedHost {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
 }
 
 /// The most requests served at once, from the [`MAX_CONCURRENT_REQUESTS`] annotation.
 pub fn max_concurrent_requests(pod: &Pod) -> Result<Option<u32>, Rejection> {
-    let Some(value) = pod.metadata.annotations.as_ref().and_then(|a| a.get(MAX_CONCURRENT_REQUESTS)) else { return Ok(None) };
-    value.trim().parse::<u32>().ok().filter(|n| *n > 0).map(Some).ok_or_else(|| Rejection {
-        reason: "UnsupportedPodSpec".into(),
-        message: format!("annotation {MAX_CONCURRENT_REQUESTS}: {value:?} is not a positive number"),
-    })
+    let Some(value) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MAX_CONCURRENT_REQUESTS))
+    else {
+        return Ok(None);
+    };
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(Some)
+        .ok_or_else(|| Rejection {
+            reason: "UnsupportedPodSpec".into(),
+            message: format!(
+                "annotation {MAX_CONCURRENT_REQUESTS}: {value:?} is not a positive number"
+            ),
+        })
 }
 
 /// Checks the pod's network settings without claiming anything (the pure part of admission).
@@ -225,7 +300,12 @@ pub fn container_network(pod: &Pod, container: &Container, node_ip: &str) -> Con
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| Some(PortMapping { port: u16::try_from(p.container_port).ok()?, protocol: protocol(p).ok()? }))
+            .filter_map(|p| {
+                Some(PortMapping {
+                    port: u16::try_from(p.container_port).ok()?,
+                    protocol: protocol(p).ok()?,
+                })
+            })
             .collect(),
         outbound: outbound_policy(pod).unwrap_or_default(),
         max_concurrent_requests: max_concurrent_requests(pod).ok().flatten(),
@@ -245,79 +325,205 @@ mod tests {
     }
 
     fn with_ports(name: &str, ports: serde_json::Value) -> Pod {
-        pod(name, serde_json::json!({}), serde_json::json!([{"name": "c", "image": "i", "ports": ports}]))
+        pod(
+            name,
+            serde_json::json!({}),
+            serde_json::json!([{"name": "c", "image": "i", "ports": ports}]),
+        )
     }
 
     #[test]
     fn a_second_pod_on_a_held_port_is_rejected_until_the_first_lets_go() {
         let table = HostPorts::default();
-        let first = table.claim("u1", &with_ports("a", serde_json::json!([{"containerPort": 8080}]))).unwrap();
-        let r = table.claim("u2", &with_ports("b", serde_json::json!([{"containerPort": 8080, "protocol": "TCP"}]))).err().unwrap();
+        let first = table
+            .claim(
+                "u1",
+                &with_ports("a", serde_json::json!([{"containerPort": 8080}])),
+            )
+            .unwrap();
+        let r = table
+            .claim(
+                "u2",
+                &with_ports(
+                    "b",
+                    serde_json::json!([{"containerPort": 8080, "protocol": "TCP"}]),
+                ),
+            )
+            .err()
+            .unwrap();
         assert_eq!(r.reason, "NodePorts");
-        assert!(r.message.contains("didn't have free ports") && r.message.contains("8080/TCP is held by pod ns/a"), "{}", r.message);
+        assert!(
+            r.message.contains("didn't have free ports")
+                && r.message.contains("8080/TCP is held by pod ns/a"),
+            "{}",
+            r.message
+        );
         // Another protocol or another port is free; the same pod claiming again is not a conflict.
-        let _udp = table.claim("u3", &with_ports("c", serde_json::json!([{"containerPort": 8080, "protocol": "UDP"}]))).unwrap();
-        let _again = table.claim("u1", &with_ports("a", serde_json::json!([{"containerPort": 8080}]))).unwrap();
+        let _udp = table
+            .claim(
+                "u3",
+                &with_ports(
+                    "c",
+                    serde_json::json!([{"containerPort": 8080, "protocol": "UDP"}]),
+                ),
+            )
+            .unwrap();
+        let _again = table
+            .claim(
+                "u1",
+                &with_ports("a", serde_json::json!([{"containerPort": 8080}])),
+            )
+            .unwrap();
         drop(first);
         drop(_again);
-        table.claim("u2", &with_ports("b", serde_json::json!([{"containerPort": 8080}]))).unwrap();
+        table
+            .claim(
+                "u2",
+                &with_ports("b", serde_json::json!([{"containerPort": 8080}])),
+            )
+            .unwrap();
     }
 
     #[test]
     fn host_ips_collide_only_with_the_same_address_or_the_wildcard() {
         let table = HostPorts::default();
-        let _a = table.claim("u1", &with_ports("a", serde_json::json!([{"containerPort": 80, "hostIP": "127.0.0.2"}]))).unwrap();
-        let _b = table.claim("u2", &with_ports("b", serde_json::json!([{"containerPort": 80, "hostIP": "127.0.0.3"}]))).unwrap();
-        assert!(table.claim("u3", &with_ports("c", serde_json::json!([{"containerPort": 80}]))).is_err());
-        assert!(table.claim("u4", &with_ports("d", serde_json::json!([{"containerPort": 80, "hostIP": "0.0.0.0"}]))).is_err());
+        let _a = table
+            .claim(
+                "u1",
+                &with_ports(
+                    "a",
+                    serde_json::json!([{"containerPort": 80, "hostIP": "127.0.0.2"}]),
+                ),
+            )
+            .unwrap();
+        let _b = table
+            .claim(
+                "u2",
+                &with_ports(
+                    "b",
+                    serde_json::json!([{"containerPort": 80, "hostIP": "127.0.0.3"}]),
+                ),
+            )
+            .unwrap();
+        assert!(table
+            .claim(
+                "u3",
+                &with_ports("c", serde_json::json!([{"containerPort": 80}]))
+            )
+            .is_err());
+        assert!(table
+            .claim(
+                "u4",
+                &with_ports(
+                    "d",
+                    serde_json::json!([{"containerPort": 80, "hostIP": "0.0.0.0"}])
+                )
+            )
+            .is_err());
     }
 
     #[test]
     fn pods_without_ports_hold_nothing() {
         let table = HostPorts::default();
-        let claim = table.claim("u1", &pod("a", serde_json::json!({}), serde_json::json!([{"name": "c", "image": "i"}]))).unwrap();
+        let claim = table
+            .claim(
+                "u1",
+                &pod(
+                    "a",
+                    serde_json::json!({}),
+                    serde_json::json!([{"name": "c", "image": "i"}]),
+                ),
+            )
+            .unwrap();
         assert!(claim.table.is_none());
         assert!(table.held.lock().unwrap().is_empty());
     }
 
     #[test]
     fn two_containers_of_one_pod_on_one_port_are_rejected() {
-        let p = pod("a", serde_json::json!({}), serde_json::json!([
-            {"name": "one", "image": "i", "ports": [{"containerPort": 9000}]},
-            {"name": "two", "image": "i", "ports": [{"containerPort": 9000}]}
-        ]));
+        let p = pod(
+            "a",
+            serde_json::json!({}),
+            serde_json::json!([
+                {"name": "one", "image": "i", "ports": [{"containerPort": 9000}]},
+                {"name": "two", "image": "i", "ports": [{"containerPort": 9000}]}
+            ]),
+        );
         let r = validate(&p).unwrap_err();
         assert_eq!(r.reason, "NodePorts");
-        assert!(r.message.contains("containers one and two both declare port 9000/TCP"), "{}", r.message);
-        let p = with_ports("h", serde_json::json!([{"containerPort": 80, "hostPort": 8080}]));
-        assert!(validate(&p).unwrap_err().message.contains("hostPort 8080 differs"));
+        assert!(
+            r.message
+                .contains("containers one and two both declare port 9000/TCP"),
+            "{}",
+            r.message
+        );
+        let p = with_ports(
+            "h",
+            serde_json::json!([{"containerPort": 80, "hostPort": 8080}]),
+        );
+        assert!(validate(&p)
+            .unwrap_err()
+            .message
+            .contains("hostPort 8080 differs"));
     }
 
     #[test]
     fn outbound_hosts_annotation() {
         let none = pod("a", serde_json::json!({}), serde_json::json!([]));
         assert_eq!(outbound_policy(&none).unwrap(), OutboundPolicy::AllowAll);
-        let some = pod("a", serde_json::json!({ALLOWED_OUTBOUND_HOSTS: "127.0.0.1:8080, Example.com,[::1]:443"}), serde_json::json!([]));
+        let some = pod(
+            "a",
+            serde_json::json!({ALLOWED_OUTBOUND_HOSTS: "127.0.0.1:8080, Example.com,[::1]:443"}),
+            serde_json::json!([]),
+        );
         let policy = outbound_policy(&some).unwrap();
         assert!(policy.allows("127.0.0.1", 8080));
         assert!(!policy.allows("127.0.0.1", 8081));
         assert!(policy.allows("example.com", 80) && policy.allows("EXAMPLE.com", 443));
         assert!(policy.allows("[::1]", 443) && !policy.allows("::1", 80));
         assert!(!policy.allows("127.0.0.2", 8080));
-        let empty = pod("a", serde_json::json!({ALLOWED_OUTBOUND_HOSTS: ""}), serde_json::json!([]));
+        let empty = pod(
+            "a",
+            serde_json::json!({ALLOWED_OUTBOUND_HOSTS: ""}),
+            serde_json::json!([]),
+        );
         assert!(!outbound_policy(&empty).unwrap().allows("127.0.0.1", 80));
-        let bad = pod("a", serde_json::json!({ALLOWED_OUTBOUND_HOSTS: "host:http"}), serde_json::json!([]));
+        let bad = pod(
+            "a",
+            serde_json::json!({ALLOWED_OUTBOUND_HOSTS: "host:http"}),
+            serde_json::json!([]),
+        );
         let r = outbound_policy(&bad).unwrap_err();
         assert_eq!(r.reason, "InvalidOutboundHosts");
-        assert!(r.message.contains("\"host:http\"") && r.message.contains("invalid port"), "{}", r.message);
+        assert!(
+            r.message.contains("\"host:http\"") && r.message.contains("invalid port"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
     fn container_network_carries_ports_ip_and_policy() {
-        let p = pod("a", serde_json::json!({MAX_CONCURRENT_REQUESTS: "8"}), serde_json::json!([{"name": "c", "image": "i", "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]}]));
+        let p = pod(
+            "a",
+            serde_json::json!({MAX_CONCURRENT_REQUESTS: "8"}),
+            serde_json::json!([{"name": "c", "image": "i", "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]}]),
+        );
         let net = container_network(&p, &p.spec.as_ref().unwrap().containers[0], "127.0.0.9");
         assert_eq!(net.pod_ip, Some("127.0.0.9".parse().unwrap()));
-        assert_eq!(net.ports, vec![PortMapping { port: 8080, protocol: Protocol::Tcp }, PortMapping { port: 53, protocol: Protocol::Udp }]);
+        assert_eq!(
+            net.ports,
+            vec![
+                PortMapping {
+                    port: 8080,
+                    protocol: Protocol::Tcp
+                },
+                PortMapping {
+                    port: 53,
+                    protocol: Protocol::Udp
+                }
+            ]
+        );
         assert_eq!(net.outbound, OutboundPolicy::AllowAll);
         assert_eq!(net.max_concurrent_requests, Some(8));
     }

@@ -54,12 +54,33 @@ pub fn bytes(q: &str) -> Result<u64, String> {
 }
 
 fn overhead(spec: &PodSpec) -> Result<Resources, QuantityError> {
-    let Some(map) = spec.overhead.as_ref() else { return Ok(Resources::default()) };
-    let err = |r: &str, reason: String| QuantityError { what: format!("overhead.{r}"), reason };
-    let milli_cpu = map.get("cpu").map(|q| milli_cpu(&q.0).map_err(|e| err("cpu", e))).transpose()?.unwrap_or(0);
-    let memory = map.get("memory").map(|q| bytes(&q.0).map_err(|e| err("memory", e))).transpose()?.unwrap_or(0);
-    let ephemeral_storage = map.get("ephemeral-storage").map(|q| bytes(&q.0).map_err(|e| err("ephemeral-storage", e))).transpose()?.unwrap_or(0);
-    Ok(Resources { milli_cpu, memory, ephemeral_storage })
+    let Some(map) = spec.overhead.as_ref() else {
+        return Ok(Resources::default());
+    };
+    let err = |r: &str, reason: String| QuantityError {
+        what: format!("overhead.{r}"),
+        reason,
+    };
+    let milli_cpu = map
+        .get("cpu")
+        .map(|q| milli_cpu(&q.0).map_err(|e| err("cpu", e)))
+        .transpose()?
+        .unwrap_or(0);
+    let memory = map
+        .get("memory")
+        .map(|q| bytes(&q.0).map_err(|e| err("memory", e)))
+        .transpose()?
+        .unwrap_or(0);
+    let ephemeral_storage = map
+        .get("ephemeral-storage")
+        .map(|q| bytes(&q.0).map_err(|e| err("ephemeral-storage", e)))
+        .transpose()?
+        .unwrap_or(0);
+    Ok(Resources {
+        milli_cpu,
+        memory,
+        ephemeral_storage,
+    })
 }
 
 /// What one container requests; a resource with a limit and no request requests its limit.
@@ -68,19 +89,46 @@ pub fn container_requests(c: &Container) -> Result<Resources, QuantityError> {
     let requests = res.and_then(|r| r.requests.as_ref());
     let limits = res.and_then(|r| r.limits.as_ref());
     let pick = |r: &str| -> Result<u64, QuantityError> {
-        let q = requests.and_then(|m| m.get(r)).or_else(|| limits.and_then(|m| m.get(r)));
+        let q = requests
+            .and_then(|m| m.get(r))
+            .or_else(|| limits.and_then(|m| m.get(r)));
         let Some(q) = q else { return Ok(0) };
-        let kind = if requests.and_then(|m| m.get(r)).is_some() { "requests" } else { "limits" };
-        let parsed = if r == "cpu" { milli_cpu(&q.0) } else { bytes(&q.0) };
-        parsed.map_err(|reason| QuantityError { what: format!("container {} {kind}.{r}", c.name), reason })
+        let kind = if requests.and_then(|m| m.get(r)).is_some() {
+            "requests"
+        } else {
+            "limits"
+        };
+        let parsed = if r == "cpu" {
+            milli_cpu(&q.0)
+        } else {
+            bytes(&q.0)
+        };
+        parsed.map_err(|reason| QuantityError {
+            what: format!("container {} {kind}.{r}", c.name),
+            reason,
+        })
     };
-    Ok(Resources { milli_cpu: pick("cpu")?, memory: pick("memory")?, ephemeral_storage: pick("ephemeral-storage")? })
+    Ok(Resources {
+        milli_cpu: pick("cpu")?,
+        memory: pick("memory")?,
+        ephemeral_storage: pick("ephemeral-storage")?,
+    })
 }
 
 /// `resources.limits.cpu` of a container in millicores, if it has one.
 pub fn cpu_limit(c: &Container) -> Result<Option<u64>, QuantityError> {
-    let q = c.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("cpu"));
-    q.map(|q| milli_cpu(&q.0).map_err(|reason| QuantityError { what: format!("container {} limits.cpu", c.name), reason })).transpose()
+    let q = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("cpu"));
+    q.map(|q| {
+        milli_cpu(&q.0).map_err(|reason| QuantityError {
+            what: format!("container {} limits.cpu", c.name),
+            reason,
+        })
+    })
+    .transpose()
 }
 
 /// The pod's effective request (see the module docs).
@@ -139,20 +187,38 @@ mod tests {
         }));
         let r = pod_requests(&s).unwrap();
         // cpu: max(3000 (init), 250 + 500 + 100 sidecar) + 10; memory: max(10Mi, 192Mi) + 1Mi.
-        assert_eq!(r, Resources { milli_cpu: 3010, memory: (192 + 1) << 20, ephemeral_storage: 1 << 30 });
+        assert_eq!(
+            r,
+            Resources {
+                milli_cpu: 3010,
+                memory: (192 + 1) << 20,
+                ephemeral_storage: 1 << 30
+            }
+        );
     }
 
     #[test]
     fn a_bad_quantity_names_the_container() {
-        let s = spec(serde_json::json!({"containers": [{"name": "a", "resources": {"requests": {"memory": "lots"}}}]}));
-        assert!(pod_requests(&s).unwrap_err().to_string().contains("container a requests.memory"));
+        let s = spec(
+            serde_json::json!({"containers": [{"name": "a", "resources": {"requests": {"memory": "lots"}}}]}),
+        );
+        assert!(pod_requests(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("container a requests.memory"));
     }
 
     #[test]
     fn cpu_limit_only_when_set() {
-        let c: Container = serde_json::from_value(serde_json::json!({"name": "a", "resources": {"limits": {"memory": "1Mi"}}})).unwrap();
+        let c: Container = serde_json::from_value(
+            serde_json::json!({"name": "a", "resources": {"limits": {"memory": "1Mi"}}}),
+        )
+        .unwrap();
         assert_eq!(cpu_limit(&c), Ok(None));
-        let c: Container = serde_json::from_value(serde_json::json!({"name": "a", "resources": {"limits": {"cpu": "200m"}}})).unwrap();
+        let c: Container = serde_json::from_value(
+            serde_json::json!({"name": "a", "resources": {"limits": {"cpu": "200m"}}}),
+        )
+        .unwrap();
         assert_eq!(cpu_limit(&c), Ok(Some(200)));
     }
 }

@@ -24,7 +24,12 @@ pub enum PodChange {
     Removed(String),
 }
 
-pub async fn watch_pods(client: kube::Client, node_name: String, tx: mpsc::UnboundedSender<PodChange>, shutdown: CancellationToken) {
+pub async fn watch_pods(
+    client: kube::Client,
+    node_name: String,
+    tx: mpsc::UnboundedSender<PodChange>,
+    shutdown: CancellationToken,
+) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
@@ -38,7 +43,9 @@ pub async fn watch_pods(client: kube::Client, node_name: String, tx: mpsc::Unbou
         let Some(event) = event else { return };
         match event {
             Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
-                let Some(uid) = pod.metadata.uid.clone() else { continue };
+                let Some(uid) = pod.metadata.uid.clone() else {
+                    continue;
+                };
                 known.insert(uid.clone());
                 relisted.insert(uid);
                 let _ = tx.send(PodChange::Upsert(Arc::new(pod)));

@@ -89,16 +89,27 @@ pub fn parse_manifest(text: &str, origin: &Origin, node: &str) -> Result<Vec<Pod
     use serde::Deserialize;
     let mut pods = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
+        let value = serde_yaml::Value::deserialize(document)
+            .map_err(|e| ManifestError::Syntax(one_line(&e)))?;
         if value.is_null() {
             continue; // an empty document (`---` at the end)
         }
-        let value: serde_json::Value = serde_json::to_value(value).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        let value: serde_json::Value =
+            serde_json::to_value(value).map_err(|e| ManifestError::Syntax(one_line(&e)))?;
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
         match kind.as_str() {
             "Pod" => pods.push(decode_pod(value)?),
             "List" | "PodList" => {
-                for item in value.get("items").and_then(|i| i.as_array()).into_iter().flatten() {
+                for item in value
+                    .get("items")
+                    .and_then(|i| i.as_array())
+                    .into_iter()
+                    .flatten()
+                {
                     let item_kind = item.get("kind").and_then(|k| k.as_str()).unwrap_or("Pod");
                     if item_kind != "Pod" {
                         return Err(ManifestError::Kind(item_kind.to_string()));
@@ -130,7 +141,9 @@ pub fn parse_manifest(text: &str, origin: &Origin, node: &str) -> Result<Vec<Pod
 fn decode_pod(mut value: serde_json::Value) -> Result<Pod, ManifestError> {
     if let Some(api_version) = value.get("apiVersion").and_then(|v| v.as_str()) {
         if api_version != "v1" {
-            return Err(ManifestError::Decode(format!("apiVersion {api_version:?}: static pods are v1")));
+            return Err(ManifestError::Decode(format!(
+                "apiVersion {api_version:?}: static pods are v1"
+            )));
         }
     }
     // Decoding fills apiVersion/kind back in; a list item may leave them out.
@@ -144,29 +157,46 @@ fn decode_pod(mut value: serde_json::Value) -> Result<Pod, ManifestError> {
 /// What the API server's validation would refuse and the worker cannot run.
 fn validate(pod: &Pod) -> Result<(), ManifestError> {
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let invalid = |reason: String| ManifestError::Invalid { pod: name.clone(), reason };
+    let invalid = |reason: String| ManifestError::Invalid {
+        pod: name.clone(),
+        reason,
+    };
     if name.is_empty() {
         return Err(invalid("metadata.name is required".into()));
     }
     if !is_dns_subdomain(&name) {
-        return Err(invalid("metadata.name must be a lowercase RFC 1123 subdomain".into()));
+        return Err(invalid(
+            "metadata.name must be a lowercase RFC 1123 subdomain".into(),
+        ));
     }
     if let Some(ns) = &pod.metadata.namespace {
         if !ns.is_empty() && !is_dns_subdomain(ns) {
-            return Err(invalid(format!("metadata.namespace {ns:?} is not a valid name")));
+            return Err(invalid(format!(
+                "metadata.namespace {ns:?} is not a valid name"
+            )));
         }
     }
-    let Some(spec) = &pod.spec else { return Err(invalid("spec is required".into())) };
+    let Some(spec) = &pod.spec else {
+        return Err(invalid("spec is required".into()));
+    };
     if spec.containers.is_empty() {
         return Err(invalid("spec.containers must not be empty".into()));
     }
     let mut seen = HashSet::new();
-    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
         if c.name.is_empty() {
             return Err(invalid("every container needs a name".into()));
         }
         if !seen.insert(c.name.as_str()) {
-            return Err(invalid(format!("container name {:?} is used twice", c.name)));
+            return Err(invalid(format!(
+                "container name {:?} is used twice",
+                c.name
+            )));
         }
         if c.image.as_deref().unwrap_or_default().is_empty() {
             return Err(invalid(format!("container {:?} has no image", c.name)));
@@ -174,7 +204,9 @@ fn validate(pod: &Pod) -> Result<(), ManifestError> {
     }
     if let Some(policy) = spec.restart_policy.as_deref() {
         if !matches!(policy, "Always" | "OnFailure" | "Never") {
-            return Err(invalid(format!("restartPolicy {policy:?} is not Always, OnFailure or Never")));
+            return Err(invalid(format!(
+                "restartPolicy {policy:?} is not Always, OnFailure or Never"
+            )));
         }
     }
     validate_names_and_paths(spec).map_err(invalid)
@@ -190,24 +222,41 @@ pub fn validate_names_and_paths(spec: &k8s_openapi::api::core::v1::PodSpec) -> R
     let mut volumes = HashSet::new();
     for v in spec.volumes.iter().flatten() {
         if !is_dns_label(&v.name) {
-            return Err(format!("volume name {:?} must be a lowercase RFC 1123 label", v.name));
+            return Err(format!(
+                "volume name {:?} must be a lowercase RFC 1123 label",
+                v.name
+            ));
         }
         if !volumes.insert(v.name.as_str()) {
             return Err(format!("volume name {:?} is used twice", v.name));
         }
         if let Some(hp) = &v.host_path {
             if has_backstep(&hp.path) {
-                return Err(format!("volume {:?}: hostPath.path {:?} must not contain '..'", v.name, hp.path));
+                return Err(format!(
+                    "volume {:?}: hostPath.path {:?} must not contain '..'",
+                    v.name, hp.path
+                ));
             }
         }
     }
-    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
         if !is_dns_label(&c.name) {
-            return Err(format!("container name {:?} must be a lowercase RFC 1123 label", c.name));
+            return Err(format!(
+                "container name {:?} must be a lowercase RFC 1123 label",
+                c.name
+            ));
         }
         if let Some(path) = c.termination_message_path.as_deref() {
             if !path.starts_with('/') {
-                return Err(format!("container {:?}: terminationMessagePath {path:?} must be an absolute path", c.name));
+                return Err(format!(
+                    "container {:?}: terminationMessagePath {path:?} must be an absolute path",
+                    c.name
+                ));
             }
         }
         let mut mount_paths = HashSet::new();
@@ -217,20 +266,34 @@ pub fn validate_names_and_paths(spec: &k8s_openapi::api::core::v1::PodSpec) -> R
                 return Err(format!("{}: no volume of that name", at()));
             }
             if !vm.mount_path.starts_with('/') || has_backstep(&vm.mount_path) {
-                return Err(format!("{}: mountPath {:?} must be an absolute path without '..'", at(), vm.mount_path));
+                return Err(format!(
+                    "{}: mountPath {:?} must be an absolute path without '..'",
+                    at(),
+                    vm.mount_path
+                ));
             }
             if !mount_paths.insert(vm.mount_path.as_str()) {
-                return Err(format!("{}: mountPath {:?} must be unique", at(), vm.mount_path));
+                return Err(format!(
+                    "{}: mountPath {:?} must be unique",
+                    at(),
+                    vm.mount_path
+                ));
             }
             let sub = vm.sub_path.as_deref().filter(|s| !s.is_empty());
             let expr = vm.sub_path_expr.as_deref().filter(|s| !s.is_empty());
             if sub.is_some() && expr.is_some() {
-                return Err(format!("{}: subPathExpr and subPath are mutually exclusive", at()));
+                return Err(format!(
+                    "{}: subPathExpr and subPath are mutually exclusive",
+                    at()
+                ));
             }
             for (field, path) in [("subPath", sub), ("subPathExpr", expr)] {
                 if let Some(path) = path {
                     if path.starts_with('/') || has_backstep(path) {
-                        return Err(format!("{}: {field} {path:?} must be a relative path without '..'", at()));
+                        return Err(format!(
+                            "{}: {field} {path:?} must be a relative path without '..'",
+                            at()
+                        ));
                     }
                 }
             }
@@ -253,7 +316,9 @@ fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -268,12 +333,20 @@ pub fn apply_defaults(pod: &mut Pod, origin: &Origin, node: &str) {
     // The API server's default grace period.
     spec.termination_grace_period_seconds.get_or_insert(30);
     spec.dns_policy.get_or_insert_with(|| "ClusterFirst".into());
-    spec.scheduler_name.get_or_insert_with(|| "default-scheduler".into());
+    spec.scheduler_name
+        .get_or_insert_with(|| "default-scheduler".into());
     spec.security_context.get_or_insert_with(Default::default);
     spec.enable_service_links.get_or_insert(true);
-    for c in spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()) {
-        c.termination_message_path.get_or_insert_with(|| "/dev/termination-log".into());
-        c.termination_message_policy.get_or_insert_with(|| "File".into());
+    for c in spec
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(spec.containers.iter_mut())
+    {
+        c.termination_message_path
+            .get_or_insert_with(|| "/dev/termination-log".into());
+        c.termination_message_policy
+            .get_or_insert_with(|| "File".into());
         let policy = default_pull_policy(c.image.as_deref().unwrap_or_default());
         c.image_pull_policy.get_or_insert_with(|| policy.into());
         for port in c.ports.iter_mut().flatten() {
@@ -287,7 +360,13 @@ pub fn apply_defaults(pod: &mut Pod, origin: &Origin, node: &str) {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     pod.metadata.name = Some(format!("{name}-{node}"));
-    if pod.metadata.namespace.as_deref().unwrap_or_default().is_empty() {
+    if pod
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or_default()
+        .is_empty()
+    {
         pod.metadata.namespace = Some("default".into());
     }
     let spec = pod.spec.get_or_insert_with(Default::default);
@@ -297,8 +376,16 @@ pub fn apply_defaults(pod: &mut Pod, origin: &Origin, node: &str) {
     annotations.insert(ANNOTATION_SOURCE.into(), origin.source_name().into());
     // Static pods are not evicted for node problems (the kubelet adds this toleration).
     let tolerations = spec.tolerations.get_or_insert_with(Vec::new);
-    let no_execute = Toleration { operator: Some("Exists".into()), effect: Some("NoExecute".into()), ..Default::default() };
-    if !tolerations.iter().any(|t| t.key.is_none() && t.operator.as_deref() == Some("Exists") && t.effect.as_deref() == Some("NoExecute")) {
+    let no_execute = Toleration {
+        operator: Some("Exists".into()),
+        effect: Some("NoExecute".into()),
+        ..Default::default()
+    };
+    if !tolerations.iter().any(|t| {
+        t.key.is_none()
+            && t.operator.as_deref() == Some("Exists")
+            && t.effect.as_deref() == Some("NoExecute")
+    }) {
         tolerations.push(no_execute);
     }
     pod.status = None;
@@ -327,7 +414,10 @@ pub fn static_uid(pod: &Pod, origin: &Origin, node: &str) -> String {
         }
         Origin::Url(url) => hasher.update(format!("url:{url}")),
     }
-    hasher.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    hasher.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One source's whole set of static pods after a scan.
@@ -373,7 +463,14 @@ struct FileState {
 
 /// Rescans `path` (a directory of manifests, or one manifest file) every `every` and sends
 /// the set whenever it changed (and once after the first scan, even when empty).
-pub async fn watch_dir(path: PathBuf, node: String, every: Duration, events: EventSink, tx: mpsc::UnboundedSender<StaticSet>, shutdown: CancellationToken) {
+pub async fn watch_dir(
+    path: PathBuf,
+    node: String,
+    every: Duration,
+    events: EventSink,
+    tx: mpsc::UnboundedSender<StaticSet>,
+    shutdown: CancellationToken,
+) {
     let mut files: BTreeMap<PathBuf, FileState> = BTreeMap::new();
     let mut complaints = Complaints::default();
     let mut last_sent: Option<Vec<Arc<Pod>>> = None;
@@ -383,14 +480,23 @@ pub async fn watch_dir(path: PathBuf, node: String, every: Duration, events: Eve
         if let Some(pods) = pods {
             if last_sent.as_ref() != Some(&pods) {
                 last_sent = Some(pods.clone());
-                if tx.send(StaticSet { source: "file", pods }).is_err() {
+                if tx
+                    .send(StaticSet {
+                        source: "file",
+                        pods,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }
         } else if last_sent.is_none() {
             // The first scan failed: say that the source has nothing (yet).
             last_sent = Some(Vec::new());
-            let _ = tx.send(StaticSet { source: "file", pods: Vec::new() });
+            let _ = tx.send(StaticSet {
+                source: "file",
+                pods: Vec::new(),
+            });
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -400,7 +506,13 @@ pub async fn watch_dir(path: PathBuf, node: String, every: Duration, events: Eve
 }
 
 /// One scan. `None` when the directory itself cannot be read (the last set stays).
-fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<PathBuf, FileState>, complaints: &mut Complaints) -> Option<Vec<Arc<Pod>>> {
+fn scan_dir(
+    path: &Path,
+    node: &str,
+    events: &EventSink,
+    files: &mut BTreeMap<PathBuf, FileState>,
+    complaints: &mut Complaints,
+) -> Option<Vec<Arc<Pod>>> {
     let listed: Vec<PathBuf> = match std::fs::metadata(path) {
         Ok(m) if m.is_file() => vec![path.to_path_buf()],
         Ok(_) => match std::fs::read_dir(path) {
@@ -415,12 +527,26 @@ fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<Pa
                 v
             }
             Err(e) => {
-                complaints.warn(events, node, format!("static pod path {}: cannot list it: {e}; keeping the last good set", path.display()));
+                complaints.warn(
+                    events,
+                    node,
+                    format!(
+                        "static pod path {}: cannot list it: {e}; keeping the last good set",
+                        path.display()
+                    ),
+                );
                 return None;
             }
         },
         Err(e) => {
-            complaints.warn(events, node, format!("static pod path {}: {e}; keeping the last good set", path.display()));
+            complaints.warn(
+                events,
+                node,
+                format!(
+                    "static pod path {}: {e}; keeping the last good set",
+                    path.display()
+                ),
+            );
             return None;
         }
     };
@@ -430,7 +556,14 @@ fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<Pa
             Ok(c) => c,
             Err(e) => {
                 // Keep what the file gave before (it may be mid-replace).
-                complaints.warn(events, node, format!("static pod manifest {}: cannot read it: {e}; keeping its last good pods", file.display()));
+                complaints.warn(
+                    events,
+                    node,
+                    format!(
+                        "static pod manifest {}: cannot read it: {e}; keeping its last good pods",
+                        file.display()
+                    ),
+                );
                 continue;
             }
         };
@@ -448,12 +581,24 @@ fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<Pa
         let state = match parse_manifest(&text, &origin, node) {
             Ok(pods) => {
                 let pods = stamp_seen(pods, &previous);
-                FileState { content, good: pods, error: None }
+                FileState {
+                    content,
+                    good: pods,
+                    error: None,
+                }
             }
             Err(e) => {
-                let message = format!("static pod manifest {}: {e}; keeping its last good pods ({})", file.display(), previous.len());
+                let message = format!(
+                    "static pod manifest {}: {e}; keeping its last good pods ({})",
+                    file.display(),
+                    previous.len()
+                );
                 complaints.warn(events, node, message.clone());
-                FileState { content, good: previous, error: Some(message) }
+                FileState {
+                    content,
+                    good: previous,
+                    error: Some(message),
+                }
             }
         };
         files.insert(file.clone(), state);
@@ -462,7 +607,10 @@ fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<Pa
     let mut pods = Vec::new();
     for (file, state) in files.iter() {
         for pod in &state.good {
-            let key = (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+            let key = (
+                pod.metadata.namespace.clone().unwrap_or_default(),
+                pod.metadata.name.clone().unwrap_or_default(),
+            );
             if let Some(first) = names.get(&key) {
                 complaints.warn(
                     events,
@@ -480,7 +628,15 @@ fn scan_dir(path: &Path, node: &str, events: &EventSink, files: &mut BTreeMap<Pa
 
 /// Fetches `url` every `every` and sends its set whenever it changed. An unreachable URL or a
 /// bad manifest keeps the last good set.
-pub async fn watch_url(url: String, headers: Vec<(String, String)>, node: String, every: Duration, events: EventSink, tx: mpsc::UnboundedSender<StaticSet>, shutdown: CancellationToken) {
+pub async fn watch_url(
+    url: String,
+    headers: Vec<(String, String)>,
+    node: String,
+    every: Duration,
+    events: EventSink,
+    tx: mpsc::UnboundedSender<StaticSet>,
+    shutdown: CancellationToken,
+) {
     let mut complaints = Complaints::default();
     let mut last_body: Option<Vec<u8>> = None;
     let mut last_sent: Option<Vec<Arc<Pod>>> = None;
@@ -491,10 +647,17 @@ pub async fn watch_url(url: String, headers: Vec<(String, String)>, node: String
         };
         match fetched {
             Err(e) => {
-                complaints.warn(&events, &node, format!("manifest URL {url}: {e}; keeping the last good set"));
+                complaints.warn(
+                    &events,
+                    &node,
+                    format!("manifest URL {url}: {e}; keeping the last good set"),
+                );
                 if last_sent.is_none() {
                     last_sent = Some(Vec::new());
-                    let _ = tx.send(StaticSet { source: "http", pods: Vec::new() });
+                    let _ = tx.send(StaticSet {
+                        source: "http",
+                        pods: Vec::new(),
+                    });
                 }
             }
             Ok(body) if last_body.as_ref() == Some(&body) => {}
@@ -505,15 +668,28 @@ pub async fn watch_url(url: String, headers: Vec<(String, String)>, node: String
                         let pods = stamp_seen(pods, last_sent.as_deref().unwrap_or_default());
                         last_body = Some(body);
                         last_sent = Some(pods.clone());
-                        if tx.send(StaticSet { source: "http", pods }).is_err() {
+                        if tx
+                            .send(StaticSet {
+                                source: "http",
+                                pods,
+                            })
+                            .is_err()
+                        {
                             return;
                         }
                     }
                     Err(e) => {
-                        complaints.warn(&events, &node, format!("manifest URL {url}: {e}; keeping the last good set"));
+                        complaints.warn(
+                            &events,
+                            &node,
+                            format!("manifest URL {url}: {e}; keeping the last good set"),
+                        );
                         if last_sent.is_none() {
                             last_sent = Some(Vec::new());
-                            let _ = tx.send(StaticSet { source: "http", pods: Vec::new() });
+                            let _ = tx.send(StaticSet {
+                                source: "http",
+                                pods: Vec::new(),
+                            });
                         }
                     }
                 }
@@ -530,19 +706,37 @@ pub async fn watch_url(url: String, headers: Vec<(String, String)>, node: String
 /// The UIDs of the static pods the configured sources define right now, read once without
 /// events (start-up cleanup keeps their pod directories). `None` when a source or one of its
 /// manifests cannot be read: then nobody can tell which directories are orphans.
-pub async fn current_uids(dir: Option<&Path>, url: Option<(&str, &[(String, String)])>, node: &str) -> Option<HashSet<String>> {
+pub async fn current_uids(
+    dir: Option<&Path>,
+    url: Option<(&str, &[(String, String)])>,
+    node: &str,
+) -> Option<HashSet<String>> {
     let mut uids = HashSet::new();
     if let Some(dir) = dir {
         let mut files = BTreeMap::new();
-        let pods = scan_dir(dir, node, &EventSink::disabled(), &mut files, &mut Complaints::default())?;
+        let pods = scan_dir(
+            dir,
+            node,
+            &EventSink::disabled(),
+            &mut files,
+            &mut Complaints::default(),
+        )?;
         if files.values().any(|f| f.error.is_some()) {
             return None;
         }
         uids.extend(pods.iter().filter_map(|p| p.metadata.uid.clone()));
     }
     if let Some((url, headers)) = url {
-        let body = tokio::time::timeout(HTTP_TIMEOUT, http_get(url, headers)).await.ok()?.ok()?;
-        let pods = parse_manifest(&String::from_utf8_lossy(&body), &Origin::Url(url.to_string()), node).ok()?;
+        let body = tokio::time::timeout(HTTP_TIMEOUT, http_get(url, headers))
+            .await
+            .ok()?
+            .ok()?;
+        let pods = parse_manifest(
+            &String::from_utf8_lossy(&body),
+            &Origin::Url(url.to_string()),
+            node,
+        )
+        .ok()?;
         uids.extend(pods.iter().filter_map(|p| p.metadata.uid.clone()));
     }
     Some(uids)
@@ -558,14 +752,18 @@ async fn http_get(url: &str, headers: &[(String, String)]) -> Result<Vec<u8>, St
 
 /// The TLS client settings for `https://` manifest URLs, made once.
 fn manifest_tls() -> Result<Arc<rustls::ClientConfig>, String> {
-    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> = std::sync::OnceLock::new();
+    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
             let mut roots = rustls::RootCertStore::empty();
             let native = rustls_native_certs::load_native_certs();
             let (added, _ignored) = roots.add_parsable_certificates(native.certs);
             if !native.errors.is_empty() {
-                debug!(errors = native.errors.len(), added, "some of the system's trusted certificates could not be read");
+                debug!(
+                    errors = native.errors.len(),
+                    added, "some of the system's trusted certificates could not be read"
+                );
             }
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -581,38 +779,62 @@ fn manifest_tls() -> Result<Arc<rustls::ClientConfig>, String> {
 
 /// [`http_get`] with the TLS settings given: returns the body of a 200, at most
 /// [`MAX_MANIFEST_BYTES`] of it. Redirects are not followed.
-async fn http_get_with(url: &str, headers: &[(String, String)], tls: &rustls::ClientConfig) -> Result<Vec<u8>, String> {
+async fn http_get_with(
+    url: &str,
+    headers: &[(String, String)],
+    tls: &rustls::ClientConfig,
+) -> Result<Vec<u8>, String> {
     use http_body_util::BodyExt;
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err("only http:// and https:// manifest URLs are supported".into());
     }
-    let authority = uri.authority().map(|a| a.to_string()).ok_or("the URL names no host")?;
-    let mut request = http::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .ok_or("the URL names no host")?;
+    let mut request = http::Request::get(uri)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
     for (name, value) in headers {
         let invalid = || format!("invalid header {name:?}");
         let name = http::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
-        request.headers_mut().append(name, http::header::HeaderValue::from_str(value).map_err(|_| invalid())?);
+        request.headers_mut().append(
+            name,
+            http::header::HeaderValue::from_str(value).map_err(|_| invalid())?,
+        );
     }
     // Defaults unless --manifest-url-header names them (Host comes from the URL, as in Go).
-    for (name, value) in [(http::header::ACCEPT, "*/*"), (http::header::USER_AGENT, "wasm-kubelet")] {
-        request.headers_mut().entry(name).or_insert(http::header::HeaderValue::from_static(value));
+    for (name, value) in [
+        (http::header::ACCEPT, "*/*"),
+        (http::header::USER_AGENT, "wasm-kubelet"),
+    ] {
+        request
+            .headers_mut()
+            .entry(name)
+            .or_insert(http::header::HeaderValue::from_static(value));
     }
-    let response = crate::http_client::one_shot(tls).request(request).await.map_err(|e| match crate::http_client::failure(&e) {
-        f if f.tls => format!("TLS with {authority}: {f}"),
-        f if f.connect => format!("connecting to {authority}: {f}"),
-        f => f.message,
-    })?;
+    let response = crate::http_client::one_shot(tls)
+        .request(request)
+        .await
+        .map_err(|e| match crate::http_client::failure(&e) {
+            f if f.tls => format!("TLS with {authority}: {f}"),
+            f if f.connect => format!("connecting to {authority}: {f}"),
+            f => f.message,
+        })?;
     if response.status() != http::StatusCode::OK {
         return Err(format!("HTTP status {}", response.status().as_u16()));
     }
-    let body = http_body_util::Limited::new(response.into_body(), MAX_MANIFEST_BYTES).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            format!("the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
-        } else {
-            format!("reading the response: {e}")
-        }
-    })?;
+    let body = http_body_util::Limited::new(response.into_body(), MAX_MANIFEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                format!("the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+            } else {
+                format!("reading the response: {e}")
+            }
+        })?;
     Ok(body.to_bytes().to_vec())
 }
 
@@ -748,8 +970,14 @@ pub async fn merge(
 /// Whether `a` and `b` are versions of one static pod (same namespace and name; each from a
 /// file or URL source): the kubelet runs at most one of them at a time.
 pub fn same_static_pod(a: &Pod, b: &Pod) -> bool {
-    let is_static = |p: &Pod| matches!(annotation(p, ANNOTATION_SOURCE), Some("file" | "http")) && !is_mirror(p);
-    is_static(a) && is_static(b) && a.metadata.namespace == b.metadata.namespace && a.metadata.name == b.metadata.name && a.metadata.uid != b.metadata.uid
+    let is_static = |p: &Pod| {
+        matches!(annotation(p, ANNOTATION_SOURCE), Some("file" | "http")) && !is_mirror(p)
+    };
+    is_static(a)
+        && is_static(b)
+        && a.metadata.namespace == b.metadata.namespace
+        && a.metadata.name == b.metadata.name
+        && a.metadata.uid != b.metadata.uid
 }
 
 pub fn is_mirror(pod: &Pod) -> bool {
@@ -757,13 +985,21 @@ pub fn is_mirror(pod: &Pod) -> bool {
 }
 
 pub fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
 }
 
 /// The status manager's key for a static pod.
 pub fn static_key(pod: &Pod) -> PodKey {
     PodKey {
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
     }
@@ -771,7 +1007,10 @@ pub fn static_key(pod: &Pod) -> PodKey {
 
 /// Without an API server pod status stays on the node: this keeps the latest status of each
 /// pod, for run-once's summary, and logs changes at debug.
-pub async fn local_status(mut rx: mpsc::UnboundedReceiver<StatusUpdate>, latest: watch::Sender<HashMap<String, (PodKey, PodStatus)>>) {
+pub async fn local_status(
+    mut rx: mpsc::UnboundedReceiver<StatusUpdate>,
+    latest: watch::Sender<HashMap<String, (PodKey, PodStatus)>>,
+) {
     while let Some(update) = rx.recv().await {
         match update {
             StatusUpdate::Set(key, status) => {
@@ -801,7 +1040,12 @@ pub fn summary_line(name: &str, status: &PodStatus) -> String {
         .chain(status.container_statuses.iter().flatten())
         .filter_map(|cs| cs.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
         .collect();
-    let code = codes.iter().find(|c| **c != 0).or(codes.first()).map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+    let code = codes
+        .iter()
+        .find(|c| **c != 0)
+        .or(codes.first())
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "-".into());
     format!("{name} {phase} exit={code}")
 }
 
@@ -811,8 +1055,17 @@ fn stamp_seen(pods: Vec<Pod>, previous: &[Arc<Pod>]) -> Vec<Arc<Pod>> {
     let seen = now_rfc3339();
     pods.into_iter()
         .map(|mut pod| {
-            let old_seen = previous.iter().find(|p| p.metadata.uid == pod.metadata.uid).and_then(|p| annotation(p, ANNOTATION_SEEN).map(String::from));
-            pod.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ANNOTATION_SEEN.into(), old_seen.unwrap_or_else(|| seen.clone()));
+            let old_seen = previous
+                .iter()
+                .find(|p| p.metadata.uid == pod.metadata.uid)
+                .and_then(|p| annotation(p, ANNOTATION_SEEN).map(String::from));
+            pod.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(
+                    ANNOTATION_SEEN.into(),
+                    old_seen.unwrap_or_else(|| seen.clone()),
+                );
             Arc::new(pod)
         })
         .collect()
@@ -823,7 +1076,10 @@ fn now_rfc3339() -> String {
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -853,23 +1109,59 @@ mod tests {
         assert_eq!(spec.restart_policy.as_deref(), Some("Always"));
         assert_eq!(spec.termination_grace_period_seconds, Some(30));
         assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirst"));
-        assert_eq!(spec.containers[0].image_pull_policy.as_deref(), Some("IfNotPresent"));
-        assert_eq!(spec.containers[0].termination_message_path.as_deref(), Some("/dev/termination-log"));
-        assert!(spec.tolerations.as_ref().unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.effect.as_deref() == Some("NoExecute")));
-        assert!(spec.volumes.is_none() && spec.service_account_name.is_none(), "no service account token volume");
+        assert_eq!(
+            spec.containers[0].image_pull_policy.as_deref(),
+            Some("IfNotPresent")
+        );
+        assert_eq!(
+            spec.containers[0].termination_message_path.as_deref(),
+            Some("/dev/termination-log")
+        );
+        assert!(spec
+            .tolerations
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.effect.as_deref() == Some("NoExecute")));
+        assert!(
+            spec.volumes.is_none() && spec.service_account_name.is_none(),
+            "no service account token volume"
+        );
     }
 
     #[test]
     fn uid_is_deterministic_and_follows_content_source_and_node() {
-        let uid = |text: &str, origin: &Origin, node: &str| parse_manifest(text, origin, node).unwrap()[0].metadata.uid.clone().unwrap();
+        let uid = |text: &str, origin: &Origin, node: &str| {
+            parse_manifest(text, origin, node).unwrap()[0]
+                .metadata
+                .uid
+                .clone()
+                .unwrap()
+        };
         let a = uid(POD, &origin(), "node-a");
         assert_eq!(a, uid(POD, &origin(), "node-a"), "same file, same UID");
-        assert_ne!(a, uid(&POD.replace("web:v1", "web:v2"), &origin(), "node-a"), "changed content, new UID");
-        assert_ne!(a, uid(POD, &Origin::File("/other.yaml".into()), "node-a"), "other file, new UID");
+        assert_ne!(
+            a,
+            uid(&POD.replace("web:v1", "web:v2"), &origin(), "node-a"),
+            "changed content, new UID"
+        );
+        assert_ne!(
+            a,
+            uid(POD, &Origin::File("/other.yaml".into()), "node-a"),
+            "other file, new UID"
+        );
         assert_ne!(a, uid(POD, &origin(), "node-b"), "other node, new UID");
-        assert_ne!(a, uid(POD, &Origin::Url("http://127.0.0.1/m".into()), "node-a"));
+        assert_ne!(
+            a,
+            uid(POD, &Origin::Url("http://127.0.0.1/m".into()), "node-a")
+        );
         let explicit = POD.replace("name: web\n", "name: web\n  uid: fixed-uid\n");
-        assert_eq!(uid(&explicit, &origin(), "node-a"), "fixed-uid", "a UID in the manifest is kept");
+        assert_eq!(
+            uid(&explicit, &origin(), "node-a"),
+            "fixed-uid",
+            "a UID in the manifest is kept"
+        );
     }
 
     #[test]
@@ -878,17 +1170,32 @@ mod tests {
         let pods = parse_manifest(json, &origin(), "n").unwrap();
         assert_eq!(pods[0].metadata.name.as_deref(), Some("j-n"));
         assert_eq!(pods[0].metadata.namespace.as_deref(), Some("kube-system"));
-        assert_eq!(pods[0].spec.as_ref().unwrap().containers[0].image_pull_policy.as_deref(), Some("Always"), "no tag means latest");
+        assert_eq!(
+            pods[0].spec.as_ref().unwrap().containers[0]
+                .image_pull_policy
+                .as_deref(),
+            Some("Always"),
+            "no tag means latest"
+        );
         let list = "apiVersion: v1\nkind: List\nitems:\n- metadata: {name: a}\n  spec: {containers: [{name: c, image: 'x:1'}]}\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: b}\n  spec: {containers: [{name: c, image: 'x:1'}]}\n";
-        let names: Vec<_> = parse_manifest(list, &origin(), "n").unwrap().into_iter().map(|p| p.metadata.name.unwrap()).collect();
+        let names: Vec<_> = parse_manifest(list, &origin(), "n")
+            .unwrap()
+            .into_iter()
+            .map(|p| p.metadata.name.unwrap())
+            .collect();
         assert_eq!(names, ["a-n", "b-n"]);
-        let multi = format!("{POD}---\n{}\n---\n", POD.replace("name: web", "name: web2"));
+        let multi = format!(
+            "{POD}---\n{}\n---\n",
+            POD.replace("name: web", "name: web2")
+        );
         assert_eq!(parse_manifest(&multi, &origin(), "n").unwrap().len(), 2);
     }
 
     #[test]
     fn names_and_paths_are_validated_as_the_api_server_does() {
-        let pod = |containers: &str, volumes: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  containers: {containers}\n  volumes: {volumes}\n");
+        let pod = |containers: &str, volumes: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  containers: {containers}\n  volumes: {volumes}\n")
+        };
         let ok_volumes = "[{name: data, emptyDir: {}}]";
         let cases: &[(&str, &str, &str)] = &[
             ("[{name: ../../x, image: i}]", "[]", "must be a lowercase RFC 1123 label"),
@@ -910,7 +1217,9 @@ mod tests {
         ];
         for (containers, volumes, want) in cases {
             let text = pod(containers, volumes);
-            let e = parse_manifest(&text, &origin(), "n").expect_err(&text).to_string();
+            let e = parse_manifest(&text, &origin(), "n")
+                .expect_err(&text)
+                .to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
         let good = pod("[{name: c, image: i, volumeMounts: [{name: data, mountPath: /d, subPath: a/b}], terminationMessagePath: /tmp/msg}]", ok_volumes);
@@ -919,13 +1228,26 @@ mod tests {
 
     #[test]
     fn malformed_manifests_say_what_is_wrong() {
-        let err = |text: &str| parse_manifest(text, &origin(), "n").unwrap_err().to_string();
+        let err = |text: &str| {
+            parse_manifest(text, &origin(), "n")
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err("kind: Pod\nmetadata: [unclosed").contains("YAML"));
         assert!(err("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n").contains("Service"));
-        assert!(err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n").contains("containers"));
+        assert!(
+            err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n")
+                .contains("containers")
+        );
         assert!(err("apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec: {containers: [{name: c, image: x}]}\n").contains("Bad_Name"));
-        assert!(err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n").contains("no image"));
-        assert!(err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: {name: c}}\n").contains("not a valid Pod"));
+        assert!(err(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n"
+        )
+        .contains("no image"));
+        assert!(err(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: {name: c}}\n"
+        )
+        .contains("not a valid Pod"));
         assert!(err("").contains("no pods"));
         assert!(err(&format!("{POD}---\n{POD}")).contains("twice"));
     }
@@ -936,14 +1258,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("web.yaml"), POD).unwrap();
-        std::fs::write(dir.join(".hidden.yaml"), POD.replace("name: web", "name: hidden")).unwrap();
+        std::fs::write(
+            dir.join(".hidden.yaml"),
+            POD.replace("name: web", "name: hidden"),
+        )
+        .unwrap();
         std::fs::write(dir.join("zz-dup.yaml"), POD.replace("web:v1", "web:v9")).unwrap();
         std::fs::write(dir.join("bad.yaml"), "kind: Pod\nmetadata: [").unwrap();
-        let (mut files, mut complaints, events) = (BTreeMap::new(), Complaints::default(), EventSink::disabled());
+        let (mut files, mut complaints, events) = (
+            BTreeMap::new(),
+            Complaints::default(),
+            EventSink::disabled(),
+        );
         let pods = scan_dir(&dir, "n", &events, &mut files, &mut complaints).unwrap();
-        let names: Vec<_> = pods.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
-        assert_eq!(names, ["web-n"], "hidden ignored, malformed skipped, duplicate dropped");
-        assert_eq!(pods[0].spec.as_ref().unwrap().containers[0].image.as_deref(), Some("r.example/web:v1"), "the first file by name wins");
+        let names: Vec<_> = pods
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["web-n"],
+            "hidden ignored, malformed skipped, duplicate dropped"
+        );
+        assert_eq!(
+            pods[0].spec.as_ref().unwrap().containers[0]
+                .image
+                .as_deref(),
+            Some("r.example/web:v1"),
+            "the first file by name wins"
+        );
         assert!(annotation(&pods[0], ANNOTATION_SEEN).is_some());
         assert_eq!(complaints.this_scan.len(), 2, "{:?}", complaints.this_scan);
         complaints.end_scan();
@@ -956,7 +1299,12 @@ mod tests {
         std::fs::remove_file(dir.join("web.yaml")).unwrap();
         let after = scan_dir(&dir, "n", &events, &mut files, &mut complaints).unwrap();
         assert_eq!(after.len(), 1, "the duplicate now runs");
-        assert_eq!(after[0].spec.as_ref().unwrap().containers[0].image.as_deref(), Some("r.example/web:v9"));
+        assert_eq!(
+            after[0].spec.as_ref().unwrap().containers[0]
+                .image
+                .as_deref(),
+            Some("r.example/web:v9")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -979,12 +1327,24 @@ mod tests {
             }
         });
         let url = format!("http://{addr}/pods");
-        let body = http_get(&url, &[("X-Token".into(), "secret".into())]).await.unwrap();
+        let body = http_get(&url, &[("X-Token".into(), "secret".into())])
+            .await
+            .unwrap();
         assert_eq!(String::from_utf8(body).unwrap(), POD);
         assert!(http_get(&url, &[]).await.unwrap_err().contains("403"));
-        assert!(http_get("ftp://127.0.0.1/x", &[]).await.unwrap_err().contains("https://"));
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        assert!(http_get(&format!("http://{closed}/"), &[]).await.unwrap_err().contains("connecting"));
+        assert!(http_get("ftp://127.0.0.1/x", &[])
+            .await
+            .unwrap_err()
+            .contains("https://"));
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(http_get(&format!("http://{closed}/"), &[])
+            .await
+            .unwrap_err()
+            .contains("connecting"));
     }
 
     /// `https://`: a server whose certificate chains to a trusted CA serves the manifest; one
@@ -998,13 +1358,19 @@ mod tests {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1012,10 +1378,20 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let Ok(mut s) = acceptor.accept(tcp).await else { continue };
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    continue;
+                };
                 let mut buf = vec![0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{POD}", POD.len()).as_bytes()).await;
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{POD}",
+                            POD.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
                 // Closed without close_notify, as many servers do; Content-Length vouches.
                 drop(s);
             }
@@ -1023,11 +1399,18 @@ mod tests {
         let url = format!("https://{addr}/pods");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.der().clone()).unwrap();
-        let trusting = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
+        let trusting = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let body = http_get_with(&url, &[], &trusting).await.unwrap();
         assert_eq!(String::from_utf8(body).unwrap(), POD);
         let refused = http_get(&url, &[]).await.unwrap_err();
-        assert!(refused.contains("TLS") && refused.contains("certificate"), "{refused}");
+        assert!(
+            refused.contains("TLS") && refused.contains("certificate"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]
@@ -1037,33 +1420,73 @@ mod tests {
         let (mirror_tx, mut mirror_rx) = mpsc::unbounded_channel();
         let (static_tx, static_rx) = mpsc::unbounded_channel();
         let (statics_tx, statics_view) = watch::channel(None);
-        let outputs = MergeOutputs { pods: out_tx, mirrors: Some(mirror_tx), status: None, statics: statics_tx, runonce: false };
+        let outputs = MergeOutputs {
+            pods: out_tx,
+            mirrors: Some(mirror_tx),
+            status: None,
+            statics: statics_tx,
+            runonce: false,
+        };
         let stop = CancellationToken::new();
         tokio::spawn(merge(Some(api_rx), static_rx, 1, outputs, stop.clone()));
 
-        let api_pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "uid": "u-api"}})).unwrap();
+        let api_pod: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "uid": "u-api"}}))
+                .unwrap();
         api_tx.send(PodChange::Upsert(Arc::new(api_pod))).unwrap();
-        assert!(matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid.as_deref() == Some("u-api")));
+        assert!(
+            matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid.as_deref() == Some("u-api"))
+        );
         let mirror: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "web-n", "uid": "u-m", "annotations": {ANNOTATION_MIRROR: "h"}}})).unwrap();
         api_tx.send(PodChange::Upsert(Arc::new(mirror))).unwrap();
         api_tx.send(PodChange::Removed("u-m".into())).unwrap();
-        assert!(matches!(mirror_rx.recv().await, Some(MirrorInput::Observed(PodChange::Upsert(_)))));
-        assert!(matches!(mirror_rx.recv().await, Some(MirrorInput::Observed(PodChange::Removed(_)))));
+        assert!(matches!(
+            mirror_rx.recv().await,
+            Some(MirrorInput::Observed(PodChange::Upsert(_)))
+        ));
+        assert!(matches!(
+            mirror_rx.recv().await,
+            Some(MirrorInput::Observed(PodChange::Removed(_)))
+        ));
 
         let v1 = Arc::new(parse_manifest(POD, &origin(), "n").unwrap().remove(0));
-        static_tx.send(StaticSet { source: "file", pods: vec![v1.clone()] }).unwrap();
-        assert!(matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid == v1.metadata.uid));
-        let v2 = Arc::new(parse_manifest(&POD.replace("web:v1", "web:v2"), &origin(), "n").unwrap().remove(0));
-        static_tx.send(StaticSet { source: "file", pods: vec![v2.clone()] }).unwrap();
-        assert!(matches!(out_rx.recv().await, Some(PodChange::Removed(u)) if Some(u.as_str()) == v1.metadata.uid.as_deref()));
-        assert!(matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid == v2.metadata.uid));
+        static_tx
+            .send(StaticSet {
+                source: "file",
+                pods: vec![v1.clone()],
+            })
+            .unwrap();
+        assert!(
+            matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid == v1.metadata.uid)
+        );
+        let v2 = Arc::new(
+            parse_manifest(&POD.replace("web:v1", "web:v2"), &origin(), "n")
+                .unwrap()
+                .remove(0),
+        );
+        static_tx
+            .send(StaticSet {
+                source: "file",
+                pods: vec![v2.clone()],
+            })
+            .unwrap();
+        assert!(
+            matches!(out_rx.recv().await, Some(PodChange::Removed(u)) if Some(u.as_str()) == v1.metadata.uid.as_deref())
+        );
+        assert!(
+            matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid == v2.metadata.uid)
+        );
         assert_eq!(statics_view.borrow().as_ref().map(Vec::len), Some(1));
 
         // With every static source gone, API pods still flow.
         drop(static_tx);
-        let later: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "b", "uid": "u-b"}})).unwrap();
+        let later: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "b", "uid": "u-b"}}))
+                .unwrap();
         api_tx.send(PodChange::Upsert(Arc::new(later))).unwrap();
-        assert!(matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid.as_deref() == Some("u-b")));
+        assert!(
+            matches!(out_rx.recv().await, Some(PodChange::Upsert(p)) if p.metadata.uid.as_deref() == Some("u-b"))
+        );
         stop.cancel();
     }
 
@@ -1078,6 +1501,9 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(summary_line("p-n", &status), "p-n Failed exit=3");
-        assert_eq!(summary_line("q-n", &PodStatus::default()), "q-n Unknown exit=-");
+        assert_eq!(
+            summary_line("q-n", &PodStatus::default()),
+            "q-n Unknown exit=-"
+        );
     }
 }

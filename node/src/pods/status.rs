@@ -128,7 +128,8 @@ impl StatusManager {
             if draining && writes.is_empty() {
                 return;
             }
-            let sleep_until = retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let sleep_until =
+                retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled(), if !draining => {
                     // Write what is pending before exiting, within the agent's shutdown grace.
@@ -179,7 +180,8 @@ impl StatusManager {
         match update {
             StatusUpdate::Set(key, status) => {
                 if self.mirrors.contains_key(&key.uid) {
-                    self.static_latest.insert(key.uid.clone(), (*status).clone());
+                    self.static_latest
+                        .insert(key.uid.clone(), (*status).clone());
                 }
                 if self.written.get(&key) == Some(&status) {
                     self.pending.remove(&key);
@@ -195,7 +197,9 @@ impl StatusManager {
                 if mirror_uid.is_some() && self.mirrors.get(&key.uid) != Some(&mirror_uid) {
                     self.written.remove(&key);
                     if let Some(status) = self.static_latest.get(&key.uid) {
-                        self.pending.entry(key.clone()).or_insert_with(|| status.clone());
+                        self.pending
+                            .entry(key.clone())
+                            .or_insert_with(|| status.clone());
                     }
                 }
                 self.mirrors.insert(key.uid, mirror_uid);
@@ -233,8 +237,12 @@ impl StatusManager {
             };
             writes.spawn(write_status(self.api_client.clone(), key, target, status));
         }
-        let deletable: Vec<PodKey> =
-            self.finalize.iter().filter(|k| !self.pending.contains_key(*k) && !self.in_flight.contains(*k)).cloned().collect();
+        let deletable: Vec<PodKey> = self
+            .finalize
+            .iter()
+            .filter(|k| !self.pending.contains_key(*k) && !self.in_flight.contains(*k))
+            .cloned()
+            .collect();
         for key in deletable {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
                 return;
@@ -247,11 +255,19 @@ impl StatusManager {
 
 /// Writes `status` to the pod `key` names, whose UID is `target` (a static pod's mirror has
 /// its own UID).
-async fn write_status(client: kube::Client, key: PodKey, target: String, status: PodStatus) -> (PodKey, Outcome) {
+async fn write_status(
+    client: kube::Client,
+    key: PodKey,
+    target: String,
+    status: PodStatus,
+) -> (PodKey, Outcome) {
     let api: Api<Pod> = Api::namespaced(client, &key.namespace);
     // The UID makes the write a precondition: never update a new pod of the same name.
     let patch = serde_json::json!({ "metadata": { "uid": target }, "status": status });
-    let outcome = match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    let outcome = match api
+        .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => {
             debug!(pod = %format!("{}/{}", key.namespace, key.name), phase = ?status.phase, "pod status written");
             Outcome::Written(status)
@@ -277,7 +293,10 @@ async fn delete_pod(client: kube::Client, key: PodKey) -> (PodKey, Outcome) {
     let api: Api<Pod> = Api::namespaced(client, &key.namespace);
     let params = DeleteParams {
         grace_period_seconds: Some(0),
-        preconditions: Some(Preconditions { uid: Some(key.uid.clone()), resource_version: None }),
+        preconditions: Some(Preconditions {
+            uid: Some(key.uid.clone()),
+            resource_version: None,
+        }),
         ..Default::default()
     };
     let outcome = match api.delete(&key.name, &params).await {

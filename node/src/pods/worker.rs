@@ -13,13 +13,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, ObjectReference, Pod, PodCondition, PodIP, PodStatus, Secret,
+    Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, HostIP, ObjectReference, Pod, PodCondition, PodIP,
+    PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::chrono::{DateTime, Utc};
 use kube::Api;
-use provider_api::{ContainerConfig, ContainerState, ExitReason, Mount, Provider, ProviderError, RegistryAuth, SandboxConfig};
+use provider_api::{
+    ContainerConfig, ContainerState, ExitReason, Mount, Provider, ProviderError, RegistryAuth,
+    SandboxConfig,
+};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -160,39 +164,77 @@ pub struct PodWorker {
 }
 
 impl PodWorker {
-    pub fn new(ctx: Arc<WorkerContext>, desired: watch::Receiver<PodDesire>, nudge: Arc<Notify>) -> Self {
+    pub fn new(
+        ctx: Arc<WorkerContext>,
+        desired: watch::Receiver<PodDesire>,
+        nudge: Arc<Notify>,
+    ) -> Self {
         let pod = desired.borrow().pod.clone();
         let key = PodKey {
-            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             name: pod.metadata.name.clone().unwrap_or_default(),
             uid: pod.metadata.uid.clone().unwrap_or_default(),
         };
         // Restart counts and start time survive an agent restart through the pod's own status.
         let status = pod.status.clone().unwrap_or_default();
-        let start_time = status.start_time.as_ref().map(|t| t.0).unwrap_or_else(Utc::now);
+        let start_time = status
+            .start_time
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or_else(Utc::now);
         let mut containers = BTreeMap::new();
-        for cs in status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten()) {
+        for cs in status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+        {
             let state = cs.state.clone().unwrap_or_default();
             let mut record = ContainerRecord {
                 restart_count: cs.restart_count,
-                attempts: cs.restart_count.max(0) as u32 + u32::from(state.running.is_some() || state.terminated.is_some()),
-                last_terminated: state.terminated.clone().or_else(|| cs.last_state.as_ref().and_then(|s| s.terminated.clone())),
+                attempts: cs.restart_count.max(0) as u32
+                    + u32::from(state.running.is_some() || state.terminated.is_some()),
+                last_terminated: state
+                    .terminated
+                    .clone()
+                    .or_else(|| cs.last_state.as_ref().and_then(|s| s.terminated.clone())),
                 image_id: cs.image_id.clone(),
                 ..Default::default()
             };
             if let Some(running) = &state.running {
                 // Running when a previous agent stopped: the runtime process may still run it.
                 // The first refresh adopts it, or finds it gone (see `refresh`).
-                let started = running.started_at.as_ref().map_or_else(SystemTime::now, |t| SystemTime::from(t.0));
-                record.id = cs.container_id.as_deref().and_then(|id| id.strip_prefix("wasm://")).map(str::to_string);
-                record.current = Some(ContainerState::Running { started_at: started });
+                let started = running
+                    .started_at
+                    .as_ref()
+                    .map_or_else(SystemTime::now, |t| SystemTime::from(t.0));
+                record.id = cs
+                    .container_id
+                    .as_deref()
+                    .and_then(|id| id.strip_prefix("wasm://"))
+                    .map(str::to_string);
+                record.current = Some(ContainerState::Running {
+                    started_at: started,
+                });
                 record.adopting = true;
             }
             containers.insert(cs.name.clone(), record);
         }
         let terminal = match status.phase.as_deref() {
-            Some("Succeeded") => Some(Terminal { phase: "Succeeded", reason: status.reason.clone(), message: status.message.clone() }),
-            Some("Failed") => Some(Terminal { phase: "Failed", reason: status.reason.clone(), message: status.message.clone() }),
+            Some("Succeeded") => Some(Terminal {
+                phase: "Succeeded",
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            }),
+            Some("Failed") => Some(Terminal {
+                phase: "Failed",
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            }),
             _ => None,
         };
         let pod_ref = ObjectReference {
@@ -203,9 +245,33 @@ impl PodWorker {
             uid: Some(key.uid.clone()),
             ..Default::default()
         };
-        let probes = PodProbes::new(ctx.provider.clone(), ctx.events.clone(), ctx.node_ip.clone(), pod_ref);
+        let probes = PodProbes::new(
+            ctx.provider.clone(),
+            ctx.events.clone(),
+            ctx.node_ip.clone(),
+            pod_ref,
+        );
         let acted_at = ctx.runtime.mark();
-        Self { ctx, key, desired, nudge, pod, sandbox: None, containers, start_time, terminal, volumes: None, volumes_refresh_at: None, last_status: None, volume_failures: 0, probes, port_claim: None, admitted: None, looked_for_running: false, acted_at }
+        Self {
+            ctx,
+            key,
+            desired,
+            nudge,
+            pod,
+            sandbox: None,
+            containers,
+            start_time,
+            terminal,
+            volumes: None,
+            volumes_refresh_at: None,
+            last_status: None,
+            volume_failures: 0,
+            probes,
+            port_claim: None,
+            admitted: None,
+            looked_for_running: false,
+            acted_at,
+        }
     }
 
     /// Runs until the pod is gone; returns its UID.
@@ -217,19 +283,37 @@ impl PodWorker {
             let desire = self.desired.borrow_and_update().clone();
             self.pod = desire.pod.clone();
             let deleting = desire.removed || self.pod.metadata.deletion_timestamp.is_some();
-            if let Some(eviction) = desire.evict.as_ref().filter(|_| self.terminal.is_none() && !deleting) {
+            if let Some(eviction) = desire
+                .evict
+                .as_ref()
+                .filter(|_| self.terminal.is_none() && !deleting)
+            {
                 self.evict(eviction).await;
             }
             if deleting {
                 let began = Instant::now();
                 self.terminate(desire.removed).await;
-                crate::metrics::observe_pod_sync("kill", began.elapsed(), &self.pod, None, self.start_time, &mut start_observed);
+                crate::metrics::observe_pod_sync(
+                    "kill",
+                    began.elapsed(),
+                    &self.pod,
+                    None,
+                    self.start_time,
+                    &mut start_observed,
+                );
                 self.ctx.pods_view.remove(&self.key.uid);
                 return self.key.uid;
             }
             let began = Instant::now();
             let wake = self.sync().await;
-            crate::metrics::observe_pod_sync(operation, began.elapsed(), &self.pod, self.last_status.as_ref(), self.start_time, &mut start_observed);
+            crate::metrics::observe_pod_sync(
+                operation,
+                began.elapsed(),
+                &self.pod,
+                self.last_status.as_ref(),
+                self.start_time,
+                &mut start_observed,
+            );
             self.ctx.pods_view.set(&self.pod, self.last_status.as_ref());
             operation = "sync";
             tokio::select! {
@@ -278,17 +362,32 @@ impl PodWorker {
         if self.terminal.is_none() {
             if let Err((rejection, status_message)) = self.admit().await {
                 warn!(reason = %rejection.reason, message = %rejection.message, "pod rejected");
-                self.ctx.events.warning(&self.object_ref(), &rejection.reason, rejection.message.clone());
-                self.terminal = Some(Terminal { phase: "Failed", reason: Some(rejection.reason), message: Some(status_message) });
+                self.ctx.events.warning(
+                    &self.object_ref(),
+                    &rejection.reason,
+                    rejection.message.clone(),
+                );
+                self.terminal = Some(Terminal {
+                    phase: "Failed",
+                    reason: Some(rejection.reason),
+                    message: Some(status_message),
+                });
             }
         }
         if self.terminal.is_none() {
             if let Some(deadline) = self.active_deadline() {
                 if Utc::now() >= deadline {
                     self.kill_all(Duration::ZERO, "DeadlineExceeded").await;
-                    let message = "Pod was active on the node longer than the specified deadline".to_string();
-                    self.ctx.events.normal(&self.object_ref(), "DeadlineExceeded", message.clone());
-                    self.terminal = Some(Terminal { phase: "Failed", reason: Some("DeadlineExceeded".into()), message: Some(message) });
+                    let message =
+                        "Pod was active on the node longer than the specified deadline".to_string();
+                    self.ctx
+                        .events
+                        .normal(&self.object_ref(), "DeadlineExceeded", message.clone());
+                    self.terminal = Some(Terminal {
+                        phase: "Failed",
+                        reason: Some("DeadlineExceeded".into()),
+                        message: Some(message),
+                    });
                 } else {
                     let left = (deadline - Utc::now()).to_std().unwrap_or_default();
                     wake = wake.min(now + left);
@@ -305,8 +404,16 @@ impl PodWorker {
         self.last_status = Some(status.clone());
         if self.terminal.is_none() {
             if let Some(phase @ ("Succeeded" | "Failed")) = status.phase.as_deref() {
-                let phase = if phase == "Succeeded" { "Succeeded" } else { "Failed" };
-                self.terminal = Some(Terminal { phase, reason: None, message: None });
+                let phase = if phase == "Succeeded" {
+                    "Succeeded"
+                } else {
+                    "Failed"
+                };
+                self.terminal = Some(Terminal {
+                    phase,
+                    reason: None,
+                    message: None,
+                });
             }
         }
         if self.terminal.is_some() {
@@ -341,7 +448,12 @@ impl PodWorker {
             self.admitted = Some(ticket);
         }
         if self.port_claim.is_none() {
-            self.port_claim = Some(self.ctx.host_ports.claim(&self.key.uid, &self.pod).map_err(as_is)?);
+            self.port_claim = Some(
+                self.ctx
+                    .host_ports
+                    .claim(&self.key.uid, &self.pod)
+                    .map_err(as_is)?,
+            );
         }
         Ok(())
     }
@@ -357,7 +469,12 @@ impl PodWorker {
     }
 
     fn restart_policy(&self) -> plan::RestartPolicy {
-        plan::RestartPolicy::of(self.pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()))
+        plan::RestartPolicy::of(
+            self.pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.restart_policy.as_deref()),
+        )
     }
 
     /// Reads the provider's view of this pod's containers.
@@ -367,26 +484,56 @@ impl PodWorker {
             // What runs is unknown while the runtime cannot be asked: keep what was last seen.
             return;
         };
-        let listed: Vec<_> = listed.iter().filter(|s| s.pod_uid == self.key.uid).cloned().collect();
+        let listed: Vec<_> = listed
+            .iter()
+            .filter(|s| s.pod_uid == self.key.uid)
+            .cloned()
+            .collect();
         self.adopt_or_lose(&listed);
         let mut oom_killed = Vec::new();
         for summary in listed {
-            let Some(record) = self.containers.get_mut(&summary.name) else { continue };
+            let Some(record) = self.containers.get_mut(&summary.name) else {
+                continue;
+            };
             if record.id.as_deref() != Some(summary.id.as_str()) {
                 continue;
             }
-            if matches!((&record.current, &summary.state), (Some(ContainerState::Running { .. }), ContainerState::Running { .. })) {
+            if matches!(
+                (&record.current, &summary.state),
+                (
+                    Some(ContainerState::Running { .. }),
+                    ContainerState::Running { .. }
+                )
+            ) {
                 continue; // nothing new; keep the start time already reported
             }
-            if let ContainerState::Exited { started_at, finished_at, exit_code, reason, message } = &summary.state {
+            if let ContainerState::Exited {
+                started_at,
+                finished_at,
+                exit_code,
+                reason,
+                message,
+            } = &summary.state
+            {
                 if !matches!(record.current, Some(ContainerState::Exited { .. })) {
                     if *reason == ExitReason::OomKilled {
                         oom_killed.push((summary.name.clone(), message.clone()));
                     }
-                    let message = termination_message(record, *exit_code).or_else(|| message.clone());
-                    record.last_terminated = Some(terminated(&summary.id, *started_at, *finished_at, *exit_code, *reason, message));
+                    let message =
+                        termination_message(record, *exit_code).or_else(|| message.clone());
+                    record.last_terminated = Some(terminated(
+                        &summary.id,
+                        *started_at,
+                        *finished_at,
+                        *exit_code,
+                        *reason,
+                        message,
+                    ));
                     // A long good run resets the crash-loop backoff.
-                    if record.started_at.is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER) {
+                    if record
+                        .started_at
+                        .is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER)
+                    {
                         record.backoff = Duration::ZERO;
                     }
                 }
@@ -398,7 +545,11 @@ impl PodWorker {
         // status OOMKilled).
         for (name, detail) in oom_killed {
             let detail = detail.unwrap_or_else(|| "memory limit exceeded".into());
-            self.ctx.events.warning(&self.container_ref(&name), "OOMKilling", format!("Container {name} was OOM-killed: {detail}"));
+            self.ctx.events.warning(
+                &self.container_ref(&name),
+                "OOMKilling",
+                format!("Container {name} was OOM-killed: {detail}"),
+            );
         }
     }
 
@@ -419,15 +570,27 @@ impl PodWorker {
                 if record.id.is_some() {
                     continue;
                 }
-                let latest = listed.iter().filter(|s| s.name == c.name).max_by_key(|s| s.attempt);
-                if let Some(s) = latest.filter(|s| matches!(s.state, ContainerState::Running { .. } | ContainerState::Created)) {
+                let latest = listed
+                    .iter()
+                    .filter(|s| s.name == c.name)
+                    .max_by_key(|s| s.attempt);
+                if let Some(s) = latest.filter(|s| {
+                    matches!(
+                        s.state,
+                        ContainerState::Running { .. } | ContainerState::Created
+                    )
+                }) {
                     record.id = Some(s.id.clone());
                     record.current = Some(s.state.clone());
                     record.attempts = record.attempts.max(s.attempt + 1);
                     record.restart_count = record.restart_count.max(s.attempt as i32);
                     if record.image_id.is_empty() {
                         let image = c.image.clone().unwrap_or_default();
-                        record.image_id = format!("{}@{}", image.split('@').next().unwrap_or(&image), s.image_digest);
+                        record.image_id = format!(
+                            "{}@{}",
+                            image.split('@').next().unwrap_or(&image),
+                            s.image_digest
+                        );
                     }
                     record.adopting = true;
                 }
@@ -436,21 +599,36 @@ impl PodWorker {
         let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
         let log_dir = self.log_dir();
         for (name, record) in self.containers.iter_mut() {
-            let live = matches!(record.current, Some(ContainerState::Running { .. } | ContainerState::Created));
-            let Some(id) = record.id.clone().filter(|_| live) else { continue };
+            let live = matches!(
+                record.current,
+                Some(ContainerState::Running { .. } | ContainerState::Created)
+            );
+            let Some(id) = record.id.clone().filter(|_| live) else {
+                continue;
+            };
             match listed.iter().find(|s| s.id == id) {
                 Some(summary) if record.adopting => {
                     record.adopting = false;
                     let attempt = summary.attempt;
                     let spec = init.iter().chain(app.iter()).find(|c| &c.name == name);
-                    record.spec_hash = summary.annotations.get(SPEC_HASH_ANNOTATION).and_then(|h| h.parse().ok()).unwrap_or_else(|| spec.map_or(0, spec_hash));
-                    record.termination_file = spec.and_then(|c| termination_file(&pod_dir, c, attempt));
-                    record.fallback_to_logs = spec.is_some_and(|c| c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"));
+                    record.spec_hash = summary
+                        .annotations
+                        .get(SPEC_HASH_ANNOTATION)
+                        .and_then(|h| h.parse().ok())
+                        .unwrap_or_else(|| spec.map_or(0, spec_hash));
+                    record.termination_file =
+                        spec.and_then(|c| termination_file(&pod_dir, c, attempt));
+                    record.fallback_to_logs = spec.is_some_and(|c| {
+                        c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
+                    });
                     record.log_path = Some(super::layout::container_log(&log_dir, name, attempt));
                     if let ContainerState::Running { started_at } = summary.state {
                         // The crash-loop backoff resets after a long run, counted from the real start.
-                        let ran = SystemTime::now().duration_since(started_at).unwrap_or_default();
-                        record.started_at = Instant::now().checked_sub(ran).or(Some(Instant::now()));
+                        let ran = SystemTime::now()
+                            .duration_since(started_at)
+                            .unwrap_or_default();
+                        record.started_at =
+                            Instant::now().checked_sub(ran).or(Some(Instant::now()));
                     }
                     info!(container = %name, id, attempt, "container adopted from the runtime");
                 }
@@ -458,7 +636,9 @@ impl PodWorker {
                 None => {
                     record.adopting = false;
                     let started_at = match record.current {
-                        Some(ContainerState::Running { started_at }) => Some(Time(DateTime::<Utc>::from(started_at))),
+                        Some(ContainerState::Running { started_at }) => {
+                            Some(Time(DateTime::<Utc>::from(started_at)))
+                        }
                         _ => None,
                     };
                     warn!(container = %name, id, "container not found in the runtime");
@@ -483,7 +663,12 @@ impl PodWorker {
 
     /// The pod's log directory, `<pod logs dir>/<namespace>_<name>_<uid>`.
     fn log_dir(&self) -> PathBuf {
-        super::layout::pod_log_dir(&self.ctx.pod_logs_dir, &self.key.namespace, &self.key.name, &self.key.uid)
+        super::layout::pod_log_dir(
+            &self.ctx.pod_logs_dir,
+            &self.key.namespace,
+            &self.key.name,
+            &self.key.uid,
+        )
     }
 
     /// Starts what should run. Returns the earliest retry instant, if any.
@@ -499,21 +684,38 @@ impl PodWorker {
                 Ok(id) => self.sandbox = Some(id),
                 Err(e) => {
                     warn!(error = %e, "creating the pod sandbox");
-                    self.ctx.events.warning(&self.object_ref(), "FailedCreatePodSandBox", format!("Failed to create pod sandbox: {e}"));
+                    self.ctx.events.warning(
+                        &self.object_ref(),
+                        "FailedCreatePodSandBox",
+                        format!("Failed to create pod sandbox: {e}"),
+                    );
                     return Some(Instant::now() + BACKOFF_INITIAL);
                 }
             }
         }
         let mut wake: Option<Instant> = None;
-        if self.volumes.is_none() || self.volumes_refresh_at.is_some_and(|at| at <= Instant::now()) {
+        if self.volumes.is_none()
+            || self
+                .volumes_refresh_at
+                .is_some_and(|at| at <= Instant::now())
+        {
             let pod_dir = self.ctx.pods_dir.join(&self.key.uid);
-            match volumes::materialize(self.ctx.client.as_ref(), &self.pod, &pod_dir, self.volumes.as_ref(), self.ctx.node_allocatable).await {
+            match volumes::materialize(
+                self.ctx.client.as_ref(),
+                &self.pod,
+                &pod_dir,
+                self.volumes.as_ref(),
+                self.ctx.node_allocatable,
+            )
+            .await
+            {
                 Ok(v) => {
                     self.volume_failures = 0;
                     // Again at the next token refresh or --sync-frequency, whichever is first (at
                     // most every second: a zero frequency must not spin).
                     let every = self.ctx.sync_frequency.max(Duration::from_secs(1));
-                    self.volumes_refresh_at = Some(Instant::now() + v.refresh_in.map_or(every, |d| d.min(every)));
+                    self.volumes_refresh_at =
+                        Some(Instant::now() + v.refresh_in.map_or(every, |d| d.min(every)));
                     self.volumes = Some(v);
                 }
                 Err(e) if self.volumes.is_none() => {
@@ -521,10 +723,14 @@ impl PodWorker {
                     // seen this pod yet (a token request right after the pod was bound): retry
                     // fast, and tell the user only when it persists.
                     self.volume_failures += 1;
-                    let retry = (VOLUME_RETRY_FIRST * 2u32.saturating_pow(self.volume_failures - 1)).min(VOLUME_RETRY);
+                    let retry = (VOLUME_RETRY_FIRST
+                        * 2u32.saturating_pow(self.volume_failures - 1))
+                    .min(VOLUME_RETRY);
                     if self.volume_failures >= VOLUME_FAILURES_BEFORE_EVENT {
                         warn!(error = %e, "setting up volumes");
-                        self.ctx.events.warning(&self.object_ref(), "FailedMount", e.to_string());
+                        self.ctx
+                            .events
+                            .warning(&self.object_ref(), "FailedMount", e.to_string());
                     } else {
                         debug!(error = %e, ?retry, "setting up volumes; retrying");
                     }
@@ -533,7 +739,9 @@ impl PodWorker {
                 Err(e) => {
                     // A failed refresh keeps the old files (a token stays valid past 80 % of its life).
                     warn!(error = %e, "refreshing volumes");
-                    self.ctx.events.warning(&self.object_ref(), "FailedMount", e.to_string());
+                    self.ctx
+                        .events
+                        .warning(&self.object_ref(), "FailedMount", e.to_string());
                     self.volumes_refresh_at = Some(Instant::now() + VOLUME_RETRY);
                 }
             }
@@ -549,19 +757,34 @@ impl PodWorker {
         for c in init.iter().chain(&app) {
             self.containers.entry(c.name.clone()).or_default();
         }
-        let steps = plan::plan(policy, &hashes(&init), &hashes(&app), |name| self.containers.get(name).map(seen).unwrap_or_default());
+        let steps = plan::plan(policy, &hashes(&init), &hashes(&app), |name| {
+            self.containers.get(name).map(seen).unwrap_or_default()
+        });
         for step in steps {
             let (name, is_init) = match &step {
                 plan::Step::Start { name, init } => (name.clone(), *init),
                 plan::Step::Replace { name } => (name.clone(), false),
             };
-            let Some(c) = init.iter().chain(&app).find(|c| c.name == name) else { continue };
+            let Some(c) = init.iter().chain(&app).find(|c| c.name == name) else {
+                continue;
+            };
             if matches!(step, plan::Step::Replace { .. }) {
                 // The kubelet restarts a container whose definition changed (e.g. a new image),
                 // without crash-loop backoff and without counting it as a failure.
                 let id = self.containers[&name].id.clone().unwrap_or_default();
-                let grace = Duration::from_secs(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64);
-                self.ctx.events.normal(&self.container_ref(&name), "Killing", format!("Container {name} definition changed, will be restarted"));
+                let grace = Duration::from_secs(
+                    self.pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds)
+                        .unwrap_or(30)
+                        .max(0) as u64,
+                );
+                self.ctx.events.normal(
+                    &self.container_ref(&name),
+                    "Killing",
+                    format!("Container {name} definition changed, will be restarted"),
+                );
                 if let Err(e) = self.ctx.provider.stop_container(&id, grace).await {
                     warn!(container = %name, error = %e, "stopping a changed container");
                 }
@@ -595,7 +818,14 @@ impl PodWorker {
         // A restart waits out the crash-loop backoff first (10 s, doubling, capped at 5 min).
         if self.containers[&name].attempts > 0 && self.containers[&name].retry_at.is_none() {
             let at = self.backoff(&name);
-            self.ctx.events.warning(&cref, "BackOff", format!("Back-off restarting failed container {name} in pod {pod_name}_{}({uid})", self.key.namespace));
+            self.ctx.events.warning(
+                &cref,
+                "BackOff",
+                format!(
+                    "Back-off restarting failed container {name} in pod {pod_name}_{}({uid})",
+                    self.key.namespace
+                ),
+            );
             return Some(at);
         }
         let image = container.image.clone().unwrap_or_default();
@@ -604,25 +834,40 @@ impl PodWorker {
         }
 
         // Image, per imagePullPolicy.
-        let policy = container.image_pull_policy.clone().unwrap_or_else(|| default_pull_policy(&image).into());
+        let policy = container
+            .image_pull_policy
+            .clone()
+            .unwrap_or_else(|| default_pull_policy(&image).into());
         let present = self.ctx.provider.image_status(&image).await;
         let image_info = match (policy.as_str(), present) {
             ("Never", None) => {
-                let msg = format!("Container image \"{image}\" is not present with pull policy of Never");
-                self.ctx.events.warning(&cref, "ErrImageNeverPull", msg.clone());
+                let msg =
+                    format!("Container image \"{image}\" is not present with pull policy of Never");
+                self.ctx
+                    .events
+                    .warning(&cref, "ErrImageNeverPull", msg.clone());
                 return self.wait_and_retry(&name, "ErrImageNeverPull", msg);
             }
             ("IfNotPresent" | "Never", Some(info)) => {
-                self.ctx.events.normal(&cref, "Pulled", format!("Container image \"{image}\" already present on machine"));
+                self.ctx.events.normal(
+                    &cref,
+                    "Pulled",
+                    format!("Container image \"{image}\" already present on machine"),
+                );
                 info
             }
             _ => {
-                self.ctx.events.normal(&cref, "Pulling", format!("Pulling image \"{image}\""));
+                self.ctx
+                    .events
+                    .normal(&cref, "Pulling", format!("Pulling image \"{image}\""));
                 let auth = self.pull_secrets().await;
                 let started = std::time::Instant::now();
                 let pulled = self.ctx.provider.pull_image(&image, &auth).await;
                 let result = if pulled.is_ok() { "success" } else { "error" };
-                crate::metrics::kubelet().image_pull_duration.get_or_create(&crate::metrics::PullResultLabels { result }).observe(started.elapsed().as_secs_f64());
+                crate::metrics::kubelet()
+                    .image_pull_duration
+                    .get_or_create(&crate::metrics::PullResultLabels { result })
+                    .observe(started.elapsed().as_secs_f64());
                 match pulled {
                     Ok(info) => {
                         self.ctx.events.normal(
@@ -635,30 +880,65 @@ impl PodWorker {
                     Err(ProviderError::InvalidImageName(msg)) => {
                         // Not retried: no registry can answer a name that does not parse. The
                         // container waits until the pod names another image.
-                        self.ctx.events.warning(&cref, "InspectFailed", format!("Failed to apply default image tag \"{image}\": {msg}"));
+                        self.ctx.events.warning(
+                            &cref,
+                            "InspectFailed",
+                            format!("Failed to apply default image tag \"{image}\": {msg}"),
+                        );
                         let record = self.containers.get_mut(&name).expect("record exists");
                         record.invalid_image = Some(image.clone());
-                        record.waiting = Some(("InvalidImageName".into(), format!("Failed to apply default image tag \"{image}\": {msg}")));
+                        record.waiting = Some((
+                            "InvalidImageName".into(),
+                            format!("Failed to apply default image tag \"{image}\": {msg}"),
+                        ));
                         return None;
                     }
                     Err(ProviderError::UnsupportedImage(msg)) => {
-                        self.ctx.events.warning(&cref, "Failed", format!("Failed to pull image \"{image}\": {msg}"));
-                        self.terminal = Some(Terminal { phase: "Failed", reason: Some("UnsupportedImage".into()), message: Some(msg) });
+                        self.ctx.events.warning(
+                            &cref,
+                            "Failed",
+                            format!("Failed to pull image \"{image}\": {msg}"),
+                        );
+                        self.terminal = Some(Terminal {
+                            phase: "Failed",
+                            reason: Some("UnsupportedImage".into()),
+                            message: Some(msg),
+                        });
                         return None;
                     }
                     Err(e) => {
                         let msg = format!("Failed to pull image \"{image}\": {e}");
                         self.ctx.events.warning(&cref, "Failed", msg.clone());
-                        self.ctx.events.warning(&cref, "Failed", "Error: ErrImagePull".into());
+                        self.ctx
+                            .events
+                            .warning(&cref, "Failed", "Error: ErrImagePull".into());
                         let record = self.containers.get_mut(&name).expect("record exists");
-                        let first = !matches!(record.waiting.as_ref().map(|w| w.0.as_str()), Some("ErrImagePull" | "ImagePullBackOff"));
-                        let reason = if first { "ErrImagePull" } else { "ImagePullBackOff" };
+                        let first = !matches!(
+                            record.waiting.as_ref().map(|w| w.0.as_str()),
+                            Some("ErrImagePull" | "ImagePullBackOff")
+                        );
+                        let reason = if first {
+                            "ErrImagePull"
+                        } else {
+                            "ImagePullBackOff"
+                        };
                         let at = self.backoff(&name);
                         if !first {
-                            self.ctx.events.normal(&cref, "BackOff", format!("Back-off pulling image \"{image}\""));
+                            self.ctx.events.normal(
+                                &cref,
+                                "BackOff",
+                                format!("Back-off pulling image \"{image}\""),
+                            );
                         }
                         let record = self.containers.get_mut(&name).expect("record exists");
-                        record.waiting = Some((reason.into(), if first { msg } else { format!("Back-off pulling image \"{image}\": {e}") }));
+                        record.waiting = Some((
+                            reason.into(),
+                            if first {
+                                msg
+                            } else {
+                                format!("Back-off pulling image \"{image}\": {e}")
+                            },
+                        ));
                         return Some(at);
                     }
                 }
@@ -669,23 +949,41 @@ impl PodWorker {
         let env = match self.container_env(container).await {
             Ok(env) => env,
             Err(e) => {
-                self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
+                self.ctx
+                    .events
+                    .warning(&cref, "Failed", format!("Error: {e}"));
                 return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string());
             }
         };
-        let command: Vec<String> = container.command.iter().flatten().map(|s| env::expand(s, &env)).collect();
-        let args: Vec<String> = container.args.iter().flatten().map(|s| env::expand(s, &env)).collect();
+        let command: Vec<String> = container
+            .command
+            .iter()
+            .flatten()
+            .map(|s| env::expand(s, &env))
+            .collect();
+        let args: Vec<String> = container
+            .args
+            .iter()
+            .flatten()
+            .map(|s| env::expand(s, &env))
+            .collect();
 
         let attempt = self.containers[&name].attempts;
         let log_dir = self.log_dir().join(&name);
         if let Err(e) = std::fs::create_dir_all(&log_dir) {
-            return self.wait_and_retry(&name, "CreateContainerError", format!("creating log directory {}: {e}", log_dir.display()));
+            return self.wait_and_retry(
+                &name,
+                "CreateContainerError",
+                format!("creating log directory {}: {e}", log_dir.display()),
+            );
         }
         let mut mounts = match self.mounts(container, &env) {
             Ok(m) => m,
             Err(msg) => {
                 // As the kubelet's generateContainerConfig failure: a Failed event and the waiting reason.
-                self.ctx.events.warning(&cref, "Failed", format!("Error: {msg}"));
+                self.ctx
+                    .events
+                    .warning(&cref, "Failed", format!("Error: {msg}"));
                 return self.wait_and_retry(&name, "CreateContainerConfigError", msg);
             }
         };
@@ -696,23 +994,49 @@ impl PodWorker {
         if let Some(file) = &termination_file {
             // Made beneath the pod's directory, and the file made fresh: a directory left by
             // an earlier agent (same attempt number) may hold a guest's symlink by that name.
-            let rel = file.dir.strip_prefix(&pod_dir).unwrap_or(&file.dir).to_path_buf();
+            let rel = file
+                .dir
+                .strip_prefix(&pod_dir)
+                .unwrap_or(&file.dir)
+                .to_path_buf();
             let made = std::fs::create_dir_all(&pod_dir)
                 .map_err(|e| e.to_string())
-                .and_then(|()| super::beneath::create_dir_all(&pod_dir, &rel, 0o755).map_err(|e| e.to_string()))
-                .and_then(|_| super::beneath::create_empty_file(&file.dir, &file.name, 0o666).map_err(|e| e.to_string()));
+                .and_then(|()| {
+                    super::beneath::create_dir_all(&pod_dir, &rel, 0o755).map_err(|e| e.to_string())
+                })
+                .and_then(|_| {
+                    super::beneath::create_empty_file(&file.dir, &file.name, 0o666)
+                        .map_err(|e| e.to_string())
+                });
             if let Err(e) = made {
-                return self.wait_and_retry(&name, "CreateContainerError", format!("creating the termination message file: {e}"));
+                return self.wait_and_retry(
+                    &name,
+                    "CreateContainerError",
+                    format!("creating the termination message file: {e}"),
+                );
             }
-            let guest_dir = std::path::Path::new(&file.guest_path).parent().unwrap_or(std::path::Path::new("/"));
-            if !mounts.iter().any(|m| std::path::Path::new(&m.container_path) == guest_dir) {
-                mounts.push(Mount { host_path: file.dir.clone(), container_path: guest_dir.display().to_string(), read_only: false });
+            let guest_dir = std::path::Path::new(&file.guest_path)
+                .parent()
+                .unwrap_or(std::path::Path::new("/"));
+            if !mounts
+                .iter()
+                .any(|m| std::path::Path::new(&m.container_path) == guest_dir)
+            {
+                mounts.push(Mount {
+                    host_path: file.dir.clone(),
+                    container_path: guest_dir.display().to_string(),
+                    read_only: false,
+                });
             }
         }
         let log_path = super::layout::container_log(&self.log_dir(), &name, attempt);
-        let (cpu_limit_millicores, cpu_request_millicores) = match resources::cpu_limit(container).and_then(|l| Ok((l, resources::container_requests(container)?))) {
+        let (cpu_limit_millicores, cpu_request_millicores) = match resources::cpu_limit(container)
+            .and_then(|l| Ok((l, resources::container_requests(container)?)))
+        {
             Ok((limit, requests)) => (limit, Some(requests.milli_cpu).filter(|m| *m > 0)),
-            Err(e) => return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string()),
+            Err(e) => {
+                return self.wait_and_retry(&name, "CreateContainerConfigError", e.to_string())
+            }
         };
         let config = ContainerConfig {
             name: name.clone(),
@@ -730,7 +1054,10 @@ impl PodWorker {
             network: super::ports::container_network(&self.pod, container, &self.ctx.node_ip),
             stdin: container.stdin.unwrap_or(false),
             stdin_once: container.stdin_once.unwrap_or(false),
-            annotations: BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), spec_hash(container).to_string())]),
+            annotations: BTreeMap::from([(
+                SPEC_HASH_ANNOTATION.to_string(),
+                spec_hash(container).to_string(),
+            )]),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
         let created = self.ctx.provider.create_container(&sandbox, config).await;
@@ -739,18 +1066,26 @@ impl PodWorker {
         let id = match created {
             Ok(id) => id,
             Err(e) => {
-                self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
+                self.ctx
+                    .events
+                    .warning(&cref, "Failed", format!("Error: {e}"));
                 return self.wait_and_retry(&name, "CreateContainerError", e.to_string());
             }
         };
-        self.ctx.events.normal(&cref, "Created", format!("Created container: {name}"));
+        self.ctx
+            .events
+            .normal(&cref, "Created", format!("Created container: {name}"));
         let started = self.ctx.provider.start_container(&id).await;
         self.acted_at = self.ctx.runtime.mark();
         if let Err(e) = started {
-            self.ctx.events.warning(&cref, "Failed", format!("Error: {e}"));
+            self.ctx
+                .events
+                .warning(&cref, "Failed", format!("Error: {e}"));
             return self.wait_and_retry(&name, "RunContainerError", e.to_string());
         }
-        self.ctx.events.normal(&cref, "Started", format!("Started container {name}"));
+        self.ctx
+            .events
+            .normal(&cref, "Started", format!("Started container {name}"));
         info!(container = %name, attempt, is_init, "container started");
 
         let record = self.containers.get_mut(&name).expect("record exists");
@@ -759,14 +1094,21 @@ impl PodWorker {
         }
         record.attempts += 1;
         record.id = Some(id);
-        record.image_id = format!("{}@{}", image.split('@').next().unwrap_or(&image), image_info.digest);
-        record.current = Some(ContainerState::Running { started_at: SystemTime::now() });
+        record.image_id = format!(
+            "{}@{}",
+            image.split('@').next().unwrap_or(&image),
+            image_info.digest
+        );
+        record.current = Some(ContainerState::Running {
+            started_at: SystemTime::now(),
+        });
         record.waiting = None;
         record.started_at = Some(Instant::now());
         record.spec_hash = spec_hash(container);
         record.termination_file = termination_file;
         record.log_path = Some(log_path);
-        record.fallback_to_logs = container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
+        record.fallback_to_logs =
+            container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
         // The next restart waits out the crash-loop backoff.
         record.retry_at = None;
         self.post_start(container).await;
@@ -775,15 +1117,33 @@ impl PodWorker {
 
     /// One preopened directory per volumeMount, from the volumes set up for the pod
     /// (subPath and subPathExpr resolved by [`volumes::sub_path`]).
-    fn mounts(&self, container: &Container, env: &[(String, String)]) -> Result<Vec<Mount>, String> {
+    fn mounts(
+        &self,
+        container: &Container,
+        env: &[(String, String)],
+    ) -> Result<Vec<Mount>, String> {
         let mut mounts = Vec::new();
         for (index, vm) in container.volume_mounts.iter().flatten().enumerate() {
             let Some(volume) = self.volumes.as_ref().and_then(|v| v.get(&vm.name)) else {
-                return Err(format!("volumeMount {} names no volume of the pod", vm.name));
+                return Err(format!(
+                    "volumeMount {} names no volume of the pod",
+                    vm.name
+                ));
             };
-            let pin_at = self.ctx.pods_dir.join(&self.key.uid).join("volume-subpaths").join(&vm.name).join(&container.name).join(index.to_string());
+            let pin_at = self
+                .ctx
+                .pods_dir
+                .join(&self.key.uid)
+                .join("volume-subpaths")
+                .join(&vm.name)
+                .join(&container.name)
+                .join(index.to_string());
             let host_path = volumes::sub_path(volume, vm, env, &container.name, &pin_at)?;
-            mounts.push(Mount { host_path, container_path: vm.mount_path.clone(), read_only: volume.read_only || vm.read_only.unwrap_or(false) });
+            mounts.push(Mount {
+                host_path,
+                container_path: vm.mount_path.clone(),
+                read_only: volume.read_only || vm.read_only.unwrap_or(false),
+            });
         }
         Ok(mounts)
     }
@@ -799,19 +1159,35 @@ impl PodWorker {
     /// Advances the container's backoff and returns when it may be tried again.
     fn backoff(&mut self, name: &str) -> Instant {
         let record = self.containers.get_mut(name).expect("record exists");
-        record.backoff = if record.backoff.is_zero() { BACKOFF_INITIAL } else { (record.backoff * 2).min(BACKOFF_MAX) };
+        record.backoff = if record.backoff.is_zero() {
+            BACKOFF_INITIAL
+        } else {
+            (record.backoff * 2).min(BACKOFF_MAX)
+        };
         let at = Instant::now() + record.backoff;
         record.retry_at = Some(at);
         at
     }
 
     async fn pull_secrets(&self) -> Vec<RegistryAuth> {
-        let Some(client) = &self.ctx.client else { return Vec::new() };
+        let Some(client) = &self.ctx.client else {
+            return Vec::new();
+        };
         let api: Api<Secret> = Api::namespaced(client.clone(), &self.key.namespace);
         let mut auth = Vec::new();
-        for r in self.pod.spec.as_ref().and_then(|s| s.image_pull_secrets.clone()).unwrap_or_default() {
+        for r in self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.clone())
+            .unwrap_or_default()
+        {
             if let Ok(Some(secret)) = api.get_opt(&r.name).await {
-                if let Some(data) = secret.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
+                if let Some(data) = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(".dockerconfigjson"))
+                {
                     auth.extend(parse_docker_config(&data.0));
                 }
             }
@@ -819,19 +1195,38 @@ impl PodWorker {
         auth
     }
 
-    async fn container_env(&self, container: &Container) -> Result<Vec<(String, String)>, env::EnvError> {
+    async fn container_env(
+        &self,
+        container: &Container,
+    ) -> Result<Vec<(String, String)>, env::EnvError> {
         let refs = env::referenced(container);
-        let mut sources = env::Sources { host_ip: self.ctx.node_ip.clone(), node_allocatable: self.ctx.node_allocatable, ..Default::default() };
+        let mut sources = env::Sources {
+            host_ip: self.ctx.node_ip.clone(),
+            node_allocatable: self.ctx.node_allocatable,
+            ..Default::default()
+        };
         // Fetched as volumes fetch them; a missing or unreadable object is None here, and
         // env::resolve decides whether that is an error (it is unless the reference is optional).
-        let text = |data: BTreeMap<String, Vec<u8>>| data.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect();
+        let text = |data: BTreeMap<String, Vec<u8>>| {
+            data.into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect()
+        };
         let client = self.ctx.client.as_ref();
         for name in refs.config_maps {
-            let data = volumes::config_map(client, &self.key.namespace, &name, true).await.ok().flatten().map(text);
+            let data = volumes::config_map(client, &self.key.namespace, &name, true)
+                .await
+                .ok()
+                .flatten()
+                .map(text);
             sources.config_maps.insert(name, data);
         }
         for name in refs.secrets {
-            let data = volumes::secret(client, &self.key.namespace, &name, true).await.ok().flatten().map(text);
+            let data = volumes::secret(client, &self.key.namespace, &name, true)
+                .await
+                .ok()
+                .flatten()
+                .map(text);
             sources.secrets.insert(name, data);
         }
         env::resolve(&self.pod, container, &sources)
@@ -842,19 +1237,29 @@ impl PodWorker {
         let running: Vec<(String, String)> = self
             .containers
             .iter()
-            .filter(|(_, r)| matches!(r.current, Some(ContainerState::Running { .. }) | Some(ContainerState::Created)))
+            .filter(|(_, r)| {
+                matches!(
+                    r.current,
+                    Some(ContainerState::Running { .. }) | Some(ContainerState::Created)
+                )
+            })
             .filter_map(|(n, r)| Some((n.clone(), r.id.clone()?)))
             .collect();
         let (init, app) = self.spec_containers();
         let stops = running.iter().map(|(name, id)| {
             let cref = self.container_ref(name);
-            self.ctx.events.normal(&cref, "Killing", format!("Stopping container {name}"));
+            self.ctx
+                .events
+                .normal(&cref, "Killing", format!("Stopping container {name}"));
             let provider = self.ctx.provider.clone();
             let spec = init.iter().chain(&app).find(|c| &c.name == name);
             let (events, pod_ip) = (&self.ctx.events, self.ctx.node_ip.as_str());
             async move {
                 // The preStop hook runs first, within the grace period.
-                if let Err(e) = probes::stop_with_pre_stop(&provider, events, &cref, spec, id, pod_ip, grace).await {
+                if let Err(e) =
+                    probes::stop_with_pre_stop(&provider, events, &cref, spec, id, pod_ip, grace)
+                        .await
+                {
                     debug!(container = %name, error = %e, why, "stopping container");
                 }
             }
@@ -868,9 +1273,15 @@ impl PodWorker {
     /// the pod Failed with reason Evicted, as the kubelet's eviction manager does.
     async fn evict(&mut self, eviction: &crate::eviction::Eviction) {
         warn!(message = %eviction.message, grace = ?eviction.grace, "evicting the pod");
-        self.ctx.events.warning(&self.object_ref(), "Evicted", eviction.message.clone());
+        self.ctx
+            .events
+            .warning(&self.object_ref(), "Evicted", eviction.message.clone());
         self.kill_all(eviction.grace, "evicted").await;
-        self.terminal = Some(Terminal { phase: "Failed", reason: Some("Evicted".into()), message: Some(eviction.message.clone()) });
+        self.terminal = Some(Terminal {
+            phase: "Failed",
+            reason: Some("Evicted".into()),
+            message: Some(eviction.message.clone()),
+        });
         // As the kubelet, a terminated pod's volumes are torn down: an emptyDir that filled the
         // disk gives its space back.
         self.volumes = None;
@@ -886,14 +1297,24 @@ impl PodWorker {
             .pod
             .metadata
             .deletion_grace_period_seconds
-            .or_else(|| self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+            .or_else(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
             .unwrap_or(30)
             .max(0) as u64;
         let grace = Duration::from_secs(grace);
         info!(?grace, "terminating pod");
         self.kill_all(grace, "pod deleted").await;
         if let Some(sandbox) = self.sandbox.take() {
-            if let Err(e) = self.ctx.provider.remove_pod_sandbox(&sandbox, Duration::ZERO).await {
+            if let Err(e) = self
+                .ctx
+                .provider
+                .remove_pod_sandbox(&sandbox, Duration::ZERO)
+                .await
+            {
                 warn!(error = %e, "removing the pod sandbox");
             }
             // Every reader of the runtime cache (`/runningpods/`, stats, eviction) sees the pod
@@ -919,26 +1340,46 @@ impl PodWorker {
         let (init, app) = self.spec_containers();
         let policy = self.restart_policy();
         let now = Time(Utc::now());
-        let previous = self.last_status.clone().or_else(|| self.pod.status.clone()).unwrap_or_default();
+        let previous = self
+            .last_status
+            .clone()
+            .or_else(|| self.pod.status.clone())
+            .unwrap_or_default();
 
         let status_of = |c: &Container, is_init: bool| -> ContainerStatus {
             // An init container that succeeded is done whatever the pod's policy; one that
             // failed runs again unless the policy is Never (as OnFailure).
-            let policy = if is_init && policy != plan::RestartPolicy::Never { plan::RestartPolicy::OnFailure } else { policy };
+            let policy = if is_init && policy != plan::RestartPolicy::Never {
+                plan::RestartPolicy::OnFailure
+            } else {
+                policy
+            };
             let record = self.containers.get(&c.name);
             let image = c.image.clone().unwrap_or_default();
             let (state, last_state) = match record {
                 None => (waiting("ContainerCreating", None), None),
                 Some(r) => {
-                    let last = r.last_terminated.clone().map(|t| K8sState { terminated: Some(t), ..Default::default() });
+                    let last = r.last_terminated.clone().map(|t| K8sState {
+                        terminated: Some(t),
+                        ..Default::default()
+                    });
                     match (&r.current, &r.waiting) {
                         (Some(ContainerState::Running { started_at }), _) => (
-                            K8sState { running: Some(ContainerStateRunning { started_at: Some(Time((*started_at).into())) }), ..Default::default() },
+                            K8sState {
+                                running: Some(ContainerStateRunning {
+                                    started_at: Some(Time((*started_at).into())),
+                                }),
+                                ..Default::default()
+                            },
                             // While running, lastState is the previous run's termination.
                             if r.restart_count > 0 { last } else { None },
                         ),
-                        (_, Some((reason, message))) => (waiting(reason, Some(message.clone())), last),
-                        (Some(ContainerState::Exited { .. }), None) if self.will_restart(r, policy) => {
+                        (_, Some((reason, message))) => {
+                            (waiting(reason, Some(message.clone())), last)
+                        }
+                        (Some(ContainerState::Exited { .. }), None)
+                            if self.will_restart(r, policy) =>
+                        {
                             let msg = format!(
                                 "back-off {}s restarting failed container={} pod={}_{}({})",
                                 r.backoff.max(BACKOFF_INITIAL).as_secs(),
@@ -949,11 +1390,28 @@ impl PodWorker {
                             );
                             (waiting("CrashLoopBackOff", Some(msg)), last)
                         }
-                        (Some(ContainerState::Exited { .. }), None) | (None, None) if r.last_terminated.is_some() && !self.will_restart(r, policy) => (
-                            K8sState { terminated: r.last_terminated.clone(), ..Default::default() },
-                            None,
+                        (Some(ContainerState::Exited { .. }), None) | (None, None)
+                            if r.last_terminated.is_some() && !self.will_restart(r, policy) =>
+                        {
+                            (
+                                K8sState {
+                                    terminated: r.last_terminated.clone(),
+                                    ..Default::default()
+                                },
+                                None,
+                            )
+                        }
+                        _ => (
+                            waiting(
+                                if self.terminal.is_some() {
+                                    "PodInitializing"
+                                } else {
+                                    "ContainerCreating"
+                                },
+                                None,
+                            ),
+                            last,
                         ),
-                        _ => (waiting(if self.terminal.is_some() { "PodInitializing" } else { "ContainerCreating" }, None), last),
                     }
                 }
             };
@@ -962,7 +1420,9 @@ impl PodWorker {
                 name: c.name.clone(),
                 image,
                 image_id: record.map(|r| r.image_id.clone()).unwrap_or_default(),
-                container_id: record.and_then(|r| r.id.clone()).map(|id| format!("wasm://{id}")),
+                container_id: record
+                    .and_then(|r| r.id.clone())
+                    .map(|id| format!("wasm://{id}")),
                 ready: running && self.probes.ready(c),
                 started: Some(running && self.probes.started(c)),
                 restart_count: record.map_or(0, |r| r.restart_count),
@@ -974,17 +1434,36 @@ impl PodWorker {
         let init_statuses: Vec<ContainerStatus> = init.iter().map(|c| status_of(c, true)).collect();
         let app_statuses: Vec<ContainerStatus> = app.iter().map(|c| status_of(c, false)).collect();
 
-        let init_done = init_statuses.iter().all(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code == 0));
-        let init_failed = init_statuses.iter().any(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code != 0));
+        let init_done = init_statuses.iter().all(|s| {
+            s.state
+                .as_ref()
+                .and_then(|st| st.terminated.as_ref())
+                .is_some_and(|t| t.exit_code == 0)
+        });
+        let init_failed = init_statuses.iter().any(|s| {
+            s.state
+                .as_ref()
+                .and_then(|st| st.terminated.as_ref())
+                .is_some_and(|t| t.exit_code != 0)
+        });
         let phase = match &self.terminal {
             Some(t) => t.phase.to_string(),
             None => pod_phase(policy, init_done, init_failed, &app_statuses).to_string(),
         };
 
-        let unready: Vec<&str> = app_statuses.iter().filter(|s| !s.ready).map(|s| s.name.as_str()).collect();
+        let unready: Vec<&str> = app_statuses
+            .iter()
+            .filter(|s| !s.ready)
+            .map(|s| s.name.as_str())
+            .collect();
         let incomplete: Vec<&str> = init_statuses
             .iter()
-            .filter(|s| !s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code == 0))
+            .filter(|s| {
+                !s.state
+                    .as_ref()
+                    .and_then(|st| st.terminated.as_ref())
+                    .is_some_and(|t| t.exit_code == 0)
+            })
             .map(|s| s.name.as_str())
             .collect();
         let completed = phase == "Succeeded";
@@ -1011,26 +1490,70 @@ impl PodWorker {
             if completed {
                 (Some("PodCompleted".to_string()), None)
             } else {
-                (Some(reason.to_string()), Some(format!("containers with unready status: [{}]", unready.join(" "))))
+                (
+                    Some(reason.to_string()),
+                    Some(format!(
+                        "containers with unready status: [{}]",
+                        unready.join(" ")
+                    )),
+                )
             }
         };
         let sandbox_ready = self.sandbox.is_some() && self.terminal.is_none();
-        let (cr_reason, cr_msg) = if unready.is_empty() { (None, None) } else { not_ready("ContainersNotReady") };
+        let (cr_reason, cr_msg) = if unready.is_empty() {
+            (None, None)
+        } else {
+            not_ready("ContainersNotReady")
+        };
         let mut conditions = vec![
             condition("PodReadyToStartContainers", sandbox_ready, None, None),
             if incomplete.is_empty() || completed {
-                condition("Initialized", true, completed.then(|| "PodCompleted".to_string()).filter(|_| !init.is_empty()), None)
+                condition(
+                    "Initialized",
+                    true,
+                    completed
+                        .then(|| "PodCompleted".to_string())
+                        .filter(|_| !init.is_empty()),
+                    None,
+                )
             } else {
-                condition("Initialized", false, Some("ContainersNotInitialized".into()), Some(format!("containers with incomplete status: [{}]", incomplete.join(" "))))
+                condition(
+                    "Initialized",
+                    false,
+                    Some("ContainersNotInitialized".into()),
+                    Some(format!(
+                        "containers with incomplete status: [{}]",
+                        incomplete.join(" ")
+                    )),
+                )
             },
-            condition("ContainersReady", unready.is_empty(), cr_reason.clone(), cr_msg.clone()),
+            condition(
+                "ContainersReady",
+                unready.is_empty(),
+                cr_reason.clone(),
+                cr_msg.clone(),
+            ),
             condition("Ready", unready.is_empty(), cr_reason, cr_msg),
         ];
         // As the kubelet marks a pod it evicts for node pressure.
-        if let Some(t) = self.terminal.as_ref().filter(|t| t.reason.as_deref() == Some("Evicted")) {
-            conditions.push(condition("DisruptionTarget", true, Some("TerminationByKubelet".into()), t.message.clone()));
+        if let Some(t) = self
+            .terminal
+            .as_ref()
+            .filter(|t| t.reason.as_deref() == Some("Evicted"))
+        {
+            conditions.push(condition(
+                "DisruptionTarget",
+                true,
+                Some("TerminationByKubelet".into()),
+                t.message.clone(),
+            ));
         }
-        if let Some(scheduled) = previous.conditions.iter().flatten().find(|c| c.type_ == "PodScheduled") {
+        if let Some(scheduled) = previous
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled")
+        {
             conditions.push(scheduled.clone());
         } else {
             conditions.push(condition("PodScheduled", true, None, None));
@@ -1048,14 +1571,19 @@ impl PodWorker {
             pod_ips: Some(vec![PodIP { ip }]),
             start_time: Some(Time(self.start_time)),
             qos_class: Some(qos_class(&init, &app).into()),
-            init_container_statuses: if init.is_empty() { None } else { Some(init_statuses) },
+            init_container_statuses: if init.is_empty() {
+                None
+            } else {
+                Some(init_statuses)
+            },
             container_statuses: Some(app_statuses),
             ..Default::default()
         }
     }
 
     fn will_restart(&self, r: &ContainerRecord, policy: plan::RestartPolicy) -> bool {
-        self.terminal.is_none() && policy.restarts_after(r.last_terminated.as_ref().map_or(0, |t| t.exit_code))
+        self.terminal.is_none()
+            && policy.restarts_after(r.last_terminated.as_ref().map_or(0, |t| t.exit_code))
     }
 }
 
@@ -1071,7 +1599,11 @@ impl PodWorker {
                 if !matches!(r.current, Some(ContainerState::Running { .. })) {
                     return None;
                 }
-                Some(probes::Running { container: c, id: r.id.as_deref()?, started_at: r.started_at? })
+                Some(probes::Running {
+                    container: c,
+                    id: r.id.as_deref()?,
+                    started_at: r.started_at?,
+                })
             })
             .collect();
         self.probes.reconcile(&running);
@@ -1080,7 +1612,10 @@ impl PodWorker {
     /// A liveness or startup probe failed: stop the instance (preStop first) and let the
     /// restart policy, with its backoff, restart it on the next sync.
     async fn probe_kill(&mut self, kill: probes::Kill) {
-        let is_current = self.containers.get(&kill.container).is_some_and(|r| r.id.as_deref() == Some(kill.id.as_str()) && matches!(r.current, Some(ContainerState::Running { .. })));
+        let is_current = self.containers.get(&kill.container).is_some_and(|r| {
+            r.id.as_deref() == Some(kill.id.as_str())
+                && matches!(r.current, Some(ContainerState::Running { .. }))
+        });
         if !is_current {
             return;
         }
@@ -1090,7 +1625,17 @@ impl PodWorker {
         let grace = kill.grace.unwrap_or_else(|| self.pod_grace());
         let (init, app) = self.spec_containers();
         let spec = init.iter().chain(&app).find(|c| c.name == kill.container);
-        if let Err(e) = probes::stop_with_pre_stop(&self.ctx.provider, &self.ctx.events, &cref, spec, &kill.id, &self.ctx.node_ip, grace).await {
+        if let Err(e) = probes::stop_with_pre_stop(
+            &self.ctx.provider,
+            &self.ctx.events,
+            &cref,
+            spec,
+            &kill.id,
+            &self.ctx.node_ip,
+            grace,
+        )
+        .await
+        {
             warn!(container = %kill.container, error = %e, "stopping a container that failed its probe");
         }
         self.acted_at = self.ctx.runtime.mark();
@@ -1100,14 +1645,38 @@ impl PodWorker {
     /// Runs the container's postStart hook right after it started; a failure kills the
     /// container (FailedPostStartHook) and the restart policy applies.
     async fn post_start(&mut self, container: &Container) {
-        let Some(id) = self.containers.get(&container.name).and_then(|r| r.id.clone()) else { return };
-        let Err(e) = probes::run_post_start(&self.ctx.provider, container, &id, &self.ctx.node_ip).await else { return };
+        let Some(id) = self
+            .containers
+            .get(&container.name)
+            .and_then(|r| r.id.clone())
+        else {
+            return;
+        };
+        let Err(e) =
+            probes::run_post_start(&self.ctx.provider, container, &id, &self.ctx.node_ip).await
+        else {
+            return;
+        };
         // As the kubelet: the hook's output stays out of the event (it may hold secrets).
         warn!(container = %container.name, error = %e, "postStart hook failed");
         let cref = self.container_ref(&container.name);
-        self.ctx.events.warning(&cref, "FailedPostStartHook", "PostStartHook failed".into());
-        self.ctx.events.normal(&cref, "Killing", format!("FailedPostStartHook: container {} will be killed", container.name));
-        if let Err(e) = self.ctx.provider.stop_container(&id, self.pod_grace()).await {
+        self.ctx
+            .events
+            .warning(&cref, "FailedPostStartHook", "PostStartHook failed".into());
+        self.ctx.events.normal(
+            &cref,
+            "Killing",
+            format!(
+                "FailedPostStartHook: container {} will be killed",
+                container.name
+            ),
+        );
+        if let Err(e) = self
+            .ctx
+            .provider
+            .stop_container(&id, self.pod_grace())
+            .await
+        {
             warn!(container = %container.name, error = %e, "stopping a container whose postStart hook failed");
         }
         self.acted_at = self.ctx.runtime.mark();
@@ -1116,7 +1685,14 @@ impl PodWorker {
 
     /// The pod's terminationGracePeriodSeconds (30 s by default, as the API server defaults it).
     fn pod_grace(&self) -> Duration {
-        Duration::from_secs(self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64)
+        Duration::from_secs(
+            self.pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+                .unwrap_or(30)
+                .max(0) as u64,
+        )
     }
 }
 
@@ -1136,39 +1712,63 @@ const FALLBACK_LOG_READ: usize = 64 * 1024;
 /// followed or waited on), and only its last 4096 bytes, as the kubelet reads it.
 fn termination_message(record: &ContainerRecord, exit_code: i32) -> Option<String> {
     if let Some(file) = &record.termination_file {
-        match super::beneath::read_tail(&file.dir, std::path::Path::new(&file.name), MAX_TERMINATION_MESSAGE) {
-            Ok(bytes) if !bytes.is_empty() => return Some(String::from_utf8_lossy(&bytes).into_owned()),
+        match super::beneath::read_tail(
+            &file.dir,
+            std::path::Path::new(&file.name),
+            MAX_TERMINATION_MESSAGE,
+        ) {
+            Ok(bytes) if !bytes.is_empty() => {
+                return Some(String::from_utf8_lossy(&bytes).into_owned())
+            }
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
             // As the kubelet ("Error on reading termination log %s: %v"), naming the path the
             // container knows rather than the host's.
             Err(e) => {
                 let why = match e {
-                    super::beneath::Error::Escapes { .. } => "the path leads outside the container's termination message directory".to_string(),
+                    super::beneath::Error::Escapes { .. } => {
+                        "the path leads outside the container's termination message directory"
+                            .to_string()
+                    }
                     super::beneath::Error::NotRegular { .. } => "not a regular file".to_string(),
                     other => other.to_string(),
                 };
                 warn!(path = %file.guest_path, error = %why, "reading the termination message");
-                return Some(format!("Error on reading termination log {}: {why}", file.guest_path));
+                return Some(format!(
+                    "Error on reading termination log {}: {why}",
+                    file.guest_path
+                ));
             }
         }
     }
     if record.fallback_to_logs && exit_code != 0 {
         let log = record.log_path.as_ref()?;
-        let bytes = super::beneath::read_tail(log.parent()?, std::path::Path::new(log.file_name()?), FALLBACK_LOG_READ).ok()?;
+        let bytes = super::beneath::read_tail(
+            log.parent()?,
+            std::path::Path::new(log.file_name()?),
+            FALLBACK_LOG_READ,
+        )
+        .ok()?;
         let mut text = String::from_utf8_lossy(&bytes).into_owned();
         if bytes.len() == FALLBACK_LOG_READ {
             // Cut at a line start: the first line read is likely a partial one.
-            text = text.split_once('\n').map(|(_, rest)| rest.to_string()).unwrap_or_default();
+            text = text
+                .split_once('\n')
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or_default();
         }
-        return Some(log_tail(&text, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)).filter(|s| !s.is_empty());
+        return Some(log_tail(&text, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES))
+            .filter(|s| !s.is_empty());
     }
     None
 }
 
 /// The last `lines` lines (at most `bytes` bytes) of a CRI log, without the CRI prefixes.
 fn log_tail(cri_log: &str, lines: usize, bytes: usize) -> String {
-    let content: Vec<&str> = cri_log.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
+    let content: Vec<&str> = cri_log
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .collect();
     let mut text = content[content.len().saturating_sub(lines)..].join("\n");
     if text.len() > bytes {
         let mut cut = text.len() - bytes;
@@ -1184,17 +1784,34 @@ fn log_tail(cri_log: &str, lines: usize, bytes: usize) -> String {
 /// Where run `attempt` of `container` finds its terminationMessagePath on the host: the file's
 /// name in `<pod dir>/containers/<name>/<attempt>/`, which the container sees as the path's
 /// parent. `None` for a path that is not absolute or names no file.
-fn termination_file(pod_dir: &std::path::Path, container: &Container, attempt: u32) -> Option<TerminationFile> {
-    let guest_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
+fn termination_file(
+    pod_dir: &std::path::Path,
+    container: &Container,
+    attempt: u32,
+) -> Option<TerminationFile> {
+    let guest_path = container
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
     let path = std::path::Path::new(&guest_path);
-    let (_, file) = path.parent().zip(path.file_name()).filter(|_| guest_path.starts_with('/'))?;
+    let (_, file) = path
+        .parent()
+        .zip(path.file_name())
+        .filter(|_| guest_path.starts_with('/'))?;
     let dir = super::layout::run_dir(pod_dir, &container.name, attempt);
-    Some(TerminationFile { dir, name: file.to_os_string(), guest_path })
+    Some(TerminationFile {
+        dir,
+        name: file.to_os_string(),
+        guest_path,
+    })
 }
 
 /// Each container's name with the hash of its definition, for [`plan::plan`].
 fn hashes(containers: &[Container]) -> Vec<(&str, u64)> {
-    containers.iter().map(|c| (c.name.as_str(), spec_hash(c))).collect()
+    containers
+        .iter()
+        .map(|c| (c.name.as_str(), spec_hash(c)))
+        .collect()
 }
 
 /// What the plan needs to know of a container (see [`plan::Seen`]).
@@ -1203,7 +1820,9 @@ fn seen(r: &ContainerRecord) -> plan::Seen {
         now: r.current.as_ref().map(|s| match s {
             ContainerState::Created => plan::Now::Created,
             ContainerState::Running { .. } => plan::Now::Running,
-            ContainerState::Exited { exit_code, .. } => plan::Now::Exited { exit_code: *exit_code },
+            ContainerState::Exited { exit_code, .. } => plan::Now::Exited {
+                exit_code: *exit_code,
+            },
         }),
         last_exit: r.last_terminated.as_ref().map(|t| t.exit_code),
         has_id: r.id.is_some(),
@@ -1226,10 +1845,23 @@ fn spec_hash(c: &Container) -> u64 {
 }
 
 fn waiting(reason: &str, message: Option<String>) -> K8sState {
-    K8sState { waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message }), ..Default::default() }
+    K8sState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.into()),
+            message,
+        }),
+        ..Default::default()
+    }
 }
 
-fn terminated(id: &str, started: Option<SystemTime>, finished: SystemTime, code: i32, reason: ExitReason, message: Option<String>) -> ContainerStateTerminated {
+fn terminated(
+    id: &str,
+    started: Option<SystemTime>,
+    finished: SystemTime,
+    code: i32,
+    reason: ExitReason,
+    message: Option<String>,
+) -> ContainerStateTerminated {
     ContainerStateTerminated {
         container_id: Some(format!("wasm://{id}")),
         exit_code: code,
@@ -1242,7 +1874,12 @@ fn terminated(id: &str, started: Option<SystemTime>, finished: SystemTime, code:
 }
 
 /// The kubelet's getPhase, for a pod that is not already terminal.
-fn pod_phase(policy: plan::RestartPolicy, init_done: bool, init_failed: bool, app: &[ContainerStatus]) -> &'static str {
+fn pod_phase(
+    policy: plan::RestartPolicy,
+    init_done: bool,
+    init_failed: bool,
+    app: &[ContainerStatus],
+) -> &'static str {
     if init_failed && policy == plan::RestartPolicy::Never {
         return "Failed";
     }
@@ -1319,7 +1956,10 @@ pub fn qos_class(init: &[Container], app: &[Container]) -> &'static str {
         let requests = res.requests.unwrap_or_default();
         // Only cpu and memory decide the QoS class (the API server's rule; it rejects a status
         // whose class differs from the one it computed).
-        if ["cpu", "memory"].iter().any(|r| limits.contains_key(*r) || requests.contains_key(*r)) {
+        if ["cpu", "memory"]
+            .iter()
+            .any(|r| limits.contains_key(*r) || requests.contains_key(*r))
+        {
             any = true;
         }
         for r in ["cpu", "memory"] {
@@ -1341,14 +1981,30 @@ pub fn qos_class(init: &[Container], app: &[Container]) -> &'static str {
 
 /// Credentials from a `.dockerconfigjson`: `{"auths": {"host": {"username","password"} | {"auth": base64}}}`.
 pub fn parse_docker_config(bytes: &[u8]) -> Vec<RegistryAuth> {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Vec::new() };
-    let Some(auths) = doc.get("auths").and_then(|a| a.as_object()) else { return Vec::new() };
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let Some(auths) = doc.get("auths").and_then(|a| a.as_object()) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for (host, entry) in auths {
-        let registry = host.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_string();
+        let registry = host
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
         let (mut username, mut password) = (
-            entry.get("username").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
-            entry.get("password").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+            entry
+                .get("username")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            entry
+                .get("password")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
         );
         if let Some(auth) = entry.get("auth").and_then(|v| v.as_str()) {
             if let Some(decoded) = base64_decode(auth) {
@@ -1358,7 +2014,11 @@ pub fn parse_docker_config(bytes: &[u8]) -> Vec<RegistryAuth> {
                 }
             }
         }
-        out.push(RegistryAuth { registry, username, password });
+        out.push(RegistryAuth {
+            registry,
+            username,
+            password,
+        });
     }
     out
 }
@@ -1391,26 +2051,103 @@ mod tests {
     fn cs(state: K8sState, last: Option<ContainerStateTerminated>) -> ContainerStatus {
         ContainerStatus {
             state: Some(state),
-            last_state: Some(K8sState { terminated: last, ..Default::default() }),
+            last_state: Some(K8sState {
+                terminated: last,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
     fn exited(code: i32) -> K8sState {
-        K8sState { terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }), ..Default::default() }
+        K8sState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn phases_follow_the_kubelet() {
-        let running = K8sState { running: Some(Default::default()), ..Default::default() };
-        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(exited(0), None)]), "Succeeded");
-        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(exited(3), None)]), "Failed");
-        assert_eq!(pod_phase(plan::RestartPolicy::Always, true, false, &[cs(exited(0), None)]), "Running");
-        assert_eq!(pod_phase(plan::RestartPolicy::OnFailure, true, false, &[cs(waiting("CrashLoopBackOff", None), Some(ContainerStateTerminated { exit_code: 1, ..Default::default() }))]), "Running");
-        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(running, None)]), "Running");
-        assert_eq!(pod_phase(plan::RestartPolicy::Never, true, false, &[cs(waiting("ContainerCreating", None), None)]), "Pending");
-        assert_eq!(pod_phase(plan::RestartPolicy::Never, false, false, &[cs(waiting("PodInitializing", None), None)]), "Pending");
-        assert_eq!(pod_phase(plan::RestartPolicy::Never, false, true, &[]), "Failed");
+        let running = K8sState {
+            running: Some(Default::default()),
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::Never,
+                true,
+                false,
+                &[cs(exited(0), None)]
+            ),
+            "Succeeded"
+        );
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::Never,
+                true,
+                false,
+                &[cs(exited(3), None)]
+            ),
+            "Failed"
+        );
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::Always,
+                true,
+                false,
+                &[cs(exited(0), None)]
+            ),
+            "Running"
+        );
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::OnFailure,
+                true,
+                false,
+                &[cs(
+                    waiting("CrashLoopBackOff", None),
+                    Some(ContainerStateTerminated {
+                        exit_code: 1,
+                        ..Default::default()
+                    })
+                )]
+            ),
+            "Running"
+        );
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::Never,
+                true,
+                false,
+                &[cs(running, None)]
+            ),
+            "Running"
+        );
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::Never,
+                true,
+                false,
+                &[cs(waiting("ContainerCreating", None), None)]
+            ),
+            "Pending"
+        );
+        assert_eq!(
+            pod_phase(
+                plan::RestartPolicy::Never,
+                false,
+                false,
+                &[cs(waiting("PodInitializing", None), None)]
+            ),
+            "Pending"
+        );
+        assert_eq!(
+            pod_phase(plan::RestartPolicy::Never, false, true, &[]),
+            "Failed"
+        );
     }
 
     #[test]
@@ -1425,7 +2162,10 @@ mod tests {
     fn pull_policy_defaults() {
         assert_eq!(default_pull_policy("127.0.0.1:5000/hello"), "Always");
         assert_eq!(default_pull_policy("127.0.0.1:5000/hello:latest"), "Always");
-        assert_eq!(default_pull_policy("127.0.0.1:5000/hello:v1"), "IfNotPresent");
+        assert_eq!(
+            default_pull_policy("127.0.0.1:5000/hello:v1"),
+            "IfNotPresent"
+        );
         assert_eq!(default_pull_policy("r/hello@sha256:abc"), "IfNotPresent");
     }
 
@@ -1434,8 +2174,18 @@ mod tests {
         let json = br#"{"auths":{"127.0.0.1:5443":{"auth":"dXNlcjpwYXNz"},"https://r.example/":{"username":"a","password":"b"}}}"#;
         let mut auths = parse_docker_config(json);
         auths.sort_by(|a, b| a.registry.cmp(&b.registry));
-        assert_eq!((auths[0].registry.as_str(), auths[0].username.as_str(), auths[0].password.as_str()), ("127.0.0.1:5443", "user", "pass"));
-        assert_eq!((auths[1].registry.as_str(), auths[1].username.as_str()), ("r.example", "a"));
+        assert_eq!(
+            (
+                auths[0].registry.as_str(),
+                auths[0].username.as_str(),
+                auths[0].password.as_str()
+            ),
+            ("127.0.0.1:5443", "user", "pass")
+        );
+        assert_eq!(
+            (auths[1].registry.as_str(), auths[1].username.as_str()),
+            ("r.example", "a")
+        );
         assert!(parse_docker_config(b"not json").is_empty());
     }
 
@@ -1452,8 +2202,20 @@ mod tests {
             .unwrap()
         };
         assert_eq!(qos_class(&[], &[c(&[], &[])]), "BestEffort");
-        assert_eq!(qos_class(&[], &[c(&[("ephemeral-storage", "2Ki")], &[("ephemeral-storage", "1Ki")])]), "BestEffort");
-        assert_eq!(qos_class(&[], &[c(&[("cpu", "1"), ("memory", "1Gi")], &[])]), "Guaranteed");
+        assert_eq!(
+            qos_class(
+                &[],
+                &[c(
+                    &[("ephemeral-storage", "2Ki")],
+                    &[("ephemeral-storage", "1Ki")]
+                )]
+            ),
+            "BestEffort"
+        );
+        assert_eq!(
+            qos_class(&[], &[c(&[("cpu", "1"), ("memory", "1Gi")], &[])]),
+            "Guaranteed"
+        );
         assert_eq!(qos_class(&[], &[c(&[("memory", "1Gi")], &[])]), "Burstable");
         assert_eq!(qos_class(&[], &[c(&[], &[("cpu", "100m")])]), "Burstable");
     }

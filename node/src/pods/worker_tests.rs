@@ -38,8 +38,14 @@ impl Drop for TempDir {
 
 fn pod(spec: serde_json::Value) -> Pod {
     let mut spec = spec;
-    spec.as_object_mut().unwrap().entry("terminationGracePeriodSeconds").or_insert(serde_json::json!(1));
-    serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "ns", "uid": UID}, "spec": spec})).unwrap()
+    spec.as_object_mut()
+        .unwrap()
+        .entry("terminationGracePeriodSeconds")
+        .or_insert(serde_json::json!(1));
+    serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "p", "namespace": "ns", "uid": UID}, "spec": spec}),
+    )
+    .unwrap()
 }
 
 fn container(name: &str) -> serde_json::Value {
@@ -54,14 +60,23 @@ impl Harness {
     /// As [`Harness::start`], with `prepare` run on the fake before the worker starts.
     async fn start_with(pod: Pod, prepare: impl FnOnce(&FakeProvider)) -> Harness {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!("wk-worker-test-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "wk-worker-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let fake = Arc::new(FakeProvider::new());
         prepare(&fake);
         let shutdown = CancellationToken::new();
         let (cache, publisher) = pleg::runtime_cache();
         let (pleg_tx, mut pleg_rx) = mpsc::unbounded_channel();
-        tokio::spawn(pleg::run(fake.clone(), publisher, pleg_tx, shutdown.clone()));
+        tokio::spawn(pleg::run(
+            fake.clone(),
+            publisher,
+            pleg_tx,
+            shutdown.clone(),
+        ));
         // The manager's part: a PLEG event for the pod nudges its worker.
         let nudge = Arc::new(Notify::new());
         let forward = nudge.clone();
@@ -71,7 +86,11 @@ impl Harness {
             }
         });
         let (status, statuses) = StatusSender::channel();
-        let allocatable = crate::machine::Allocatable { milli_cpu: 4000, memory_bytes: 8 << 30, ephemeral_storage_bytes: 100 << 30 };
+        let allocatable = crate::machine::Allocatable {
+            milli_cpu: 4000,
+            memory_bytes: 8 << 30,
+            ephemeral_storage_bytes: 100 << 30,
+        };
         let ctx = Arc::new(WorkerContext {
             provider: fake.clone(),
             runtime: cache,
@@ -88,9 +107,20 @@ impl Harness {
             host_ports: Default::default(),
             admission: crate::pods::admission::Ledger::spawn(allocatable, 110),
         });
-        let (desire, desired) = watch::channel(PodDesire { pod: Arc::new(pod), removed: false, evict: None });
+        let (desire, desired) = watch::channel(PodDesire {
+            pod: Arc::new(pod),
+            removed: false,
+            evict: None,
+        });
         tokio::spawn(PodWorker::new(ctx, desired, nudge).run());
-        Harness { fake, statuses, latest: None, desire, shutdown, _dir: TempDir(dir) }
+        Harness {
+            fake,
+            statuses,
+            latest: None,
+            desire,
+            shutdown,
+            _dir: TempDir(dir),
+        }
     }
 
     /// The next status (in virtual time) that passes `check`; panics after 30 virtual minutes.
@@ -110,7 +140,11 @@ impl Harness {
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => panic!("no status where {what}; last: {:#?}\ncalls: {:?}", self.latest, self.fake.calls()),
+                Ok(None) | Err(_) => panic!(
+                    "no status where {what}; last: {:#?}\ncalls: {:?}",
+                    self.latest,
+                    self.fake.calls()
+                ),
             }
         }
     }
@@ -122,8 +156,15 @@ impl Drop for Harness {
     }
 }
 
-fn state_of<'a>(s: &'a PodStatus, name: &str) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
-    s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten()).find(|c| c.name == name)
+fn state_of<'a>(
+    s: &'a PodStatus,
+    name: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
+    s.container_statuses
+        .iter()
+        .flatten()
+        .chain(s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
 }
 
 fn running(s: &PodStatus, name: &str) -> bool {
@@ -135,116 +176,264 @@ fn restarts(s: &PodStatus, name: &str) -> i32 {
 }
 
 fn waiting_reason<'a>(s: &'a PodStatus, name: &str) -> Option<&'a str> {
-    state_of(s, name)?.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+    state_of(s, name)?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .as_deref()
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_crash_loop_backs_off_10_then_20_then_40_seconds() {
-    let mut h = Harness::start(pod(serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}))).await;
+    let mut h = Harness::start(pod(
+        serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}),
+    ))
+    .await;
     h.wait("app runs", |s| running(s, "app")).await;
     let mut gaps = Vec::new();
     for run in 1..=3 {
         assert!(h.fake.exit(UID, "app", 1));
         let exited = Instant::now();
-        let s = h.wait("CrashLoopBackOff", |s| waiting_reason(s, "app") == Some("CrashLoopBackOff")).await;
+        let s = h
+            .wait("CrashLoopBackOff", |s| {
+                waiting_reason(s, "app") == Some("CrashLoopBackOff")
+            })
+            .await;
         assert_eq!(restarts(&s, "app"), run - 1);
-        h.wait("app runs again", |s| running(s, "app") && restarts(s, "app") == run).await;
+        h.wait("app runs again", |s| {
+            running(s, "app") && restarts(s, "app") == run
+        })
+        .await;
         gaps.push(exited.elapsed().as_secs());
     }
     // The kubelet's backoff: 10 s doubling (the PLEG's 1 s relist may add a second).
     for (gap, want) in gaps.iter().zip([10u64, 20, 40]) {
-        assert!((want..=want + 1).contains(gap), "restart gaps {gaps:?}, want about 10, 20, 40 s");
+        assert!(
+            (want..=want + 1).contains(gap),
+            "restart gaps {gaps:?}, want about 10, 20, 40 s"
+        );
     }
-    assert_eq!(h.fake.calls().iter().filter(|c| c.starts_with("start app#")).count(), 4);
+    assert_eq!(
+        h.fake
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start app#"))
+            .count(),
+        4
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn restart_policies_follow_exit_codes() {
     // OnFailure: a success ends the pod Succeeded, with no restart.
-    let mut h = Harness::start(pod(serde_json::json!({"restartPolicy": "OnFailure", "containers": [container("app")]}))).await;
+    let mut h = Harness::start(pod(
+        serde_json::json!({"restartPolicy": "OnFailure", "containers": [container("app")]}),
+    ))
+    .await;
     h.wait("app runs", |s| running(s, "app")).await;
     h.fake.exit(UID, "app", 0);
-    let s = h.wait("Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
+    let s = h
+        .wait("Succeeded", |s| s.phase.as_deref() == Some("Succeeded"))
+        .await;
     assert_eq!(restarts(&s, "app"), 0);
 
     // Never: a failure ends the pod Failed, with no restart.
-    let mut h = Harness::start(pod(serde_json::json!({"restartPolicy": "Never", "containers": [container("app")]}))).await;
+    let mut h = Harness::start(pod(
+        serde_json::json!({"restartPolicy": "Never", "containers": [container("app")]}),
+    ))
+    .await;
     h.wait("app runs", |s| running(s, "app")).await;
     h.fake.exit(UID, "app", 3);
-    let s = h.wait("Failed", |s| s.phase.as_deref() == Some("Failed")).await;
-    let terminated = state_of(&s, "app").unwrap().state.as_ref().unwrap().terminated.clone().unwrap();
-    assert_eq!((terminated.exit_code, terminated.reason.as_deref()), (3, Some("Error")));
+    let s = h
+        .wait("Failed", |s| s.phase.as_deref() == Some("Failed"))
+        .await;
+    let terminated = state_of(&s, "app")
+        .unwrap()
+        .state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (terminated.exit_code, terminated.reason.as_deref()),
+        (3, Some("Error"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn init_containers_run_in_order_before_the_app() {
     let spec = serde_json::json!({"restartPolicy": "Always", "initContainers": [container("one"), container("two")], "containers": [container("app")]});
     let mut h = Harness::start(pod(spec)).await;
-    h.wait("the first init container runs", |s| running(s, "one")).await;
-    assert!(!h.fake.calls().iter().any(|c| c.contains("two#") || c.contains("app#")), "{:?}", h.fake.calls());
+    h.wait("the first init container runs", |s| running(s, "one"))
+        .await;
+    assert!(
+        !h.fake
+            .calls()
+            .iter()
+            .any(|c| c.contains("two#") || c.contains("app#")),
+        "{:?}",
+        h.fake.calls()
+    );
     h.fake.exit(UID, "one", 0);
     h.wait("the second runs", |s| running(s, "two")).await;
     // A failing init container runs again (Always) before anything after it.
     h.fake.exit(UID, "two", 1);
-    h.wait("the second runs again", |s| running(s, "two") && restarts(s, "two") == 1).await;
+    h.wait("the second runs again", |s| {
+        running(s, "two") && restarts(s, "two") == 1
+    })
+    .await;
     assert!(!h.fake.calls().iter().any(|c| c.contains("app#")));
     h.fake.exit(UID, "two", 0);
     let s = h.wait("the app runs", |s| running(s, "app")).await;
     assert_eq!(s.phase.as_deref(), Some("Running"));
-    let order: Vec<String> = h.fake.calls().into_iter().filter(|c| c.starts_with("start ")).collect();
-    assert_eq!(order, ["start one#0", "start two#0", "start two#1", "start app#0"]);
+    let order: Vec<String> = h
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("start "))
+        .collect();
+    assert_eq!(
+        order,
+        ["start one#0", "start two#0", "start two#1", "start app#0"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_pull_backs_off_and_recovers() {
     let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
     let image = "registry.test/app:v1";
-    let mut h = Harness::start_with(pod(spec), |fake| fake.fail_pulls(image, ProviderError::Pull("manifest unknown".into()))).await;
-    h.wait("ErrImagePull", |s| waiting_reason(s, "app") == Some("ErrImagePull")).await;
-    h.wait("ImagePullBackOff", |s| waiting_reason(s, "app") == Some("ImagePullBackOff")).await;
+    let mut h = Harness::start_with(pod(spec), |fake| {
+        fake.fail_pulls(image, ProviderError::Pull("manifest unknown".into()))
+    })
+    .await;
+    h.wait("ErrImagePull", |s| {
+        waiting_reason(s, "app") == Some("ErrImagePull")
+    })
+    .await;
+    h.wait("ImagePullBackOff", |s| {
+        waiting_reason(s, "app") == Some("ImagePullBackOff")
+    })
+    .await;
     h.fake.heal_pulls(image);
-    let s = h.wait("the app runs once the registry answers", |s| running(s, "app")).await;
+    let s = h
+        .wait("the app runs once the registry answers", |s| {
+            running(s, "app")
+        })
+        .await;
     assert_eq!(restarts(&s, "app"), 0, "pull failures are not restarts");
 }
 
 #[tokio::test(start_paused = true)]
 async fn containers_the_runtime_lost_are_reported_and_restarted_without_backoff() {
-    let mut h = Harness::start(pod(serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}))).await;
+    let mut h = Harness::start(pod(
+        serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}),
+    ))
+    .await;
     h.wait("app runs", |s| running(s, "app")).await;
     // The runtime dies a while later (after the PLEG has listed the container at least once).
     tokio::time::sleep(pleg::RELIST_PERIOD * 2).await;
     let before = Instant::now();
     h.fake.forget_all();
-    let s = h.wait("app runs again", |s| running(s, "app") && restarts(s, "app") == 1).await;
-    assert!(before.elapsed() < Duration::from_secs(5), "no crash-loop backoff for a lost container: {:?}", before.elapsed());
-    let last = state_of(&s, "app").unwrap().last_state.as_ref().unwrap().terminated.clone().unwrap();
-    assert_eq!((last.exit_code, last.reason.as_deref()), (137, Some("ContainerStatusUnknown")));
+    let s = h
+        .wait("app runs again", |s| {
+            running(s, "app") && restarts(s, "app") == 1
+        })
+        .await;
+    assert!(
+        before.elapsed() < Duration::from_secs(5),
+        "no crash-loop backoff for a lost container: {:?}",
+        before.elapsed()
+    );
+    let last = state_of(&s, "app")
+        .unwrap()
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (last.exit_code, last.reason.as_deref()),
+        (137, Some("ContainerStatusUnknown"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_changed_image_replaces_the_running_container() {
-    let mut h = Harness::start(pod(serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}))).await;
+    let mut h = Harness::start(pod(
+        serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}),
+    ))
+    .await;
     h.wait("app runs", |s| running(s, "app")).await;
-    let changed = pod(serde_json::json!({"restartPolicy": "Always", "containers": [{"name": "app", "image": "registry.test/app:v2"}]}));
-    h.desire.send_replace(PodDesire { pod: Arc::new(changed), removed: false, evict: None });
-    h.wait("the new definition runs", |s| running(s, "app") && restarts(s, "app") == 1).await;
+    let changed = pod(
+        serde_json::json!({"restartPolicy": "Always", "containers": [{"name": "app", "image": "registry.test/app:v2"}]}),
+    );
+    h.desire.send_replace(PodDesire {
+        pod: Arc::new(changed),
+        removed: false,
+        evict: None,
+    });
+    h.wait("the new definition runs", |s| {
+        running(s, "app") && restarts(s, "app") == 1
+    })
+    .await;
     let calls = h.fake.calls();
-    assert!(calls.contains(&"stop app#0".to_string()) && calls.contains(&"pull registry.test/app:v2".to_string()), "{calls:?}");
+    assert!(
+        calls.contains(&"stop app#0".to_string())
+            && calls.contains(&"pull registry.test/app:v2".to_string()),
+        "{calls:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_image_name_that_does_not_parse_waits_without_pulling_again() {
     let bad = "registry.test/App:v1";
     let spec = serde_json::json!({"restartPolicy": "Always", "containers": [{"name": "app", "image": bad}]});
-    let mut h = Harness::start_with(pod(spec), |fake| fake.fail_pulls(bad, ProviderError::InvalidImageName("couldn't parse image name: invalid reference format".into()))).await;
-    let s = h.wait("InvalidImageName", |s| waiting_reason(s, "app") == Some("InvalidImageName")).await;
-    assert!(state_of(&s, "app").unwrap().state.as_ref().unwrap().waiting.as_ref().unwrap().message.as_deref().unwrap().contains(bad));
+    let mut h = Harness::start_with(pod(spec), |fake| {
+        fake.fail_pulls(
+            bad,
+            ProviderError::InvalidImageName(
+                "couldn't parse image name: invalid reference format".into(),
+            ),
+        )
+    })
+    .await;
+    let s = h
+        .wait("InvalidImageName", |s| {
+            waiting_reason(s, "app") == Some("InvalidImageName")
+        })
+        .await;
+    assert!(state_of(&s, "app")
+        .unwrap()
+        .state
+        .as_ref()
+        .unwrap()
+        .waiting
+        .as_ref()
+        .unwrap()
+        .message
+        .as_deref()
+        .unwrap()
+        .contains(bad));
     // Ten minutes of syncs later: still one pull, still waiting (no ImagePullBackOff).
     tokio::time::sleep(Duration::from_secs(600)).await;
-    let pulls = h.fake.calls().iter().filter(|c| c.starts_with("pull ")).count();
+    let pulls = h
+        .fake
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("pull "))
+        .count();
     assert_eq!(pulls, 1, "{:?}", h.fake.calls());
     // The pod names another image: it is pulled and runs.
-    let fixed = pod(serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}));
-    h.desire.send_replace(PodDesire { pod: Arc::new(fixed), removed: false, evict: None });
+    let fixed =
+        pod(serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]}));
+    h.desire.send_replace(PodDesire {
+        pod: Arc::new(fixed),
+        removed: false,
+        evict: None,
+    });
     h.wait("the app runs", |s| running(s, "app")).await;
 }

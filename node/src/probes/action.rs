@@ -22,9 +22,19 @@ pub enum Action {
     Exec(Vec<String>),
     /// `GET http(s)://host:port/path`; 200..=399 is success. HTTPS skips certificate
     /// verification, as the kubelet's prober does.
-    HttpGet { host: String, port: u16, path: String, headers: Vec<(String, String)>, https: bool },
+    HttpGet {
+        host: String,
+        port: u16,
+        path: String,
+        headers: Vec<(String, String)>,
+        https: bool,
+    },
     /// `grpc.health.v1.Health/Check` for `service` over plaintext HTTP/2; SERVING is success.
-    Grpc { host: String, port: u16, service: String },
+    Grpc {
+        host: String,
+        port: u16,
+        service: String,
+    },
     /// A TCP connection that opens is success.
     TcpSocket { host: String, port: u16 },
     /// `preStop` only: wait this long.
@@ -41,17 +51,39 @@ impl Action {
             return Action::Exec(exec.command.clone().unwrap_or_default());
         }
         if let Some(http) = &probe.http_get {
-            return http_action(http.scheme.as_deref(), http.host.as_deref(), &http.port, http.path.as_deref(), http.http_headers.iter().flatten().map(|h| (h.name.clone(), h.value.clone())), container, pod_ip);
+            return http_action(
+                http.scheme.as_deref(),
+                http.host.as_deref(),
+                &http.port,
+                http.path.as_deref(),
+                http.http_headers
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.clone(), h.value.clone())),
+                container,
+                pod_ip,
+            );
         }
         if let Some(tcp) = &probe.tcp_socket {
             return match resolve_port(&tcp.port, container) {
-                Ok(port) => Action::TcpSocket { host: tcp.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| pod_ip.to_string()), port },
+                Ok(port) => Action::TcpSocket {
+                    host: tcp
+                        .host
+                        .clone()
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or_else(|| pod_ip.to_string()),
+                    port,
+                },
                 Err(e) => Action::Invalid(e),
             };
         }
         if let Some(grpc) = &probe.grpc {
             return match u16::try_from(grpc.port).ok().filter(|p| *p > 0) {
-                Some(port) => Action::Grpc { host: pod_ip.to_string(), port, service: grpc.service.clone().unwrap_or_default() },
+                Some(port) => Action::Grpc {
+                    host: pod_ip.to_string(),
+                    port,
+                    service: grpc.service.clone().unwrap_or_default(),
+                },
                 None => Action::Invalid(format!("invalid port number: {}", grpc.port)),
             };
         }
@@ -64,7 +96,18 @@ impl Action {
             return Action::Exec(exec.command.clone().unwrap_or_default());
         }
         if let Some(http) = &handler.http_get {
-            return http_action(http.scheme.as_deref(), http.host.as_deref(), &http.port, http.path.as_deref(), http.http_headers.iter().flatten().map(|h| (h.name.clone(), h.value.clone())), container, pod_ip);
+            return http_action(
+                http.scheme.as_deref(),
+                http.host.as_deref(),
+                &http.port,
+                http.path.as_deref(),
+                http.http_headers
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.clone(), h.value.clone())),
+                container,
+                pod_ip,
+            );
         }
         if let Some(sleep) = &handler.sleep {
             return Action::Sleep(Duration::from_secs(sleep.seconds.max(0) as u64));
@@ -77,19 +120,41 @@ impl Action {
     }
 
     /// Runs the action once within `timeout` against the container instance `container_id`.
-    pub async fn run(&self, provider: &Arc<dyn Provider>, container_id: &str, timeout: Duration) -> Result<(), String> {
+    pub async fn run(
+        &self,
+        provider: &Arc<dyn Provider>,
+        container_id: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         match self {
-            Action::Exec(command) => match provider.exec_sync(container_id, command.clone(), timeout).await {
+            Action::Exec(command) => match provider
+                .exec_sync(container_id, command.clone(), timeout)
+                .await
+            {
                 Ok((0, _)) => Ok(()),
                 Ok((code, output)) => {
                     let output = String::from_utf8_lossy(&output).trim_end().to_string();
-                    Err(if output.is_empty() { format!("command {command:?} exited with {code}") } else { output })
+                    Err(if output.is_empty() {
+                        format!("command {command:?} exited with {code}")
+                    } else {
+                        output
+                    })
                 }
                 Err(ProviderError::Timeout(_)) => Err(format!("command {command:?} timed out")),
                 Err(e) => Err(e.to_string()),
             },
-            Action::HttpGet { host, port, path, headers, https } => {
-                let url = format!("{}://{}{path}", if *https { "https" } else { "http" }, host_port(host, *port));
+            Action::HttpGet {
+                host,
+                port,
+                path,
+                headers,
+                https,
+            } => {
+                let url = format!(
+                    "{}://{}{path}",
+                    if *https { "https" } else { "http" },
+                    host_port(host, *port)
+                );
                 match tokio::time::timeout(timeout, http_get(host, *port, path, headers, *https)).await {
                     Ok(Ok(status)) if http_success(status) => Ok(()),
                     Ok(Ok(status)) => Err(format!("HTTP probe failed with statuscode: {status}")),
@@ -99,13 +164,19 @@ impl Action {
             }
             Action::TcpSocket { host, port } => {
                 let addr = host_port(host, *port);
-                match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port))).await {
+                match tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), *port)))
+                    .await
+                {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(format!("dial tcp {addr}: {e}")),
                     Err(_) => Err(format!("dial tcp {addr}: i/o timeout")),
                 }
             }
-            Action::Grpc { host, port, service } => grpc_check(host, *port, service, timeout).await,
+            Action::Grpc {
+                host,
+                port,
+                service,
+            } => grpc_check(host, *port, service, timeout).await,
             Action::Sleep(d) => {
                 tokio::time::sleep((*d).min(timeout)).await;
                 Ok(())
@@ -127,7 +198,11 @@ fn http_action(
     let https = match scheme.unwrap_or("HTTP") {
         s if s.eq_ignore_ascii_case("HTTP") => false,
         s if s.eq_ignore_ascii_case("HTTPS") => true,
-        other => return Action::Invalid(format!("unsupported httpGet scheme {other:?} (HTTP or HTTPS)")),
+        other => {
+            return Action::Invalid(format!(
+                "unsupported httpGet scheme {other:?} (HTTP or HTTPS)"
+            ))
+        }
     };
     let port = match resolve_port(port, container) {
         Ok(p) => p,
@@ -138,13 +213,22 @@ fn http_action(
         Some(p) => format!("/{p}"),
         None => "/".into(),
     };
-    Action::HttpGet { host: host.filter(|h| !h.is_empty()).unwrap_or(pod_ip).to_string(), port, path, headers: headers.collect(), https }
+    Action::HttpGet {
+        host: host.filter(|h| !h.is_empty()).unwrap_or(pod_ip).to_string(),
+        port,
+        path,
+        headers: headers.collect(),
+        https,
+    }
 }
 
 /// A probe's port: a number, or the name of one of the container's ports.
 pub fn resolve_port(port: &IntOrString, container: &Container) -> Result<u16, String> {
     match port {
-        IntOrString::Int(n) => u16::try_from(*n).ok().filter(|p| *p > 0).ok_or_else(|| format!("invalid port number: {n}")),
+        IntOrString::Int(n) => u16::try_from(*n)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("invalid port number: {n}")),
         IntOrString::String(s) => {
             if let Ok(n) = s.parse::<i32>() {
                 return resolve_port(&IntOrString::Int(n), container);
@@ -176,10 +260,26 @@ fn host_port(host: &str, port: u16) -> String {
 /// One GET on hyper's client (a new connection each time, as the kubelet's prober disables
 /// keep-alives), returning the status code. The body is never read: the status decides, and
 /// dropping the response closes the connection. Redirects are not followed (a 3xx is success).
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)], https: bool) -> Result<u16, String> {
-    let url = format!("{}://{}{path}", if https { "https" } else { "http" }, host_port(host, port));
-    let mut request = http::Request::get(url.as_str()).body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| format!("invalid URL: {e}"))?;
-    let all = [("Host", host_port(host, port)), ("User-Agent", USER_AGENT.into()), ("Accept", "*/*".into())];
+async fn http_get(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+    https: bool,
+) -> Result<u16, String> {
+    let url = format!(
+        "{}://{}{path}",
+        if https { "https" } else { "http" },
+        host_port(host, port)
+    );
+    let mut request = http::Request::get(url.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("invalid URL: {e}"))?;
+    let all = [
+        ("Host", host_port(host, port)),
+        ("User-Agent", USER_AGENT.into()),
+        ("Accept", "*/*".into()),
+    ];
     let own = headers.iter().map(|(n, v)| (n.as_str(), v.clone()));
     // The probe's own headers replace the defaults of the same name, as in the kubelet.
     for (name, value) in all.into_iter().chain(own) {
@@ -188,14 +288,21 @@ async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)
         let value = http::header::HeaderValue::from_str(&value).map_err(|_| invalid())?;
         request.headers_mut().insert(name, value);
     }
-    request.headers_mut().insert(http::header::CONNECTION, http::header::HeaderValue::from_static("close"));
-    let response = http_client().request(request).await.map_err(|e| crate::http_client::failure(&e).message)?;
+    request.headers_mut().insert(
+        http::header::CONNECTION,
+        http::header::HeaderValue::from_static("close"),
+    );
+    let response = http_client()
+        .request(request)
+        .await
+        .map_err(|e| crate::http_client::failure(&e).message)?;
     Ok(response.status().as_u16())
 }
 
 /// The one client of HTTP probes and hooks, made once.
 fn http_client() -> &'static crate::http_client::OneShotClient {
-    static CLIENT: std::sync::OnceLock<crate::http_client::OneShotClient> = std::sync::OnceLock::new();
+    static CLIENT: std::sync::OnceLock<crate::http_client::OneShotClient> =
+        std::sync::OnceLock::new();
     CLIENT.get_or_init(|| crate::http_client::one_shot(&insecure_tls()))
 }
 
@@ -206,9 +313,17 @@ fn insecure_tls() -> rustls::ClientConfig {
     let verifier = std::sync::Arc::new(AnyCertificate(provider.clone()));
     rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map(|b| b.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth()
+        })
         // The ring provider supports the default versions; this cannot fail.
-        .unwrap_or_else(|_| rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
 }
 
 #[derive(Debug)]
@@ -225,11 +340,31 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &rustls_pki_types::CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -252,12 +387,27 @@ async fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> 
     let addr = host_port(host, port);
     let connect = async {
         let tcp = TcpStream::connect((host, port)).await?;
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.map_err(std::io::Error::other)
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .map_err(std::io::Error::other)
     };
     let (mut sender, connection) = match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("timeout: failed to connect service {addr:?} within {}s: {e}", timeout.as_secs())),
-        Err(_) => return Err(format!("timeout: failed to connect service {addr:?} within {}s", timeout.as_secs())),
+        Ok(Err(e)) => {
+            return Err(format!(
+                "timeout: failed to connect service {addr:?} within {}s: {e}",
+                timeout.as_secs()
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
+                "timeout: failed to connect service {addr:?} within {}s",
+                timeout.as_secs()
+            ))
+        }
     };
     let driver = tokio::spawn(connection);
     let result = tokio::time::timeout(timeout, async {
@@ -293,7 +443,12 @@ async fn grpc_check(host: &str, port: u16, service: &str, timeout: Duration) -> 
     })
     .await;
     driver.abort();
-    result.unwrap_or_else(|_| Err(format!("timeout: health rpc did not complete within {}s", timeout.as_secs())))
+    result.unwrap_or_else(|_| {
+        Err(format!(
+            "timeout: health rpc did not complete within {}s",
+            timeout.as_secs()
+        ))
+    })
 }
 
 /// `HealthCheckRequest { service }`: field 1, length-delimited (omitted when empty).
@@ -350,7 +505,11 @@ fn health_status(framed: &[u8]) -> Option<u64> {
             (_, 0) => drop(get_varint(message, &mut at)?),
             // The length is the pod's to choose: one past the message ends the parse (checked,
             // so a length near 2^64 cannot wrap the offset).
-            (_, 2) => at = usize::try_from(get_varint(message, &mut at)?).ok().and_then(|n| at.checked_add(n))?,
+            (_, 2) => {
+                at = usize::try_from(get_varint(message, &mut at)?)
+                    .ok()
+                    .and_then(|n| at.checked_add(n))?
+            }
             (_, 1) => at += 8,
             (_, 5) => at += 4,
             _ => return None,
@@ -371,10 +530,28 @@ fn serving_status_name(status: u64) -> String {
 
 fn grpc_code_name(code: u32) -> String {
     const NAMES: [&str; 17] = [
-        "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
-        "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
     ];
-    NAMES.get(code as usize).map(|n| n.to_string()).unwrap_or_else(|| format!("Code({code})"))
+    NAMES
+        .get(code as usize)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| format!("Code({code})"))
 }
 
 #[cfg(test)]
@@ -390,9 +567,17 @@ pub(crate) mod tests {
     fn ports_by_number_and_by_name() {
         let c = container();
         assert_eq!(resolve_port(&IntOrString::Int(80), &c), Ok(80));
-        assert_eq!(resolve_port(&IntOrString::String("http".into()), &c), Ok(8080));
-        assert_eq!(resolve_port(&IntOrString::String("8081".into()), &c), Ok(8081));
-        assert!(resolve_port(&IntOrString::String("grpc".into()), &c).unwrap_err().contains("couldn't find port: grpc"));
+        assert_eq!(
+            resolve_port(&IntOrString::String("http".into()), &c),
+            Ok(8080)
+        );
+        assert_eq!(
+            resolve_port(&IntOrString::String("8081".into()), &c),
+            Ok(8081)
+        );
+        assert!(resolve_port(&IntOrString::String("grpc".into()), &c)
+            .unwrap_err()
+            .contains("couldn't find port: grpc"));
         assert!(resolve_port(&IntOrString::Int(0), &c).is_err());
         assert!(resolve_port(&IntOrString::Int(70000), &c).is_err());
     }
@@ -412,14 +597,41 @@ pub(crate) mod tests {
         let probe: Probe = serde_json::from_value(serde_json::json!({"httpGet": {"port": "http", "path": "healthz", "httpHeaders": [{"name": "X-A", "value": "1"}]}})).unwrap();
         assert_eq!(
             Action::from_probe(&probe, &container(), "10.0.0.7"),
-            Action::HttpGet { host: "10.0.0.7".into(), port: 8080, path: "/healthz".into(), headers: vec![("X-A".into(), "1".into())], https: false }
+            Action::HttpGet {
+                host: "10.0.0.7".into(),
+                port: 8080,
+                path: "/healthz".into(),
+                headers: vec![("X-A".into(), "1".into())],
+                https: false
+            }
         );
-        let https: Probe = serde_json::from_value(serde_json::json!({"httpGet": {"port": 443, "scheme": "HTTPS"}})).unwrap();
-        assert!(matches!(Action::from_probe(&https, &container(), "h"), Action::HttpGet { port: 443, https: true, .. }));
-        let grpc: Probe = serde_json::from_value(serde_json::json!({"grpc": {"port": 9090, "service": "db"}})).unwrap();
-        assert_eq!(Action::from_probe(&grpc, &container(), "h"), Action::Grpc { host: "h".into(), port: 9090, service: "db".into() });
+        let https: Probe = serde_json::from_value(
+            serde_json::json!({"httpGet": {"port": 443, "scheme": "HTTPS"}}),
+        )
+        .unwrap();
+        assert!(matches!(
+            Action::from_probe(&https, &container(), "h"),
+            Action::HttpGet {
+                port: 443,
+                https: true,
+                ..
+            }
+        ));
+        let grpc: Probe =
+            serde_json::from_value(serde_json::json!({"grpc": {"port": 9090, "service": "db"}}))
+                .unwrap();
+        assert_eq!(
+            Action::from_probe(&grpc, &container(), "h"),
+            Action::Grpc {
+                host: "h".into(),
+                port: 9090,
+                service: "db".into()
+            }
+        );
         let grpc: Probe = serde_json::from_value(serde_json::json!({"grpc": {"port": 0}})).unwrap();
-        assert!(matches!(Action::from_probe(&grpc, &container(), "h"), Action::Invalid(m) if m.contains("invalid port")));
+        assert!(
+            matches!(Action::from_probe(&grpc, &container(), "h"), Action::Invalid(m) if m.contains("invalid port"))
+        );
     }
 
     #[tokio::test]
@@ -428,7 +640,13 @@ pub(crate) mod tests {
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
-            for reply in ["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 204 No Content\r\n\r\n", "HTTP/1.0 500\r\n\r\n", "SSH-2.0-OpenSSH\r\n"] {
+            for reply in [
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                "HTTP/1.0 500\r\n\r\n",
+                "SSH-2.0-OpenSSH\r\n",
+            ] {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = vec![0u8; 2048];
                 let n = s.read(&mut buf).await.unwrap();
@@ -438,31 +656,74 @@ pub(crate) mod tests {
             seen
         });
         let provider: Arc<dyn Provider> = Arc::new(NoProvider);
-        let action = Action::HttpGet { host: "127.0.0.1".into(), port, path: "/healthz".into(), headers: vec![("Host".into(), "probe.example".into())], https: false };
-        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
-        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 503".into()));
-        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
-        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 500".into()));
-        let not_http = action.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err();
-        assert!(not_http.starts_with("Get \"http://127.0.0.1:"), "{not_http}");
+        let action = Action::HttpGet {
+            host: "127.0.0.1".into(),
+            port,
+            path: "/healthz".into(),
+            headers: vec![("Host".into(), "probe.example".into())],
+            https: false,
+        };
+        assert_eq!(
+            action.run(&provider, "c", Duration::from_secs(5)).await,
+            Ok(())
+        );
+        assert_eq!(
+            action.run(&provider, "c", Duration::from_secs(5)).await,
+            Err("HTTP probe failed with statuscode: 503".into())
+        );
+        assert_eq!(
+            action.run(&provider, "c", Duration::from_secs(5)).await,
+            Ok(())
+        );
+        assert_eq!(
+            action.run(&provider, "c", Duration::from_secs(5)).await,
+            Err("HTTP probe failed with statuscode: 500".into())
+        );
+        let not_http = action
+            .run(&provider, "c", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            not_http.starts_with("Get \"http://127.0.0.1:"),
+            "{not_http}"
+        );
         let seen = server.await.unwrap();
-        assert!(seen[0].starts_with("GET /healthz HTTP/1.1\r\n") && seen[0].contains("Host: probe.example\r\n") && seen[0].contains("User-Agent: kube-probe/"), "{}", seen[0]);
+        assert!(
+            seen[0].starts_with("GET /healthz HTTP/1.1\r\n")
+                && seen[0].contains("Host: probe.example\r\n")
+                && seen[0].contains("User-Agent: kube-probe/"),
+            "{}",
+            seen[0]
+        );
         // Nothing listens any more: a refused connection is a failure, and so is a refused TCP probe.
-        assert!(action.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err().starts_with("Get \"http://127.0.0.1:"));
-        let tcp = Action::TcpSocket { host: "127.0.0.1".into(), port };
-        assert!(tcp.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err().starts_with("dial tcp 127.0.0.1:"));
+        assert!(action
+            .run(&provider, "c", Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .starts_with("Get \"http://127.0.0.1:"));
+        let tcp = Action::TcpSocket {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert!(tcp
+            .run(&provider, "c", Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .starts_with("dial tcp 127.0.0.1:"));
     }
 
     #[tokio::test]
     async fn https_get_accepts_a_self_signed_certificate() {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
-            .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -472,17 +733,37 @@ pub(crate) mod tests {
                 let mut tls = acceptor.accept(tcp).await.unwrap();
                 let mut buf = vec![0u8; 2048];
                 let _ = tls.read(&mut buf).await.unwrap();
-                tls.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await.unwrap();
+                tls.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
                 let _ = tls.shutdown().await;
             }
         });
         let provider: Arc<dyn Provider> = Arc::new(NoProvider);
-        let action = Action::HttpGet { host: "127.0.0.1".into(), port, path: "/".into(), headers: vec![], https: true };
-        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Ok(()));
-        assert_eq!(action.run(&provider, "c", Duration::from_secs(5)).await, Err("HTTP probe failed with statuscode: 500".into()));
+        let action = Action::HttpGet {
+            host: "127.0.0.1".into(),
+            port,
+            path: "/".into(),
+            headers: vec![],
+            https: true,
+        };
+        assert_eq!(
+            action.run(&provider, "c", Duration::from_secs(5)).await,
+            Ok(())
+        );
+        assert_eq!(
+            action.run(&provider, "c", Duration::from_secs(5)).await,
+            Err("HTTP probe failed with statuscode: 500".into())
+        );
         // Plain HTTP to a TLS port (or the reverse) is a failure, not a hang.
-        let refused = action.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err();
-        assert!(refused.starts_with(&format!("Get \"https://127.0.0.1:{port}/\"")), "{refused}");
+        let refused = action
+            .run(&provider, "c", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.starts_with(&format!("Get \"https://127.0.0.1:{port}/\"")),
+            "{refused}"
+        );
     }
 
     /// A grpc.health.v1 server over h2c answering each Check with the next of `statuses`
@@ -495,29 +776,43 @@ pub(crate) mod tests {
             while let Ok((tcp, _)) = listener.accept().await {
                 let statuses = statuses.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let next = statuses.lock().unwrap().next();
-                        async move {
-                            use http_body_util::BodyExt;
-                            assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            assert_eq!(&body[..], &grpc_frame(&health_request("db"))[..]);
-                            let (message, code) = match next.unwrap_or(Err(14)) {
-                                Ok(0) => (grpc_frame(&[]), 0),
-                                Ok(s) => (grpc_frame(&[0x08, s as u8]), 0),
-                                Err(code) => (Vec::new(), code),
-                            };
-                            let mut trailers = http::HeaderMap::new();
-                            trailers.insert("grpc-status", code.to_string().parse().unwrap());
-                            trailers.insert("grpc-message", "nope".parse().unwrap());
-                            let body = http_body_util::StreamBody::new(futures::stream::iter(vec![
-                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(message))),
-                                Ok(hyper::body::Frame::trailers(trailers)),
-                            ]));
-                            Ok::<_, std::convert::Infallible>(http::Response::builder().header("content-type", "application/grpc").body(body).unwrap())
-                        }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new()).serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let next = statuses.lock().unwrap().next();
+                            async move {
+                                use http_body_util::BodyExt;
+                                assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                assert_eq!(&body[..], &grpc_frame(&health_request("db"))[..]);
+                                let (message, code) = match next.unwrap_or(Err(14)) {
+                                    Ok(0) => (grpc_frame(&[]), 0),
+                                    Ok(s) => (grpc_frame(&[0x08, s as u8]), 0),
+                                    Err(code) => (Vec::new(), code),
+                                };
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", code.to_string().parse().unwrap());
+                                trailers.insert("grpc-message", "nope".parse().unwrap());
+                                let body =
+                                    http_body_util::StreamBody::new(futures::stream::iter(vec![
+                                        Ok::<_, std::convert::Infallible>(
+                                            hyper::body::Frame::data(bytes::Bytes::from(message)),
+                                        ),
+                                        Ok(hyper::body::Frame::trailers(trailers)),
+                                    ]));
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .header("content-type", "application/grpc")
+                                        .body(body)
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
                 });
             }
         });
@@ -528,15 +823,36 @@ pub(crate) mod tests {
     async fn grpc_health_check_over_h2c() {
         let port = health_server(vec![Ok(1), Ok(2), Ok(0), Err(12), Err(5)]).await;
         let provider: Arc<dyn Provider> = Arc::new(NoProvider);
-        let action = Action::Grpc { host: "127.0.0.1".into(), port, service: "db".into() };
+        let action = Action::Grpc {
+            host: "127.0.0.1".into(),
+            port,
+            service: "db".into(),
+        };
         let run = || action.run(&provider, "c", Duration::from_secs(5));
         assert_eq!(run().await, Ok(()));
-        assert_eq!(run().await, Err("service unhealthy (responded with \"NOT_SERVING\")".into()));
-        assert_eq!(run().await, Err("service unhealthy (responded with \"UNKNOWN\")".into()));
+        assert_eq!(
+            run().await,
+            Err("service unhealthy (responded with \"NOT_SERVING\")".into())
+        );
+        assert_eq!(
+            run().await,
+            Err("service unhealthy (responded with \"UNKNOWN\")".into())
+        );
         assert_eq!(run().await, Err("error: this server does not implement the grpc health protocol (grpc.health.v1.Health): nope".into()));
-        assert_eq!(run().await, Err("error: health rpc probe failed: rpc error: code = NotFound desc = nope".into()));
-        let closed = Action::Grpc { host: "127.0.0.1".into(), port: 1, service: String::new() };
-        assert!(closed.run(&provider, "c", Duration::from_secs(5)).await.unwrap_err().starts_with("timeout: failed to connect service \"127.0.0.1:1\""));
+        assert_eq!(
+            run().await,
+            Err("error: health rpc probe failed: rpc error: code = NotFound desc = nope".into())
+        );
+        let closed = Action::Grpc {
+            host: "127.0.0.1".into(),
+            port: 1,
+            service: String::new(),
+        };
+        assert!(closed
+            .run(&provider, "c", Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .starts_with("timeout: failed to connect service \"127.0.0.1:1\""));
     }
 
     #[test]
@@ -546,7 +862,10 @@ pub(crate) mod tests {
         assert_eq!(health_status(&grpc_frame(&[0x08, 0x01])), Some(1));
         assert_eq!(health_status(&grpc_frame(&[])), Some(0));
         // Unknown fields are skipped; a truncated message does not parse.
-        assert_eq!(health_status(&grpc_frame(&[0x12, 0x01, b'x', 0x08, 0x02])), Some(2));
+        assert_eq!(
+            health_status(&grpc_frame(&[0x12, 0x01, b'x', 0x08, 0x02])),
+            Some(2)
+        );
         assert_eq!(health_status(&grpc_frame(&[0x08])), None);
         assert_eq!(health_status(&[0, 0, 0]), None);
     }
@@ -557,7 +876,10 @@ pub(crate) mod tests {
     #[async_trait::async_trait]
     impl Provider for NoProvider {
         fn runtime_info(&self) -> provider_api::RuntimeInfo {
-            provider_api::RuntimeInfo { name: "none".into(), version: "0".into() }
+            provider_api::RuntimeInfo {
+                name: "none".into(),
+                version: "0".into(),
+            }
         }
         async fn status(&self) -> provider_api::RuntimeStatus {
             provider_api::RuntimeStatus::Ready
@@ -565,16 +887,27 @@ pub(crate) mod tests {
         async fn image_status(&self, _: &str) -> Option<provider_api::ImageInfo> {
             None
         }
-        async fn pull_image(&self, r: &str, _: &[provider_api::RegistryAuth]) -> Result<provider_api::ImageInfo, ProviderError> {
+        async fn pull_image(
+            &self,
+            r: &str,
+            _: &[provider_api::RegistryAuth],
+        ) -> Result<provider_api::ImageInfo, ProviderError> {
             Err(ProviderError::Pull(r.into()))
         }
-        async fn run_pod_sandbox(&self, c: &provider_api::SandboxConfig) -> Result<String, ProviderError> {
+        async fn run_pod_sandbox(
+            &self,
+            c: &provider_api::SandboxConfig,
+        ) -> Result<String, ProviderError> {
             Ok(c.pod_uid.clone())
         }
         async fn remove_pod_sandbox(&self, _: &str, _: Duration) -> Result<(), ProviderError> {
             Ok(())
         }
-        async fn create_container(&self, s: &str, _: provider_api::ContainerConfig) -> Result<String, ProviderError> {
+        async fn create_container(
+            &self,
+            s: &str,
+            _: provider_api::ContainerConfig,
+        ) -> Result<String, ProviderError> {
             Err(ProviderError::NotFound(s.into()))
         }
         async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
@@ -586,7 +919,9 @@ pub(crate) mod tests {
         async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
             Err(ProviderError::NotFound(id.into()))
         }
-        async fn list_containers(&self) -> Result<Vec<provider_api::ContainerSummary>, provider_api::ProviderError> {
+        async fn list_containers(
+            &self,
+        ) -> Result<Vec<provider_api::ContainerSummary>, provider_api::ProviderError> {
             Ok(Vec::new())
         }
     }

@@ -92,7 +92,8 @@ pub struct Timing {
 
 impl Timing {
     pub fn of(p: &Probe) -> Timing {
-        let secs = |v: Option<i32>, default: i32| Duration::from_secs(v.unwrap_or(default).max(0) as u64);
+        let secs =
+            |v: Option<i32>, default: i32| Duration::from_secs(v.unwrap_or(default).max(0) as u64);
         let count = |v: Option<i32>, default: i32| v.unwrap_or(default).max(1) as u32;
         Timing {
             initial_delay: secs(p.initial_delay_seconds, 0),
@@ -119,7 +120,13 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(kind: ProbeKind, timing: &Timing) -> Tracker {
-        Tracker { success_threshold: timing.success_threshold, failure_threshold: timing.failure_threshold, last: None, run: 0, reported: kind.initial() }
+        Tracker {
+            success_threshold: timing.success_threshold,
+            failure_threshold: timing.failure_threshold,
+            last: None,
+            run: 0,
+            reported: kind.initial(),
+        }
     }
 
     /// Counts one probe result; returns the new reported result when it changes.
@@ -130,7 +137,11 @@ impl Tracker {
             self.last = Some(ok);
             self.run = 1;
         }
-        let threshold = if ok { self.success_threshold } else { self.failure_threshold };
+        let threshold = if ok {
+            self.success_threshold
+        } else {
+            self.failure_threshold
+        };
         if self.run < threshold || self.reported == Some(ok) {
             return None;
         }
@@ -144,8 +155,14 @@ impl Tracker {
 /// plus initialDelaySeconds), then one every period; a probe that overruns skips the ticks it
 /// missed (like the kubelet's ticker). Liveness and startup end on their first reported
 /// failure (the container will be restarted) and startup on its success; readiness runs on.
-pub async fn probe_loop<P, PF, F, R>(kind: ProbeKind, timing: Timing, first: Instant, mut probe: P, mut on_failure: F, mut report: R)
-where
+pub async fn probe_loop<P, PF, F, R>(
+    kind: ProbeKind,
+    timing: Timing,
+    first: Instant,
+    mut probe: P,
+    mut on_failure: F,
+    mut report: R,
+) where
     P: FnMut() -> PF,
     PF: Future<Output = Result<(), String>>,
     F: FnMut(&str),
@@ -202,7 +219,11 @@ pub struct Kill {
 impl Kill {
     /// The kubelet's Killing message.
     pub fn message(&self) -> String {
-        format!("Container {} failed {} probe, will be restarted", self.container, self.kind.label().to_lowercase())
+        format!(
+            "Container {} failed {} probe, will be restarted",
+            self.container,
+            self.kind.label().to_lowercase()
+        )
     }
 }
 
@@ -243,9 +264,23 @@ pub struct PodProbes {
 }
 
 impl PodProbes {
-    pub fn new(provider: Arc<dyn Provider>, events: EventSink, pod_ip: String, pod_ref: ObjectReference) -> PodProbes {
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        events: EventSink,
+        pod_ip: String,
+        pod_ref: ObjectReference,
+    ) -> PodProbes {
         let (tx, rx) = mpsc::unbounded_channel();
-        PodProbes { provider, events, pod_ip, pod_ref, tx, rx, instances: HashMap::new(), probed: HashSet::new() }
+        PodProbes {
+            provider,
+            events,
+            pod_ip,
+            pod_ref,
+            tx,
+            rx,
+            instances: HashMap::new(),
+            probed: HashSet::new(),
+        }
     }
 
     /// The next changed result. Never ends (this holds a sender): select on it.
@@ -259,16 +294,27 @@ impl PodProbes {
     /// Starts the prober tasks `running` containers need and stops those of containers that no
     /// longer run (or run as a new instance).
     pub fn reconcile(&mut self, running: &[Running<'_>]) {
-        self.instances.retain(|name, inst| running.iter().any(|r| r.container.name == *name && r.id == inst.id));
+        self.instances.retain(|name, inst| {
+            running
+                .iter()
+                .any(|r| r.container.name == *name && r.id == inst.id)
+        });
         for r in running {
             let c = r.container;
-            let inst = self.instances.entry(c.name.clone()).or_insert_with(|| Instance {
-                id: r.id.to_string(),
-                started: c.startup_probe.is_none(),
-                ready: false,
-                tasks: HashMap::new(),
-            });
-            let kinds: &[ProbeKind] = if inst.started { &[ProbeKind::Liveness, ProbeKind::Readiness] } else { &[ProbeKind::Startup] };
+            let inst = self
+                .instances
+                .entry(c.name.clone())
+                .or_insert_with(|| Instance {
+                    id: r.id.to_string(),
+                    started: c.startup_probe.is_none(),
+                    ready: false,
+                    tasks: HashMap::new(),
+                });
+            let kinds: &[ProbeKind] = if inst.started {
+                &[ProbeKind::Liveness, ProbeKind::Readiness]
+            } else {
+                &[ProbeKind::Startup]
+            };
             for &kind in kinds {
                 let Some(probe) = kind.of(c) else { continue };
                 if inst.tasks.contains_key(&kind) {
@@ -294,7 +340,10 @@ impl PodProbes {
 
     /// Folds a changed result in. Returns the kill a liveness or startup failure calls for.
     pub fn apply(&mut self, update: ProbeUpdate, spec: &[Container]) -> Option<Kill> {
-        let inst = self.instances.get_mut(&update.container).filter(|i| i.id == update.id)?;
+        let inst = self
+            .instances
+            .get_mut(&update.container)
+            .filter(|i| i.id == update.id)?;
         debug!(container = %update.container, kind = ?update.kind, ok = update.ok, "probe result changed");
         match (update.kind, update.ok) {
             (ProbeKind::Readiness, ready) => inst.ready = ready,
@@ -307,7 +356,12 @@ impl PodProbes {
                     .and_then(|c| kind.of(c))
                     .and_then(|p| p.termination_grace_period_seconds)
                     .map(|s| Duration::from_secs(s.max(0) as u64));
-                return Some(Kill { container: update.container, id: update.id, kind, grace });
+                return Some(Kill {
+                    container: update.container,
+                    id: update.id,
+                    kind,
+                    grace,
+                });
             }
         }
         None
@@ -335,7 +389,12 @@ impl PodProbes {
 const PROBE_RESULTS: [&str; 2] = ["successful", "failed"];
 
 /// A container's `prober_probe_total` series (`/metrics/probes`) for one kind and result.
-fn probe_series(pod_ref: &ObjectReference, container: &str, kind: ProbeKind, result: &'static str) -> crate::metrics::ProbeLabels {
+fn probe_series(
+    pod_ref: &ObjectReference,
+    container: &str,
+    kind: ProbeKind,
+    result: &'static str,
+) -> crate::metrics::ProbeLabels {
     crate::metrics::ProbeLabels {
         probe_type: kind.label(),
         result,
@@ -381,23 +440,41 @@ fn spawn_prober(
     let action = Action::from_probe(probe, container, pod_ip);
     let (name, id) = (container.name.clone(), id.to_string());
     // This prober's prober_probe_total series, one per result.
-    let series: Arc<[crate::metrics::ProbeLabels; 2]> = Arc::new(PROBE_RESULTS.map(|result| probe_series(&cref, &name, kind, result)));
+    let series: Arc<[crate::metrics::ProbeLabels; 2]> =
+        Arc::new(PROBE_RESULTS.map(|result| probe_series(&cref, &name, kind, result)));
     let first = (started_at + timing.initial_delay).max(Instant::now());
     let task = async move {
         let probe = || {
-            let (provider, action, id, series) = (provider.clone(), action.clone(), id.clone(), series.clone());
+            let (provider, action, id, series) =
+                (provider.clone(), action.clone(), id.clone(), series.clone());
             async move {
                 let result = action.run(&provider, &id, timing.timeout).await;
-                crate::metrics::probes().probe_total.get_or_create(if result.is_ok() { &series[0] } else { &series[1] }).inc();
+                crate::metrics::probes()
+                    .probe_total
+                    .get_or_create(if result.is_ok() {
+                        &series[0]
+                    } else {
+                        &series[1]
+                    })
+                    .inc();
                 result
             }
         };
         let on_failure = |message: &str| {
             debug!(container = %name, ?kind, message, "probe failed");
-            events.warning(&cref, "Unhealthy", format!("{} probe failed: {message}", kind.label()));
+            events.warning(
+                &cref,
+                "Unhealthy",
+                format!("{} probe failed: {message}", kind.label()),
+            );
         };
         let report = |ok: bool| {
-            let _ = tx.send(ProbeUpdate { container: name.clone(), id: id.clone(), kind, ok });
+            let _ = tx.send(ProbeUpdate {
+                container: name.clone(),
+                id: id.clone(),
+                kind,
+                ok,
+            });
         };
         probe_loop(kind, timing, first, probe, on_failure, report).await;
     };
@@ -406,9 +483,22 @@ fn spawn_prober(
 
 /// Runs the container's postStart hook, if it has one, right after the container started.
 /// `Err` carries the failure, for the log; the caller emits `FailedPostStartHook` and kills.
-pub async fn run_post_start(provider: &Arc<dyn Provider>, container: &Container, id: &str, pod_ip: &str) -> Result<(), String> {
-    let Some(handler) = container.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) else { return Ok(()) };
-    Action::from_handler(handler, container, pod_ip).run(provider, id, POST_START_LIMIT).await
+pub async fn run_post_start(
+    provider: &Arc<dyn Provider>,
+    container: &Container,
+    id: &str,
+    pod_ip: &str,
+) -> Result<(), String> {
+    let Some(handler) = container
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.post_start.as_ref())
+    else {
+        return Ok(());
+    };
+    Action::from_handler(handler, container, pod_ip)
+        .run(provider, id, POST_START_LIMIT)
+        .await
 }
 
 /// Stops a container the kubelet's way: its preStop hook first (when it has one), bounded by
@@ -424,7 +514,9 @@ pub async fn stop_with_pre_stop(
     grace: Duration,
 ) -> Result<(), ProviderError> {
     let mut left = grace;
-    if let Some((c, handler)) = container.and_then(|c| Some((c, c.lifecycle.as_ref()?.pre_stop.as_ref()?))) {
+    if let Some((c, handler)) =
+        container.and_then(|c| Some((c, c.lifecycle.as_ref()?.pre_stop.as_ref()?)))
+    {
         if !grace.is_zero() {
             let began = Instant::now();
             let action = Action::from_handler(handler, c, pod_ip);
@@ -432,14 +524,24 @@ pub async fn stop_with_pre_stop(
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     warn!(container = %c.name, error = %e, "preStop hook failed");
-                    events.warning(cref, "FailedPreStopHook", format!("PreStopHook failed: {e}"));
+                    events.warning(
+                        cref,
+                        "FailedPreStopHook",
+                        format!("PreStopHook failed: {e}"),
+                    );
                 }
                 Err(_) => {
                     warn!(container = %c.name, ?grace, "preStop hook did not finish within the grace period");
-                    events.warning(cref, "FailedPreStopHook", format!("PreStopHook did not complete within {}s", grace.as_secs()));
+                    events.warning(
+                        cref,
+                        "FailedPreStopHook",
+                        format!("PreStopHook did not complete within {}s", grace.as_secs()),
+                    );
                 }
             }
-            left = grace.saturating_sub(began.elapsed()).max(MIN_GRACE_AFTER_PRE_STOP);
+            left = grace
+                .saturating_sub(began.elapsed())
+                .max(MIN_GRACE_AFTER_PRE_STOP);
         }
     }
     provider.stop_container(id, left).await
@@ -451,7 +553,13 @@ mod tests {
     use std::sync::Mutex;
 
     fn timing(delay: u64, period: u64, success: u32, failure: u32) -> Timing {
-        Timing { initial_delay: Duration::from_secs(delay), period: Duration::from_secs(period), timeout: Duration::from_secs(1), success_threshold: success, failure_threshold: failure }
+        Timing {
+            initial_delay: Duration::from_secs(delay),
+            period: Duration::from_secs(period),
+            timeout: Duration::from_secs(1),
+            success_threshold: success,
+            failure_threshold: failure,
+        }
     }
 
     #[test]
@@ -477,7 +585,11 @@ mod tests {
         assert_eq!(startup.observe(true), Some(true));
         let mut startup = Tracker::new(ProbeKind::Startup, &timing(0, 10, 1, 2));
         assert_eq!(startup.observe(false), None);
-        assert_eq!(startup.observe(false), Some(false), "a startup that never succeeds is reported");
+        assert_eq!(
+            startup.observe(false),
+            Some(false),
+            "a startup that never succeeds is reported"
+        );
     }
 
     #[test]
@@ -485,12 +597,22 @@ mod tests {
         let t = Timing::of(&Probe::default());
         assert_eq!(t, timing(0, 10, 1, 3));
         let p: Probe = serde_json::from_value(serde_json::json!({"initialDelaySeconds": 5, "periodSeconds": 2, "timeoutSeconds": 3, "successThreshold": 2, "failureThreshold": 1})).unwrap();
-        assert_eq!(Timing::of(&p), Timing { timeout: Duration::from_secs(3), ..timing(5, 2, 2, 1) });
+        assert_eq!(
+            Timing::of(&p),
+            Timing {
+                timeout: Duration::from_secs(3),
+                ..timing(5, 2, 2, 1)
+            }
+        );
     }
 
     /// Runs `probe_loop` with paused time; returns the probe times (seconds since start) and
     /// the reports with their times.
-    async fn schedule(kind: ProbeKind, t: Timing, results: Vec<bool>) -> (Vec<u64>, Vec<(u64, bool)>) {
+    async fn schedule(
+        kind: ProbeKind,
+        t: Timing,
+        results: Vec<bool>,
+    ) -> (Vec<u64>, Vec<(u64, bool)>) {
         let start = Instant::now();
         let probes = Arc::new(Mutex::new(Vec::new()));
         let reports = Arc::new(Mutex::new(Vec::new()));
@@ -522,44 +644,95 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn liveness_fails_after_the_threshold_then_stops() {
-        let (probes, reports) = schedule(ProbeKind::Liveness, timing(5, 10, 1, 3), vec![true, false, false, false, true]).await;
-        assert_eq!(probes, vec![5, 15, 25, 35], "first after initialDelaySeconds, then every period, none after the failure");
+        let (probes, reports) = schedule(
+            ProbeKind::Liveness,
+            timing(5, 10, 1, 3),
+            vec![true, false, false, false, true],
+        )
+        .await;
+        assert_eq!(
+            probes,
+            vec![5, 15, 25, 35],
+            "first after initialDelaySeconds, then every period, none after the failure"
+        );
         assert_eq!(reports, vec![(35, false)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn readiness_reports_each_change_and_keeps_probing() {
-        let (probes, reports) = schedule(ProbeKind::Readiness, timing(0, 1, 1, 2), vec![false, true, true, false, false, true]).await;
+        let (probes, reports) = schedule(
+            ProbeKind::Readiness,
+            timing(0, 1, 1, 2),
+            vec![false, true, true, false, false, true],
+        )
+        .await;
         assert_eq!(probes, vec![0, 1, 2, 3, 4, 5, 6]);
         assert_eq!(reports, vec![(1, true), (4, false), (5, true)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn startup_ends_on_success() {
-        let (probes, reports) = schedule(ProbeKind::Startup, timing(0, 2, 1, 10), vec![false, false, true, true]).await;
+        let (probes, reports) = schedule(
+            ProbeKind::Startup,
+            timing(0, 2, 1, 10),
+            vec![false, false, true, true],
+        )
+        .await;
         assert_eq!(probes, vec![0, 2, 4]);
         assert_eq!(reports, vec![(4, true)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn startup_failure_is_reported_and_ends_probing() {
-        let (probes, reports) = schedule(ProbeKind::Startup, timing(0, 1, 1, 2), vec![false, false, false]).await;
+        let (probes, reports) = schedule(
+            ProbeKind::Startup,
+            timing(0, 1, 1, 2),
+            vec![false, false, false],
+        )
+        .await;
         assert_eq!(probes, vec![0, 1]);
         assert_eq!(reports, vec![(1, false)]);
     }
 
     #[test]
     fn a_pods_probe_series_go_with_its_prober() {
-        let pod = |uid: &str| ObjectReference { name: Some("p".into()), namespace: Some("ns".into()), uid: Some(uid.into()), ..Default::default() };
-        let (gone, stays) = (pod("uid-of-a-pod-that-goes"), pod("uid-of-a-pod-that-stays"));
+        let pod = |uid: &str| ObjectReference {
+            name: Some("p".into()),
+            namespace: Some("ns".into()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        };
+        let (gone, stays) = (
+            pod("uid-of-a-pod-that-goes"),
+            pod("uid-of-a-pod-that-stays"),
+        );
         let total = &crate::metrics::probes().probe_total;
-        for (kind, result) in [(ProbeKind::Liveness, "failed"), (ProbeKind::Readiness, "successful")] {
-            total.get_or_create(&probe_series(&gone, "c", kind, result)).inc();
-            total.get_or_create(&probe_series(&stays, "c", kind, result)).inc();
+        for (kind, result) in [
+            (ProbeKind::Liveness, "failed"),
+            (ProbeKind::Readiness, "successful"),
+        ] {
+            total
+                .get_or_create(&probe_series(&gone, "c", kind, result))
+                .inc();
+            total
+                .get_or_create(&probe_series(&stays, "c", kind, result))
+                .inc();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let probed = HashSet::from([(ProbeKind::Liveness, "c".to_string()), (ProbeKind::Readiness, "c".to_string())]);
-        let probes = PodProbes { provider: Arc::new(action::tests::NoProvider), events: EventSink::disabled(), pod_ip: "h".into(), pod_ref: gone, tx, rx, instances: HashMap::new(), probed };
+        let probed = HashSet::from([
+            (ProbeKind::Liveness, "c".to_string()),
+            (ProbeKind::Readiness, "c".to_string()),
+        ]);
+        let probes = PodProbes {
+            provider: Arc::new(action::tests::NoProvider),
+            events: EventSink::disabled(),
+            pod_ip: "h".into(),
+            pod_ref: gone,
+            tx,
+            rx,
+            instances: HashMap::new(),
+            probed,
+        };
         assert!(crate::metrics::render_probes().contains("uid-of-a-pod-that-goes"));
         drop(probes);
         let text = crate::metrics::render_probes();
@@ -571,17 +744,70 @@ mod tests {
     fn ready_and_started_follow_the_probes() {
         let c = |v: serde_json::Value| -> Container { serde_json::from_value(v).unwrap() };
         let plain = c(serde_json::json!({"name": "a"}));
-        let gated = c(serde_json::json!({"name": "b", "readinessProbe": {"exec": {"command": ["true"]}}}));
+        let gated =
+            c(serde_json::json!({"name": "b", "readinessProbe": {"exec": {"command": ["true"]}}}));
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut probes = PodProbes { provider: Arc::new(action::tests::NoProvider), events: EventSink::disabled(), pod_ip: "h".into(), pod_ref: Default::default(), tx, rx, instances: HashMap::new(), probed: HashSet::new() };
+        let mut probes = PodProbes {
+            provider: Arc::new(action::tests::NoProvider),
+            events: EventSink::disabled(),
+            pod_ip: "h".into(),
+            pod_ref: Default::default(),
+            tx,
+            rx,
+            instances: HashMap::new(),
+            probed: HashSet::new(),
+        };
         assert!(probes.ready(&plain) && probes.started(&plain));
         assert!(!probes.ready(&gated) && probes.started(&gated));
-        probes.instances.insert("b".into(), Instance { id: "1".into(), started: true, ready: false, tasks: HashMap::new() });
-        assert_eq!(probes.apply(ProbeUpdate { container: "b".into(), id: "0".into(), kind: ProbeKind::Readiness, ok: true }, &[]), None);
-        assert!(!probes.ready(&gated), "an update about an old instance is dropped");
-        probes.apply(ProbeUpdate { container: "b".into(), id: "1".into(), kind: ProbeKind::Readiness, ok: true }, &[]);
+        probes.instances.insert(
+            "b".into(),
+            Instance {
+                id: "1".into(),
+                started: true,
+                ready: false,
+                tasks: HashMap::new(),
+            },
+        );
+        assert_eq!(
+            probes.apply(
+                ProbeUpdate {
+                    container: "b".into(),
+                    id: "0".into(),
+                    kind: ProbeKind::Readiness,
+                    ok: true
+                },
+                &[]
+            ),
+            None
+        );
+        assert!(
+            !probes.ready(&gated),
+            "an update about an old instance is dropped"
+        );
+        probes.apply(
+            ProbeUpdate {
+                container: "b".into(),
+                id: "1".into(),
+                kind: ProbeKind::Readiness,
+                ok: true,
+            },
+            &[],
+        );
         assert!(probes.ready(&gated));
-        let kill = probes.apply(ProbeUpdate { container: "b".into(), id: "1".into(), kind: ProbeKind::Liveness, ok: false }, &[]).unwrap();
-        assert_eq!(kill.message(), "Container b failed liveness probe, will be restarted");
+        let kill = probes
+            .apply(
+                ProbeUpdate {
+                    container: "b".into(),
+                    id: "1".into(),
+                    kind: ProbeKind::Liveness,
+                    ok: false,
+                },
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            kill.message(),
+            "Container b failed liveness probe, will be restarted"
+        );
     }
 }

@@ -26,14 +26,19 @@ pub struct Placement {
 /// Moves this process into `<its memory cgroup>/<name>` (or stays, when it already is there:
 /// a runtime restarted in place) with a memory limit of `limit` bytes.
 pub fn place_self(name: &str, limit: u64) -> Result<Placement, String> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
     let (version, path) = memory_cgroup(&own).ok_or("no memory cgroup in /proc/self/cgroup")?;
     let root = match version {
         Version::V1 => Path::new("/sys/fs/cgroup/memory"),
         Version::V2 => Path::new("/sys/fs/cgroup"),
     };
     let current = root.join(path.trim_start_matches('/'));
-    let dir = if current.file_name().is_some_and(|n| n == name) { current } else { current.join(name) };
+    let dir = if current.file_name().is_some_and(|n| n == name) {
+        current
+    } else {
+        current.join(name)
+    };
     if let Err(e) = std::fs::create_dir(&dir) {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
             return Err(format!("creating {}: {e}", dir.display()));
@@ -48,8 +53,10 @@ pub fn place_self(name: &str, limit: u64) -> Result<Placement, String> {
             "memory.max"
         }
     };
-    std::fs::write(dir.join(limit_file), limit.to_string()).map_err(|e| format!("writing {}: {e}", dir.join(limit_file).display()))?;
-    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).map_err(|e| format!("joining {}: {e}", dir.display()))?;
+    std::fs::write(dir.join(limit_file), limit.to_string())
+        .map_err(|e| format!("writing {}: {e}", dir.join(limit_file).display()))?;
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| format!("joining {}: {e}", dir.display()))?;
     Ok(Placement { dir, limit })
 }
 
@@ -58,7 +65,13 @@ pub fn place_self(name: &str, limit: u64) -> Result<Placement, String> {
 pub fn name_for(root_dir: &Path) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(root_dir.as_os_str().as_encoded_bytes());
-    format!("wasm-kubelet-runtime-{}", digest[..4].iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "wasm-kubelet-runtime-{}",
+        digest[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +86,10 @@ fn memory_cgroup(text: &str) -> Option<(Version, &str)> {
     let mut v2 = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
         if controllers.split(',').any(|c| c == "memory") {
             return Some((Version::V1, path));
         }
@@ -89,8 +105,12 @@ pub fn limit_of(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let (version, path) = memory_cgroup(&text)?;
     let file = match version {
-        Version::V1 => Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')).join("memory.limit_in_bytes"),
-        Version::V2 => Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')).join("memory.max"),
+        Version::V1 => Path::new("/sys/fs/cgroup/memory")
+            .join(path.trim_start_matches('/'))
+            .join("memory.limit_in_bytes"),
+        Version::V2 => Path::new("/sys/fs/cgroup")
+            .join(path.trim_start_matches('/'))
+            .join("memory.max"),
     };
     std::fs::read_to_string(file).ok()?.trim().parse().ok()
 }
@@ -103,9 +123,15 @@ mod tests {
     fn the_memory_line_of_v1_wins_over_the_unified_one() {
         let text = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
         assert_eq!(memory_cgroup(text), Some((Version::V1, "/process_api/abc")));
-        assert_eq!(memory_cgroup("0::/system.slice/x.service\n"), Some((Version::V2, "/system.slice/x.service")));
+        assert_eq!(
+            memory_cgroup("0::/system.slice/x.service\n"),
+            Some((Version::V2, "/system.slice/x.service"))
+        );
         assert_eq!(memory_cgroup("1:cpu,cpuacct:/\n"), None);
-        assert_eq!(memory_cgroup("5:cpu,memory:/a\n"), Some((Version::V1, "/a")));
+        assert_eq!(
+            memory_cgroup("5:cpu,memory:/a\n"),
+            Some((Version::V1, "/a"))
+        );
     }
 
     #[test]
@@ -113,6 +139,8 @@ mod tests {
         let a = name_for(Path::new("/var/lib/wasm-kubelet"));
         assert_eq!(a, name_for(Path::new("/var/lib/wasm-kubelet")));
         assert_ne!(a, name_for(Path::new("/tmp/node-2")));
-        assert!(a.starts_with("wasm-kubelet-runtime-") && a.len() == "wasm-kubelet-runtime-".len() + 8);
+        assert!(
+            a.starts_with("wasm-kubelet-runtime-") && a.len() == "wasm-kubelet-runtime-".len() + 8
+        );
     }
 }

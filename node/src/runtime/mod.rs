@@ -47,9 +47,19 @@ const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("starting the Wasm runtime ({program}): {source}")]
-    Spawn { program: String, source: std::io::Error },
-    #[error("the Wasm runtime did not answer on {socket} within {deadline:?} (its log: {log}): {last}")]
-    NoAnswer { socket: String, deadline: Duration, log: String, last: ProviderError },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the Wasm runtime did not answer on {socket} within {deadline:?} (its log: {log}): {last}"
+    )]
+    NoAnswer {
+        socket: String,
+        deadline: Duration,
+        log: String,
+        last: ProviderError,
+    },
 }
 
 /// Files of the runtime beside its socket.
@@ -68,12 +78,19 @@ pub fn lock_file(config: &Config) -> PathBuf {
 }
 
 fn runtime_dir(config: &Config) -> PathBuf {
-    config.wasm_runtime_endpoint.parent().map_or_else(|| config.root_dir.join("runtime"), Path::to_path_buf)
+    config
+        .wasm_runtime_endpoint
+        .parent()
+        .map_or_else(|| config.root_dir.join("runtime"), Path::to_path_buf)
 }
 
 /// The runtime for this agent: the one answering on the endpoint, else (spawn mode) a new one.
 /// In external mode it waits, saying so every 10 s, until `shutdown`.
-pub async fn connect(config: &Config, argv: &[OsString], shutdown: &CancellationToken) -> Result<Option<Arc<RemoteProvider>>, RuntimeError> {
+pub async fn connect(
+    config: &Config,
+    argv: &[OsString],
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<RemoteProvider>>, RuntimeError> {
     let socket = config.wasm_runtime_endpoint.clone();
     match RemoteProvider::connect(socket.clone()).await {
         Ok(provider) => {
@@ -84,7 +101,9 @@ pub async fn connect(config: &Config, argv: &[OsString], shutdown: &Cancellation
         Err(e) if config.wasm_runtime == WasmRuntimeMode::External => {
             warn!(socket = %socket.display(), error = %e, "waiting for the Wasm runtime (--wasm-runtime=external)");
         }
-        Err(e) => info!(socket = %socket.display(), reason = %e, "no Wasm runtime answers; starting one"),
+        Err(e) => {
+            info!(socket = %socket.display(), reason = %e, "no Wasm runtime answers; starting one")
+        }
     }
     let deadline = if config.wasm_runtime == WasmRuntimeMode::Spawn {
         spawn(config, argv)?;
@@ -101,7 +120,12 @@ pub async fn connect(config: &Config, argv: &[OsString], shutdown: &Cancellation
         match RemoteProvider::connect(socket.clone()).await {
             Ok(provider) => return Ok(Some(Arc::new(provider))),
             Err(last) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
-                return Err(RuntimeError::NoAnswer { socket: socket.display().to_string(), deadline: SPAWN_DEADLINE, log: log_file(config).display().to_string(), last });
+                return Err(RuntimeError::NoAnswer {
+                    socket: socket.display().to_string(),
+                    deadline: SPAWN_DEADLINE,
+                    log: log_file(config).display().to_string(),
+                    last,
+                });
             }
             Err(e) if last_said.elapsed() >= Duration::from_secs(10) => {
                 warn!(socket = %socket.display(), error = %e, "still waiting for the Wasm runtime");
@@ -116,13 +140,29 @@ pub async fn connect(config: &Config, argv: &[OsString], shutdown: &Cancellation
 /// outlives the agent and its process group), stdin from /dev/null, stdout and stderr appended
 /// to [`log_file`]. The child is reaped by a task; once the agent is gone, init reaps it.
 pub fn spawn(config: &Config, argv: &[OsString]) -> Result<u32, RuntimeError> {
-    let program = std::env::current_exe().map_err(|source| RuntimeError::Spawn { program: "current executable".into(), source })?;
-    let err = |source| RuntimeError::Spawn { program: program.display().to_string(), source };
+    let program = std::env::current_exe().map_err(|source| RuntimeError::Spawn {
+        program: "current executable".into(),
+        source,
+    })?;
+    let err = |source| RuntimeError::Spawn {
+        program: program.display().to_string(),
+        source,
+    };
     let dir = runtime_dir(config);
     std::fs::create_dir_all(&dir).map_err(err)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_file(config)).map_err(err)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file(config))
+        .map_err(err)?;
     let mut command = tokio::process::Command::new(&program);
-    command.arg("runtime").args(argv.iter().skip(1)).stdin(std::process::Stdio::null()).stdout(log.try_clone().map_err(err)?).stderr(log).kill_on_drop(false);
+    command
+        .arg("runtime")
+        .args(argv.iter().skip(1))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(err)?)
+        .stderr(log)
+        .kill_on_drop(false);
     // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -146,7 +186,12 @@ pub fn spawn(config: &Config, argv: &[OsString]) -> Result<u32, RuntimeError> {
 
 /// Keeps a runtime up in spawn mode: when the one answering goes away, starts another after
 /// the restart backoff (unless one answers meanwhile, e.g. started by hand). Ends at `shutdown`.
-pub async fn supervise(config: Arc<Config>, argv: Vec<OsString>, provider: Arc<RemoteProvider>, shutdown: CancellationToken) {
+pub async fn supervise(
+    config: Arc<Config>,
+    argv: Vec<OsString>,
+    provider: Arc<RemoteProvider>,
+    shutdown: CancellationToken,
+) {
     if config.wasm_runtime != WasmRuntimeMode::Spawn {
         return;
     }
@@ -193,8 +238,18 @@ pub async fn supervise(config: Arc<Config>, argv: Vec<OsString>, provider: Arc<R
 /// Tells the Node's Events what happened to the runtime: `ContainerRuntimeDown` (Warning) when
 /// it stops answering, `ContainerRuntimeRestarted` (Warning: its containers were lost) when a
 /// different runtime process answers again, `ContainerRuntimeUp` when the same one does.
-pub async fn report(mut identity: watch::Receiver<Option<RuntimeIdentity>>, events: EventSink, node_name: String, shutdown: CancellationToken) {
-    let node = ObjectReference { kind: Some("Node".into()), name: Some(node_name.clone()), uid: Some(node_name), ..Default::default() };
+pub async fn report(
+    mut identity: watch::Receiver<Option<RuntimeIdentity>>,
+    events: EventSink,
+    node_name: String,
+    shutdown: CancellationToken,
+) {
+    let node = ObjectReference {
+        kind: Some("Node".into()),
+        name: Some(node_name.clone()),
+        uid: Some(node_name),
+        ..Default::default()
+    };
     let mut last_seen: Option<RuntimeIdentity> = identity.borrow_and_update().clone();
     let mut up = last_seen.is_some();
     loop {
@@ -208,7 +263,11 @@ pub async fn report(mut identity: watch::Receiver<Option<RuntimeIdentity>>, even
                 up = false;
                 events.warning(&node, "ContainerRuntimeDown", "The Wasm runtime stopped answering; its containers' state is unknown until it is back".into());
             }
-            (Some(new), _) if last_seen.as_ref().is_some_and(|old| old.instance != new.instance) => {
+            (Some(new), _)
+                if last_seen
+                    .as_ref()
+                    .is_some_and(|old| old.instance != new.instance) =>
+            {
                 up = true;
                 let old_pid = last_seen.as_ref().map_or(0, |o| o.pid);
                 events.warning(&node, "ContainerRuntimeRestarted", format!("The Wasm runtime restarted (pid {old_pid} -> {}): the containers it ran were lost and are restarted per their pods' restart policy", new.pid));
@@ -216,7 +275,11 @@ pub async fn report(mut identity: watch::Receiver<Option<RuntimeIdentity>>, even
             }
             (Some(_), false) => {
                 up = true;
-                events.normal(&node, "ContainerRuntimeUp", "The Wasm runtime answers again".into());
+                events.normal(
+                    &node,
+                    "ContainerRuntimeUp",
+                    "The Wasm runtime answers again".into(),
+                );
                 last_seen = now.clone();
             }
             _ => last_seen = now.clone().or(last_seen),

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use kube::api::PostParams;
 use kube::Api;
 use sha2::{Digest, Sha256};
@@ -44,7 +46,12 @@ pub struct User {
 impl User {
     /// The user of an anonymous request (with --anonymous-auth).
     pub fn anonymous() -> User {
-        User { name: "system:anonymous".into(), uid: String::new(), groups: vec!["system:unauthenticated".into()], extra: BTreeMap::new() }
+        User {
+            name: "system:anonymous".into(),
+            uid: String::new(),
+            groups: vec!["system:unauthenticated".into()],
+            extra: BTreeMap::new(),
+        }
     }
 }
 
@@ -67,46 +74,73 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(client: Option<kube::Client>, token_webhook: bool, anonymous: bool) -> Self {
-        Authenticator { client, token_webhook, anonymous, tokens: TtlCache::new() }
+        Authenticator {
+            client,
+            token_webhook,
+            anonymous,
+            tokens: TtlCache::new(),
+        }
     }
 
     /// The user of a request: `peer` is the verified client certificate's user, if any.
-    pub async fn authenticate(&self, peer: Option<&User>, headers: &http::HeaderMap) -> Result<Result<User, Unauthenticated>, ServerError> {
+    pub async fn authenticate(
+        &self,
+        peer: Option<&User>,
+        headers: &http::HeaderMap,
+    ) -> Result<Result<User, Unauthenticated>, ServerError> {
         if let Some(user) = peer {
             return Ok(Ok(user.clone()));
         }
         let token = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|t| !t.is_empty());
         let Some(token) = token else {
-            return Ok(if self.anonymous { Ok(User::anonymous()) } else { Err(Unauthenticated::NoCredentials) });
+            return Ok(if self.anonymous {
+                Ok(User::anonymous())
+            } else {
+                Err(Unauthenticated::NoCredentials)
+            });
         };
         let (true, Some(client)) = (self.token_webhook, &self.client) else {
-            return Ok(Err(Unauthenticated::BadToken("bearer tokens are not accepted (--authentication-token-webhook=false)".into())));
+            return Ok(Err(Unauthenticated::BadToken(
+                "bearer tokens are not accepted (--authentication-token-webhook=false)".into(),
+            )));
         };
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(cached) = self.tokens.get(&key) {
-            return Ok(cached.ok_or_else(|| Unauthenticated::BadToken("invalid bearer token".into())));
+            return Ok(
+                cached.ok_or_else(|| Unauthenticated::BadToken("invalid bearer token".into()))
+            );
         }
         let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.to_string()), audiences: None },
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: None,
+            },
             ..Default::default()
         };
         let answer = Api::<TokenReview>::all(client.clone())
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| ServerError::Api(format!("TokenReview: {}", one_line(&e))))?;
-        let user = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).and_then(|u| {
-            Some(User {
-                name: u.username.filter(|n| !n.is_empty())?,
-                uid: u.uid.unwrap_or_default(),
-                groups: u.groups.unwrap_or_default(),
-                extra: u.extra.unwrap_or_default(),
-            })
-        });
+        let user = answer
+            .status
+            .filter(|s| s.authenticated == Some(true))
+            .and_then(|s| s.user)
+            .and_then(|u| {
+                Some(User {
+                    name: u.username.filter(|n| !n.is_empty())?,
+                    uid: u.uid.unwrap_or_default(),
+                    groups: u.groups.unwrap_or_default(),
+                    extra: u.extra.unwrap_or_default(),
+                })
+            });
         // Only accepted tokens are cached: a rejected one is asked about again next time.
         if user.is_some() {
             self.tokens.insert(key, user.clone(), TOKEN_CACHE_TTL);
@@ -166,15 +200,26 @@ pub struct Authorizer {
 
 impl Authorizer {
     pub fn new(mode: AuthorizationMode, client: Option<kube::Client>, node_name: String) -> Self {
-        Authorizer { mode, client, node_name, decisions: TtlCache::new() }
+        Authorizer {
+            mode,
+            client,
+            node_name,
+            decisions: TtlCache::new(),
+        }
     }
 
-    pub async fn authorize(&self, user: &User, attrs: &Attributes) -> Result<Decision, ServerError> {
+    pub async fn authorize(
+        &self,
+        user: &User,
+        attrs: &Attributes,
+    ) -> Result<Decision, ServerError> {
         let client = match (self.mode, &self.client) {
             (AuthorizationMode::AlwaysAllow, _) => return Ok(Decision::Allow),
             (AuthorizationMode::Webhook, Some(client)) => client,
             // Config refuses Webhook without a kubeconfig; deny rather than allow if it ever happens.
-            (AuthorizationMode::Webhook, None) => return Ok(Decision::Deny("no API server to ask".into())),
+            (AuthorizationMode::Webhook, None) => {
+                return Ok(Decision::Deny("no API server to ask".into()))
+            }
         };
         let key = (user.name.clone(), user.groups.clone(), attrs.clone());
         if let Some(decision) = self.decisions.get(&key) {
@@ -207,9 +252,18 @@ impl Authorizer {
         let decision = if status.allowed {
             Decision::Allow
         } else {
-            Decision::Deny(status.reason.or(status.evaluation_error).unwrap_or_default())
+            Decision::Deny(
+                status
+                    .reason
+                    .or(status.evaluation_error)
+                    .unwrap_or_default(),
+            )
         };
-        let ttl = if decision == Decision::Allow { ALLOWED_CACHE_TTL } else { DENIED_CACHE_TTL };
+        let ttl = if decision == Decision::Allow {
+            ALLOWED_CACHE_TTL
+        } else {
+            DENIED_CACHE_TTL
+        };
         self.decisions.insert(key, decision.clone(), ttl);
         Ok(decision)
     }
@@ -223,12 +277,17 @@ struct TtlCache<K, V> {
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     fn new() -> Self {
-        TtlCache { entries: Mutex::new(HashMap::new()) }
+        TtlCache {
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     fn get(&self, key: &K) -> Option<V> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.get(key).filter(|(_, expires)| *expires > Instant::now()).map(|(v, _)| v.clone())
+        entries
+            .get(key)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(v, _)| v.clone())
     }
 
     fn insert(&self, key: K, value: V, ttl: Duration) {
@@ -268,7 +327,10 @@ mod tests {
         for (path, sub) in cases {
             assert_eq!(attributes(&get, path).subresource, sub, "{path}");
         }
-        assert_eq!(attributes(&http::Method::POST, "/exec/a/b/c").verb, "create");
+        assert_eq!(
+            attributes(&http::Method::POST, "/exec/a/b/c").verb,
+            "create"
+        );
         assert_eq!(attributes(&http::Method::PUT, "/x").verb, "update");
         assert_eq!(attributes(&http::Method::PATCH, "/x").verb, "patch");
         assert_eq!(attributes(&http::Method::DELETE, "/x").verb, "delete");
@@ -292,11 +354,26 @@ mod tests {
     async fn anonymous_is_refused_unless_allowed() {
         let headers = http::HeaderMap::new();
         let refuse = Authenticator::new(None, false, false);
-        assert_eq!(refuse.authenticate(None, &headers).await.unwrap(), Err(Unauthenticated::NoCredentials));
+        assert_eq!(
+            refuse.authenticate(None, &headers).await.unwrap(),
+            Err(Unauthenticated::NoCredentials)
+        );
         let allow = Authenticator::new(None, false, true);
-        assert_eq!(allow.authenticate(None, &headers).await.unwrap(), Ok(User::anonymous()));
+        assert_eq!(
+            allow.authenticate(None, &headers).await.unwrap(),
+            Ok(User::anonymous())
+        );
         let mut with_token = http::HeaderMap::new();
-        with_token.insert(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer abc"));
-        assert!(matches!(allow.authenticate(None, &with_token).await.unwrap(), Err(Unauthenticated::BadToken(_))), "a token is never anonymous");
+        with_token.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer abc"),
+        );
+        assert!(
+            matches!(
+                allow.authenticate(None, &with_token).await.unwrap(),
+                Err(Unauthenticated::BadToken(_))
+            ),
+            "a token is never anonymous"
+        );
     }
 }

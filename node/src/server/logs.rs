@@ -47,37 +47,74 @@ impl LogOptions {
         let mut o = LogOptions::default();
         let mut since_seconds: Option<i64> = None;
         let mut since_time: Option<Timestamp> = None;
-        let bad = |key: &str, value: &str, want: &str| StatusError::bad_request(format!("invalid value {value:?} for query parameter {key}: {want}"));
+        let bad = |key: &str, value: &str, want: &str| {
+            StatusError::bad_request(format!(
+                "invalid value {value:?} for query parameter {key}: {want}"
+            ))
+        };
         for (key, value) in pairs {
             let value = value.as_str();
-            let int = || value.parse::<i64>().map_err(|_| bad(key, value, "want an integer"));
+            let int = || {
+                value
+                    .parse::<i64>()
+                    .map_err(|_| bad(key, value, "want an integer"))
+            };
             match key.as_str() {
-                "follow" => o.follow = parse_bool(value).ok_or_else(|| bad(key, value, "want true or false"))?,
-                "previous" => o.previous = parse_bool(value).ok_or_else(|| bad(key, value, "want true or false"))?,
-                "timestamps" => o.timestamps = parse_bool(value).ok_or_else(|| bad(key, value, "want true or false"))?,
+                "follow" => {
+                    o.follow =
+                        parse_bool(value).ok_or_else(|| bad(key, value, "want true or false"))?
+                }
+                "previous" => {
+                    o.previous =
+                        parse_bool(value).ok_or_else(|| bad(key, value, "want true or false"))?
+                }
+                "timestamps" => {
+                    o.timestamps =
+                        parse_bool(value).ok_or_else(|| bad(key, value, "want true or false"))?
+                }
                 "tailLines" => {
                     let n = int()?;
-                    o.tail_lines = Some(u64::try_from(n).map_err(|_| StatusError::invalid(format!("tailLines must be >= 0, got {n}")))?);
+                    o.tail_lines = Some(u64::try_from(n).map_err(|_| {
+                        StatusError::invalid(format!("tailLines must be >= 0, got {n}"))
+                    })?);
                 }
                 "limitBytes" => {
                     let n = int()?;
-                    o.limit_bytes = Some(u64::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| StatusError::invalid(format!("limitBytes must be >= 1, got {n}")))?);
+                    o.limit_bytes =
+                        Some(u64::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                            StatusError::invalid(format!("limitBytes must be >= 1, got {n}"))
+                        })?);
                 }
                 "sinceSeconds" => {
                     let n = int()?;
                     if n < 1 {
-                        return Err(StatusError::invalid(format!("sinceSeconds must be >= 1, got {n}")));
+                        return Err(StatusError::invalid(format!(
+                            "sinceSeconds must be >= 1, got {n}"
+                        )));
                     }
                     since_seconds = Some(n);
                 }
-                "sinceTime" => since_time = Some(value.parse::<Timestamp>().map_err(|_| bad(key, value, "want an RFC 3339 time"))?),
+                "sinceTime" => {
+                    since_time = Some(
+                        value
+                            .parse::<Timestamp>()
+                            .map_err(|_| bad(key, value, "want an RFC 3339 time"))?,
+                    )
+                }
                 _ => {}
             }
         }
         o.since = match (since_seconds, since_time) {
-            (Some(_), Some(_)) => return Err(StatusError::invalid("at most one of sinceTime or sinceSeconds may be given".into())),
+            (Some(_), Some(_)) => {
+                return Err(StatusError::invalid(
+                    "at most one of sinceTime or sinceSeconds may be given".into(),
+                ))
+            }
             // A huge sinceSeconds means "from the beginning"; saturate instead of overflowing.
-            (Some(s), None) => Some(now.checked_sub(jiff::SignedDuration::from_secs(s)).unwrap_or(Timestamp::MIN)),
+            (Some(s), None) => Some(
+                now.checked_sub(jiff::SignedDuration::from_secs(s))
+                    .unwrap_or(Timestamp::MIN),
+            ),
             (None, t) => t,
         };
         Ok(o)
@@ -119,15 +156,22 @@ pub async fn open(
 ) -> Result<ContainerLogs, StatusError> {
     // Names are DNS subdomains/labels: nothing a client sends can climb out of the logs dir.
     if !is_dns_subdomain(namespace) || !is_dns_subdomain(pod) || !is_dns_subdomain(container) {
-        return Err(StatusError::not_found(format!("pod \"{namespace}/{pod}\" container \"{container}\" not found")));
+        return Err(StatusError::not_found(format!(
+            "pod \"{namespace}/{pod}\" container \"{container}\" not found"
+        )));
     }
     // Several UIDs (a pod deleted and made again under the same name): the newest directory.
     let mut newest: Option<(std::time::SystemTime, PathBuf, String)> = None;
     if let Ok(entries) = std::fs::read_dir(logs_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(uid) = crate::pods::layout::uid_of_pod_log_dir(&name, namespace, pod) else { continue };
-            let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            let Some(uid) = crate::pods::layout::uid_of_pod_log_dir(&name, namespace, pod) else {
+                continue;
+            };
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
             if newest.as_ref().is_none_or(|(t, _, _)| modified > *t) {
                 newest = Some((modified, entry.path(), uid.to_string()));
             }
@@ -136,7 +180,9 @@ pub async fn open(
     let not_running = |what: String| async move {
         match client {
             Some(client) if pod_has_container(client, namespace, pod, container).await => {
-                StatusError::bad_request(format!("container \"{container}\" in pod \"{pod}\" is waiting to start"))
+                StatusError::bad_request(format!(
+                    "container \"{container}\" in pod \"{pod}\" is waiting to start"
+                ))
             }
             _ => StatusError::not_found(what),
         }
@@ -147,12 +193,19 @@ pub async fn open(
     let dir = pod_dir.join(container);
     let runs = runs(&dir);
     let Some(&current) = runs.last() else {
-        return Err(not_running(format!("container \"{container}\" not found in pod \"{namespace}/{pod}\"")).await);
+        return Err(not_running(format!(
+            "container \"{container}\" not found in pod \"{namespace}/{pod}\""
+        ))
+        .await);
     };
     let run = if previous {
         match runs.iter().rev().nth(1) {
             Some(&n) => n,
-            None => return Err(StatusError::bad_request(format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"))),
+            None => {
+                return Err(StatusError::bad_request(format!(
+                    "previous terminated container \"{container}\" in pod \"{pod}\" not found"
+                )))
+            }
         }
     } else {
         current
@@ -168,17 +221,33 @@ pub async fn open(
     })
 }
 
-async fn pod_has_container(client: &kube::Client, namespace: &str, pod: &str, container: &str) -> bool {
-    let Ok(Some(pod)) = kube::Api::<Pod>::namespaced(client.clone(), namespace).get_opt(pod).await else { return false };
+async fn pod_has_container(
+    client: &kube::Client,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> bool {
+    let Ok(Some(pod)) = kube::Api::<Pod>::namespaced(client.clone(), namespace)
+        .get_opt(pod)
+        .await
+    else {
+        return false;
+    };
     let spec = pod.spec.unwrap_or_default();
-    spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == container)
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == container)
 }
 
 /// The run numbers that have a live log file, ascending.
 fn runs(dir: &Path) -> Vec<u64> {
     let mut runs: Vec<u64> = std::fs::read_dir(dir)
         .map(|entries| {
-            entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok()).collect()
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+                .collect()
         })
         .unwrap_or_default();
     runs.sort_unstable();
@@ -215,7 +284,10 @@ struct Entry<'a> {
 /// `<time> stdout|stderr F|P <content>`; `None` for a line that is not a CRI entry.
 fn parse_entry(line: &[u8]) -> Option<Entry<'_>> {
     let mut parts = line.splitn(4, |b| *b == b' ');
-    let time = std::str::from_utf8(parts.next()?).ok()?.parse::<Timestamp>().ok();
+    let time = std::str::from_utf8(parts.next()?)
+        .ok()?
+        .parse::<Timestamp>()
+        .ok();
     let stream = match parts.next()? {
         b"stdout" => 0,
         b"stderr" => 1,
@@ -226,7 +298,12 @@ fn parse_entry(line: &[u8]) -> Option<Entry<'_>> {
         b"P" => true,
         _ => return None,
     };
-    Some(Entry { time, stream, partial, content: parts.next().unwrap_or_default() })
+    Some(Entry {
+        time,
+        stream,
+        partial,
+        content: parts.next().unwrap_or_default(),
+    })
 }
 
 /// A complete output line: its first piece's time and its text (newline included when the
@@ -287,8 +364,12 @@ impl LogStream {
     }
 
     /// The stream of output chunks, for a response body.
-    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        futures::stream::unfold(self, |mut s| async move { s.next_chunk().await.map(|c| (Ok(c), s)) })
+    pub fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        futures::stream::unfold(self, |mut s| async move {
+            s.next_chunk().await.map(|c| (Ok(c), s))
+        })
     }
 
     /// The next piece of output, or `None` at the end.
@@ -330,7 +411,9 @@ impl LogStream {
     async fn read_more(&mut self) -> Option<bool> {
         loop {
             if self.file.is_none() {
-                let Some(path) = self.pending_files.pop_front() else { return Some(false) };
+                let Some(path) = self.pending_files.pop_front() else {
+                    return Some(false);
+                };
                 match tokio::fs::File::open(&path).await {
                     Ok(f) => self.file = Some((f, path, 0)),
                     // A rotated file may be removed between listing and opening: skip it.
@@ -362,8 +445,13 @@ impl LogStream {
         while let Some(pos) = raw[start..].iter().position(|b| *b == b'\n') {
             let line = &raw[start..start + pos];
             start += pos + 1;
-            let Some(entry) = parse_entry(line) else { continue };
-            let piece = self.partial[entry.stream].get_or_insert_with(|| Line { time: entry.time, text: Vec::new() });
+            let Some(entry) = parse_entry(line) else {
+                continue;
+            };
+            let piece = self.partial[entry.stream].get_or_insert_with(|| Line {
+                time: entry.time,
+                text: Vec::new(),
+            });
             piece.text.extend_from_slice(entry.content);
             if !entry.partial {
                 piece.text.push(b'\n');
@@ -422,7 +510,11 @@ impl LogStream {
             while let Some(line) = self.tail.pop_front() {
                 self.emit(line);
             }
-            self.phase = if self.options.follow { Phase::Following } else { Phase::Done };
+            self.phase = if self.options.follow {
+                Phase::Following
+            } else {
+                Phase::Done
+            };
             self.idle_since = tokio::time::Instant::now();
             return;
         }
@@ -443,7 +535,10 @@ impl LogStream {
             }
         }
         // A newer run has begun: this one is over once what is left is read.
-        if runs(&self.logs.dir).last().is_some_and(|n| *n > self.logs.run) {
+        if runs(&self.logs.dir)
+            .last()
+            .is_some_and(|n| *n > self.logs.run)
+        {
             self.finishing = true;
             return;
         }
@@ -460,7 +555,9 @@ impl LogStream {
     /// Whether the file at the live path is no longer the one we read (renamed by rotation).
     async fn rotated_away(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
-        let Some((file, path, _)) = &self.file else { return false };
+        let Some((file, path, _)) = &self.file else {
+            return false;
+        };
         match (file.metadata().await, tokio::fs::metadata(path).await) {
             (Ok(open), Ok(at_path)) => open.ino() != at_path.ino(),
             _ => false,
@@ -471,7 +568,9 @@ impl LogStream {
     /// exists with this UID and the container's state is running. Without an API server, or
     /// when it cannot be asked, keep following.
     async fn container_may_write(&self) -> bool {
-        let Some(client) = &self.client else { return true };
+        let Some(client) = &self.client else {
+            return true;
+        };
         let pods = kube::Api::<Pod>::namespaced(client.clone(), &self.logs.namespace);
         let pod = match pods.get_opt(&self.logs.pod).await {
             Ok(Some(pod)) => pod,
@@ -482,7 +581,11 @@ impl LogStream {
             return false;
         }
         let status = pod.status.unwrap_or_default();
-        let statuses = status.container_statuses.iter().flatten().chain(status.init_container_statuses.iter().flatten());
+        let statuses = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .chain(status.init_container_statuses.iter().flatten());
         match statuses.into_iter().find(|c| c.name == self.logs.container) {
             Some(c) => c.state.as_ref().is_some_and(|s| s.running.is_some()),
             None => true,
@@ -495,7 +598,9 @@ mod tests {
     use super::*;
 
     fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        q.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn now() -> Timestamp {
@@ -504,7 +609,17 @@ mod tests {
 
     #[test]
     fn options_parse_and_validate() {
-        let o = LogOptions::parse(&pairs(&[("follow", "true"), ("tailLines", "2"), ("limitBytes", "10"), ("sinceSeconds", "60"), ("x", "y")]), now()).unwrap();
+        let o = LogOptions::parse(
+            &pairs(&[
+                ("follow", "true"),
+                ("tailLines", "2"),
+                ("limitBytes", "10"),
+                ("sinceSeconds", "60"),
+                ("x", "y"),
+            ]),
+            now(),
+        )
+        .unwrap();
         assert!(o.follow && !o.previous);
         assert_eq!((o.tail_lines, o.limit_bytes), (Some(2), Some(10)));
         assert_eq!(o.since, Some("2026-01-01T00:09:00Z".parse().unwrap()));
@@ -515,8 +630,12 @@ mod tests {
         assert_eq!(code(&[("tailLines", "-1")]), 422);
         assert_eq!(code(&[("limitBytes", "0")]), 422);
         assert_eq!(code(&[("sinceSeconds", "0")]), 422);
-        assert_eq!(code(&[("sinceSeconds", "5"), ("sinceTime", "2026-01-01T00:00:00Z")]), 422);
-        let huge = LogOptions::parse(&pairs(&[("sinceSeconds", "9223372036854775807")]), now()).unwrap();
+        assert_eq!(
+            code(&[("sinceSeconds", "5"), ("sinceTime", "2026-01-01T00:00:00Z")]),
+            422
+        );
+        let huge =
+            LogOptions::parse(&pairs(&[("sinceSeconds", "9223372036854775807")]), now()).unwrap();
         assert_eq!(huge.since, Some(Timestamp::MIN));
     }
 
@@ -524,7 +643,12 @@ mod tests {
     fn entries_parse() {
         let e = parse_entry(b"2026-01-01T00:00:00.5Z stderr P half").unwrap();
         assert_eq!((e.stream, e.partial, e.content), (1, true, &b"half"[..]));
-        assert_eq!(parse_entry(b"2026-01-01T00:00:00Z stdout F").unwrap().content, b"");
+        assert_eq!(
+            parse_entry(b"2026-01-01T00:00:00Z stdout F")
+                .unwrap()
+                .content,
+            b""
+        );
         assert!(parse_entry(b"garbage").is_none());
         assert!(parse_entry(b"2026-01-01T00:00:00Z stdin F x").is_none());
     }
@@ -535,7 +659,9 @@ mod tests {
     }
 
     async fn read_all(logs_dir: &Path, options: LogOptions) -> String {
-        let logs = open(logs_dir, None, "ns", "pod", "c", options.previous).await.unwrap();
+        let logs = open(logs_dir, None, "ns", "pod", "c", options.previous)
+            .await
+            .unwrap();
         let mut s = LogStream::new(logs, options, None);
         let mut out = Vec::new();
         while let Some(chunk) = s.next_chunk().await {
@@ -546,11 +672,16 @@ mod tests {
 
     #[tokio::test]
     async fn reads_runs_rotations_partials_and_options() {
-        let root = std::env::temp_dir().join(format!("wasm-kubelet-logs-test-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("wasm-kubelet-logs-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let dir = root.join("ns_pod_uid1/c");
         write_run(&dir, "0.log", "2026-01-01T00:00:00Z stdout F run zero\n");
-        write_run(&dir, "1.log.20260101-000101", "2026-01-01T00:01:00Z stdout F one\n");
+        write_run(
+            &dir,
+            "1.log.20260101-000101",
+            "2026-01-01T00:01:00Z stdout F one\n",
+        );
         write_run(
             &dir,
             "1.log",
@@ -558,47 +689,131 @@ mod tests {
         );
         let all = read_all(&root, LogOptions::default()).await;
         assert_eq!(all, "one\nerr\nhello\nlast\n");
-        assert_eq!(read_all(&root, LogOptions { previous: true, ..Default::default() }).await, "run zero\n");
-        assert_eq!(read_all(&root, LogOptions { tail_lines: Some(2), ..Default::default() }).await, "hello\nlast\n");
-        assert_eq!(read_all(&root, LogOptions { tail_lines: Some(0), ..Default::default() }).await, "");
-        assert_eq!(read_all(&root, LogOptions { limit_bytes: Some(6), ..Default::default() }).await, "one\ner");
+        assert_eq!(
+            read_all(
+                &root,
+                LogOptions {
+                    previous: true,
+                    ..Default::default()
+                }
+            )
+            .await,
+            "run zero\n"
+        );
+        assert_eq!(
+            read_all(
+                &root,
+                LogOptions {
+                    tail_lines: Some(2),
+                    ..Default::default()
+                }
+            )
+            .await,
+            "hello\nlast\n"
+        );
+        assert_eq!(
+            read_all(
+                &root,
+                LogOptions {
+                    tail_lines: Some(0),
+                    ..Default::default()
+                }
+            )
+            .await,
+            ""
+        );
+        assert_eq!(
+            read_all(
+                &root,
+                LogOptions {
+                    limit_bytes: Some(6),
+                    ..Default::default()
+                }
+            )
+            .await,
+            "one\ner"
+        );
         let since = Some("2026-01-01T00:02:30Z".parse().unwrap());
-        assert_eq!(read_all(&root, LogOptions { since, ..Default::default() }).await, "last\n");
-        let stamped = read_all(&root, LogOptions { timestamps: true, tail_lines: Some(2), ..Default::default() }).await;
-        assert_eq!(stamped, "2026-01-01T00:02:00.123000000Z hello\n2026-01-01T00:03:00.000000000Z last\n");
+        assert_eq!(
+            read_all(
+                &root,
+                LogOptions {
+                    since,
+                    ..Default::default()
+                }
+            )
+            .await,
+            "last\n"
+        );
+        let stamped = read_all(
+            &root,
+            LogOptions {
+                timestamps: true,
+                tail_lines: Some(2),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            stamped,
+            "2026-01-01T00:02:00.123000000Z hello\n2026-01-01T00:03:00.000000000Z last\n"
+        );
 
-        let e = open(&root, None, "ns", "nopod", "c", false).await.unwrap_err();
+        let e = open(&root, None, "ns", "nopod", "c", false)
+            .await
+            .unwrap_err();
         assert_eq!((e.code, e.reason), (404, "NotFound"));
-        let e = open(&root, None, "ns", "pod", "other", false).await.unwrap_err();
+        let e = open(&root, None, "ns", "pod", "other", false)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, 404);
-        let e = open(&root, None, "ns", "pod", "../../etc", false).await.unwrap_err();
+        let e = open(&root, None, "ns", "pod", "../../etc", false)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, 404);
         write_run(&root.join("ns_single_uid/c"), "0.log", "");
-        let e = open(&root, None, "ns", "single", "c", true).await.unwrap_err();
+        let e = open(&root, None, "ns", "single", "c", true)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, 400, "no previous run");
     }
 
     #[tokio::test]
     async fn follow_streams_until_a_newer_run_appears() {
-        let root = std::env::temp_dir().join(format!("wasm-kubelet-follow-test-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("wasm-kubelet-follow-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let dir = root.join("ns_pod_uid/c");
         write_run(&dir, "0.log", "2026-01-01T00:00:00Z stdout F first\n");
         let logs = open(&root, None, "ns", "pod", "c", false).await.unwrap();
-        let mut s = LogStream::new(logs, LogOptions { follow: true, ..Default::default() }, None);
+        let mut s = LogStream::new(
+            logs,
+            LogOptions {
+                follow: true,
+                ..Default::default()
+            },
+            None,
+        );
         assert_eq!(s.next_chunk().await.unwrap(), "first\n");
         let writer = {
             let dir = dir.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                let mut f = std::fs::OpenOptions::new().append(true).open(dir.join("0.log")).unwrap();
-                std::io::Write::write_all(&mut f, b"2026-01-01T00:00:01Z stdout F second\n").unwrap();
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(dir.join("0.log"))
+                    .unwrap();
+                std::io::Write::write_all(&mut f, b"2026-01-01T00:00:01Z stdout F second\n")
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 std::fs::write(dir.join("1.log"), "").unwrap();
             })
         };
         assert_eq!(s.next_chunk().await.unwrap(), "second\n");
-        assert!(s.next_chunk().await.is_none(), "a newer run ends the follow");
+        assert!(
+            s.next_chunk().await.is_none(),
+            "a newer run ends the follow"
+        );
         writer.await.unwrap();
     }
 }

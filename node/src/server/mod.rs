@@ -75,7 +75,10 @@ pub enum ServerError {
     /// A port cannot be bound (in use, or not our address). Not retryable: fix the flags or
     /// stop the other owner.
     #[error("listening on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// A certificate, key or CA file cannot be read, parsed or written. Not retryable.
     #[error("{path}: {reason}")]
     Certificate { path: PathBuf, reason: String },
@@ -100,25 +103,60 @@ pub struct StatusError {
 
 impl StatusError {
     pub fn bad_request(message: String) -> Self {
-        StatusError { code: 400, reason: "BadRequest", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 400,
+            reason: "BadRequest",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
     pub fn invalid(message: String) -> Self {
-        StatusError { code: 422, reason: "Invalid", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 422,
+            reason: "Invalid",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
     pub fn not_found(message: String) -> Self {
-        StatusError { code: 404, reason: "NotFound", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 404,
+            reason: "NotFound",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
     fn unauthorized(message: String) -> Self {
-        StatusError { code: 401, reason: "Unauthorized", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 401,
+            reason: "Unauthorized",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
     pub(super) fn forbidden(message: String) -> Self {
-        StatusError { code: 403, reason: "Forbidden", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 403,
+            reason: "Forbidden",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
     fn internal(message: String) -> Self {
-        StatusError { code: 500, reason: "InternalError", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 500,
+            reason: "InternalError",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
     fn method_not_allowed(message: String) -> Self {
-        StatusError { code: 405, reason: "MethodNotAllowed", message, headers: http::HeaderMap::new() }
+        StatusError {
+            code: 405,
+            reason: "MethodNotAllowed",
+            message,
+            headers: http::HeaderMap::new(),
+        }
     }
 
     fn body(&self) -> String {
@@ -139,15 +177,23 @@ impl StatusError {
     /// (`GenericHttpResponseChecker`), so a JSON body would reach `kubectl logs` as JSON text.
     fn into_plain_text(self) -> warp::reply::Response {
         let mut response = warp::reply::Response::new(self.message.into());
-        *response.status_mut() = http::StatusCode::from_u16(self.code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+        *response.status_mut() = http::StatusCode::from_u16(self.code)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         response
     }
 
     fn into_warp(self) -> warp::reply::Response {
         let mut response = warp::reply::Response::new(self.body().into());
-        *response.status_mut() = http::StatusCode::from_u16(self.code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        *response.status_mut() = http::StatusCode::from_u16(self.code)
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         response.headers_mut().extend(self.headers);
         response
     }
@@ -184,7 +230,12 @@ pub struct KubeletServer {
 impl KubeletServer {
     /// Binds the ports and prepares TLS; `None` when `--enable-server=false`.
     /// `runtime`: the PLEG's snapshot of what the provider runs (`/runningpods/`, stats, exec targets).
-    pub async fn bind(config: &Config, client: Option<kube::Client>, provider: Arc<dyn provider_api::Provider>, runtime: crate::pods::pleg::RuntimeCache) -> Result<Option<Self>, ServerError> {
+    pub async fn bind(
+        config: &Config,
+        client: Option<kube::Client>,
+        provider: Arc<dyn provider_api::Provider>,
+        runtime: crate::pods::pleg::RuntimeCache,
+    ) -> Result<Option<Self>, ServerError> {
         if !config.enable_server {
             info!("--enable-server=false: the kubelet API is off (kubectl logs/exec will not reach this node)");
             return Ok(None);
@@ -198,17 +249,36 @@ impl KubeletServer {
             client_ca_file: config.client_ca_file.as_deref(),
         })?;
         let addr = SocketAddr::new(config.address, config.port);
-        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
         let healthz = match config.healthz_port {
             0 => None,
             port => {
                 let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-                Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?)
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind { addr, source })?,
+                )
             }
         };
-        crate::metrics::kubelet().node_name.get_or_create(&crate::metrics::NodeLabels { node: config.node_name.clone() }).set(1);
-        let authn = Authenticator::new(client.clone(), config.authentication_token_webhook, config.anonymous_auth);
-        let authz = Authorizer::new(config.authorization_mode, client.clone(), config.node_name.clone());
+        crate::metrics::kubelet()
+            .node_name
+            .get_or_create(&crate::metrics::NodeLabels {
+                node: config.node_name.clone(),
+            })
+            .set(1);
+        let authn = Authenticator::new(
+            client.clone(),
+            config.authentication_token_webhook,
+            config.anonymous_auth,
+        );
+        let authz = Authorizer::new(
+            config.authorization_mode,
+            client.clone(),
+            config.node_name.clone(),
+        );
         let streams = Arc::new(streams::StreamContext {
             provider,
             runtime: runtime.clone(),
@@ -216,10 +286,28 @@ impl KubeletServer {
             pod_ip: config.node_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             idle_timeout: config.streaming_connection_idle_timeout,
         });
-        let (sampler, snapshots) = stats::Sampler::new(streams.provider.clone(), runtime.clone(), config.root_dir.clone(), config.housekeeping_interval);
+        let (sampler, snapshots) = stats::Sampler::new(
+            streams.provider.clone(),
+            runtime.clone(),
+            config.root_dir.clone(),
+            config.housekeeping_interval,
+        );
         let (pods_sender, pods_view) = pods::PodsView::start();
-        let node_routes = NodeRoutes { runtime, pods: pods_view, configz: Arc::new(pods::configz(config)) };
-        let routes = routes(config.pod_logs_dir.clone(), client, StatsView { node_name: config.node_name.clone(), boot: boot_time(), snapshots }, node_routes);
+        let node_routes = NodeRoutes {
+            runtime,
+            pods: pods_view,
+            configz: Arc::new(pods::configz(config)),
+        };
+        let routes = routes(
+            config.pod_logs_dir.clone(),
+            client,
+            StatsView {
+                node_name: config.node_name.clone(),
+                boot: boot_time(),
+                snapshots,
+            },
+            node_routes,
+        );
         info!(
             %addr,
             client_ca = ?config.client_ca_file,
@@ -236,7 +324,19 @@ impl KubeletServer {
             };
             warn!("the kubelet API has no client CA and no token webhook; it accepts {who}");
         }
-        Ok(Some(KubeletServer { sampler, listener, healthz, acceptor: TlsAcceptor::from(Arc::new(tls)), shared: Arc::new(Shared { authn, authz, routes, streams }), pods_sender }))
+        Ok(Some(KubeletServer {
+            sampler,
+            listener,
+            healthz,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            shared: Arc::new(Shared {
+                authn,
+                authz,
+                routes,
+                streams,
+            }),
+            pods_sender,
+        }))
     }
 
     /// Where pod workers report their pods for `/pods`.
@@ -269,7 +369,8 @@ impl KubeletServer {
                         drop(stream);
                         continue;
                     };
-                    let (acceptor, shared, shutdown) = (self.acceptor.clone(), self.shared.clone(), shutdown.clone());
+                    let (acceptor, shared, shutdown) =
+                        (self.acceptor.clone(), self.shared.clone(), shutdown.clone());
                     connections.spawn(
                         async move {
                             tokio::select! {
@@ -300,13 +401,23 @@ impl KubeletServer {
 #[derive(Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
 
-async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>, slot: ConnectionSlot) {
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
         Err(_) => return debug!("TLS handshake timed out"),
     };
-    let peer_user = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).and_then(|c| tls::user_from_certificate(c));
+    let peer_user = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|c| tls::user_from_certificate(c));
     let peer_user = Arc::new(peer_user);
     let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
         request.extensions_mut().insert(slot.clone());
@@ -322,7 +433,11 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>
     }
 }
 
-async fn handle(request: http::Request<Incoming>, shared: Arc<Shared>, peer: Arc<Option<User>>) -> Result<http::Response<Body>, Infallible> {
+async fn handle(
+    request: http::Request<Incoming>,
+    shared: Arc<Shared>,
+    peer: Arc<Option<User>>,
+) -> Result<http::Response<Body>, Infallible> {
     let span = tracing::debug_span!("kubelet_api_request", method = %request.method(), path = %request.uri().path(), user = tracing::field::Empty);
     async move {
         let authorized = authorize(&request, &shared, peer.as_ref().as_ref()).await;
@@ -330,13 +445,15 @@ async fn handle(request: http::Request<Incoming>, shared: Arc<Shared>, peer: Arc
             count_request(&request);
         }
         let response = match authorized {
-            Ok(()) if streams::is_stream_request(request.uri().path()) => match streams::handle(request, shared.streams.clone()).await {
-                Ok(upgraded) => {
-                    debug!(status = upgraded.status().as_u16(), "answered");
-                    return Ok(upgraded);
+            Ok(()) if streams::is_stream_request(request.uri().path()) => {
+                match streams::handle(request, shared.streams.clone()).await {
+                    Ok(upgraded) => {
+                        debug!(status = upgraded.status().as_u16(), "answered");
+                        return Ok(upgraded);
+                    }
+                    Err(status) => status.into_warp(),
                 }
-                Err(status) => status.into_warp(),
-            },
+            }
             Ok(()) => {
                 let mut routes = warp::service(shared.routes.clone());
                 let Ok(response) = tower_call(&mut routes, request).await;
@@ -354,11 +471,31 @@ async fn handle(request: http::Request<Incoming>, shared: Arc<Shared>, peer: Arc
 /// `kubelet_http_requests_total`, labelled as the kubelet labels it: the path's first segment
 /// (only known ones, so a client cannot make series up), and whether the request streams.
 fn count_request(request: &http::Request<Incoming>) {
-    const KNOWN: &[&str] = &["healthz", "containerLogs", "stats", "metrics", "pods", "runningpods", "configz", "exec", "attach", "portForward", "run"];
+    const KNOWN: &[&str] = &[
+        "healthz",
+        "containerLogs",
+        "stats",
+        "metrics",
+        "pods",
+        "runningpods",
+        "configz",
+        "exec",
+        "attach",
+        "portForward",
+        "run",
+    ];
     let path = request.uri().path();
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    let first = KNOWN.iter().copied().find(|k| *k == first).unwrap_or("other");
-    let follow = first == "containerLogs" && request.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "follow=true" || kv == "follow=1"));
+    let first = KNOWN
+        .iter()
+        .copied()
+        .find(|k| *k == first)
+        .unwrap_or("other");
+    let follow = first == "containerLogs"
+        && request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv == "follow=true" || kv == "follow=1")
+        });
     let long_running = follow || matches!(first, "exec" | "attach" | "portForward");
     let method = match *request.method() {
         http::Method::GET => "GET",
@@ -366,20 +503,39 @@ fn count_request(request: &http::Request<Incoming>) {
         http::Method::HEAD => "HEAD",
         _ => "other",
     };
-    let labels = crate::metrics::HttpRequestLabels { method, path: first, server_type: "readwrite", long_running: if long_running { "true" } else { "false" } };
-    crate::metrics::kubelet().http_requests.get_or_create(&labels).inc();
+    let labels = crate::metrics::HttpRequestLabels {
+        method,
+        path: first,
+        server_type: "readwrite",
+        long_running: if long_running { "true" } else { "false" },
+    };
+    crate::metrics::kubelet()
+        .http_requests
+        .get_or_create(&labels)
+        .inc();
 }
 
 /// warp's service is a tower service (always ready), not a hyper one.
-async fn tower_call<S>(service: &mut S, request: http::Request<Incoming>) -> Result<warp::reply::Response, Infallible>
+async fn tower_call<S>(
+    service: &mut S,
+    request: http::Request<Incoming>,
+) -> Result<warp::reply::Response, Infallible>
 where
-    S: tower_service::Service<http::Request<Incoming>, Response = warp::reply::Response, Error = Infallible>,
+    S: tower_service::Service<
+        http::Request<Incoming>,
+        Response = warp::reply::Response,
+        Error = Infallible,
+    >,
 {
     service.call(request).await
 }
 
 /// Authenticates and authorizes one request: `Err` is the 401/403/500 to answer with.
-async fn authorize(request: &http::Request<Incoming>, shared: &Shared, peer: Option<&User>) -> Result<(), StatusError> {
+async fn authorize(
+    request: &http::Request<Incoming>,
+    shared: &Shared,
+    peer: Option<&User>,
+) -> Result<(), StatusError> {
     let user = match shared.authn.authenticate(peer, request.headers()).await {
         Ok(Ok(user)) => user,
         Ok(Err(Unauthenticated::NoCredentials)) => return Err(StatusError::unauthorized("Unauthorized: no client certificate or bearer token, and anonymous requests are refused".into())),
@@ -391,7 +547,10 @@ async fn authorize(request: &http::Request<Incoming>, shared: &Shared, peer: Opt
     };
     tracing::Span::current().record("user", user.name.as_str());
     let attrs = auth::attributes(request.method(), request.uri().path());
-    let described = format!("user={}, verb={}, resource=nodes, subresource={}", user.name, attrs.verb, attrs.subresource);
+    let described = format!(
+        "user={}, verb={}, resource=nodes, subresource={}",
+        user.name, attrs.verb, attrs.subresource
+    );
     match shared.authz.authorize(&user, &attrs).await {
         Ok(Decision::Allow) => Ok(()),
         Ok(Decision::Deny(reason)) => {
@@ -400,17 +559,25 @@ async fn authorize(request: &http::Request<Incoming>, shared: &Shared, peer: Opt
         }
         Err(e) => {
             warn!(error = %e, "authorizing a kubelet API request");
-            Err(StatusError::internal(format!("Authorization error ({described})")))
+            Err(StatusError::internal(format!(
+                "Authorization error ({described})"
+            )))
         }
     }
 }
 
 /// warp's response with its body boxed, or the streamed body it carries.
 fn into_body(mut response: warp::reply::Response) -> http::Response<Body> {
-    let streamed = response.extensions_mut().remove::<StreamedBody>().and_then(|s| s.0.lock().ok()?.take());
+    let streamed = response
+        .extensions_mut()
+        .remove::<StreamedBody>()
+        .and_then(|s| s.0.lock().ok()?.take());
     let (parts, body) = response.into_parts();
     let body: Body = match streamed {
-        Some(stream) => StreamBody::new(stream.map(|chunk| chunk.map(Frame::data).map_err(BoxError::from))).boxed_unsync(),
+        Some(stream) => {
+            StreamBody::new(stream.map(|chunk| chunk.map(Frame::data).map_err(BoxError::from)))
+                .boxed_unsync()
+        }
         None => body.map_err(BoxError::from).boxed_unsync(),
     };
     http::Response::from_parts(parts, body)
@@ -427,13 +594,21 @@ struct StatsView {
 
 impl StatsView {
     fn latest(&self) -> Result<Arc<stats::Snapshot>, StatusError> {
-        self.snapshots.borrow().clone().ok_or_else(|| StatusError { code: 503, reason: "ServiceUnavailable", message: "no stats sampled yet".into(), headers: http::HeaderMap::new() })
+        self.snapshots.borrow().clone().ok_or_else(|| StatusError {
+            code: 503,
+            reason: "ServiceUnavailable",
+            message: "no stats sampled yet".into(),
+            headers: http::HeaderMap::new(),
+        })
     }
 }
 
 /// When the machine booted: now minus /proc/uptime.
 fn boot_time() -> std::time::SystemTime {
-    let uptime = std::fs::read_to_string("/proc/uptime").ok().and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0);
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
     std::time::SystemTime::now() - Duration::from_secs_f64(uptime)
 }
 
@@ -447,18 +622,34 @@ struct NodeRoutes {
 
 fn json_response(value: &serde_json::Value) -> warp::reply::Response {
     let mut response = warp::reply::Response::new(value.to_string().into());
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
-fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: StatsView, node: NodeRoutes) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+fn routes(
+    pod_logs_dir: PathBuf,
+    client: Option<kube::Client>,
+    stats_view: StatsView,
+    node: NodeRoutes,
+) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
     let pods_node = node.clone();
-    let pods = warp::path!("pods").and(warp::get()).map(move || json_response(&pods::pod_list(&pods_node.pods)));
+    let pods = warp::path!("pods")
+        .and(warp::get())
+        .map(move || json_response(&pods::pod_list(&pods_node.pods)));
     let running_node = node.clone();
     // `/runningpods/` as the kubelet registers it; `/runningpods` too.
     let running = warp::path("runningpods")
         .and(warp::path::tail())
-        .and_then(|tail: warp::path::Tail| async move { if tail.as_str().is_empty() { Ok(()) } else { Err(warp::reject::not_found()) } })
+        .and_then(|tail: warp::path::Tail| async move {
+            if tail.as_str().is_empty() {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
         .untuple_one()
         .and(warp::get())
         .then(move || {
@@ -466,51 +657,114 @@ fn routes(pod_logs_dir: PathBuf, client: Option<kube::Client>, stats_view: Stats
             async move {
                 match pods::running_pod_list(&node.runtime.latest(), &node.pods) {
                     Ok(list) => json_response(&list),
-                    Err(e) => StatusError { code: 503, reason: "ServiceUnavailable", message: e.to_string(), headers: http::HeaderMap::new() }.into_warp(),
+                    Err(e) => StatusError {
+                        code: 503,
+                        reason: "ServiceUnavailable",
+                        message: e.to_string(),
+                        headers: http::HeaderMap::new(),
+                    }
+                    .into_warp(),
                 }
             }
         });
-    let configz = warp::path!("configz").and(warp::get()).map(move || json_response(&node.configz));
+    let configz = warp::path!("configz")
+        .and(warp::get())
+        .map(move || json_response(&node.configz));
     let summary_view = stats_view.clone();
-    let summary = warp::path!("stats" / "summary").and(warp::get()).map(move || match summary_view.latest() {
-        Ok(s) => {
-            let mut response = warp::reply::Response::new(stats::summary(&summary_view.node_name, summary_view.boot, &s).to_string().into());
-            response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-            response
-        }
-        Err(e) => e.into_warp(),
-    });
-    let resource = warp::path!("metrics" / "resource").and(warp::get()).map(move || match stats_view.latest() {
-        Ok(s) => {
-            let mut response = warp::reply::Response::new(stats::resource_metrics(&s).into());
-            response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
-            response
-        }
-        Err(e) => e.into_warp(),
-    });
-    let metrics = warp::path!("metrics").and(warp::get()).map(|| metrics_response(crate::metrics::render()));
-    let probe_metrics = warp::path!("metrics" / "probes").and(warp::get()).map(|| metrics_response(crate::metrics::render_probes()));
-    let healthz = warp::path!("healthz").and(warp::get().or(warp::head()).unify()).map(healthz_response);
+    let summary = warp::path!("stats" / "summary")
+        .and(warp::get())
+        .map(move || match summary_view.latest() {
+            Ok(s) => {
+                let mut response = warp::reply::Response::new(
+                    stats::summary(&summary_view.node_name, summary_view.boot, &s)
+                        .to_string()
+                        .into(),
+                );
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            Err(e) => e.into_warp(),
+        });
+    let resource =
+        warp::path!("metrics" / "resource")
+            .and(warp::get())
+            .map(move || match stats_view.latest() {
+                Ok(s) => {
+                    let mut response =
+                        warp::reply::Response::new(stats::resource_metrics(&s).into());
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    response
+                }
+                Err(e) => e.into_warp(),
+            });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .map(|| metrics_response(crate::metrics::render()));
+    let probe_metrics = warp::path!("metrics" / "probes")
+        .and(warp::get())
+        .map(|| metrics_response(crate::metrics::render_probes()));
+    let healthz = warp::path!("healthz")
+        .and(warp::get().or(warp::head()).unify())
+        .map(healthz_response);
     let logs = warp::path!("containerLogs" / String / String / String)
         .and(warp::get())
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::any().map(move || (pod_logs_dir.clone(), client.clone())))
-        .then(|ns: String, pod: String, container: String, query: Vec<(String, String)>, (dir, client): (PathBuf, Option<kube::Client>)| async move {
-            container_logs(&dir, client, &ns, &pod, &container, &query).await.unwrap_or_else(StatusError::into_plain_text)
-        });
-    healthz.or(logs).unify().or(summary).unify().or(resource).unify().or(metrics).unify().or(probe_metrics).unify().or(pods).unify().or(running).unify().or(configz).unify().recover(rejection).unify().boxed()
+        .then(
+            |ns: String,
+             pod: String,
+             container: String,
+             query: Vec<(String, String)>,
+             (dir, client): (PathBuf, Option<kube::Client>)| async move {
+                container_logs(&dir, client, &ns, &pod, &container, &query)
+                    .await
+                    .unwrap_or_else(StatusError::into_plain_text)
+            },
+        );
+    healthz
+        .or(logs)
+        .unify()
+        .or(summary)
+        .unify()
+        .or(resource)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(probe_metrics)
+        .unify()
+        .or(pods)
+        .unify()
+        .or(running)
+        .unify()
+        .or(configz)
+        .unify()
+        .recover(rejection)
+        .unify()
+        .boxed()
 }
 
 /// A Prometheus text exposition (`/metrics`, `/metrics/probes`).
 fn metrics_response(text: String) -> warp::reply::Response {
     let mut response = warp::reply::Response::new(text.into());
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
     response
 }
 
 fn healthz_response() -> warp::reply::Response {
     let mut response = warp::reply::Response::new("ok".into());
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -523,12 +777,27 @@ async fn container_logs(
     query: &[(String, String)],
 ) -> Result<warp::reply::Response, StatusError> {
     let options = logs::LogOptions::parse(query, jiff::Timestamp::now())?;
-    let found = logs::open(dir, client.as_ref(), namespace, pod, container, options.previous).await?;
+    let found = logs::open(
+        dir,
+        client.as_ref(),
+        namespace,
+        pod,
+        container,
+        options.previous,
+    )
+    .await?;
     debug!(files = ?found.files, "serving container log");
-    let stream = logs::LogStream::new(found, options, client).into_stream().boxed();
+    let stream = logs::LogStream::new(found, options, client)
+        .into_stream()
+        .boxed();
     let mut response = warp::reply::Response::new(Bytes::new().into());
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
-    response.extensions_mut().insert(StreamedBody(Arc::new(Mutex::new(Some(stream)))));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    response
+        .extensions_mut()
+        .insert(StreamedBody(Arc::new(Mutex::new(Some(stream)))));
     Ok(response)
 }
 

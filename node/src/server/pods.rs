@@ -40,7 +40,9 @@ impl PodsViewSender {
 
     /// The pod as it is desired now, with the status its worker computed last.
     pub fn set(&self, pod: &Pod, status: Option<&PodStatus>) {
-        let (Some(tx), Some(uid)) = (&self.0, pod.metadata.uid.as_deref()) else { return };
+        let (Some(tx), Some(uid)) = (&self.0, pod.metadata.uid.as_deref()) else {
+            return;
+        };
         let mut pod = pod.clone();
         if let Some(status) = status {
             pod.status = Some(status.clone());
@@ -104,16 +106,33 @@ impl PodsView {
 pub fn pod_list(view: &PodsView) -> Value {
     let latest = view.latest();
     let mut pods: Vec<&Arc<Pod>> = latest.values().collect();
-    pods.sort_by(|a, b| (a.metadata.namespace.as_deref(), a.metadata.name.as_deref()).cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref())));
-    let items: Vec<Value> = pods.into_iter().map(|p| serde_json::to_value(p.as_ref()).unwrap_or(Value::Null)).collect();
+    pods.sort_by(|a, b| {
+        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
+            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
+    });
+    let items: Vec<Value> = pods
+        .into_iter()
+        .map(|p| serde_json::to_value(p.as_ref()).unwrap_or(Value::Null))
+        .collect();
     json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items })
 }
 
 /// `/runningpods/`: pods with a running container, from the runtime, with the fields the
 /// kubelet fills (name, namespace, uid; each running container's name and image).
-pub fn running_pod_list(runtime: &crate::pods::pleg::RuntimeSnapshot, view: &PodsView) -> Result<Value, provider_api::ProviderError> {
-    let unavailable = || provider_api::ProviderError::Unavailable("the container runtime cannot be listed".into());
-    let sandboxes: HashMap<String, (String, String)> = runtime.sandboxes.as_ref().ok_or_else(unavailable)?.iter().map(|s| (s.pod_uid.clone(), (s.namespace.clone(), s.name.clone()))).collect();
+pub fn running_pod_list(
+    runtime: &crate::pods::pleg::RuntimeSnapshot,
+    view: &PodsView,
+) -> Result<Value, provider_api::ProviderError> {
+    let unavailable = || {
+        provider_api::ProviderError::Unavailable("the container runtime cannot be listed".into())
+    };
+    let sandboxes: HashMap<String, (String, String)> = runtime
+        .sandboxes
+        .as_ref()
+        .ok_or_else(unavailable)?
+        .iter()
+        .map(|s| (s.pod_uid.clone(), (s.namespace.clone(), s.name.clone())))
+        .collect();
     let known = view.latest();
     let mut by_pod: BTreeMap<String, Vec<Container>> = BTreeMap::new();
     let mut containers = runtime.containers.clone().ok_or_else(unavailable)?;
@@ -125,9 +144,25 @@ pub fn running_pod_list(runtime: &crate::pods::pleg::RuntimeSnapshot, view: &Pod
         // The image as the pod names it when the node knows the pod, else the digest.
         let image = known
             .get(&c.pod_uid)
-            .and_then(|p| p.spec.as_ref()?.containers.iter().chain(p.spec.as_ref()?.init_containers.iter().flatten()).find(|s| s.name == c.name)?.image.clone())
+            .and_then(|p| {
+                p.spec
+                    .as_ref()?
+                    .containers
+                    .iter()
+                    .chain(p.spec.as_ref()?.init_containers.iter().flatten())
+                    .find(|s| s.name == c.name)?
+                    .image
+                    .clone()
+            })
             .unwrap_or_else(|| c.image_digest.clone());
-        by_pod.entry(c.pod_uid.clone()).or_default().push(Container { name: c.name, image: Some(image), ..Default::default() });
+        by_pod
+            .entry(c.pod_uid.clone())
+            .or_default()
+            .push(Container {
+                name: c.name,
+                image: Some(image),
+                ..Default::default()
+            });
     }
     let items: Vec<Value> = by_pod
         .into_iter()
@@ -135,11 +170,26 @@ pub fn running_pod_list(runtime: &crate::pods::pleg::RuntimeSnapshot, view: &Pod
             let (namespace, name) = sandboxes
                 .get(&uid)
                 .cloned()
-                .or_else(|| known.get(&uid).map(|p| (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default())))
+                .or_else(|| {
+                    known.get(&uid).map(|p| {
+                        (
+                            p.metadata.namespace.clone().unwrap_or_default(),
+                            p.metadata.name.clone().unwrap_or_default(),
+                        )
+                    })
+                })
                 .unwrap_or_default();
             let pod = Pod {
-                metadata: ObjectMeta { name: Some(name), namespace: Some(namespace), uid: Some(uid), ..Default::default() },
-                spec: Some(PodSpec { containers, ..Default::default() }),
+                metadata: ObjectMeta {
+                    name: Some(name),
+                    namespace: Some(namespace),
+                    uid: Some(uid),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec {
+                    containers,
+                    ..Default::default()
+                }),
                 status: None,
             };
             serde_json::to_value(&pod).unwrap_or(Value::Null)
@@ -153,15 +203,41 @@ pub fn running_pod_list(runtime: &crate::pods::pleg::RuntimeSnapshot, view: &Pod
 pub fn configz(config: &Config) -> Value {
     let d = |d: std::time::Duration| go_duration(d);
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    let eviction_hard: BTreeMap<&str, String> = config.eviction_hard.iter().map(|t| (t.signal.as_str(), threshold(&t.limit))).collect();
-    let eviction_soft: BTreeMap<&str, String> = config.eviction_soft.iter().map(|t| (t.signal.as_str(), threshold(&t.limit))).collect();
-    let soft_grace: BTreeMap<&str, String> = config.eviction_soft_grace_period.iter().map(|(s, g)| (s.as_str(), d(*g))).collect();
-    let minimum_reclaim: BTreeMap<&str, String> = config.eviction_minimum_reclaim.iter().map(|(s, v)| (s.as_str(), threshold(v))).collect();
-    let taints: Vec<Value> = config.register_with_taints.iter().map(|t| json!({ "key": t.key, "value": t.value, "effect": t.effect })).collect();
-    let manifest_headers: BTreeMap<&str, Vec<&str>> = config.manifest_url_header.iter().fold(BTreeMap::new(), |mut m, (k, v)| {
-        m.entry(k.as_str()).or_insert_with(Vec::new).push(v.as_str());
-        m
-    });
+    let eviction_hard: BTreeMap<&str, String> = config
+        .eviction_hard
+        .iter()
+        .map(|t| (t.signal.as_str(), threshold(&t.limit)))
+        .collect();
+    let eviction_soft: BTreeMap<&str, String> = config
+        .eviction_soft
+        .iter()
+        .map(|t| (t.signal.as_str(), threshold(&t.limit)))
+        .collect();
+    let soft_grace: BTreeMap<&str, String> = config
+        .eviction_soft_grace_period
+        .iter()
+        .map(|(s, g)| (s.as_str(), d(*g)))
+        .collect();
+    let minimum_reclaim: BTreeMap<&str, String> = config
+        .eviction_minimum_reclaim
+        .iter()
+        .map(|(s, v)| (s.as_str(), threshold(v)))
+        .collect();
+    let taints: Vec<Value> = config
+        .register_with_taints
+        .iter()
+        .map(|t| json!({ "key": t.key, "value": t.value, "effect": t.effect }))
+        .collect();
+    let manifest_headers: BTreeMap<&str, Vec<&str>> =
+        config
+            .manifest_url_header
+            .iter()
+            .fold(BTreeMap::new(), |mut m, (k, v)| {
+                m.entry(k.as_str())
+                    .or_insert_with(Vec::new)
+                    .push(v.as_str());
+                m
+            });
     let mut kubeletconfig = json!({
         "kind": "KubeletConfiguration",
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -246,10 +322,18 @@ fn go_duration(d: std::time::Duration) -> String {
     let total = d.as_secs();
     let millis = d.subsec_millis();
     if total == 0 {
-        return if millis == 0 { "0s".into() } else { format!("{millis}ms") };
+        return if millis == 0 {
+            "0s".into()
+        } else {
+            format!("{millis}ms")
+        };
     }
     let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
-    let secs = if millis == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{millis:03}").trim_end_matches('0')) };
+    let secs = if millis == 0 {
+        format!("{s}s")
+    } else {
+        format!("{s}.{}s", format!("{millis:03}").trim_end_matches('0'))
+    };
     match (h, m) {
         (0, 0) => secs,
         (0, m) => format!("{m}m{secs}"),
@@ -274,22 +358,49 @@ mod tests {
 
     #[test]
     fn configz_names_fields_as_kubelet_configuration() {
-        let config = Config::load(["wasm-kubelet", "--hostname-override", "n1", "--eviction-hard", "memory.available<100Mi", "--max-pods", "7", "--anonymous-auth=true"]).unwrap();
+        let config = Config::load([
+            "wasm-kubelet",
+            "--hostname-override",
+            "n1",
+            "--eviction-hard",
+            "memory.available<100Mi",
+            "--max-pods",
+            "7",
+            "--anonymous-auth=true",
+        ])
+        .unwrap();
         let z = configz(&config);
         let kc = &z["kubeletconfig"];
         assert_eq!(kc["kind"], "KubeletConfiguration");
-        assert_eq!(kc["evictionHard"]["memory.available"], (100u64 << 20).to_string().as_str());
+        assert_eq!(
+            kc["evictionHard"]["memory.available"],
+            (100u64 << 20).to_string().as_str()
+        );
         assert_eq!(kc["maxPods"], 7);
         assert_eq!(kc["authentication"]["anonymous"]["enabled"], true);
         assert_eq!(kc["fileCheckFrequency"], "20s");
-        assert!(kc.get("staticPodPath").is_none(), "unset fields are left out: {kc}");
+        assert!(
+            kc.get("staticPodPath").is_none(),
+            "unset fields are left out: {kc}"
+        );
     }
 
     #[tokio::test]
     async fn the_view_keeps_the_latest_pod_per_uid_and_forgets_removed_ones() {
         let (tx, mut view) = PodsView::start();
-        let pod = |uid: &str, name: &str| Pod { metadata: ObjectMeta { uid: Some(uid.into()), name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() }, ..Default::default() };
-        let running = PodStatus { phase: Some("Running".into()), ..Default::default() };
+        let pod = |uid: &str, name: &str| Pod {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let running = PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        };
         tx.set(&pod("u1", "b"), None);
         tx.set(&pod("u2", "a"), Some(&running));
         tx.set(&pod("u3", "c"), None);
@@ -300,7 +411,12 @@ mod tests {
         }
         let list = pod_list(&view);
         assert_eq!(list["kind"], "PodList");
-        let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|p| p["metadata"]["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(list["items"][0]["status"]["phase"], "Running");
     }

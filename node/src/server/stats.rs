@@ -75,9 +75,23 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(provider: Arc<dyn Provider>, runtime: crate::pods::pleg::RuntimeCache, root_dir: PathBuf, interval: Duration) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        runtime: crate::pods::pleg::RuntimeCache,
+        root_dir: PathBuf,
+        interval: Duration,
+    ) -> (Self, watch::Receiver<Option<Arc<Snapshot>>>) {
         let (tx, rx) = watch::channel(None);
-        (Self { provider, runtime, root_dir, interval, tx }, rx)
+        (
+            Self {
+                provider,
+                runtime,
+                root_dir,
+                interval,
+                tx,
+            },
+            rx,
+        )
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -90,7 +104,9 @@ impl Sampler {
                 _ = tick.tick() => {}
             }
             // While the runtime cannot be asked, the last snapshot stays the latest.
-            let Some(snapshot) = self.sample(previous.as_deref()).await else { continue };
+            let Some(snapshot) = self.sample(previous.as_deref()).await else {
+                continue;
+            };
             let snapshot = Arc::new(snapshot);
             self.tx.send_replace(Some(snapshot.clone()));
             previous = Some(snapshot);
@@ -99,18 +115,31 @@ impl Sampler {
 
     async fn sample(&self, previous: Option<&Snapshot>) -> Option<Snapshot> {
         let time = SystemTime::now();
-        let elapsed = previous.and_then(|p| time.duration_since(p.time).ok()).filter(|d| !d.is_zero());
+        let elapsed = previous
+            .and_then(|p| time.duration_since(p.time).ok())
+            .filter(|d| !d.is_zero());
         let rate = |now: u64, before: Option<u64>| -> Option<u64> {
             let (before, elapsed) = (before?, elapsed?);
             Some((now.saturating_sub(before) as f64 / elapsed.as_secs_f64()) as u64)
         };
         let previous_cpu: HashMap<(&str, &str), u64> = previous
-            .map(|p| p.pods.iter().flat_map(|pod| pod.containers.iter().map(move |c| ((pod.uid.as_str(), c.name.as_str()), c.cpu_nanos))).collect())
+            .map(|p| {
+                p.pods
+                    .iter()
+                    .flat_map(|pod| {
+                        pod.containers
+                            .iter()
+                            .map(move |c| ((pod.uid.as_str(), c.name.as_str()), c.cpu_nanos))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
 
         // Fresh, so usage and the sample's time agree (rates are per second between samples).
         let snapshot = self.runtime.fresh().await;
-        let (Some(sandboxes), Some(containers)) = (snapshot.sandboxes.clone(), snapshot.containers.as_ref()) else {
+        let (Some(sandboxes), Some(containers)) =
+            (snapshot.sandboxes.clone(), snapshot.containers.as_ref())
+        else {
             tracing::debug!("stats sample skipped: the container runtime cannot be listed");
             return None;
         };
@@ -120,7 +149,10 @@ impl Sampler {
             // per attempt, as a container's is in the kubelet).
             let mut latest: HashMap<&str, &provider_api::ContainerSummary> = HashMap::new();
             for c in containers.iter().filter(|c| c.pod_uid == sandbox.pod_uid) {
-                if latest.get(c.name.as_str()).is_none_or(|l| l.attempt < c.attempt) {
+                if latest
+                    .get(c.name.as_str())
+                    .is_none_or(|l| l.attempt < c.attempt)
+                {
                     latest.insert(c.name.as_str(), c);
                 }
             }
@@ -131,17 +163,27 @@ impl Sampler {
                         ContainerState::Running { started_at } => started_at,
                         _ => return None, // stats cover running containers, as the kubelet's do
                     };
-                    let before = previous_cpu.get(&(sandbox.pod_uid.as_str(), c.name.as_str())).copied();
+                    let before = previous_cpu
+                        .get(&(sandbox.pod_uid.as_str(), c.name.as_str()))
+                        .copied();
                     Some(ContainerSample {
                         name: c.name.clone(),
                         started,
                         cpu_nanos: c.usage.cpu_nanos,
-                        nano_cores: rate(c.usage.cpu_nanos, before.filter(|b| *b <= c.usage.cpu_nanos)),
+                        nano_cores: rate(
+                            c.usage.cpu_nanos,
+                            before.filter(|b| *b <= c.usage.cpu_nanos),
+                        ),
                         memory_bytes: c.usage.memory_bytes,
                     })
                 })
                 .collect();
-            pods.push(PodSample { namespace: sandbox.namespace, name: sandbox.name, uid: sandbox.pod_uid, containers: samples });
+            pods.push(PodSample {
+                namespace: sandbox.namespace,
+                name: sandbox.name,
+                uid: sandbox.pod_uid,
+                containers: samples,
+            });
         }
 
         let node_cpu_nanos = node_cpu_nanos();
@@ -157,7 +199,11 @@ impl Sampler {
             fs_available: available.map_or(0, |a| a.nodefs_bytes),
             fs_inodes: available.map_or(0, |a| a.nodefs_inodes_total),
             fs_inodes_free: available.map_or(0, |a| a.nodefs_inodes),
-            image_fs_used: self.provider.image_fs().await.map(|i| (i.used_bytes, i.inodes_used)),
+            image_fs_used: self
+                .provider
+                .image_fs()
+                .await
+                .map(|i| (i.used_bytes, i.inodes_used)),
             pods,
         })
     }
@@ -165,11 +211,25 @@ impl Sampler {
 
 /// Busy CPU time of the whole machine from /proc/stat, in nanoseconds.
 fn node_cpu_nanos() -> u64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0 };
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0 };
-    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-    let busy: u64 = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).take(8).map(|(_, v)| v).sum();
+    let busy: u64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .take(8)
+        .map(|(_, v)| v)
+        .sum();
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     busy * (1_000_000_000 / ticks)
@@ -246,7 +306,11 @@ pub fn summary(node_name: &str, boot: SystemTime, s: &Snapshot) -> Value {
 /// help texts and label order, each sample stamped with the snapshot's time (ms), as the
 /// kubelet stamps them: metrics-server takes a CPU rate between two samples' own times.
 pub fn resource_metrics(s: &Arc<Snapshot>) -> String {
-    let ms = s.time.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let ms = s
+        .time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let mut sampled = Registry::default();
     sampled.register_collector(Box::new(ResourceMetrics(s.clone())));
     // prometheus-client writes no timestamps: one is added to each sample line. In the text
@@ -263,7 +327,12 @@ pub fn resource_metrics(s: &Arc<Snapshot>) -> String {
     // The kubelet's scrape_error has no timestamp.
     let mut unstamped = Registry::default();
     let scrape_error: Gauge = Gauge::default();
-    metrics::describe(&mut unstamped, "scrape_error", "[ALPHA] 1 if there was an error while getting container metrics, 0 otherwise", &scrape_error);
+    metrics::describe(
+        &mut unstamped,
+        "scrape_error",
+        "[ALPHA] 1 if there was an error while getting container metrics, 0 otherwise",
+        &scrape_error,
+    );
     out + &metrics::encode(&unstamped)
 }
 
@@ -293,48 +362,106 @@ impl Collector for ResourceMetrics {
         let containers: Vec<(ContainerLabels, &ContainerSample)> = s
             .pods
             .iter()
-            .flat_map(|p| p.containers.iter().map(move |c| (ContainerLabels { container: c.name.clone(), pod: p.name.clone(), namespace: p.namespace.clone() }, c)))
+            .flat_map(|p| {
+                p.containers.iter().map(move |c| {
+                    (
+                        ContainerLabels {
+                            container: c.name.clone(),
+                            pod: p.name.clone(),
+                            namespace: p.namespace.clone(),
+                        },
+                        c,
+                    )
+                })
+            })
             .collect();
-        let pods: Vec<(PodLabels, &PodSample)> = s.pods.iter().map(|p| (PodLabels { pod: p.name.clone(), namespace: p.namespace.clone() }, p)).collect();
+        let pods: Vec<(PodLabels, &PodSample)> = s
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    PodLabels {
+                        pod: p.name.clone(),
+                        namespace: p.namespace.clone(),
+                    },
+                    p,
+                )
+            })
+            .collect();
         // Counters are named without `_total`: the encoder adds it.
         family(
             &mut encoder,
             "container_cpu_usage_seconds",
             "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
             MetricType::Counter,
-            containers.iter().map(|(l, c)| (l, ConstCounter::new(secs(c.cpu_nanos)))),
+            containers
+                .iter()
+                .map(|(l, c)| (l, ConstCounter::new(secs(c.cpu_nanos)))),
         )?;
         family(
             &mut encoder,
             "container_memory_working_set_bytes",
             "[STABLE] Current working set of the container in bytes",
             MetricType::Gauge,
-            containers.iter().map(|(l, c)| (l, ConstGauge::new(c.memory_bytes))),
+            containers
+                .iter()
+                .map(|(l, c)| (l, ConstGauge::new(c.memory_bytes))),
         )?;
         family(
             &mut encoder,
             "container_start_time_seconds",
             "[STABLE] Start time of the container since unix epoch in seconds",
             MetricType::Gauge,
-            containers.iter().map(|(l, c)| (l, ConstGauge::new(c.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)))),
+            containers.iter().map(|(l, c)| {
+                (
+                    l,
+                    ConstGauge::new(
+                        c.started
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0),
+                    ),
+                )
+            }),
         )?;
-        let node_cpu = encoder.encode_descriptor("node_cpu_usage_seconds", "[STABLE] Cumulative cpu time consumed by the node in core-seconds", None, MetricType::Counter)?;
+        let node_cpu = encoder.encode_descriptor(
+            "node_cpu_usage_seconds",
+            "[STABLE] Cumulative cpu time consumed by the node in core-seconds",
+            None,
+            MetricType::Counter,
+        )?;
         ConstCounter::new(secs(s.node_cpu_nanos)).encode(node_cpu)?;
-        let node_memory = encoder.encode_descriptor("node_memory_working_set_bytes", "[STABLE] Current working set of the node in bytes", None, MetricType::Gauge)?;
-        ConstGauge::new(s.node_memory_total.saturating_sub(s.node_memory_available)).encode(node_memory)?;
+        let node_memory = encoder.encode_descriptor(
+            "node_memory_working_set_bytes",
+            "[STABLE] Current working set of the node in bytes",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.node_memory_total.saturating_sub(s.node_memory_available))
+            .encode(node_memory)?;
         family(
             &mut encoder,
             "pod_cpu_usage_seconds",
             "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
             MetricType::Counter,
-            pods.iter().map(|(l, p)| (l, ConstCounter::new(secs(p.containers.iter().map(|c| c.cpu_nanos).sum())))),
+            pods.iter().map(|(l, p)| {
+                (
+                    l,
+                    ConstCounter::new(secs(p.containers.iter().map(|c| c.cpu_nanos).sum())),
+                )
+            }),
         )?;
         family(
             &mut encoder,
             "pod_memory_working_set_bytes",
             "[STABLE] Current working set of the pod in bytes",
             MetricType::Gauge,
-            pods.iter().map(|(l, p)| (l, ConstGauge::new(p.containers.iter().map(|c| c.memory_bytes).sum::<u64>()))),
+            pods.iter().map(|(l, p)| {
+                (
+                    l,
+                    ConstGauge::new(p.containers.iter().map(|c| c.memory_bytes).sum::<u64>()),
+                )
+            }),
         )
     }
 }
@@ -396,7 +523,10 @@ mod tests {
         assert_eq!(v["node"]["runtime"]["imageFs"]["capacityBytes"], 100);
         let pod = &v["pods"][0];
         assert_eq!(pod["podRef"]["uid"], "u");
-        assert_eq!(pod["containers"][0]["cpu"]["usageNanoCores"], 990_000_000u64);
+        assert_eq!(
+            pod["containers"][0]["cpu"]["usageNanoCores"],
+            990_000_000u64
+        );
         assert_eq!(pod["memory"]["workingSetBytes"], 65536);
     }
 

@@ -43,10 +43,29 @@ pub struct StreamContext {
 
 /// Which upgraded endpoint a path names.
 enum Endpoint {
-    Exec { namespace: String, pod: String, uid: Option<String>, container: String },
-    Attach { namespace: String, pod: String, uid: Option<String>, container: String },
-    Run { namespace: String, pod: String, uid: Option<String>, container: String },
-    PortForward { namespace: String, pod: String, uid: Option<String> },
+    Exec {
+        namespace: String,
+        pod: String,
+        uid: Option<String>,
+        container: String,
+    },
+    Attach {
+        namespace: String,
+        pod: String,
+        uid: Option<String>,
+        container: String,
+    },
+    Run {
+        namespace: String,
+        pod: String,
+        uid: Option<String>,
+        container: String,
+    },
+    PortForward {
+        namespace: String,
+        pod: String,
+        uid: Option<String>,
+    },
 }
 
 /// `/exec/{ns}/{pod}[/{uid}]/{container}` or `/portForward/{ns}/{pod}[/{uid}]`, as the kubelet routes them.
@@ -54,14 +73,52 @@ fn endpoint(path: &str) -> Option<Endpoint> {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let own = |s: &&str| s.to_string();
     match parts.as_slice() {
-        ["exec", ns, pod, container] => Some(Endpoint::Exec { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
-        ["exec", ns, pod, uid, container] => Some(Endpoint::Exec { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
-        ["attach", ns, pod, container] => Some(Endpoint::Attach { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
-        ["attach", ns, pod, uid, container] => Some(Endpoint::Attach { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
-        ["run", ns, pod, container] => Some(Endpoint::Run { namespace: own(ns), pod: own(pod), uid: None, container: own(container) }),
-        ["run", ns, pod, uid, container] => Some(Endpoint::Run { namespace: own(ns), pod: own(pod), uid: Some(own(uid)), container: own(container) }),
-        ["portForward", ns, pod] => Some(Endpoint::PortForward { namespace: own(ns), pod: own(pod), uid: None }),
-        ["portForward", ns, pod, uid] => Some(Endpoint::PortForward { namespace: own(ns), pod: own(pod), uid: Some(own(uid)) }),
+        ["exec", ns, pod, container] => Some(Endpoint::Exec {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: None,
+            container: own(container),
+        }),
+        ["exec", ns, pod, uid, container] => Some(Endpoint::Exec {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: Some(own(uid)),
+            container: own(container),
+        }),
+        ["attach", ns, pod, container] => Some(Endpoint::Attach {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: None,
+            container: own(container),
+        }),
+        ["attach", ns, pod, uid, container] => Some(Endpoint::Attach {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: Some(own(uid)),
+            container: own(container),
+        }),
+        ["run", ns, pod, container] => Some(Endpoint::Run {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: None,
+            container: own(container),
+        }),
+        ["run", ns, pod, uid, container] => Some(Endpoint::Run {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: Some(own(uid)),
+            container: own(container),
+        }),
+        ["portForward", ns, pod] => Some(Endpoint::PortForward {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: None,
+        }),
+        ["portForward", ns, pod, uid] => Some(Endpoint::PortForward {
+            namespace: own(ns),
+            pod: own(pod),
+            uid: Some(own(uid)),
+        }),
         _ => None,
     }
 }
@@ -73,47 +130,100 @@ pub fn is_stream_request(path: &str) -> bool {
 
 /// Answers an authorized exec or port-forward request: 101 and a task serving the session, or
 /// an error status.
-pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -> Result<http::Response<Body>, StatusError> {
+pub async fn handle(
+    request: http::Request<Incoming>,
+    ctx: Arc<StreamContext>,
+) -> Result<http::Response<Body>, StatusError> {
     let Some(endpoint) = endpoint(request.uri().path()) else {
-        return Err(StatusError::not_found(format!("no such endpoint {}", request.uri().path())));
+        return Err(StatusError::not_found(format!(
+            "no such endpoint {}",
+            request.uri().path()
+        )));
     };
     match endpoint {
-        Endpoint::Exec { namespace, pod, uid, container } => {
-            let options = ExecOptions::from_exec_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
+        Endpoint::Exec {
+            namespace,
+            pod,
+            uid,
+            container,
+        } => {
+            let options = ExecOptions::from_exec_query(request.uri().query().unwrap_or(""))
+                .map_err(|e| StatusError::bad_request(e.to_string()))?;
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
             let container_id = running_container(&ctx, &uid, &container).await?;
-            let handler = ProviderExec { provider: ctx.provider.clone(), container_id };
+            let handler = ProviderExec {
+                provider: ctx.provider.clone(),
+                container_id,
+            };
             let span = tracing::debug_span!("exec", pod = %format!("{namespace}/{pod}"), container = %container);
             serve_stdio_session(request, options, handler, span, ctx.idle_timeout)
         }
-        Endpoint::Attach { namespace, pod, uid, container } => {
-            let options = ExecOptions::from_attach_query(request.uri().query().unwrap_or("")).map_err(|e| StatusError::bad_request(e.to_string()))?;
+        Endpoint::Attach {
+            namespace,
+            pod,
+            uid,
+            container,
+        } => {
+            let options = ExecOptions::from_attach_query(request.uri().query().unwrap_or(""))
+                .map_err(|e| StatusError::bad_request(e.to_string()))?;
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
             let container_id = running_container(&ctx, &uid, &container).await?;
-            let handler = ProviderAttach { provider: ctx.provider.clone(), container_id };
+            let handler = ProviderAttach {
+                provider: ctx.provider.clone(),
+                container_id,
+            };
             let span = tracing::debug_span!("attach", pod = %format!("{namespace}/{pod}"), container = %container);
             serve_stdio_session(request, options, handler, span, ctx.idle_timeout)
         }
-        Endpoint::Run { namespace, pod, uid, container } => {
+        Endpoint::Run {
+            namespace,
+            pod,
+            uid,
+            container,
+        } => {
             if request.method() != http::Method::POST {
-                return Err(StatusError { code: 405, reason: "MethodNotAllowed", message: "/run takes POST".into(), headers: http::HeaderMap::new() });
+                return Err(StatusError {
+                    code: 405,
+                    reason: "MethodNotAllowed",
+                    message: "/run takes POST".into(),
+                    headers: http::HeaderMap::new(),
+                });
             }
             let query = remotecommand::parse_query(request.uri().query().unwrap_or(""));
-            let command: Vec<String> = query.iter().filter(|(k, _)| k == "cmd").flat_map(|(_, v)| v.split_whitespace().map(str::to_string)).collect();
+            let command: Vec<String> = query
+                .iter()
+                .filter(|(k, _)| k == "cmd")
+                .flat_map(|(_, v)| v.split_whitespace().map(str::to_string))
+                .collect();
             if command.is_empty() {
-                return Err(StatusError::bad_request("/run needs a command: ?cmd=<command and arguments>".into()));
+                return Err(StatusError::bad_request(
+                    "/run needs a command: ?cmd=<command and arguments>".into(),
+                ));
             }
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
             let container_id = running_container(&ctx, &uid, &container).await?;
             Ok(run_in_container(ctx.provider.as_ref(), &container_id, command).await)
         }
-        Endpoint::PortForward { namespace, pod, uid } => {
+        Endpoint::PortForward {
+            namespace,
+            pod,
+            uid,
+        } => {
             let uid = pod_uid(&ctx, &namespace, &pod, uid).await?;
             let (_, headers) = negotiate(&request, portforward::PROTOCOLS)?;
-            let target = PortForwardTarget { pod: format!("{namespace}/{pod}"), uid: uid.clone() };
-            let handler = Arc::new(PodForward { provider: ctx.provider.clone(), pod_uid: uid });
+            let target = PortForwardTarget {
+                pod: format!("{namespace}/{pod}"),
+                uid: uid.clone(),
+            };
+            let handler = Arc::new(PodForward {
+                provider: ctx.provider.clone(),
+                pod_uid: uid,
+            });
             upgrade(request, headers, ctx.idle_timeout, move |io| async move {
-                if let Err(e) = portforward::serve_portforward(io, target, handler, &StreamingConfig::default()).await {
+                if let Err(e) =
+                    portforward::serve_portforward(io, target, handler, &StreamingConfig::default())
+                        .await
+                {
                     debug!(error = %e, "port-forward session ended with an error");
                 }
             })
@@ -123,12 +233,21 @@ pub async fn handle(request: http::Request<Incoming>, ctx: Arc<StreamContext>) -
 
 /// An exec or attach session: SPDY/3.1 remotecommand (what the API server speaks), or
 /// WebSocket channel protocols for a direct client.
-fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming>, options: ExecOptions, handler: H, span: tracing::Span, idle_timeout: std::time::Duration) -> Result<http::Response<Body>, StatusError> {
+fn serve_stdio_session<H: ExecHandler + 'static>(
+    request: http::Request<Incoming>,
+    options: ExecOptions,
+    handler: H,
+    span: tracing::Span,
+    idle_timeout: std::time::Duration,
+) -> Result<http::Response<Body>, StatusError> {
     if websocket::is_websocket(request.headers()) {
-        let (protocol, headers) = websocket::negotiate(request.headers()).map_err(|e| StatusError::bad_request(e.to_string()))?;
+        let (protocol, headers) = websocket::negotiate(request.headers())
+            .map_err(|e| StatusError::bad_request(e.to_string()))?;
         return upgrade(request, headers, idle_timeout, move |io| {
             async move {
-                if let Err(e) = websocket::serve_remotecommand(io, protocol, options, &handler).await {
+                if let Err(e) =
+                    websocket::serve_remotecommand(io, protocol, options, &handler).await
+                {
                     debug!(error = %e, "WebSocket session ended with an error");
                 }
             }
@@ -138,7 +257,15 @@ fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming
     let (protocol, headers) = negotiate(&request, remotecommand::PROTOCOLS)?;
     upgrade(request, headers, idle_timeout, move |io| {
         async move {
-            if let Err(e) = remotecommand::serve_remotecommand(io, protocol, options, &handler, &StreamingConfig::default()).await {
+            if let Err(e) = remotecommand::serve_remotecommand(
+                io,
+                protocol,
+                options,
+                &handler,
+                &StreamingConfig::default(),
+            )
+            .await
+            {
                 debug!(error = %e, "session ended with an error");
             }
         }
@@ -146,10 +273,17 @@ fn serve_stdio_session<H: ExecHandler + 'static>(request: http::Request<Incoming
     })
 }
 
-fn negotiate(request: &http::Request<Incoming>, supported: &[&'static str]) -> Result<(&'static str, http::HeaderMap), StatusError> {
+fn negotiate(
+    request: &http::Request<Incoming>,
+    supported: &[&'static str],
+) -> Result<(&'static str, http::HeaderMap), StatusError> {
     handshake::negotiate(request.headers(), supported).map_err(|e| {
         let status = e.http_status().unwrap_or(400);
-        let mut error = if status == 403 { StatusError::forbidden(e.to_string()) } else { StatusError::bad_request(e.to_string()) };
+        let mut error = if status == 403 {
+            StatusError::forbidden(e.to_string())
+        } else {
+            StatusError::bad_request(e.to_string())
+        };
         error.headers = handshake::rejection_headers(&e);
         error
     })
@@ -161,7 +295,12 @@ type UpgradedIo = idle::Watched<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Answers 101 with `headers` and runs `serve` on the upgraded connection once hyper hands it
 /// over; a session without traffic for `idle_timeout` (zero: never) is dropped, which closes it.
-fn upgrade<F, Fut>(request: http::Request<Incoming>, headers: http::HeaderMap, idle_timeout: std::time::Duration, serve: F) -> Result<http::Response<Body>, StatusError>
+fn upgrade<F, Fut>(
+    request: http::Request<Incoming>,
+    headers: http::HeaderMap,
+    idle_timeout: std::time::Duration,
+    serve: F,
+) -> Result<http::Response<Body>, StatusError>
 where
     F: FnOnce(UpgradedIo) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -172,46 +311,83 @@ where
         let _slot = slot;
         match hyper::upgrade::on(request).await {
             Ok(upgraded) => {
-                if idle::serve_until_idle(TokioIo::new(upgraded), Some(idle_timeout), serve).await == idle::Ended::Idle {
+                if idle::serve_until_idle(TokioIo::new(upgraded), Some(idle_timeout), serve).await
+                    == idle::Ended::Idle
+                {
                     tracing::info!(?idle_timeout, "closed a streaming session without traffic for --streaming-connection-idle-timeout");
                 }
             }
             Err(e) => debug!(error = %e, "connection upgrade failed"),
         }
     });
-    let mut response = http::Response::new(Full::new(bytes::Bytes::new()).map_err(|never| -> BoxError { match never {} }).boxed_unsync());
+    let mut response = http::Response::new(
+        Full::new(bytes::Bytes::new())
+            .map_err(|never| -> BoxError { match never {} })
+            .boxed_unsync(),
+    );
     *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;
     Ok(response)
 }
 
 /// The pod's UID: given in the path, or looked up (a Node may read pods bound to it).
-async fn pod_uid(ctx: &StreamContext, namespace: &str, pod: &str, given: Option<String>) -> Result<String, StatusError> {
+async fn pod_uid(
+    ctx: &StreamContext,
+    namespace: &str,
+    pod: &str,
+    given: Option<String>,
+) -> Result<String, StatusError> {
     if let Some(uid) = given {
         return Ok(uid);
     }
-    let client = ctx.client.clone().ok_or_else(|| StatusError::not_found(format!("pod {namespace}/{pod} is unknown to this node")))?;
+    let client = ctx.client.clone().ok_or_else(|| {
+        StatusError::not_found(format!("pod {namespace}/{pod} is unknown to this node"))
+    })?;
     let api: kube::Api<Pod> = kube::Api::namespaced(client, namespace);
     match api.get_opt(pod).await {
-        Ok(Some(p)) => p.metadata.uid.ok_or_else(|| StatusError::not_found(format!("pod {namespace}/{pod} has no uid"))),
-        Ok(None) => Err(StatusError::not_found(format!("pod {namespace}/{pod} not found"))),
-        Err(e) => Err(StatusError::not_found(format!("pod {namespace}/{pod}: {}", crate::config::one_line(&e)))),
+        Ok(Some(p)) => p
+            .metadata
+            .uid
+            .ok_or_else(|| StatusError::not_found(format!("pod {namespace}/{pod} has no uid"))),
+        Ok(None) => Err(StatusError::not_found(format!(
+            "pod {namespace}/{pod} not found"
+        ))),
+        Err(e) => Err(StatusError::not_found(format!(
+            "pod {namespace}/{pod}: {}",
+            crate::config::one_line(&e)
+        ))),
     }
 }
 
 /// The id of the running instance of `container` in pod `uid`.
-async fn running_container(ctx: &StreamContext, uid: &str, container: &str) -> Result<String, StatusError> {
+async fn running_container(
+    ctx: &StreamContext,
+    uid: &str,
+    container: &str,
+) -> Result<String, StatusError> {
     // Fresh: a container that restarted a moment ago is targeted in its new instance.
     let snapshot = ctx.runtime.fresh().await;
-    let containers = snapshot.containers.clone().ok_or_else(|| StatusError { code: 503, reason: "ServiceUnavailable", message: "the container runtime cannot be listed".into(), headers: http::HeaderMap::new() })?;
-    let mut of_pod = containers.into_iter().filter(|c| c.pod_uid == uid && c.name == container).collect::<Vec<_>>();
+    let containers = snapshot.containers.clone().ok_or_else(|| StatusError {
+        code: 503,
+        reason: "ServiceUnavailable",
+        message: "the container runtime cannot be listed".into(),
+        headers: http::HeaderMap::new(),
+    })?;
+    let mut of_pod = containers
+        .into_iter()
+        .filter(|c| c.pod_uid == uid && c.name == container)
+        .collect::<Vec<_>>();
     if of_pod.is_empty() {
-        return Err(StatusError::not_found(format!("container {container} not found in the pod")));
+        return Err(StatusError::not_found(format!(
+            "container {container} not found in the pod"
+        )));
     }
     of_pod.sort_by_key(|c| c.attempt);
     match of_pod.pop() {
         Some(c) if matches!(c.state, ContainerState::Running { .. }) => Ok(c.id),
-        _ => Err(StatusError::bad_request(format!("container {container} is not running"))),
+        _ => Err(StatusError::bad_request(format!(
+            "container {container} is not running"
+        ))),
     }
 }
 
@@ -223,19 +399,26 @@ struct ProviderExec {
 
 impl ExecHandler for ProviderExec {
     async fn exec(&self, io: ExecIo) -> Result<i32, String> {
-        fn writer(stream: Option<DuplexStream>) -> std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> {
+        fn writer(
+            stream: Option<DuplexStream>,
+        ) -> std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> {
             match stream {
                 Some(s) => Box::pin(s),
                 None => Box::pin(tokio::io::sink()),
             }
         }
         let provider_io = provider_api::ExecIo {
-            stdin: io.stdin.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
+            stdin: io
+                .stdin
+                .map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
             stdout: writer(io.stdout),
             stderr: writer(io.stderr),
             timeout: None,
         };
-        self.provider.exec(&self.container_id, io.command, provider_io).await.map_err(|e| e.to_string())
+        self.provider
+            .exec(&self.container_id, io.command, provider_io)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -245,18 +428,44 @@ const RUN_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
 
 /// `/run`: the command's stdout and stderr as written, 200 on exit code 0; otherwise 500 with
 /// the error as plain text, as the kubelet's `RunInContainer` answers.
-async fn run_in_container(provider: &dyn Provider, container_id: &str, command: Vec<String>) -> http::Response<Body> {
+async fn run_in_container(
+    provider: &dyn Provider,
+    container_id: &str,
+    command: Vec<String>,
+) -> http::Response<Body> {
     let output = RunOutput::default();
-    let io = provider_api::ExecIo { stdin: None, stdout: Box::pin(output.clone()), stderr: Box::pin(output.clone()), timeout: None };
+    let io = provider_api::ExecIo {
+        stdin: None,
+        stdout: Box::pin(output.clone()),
+        stderr: Box::pin(output.clone()),
+        timeout: None,
+    };
     let argv = command.join(" ");
     let (status, body) = match provider.exec(container_id, command, io).await {
         Ok(0) => (http::StatusCode::OK, output.take()),
-        Ok(code) => (http::StatusCode::INTERNAL_SERVER_ERROR, format!("command '{argv}' exited with {code}: {}", String::from_utf8_lossy(&output.take())).into_bytes()),
-        Err(e) => (http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string().into_bytes()),
+        Ok(code) => (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "command '{argv}' exited with {code}: {}",
+                String::from_utf8_lossy(&output.take())
+            )
+            .into_bytes(),
+        ),
+        Err(e) => (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string().into_bytes(),
+        ),
     };
-    let mut response = http::Response::new(Full::new(bytes::Bytes::from(body)).map_err(|never| -> BoxError { match never {} }).boxed_unsync());
+    let mut response = http::Response::new(
+        Full::new(bytes::Bytes::from(body))
+            .map_err(|never| -> BoxError { match never {} })
+            .boxed_unsync(),
+    );
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -271,16 +480,26 @@ impl RunOutput {
 }
 
 impl tokio::io::AsyncWrite for RunOutput {
-    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let room = RUN_OUTPUT_LIMIT.saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..buf.len().min(room)]);
         std::task::Poll::Ready(Ok(buf.len()))
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
 }
@@ -297,11 +516,21 @@ impl ExecHandler for ProviderAttach {
         // receiver discards them.
         drop(io.resize);
         let provider_io = provider_api::AttachIo {
-            stdin: io.stdin.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
-            stdout: io.stdout.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>),
-            stderr: io.stderr.map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>),
+            stdin: io
+                .stdin
+                .map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>),
+            stdout: io
+                .stdout
+                .map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>),
+            stderr: io
+                .stderr
+                .map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>),
         };
-        self.provider.attach(&self.container_id, provider_io).await.map(|()| 0).map_err(|e| e.to_string())
+        self.provider
+            .attach(&self.container_id, provider_io)
+            .await
+            .map(|()| 0)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -317,7 +546,15 @@ impl PortForwardHandler for PodForward {
         let Some(addr) = self.provider.pod_listener(&self.pod_uid, port).await else {
             return Err(not_served(port, &self.pod_uid));
         };
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("failed to connect to localhost:{port} inside namespace {:?}: {e}", self.pod_uid)))?;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "failed to connect to localhost:{port} inside namespace {:?}: {e}",
+                    self.pod_uid
+                ),
+            )
+        })?;
         tokio::io::copy_bidirectional(&mut stream, &mut tcp).await?;
         Ok(())
     }
@@ -337,9 +574,18 @@ mod tests {
 
     #[test]
     fn paths_route_like_the_kubelet() {
-        assert!(matches!(endpoint("/exec/ns/p/c"), Some(Endpoint::Exec { uid: None, .. })));
-        assert!(matches!(endpoint("/exec/ns/p/u/c"), Some(Endpoint::Exec { uid: Some(_), .. })));
-        assert!(matches!(endpoint("/portForward/ns/p"), Some(Endpoint::PortForward { uid: None, .. })));
+        assert!(matches!(
+            endpoint("/exec/ns/p/c"),
+            Some(Endpoint::Exec { uid: None, .. })
+        ));
+        assert!(matches!(
+            endpoint("/exec/ns/p/u/c"),
+            Some(Endpoint::Exec { uid: Some(_), .. })
+        ));
+        assert!(matches!(
+            endpoint("/portForward/ns/p"),
+            Some(Endpoint::PortForward { uid: None, .. })
+        ));
         assert!(endpoint("/exec/ns").is_none());
         assert!(endpoint("/containerLogs/ns/p/c").is_none());
     }

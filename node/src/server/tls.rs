@@ -37,17 +37,19 @@ pub struct TlsSettings<'a> {
 /// verified against the client CA when one is given but never required, so bearer-token and
 /// anonymous clients can connect too.
 pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig, ServerError> {
-    let (given, (cert_path, key_path)) = match (settings.tls_cert_file, settings.tls_private_key_file) {
-        (Some(cert), Some(key)) => (true, (cert.to_path_buf(), key.to_path_buf())),
-        _ => (false, self_signed(settings)?),
-    };
+    let (given, (cert_path, key_path)) =
+        match (settings.tls_cert_file, settings.tls_private_key_file) {
+            (Some(cert), Some(key)) => (true, (cert.to_path_buf(), key.to_path_buf())),
+            _ => (false, self_signed(settings)?),
+        };
     let certs = CertificateDer::pem_file_iter(&cert_path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| cert_error(&cert_path, e.to_string()))?;
     if certs.is_empty() {
         return Err(cert_error(&cert_path, "no PEM certificate in it".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| cert_error(&key_path, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| cert_error(&key_path, e.to_string()))?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -60,25 +62,39 @@ pub fn server_config(settings: &TlsSettings<'_>) -> Result<rustls::ServerConfig,
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| cert_error(ca_path, e.to_string()))?;
             for ca in cas {
-                roots.add(ca).map_err(|e| cert_error(ca_path, e.to_string()))?;
+                roots
+                    .add(ca)
+                    .map_err(|e| cert_error(ca_path, e.to_string()))?;
             }
             if roots.is_empty() {
                 return Err(cert_error(ca_path, "no PEM certificate in it".into()));
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| ServerError::Tls(format!("client CA {}: {e}", ca_path.display())))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| {
+                        ServerError::Tls(format!("client CA {}: {e}", ca_path.display()))
+                    })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mismatch = |e: rustls::Error| cert_error(&cert_path, format!("certificate and key do not go together: {e}"));
+    let mismatch = |e: rustls::Error| {
+        cert_error(
+            &cert_path,
+            format!("certificate and key do not go together: {e}"),
+        )
+    };
     let mut config = if given {
         builder.with_single_cert(certs, key).map_err(mismatch)?
     } else {
         let fallback = CertifiedKey::from_der(certs, key, &provider).map_err(mismatch)?;
-        builder.with_cert_resolver(Arc::new(ServingResolver::new(settings.cert_dir, Arc::new(fallback), provider.clone())))
+        builder.with_cert_resolver(Arc::new(ServingResolver::new(
+            settings.cert_dir,
+            Arc::new(fallback),
+            provider.clone(),
+        )))
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
@@ -101,13 +117,25 @@ pub struct ServingResolver {
 type Loaded = Option<(crate::certificates::Leaf, Arc<CertifiedKey>)>;
 
 impl ServingResolver {
-    pub fn new(cert_dir: &Path, fallback: Arc<CertifiedKey>, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
-        Self { store: crate::certificates::Store::server(cert_dir), fallback, provider, cached: RwLock::new(None) }
+    pub fn new(
+        cert_dir: &Path,
+        fallback: Arc<CertifiedKey>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Self {
+        Self {
+            store: crate::certificates::Store::server(cert_dir),
+            fallback,
+            provider,
+            cached: RwLock::new(None),
+        }
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
         use std::os::unix::fs::MetadataExt;
-        let Ok(target) = std::fs::metadata(self.store.current_path()).map(|m| (m.dev(), m.ino())) else { return self.fallback.clone() };
+        let Ok(target) = std::fs::metadata(self.store.current_path()).map(|m| (m.dev(), m.ino()))
+        else {
+            return self.fallback.clone();
+        };
         let usable = |entry: &Loaded| match entry {
             Some((leaf, key)) if leaf.valid_at(jiff::Timestamp::now()) => key.clone(),
             _ => self.fallback.clone(),
@@ -149,7 +177,10 @@ impl ResolvesServerCert for ServingResolver {
 }
 
 fn cert_error(path: &Path, reason: String) -> ServerError {
-    ServerError::Certificate { path: path.to_path_buf(), reason }
+    ServerError::Certificate {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 /// `<cert-dir>/kubelet.crt` and `kubelet.key`, made now if either is missing (as the kubelet
@@ -167,13 +198,22 @@ fn self_signed(settings: &TlsSettings<'_>) -> Result<(PathBuf, PathBuf), ServerE
     }
     let generate = || -> Result<(String, String), rcgen::Error> {
         let mut params = rcgen::CertificateParams::new(names.clone())?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{}@wasm-kubelet", settings.node_name));
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("{}@wasm-kubelet", settings.node_name),
+        );
         let key = rcgen::KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
-    let (cert_pem, key_pem) = generate().map_err(|e| cert_error(&cert_path, format!("generating a self-signed certificate: {e}")))?;
-    std::fs::create_dir_all(settings.cert_dir).map_err(|e| cert_error(settings.cert_dir, e.to_string()))?;
+    let (cert_pem, key_pem) = generate().map_err(|e| {
+        cert_error(
+            &cert_path,
+            format!("generating a self-signed certificate: {e}"),
+        )
+    })?;
+    std::fs::create_dir_all(settings.cert_dir)
+        .map_err(|e| cert_error(settings.cert_dir, e.to_string()))?;
     write_private(&key_path, key_pem.as_bytes())?;
     std::fs::write(&cert_path, cert_pem).map_err(|e| cert_error(&cert_path, e.to_string()))?;
     tracing::info!(cert = %cert_path.display(), "wrote a self-signed serving certificate for the kubelet API");
@@ -190,7 +230,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| cert_error(path, e.to_string()))?;
-    file.write_all(bytes).map_err(|e| cert_error(path, e.to_string()))
+    file.write_all(bytes)
+        .map_err(|e| cert_error(path, e.to_string()))
 }
 
 /// The user a verified client certificate names: CN is the user (the last, as Go reads a
@@ -198,8 +239,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
 /// subject has no CN or the certificate does not parse.
 pub fn user_from_certificate(der: &[u8]) -> Option<User> {
     let fields = crate::x509::read(der).ok()?;
-    let name = fields.common_names.into_iter().last().filter(|n| !n.is_empty())?;
-    Some(User { name, uid: String::new(), groups: fields.organizations, extra: Default::default() })
+    let name = fields
+        .common_names
+        .into_iter()
+        .last()
+        .filter(|n| !n.is_empty())?;
+    Some(User {
+        name,
+        uid: String::new(),
+        groups: fields.organizations,
+        extra: Default::default(),
+    })
 }
 
 #[cfg(test)]
@@ -209,8 +259,12 @@ mod tests {
     #[test]
     fn user_and_groups_come_from_cn_and_o() {
         let mut params = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "system:node:n1");
-        params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:n1");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:nodes");
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let user = user_from_certificate(cert.der()).unwrap();
@@ -237,38 +291,62 @@ mod tests {
         };
         let (fallback_cert, fallback_key) = make((2090, 1, 1));
         let fallback = CertifiedKey::from_der(
-            CertificateDer::pem_slice_iter(fallback_cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap(),
+            CertificateDer::pem_slice_iter(fallback_cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap(),
             PrivateKeyDer::from_pem_slice(fallback_key.as_bytes()).unwrap(),
             &provider,
         )
         .unwrap();
-        let dir = std::env::temp_dir().join(format!("wasm-kubelet-resolver-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("wasm-kubelet-resolver-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let resolver = ServingResolver::new(&dir, Arc::new(fallback), provider);
         let fallback_der = resolver.fallback.cert[0].clone();
-        assert_eq!(resolver.current().cert[0], fallback_der, "no stored certificate yet");
+        assert_eq!(
+            resolver.current().cert[0],
+            fallback_der,
+            "no stored certificate yet"
+        );
 
         let store = crate::certificates::Store::server(&dir);
         let (cert, key) = make((2090, 1, 1));
         let issued = store.save(cert.as_bytes(), key.as_bytes()).unwrap();
-        assert_eq!(resolver.current().cert[0], issued.chain[0], "picked up without a restart");
+        assert_eq!(
+            resolver.current().cert[0],
+            issued.chain[0],
+            "picked up without a restart"
+        );
         assert_eq!(resolver.current().cert[0], issued.chain[0], "and cached");
 
         let (cert, key) = make((2021, 1, 1)); // likely within the same second: the same dated name
         store.save(cert.as_bytes(), key.as_bytes()).unwrap();
-        assert_eq!(resolver.current().cert[0], fallback_der, "an expired certificate is not served");
+        assert_eq!(
+            resolver.current().cert[0],
+            fallback_der,
+            "an expired certificate is not served"
+        );
         let (cert, key) = make((2090, 1, 1));
         let renewed = store.save(cert.as_bytes(), key.as_bytes()).unwrap();
-        assert_eq!(resolver.current().cert[0], renewed.chain[0], "a new file under the same name is read again");
+        assert_eq!(
+            resolver.current().cert[0],
+            renewed.chain[0],
+            "a new file under the same name is read again"
+        );
         let (cert, key) = make((2021, 1, 1));
         store.save(cert.as_bytes(), key.as_bytes()).unwrap();
-        assert_eq!(resolver.current().cert[0], fallback_der, "an expired certificate is not served");
+        assert_eq!(
+            resolver.current().cert[0],
+            fallback_der,
+            "an expired certificate is not served"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_self_signed_certificate_is_made_once_and_reused() {
-        let dir = std::env::temp_dir().join(format!("wasm-kubelet-tls-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("wasm-kubelet-tls-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let settings = TlsSettings {
             node_name: "node-a",
@@ -281,8 +359,18 @@ mod tests {
         server_config(&settings).unwrap();
         let first = std::fs::read(dir.join("kubelet.crt")).unwrap();
         server_config(&settings).unwrap();
-        assert_eq!(std::fs::read(dir.join("kubelet.crt")).unwrap(), first, "reused on restart");
-        let bad = TlsSettings { client_ca_file: Some(Path::new("/nonexistent/ca.crt")), ..settings };
-        assert!(matches!(server_config(&bad), Err(ServerError::Certificate { .. })));
+        assert_eq!(
+            std::fs::read(dir.join("kubelet.crt")).unwrap(),
+            first,
+            "reused on restart"
+        );
+        let bad = TlsSettings {
+            client_ca_file: Some(Path::new("/nonexistent/ca.crt")),
+            ..settings
+        };
+        assert!(matches!(
+            server_config(&bad),
+            Err(ServerError::Certificate { .. })
+        ));
     }
 }

@@ -20,7 +20,13 @@ struct Peer {
 impl Peer {
     fn new(io: DuplexStream) -> Peer {
         let (rd, wr) = tokio::io::split(io);
-        Peer { rd, wr, hc: HeaderCompressor::new().unwrap(), hd: HeaderDecompressor::new(), next_id: 1 }
+        Peer {
+            rd,
+            wr,
+            hc: HeaderCompressor::new().unwrap(),
+            hd: HeaderDecompressor::new(),
+            next_id: 1,
+        }
     }
 
     async fn send(&mut self, frame: Frame) {
@@ -31,16 +37,26 @@ impl Peer {
     async fn open(&mut self) -> u32 {
         let stream_id = self.next_id;
         self.next_id += 2;
-        self.send(Frame::SynStream { stream_id, associated_to: 0, priority: 0, flags: 0, headers: Headers::new().with("streamtype", "data") }).await;
+        self.send(Frame::SynStream {
+            stream_id,
+            associated_to: 0,
+            priority: 0,
+            flags: 0,
+            headers: Headers::new().with("streamtype", "data"),
+        })
+        .await;
         stream_id
     }
 
     async fn next(&mut self) -> Frame {
-        tokio::time::timeout(Duration::from_secs(10), read_frame(&mut self.rd, &mut self.hd))
-            .await
-            .expect("timed out waiting for a frame")
-            .expect("a well-formed frame")
-            .expect("the session is open")
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            read_frame(&mut self.rd, &mut self.hd),
+        )
+        .await
+        .expect("timed out waiting for a frame")
+        .expect("a well-formed frame")
+        .expect("the session is open")
     }
 }
 
@@ -65,7 +81,10 @@ async fn open_streams_are_capped_and_rejected_ones_forgotten() {
     }
     while resets < 2 * MAX_OPEN_STREAMS {
         if let Frame::RstStream { status, .. } = peer.next().await {
-            assert_eq!(status, RST_CANCEL, "rejected by the application, not refused by the cap");
+            assert_eq!(
+                status, RST_CANCEL,
+                "rejected by the application, not refused by the cap"
+            );
             resets += 1;
         }
     }
@@ -74,7 +93,14 @@ async fn open_streams_are_capped_and_rejected_ones_forgotten() {
     let mut held = Vec::new();
     for _ in 0..MAX_OPEN_STREAMS {
         peer.open().await;
-        held.push(session.accept().await.expect("a stream within the cap").accept().expect("accepted"));
+        held.push(
+            session
+                .accept()
+                .await
+                .expect("a stream within the cap")
+                .accept()
+                .expect("accepted"),
+        );
     }
     let over = peer.open().await;
     loop {
@@ -91,9 +117,16 @@ async fn open_streams_are_capped_and_rejected_ones_forgotten() {
     let closed = held.pop().unwrap();
     let closed_id = closed.id();
     drop(closed);
-    peer.send(Frame::RstStream { stream_id: closed_id, status: RST_CANCEL }).await;
+    peer.send(Frame::RstStream {
+        stream_id: closed_id,
+        status: RST_CANCEL,
+    })
+    .await;
     let again = peer.open().await;
-    let incoming = tokio::time::timeout(Duration::from_secs(10), session.accept()).await.expect("a stream after room was made").expect("open");
+    let incoming = tokio::time::timeout(Duration::from_secs(10), session.accept())
+        .await
+        .expect("a stream after room was made")
+        .expect("open");
     assert_eq!(incoming.id(), again);
 }
 
@@ -103,7 +136,10 @@ async fn open_streams_are_capped_and_rejected_ones_forgotten() {
 #[tokio::test]
 async fn a_consumer_gone_mid_stream_does_not_stall_the_session() {
     let (server_io, peer_io) = tokio::io::duplex(1 << 20);
-    let config = SessionConfig { max_unconsumed_per_stream: 1024, ..SessionConfig::default() };
+    let config = SessionConfig {
+        max_unconsumed_per_stream: 1024,
+        ..SessionConfig::default()
+    };
     let mut session = Session::new(server_io, config);
     let mut peer = Peer::new(peer_io);
     let a = peer.open().await;
@@ -112,16 +148,34 @@ async fn a_consumer_gone_mid_stream_does_not_stall_the_session() {
     let mut stream_b = session.accept().await.unwrap().accept().unwrap();
     // Past A's budget: the reader waits for A's consumer...
     for _ in 0..4 {
-        peer.send(Frame::Data { stream_id: a, flags: 0, data: Bytes::from(vec![b'a'; 1024]) }).await;
+        peer.send(Frame::Data {
+            stream_id: a,
+            flags: 0,
+            data: Bytes::from(vec![b'a'; 1024]),
+        })
+        .await;
     }
-    peer.send(Frame::Data { stream_id: b, flags: 0, data: Bytes::from_static(b"for b") }).await;
+    peer.send(Frame::Data {
+        stream_id: b,
+        flags: 0,
+        data: Bytes::from_static(b"for b"),
+    })
+    .await;
     // ...which goes away instead of reading.
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(stream_a);
-    let got = tokio::time::timeout(Duration::from_secs(10), stream_b.recv()).await.expect("B's data arrives although A's consumer left").unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), stream_b.recv())
+        .await
+        .expect("B's data arrives although A's consumer left")
+        .unwrap();
     assert_eq!(&got[..], b"for b");
     // A's data beyond what was delivered is credited to the session.
-    peer.send(Frame::Data { stream_id: a, flags: 0, data: Bytes::from(vec![b'a'; 40 * 1024]) }).await;
+    peer.send(Frame::Data {
+        stream_id: a,
+        flags: 0,
+        data: Bytes::from(vec![b'a'; 40 * 1024]),
+    })
+    .await;
     loop {
         if let Frame::WindowUpdate { stream_id: 0, .. } = peer.next().await {
             break;
@@ -144,5 +198,8 @@ async fn a_peer_that_never_reads_cannot_grow_the_write_queue() {
     }
     // Paused time: the timeout fires only once every task is blocked.
     let written = tokio::time::timeout(Duration::from_secs(60), wr.write_all(&flood)).await;
-    assert!(written.is_err(), "the server kept reading PINGs whose answers nobody read");
+    assert!(
+        written.is_err(),
+        "the server kept reading PINGs whose answers nobody read"
+    );
 }

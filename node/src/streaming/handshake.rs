@@ -5,7 +5,7 @@
 //! Where to start: [`negotiate`]. On `Err`, answer with [`Error::http_status`] and
 //! [`rejection_headers`].
 
-use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, UPGRADE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 
 use super::{Error, Result};
 

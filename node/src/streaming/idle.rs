@@ -39,7 +39,11 @@ pub struct Watched<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -50,7 +54,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -82,8 +90,14 @@ where
     F: FnOnce(Watched<IO>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let activity = Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0) });
-    let session = serve(Watched { io, activity: activity.clone() });
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let session = serve(Watched {
+        io,
+        activity: activity.clone(),
+    });
     let Some(timeout) = timeout.filter(|t| !t.is_zero()) else {
         session.await;
         return Ended::Finished;
@@ -116,28 +130,40 @@ mod tests {
         // Idle: the client never sends; the session (an echo) is dropped after the timeout,
         // and the client sees the connection end.
         let (server, mut client) = tokio::io::duplex(64);
-        let serving = tokio::spawn(serve_until_idle(server, Some(Duration::from_secs(5)), |mut io| async move {
-            let mut buf = [0u8; 8];
-            while let Ok(n) = io.read(&mut buf).await {
-                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                    break;
+        let serving = tokio::spawn(serve_until_idle(
+            server,
+            Some(Duration::from_secs(5)),
+            |mut io| async move {
+                let mut buf = [0u8; 8];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
-            }
-        }));
+            },
+        ));
         assert_eq!(serving.await.unwrap(), Ended::Idle);
         let mut buf = [0u8; 1];
-        assert_eq!(client.read(&mut buf).await.unwrap(), 0, "the connection is closed");
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "the connection is closed"
+        );
 
         // Busy: a byte every 3 s keeps a 5 s timeout from firing for 30 s.
         let (server, mut client) = tokio::io::duplex(64);
-        let serving = tokio::spawn(serve_until_idle(server, Some(Duration::from_secs(5)), |mut io| async move {
-            let mut buf = [0u8; 8];
-            while let Ok(n) = io.read(&mut buf).await {
-                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                    break;
+        let serving = tokio::spawn(serve_until_idle(
+            server,
+            Some(Duration::from_secs(5)),
+            |mut io| async move {
+                let mut buf = [0u8; 8];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
-            }
-        }));
+            },
+        ));
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(3)).await;
             client.write_all(b"x").await.unwrap();

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::spdy::{IncomingStream, RST_CANCEL, Session, SpdyStream};
+use super::spdy::{IncomingStream, Session, SpdyStream, RST_CANCEL};
 use super::{Result, StreamingConfig};
 
 /// The only port-forward sub-protocol.

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::spdy::{RST_CANCEL, Session, SpdyStream};
+use super::spdy::{Session, SpdyStream, RST_CANCEL};
 use super::{Error, Result, StreamingConfig};
 
 /// Sub-protocols in the kubelet's order of preference (`SupportedStreamingProtocols`). v5

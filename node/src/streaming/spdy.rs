@@ -20,14 +20,14 @@
 //! does flow control (a WINDOW_UPDATE or a SETTINGS with INITIAL_WINDOW_SIZE).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
@@ -705,7 +705,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let len = (u32::from_be_bytes([0, head[5], head[6], head[7]])) as usize;
     let control = head[0] & 0x80 != 0;
-    let max = if control { MAX_CONTROL_FRAME } else { MAX_DATA_FRAME };
+    let max = if control {
+        MAX_CONTROL_FRAME
+    } else {
+        MAX_DATA_FRAME
+    };
     if len > max {
         return Err(Error::Protocol(format!(
             "{} frame of {len} bytes (at most {max})",
@@ -825,7 +829,13 @@ impl Session {
         // Streams the application has not picked up yet; beyond this the reader waits.
         let (in_tx, in_rx) = mpsc::channel(32);
         let enforce = config.flow_control == FlowControl::Enforce;
-        let writer = tokio::spawn(run_writer(wr, cmd_rx, peer_rx, config.flow_control, enforce));
+        let writer = tokio::spawn(run_writer(
+            wr,
+            cmd_rx,
+            peer_rx,
+            config.flow_control,
+            enforce,
+        ));
         let reader = tokio::spawn(run_reader(rd, cmd_tx.clone(), peer_tx, in_tx, config));
         Session {
             incoming: in_rx,
@@ -1269,7 +1279,11 @@ async fn run_reader<R: AsyncRead + Unpin>(
             }
             Frame::Settings { settings, .. } => {
                 // The last INITIAL_WINDOW_SIZE of the frame is the one that holds.
-                if let Some(s) = settings.iter().rev().find(|s| s.id == SETTINGS_INITIAL_WINDOW_SIZE) {
+                if let Some(s) = settings
+                    .iter()
+                    .rev()
+                    .find(|s| s.id == SETTINGS_INITIAL_WINDOW_SIZE)
+                {
                     to_writer!(Cmd::PeerInitialWindow { value: s.value });
                 }
             }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 use super::portforward::{self, PortForwardHandler, PortForwardTarget};
-use super::remotecommand::{self, ExecHandler, ExecIo, ExecOptions, Protocol, encode_status};
+use super::remotecommand::{self, encode_status, ExecHandler, ExecIo, ExecOptions, Protocol};
 use super::spdy::*;
 use super::{Error, StreamingConfig};
 
@@ -243,8 +243,13 @@ fn status_text_matches_the_kubelet() {
         internal.contains(r#""reason":"InternalError""#) && internal.ends_with(r#""code":500}"#),
         "{internal}"
     );
-    let attach = String::from_utf8(encode_status(Protocol::V4, &[], &Err("no stdin".into())).unwrap()).unwrap();
-    assert!(attach.contains("Internal error occurred: error attaching to container: no stdin"), "{attach}");
+    let attach =
+        String::from_utf8(encode_status(Protocol::V4, &[], &Err("no stdin".into())).unwrap())
+            .unwrap();
+    assert!(
+        attach.contains("Internal error occurred: error attaching to container: no stdin"),
+        "{attach}"
+    );
     // Before v4: nothing on success, the bare message on failure.
     assert_eq!(encode_status(Protocol::V3, &argv, &Ok(0)), None);
     assert_eq!(

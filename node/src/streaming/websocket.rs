@@ -23,10 +23,17 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
-use super::remotecommand::{encode_status, ExecHandler, ExecIo, ExecOptions, Protocol, TerminalSize};
+use super::remotecommand::{
+    encode_status, ExecHandler, ExecIo, ExecOptions, Protocol, TerminalSize,
+};
 
 /// The channel protocols served, in order of preference.
-pub const PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io", "base64.channel.k8s.io"];
+pub const PROTOCOLS: &[&str] = &[
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "base64.channel.k8s.io",
+];
 
 /// How a channel's data is put in a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,8 +79,14 @@ impl Framing {
             (Framing::Base64, Message::Text(text)) => {
                 use base64::Engine;
                 let text = text.as_str();
-                let channel = text.bytes().next()?.checked_sub(b'0').filter(|c| *c <= RESIZE)?;
-                let data = base64::engine::general_purpose::STANDARD.decode(&text[1..]).ok()?;
+                let channel = text
+                    .bytes()
+                    .next()?
+                    .checked_sub(b'0')
+                    .filter(|c| *c <= RESIZE)?;
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(&text[1..])
+                    .ok()?;
                 Some((channel, Bytes::from(data)))
             }
             _ => None,
@@ -114,7 +127,14 @@ fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConf
 
 /// Whether a request asks for a WebSocket upgrade.
 pub fn is_websocket(headers: &http::HeaderMap) -> bool {
-    let has = |name: http::header::HeaderName, token: &str| headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token));
+    let has = |name: http::header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
     has(http::header::UPGRADE, "websocket") && has(http::header::CONNECTION, "upgrade")
 }
 
@@ -128,21 +148,48 @@ pub enum NegotiationError {
 }
 
 /// Picks the subprotocol and builds the 101 answer's headers.
-pub fn negotiate(headers: &http::HeaderMap) -> Result<(&'static str, http::HeaderMap), NegotiationError> {
-    let key = headers.get(http::header::SEC_WEBSOCKET_KEY).ok_or(NegotiationError::MissingKey)?;
+pub fn negotiate(
+    headers: &http::HeaderMap,
+) -> Result<(&'static str, http::HeaderMap), NegotiationError> {
+    let key = headers
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .ok_or(NegotiationError::MissingKey)?;
     let requested = super::handshake::listed_tokens(headers, http::header::SEC_WEBSOCKET_PROTOCOL);
-    let protocol = PROTOCOLS.iter().find(|p| requested.iter().any(|r| r == *p)).copied().ok_or_else(|| NegotiationError::NoCommonProtocol { requested: requested.join(", ") })?;
+    let protocol = PROTOCOLS
+        .iter()
+        .find(|p| requested.iter().any(|r| r == *p))
+        .copied()
+        .ok_or_else(|| NegotiationError::NoCommonProtocol {
+            requested: requested.join(", "),
+        })?;
     let mut out = http::HeaderMap::new();
-    out.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
-    out.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    out.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    out.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    out.insert(http::header::SEC_WEBSOCKET_ACCEPT, http::HeaderValue::from_str(&accept).map_err(|_| NegotiationError::MissingKey)?);
-    out.insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(protocol));
+    out.insert(
+        http::header::SEC_WEBSOCKET_ACCEPT,
+        http::HeaderValue::from_str(&accept).map_err(|_| NegotiationError::MissingKey)?,
+    );
+    out.insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(protocol),
+    );
     Ok((protocol, out))
 }
 
 /// Serves one exec/attach session on an upgraded WebSocket connection (see the module docs).
-pub async fn serve_remotecommand<IO, H>(io: IO, protocol: &str, options: ExecOptions, handler: &H) -> Result<(), tokio_tungstenite::tungstenite::Error>
+pub async fn serve_remotecommand<IO, H>(
+    io: IO,
+    protocol: &str,
+    options: ExecOptions,
+    handler: &H,
+) -> Result<(), tokio_tungstenite::tungstenite::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: ExecHandler + ?Sized,
@@ -168,16 +215,32 @@ where
     let (stdin_ours, stdin_theirs) = pipe(options.stdin).unzip();
     let (stdout_ours, stdout_theirs) = pipe(options.stdout).unzip();
     let (stderr_ours, stderr_theirs) = pipe(options.stderr).unzip();
-    let (resize_tx, resize_rx) = if options.tty { let (tx, rx) = mpsc::channel(16); (Some(tx), Some(rx)) } else { (None, None) };
+    let (resize_tx, resize_rx) = if options.tty {
+        let (tx, rx) = mpsc::channel(16);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
 
     // Ready: an empty message on the lowest channel we write to.
-    let first = if options.stdout { STDOUT } else if options.stderr { STDERR } else { ERROR };
+    let first = if options.stdout {
+        STDOUT
+    } else if options.stderr {
+        STDERR
+    } else {
+        ERROR
+    };
     let _ = out.send(framing.encode(first, &[])).await;
 
     let mut pumps = Vec::new();
     for (channel, ours) in [(STDOUT, stdout_ours), (STDERR, stderr_ours)] {
         if let Some(ours) = ours {
-            pumps.push(tokio::spawn(pump_output(framing, channel, ours, out.clone())));
+            pumps.push(tokio::spawn(pump_output(
+                framing,
+                channel,
+                ours,
+                out.clone(),
+            )));
         }
     }
     let reader = tokio::spawn(async move {
@@ -199,7 +262,9 @@ where
                     }
                 }
                 RESIZE => {
-                    if let (Some(tx), Ok(size)) = (&resize_tx, serde_json::from_slice::<TerminalSize>(&data)) {
+                    if let (Some(tx), Ok(size)) =
+                        (&resize_tx, serde_json::from_slice::<TerminalSize>(&data))
+                    {
                         let _ = tx.try_send(size);
                     }
                 }
@@ -212,7 +277,15 @@ where
     });
 
     let command = options.command.clone();
-    let exec_io = ExecIo { command: options.command, container: options.container, tty: options.tty, stdin: stdin_theirs, stdout: stdout_theirs, stderr: stderr_theirs, resize: resize_rx };
+    let exec_io = ExecIo {
+        command: options.command,
+        container: options.container,
+        tty: options.tty,
+        stdin: stdin_theirs,
+        stdout: stdout_theirs,
+        stderr: stderr_theirs,
+        resize: resize_rx,
+    };
     let outcome = handler.exec(exec_io).await;
     debug!(?outcome, "handler finished");
     for pump in pumps {
@@ -223,7 +296,12 @@ where
     if let Some(status) = encode_status(Protocol::V4, &command, &outcome) {
         let _ = out.send(framing.encode(ERROR, &status)).await;
     }
-    let _ = out.send(Message::Close(Some(CloseFrame { code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal, reason: "".into() }))).await;
+    let _ = out
+        .send(Message::Close(Some(CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        })))
+        .await;
     drop(out);
     let _ = writer.await;
     reader.abort();
@@ -231,7 +309,12 @@ where
 }
 
 /// Copies one of the handler's output pipes to the connection, framed on `channel`.
-async fn pump_output(framing: Framing, channel: u8, mut pipe: DuplexStream, out: mpsc::Sender<Message>) {
+async fn pump_output(
+    framing: Framing,
+    channel: u8,
+    mut pipe: DuplexStream,
+    out: mpsc::Sender<Message>,
+) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match pipe.read(&mut buf).await {
@@ -249,37 +332,81 @@ mod tests {
     use super::*;
 
     fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
-        pairs.iter().map(|(k, v)| (http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_str(v).unwrap())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
     }
 
     #[test]
     fn base64_framing_round_trips_and_binary_keeps_the_channel_byte() {
         let text = Framing::Base64.encode(STDOUT, b"hi there");
         assert_eq!(text, Message::text("1aGkgdGhlcmU="));
-        assert_eq!(Framing::Base64.decode(Message::text("0aGkgdGhlcmU=")), Some((STDIN, Bytes::from_static(b"hi there"))));
+        assert_eq!(
+            Framing::Base64.decode(Message::text("0aGkgdGhlcmU=")),
+            Some((STDIN, Bytes::from_static(b"hi there")))
+        );
         assert_eq!(Framing::Base64.decode(Message::text("0not base64!")), None);
-        assert_eq!(Framing::Base64.decode(Message::text("9aGk=")), None, "no such channel");
-        assert_eq!(Framing::Binary.encode(STDERR, b"x"), Message::Binary(Bytes::from_static(b"\x02x")));
-        assert_eq!(Framing::Binary.decode(Message::Binary(Bytes::from_static(b"\x00in"))), Some((STDIN, Bytes::from_static(b"in"))));
+        assert_eq!(
+            Framing::Base64.decode(Message::text("9aGk=")),
+            None,
+            "no such channel"
+        );
+        assert_eq!(
+            Framing::Binary.encode(STDERR, b"x"),
+            Message::Binary(Bytes::from_static(b"\x02x"))
+        );
+        assert_eq!(
+            Framing::Binary.decode(Message::Binary(Bytes::from_static(b"\x00in"))),
+            Some((STDIN, Bytes::from_static(b"in")))
+        );
         assert_eq!(Framing::Binary.decode(Message::Binary(Bytes::new())), None);
         assert_eq!(Framing::of("v4.base64.channel.k8s.io"), Framing::Base64);
     }
 
     #[test]
     fn upgrade_requests_are_recognised() {
-        assert!(is_websocket(&headers(&[("upgrade", "websocket"), ("connection", "keep-alive, Upgrade")])));
-        assert!(!is_websocket(&headers(&[("upgrade", "SPDY/3.1"), ("connection", "Upgrade")])));
+        assert!(is_websocket(&headers(&[
+            ("upgrade", "websocket"),
+            ("connection", "keep-alive, Upgrade")
+        ])));
+        assert!(!is_websocket(&headers(&[
+            ("upgrade", "SPDY/3.1"),
+            ("connection", "Upgrade")
+        ])));
     }
 
     #[test]
     fn negotiation_prefers_v5_and_computes_the_accept_key() {
-        let (protocol, out) = negotiate(&headers(&[("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), ("sec-websocket-protocol", "v4.channel.k8s.io, v5.channel.k8s.io")])).unwrap();
+        let (protocol, out) = negotiate(&headers(&[
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            (
+                "sec-websocket-protocol",
+                "v4.channel.k8s.io, v5.channel.k8s.io",
+            ),
+        ]))
+        .unwrap();
         assert_eq!(protocol, "v5.channel.k8s.io");
         // RFC 6455's example.
-        assert_eq!(out[http::header::SEC_WEBSOCKET_ACCEPT], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        let err = negotiate(&headers(&[("sec-websocket-key", "x"), ("sec-websocket-protocol", "channel.k8s.io")])).unwrap_err();
+        assert_eq!(
+            out[http::header::SEC_WEBSOCKET_ACCEPT],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let err = negotiate(&headers(&[
+            ("sec-websocket-key", "x"),
+            ("sec-websocket-protocol", "channel.k8s.io"),
+        ]))
+        .unwrap_err();
         assert!(err.to_string().contains("v5.channel.k8s.io"), "{err}");
-        assert_eq!(negotiate(&headers(&[("sec-websocket-protocol", "v5.channel.k8s.io")])).unwrap_err(), NegotiationError::MissingKey);
+        assert_eq!(
+            negotiate(&headers(&[("sec-websocket-protocol", "v5.channel.k8s.io")])).unwrap_err(),
+            NegotiationError::MissingKey
+        );
     }
 }
 
@@ -330,7 +457,10 @@ mod proptests {
                 Ok(0)
             }
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let mut runner = proptest::test_runner::TestRunner::default();
         // One masked binary frame of 2 MiB (over MAX_MESSAGE, under tungstenite's defaults),
         // on stdin, and then nothing: refused, the session ends; taken, it would wait for more.
@@ -343,8 +473,14 @@ mod proptests {
         };
         runtime.block_on(async {
             let (server, client) = tokio::io::duplex(64 * 1024);
-            let options = ExecOptions { stdin: true, stdout: true, ..ExecOptions::default() };
-            let serving = tokio::spawn(async move { serve_remotecommand(server, "v5.channel.k8s.io", options, &Nothing).await });
+            let options = ExecOptions {
+                stdin: true,
+                stdout: true,
+                ..ExecOptions::default()
+            };
+            let serving = tokio::spawn(async move {
+                serve_remotecommand(server, "v5.channel.k8s.io", options, &Nothing).await
+            });
             let (mut read, mut write) = tokio::io::split(client);
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt as _;
@@ -353,22 +489,42 @@ mod proptests {
                 std::future::pending::<()>().await;
             });
             let mut out = Vec::new();
-            let ended = tokio::time::timeout(std::time::Duration::from_secs(10), read.read_to_end(&mut out)).await;
-            assert!(ended.is_ok(), "a message over {MAX_MESSAGE} bytes ends the session");
+            let ended = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                read.read_to_end(&mut out),
+            )
+            .await;
+            assert!(
+                ended.is_ok(),
+                "a message over {MAX_MESSAGE} bytes ends the session"
+            );
             let _ = serving.await;
         });
         runner
             .run(&prop::collection::vec(any::<u8>(), 0..512), |bytes| {
                 runtime.block_on(async {
                     let (server, mut client) = tokio::io::duplex(64 * 1024);
-                    let options = ExecOptions { stdin: true, stdout: true, ..ExecOptions::default() };
-                    let serving = tokio::spawn(async move { serve_remotecommand(server, "v4.channel.k8s.io", options, &Nothing).await });
+                    let options = ExecOptions {
+                        stdin: true,
+                        stdout: true,
+                        ..ExecOptions::default()
+                    };
+                    let serving = tokio::spawn(async move {
+                        serve_remotecommand(server, "v4.channel.k8s.io", options, &Nothing).await
+                    });
                     use tokio::io::AsyncWriteExt as _;
                     let _ = client.write_all(&bytes).await;
                     let _ = client.shutdown().await;
                     let mut out = Vec::new();
-                    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), client.read_to_end(&mut out)).await;
-                    prop_assert!(ended.is_ok(), "the session ends once the client's input does");
+                    let ended = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        client.read_to_end(&mut out),
+                    )
+                    .await;
+                    prop_assert!(
+                        ended.is_ok(),
+                        "the session ends once the client's input does"
+                    );
                     let _ = serving.await;
                     Ok(())
                 })

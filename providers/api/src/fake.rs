@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::{ContainerConfig, ContainerState, ContainerSummary, ContainerUsage, ExitReason, ImageInfo, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig};
+use crate::{
+    ContainerConfig, ContainerState, ContainerSummary, ContainerUsage, ExitReason, ImageInfo,
+    Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig,
+};
 
 /// See the module docs.
 #[derive(Default)]
@@ -46,7 +49,9 @@ impl FakeProvider {
 
     /// Pulls of `reference` fail with `error` from now on.
     pub fn fail_pulls(&self, reference: &str, error: ProviderError) {
-        self.state().pull_errors.insert(reference.to_string(), error);
+        self.state()
+            .pull_errors
+            .insert(reference.to_string(), error);
     }
 
     /// Pulls of `reference` succeed again.
@@ -58,15 +63,29 @@ impl FakeProvider {
     /// when none runs.
     pub fn exit(&self, pod_uid: &str, name: &str, code: i32) -> bool {
         let mut state = self.state();
-        let Some(entry) = state.containers.values_mut().find(|e| e.pod_uid == pod_uid && e.config.name == name && matches!(e.state, ContainerState::Running { .. })) else {
+        let Some(entry) = state.containers.values_mut().find(|e| {
+            e.pod_uid == pod_uid
+                && e.config.name == name
+                && matches!(e.state, ContainerState::Running { .. })
+        }) else {
             return false;
         };
         let started_at = match entry.state {
             ContainerState::Running { started_at } => Some(started_at),
             _ => None,
         };
-        let reason = if code == 0 { ExitReason::Completed } else { ExitReason::Error };
-        entry.state = ContainerState::Exited { started_at, finished_at: SystemTime::now(), exit_code: code, reason, message: None };
+        let reason = if code == 0 {
+            ExitReason::Completed
+        } else {
+            ExitReason::Error
+        };
+        entry.state = ContainerState::Exited {
+            started_at,
+            finished_at: SystemTime::now(),
+            exit_code: code,
+            reason,
+            message: None,
+        };
         true
     }
 
@@ -91,7 +110,10 @@ impl FakeProvider {
 #[async_trait::async_trait]
 impl Provider for FakeProvider {
     fn runtime_info(&self) -> RuntimeInfo {
-        RuntimeInfo { name: "fake".into(), version: "0".into() }
+        RuntimeInfo {
+            name: "fake".into(),
+            version: "0".into(),
+        }
     }
 
     async fn status(&self) -> RuntimeStatus {
@@ -102,23 +124,37 @@ impl Provider for FakeProvider {
         self.state().images.get(reference).cloned()
     }
 
-    async fn pull_image(&self, reference: &str, _auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+    async fn pull_image(
+        &self,
+        reference: &str,
+        _auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
         let mut state = self.state();
         state.calls.push(format!("pull {reference}"));
         if let Some(e) = state.pull_errors.get(reference) {
             return Err(e.clone());
         }
-        let info = ImageInfo { reference: reference.to_string(), digest: format!("sha256:{:064x}", reference.len()), size: 1 };
+        let info = ImageInfo {
+            reference: reference.to_string(),
+            digest: format!("sha256:{:064x}", reference.len()),
+            size: 1,
+        };
         state.images.insert(reference.to_string(), info.clone());
         Ok(info)
     }
 
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
-        self.state().sandboxes.insert(config.pod_uid.clone(), config.clone());
+        self.state()
+            .sandboxes
+            .insert(config.pod_uid.clone(), config.clone());
         Ok(config.pod_uid.clone())
     }
 
-    async fn remove_pod_sandbox(&self, sandbox_id: &str, _grace: Duration) -> Result<(), ProviderError> {
+    async fn remove_pod_sandbox(
+        &self,
+        sandbox_id: &str,
+        _grace: Duration,
+    ) -> Result<(), ProviderError> {
         let mut state = self.state();
         state.calls.push(format!("remove-sandbox {sandbox_id}"));
         state.containers.retain(|_, e| e.pod_uid != sandbox_id);
@@ -126,7 +162,11 @@ impl Provider for FakeProvider {
         Ok(())
     }
 
-    async fn create_container(&self, sandbox_id: &str, config: ContainerConfig) -> Result<String, ProviderError> {
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: ContainerConfig,
+    ) -> Result<String, ProviderError> {
         let mut state = self.state();
         if !state.sandboxes.contains_key(sandbox_id) {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id}")));
@@ -136,39 +176,73 @@ impl Provider for FakeProvider {
         }
         state.next_id += 1;
         let id = format!("fake-{}", state.next_id);
-        state.calls.push(format!("create {sandbox_id}/{}#{}", config.name, config.attempt));
-        state.containers.insert(id.clone(), Entry { pod_uid: sandbox_id.to_string(), config, state: ContainerState::Created });
+        state.calls.push(format!(
+            "create {sandbox_id}/{}#{}",
+            config.name, config.attempt
+        ));
+        state.containers.insert(
+            id.clone(),
+            Entry {
+                pod_uid: sandbox_id.to_string(),
+                config,
+                state: ContainerState::Created,
+            },
+        );
         Ok(id)
     }
 
     async fn start_container(&self, container_id: &str) -> Result<(), ProviderError> {
         let mut state = self.state();
-        let entry = state.containers.get_mut(container_id).ok_or_else(|| ProviderError::NotFound(container_id.to_string()))?;
+        let entry = state
+            .containers
+            .get_mut(container_id)
+            .ok_or_else(|| ProviderError::NotFound(container_id.to_string()))?;
         if entry.state != ContainerState::Created {
-            return Err(ProviderError::Create(format!("{container_id} is not Created")));
+            return Err(ProviderError::Create(format!(
+                "{container_id} is not Created"
+            )));
         }
-        entry.state = ContainerState::Running { started_at: SystemTime::now() };
+        entry.state = ContainerState::Running {
+            started_at: SystemTime::now(),
+        };
         let call = format!("start {}", Self::describe(entry));
         state.calls.push(call);
         Ok(())
     }
 
-    async fn stop_container(&self, container_id: &str, _grace: Duration) -> Result<(), ProviderError> {
+    async fn stop_container(
+        &self,
+        container_id: &str,
+        _grace: Duration,
+    ) -> Result<(), ProviderError> {
         let mut state = self.state();
-        let entry = state.containers.get_mut(container_id).ok_or_else(|| ProviderError::NotFound(container_id.to_string()))?;
+        let entry = state
+            .containers
+            .get_mut(container_id)
+            .ok_or_else(|| ProviderError::NotFound(container_id.to_string()))?;
         let started_at = match entry.state {
             ContainerState::Running { started_at } => Some(started_at),
             ContainerState::Created => None,
             ContainerState::Exited { .. } => return Ok(()),
         };
-        entry.state = ContainerState::Exited { started_at, finished_at: SystemTime::now(), exit_code: 137, reason: ExitReason::Killed, message: None };
+        entry.state = ContainerState::Exited {
+            started_at,
+            finished_at: SystemTime::now(),
+            exit_code: 137,
+            reason: ExitReason::Killed,
+            message: None,
+        };
         let call = format!("stop {}", Self::describe(entry));
         state.calls.push(call);
         Ok(())
     }
 
     async fn remove_container(&self, container_id: &str) -> Result<(), ProviderError> {
-        self.state().containers.remove(container_id).map(drop).ok_or_else(|| ProviderError::NotFound(container_id.to_string()))
+        self.state()
+            .containers
+            .remove(container_id)
+            .map(drop)
+            .ok_or_else(|| ProviderError::NotFound(container_id.to_string()))
     }
 
     async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {

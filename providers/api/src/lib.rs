@@ -62,7 +62,10 @@ pub struct RegistryAuth {
 impl fmt::Debug for RegistryAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print a password, not even in a debug log.
-        f.debug_struct("RegistryAuth").field("registry", &self.registry).field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("RegistryAuth")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
@@ -219,7 +222,9 @@ impl OutboundPolicy {
             OutboundPolicy::AllowAll => true,
             OutboundPolicy::AllowOnly(hosts) => {
                 let host = host.trim_start_matches('[').trim_end_matches(']');
-                hosts.iter().any(|h| h.host.eq_ignore_ascii_case(host) && h.port.is_none_or(|p| p == port))
+                hosts
+                    .iter()
+                    .any(|h| h.host.eq_ignore_ascii_case(host) && h.port.is_none_or(|p| p == port))
             }
         }
     }
@@ -229,8 +234,16 @@ impl OutboundPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
     Created,
-    Running { started_at: SystemTime },
-    Exited { started_at: Option<SystemTime>, finished_at: SystemTime, exit_code: i32, reason: ExitReason, message: Option<String> },
+    Running {
+        started_at: SystemTime,
+    },
+    Exited {
+        started_at: Option<SystemTime>,
+        finished_at: SystemTime,
+        exit_code: i32,
+        reason: ExitReason,
+        message: Option<String>,
+    },
 }
 
 /// Why a container stopped, in the words `status.containerStatuses[].state.terminated.reason` uses.
@@ -296,7 +309,10 @@ pub struct ExecIo {
 
 impl fmt::Debug for ExecIo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExecIo").field("stdin", &self.stdin.is_some()).field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("ExecIo")
+            .field("stdin", &self.stdin.is_some())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -311,7 +327,11 @@ pub struct AttachIo {
 
 impl fmt::Debug for AttachIo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AttachIo").field("stdin", &self.stdin.is_some()).field("stdout", &self.stdout.is_some()).field("stderr", &self.stderr.is_some()).finish()
+        f.debug_struct("AttachIo")
+            .field("stdin", &self.stdin.is_some())
+            .field("stdout", &self.stdout.is_some())
+            .field("stderr", &self.stderr.is_some())
+            .finish()
     }
 }
 
@@ -394,22 +414,38 @@ pub trait Provider: Send + Sync + 'static {
     async fn image_status(&self, reference: &str) -> Option<ImageInfo>;
 
     /// Pulls `reference` (always contacting the registry), verifying digests.
-    async fn pull_image(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError>;
+    async fn pull_image(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError>;
 
     /// Creates the pod's sandbox; returns its id. Idempotent per pod UID.
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError>;
 
     /// Stops every container of the sandbox (within `grace`) and forgets the sandbox.
-    async fn remove_pod_sandbox(&self, sandbox_id: &str, grace: Duration) -> Result<(), ProviderError>;
+    async fn remove_pod_sandbox(
+        &self,
+        sandbox_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError>;
 
     /// Creates a container in a sandbox (compiling its module if needed); returns its id.
-    async fn create_container(&self, sandbox_id: &str, config: ContainerConfig) -> Result<String, ProviderError>;
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: ContainerConfig,
+    ) -> Result<String, ProviderError>;
 
     /// Starts a created container.
     async fn start_container(&self, container_id: &str) -> Result<(), ProviderError>;
 
     /// Asks the container to stop, and ends it forcibly when `grace` runs out.
-    async fn stop_container(&self, container_id: &str, grace: Duration) -> Result<(), ProviderError>;
+    async fn stop_container(
+        &self,
+        container_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError>;
 
     /// Forgets an exited container.
     async fn remove_container(&self, container_id: &str) -> Result<(), ProviderError>;
@@ -438,7 +474,9 @@ pub trait Provider: Send + Sync + 'static {
     /// shares it); returns the bytes freed. Removal is crash-safe: an interrupted one leaves a
     /// store that opens consistent. The node never removes an image a container uses.
     async fn remove_image(&self, reference: &str) -> Result<u64, ProviderError> {
-        Err(ProviderError::NotFound(format!("image {reference} (this runtime does not remove images)")))
+        Err(ProviderError::NotFound(format!(
+            "image {reference} (this runtime does not remove images)"
+        )))
     }
 
     /// Runs `command` as a new instance of the container's module in the same sandbox:
@@ -452,9 +490,16 @@ pub trait Provider: Send + Sync + 'static {
     ///
     /// The default says the provider cannot exec, so a provider (or a test fake) that has no
     /// exec still compiles.
-    async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
+    async fn exec(
+        &self,
+        container_id: &str,
+        command: Vec<String>,
+        io: ExecIo,
+    ) -> Result<i32, ProviderError> {
         let _ = (command, io);
-        Err(ProviderError::Exec(format!("container {container_id}: this runtime does not support exec")))
+        Err(ProviderError::Exec(format!(
+            "container {container_id}: this runtime does not support exec"
+        )))
     }
 
     /// Attaches to the running instance of a container (`kubectl attach`): streams what it
@@ -467,7 +512,9 @@ pub trait Provider: Send + Sync + 'static {
     /// [`ContainerConfig::stdin`]. The default says the provider cannot attach.
     async fn attach(&self, container_id: &str, io: AttachIo) -> Result<(), ProviderError> {
         let _ = io;
-        Err(ProviderError::Exec(format!("container {container_id}: this runtime does not support attach")))
+        Err(ProviderError::Exec(format!(
+            "container {container_id}: this runtime does not support attach"
+        )))
     }
 
     /// Where the pod's own TCP listener on `port` is, for port-forward to dial: `Some` only
@@ -482,9 +529,19 @@ pub trait Provider: Send + Sync + 'static {
     /// [`Provider::exec`] with no stdin, returning the exit code and stdout and stderr
     /// interleaved as written, capped at [`EXEC_SYNC_OUTPUT_LIMIT`] bytes; for exec probes and
     /// exec lifecycle hooks (the CRI's `ExecSync`).
-    async fn exec_sync(&self, container_id: &str, command: Vec<String>, timeout: Duration) -> Result<(i32, Vec<u8>), ProviderError> {
+    async fn exec_sync(
+        &self,
+        container_id: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(i32, Vec<u8>), ProviderError> {
         let output = CappedOutput::new(EXEC_SYNC_OUTPUT_LIMIT);
-        let io = ExecIo { stdin: None, stdout: Box::pin(output.clone()), stderr: Box::pin(output.clone()), timeout: Some(timeout) };
+        let io = ExecIo {
+            stdin: None,
+            stdout: Box::pin(output.clone()),
+            stderr: Box::pin(output.clone()),
+            timeout: Some(timeout),
+        };
         let code = self.exec(container_id, command, io).await?;
         Ok((code, output.take()))
     }
@@ -500,7 +557,10 @@ struct CappedOutput {
 
 impl CappedOutput {
     fn new(limit: usize) -> Self {
-        Self { inner: Arc::new(Mutex::new(Vec::new())), limit }
+        Self {
+            inner: Arc::new(Mutex::new(Vec::new())),
+            limit,
+        }
     }
 
     fn take(&self) -> Vec<u8> {
@@ -509,7 +569,11 @@ impl CappedOutput {
 }
 
 impl AsyncWrite for CappedOutput {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = self.limit.saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..buf.len().min(room)]);
@@ -529,7 +593,10 @@ mod tests {
 
     #[test]
     fn runtime_info_renders_in_cri_form() {
-        let info = RuntimeInfo { name: "wasmtime".into(), version: "48.0.8".into() };
+        let info = RuntimeInfo {
+            name: "wasmtime".into(),
+            version: "48.0.8".into(),
+        };
         assert_eq!(info.to_string(), "wasmtime://48.0.8");
     }
 
@@ -539,7 +606,10 @@ mod tests {
     #[async_trait::async_trait]
     impl Provider for Echo {
         fn runtime_info(&self) -> RuntimeInfo {
-            RuntimeInfo { name: "echo".into(), version: "0".into() }
+            RuntimeInfo {
+                name: "echo".into(),
+                version: "0".into(),
+            }
         }
         async fn status(&self) -> RuntimeStatus {
             RuntimeStatus::Ready
@@ -547,7 +617,11 @@ mod tests {
         async fn image_status(&self, _: &str) -> Option<ImageInfo> {
             None
         }
-        async fn pull_image(&self, reference: &str, _: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+        async fn pull_image(
+            &self,
+            reference: &str,
+            _: &[RegistryAuth],
+        ) -> Result<ImageInfo, ProviderError> {
             Err(ProviderError::Pull(reference.into()))
         }
         async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
@@ -556,7 +630,11 @@ mod tests {
         async fn remove_pod_sandbox(&self, _: &str, _: Duration) -> Result<(), ProviderError> {
             Ok(())
         }
-        async fn create_container(&self, sandbox_id: &str, _: ContainerConfig) -> Result<String, ProviderError> {
+        async fn create_container(
+            &self,
+            sandbox_id: &str,
+            _: ContainerConfig,
+        ) -> Result<String, ProviderError> {
             Err(ProviderError::NotFound(sandbox_id.into()))
         }
         async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
@@ -571,19 +649,36 @@ mod tests {
         async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
             Ok(Vec::new())
         }
-        async fn exec(&self, _: &str, command: Vec<String>, mut io: ExecIo) -> Result<i32, ProviderError> {
+        async fn exec(
+            &self,
+            _: &str,
+            command: Vec<String>,
+            mut io: ExecIo,
+        ) -> Result<i32, ProviderError> {
             use tokio::io::AsyncWriteExt;
             assert!(io.stdin.is_none() && io.timeout == Some(Duration::from_secs(1)));
-            io.stdout.write_all(b"out ").await.map_err(|e| ProviderError::Io(e.to_string()))?;
-            io.stderr.write_all(b"err ").await.map_err(|e| ProviderError::Io(e.to_string()))?;
-            io.stdout.write_all(&vec![b'x'; EXEC_SYNC_OUTPUT_LIMIT]).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+            io.stdout
+                .write_all(b"out ")
+                .await
+                .map_err(|e| ProviderError::Io(e.to_string()))?;
+            io.stderr
+                .write_all(b"err ")
+                .await
+                .map_err(|e| ProviderError::Io(e.to_string()))?;
+            io.stdout
+                .write_all(&vec![b'x'; EXEC_SYNC_OUTPUT_LIMIT])
+                .await
+                .map_err(|e| ProviderError::Io(e.to_string()))?;
             Ok(command.len() as i32)
         }
     }
 
     #[tokio::test]
     async fn exec_sync_interleaves_and_caps_the_output() {
-        let (code, output) = Echo.exec_sync("c", vec!["a".into(), "b".into()], Duration::from_secs(1)).await.unwrap();
+        let (code, output) = Echo
+            .exec_sync("c", vec!["a".into(), "b".into()], Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(code, 2);
         assert_eq!(output.len(), EXEC_SYNC_OUTPUT_LIMIT);
         assert!(output.starts_with(b"out err xx"));
@@ -591,7 +686,11 @@ mod tests {
 
     #[test]
     fn registry_auth_debug_hides_the_password() {
-        let auth = RegistryAuth { registry: "r".into(), username: "u".into(), password: "hunter2".into() };
+        let auth = RegistryAuth {
+            registry: "r".into(),
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
         assert!(!format!("{auth:?}").contains("hunter2"));
     }
 }

@@ -48,9 +48,17 @@ impl RuntimeIdentity {
     /// This process's identity, serving `provider`: the instance is made now (each [`serve`]
     /// call is one runtime start; the runtime mode calls it once per process).
     pub(crate) fn new(provider: &dyn Provider) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let pid = std::process::id();
-        RuntimeIdentity { protocol: PROTOCOL_VERSION, pid, instance: format!("{nanos}-{pid}"), runtime_info: provider.runtime_info() }
+        RuntimeIdentity {
+            protocol: PROTOCOL_VERSION,
+            pid,
+            instance: format!("{nanos}-{pid}"),
+            runtime_info: provider.runtime_info(),
+        }
     }
 }
 

@@ -55,12 +55,25 @@ const STDIN_FRAMES: usize = 8;
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)?;
         }
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => std::fs::remove_file(path)?,
-        Ok(_) => return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket; not removing it", path.display()))),
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path)?
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not removing it",
+                    path.display()
+                ),
+            ))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -73,7 +86,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// its own task. On shutdown it stops accepting, closes every connection (the agent's calls
 /// fail with Unavailable) and returns when their tasks have ended; requests already running
 /// against the provider finish on their own.
-pub async fn serve(listener: UnixListener, provider: Arc<dyn Provider>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    provider: Arc<dyn Provider>,
+    shutdown: CancellationToken,
+) {
     let identity = Arc::new(RuntimeIdentity::new(&*provider));
     tracing::info!(instance = %identity.instance, "provider socket serving");
     let connections = TaskTracker::new();
@@ -88,7 +105,8 @@ pub async fn serve(listener: UnixListener, provider: Arc<dyn Provider>, shutdown
         };
         match accepted {
             (Ok(slot), Ok((stream, _))) => {
-                let (provider, identity, shutdown) = (provider.clone(), identity.clone(), shutdown.clone());
+                let (provider, identity, shutdown) =
+                    (provider.clone(), identity.clone(), shutdown.clone());
                 connections.spawn(async move {
                     tokio::select! {
                         () = connection(stream, provider, identity) => {}
@@ -111,19 +129,28 @@ pub async fn serve(listener: UnixListener, provider: Arc<dyn Provider>, shutdown
 
 /// Whether the peer may use the runtime: the same uid as this process, or root.
 fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
-    let cred = stream.peer_cred().map_err(|e| format!("reading the peer's credentials: {e}"))?;
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("reading the peer's credentials: {e}"))?;
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     let own = unsafe { libc::geteuid() };
     match cred.uid() {
         uid if uid == own || uid == 0 => Ok(()),
-        uid => Err(format!("peer uid {uid} (pid {}) is neither this runtime's uid {own} nor root", cred.pid().map_or("unknown".into(), |p| p.to_string()))),
+        uid => Err(format!(
+            "peer uid {uid} (pid {}) is neither this runtime's uid {own} nor root",
+            cred.pid().map_or("unknown".into(), |p| p.to_string())
+        )),
     }
 }
 
 type Conn = Framed<UnixStream, LengthDelimitedCodec>;
 
 /// One connection, from the credential check to its end.
-async fn connection(stream: UnixStream, provider: Arc<dyn Provider>, identity: Arc<RuntimeIdentity>) {
+async fn connection(
+    stream: UnixStream,
+    provider: Arc<dyn Provider>,
+    identity: Arc<RuntimeIdentity>,
+) {
     if let Err(reason) = peer_allowed(&stream) {
         tracing::warn!(%reason, "refused a provider connection");
         return;
@@ -131,18 +158,58 @@ async fn connection(stream: UnixStream, provider: Arc<dyn Provider>, identity: A
     let mut conn = Framed::new(stream, wire::codec());
     let open = match tokio::time::timeout(OPEN_TIMEOUT, conn.next()).await {
         Ok(Some(Ok(frame))) => serde_json::from_slice::<Open>(&frame),
-        Ok(Some(Err(e))) => return tracing::debug!(error = %e, "provider connection: unreadable first frame"),
+        Ok(Some(Err(e))) => {
+            return tracing::debug!(error = %e, "provider connection: unreadable first frame")
+        }
         Ok(None) => return,
-        Err(_) => return tracing::debug!("provider connection: no first frame within {OPEN_TIMEOUT:?}"),
+        Err(_) => {
+            return tracing::debug!("provider connection: no first frame within {OPEN_TIMEOUT:?}")
+        }
     };
     match open {
-        Err(e) => tracing::debug!(error = %e, "provider connection: the first frame is not an Open"),
-        Ok(Open::Hello { protocol }) => control(conn, protocol, provider, &identity).await,
-        Ok(Open::Exec { protocol, container_id, command, stdin, timeout }) => {
-            run_stream(conn, protocol, provider, Kind::Exec { container_id, command, timeout }, stdin).await;
+        Err(e) => {
+            tracing::debug!(error = %e, "provider connection: the first frame is not an Open")
         }
-        Ok(Open::Attach { protocol, container_id, stdin, stdout, stderr }) => {
-            run_stream(conn, protocol, provider, Kind::Attach { container_id, stdout, stderr }, stdin).await;
+        Ok(Open::Hello { protocol }) => control(conn, protocol, provider, &identity).await,
+        Ok(Open::Exec {
+            protocol,
+            container_id,
+            command,
+            stdin,
+            timeout,
+        }) => {
+            run_stream(
+                conn,
+                protocol,
+                provider,
+                Kind::Exec {
+                    container_id,
+                    command,
+                    timeout,
+                },
+                stdin,
+            )
+            .await;
+        }
+        Ok(Open::Attach {
+            protocol,
+            container_id,
+            stdin,
+            stdout,
+            stderr,
+        }) => {
+            run_stream(
+                conn,
+                protocol,
+                provider,
+                Kind::Attach {
+                    container_id,
+                    stdout,
+                    stderr,
+                },
+                stdin,
+            )
+            .await;
         }
     }
 }
@@ -150,13 +217,20 @@ async fn connection(stream: UnixStream, provider: Arc<dyn Provider>, identity: A
 /// The control connection: answers the hello, then every request in a task of its own, at
 /// most [`MAX_IN_FLIGHT`] at once. Ends when the agent closes it (after answering what is in
 /// flight) or sends something that is not a request.
-async fn control(mut conn: Conn, protocol: u32, provider: Arc<dyn Provider>, identity: &RuntimeIdentity) {
+async fn control(
+    mut conn: Conn,
+    protocol: u32,
+    provider: Arc<dyn Provider>,
+    identity: &RuntimeIdentity,
+) {
     let welcome: Result<&RuntimeIdentity, ProviderError> = match protocol {
         PROTOCOL_VERSION => Ok(identity),
         other => Err(wire::mismatch(other, PROTOCOL_VERSION)),
     };
     let refused = welcome.is_err();
-    let Ok(frame) = wire::json_frame(&welcome) else { return };
+    let Ok(frame) = wire::json_frame(&welcome) else {
+        return;
+    };
     if conn.send(frame).await.is_err() || refused {
         return;
     }
@@ -173,17 +247,28 @@ async fn control(mut conn: Conn, protocol: u32, provider: Arc<dyn Provider>, ide
     let reader = async move {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
             let frame = match frames.next().await {
                 Some(Ok(frame)) => frame,
-                Some(Err(e)) => break tracing::debug!(error = %e, "provider control connection: bad frame"),
+                Some(Err(e)) => {
+                    break tracing::debug!(error = %e, "provider control connection: bad frame")
+                }
                 None => break,
             };
             let (id, call) = match serde_json::from_slice::<Request<Call>>(&frame) {
                 Ok(request) => (request.id, Ok(request.call)),
                 Err(e) => match serde_json::from_slice::<RequestId>(&frame) {
-                    Ok(RequestId { id }) => (id, Err(ProviderError::Setup(format!("the runtime cannot read this request: {e}")))),
-                    Err(_) => break tracing::debug!(error = %e, "provider control connection: not a request"),
+                    Ok(RequestId { id }) => (
+                        id,
+                        Err(ProviderError::Setup(format!(
+                            "the runtime cannot read this request: {e}"
+                        ))),
+                    ),
+                    Err(_) => {
+                        break tracing::debug!(error = %e, "provider control connection: not a request")
+                    }
                 },
             };
             let (provider, answers) = (provider.clone(), answers.clone());
@@ -192,7 +277,11 @@ async fn control(mut conn: Conn, protocol: u32, provider: Arc<dyn Provider>, ide
                     // Its own task, so a provider that panics still gets an answer out.
                     Ok(call) => tokio::spawn(async move { dispatch(&*provider, call).await })
                         .await
-                        .unwrap_or_else(|e| Err(ProviderError::Io(format!("the runtime failed while answering: {e}")))),
+                        .unwrap_or_else(|e| {
+                            Err(ProviderError::Io(format!(
+                                "the runtime failed while answering: {e}"
+                            )))
+                        }),
                     Err(e) => Err(e),
                 };
                 let _ = answers.send(answer(id, result)).await;
@@ -207,7 +296,9 @@ async fn control(mut conn: Conn, protocol: u32, provider: Arc<dyn Provider>, ide
 /// The response frame for request `id`; an answer too large for a frame becomes an error.
 fn answer(id: u64, result: Result<serde_json::Value, ProviderError>) -> Bytes {
     wire::json_frame(&Response { id, result }).unwrap_or_else(|reason| {
-        let error = Err(ProviderError::Io(format!("the runtime's answer could not be sent: {reason}")));
+        let error = Err(ProviderError::Io(format!(
+            "the runtime's answer could not be sent: {reason}"
+        )));
         wire::json_frame(&Response { id, result: error }).unwrap_or_default()
     })
 }
@@ -215,18 +306,30 @@ fn answer(id: u64, result: Result<serde_json::Value, ProviderError>) -> Bytes {
 /// Runs one call against the provider; the return value as JSON.
 async fn dispatch(provider: &dyn Provider, call: Call) -> Result<serde_json::Value, ProviderError> {
     fn json<T: Serialize>(value: T) -> Result<serde_json::Value, ProviderError> {
-        serde_json::to_value(value).map_err(|e| ProviderError::Io(format!("encoding the runtime's answer: {e}")))
+        serde_json::to_value(value)
+            .map_err(|e| ProviderError::Io(format!("encoding the runtime's answer: {e}")))
     }
     match call {
         Call::Status => json(provider.status().await),
         Call::ImageStatus { reference } => json(provider.image_status(&reference).await),
         Call::PullImage { reference, auth } => json(provider.pull_image(&reference, &auth).await?),
         Call::RunPodSandbox { config } => json(provider.run_pod_sandbox(&config).await?),
-        Call::RemovePodSandbox { sandbox_id, grace } => json(provider.remove_pod_sandbox(&sandbox_id, grace).await?),
-        Call::CreateContainer { sandbox_id, config } => json(provider.create_container(&sandbox_id, *config).await?),
-        Call::StartContainer { container_id } => json(provider.start_container(&container_id).await?),
-        Call::StopContainer { container_id, grace } => json(provider.stop_container(&container_id, grace).await?),
-        Call::RemoveContainer { container_id } => json(provider.remove_container(&container_id).await?),
+        Call::RemovePodSandbox { sandbox_id, grace } => {
+            json(provider.remove_pod_sandbox(&sandbox_id, grace).await?)
+        }
+        Call::CreateContainer { sandbox_id, config } => {
+            json(provider.create_container(&sandbox_id, *config).await?)
+        }
+        Call::StartContainer { container_id } => {
+            json(provider.start_container(&container_id).await?)
+        }
+        Call::StopContainer {
+            container_id,
+            grace,
+        } => json(provider.stop_container(&container_id, grace).await?),
+        Call::RemoveContainer { container_id } => {
+            json(provider.remove_container(&container_id).await?)
+        }
         Call::ListContainers => json(provider.list_containers().await?),
         Call::ListPodSandboxes => json(provider.list_pod_sandboxes().await?),
         Call::ImageFs => json(provider.image_fs().await),
@@ -238,8 +341,16 @@ async fn dispatch(provider: &dyn Provider, call: Call) -> Result<serde_json::Val
 
 /// What a stream connection runs.
 enum Kind {
-    Exec { container_id: String, command: Vec<String>, timeout: Option<Duration> },
-    Attach { container_id: String, stdout: bool, stderr: bool },
+    Exec {
+        container_id: String,
+        command: Vec<String>,
+        timeout: Option<Duration>,
+    },
+    Attach {
+        container_id: String,
+        stdout: bool,
+        stderr: bool,
+    },
 }
 
 /// One exec or attach stream. Stdin frames feed the command's stdin (end of stream or the
@@ -248,10 +359,18 @@ enum Kind {
 ///
 /// When the client leaves: an exec runs on to its end with its stdin closed and its output
 /// discarded; an attach ends at once (the provider's call is dropped).
-async fn run_stream(conn: Conn, protocol: u32, provider: Arc<dyn Provider>, kind: Kind, stdin: bool) {
+async fn run_stream(
+    conn: Conn,
+    protocol: u32,
+    provider: Arc<dyn Provider>,
+    kind: Kind,
+    stdin: bool,
+) {
     let (mut sink, frames) = conn.split();
     if protocol != PROTOCOL_VERSION {
-        if let Ok(frame) = wire::json_frame(&Err::<(), _>(wire::mismatch(protocol, PROTOCOL_VERSION))) {
+        if let Ok(frame) =
+            wire::json_frame(&Err::<(), _>(wire::mismatch(protocol, PROTOCOL_VERSION)))
+        {
             let _ = sink.send(StreamFrame::Result(frame).encode()).await;
         }
         return;
@@ -259,7 +378,10 @@ async fn run_stream(conn: Conn, protocol: u32, provider: Arc<dyn Provider>, kind
     let is_exec = matches!(kind, Kind::Exec { .. });
     let gone = CancellationToken::new();
     let (stdin_tx, stdin_rx) = mpsc::channel::<io::Result<Bytes>>(STDIN_FRAMES);
-    let stdin_reader = stdin.then(|| Box::pin(tokio_util::io::StreamReader::new(tokio_stream_of(stdin_rx))) as Pin<Box<dyn tokio::io::AsyncRead + Send>>);
+    let stdin_reader = stdin.then(|| {
+        Box::pin(tokio_util::io::StreamReader::new(tokio_stream_of(stdin_rx)))
+            as Pin<Box<dyn tokio::io::AsyncRead + Send>>
+    });
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTPUT_FRAMES);
     let reader = read_client(frames, stdin.then_some(stdin_tx), gone.clone());
     // An exec's output is drained (and dropped) after the client has gone, so the command
@@ -283,14 +405,36 @@ async fn run_stream(conn: Conn, protocol: u32, provider: Arc<dyn Provider>, kind
     let run = {
         let gone = gone.clone();
         async move {
-            let writer_of = |tag| Box::pin(FrameWriter { tag, tx: PollSender::new(out_tx.clone()) }) as Pin<Box<dyn AsyncWrite + Send>>;
+            let writer_of = |tag| {
+                Box::pin(FrameWriter {
+                    tag,
+                    tx: PollSender::new(out_tx.clone()),
+                }) as Pin<Box<dyn AsyncWrite + Send>>
+            };
             let result = match kind {
-                Kind::Exec { container_id, command, timeout } => {
-                    let io = ExecIo { stdin: stdin_reader, stdout: writer_of(wire::STDOUT), stderr: writer_of(wire::STDERR), timeout };
+                Kind::Exec {
+                    container_id,
+                    command,
+                    timeout,
+                } => {
+                    let io = ExecIo {
+                        stdin: stdin_reader,
+                        stdout: writer_of(wire::STDOUT),
+                        stderr: writer_of(wire::STDERR),
+                        timeout,
+                    };
                     wire::json_frame(&provider.exec(&container_id, command, io).await)
                 }
-                Kind::Attach { container_id, stdout, stderr } => {
-                    let io = AttachIo { stdin: stdin_reader, stdout: stdout.then(|| writer_of(wire::STDOUT)), stderr: stderr.then(|| writer_of(wire::STDERR)) };
+                Kind::Attach {
+                    container_id,
+                    stdout,
+                    stderr,
+                } => {
+                    let io = AttachIo {
+                        stdin: stdin_reader,
+                        stdout: stdout.then(|| writer_of(wire::STDOUT)),
+                        stderr: stderr.then(|| writer_of(wire::STDERR)),
+                    };
                     tokio::select! {
                         result = provider.attach(&container_id, io) => wire::json_frame(&result),
                         // The client left: nobody reads the attach any more.
@@ -298,7 +442,12 @@ async fn run_stream(conn: Conn, protocol: u32, provider: Arc<dyn Provider>, kind
                     }
                 }
             };
-            let result = result.unwrap_or_else(|reason| wire::json_frame(&Err::<(), _>(ProviderError::Io(format!("the runtime's answer could not be sent: {reason}")))).unwrap_or_default());
+            let result = result.unwrap_or_else(|reason| {
+                wire::json_frame(&Err::<(), _>(ProviderError::Io(format!(
+                    "the runtime's answer could not be sent: {reason}"
+                ))))
+                .unwrap_or_default()
+            });
             let _ = out_tx.send(StreamFrame::Result(result).encode()).await;
         }
     };
@@ -314,14 +463,20 @@ async fn run_stream(conn: Conn, protocol: u32, provider: Arc<dyn Provider>, kind
 }
 
 /// A receiver as a stream (for [`tokio_util::io::StreamReader`]).
-fn tokio_stream_of(mut rx: mpsc::Receiver<io::Result<Bytes>>) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
+fn tokio_stream_of(
+    mut rx: mpsc::Receiver<io::Result<Bytes>>,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Reads a stream client's frames: stdin data into `stdin` (dropping it at stdin's end closes
 /// the command's stdin). Returns, cancelling `gone`, when the client closes the connection or
 /// sends anything a client may not.
-async fn read_client(mut frames: futures::stream::SplitStream<Conn>, mut stdin: Option<mpsc::Sender<io::Result<Bytes>>>, gone: CancellationToken) {
+async fn read_client(
+    mut frames: futures::stream::SplitStream<Conn>,
+    mut stdin: Option<mpsc::Sender<io::Result<Bytes>>>,
+    gone: CancellationToken,
+) {
     while let Some(Ok(frame)) = frames.next().await {
         match StreamFrame::decode(frame.freeze()) {
             Some(StreamFrame::Stdin(data)) => {
@@ -349,7 +504,11 @@ struct FrameWriter {
 }
 
 impl AsyncWrite for FrameWriter {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use provider_api::{AttachIo, ContainerConfig, ContainerState, ExecIo, ExitReason, Provider, ProviderError, RuntimeStatus, SandboxConfig};
+use provider_api::{
+    AttachIo, ContainerConfig, ContainerState, ExecIo, ExitReason, Provider, ProviderError,
+    RuntimeStatus, SandboxConfig,
+};
 use provider_wasmtime::WasmtimeProvider;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -40,7 +43,9 @@ impl Drop for Root {
 /// Fails the test instead of hanging when `f` does not finish within 10 s (a guard, not a
 /// timing assertion).
 async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(10), f).await.unwrap_or_else(|_| panic!("{what}: no result within 10 s"))
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no result within 10 s"))
 }
 
 const POD: &str = "pod-uid-1";
@@ -94,7 +99,9 @@ const MULTI: &str = r#"(module
 /// A wasmtime provider under `root` holding [`MULTI`] as [`IMAGE`].
 fn wasmtime_provider(root: &Path) -> Arc<WasmtimeProvider> {
     let provider = WasmtimeProvider::new(root.join("runtime")).unwrap();
-    provider.import_image(IMAGE, &wat::parse_str(MULTI).unwrap()).unwrap();
+    provider
+        .import_image(IMAGE, &wat::parse_str(MULTI).unwrap())
+        .unwrap();
     Arc::new(provider)
 }
 
@@ -102,11 +109,19 @@ fn wasmtime_provider(root: &Path) -> Arc<WasmtimeProvider> {
 fn serve_on(socket: &Path, provider: Arc<dyn Provider>) -> (CancellationToken, JoinHandle<()>) {
     let listener = bind(socket).unwrap();
     let shutdown = CancellationToken::new();
-    (shutdown.clone(), tokio::spawn(serve(listener, provider, shutdown)))
+    (
+        shutdown.clone(),
+        tokio::spawn(serve(listener, provider, shutdown)),
+    )
 }
 
 fn sandbox(root: &Path) -> SandboxConfig {
-    SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.join("pod") }
+    SandboxConfig {
+        pod_uid: POD.into(),
+        namespace: "default".into(),
+        name: "p".into(),
+        pod_dir: root.join("pod"),
+    }
 }
 
 fn config(root: &Path, name: &str) -> ContainerConfig {
@@ -139,13 +154,23 @@ async fn running(root: &Root) -> (RemoteProvider, (CancellationToken, JoinHandle
     let server = serve_on(&root.socket(), wasmtime_provider(&root.0));
     let remote = RemoteProvider::connect(root.socket()).await.unwrap();
     remote.run_pod_sandbox(&sandbox(&root.0)).await.unwrap();
-    let id = remote.create_container(POD, config(&root.0, "multi")).await.unwrap();
+    let id = remote
+        .create_container(POD, config(&root.0, "multi"))
+        .await
+        .unwrap();
     remote.start_container(&id).await.unwrap();
     (remote, server, id)
 }
 
 async fn state_of(remote: &RemoteProvider, id: &str) -> ContainerState {
-    remote.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().state
+    remote
+        .list_containers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.id == id)
+        .unwrap()
+        .state
 }
 
 #[tokio::test]
@@ -154,49 +179,123 @@ async fn the_lifecycle_round_trips_through_the_socket() {
     let provider = wasmtime_provider(&root.0);
     let (shutdown, server) = serve_on(&root.socket(), provider.clone());
     // The socket is the owner's alone.
-    assert_eq!(std::fs::metadata(root.socket()).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(root.socket().parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(root.socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(root.socket().parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
 
     let remote = RemoteProvider::connect(root.socket()).await.unwrap();
-    let identity = remote.identity().borrow().clone().expect("an identity after connect");
-    assert_eq!((identity.protocol, identity.pid), (PROTOCOL_VERSION, std::process::id()));
+    let identity = remote
+        .identity()
+        .borrow()
+        .clone()
+        .expect("an identity after connect");
+    assert_eq!(
+        (identity.protocol, identity.pid),
+        (PROTOCOL_VERSION, std::process::id())
+    );
     assert_eq!(identity.runtime_info, provider.runtime_info());
     assert_eq!(remote.runtime_info(), provider.runtime_info());
     assert_eq!(remote.status().await, RuntimeStatus::Ready);
 
-    let image = remote.image_status(IMAGE).await.expect("the imported image");
+    let image = remote
+        .image_status(IMAGE)
+        .await
+        .expect("the imported image");
     assert_eq!(Some(image.clone()), provider.image_status(IMAGE).await);
     assert_eq!(remote.image_status("127.0.0.1:5000/absent:v1").await, None);
     let images = remote.list_images().await;
-    assert!(images.iter().any(|i| i.reference == IMAGE && i.digest == image.digest), "{images:?}");
+    assert!(
+        images
+            .iter()
+            .any(|i| i.reference == IMAGE && i.digest == image.digest),
+        "{images:?}"
+    );
     assert_eq!(remote.image_fs().await, provider.image_fs().await);
-    assert!(matches!(remote.pull_image("127.0.0.1:1/nothing:v1", &[]).await, Err(ProviderError::Pull(_))));
+    assert!(matches!(
+        remote.pull_image("127.0.0.1:1/nothing:v1", &[]).await,
+        Err(ProviderError::Pull(_))
+    ));
 
-    assert_eq!(remote.run_pod_sandbox(&sandbox(&root.0)).await.unwrap(), POD);
-    assert_eq!(remote.list_pod_sandboxes().await.unwrap(), vec![sandbox(&root.0)]);
+    assert_eq!(
+        remote.run_pod_sandbox(&sandbox(&root.0)).await.unwrap(),
+        POD
+    );
+    assert_eq!(
+        remote.list_pod_sandboxes().await.unwrap(),
+        vec![sandbox(&root.0)]
+    );
     let mut cfg = config(&root.0, "multi");
-    cfg.annotations.insert("wasm-kubelet/spec-hash".into(), "abc123".into());
+    cfg.annotations
+        .insert("wasm-kubelet/spec-hash".into(), "abc123".into());
     let id = remote.create_container(POD, cfg).await.unwrap();
     let listed = remote.list_containers().await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!((listed[0].id.as_str(), listed[0].pod_uid.as_str(), listed[0].name.as_str()), (id.as_str(), POD, "multi"));
+    assert_eq!(
+        (
+            listed[0].id.as_str(),
+            listed[0].pod_uid.as_str(),
+            listed[0].name.as_str()
+        ),
+        (id.as_str(), POD, "multi")
+    );
     assert_eq!(listed[0].state, ContainerState::Created);
-    assert_eq!(listed[0].annotations.get("wasm-kubelet/spec-hash").map(String::as_str), Some("abc123"));
+    assert_eq!(
+        listed[0]
+            .annotations
+            .get("wasm-kubelet/spec-hash")
+            .map(String::as_str),
+        Some("abc123")
+    );
     assert_eq!(listed[0].image_digest, image.digest);
 
     remote.start_container(&id).await.unwrap();
-    assert!(matches!(state_of(&remote, &id).await, ContainerState::Running { .. }));
+    assert!(matches!(
+        state_of(&remote, &id).await,
+        ContainerState::Running { .. }
+    ));
     assert_eq!(remote.pod_listener(POD, 8080).await, None);
     // Typed errors come back as themselves.
-    assert!(matches!(remote.start_container(&id).await, Err(ProviderError::Create(m)) if m.contains("not Created")));
-    assert!(matches!(remote.stop_container("no-such-id", Duration::ZERO).await, Err(ProviderError::NotFound(_))));
-    assert!(matches!(remote.create_container("no-such-pod", config(&root.0, "x")).await, Err(ProviderError::NotFound(_))));
+    assert!(
+        matches!(remote.start_container(&id).await, Err(ProviderError::Create(m)) if m.contains("not Created"))
+    );
+    assert!(matches!(
+        remote.stop_container("no-such-id", Duration::ZERO).await,
+        Err(ProviderError::NotFound(_))
+    ));
+    assert!(matches!(
+        remote
+            .create_container("no-such-pod", config(&root.0, "x"))
+            .await,
+        Err(ProviderError::NotFound(_))
+    ));
 
     remote.stop_container(&id, Duration::ZERO).await.unwrap();
-    assert!(matches!(state_of(&remote, &id).await, ContainerState::Exited { reason: ExitReason::Killed, .. }));
+    assert!(matches!(
+        state_of(&remote, &id).await,
+        ContainerState::Exited {
+            reason: ExitReason::Killed,
+            ..
+        }
+    ));
     remote.remove_container(&id).await.unwrap();
     assert!(remote.list_containers().await.unwrap().is_empty());
-    remote.remove_pod_sandbox(POD, Duration::ZERO).await.unwrap();
+    remote
+        .remove_pod_sandbox(POD, Duration::ZERO)
+        .await
+        .unwrap();
     assert!(remote.list_pod_sandboxes().await.unwrap().is_empty());
     assert!(remote.remove_image(IMAGE).await.unwrap() > 0);
     assert_eq!(remote.image_status(IMAGE).await, None);
@@ -216,14 +315,24 @@ impl Capture {
 }
 
 impl tokio::io::AsyncWrite for Capture {
-    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         self.0.lock().unwrap().extend_from_slice(buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
 }
@@ -235,18 +344,46 @@ async fn exec_streams_stdin_and_output_and_returns_the_exit_code_or_the_timeout(
     // More than one frame's worth of stdin, so the copy goes through several frames both ways.
     let input: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let (out, err) = (Capture::default(), Capture::default());
-    let io = ExecIo { stdin: Some(Box::pin(std::io::Cursor::new(input.clone()))), stdout: Box::pin(out.clone()), stderr: Box::pin(err.clone()), timeout: None };
+    let io = ExecIo {
+        stdin: Some(Box::pin(std::io::Cursor::new(input.clone()))),
+        stdout: Box::pin(out.clone()),
+        stderr: Box::pin(err.clone()),
+        timeout: None,
+    };
     // argc 2 * 10 + the container's one env var.
-    assert_eq!(within("exec", remote.exec(&id, argv(&["echo", "x"]), io)).await.unwrap(), 21);
-    assert!(out.bytes() == input, "stdout: {} bytes, not the {} of stdin", out.bytes().len(), input.len());
+    assert_eq!(
+        within("exec", remote.exec(&id, argv(&["echo", "x"]), io))
+            .await
+            .unwrap(),
+        21
+    );
+    assert!(
+        out.bytes() == input,
+        "stdout: {} bytes, not the {} of stdin",
+        out.bytes().len(),
+        input.len()
+    );
     assert_eq!(err.bytes(), b"done\n");
 
     // No stdin: end of file at once.
-    assert_eq!(within("exec_sync", remote.exec_sync(&id, argv(&["echo", "x"]), Duration::from_secs(10))).await.unwrap(), (21, b"done\n".to_vec()));
+    assert_eq!(
+        within(
+            "exec_sync",
+            remote.exec_sync(&id, argv(&["echo", "x"]), Duration::from_secs(10))
+        )
+        .await
+        .unwrap(),
+        (21, b"done\n".to_vec())
+    );
 
     // Output streams while the command runs, and the timeout comes back as itself.
     let (writer, mut reader) = tokio::io::duplex(64);
-    let io = ExecIo { stdin: None, stdout: Box::pin(writer), stderr: Box::pin(Capture::default()), timeout: Some(Duration::from_millis(500)) };
+    let io = ExecIo {
+        stdin: None,
+        stdout: Box::pin(writer),
+        stderr: Box::pin(Capture::default()),
+        timeout: Some(Duration::from_millis(500)),
+    };
     let exec = remote.exec(&id, argv(&["spin", "a", "b"]), io);
     let tick = async {
         let mut tick = [0u8; 5];
@@ -259,8 +396,25 @@ async fn exec_streams_stdin_and_output_and_returns_the_exit_code_or_the_timeout(
         Err(ProviderError::Timeout(message)) => assert!(message.contains("timed out"), "{message}"),
         other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(matches!(remote.exec("no-such-id", argv(&["x"]), ExecIo { stdin: None, stdout: Box::pin(Capture::default()), stderr: Box::pin(Capture::default()), timeout: None }).await, Err(ProviderError::NotFound(_))));
-    assert!(matches!(state_of(&remote, &id).await, ContainerState::Running { .. }));
+    assert!(matches!(
+        remote
+            .exec(
+                "no-such-id",
+                argv(&["x"]),
+                ExecIo {
+                    stdin: None,
+                    stdout: Box::pin(Capture::default()),
+                    stderr: Box::pin(Capture::default()),
+                    timeout: None
+                }
+            )
+            .await,
+        Err(ProviderError::NotFound(_))
+    ));
+    assert!(matches!(
+        state_of(&remote, &id).await,
+        ContainerState::Running { .. }
+    ));
 }
 
 #[tokio::test]
@@ -279,7 +433,14 @@ async fn attach_streams_the_running_containers_stdio_until_the_caller_or_the_con
     // The caller stops reading: the attach ends, the container runs on.
     let (mut typed, stdin) = tokio::io::duplex(1024);
     let (stdout, mut seen) = tokio::io::duplex(1024);
-    let attach = remote.attach(&id, AttachIo { stdin: Some(Box::pin(stdin)), stdout: Some(Box::pin(stdout)), stderr: None });
+    let attach = remote.attach(
+        &id,
+        AttachIo {
+            stdin: Some(Box::pin(stdin)),
+            stdout: Some(Box::pin(stdout)),
+            stderr: None,
+        },
+    );
     let caller = async {
         typed.write_all(b"ping\n").await.unwrap();
         let mut echoed = [0u8; 5];
@@ -290,18 +451,38 @@ async fn attach_streams_the_running_containers_stdio_until_the_caller_or_the_con
         typed.write_all(b"more\n").await.unwrap();
         typed
     };
-    let (result, _typed) = within("attach ended by the caller", async { tokio::join!(attach, caller) }).await;
+    let (result, _typed) = within("attach ended by the caller", async {
+        tokio::join!(attach, caller)
+    })
+    .await;
     result.unwrap();
-    assert!(matches!(state_of(&remote, &id).await, ContainerState::Running { .. }));
+    assert!(matches!(
+        state_of(&remote, &id).await,
+        ContainerState::Running { .. }
+    ));
 
     // Attached to stdout only: the container's end ends the attach.
     let (stdout, mut seen) = tokio::io::duplex(1024);
-    let attach = remote.attach(&id, AttachIo { stdin: None, stdout: Some(Box::pin(stdout)), stderr: None });
+    let attach = remote.attach(
+        &id,
+        AttachIo {
+            stdin: None,
+            stdout: Some(Box::pin(stdout)),
+            stderr: None,
+        },
+    );
     let stop = async {
         // Attached once the runtime forwards output: the container echoes what a second
         // (stdin-only) attach types.
         let (mut typed, stdin) = tokio::io::duplex(1024);
-        let typing = remote.attach(&id, AttachIo { stdin: Some(Box::pin(stdin)), stdout: None, stderr: None });
+        let typing = remote.attach(
+            &id,
+            AttachIo {
+                stdin: Some(Box::pin(stdin)),
+                stdout: None,
+                stderr: None,
+            },
+        );
         let reading = async {
             let mut echoed = [0u8; 16];
             loop {
@@ -317,12 +498,24 @@ async fn attach_streams_the_running_containers_stdio_until_the_caller_or_the_con
         typing.unwrap();
         remote.stop_container(&id, Duration::ZERO).await.unwrap();
     };
-    let (result, ()) = within("attach ended by the container", async { tokio::join!(attach, stop) }).await;
+    let (result, ()) = within("attach ended by the container", async {
+        tokio::join!(attach, stop)
+    })
+    .await;
     result.unwrap();
-    assert!(matches!(state_of(&remote, &id).await, ContainerState::Exited { .. }));
+    assert!(matches!(
+        state_of(&remote, &id).await,
+        ContainerState::Exited { .. }
+    ));
     // Attaching to a container that has ended is the provider's error, as itself.
-    let io = AttachIo { stdin: None, stdout: Some(Box::pin(Capture::default())), stderr: None };
-    assert!(matches!(remote.attach(&id, io).await, Err(ProviderError::Exec(m)) if m.contains("not Running")));
+    let io = AttachIo {
+        stdin: None,
+        stdout: Some(Box::pin(Capture::default())),
+        stderr: None,
+    };
+    assert!(
+        matches!(remote.attach(&id, io).await, Err(ProviderError::Exec(m)) if m.contains("not Running"))
+    );
     drop(server);
 }
 
@@ -336,7 +529,16 @@ async fn a_dead_runtime_is_unavailable_at_once_and_a_new_one_is_found_on_the_nex
     // In flight when the runtime goes: a stop with an hour's grace, and an exec that spins.
     let stop = remote.stop_container(&id, Duration::from_secs(3600));
     let (writer, mut reader) = tokio::io::duplex(64);
-    let exec = remote.exec(&id, argv(&["spin", "a", "b"]), ExecIo { stdin: None, stdout: Box::pin(writer), stderr: Box::pin(Capture::default()), timeout: None });
+    let exec = remote.exec(
+        &id,
+        argv(&["spin", "a", "b"]),
+        ExecIo {
+            stdin: None,
+            stdout: Box::pin(writer),
+            stderr: Box::pin(Capture::default()),
+            timeout: None,
+        },
+    );
     let kill = async {
         let mut tick = [0u8; 5];
         reader.read_exact(&mut tick).await.unwrap();
@@ -346,31 +548,83 @@ async fn a_dead_runtime_is_unavailable_at_once_and_a_new_one_is_found_on_the_nex
         server.await.unwrap();
         reader
     };
-    let (stopped, exec, _reader) = within("in-flight calls when the runtime dies", async { tokio::join!(stop, exec, kill) }).await;
-    assert!(matches!(&stopped, Err(ProviderError::Unavailable(m)) if m.contains("lost")), "{stopped:?}");
-    assert!(matches!(&exec, Err(ProviderError::Unavailable(m)) if m.contains("lost")), "{exec:?}");
-    within("identity goes to None", identity.wait_for(Option::is_none)).await.unwrap();
+    let (stopped, exec, _reader) = within("in-flight calls when the runtime dies", async {
+        tokio::join!(stop, exec, kill)
+    })
+    .await;
+    assert!(
+        matches!(&stopped, Err(ProviderError::Unavailable(m)) if m.contains("lost")),
+        "{stopped:?}"
+    );
+    assert!(
+        matches!(&exec, Err(ProviderError::Unavailable(m)) if m.contains("lost")),
+        "{exec:?}"
+    );
+    within("identity goes to None", identity.wait_for(Option::is_none))
+        .await
+        .unwrap();
 
     // Nothing listens: every call says so, none waits.
     let listed = within("list while down", remote.list_containers()).await;
-    assert!(matches!(&listed, Err(ProviderError::Unavailable(m)) if m.contains("provider.sock")), "{listed:?}");
+    assert!(
+        matches!(&listed, Err(ProviderError::Unavailable(m)) if m.contains("provider.sock")),
+        "{listed:?}"
+    );
     match within("status while down", remote.status()).await {
-        RuntimeStatus::NotReady { message } => assert!(message.starts_with("container runtime unavailable: "), "{message}"),
+        RuntimeStatus::NotReady { message } => assert!(
+            message.starts_with("container runtime unavailable: "),
+            "{message}"
+        ),
         RuntimeStatus::Ready => panic!("Ready while the runtime is down"),
     }
-    assert_eq!(within("image_status while down", remote.image_status(IMAGE)).await, None);
-    assert_eq!(remote.runtime_info().name, "wasmtime", "the last identity's info");
+    assert_eq!(
+        within("image_status while down", remote.image_status(IMAGE)).await,
+        None
+    );
+    assert_eq!(
+        remote.runtime_info().name,
+        "wasmtime",
+        "the last identity's info"
+    );
     std::fs::remove_file(root.socket()).unwrap();
-    let sandboxes = within("list_pod_sandboxes without a socket", remote.list_pod_sandboxes()).await;
-    assert!(matches!(&sandboxes, Err(ProviderError::Unavailable(m)) if m.contains("No such file")), "{sandboxes:?}");
-    let io = ExecIo { stdin: None, stdout: Box::pin(Capture::default()), stderr: Box::pin(Capture::default()), timeout: None };
-    assert!(matches!(within("exec without a socket", remote.exec(&id, argv(&["echo", "x"]), io)).await, Err(ProviderError::Unavailable(_))));
-    assert!(matches!(RemoteProvider::connect(root.socket()).await, Err(ProviderError::Unavailable(_))));
+    let sandboxes = within(
+        "list_pod_sandboxes without a socket",
+        remote.list_pod_sandboxes(),
+    )
+    .await;
+    assert!(
+        matches!(&sandboxes, Err(ProviderError::Unavailable(m)) if m.contains("No such file")),
+        "{sandboxes:?}"
+    );
+    let io = ExecIo {
+        stdin: None,
+        stdout: Box::pin(Capture::default()),
+        stderr: Box::pin(Capture::default()),
+        timeout: None,
+    };
+    assert!(matches!(
+        within(
+            "exec without a socket",
+            remote.exec(&id, argv(&["echo", "x"]), io)
+        )
+        .await,
+        Err(ProviderError::Unavailable(_))
+    ));
+    assert!(matches!(
+        RemoteProvider::connect(root.socket()).await,
+        Err(ProviderError::Unavailable(_))
+    ));
 
     // A new runtime on the same path: the next call reaches it, and it is a new instance.
     let (_shutdown, _server) = serve_on(&root.socket(), wasmtime_provider(&root.0));
-    assert!(within("list after the restart", remote.list_containers()).await.unwrap().is_empty());
-    let second = identity.borrow_and_update().clone().expect("an identity after reconnecting");
+    assert!(within("list after the restart", remote.list_containers())
+        .await
+        .unwrap()
+        .is_empty());
+    let second = identity
+        .borrow_and_update()
+        .clone()
+        .expect("an identity after reconnecting");
     assert_ne!(second.instance, first.instance);
 }
 
@@ -379,13 +633,23 @@ async fn a_peer_of_another_protocol_version_is_refused_naming_both() {
     use futures::{SinkExt, StreamExt};
     let root = Root::new("protocol");
     let _server = serve_on(&root.socket(), wasmtime_provider(&root.0));
-    let stream = tokio::net::UnixStream::connect(root.socket()).await.unwrap();
+    let stream = tokio::net::UnixStream::connect(root.socket())
+        .await
+        .unwrap();
     let mut conn = tokio_util::codec::Framed::new(stream, wire::codec());
-    conn.send(bytes::Bytes::from_static(br#"{"Hello":{"protocol":99}}"#)).await.unwrap();
-    let answer = within("answer to hello", conn.next()).await.unwrap().unwrap();
+    conn.send(bytes::Bytes::from_static(br#"{"Hello":{"protocol":99}}"#))
+        .await
+        .unwrap();
+    let answer = within("answer to hello", conn.next())
+        .await
+        .unwrap()
+        .unwrap();
     let welcome: Result<RuntimeIdentity, ProviderError> = serde_json::from_slice(&answer).unwrap();
     match welcome {
-        Err(ProviderError::Setup(m)) => assert!(m.contains("protocol 99") && m.contains(&format!("the runtime {PROTOCOL_VERSION}")), "{m}"),
+        Err(ProviderError::Setup(m)) => assert!(
+            m.contains("protocol 99") && m.contains(&format!("the runtime {PROTOCOL_VERSION}")),
+            "{m}"
+        ),
         other => panic!("{other:?}"),
     }
     assert!(within("close after refusing", conn.next()).await.is_none());
@@ -397,12 +661,27 @@ async fn a_peer_of_another_protocol_version_is_refused_naming_both() {
         let (stream, _) = listener.accept().await.unwrap();
         let mut conn = tokio_util::codec::Framed::new(stream, wire::codec());
         let _hello = conn.next().await;
-        let info = provider_api::RuntimeInfo { name: "wasmtime".into(), version: "0".into() };
-        let identity = RuntimeIdentity { protocol: 7, pid: 1, instance: "x".into(), runtime_info: info };
-        let _ = conn.send(wire::json_frame(&Ok::<_, ProviderError>(identity)).unwrap()).await;
+        let info = provider_api::RuntimeInfo {
+            name: "wasmtime".into(),
+            version: "0".into(),
+        };
+        let identity = RuntimeIdentity {
+            protocol: 7,
+            pid: 1,
+            instance: "x".into(),
+            runtime_info: info,
+        };
+        let _ = conn
+            .send(wire::json_frame(&Ok::<_, ProviderError>(identity)).unwrap())
+            .await;
     });
     match RemoteProvider::connect(fake.socket()).await {
-        Err(ProviderError::Setup(m)) => assert!(m.contains(&format!("agent speaks provider protocol {PROTOCOL_VERSION}")) && m.contains("the runtime 7"), "{m}"),
+        Err(ProviderError::Setup(m)) => assert!(
+            m.contains(&format!(
+                "agent speaks provider protocol {PROTOCOL_VERSION}"
+            )) && m.contains("the runtime 7"),
+            "{m}"
+        ),
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("connected to a runtime of protocol 7"),
     }
@@ -427,8 +706,19 @@ except (BrokenPipeError, ConnectionResetError):
     d = b""
 print("ANSWER" if d else "CLOSED")
 "#;
-    let out = std::process::Command::new("/usr/bin/python3").arg("-c").arg(CLIENT).arg(socket).uid(65534).gid(65534).output().expect("running python3 as nobody");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(CLIENT)
+        .arg(socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("running python3 as nobody");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -444,13 +734,28 @@ async fn a_peer_of_another_uid_is_refused_even_when_the_socket_mode_lets_it_conn
     let _server = serve_on(&root.socket(), wasmtime_provider(&root.0));
     let socket = root.socket();
     let probe = socket.clone();
-    assert_eq!(tokio::task::spawn_blocking(move || connect_as_nobody(&probe)).await.unwrap(), "EACCES", "the 0700 directory keeps other users out");
+    assert_eq!(
+        tokio::task::spawn_blocking(move || connect_as_nobody(&probe))
+            .await
+            .unwrap(),
+        "EACCES",
+        "the 0700 directory keeps other users out"
+    );
     // A mode mistake (or a parent directory's) lets the connect through: the credential check
     // still refuses it.
-    std::fs::set_permissions(socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let probe = socket.clone();
-    assert_eq!(tokio::task::spawn_blocking(move || connect_as_nobody(&probe)).await.unwrap(), "CLOSED");
+    assert_eq!(
+        tokio::task::spawn_blocking(move || connect_as_nobody(&probe))
+            .await
+            .unwrap(),
+        "CLOSED"
+    );
     // The owner is still served.
     assert!(RemoteProvider::connect(socket).await.is_ok());
 }
@@ -469,7 +774,10 @@ struct Fake {
 #[async_trait::async_trait]
 impl Provider for Fake {
     fn runtime_info(&self) -> provider_api::RuntimeInfo {
-        provider_api::RuntimeInfo { name: "fake".into(), version: "0".into() }
+        provider_api::RuntimeInfo {
+            name: "fake".into(),
+            version: "0".into(),
+        }
     }
     async fn status(&self) -> RuntimeStatus {
         RuntimeStatus::Ready
@@ -477,7 +785,11 @@ impl Provider for Fake {
     async fn image_status(&self, _: &str) -> Option<provider_api::ImageInfo> {
         None
     }
-    async fn pull_image(&self, reference: &str, _: &[provider_api::RegistryAuth]) -> Result<provider_api::ImageInfo, ProviderError> {
+    async fn pull_image(
+        &self,
+        reference: &str,
+        _: &[provider_api::RegistryAuth],
+    ) -> Result<provider_api::ImageInfo, ProviderError> {
         Err(ProviderError::Pull(reference.into()))
     }
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
@@ -486,7 +798,11 @@ impl Provider for Fake {
     async fn remove_pod_sandbox(&self, _: &str, _: Duration) -> Result<(), ProviderError> {
         Ok(())
     }
-    async fn create_container(&self, sandbox_id: &str, _: ContainerConfig) -> Result<String, ProviderError> {
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        _: ContainerConfig,
+    ) -> Result<String, ProviderError> {
         Err(ProviderError::NotFound(sandbox_id.into()))
     }
     async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
@@ -505,7 +821,9 @@ impl Provider for Fake {
         let Some(ended) = &self.ended else {
             // Copies stdin to stdout.
             if let Some(mut stdin) = io.stdin.take() {
-                tokio::io::copy(&mut stdin, &mut io.stdout).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+                tokio::io::copy(&mut stdin, &mut io.stdout)
+                    .await
+                    .map_err(|e| ProviderError::Io(e.to_string()))?;
             }
             return Ok(0);
         };
@@ -514,29 +832,51 @@ impl Provider for Fake {
         if let Some(mut stdin) = io.stdin.take() {
             let _ = stdin.read_to_end(&mut input).await;
         }
-        let wrote = io.stdout.write_all(b"after the client left\n").await.is_ok();
-        let _ = ended.send(format!("exec stdin {:?}, output written: {wrote}", String::from_utf8_lossy(&input)));
+        let wrote = io
+            .stdout
+            .write_all(b"after the client left\n")
+            .await
+            .is_ok();
+        let _ = ended.send(format!(
+            "exec stdin {:?}, output written: {wrote}",
+            String::from_utf8_lossy(&input)
+        ));
         Ok(0)
     }
     async fn attach(&self, id: &str, io: AttachIo) -> Result<(), ProviderError> {
-        let Some(ended) = &self.ended else { return Err(ProviderError::NotFound(id.into())) };
+        let Some(ended) = &self.ended else {
+            return Err(ProviderError::NotFound(id.into()));
+        };
         let _guard = OnDrop(ended.clone());
         let mut stdout = io.stdout.expect("stdout attached");
-        stdout.write_all(b"attached\n").await.map_err(|e| ProviderError::Io(e.to_string()))?;
+        stdout
+            .write_all(b"attached\n")
+            .await
+            .map_err(|e| ProviderError::Io(e.to_string()))?;
         // A container that writes nothing more and does not end.
         std::future::pending().await
     }
 }
 
 /// One server for every fuzz case, on its own runtime; panics in this crate's code are counted.
-fn fuzz_server() -> &'static (tokio::runtime::Runtime, PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
-    static SERVER: std::sync::OnceLock<(tokio::runtime::Runtime, PathBuf, Arc<std::sync::atomic::AtomicUsize>)> = std::sync::OnceLock::new();
+fn fuzz_server() -> &'static (
+    tokio::runtime::Runtime,
+    PathBuf,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    static SERVER: std::sync::OnceLock<(
+        tokio::runtime::Runtime,
+        PathBuf,
+        Arc<std::sync::atomic::AtomicUsize>,
+    )> = std::sync::OnceLock::new();
     SERVER.get_or_init(|| {
         let panics = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = panics.clone();
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if info.location().is_some_and(|l| l.file().contains("providers/remote/src/") && !l.file().ends_with("tests.rs")) {
+            if info.location().is_some_and(|l| {
+                l.file().contains("providers/remote/src/") && !l.file().ends_with("tests.rs")
+            }) {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             previous(info)
@@ -546,14 +886,26 @@ fn fuzz_server() -> &'static (tokio::runtime::Runtime, PathBuf, Arc<std::sync::a
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join("provider.sock");
         let listener = runtime.block_on(async { bind(&socket) }).unwrap();
-        runtime.spawn(serve(listener, Arc::new(Fake::default()), CancellationToken::new()));
+        runtime.spawn(serve(
+            listener,
+            Arc::new(Fake::default()),
+            CancellationToken::new(),
+        ));
         (runtime, socket, panics)
     })
 }
 
 /// Length-delimited frames of `payloads`, as the codec writes them.
 fn framed(payloads: &[Vec<u8>]) -> Vec<u8> {
-    payloads.iter().flat_map(|p| (p.len() as u32).to_be_bytes().into_iter().chain(p.iter().copied())).collect()
+    payloads
+        .iter()
+        .flat_map(|p| {
+            (p.len() as u32)
+                .to_be_bytes()
+                .into_iter()
+                .chain(p.iter().copied())
+        })
+        .collect()
 }
 
 /// Writes `input`, ends the write side, and reads until the server closes: the server must
@@ -573,7 +925,11 @@ fn feed(input: Vec<u8>) -> Result<(), proptest::test_runner::TestCaseError> {
         read.is_ok()
     });
     proptest::prop_assert!(closed, "the server neither answered nor closed within 10 s");
-    proptest::prop_assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0, "the server panicked");
+    proptest::prop_assert_eq!(
+        panics.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the server panicked"
+    );
     Ok(())
 }
 
@@ -582,7 +938,8 @@ fn hello() -> Vec<u8> {
 }
 
 fn exec_open() -> Vec<u8> {
-    br#"{"Exec":{"protocol":1,"container_id":"c","command":["x"],"stdin":true,"timeout":null}}"#.to_vec()
+    br#"{"Exec":{"protocol":1,"container_id":"c","command":["x"],"stdin":true,"timeout":null}}"#
+        .to_vec()
 }
 
 /// Requests that parse, with arbitrary ids and arguments, besides arbitrary bytes.
@@ -640,7 +997,6 @@ impl Drop for OnDrop {
     }
 }
 
-
 #[tokio::test]
 async fn a_client_leaving_mid_exec_closes_its_stdin_and_the_exec_runs_on_while_an_attach_ends() {
     let root = Root::new("leaving");
@@ -652,27 +1008,56 @@ async fn a_client_leaving_mid_exec_closes_its_stdin_and_the_exec_runs_on_while_a
     let (mut typed, stdin) = tokio::io::duplex(64);
     typed.write_all(b"typed").await.unwrap();
     let (stdout, _out) = tokio::io::duplex(64);
-    let exec = remote.exec("c", argv(&["x"]), ExecIo { stdin: Some(Box::pin(stdin)), stdout: Box::pin(stdout), stderr: Box::pin(Capture::default()), timeout: None });
+    let exec = remote.exec(
+        "c",
+        argv(&["x"]),
+        ExecIo {
+            stdin: Some(Box::pin(stdin)),
+            stdout: Box::pin(stdout),
+            stderr: Box::pin(Capture::default()),
+            timeout: None,
+        },
+    );
     tokio::select! {
         result = exec => panic!("the exec ended while its stdin was open: {result:?}"),
         started = seen.recv() => assert_eq!(started.as_deref(), Some("exec started")),
     }
-    let line = within("the exec ends on the runtime", seen.recv()).await.unwrap();
-    assert!(line.starts_with("exec stdin ") && line.ends_with("output written: true"), "{line}");
+    let line = within("the exec ends on the runtime", seen.recv())
+        .await
+        .unwrap();
+    assert!(
+        line.starts_with("exec stdin ") && line.ends_with("output written: true"),
+        "{line}"
+    );
     let stdin_seen = &line["exec stdin ".len()..line.find(',').unwrap()];
-    assert!(["\"\"", "\"typed\""].contains(&stdin_seen), "stdin held only what was typed: {line}");
+    assert!(
+        ["\"\"", "\"typed\""].contains(&stdin_seen),
+        "stdin held only what was typed: {line}"
+    );
     drop(typed);
 
     // An attach whose caller leaves is dropped on the runtime's side, though the container
     // neither writes nor ends.
     let (stdout, mut attached) = tokio::io::duplex(64);
-    let attach = remote.attach("c", AttachIo { stdin: None, stdout: Some(Box::pin(stdout)), stderr: None });
+    let attach = remote.attach(
+        "c",
+        AttachIo {
+            stdin: None,
+            stdout: Some(Box::pin(stdout)),
+            stderr: None,
+        },
+    );
     let mut buf = [0u8; 16];
     tokio::select! {
         result = attach => panic!("the attach ended by itself: {result:?}"),
         read = attached.read(&mut buf) => assert!(read.unwrap() > 0),
     }
-    assert_eq!(within("the attach is dropped on the runtime", seen.recv()).await.unwrap(), "attach dropped");
+    assert_eq!(
+        within("the attach is dropped on the runtime", seen.recv())
+            .await
+            .unwrap(),
+        "attach dropped"
+    );
 }
 
 #[tokio::test]

@@ -28,7 +28,9 @@ pub(crate) const CHUNK: usize = 32 * 1024;
 
 /// The codec of every connection, both sides.
 pub(crate) fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
 }
 
 /// The first frame of a connection: what the connection is for.
@@ -37,9 +39,21 @@ pub(crate) enum Open {
     /// The control connection; answered with `Result<RuntimeIdentity, ProviderError>`.
     Hello { protocol: u32 },
     /// One [`provider_api::Provider::exec`].
-    Exec { protocol: u32, container_id: String, command: Vec<String>, stdin: bool, timeout: Option<Duration> },
+    Exec {
+        protocol: u32,
+        container_id: String,
+        command: Vec<String>,
+        stdin: bool,
+        timeout: Option<Duration>,
+    },
     /// One [`provider_api::Provider::attach`].
-    Attach { protocol: u32, container_id: String, stdin: bool, stdout: bool, stderr: bool },
+    Attach {
+        protocol: u32,
+        container_id: String,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    },
 }
 
 /// One call of the [`provider_api::Provider`] trait (exec and attach have their own
@@ -47,20 +61,45 @@ pub(crate) enum Open {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Call {
     Status,
-    ImageStatus { reference: String },
-    PullImage { reference: String, auth: Vec<RegistryAuth> },
-    RunPodSandbox { config: SandboxConfig },
-    RemovePodSandbox { sandbox_id: String, grace: Duration },
-    CreateContainer { sandbox_id: String, config: Box<ContainerConfig> },
-    StartContainer { container_id: String },
-    StopContainer { container_id: String, grace: Duration },
-    RemoveContainer { container_id: String },
+    ImageStatus {
+        reference: String,
+    },
+    PullImage {
+        reference: String,
+        auth: Vec<RegistryAuth>,
+    },
+    RunPodSandbox {
+        config: SandboxConfig,
+    },
+    RemovePodSandbox {
+        sandbox_id: String,
+        grace: Duration,
+    },
+    CreateContainer {
+        sandbox_id: String,
+        config: Box<ContainerConfig>,
+    },
+    StartContainer {
+        container_id: String,
+    },
+    StopContainer {
+        container_id: String,
+        grace: Duration,
+    },
+    RemoveContainer {
+        container_id: String,
+    },
     ListContainers,
     ListPodSandboxes,
     ImageFs,
     ListImages,
-    RemoveImage { reference: String },
-    PodListener { pod_uid: String, port: u16 },
+    RemoveImage {
+        reference: String,
+    },
+    PodListener {
+        pod_uid: String,
+        port: u16,
+    },
 }
 
 impl Call {
@@ -177,7 +216,10 @@ pub(crate) const STDERR: u8 = TAG_STDERR;
 pub(crate) fn json_frame<T: Serialize>(value: &T) -> Result<Bytes, String> {
     let bytes = serde_json::to_vec(value).map_err(|e| format!("encoding: {e}"))?;
     if bytes.len() > MAX_FRAME {
-        return Err(format!("{} bytes, over the {MAX_FRAME}-byte frame limit", bytes.len()));
+        return Err(format!(
+            "{} bytes, over the {MAX_FRAME}-byte frame limit",
+            bytes.len()
+        ));
     }
     Ok(Bytes::from(bytes))
 }
@@ -204,6 +246,9 @@ mod tests {
         }
         assert_eq!(StreamFrame::decode(Bytes::new()), None);
         assert_eq!(StreamFrame::decode(Bytes::from_static(&[0, 1])), None);
-        assert_eq!(StreamFrame::decode(Bytes::from_static(&[TAG_STDIN_END, 1])), None);
+        assert_eq!(
+            StreamFrame::decode(Bytes::from_static(&[TAG_STDIN_END, 1])),
+            None
+        );
     }
 }

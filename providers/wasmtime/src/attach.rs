@@ -35,19 +35,38 @@ pub(crate) struct Attachable {
 
 impl Attachable {
     /// Wires the guest's stdin (a pipe when `stdin`) into `wasi`.
-    pub(crate) fn new(name: &str, stdin: bool, stdin_once: bool, log: &ContainerLog, wasi: &mut WasiCtxBuilder) -> Self {
+    pub(crate) fn new(
+        name: &str,
+        stdin: bool,
+        stdin_once: bool,
+        log: &ContainerLog,
+        wasi: &mut WasiCtxBuilder,
+    ) -> Self {
         let stdin = stdin.then(|| {
             let (writer, reader) = tokio::io::duplex(STDIN_BUFFER);
             wasi.stdin(AsyncStdinStream::new(Exclusive(reader)));
             Arc::new(Mutex::new(Some(writer)))
         });
-        Attachable { name: name.to_string(), log: log.clone(), stdin, stdin_once }
+        Attachable {
+            name: name.to_string(),
+            log: log.clone(),
+            stdin,
+            stdin_once,
+        }
     }
 
     /// Serves one attached client until the run ends, the client stops reading, or (with only
     /// stdin attached) the client's stdin ends. `exit` is the run's exit channel.
-    pub(crate) async fn attach(&self, io: AttachIo, exit: watch::Receiver<Option<ContainerState>>) -> Result<(), ProviderError> {
-        let AttachIo { stdin, stdout, stderr } = io;
+    pub(crate) async fn attach(
+        &self,
+        io: AttachIo,
+        exit: watch::Receiver<Option<ContainerState>>,
+    ) -> Result<(), ProviderError> {
+        let AttachIo {
+            stdin,
+            stdout,
+            stderr,
+        } = io;
         if stdin.is_some() && self.stdin.is_none() {
             return Err(ProviderError::Exec(format!(
                 "container {}: stdin is not enabled (the container spec has no `stdin: true`), so it cannot be attached to",
@@ -56,7 +75,12 @@ impl Attachable {
         }
         let has_output = stdout.is_some() || stderr.is_some();
         let output = match has_output {
-            true => Some(self.log.subscribe().ok_or_else(|| ProviderError::Exec(format!("container {} has ended: nothing to attach to", self.name)))?),
+            true => Some(self.log.subscribe().ok_or_else(|| {
+                ProviderError::Exec(format!(
+                    "container {} has ended: nothing to attach to",
+                    self.name
+                ))
+            })?),
             false => None,
         };
         let input = async {
@@ -90,7 +114,11 @@ impl Attachable {
 
 /// Copies the client's stdin into the guest's until either ends; closes the guest's stdin
 /// afterwards when `once`.
-async fn copy_stdin(mut client: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, pipe: &Mutex<Option<DuplexStream>>, once: bool) {
+async fn copy_stdin(
+    mut client: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    pipe: &Mutex<Option<DuplexStream>>,
+    once: bool,
+) {
     let mut buf = vec![0u8; 8 * 1024];
     loop {
         let n = match client.read(&mut buf).await {
@@ -166,12 +194,18 @@ mod tests {
         log.write(Stream::Stderr, b"oops\n");
         log.write(Stream::Stdout, b"attaching\n");
         log.finish();
-        assert!(log.subscribe().is_none(), "a finished run cannot be attached to");
+        assert!(
+            log.subscribe().is_none(),
+            "a finished run cannot be attached to"
+        );
         copy_output(rx, Some(Box::pin(out_w)), Some(Box::pin(err_w))).await;
         let (mut out, mut err) = (String::new(), String::new());
         out_r.read_to_string(&mut out).await.unwrap();
         err_r.read_to_string(&mut err).await.unwrap();
-        assert_eq!((out.as_str(), err.as_str()), ("after attaching\n", "oops\n"));
+        assert_eq!(
+            (out.as_str(), err.as_str()),
+            ("after attaching\n", "oops\n")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -186,7 +220,11 @@ mod tests {
             assert_eq!(got, b"typed\n");
             assert_eq!(pipe.lock().await.is_none(), once, "stdinOnce={once}");
             if once {
-                assert_eq!(guest.read(&mut got).await.unwrap(), 0, "end of file for the guest");
+                assert_eq!(
+                    guest.read(&mut got).await.unwrap(),
+                    0,
+                    "end of file for the guest"
+                );
             }
         }
     }

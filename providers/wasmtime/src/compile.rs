@@ -105,9 +105,17 @@ impl CompileCache {
     /// too), which `discard` deletes (crash-safely, through the image trash). Returns the bytes
     /// freed on disk.
     pub fn remove(&self, digest: &str, discard: impl Fn(&Path)) -> u64 {
-        self.memory.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
-        self.failed.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
-        let Ok(hex) = sha256_hex(digest) else { return 0 };
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+        let Ok(hex) = sha256_hex(digest) else {
+            return 0;
+        };
         let mut freed = 0;
         for dir in self.engine_dirs() {
             let cwasm = dir.join(format!("{hex}.cwasm"));
@@ -126,7 +134,9 @@ impl CompileCache {
         for dir in self.engine_dirs() {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let keep = name.strip_suffix(".cwasm").is_some_and(|hex| layers.contains(hex));
+                let keep = name
+                    .strip_suffix(".cwasm")
+                    .is_some_and(|hex| layers.contains(hex));
                 if !keep {
                     tracing::info!(file = %name, "deleting compiled code no image needs");
                     let _ = std::fs::remove_file(entry.path());
@@ -137,8 +147,16 @@ impl CompileCache {
 
     /// `<root>/compiled/<engine-hash>` of every engine that stored code there.
     fn engine_dirs(&self) -> Vec<PathBuf> {
-        let Some(all) = self.dir.parent() else { return vec![self.dir.clone()] };
-        std::fs::read_dir(all).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()
+        let Some(all) = self.dir.parent() else {
+            return vec![self.dir.clone()];
+        };
+        std::fs::read_dir(all)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect()
     }
 
     /// The directory of the on-disk artifacts.
@@ -153,53 +171,100 @@ impl CompileCache {
             return known;
         }
         let hex = sha256_hex(digest)?.to_string();
-        let size = std::fs::metadata(wasm).map_err(|e| format!("reading {}: {e}", wasm.display()))?.len();
+        let size = std::fs::metadata(wasm)
+            .map_err(|e| format!("reading {}: {e}", wasm.display()))?
+            .len();
         if size > self.max_module_size {
-            return Err(format!("the module is {size} bytes, more than the {} bytes --max-module-size allows", self.max_module_size));
+            return Err(format!(
+                "the module is {size} bytes, more than the {} bytes --max-module-size allows",
+                self.max_module_size
+            ));
         }
         // One compilation per digest: a second caller waits, then finds the result.
-        let lock = self.compiling.lock().unwrap_or_else(|e| e.into_inner()).entry(digest.to_string()).or_default().clone();
+        let lock = self
+            .compiling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
         let _compiling = lock.lock().await;
         if let Some(known) = self.known(digest) {
             return known;
         }
         let engine = self.engine.clone();
         let cwasm = self.dir.join(format!("{hex}.cwasm"));
-        let (wasm, compilations, logged_digest) = (wasm.to_path_buf(), self.compilations.clone(), digest.to_string());
-        let task = tokio::task::spawn_blocking(move || load_or_compile(&engine, &wasm, &cwasm, &logged_digest, &compilations));
+        let (wasm, compilations, logged_digest) = (
+            wasm.to_path_buf(),
+            self.compilations.clone(),
+            digest.to_string(),
+        );
+        let task = tokio::task::spawn_blocking(move || {
+            load_or_compile(&engine, &wasm, &cwasm, &logged_digest, &compilations)
+        });
         let loaded = match tokio::time::timeout(self.timeout, task).await {
             Ok(joined) => joined.map_err(|e| format!("compilation task failed: {e}"))?,
             Err(_) => Err(format!("compiling took longer than {}s; not tried again for this module until the agent restarts", self.timeout.as_secs())),
         };
         let result = match loaded {
             Ok(program) => {
-                self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), program.clone());
+                self.memory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(digest.to_string(), program.clone());
                 Ok(program)
             }
             Err(e) => {
                 tracing::warn!(digest, error = %e, "compilation failed; remembered, so restarts fail at once without compiling again");
-                self.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), e.clone());
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(digest.to_string(), e.clone());
                 Err(e)
             }
         };
-        self.compiling.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+        self.compiling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
         result
     }
 
     /// The compiled program or the remembered failure of `digest`, if either is known.
     fn known(&self, digest: &str) -> Option<Result<Program, String>> {
-        if let Some(program) = self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+        if let Some(program) = self
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+        {
             return Some(Ok(program.clone()));
         }
-        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()?;
-        tracing::debug!(digest, "not compiling again: this module failed to compile before");
-        Some(Err(format!("{failed} (remembered from an earlier attempt)")))
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()?;
+        tracing::debug!(
+            digest,
+            "not compiling again: this module failed to compile before"
+        );
+        Some(Err(format!(
+            "{failed} (remembered from an earlier attempt)"
+        )))
     }
 }
 
 /// Loads `cwasm` if it is a usable artifact, else compiles `wasm` (counting it in
 /// `compilations`) and writes `cwasm`.
-fn load_or_compile(engine: &Engine, wasm: &Path, cwasm: &Path, digest: &str, compilations: &AtomicUsize) -> Result<Program, String> {
+fn load_or_compile(
+    engine: &Engine,
+    wasm: &Path,
+    cwasm: &Path,
+    digest: &str,
+    compilations: &AtomicUsize,
+) -> Result<Program, String> {
     if let Some(program) = load_precompiled(engine, cwasm) {
         tracing::debug!(path = %cwasm.display(), "loaded precompiled code");
         return Ok(program);
@@ -210,21 +275,29 @@ fn load_or_compile(engine: &Engine, wasm: &Path, cwasm: &Path, digest: &str, com
     tracing::info!(digest, size = bytes.len(), "compiling");
     let (program, serialized) = match detect(&bytes) {
         Some(WasmKind::Module) => {
-            let module = Module::new(engine, &bytes).map_err(|e| format!("compiling the module: {e:#}"))?;
+            let module =
+                Module::new(engine, &bytes).map_err(|e| format!("compiling the module: {e:#}"))?;
             let bytes = module.serialize();
             (Program::Module(module), bytes)
         }
         Some(WasmKind::Component) => {
-            let component = Component::new(engine, &bytes).map_err(|e| format!("compiling the component: {e:#}"))?;
+            let component = Component::new(engine, &bytes)
+                .map_err(|e| format!("compiling the component: {e:#}"))?;
             let bytes = component.serialize();
             (Program::Component(component), bytes)
         }
-        None => return Err(format!("{} is not a Wasm module or component (bad header)", wasm.display())),
+        None => {
+            return Err(format!(
+                "{} is not a Wasm module or component (bad header)",
+                wasm.display()
+            ))
+        }
     };
     tracing::info!(path = %wasm.display(), elapsed_ms = started.elapsed().as_millis() as u64, "compiled");
     match serialized {
         Ok(bytes) => {
-            let written = std::fs::create_dir_all(cwasm.parent().unwrap_or(Path::new("."))).and_then(|()| write_atomically(cwasm, &bytes));
+            let written = std::fs::create_dir_all(cwasm.parent().unwrap_or(Path::new(".")))
+                .and_then(|()| write_atomically(cwasm, &bytes));
             if let Err(e) = written {
                 tracing::warn!(path = %cwasm.display(), error = %e, "cannot store compiled code; it will be compiled again after a restart");
             }
@@ -240,8 +313,12 @@ fn load_precompiled(engine: &Engine, cwasm: &Path) -> Option<Program> {
     // directory, from code this engine compiled; wasmtime still checks that the artifact's
     // engine settings and version match before using it.
     let loaded = match kind {
-        Precompiled::Module => unsafe { Module::deserialize_file(engine, cwasm) }.map(Program::Module),
-        Precompiled::Component => unsafe { Component::deserialize_file(engine, cwasm) }.map(Program::Component),
+        Precompiled::Module => {
+            unsafe { Module::deserialize_file(engine, cwasm) }.map(Program::Module)
+        }
+        Precompiled::Component => {
+            unsafe { Component::deserialize_file(engine, cwasm) }.map(Program::Component)
+        }
     };
     loaded.inspect_err(|e| tracing::warn!(path = %cwasm.display(), error = %format!("{e:#}"), "precompiled code unusable; compiling again")).ok()
 }

@@ -53,7 +53,13 @@ impl CpuQuota {
         }
         let quota = (CFS_PERIOD.as_nanos() as u64).saturating_mul(millicores) / 1000;
         let quota_nanos = i64::try_from(quota.max(MIN_QUOTA.as_nanos() as u64)).unwrap_or(i64::MAX);
-        Some(Self { quota_nanos, bucket: Mutex::new(Bucket { budget_nanos: quota_nanos, ..Default::default() }) })
+        Some(Self {
+            quota_nanos,
+            bucket: Mutex::new(Bucket {
+                budget_nanos: quota_nanos,
+                ..Default::default()
+            }),
+        })
     }
 
     /// CPU time allowed per period.
@@ -68,7 +74,9 @@ impl CpuQuota {
     /// Takes `nanos` of CPU time the container just used from the current period's budget.
     pub fn charge(&self, nanos: u64) {
         let mut bucket = self.bucket();
-        bucket.budget_nanos = bucket.budget_nanos.saturating_sub(i64::try_from(nanos).unwrap_or(i64::MAX));
+        bucket.budget_nanos = bucket
+            .budget_nanos
+            .saturating_sub(i64::try_from(nanos).unwrap_or(i64::MAX));
     }
 
     /// `None` when the container may run at `now`; else the end of the period it has to wait
@@ -81,8 +89,13 @@ impl CpuQuota {
             let periods_u32 = u32::try_from(periods).unwrap_or(u32::MAX);
             bucket.period_start = Some(start + CFS_PERIOD * periods_u32);
             // Unused quota does not carry over (no burst); a debt does.
-            let refill = self.quota_nanos.saturating_mul(i64::try_from(periods).unwrap_or(i64::MAX));
-            bucket.budget_nanos = bucket.budget_nanos.saturating_add(refill).min(self.quota_nanos);
+            let refill = self
+                .quota_nanos
+                .saturating_mul(i64::try_from(periods).unwrap_or(i64::MAX));
+            bucket.budget_nanos = bucket
+                .budget_nanos
+                .saturating_add(refill)
+                .min(self.quota_nanos);
         }
         if bucket.budget_nanos > 0 {
             return None;
@@ -96,7 +109,10 @@ impl CpuQuota {
     /// (periods throttled, total time waited).
     pub fn throttling(&self) -> (u64, Duration) {
         let bucket = self.bucket();
-        (bucket.throttled_periods, Duration::from_nanos(bucket.throttled_nanos))
+        (
+            bucket.throttled_periods,
+            Duration::from_nanos(bucket.throttled_nanos),
+        )
     }
 }
 
@@ -144,9 +160,18 @@ mod tests {
 
     #[test]
     fn quota_is_limit_times_period_with_the_kubelets_floor() {
-        assert_eq!(CpuQuota::from_millicores(200).unwrap().quota(), Duration::from_millis(20));
-        assert_eq!(CpuQuota::from_millicores(1500).unwrap().quota(), Duration::from_millis(150));
-        assert_eq!(CpuQuota::from_millicores(5).unwrap().quota(), Duration::from_millis(1));
+        assert_eq!(
+            CpuQuota::from_millicores(200).unwrap().quota(),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            CpuQuota::from_millicores(1500).unwrap().quota(),
+            Duration::from_millis(150)
+        );
+        assert_eq!(
+            CpuQuota::from_millicores(5).unwrap().quota(),
+            Duration::from_millis(1)
+        );
         assert!(CpuQuota::from_millicores(0).is_none());
     }
 
@@ -158,7 +183,10 @@ mod tests {
         q.charge(10 * MS);
         assert_eq!(q.throttled_until(t0 + Duration::from_millis(10)), None);
         q.charge(10 * MS);
-        assert_eq!(q.throttled_until(t0 + Duration::from_millis(20)), Some(t0 + CFS_PERIOD));
+        assert_eq!(
+            q.throttled_until(t0 + Duration::from_millis(20)),
+            Some(t0 + CFS_PERIOD)
+        );
         // The next period refills the budget.
         assert_eq!(q.throttled_until(t0 + CFS_PERIOD), None);
         assert_eq!(q.throttling().0, 1);
@@ -171,13 +199,22 @@ mod tests {
         assert_eq!(q.throttled_until(t0), None);
         // 50 ms used against a 20 ms quota: a 30 ms debt, paid by the next two periods.
         q.charge(50 * MS);
-        assert_eq!(q.throttled_until(t0 + Duration::from_millis(50)), Some(t0 + CFS_PERIOD));
-        assert_eq!(q.throttled_until(t0 + CFS_PERIOD), Some(t0 + CFS_PERIOD * 2));
+        assert_eq!(
+            q.throttled_until(t0 + Duration::from_millis(50)),
+            Some(t0 + CFS_PERIOD)
+        );
+        assert_eq!(
+            q.throttled_until(t0 + CFS_PERIOD),
+            Some(t0 + CFS_PERIOD * 2)
+        );
         assert_eq!(q.throttled_until(t0 + CFS_PERIOD * 2), None);
         // A long idle stretch leaves one period's quota, not more.
         q.charge(10 * MS);
         assert_eq!(q.throttled_until(t0 + CFS_PERIOD * 20), None);
         q.charge(20 * MS);
-        assert_eq!(q.throttled_until(t0 + CFS_PERIOD * 20 + Duration::from_millis(25)), Some(t0 + CFS_PERIOD * 21));
+        assert_eq!(
+            q.throttled_until(t0 + CFS_PERIOD * 20 + Duration::from_millis(25)),
+            Some(t0 + CFS_PERIOD * 21)
+        );
     }
 }

@@ -54,8 +54,18 @@ pub async fn run(
     container_stop: &CancellationToken,
     meter: &Arc<UsageMeter>,
 ) -> Result<i32, ProviderError> {
-    let program = command.first().cloned().ok_or_else(|| ProviderError::Exec(format!("exec in container {}: the command is empty", config.name)))?;
-    let mut wasi = granted_context(config, network, &command).map_err(|e| ProviderError::Io(format!("exec {program:?} in container {}: {e}", config.name)))?;
+    let program = command.first().cloned().ok_or_else(|| {
+        ProviderError::Exec(format!(
+            "exec in container {}: the command is empty",
+            config.name
+        ))
+    })?;
+    let mut wasi = granted_context(config, network, &command).map_err(|e| {
+        ProviderError::Io(format!(
+            "exec {program:?} in container {}: {e}",
+            config.name
+        ))
+    })?;
     let stdout = ExecOutput::new(io.stdout);
     let stderr = ExecOutput::new(io.stderr);
     wasi.stdout(stdout.clone()).stderr(stderr.clone());
@@ -91,8 +101,14 @@ pub async fn run(
     if let Some(timeout) = timed_out {
         // No final flush: what the guest wrote went out with each write already, and waiting
         // on a caller that stopped reading (perhaps why it timed out) would outlast the timeout.
-        tracing::debug!(timeout_ms = timeout.as_millis() as u64, "exec timed out; interrupted");
-        return Err(ProviderError::Timeout(format!("exec {program:?} in container {} timed out after {timeout:?}", config.name)));
+        tracing::debug!(
+            timeout_ms = timeout.as_millis() as u64,
+            "exec timed out; interrupted"
+        );
+        return Err(ProviderError::Timeout(format!(
+            "exec {program:?} in container {} timed out after {timeout:?}",
+            config.name
+        )));
     }
     let exit = classify(result, refused, stop.is_cancelled());
     let message = match exit.reason {
@@ -100,7 +116,11 @@ pub async fn run(
         ExitReason::OomKilled => exit.message.map(|m| format!("exec {program:?} in container {}: out of memory: {m} (the container's instance and its execs share its limit)", config.name)),
         _ => exit.message,
     };
-    tracing::debug!(exit_code = exit.exit_code, message = message.as_deref().unwrap_or(""), "exec ended");
+    tracing::debug!(
+        exit_code = exit.exit_code,
+        message = message.as_deref().unwrap_or(""),
+        "exec ended"
+    );
     finish(&stdout, &stderr, message).await;
     Ok(exit.exit_code)
 }
@@ -116,7 +136,9 @@ async fn finish(stdout: &ExecOutput, stderr: &ExecOutput, message: Option<String
         stderr.flush().await;
     };
     if tokio::time::timeout(FLUSH_WAIT, done).await.is_err() {
-        tracing::debug!("exec output not taken by the caller within {FLUSH_WAIT:?}; dropping the rest");
+        tracing::debug!(
+            "exec output not taken by the caller within {FLUSH_WAIT:?}; dropping the rest"
+        );
     }
 }
 
@@ -127,14 +149,19 @@ struct ExecOutput(Arc<AsyncStdoutStream>);
 
 impl ExecOutput {
     fn new(writer: Pin<Box<dyn AsyncWrite + Send>>) -> Self {
-        Self(Arc::new(AsyncStdoutStream::new(WRITE_BUDGET, Exclusive(writer))))
+        Self(Arc::new(AsyncStdoutStream::new(
+            WRITE_BUDGET,
+            Exclusive(writer),
+        )))
     }
 
     /// Writes `line` and a newline, waiting until the writer has it. A failed writer (the
     /// caller went away) is not an error of the exec.
     async fn write_line(&self, line: &str) {
         let mut stream = self.0.p2_stream();
-        let _ = stream.blocking_write_and_flush(bytes::Bytes::from(format!("{line}\n"))).await;
+        let _ = stream
+            .blocking_write_and_flush(bytes::Bytes::from(format!("{line}\n")))
+            .await;
     }
 
     /// Waits until everything written so far has been flushed to the writer.
@@ -171,13 +198,21 @@ pub(crate) struct Exclusive<T>(pub(crate) T);
 unsafe impl<T: Send> Sync for Exclusive<T> {}
 
 impl<T: AsyncRead + Unpin> AsyncRead for Exclusive<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Exclusive<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

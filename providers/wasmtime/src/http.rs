@@ -40,8 +40,8 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::instance::{self, Exit, UsageMeter, KILLED_EXIT_CODE};
-use crate::memory::Limiter;
 use crate::log::{ContainerLog, Stream};
+use crate::memory::Limiter;
 use crate::network::{HttpDenied, NetworkPolicy};
 
 /// Requests one HTTP container serves at once unless its pod says otherwise. Each in-flight
@@ -90,8 +90,12 @@ const CLI_RUN: &str = "wasi:cli/run@0.2";
 pub fn is_http_component(component: &wasmtime::component::Component) -> bool {
     let ty = component.component_type();
     let engine = component.engine();
-    let names: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
-    names.iter().any(|n| n.starts_with(INCOMING_HANDLER)) && !names.iter().any(|n| n.starts_with(CLI_RUN))
+    let names: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    names.iter().any(|n| n.starts_with(INCOMING_HANDLER))
+        && !names.iter().any(|n| n.starts_with(CLI_RUN))
 }
 
 /// Component instances (and memories, and fiber stacks) the HTTP engine's pool holds: enough for
@@ -126,10 +130,16 @@ impl HttpEngine {
     }
 
     /// The component of layer `digest` (bytes at `wasm`), compiled for this engine and linked.
-    pub async fn prepare(&self, digest: &str, wasm: &std::path::Path) -> Result<ProxyPre<HttpState>, String> {
+    pub async fn prepare(
+        &self,
+        digest: &str,
+        wasm: &std::path::Path,
+    ) -> Result<ProxyPre<HttpState>, String> {
         match self.compiled.get(digest, wasm).await? {
             crate::compile::Program::Component(component) => prepare(&self.linker, &component),
-            crate::compile::Program::Module(_) => Err("a core module cannot be an HTTP component".into()),
+            crate::compile::Program::Module(_) => {
+                Err("a core module cannot be an HTTP component".into())
+            }
         }
     }
 }
@@ -143,12 +153,23 @@ pub struct LazyHttpEngine {
 
 impl LazyHttpEngine {
     pub fn new(root_dir: &std::path::Path) -> Self {
-        Self { root_dir: root_dir.to_path_buf(), cell: std::sync::OnceLock::new() }
+        Self {
+            root_dir: root_dir.to_path_buf(),
+            cell: std::sync::OnceLock::new(),
+        }
     }
 
     /// As [`HttpEngine::prepare`], on the engine (made now if this is the first).
-    pub async fn prepare(&self, digest: &str, wasm: &std::path::Path) -> Result<ProxyPre<HttpState>, String> {
-        let engine = self.cell.get_or_init(|| HttpEngine::new(&self.root_dir)).as_ref().map_err(|e| format!("the HTTP engine cannot be set up: {e}"))?;
+    pub async fn prepare(
+        &self,
+        digest: &str,
+        wasm: &std::path::Path,
+    ) -> Result<ProxyPre<HttpState>, String> {
+        let engine = self
+            .cell
+            .get_or_init(|| HttpEngine::new(&self.root_dir))
+            .as_ref()
+            .map_err(|e| format!("the HTTP engine cannot be set up: {e}"))?;
         engine.prepare(digest, wasm).await
     }
 }
@@ -182,13 +203,20 @@ pub struct HttpState {
 
 impl WasiView for HttpState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for HttpState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }
 
@@ -202,9 +230,15 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<wasmtime::component::Linker<H
 }
 
 /// Links an HTTP component for per-request instantiation.
-pub fn prepare(linker: &wasmtime::component::Linker<HttpState>, component: &wasmtime::component::Component) -> Result<ProxyPre<HttpState>, String> {
-    let pre = linker.instantiate_pre(component).map_err(|e| format!("linking the HTTP component: {e:#}"))?;
-    ProxyPre::new(pre).map_err(|e| format!("the component does not export wasi:http/incoming-handler: {e:#}"))
+pub fn prepare(
+    linker: &wasmtime::component::Linker<HttpState>,
+    component: &wasmtime::component::Component,
+) -> Result<ProxyPre<HttpState>, String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("linking the HTTP component: {e:#}"))?;
+    ProxyPre::new(pre)
+        .map_err(|e| format!("the component does not export wasi:http/incoming-handler: {e:#}"))
 }
 
 /// `wasi:http` hooks: an outgoing request is sent only where the pod's [`NetworkPolicy`]
@@ -217,8 +251,10 @@ pub struct OutboundHooks {
     policy: NetworkPolicy,
 }
 
-type SendFuture = Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
-type Sent = Result<(http::Response<wasmtime_wasi_http::WasiBody>, SendFuture), wasmtime_wasi_http::Error>;
+type SendFuture =
+    Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+type Sent =
+    Result<(http::Response<wasmtime_wasi_http::WasiBody>, SendFuture), wasmtime_wasi_http::Error>;
 
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
@@ -233,7 +269,9 @@ impl WasiHttpHooks for OutboundHooks {
         Box::new(async move {
             let uri = request.uri().clone();
             let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-            let Some(authority) = uri.authority() else { return Err(wasmtime_wasi_http::Error::HttpRequestUriInvalid) };
+            let Some(authority) = uri.authority() else {
+                return Err(wasmtime_wasi_http::Error::HttpRequestUriInvalid);
+            };
             let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
             let checked = match policy.http_destination(authority.host(), port).await {
                 Ok(addr) => addr,
@@ -241,8 +279,12 @@ impl WasiHttpHooks for OutboundHooks {
                     tracing::debug!(uri = %uri, ?denied, "outgoing request denied by the pod network policy");
                     return Err(match denied {
                         HttpDenied::NotAllowed => wasmtime_wasi_http::Error::HttpRequestDenied,
-                        HttpDenied::Prohibited(..) => wasmtime_wasi_http::Error::DestinationIpProhibited,
-                        HttpDenied::Unresolvable(_) => wasmtime_wasi_http::Error::DestinationNotFound,
+                        HttpDenied::Prohibited(..) => {
+                            wasmtime_wasi_http::Error::DestinationIpProhibited
+                        }
+                        HttpDenied::Unresolvable(_) => {
+                            wasmtime_wasi_http::Error::DestinationNotFound
+                        }
                     });
                 }
             };
@@ -255,7 +297,10 @@ impl WasiHttpHooks for OutboundHooks {
                 }
             }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as SendFuture))
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as SendFuture,
+            ))
         })
     }
 }
@@ -268,8 +313,15 @@ pub struct Listeners(Vec<std::net::TcpListener>);
 /// Binds every declared TCP port at the pod IP, and records each as one of the pod's own
 /// listeners (under `policy`'s container) once bound.
 pub fn bind(network: &ContainerNetwork, policy: &NetworkPolicy) -> Result<Listeners, String> {
-    let ip = network.pod_ip.ok_or("the node has no IP to serve the HTTP component's ports on")?;
-    let ports: Vec<u16> = network.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.port).collect();
+    let ip = network
+        .pod_ip
+        .ok_or("the node has no IP to serve the HTTP component's ports on")?;
+    let ports: Vec<u16> = network
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Tcp)
+        .map(|p| p.port)
+        .collect();
     if ports.is_empty() {
         return Err("an HTTP component (wasi:http/incoming-handler) needs at least one TCP containerPort to serve on".into());
     }
@@ -294,7 +346,11 @@ const LISTEN_BACKLOG: u32 = 1024;
 /// A non-blocking listening socket on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (as std
 /// and tokio set it), so a restarted container binds again while old connections linger.
 fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     // Registered with the reactor here, handed on as a std listener (non-blocking) that serve
@@ -331,18 +387,45 @@ pub async fn serve(
     drain: CancellationToken,
     kill: CancellationToken,
 ) -> Exit {
-    let max = config.network.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS).max(1);
+    let max = config
+        .network
+        .max_concurrent_requests
+        .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS)
+        .max(1);
     let argv = instance::argv(&config);
-    let shared = Arc::new(Shared { engine: pre.engine().clone(), pre, config, network, argv, log, meter, kill: kill.clone(), slots: Arc::new(Semaphore::new(max as usize)), max, rejected: AtomicU64::new(0) });
+    let shared = Arc::new(Shared {
+        engine: pre.engine().clone(),
+        pre,
+        config,
+        network,
+        argv,
+        log,
+        meter,
+        kill: kill.clone(),
+        slots: Arc::new(Semaphore::new(max as usize)),
+        max,
+        rejected: AtomicU64::new(0),
+    });
     let connections = TaskTracker::new();
     let mut accepting = Vec::new();
     for listener in listeners.0 {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
-            Err(e) => return Exit { exit_code: 1, reason: ExitReason::Error, message: Some(format!("listening: {e}")) },
+            Err(e) => {
+                return Exit {
+                    exit_code: 1,
+                    reason: ExitReason::Error,
+                    message: Some(format!("listening: {e}")),
+                }
+            }
         };
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_concurrent = max, "serving HTTP");
-        accepting.push(tokio::spawn(accept_loop(listener, shared.clone(), connections.clone(), drain.clone())));
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            connections.clone(),
+            drain.clone(),
+        )));
     }
     tokio::select! {
         () = drain.cancelled() => {}
@@ -368,7 +451,12 @@ pub async fn serve(
     exit
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, connections: TaskTracker, drain: CancellationToken) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    connections: TaskTracker,
+    drain: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(max_connections_per_listener(shared.max)));
     let mut refused: u64 = 0;
     loop {
@@ -425,10 +513,16 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, con
 }
 
 fn text_response(status: u16, body: String) -> hyper::Response<HyperOutgoingBody> {
-    let body = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync();
+    let body = Full::new(Bytes::from(body))
+        .map_err(|never| match never {})
+        .boxed_unsync();
     let mut response = hyper::Response::new(body);
-    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -444,29 +538,45 @@ enum Failure {
 
 /// One request: a slot under the bound, a fresh instance, the guest's response (or a 5xx that
 /// says what went wrong).
-async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incoming>) -> hyper::Response<HyperOutgoingBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<HyperOutgoingBody> {
     let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
         shared.rejected.fetch_add(1, Ordering::Relaxed);
         return text_response(503, format!("wasm-kubelet: container {} is already serving its limit of {} concurrent requests; retry later\n", shared.config.name, shared.max));
     };
     let mut wasi = match instance::granted_context(&shared.config, &shared.network, &shared.argv) {
         Ok(w) => w,
-        Err(e) => return text_response(500, format!("wasm-kubelet: container {}: {e}\n", shared.config.name)),
+        Err(e) => {
+            return text_response(
+                500,
+                format!("wasm-kubelet: container {}: {e}\n", shared.config.name),
+            )
+        }
     };
-    wasi.stdout(shared.log.pipe(Stream::Stdout)).stderr(shared.log.pipe(Stream::Stderr));
+    wasi.stdout(shared.log.pipe(Stream::Stdout))
+        .stderr(shared.log.pipe(Stream::Stderr));
     let state = HttpState {
         ctx: wasi.build(),
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
-        hooks: OutboundHooks { policy: shared.network.clone() },
+        hooks: OutboundHooks {
+            policy: shared.network.clone(),
+        },
         limiter: Limiter::new(shared.meter.budget().clone()),
     };
     let mut store = Store::new(&shared.engine, state);
     // Every epoch tick yields to tokio, or interrupts the guest once the container is killed.
-    instance::arm(&mut store, &shared.kill, 1, |s: &mut HttpState| &mut s.limiter);
+    instance::arm(&mut store, &shared.kill, 1, |s: &mut HttpState| {
+        &mut s.limiter
+    });
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let prepared = (|| -> wasmtime::Result<_> {
-        let req = store.data_mut().http().new_incoming_request(Scheme::Http, request)?;
+        let req = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)?;
         let out = store.data_mut().http().new_response_outparam(sender)?;
         Ok((req, out))
     })();
@@ -484,7 +594,10 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
         let result = instance::Metered::new(meter, async {
             let proxy = pre.instantiate_async(&mut store).await?;
             instantiated = true;
-            proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
         })
         .await;
         let refused = store.data().limiter.refused();
@@ -493,28 +606,46 @@ async fn handle(shared: Arc<Shared>, request: hyper::Request<hyper::body::Incomi
         drop(permit);
         if let Err(e) = &result {
             if refused.is_some() && !instantiated {
-                return Err(Failure::Busy(refused.map(|r| r.to_string()).unwrap_or_default()));
+                return Err(Failure::Busy(
+                    refused.map(|r| r.to_string()).unwrap_or_default(),
+                ));
             }
             let why = match refused {
-                Some(refusal) => format!("out of memory: {refusal} ({})", instance::trap_message(e)),
+                Some(refusal) => {
+                    format!("out of memory: {refusal} ({})", instance::trap_message(e))
+                }
                 None => instance::trap_message(e),
             };
-            log.write(Stream::Stderr, format!("wasm-kubelet: request failed: {why}\n").as_bytes());
+            log.write(
+                Stream::Stderr,
+                format!("wasm-kubelet: request failed: {why}\n").as_bytes(),
+            );
             return Err(Failure::Failed(why));
         }
         Ok(())
     });
     match receiver.await {
         Ok(Ok(response)) => response,
-        Ok(Err(code)) => text_response(500, format!("wasm-kubelet: the component answered with an error: {code:?}\n")),
+        Ok(Err(code)) => text_response(
+            500,
+            format!("wasm-kubelet: the component answered with an error: {code:?}\n"),
+        ),
         Err(_) => match task.await {
-            Ok(Ok(())) => text_response(500, "wasm-kubelet: the component returned without setting a response\n".into()),
-            Ok(Err(Failure::Failed(why))) => text_response(500, format!("wasm-kubelet: the component failed: {why}\n")),
+            Ok(Ok(())) => text_response(
+                500,
+                "wasm-kubelet: the component returned without setting a response\n".into(),
+            ),
+            Ok(Err(Failure::Failed(why))) => {
+                text_response(500, format!("wasm-kubelet: the component failed: {why}\n"))
+            }
             Ok(Err(Failure::Busy(why))) => {
                 shared.rejected.fetch_add(1, Ordering::Relaxed);
                 text_response(503, format!("wasm-kubelet: container {} has no memory left for another request ({why}): its requests in flight hold it; retry later\n", shared.config.name))
             }
-            Err(e) => text_response(500, format!("wasm-kubelet: the request's task failed: {e}\n")),
+            Err(e) => text_response(
+                500,
+                format!("wasm-kubelet: the request's task failed: {e}\n"),
+            ),
         },
     }
 }
@@ -531,17 +662,37 @@ mod tests {
         let bind = |network: &ContainerNetwork| bind(network, &policy);
         assert!(bind(&network).unwrap_err().contains("no IP"));
         network.pod_ip = Some("127.0.0.1".parse().unwrap());
-        assert!(bind(&network).unwrap_err().contains("at least one TCP containerPort"));
-        network.ports = vec![PortMapping { port: 53, protocol: Protocol::Udp }];
-        assert!(bind(&network).unwrap_err().contains("at least one TCP containerPort"));
+        assert!(bind(&network)
+            .unwrap_err()
+            .contains("at least one TCP containerPort"));
+        network.ports = vec![PortMapping {
+            port: 53,
+            protocol: Protocol::Udp,
+        }];
+        assert!(bind(&network)
+            .unwrap_err()
+            .contains("at least one TCP containerPort"));
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        network.ports = vec![PortMapping { port: taken.local_addr().unwrap().port(), protocol: Protocol::Tcp }];
-        assert!(bind(&network).unwrap_err().starts_with("binding 127.0.0.1:"));
-        assert_eq!(policy.listeners_dial(network.ports[0].port), None, "a port another socket holds is never the pod's");
+        network.ports = vec![PortMapping {
+            port: taken.local_addr().unwrap().port(),
+            protocol: Protocol::Tcp,
+        }];
+        assert!(bind(&network)
+            .unwrap_err()
+            .starts_with("binding 127.0.0.1:"));
+        assert_eq!(
+            policy.listeners_dial(network.ports[0].port),
+            None,
+            "a port another socket holds is never the pod's"
+        );
         let port = taken.local_addr().unwrap().port();
         drop(taken);
         let listeners = bind(&network).expect("the port is free now");
-        assert_eq!(policy.listeners_dial(port), Some(SocketAddr::from(([127, 0, 0, 1], port))), "bound, so recorded as the pod's own");
+        assert_eq!(
+            policy.listeners_dial(port),
+            Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            "bound, so recorded as the pod's own"
+        );
         drop(listeners);
     }
 }

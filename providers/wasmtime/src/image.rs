@@ -31,23 +31,34 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::RegistryOperation;
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth as OciAuth;
+use oci_client::RegistryOperation;
 use oci_client::{Client, Reference};
 use provider_api::{ImageInfo, ProviderError, RegistryAuth};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Layer media types that hold a Wasm module or component.
-pub const WASM_LAYER_TYPES: &[&str] = &["application/wasm", "application/vnd.wasm.content.layer.v1+wasm", "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"];
+pub const WASM_LAYER_TYPES: &[&str] = &[
+    "application/wasm",
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+];
 
 /// Layer media types of ordinary OCI and Docker images: tar archives, plain or gzip-compressed.
-pub const TAR_LAYER_TYPES: &[&str] = &["application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"];
+pub const TAR_LAYER_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+];
 
 /// Config media types of ordinary OCI and Docker images (they carry `config.Entrypoint`).
-pub const IMAGE_CONFIG_TYPES: &[&str] = &["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
+pub const IMAGE_CONFIG_TYPES: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
 
 /// The first bytes of every Wasm module and component.
 const WASM_MAGIC: &[u8] = b"\0asm";
@@ -116,7 +127,11 @@ pub struct PullLimits {
 
 impl Default for PullLimits {
     fn default() -> Self {
-        Self { max_module_size: DEFAULT_MAX_MODULE_SIZE, max_layer_uncompressed_size: DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE, progress_deadline: DEFAULT_PULL_PROGRESS_DEADLINE }
+        Self {
+            max_module_size: DEFAULT_MAX_MODULE_SIZE,
+            max_layer_uncompressed_size: DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
+            progress_deadline: DEFAULT_PULL_PROGRESS_DEADLINE,
+        }
     }
 }
 
@@ -134,10 +149,17 @@ impl RegistryOptions {
     pub fn add_ca_pem(&mut self, source: &Path, pem: &[u8]) -> Result<(), CaFileError> {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::CertificateDer;
-        let error = |reason: String| CaFileError { path: source.to_path_buf(), reason };
+        let error = |reason: String| CaFileError {
+            path: source.to_path_buf(),
+            reason,
+        };
         let mut found = Vec::new();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            found.push(cert.map_err(|e| error(format!("bad PEM: {e}")))?.as_ref().to_vec());
+            found.push(
+                cert.map_err(|e| error(format!("bad PEM: {e}")))?
+                    .as_ref()
+                    .to_vec(),
+            );
         }
         if found.is_empty() {
             return Err(error("no PEM certificate in it".into()));
@@ -148,7 +170,10 @@ impl RegistryOptions {
 
     /// Reads the PEM bundle at `path` (see [`RegistryOptions::add_ca_pem`]).
     pub fn add_ca_file(&mut self, path: &Path) -> Result<(), CaFileError> {
-        let pem = std::fs::read(path).map_err(|e| CaFileError { path: path.to_path_buf(), reason: e.to_string() })?;
+        let pem = std::fs::read(path).map_err(|e| CaFileError {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         self.add_ca_pem(path, &pem)
     }
 
@@ -156,7 +181,14 @@ impl RegistryOptions {
     fn client_config(&self, protocol: ClientProtocol) -> ClientConfig {
         ClientConfig {
             protocol,
-            extra_root_certificates: self.extra_ca_certificates.iter().map(|der| Certificate { encoding: CertificateEncoding::Der, data: der.clone() }).collect(),
+            extra_root_certificates: self
+                .extra_ca_certificates
+                .iter()
+                .map(|der| Certificate {
+                    encoding: CertificateEncoding::Der,
+                    data: der.clone(),
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -164,16 +196,24 @@ impl RegistryOptions {
     /// The HTTP client manifests are fetched with: the extra CAs, and redirects followed only
     /// to the same host and port (a registry must not send the agent to another address).
     fn manifest_client(&self) -> Result<reqwest::Client, reqwest::Error> {
-        let mut builder = reqwest::Client::builder().user_agent(concat!("wasm-kubelet/", env!("CARGO_PKG_VERSION"))).redirect(reqwest::redirect::Policy::custom(|attempt| {
-            let first = attempt.previous().first().map(|u| (u.host_str().map(str::to_string), u.port_or_known_default()));
-            let next = (attempt.url().host_str().map(str::to_string), attempt.url().port_or_known_default());
-            // 10: reqwest's own default limit.
-            if attempt.previous().len() > 10 || first != Some(next) {
-                attempt.stop()
-            } else {
-                attempt.follow()
-            }
-        }));
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("wasm-kubelet/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let first = attempt
+                    .previous()
+                    .first()
+                    .map(|u| (u.host_str().map(str::to_string), u.port_or_known_default()));
+                let next = (
+                    attempt.url().host_str().map(str::to_string),
+                    attempt.url().port_or_known_default(),
+                );
+                // 10: reqwest's own default limit.
+                if attempt.previous().len() > 10 || first != Some(next) {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            }));
         for der in &self.extra_ca_certificates {
             builder = builder.add_root_certificate(reqwest::Certificate::from_der(der)?);
         }
@@ -202,11 +242,19 @@ pub struct StoredImage {
 
 /// The pod's `command` and `args` with the image's defaults filled in, as Kubernetes does:
 /// `command` replaces the Entrypoint (and then Cmd is not used), `args` replaces Cmd.
-pub fn with_image_defaults(image: &StoredImage, command: Vec<String>, args: Vec<String>) -> (Vec<String>, Vec<String>) {
+pub fn with_image_defaults(
+    image: &StoredImage,
+    command: Vec<String>,
+    args: Vec<String>,
+) -> (Vec<String>, Vec<String>) {
     if !command.is_empty() {
         return (command, args);
     }
-    let args = if args.is_empty() { image.cmd.clone() } else { args };
+    let args = if args.is_empty() {
+        image.cmd.clone()
+    } else {
+        args
+    };
     (image.entrypoint.clone(), args)
 }
 
@@ -220,7 +268,9 @@ pub struct ImageStore {
     manifests: reqwest::Client,
     /// Pulls under way, by canonical reference: a second pull of the same image waits for the
     /// first and gets its result (single flight).
-    inflight: Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>>,
+    inflight: Mutex<
+        HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>,
+    >,
     /// reference (canonical form) -> image. Held only for map access and the small index write.
     index: Mutex<BTreeMap<String, StoredImage>>,
     /// reference (canonical form) -> last use, unix milliseconds (see `last-used.json`).
@@ -234,7 +284,8 @@ impl ImageStore {
     /// registries as `registries` says.
     pub fn open(root: &Path, registries: RegistryOptions) -> Result<Self, ProviderError> {
         let dir = root.join("images");
-        std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(|e| ProviderError::Setup(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir.join("blobs/sha256"))
+            .map_err(|e| ProviderError::Setup(format!("creating {}: {e}", dir.display())))?;
         let index_path = dir.join("index.json");
         let index = match std::fs::read(&index_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -244,8 +295,16 @@ impl ImageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(ProviderError::Setup(format!("reading {}: {e}", index_path.display()))),
         };
-        let last_used: BTreeMap<String, u64> = std::fs::read(dir.join("last-used.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let manifests = registries.manifest_client().map_err(|e| ProviderError::Setup(format!("the registry client cannot be set up: {}", provider_api::one_line(&e))))?;
+        let last_used: BTreeMap<String, u64> = std::fs::read(dir.join("last-used.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let manifests = registries.manifest_client().map_err(|e| {
+            ProviderError::Setup(format!(
+                "the registry client cannot be set up: {}",
+                provider_api::one_line(&e)
+            ))
+        })?;
         let store = Self {
             dir,
             registries,
@@ -281,8 +340,13 @@ impl ImageStore {
                 }
             }
         }
-        let named: std::collections::HashSet<String> =
-            self.index.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(|i| sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect();
+        let named: std::collections::HashSet<String> = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|i| sha256_hex(&i.layer_digest).ok().map(str::to_string))
+            .collect();
         for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().contains(".tmp.") {
                 let _ = std::fs::remove_file(entry.path());
@@ -301,11 +365,18 @@ impl ImageStore {
     /// Every stored reference with its image and last use (unix milliseconds).
     pub fn list(&self) -> Vec<(String, StoredImage, u64)> {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let used = self.last_used.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        index.into_iter().map(|(reference, image)| {
-            let at = used.get(&reference).copied().unwrap_or(self.opened_at);
-            (reference, image, at)
-        }).collect()
+        let used = self
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        index
+            .into_iter()
+            .map(|(reference, image)| {
+                let at = used.get(&reference).copied().unwrap_or(self.opened_at);
+                (reference, image, at)
+            })
+            .collect()
     }
 
     /// Records that `reference` was used now (a pull, a container created from it). Best
@@ -318,8 +389,13 @@ impl ImageStore {
         let mut used = self.last_used.lock().unwrap_or_else(|e| e.into_inner());
         used.insert(canonical(reference), unix_now());
         let path = self.dir.join("last-used.json");
-        let tmp = self.dir.join(format!("last-used.json.tmp.{}", std::process::id()));
-        let written = serde_json::to_vec(&*used).map_err(std::io::Error::other).and_then(|bytes| std::fs::write(&tmp, bytes)).and_then(|()| std::fs::rename(&tmp, &path));
+        let tmp = self
+            .dir
+            .join(format!("last-used.json.tmp.{}", std::process::id()));
+        let written = serde_json::to_vec(&*used)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot record image use");
         }
@@ -330,20 +406,31 @@ impl ImageStore {
     pub fn remove(&self, reference: &str) -> Result<(Option<String>, u64), ProviderError> {
         let key = canonical(reference);
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(image) = index.remove(&key) else { return Err(ProviderError::NotFound(format!("image {reference}"))) };
+        let Some(image) = index.remove(&key) else {
+            return Err(ProviderError::NotFound(format!("image {reference}")));
+        };
         let path = self.dir.join("index.json");
-        let bytes = serde_json::to_vec_pretty(&*index).map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
+        let bytes = serde_json::to_vec_pretty(&*index)
+            .map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
         if let Err(e) = write_atomically(&path, &bytes) {
             index.insert(key, image);
-            return Err(ProviderError::Io(format!("writing {}: {e}", path.display())));
+            return Err(ProviderError::Io(format!(
+                "writing {}: {e}",
+                path.display()
+            )));
         }
         let shared = index.values().any(|i| i.layer_digest == image.layer_digest);
         drop(index);
-        self.last_used.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
         if shared {
             return Ok((None, 0));
         }
-        let blob = self.blob_path(&image.layer_digest).map_err(ProviderError::Io)?;
+        let blob = self
+            .blob_path(&image.layer_digest)
+            .map_err(ProviderError::Io)?;
         let freed = std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(0);
         self.discard(&blob);
         Ok((Some(image.layer_digest), freed))
@@ -355,7 +442,11 @@ impl ImageStore {
         let trash = self.dir.join("trash");
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let target = trash.join(format!("{}.{}.{n}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+        let target = trash.join(format!(
+            "{}.{}.{n}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
         let moved = std::fs::create_dir_all(&trash).and_then(|()| std::fs::rename(path, &target));
         match moved {
             Ok(()) => {
@@ -372,8 +463,16 @@ impl ImageStore {
     /// The image if it was pulled and its layer is still on disk.
     pub fn get(&self, reference: &str) -> Option<StoredImage> {
         let key = canonical(reference);
-        let image = self.index.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()?;
-        self.blob_path(&image.layer_digest).ok().filter(|p| p.is_file()).map(|_| image)
+        let image = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()?;
+        self.blob_path(&image.layer_digest)
+            .ok()
+            .filter(|p| p.is_file())
+            .map(|_| image)
     }
 
     /// Where the blob of `digest` (`sha256:<hex>`) lives.
@@ -388,11 +487,20 @@ impl ImageStore {
     /// One pull per image at a time: a pull of a reference already being pulled waits for that
     /// pull and returns its result. A pull that receives nothing for
     /// [`PullLimits::progress_deadline`] is cancelled.
-    pub async fn pull(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+    pub async fn pull(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
         // By reference and the credentials used for its registry: a pull without a pod's
         // secret must not answer a pull with it, nor the other way round.
-        let credentials = match reference.parse::<Reference>().map(|r| credentials_for(r.registry(), auth)) {
-            Ok(OciAuth::Basic(user, password)) => to_hex(&Sha256::digest(format!("{user}\0{password}").as_bytes())),
+        let credentials = match reference
+            .parse::<Reference>()
+            .map(|r| credentials_for(r.registry(), auth))
+        {
+            Ok(OciAuth::Basic(user, password)) => {
+                to_hex(&Sha256::digest(format!("{user}\0{password}").as_bytes()))
+            }
             _ => "anonymous".to_string(),
         };
         let key = format!("{} {credentials}", canonical(reference));
@@ -412,19 +520,35 @@ impl ImageStore {
             let mut waiting = match role {
                 Ok(tx) => {
                     // Removed however this pull ends (also when its caller gives up on it).
-                    let _leader = InflightEntry { map: &self.inflight, key: &key };
+                    let _leader = InflightEntry {
+                        map: &self.inflight,
+                        key: &key,
+                    };
                     let result = self.pull_with_deadline(reference, auth).await;
                     let _ = tx.send(Some(result.clone()));
                     return result;
                 }
                 Err(rx) => rx,
             };
-            tracing::debug!(reference, "waiting for the pull of the same image under way");
-            let outcome = waiting.wait_for(Option::is_some).await.map(|result| result.clone());
+            tracing::debug!(
+                reference,
+                "waiting for the pull of the same image under way"
+            );
+            let outcome = waiting
+                .wait_for(Option::is_some)
+                .await
+                .map(|result| result.clone());
             match outcome {
                 Ok(result) => {
-                    let result = result.unwrap_or_else(|| Err(ProviderError::Pull(format!("pulling {reference}: the pull waited for ended without a result"))));
-                    return result.map(|info| ImageInfo { reference: reference.to_string(), ..info });
+                    let result = result.unwrap_or_else(|| {
+                        Err(ProviderError::Pull(format!(
+                            "pulling {reference}: the pull waited for ended without a result"
+                        )))
+                    });
+                    return result.map(|info| ImageInfo {
+                        reference: reference.to_string(),
+                        ..info
+                    });
                 }
                 // The pull waited for was abandoned by its caller: start one.
                 Err(_) => continue,
@@ -433,7 +557,11 @@ impl ImageStore {
     }
 
     /// [`ImageStore::pull_once`], cancelled when it makes no progress for the deadline.
-    async fn pull_with_deadline(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
+    async fn pull_with_deadline(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
         let progress = Progress::new();
         let deadline = self.limits.progress_deadline;
         tokio::select! {
@@ -447,12 +575,21 @@ impl ImageStore {
         }
     }
 
-    async fn pull_once(&self, reference: &str, auth: &[RegistryAuth], progress: &Progress) -> Result<ImageInfo, ProviderError> {
-        let parsed: Reference = reference.parse().map_err(|e| ProviderError::InvalidImageName(format!("couldn't parse image name {reference:?}: {e}")))?;
+    async fn pull_once(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+        progress: &Progress,
+    ) -> Result<ImageInfo, ProviderError> {
+        let parsed: Reference = reference.parse().map_err(|e| {
+            ProviderError::InvalidImageName(format!("couldn't parse image name {reference:?}: {e}"))
+        })?;
         let registry = parsed.resolve_registry().to_string();
         let credentials = credentials_for(parsed.registry(), auth);
 
-        let (client, scheme, (manifest, manifest_digest)) = self.connect(&parsed, &registry, &credentials, reference, progress).await?;
+        let (client, scheme, (manifest, manifest_digest)) = self
+            .connect(&parsed, &registry, &credentials, reference, progress)
+            .await?;
         let (manifest, manifest_ref) = match manifest {
             OciManifest::Image(m) => (m, parsed.clone()),
             OciManifest::ImageIndex(index) => {
@@ -461,9 +598,18 @@ impl ImageStore {
                     ProviderError::UnsupportedImage(format!("image {reference} is an index without a Wasm platform (wasip1, wasip2, wasi or arch wasm); it has: {}", found.join(", ")))
                 })?;
                 let entry_ref = parsed.clone_with_digest(entry.digest.clone());
-                match self.fetch_manifest(&client, scheme, &entry_ref, &credentials, progress).await.map_err(|e| e.into_provider(reference, "fetching the platform manifest"))? {
+                match self
+                    .fetch_manifest(&client, scheme, &entry_ref, &credentials, progress)
+                    .await
+                    .map_err(|e| e.into_provider(reference, "fetching the platform manifest"))?
+                {
                     (OciManifest::Image(m), _) => (m, entry_ref),
-                    (OciManifest::ImageIndex(_), _) => return Err(ProviderError::UnsupportedImage(format!("image {reference}: the index entry {} is itself an index", entry.digest))),
+                    (OciManifest::ImageIndex(_), _) => {
+                        return Err(ProviderError::UnsupportedImage(format!(
+                            "image {reference}: the index entry {} is itself an index",
+                            entry.digest
+                        )))
+                    }
                 }
             }
         };
@@ -486,42 +632,94 @@ impl ImageStore {
                 )))
             }
         };
-        let blob = self.blob_path(&layer.digest).map_err(|e| ProviderError::Pull(format!("pulling {reference}: layer {e}")))?;
+        let blob = self
+            .blob_path(&layer.digest)
+            .map_err(|e| ProviderError::Pull(format!("pulling {reference}: layer {e}")))?;
 
         let size = if let Ok(meta) = std::fs::metadata(&blob) {
             tracing::debug!(reference, digest = %layer.digest, "layer already stored");
             meta.len()
         } else {
-            let cap = Cap { max: self.limits.max_module_size, flag: "--max-module-size" };
-            self.fetch_blob_to_file(&client, &manifest_ref, reference, layer, "module layer", cap, &blob, progress).await?
+            let cap = Cap {
+                max: self.limits.max_module_size,
+                flag: "--max-module-size",
+            };
+            self.fetch_blob_to_file(
+                &client,
+                &manifest_ref,
+                reference,
+                layer,
+                "module layer",
+                cap,
+                &blob,
+                progress,
+            )
+            .await?
         };
-        let stored = StoredImage { manifest_digest: manifest_digest.clone(), layer_digest: layer.digest.clone(), size, entrypoint: Vec::new(), cmd: Vec::new() };
+        let stored = StoredImage {
+            manifest_digest: manifest_digest.clone(),
+            layer_digest: layer.digest.clone(),
+            size,
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+        };
         self.record(reference, stored)?;
         tracing::info!(reference, digest = %manifest_digest, size, "image pulled");
-        Ok(ImageInfo { reference: reference.to_string(), digest: manifest_digest, size })
+        Ok(ImageInfo {
+            reference: reference.to_string(),
+            digest: manifest_digest,
+            size,
+        })
     }
 
     /// Fetches the manifest over https. A registry named in
     /// [`RegistryOptions::insecure_registries`] is asked again over plain http when https fails
     /// below HTTP (no TLS there), as Docker does for insecure registries; the client that
     /// worked goes on with the pull. No other registry is ever spoken to over plain http.
-    async fn connect(&self, image: &Reference, registry: &str, credentials: &OciAuth, reference: &str, progress: &Progress) -> Result<(Client, &'static str, (OciManifest, String)), ProviderError> {
+    async fn connect(
+        &self,
+        image: &Reference,
+        registry: &str,
+        credentials: &OciAuth,
+        reference: &str,
+        progress: &Progress,
+    ) -> Result<(Client, &'static str, (OciManifest, String)), ProviderError> {
         let https = self.client(reference, ClientProtocol::Https)?;
-        match self.fetch_manifest(&https, "https", image, credentials, progress).await {
+        match self
+            .fetch_manifest(&https, "https", image, credentials, progress)
+            .await
+        {
             Ok(found) => Ok((https, "https", found)),
-            Err(ManifestError::Transport(over_https)) if may_use_plain_http(registry, &self.registries.insecure_registries) => {
+            Err(ManifestError::Transport(over_https))
+                if may_use_plain_http(registry, &self.registries.insecure_registries) =>
+            {
                 tracing::debug!(registry, error = %over_https, "https failed below HTTP; trying plain http (an insecure registry)");
-                let http = self.client(reference, ClientProtocol::HttpsExcept(vec![registry.to_string()]))?;
-                match self.fetch_manifest(&http, "http", image, credentials, progress).await {
+                let http = self.client(
+                    reference,
+                    ClientProtocol::HttpsExcept(vec![registry.to_string()]),
+                )?;
+                match self
+                    .fetch_manifest(&http, "http", image, credentials, progress)
+                    .await
+                {
                     Ok(found) => Ok((http, "http", found)),
                     Err(e) => {
-                        let ProviderError::Pull(msg) = e.into_provider(reference, "fetching the manifest") else { unreachable!("into_provider gives Pull") };
-                        Err(ProviderError::Pull(format!("{msg} (over https first: {over_https})")))
+                        let ProviderError::Pull(msg) =
+                            e.into_provider(reference, "fetching the manifest")
+                        else {
+                            unreachable!("into_provider gives Pull")
+                        };
+                        Err(ProviderError::Pull(format!(
+                            "{msg} (over https first: {over_https})"
+                        )))
                     }
                 }
             }
             Err(e @ ManifestError::Transport(_)) => {
-                let ProviderError::Pull(msg) = e.into_provider(reference, "fetching the manifest") else { unreachable!("into_provider gives Pull") };
+                let ProviderError::Pull(msg) = e.into_provider(reference, "fetching the manifest")
+                else {
+                    unreachable!("into_provider gives Pull")
+                };
                 Err(ProviderError::Pull(format!("{msg} (plain http is tried only for registries listed in --insecure-registries)")))
             }
             Err(e) => Err(e.into_provider(reference, "fetching the manifest")),
@@ -531,55 +729,125 @@ impl ImageStore {
     /// Fetches and parses one manifest or index, at most [`MAX_MANIFEST_BYTES`], checked
     /// against the digest the reference or the registry names. oci-client authenticates (its
     /// token dance); the GET is ours, so the body is read with a cap.
-    async fn fetch_manifest(&self, client: &Client, scheme: &str, image: &Reference, credentials: &OciAuth, progress: &Progress) -> Result<(OciManifest, String), ManifestError> {
-        let token = match client.auth(image, credentials, RegistryOperation::Pull).await {
+    async fn fetch_manifest(
+        &self,
+        client: &Client,
+        scheme: &str,
+        image: &Reference,
+        credentials: &OciAuth,
+        progress: &Progress,
+    ) -> Result<(OciManifest, String), ManifestError> {
+        let token = match client
+            .auth(image, credentials, RegistryOperation::Pull)
+            .await
+        {
             Ok(token) => token,
-            Err(OciDistributionError::RequestError(e)) => return Err(ManifestError::Transport(provider_api::one_line(&e))),
-            Err(e) => return Err(ManifestError::Registry(format!("authenticating: {}", registry_error(&e)))),
+            Err(OciDistributionError::RequestError(e)) => {
+                return Err(ManifestError::Transport(provider_api::one_line(&e)))
+            }
+            Err(e) => {
+                return Err(ManifestError::Registry(format!(
+                    "authenticating: {}",
+                    registry_error(&e)
+                )))
+            }
         };
         progress.mark(0);
         let registry = image.resolve_registry();
         let tag = image.digest().or(image.tag()).unwrap_or("latest");
-        let url = format!("{scheme}://{registry}/v2/{}/manifests/{tag}", image.repository());
-        let mut request = self.manifests.get(&url).header(reqwest::header::ACCEPT, MANIFEST_ACCEPT.join(", "));
+        let url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{tag}",
+            image.repository()
+        );
+        let mut request = self
+            .manifests
+            .get(&url)
+            .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT.join(", "));
         request = match (&token, credentials) {
             (Some(token), _) => request.bearer_auth(token),
             (None, OciAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
             (None, _) => request,
         };
-        let mut response = request.send().await.map_err(|e| ManifestError::Transport(provider_api::one_line(&e)))?;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| ManifestError::Transport(provider_api::one_line(&e)))?;
         progress.mark(0);
         let status = response.status();
         if !status.is_success() {
-            let body = read_capped(&mut response, MAX_ERROR_BODY_BYTES as u64, progress).await.unwrap_or_default();
-            let hint = if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN { " (are the image pull secrets right?)" } else { "" };
-            return Err(ManifestError::Registry(format!("the registry answered {status} for {url}{hint}: {}", truncate_body(&body))));
+            let body = read_capped(&mut response, MAX_ERROR_BODY_BYTES as u64, progress)
+                .await
+                .unwrap_or_default();
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                " (are the image pull secrets right?)"
+            } else {
+                ""
+            };
+            return Err(ManifestError::Registry(format!(
+                "the registry answered {status} for {url}{hint}: {}",
+                truncate_body(&body)
+            )));
         }
-        if response.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES) {
-            return Err(ManifestError::TooLarge(format!("the manifest at {url} is {} bytes, more than the {MAX_MANIFEST_BYTES} allowed", response.content_length().unwrap_or(0))));
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_BYTES)
+        {
+            return Err(ManifestError::TooLarge(format!(
+                "the manifest at {url} is {} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
+                response.content_length().unwrap_or(0)
+            )));
         }
-        let header_digest = response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let content_type = response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = read_capped(&mut response, MAX_MANIFEST_BYTES, progress).await.map_err(|e| match e {
-            ReadError::TooLarge => ManifestError::TooLarge(format!("the manifest at {url} is more than the {MAX_MANIFEST_BYTES} bytes allowed")),
-            ReadError::Transport(e) => ManifestError::Registry(format!("reading the manifest at {url}: {e}")),
-        })?;
+        let header_digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = read_capped(&mut response, MAX_MANIFEST_BYTES, progress)
+            .await
+            .map_err(|e| match e {
+                ReadError::TooLarge => ManifestError::TooLarge(format!(
+                    "the manifest at {url} is more than the {MAX_MANIFEST_BYTES} bytes allowed"
+                )),
+                ReadError::Transport(e) => {
+                    ManifestError::Registry(format!("reading the manifest at {url}: {e}"))
+                }
+            })?;
         let digest = format!("sha256:{}", to_hex(&Sha256::digest(&body)));
-        for (what, expected) in [("the reference", image.digest().map(str::to_string)), ("the registry's Docker-Content-Digest", header_digest)] {
+        for (what, expected) in [
+            ("the reference", image.digest().map(str::to_string)),
+            ("the registry's Docker-Content-Digest", header_digest),
+        ] {
             if let Some(expected) = expected {
                 // Only sha256 is checked here (and stored); a digest of another algorithm in the
                 // registry's header is not ours to verify.
-                if (what == "the reference" || expected.starts_with("sha256:")) && expected != digest {
-                    return Err(ManifestError::Registry(format!("the manifest at {url} has digest {digest}, not {expected} as {what} says")));
+                if (what == "the reference" || expected.starts_with("sha256:"))
+                    && expected != digest
+                {
+                    return Err(ManifestError::Registry(format!(
+                        "the manifest at {url} has digest {digest}, not {expected} as {what} says"
+                    )));
                 }
             }
         }
-        let manifest = parse_manifest(&body, content_type.as_deref()).map_err(|e| ManifestError::Registry(format!("the manifest at {url}: {e}")))?;
+        let manifest = parse_manifest(&body, content_type.as_deref())
+            .map_err(|e| ManifestError::Registry(format!("the manifest at {url}: {e}")))?;
         Ok((manifest, digest))
     }
 
     fn client(&self, reference: &str, protocol: ClientProtocol) -> Result<Client, ProviderError> {
-        Client::try_from(self.registries.client_config(protocol)).map_err(|e| ProviderError::Setup(format!("pulling {reference}: the registry client cannot be set up: {}", provider_api::one_line(&e))))
+        Client::try_from(self.registries.client_config(protocol)).map_err(|e| {
+            ProviderError::Setup(format!(
+                "pulling {reference}: the registry client cannot be set up: {}",
+                provider_api::one_line(&e)
+            ))
+        })
     }
 
     /// The module of an ordinary OCI image: the file its config's `Entrypoint[0]` names, read
@@ -587,71 +855,165 @@ impl ImageStore {
     /// as needed, each read streaming with at most [`PullLimits::max_layer_uncompressed_size`]
     /// inflated) and stored under its own digest. An image already pulled by manifest digest is
     /// not fetched again.
-    async fn pull_entrypoint_module(&self, client: &Client, image: &Reference, reference: &str, manifest: &OciImageManifest, manifest_digest: &str, progress: &Progress) -> Result<StoredImage, ProviderError> {
-        let unsupported = |e: EntrypointError| ProviderError::UnsupportedImage(format!("image {reference}: {e}"));
-        if let Some(layer) = manifest.layers.iter().find(|l| !TAR_LAYER_TYPES.contains(&l.media_type.as_str())) {
-            return Err(ProviderError::UnsupportedImage(format!("image {reference}: layer {} has media type {}; expected one of {}", layer.digest, layer.media_type, TAR_LAYER_TYPES.join(", "))));
+    async fn pull_entrypoint_module(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        manifest: &OciImageManifest,
+        manifest_digest: &str,
+        progress: &Progress,
+    ) -> Result<StoredImage, ProviderError> {
+        let unsupported =
+            |e: EntrypointError| ProviderError::UnsupportedImage(format!("image {reference}: {e}"));
+        if let Some(layer) = manifest
+            .layers
+            .iter()
+            .find(|l| !TAR_LAYER_TYPES.contains(&l.media_type.as_str()))
+        {
+            return Err(ProviderError::UnsupportedImage(format!(
+                "image {reference}: layer {} has media type {}; expected one of {}",
+                layer.digest,
+                layer.media_type,
+                TAR_LAYER_TYPES.join(", ")
+            )));
         }
         if let Some(known) = self.by_manifest_digest(manifest_digest) {
-            tracing::debug!(reference, digest = manifest_digest, "image already stored under another reference");
+            tracing::debug!(
+                reference,
+                digest = manifest_digest,
+                "image already stored under another reference"
+            );
             return Ok(known);
         }
-        let config_cap = Cap { max: MAX_CONFIG_BYTES as u64, flag: "the image config limit (4 MiB)" };
-        let config = self.fetch_blob_to_memory(client, image, reference, &manifest.config, "config", config_cap, progress).await?;
+        let config_cap = Cap {
+            max: MAX_CONFIG_BYTES as u64,
+            flag: "the image config limit (4 MiB)",
+        };
+        let config = self
+            .fetch_blob_to_memory(
+                client,
+                image,
+                reference,
+                &manifest.config,
+                "config",
+                config_cap,
+                progress,
+            )
+            .await?;
         let defaults = ContainerDefaults::parse(&config).map_err(unsupported)?;
         let path = defaults.program().map_err(unsupported)?;
 
         let limits = self.limits.clone();
-        let mut search = EntrypointSearch::new(&path, manifest.layers.len()).map_err(unsupported)?.with_limits(limits.max_layer_uncompressed_size, limits.max_module_size);
-        let scratch = TempDir::new(self.dir.join("tmp")).map_err(|e| ProviderError::Io(format!("pulling {reference}: creating a scratch directory: {e}")))?;
+        let mut search = EntrypointSearch::new(&path, manifest.layers.len())
+            .map_err(unsupported)?
+            .with_limits(limits.max_layer_uncompressed_size, limits.max_module_size);
+        let scratch = TempDir::new(self.dir.join("tmp")).map_err(|e| {
+            ProviderError::Io(format!(
+                "pulling {reference}: creating a scratch directory: {e}"
+            ))
+        })?;
         let mut fetched: Vec<Option<PathBuf>> = vec![None; manifest.layers.len()];
         // A compressed layer is no bigger than what it inflates to, so the same cap bounds it.
-        let layer_cap = Cap { max: limits.max_layer_uncompressed_size, flag: "--max-layer-uncompressed-size" };
+        let layer_cap = Cap {
+            max: limits.max_layer_uncompressed_size,
+            flag: "--max-layer-uncompressed-size",
+        };
         let module = loop {
             let i = search.next_layer();
-            let (Some(descriptor), Some(slot)) = (manifest.layers.get(i), fetched.get_mut(i)) else {
-                return Err(ProviderError::Pull(format!("pulling {reference}: layer {i} out of range")));
+            let (Some(descriptor), Some(slot)) = (manifest.layers.get(i), fetched.get_mut(i))
+            else {
+                return Err(ProviderError::Pull(format!(
+                    "pulling {reference}: layer {i} out of range"
+                )));
             };
             let file = match slot {
                 Some(file) => file.clone(),
                 None => {
                     let file = scratch.path.join(format!("layer-{i}"));
-                    self.fetch_blob_to_file(client, image, reference, descriptor, "layer", layer_cap, &file, progress).await?;
+                    self.fetch_blob_to_file(
+                        client, image, reference, descriptor, "layer", layer_cap, &file, progress,
+                    )
+                    .await?;
                     slot.insert(file).clone()
                 }
             };
             // Reading a tar archive is CPU and disk work: off the async threads.
             let (returned, step) = tokio::task::spawn_blocking(move || {
-                let step = std::fs::File::open(&file).map_err(|e| EntrypointError::Layer { layer: i, reason: format!("reopening the downloaded layer: {e}") }).and_then(|f| search.feed(i, std::io::BufReader::new(f)));
+                let step = std::fs::File::open(&file)
+                    .map_err(|e| EntrypointError::Layer {
+                        layer: i,
+                        reason: format!("reopening the downloaded layer: {e}"),
+                    })
+                    .and_then(|f| search.feed(i, std::io::BufReader::new(f)));
                 (search, step)
             })
             .await
-            .map_err(|e| ProviderError::Pull(format!("pulling {reference}: reading layer {}: {e}", descriptor.digest)))?;
+            .map_err(|e| {
+                ProviderError::Pull(format!(
+                    "pulling {reference}: reading layer {}: {e}",
+                    descriptor.digest
+                ))
+            })?;
             search = returned;
             match step {
                 Ok(Some(module)) => break module,
                 Ok(None) => continue,
-                Err(e @ (EntrypointError::Layer { .. } | EntrypointError::LayerTooLarge { .. } | EntrypointError::ModuleTooLarge { .. })) => return Err(ProviderError::Pull(format!("pulling {reference}: {e}"))),
+                Err(
+                    e @ (EntrypointError::Layer { .. }
+                    | EntrypointError::LayerTooLarge { .. }
+                    | EntrypointError::ModuleTooLarge { .. }),
+                ) => return Err(ProviderError::Pull(format!("pulling {reference}: {e}"))),
                 Err(e) => return Err(unsupported(e)),
             }
         };
         drop(scratch);
 
         let digest = format!("sha256:{}", to_hex(&Sha256::digest(&module)));
-        let blob = self.blob_path(&digest).map_err(|e| ProviderError::Io(format!("pulling {reference}: module {e}")))?;
+        let blob = self
+            .blob_path(&digest)
+            .map_err(|e| ProviderError::Io(format!("pulling {reference}: module {e}")))?;
         if !blob.is_file() {
-            write_atomically(&blob, &module).map_err(|e| ProviderError::Io(format!("storing the module of {reference} at {}: {e}", blob.display())))?;
+            write_atomically(&blob, &module).map_err(|e| {
+                ProviderError::Io(format!(
+                    "storing the module of {reference} at {}: {e}",
+                    blob.display()
+                ))
+            })?;
         }
         tracing::debug!(reference, path = %path, module = %digest, "module read from the image's layers");
-        Ok(StoredImage { manifest_digest: manifest_digest.to_string(), layer_digest: digest, size: module.len() as u64, entrypoint: defaults.entrypoint, cmd: defaults.cmd })
+        Ok(StoredImage {
+            manifest_digest: manifest_digest.to_string(),
+            layer_digest: digest,
+            size: module.len() as u64,
+            entrypoint: defaults.entrypoint,
+            cmd: defaults.cmd,
+        })
     }
 
     /// Fetches one blob of `image` into memory (a config: small, capped by `cap`), digest
     /// verified while it streams.
     #[allow(clippy::too_many_arguments)]
-    async fn fetch_blob_to_memory(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, cap: Cap, progress: &Progress) -> Result<Vec<u8>, ProviderError> {
-        let mut sink = BlobSink::new(Sink::Memory(Vec::new()), descriptor, reference, what, cap, progress)?;
-        self.stream_blob(client, image, reference, descriptor, what, &mut sink).await?;
+    async fn fetch_blob_to_memory(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        descriptor: &OciDescriptor,
+        what: &str,
+        cap: Cap,
+        progress: &Progress,
+    ) -> Result<Vec<u8>, ProviderError> {
+        let mut sink = BlobSink::new(
+            Sink::Memory(Vec::new()),
+            descriptor,
+            reference,
+            what,
+            cap,
+            progress,
+        )?;
+        self.stream_blob(client, image, reference, descriptor, what, &mut sink)
+            .await?;
         match sink.sink {
             Sink::Memory(bytes) => Ok(bytes),
             Sink::File(..) => unreachable!("a memory sink"),
@@ -663,14 +1025,32 @@ impl ImageStore {
     /// when its descriptor declares more than `cap`; the registry may send no more than it
     /// declared. Returns its size.
     #[allow(clippy::too_many_arguments)]
-    async fn fetch_blob_to_file(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, cap: Cap, path: &Path, progress: &Progress) -> Result<u64, ProviderError> {
-        let io_err = |e: std::io::Error| ProviderError::Io(format!("pulling {reference}: writing the {what} to {}: {e}", path.display()));
+    async fn fetch_blob_to_file(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        descriptor: &OciDescriptor,
+        what: &str,
+        cap: Cap,
+        path: &Path,
+        progress: &Progress,
+    ) -> Result<u64, ProviderError> {
+        let io_err = |e: std::io::Error| {
+            ProviderError::Io(format!(
+                "pulling {reference}: writing the {what} to {}: {e}",
+                path.display()
+            ))
+        };
         let tmp = TempFile::beside(path);
         let file = tokio::fs::File::create(&tmp.path).await.map_err(io_err)?;
         let mut sink = BlobSink::new(Sink::File(file), descriptor, reference, what, cap, progress)?;
-        self.stream_blob(client, image, reference, descriptor, what, &mut sink).await?;
+        self.stream_blob(client, image, reference, descriptor, what, &mut sink)
+            .await?;
         let size = sink.written;
-        let Sink::File(mut file) = sink.sink else { unreachable!("a file sink") };
+        let Sink::File(mut file) = sink.sink else {
+            unreachable!("a file sink")
+        };
         use tokio::io::AsyncWriteExt;
         file.flush().await.map_err(io_err)?;
         file.sync_all().await.map_err(io_err)?;
@@ -682,13 +1062,30 @@ impl ImageStore {
     /// `pull_blob` into `sink`; the sink's own refusal (too large, digest) is the error when
     /// there is one. The descriptor's `urls` are dropped: a manifest must not send the agent to
     /// fetch from addresses of its choosing.
-    async fn stream_blob(&self, client: &Client, image: &Reference, reference: &str, descriptor: &OciDescriptor, what: &str, sink: &mut BlobSink<'_>) -> Result<(), ProviderError> {
-        let descriptor = OciDescriptor { urls: None, ..descriptor.clone() };
+    async fn stream_blob(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        descriptor: &OciDescriptor,
+        what: &str,
+        sink: &mut BlobSink<'_>,
+    ) -> Result<(), ProviderError> {
+        let descriptor = OciDescriptor {
+            urls: None,
+            ..descriptor.clone()
+        };
         let pulled = client.pull_blob(image, &descriptor, &mut *sink).await;
         if let Some(refusal) = sink.refusal.take() {
             return Err(refusal);
         }
-        pulled.map_err(|e| ProviderError::Pull(format!("pulling {reference}: fetching {what} {}: {}", descriptor.digest, registry_error(&e))))?;
+        pulled.map_err(|e| {
+            ProviderError::Pull(format!(
+                "pulling {reference}: fetching {what} {}: {}",
+                descriptor.digest,
+                registry_error(&e)
+            ))
+        })?;
         sink.finish()
     }
 
@@ -696,18 +1093,37 @@ impl ImageStore {
     /// on disk (the manifest digest fixes the config and every layer).
     fn by_manifest_digest(&self, manifest_digest: &str) -> Option<StoredImage> {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        let image = index.values().find(|i| i.manifest_digest == manifest_digest && !i.entrypoint.is_empty())?.clone();
+        let image = index
+            .values()
+            .find(|i| i.manifest_digest == manifest_digest && !i.entrypoint.is_empty())?
+            .clone();
         drop(index);
-        self.blob_path(&image.layer_digest).ok().filter(|p| p.is_file()).map(|_| image)
+        self.blob_path(&image.layer_digest)
+            .ok()
+            .filter(|p| p.is_file())
+            .map(|_| image)
     }
 
     /// Stores `wasm` as the single layer of `reference`, as a pull would (tests use it in place
     /// of a registry; `WasmtimeProvider::import_image` offers it to other crates' tests).
-    pub(crate) fn import(&self, reference: &str, wasm: &[u8]) -> Result<StoredImage, ProviderError> {
+    pub(crate) fn import(
+        &self,
+        reference: &str,
+        wasm: &[u8],
+    ) -> Result<StoredImage, ProviderError> {
         let layer_digest = format!("sha256:{}", to_hex(&Sha256::digest(wasm)));
         let blob = self.blob_path(&layer_digest).map_err(ProviderError::Io)?;
         write_atomically(&blob, wasm).map_err(|e| ProviderError::Io(e.to_string()))?;
-        let image = StoredImage { manifest_digest: format!("sha256:{}", to_hex(&Sha256::digest(layer_digest.as_bytes()))), layer_digest, size: wasm.len() as u64, entrypoint: Vec::new(), cmd: Vec::new() };
+        let image = StoredImage {
+            manifest_digest: format!(
+                "sha256:{}",
+                to_hex(&Sha256::digest(layer_digest.as_bytes()))
+            ),
+            layer_digest,
+            size: wasm.len() as u64,
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+        };
         self.record(reference, image.clone())?;
         Ok(image)
     }
@@ -716,8 +1132,10 @@ impl ImageStore {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         index.insert(canonical(reference), image);
         let path = self.dir.join("index.json");
-        let bytes = serde_json::to_vec_pretty(&*index).map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
-        write_atomically(&path, &bytes).map_err(|e| ProviderError::Io(format!("writing {}: {e}", path.display())))
+        let bytes = serde_json::to_vec_pretty(&*index)
+            .map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
+        write_atomically(&path, &bytes)
+            .map_err(|e| ProviderError::Io(format!("writing {}: {e}", path.display())))
     }
 }
 
@@ -740,13 +1158,18 @@ fn bounded(e: ProviderError) -> ProviderError {
 
 /// Removes a reference from the pulls under way when its leader ends, however it ends.
 struct InflightEntry<'a> {
-    map: &'a Mutex<HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>>,
+    map: &'a Mutex<
+        HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>,
+    >,
     key: &'a str,
 }
 
 impl Drop for InflightEntry<'_> {
     fn drop(&mut self) {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(self.key);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.key);
     }
 }
 
@@ -760,13 +1183,18 @@ struct Progress {
 
 impl Progress {
     fn new() -> Self {
-        Self { start: tokio::time::Instant::now(), last: AtomicU64::new(0), bytes: AtomicU64::new(0) }
+        Self {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
     }
 
     /// Something arrived (`bytes` of content, or 0 for a response without content yet).
     fn mark(&self, bytes: usize) {
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     fn bytes(&self) -> u64 {
@@ -776,7 +1204,8 @@ impl Progress {
     /// Returns once nothing arrived for `deadline`.
     async fn stalled(&self, deadline: Duration) {
         loop {
-            let due = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + deadline;
+            let due =
+                self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + deadline;
             if tokio::time::Instant::now() >= due {
                 return;
             }
@@ -792,7 +1221,13 @@ pub fn go_duration(d: Duration) -> String {
     }
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let s = if d.subsec_millis() == 0 { s.to_string() } else { format!("{s}.{:03}", d.subsec_millis()).trim_end_matches('0').to_string() };
+    let s = if d.subsec_millis() == 0 {
+        s.to_string()
+    } else {
+        format!("{s}.{:03}", d.subsec_millis())
+            .trim_end_matches('0')
+            .to_string()
+    };
     match (h, m) {
         (0, 0) => format!("{s}s"),
         (0, m) => format!("{m}m{s}s"),
@@ -822,16 +1257,25 @@ enum ManifestError {
 
 impl ManifestError {
     fn into_provider(self, reference: &str, what: &str) -> ProviderError {
-        let (ManifestError::Transport(m) | ManifestError::Registry(m) | ManifestError::TooLarge(m)) = self;
+        let (ManifestError::Transport(m) | ManifestError::Registry(m) | ManifestError::TooLarge(m)) =
+            self;
         ProviderError::Pull(format!("pulling {reference}: {what}: {m}"))
     }
 }
 
 /// Reads a response body, stopping once more than `max` bytes came: the bytes (at most `max`)
 /// and whether there was more.
-async fn read_at_most(response: &mut reqwest::Response, max: u64, progress: &Progress) -> Result<(Vec<u8>, bool), String> {
+async fn read_at_most(
+    response: &mut reqwest::Response,
+    max: u64,
+    progress: &Progress,
+) -> Result<(Vec<u8>, bool), String> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| provider_api::one_line(&e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| provider_api::one_line(&e))?
+    {
         progress.mark(chunk.len());
         body.extend_from_slice(&chunk);
         if body.len() as u64 > max {
@@ -849,7 +1293,11 @@ enum ReadError {
 }
 
 /// The body, refusing one over `max` bytes.
-async fn read_capped(response: &mut reqwest::Response, max: u64, progress: &Progress) -> Result<Vec<u8>, ReadError> {
+async fn read_capped(
+    response: &mut reqwest::Response,
+    max: u64,
+    progress: &Progress,
+) -> Result<Vec<u8>, ReadError> {
     match read_at_most(response, max, progress).await {
         Ok((body, false)) => Ok(body),
         Ok((_, true)) => Err(ReadError::TooLarge),
@@ -865,7 +1313,11 @@ fn truncate_body(body: &[u8]) -> String {
 /// `text` on one line (control characters as spaces), cut to at most `max` bytes at a character
 /// boundary, with `…` when cut.
 pub fn truncate_text(text: &str, max: usize) -> String {
-    let one_line: String = text.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if one_line.len() <= max {
         return one_line;
     }
@@ -880,11 +1332,24 @@ pub fn truncate_text(text: &str, max: usize) -> String {
 /// sent cut to [`MAX_ERROR_BODY_BYTES`].
 fn registry_error(e: &OciDistributionError) -> String {
     match e {
-        OciDistributionError::ServerError { code, url, message } => format!("the registry answered {code} for {url}: {}", truncate_text(message, MAX_ERROR_BODY_BYTES)),
-        OciDistributionError::AuthenticationFailure(reason) => format!("authentication failed: {}", truncate_text(reason, MAX_ERROR_BODY_BYTES)),
+        OciDistributionError::ServerError { code, url, message } => format!(
+            "the registry answered {code} for {url}: {}",
+            truncate_text(message, MAX_ERROR_BODY_BYTES)
+        ),
+        OciDistributionError::AuthenticationFailure(reason) => format!(
+            "authentication failed: {}",
+            truncate_text(reason, MAX_ERROR_BODY_BYTES)
+        ),
         OciDistributionError::RegistryError { envelope, url } => {
-            let errors: Vec<String> = envelope.errors.iter().map(|e| format!("{:?}: {}", e.code, e.message)).collect();
-            format!("the registry refused {url}: {}", truncate_text(&errors.join("; "), MAX_ERROR_BODY_BYTES))
+            let errors: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect();
+            format!(
+                "the registry refused {url}: {}",
+                truncate_text(&errors.join("; "), MAX_ERROR_BODY_BYTES)
+            )
         }
         // Other errors carry no body, but their text may quote one: bounded all the same.
         other => truncate_text(&provider_api::one_line(other), 4 * MAX_ERROR_BODY_BYTES),
@@ -903,16 +1368,29 @@ pub fn parse_manifest(body: &[u8], content_type: Option<&str>) -> Result<OciMani
         media_type: Option<String>,
     }
     if body.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(format!("{} bytes, more than the {MAX_MANIFEST_BYTES} allowed", body.len()));
+        return Err(format!(
+            "{} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
+            body.len()
+        ));
     }
-    let versioned: Versioned = serde_json::from_slice(body).map_err(|e| format!("not a manifest: {e}"))?;
+    let versioned: Versioned =
+        serde_json::from_slice(body).map_err(|e| format!("not a manifest: {e}"))?;
     if versioned.schema_version != 2 {
-        return Err(format!("schemaVersion {} is not supported (only 2; Docker schema 1 images are not)", versioned.schema_version));
+        return Err(format!(
+            "schemaVersion {} is not supported (only 2; Docker schema 1 images are not)",
+            versioned.schema_version
+        ));
     }
-    let header_type = content_type.map(|t| t.split(';').next().unwrap_or("").trim().to_string()).filter(|t| !t.is_empty() && t != "application/json");
+    let header_type = content_type
+        .map(|t| t.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|t| !t.is_empty() && t != "application/json");
     if let Some(media_type) = versioned.media_type.or(header_type) {
         if !MANIFEST_ACCEPT.contains(&media_type.as_str()) {
-            return Err(format!("media type {} is not a manifest or index this agent reads ({})", truncate_text(&media_type, 100), MANIFEST_ACCEPT.join(", ")));
+            return Err(format!(
+                "media type {} is not a manifest or index this agent reads ({})",
+                truncate_text(&media_type, 100),
+                MANIFEST_ACCEPT.join(", ")
+            ));
         }
     }
     serde_json::from_slice(body).map_err(|e| format!("not a manifest or index: {e}"))
@@ -947,33 +1425,69 @@ struct BlobSink<'a> {
 
 impl<'a> BlobSink<'a> {
     /// Refuses up front a descriptor that is malformed or declares more than `cap`.
-    fn new(sink: Sink, descriptor: &OciDescriptor, reference: &str, what: &str, cap: Cap, progress: &'a Progress) -> Result<Self, ProviderError> {
-        sha256_hex(&descriptor.digest).map_err(|e| ProviderError::Pull(format!("pulling {reference}: the {what} {e}")))?;
-        let declared = u64::try_from(descriptor.size).map_err(|_| ProviderError::Pull(format!("pulling {reference}: the {what} {} declares a negative size", descriptor.digest)))?;
+    fn new(
+        sink: Sink,
+        descriptor: &OciDescriptor,
+        reference: &str,
+        what: &str,
+        cap: Cap,
+        progress: &'a Progress,
+    ) -> Result<Self, ProviderError> {
+        sha256_hex(&descriptor.digest)
+            .map_err(|e| ProviderError::Pull(format!("pulling {reference}: the {what} {e}")))?;
+        let declared = u64::try_from(descriptor.size).map_err(|_| {
+            ProviderError::Pull(format!(
+                "pulling {reference}: the {what} {} declares a negative size",
+                descriptor.digest
+            ))
+        })?;
         if declared > cap.max {
             return Err(ProviderError::Pull(format!(
                 "pulling {reference}: the {what} {} is {declared} bytes, more than the {} bytes {} allows",
                 descriptor.digest, cap.max, cap.flag
             )));
         }
-        Ok(Self { sink, hasher: Sha256::new(), written: 0, declared, digest: descriptor.digest.clone(), what: what.into(), reference: reference.into(), progress, refusal: None })
+        Ok(Self {
+            sink,
+            hasher: Sha256::new(),
+            written: 0,
+            declared,
+            digest: descriptor.digest.clone(),
+            what: what.into(),
+            reference: reference.into(),
+            progress,
+            refusal: None,
+        })
     }
 
     /// After the last byte: all declared bytes came, and they hash to the digest.
     fn finish(&mut self) -> Result<(), ProviderError> {
         if self.written != self.declared {
-            return Err(ProviderError::Pull(format!("pulling {}: the {} {} ended after {} of the {} bytes declared", self.reference, self.what, self.digest, self.written, self.declared)));
+            return Err(ProviderError::Pull(format!(
+                "pulling {}: the {} {} ended after {} of the {} bytes declared",
+                self.reference, self.what, self.digest, self.written, self.declared
+            )));
         }
-        let got = format!("sha256:{}", to_hex(&std::mem::take(&mut self.hasher).finalize()));
+        let got = format!(
+            "sha256:{}",
+            to_hex(&std::mem::take(&mut self.hasher).finalize())
+        );
         if got != self.digest {
-            return Err(ProviderError::Pull(format!("pulling {}: the {}: digest mismatch: expected {}, got {got}", self.reference, self.what, self.digest)));
+            return Err(ProviderError::Pull(format!(
+                "pulling {}: the {}: digest mismatch: expected {}, got {got}",
+                self.reference, self.what, self.digest
+            )));
         }
         Ok(())
     }
 }
 
 impl tokio::io::AsyncWrite for BlobSink<'_> {
-    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         use std::task::Poll;
         let this = &mut *self;
         if this.written + buf.len() as u64 > this.declared {
@@ -997,14 +1511,20 @@ impl tokio::io::AsyncWrite for BlobSink<'_> {
         Poll::Ready(Ok(n))
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match &mut self.sink {
             Sink::Memory(_) => std::task::Poll::Ready(Ok(())),
             Sink::File(file) => std::pin::Pin::new(file).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match &mut self.sink {
             Sink::Memory(_) => std::task::Poll::Ready(Ok(())),
             Sink::File(file) => std::pin::Pin::new(file).poll_shutdown(cx),
@@ -1022,8 +1542,15 @@ impl TempFile {
     fn beside(path: &Path) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".tmp.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-        Self { path: path.with_file_name(name), kept: false }
+        name.push(format!(
+            ".tmp.{}.{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        Self {
+            path: path.with_file_name(name),
+            kept: false,
+        }
     }
 
     /// Renames it to `to`.
@@ -1051,7 +1578,11 @@ struct TempDir {
 impl TempDir {
     fn new(parent: PathBuf) -> std::io::Result<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = parent.join(format!("pull.{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let path = parent.join(format!(
+            "pull.{}.{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&path)?;
         Ok(Self { path })
     }
@@ -1075,18 +1606,26 @@ pub fn tree_usage(path: &Path) -> (u64, u64) {
         .into_iter()
         .flatten()
         .filter_map(|entry| entry.metadata().ok())
-        .fold((0, 0), |(bytes, files), meta| (bytes + meta.blocks() * 512, files + 1))
+        .fold((0, 0), |(bytes, files), meta| {
+            (bytes + meta.blocks() * 512, files + 1)
+        })
 }
 
 /// Milliseconds: two images used within a second still have an order.
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The key a reference is indexed under: `127.0.0.1:5000/hello:v1` and `hello` (docker.io
 /// library, latest) each have one canonical form.
 fn canonical(reference: &str) -> String {
-    reference.parse::<Reference>().map(|r| r.whole()).unwrap_or_else(|_| reference.to_string())
+    reference
+        .parse::<Reference>()
+        .map(|r| r.whole())
+        .unwrap_or_else(|_| reference.to_string())
 }
 
 /// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`.
@@ -1126,10 +1665,18 @@ pub enum EntrypointError {
     NotFound { path: String, layers: usize },
     /// A whiteout in a layer deleted the path (or a directory above it).
     #[error("the entrypoint {path} was deleted by the whiteout {whiteout} in layer {layer}")]
-    Deleted { path: String, layer: usize, whiteout: String },
+    Deleted {
+        path: String,
+        layer: usize,
+        whiteout: String,
+    },
     /// The path is a directory, device or the like.
     #[error("the entrypoint {path} is a {kind} in layer {layer}, not a file")]
-    NotAFile { path: String, layer: usize, kind: String },
+    NotAFile {
+        path: String,
+        layer: usize,
+        kind: String,
+    },
     /// Symbolic links that loop or chain too deep.
     #[error("the entrypoint {path} passes through more than {MAX_SYMLINKS} links")]
     TooManyLinks { path: String },
@@ -1144,7 +1691,12 @@ pub enum EntrypointError {
     LayerTooLarge { layer: usize, limit: u64 },
     /// The module file is larger than the limit.
     #[error("the entrypoint {path} in layer {layer} is {size} bytes, more than the {limit} bytes --max-module-size allows")]
-    ModuleTooLarge { path: String, layer: usize, size: u64, limit: u64 },
+    ModuleTooLarge {
+        path: String,
+        layer: usize,
+        size: u64,
+        limit: u64,
+    },
 }
 
 /// The part of an OCI/Docker image config this provider reads: the container defaults.
@@ -1172,17 +1724,34 @@ impl ContainerDefaults {
             #[serde(rename = "WorkingDir")]
             working_dir: Option<String>,
         }
-        let file: File = serde_json::from_slice(document).map_err(|e| EntrypointError::Config(e.to_string()))?;
-        let defaults = file.config.map(|d| ContainerDefaults { entrypoint: d.entrypoint.unwrap_or_default(), cmd: d.cmd.unwrap_or_default(), working_dir: d.working_dir.unwrap_or_default() });
+        let file: File =
+            serde_json::from_slice(document).map_err(|e| EntrypointError::Config(e.to_string()))?;
+        let defaults = file.config.map(|d| ContainerDefaults {
+            entrypoint: d.entrypoint.unwrap_or_default(),
+            cmd: d.cmd.unwrap_or_default(),
+            working_dir: d.working_dir.unwrap_or_default(),
+        });
         Ok(defaults.unwrap_or_default())
     }
 
     /// The module's path in the root filesystem (normalised, no leading `/`): `Entrypoint[0]`,
     /// relative to `WorkingDir` (else `/`) when it is not absolute.
     pub fn program(&self) -> Result<String, EntrypointError> {
-        let first = self.entrypoint.first().filter(|p| !p.is_empty()).ok_or_else(|| EntrypointError::NoEntrypoint { cmd: self.cmd.clone() })?;
-        let full = if first.starts_with('/') { first.clone() } else { format!("{}/{first}", self.working_dir) };
-        normalise_path(&full).filter(|p| !p.is_empty()).ok_or_else(|| EntrypointError::BadPath(first.clone()))
+        let first = self
+            .entrypoint
+            .first()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| EntrypointError::NoEntrypoint {
+                cmd: self.cmd.clone(),
+            })?;
+        let full = if first.starts_with('/') {
+            first.clone()
+        } else {
+            format!("{}/{first}", self.working_dir)
+        };
+        normalise_path(&full)
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| EntrypointError::BadPath(first.clone()))
     }
 }
 
@@ -1245,8 +1814,20 @@ enum LayerHit {
 impl EntrypointSearch {
     /// Starts at the top layer of `layers` for `path` (normalised, see [`normalise_path`]).
     pub fn new(path: &str, layers: usize) -> Result<Self, EntrypointError> {
-        let next = layers.checked_sub(1).ok_or_else(|| EntrypointError::NotFound { path: format!("/{path}"), layers })?;
-        Ok(Self { path: path.to_string(), layers, next, links: 0, max_uncompressed: u64::MAX, max_module: u64::MAX })
+        let next = layers
+            .checked_sub(1)
+            .ok_or_else(|| EntrypointError::NotFound {
+                path: format!("/{path}"),
+                layers,
+            })?;
+        Ok(Self {
+            path: path.to_string(),
+            layers,
+            next,
+            links: 0,
+            max_uncompressed: u64::MAX,
+            max_module: u64::MAX,
+        })
     }
 
     /// The search with these limits: a layer that inflates to more than `max_uncompressed`
@@ -1265,7 +1846,11 @@ impl EntrypointSearch {
     /// Reads layer `index` (a tar archive, gzip-compressed or not: told by its first bytes),
     /// streaming, never more than the uncompressed limit: `Some(module)` when the search ends
     /// there, `None` to feed [`Self::next_layer`].
-    pub fn feed(&mut self, index: usize, mut layer: impl std::io::Read) -> Result<Option<Vec<u8>>, EntrypointError> {
+    pub fn feed(
+        &mut self,
+        index: usize,
+        mut layer: impl std::io::Read,
+    ) -> Result<Option<Vec<u8>>, EntrypointError> {
         use std::io::Read;
         let shown = format!("/{}", self.path);
         let mut head = [0u8; 2];
@@ -1275,35 +1860,91 @@ impl EntrypointSearch {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(EntrypointError::Layer { layer: index, reason: e.to_string() }),
+                Err(e) => {
+                    return Err(EntrypointError::Layer {
+                        layer: index,
+                        reason: e.to_string(),
+                    })
+                }
             }
         }
         let whole = std::io::Cursor::new(head[..got].to_vec()).chain(layer);
         let over = std::cell::Cell::new(false);
         let hit = if head[..got] == [0x1f, 0x8b] {
-            search_layer(Capped { inner: flate2::read::GzDecoder::new(whole), left: self.max_uncompressed, over: &over }, &self.path, self.max_module)
+            search_layer(
+                Capped {
+                    inner: flate2::read::GzDecoder::new(whole),
+                    left: self.max_uncompressed,
+                    over: &over,
+                },
+                &self.path,
+                self.max_module,
+            )
         } else {
-            search_layer(Capped { inner: whole, left: self.max_uncompressed, over: &over }, &self.path, self.max_module)
+            search_layer(
+                Capped {
+                    inner: whole,
+                    left: self.max_uncompressed,
+                    over: &over,
+                },
+                &self.path,
+                self.max_module,
+            )
         };
         let hit = match hit {
             Ok(hit) => hit,
-            Err(_) if over.get() => return Err(EntrypointError::LayerTooLarge { layer: index, limit: self.max_uncompressed }),
-            Err(reason) => return Err(EntrypointError::Layer { layer: index, reason }),
+            Err(_) if over.get() => {
+                return Err(EntrypointError::LayerTooLarge {
+                    layer: index,
+                    limit: self.max_uncompressed,
+                })
+            }
+            Err(reason) => {
+                return Err(EntrypointError::Layer {
+                    layer: index,
+                    reason,
+                })
+            }
         };
         match hit {
-            LayerHit::TooLarge(size) => Err(EntrypointError::ModuleTooLarge { path: shown, layer: index, size, limit: self.max_module }),
+            LayerHit::TooLarge(size) => Err(EntrypointError::ModuleTooLarge {
+                path: shown,
+                layer: index,
+                size,
+                limit: self.max_module,
+            }),
             LayerHit::File(bytes) if bytes.starts_with(WASM_MAGIC) => Ok(Some(bytes)),
-            LayerHit::File(bytes) => Err(EntrypointError::NotWasm { path: shown, found: describe_head(&bytes) }),
-            LayerHit::Hidden(whiteout) => Err(EntrypointError::Deleted { path: shown, layer: index, whiteout }),
+            LayerHit::File(bytes) => Err(EntrypointError::NotWasm {
+                path: shown,
+                found: describe_head(&bytes),
+            }),
+            LayerHit::Hidden(whiteout) => Err(EntrypointError::Deleted {
+                path: shown,
+                layer: index,
+                whiteout,
+            }),
             LayerHit::Absent => match index.checked_sub(1) {
                 Some(below) => {
                     self.next = below;
                     Ok(None)
                 }
-                None => Err(EntrypointError::NotFound { path: shown, layers: self.layers }),
+                None => Err(EntrypointError::NotFound {
+                    path: shown,
+                    layers: self.layers,
+                }),
             },
-            LayerHit::Special(kind) => Err(EntrypointError::NotAFile { path: shown, layer: index, kind: kind.into() }),
-            LayerHit::SymLink(target) | LayerHit::HardLink(target) if target.is_empty() => Err(EntrypointError::NotAFile { path: shown, layer: index, kind: "link to the root directory".into() }),
+            LayerHit::Special(kind) => Err(EntrypointError::NotAFile {
+                path: shown,
+                layer: index,
+                kind: kind.into(),
+            }),
+            LayerHit::SymLink(target) | LayerHit::HardLink(target) if target.is_empty() => {
+                Err(EntrypointError::NotAFile {
+                    path: shown,
+                    layer: index,
+                    kind: "link to the root directory".into(),
+                })
+            }
             LayerHit::SymLink(target) => {
                 self.follow(target)?;
                 self.next = self.layers - 1;
@@ -1320,7 +1961,9 @@ impl EntrypointSearch {
     fn follow(&mut self, target: String) -> Result<(), EntrypointError> {
         self.links += 1;
         if self.links > MAX_SYMLINKS {
-            return Err(EntrypointError::TooManyLinks { path: format!("/{}", self.path) });
+            return Err(EntrypointError::TooManyLinks {
+                path: format!("/{}", self.path),
+            });
         }
         self.path = target;
         Ok(())
@@ -1349,7 +1992,9 @@ impl<R: std::io::Read> std::io::Read for Capped<'_, R> {
                 }
             };
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         self.left -= n as u64;
         Ok(n)
@@ -1358,14 +2003,20 @@ impl<R: std::io::Read> std::io::Read for Capped<'_, R> {
 
 /// Scans one tar archive for `path` (see [`EntrypointSearch`]); a file over `max_module`
 /// bytes is not read. Errors are the archive's.
-fn search_layer(archive: impl std::io::Read, path: &str, max_module: u64) -> Result<LayerHit, String> {
+fn search_layer(
+    archive: impl std::io::Read,
+    path: &str,
+    max_module: u64,
+) -> Result<LayerHit, String> {
     use std::io::Read;
     let mut hidden: Option<String> = None;
     let mut archive = tar::Archive::new(archive);
     for entry in archive.entries().map_err(|e| e.to_string())? {
         let entry = entry.map_err(|e| e.to_string())?;
         let raw = entry.path_bytes();
-        let Some(name) = std::str::from_utf8(&raw).ok().and_then(normalise_path) else { continue };
+        let Some(name) = std::str::from_utf8(&raw).ok().and_then(normalise_path) else {
+            continue;
+        };
         drop(raw);
         let (parent, base) = match name.rsplit_once('/') {
             Some((parent, base)) => (parent.to_string(), base.to_string()),
@@ -1381,20 +2032,37 @@ fn search_layer(archive: impl std::io::Read, path: &str, max_module: u64) -> Res
                     }
                     // The module is held in memory (at most max_module bytes): it is compiled
                     // from memory anyway. The capacity is a hint from the header, bounded.
-                    let mut bytes = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0).min(64 << 20));
-                    entry.take(max_module.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| format!("reading /{path}: {e}"))?;
+                    let mut bytes = Vec::with_capacity(
+                        usize::try_from(entry.size()).unwrap_or(0).min(64 << 20),
+                    );
+                    entry
+                        .take(max_module.saturating_add(1))
+                        .read_to_end(&mut bytes)
+                        .map_err(|e| format!("reading /{path}: {e}"))?;
                     if bytes.len() as u64 > max_module {
                         return Ok(LayerHit::TooLarge(bytes.len() as u64));
                     }
                     Ok(LayerHit::File(bytes))
                 }
                 EntryType::Symlink | EntryType::Link => {
-                    let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+                    let target = entry
+                        .link_name_bytes()
+                        .map(|t| String::from_utf8_lossy(&t).into_owned())
+                        .unwrap_or_default();
                     // A symbolic link's relative target is relative to its directory; a hard
                     // link names a path from the archive's root.
-                    let joined = if kind == EntryType::Symlink && !target.starts_with('/') { format!("{parent}/{target}") } else { target.clone() };
-                    let resolved = normalise_path(&joined).ok_or_else(|| format!("/{path} links to {target:?}"))?;
-                    Ok(if kind == EntryType::Symlink { LayerHit::SymLink(resolved) } else { LayerHit::HardLink(resolved) })
+                    let joined = if kind == EntryType::Symlink && !target.starts_with('/') {
+                        format!("{parent}/{target}")
+                    } else {
+                        target.clone()
+                    };
+                    let resolved = normalise_path(&joined)
+                        .ok_or_else(|| format!("/{path} links to {target:?}"))?;
+                    Ok(if kind == EntryType::Symlink {
+                        LayerHit::SymLink(resolved)
+                    } else {
+                        LayerHit::HardLink(resolved)
+                    })
                 }
                 other => Ok(LayerHit::Special(entry_kind(other))),
             };
@@ -1407,7 +2075,11 @@ fn search_layer(archive: impl std::io::Read, path: &str, max_module: u64) -> Res
                 hidden = Some(format!("/{name}"));
             }
         } else if let Some(deleted) = base.strip_prefix(".wh.") {
-            let deleted = if parent.is_empty() { deleted.to_string() } else { format!("{parent}/{deleted}") };
+            let deleted = if parent.is_empty() {
+                deleted.to_string()
+            } else {
+                format!("{parent}/{deleted}")
+            };
             if path == deleted || path.starts_with(&format!("{deleted}/")) {
                 hidden = Some(format!("/{name}"));
             }
@@ -1440,24 +2112,41 @@ fn describe_head(bytes: &[u8]) -> String {
     } else {
         ""
     };
-    format!("{} bytes starting with [{}]{guess}; a Wasm module starts with 00 61 73 6d", bytes.len(), head.join(" "))
+    format!(
+        "{} bytes starting with [{}]{guess}; a Wasm module starts with 00 61 73 6d",
+        bytes.len(),
+        head.join(" ")
+    )
 }
 
 /// The first layer holding Wasm, or the list of media types found (for the error).
 pub fn select_wasm_layer(manifest: &OciImageManifest) -> Result<&OciDescriptor, String> {
-    manifest.layers.iter().find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str())).ok_or_else(|| {
-        if manifest.layers.is_empty() {
-            "none, the manifest has no layers".to_string()
-        } else {
-            manifest.layers.iter().map(|l| l.media_type.as_str()).collect::<Vec<_>>().join(", ")
-        }
-    })
+    manifest
+        .layers
+        .iter()
+        .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
+        .ok_or_else(|| {
+            if manifest.layers.is_empty() {
+                "none, the manifest has no layers".to_string()
+            } else {
+                manifest
+                    .layers
+                    .iter()
+                    .map(|l| l.media_type.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        })
 }
 
 /// The index entry for a Wasm platform: the first whose `os` is wasip1, wasip2 or wasi, or
 /// whose architecture is `wasm`.
 pub fn choose_platform(entries: &[ImageIndexEntry]) -> Option<&ImageIndexEntry> {
-    entries.iter().find(|e| e.platform.as_ref().is_some_and(|p| WASM_OSES.contains(&p.os.as_str()) || p.architecture == "wasm"))
+    entries.iter().find(|e| {
+        e.platform
+            .as_ref()
+            .is_some_and(|p| WASM_OSES.contains(&p.os.as_str()) || p.architecture == "wasm")
+    })
 }
 
 fn platform_name(entry: &ImageIndexEntry) -> String {
@@ -1470,8 +2159,14 @@ fn platform_name(entry: &ImageIndexEntry) -> String {
 /// The hex of a `sha256:<64 lowercase hex>` digest; anything else is refused (it also becomes a
 /// file name, so nothing else may pass).
 pub fn sha256_hex(digest: &str) -> Result<&str, String> {
-    let hex = digest.strip_prefix("sha256:").ok_or_else(|| format!("digest {digest:?} is not sha256"))?;
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("digest {digest:?} is not sha256"))?;
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(hex)
     } else {
         Err(format!("digest {digest:?} is malformed"))
@@ -1490,7 +2185,9 @@ pub fn verify_digest(expected: &str, bytes: &[u8]) -> Result<(), String> {
     if got == want {
         Ok(())
     } else {
-        Err(format!("digest mismatch: expected {expected}, got sha256:{got}"))
+        Err(format!(
+            "digest mismatch: expected {expected}, got sha256:{got}"
+        ))
     }
 }
 
@@ -1506,13 +2203,19 @@ pub fn may_use_plain_http(registry: &str, insecure: &[String]) -> bool {
 /// anonymous when none does.
 pub fn credentials_for(registry: &str, auth: &[RegistryAuth]) -> OciAuth {
     let want = normalise_registry(registry);
-    auth.iter().find(|a| normalise_registry(&a.registry) == want).map(|a| OciAuth::Basic(a.username.clone(), a.password.clone())).unwrap_or(OciAuth::Anonymous)
+    auth.iter()
+        .find(|a| normalise_registry(&a.registry) == want)
+        .map(|a| OciAuth::Basic(a.username.clone(), a.password.clone()))
+        .unwrap_or(OciAuth::Anonymous)
 }
 
 /// `https://index.docker.io/v1/` -> `docker.io`; `127.0.0.1:5000/` -> `127.0.0.1:5000`.
 fn normalise_registry(registry: &str) -> String {
     let r = registry.trim();
-    let r = r.strip_prefix("https://").or_else(|| r.strip_prefix("http://")).unwrap_or(r);
+    let r = r
+        .strip_prefix("https://")
+        .or_else(|| r.strip_prefix("http://"))
+        .unwrap_or(r);
     let host = r.split('/').next().unwrap_or("").to_ascii_lowercase();
     match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" => "docker.io".into(),
@@ -1550,7 +2253,10 @@ mod tests {
         symlink(dir.join("outside"), tree.join("out")).unwrap();
         let (linked, linked_files) = super::tree_usage(&tree);
         assert_eq!(linked_files, 7);
-        assert!(linked < bytes + 1024 * 1024, "{linked} counted the linked-to tree");
+        assert!(
+            linked < bytes + 1024 * 1024,
+            "{linked} counted the linked-to tree"
+        );
         // The root itself a link: counted as the link, not followed.
         symlink(&tree, dir.join("alias")).unwrap();
         assert_eq!(super::tree_usage(&dir.join("alias")).1, 1);
@@ -1562,15 +2268,25 @@ mod tests {
     fn removal_keeps_a_blob_another_reference_shares_and_discards_the_last() {
         let dir = store_dir("remove");
         let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
-        let a = store.import("127.0.0.1:5000/a:v1", b"\0asm\x01\0\0\0shared").unwrap();
-        store.import("127.0.0.1:5000/b:v1", b"\0asm\x01\0\0\0shared").unwrap();
+        let a = store
+            .import("127.0.0.1:5000/a:v1", b"\0asm\x01\0\0\0shared")
+            .unwrap();
+        store
+            .import("127.0.0.1:5000/b:v1", b"\0asm\x01\0\0\0shared")
+            .unwrap();
         let blob = store.blob_path(&a.layer_digest).unwrap();
         assert_eq!(store.remove("127.0.0.1:5000/a:v1").unwrap(), (None, 0));
         assert!(blob.is_file(), "b still needs it");
         let (digest, freed) = store.remove("127.0.0.1:5000/b:v1").unwrap();
-        assert_eq!((digest.as_deref(), freed), (Some(a.layer_digest.as_str()), 14));
+        assert_eq!(
+            (digest.as_deref(), freed),
+            (Some(a.layer_digest.as_str()), 14)
+        );
         assert!(!blob.exists());
-        assert!(matches!(store.remove("127.0.0.1:5000/b:v1"), Err(ProviderError::NotFound(_))));
+        assert!(matches!(
+            store.remove("127.0.0.1:5000/b:v1"),
+            Err(ProviderError::NotFound(_))
+        ));
         assert!(store.list().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1579,14 +2295,22 @@ mod tests {
     fn opening_finishes_an_interrupted_removal() {
         let dir = store_dir("sweep");
         let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
-        let kept = store.import("127.0.0.1:5000/kept:v1", b"\0asm\x01\0\0\0kept").unwrap();
-        let gone = store.import("127.0.0.1:5000/gone:v1", b"\0asm\x01\0\0\0gone").unwrap();
+        let kept = store
+            .import("127.0.0.1:5000/kept:v1", b"\0asm\x01\0\0\0kept")
+            .unwrap();
+        let gone = store
+            .import("127.0.0.1:5000/gone:v1", b"\0asm\x01\0\0\0gone")
+            .unwrap();
         store.touch("127.0.0.1:5000/kept:v1");
         // A crash after the index dropped `gone` but before its blob left; and one in the
         // middle of deleting from the trash, and of writing a blob.
         let mut index = store.index.lock().unwrap().clone();
         index.remove(&canonical("127.0.0.1:5000/gone:v1"));
-        write_atomically(&dir.join("images/index.json"), &serde_json::to_vec(&index).unwrap()).unwrap();
+        write_atomically(
+            &dir.join("images/index.json"),
+            &serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.join("images/trash")).unwrap();
         std::fs::write(dir.join("images/trash/abc.1.0"), b"half deleted").unwrap();
         std::fs::write(dir.join("images/blobs/sha256/def.tmp.1.0"), b"half written").unwrap();
@@ -1598,32 +2322,62 @@ mod tests {
         let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
         assert!(store.get("127.0.0.1:5000/kept:v1").is_some());
         assert!(store.get("127.0.0.1:5000/gone:v1").is_none());
-        assert!(!store.blob_path(&gone.layer_digest).unwrap().exists(), "the orphaned blob is deleted");
+        assert!(
+            !store.blob_path(&gone.layer_digest).unwrap().exists(),
+            "the orphaned blob is deleted"
+        );
         assert!(store.blob_path(&kept.layer_digest).unwrap().is_file());
         assert!(!dir.join("images/trash").exists(), "the trash is emptied");
         assert!(!dir.join("images/blobs/sha256/def.tmp.1.0").exists());
         assert!(!dir.join("images/last-used.json.tmp.1").exists());
         let listed = store.list();
         assert_eq!(listed.len(), 1);
-        assert!(listed[0].2 < store.opened_at, "the recorded last use survives the restart");
+        assert!(
+            listed[0].2 < store.opened_at,
+            "the recorded last use survives the restart"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
     use super::*;
     use oci_client::manifest::Platform;
 
     fn descriptor(media_type: &str) -> OciDescriptor {
-        OciDescriptor { media_type: media_type.into(), digest: format!("sha256:{}", "a".repeat(64)), size: 1, ..Default::default() }
+        OciDescriptor {
+            media_type: media_type.into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            size: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn selects_the_wasm_layer_by_media_type() {
         for media_type in WASM_LAYER_TYPES {
-            let manifest = OciImageManifest { layers: vec![descriptor("application/vnd.oci.image.config.v1+json"), descriptor(media_type)], ..Default::default() };
-            assert_eq!(select_wasm_layer(&manifest).unwrap().media_type, *media_type);
+            let manifest = OciImageManifest {
+                layers: vec![
+                    descriptor("application/vnd.oci.image.config.v1+json"),
+                    descriptor(media_type),
+                ],
+                ..Default::default()
+            };
+            assert_eq!(
+                select_wasm_layer(&manifest).unwrap().media_type,
+                *media_type
+            );
         }
-        let container = OciImageManifest { layers: vec![descriptor("application/vnd.oci.image.layer.v1.tar+gzip"), descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip")], ..Default::default() };
+        let container = OciImageManifest {
+            layers: vec![
+                descriptor("application/vnd.oci.image.layer.v1.tar+gzip"),
+                descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            ],
+            ..Default::default()
+        };
         let found = select_wasm_layer(&container).unwrap_err();
-        assert!(found.contains("application/vnd.oci.image.layer.v1.tar+gzip") && found.contains("rootfs.diff.tar.gzip"), "{found}");
+        assert!(
+            found.contains("application/vnd.oci.image.layer.v1.tar+gzip")
+                && found.contains("rootfs.diff.tar.gzip"),
+            "{found}"
+        );
     }
 
     fn entry(os: &str, arch: &str, digest: char) -> ImageIndexEntry {
@@ -1631,15 +2385,29 @@ mod tests {
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             digest: format!("sha256:{}", digest.to_string().repeat(64)),
             size: 1,
-            platform: Some(Platform { architecture: arch.into(), os: os.into(), os_version: None, os_features: None, variant: None, features: None }),
+            platform: Some(Platform {
+                architecture: arch.into(),
+                os: os.into(),
+                os_version: None,
+                os_features: None,
+                variant: None,
+                features: None,
+            }),
             annotations: None,
         }
     }
 
     #[test]
     fn chooses_the_wasm_platform_of_an_index() {
-        let index = vec![entry("linux", "amd64", 'a'), entry("linux", "arm64", 'b'), entry("wasip1", "wasm32", 'c')];
-        assert_eq!(choose_platform(&index).unwrap().digest, format!("sha256:{}", "c".repeat(64)));
+        let index = vec![
+            entry("linux", "amd64", 'a'),
+            entry("linux", "arm64", 'b'),
+            entry("wasip1", "wasm32", 'c'),
+        ];
+        assert_eq!(
+            choose_platform(&index).unwrap().digest,
+            format!("sha256:{}", "c".repeat(64))
+        );
         let index = vec![entry("linux", "amd64", 'a'), entry("wasip2", "wasm32", 'd')];
         assert!(choose_platform(&index).unwrap().digest.contains('d'));
         let index = vec![entry("unknown", "wasm", 'e')];
@@ -1652,7 +2420,9 @@ mod tests {
         // sha256("hello")
         let good = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
         assert_eq!(verify_digest(good, b"hello"), Ok(()));
-        assert!(verify_digest(good, b"hellO").unwrap_err().contains("mismatch"));
+        assert!(verify_digest(good, b"hellO")
+            .unwrap_err()
+            .contains("mismatch"));
         assert!(verify_digest("sha512:abcd", b"hello").is_err());
         assert!(sha256_hex("sha256:../../etc/passwd").is_err());
         assert!(sha256_hex(&format!("sha256:{}", "A".repeat(64))).is_err());
@@ -1662,10 +2432,19 @@ mod tests {
     fn plain_http_only_for_listed_registries() {
         // Loopback is no exception any more: an image reference must not reach the node's own
         // plain-http ports.
-        for r in ["127.0.0.1:5000", "127.0.0.1:10248", "localhost:5000", "[::1]:5000", "ghcr.io"] {
+        for r in [
+            "127.0.0.1:5000",
+            "127.0.0.1:10248",
+            "localhost:5000",
+            "[::1]:5000",
+            "ghcr.io",
+        ] {
             assert!(!may_use_plain_http(r, &[]), "{r}");
         }
-        let insecure = vec!["registry.lan:5000".to_string(), "127.0.0.1:5000".to_string()];
+        let insecure = vec![
+            "registry.lan:5000".to_string(),
+            "127.0.0.1:5000".to_string(),
+        ];
         assert!(may_use_plain_http("registry.lan:5000", &insecure));
         assert!(may_use_plain_http("127.0.0.1:5000", &insecure));
         assert!(!may_use_plain_http("registry.lan:5001", &insecure));
@@ -1675,11 +2454,25 @@ mod tests {
     #[test]
     fn credentials_match_the_registry_host() {
         let auth = vec![
-            RegistryAuth { registry: "127.0.0.1:5443".into(), username: "u1".into(), password: "p1".into() },
-            RegistryAuth { registry: "https://index.docker.io/v1/".into(), username: "u2".into(), password: "p2".into() },
+            RegistryAuth {
+                registry: "127.0.0.1:5443".into(),
+                username: "u1".into(),
+                password: "p1".into(),
+            },
+            RegistryAuth {
+                registry: "https://index.docker.io/v1/".into(),
+                username: "u2".into(),
+                password: "p2".into(),
+            },
         ];
-        assert_eq!(credentials_for("127.0.0.1:5443", &auth), OciAuth::Basic("u1".into(), "p1".into()));
-        assert_eq!(credentials_for("docker.io", &auth), OciAuth::Basic("u2".into(), "p2".into()));
+        assert_eq!(
+            credentials_for("127.0.0.1:5443", &auth),
+            OciAuth::Basic("u1".into(), "p1".into())
+        );
+        assert_eq!(
+            credentials_for("docker.io", &auth),
+            OciAuth::Basic("u2".into(), "p2".into())
+        );
         assert_eq!(credentials_for("127.0.0.1:5000", &auth), OciAuth::Anonymous);
     }
 
@@ -1697,7 +2490,8 @@ mod tests {
         for entry in entries {
             let mut header = tar::Header::new_gnu();
             header.set_mode(0o755);
-            let (path, data, kind, link): (&str, &[u8], tar::EntryType, Option<&str>) = match entry {
+            let (path, data, kind, link): (&str, &[u8], tar::EntryType, Option<&str>) = match entry
+            {
                 E::File(path, data) => (path, data, tar::EntryType::Regular, None),
                 E::Dir(path) => (path, b"", tar::EntryType::Directory, None),
                 E::Sym(path, target) => (path, b"", tar::EntryType::Symlink, Some(target)),
@@ -1744,7 +2538,10 @@ mod tests {
     #[test]
     fn finds_the_entrypoint_in_tar_and_gzip_layers() {
         for gzip in [true, false] {
-            let layers = vec![layer(&[E::Dir("app/"), E::File("app/hello.wasm", MODULE)], gzip)];
+            let layers = vec![layer(
+                &[E::Dir("app/"), E::File("app/hello.wasm", MODULE)],
+                gzip,
+            )];
             assert_eq!(find("app/hello.wasm", &layers).0, Ok(MODULE.to_vec()));
         }
         // Names as tar tools write them: with a leading ./ or /.
@@ -1754,87 +2551,210 @@ mod tests {
 
     #[test]
     fn later_layers_win_and_only_needed_layers_are_read() {
-        let layers = vec![layer(&[E::File("app/x.wasm", MODULE)], true), layer(&[E::File("etc/other", b"x")], true), layer(&[E::File("app/x.wasm", OTHER_MODULE)], true)];
-        assert_eq!(find("app/x.wasm", &layers), (Ok(OTHER_MODULE.to_vec()), vec![2]));
-        let layers = vec![layer(&[E::File("app/x.wasm", MODULE)], true), layer(&[E::File("etc/other", b"x")], true)];
-        assert_eq!(find("app/x.wasm", &layers), (Ok(MODULE.to_vec()), vec![1, 0]));
+        let layers = vec![
+            layer(&[E::File("app/x.wasm", MODULE)], true),
+            layer(&[E::File("etc/other", b"x")], true),
+            layer(&[E::File("app/x.wasm", OTHER_MODULE)], true),
+        ];
+        assert_eq!(
+            find("app/x.wasm", &layers),
+            (Ok(OTHER_MODULE.to_vec()), vec![2])
+        );
+        let layers = vec![
+            layer(&[E::File("app/x.wasm", MODULE)], true),
+            layer(&[E::File("etc/other", b"x")], true),
+        ];
+        assert_eq!(
+            find("app/x.wasm", &layers),
+            (Ok(MODULE.to_vec()), vec![1, 0])
+        );
     }
 
     #[test]
     fn whiteouts_hide_lower_layers() {
         let base = layer(&[E::File("app/x.wasm", MODULE)], true);
-        for (whiteout, shown) in [("app/.wh.x.wasm", "/app/.wh.x.wasm"), (".wh.app", "/.wh.app"), ("app/.wh..wh..opq", "/app/.wh..wh..opq")] {
+        for (whiteout, shown) in [
+            ("app/.wh.x.wasm", "/app/.wh.x.wasm"),
+            (".wh.app", "/.wh.app"),
+            ("app/.wh..wh..opq", "/app/.wh..wh..opq"),
+        ] {
             let layers = vec![base.clone(), layer(&[E::File(whiteout, b"")], true)];
             match find("app/x.wasm", &layers).0 {
-                Err(EntrypointError::Deleted { layer: 1, whiteout: w, .. }) => assert_eq!(w, shown),
+                Err(EntrypointError::Deleted {
+                    layer: 1,
+                    whiteout: w,
+                    ..
+                }) => assert_eq!(w, shown),
                 other => panic!("{whiteout}: {other:?}"),
             }
         }
         // A whiteout of a sibling hides nothing; one in the same layer as the file yields to it.
-        let layers = vec![base.clone(), layer(&[E::File("app/.wh.x.wasmy", b"")], true)];
+        let layers = vec![
+            base.clone(),
+            layer(&[E::File("app/.wh.x.wasmy", b"")], true),
+        ];
         assert_eq!(find("app/x.wasm", &layers).0, Ok(MODULE.to_vec()));
-        let layers = vec![base, layer(&[E::File("app/.wh..wh..opq", b""), E::File("app/x.wasm", OTHER_MODULE)], true)];
+        let layers = vec![
+            base,
+            layer(
+                &[
+                    E::File("app/.wh..wh..opq", b""),
+                    E::File("app/x.wasm", OTHER_MODULE),
+                ],
+                true,
+            ),
+        ];
         assert_eq!(find("app/x.wasm", &layers).0, Ok(OTHER_MODULE.to_vec()));
     }
 
     #[test]
     fn links_are_followed_and_loops_end() {
-        let layers = vec![layer(&[E::File("opt/app/x.wasm", MODULE)], true), layer(&[E::Sym("bin/app", "../opt/app/x.wasm")], true)];
+        let layers = vec![
+            layer(&[E::File("opt/app/x.wasm", MODULE)], true),
+            layer(&[E::Sym("bin/app", "../opt/app/x.wasm")], true),
+        ];
         assert_eq!(find("bin/app", &layers).0, Ok(MODULE.to_vec()));
-        let layers = vec![layer(&[E::File("opt/x.wasm", MODULE), E::Hard("bin/app", "opt/x.wasm")], false)];
+        let layers = vec![layer(
+            &[
+                E::File("opt/x.wasm", MODULE),
+                E::Hard("bin/app", "opt/x.wasm"),
+            ],
+            false,
+        )];
         assert_eq!(find("bin/app", &layers).0, Ok(MODULE.to_vec()));
         let layers = vec![layer(&[E::Sym("a", "/b"), E::Sym("b", "a")], true)];
-        assert!(matches!(find("a", &layers).0, Err(EntrypointError::TooManyLinks { .. })));
+        assert!(matches!(
+            find("a", &layers).0,
+            Err(EntrypointError::TooManyLinks { .. })
+        ));
     }
 
     #[test]
     fn what_is_not_a_wasm_file_is_named() {
-        let layers = vec![layer(&[E::File("bin/app", b"\x7fELF\x02\x01\x01\0rest"), E::Dir("app/")], true)];
+        let layers = vec![layer(
+            &[
+                E::File("bin/app", b"\x7fELF\x02\x01\x01\0rest"),
+                E::Dir("app/"),
+            ],
+            true,
+        )];
         let err = find("bin/app", &layers).0.unwrap_err();
-        assert!(matches!(err, EntrypointError::NotWasm { .. }) && err.to_string().contains("ELF"), "{err}");
+        assert!(
+            matches!(err, EntrypointError::NotWasm { .. }) && err.to_string().contains("ELF"),
+            "{err}"
+        );
         let err = find("app", &layers).0.unwrap_err();
-        assert_eq!(err, EntrypointError::NotAFile { path: "/app".into(), layer: 0, kind: "directory".into() });
+        assert_eq!(
+            err,
+            EntrypointError::NotAFile {
+                path: "/app".into(),
+                layer: 0,
+                kind: "directory".into()
+            }
+        );
         let err = find("app/missing.wasm", &layers).0.unwrap_err();
-        assert_eq!(err.to_string(), "the entrypoint /app/missing.wasm is in none of the image's 1 layers");
-        assert!(matches!(find("x", &[]).0, Err(EntrypointError::NotFound { layers: 0, .. })));
+        assert_eq!(
+            err.to_string(),
+            "the entrypoint /app/missing.wasm is in none of the image's 1 layers"
+        );
+        assert!(matches!(
+            find("x", &[]).0,
+            Err(EntrypointError::NotFound { layers: 0, .. })
+        ));
         // Gzip magic and then garbage: the archive's own error, as a Layer error.
-        assert!(matches!(find("x", &[vec![0x1f, 0x8b, 0, 0]]).0, Err(EntrypointError::Layer { layer: 0, .. })));
+        assert!(matches!(
+            find("x", &[vec![0x1f, 0x8b, 0, 0]]).0,
+            Err(EntrypointError::Layer { layer: 0, .. })
+        ));
     }
 
     #[test]
     fn the_image_config_names_the_program_and_its_defaults() {
         let c = ContainerDefaults::parse(br#"{"architecture":"wasm","config":{"Entrypoint":["/app/hello.wasm","-q"],"Cmd":["world"]}}"#).unwrap();
-        assert_eq!((c.program().unwrap(), c.entrypoint.len(), c.cmd.clone()), ("app/hello.wasm".into(), 2, vec!["world".to_string()]));
-        let c = ContainerDefaults::parse(br#"{"config":{"Entrypoint":["hello.wasm"],"Cmd":null,"WorkingDir":"/srv/./app"}}"#).unwrap();
+        assert_eq!(
+            (c.program().unwrap(), c.entrypoint.len(), c.cmd.clone()),
+            ("app/hello.wasm".into(), 2, vec!["world".to_string()])
+        );
+        let c = ContainerDefaults::parse(
+            br#"{"config":{"Entrypoint":["hello.wasm"],"Cmd":null,"WorkingDir":"/srv/./app"}}"#,
+        )
+        .unwrap();
         assert_eq!(c.program().unwrap(), "srv/app/hello.wasm");
         assert!(c.cmd.is_empty());
-        let err = ContainerDefaults::parse(br#"{"config":{"Cmd":["/app/hello.wasm"]}}"#).unwrap().program().unwrap_err();
-        assert!(err.to_string().contains("no Entrypoint") && err.to_string().contains("/app/hello.wasm"), "{err}");
-        assert!(matches!(ContainerDefaults::parse(b"{}").unwrap().program(), Err(EntrypointError::NoEntrypoint { .. })));
-        assert!(matches!(ContainerDefaults::parse(b"[1]"), Err(EntrypointError::Config(_))));
-        assert!(matches!(ContainerDefaults::parse(br#"{"config":{"Entrypoint":["/"]}}"#).unwrap().program(), Err(EntrypointError::BadPath(_))));
+        let err = ContainerDefaults::parse(br#"{"config":{"Cmd":["/app/hello.wasm"]}}"#)
+            .unwrap()
+            .program()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("no Entrypoint")
+                && err.to_string().contains("/app/hello.wasm"),
+            "{err}"
+        );
+        assert!(matches!(
+            ContainerDefaults::parse(b"{}").unwrap().program(),
+            Err(EntrypointError::NoEntrypoint { .. })
+        ));
+        assert!(matches!(
+            ContainerDefaults::parse(b"[1]"),
+            Err(EntrypointError::Config(_))
+        ));
+        assert!(matches!(
+            ContainerDefaults::parse(br#"{"config":{"Entrypoint":["/"]}}"#)
+                .unwrap()
+                .program(),
+            Err(EntrypointError::BadPath(_))
+        ));
         assert_eq!(normalise_path("/a/../../b/./c//d"), Some("b/c/d".into()));
     }
 
     #[test]
     fn command_and_args_replace_entrypoint_and_cmd() {
         let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let image = StoredImage { manifest_digest: String::new(), layer_digest: String::new(), size: 0, entrypoint: v(&["/app/x.wasm", "-q"]), cmd: v(&["world"]) };
-        assert_eq!(with_image_defaults(&image, v(&[]), v(&[])), (v(&["/app/x.wasm", "-q"]), v(&["world"])));
-        assert_eq!(with_image_defaults(&image, v(&[]), v(&["moon"])), (v(&["/app/x.wasm", "-q"]), v(&["moon"])));
-        assert_eq!(with_image_defaults(&image, v(&["tool"]), v(&[])), (v(&["tool"]), v(&[])));
-        assert_eq!(with_image_defaults(&image, v(&["tool"]), v(&["a"])), (v(&["tool"]), v(&["a"])));
+        let image = StoredImage {
+            manifest_digest: String::new(),
+            layer_digest: String::new(),
+            size: 0,
+            entrypoint: v(&["/app/x.wasm", "-q"]),
+            cmd: v(&["world"]),
+        };
+        assert_eq!(
+            with_image_defaults(&image, v(&[]), v(&[])),
+            (v(&["/app/x.wasm", "-q"]), v(&["world"]))
+        );
+        assert_eq!(
+            with_image_defaults(&image, v(&[]), v(&["moon"])),
+            (v(&["/app/x.wasm", "-q"]), v(&["moon"]))
+        );
+        assert_eq!(
+            with_image_defaults(&image, v(&["tool"]), v(&[])),
+            (v(&["tool"]), v(&[]))
+        );
+        assert_eq!(
+            with_image_defaults(&image, v(&["tool"]), v(&["a"])),
+            (v(&["tool"]), v(&["a"]))
+        );
         // A Wasm artifact has no defaults: the pod's values as given.
-        let artifact = StoredImage { entrypoint: vec![], cmd: vec![], ..image };
-        assert_eq!(with_image_defaults(&artifact, v(&[]), v(&["a"])), (v(&[]), v(&["a"])));
+        let artifact = StoredImage {
+            entrypoint: vec![],
+            cmd: vec![],
+            ..image
+        };
+        assert_eq!(
+            with_image_defaults(&artifact, v(&[]), v(&["a"])),
+            (v(&[]), v(&["a"]))
+        );
     }
 
     #[test]
     fn a_registry_ca_file_must_hold_a_certificate() {
         let mut options = RegistryOptions::default();
-        let err = options.add_ca_pem(Path::new("/ca.pem"), b"not a certificate\n").unwrap_err();
+        let err = options
+            .add_ca_pem(Path::new("/ca.pem"), b"not a certificate\n")
+            .unwrap_err();
         assert_eq!(err.to_string(), "/ca.pem: no PEM certificate in it");
-        assert!(options.add_ca_file(Path::new("/nonexistent/ca.pem")).is_err());
+        assert!(options
+            .add_ca_file(Path::new("/nonexistent/ca.pem"))
+            .is_err());
         assert!(options.extra_ca_certificates.is_empty());
     }
 
@@ -1845,8 +2765,16 @@ mod tests {
         let store = ImageStore::open(&root, RegistryOptions::default()).unwrap();
         let digest = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
         write_atomically(&store.blob_path(digest).unwrap(), b"hello").unwrap();
-        let image = StoredImage { manifest_digest: format!("sha256:{}", "b".repeat(64)), layer_digest: digest.into(), size: 5, entrypoint: vec!["/app/x.wasm".into()], cmd: vec!["-v".into()] };
-        store.record("127.0.0.1:5000/hello:v1", image.clone()).unwrap();
+        let image = StoredImage {
+            manifest_digest: format!("sha256:{}", "b".repeat(64)),
+            layer_digest: digest.into(),
+            size: 5,
+            entrypoint: vec!["/app/x.wasm".into()],
+            cmd: vec!["-v".into()],
+        };
+        store
+            .record("127.0.0.1:5000/hello:v1", image.clone())
+            .unwrap();
         drop(store);
         let store = ImageStore::open(&root, RegistryOptions::default()).unwrap();
         assert_eq!(store.get("127.0.0.1:5000/hello:v1"), Some(image));
@@ -1868,7 +2796,9 @@ mod tests {
         let counter = manifest_gets.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (route, counter) = (route.clone(), counter.clone());
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -1883,7 +2813,11 @@ mod tests {
                             return;
                         }
                     }
-                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+                    let line = String::from_utf8_lossy(&head)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
                     let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
                     if path.contains("/manifests/") {
                         counter.fetch_add(1, Ordering::SeqCst);
@@ -1925,19 +2859,30 @@ mod tests {
             "/v2/" => Some((200, b"{}".to_vec())),
             p if p.ends_with("/manifests/t") => Some((200, manifest.clone())),
             p if p.ends_with(&format!("/blobs/{digest}")) => Some((200, served.to_vec())),
-            _ => Some((404, b"{\"errors\":[{\"code\":\"BLOB_UNKNOWN\",\"message\":\"blob unknown\"}]}".to_vec())),
+            _ => Some((
+                404,
+                b"{\"errors\":[{\"code\":\"BLOB_UNKNOWN\",\"message\":\"blob unknown\"}]}".to_vec(),
+            )),
         })
     }
 
     fn store_for(name: &str, port: u16) -> (PathBuf, ImageStore) {
         let dir = store_dir(name);
-        let options = RegistryOptions { insecure_registries: vec![format!("127.0.0.1:{port}")], ..Default::default() };
+        let options = RegistryOptions {
+            insecure_registries: vec![format!("127.0.0.1:{port}")],
+            ..Default::default()
+        };
         let store = ImageStore::open(&dir, options).unwrap();
         (dir, store)
     }
 
     fn blob_files(dir: &Path) -> Vec<String> {
-        std::fs::read_dir(dir.join("images/blobs/sha256")).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        std::fs::read_dir(dir.join("images/blobs/sha256"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
     }
 
     const GOOD: &[u8] = b"\0asm\x01\0\0\0";
@@ -1949,7 +2894,11 @@ mod tests {
         let reference = format!("127.0.0.1:{port}/r:t");
         let (a, b) = tokio::join!(store.pull(&reference, &[]), store.pull(&reference, &[]));
         assert_eq!(a.unwrap().digest, b.unwrap().digest);
-        assert_eq!(gets.load(Ordering::SeqCst), 1, "one manifest request for two pulls at once");
+        assert_eq!(
+            gets.load(Ordering::SeqCst),
+            1,
+            "one manifest request for two pulls at once"
+        );
         // Once done, a new pull asks again (imagePullPolicy: Always must see a moved tag).
         store.pull(&reference, &[]).await.unwrap();
         assert_eq!(gets.load(Ordering::SeqCst), 2);
@@ -1961,7 +2910,11 @@ mod tests {
         let (port, gets) = fake_registry(serving(GOOD, GOOD)).await;
         let dir = store_dir("not-insecure");
         let store = ImageStore::open(&dir, RegistryOptions::default()).unwrap();
-        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        let err = store
+            .pull(&format!("127.0.0.1:{port}/r:t"), &[])
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--insecure-registries"), "{err}");
         assert_eq!(gets.load(Ordering::SeqCst), 0);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1970,11 +2923,24 @@ mod tests {
     #[tokio::test]
     async fn a_manifest_over_the_cap_is_refused() {
         let huge = vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize];
-        let route: Route = Arc::new(move |path: &str| if path == "/v2/" { Some((200, b"{}".to_vec())) } else { Some((200, huge.clone())) });
+        let route: Route = Arc::new(move |path: &str| {
+            if path == "/v2/" {
+                Some((200, b"{}".to_vec()))
+            } else {
+                Some((200, huge.clone()))
+            }
+        });
         let (port, _) = fake_registry(route).await;
         let (dir, store) = store_for("manifest-cap", port);
-        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
-        assert!(err.contains(&format!("more than the {MAX_MANIFEST_BYTES}")), "{err}");
+        let err = store
+            .pull(&format!("127.0.0.1:{port}/r:t"), &[])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("more than the {MAX_MANIFEST_BYTES}")),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1983,9 +2949,17 @@ mod tests {
         // Same length, other bytes.
         let (port, _) = fake_registry(serving(GOOD, b"\0asm\x01\0\0\x01")).await;
         let (dir, store) = store_for("digest-mismatch", port);
-        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
+        let err = store
+            .pull(&format!("127.0.0.1:{port}/r:t"), &[])
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("digest"), "{err}");
-        assert_eq!(blob_files(&dir), Vec::<String>::new(), "no partial or unverified blob is left");
+        assert_eq!(
+            blob_files(&dir),
+            Vec::<String>::new(),
+            "no partial or unverified blob is left"
+        );
         assert!(store.get(&format!("127.0.0.1:{port}/r:t")).is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1994,40 +2968,88 @@ mod tests {
     async fn a_blob_longer_than_declared_or_than_the_cap_is_refused() {
         let (port, _) = fake_registry(serving(GOOD, b"\0asm\x01\0\0\0 and then some more")).await;
         let (dir, store) = store_for("blob-longer", port);
-        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
-        assert!(err.contains("more than the 8 bytes the manifest declares"), "{err}");
+        let err = store
+            .pull(&format!("127.0.0.1:{port}/r:t"), &[])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("more than the 8 bytes the manifest declares"),
+            "{err}"
+        );
         assert_eq!(blob_files(&dir), Vec::<String>::new());
         let _ = std::fs::remove_dir_all(&dir);
 
         let (port, _) = fake_registry(serving(GOOD, GOOD)).await;
         let (dir, store) = store_for("blob-cap", port);
-        let store = store.with_limits(PullLimits { max_module_size: 4, ..Default::default() });
-        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
-        assert!(err.contains("is 8 bytes, more than the 4 bytes --max-module-size allows"), "{err}");
+        let store = store.with_limits(PullLimits {
+            max_module_size: 4,
+            ..Default::default()
+        });
+        let err = store
+            .pull(&format!("127.0.0.1:{port}/r:t"), &[])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is 8 bytes, more than the 4 bytes --max-module-size allows"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn a_registry_error_body_is_cut() {
         let body = format!("{}TAIL-MARKER", "x".repeat(10_000));
-        let route: Route = Arc::new(move |path: &str| if path == "/v2/" { Some((200, b"{}".to_vec())) } else { Some((500, body.clone().into_bytes())) });
+        let route: Route = Arc::new(move |path: &str| {
+            if path == "/v2/" {
+                Some((200, b"{}".to_vec()))
+            } else {
+                Some((500, body.clone().into_bytes()))
+            }
+        });
         let (port, _) = fake_registry(route).await;
         let (dir, store) = store_for("error-body", port);
-        let err = store.pull(&format!("127.0.0.1:{port}/r:t"), &[]).await.unwrap_err().to_string();
-        assert!(!err.contains("TAIL-MARKER") && err.len() < 1024, "{} bytes: {err}", err.len());
+        let err = store
+            .pull(&format!("127.0.0.1:{port}/r:t"), &[])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("TAIL-MARKER") && err.len() < 1024,
+            "{} bytes: {err}",
+            err.len()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn a_pull_without_progress_is_cancelled() {
-        let route: Route = Arc::new(|path: &str| if path == "/v2/" { Some((200, b"{}".to_vec())) } else { None });
+        let route: Route = Arc::new(|path: &str| {
+            if path == "/v2/" {
+                Some((200, b"{}".to_vec()))
+            } else {
+                None
+            }
+        });
         let (port, _) = fake_registry(route).await;
         let (dir, store) = store_for("stalled", port);
-        let store = store.with_limits(PullLimits { progress_deadline: Duration::from_millis(300), ..Default::default() });
+        let store = store.with_limits(PullLimits {
+            progress_deadline: Duration::from_millis(300),
+            ..Default::default()
+        });
         let reference = format!("127.0.0.1:{port}/r:t");
         let err = store.pull(&reference, &[]).await.unwrap_err().to_string();
-        assert!(err.starts_with(&format!("Cancel pulling image {reference:?} because of no progress for 300ms")), "{err}");
-        assert!(store.inflight.lock().unwrap().is_empty(), "the pull is no longer under way");
+        assert!(
+            err.starts_with(&format!(
+                "Cancel pulling image {reference:?} because of no progress for 300ms"
+            )),
+            "{err}"
+        );
+        assert!(
+            store.inflight.lock().unwrap().is_empty(),
+            "the pull is no longer under way"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -2043,11 +3065,23 @@ mod tests {
     #[test]
     fn manifests_are_checked_before_use() {
         let digest = sha(GOOD);
-        assert!(matches!(parse_manifest(&wasm_manifest(&digest, 8), None), Ok(OciManifest::Image(_))));
+        assert!(matches!(
+            parse_manifest(&wasm_manifest(&digest, 8), None),
+            Ok(OciManifest::Image(_))
+        ));
         let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
-        assert!(matches!(parse_manifest(index, None), Ok(OciManifest::ImageIndex(_))));
-        assert!(parse_manifest(br#"{"schemaVersion":1}"#, None).unwrap_err().contains("schemaVersion 1"));
-        assert!(parse_manifest(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, None).unwrap_err().contains("text/html"));
+        assert!(matches!(
+            parse_manifest(index, None),
+            Ok(OciManifest::ImageIndex(_))
+        ));
+        assert!(parse_manifest(br#"{"schemaVersion":1}"#, None)
+            .unwrap_err()
+            .contains("schemaVersion 1"));
+        assert!(
+            parse_manifest(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, None)
+                .unwrap_err()
+                .contains("text/html")
+        );
         assert!(parse_manifest(b"<html>", None).is_err());
         assert!(parse_manifest(&vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize], None).is_err());
     }
@@ -2055,12 +3089,34 @@ mod tests {
     #[test]
     fn a_layer_is_read_no_further_than_its_cap() {
         let zeros = vec![0u8; 1 << 20];
-        let layers = vec![layer(&[E::File("aaa", &zeros), E::File("app/x.wasm", MODULE)], true)];
-        let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(64 << 10, u64::MAX);
-        assert_eq!(search.feed(0, &layers[0][..]), Err(EntrypointError::LayerTooLarge { layer: 0, limit: 64 << 10 }));
-        let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(4 << 20, 4);
-        assert!(matches!(search.feed(0, &layers[0][..]), Err(EntrypointError::ModuleTooLarge { size: 8, limit: 4, .. })));
-        let mut search = EntrypointSearch::new("app/x.wasm", 1).unwrap().with_limits(4 << 20, 8);
+        let layers = vec![layer(
+            &[E::File("aaa", &zeros), E::File("app/x.wasm", MODULE)],
+            true,
+        )];
+        let mut search = EntrypointSearch::new("app/x.wasm", 1)
+            .unwrap()
+            .with_limits(64 << 10, u64::MAX);
+        assert_eq!(
+            search.feed(0, &layers[0][..]),
+            Err(EntrypointError::LayerTooLarge {
+                layer: 0,
+                limit: 64 << 10
+            })
+        );
+        let mut search = EntrypointSearch::new("app/x.wasm", 1)
+            .unwrap()
+            .with_limits(4 << 20, 4);
+        assert!(matches!(
+            search.feed(0, &layers[0][..]),
+            Err(EntrypointError::ModuleTooLarge {
+                size: 8,
+                limit: 4,
+                ..
+            })
+        ));
+        let mut search = EntrypointSearch::new("app/x.wasm", 1)
+            .unwrap()
+            .with_limits(4 << 20, 8);
         assert_eq!(search.feed(0, &layers[0][..]), Ok(Some(MODULE.to_vec())));
     }
 

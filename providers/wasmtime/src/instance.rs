@@ -60,11 +60,16 @@ impl Linkers {
     pub fn new(engine: &Engine) -> Result<Self, ProviderError> {
         let setup = |e: wasmtime::Error| ProviderError::Setup(format!("linking WASI: {e:#}"));
         let mut module = Linker::new(engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi).map_err(setup)?;
+        wasmtime_wasi::p1::add_to_linker_async(&mut module, |s: &mut P1State| &mut s.wasi)
+            .map_err(setup)?;
         let mut component = wasmtime::component::Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component).map_err(setup)?;
         let http = crate::http::linker(engine).map_err(setup)?;
-        Ok(Self { module, component, http })
+        Ok(Self {
+            module,
+            component,
+            http,
+        })
     }
 }
 
@@ -86,18 +91,35 @@ impl Instance {
                 if module.get_export("_start").is_none() {
                     return Err("the module exports no `_start`: it is not a WASI command".into());
                 }
-                linkers.module.instantiate_pre(module).map(Instance::Module).map_err(|e| format!("linking the module: {e:#}"))
+                linkers
+                    .module
+                    .instantiate_pre(module)
+                    .map(Instance::Module)
+                    .map_err(|e| format!("linking the module: {e:#}"))
             }
-            Program::Component(component) if crate::http::is_http_component(component) => crate::http::prepare(&linkers.http, component).map(Instance::Http),
+            Program::Component(component) if crate::http::is_http_component(component) => {
+                crate::http::prepare(&linkers.http, component).map(Instance::Http)
+            }
             Program::Component(component) => {
-                let pre = linkers.component.instantiate_pre(component).map_err(|e| format!("linking the component: {e:#}"))?;
-                CommandPre::new(pre).map(Instance::Component).map_err(|e| format!("the component does not export wasi:cli/run: {e:#}"))
+                let pre = linkers
+                    .component
+                    .instantiate_pre(component)
+                    .map_err(|e| format!("linking the component: {e:#}"))?;
+                CommandPre::new(pre)
+                    .map(Instance::Component)
+                    .map_err(|e| format!("the component does not export wasi:cli/run: {e:#}"))
             }
         }
     }
 
     /// Runs the program to its end (or until `stop` is cancelled) and says how it ended.
-    pub async fn run(&self, engine: &Engine, wasi: WasiCtxBuilder, stop: CancellationToken, meter: &Arc<UsageMeter>) -> Exit {
+    pub async fn run(
+        &self,
+        engine: &Engine,
+        wasi: WasiCtxBuilder,
+        stop: CancellationToken,
+        meter: &Arc<UsageMeter>,
+    ) -> Exit {
         let (result, refused) = self.execute(engine, wasi, stop.clone(), meter).await;
         classify(result, refused, stop.is_cancelled())
     }
@@ -106,7 +128,13 @@ impl Instance {
     /// raw result and why a memory growth was refused, if one was. The store charges the
     /// container's memory budget (on `meter`), which its other stores share. [`Instance::run`]
     /// and exec (which map the result each their own way) share it.
-    pub async fn execute(&self, engine: &Engine, wasi: WasiCtxBuilder, stop: CancellationToken, meter: &Arc<UsageMeter>) -> (wasmtime::Result<()>, Option<Refusal>) {
+    pub async fn execute(
+        &self,
+        engine: &Engine,
+        wasi: WasiCtxBuilder,
+        stop: CancellationToken,
+        meter: &Arc<UsageMeter>,
+    ) -> (wasmtime::Result<()>, Option<Refusal>) {
         let limiter = Limiter::new(meter.budget().clone());
         let slice_ticks = meter.slice_ticks;
         match self {
@@ -144,7 +172,12 @@ impl Instance {
 
 /// Sets the memory limiter and the epoch deadline: every `slice_ticks` ticks (see
 /// `cpu::slice_ticks`) the guest yields to tokio, or is interrupted once `stop` is cancelled.
-pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationToken, slice_ticks: u64, limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static) {
+pub(crate) fn arm<T: Send + 'static>(
+    store: &mut Store<T>,
+    stop: &CancellationToken,
+    slice_ticks: u64,
+    limiter: impl Fn(&mut T) -> &mut Limiter + Send + Sync + 'static,
+) {
     store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
     let stop = stop.clone();
     let ticks = slice_ticks.max(1);
@@ -154,14 +187,20 @@ pub(crate) fn arm<T: Send + 'static>(store: &mut Store<T>, stop: &CancellationTo
         if stop.is_cancelled() {
             return Ok(UpdateDeadline::Interrupt);
         }
-        Ok(UpdateDeadline::YieldCustom(ticks, Box::pin(tokio::task::yield_now())))
+        Ok(UpdateDeadline::YieldCustom(
+            ticks,
+            Box::pin(tokio::task::yield_now()),
+        ))
     });
     store.set_epoch_deadline(1);
 }
 
 /// Runs `call`, dropping it shortly after `stop` is cancelled if it has not ended by then (a
 /// guest waiting in a host call never reaches an epoch check).
-async fn until_stopped(stop: &CancellationToken, call: impl std::future::Future<Output = wasmtime::Result<()>>) -> wasmtime::Result<()> {
+async fn until_stopped(
+    stop: &CancellationToken,
+    call: impl std::future::Future<Output = wasmtime::Result<()>>,
+) -> wasmtime::Result<()> {
     tokio::select! {
         result = call => result,
         () = async { stop.cancelled().await; tokio::time::sleep(KILL_DROP_AFTER).await } => Err(wasmtime::Error::msg("stopped")),
@@ -172,33 +211,65 @@ async fn until_stopped(stop: &CancellationToken, call: impl std::future::Future<
 /// memory growth (the container's limit, or the node's memory for pods), then any other trap.
 pub fn classify(result: wasmtime::Result<()>, refused: Option<Refusal>, stopped: bool) -> Exit {
     let error = match result {
-        Ok(()) => return Exit { exit_code: 0, reason: ExitReason::Completed, message: None },
+        Ok(()) => {
+            return Exit {
+                exit_code: 0,
+                reason: ExitReason::Completed,
+                message: None,
+            }
+        }
         Err(e) => e,
     };
     if let Some(I32Exit(code)) = error.downcast_ref::<I32Exit>() {
-        let reason = if *code == 0 { ExitReason::Completed } else { ExitReason::Error };
-        return Exit { exit_code: *code, reason, message: None };
+        let reason = if *code == 0 {
+            ExitReason::Completed
+        } else {
+            ExitReason::Error
+        };
+        return Exit {
+            exit_code: *code,
+            reason,
+            message: None,
+        };
     }
     if stopped {
-        return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::Killed, message: Some("stopped: the grace period ran out".into()) };
+        return Exit {
+            exit_code: KILLED_EXIT_CODE,
+            reason: ExitReason::Killed,
+            message: Some("stopped: the grace period ran out".into()),
+        };
     }
     if let Some(refusal) = refused {
-        return Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::OomKilled, message: Some(refusal.to_string()) };
+        return Exit {
+            exit_code: KILLED_EXIT_CODE,
+            reason: ExitReason::OomKilled,
+            message: Some(refusal.to_string()),
+        };
     }
-    Exit { exit_code: TRAP_EXIT_CODE, reason: ExitReason::Error, message: Some(trap_message(&error)) }
+    Exit {
+        exit_code: TRAP_EXIT_CODE,
+        reason: ExitReason::Error,
+        message: Some(trap_message(&error)),
+    }
 }
 
 /// One line: the root cause (e.g. "wasm trap: wasm `unreachable` instruction executed") and,
 /// when there is a wasm backtrace, its innermost frame.
 pub fn trap_message(error: &wasmtime::Error) -> String {
     let cause = error.root_cause().to_string();
-    let frame = error.downcast_ref::<wasmtime::WasmBacktrace>().and_then(|bt| bt.frames().first()).map(|f| {
-        let func = f.func_name().map(str::to_string).unwrap_or_else(|| format!("function #{}", f.func_index()));
-        match f.module().name() {
-            Some(module) => format!(" (in {module}!{func})"),
-            None => format!(" (in {func})"),
-        }
-    });
+    let frame = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().first())
+        .map(|f| {
+            let func = f
+                .func_name()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("function #{}", f.func_index()));
+            match f.module().name() {
+                Some(module) => format!(" (in {module}!{func})"),
+                None => format!(" (in {func})"),
+            }
+        });
     format!("{cause}{}", frame.unwrap_or_default()).replace('\n', " ")
 }
 
@@ -219,23 +290,42 @@ pub fn argv(config: &ContainerConfig) -> Vec<String> {
 }
 
 /// The WASI context the container is granted, and nothing more (see the module docs).
-pub fn wasi_context(config: &ContainerConfig, network: &NetworkPolicy, log: &ContainerLog) -> Result<WasiCtxBuilder, String> {
+pub fn wasi_context(
+    config: &ContainerConfig,
+    network: &NetworkPolicy,
+    log: &ContainerLog,
+) -> Result<WasiCtxBuilder, String> {
     let mut wasi = granted_context(config, network, &argv(config))?;
-    wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr));
+    wasi.stdout(log.pipe(Stream::Stdout))
+        .stderr(log.pipe(Stream::Stderr));
     Ok(wasi)
 }
 
 /// What the pod grants a run of the container's program, whatever its stdio: `argv`, the
 /// container's env, one preopen per mount and its working dir, sockets under the pod's
 /// [`NetworkPolicy`]. Stdin is empty and stdout and stderr discard until the caller wires them.
-pub fn granted_context(config: &ContainerConfig, network: &NetworkPolicy, argv: &[String]) -> Result<WasiCtxBuilder, String> {
+pub fn granted_context(
+    config: &ContainerConfig,
+    network: &NetworkPolicy,
+    argv: &[String],
+) -> Result<WasiCtxBuilder, String> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(argv).envs(&config.env);
     network.grant(&mut wasi);
     for mount in &config.mounts {
-        let perms = if mount.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        let perms = if mount.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
         wasi.preopened_dir(&mount.host_path, &mount.container_path, perms)
-            .map_err(|e| format!("mount {} at {}: {e:#}", mount.host_path.display(), mount.container_path))?;
+            .map_err(|e| {
+                format!(
+                    "mount {} at {}: {e:#}",
+                    mount.host_path.display(),
+                    mount.container_path
+                )
+            })?;
     }
     // A working dir means something only inside a preopen; preview1 has no cwd at all, so this
     // reaches components (`wasi:cli/environment.initial-cwd`) only.
@@ -249,7 +339,11 @@ pub fn granted_context(config: &ContainerConfig, network: &NetworkPolicy, argv: 
 
 fn within(path: &str, dir: &str) -> bool {
     let dir = dir.trim_end_matches('/');
-    path == dir || dir.is_empty() || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path == dir
+        || dir.is_empty()
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Store data of a preview1 module.
@@ -267,7 +361,10 @@ pub struct P2State {
 
 impl WasiView for P2State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -284,14 +381,22 @@ pub struct UsageMeter {
 
 impl Default for UsageMeter {
     fn default() -> Self {
-        Self { cpu_nanos: AtomicU64::new(0), budget: MemoryBudget::standalone(None), cpu_quota: None, slice_ticks: 1 }
+        Self {
+            cpu_nanos: AtomicU64::new(0),
+            budget: MemoryBudget::standalone(None),
+            cpu_quota: None,
+            slice_ticks: 1,
+        }
     }
 }
 
 impl UsageMeter {
     /// A meter for a container limited to `cpu_limit_millicores` (`None` or 0: unlimited).
     pub fn with_cpu_limit(cpu_limit_millicores: Option<u64>) -> Self {
-        Self { cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores), ..Default::default() }
+        Self {
+            cpu_quota: cpu_limit_millicores.and_then(CpuQuota::from_millicores),
+            ..Default::default()
+        }
     }
 
     /// A container requesting `cpu_request_millicores` runs this many ticks between yields.
@@ -317,13 +422,19 @@ impl UsageMeter {
     }
 
     pub fn usage(&self) -> provider_api::ContainerUsage {
-        provider_api::ContainerUsage { cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed), memory_bytes: self.budget.used() }
+        provider_api::ContainerUsage {
+            cpu_nanos: self.cpu_nanos.load(Ordering::Relaxed),
+            memory_bytes: self.budget.used(),
+        }
     }
 }
 
 /// CPU time of the calling thread, in nanoseconds.
 fn thread_cpu_nanos() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec to a valid pointer.
     if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
         return 0;
@@ -343,13 +454,20 @@ pub(crate) struct Metered<F> {
 
 impl<F> Metered<F> {
     pub(crate) fn new(meter: Arc<UsageMeter>, inner: F) -> Self {
-        Self { inner: Box::pin(inner), meter, throttled: None }
+        Self {
+            inner: Box::pin(inner),
+            meter,
+            throttled: None,
+        }
     }
 }
 
 impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
         let this = &mut *self;
         if let Some(quota) = this.meter.cpu_quota() {
             loop {
@@ -403,8 +521,14 @@ mod tests {
     fn argv_follows_kubernetes_semantics() {
         assert_eq!(argv(&config(&[], &[])), ["app"]);
         assert_eq!(argv(&config(&[], &["-v", "x"])), ["app", "-v", "x"]);
-        assert_eq!(argv(&config(&["/bin/tool", "serve"], &[])), ["/bin/tool", "serve"]);
-        assert_eq!(argv(&config(&["tool", "serve"], &["--port", "80"])), ["tool", "serve", "--port", "80"]);
+        assert_eq!(
+            argv(&config(&["/bin/tool", "serve"], &[])),
+            ["/bin/tool", "serve"]
+        );
+        assert_eq!(
+            argv(&config(&["tool", "serve"], &["--port", "80"])),
+            ["tool", "serve", "--port", "80"]
+        );
     }
 
     #[test]
@@ -417,7 +541,11 @@ mod tests {
 
     #[test]
     fn a_guest_exit_code_wins_over_everything() {
-        let exit = classify(Err(I32Exit(3).into()), Some(Refusal::Container { limit: 1 }), true);
+        let exit = classify(
+            Err(I32Exit(3).into()),
+            Some(Refusal::Container { limit: 1 }),
+            true,
+        );
         assert_eq!((exit.exit_code, exit.reason), (3, ExitReason::Error));
         let exit = classify(Err(I32Exit(0).into()), None, false);
         assert_eq!((exit.exit_code, exit.reason), (0, ExitReason::Completed));

@@ -22,9 +22,9 @@ mod attach;
 pub mod compile;
 pub mod cpu;
 pub mod exec;
+pub mod http;
 pub mod image;
 pub mod instance;
-pub mod http;
 pub mod log;
 pub mod memory;
 pub mod network;
@@ -35,7 +35,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use provider_api::{ContainerConfig, ContainerState, ContainerSummary, ExecIo, ExitReason, ImageInfo, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig};
+use provider_api::{
+    ContainerConfig, ContainerState, ContainerSummary, ExecIo, ExitReason, ImageInfo, Provider,
+    ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -119,7 +122,12 @@ enum Phase {
     /// The run's task holds the sender and publishes the exit once.
     /// `drain` asks for a graceful end (an HTTP component stops accepting and finishes what is
     /// in flight; a command cannot be asked, WASI has no signals); `stop` kills.
-    Running { started_at: SystemTime, exit: watch::Receiver<Option<ContainerState>>, stop: CancellationToken, drain: CancellationToken },
+    Running {
+        started_at: SystemTime,
+        exit: watch::Receiver<Option<ContainerState>>,
+        stop: CancellationToken,
+        drain: CancellationToken,
+    },
     Exited(ContainerState),
 }
 
@@ -127,7 +135,11 @@ impl Phase {
     fn state(&self) -> ContainerState {
         match self {
             Phase::Created => ContainerState::Created,
-            Phase::Running { started_at, exit, .. } => exit.borrow().clone().unwrap_or(ContainerState::Running { started_at: *started_at }),
+            Phase::Running {
+                started_at, exit, ..
+            } => exit.borrow().clone().unwrap_or(ContainerState::Running {
+                started_at: *started_at,
+            }),
             Phase::Exited(state) => state.clone(),
         }
     }
@@ -143,20 +155,42 @@ impl WasmtimeProvider {
     }
 
     /// As [`WasmtimeProvider::new`], with `options`.
-    pub fn with_options(root_dir: PathBuf, options: ProviderOptions) -> Result<Self, ProviderError> {
+    pub fn with_options(
+        root_dir: PathBuf,
+        options: ProviderOptions,
+    ) -> Result<Self, ProviderError> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true).wasm_component_model(true);
-        let engine = wasmtime::Engine::new(&config).map_err(|e| ProviderError::Setup(format!("{e:#}")))?;
+        let engine =
+            wasmtime::Engine::new(&config).map_err(|e| ProviderError::Setup(format!("{e:#}")))?;
         start_epoch_ticker(&engine)?;
         let linkers = Linkers::new(&engine)?;
-        let images = ImageStore::open(&root_dir, options.registries)?.with_limits(options.limits.clone());
-        let compiled = CompileCache::new(engine.clone(), &root_dir).with_max_module_size(options.limits.max_module_size);
+        let images =
+            ImageStore::open(&root_dir, options.registries)?.with_limits(options.limits.clone());
+        let compiled = CompileCache::new(engine.clone(), &root_dir)
+            .with_max_module_size(options.limits.max_module_size);
         // Compiled code of images removed while the agent was down (or mid-removal) goes too.
-        compiled.sweep(&images.list().iter().filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string)).collect());
+        compiled.sweep(
+            &images
+                .list()
+                .iter()
+                .filter_map(|(_, i, _)| image::sha256_hex(&i.layer_digest).ok().map(str::to_string))
+                .collect(),
+        );
         let http = http::LazyHttpEngine::new(&root_dir);
         let node_memory = memory::NodeMemory::new(options.node_memory_ceiling);
         let egress = Arc::new(options.pod_egress);
-        Ok(Self { engine, linkers, images, compiled, http, state: Mutex::new(State::default()), next_id: AtomicU64::new(1), node_memory, egress })
+        Ok(Self {
+            engine,
+            linkers,
+            images,
+            compiled,
+            http,
+            state: Mutex::new(State::default()),
+            next_id: AtomicU64::new(1),
+            node_memory,
+            egress,
+        })
     }
 
     /// What all guests on the node hold together, and their ceiling.
@@ -178,7 +212,11 @@ impl WasmtimeProvider {
     /// a registry. For tests and tools (provider-remote's tests run guests written in WAT).
     pub fn import_image(&self, reference: &str, wasm: &[u8]) -> Result<ImageInfo, ProviderError> {
         let image = self.images.import(reference, wasm)?;
-        Ok(ImageInfo { reference: reference.to_string(), digest: image.manifest_digest, size: image.size })
+        Ok(ImageInfo {
+            reference: reference.to_string(),
+            digest: image.manifest_digest,
+            size: image.size,
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -186,7 +224,10 @@ impl WasmtimeProvider {
     }
 
     fn new_container_id(&self) -> String {
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         format!("{nanos:x}-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 }
@@ -216,19 +257,35 @@ async fn wait_exit(mut exit: watch::Receiver<Option<ContainerState>>) -> Contain
         }
         if exit.changed().await.is_err() {
             // The task ended without publishing: it panicked.
-            return exited(None, Exit { exit_code: 1, reason: ExitReason::Error, message: Some("the instance task ended unexpectedly".into()) });
+            return exited(
+                None,
+                Exit {
+                    exit_code: 1,
+                    reason: ExitReason::Error,
+                    message: Some("the instance task ended unexpectedly".into()),
+                },
+            );
         }
     }
 }
 
 fn exited(started_at: Option<SystemTime>, exit: Exit) -> ContainerState {
-    ContainerState::Exited { started_at, finished_at: SystemTime::now(), exit_code: exit.exit_code, reason: exit.reason, message: exit.message }
+    ContainerState::Exited {
+        started_at,
+        finished_at: SystemTime::now(),
+        exit_code: exit.exit_code,
+        reason: exit.reason,
+        message: exit.message,
+    }
 }
 
 #[async_trait::async_trait]
 impl Provider for WasmtimeProvider {
     fn runtime_info(&self) -> RuntimeInfo {
-        RuntimeInfo { name: "wasmtime".into(), version: WASMTIME_VERSION.into() }
+        RuntimeInfo {
+            name: "wasmtime".into(),
+            version: WASMTIME_VERSION.into(),
+        }
     }
 
     async fn status(&self) -> RuntimeStatus {
@@ -236,24 +293,41 @@ impl Provider for WasmtimeProvider {
         // instance allocator: if either is broken on this host, no pod could run.
         let engine = self.engine.clone();
         let check = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let module = wasmtime::Module::new(&engine, b"\0asm\x01\0\0\0").map_err(|e| format!("{e:#}"))?;
+            let module =
+                wasmtime::Module::new(&engine, b"\0asm\x01\0\0\0").map_err(|e| format!("{e:#}"))?;
             drop(module);
             Ok(())
         })
         .await;
         match check {
             Ok(Ok(())) => RuntimeStatus::Ready,
-            Ok(Err(message)) => RuntimeStatus::NotReady { message: format!("wasmtime cannot compile modules: {message}") },
-            Err(e) => RuntimeStatus::NotReady { message: format!("wasmtime health check failed: {e}") },
+            Ok(Err(message)) => RuntimeStatus::NotReady {
+                message: format!("wasmtime cannot compile modules: {message}"),
+            },
+            Err(e) => RuntimeStatus::NotReady {
+                message: format!("wasmtime health check failed: {e}"),
+            },
         }
     }
 
     async fn image_status(&self, reference: &str) -> Option<ImageInfo> {
-        self.images.get(reference).map(|image| ImageInfo { reference: reference.to_string(), digest: image.manifest_digest, size: image.size })
+        self.images.get(reference).map(|image| ImageInfo {
+            reference: reference.to_string(),
+            digest: image.manifest_digest,
+            size: image.size,
+        })
     }
 
-    async fn pull_image(&self, reference: &str, auth: &[RegistryAuth]) -> Result<ImageInfo, ProviderError> {
-        let pulled = self.images.pull(reference, auth).instrument(tracing::info_span!("pull", image = reference)).await;
+    async fn pull_image(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
+        let pulled = self
+            .images
+            .pull(reference, auth)
+            .instrument(tracing::info_span!("pull", image = reference))
+            .await;
         if pulled.is_ok() {
             self.images.touch(reference);
         }
@@ -261,13 +335,25 @@ impl Provider for WasmtimeProvider {
     }
 
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
-        self.state().sandboxes.insert(config.pod_uid.clone(), config.clone());
+        self.state()
+            .sandboxes
+            .insert(config.pod_uid.clone(), config.clone());
         tracing::debug!(pod = %format!("{}/{}", config.namespace, config.name), uid = %config.pod_uid, "sandbox ready");
         Ok(config.pod_uid.clone())
     }
 
-    async fn remove_pod_sandbox(&self, sandbox_id: &str, grace: Duration) -> Result<(), ProviderError> {
-        let ids: Vec<String> = self.state().containers.iter().filter(|(_, c)| c.pod_uid == sandbox_id).map(|(id, _)| id.clone()).collect();
+    async fn remove_pod_sandbox(
+        &self,
+        sandbox_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError> {
+        let ids: Vec<String> = self
+            .state()
+            .containers
+            .iter()
+            .filter(|(_, c)| c.pod_uid == sandbox_id)
+            .map(|(id, _)| id.clone())
+            .collect();
         let stops = ids.iter().map(|id| self.stop_container(id, grace));
         let results = futures::future::join_all(stops).await;
         let mut state = self.state();
@@ -280,74 +366,194 @@ impl Provider for WasmtimeProvider {
         results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
     }
 
-    async fn create_container(&self, sandbox_id: &str, mut config: ContainerConfig) -> Result<String, ProviderError> {
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        mut config: ContainerConfig,
+    ) -> Result<String, ProviderError> {
         if !self.state().sandboxes.contains_key(sandbox_id) {
             return Err(ProviderError::NotFound(format!("sandbox {sandbox_id}")));
         }
-        let image = self.images.get(&config.image).ok_or_else(|| ProviderError::ImageNotPresent(config.image.clone()))?;
+        let image = self
+            .images
+            .get(&config.image)
+            .ok_or_else(|| ProviderError::ImageNotPresent(config.image.clone()))?;
         self.images.touch(&config.image);
         // An ordinary OCI image's Entrypoint and Cmd are the argv defaults.
-        (config.command, config.args) = image::with_image_defaults(&image, std::mem::take(&mut config.command), std::mem::take(&mut config.args));
+        (config.command, config.args) = image::with_image_defaults(
+            &image,
+            std::mem::take(&mut config.command),
+            std::mem::take(&mut config.args),
+        );
         for mount in &config.mounts {
             if !mount.host_path.is_dir() {
-                return Err(ProviderError::Create(format!("container {}: mount {} at {} is not a directory", config.name, mount.host_path.display(), mount.container_path)));
+                return Err(ProviderError::Create(format!(
+                    "container {}: mount {} at {} is not a directory",
+                    config.name,
+                    mount.host_path.display(),
+                    mount.container_path
+                )));
             }
         }
-        let wasm = self.images.blob_path(&image.layer_digest).map_err(|e| ProviderError::Create(format!("image {}: {e}", config.image)))?;
-        let program = self.compiled.get(&image.layer_digest, &wasm).await.map_err(|e| ProviderError::Create(format!("container {} (image {}): {e}", config.name, config.image)))?;
-        let instance = Instance::prepare(&self.linkers, &program).map_err(|e| ProviderError::Create(format!("container {} (image {}): {e}", config.name, config.image)))?;
+        let wasm = self
+            .images
+            .blob_path(&image.layer_digest)
+            .map_err(|e| ProviderError::Create(format!("image {}: {e}", config.image)))?;
+        let program = self
+            .compiled
+            .get(&image.layer_digest, &wasm)
+            .await
+            .map_err(|e| {
+                ProviderError::Create(format!(
+                    "container {} (image {}): {e}",
+                    config.name, config.image
+                ))
+            })?;
+        let instance = Instance::prepare(&self.linkers, &program).map_err(|e| {
+            ProviderError::Create(format!(
+                "container {} (image {}): {e}",
+                config.name, config.image
+            ))
+        })?;
         let instance = match instance {
             // An HTTP component runs on the HTTP engine (pooled instances), compiled for it.
-            Instance::Http(_) => Instance::Http(self.http.prepare(&image.layer_digest, &wasm).await.map_err(|e| ProviderError::Create(format!("container {} (image {}): {e}", config.name, config.image)))?),
+            Instance::Http(_) => Instance::Http(
+                self.http
+                    .prepare(&image.layer_digest, &wasm)
+                    .await
+                    .map_err(|e| {
+                        ProviderError::Create(format!(
+                            "container {} (image {}): {e}",
+                            config.name, config.image
+                        ))
+                    })?,
+            ),
             other => other,
         };
         let id = self.new_container_id();
         let mut state = self.state();
         if !state.sandboxes.contains_key(sandbox_id) {
-            return Err(ProviderError::NotFound(format!("sandbox {sandbox_id} (removed while creating)")));
+            return Err(ProviderError::NotFound(format!(
+                "sandbox {sandbox_id} (removed while creating)"
+            )));
         }
         tracing::debug!(container = %config.name, id, "container created");
         // One budget for everything the container's guests allocate: its instance, execs,
         // probes, hooks and HTTP requests all charge it (see `memory`).
         let budget = memory::MemoryBudget::new(config.memory_limit_bytes, self.node_memory.clone());
-        let meter = Arc::new(UsageMeter::with_cpu_limit(config.cpu_limit_millicores).with_cpu_request(config.cpu_request_millicores).with_memory(budget));
-        let listeners = state.listeners.entry(sandbox_id.to_string()).or_default().clone();
-        let network = network::NetworkPolicy::new(config.network.clone(), self.egress.clone(), listeners, &id);
-        state.containers.insert(id.clone(), Container { pod_uid: sandbox_id.to_string(), config, image_digest: image.manifest_digest, instance, phase: Phase::Created, meter, attach: None, network });
+        let meter = Arc::new(
+            UsageMeter::with_cpu_limit(config.cpu_limit_millicores)
+                .with_cpu_request(config.cpu_request_millicores)
+                .with_memory(budget),
+        );
+        let listeners = state
+            .listeners
+            .entry(sandbox_id.to_string())
+            .or_default()
+            .clone();
+        let network = network::NetworkPolicy::new(
+            config.network.clone(),
+            self.egress.clone(),
+            listeners,
+            &id,
+        );
+        state.containers.insert(
+            id.clone(),
+            Container {
+                pod_uid: sandbox_id.to_string(),
+                config,
+                image_digest: image.manifest_digest,
+                instance,
+                phase: Phase::Created,
+                meter,
+                attach: None,
+                network,
+            },
+        );
         Ok(id)
     }
 
     async fn start_container(&self, container_id: &str) -> Result<(), ProviderError> {
         let mut state = self.state();
-        let container = state.containers.get_mut(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
+        let container = state
+            .containers
+            .get_mut(container_id)
+            .ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
         if !matches!(container.phase, Phase::Created) {
-            return Err(ProviderError::Create(format!("container {} ({container_id}) is {:?}, not Created: it cannot be started", container.config.name, kind(&container.phase.state()))));
+            return Err(ProviderError::Create(format!(
+                "container {} ({container_id}) is {:?}, not Created: it cannot be started",
+                container.config.name,
+                kind(&container.phase.state())
+            )));
         }
         let config = &container.config;
-        let log = ContainerLog::open(&config.log_path).map_err(|e| ProviderError::Io(format!("container {}: opening log {}: {e}", config.name, config.log_path.display())))?;
-        let mut wasi = instance::wasi_context(config, &container.network, &log).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
+        let log = ContainerLog::open(&config.log_path).map_err(|e| {
+            ProviderError::Io(format!(
+                "container {}: opening log {}: {e}",
+                config.name,
+                config.log_path.display()
+            ))
+        })?;
+        let mut wasi = instance::wasi_context(config, &container.network, &log)
+            .map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?;
         // An HTTP component's requests each get their own empty stdin: nothing would read the pipe.
         let stdin = config.stdin && !matches!(container.instance, Instance::Http(_));
-        let attachable = Arc::new(attach::Attachable::new(&config.name, stdin, config.stdin_once, &log, &mut wasi));
+        let attachable = Arc::new(attach::Attachable::new(
+            &config.name,
+            stdin,
+            config.stdin_once,
+            &log,
+            &mut wasi,
+        ));
         // An HTTP component's ports are bound before it counts as started.
         let listeners = match &container.instance {
-            Instance::Http(_) => Some(http::bind(&config.network, &container.network).map_err(|e| ProviderError::Create(format!("container {}: {e}", config.name)))?),
+            Instance::Http(_) => Some(
+                http::bind(&config.network, &container.network).map_err(|e| {
+                    ProviderError::Create(format!("container {}: {e}", config.name))
+                })?,
+            ),
             _ => None,
         };
-        let (drain, http_config, network) = (CancellationToken::new(), config.clone(), container.network.clone());
+        let (drain, http_config, network) = (
+            CancellationToken::new(),
+            config.clone(),
+            container.network.clone(),
+        );
         let started_at = SystemTime::now();
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(None);
         let span = tracing::info_span!("container", pod = %container.pod_uid, name = %config.name, id = container_id);
-        let (engine, instance, token, meter) = (self.engine.clone(), container.instance.clone(), stop.clone(), container.meter.clone());
-        container.phase = Phase::Running { started_at, exit: rx, stop, drain: drain.clone() };
+        let (engine, instance, token, meter) = (
+            self.engine.clone(),
+            container.instance.clone(),
+            stop.clone(),
+            container.meter.clone(),
+        );
+        container.phase = Phase::Running {
+            started_at,
+            exit: rx,
+            stop,
+            drain: drain.clone(),
+        };
         container.attach = Some(attachable);
         drop(state);
         tokio::spawn(
             async move {
                 tracing::info!("started");
                 let exit = match (&instance, listeners) {
-                    (Instance::Http(pre), Some(listeners)) => http::serve(pre.clone(), http_config, network.clone(), listeners, log.clone(), meter.clone(), drain, token.clone()).await,
+                    (Instance::Http(pre), Some(listeners)) => {
+                        http::serve(
+                            pre.clone(),
+                            http_config,
+                            network.clone(),
+                            listeners,
+                            log.clone(),
+                            meter.clone(),
+                            drain,
+                            token.clone(),
+                        )
+                        .await
+                    }
                     _ => instance.run(&engine, wasi, token.clone(), &meter).await,
                 };
                 // The container's end ends its execs, as a pid namespace's end does, and closes
@@ -355,7 +561,12 @@ impl Provider for WasmtimeProvider {
                 token.cancel();
                 network.forget_listeners();
                 log.finish();
-                tracing::info!(exit_code = exit.exit_code, reason = exit.reason.as_str(), message = exit.message.as_deref().unwrap_or(""), "exited");
+                tracing::info!(
+                    exit_code = exit.exit_code,
+                    reason = exit.reason.as_str(),
+                    message = exit.message.as_deref().unwrap_or(""),
+                    "exited"
+                );
                 let _ = tx.send(Some(exited(Some(started_at), exit)));
             }
             .instrument(span),
@@ -363,29 +574,54 @@ impl Provider for WasmtimeProvider {
         Ok(())
     }
 
-    async fn stop_container(&self, container_id: &str, grace: Duration) -> Result<(), ProviderError> {
+    async fn stop_container(
+        &self,
+        container_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError> {
         let (exit, stop) = {
             let mut state = self.state();
-            let container = state.containers.get_mut(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
+            let container = state
+                .containers
+                .get_mut(container_id)
+                .ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
             match &container.phase {
                 Phase::Created => {
-                    let exit = Exit { exit_code: KILLED_EXIT_CODE, reason: ExitReason::Killed, message: Some("stopped before it started".into()) };
+                    let exit = Exit {
+                        exit_code: KILLED_EXIT_CODE,
+                        reason: ExitReason::Killed,
+                        message: Some("stopped before it started".into()),
+                    };
                     container.phase = Phase::Exited(exited(None, exit));
                     return Ok(());
                 }
                 Phase::Exited(_) => return Ok(()),
-                Phase::Running { exit, stop, drain, .. } => {
+                Phase::Running {
+                    exit, stop, drain, ..
+                } => {
                     drain.cancel();
                     (exit.clone(), stop.clone())
                 }
             }
         };
         // WASI has no signals: "cooperative" is the grace period to finish on its own.
-        if tokio::time::timeout(grace, wait_exit(exit.clone())).await.is_err() {
-            tracing::info!(id = container_id, grace_ms = grace.as_millis() as u64, "grace period over; killing");
+        if tokio::time::timeout(grace, wait_exit(exit.clone()))
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                id = container_id,
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; killing"
+            );
             stop.cancel();
-            if tokio::time::timeout(KILL_WAIT, wait_exit(exit)).await.is_err() {
-                return Err(ProviderError::Io(format!("container {container_id} did not end within {KILL_WAIT:?} of being killed")));
+            if tokio::time::timeout(KILL_WAIT, wait_exit(exit))
+                .await
+                .is_err()
+            {
+                return Err(ProviderError::Io(format!(
+                    "container {container_id} did not end within {KILL_WAIT:?} of being killed"
+                )));
             }
         }
         Ok(())
@@ -426,14 +662,21 @@ impl Provider for WasmtimeProvider {
     }
 
     async fn image_fs(&self) -> Option<provider_api::ImageFsInfo> {
-        let (images, compiled) = (self.images.dir().to_path_buf(), self.compiled.dir().to_path_buf());
+        let (images, compiled) = (
+            self.images.dir().to_path_buf(),
+            self.compiled.dir().to_path_buf(),
+        );
         let usage = tokio::task::spawn_blocking(move || {
             let (a, b) = (image::tree_usage(&images), image::tree_usage(&compiled));
             (a.0 + b.0, a.1 + b.1)
         })
         .await
         .unwrap_or_default();
-        Some(provider_api::ImageFsInfo { path: self.images.dir().to_path_buf(), used_bytes: usage.0, inodes_used: usage.1 })
+        Some(provider_api::ImageFsInfo {
+            path: self.images.dir().to_path_buf(),
+            used_bytes: usage.0,
+            inodes_used: usage.1,
+        })
     }
 
     async fn list_images(&self) -> Vec<provider_api::ImageRecord> {
@@ -441,26 +684,54 @@ impl Provider for WasmtimeProvider {
             .list()
             .into_iter()
             .map(|(reference, image, used)| {
-                let compiled = image::sha256_hex(&image.layer_digest).ok().and_then(|hex| std::fs::metadata(self.compiled.dir().join(format!("{hex}.cwasm"))).ok()).map_or(0, |m| m.len());
-                provider_api::ImageRecord { reference, digest: image.manifest_digest, size: image.size + compiled, last_used: SystemTime::UNIX_EPOCH + Duration::from_millis(used) }
+                let compiled = image::sha256_hex(&image.layer_digest)
+                    .ok()
+                    .and_then(|hex| {
+                        std::fs::metadata(self.compiled.dir().join(format!("{hex}.cwasm"))).ok()
+                    })
+                    .map_or(0, |m| m.len());
+                provider_api::ImageRecord {
+                    reference,
+                    digest: image.manifest_digest,
+                    size: image.size + compiled,
+                    last_used: SystemTime::UNIX_EPOCH + Duration::from_millis(used),
+                }
             })
             .collect()
     }
 
     async fn remove_image(&self, reference: &str) -> Result<u64, ProviderError> {
         let (layer, freed) = self.images.remove(reference)?;
-        let compiled = layer.map_or(0, |digest| self.compiled.remove(&digest, |path| self.images.discard(path)));
+        let compiled = layer.map_or(0, |digest| {
+            self.compiled
+                .remove(&digest, |path| self.images.discard(path))
+        });
         tracing::info!(reference, freed_bytes = freed + compiled, "image removed");
         Ok(freed + compiled)
     }
 
-    async fn attach(&self, container_id: &str, io: provider_api::AttachIo) -> Result<(), ProviderError> {
+    async fn attach(
+        &self,
+        container_id: &str,
+        io: provider_api::AttachIo,
+    ) -> Result<(), ProviderError> {
         let (attachable, exit) = {
             let state = self.state();
-            let container = state.containers.get(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
+            let container = state
+                .containers
+                .get(container_id)
+                .ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
             match (&container.phase, container.phase.state(), &container.attach) {
-                (Phase::Running { exit, .. }, ContainerState::Running { .. }, Some(attachable)) => (attachable.clone(), exit.clone()),
-                (_, other, _) => return Err(ProviderError::Exec(format!("container {} ({container_id}) is {}, not Running: cannot attach to it", container.config.name, kind(&other)))),
+                (Phase::Running { exit, .. }, ContainerState::Running { .. }, Some(attachable)) => {
+                    (attachable.clone(), exit.clone())
+                }
+                (_, other, _) => {
+                    return Err(ProviderError::Exec(format!(
+                        "container {} ({container_id}) is {}, not Running: cannot attach to it",
+                        container.config.name,
+                        kind(&other)
+                    )))
+                }
             }
         };
         attachable.attach(io, exit).await
@@ -471,20 +742,50 @@ impl Provider for WasmtimeProvider {
         listeners.dial(port)
     }
 
-    async fn exec(&self, container_id: &str, command: Vec<String>, io: ExecIo) -> Result<i32, ProviderError> {
+    async fn exec(
+        &self,
+        container_id: &str,
+        command: Vec<String>,
+        io: ExecIo,
+    ) -> Result<i32, ProviderError> {
         let (pod_uid, config, network, instance, stop, meter) = {
             let state = self.state();
-            let container = state.containers.get(container_id).ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
+            let container = state
+                .containers
+                .get(container_id)
+                .ok_or_else(|| ProviderError::NotFound(format!("container {container_id}")))?;
             match (&container.phase, container.phase.state()) {
-                (Phase::Running { stop, .. }, ContainerState::Running { .. }) => {
-                    (container.pod_uid.clone(), container.config.clone(), container.network.clone(), container.instance.clone(), stop.clone(), container.meter.clone())
+                (Phase::Running { stop, .. }, ContainerState::Running { .. }) => (
+                    container.pod_uid.clone(),
+                    container.config.clone(),
+                    container.network.clone(),
+                    container.instance.clone(),
+                    stop.clone(),
+                    container.meter.clone(),
+                ),
+                (_, other) => {
+                    return Err(ProviderError::Exec(format!(
+                        "container {} ({container_id}) is {}, not Running: cannot exec into it",
+                        container.config.name,
+                        kind(&other)
+                    )))
                 }
-                (_, other) => return Err(ProviderError::Exec(format!("container {} ({container_id}) is {}, not Running: cannot exec into it", container.config.name, kind(&other)))),
             }
         };
         let program = command.first().map(String::as_str).unwrap_or("");
         let span = tracing::debug_span!("exec", pod = %pod_uid, name = %config.name, id = container_id, command = program);
-        exec::run(&self.engine, &instance, &config, &network, command, io, &stop, &meter).instrument(span).await
+        exec::run(
+            &self.engine,
+            &instance,
+            &config,
+            &network,
+            command,
+            io,
+            &stop,
+            &meter,
+        )
+        .instrument(span)
+        .await
     }
 }
 

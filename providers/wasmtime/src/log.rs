@@ -128,13 +128,28 @@ impl ContainerLog {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
-        let inner = LogFile { path: path.to_path_buf(), file, size, max_size, max_files: max_files.max(1), pending: [Vec::new(), Vec::new()], failed: false, attached: None, finished: false };
-        Ok(Self { inner: Arc::new(Mutex::new(inner)) })
+        let inner = LogFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            max_size,
+            max_files: max_files.max(1),
+            pending: [Vec::new(), Vec::new()],
+            failed: false,
+            attached: None,
+            finished: false,
+        };
+        Ok(Self {
+            inner: Arc::new(Mutex::new(inner)),
+        })
     }
 
     /// The WASI stream writing `stream`'s entries to this log.
     pub fn pipe(&self, stream: Stream) -> LogPipe {
-        LogPipe { log: self.clone(), stream }
+        LogPipe {
+            log: self.clone(),
+            stream,
+        }
     }
 
     /// A live copy of everything written from now on, as written, for `kubectl attach`; the
@@ -146,14 +161,22 @@ impl ContainerLog {
         if inner.finished {
             return None;
         }
-        Some(inner.attached.get_or_insert_with(|| tokio::sync::broadcast::channel(ATTACH_BACKLOG).0).subscribe())
+        Some(
+            inner
+                .attached
+                .get_or_insert_with(|| tokio::sync::broadcast::channel(ATTACH_BACKLOG).0)
+                .subscribe(),
+        )
     }
 
     /// Writes guest output; complete lines go out at once, the rest waits for its newline.
     pub fn write(&self, stream: Stream, bytes: &[u8]) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(attached) = &inner.attached {
-            if attached.send((stream, bytes::Bytes::copy_from_slice(bytes))).is_err() {
+            if attached
+                .send((stream, bytes::Bytes::copy_from_slice(bytes)))
+                .is_err()
+            {
                 // Every reader went away.
                 inner.attached = None;
             }
@@ -216,7 +239,10 @@ impl LogFile {
             n += 1;
         }
         std::fs::rename(&self.path, &target)?;
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = 0;
         let mut rotated = rotated_files(&self.path)?;
         rotated.sort();
@@ -244,7 +270,11 @@ fn rotated_files(path: &Path) -> io::Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
             found.push(entry.path());
         }
     }
@@ -299,7 +329,11 @@ impl OutputStream for LogPipe {
 }
 
 impl tokio::io::AsyncWrite for LogPipe {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.log.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -316,15 +350,24 @@ mod tests {
     use super::*;
 
     fn split(pending: &mut Vec<u8>, input: &str, max: usize) -> Vec<(Tag, String)> {
-        split_entries(pending, input.as_bytes(), max).into_iter().map(|(t, c)| (t, String::from_utf8(c).unwrap())).collect()
+        split_entries(pending, input.as_bytes(), max)
+            .into_iter()
+            .map(|(t, c)| (t, String::from_utf8(c).unwrap()))
+            .collect()
     }
 
     #[test]
     fn splits_lines_and_keeps_the_unterminated_rest() {
         let mut pending = Vec::new();
-        assert_eq!(split(&mut pending, "a\nbc\nde", 8), vec![(Tag::Full, "a".into()), (Tag::Full, "bc".into())]);
+        assert_eq!(
+            split(&mut pending, "a\nbc\nde", 8),
+            vec![(Tag::Full, "a".into()), (Tag::Full, "bc".into())]
+        );
         assert_eq!(pending, b"de");
-        assert_eq!(split(&mut pending, "f\n", 8), vec![(Tag::Full, "def".into())]);
+        assert_eq!(
+            split(&mut pending, "f\n", 8),
+            vec![(Tag::Full, "def".into())]
+        );
         assert!(pending.is_empty());
         assert_eq!(split(&mut pending, "\n", 8), vec![(Tag::Full, "".into())]);
     }
@@ -333,17 +376,31 @@ mod tests {
     fn long_lines_become_partial_entries() {
         let mut pending = Vec::new();
         // Exactly max bytes then a newline is one full line.
-        assert_eq!(split(&mut pending, "abcd\n", 4), vec![(Tag::Full, "abcd".into())]);
+        assert_eq!(
+            split(&mut pending, "abcd\n", 4),
+            vec![(Tag::Full, "abcd".into())]
+        );
         // A line one byte too long: a P piece then the F rest.
-        assert_eq!(split(&mut pending, "abcde\n", 4), vec![(Tag::Partial, "abcd".into()), (Tag::Full, "e".into())]);
+        assert_eq!(
+            split(&mut pending, "abcde\n", 4),
+            vec![(Tag::Partial, "abcd".into()), (Tag::Full, "e".into())]
+        );
         // A long unterminated run: pieces out, at most max bytes held back.
-        assert_eq!(split(&mut pending, "0123456789", 4), vec![(Tag::Partial, "0123".into()), (Tag::Partial, "4567".into())]);
+        assert_eq!(
+            split(&mut pending, "0123456789", 4),
+            vec![(Tag::Partial, "0123".into()), (Tag::Partial, "4567".into())]
+        );
         assert_eq!(pending, b"89");
     }
 
     #[test]
     fn entries_have_the_cri_shape() {
-        let line = format_entry("2025-01-02T03:04:05.123456789Z", Stream::Stderr, Tag::Partial, b"hi");
+        let line = format_entry(
+            "2025-01-02T03:04:05.123456789Z",
+            Stream::Stderr,
+            Tag::Partial,
+            b"hi",
+        );
         assert_eq!(line, b"2025-01-02T03:04:05.123456789Z stderr P hi\n");
         let ts = timestamp_now();
         assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
@@ -368,7 +425,10 @@ mod tests {
         log.finish();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
-        assert_eq!(lines, vec!["stdout F hello", "stderr F oops", "stdout P world"]);
+        assert_eq!(
+            lines,
+            vec!["stdout F hello", "stderr F oops", "stdout P world"]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -380,7 +440,10 @@ mod tests {
         for i in 0..40 {
             log.write(Stream::Stdout, format!("line number {i:03}\n").as_bytes());
         }
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert_eq!(names.len(), 3, "{names:?}");
         assert!(std::fs::metadata(&path).unwrap().len() <= 100);
         let live = std::fs::read_to_string(&path).unwrap();

@@ -53,7 +53,10 @@ pub struct NodeMemory {
 impl NodeMemory {
     /// The node's guests may hold `ceiling` bytes together (`None`: unbounded).
     pub fn new(ceiling: Option<u64>) -> Arc<Self> {
-        Arc::new(Self { used: AtomicU64::new(0), ceiling })
+        Arc::new(Self {
+            used: AtomicU64::new(0),
+            ceiling,
+        })
     }
 
     /// Bytes every guest on the node holds now.
@@ -79,7 +82,9 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::Container { limit } => write!(f, "memory limit of {limit} bytes exceeded"),
-            Refusal::Node { ceiling } => write!(f, "the node's memory for pods ({ceiling} bytes) is used up"),
+            Refusal::Node { ceiling } => {
+                write!(f, "the node's memory for pods ({ceiling} bytes) is used up")
+            }
         }
     }
 }
@@ -95,7 +100,11 @@ pub struct MemoryBudget {
 impl MemoryBudget {
     /// A budget of `limit` bytes (`None`: unlimited, still counted on `node`).
     pub fn new(limit: Option<u64>, node: Arc<NodeMemory>) -> Arc<Self> {
-        Arc::new(Self { limit, used: AtomicU64::new(0), node })
+        Arc::new(Self {
+            limit,
+            used: AtomicU64::new(0),
+            node,
+        })
     }
 
     /// A budget on a node of its own with no ceiling (tests, tools).
@@ -142,7 +151,11 @@ fn charge(used: &AtomicU64, bytes: u64, limit: Option<u64>) -> Result<(), u64> {
         used.fetch_add(bytes, Ordering::Relaxed);
         return Ok(());
     };
-    used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| now.checked_add(bytes).filter(|total| *total <= limit)).map(drop).map_err(|_| limit)
+    used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        now.checked_add(bytes).filter(|total| *total <= limit)
+    })
+    .map(drop)
+    .map_err(|_| limit)
 }
 
 /// One store's limiter: charges the container's [`MemoryBudget`] for every memory and table
@@ -158,7 +171,11 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(budget: Arc<MemoryBudget>) -> Self {
-        Self { budget, held: 0, refused: None }
+        Self {
+            budget,
+            held: 0,
+            refused: None,
+        }
     }
 
     /// Why a growth was refused, if one was.
@@ -194,11 +211,21 @@ impl Drop for Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         self.grow(desired.saturating_sub(current) as u64)
     }
 
-    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let elements = desired.saturating_sub(current) as u64;
         self.grow(elements.saturating_mul(TABLE_ELEMENT_BYTES))
     }
@@ -242,7 +269,9 @@ mod tests {
     }
 
     fn grow(store: &mut Store<Limiter>, instance: &Instance, bytes: u64) -> wasmtime::Result<i32> {
-        let f = instance.get_typed_func::<i32, i32>(&mut *store, "grow").unwrap();
+        let f = instance
+            .get_typed_func::<i32, i32>(&mut *store, "grow")
+            .unwrap();
         f.call(&mut *store, (bytes / 65536) as i32)
     }
 
@@ -257,9 +286,19 @@ mod tests {
         grow(&mut a, &ia, 6 * MIB).unwrap();
         // 6 MiB more in the other store would pass the 10 MiB they share: refused, a trap.
         let err = grow(&mut b, &ib, 6 * MIB).unwrap_err();
-        assert!(format!("{err:#}").contains("memory limit of 10485760 bytes exceeded"), "{err:#}");
-        assert_eq!(b.data().refused(), Some(Refusal::Container { limit: 10 * MIB }));
-        assert_eq!(a.data().refused(), None, "the store that did not ask runs on");
+        assert!(
+            format!("{err:#}").contains("memory limit of 10485760 bytes exceeded"),
+            "{err:#}"
+        );
+        assert_eq!(
+            b.data().refused(),
+            Some(Refusal::Container { limit: 10 * MIB })
+        );
+        assert_eq!(
+            a.data().refused(),
+            None,
+            "the store that did not ask runs on"
+        );
         grow(&mut b, &ib, 3 * MIB).unwrap();
         // Dropping a store gives its memory back to the budget.
         drop(a);
@@ -278,7 +317,10 @@ mod tests {
         assert_eq!(budget.used(), 65536 + 100_000 * TABLE_ELEMENT_BYTES);
         // ...100,000 more do not.
         assert!(f.call(&mut s, 100_000).is_err());
-        assert!(matches!(s.data().refused(), Some(Refusal::Container { .. })));
+        assert!(matches!(
+            s.data().refused(),
+            Some(Refusal::Container { .. })
+        ));
     }
 
     #[test]
@@ -291,7 +333,10 @@ mod tests {
         let (mut b, ib) = store(&engine, &limited);
         grow(&mut a, &ia, 5 * MIB).unwrap();
         let err = grow(&mut b, &ib, 4 * MIB).unwrap_err();
-        assert!(format!("{err:#}").contains("the node's memory for pods"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("the node's memory for pods"),
+            "{err:#}"
+        );
         assert_eq!(b.data().refused(), Some(Refusal::Node { ceiling: 8 * MIB }));
         // The refused charge left neither budget holding it.
         assert_eq!(limited.used(), 65536);
@@ -302,7 +347,11 @@ mod tests {
     fn a_store_may_not_declare_more_memories_than_the_cap() {
         let engine = Engine::default();
         let memories: String = (0..=MAX_MEMORIES_PER_STORE).map(|_| "(memory 0)").collect();
-        let module = Module::new(&engine, wat::parse_str(format!("(module {memories})")).unwrap()).unwrap();
+        let module = Module::new(
+            &engine,
+            wat::parse_str(format!("(module {memories})")).unwrap(),
+        )
+        .unwrap();
         let mut store = Store::new(&engine, Limiter::new(MemoryBudget::standalone(None)));
         store.limiter(|l| l as &mut dyn ResourceLimiter);
         let err = Instance::new(&mut store, &module, &[]).unwrap_err();

@@ -50,7 +50,10 @@ impl PodListeners {
 
     /// `container` listens on `addr` (a bound address: a concrete port).
     pub fn record(&self, container: &str, addr: SocketAddr) {
-        let entry = Listening { container: container.to_string(), addr };
+        let entry = Listening {
+            container: container.to_string(),
+            addr,
+        };
         let mut listening = self.listening();
         if !listening.contains(&entry) {
             listening.push(entry);
@@ -71,7 +74,8 @@ impl PodListeners {
         let local = ip.is_loopback() || ip.is_unspecified() || Some(ip) == pod_ip.map(canonical);
         self.listening().iter().any(|l| {
             l.addr.port() == dest.port()
-                && (canonical(l.addr.ip()) == ip || (local && l.addr.ip().is_unspecified() && l.addr.is_ipv4() == ip.is_ipv4()))
+                && (canonical(l.addr.ip()) == ip
+                    || (local && l.addr.ip().is_unspecified() && l.addr.is_ipv4() == ip.is_ipv4()))
         })
     }
 
@@ -156,8 +160,18 @@ pub struct NetworkPolicy {
 }
 
 impl NetworkPolicy {
-    pub fn new(network: ContainerNetwork, egress: Arc<NodeEgress>, listeners: Arc<PodListeners>, container: &str) -> Self {
-        Self { network, egress, listeners, container: container.to_string() }
+    pub fn new(
+        network: ContainerNetwork,
+        egress: Arc<NodeEgress>,
+        listeners: Arc<PodListeners>,
+        container: &str,
+    ) -> Self {
+        Self {
+            network,
+            egress,
+            listeners,
+            container: container.to_string(),
+        }
     }
 
     /// `addr` is bound and listening for this container.
@@ -201,10 +215,19 @@ impl NetworkPolicy {
     /// wildcard; a listen is recorded as the pod's; connections and datagrams by [`Self::verdict`]
     /// and then the outbound list.
     pub async fn socket_allowed(&self, addr: SocketAddr, usage: SocketAddrUse) -> bool {
-        let declared = |protocol: Protocol| self.network.ports.iter().any(|p| p.port == addr.port() && p.protocol == protocol);
+        let declared = |protocol: Protocol| {
+            self.network
+                .ports
+                .iter()
+                .any(|p| p.port == addr.port() && p.protocol == protocol)
+        };
         match usage {
             SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
-                let protocol = if matches!(usage, SocketAddrUse::TcpBind) { Protocol::Tcp } else { Protocol::Udp };
+                let protocol = if matches!(usage, SocketAddrUse::TcpBind) {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                };
                 let ip_ok = addr.ip().is_unspecified() || Some(addr.ip()) == self.network.pod_ip;
                 ip_ok && (addr.port() == 0 || declared(protocol))
             }
@@ -219,7 +242,9 @@ impl NetworkPolicy {
             SocketAddrUse::TcpAccept => true,
             SocketAddrUse::TcpConnect => self.destination_allowed(addr, true).await,
             // A datagram sent to, or received from, `addr`.
-            SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => self.destination_allowed(addr, false).await,
+            SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
+                self.destination_allowed(addr, false).await
+            }
         }
     }
 
@@ -242,7 +267,9 @@ impl NetworkPolicy {
     pub fn name_lookup_allowed(&self) -> bool {
         match &self.network.outbound {
             OutboundPolicy::AllowAll => true,
-            OutboundPolicy::AllowOnly(hosts) => hosts.iter().any(|h| h.host.parse::<IpAddr>().is_err()),
+            OutboundPolicy::AllowOnly(hosts) => {
+                hosts.iter().any(|h| h.host.parse::<IpAddr>().is_err())
+            }
         }
     }
 
@@ -257,9 +284,14 @@ impl NetworkPolicy {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let resolved: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((bare, port)).await.map_err(|e| HttpDenied::Unresolvable(e.to_string()))?.collect(),
+            Err(_) => tokio::net::lookup_host((bare, port))
+                .await
+                .map_err(|e| HttpDenied::Unresolvable(e.to_string()))?
+                .collect(),
         };
-        let first = *resolved.first().ok_or_else(|| HttpDenied::Unresolvable(format!("{host} has no address")))?;
+        let first = *resolved
+            .first()
+            .ok_or_else(|| HttpDenied::Unresolvable(format!("{host} has no address")))?;
         for addr in resolved {
             if let Verdict::Denied(why) = self.verdict(addr, true) {
                 return Err(HttpDenied::Prohibited(addr, why));
@@ -272,7 +304,9 @@ impl NetworkPolicy {
     /// [`Self::name_lookup_allowed`], every address checked by [`Self::socket_allowed`].
     pub fn grant(&self, wasi: &mut WasiCtxBuilder) {
         let policy = Arc::new(self.clone());
-        wasi.allow_tcp(true).allow_udp(true).allow_ip_name_lookup(self.name_lookup_allowed());
+        wasi.allow_tcp(true)
+            .allow_udp(true)
+            .allow_ip_name_lookup(self.name_lookup_allowed());
         wasi.socket_addr_check(move |addr, usage| {
             let policy = policy.clone();
             Box::pin(async move { policy.socket_allowed(addr, usage).await })
@@ -293,11 +327,16 @@ pub enum HttpDenied {
 
 /// Whether the outbound list allows `addr`: named by address, or by a host name that resolves to it.
 pub async fn outbound_allows(policy: &OutboundPolicy, addr: SocketAddr) -> bool {
-    let OutboundPolicy::AllowOnly(hosts) = policy else { return true };
+    let OutboundPolicy::AllowOnly(hosts) = policy else {
+        return true;
+    };
     if policy.allows(&addr.ip().to_string(), addr.port()) {
         return true;
     }
-    for host in hosts.iter().filter(|h| h.host.parse::<IpAddr>().is_err() && h.port.is_none_or(|p| p == addr.port())) {
+    for host in hosts
+        .iter()
+        .filter(|h| h.host.parse::<IpAddr>().is_err() && h.port.is_none_or(|p| p == addr.port()))
+    {
         if let Ok(resolved) = tokio::net::lookup_host((host.host.as_str(), addr.port())).await {
             if resolved.into_iter().any(|a| a.ip() == addr.ip()) {
                 return true;
@@ -319,7 +358,11 @@ mod tests {
     }
 
     fn cidrs(list: &str) -> Vec<IpNet> {
-        list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect()
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect()
     }
 
     fn policy(outbound: OutboundPolicy, deny: &str) -> NetworkPolicy {
@@ -329,16 +372,36 @@ mod tests {
     fn policy_with(outbound: OutboundPolicy, deny: &str, allow: &str) -> NetworkPolicy {
         let network = ContainerNetwork {
             pod_ip: Some(POD_IP.parse().unwrap()),
-            ports: vec![PortMapping { port: 8080, protocol: Protocol::Tcp }, PortMapping { port: 9000, protocol: Protocol::Tcp }],
+            ports: vec![
+                PortMapping {
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                },
+                PortMapping {
+                    port: 9000,
+                    protocol: Protocol::Tcp,
+                },
+            ],
             outbound,
             max_concurrent_requests: None,
         };
-        NetworkPolicy::new(network, Arc::new(NodeEgress { deny: cidrs(deny), allow: cidrs(allow) }), Arc::default(), "c1")
+        NetworkPolicy::new(
+            network,
+            Arc::new(NodeEgress {
+                deny: cidrs(deny),
+                allow: cidrs(allow),
+            }),
+            Arc::default(),
+            "c1",
+        )
     }
 
     #[test]
     fn verdicts_by_destination() {
-        let p = policy(OutboundPolicy::AllowAll, "10.96.0.0/12, 192.0.2.7/32, fd00::/8");
+        let p = policy(
+            OutboundPolicy::AllowAll,
+            "10.96.0.0/12, 192.0.2.7/32, fd00::/8",
+        );
         p.listeners.record("c1", at("127.0.0.5:8080"));
         p.listeners.record("c1", at("0.0.0.0:9000"));
         let own = Verdict::OwnPod;
@@ -366,7 +429,11 @@ mod tests {
             // Link-local, however spelled.
             ("169.254.169.254:80", true, denied(Denied::LinkLocal)),
             ("169.254.0.1:9000", true, denied(Denied::LinkLocal)),
-            ("[::ffff:169.254.169.254]:80", true, denied(Denied::LinkLocal)),
+            (
+                "[::ffff:169.254.169.254]:80",
+                true,
+                denied(Denied::LinkLocal),
+            ),
             ("[fe80::1]:80", true, denied(Denied::LinkLocal)),
             ("[febf::1]:80", true, denied(Denied::LinkLocal)),
             ("169.254.169.254:53", false, denied(Denied::LinkLocal)),
@@ -391,28 +458,72 @@ mod tests {
     fn the_deny_list_wins_even_over_the_pods_own_listener() {
         let p = policy(OutboundPolicy::AllowAll, "127.0.0.5/32");
         p.listeners.record("c1", at("127.0.0.5:8080"));
-        assert_eq!(p.verdict(at("127.0.0.5:8080"), true), Verdict::Denied(Denied::DenyList));
+        assert_eq!(
+            p.verdict(at("127.0.0.5:8080"), true),
+            Verdict::Denied(Denied::DenyList)
+        );
     }
 
     #[tokio::test]
     async fn the_allow_list_opens_node_local_services_to_the_outbound_list_only() {
-        let p = policy_with(OutboundPolicy::AllowAll, "169.254.20.11/32", "169.254.20.0/24, 127.0.0.2/32");
-        assert_eq!(p.verdict(at("169.254.20.10:53"), false), Verdict::Outbound, "a node-local DNS cache");
-        assert_eq!(p.verdict(at("127.0.0.2:3128"), true), Verdict::Outbound, "a node-local proxy");
-        assert_eq!(p.verdict(at("169.254.20.11:53"), false), Verdict::Denied(Denied::DenyList), "the deny list wins");
-        assert_eq!(p.verdict(at("169.254.169.254:80"), true), Verdict::Denied(Denied::LinkLocal));
-        assert_eq!(p.verdict(at("127.0.0.1:3128"), true), Verdict::Denied(Denied::Loopback));
-        let listed = policy_with(OutboundPolicy::AllowOnly(vec![AllowedHost { host: "127.0.0.3".into(), port: None }]), "", "127.0.0.2/32");
-        assert!(!listed.socket_allowed(at("127.0.0.2:3128"), SocketAddrUse::TcpConnect).await, "the pod's list still narrows it");
+        let p = policy_with(
+            OutboundPolicy::AllowAll,
+            "169.254.20.11/32",
+            "169.254.20.0/24, 127.0.0.2/32",
+        );
+        assert_eq!(
+            p.verdict(at("169.254.20.10:53"), false),
+            Verdict::Outbound,
+            "a node-local DNS cache"
+        );
+        assert_eq!(
+            p.verdict(at("127.0.0.2:3128"), true),
+            Verdict::Outbound,
+            "a node-local proxy"
+        );
+        assert_eq!(
+            p.verdict(at("169.254.20.11:53"), false),
+            Verdict::Denied(Denied::DenyList),
+            "the deny list wins"
+        );
+        assert_eq!(
+            p.verdict(at("169.254.169.254:80"), true),
+            Verdict::Denied(Denied::LinkLocal)
+        );
+        assert_eq!(
+            p.verdict(at("127.0.0.1:3128"), true),
+            Verdict::Denied(Denied::Loopback)
+        );
+        let listed = policy_with(
+            OutboundPolicy::AllowOnly(vec![AllowedHost {
+                host: "127.0.0.3".into(),
+                port: None,
+            }]),
+            "",
+            "127.0.0.2/32",
+        );
+        assert!(
+            !listed
+                .socket_allowed(at("127.0.0.2:3128"), SocketAddrUse::TcpConnect)
+                .await,
+            "the pod's list still narrows it"
+        );
     }
 
     #[test]
     fn a_wildcard_listener_does_not_own_remote_addresses() {
         let p = policy(OutboundPolicy::AllowAll, "");
         p.listeners.record("c1", at("0.0.0.0:80"));
-        assert_eq!(p.verdict(at("169.254.169.254:80"), true), Verdict::Denied(Denied::LinkLocal));
+        assert_eq!(
+            p.verdict(at("169.254.169.254:80"), true),
+            Verdict::Denied(Denied::LinkLocal)
+        );
         assert_eq!(p.verdict(at("192.0.2.1:80"), true), Verdict::Outbound);
-        assert_eq!(p.verdict(at("[::1]:80"), true), Verdict::Denied(Denied::Loopback), "an IPv4 wildcard does not listen on ::1");
+        assert_eq!(
+            p.verdict(at("[::1]:80"), true),
+            Verdict::Denied(Denied::Loopback),
+            "an IPv4 wildcard does not listen on ::1"
+        );
     }
 
     #[test]
@@ -433,47 +544,150 @@ mod tests {
     #[tokio::test]
     async fn sockets_bind_declared_ports_and_only_a_listen_makes_a_port_the_pods() {
         let p = policy(OutboundPolicy::AllowAll, "");
-        assert!(p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpBind).await);
-        assert!(p.socket_allowed(at("0.0.0.0:8080"), SocketAddrUse::TcpBind).await);
-        assert!(p.socket_allowed(at("0.0.0.0:0"), SocketAddrUse::TcpBind).await, "a client's implicit bind");
-        assert!(!p.socket_allowed(at("127.0.0.5:8081"), SocketAddrUse::TcpBind).await, "an undeclared port");
-        assert!(!p.socket_allowed(at("127.0.0.6:8080"), SocketAddrUse::TcpBind).await, "another address");
-        assert!(!p.socket_allowed(at("127.0.0.1:8080"), SocketAddrUse::TcpBind).await, "the node's loopback is not the pod IP");
-        assert!(!p.socket_allowed(at("0.0.0.0:8080"), SocketAddrUse::UdpBind).await, "8080 is declared TCP only");
+        assert!(
+            p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpBind)
+                .await
+        );
+        assert!(
+            p.socket_allowed(at("0.0.0.0:8080"), SocketAddrUse::TcpBind)
+                .await
+        );
+        assert!(
+            p.socket_allowed(at("0.0.0.0:0"), SocketAddrUse::TcpBind)
+                .await,
+            "a client's implicit bind"
+        );
+        assert!(
+            !p.socket_allowed(at("127.0.0.5:8081"), SocketAddrUse::TcpBind)
+                .await,
+            "an undeclared port"
+        );
+        assert!(
+            !p.socket_allowed(at("127.0.0.6:8080"), SocketAddrUse::TcpBind)
+                .await,
+            "another address"
+        );
+        assert!(
+            !p.socket_allowed(at("127.0.0.1:8080"), SocketAddrUse::TcpBind)
+                .await,
+            "the node's loopback is not the pod IP"
+        );
+        assert!(
+            !p.socket_allowed(at("0.0.0.0:8080"), SocketAddrUse::UdpBind)
+                .await,
+            "8080 is declared TCP only"
+        );
         // A bind alone (which may yet fail: another process holds the port) owns nothing.
-        assert!(!p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpConnect).await);
-        assert!(p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpListen).await);
-        assert!(p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpConnect).await, "the pod's own listener");
+        assert!(
+            !p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpListen)
+                .await
+        );
+        assert!(
+            p.socket_allowed(at("127.0.0.5:8080"), SocketAddrUse::TcpConnect)
+                .await,
+            "the pod's own listener"
+        );
         assert_eq!(p.listeners.dial(8080), Some(at("127.0.0.5:8080")));
         // An ephemeral listener is not a declared port: never recorded, never dialled.
-        assert!(p.socket_allowed(at("0.0.0.0:41234"), SocketAddrUse::TcpListen).await);
+        assert!(
+            p.socket_allowed(at("0.0.0.0:41234"), SocketAddrUse::TcpListen)
+                .await
+        );
         assert_eq!(p.listeners.dial(41234), None);
-        assert!(!p.socket_allowed(at("127.0.0.1:2379"), SocketAddrUse::TcpConnect).await);
-        assert!(!p.socket_allowed(at("169.254.169.254:80"), SocketAddrUse::TcpConnect).await);
-        assert!(!p.socket_allowed(at("169.254.169.254:53"), SocketAddrUse::UdpSend).await);
-        assert!(!p.socket_allowed(at("[fe80::1]:53"), SocketAddrUse::UdpSend).await);
+        assert!(
+            !p.socket_allowed(at("127.0.0.1:2379"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            !p.socket_allowed(at("169.254.169.254:80"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            !p.socket_allowed(at("169.254.169.254:53"), SocketAddrUse::UdpSend)
+                .await
+        );
+        assert!(
+            !p.socket_allowed(at("[fe80::1]:53"), SocketAddrUse::UdpSend)
+                .await
+        );
     }
 
     #[tokio::test]
     async fn the_outbound_list_narrows_what_is_left_but_not_the_pods_own_ports() {
-        let p = policy(OutboundPolicy::AllowOnly(vec![AllowedHost { host: "192.0.2.1".into(), port: Some(443) }]), "");
+        let p = policy(
+            OutboundPolicy::AllowOnly(vec![AllowedHost {
+                host: "192.0.2.1".into(),
+                port: Some(443),
+            }]),
+            "",
+        );
         p.listeners.record("c1", at("0.0.0.0:9000"));
-        assert!(p.socket_allowed(at("127.0.0.1:9000"), SocketAddrUse::TcpConnect).await, "the pod's own port");
-        assert!(p.socket_allowed(at("192.0.2.1:443"), SocketAddrUse::TcpConnect).await);
-        assert!(!p.socket_allowed(at("192.0.2.1:80"), SocketAddrUse::TcpConnect).await);
+        assert!(
+            p.socket_allowed(at("127.0.0.1:9000"), SocketAddrUse::TcpConnect)
+                .await,
+            "the pod's own port"
+        );
+        assert!(
+            p.socket_allowed(at("192.0.2.1:443"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            !p.socket_allowed(at("192.0.2.1:80"), SocketAddrUse::TcpConnect)
+                .await
+        );
         // Listing a forbidden address does not open it.
-        let p = policy(OutboundPolicy::AllowOnly(vec![AllowedHost { host: "169.254.169.254".into(), port: None }, AllowedHost { host: "127.0.0.1".into(), port: None }]), "");
-        assert!(!p.socket_allowed(at("169.254.169.254:80"), SocketAddrUse::TcpConnect).await);
-        assert!(!p.socket_allowed(at("127.0.0.1:2379"), SocketAddrUse::TcpConnect).await);
+        let p = policy(
+            OutboundPolicy::AllowOnly(vec![
+                AllowedHost {
+                    host: "169.254.169.254".into(),
+                    port: None,
+                },
+                AllowedHost {
+                    host: "127.0.0.1".into(),
+                    port: None,
+                },
+            ]),
+            "",
+        );
+        assert!(
+            !p.socket_allowed(at("169.254.169.254:80"), SocketAddrUse::TcpConnect)
+                .await
+        );
+        assert!(
+            !p.socket_allowed(at("127.0.0.1:2379"), SocketAddrUse::TcpConnect)
+                .await
+        );
     }
 
     #[test]
     fn name_lookups_follow_the_outbound_list() {
         assert!(policy(OutboundPolicy::AllowAll, "").name_lookup_allowed());
-        assert!(!policy(OutboundPolicy::AllowOnly(vec![]), "").name_lookup_allowed(), "an empty list: no names");
-        let addresses = OutboundPolicy::AllowOnly(vec![AllowedHost { host: "192.0.2.1".into(), port: None }, AllowedHost { host: "::1".into(), port: Some(80) }]);
-        assert!(!policy(addresses, "").name_lookup_allowed(), "addresses only: nothing to look up");
-        let named = OutboundPolicy::AllowOnly(vec![AllowedHost { host: "api.example.com".into(), port: Some(443) }]);
+        assert!(
+            !policy(OutboundPolicy::AllowOnly(vec![]), "").name_lookup_allowed(),
+            "an empty list: no names"
+        );
+        let addresses = OutboundPolicy::AllowOnly(vec![
+            AllowedHost {
+                host: "192.0.2.1".into(),
+                port: None,
+            },
+            AllowedHost {
+                host: "::1".into(),
+                port: Some(80),
+            },
+        ]);
+        assert!(
+            !policy(addresses, "").name_lookup_allowed(),
+            "addresses only: nothing to look up"
+        );
+        let named = OutboundPolicy::AllowOnly(vec![AllowedHost {
+            host: "api.example.com".into(),
+            port: Some(443),
+        }]);
         assert!(policy(named, "").name_lookup_allowed());
     }
 
@@ -481,15 +695,55 @@ mod tests {
     async fn http_destinations_are_checked_by_every_address_they_resolve_to() {
         let p = policy(OutboundPolicy::AllowAll, "192.0.2.0/24");
         p.listeners.record("c1", at("127.0.0.5:8080"));
-        assert_eq!(p.http_destination("127.0.0.5", 8080).await, Ok(at("127.0.0.5:8080")), "the pod's own server");
-        assert_eq!(p.http_destination("127.0.0.1", 2379).await, Err(HttpDenied::Prohibited(at("127.0.0.1:2379"), Denied::Loopback)));
-        assert_eq!(p.http_destination("169.254.169.254", 80).await, Err(HttpDenied::Prohibited(at("169.254.169.254:80"), Denied::LinkLocal)));
-        assert_eq!(p.http_destination("[fe80::1]", 80).await, Err(HttpDenied::Prohibited(at("[fe80::1]:80"), Denied::LinkLocal)));
-        assert_eq!(p.http_destination("192.0.2.9", 80).await, Err(HttpDenied::Prohibited(at("192.0.2.9:80"), Denied::DenyList)));
-        assert_eq!(p.http_destination("198.51.100.1", 80).await, Ok(at("198.51.100.1:80")));
+        assert_eq!(
+            p.http_destination("127.0.0.5", 8080).await,
+            Ok(at("127.0.0.5:8080")),
+            "the pod's own server"
+        );
+        assert_eq!(
+            p.http_destination("127.0.0.1", 2379).await,
+            Err(HttpDenied::Prohibited(
+                at("127.0.0.1:2379"),
+                Denied::Loopback
+            ))
+        );
+        assert_eq!(
+            p.http_destination("169.254.169.254", 80).await,
+            Err(HttpDenied::Prohibited(
+                at("169.254.169.254:80"),
+                Denied::LinkLocal
+            ))
+        );
+        assert_eq!(
+            p.http_destination("[fe80::1]", 80).await,
+            Err(HttpDenied::Prohibited(
+                at("[fe80::1]:80"),
+                Denied::LinkLocal
+            ))
+        );
+        assert_eq!(
+            p.http_destination("192.0.2.9", 80).await,
+            Err(HttpDenied::Prohibited(at("192.0.2.9:80"), Denied::DenyList))
+        );
+        assert_eq!(
+            p.http_destination("198.51.100.1", 80).await,
+            Ok(at("198.51.100.1:80"))
+        );
         // A name is held to what it resolves to: `localhost` (from /etc/hosts, no DNS traffic).
-        assert!(matches!(p.http_destination("localhost", 2379).await, Err(HttpDenied::Prohibited(_, Denied::Loopback))));
-        let listed = policy(OutboundPolicy::AllowOnly(vec![AllowedHost { host: "198.51.100.1".into(), port: None }]), "");
-        assert_eq!(listed.http_destination("198.51.100.2", 80).await, Err(HttpDenied::NotAllowed));
+        assert!(matches!(
+            p.http_destination("localhost", 2379).await,
+            Err(HttpDenied::Prohibited(_, Denied::Loopback))
+        ));
+        let listed = policy(
+            OutboundPolicy::AllowOnly(vec![AllowedHost {
+                host: "198.51.100.1".into(),
+                port: None,
+            }]),
+            "",
+        );
+        assert_eq!(
+            listed.http_destination("198.51.100.2", 80).await,
+            Err(HttpDenied::NotAllowed)
+        );
     }
 }

@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use provider_api::{ContainerConfig, ContainerState, ExecIo, ExitReason, Mount, Provider, RuntimeStatus, SandboxConfig};
+use provider_api::{
+    ContainerConfig, ContainerState, ExecIo, ExitReason, Mount, Provider, RuntimeStatus,
+    SandboxConfig,
+};
 
 use super::*;
 
@@ -29,8 +32,19 @@ const POD: &str = "pod-uid-1";
 
 async fn provider_with(root: &Path, wat: &str) -> WasmtimeProvider {
     let provider = WasmtimeProvider::new(root.to_path_buf()).unwrap();
-    provider.images.import("127.0.0.1:5000/test:v1", &wat::parse_str(wat).unwrap()).unwrap();
-    provider.run_pod_sandbox(&SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.join("pod") }).await.unwrap();
+    provider
+        .images
+        .import("127.0.0.1:5000/test:v1", &wat::parse_str(wat).unwrap())
+        .unwrap();
+    provider
+        .run_pod_sandbox(&SandboxConfig {
+            pod_uid: POD.into(),
+            namespace: "default".into(),
+            name: "p".into(),
+            pod_dir: root.join("pod"),
+        })
+        .await
+        .unwrap();
     provider
 }
 
@@ -56,14 +70,27 @@ fn config(root: &Path, name: &str) -> ContainerConfig {
 }
 
 async fn state_of(provider: &WasmtimeProvider, id: &str) -> ContainerState {
-    provider.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().state
+    provider
+        .list_containers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.id == id)
+        .unwrap()
+        .state
 }
 
 /// Waits (up to 10 s) for the container to exit; returns exit code, reason, message.
 async fn wait_exited(provider: &WasmtimeProvider, id: &str) -> (i32, ExitReason, Option<String>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let ContainerState::Exited { exit_code, reason, message, .. } = state_of(provider, id).await {
+        if let ContainerState::Exited {
+            exit_code,
+            reason,
+            message,
+            ..
+        } = state_of(provider, id).await
+        {
             return (exit_code, reason, message);
         }
         assert!(Instant::now() < deadline, "container {id} did not exit");
@@ -71,7 +98,10 @@ async fn wait_exited(provider: &WasmtimeProvider, id: &str) -> (i32, ExitReason,
     }
 }
 
-async fn run(provider: &WasmtimeProvider, config: ContainerConfig) -> (i32, ExitReason, Option<String>) {
+async fn run(
+    provider: &WasmtimeProvider,
+    config: ContainerConfig,
+) -> (i32, ExitReason, Option<String>) {
     let id = provider.create_container(POD, config).await.unwrap();
     provider.start_container(&id).await.unwrap();
     wait_exited(provider, &id).await
@@ -133,7 +163,11 @@ fn reports_the_pinned_wasmtime_version() {
     let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
     let info = provider.runtime_info();
     assert_eq!(info.name, "wasmtime");
-    assert!(info.version.starts_with("48."), "version from Cargo.lock, got {}", info.version);
+    assert!(
+        info.version.starts_with("48."),
+        "version from Cargo.lock, got {}",
+        info.version
+    );
 }
 
 #[tokio::test]
@@ -163,7 +197,10 @@ async fn stdout_goes_to_the_cri_log_and_the_run_completes() {
 async fn proc_exit_sets_the_exit_code() {
     let root = Root::new("exit3");
     let provider = provider_with(&root.0, EXIT3).await;
-    assert_eq!(run(&provider, config(&root.0, "exit")).await, (3, ExitReason::Error, None));
+    assert_eq!(
+        run(&provider, config(&root.0, "exit")).await,
+        (3, ExitReason::Error, None)
+    );
 }
 
 #[tokio::test]
@@ -174,7 +211,10 @@ async fn a_trap_is_an_error_with_its_message() {
     assert_eq!((code, reason), (1, ExitReason::Error));
     let message = message.unwrap();
     assert!(message.contains("unreachable"), "{message}");
-    assert!(message.contains("boom") && !message.contains('\n'), "{message}");
+    assert!(
+        message.contains("boom") && !message.contains('\n'),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -191,14 +231,26 @@ async fn growing_past_the_memory_limit_is_oomkilled() {
 async fn a_busy_loop_is_killed_after_the_grace_period() {
     let root = Root::new("busy");
     let provider = provider_with(&root.0, BUSY).await;
-    let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
+    let id = provider
+        .create_container(POD, config(&root.0, "busy"))
+        .await
+        .unwrap();
     provider.start_container(&id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(matches!(state_of(&provider, &id).await, ContainerState::Running { .. }));
+    assert!(matches!(
+        state_of(&provider, &id).await,
+        ContainerState::Running { .. }
+    ));
     let started = Instant::now();
-    provider.stop_container(&id, Duration::from_millis(200)).await.unwrap();
+    provider
+        .stop_container(&id, Duration::from_millis(200))
+        .await
+        .unwrap();
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(1), "stop took {took:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(1),
+        "stop took {took:?}"
+    );
     let (code, reason, _) = wait_exited(&provider, &id).await;
     assert_eq!((code, reason), (137, ExitReason::Killed));
     // Stopping again is a no-op; removing forgets it.
@@ -211,16 +263,36 @@ async fn a_busy_loop_is_killed_after_the_grace_period() {
 async fn usage_is_measured_cpu_while_busy_memory_while_alive() {
     let root = Root::new("usage");
     let provider = provider_with(&root.0, BUSY).await;
-    let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
+    let id = provider
+        .create_container(POD, config(&root.0, "busy"))
+        .await
+        .unwrap();
     provider.start_container(&id).await.unwrap();
-    let usage = || async { provider.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().usage };
+    let usage = || async {
+        provider
+            .list_containers()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.id == id)
+            .unwrap()
+            .usage
+    };
     // Wait (not sleep-and-hope) for the spinning guest to accumulate 100 ms of CPU time.
     let deadline = Instant::now() + Duration::from_secs(10);
     while usage().await.cpu_nanos < 100_000_000 {
-        assert!(Instant::now() < deadline, "a busy loop accumulates CPU time: {:?}", usage().await);
+        assert!(
+            Instant::now() < deadline,
+            "a busy loop accumulates CPU time: {:?}",
+            usage().await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(usage().await.memory_bytes, 64 * 1024, "one Wasm page of linear memory");
+    assert_eq!(
+        usage().await.memory_bytes,
+        64 * 1024,
+        "one Wasm page of linear memory"
+    );
     provider.stop_container(&id, Duration::ZERO).await.unwrap();
     wait_exited(&provider, &id).await;
     let after = usage().await;
@@ -230,7 +302,10 @@ async fn usage_is_measured_cpu_while_busy_memory_while_alive() {
 
 /// CPU time of the calling thread, in nanoseconds.
 fn thread_cpu_nanos() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime(2) with a valid clock id and out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -247,14 +322,31 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
     let mut cfg = config(&root.0, "limited");
     cfg.cpu_limit_millicores = Some(200);
     let limited = provider.create_container(POD, cfg).await.unwrap();
-    let free = provider.create_container(POD, config(&root.0, "free")).await.unwrap();
+    let free = provider
+        .create_container(POD, config(&root.0, "free"))
+        .await
+        .unwrap();
     provider.start_container(&limited).await.unwrap();
     provider.start_container(&free).await.unwrap();
     let cpu = |id: String| {
         let provider = &provider;
-        async move { provider.list_containers().await.unwrap().into_iter().find(|c| c.id == id).unwrap().usage.cpu_nanos }
+        async move {
+            provider
+                .list_containers()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.id == id)
+                .unwrap()
+                .usage
+                .cpu_nanos
+        }
     };
-    let (l0, f0, t0) = (cpu(limited.clone()).await, cpu(free.clone()).await, Instant::now());
+    let (l0, f0, t0) = (
+        cpu(limited.clone()).await,
+        cpu(free.clone()).await,
+        Instant::now(),
+    );
     // The measurement window: wall time has to pass. A native thread spins through it, to
     // measure what the machine offers a busy thread meanwhile (a fraction of a core when
     // other builds load it).
@@ -269,23 +361,40 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
         (thread_cpu_nanos() - c0) as f64 / w0.elapsed().as_nanos() as f64
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (l1, f1, wall) = (cpu(limited.clone()).await, cpu(free.clone()).await, t0.elapsed().as_nanos() as f64);
+    let (l1, f1, wall) = (
+        cpu(limited.clone()).await,
+        cpu(free.clone()).await,
+        t0.elapsed().as_nanos() as f64,
+    );
     let offered = offer.join().unwrap();
     let (limited_rate, free_rate) = ((l1 - l0) as f64 / wall, (f1 - f0) as f64 / wall);
     println!("200m limit: {limited_rate:.3} cores; unlimited: {free_rate:.3} cores; a native busy thread: {offered:.3}");
     // The quota is a ceiling whatever else runs; below it the loop gets at least half of what
     // the machine offered.
-    assert!(limited_rate <= 0.35, "a 200m limit holds a busy loop to about 0.2 cores: {limited_rate:.3}");
-    assert!(limited_rate >= 0.5 * offered.min(0.2), "a 200m-limited loop runs up to its quota: {limited_rate:.3} of {offered:.3} offered");
+    assert!(
+        limited_rate <= 0.35,
+        "a 200m limit holds a busy loop to about 0.2 cores: {limited_rate:.3}"
+    );
+    assert!(
+        limited_rate >= 0.5 * offered.min(0.2),
+        "a 200m-limited loop runs up to its quota: {limited_rate:.3} of {offered:.3} offered"
+    );
     // The quota, not a busy machine, held it: throttled in most periods, whenever the machine
     // offered clearly more than the quota (a loop offered less never reaches its quota, so it
     // cannot be throttled, and that says nothing about the quota). How much the unlimited loop
     // gets is printed, and compared in tests/tests/resources.rs.
-    let quota = provider.state().containers[&limited].meter.cpu_quota().map(|q| q.throttling().0).unwrap_or(0);
+    let quota = provider.state().containers[&limited]
+        .meter
+        .cpu_quota()
+        .map(|q| q.throttling().0)
+        .unwrap_or(0);
     if offered >= 0.3 {
         assert!(quota >= 10, "throttled in most periods of 2 s: {quota} (a native busy thread got {offered:.3} cores)");
     }
-    provider.remove_pod_sandbox(POD, Duration::ZERO).await.unwrap();
+    provider
+        .remove_pod_sandbox(POD, Duration::ZERO)
+        .await
+        .unwrap();
 }
 
 /// Busy loops on a runtime with one worker per core, two more loops than workers: the one that
@@ -295,7 +404,11 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
 fn requests_weight_the_cpu_under_contention() {
     let _alone = CPU_MEASURE.lock().unwrap_or_else(|e| e.into_inner());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(cores).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let root = Root::new("cpu-shares");
         let provider = provider_with(&root.0, BUSY).await;
@@ -307,17 +420,41 @@ fn requests_weight_the_cpu_under_contention() {
             provider.start_container(&id).await.unwrap();
             ids.push(id);
         }
-        let cpu = || async { provider.list_containers().await.unwrap().into_iter().map(|c| (c.id, c.usage.cpu_nanos)).collect::<std::collections::HashMap<_, _>>() };
+        let cpu = || async {
+            provider
+                .list_containers()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.id, c.usage.cpu_nanos))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
         // Let every loop start, then measure over a window (wall time has to pass).
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (before, t0) = (cpu().await, Instant::now());
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (after, wall) = (cpu().await, t0.elapsed().as_nanos() as f64);
-        let rates: Vec<f64> = ids.iter().map(|id| (after[id] - before[id]) as f64 / wall).collect();
+        let rates: Vec<f64> = ids
+            .iter()
+            .map(|id| (after[id] - before[id]) as f64 / wall)
+            .collect();
         let small = rates[1..].iter().sum::<f64>() / (rates.len() - 1) as f64;
-        println!("{cores} cores: requesting 1000m {:.3} cores, the others {:?} (mean {small:.3})", rates[0], rates[1..].iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>());
-        assert!(rates[0] > 1.4 * small, "the loop that requests a core gets clearly more: {rates:?}");
-        provider.remove_pod_sandbox(POD, Duration::ZERO).await.unwrap();
+        println!(
+            "{cores} cores: requesting 1000m {:.3} cores, the others {:?} (mean {small:.3})",
+            rates[0],
+            rates[1..]
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            rates[0] > 1.4 * small,
+            "the loop that requests a core gets clearly more: {rates:?}"
+        );
+        provider
+            .remove_pod_sandbox(POD, Duration::ZERO)
+            .await
+            .unwrap();
     });
 }
 
@@ -325,12 +462,18 @@ fn requests_weight_the_cpu_under_contention() {
 async fn a_busy_loop_does_not_starve_a_single_threaded_runtime() {
     let root = Root::new("starve");
     let provider = provider_with(&root.0, BUSY).await;
-    let id = provider.create_container(POD, config(&root.0, "busy")).await.unwrap();
+    let id = provider
+        .create_container(POD, config(&root.0, "busy"))
+        .await
+        .unwrap();
     provider.start_container(&id).await.unwrap();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert!(started.elapsed() < Duration::from_millis(500));
-    provider.remove_pod_sandbox(POD, Duration::from_millis(20)).await.unwrap();
+    provider
+        .remove_pod_sandbox(POD, Duration::from_millis(20))
+        .await
+        .unwrap();
     assert!(provider.list_containers().await.unwrap().is_empty());
 }
 
@@ -354,13 +497,20 @@ async fn a_read_only_mount_cannot_be_written() {
         let host = root.0.join(name);
         std::fs::create_dir_all(&host).unwrap();
         let mut cfg = config(&root.0, name);
-        cfg.mounts = vec![Mount { host_path: host.clone(), container_path: "/data".into(), read_only }];
+        cfg.mounts = vec![Mount {
+            host_path: host.clone(),
+            container_path: "/data".into(),
+            read_only,
+        }];
         let (code, _, _) = run(&provider, cfg).await;
         if read_only {
             assert_ne!(code, 0, "creating in a read-only mount succeeded");
             assert!(!host.join("new.txt").exists());
         } else {
-            assert_eq!(code, 0, "creating in a read-write mount failed with errno {code}");
+            assert_eq!(
+                code, 0,
+                "creating in a read-write mount failed with errno {code}"
+            );
             assert!(host.join("new.txt").exists());
         }
     }
@@ -378,7 +528,9 @@ async fn a_module_is_compiled_once_and_reloaded_from_disk_after_a_restart() {
     let provider = provider_with(&root.0, EXIT3).await;
     assert_eq!(run(&provider, config(&root.0, "c")).await.0, 3);
     assert_eq!(provider.compilations(), 0, "the agent restart recompiled");
-    let compiled: Vec<_> = std::fs::read_dir(root.0.join("compiled")).unwrap().collect();
+    let compiled: Vec<_> = std::fs::read_dir(root.0.join("compiled"))
+        .unwrap()
+        .collect();
     assert_eq!(compiled.len(), 1);
 }
 
@@ -388,15 +540,26 @@ async fn create_needs_the_image_and_a_module_that_compiles() {
     let provider = provider_with(&root.0, EXIT3).await;
     let mut cfg = config(&root.0, "x");
     cfg.image = "127.0.0.1:5000/absent:v1".into();
-    assert!(matches!(provider.create_container(POD, cfg).await, Err(ProviderError::ImageNotPresent(_))));
-    provider.images.import("127.0.0.1:5000/bad:v1", b"\0asm\x01\0\0\0\x01\xff").unwrap();
+    assert!(matches!(
+        provider.create_container(POD, cfg).await,
+        Err(ProviderError::ImageNotPresent(_))
+    ));
+    provider
+        .images
+        .import("127.0.0.1:5000/bad:v1", b"\0asm\x01\0\0\0\x01\xff")
+        .unwrap();
     let mut cfg = config(&root.0, "bad");
     cfg.image = "127.0.0.1:5000/bad:v1".into();
     match provider.create_container(POD, cfg).await {
         Err(ProviderError::Create(message)) => assert!(message.contains("compiling"), "{message}"),
         other => panic!("expected a Create error, got {other:?}"),
     }
-    assert!(matches!(provider.create_container("no-such-pod", config(&root.0, "y")).await, Err(ProviderError::NotFound(_))));
+    assert!(matches!(
+        provider
+            .create_container("no-such-pod", config(&root.0, "y"))
+            .await,
+        Err(ProviderError::NotFound(_))
+    ));
 }
 
 /// A component exporting `wasi:cli/run` whose run returns `err` when the core function says 1.
@@ -415,8 +578,17 @@ fn component(result: i32) -> String {
 async fn components_exporting_wasi_cli_run_are_detected_and_run() {
     let root = Root::new("component");
     let provider = provider_with(&root.0, &component(0)).await;
-    assert_eq!(run(&provider, config(&root.0, "ok")).await, (0, ExitReason::Completed, None));
-    provider.images.import("127.0.0.1:5000/fails:v1", &wat::parse_str(component(1)).unwrap()).unwrap();
+    assert_eq!(
+        run(&provider, config(&root.0, "ok")).await,
+        (0, ExitReason::Completed, None)
+    );
+    provider
+        .images
+        .import(
+            "127.0.0.1:5000/fails:v1",
+            &wat::parse_str(component(1)).unwrap(),
+        )
+        .unwrap();
     let mut cfg = config(&root.0, "fails");
     cfg.image = "127.0.0.1:5000/fails:v1".into();
     assert_eq!(run(&provider, cfg).await.0, 1);
@@ -432,47 +604,122 @@ async fn pulls_from_a_real_registry() {
     use oci_client::manifest::{ImageIndexEntry, OciImageIndex, Platform};
     use oci_client::secrets::RegistryAuth as A;
     let reg = std::env::var("WK_REGISTRY").expect("WK_REGISTRY=host:port");
-    let client = oci_client::Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
     let push = |tag: &str, data: Vec<u8>, media_type: &str| {
         let r: oci_client::Reference = format!("{reg}/wk-test:{tag}").parse().unwrap();
         let layers = vec![ImageLayer::new(data, media_type.into(), None)];
         let client = &client;
         async move {
-            let config = Config::new(b"{}".to_vec(), "application/vnd.wasm.config.v0+json".into(), None);
-            client.push(&r, &layers, config, &A::Anonymous, None).await.unwrap();
-            let (raw, digest) = client.pull_manifest_raw(&r, &A::Anonymous, &["application/vnd.oci.image.manifest.v1+json"]).await.unwrap();
+            let config = Config::new(
+                b"{}".to_vec(),
+                "application/vnd.wasm.config.v0+json".into(),
+                None,
+            );
+            client
+                .push(&r, &layers, config, &A::Anonymous, None)
+                .await
+                .unwrap();
+            let (raw, digest) = client
+                .pull_manifest_raw(
+                    &r,
+                    &A::Anonymous,
+                    &["application/vnd.oci.image.manifest.v1+json"],
+                )
+                .await
+                .unwrap();
             (digest, raw.len() as i64)
         }
     };
     let hello = push("hello", wat::parse_str(HELLO).unwrap(), "application/wasm").await;
-    push("comp", wat::parse_str(component(0)).unwrap(), "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm").await;
-    let container = push("container", vec![0x1f, 0x8b, 0, 0], "application/vnd.oci.image.layer.v1.tar+gzip").await;
+    push(
+        "comp",
+        wat::parse_str(component(0)).unwrap(),
+        "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+    )
+    .await;
+    let container = push(
+        "container",
+        vec![0x1f, 0x8b, 0, 0],
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    )
+    .await;
     let entry = |(digest, size): &(String, i64), os: &str, arch: &str| ImageIndexEntry {
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
         digest: digest.clone(),
         size: *size,
-        platform: Some(Platform { architecture: arch.into(), os: os.into(), os_version: None, os_features: None, variant: None, features: None }),
+        platform: Some(Platform {
+            architecture: arch.into(),
+            os: os.into(),
+            os_version: None,
+            os_features: None,
+            variant: None,
+            features: None,
+        }),
         annotations: None,
     };
-    let index = OciImageIndex { schema_version: 2, media_type: Some("application/vnd.oci.image.index.v1+json".into()), manifests: vec![entry(&container, "linux", "amd64"), entry(&hello, "wasip1", "wasm32")], artifact_type: None, annotations: None };
-    client.push_manifest_list(&format!("{reg}/wk-test:multi").parse().unwrap(), &A::Anonymous, index).await.unwrap();
+    let index = OciImageIndex {
+        schema_version: 2,
+        media_type: Some("application/vnd.oci.image.index.v1+json".into()),
+        manifests: vec![
+            entry(&container, "linux", "amd64"),
+            entry(&hello, "wasip1", "wasm32"),
+        ],
+        artifact_type: None,
+        annotations: None,
+    };
+    client
+        .push_manifest_list(
+            &format!("{reg}/wk-test:multi").parse().unwrap(),
+            &A::Anonymous,
+            index,
+        )
+        .await
+        .unwrap();
 
     let root = Root::new("registry");
     let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
     for tag in ["hello", "comp", "multi"] {
-        let info = provider.pull_image(&format!("{reg}/wk-test:{tag}"), &[]).await.unwrap();
+        let info = provider
+            .pull_image(&format!("{reg}/wk-test:{tag}"), &[])
+            .await
+            .unwrap();
         assert!(info.digest.starts_with("sha256:") && info.size > 0);
     }
-    match provider.pull_image(&format!("{reg}/wk-test:container"), &[]).await {
+    match provider
+        .pull_image(&format!("{reg}/wk-test:container"), &[])
+        .await
+    {
         Err(ProviderError::UnsupportedImage(m)) => assert!(m.contains("tar+gzip"), "{m}"),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(provider.pull_image(&format!("{reg}/wk-test:missing"), &[]).await, Err(ProviderError::Pull(_))));
+    assert!(matches!(
+        provider
+            .pull_image(&format!("{reg}/wk-test:missing"), &[])
+            .await,
+        Err(ProviderError::Pull(_))
+    ));
     drop(provider);
 
     let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
-    assert!(provider.image_status(&format!("{reg}/wk-test:multi")).await.is_some(), "the index survives a restart");
-    provider.run_pod_sandbox(&SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.0.join("pod") }).await.unwrap();
+    assert!(
+        provider
+            .image_status(&format!("{reg}/wk-test:multi"))
+            .await
+            .is_some(),
+        "the index survives a restart"
+    );
+    provider
+        .run_pod_sandbox(&SandboxConfig {
+            pod_uid: POD.into(),
+            namespace: "default".into(),
+            name: "p".into(),
+            pod_dir: root.0.join("pod"),
+        })
+        .await
+        .unwrap();
     for tag in ["multi", "comp"] {
         let mut cfg = config(&root.0, tag);
         cfg.image = format!("{reg}/wk-test:{tag}");
@@ -546,14 +793,24 @@ impl Capture {
 }
 
 impl tokio::io::AsyncWrite for Capture {
-    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         self.0.lock().unwrap().extend_from_slice(buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
 }
@@ -565,8 +822,19 @@ fn argv_of(words: &[&str]) -> Vec<String> {
 /// Exec's streams: `stdin` if given, stdout and stderr captured.
 fn exec_io(stdin: Option<&'static [u8]>, timeout: Option<Duration>) -> (ExecIo, Capture, Capture) {
     let (out, err) = (Capture::default(), Capture::default());
-    let stdin = stdin.map(|bytes| Box::pin(std::io::Cursor::new(bytes)) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>);
-    (ExecIo { stdin, stdout: Box::pin(out.clone()), stderr: Box::pin(err.clone()), timeout }, out, err)
+    let stdin = stdin.map(|bytes| {
+        Box::pin(std::io::Cursor::new(bytes)) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>
+    });
+    (
+        ExecIo {
+            stdin,
+            stdout: Box::pin(out.clone()),
+            stderr: Box::pin(err.clone()),
+            timeout,
+        },
+        out,
+        err,
+    )
 }
 
 /// A provider with a running MULTI container (env A=1, optionally a memory limit); returns its id.
@@ -586,15 +854,30 @@ async fn exec_runs_a_new_instance_with_the_callers_stdio_and_exit_code() {
     let (provider, id) = running_multi(&root.0, None).await;
     let (io, out, err) = exec_io(Some(b"hello exec\n"), None);
     // argc 2 * 10 + the container's one env var.
-    assert_eq!(provider.exec(&id, argv_of(&["echo", "x"]), io).await.unwrap(), 21);
+    assert_eq!(
+        provider
+            .exec(&id, argv_of(&["echo", "x"]), io)
+            .await
+            .unwrap(),
+        21
+    );
     assert_eq!(out.text(), "hello exec\n");
     assert_eq!(err.text(), "done\n");
     // No stdin: the guest reads end of file at once.
     let (io, out, _) = exec_io(None, None);
-    assert_eq!(provider.exec(&id, argv_of(&["echo", "x"]), io).await.unwrap(), 21);
+    assert_eq!(
+        provider
+            .exec(&id, argv_of(&["echo", "x"]), io)
+            .await
+            .unwrap(),
+        21
+    );
     assert_eq!(out.text(), "");
     // The container still runs, and exec output never reached its log.
-    assert!(matches!(state_of(&provider, &id).await, ContainerState::Running { .. }));
+    assert!(matches!(
+        state_of(&provider, &id).await,
+        ContainerState::Running { .. }
+    ));
     let log = std::fs::read_to_string(config(&root.0, "multi").log_path).unwrap_or_default();
     assert!(!log.contains("hello") && !log.contains("done"), "{log}");
 }
@@ -605,7 +888,12 @@ async fn exec_output_streams_and_a_timeout_interrupts_the_instance() {
     let (provider, id) = running_multi(&root.0, None).await;
     let (writer, mut reader) = tokio::io::duplex(64);
     let (err, timeout) = (Capture::default(), Duration::from_millis(300));
-    let io = ExecIo { stdin: None, stdout: Box::pin(writer), stderr: Box::pin(err.clone()), timeout: Some(timeout) };
+    let io = ExecIo {
+        stdin: None,
+        stdout: Box::pin(writer),
+        stderr: Box::pin(err.clone()),
+        timeout: Some(timeout),
+    };
     let started = Instant::now();
     let exec = provider.exec(&id, argv_of(&["spin", "a", "b"]), io);
     let read_tick = async {
@@ -617,13 +905,28 @@ async fn exec_output_streams_and_a_timeout_interrupts_the_instance() {
     let (result, (tick, seen_after)) = tokio::join!(exec, read_tick);
     let took = started.elapsed();
     assert_eq!(&tick, b"tick\n");
-    assert!(seen_after < timeout, "stdout arrived only after {seen_after:?}: not streamed");
+    assert!(
+        seen_after < timeout,
+        "stdout arrived only after {seen_after:?}: not streamed"
+    );
     match result {
-        Err(ProviderError::Timeout(message)) => assert!(message.contains("timed out") && message.contains("spin"), "{message}"),
+        Err(ProviderError::Timeout(message)) => assert!(
+            message.contains("timed out") && message.contains("spin"),
+            "{message}"
+        ),
         other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(took >= timeout && took < timeout + Duration::from_millis(500), "the timed-out exec took {took:?}");
-    assert!(matches!(state_of(&provider, &id).await, ContainerState::Running { .. }), "the timeout hit the container");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(500),
+        "the timed-out exec took {took:?}"
+    );
+    assert!(
+        matches!(
+            state_of(&provider, &id).await,
+            ContainerState::Running { .. }
+        ),
+        "the timeout hit the container"
+    );
 }
 
 #[tokio::test]
@@ -634,11 +937,22 @@ async fn a_timeout_ends_an_exec_blocked_on_a_caller_that_does_not_read() {
     let (writer, _unread) = tokio::io::duplex(64);
     let stdin = Box::pin(std::io::Cursor::new(vec![b'x'; 1 << 20]));
     let timeout = Duration::from_millis(200);
-    let io = ExecIo { stdin: Some(stdin), stdout: Box::pin(writer), stderr: Box::pin(Capture::default()), timeout: Some(timeout) };
+    let io = ExecIo {
+        stdin: Some(stdin),
+        stdout: Box::pin(writer),
+        stderr: Box::pin(Capture::default()),
+        timeout: Some(timeout),
+    };
     let started = Instant::now();
-    assert!(matches!(provider.exec(&id, argv_of(&["echo", "x"]), io).await, Err(ProviderError::Timeout(_))));
+    assert!(matches!(
+        provider.exec(&id, argv_of(&["echo", "x"]), io).await,
+        Err(ProviderError::Timeout(_))
+    ));
     let took = started.elapsed();
-    assert!(took >= timeout && took < timeout + Duration::from_millis(500), "took {took:?}");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(500),
+        "took {took:?}"
+    );
 }
 
 #[tokio::test]
@@ -646,27 +960,66 @@ async fn exec_maps_traps_and_the_memory_limit_like_the_container() {
     let root = Root::new("exec-trap");
     let (provider, id) = running_multi(&root.0, Some(1 << 20)).await;
     let (io, _, err) = exec_io(None, Some(Duration::from_secs(10)));
-    assert_eq!(provider.exec(&id, argv_of(&["trap", "a", "b", "c"]), io).await.unwrap(), 1);
+    assert_eq!(
+        provider
+            .exec(&id, argv_of(&["trap", "a", "b", "c"]), io)
+            .await
+            .unwrap(),
+        1
+    );
     let line = err.text();
-    assert!(line.contains("unreachable") && line.ends_with('\n') && line.lines().count() == 1, "{line:?}");
+    assert!(
+        line.contains("unreachable") && line.ends_with('\n') && line.lines().count() == 1,
+        "{line:?}"
+    );
     let (io, _, err) = exec_io(None, Some(Duration::from_secs(10)));
-    assert_eq!(provider.exec(&id, argv_of(&["grow", "a", "b", "c", "d"]), io).await.unwrap(), 137);
-    assert!(err.text().contains("memory limit of 1048576 bytes exceeded"), "{}", err.text());
+    assert_eq!(
+        provider
+            .exec(&id, argv_of(&["grow", "a", "b", "c", "d"]), io)
+            .await
+            .unwrap(),
+        137
+    );
+    assert!(
+        err.text()
+            .contains("memory limit of 1048576 bytes exceeded"),
+        "{}",
+        err.text()
+    );
 }
 
 #[tokio::test]
 async fn exec_needs_a_command_and_a_running_container() {
     let root = Root::new("exec-state");
     let (provider, running) = running_multi(&root.0, None).await;
-    assert!(matches!(provider.exec(&running, vec![], exec_io(None, None).0).await, Err(ProviderError::Exec(m)) if m.contains("empty")));
-    assert!(matches!(provider.exec("no-such-id", argv_of(&["x"]), exec_io(None, None).0).await, Err(ProviderError::NotFound(_))));
-    let created = provider.create_container(POD, config(&root.0, "created")).await.unwrap();
-    match provider.exec(&created, argv_of(&["echo", "x"]), exec_io(None, None).0).await {
+    assert!(
+        matches!(provider.exec(&running, vec![], exec_io(None, None).0).await, Err(ProviderError::Exec(m)) if m.contains("empty"))
+    );
+    assert!(matches!(
+        provider
+            .exec("no-such-id", argv_of(&["x"]), exec_io(None, None).0)
+            .await,
+        Err(ProviderError::NotFound(_))
+    ));
+    let created = provider
+        .create_container(POD, config(&root.0, "created"))
+        .await
+        .unwrap();
+    match provider
+        .exec(&created, argv_of(&["echo", "x"]), exec_io(None, None).0)
+        .await
+    {
         Err(ProviderError::Exec(m)) => assert!(m.contains("Created, not Running"), "{m}"),
         other => panic!("{other:?}"),
     }
-    provider.stop_container(&running, Duration::ZERO).await.unwrap();
-    match provider.exec(&running, argv_of(&["echo", "x"]), exec_io(None, None).0).await {
+    provider
+        .stop_container(&running, Duration::ZERO)
+        .await
+        .unwrap();
+    match provider
+        .exec(&running, argv_of(&["echo", "x"]), exec_io(None, None).0)
+        .await
+    {
         Err(ProviderError::Exec(m)) => assert!(m.contains("Exited, not Running"), "{m}"),
         other => panic!("{other:?}"),
     }
@@ -692,9 +1045,24 @@ async fn stopping_the_container_ends_its_execs() {
 async fn exec_sync_returns_the_code_and_the_capped_output() {
     let root = Root::new("exec-sync");
     let (provider, id) = running_multi(&root.0, None).await;
-    assert_eq!(provider.exec_sync(&id, argv_of(&["echo", "x"]), Duration::from_secs(10)).await.unwrap(), (21, b"done\n".to_vec()));
+    assert_eq!(
+        provider
+            .exec_sync(&id, argv_of(&["echo", "x"]), Duration::from_secs(10))
+            .await
+            .unwrap(),
+        (21, b"done\n".to_vec())
+    );
     let started = Instant::now();
-    assert!(matches!(provider.exec_sync(&id, argv_of(&["spin", "a", "b"]), Duration::from_millis(100)).await, Err(ProviderError::Timeout(_))));
+    assert!(matches!(
+        provider
+            .exec_sync(
+                &id,
+                argv_of(&["spin", "a", "b"]),
+                Duration::from_millis(100)
+            )
+            .await,
+        Err(ProviderError::Timeout(_))
+    ));
     assert!(started.elapsed() < Duration::from_secs(1));
 }
 
@@ -704,12 +1072,25 @@ async fn exec_sync_returns_the_code_and_the_capped_output() {
 #[tokio::test]
 #[ignore = "needs target/wasm-examples/wasm32-wasip1/release/toolbox.wasm (deploy/build-examples)"]
 async fn exec_into_the_toolbox_example() {
-    let wasm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm-examples/wasm32-wasip1/release/toolbox.wasm");
-    let bytes = std::fs::read(&wasm).unwrap_or_else(|e| panic!("{}: {e}; run deploy/build-examples", wasm.display()));
+    let wasm = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/wasm-examples/wasm32-wasip1/release/toolbox.wasm");
+    let bytes = std::fs::read(&wasm)
+        .unwrap_or_else(|e| panic!("{}: {e}; run deploy/build-examples", wasm.display()));
     let root = Root::new("exec-toolbox");
     let provider = WasmtimeProvider::new(root.0.clone()).unwrap();
-    provider.images.import("127.0.0.1:5000/test:v1", &bytes).unwrap();
-    provider.run_pod_sandbox(&SandboxConfig { pod_uid: POD.into(), namespace: "default".into(), name: "p".into(), pod_dir: root.0.join("pod") }).await.unwrap();
+    provider
+        .images
+        .import("127.0.0.1:5000/test:v1", &bytes)
+        .unwrap();
+    provider
+        .run_pod_sandbox(&SandboxConfig {
+            pod_uid: POD.into(),
+            namespace: "default".into(),
+            name: "p".into(),
+            pod_dir: root.0.join("pod"),
+        })
+        .await
+        .unwrap();
     let (data, config_dir) = (root.0.join("data"), root.0.join("config"));
     std::fs::create_dir_all(&data).unwrap();
     std::fs::create_dir_all(&config_dir).unwrap();
@@ -718,30 +1099,73 @@ async fn exec_into_the_toolbox_example() {
     cfg.command = argv_of(&["sleep", "3600"]);
     cfg.env = vec![("GREETING".into(), "hi".into())];
     cfg.mounts = vec![
-        Mount { host_path: data.clone(), container_path: "/data".into(), read_only: false },
-        Mount { host_path: config_dir, container_path: "/config".into(), read_only: true },
+        Mount {
+            host_path: data.clone(),
+            container_path: "/data".into(),
+            read_only: false,
+        },
+        Mount {
+            host_path: config_dir,
+            container_path: "/config".into(),
+            read_only: true,
+        },
     ];
     let id = provider.create_container(POD, cfg).await.unwrap();
     provider.start_container(&id).await.unwrap();
-    let exec = |words: &'static [&'static str]| provider.exec_sync(&id, argv_of(words), Duration::from_secs(10));
+    let exec = |words: &'static [&'static str]| {
+        provider.exec_sync(&id, argv_of(words), Duration::from_secs(10))
+    };
 
     assert_eq!(exec(&["echo", "hi"]).await.unwrap(), (0, b"hi\n".to_vec()));
-    assert_eq!(exec(&["toolbox", "echo", "a", "b"]).await.unwrap(), (0, b"a b\n".to_vec()));
+    assert_eq!(
+        exec(&["toolbox", "echo", "a", "b"]).await.unwrap(),
+        (0, b"a b\n".to_vec())
+    );
     assert_eq!(exec(&["test", "-e", "/nonexistent"]).await.unwrap().0, 1);
     assert_eq!(exec(&["test", "-d", "/data"]).await.unwrap().0, 0);
-    assert_eq!(exec(&["write", "/data/note", "written", "by", "exec"]).await.unwrap(), (0, vec![]));
-    assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "written by exec\n");
-    assert_eq!(exec(&["ls", "/data"]).await.unwrap(), (0, b"note\n".to_vec()));
-    assert_eq!(exec(&["cat", "/config/key", "/data/note"]).await.unwrap(), (0, b"value\nwritten by exec\n".to_vec()));
+    assert_eq!(
+        exec(&["write", "/data/note", "written", "by", "exec"])
+            .await
+            .unwrap(),
+        (0, vec![])
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("note")).unwrap(),
+        "written by exec\n"
+    );
+    assert_eq!(
+        exec(&["ls", "/data"]).await.unwrap(),
+        (0, b"note\n".to_vec())
+    );
+    assert_eq!(
+        exec(&["cat", "/config/key", "/data/note"]).await.unwrap(),
+        (0, b"value\nwritten by exec\n".to_vec())
+    );
     let (code, output) = exec(&["write", "/config/key", "x"]).await.unwrap();
     let output = String::from_utf8_lossy(&output);
-    assert!(code == 1 && output.starts_with("toolbox: write: cannot write /config/key: "), "{code} {output}");
-    assert_eq!(std::fs::read_to_string(root.0.join("config/key")).unwrap(), "value\n");
-    assert_eq!(exec(&["env"]).await.unwrap(), (0, b"GREETING=hi\n".to_vec()));
+    assert!(
+        code == 1 && output.starts_with("toolbox: write: cannot write /config/key: "),
+        "{code} {output}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.0.join("config/key")).unwrap(),
+        "value\n"
+    );
+    assert_eq!(
+        exec(&["env"]).await.unwrap(),
+        (0, b"GREETING=hi\n".to_vec())
+    );
     assert_eq!(exec(&["false"]).await.unwrap().0, 1);
     let (code, usage) = exec(&["nope"]).await.unwrap();
-    assert!(code == 2 && String::from_utf8_lossy(&usage).contains("usage: toolbox APPLET"), "{code}");
-    assert_eq!(exec(&["/bin/true"]).await.unwrap().0, 0, "argv[0] is dispatched on its basename");
+    assert!(
+        code == 2 && String::from_utf8_lossy(&usage).contains("usage: toolbox APPLET"),
+        "{code}"
+    );
+    assert_eq!(
+        exec(&["/bin/true"]).await.unwrap().0,
+        0,
+        "argv[0] is dispatched on its basename"
+    );
     // The exec streams stdin too: cat with no file copies it.
     let (io, out, _) = exec_io(Some(b"from stdin\n"), Some(Duration::from_secs(10)));
     assert_eq!(provider.exec(&id, argv_of(&["cat"]), io).await.unwrap(), 0);

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let mut paths: Vec<_> = std::env::args_os().skip(1).collect();
     let every = if paths.first().is_some_and(|a| a == "--every") {
-        let seconds = paths.get(1).and_then(|s| s.to_str()).and_then(|s| s.parse::<f64>().ok()).and_then(|s| std::time::Duration::try_from_secs_f64(s).ok());
+        let seconds = paths
+            .get(1)
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<f64>().ok())
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok());
         let Some(seconds) = seconds else {
             eprintln!("usage: file-reader --every SECONDS PATH...");
             return ExitCode::from(2);

@@ -16,7 +16,8 @@
 use std::io::Write as _;
 
 use wasip2::http::types::{
-    ErrorCode, Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+    ErrorCode, Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
+    ResponseOutparam, Scheme,
 };
 
 wasip2::http::proxy::export!(HttpHealth);
@@ -50,7 +51,10 @@ fn route(path: &str, query: &str) -> (u16, String) {
                     println!("state: {name}");
                     (200, format!("{name}\n"))
                 }
-                Err(e) => (500, format!("cannot write {}: {e}\n", state_file(name).display())),
+                Err(e) => (
+                    500,
+                    format!("cannot write {}: {e}\n", state_file(name).display()),
+                ),
             }
         }
         "/set/healthy" | "/set/ready" => {
@@ -58,12 +62,19 @@ fn route(path: &str, query: &str) -> (u16, String) {
             match std::fs::remove_file(state_file(&name)) {
                 Ok(()) => println!("state: {}", &path["/set/".len()..]),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return (500, format!("cannot remove {}: {e}\n", state_file(&name).display())),
+                Err(e) => {
+                    return (
+                        500,
+                        format!("cannot remove {}: {e}\n", state_file(&name).display()),
+                    )
+                }
             }
             (200, format!("{}\n", &path["/set/".len()..]))
         }
         "/sleep" => {
-            let ms: u64 = param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(100);
+            let ms: u64 = param(query, "ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
             println!("sleeping {ms} ms");
             wasip2::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
             (200, format!("slept {ms} ms\n"))
@@ -90,7 +101,11 @@ fn route(path: &str, query: &str) -> (u16, String) {
 }
 
 fn param(query: &str, name: &str) -> Option<String> {
-    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
 }
 
 fn respond(out: ResponseOutparam, status: u16, body: &str) {
@@ -98,7 +113,9 @@ fn respond(out: ResponseOutparam, status: u16, body: &str) {
     let _ = headers.set("content-type", &[b"text/plain".to_vec()]);
     let response = OutgoingResponse::new(headers);
     let _ = response.set_status_code(status);
-    let Ok(outgoing) = response.body() else { return };
+    let Ok(outgoing) = response.body() else {
+        return;
+    };
     ResponseOutparam::set(out, Ok(response));
     if let Ok(mut stream) = outgoing.write() {
         let _ = stream.write_all(body.as_bytes());
@@ -116,10 +133,18 @@ fn fetch(url: &str) -> Result<(u16, String), String> {
         None => (rest, "/"),
     };
     let request = OutgoingRequest::new(Fields::new());
-    request.set_method(&Method::Get).map_err(|()| "bad method")?;
-    request.set_scheme(Some(&Scheme::Http)).map_err(|()| "bad scheme")?;
-    request.set_authority(Some(authority)).map_err(|()| format!("bad authority {authority}"))?;
-    request.set_path_with_query(Some(path)).map_err(|()| format!("bad path {path}"))?;
+    request
+        .set_method(&Method::Get)
+        .map_err(|()| "bad method")?;
+    request
+        .set_scheme(Some(&Scheme::Http))
+        .map_err(|()| "bad scheme")?;
+    request
+        .set_authority(Some(authority))
+        .map_err(|()| format!("bad authority {authority}"))?;
+    request
+        .set_path_with_query(Some(path))
+        .map_err(|()| format!("bad path {path}"))?;
     let body = request.body().map_err(|()| "no request body")?;
     let future = wasip2::http::outgoing_handler::handle(request, None).map_err(|e| describe(&e))?;
     OutgoingBody::finish(body, None).map_err(|e| describe(&e))?;

@@ -24,7 +24,10 @@ fn main() {
         let Ok(stream) = stream else { continue };
         for line in BufReader::new(&stream).lines() {
             let Ok(line) = line else { break };
-            if (&stream).write_all(format!("echo: {line}\n").as_bytes()).is_err() {
+            if (&stream)
+                .write_all(format!("echo: {line}\n").as_bytes())
+                .is_err()
+            {
                 break;
             }
         }

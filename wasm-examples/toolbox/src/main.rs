@@ -32,9 +32,16 @@ fn main() -> ExitCode {
     let mut applet = args.first().map(basename).unwrap_or_default();
     if applet == "toolbox" {
         args.remove(0);
-        applet = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        applet = args
+            .first()
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default();
     }
-    let rest: Vec<String> = args.iter().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    let rest: Vec<String> = args
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let code = match applet.as_str() {
         "echo" => report("echo", echo(&rest)),
         "cat" => cat(&rest),
@@ -79,10 +86,18 @@ fn echo(words: &[String]) -> io::Result<()> {
 
 fn cat(files: &[String]) -> u8 {
     let stdin_only = ["-".to_string()];
-    let files = if files.is_empty() { &stdin_only[..] } else { files };
+    let files = if files.is_empty() {
+        &stdin_only[..]
+    } else {
+        files
+    };
     let mut failed = false;
     for file in files {
-        let copied = if file == "-" { io::copy(&mut io::stdin().lock(), &mut io::stdout().lock()) } else { fs::File::open(file).and_then(|mut f| io::copy(&mut f, &mut io::stdout().lock())) };
+        let copied = if file == "-" {
+            io::copy(&mut io::stdin().lock(), &mut io::stdout().lock())
+        } else {
+            fs::File::open(file).and_then(|mut f| io::copy(&mut f, &mut io::stdout().lock()))
+        };
         if let Err(e) = copied {
             eprintln!("toolbox: cat: {file}: {e}");
             failed = true;
@@ -133,7 +148,11 @@ fn sleep(args: &[String]) -> u8 {
         eprintln!("usage: sleep SECONDS");
         return 2;
     };
-    match seconds.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+    match seconds
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+    {
         Some(duration) => {
             std::thread::sleep(duration);
             0

@@ -14,9 +14,11 @@ pub fn check_type(path: &str, kind: Option<&str>) -> Result<(), String> {
     let not = |what: &str| Err(format!("hostPath type check failed: {path} is not {what}"));
     match kind.unwrap_or("") {
         "" => Ok(()),
-        "DirectoryOrCreate" if meta().is_none() => {
-            fs::DirBuilder::new().recursive(true).mode(0o755).create(p).map_err(|e| format!("creating hostPath directory {path}: {e}"))
-        }
+        "DirectoryOrCreate" if meta().is_none() => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(p)
+            .map_err(|e| format!("creating hostPath directory {path}: {e}")),
         "DirectoryOrCreate" | "Directory" => {
             if meta().is_some_and(|m| m.is_dir()) {
                 Ok(())
@@ -85,27 +87,49 @@ mod tests {
         fs::create_dir_all(&base).unwrap();
         let dir = base.join("made/deep");
         let dir_s = dir.to_str().unwrap();
-        assert_eq!(check_type(dir_s, Some("Directory")).unwrap_err(), format!("hostPath type check failed: {dir_s} is not a directory"));
+        assert_eq!(
+            check_type(dir_s, Some("Directory")).unwrap_err(),
+            format!("hostPath type check failed: {dir_s} is not a directory")
+        );
         check_type(dir_s, Some("DirectoryOrCreate")).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         check_type(dir_s, Some("Directory")).unwrap();
-        assert_eq!(check_type(dir_s, Some("File")).unwrap_err(), format!("hostPath type check failed: {dir_s} is not a file"));
+        assert_eq!(
+            check_type(dir_s, Some("File")).unwrap_err(),
+            format!("hostPath type check failed: {dir_s} is not a file")
+        );
 
         let file = base.join("f");
         let file_s = file.to_str().unwrap();
         check_type(file_s, Some("FileOrCreate")).unwrap();
         assert!(file.is_file());
         check_type(file_s, Some("File")).unwrap();
-        assert!(check_type(file_s, Some("DirectoryOrCreate")).unwrap_err().ends_with("is not a directory"));
-        assert!(check_type(file_s, Some("Socket")).unwrap_err().ends_with("is not a socket file"));
-        assert!(check_type(file_s, Some("CharDevice")).unwrap_err().ends_with("is not a character device"));
-        assert!(check_type(file_s, Some("BlockDevice")).unwrap_err().ends_with("is not a block device"));
+        assert!(check_type(file_s, Some("DirectoryOrCreate"))
+            .unwrap_err()
+            .ends_with("is not a directory"));
+        assert!(check_type(file_s, Some("Socket"))
+            .unwrap_err()
+            .ends_with("is not a socket file"));
+        assert!(check_type(file_s, Some("CharDevice"))
+            .unwrap_err()
+            .ends_with("is not a character device"));
+        assert!(check_type(file_s, Some("BlockDevice"))
+            .unwrap_err()
+            .ends_with("is not a block device"));
         check_type("/dev/null", Some("CharDevice")).unwrap();
         check_type("/does/not/exist", Some("")).unwrap();
         check_type("/does/not/exist", None).unwrap();
-        assert_eq!(check_type("/x", Some("Fifo")).unwrap_err(), "Fifo is an invalid volume type");
-        assert!(require_directory(file_s).unwrap_err().contains("WASI preopened directories"));
+        assert_eq!(
+            check_type("/x", Some("Fifo")).unwrap_err(),
+            "Fifo is an invalid volume type"
+        );
+        assert!(require_directory(file_s)
+            .unwrap_err()
+            .contains("WASI preopened directories"));
         require_directory(dir_s).unwrap();
         let _ = fs::remove_dir_all(&base);
     }

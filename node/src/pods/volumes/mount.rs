@@ -22,15 +22,27 @@ pub fn mount_tmpfs(dir: &Path, size_bytes: u64, mode: u32) -> Result<(), String>
     if is_mount_point(dir) {
         return Ok(());
     }
-    let target = CString::new(dir.as_os_str().as_bytes()).map_err(|_| format!("{}: a path with a NUL byte", dir.display()))?;
-    let options = CString::new(format!("size={size_bytes},mode={mode:o}")).expect("no NUL in the options");
+    let target = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", dir.display()))?;
+    let options =
+        CString::new(format!("size={size_bytes},mode={mode:o}")).expect("no NUL in the options");
     let fstype = CString::new("tmpfs").expect("no NUL");
     // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, options.as_ptr().cast())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
     };
     if rc != 0 {
-        return Err(format!("mounting tmpfs on {}: {}", dir.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "mounting tmpfs on {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -40,30 +52,48 @@ pub fn mount_tmpfs(dir: &Path, size_bytes: u64, mode: u32) -> Result<(), String>
 /// holds, however its path changes afterwards. The kubelet pins subPaths this way.
 pub fn bind_fd(dir: &impl std::os::fd::AsRawFd, target: &Path) -> Result<(), String> {
     std::fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-    let c_target = CString::new(target.as_os_str().as_bytes()).map_err(|_| format!("{}: a path with a NUL byte", target.display()))?;
+    let c_target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", target.display()))?;
     if is_mount_point(target) {
         // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
         unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) };
     }
     let source = CString::new(format!("/proc/self/fd/{}", dir.as_raw_fd())).expect("no NUL");
     // SAFETY: mount(2) with NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), c_target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            c_target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        return Err(format!("bind-mounting onto {}: {}", target.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "bind-mounting onto {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
 /// Whether `dir` is a mount point of this process's mount namespace.
 pub fn is_mount_point(dir: &Path) -> bool {
-    let Ok(canonical) = std::fs::canonicalize(dir) else { return false };
+    let Ok(canonical) = std::fs::canonicalize(dir) else {
+        return false;
+    };
     mount_points().contains(&canonical)
 }
 
 /// Every mount point, from /proc/self/mountinfo (field 5, with its octal escapes undone).
 fn mount_points() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape(p))).collect()
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .collect()
 }
 
 fn unescape(field: &str) -> String {
@@ -71,8 +101,15 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            out.push(((bytes[i + 1] - b'0') << 6) | ((bytes[i + 2] - b'0') << 3) | (bytes[i + 3] - b'0'));
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                ((bytes[i + 1] - b'0') << 6) | ((bytes[i + 2] - b'0') << 3) | (bytes[i + 3] - b'0'),
+            );
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -85,16 +122,26 @@ fn unescape(field: &str) -> String {
 /// Unmounts everything mounted under `pod_dir` (deepest first), then removes the directory.
 /// A mount that will not go is left, with its directory, and named in the error.
 pub fn teardown(pod_dir: &Path) -> Result<(), String> {
-    let Ok(root) = std::fs::canonicalize(pod_dir) else { return Ok(()) };
-    let mut under: Vec<PathBuf> = mount_points().into_iter().filter(|m| m.starts_with(&root)).collect();
+    let Ok(root) = std::fs::canonicalize(pod_dir) else {
+        return Ok(());
+    };
+    let mut under: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&root))
+        .collect();
     under.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     under.dedup();
     for m in &under {
-        let target = CString::new(m.as_os_str().as_bytes()).map_err(|_| format!("{}: a path with a NUL byte", m.display()))?;
+        let target = CString::new(m.as_os_str().as_bytes())
+            .map_err(|_| format!("{}: a path with a NUL byte", m.display()))?;
         // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
         let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         if rc != 0 {
-            return Err(format!("unmounting {}: {}", m.display(), std::io::Error::last_os_error()));
+            return Err(format!(
+                "unmounting {}: {}",
+                m.display(),
+                std::io::Error::last_os_error()
+            ));
         }
     }
     std::fs::remove_dir_all(&root).map_err(|e| format!("removing {}: {e}", root.display()))
@@ -102,8 +149,13 @@ pub fn teardown(pod_dir: &Path) -> Result<(), String> {
 
 /// Removes the pod directories under `pods_dir` whose name (a pod UID) is not in `keep`;
 /// returns the UIDs removed. For start-up, after the pod sources have been listed.
-pub fn remove_orphans(pods_dir: &Path, keep: &std::collections::HashSet<String>) -> Vec<(String, Result<(), String>)> {
-    let Ok(entries) = std::fs::read_dir(pods_dir) else { return Vec::new() };
+pub fn remove_orphans(
+    pods_dir: &Path,
+    keep: &std::collections::HashSet<String>,
+) -> Vec<(String, Result<(), String>)> {
+    let Ok(entries) = std::fs::read_dir(pods_dir) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for entry in entries.flatten() {
         let uid = entry.file_name().to_string_lossy().into_owned();
