@@ -75,7 +75,7 @@ impl Allocatable {
 
     /// The CPU quantity as the kubelet writes it: whole cores (`2`) or millicores (`1900m`).
     pub fn cpu_quantity(&self) -> String {
-        if self.milli_cpu % 1000 == 0 {
+        if self.milli_cpu.is_multiple_of(1000) {
             (self.milli_cpu / 1000).to_string()
         } else {
             format!("{}m", self.milli_cpu)

@@ -402,7 +402,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         // The runtime's memory cgroup goes with it (an empty cgroup can be removed).
-        let cgroup = self.runtime_pid().and_then(|pid| runtime_cgroup(pid));
+        let cgroup = self.runtime_pid().and_then(runtime_cgroup);
         self.kill_runtime();
         if let Some(dir) = cgroup {
             let _ = std::fs::remove_dir(dir);

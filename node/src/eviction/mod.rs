@@ -193,7 +193,7 @@ impl EvictionManager {
             return;
         };
         let pods = self.links.pods.borrow().clone();
-        let active = self.active_pods(&containers);
+        let active = self.active_pods(containers);
 
         // Local storage limits are enforced whatever the node's pressure (as the kubelet's
         // localStorageEviction); a pod evicted for them ends this pass.
@@ -244,7 +244,7 @@ impl EvictionManager {
             }
         }
 
-        let mut candidates = self.candidates(&active, resource, &containers).await;
+        let mut candidates = self.candidates(&active, resource, containers).await;
         rank::rank(&mut candidates, resource);
         let Some(victim) = candidates.first() else {
             warn!(
@@ -317,10 +317,8 @@ impl EvictionManager {
         if total <= allocatable {
             return;
         }
-        let active = self.active_pods(&containers);
-        let mut candidates = self
-            .candidates(&active, Resource::Memory, &containers)
-            .await;
+        let active = self.active_pods(containers);
+        let mut candidates = self.candidates(&active, Resource::Memory, containers).await;
         rank::rank(&mut candidates, Resource::Memory);
         let Some(victim) = candidates.first() else {
             warn!(

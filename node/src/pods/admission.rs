@@ -224,7 +224,7 @@ impl Book {
         let used = self
             .admitted
             .values()
-            .fold(Resources::default(), |a, r| a.add(*r));
+            .fold(Resources::default(), |a, r| a.saturating_add(*r));
         let short = |resource: &str, requested: u64, used: u64, capacity: u64| {
             Rejection {
             reason: format!("OutOf{resource}"),

@@ -19,7 +19,7 @@ pub struct Resources {
 
 impl Resources {
     /// Both together (saturating).
-    pub fn add(self, o: Resources) -> Resources {
+    pub fn saturating_add(self, o: Resources) -> Resources {
         Resources {
             milli_cpu: self.milli_cpu.saturating_add(o.milli_cpu),
             memory: self.memory.saturating_add(o.memory),
@@ -135,20 +135,23 @@ pub fn cpu_limit(c: &Container) -> Result<Option<u64>, QuantityError> {
 pub fn pod_requests(spec: &PodSpec) -> Result<Resources, QuantityError> {
     let mut apps = Resources::default();
     for c in &spec.containers {
-        apps = apps.add(container_requests(c)?);
+        apps = apps.saturating_add(container_requests(c)?);
     }
     let mut sidecars = Resources::default();
     let mut init_peak = Resources::default();
     for c in spec.init_containers.iter().flatten() {
         let r = container_requests(c)?;
         if c.restart_policy.as_deref() == Some("Always") {
-            sidecars = sidecars.add(r);
+            sidecars = sidecars.saturating_add(r);
             init_peak = init_peak.max(sidecars);
         } else {
-            init_peak = init_peak.max(sidecars.add(r));
+            init_peak = init_peak.max(sidecars.saturating_add(r));
         }
     }
-    Ok(apps.add(sidecars).max(init_peak).add(overhead(spec)?))
+    Ok(apps
+        .saturating_add(sidecars)
+        .max(init_peak)
+        .saturating_add(overhead(spec)?))
 }
 
 #[cfg(test)]

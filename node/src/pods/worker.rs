@@ -1459,10 +1459,10 @@ impl PodWorker {
         let incomplete: Vec<&str> = init_statuses
             .iter()
             .filter(|s| {
-                !s.state
+                s.state
                     .as_ref()
                     .and_then(|st| st.terminated.as_ref())
-                    .is_some_and(|t| t.exit_code == 0)
+                    .is_none_or(|t| t.exit_code != 0)
             })
             .map(|s| s.name.as_str())
             .collect();

@@ -97,8 +97,9 @@ pub struct StatusError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
-    /// Extra response headers (a failed protocol negotiation lists the accepted ones).
-    pub headers: http::HeaderMap,
+    /// Extra response headers (a failed protocol negotiation lists the accepted ones). Boxed:
+    /// errors travel in `Result`s, and a bare HeaderMap would make every one of them ~100 bytes.
+    pub headers: Box<http::HeaderMap>,
 }
 
 impl StatusError {
@@ -107,7 +108,7 @@ impl StatusError {
             code: 400,
             reason: "BadRequest",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
     pub fn invalid(message: String) -> Self {
@@ -115,7 +116,7 @@ impl StatusError {
             code: 422,
             reason: "Invalid",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
     pub fn not_found(message: String) -> Self {
@@ -123,7 +124,7 @@ impl StatusError {
             code: 404,
             reason: "NotFound",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
     fn unauthorized(message: String) -> Self {
@@ -131,7 +132,7 @@ impl StatusError {
             code: 401,
             reason: "Unauthorized",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
     pub(super) fn forbidden(message: String) -> Self {
@@ -139,7 +140,7 @@ impl StatusError {
             code: 403,
             reason: "Forbidden",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
     fn internal(message: String) -> Self {
@@ -147,7 +148,7 @@ impl StatusError {
             code: 500,
             reason: "InternalError",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
     fn method_not_allowed(message: String) -> Self {
@@ -155,7 +156,7 @@ impl StatusError {
             code: 405,
             reason: "MethodNotAllowed",
             message,
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         }
     }
 
@@ -194,7 +195,7 @@ impl StatusError {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        response.headers_mut().extend(self.headers);
+        response.headers_mut().extend(*self.headers);
         response
     }
 }
@@ -205,7 +206,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A streamed response body, carried out of warp in the response's extensions (see the module
 /// doc). Taken exactly once, by the connection service.
 #[derive(Clone)]
-pub struct StreamedBody(Arc<Mutex<Option<BoxStream<'static, Result<Bytes, std::io::Error>>>>>);
+pub struct StreamedBody(Arc<Mutex<Option<ByteStream>>>);
+
+type ByteStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
 /// What every request shares.
 struct Shared {
@@ -598,7 +601,7 @@ impl StatsView {
             code: 503,
             reason: "ServiceUnavailable",
             message: "no stats sampled yet".into(),
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
         })
     }
 }
@@ -661,7 +664,7 @@ fn routes(
                         code: 503,
                         reason: "ServiceUnavailable",
                         message: e.to_string(),
-                        headers: http::HeaderMap::new(),
+                        headers: Box::default(),
                     }
                     .into_warp(),
                 }

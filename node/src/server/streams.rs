@@ -186,7 +186,7 @@ pub async fn handle(
                     code: 405,
                     reason: "MethodNotAllowed",
                     message: "/run takes POST".into(),
-                    headers: http::HeaderMap::new(),
+                    headers: Box::default(),
                 });
             }
             let query = remotecommand::parse_query(request.uri().query().unwrap_or(""));
@@ -284,7 +284,7 @@ fn negotiate(
         } else {
             StatusError::bad_request(e.to_string())
         };
-        error.headers = handshake::rejection_headers(&e);
+        error.headers = Box::new(handshake::rejection_headers(&e));
         error
     })
 }
@@ -371,7 +371,7 @@ async fn running_container(
         code: 503,
         reason: "ServiceUnavailable",
         message: "the container runtime cannot be listed".into(),
-        headers: http::HeaderMap::new(),
+        headers: Box::default(),
     })?;
     let mut of_pod = containers
         .into_iter()

@@ -268,9 +268,7 @@ pub struct ImageStore {
     manifests: reqwest::Client,
     /// Pulls under way, by canonical reference: a second pull of the same image waits for the
     /// first and gets its result (single flight).
-    inflight: Mutex<
-        HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>,
-    >,
+    inflight: Mutex<HashMap<String, PullOutcome>>,
     /// reference (canonical form) -> image. Held only for map access and the small index write.
     index: Mutex<BTreeMap<String, StoredImage>>,
     /// reference (canonical form) -> last use, unix milliseconds (see `last-used.json`).
@@ -1156,11 +1154,12 @@ fn bounded(e: ProviderError) -> ProviderError {
     }
 }
 
+/// A pull under way as its followers see it: `None` until the leader's result arrives.
+type PullOutcome = tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>;
+
 /// Removes a reference from the pulls under way when its leader ends, however it ends.
 struct InflightEntry<'a> {
-    map: &'a Mutex<
-        HashMap<String, tokio::sync::watch::Receiver<Option<Result<ImageInfo, ProviderError>>>>,
-    >,
+    map: &'a Mutex<HashMap<String, PullOutcome>>,
     key: &'a str,
 }
 
@@ -3089,7 +3088,7 @@ mod tests {
     #[test]
     fn a_layer_is_read_no_further_than_its_cap() {
         let zeros = vec![0u8; 1 << 20];
-        let layers = vec![layer(
+        let layers = [layer(
             &[E::File("aaa", &zeros), E::File("app/x.wasm", MODULE)],
             true,
         )];

@@ -312,11 +312,11 @@ fn thread_cpu_nanos() -> u64 {
 }
 
 /// Held by the tests that measure CPU rates, so their busy loops do not compete.
-static CPU_MEASURE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static CPU_MEASURE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
-    let _alone = CPU_MEASURE.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = CPU_MEASURE.lock().await;
     let root = Root::new("cpu-quota");
     let provider = provider_with(&root.0, BUSY).await;
     let mut cfg = config(&root.0, "limited");
@@ -402,7 +402,7 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
 /// 2 cores; without weights all get the same, measured).
 #[test]
 fn requests_weight_the_cpu_under_contention() {
-    let _alone = CPU_MEASURE.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = CPU_MEASURE.blocking_lock();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores)

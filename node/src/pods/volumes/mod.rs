@@ -190,9 +190,11 @@ pub async fn materialize(
                     "Memory" => {
                         on_tmpfs(&dir, size_limit.unwrap_or(node_memory), 0o777, &volume.name)
                     }
-                    other => return Err(fail(format!(
+                    other => {
+                        return Err(fail(format!(
                         "emptyDir medium {other:?} is not supported by this node (\"\" or Memory)"
-                    ))),
+                    )))
+                    }
                 };
                 Materialized {
                     host_path: dir,
@@ -628,22 +630,23 @@ async fn claim_path(
     claim: &str,
 ) -> Result<String, String> {
     let client = client.ok_or("no API server to read persistentvolumeclaims from")?;
-    let pvc =
-        match Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
-            .get_opt(claim)
-            .await
-        {
-            Ok(Some(pvc)) => pvc,
-            Ok(None) => return Err(format!(
+    let pvc = match Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .get_opt(claim)
+        .await
+    {
+        Ok(Some(pvc)) => pvc,
+        Ok(None) => {
+            return Err(format!(
                 "error processing PVC {ns}/{claim}: persistentvolumeclaim \"{claim}\" not found"
-            )),
-            Err(e) => {
-                return Err(format!(
-                    "error processing PVC {ns}/{claim}: {}",
-                    crate::config::one_line(&e)
-                ))
-            }
-        };
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "error processing PVC {ns}/{claim}: {}",
+                crate::config::one_line(&e)
+            ))
+        }
+    };
     let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
     let volume_name = pvc
         .spec
@@ -655,20 +658,23 @@ async fn claim_path(
             "error processing PVC {ns}/{claim}: PVC is not bound"
         ));
     };
-    let pv =
-        match Api::<PersistentVolume>::all(client.clone())
-            .get_opt(&volume_name)
-            .await
-        {
-            Ok(Some(pv)) => pv,
-            Ok(None) => return Err(format!(
+    let pv = match Api::<PersistentVolume>::all(client.clone())
+        .get_opt(&volume_name)
+        .await
+    {
+        Ok(Some(pv)) => pv,
+        Ok(None) => {
+            return Err(format!(
                 "error processing PVC {ns}/{claim}: persistentvolume \"{volume_name}\" not found"
-            )),
-            Err(e) => return Err(format!(
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
                 "error processing PVC {ns}/{claim}: reading persistentvolume \"{volume_name}\": {}",
                 crate::config::one_line(&e)
-            )),
-        };
+            ))
+        }
+    };
     let spec = pv.spec.unwrap_or_default();
     if let Some(local) = spec.local {
         return Ok(local.path);
