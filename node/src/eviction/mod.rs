@@ -42,6 +42,7 @@ use crate::config::{Config, EvictionSignal};
 use crate::events::EventSink;
 use crate::gc::GcHandle;
 use crate::machine;
+use crate::pods::manager::PodSet;
 use crate::pods::static_source::{ANNOTATION_MIRROR, ANNOTATION_SOURCE};
 use crate::quantity;
 use rank::{Candidate, ContainerUse, Resource};
@@ -55,9 +56,6 @@ const POD_CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 const POD_CLEANUP_POLL: Duration = Duration::from_millis(200);
 /// Pods at or above this priority are system-critical and never evicted (`SystemCriticalPriority`).
 const SYSTEM_CRITICAL_PRIORITY: i32 = 2_000_000_000;
-
-/// The pods the node runs now, by UID, as the pod manager publishes them.
-pub type PodSet = BTreeMap<String, Arc<Pod>>;
 
 /// An eviction, for the pod's worker to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
