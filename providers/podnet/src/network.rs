@@ -14,6 +14,7 @@ use crate::cni::{Attachment, CniResult, PluginRunner};
 use crate::conflist::Conflist;
 use crate::error::{io_err, PodNetError, Result};
 use crate::names;
+use crate::ns::PodNamespaces;
 
 /// The pod's interface on the pod network, as Kubernetes runtimes name it.
 pub const POD_IFNAME: &str = "eth0";
@@ -145,6 +146,20 @@ impl PodNetwork {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// `setup` for the pod whose namespaces these are; `None` for a `hostNetwork` pod (no
+    /// network namespace of its own: nothing to attach, its IP is the node's).
+    pub async fn attach(
+        &self,
+        pod: &PodRef,
+        namespaces: &PodNamespaces,
+        ports: &[PortMapping],
+    ) -> Result<Option<PodAddresses>> {
+        match namespaces.netns_path() {
+            Some(netns) => self.setup(pod, &netns, ports).await.map(Some),
+            None => Ok(None),
         }
     }
 

@@ -195,9 +195,7 @@ impl PodNamespaces {
             unmount_all(&path)?;
             remove_file_if_exists(&path)?;
         }
-        for tmp in [self.dir.join(format!("{SPEC_FILE}.tmp"))] {
-            remove_file_if_exists(&tmp)?;
-        }
+        remove_file_if_exists(&self.dir.join(format!("{SPEC_FILE}.tmp")))?;
         match fs::remove_dir(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

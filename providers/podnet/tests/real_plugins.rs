@@ -420,6 +420,17 @@ fn host_network_creates_no_netns_and_half_created_state_is_cleaned() {
         ino(&paths.ipc.clone().unwrap()),
         ino(Path::new("/proc/self/ns/ipc"))
     );
+    // No CNI for it: attach answers None without running a plugin (a conflist naming a
+    // plugin that does not exist would fail otherwise).
+    let raw = r#"{"cniVersion":"1.0.0","name":"none","plugins":[{"type":"no-such-plugin"}]}"#;
+    let list = Conflist::from_json(raw.as_bytes(), None).unwrap();
+    let net = PodNetwork::new(list, PluginRunner::default(), node.root.join("cni-state"));
+    let attached = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(net.attach(&pod("pod-host-1", "h"), &host, &[]))
+        .unwrap();
+    assert_eq!(attached, None);
     drop(host);
     let host = PodNamespaces::open(&root, "pod-host-1").unwrap().unwrap();
     assert_eq!(host.paths(), paths);
