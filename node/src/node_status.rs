@@ -462,7 +462,14 @@ impl NodeStatusManager {
                 os_image: self.host.os_image.clone(),
                 operating_system: "linux".into(),
                 architecture: self.host.architecture.clone(),
-                container_runtime_version: self.provider.runtime_info().to_string(),
+                // A mixed node names both: `containerd://1.6.20,wasmtime://48.0.8`.
+                container_runtime_version: self
+                    .provider
+                    .runtimes()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
                 kubelet_version: KUBELET_VERSION.into(),
                 kube_proxy_version: String::new(),
                 ..Default::default()

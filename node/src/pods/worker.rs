@@ -679,6 +679,7 @@ impl PodWorker {
                 namespace: self.key.namespace.clone(),
                 name: self.key.name.clone(),
                 pod_dir: self.ctx.pods_dir.join(&self.key.uid),
+                runtime_handler: None,
             };
             match self.ctx.provider.run_pod_sandbox(&config).await {
                 Ok(id) => self.sandbox = Some(id),

@@ -16,6 +16,7 @@
 //! then restart them per policy.
 
 pub mod cgroup;
+pub mod routing;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

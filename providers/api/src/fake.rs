@@ -30,6 +30,8 @@ struct State {
     containers: HashMap<String, Entry>,
     next_id: u64,
     calls: Vec<String>,
+    /// Container ids are `<prefix>-<n>` ("fake" unless [`FakeProvider::with_id_prefix`]).
+    id_prefix: Option<String>,
 }
 
 struct Entry {
@@ -41,6 +43,14 @@ struct Entry {
 impl FakeProvider {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A fake whose container ids start with `prefix` (two fakes side by side, as a mixed
+    /// node's two providers, hand out different ids).
+    pub fn with_id_prefix(prefix: &str) -> Self {
+        let fake = Self::default();
+        fake.state().id_prefix = Some(prefix.to_string());
+        fake
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -175,7 +185,11 @@ impl Provider for FakeProvider {
             return Err(ProviderError::ImageNotPresent(config.image.clone()));
         }
         state.next_id += 1;
-        let id = format!("fake-{}", state.next_id);
+        let id = format!(
+            "{}-{}",
+            state.id_prefix.as_deref().unwrap_or("fake"),
+            state.next_id
+        );
         state.calls.push(format!(
             "create {sandbox_id}/{}#{}",
             config.name, config.attempt

@@ -112,6 +112,10 @@ pub struct SandboxConfig {
     pub name: String,
     /// The pod's directory (volumes are materialised below it by the node).
     pub pod_dir: PathBuf,
+    /// The handler of the pod's RuntimeClass (`spec.runtimeClassName` resolved by the node);
+    /// `None` without one. A node with two providers routes by it.
+    #[serde(default)]
+    pub runtime_handler: Option<String>,
 }
 
 /// A directory made visible to a container (one per volumeMount).
@@ -406,6 +410,17 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
 pub trait Provider: Send + Sync + 'static {
     /// Name and version of the runtime behind this provider.
     fn runtime_info(&self) -> RuntimeInfo;
+
+    /// Every runtime behind this provider (a mixed node's router has two), for the Node's
+    /// `containerRuntimeVersion` (joined with commas).
+    fn runtimes(&self) -> Vec<RuntimeInfo> {
+        vec![self.runtime_info()]
+    }
+
+    /// A container's ID as a pod's status shows it, `<runtime>://<id>`.
+    fn container_uri(&self, container_id: &str) -> String {
+        format!("wasm://{container_id}")
+    }
 
     /// A cheap health check, called every node-status interval.
     async fn status(&self) -> RuntimeStatus;

@@ -121,6 +121,7 @@ fn sandbox(root: &Path) -> SandboxConfig {
         namespace: "default".into(),
         name: "p".into(),
         pod_dir: root.join("pod"),
+        runtime_handler: None,
     }
 }
 

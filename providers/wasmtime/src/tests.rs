@@ -42,6 +42,7 @@ async fn provider_with(root: &Path, wat: &str) -> WasmtimeProvider {
             namespace: "default".into(),
             name: "p".into(),
             pod_dir: root.join("pod"),
+            runtime_handler: None,
         })
         .await
         .unwrap();
@@ -717,6 +718,7 @@ async fn pulls_from_a_real_registry() {
             namespace: "default".into(),
             name: "p".into(),
             pod_dir: root.0.join("pod"),
+            runtime_handler: None,
         })
         .await
         .unwrap();
@@ -1088,6 +1090,7 @@ async fn exec_into_the_toolbox_example() {
             namespace: "default".into(),
             name: "p".into(),
             pod_dir: root.0.join("pod"),
+            runtime_handler: None,
         })
         .await
         .unwrap();

@@ -1,0 +1,673 @@
+//! The mixed node's one provider: Wasm pods to the wasmtime provider, container pods to the
+//! containerd provider, and the rest of the node none the wiser.
+//!
+//! [`Router`] is itself a [`Provider`]. Everything above it (workers, PLEG, eviction, GC, the
+//! kubelet API) sees one runtime; this file is the only node code that knows there are two.
+//!
+//! Which provider runs a pod:
+//! - its RuntimeClass handler, when it has one ([`SandboxConfig::runtime_handler`]): one of
+//!   [`WASM_HANDLERS`] goes to Wasm, any other to containerd (refused when the node has none);
+//! - else its images: a pod's sandbox is only recorded until its first container is created,
+//!   and goes where that container's image was pulled. A pull tries the Wasm provider first;
+//!   an image that is not Wasm ([`ProviderError::UnsupportedImage`]) is pulled by containerd.
+//!   A pod whose images are of both kinds is refused at its first container of the other kind.
+//!
+//! Which provider holds a container or an image is learnt from what each returns (creates,
+//! pulls, listings), so it survives an agent restart: the PLEG's first relist teaches it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use provider_api::{
+    AttachIo, ContainerConfig, ContainerSummary, ExecIo, ImageFsInfo, ImageInfo, ImageRecord,
+    Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig,
+};
+
+/// RuntimeClass handlers that name the Wasm provider.
+pub const WASM_HANDLERS: &[&str] = &["wasm", "wasmtime"];
+
+/// One of the two providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Wasm,
+    Containers,
+}
+
+impl Side {
+    /// The scheme of a container ID in a pod's status (`wasm://…`, `containerd://…`).
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Side::Wasm => "wasm",
+            Side::Containers => "containerd",
+        }
+    }
+}
+
+/// A pod's sandbox as the router knows it.
+#[derive(Debug, Clone)]
+enum SandboxRoute {
+    /// Recorded, not yet created anywhere: no handler, and no container created yet.
+    Undecided(SandboxConfig),
+    /// Created on this side under this id.
+    On(Side, String),
+}
+
+#[derive(Default)]
+struct Routes {
+    /// By pod UID (the router's sandbox id).
+    sandboxes: HashMap<String, SandboxRoute>,
+    /// Container id -> side.
+    containers: HashMap<String, Side>,
+    /// Image reference -> side that pulled it.
+    images: HashMap<String, Side>,
+    /// Whether the sandboxes made before this agent started have been learnt.
+    learnt: bool,
+}
+
+/// See the module docs.
+pub struct Router {
+    wasm: Arc<dyn Provider>,
+    containers: Arc<dyn Provider>,
+    routes: Mutex<Routes>,
+}
+
+impl Router {
+    pub fn new(wasm: Arc<dyn Provider>, containers: Arc<dyn Provider>) -> Self {
+        Self {
+            wasm,
+            containers,
+            routes: Mutex::new(Routes::default()),
+        }
+    }
+
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn provider(&self, side: Side) -> &Arc<dyn Provider> {
+        match side {
+            Side::Wasm => &self.wasm,
+            Side::Containers => &self.containers,
+        }
+    }
+
+    /// The side a RuntimeClass handler names (`None`: no handler, decide by image).
+    fn side_of_handler(handler: Option<&str>) -> Option<Side> {
+        match handler {
+            None | Some("") => None,
+            Some(h) if WASM_HANDLERS.contains(&h) => Some(Side::Wasm),
+            Some(_) => Some(Side::Containers),
+        }
+    }
+
+    /// The side holding container `id`; relearnt from both listings when it is not known yet
+    /// (a container created before an agent restart, before the first relist).
+    async fn side_of_container(&self, id: &str) -> Result<Side, ProviderError> {
+        if let Some(side) = self.routes().containers.get(id) {
+            return Ok(*side);
+        }
+        for side in [Side::Wasm, Side::Containers] {
+            if let Ok(list) = self.provider(side).list_containers().await {
+                let mut routes = self.routes();
+                for c in &list {
+                    routes.containers.insert(c.id.clone(), side);
+                }
+            }
+        }
+        self.routes()
+            .containers
+            .get(id)
+            .copied()
+            .ok_or_else(|| ProviderError::NotFound(format!("container {id}")))
+    }
+
+    /// The side holding image `reference`, asking both when it is not known yet.
+    async fn side_of_image(&self, reference: &str) -> Option<Side> {
+        if let Some(side) = self.routes().images.get(reference) {
+            return Some(*side);
+        }
+        for side in [Side::Wasm, Side::Containers] {
+            if self.provider(side).image_status(reference).await.is_some() {
+                self.routes().images.insert(reference.to_string(), side);
+                return Some(side);
+            }
+        }
+        None
+    }
+
+    /// Learns, once, which side holds each sandbox made before this agent started (so an
+    /// adopted pod is removed where it runs); every later sandbox is made through the router.
+    async fn learn_sandboxes(&self) -> Result<(), ProviderError> {
+        if self.routes().learnt {
+            return Ok(());
+        }
+        self.list_pod_sandboxes().await?;
+        self.routes().learnt = true;
+        Ok(())
+    }
+
+    /// The scheme of container `id` in a pod's status (`wasm` when it is not known).
+    pub fn scheme_of(&self, id: &str) -> &'static str {
+        self.routes()
+            .containers
+            .get(id)
+            .copied()
+            .unwrap_or(Side::Wasm)
+            .scheme()
+    }
+
+    /// The pod's sandbox on `side`, created there now if it was only recorded; refuses a
+    /// sandbox already on the other side.
+    async fn sandbox_on(
+        &self,
+        sandbox_id: &str,
+        side: Side,
+        image: &str,
+    ) -> Result<String, ProviderError> {
+        let route = self.routes().sandboxes.get(sandbox_id).cloned();
+        match route {
+            Some(SandboxRoute::On(s, id)) if s == side => Ok(id),
+            Some(SandboxRoute::On(s, _)) => Err(ProviderError::Create(format!(
+                "image {image} is {} but the pod's other containers run as {}: a pod's containers \
+                 must all be Wasm or all be Linux containers",
+                describe(side),
+                describe(s)
+            ))),
+            Some(SandboxRoute::Undecided(config)) => {
+                let id = self.provider(side).run_pod_sandbox(&config).await?;
+                self.routes()
+                    .sandboxes
+                    .insert(sandbox_id.to_string(), SandboxRoute::On(side, id.clone()));
+                Ok(id)
+            }
+            None => Err(ProviderError::NotFound(format!("sandbox {sandbox_id}"))),
+        }
+    }
+}
+
+/// The id a provider gave the sandbox it lists (providers key sandboxes by pod UID).
+fn sandbox_id(s: &SandboxConfig) -> String {
+    s.pod_uid.clone()
+}
+
+fn describe(side: Side) -> &'static str {
+    match side {
+        Side::Wasm => "WebAssembly",
+        Side::Containers => "a Linux container image",
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for Router {
+    /// The containerd side's (the node's main runtime); [`Provider::runtimes`] names both.
+    fn runtime_info(&self) -> RuntimeInfo {
+        self.containers.runtime_info()
+    }
+
+    fn runtimes(&self) -> Vec<RuntimeInfo> {
+        let mut all = self.containers.runtimes();
+        all.extend(self.wasm.runtimes());
+        all
+    }
+
+    fn container_uri(&self, id: &str) -> String {
+        format!("{}://{id}", self.scheme_of(id))
+    }
+
+    async fn status(&self) -> RuntimeStatus {
+        for side in [Side::Containers, Side::Wasm] {
+            if let RuntimeStatus::NotReady { message } = self.provider(side).status().await {
+                let name = self.provider(side).runtime_info().name;
+                return RuntimeStatus::NotReady {
+                    message: format!("{name}: {message}"),
+                };
+            }
+        }
+        RuntimeStatus::Ready
+    }
+
+    async fn image_status(&self, reference: &str) -> Option<ImageInfo> {
+        let side = self.side_of_image(reference).await?;
+        self.provider(side).image_status(reference).await
+    }
+
+    async fn pull_image(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
+        let known = self.routes().images.get(reference).copied();
+        let first = known.unwrap_or(Side::Wasm);
+        let result = match self.provider(first).pull_image(reference, auth).await {
+            // Not Wasm: a Linux container image, for containerd.
+            Err(ProviderError::UnsupportedImage(why)) if first == Side::Wasm => {
+                tracing::debug!(
+                    reference,
+                    why,
+                    "not a Wasm image: pulling through containerd"
+                );
+                self.containers
+                    .pull_image(reference, auth)
+                    .await
+                    .map(|info| (Side::Containers, info))
+            }
+            other => other.map(|info| (first, info)),
+        };
+        let (side, info) = result?;
+        self.routes().images.insert(reference.to_string(), side);
+        Ok(info)
+    }
+
+    /// The router's sandbox id is the pod UID, whichever side holds the sandbox.
+    async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
+        self.learn_sandboxes().await?;
+        let uid = config.pod_uid.clone();
+        if self.routes().sandboxes.contains_key(&uid) {
+            return Ok(uid);
+        }
+        let route = match Self::side_of_handler(config.runtime_handler.as_deref()) {
+            Some(side) => {
+                let id = self.provider(side).run_pod_sandbox(config).await?;
+                SandboxRoute::On(side, id)
+            }
+            None => SandboxRoute::Undecided(config.clone()),
+        };
+        self.routes().sandboxes.insert(uid.clone(), route);
+        Ok(uid)
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        sandbox_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError> {
+        let route = self.routes().sandboxes.get(sandbox_id).cloned();
+        match route {
+            Some(SandboxRoute::On(side, id)) => {
+                self.provider(side).remove_pod_sandbox(&id, grace).await?
+            }
+            Some(SandboxRoute::Undecided(_)) => {}
+            // Not known here (created before an agent restart): remove it wherever it is.
+            None => {
+                let wasm = self.wasm.remove_pod_sandbox(sandbox_id, grace).await;
+                let containers = self.containers.remove_pod_sandbox(sandbox_id, grace).await;
+                match (wasm, containers) {
+                    (Ok(()), _) | (_, Ok(())) => {}
+                    (Err(e), _) => return Err(e),
+                }
+            }
+        }
+        self.routes().sandboxes.remove(sandbox_id);
+        Ok(())
+    }
+
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: ContainerConfig,
+    ) -> Result<String, ProviderError> {
+        let side = match self.side_of_image(&config.image).await {
+            Some(side) => side,
+            None => return Err(ProviderError::ImageNotPresent(config.image.clone())),
+        };
+        let sandbox = self.sandbox_on(sandbox_id, side, &config.image).await?;
+        let id = self
+            .provider(side)
+            .create_container(&sandbox, config)
+            .await?;
+        self.routes().containers.insert(id.clone(), side);
+        Ok(id)
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<(), ProviderError> {
+        let side = self.side_of_container(container_id).await?;
+        self.provider(side).start_container(container_id).await
+    }
+
+    async fn stop_container(
+        &self,
+        container_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError> {
+        let side = self.side_of_container(container_id).await?;
+        self.provider(side)
+            .stop_container(container_id, grace)
+            .await
+    }
+
+    async fn remove_container(&self, container_id: &str) -> Result<(), ProviderError> {
+        let side = self.side_of_container(container_id).await?;
+        self.provider(side).remove_container(container_id).await?;
+        self.routes().containers.remove(container_id);
+        Ok(())
+    }
+
+    /// Both sides' containers; an error when either cannot be asked (never half a listing).
+    async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
+        let (wasm, containers) = tokio::join!(
+            self.wasm.list_containers(),
+            self.containers.list_containers()
+        );
+        let (wasm, containers) = (wasm?, containers?);
+        let mut routes = self.routes();
+        for c in &wasm {
+            routes.containers.insert(c.id.clone(), Side::Wasm);
+        }
+        for c in &containers {
+            routes.containers.insert(c.id.clone(), Side::Containers);
+        }
+        // Forget containers neither side holds any more.
+        let held: std::collections::HashSet<&str> = wasm
+            .iter()
+            .chain(containers.iter())
+            .map(|c| c.id.as_str())
+            .collect();
+        routes.containers.retain(|id, _| held.contains(id.as_str()));
+        drop(routes);
+        Ok(wasm.into_iter().chain(containers).collect())
+    }
+
+    /// Both sides' sandboxes, learnt as this pod's route (after a restart).
+    async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {
+        let (wasm, containers) = tokio::join!(
+            self.wasm.list_pod_sandboxes(),
+            self.containers.list_pod_sandboxes()
+        );
+        let (wasm, containers) = (wasm?, containers?);
+        let mut routes = self.routes();
+        for (side, list) in [(Side::Wasm, &wasm), (Side::Containers, &containers)] {
+            for s in list {
+                routes
+                    .sandboxes
+                    .entry(s.pod_uid.clone())
+                    .or_insert_with(|| SandboxRoute::On(side, sandbox_id(s)));
+            }
+        }
+        drop(routes);
+        Ok(wasm.into_iter().chain(containers).collect())
+    }
+
+    /// The Wasm side's image filesystem, counting both sides' images as used.
+    async fn image_fs(&self) -> Option<ImageFsInfo> {
+        let (wasm, containers) = tokio::join!(self.wasm.image_fs(), self.containers.image_fs());
+        match (wasm, containers) {
+            (Some(mut w), Some(c)) => {
+                w.used_bytes += c.used_bytes;
+                w.inodes_used += c.inodes_used;
+                Some(w)
+            }
+            (w, c) => w.or(c),
+        }
+    }
+
+    async fn list_images(&self) -> Vec<ImageRecord> {
+        let (wasm, containers) =
+            tokio::join!(self.wasm.list_images(), self.containers.list_images());
+        let mut routes = self.routes();
+        for i in &wasm {
+            routes.images.insert(i.reference.clone(), Side::Wasm);
+        }
+        for i in &containers {
+            routes.images.insert(i.reference.clone(), Side::Containers);
+        }
+        drop(routes);
+        wasm.into_iter().chain(containers).collect()
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<u64, ProviderError> {
+        let side = self
+            .side_of_image(reference)
+            .await
+            .ok_or_else(|| ProviderError::NotFound(format!("image {reference}")))?;
+        let freed = self.provider(side).remove_image(reference).await?;
+        self.routes().images.remove(reference);
+        Ok(freed)
+    }
+
+    async fn exec(
+        &self,
+        container_id: &str,
+        command: Vec<String>,
+        io: ExecIo,
+    ) -> Result<i32, ProviderError> {
+        let side = self.side_of_container(container_id).await?;
+        self.provider(side).exec(container_id, command, io).await
+    }
+
+    async fn attach(&self, container_id: &str, io: AttachIo) -> Result<(), ProviderError> {
+        let side = self.side_of_container(container_id).await?;
+        self.provider(side).attach(container_id, io).await
+    }
+
+    async fn pod_listener(&self, pod_uid: &str, port: u16) -> Option<std::net::SocketAddr> {
+        let route = self.routes().sandboxes.get(pod_uid).cloned();
+        match route {
+            Some(SandboxRoute::On(side, _)) => {
+                self.provider(side).pod_listener(pod_uid, port).await
+            }
+            _ => None,
+        }
+    }
+
+    async fn exec_sync(
+        &self,
+        container_id: &str,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(i32, Vec<u8>), ProviderError> {
+        let side = self.side_of_container(container_id).await?;
+        self.provider(side)
+            .exec_sync(container_id, command, timeout)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use provider_api::fake::FakeProvider;
+
+    struct Node {
+        wasm: Arc<FakeProvider>,
+        containers: Arc<FakeProvider>,
+        router: Router,
+    }
+
+    fn node() -> Node {
+        let wasm = Arc::new(FakeProvider::with_id_prefix("w"));
+        let containers = Arc::new(FakeProvider::with_id_prefix("c"));
+        let router = Router::new(wasm.clone(), containers.clone());
+        Node {
+            wasm,
+            containers,
+            router,
+        }
+    }
+
+    impl Node {
+        /// `reference` is a Linux container image: the Wasm side refuses it.
+        fn linux_image(&self, reference: &str) {
+            self.wasm.fail_pulls(
+                reference,
+                ProviderError::UnsupportedImage(format!("{reference}: no Wasm layer")),
+            );
+        }
+
+        /// The same providers under a new router (the agent restarted).
+        fn restarted(&self) -> Router {
+            Router::new(self.wasm.clone(), self.containers.clone())
+        }
+    }
+
+    fn sandbox(uid: &str, handler: Option<&str>) -> SandboxConfig {
+        SandboxConfig {
+            pod_uid: uid.into(),
+            namespace: "ns".into(),
+            name: uid.into(),
+            pod_dir: "/nonexistent".into(),
+            runtime_handler: handler.map(str::to_string),
+        }
+    }
+
+    fn container(name: &str, image: &str) -> ContainerConfig {
+        ContainerConfig {
+            name: name.into(),
+            image: image.into(),
+            command: vec![],
+            args: vec![],
+            env: vec![],
+            working_dir: None,
+            mounts: vec![],
+            log_path: "/dev/null".into(),
+            memory_limit_bytes: None,
+            cpu_limit_millicores: None,
+            cpu_request_millicores: None,
+            attempt: 0,
+            network: Default::default(),
+            stdin: false,
+            stdin_once: false,
+            annotations: Default::default(),
+        }
+    }
+
+    async fn sandboxes(p: &FakeProvider) -> Vec<String> {
+        let mut uids: Vec<_> = p
+            .list_pod_sandboxes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.pod_uid)
+            .collect();
+        uids.sort();
+        uids
+    }
+
+    #[tokio::test]
+    async fn a_pod_without_a_runtime_class_runs_where_its_image_was_pulled() {
+        let n = node();
+        n.linux_image("busybox");
+        let wasm_pod = n.router.run_pod_sandbox(&sandbox("a", None)).await.unwrap();
+        let linux_pod = n.router.run_pod_sandbox(&sandbox("b", None)).await.unwrap();
+        // Nothing is made before the first container says which side the pod is for.
+        assert!(sandboxes(&n.wasm).await.is_empty() && sandboxes(&n.containers).await.is_empty());
+
+        n.router.pull_image("hello.wasm", &[]).await.unwrap();
+        n.router.pull_image("busybox", &[]).await.unwrap();
+        assert!(n.containers.calls().contains(&"pull busybox".to_string()));
+        assert!(!n
+            .containers
+            .calls()
+            .contains(&"pull hello.wasm".to_string()));
+
+        let w = n
+            .router
+            .create_container(&wasm_pod, container("app", "hello.wasm"))
+            .await
+            .unwrap();
+        let c = n
+            .router
+            .create_container(&linux_pod, container("app", "busybox"))
+            .await
+            .unwrap();
+        assert_eq!(sandboxes(&n.wasm).await, ["a"]);
+        assert_eq!(sandboxes(&n.containers).await, ["b"]);
+        n.router.start_container(&w).await.unwrap();
+        n.router.start_container(&c).await.unwrap();
+        assert_eq!(n.router.container_uri(&w), format!("wasm://{w}"));
+        assert_eq!(n.router.container_uri(&c), format!("containerd://{c}"));
+        let listed = n.router.list_containers().await.unwrap();
+        assert_eq!(listed.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_runtime_class_handler_decides_at_once() {
+        let n = node();
+        n.router
+            .run_pod_sandbox(&sandbox("a", Some("wasmtime")))
+            .await
+            .unwrap();
+        n.router
+            .run_pod_sandbox(&sandbox("b", Some("runc")))
+            .await
+            .unwrap();
+        assert_eq!(sandboxes(&n.wasm).await, ["a"]);
+        assert_eq!(sandboxes(&n.containers).await, ["b"]);
+        // A Wasm image in a runc pod is refused, naming both kinds.
+        n.router.pull_image("hello.wasm", &[]).await.unwrap();
+        let e = n
+            .router
+            .create_container("b", container("app", "hello.wasm"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("must all be Wasm or all be Linux containers"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_mixing_wasm_and_linux_images_is_refused_at_the_odd_one() {
+        let n = node();
+        n.linux_image("busybox");
+        let pod = n.router.run_pod_sandbox(&sandbox("a", None)).await.unwrap();
+        n.router.pull_image("hello.wasm", &[]).await.unwrap();
+        n.router.pull_image("busybox", &[]).await.unwrap();
+        n.router
+            .create_container(&pod, container("one", "hello.wasm"))
+            .await
+            .unwrap();
+        let e = n
+            .router
+            .create_container(&pod, container("two", "busybox"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Create(_)), "{e:?}");
+        assert!(sandboxes(&n.containers).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_a_pod_is_found_and_removed_where_it_runs() {
+        let n = node();
+        n.linux_image("busybox");
+        let pod = n.router.run_pod_sandbox(&sandbox("a", None)).await.unwrap();
+        n.router.pull_image("busybox", &[]).await.unwrap();
+        let id = n
+            .router
+            .create_container(&pod, container("app", "busybox"))
+            .await
+            .unwrap();
+        n.router.start_container(&id).await.unwrap();
+
+        let router = n.restarted();
+        // The worker adopts: the same sandbox call, then stops the container it finds listed.
+        assert_eq!(
+            router.run_pod_sandbox(&sandbox("a", None)).await.unwrap(),
+            "a"
+        );
+        router.stop_container(&id, Duration::ZERO).await.unwrap();
+        assert_eq!(router.container_uri(&id), format!("containerd://{id}"));
+        router
+            .remove_pod_sandbox("a", Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(sandboxes(&n.containers).await.is_empty());
+        assert!(n
+            .containers
+            .calls()
+            .contains(&"remove-sandbox a".to_string()));
+        assert!(!n
+            .wasm
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("remove-sandbox")));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_container_is_not_found_on_either_side() {
+        let n = node();
+        let e = n.router.start_container("nope").await.unwrap_err();
+        assert!(matches!(e, ProviderError::NotFound(_)), "{e:?}");
+    }
+}
