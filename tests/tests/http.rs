@@ -7,7 +7,8 @@
 use std::process::Stdio;
 
 use integration_tests::{
-    example_image, phase, test_node, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT,
+    example_image, http_get as get, phase, test_node, wait_for, Agent, Cluster, TestNamespace,
+    TEST_TIMEOUT,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, PostParams};
@@ -61,53 +62,6 @@ async fn http_pod(
         .create(&PostParams::default(), &pod)
         .await
         .unwrap()
-}
-
-/// `GET path` on a fresh connection; (status, body).
-async fn get(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head
-        .lines()
-        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
-    Ok((
-        status,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_string()
-        },
-    ))
-}
-
-/// The payload of a chunked body (`SIZE\r\nDATA\r\n ... 0\r\n\r\n`).
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 fn condition(pod: &Pod, kind: &str) -> Option<String> {

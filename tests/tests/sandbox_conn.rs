@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use integration_tests::{
-    admin_cert, admin_tls, example_image, phase, test_node, wait_for, Agent, Cluster,
+    admin_cert, admin_tls, example_image, http_get, phase, test_node, wait_for, Agent, Cluster,
     TestNamespace, Tls, TEST_TIMEOUT,
 };
 use k8s_openapi::api::coordination::v1::Lease;
@@ -187,7 +187,7 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
         "the slowloris connection was closed by the agent"
     );
     drop(pod_conns);
-    let (status, body) = get(&ip, PORT, "/")
+    let (status, body) = http_get(&ip, PORT, "/")
         .await
         .expect("the pod answers after the flood");
     assert_eq!(status, 200, "{body}");
@@ -240,26 +240,6 @@ async fn a_thousand_idle_connections_stay_within_the_caps_and_are_closed() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
-}
-
-/// `GET path` on a fresh connection; (status, body).
-async fn get(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
-    Ok((status, text))
 }
 
 /// Sends the upgrade request and reads the response head; returns its status.
