@@ -877,70 +877,57 @@ impl PodWorker {
                         );
                         info
                     }
-                    Err(ProviderError::InvalidImageName(msg)) => {
-                        // Not retried: no registry can answer a name that does not parse. The
-                        // container waits until the pod names another image.
-                        self.ctx.events.warning(
-                            &cref,
-                            "InspectFailed",
-                            format!("Failed to apply default image tag \"{image}\": {msg}"),
-                        );
-                        let record = self.containers.get_mut(&name).expect("record exists");
-                        record.invalid_image = Some(image.clone());
-                        record.waiting = Some((
-                            "InvalidImageName".into(),
-                            format!("Failed to apply default image tag \"{image}\": {msg}"),
-                        ));
-                        return None;
-                    }
-                    Err(ProviderError::UnsupportedImage(msg)) => {
-                        self.ctx.events.warning(
-                            &cref,
-                            "Failed",
-                            format!("Failed to pull image \"{image}\": {msg}"),
-                        );
-                        self.terminal = Some(Terminal {
-                            phase: "Failed",
-                            reason: Some("UnsupportedImage".into()),
-                            message: Some(msg),
-                        });
-                        return None;
-                    }
-                    Err(e) => {
-                        let msg = format!("Failed to pull image \"{image}\": {e}");
-                        self.ctx.events.warning(&cref, "Failed", msg.clone());
-                        self.ctx
-                            .events
-                            .warning(&cref, "Failed", "Error: ErrImagePull".into());
-                        let record = self.containers.get_mut(&name).expect("record exists");
-                        let first = !matches!(
-                            record.waiting.as_ref().map(|w| w.0.as_str()),
-                            Some("ErrImagePull" | "ImagePullBackOff")
-                        );
-                        let reason = if first {
-                            "ErrImagePull"
-                        } else {
-                            "ImagePullBackOff"
-                        };
-                        let at = self.backoff(&name);
-                        if !first {
-                            self.ctx.events.normal(
-                                &cref,
-                                "BackOff",
-                                format!("Back-off pulling image \"{image}\""),
-                            );
+                    Err(e) => match pull_failure(&image, &e) {
+                        PullFailure::InvalidName { message } => {
+                            // Not retried: no registry can answer a name that does not parse.
+                            // The container waits until the pod names another image.
+                            self.ctx
+                                .events
+                                .warning(&cref, "InspectFailed", message.clone());
+                            let record = self.containers.get_mut(&name).expect("record exists");
+                            record.invalid_image = Some(image.clone());
+                            record.waiting = Some(("InvalidImageName".into(), message));
+                            return None;
                         }
-                        let record = self.containers.get_mut(&name).expect("record exists");
-                        record.waiting = Some((
-                            reason.into(),
-                            if first {
-                                msg
+                        PullFailure::NotWasm { event, message } => {
+                            self.ctx.events.warning(&cref, "Failed", event);
+                            self.terminal = Some(Terminal {
+                                phase: "Failed",
+                                reason: Some("UnsupportedImage".into()),
+                                message: Some(message),
+                            });
+                            return None;
+                        }
+                        PullFailure::Retry { message, cause } => {
+                            self.ctx.events.warning(&cref, "Failed", message.clone());
+                            self.ctx
+                                .events
+                                .warning(&cref, "Failed", "Error: ErrImagePull".into());
+                            let record = self.containers.get_mut(&name).expect("record exists");
+                            let first = !matches!(
+                                record.waiting.as_ref().map(|w| w.0.as_str()),
+                                Some("ErrImagePull" | "ImagePullBackOff")
+                            );
+                            let at = self.backoff(&name);
+                            if !first {
+                                self.ctx.events.normal(
+                                    &cref,
+                                    "BackOff",
+                                    format!("Back-off pulling image \"{image}\""),
+                                );
+                            }
+                            let record = self.containers.get_mut(&name).expect("record exists");
+                            record.waiting = Some(if first {
+                                ("ErrImagePull".into(), message)
                             } else {
-                                format!("Back-off pulling image \"{image}\": {e}")
-                            },
-                        ));
-                        return Some(at);
-                    }
+                                (
+                                    "ImagePullBackOff".into(),
+                                    format!("Back-off pulling image \"{image}\": {cause}"),
+                                )
+                            });
+                            return Some(at);
+                        }
+                    },
                 }
             }
         };
@@ -1927,6 +1914,40 @@ fn pod_phase(
     "Pending"
 }
 
+/// What the worker does about a failed pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PullFailure {
+    /// The name does not parse: InvalidImageName, never pulled again until the spec names
+    /// another image (the kubelet's "Failed to apply default image tag").
+    InvalidName { message: String },
+    /// The image is not Wasm: the pod fails with reason UnsupportedImage.
+    NotWasm { event: String, message: String },
+    /// Anything else (not found, unauthorized, registry unavailable, another failure):
+    /// ErrImagePull, then ImagePullBackOff with the container's backoff. `message` is the
+    /// Event's and the first waiting message; `cause` is quoted while backing off.
+    Retry { message: String, cause: String },
+}
+
+/// The kubelet's reading of a pull error: its event text, whether a retry can help. The
+/// typed errors' own text says which failure it was ("not found", "unauthorized", "the
+/// registry is unavailable"), as the runtime's message does in the kubelet's.
+fn pull_failure(image: &str, e: &ProviderError) -> PullFailure {
+    let cause = provider_api::one_line(e);
+    match e {
+        ProviderError::InvalidImageName(_) => PullFailure::InvalidName {
+            message: format!("Failed to apply default image tag \"{image}\": {cause}"),
+        },
+        ProviderError::UnsupportedImage(message) => PullFailure::NotWasm {
+            event: format!("Failed to pull image \"{image}\": {cause}"),
+            message: message.clone(),
+        },
+        _ => PullFailure::Retry {
+            message: format!("Failed to pull image \"{image}\": {cause}"),
+            cause,
+        },
+    }
+}
+
 /// IfNotPresent for a tagged or digested image, Always for `:latest` or no tag (API defaulting).
 fn default_pull_policy(image: &str) -> &'static str {
     if image.contains('@') {
@@ -2218,5 +2239,64 @@ mod tests {
         );
         assert_eq!(qos_class(&[], &[c(&[("memory", "1Gi")], &[])]), "Burstable");
         assert_eq!(qos_class(&[], &[c(&[], &[("cpu", "100m")])]), "Burstable");
+    }
+
+    #[test]
+    fn pull_errors_map_to_the_kubelets_reasons() {
+        let image = "registry.test/app:v1";
+        let typed = |make: fn(String, provider_api::Cause) -> ProviderError| {
+            make(image.to_string(), "fetching the manifest: 404".into())
+        };
+        // (error, expected class, words the message must carry)
+        let table: Vec<(ProviderError, &str, &str)> = vec![
+            (
+                typed(|reference, source| ProviderError::ImageNotFound { reference, source }),
+                "retry",
+                "not found",
+            ),
+            (
+                typed(|reference, source| ProviderError::Unauthorized { reference, source }),
+                "retry",
+                "unauthorized",
+            ),
+            (
+                typed(|reference, source| ProviderError::RegistryUnavailable { reference, source }),
+                "retry",
+                "the registry is unavailable",
+            ),
+            (
+                ProviderError::Pull("digest mismatch".into()),
+                "retry",
+                "digest mismatch",
+            ),
+            (
+                ProviderError::Unavailable("runtime restarting".into()),
+                "retry",
+                "container runtime unavailable",
+            ),
+            (
+                ProviderError::InvalidImageName("invalid reference format".into()),
+                "invalid",
+                "Failed to apply default image tag",
+            ),
+            (
+                ProviderError::UnsupportedImage("holds no Wasm layer".into()),
+                "not wasm",
+                "holds no Wasm layer",
+            ),
+        ];
+        for (error, class, words) in table {
+            let failure = pull_failure(image, &error);
+            let (got, message) = match &failure {
+                PullFailure::Retry { message, .. } => ("retry", message),
+                PullFailure::InvalidName { message } => ("invalid", message),
+                PullFailure::NotWasm { event, .. } => ("not wasm", event),
+            };
+            assert_eq!(got, class, "{error:?}");
+            assert!(
+                message.contains(words) && message.contains(image),
+                "{error:?}: {message}"
+            );
+        }
     }
 }

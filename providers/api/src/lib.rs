@@ -347,16 +347,30 @@ pub enum ProviderError {
     /// Not retryable: the configuration has to change.
     #[error("runtime setup failed: {0}")]
     Setup(String),
-    /// The image could not be pulled (unreachable registry, unknown tag, bad credentials,
-    /// digest mismatch). Retryable with backoff (ImagePullBackOff).
+    /// The image could not be pulled for a reason none of the typed pull errors below names
+    /// (a digest mismatch, a blob over its limit, a pull that stalled). Retryable with backoff
+    /// (ImagePullBackOff).
     #[error("{0}")]
     Pull(String),
+    /// The registry has no such image: no such repository or tag (HTTP 404, `MANIFEST_UNKNOWN`,
+    /// `NAME_UNKNOWN`). Retryable with backoff: the image may be pushed later.
+    #[error("pulling {reference}: not found: {source}")]
+    ImageNotFound { reference: String, source: Cause },
+    /// The registry refused the credentials, or asked for some and got none (HTTP 401/403,
+    /// `UNAUTHORIZED`, `DENIED`): a missing or wrong pull secret. Retryable with backoff: the
+    /// secret may be fixed.
+    #[error("pulling {reference}: unauthorized (are the image pull secrets right?): {source}")]
+    Unauthorized { reference: String, source: Cause },
+    /// The registry could not be reached or spoken to: connection refused, a timeout, a TLS
+    /// failure. Retryable with backoff.
+    #[error("pulling {reference}: the registry is unavailable: {source}")]
+    RegistryUnavailable { reference: String, source: Cause },
     /// The image reference cannot be parsed. Not retryable: the pod spec must name another
     /// image (the kubelet's InvalidImageName).
     #[error("{0}")]
     InvalidImageName(String),
-    /// The image is not something this provider runs (not Wasm, no module in it).
-    /// Not retryable for this image.
+    /// The image is not Wasm: its layers and config hold no module or component this provider
+    /// runs. Not retryable for this image (the node fails the pod, reason UnsupportedImage).
     #[error("{0}")]
     UnsupportedImage(String),
     /// The image has not been pulled.
@@ -383,6 +397,47 @@ pub enum ProviderError {
     /// is known about the runtime's containers until it answers again.
     #[error("container runtime unavailable: {0}")]
     Unavailable(String),
+}
+
+impl ProviderError {
+    /// Whether the error is one of the image pull errors.
+    pub fn is_pull(&self) -> bool {
+        matches!(
+            self,
+            Self::Pull(_)
+                | Self::ImageNotFound { .. }
+                | Self::Unauthorized { .. }
+                | Self::RegistryUnavailable { .. }
+                | Self::InvalidImageName(_)
+                | Self::UnsupportedImage(_)
+        )
+    }
+}
+
+/// The underlying failure of a typed [`ProviderError`] (the registry's answer, the transport's
+/// error), on one line. A string rather than the original error, so the error crosses the
+/// runtime socket and can be cloned for every pull waiting on the same image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{0}")]
+pub struct Cause(pub String);
+
+impl Cause {
+    /// `e` and its sources, on one line ([`one_line`]).
+    pub fn of(e: &dyn std::error::Error) -> Self {
+        Self(one_line(e))
+    }
+}
+
+impl From<String> for Cause {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
 }
 
 /// An error and its sources on one line, `: `-joined (a source already quoted by its parent is

@@ -699,7 +699,7 @@ async fn pulls_from_a_real_registry() {
         provider
             .pull_image(&format!("{reg}/wk-test:missing"), &[])
             .await,
-        Err(ProviderError::Pull(_))
+        Err(ProviderError::ImageNotFound { .. })
     ));
     drop(provider);
 
