@@ -246,7 +246,8 @@ pub enum ContainerState {
     },
 }
 
-/// Why a container stopped, in the words `status.containerStatuses[].state.terminated.reason` uses.
+/// Why a container stopped, as the runtime saw it. The node words it for
+/// `status.containerStatuses[].state.terminated.reason` (a provider never does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitReason {
     /// Exit code 0.
@@ -255,20 +256,11 @@ pub enum ExitReason {
     Error,
     /// The memory limit was exceeded; exit code 137.
     OomKilled,
-    /// Stopped by [`Provider::stop_container`] (still reported with the kubelet's reasons by the node).
+    /// Ended by [`Provider::stop_container`] or a sandbox removal: the grace period ran out
+    /// (exit code 137), or the guest ended when asked. Kept apart from [`ExitReason::Error`] so
+    /// the node and the provider's own messages (an exec that outlived its container) know the
+    /// container was stopped rather than failed.
     Killed,
-}
-
-impl ExitReason {
-    /// The Kubernetes reason string.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Completed => "Completed",
-            Self::Error => "Error",
-            Self::OomKilled => "OOMKilled",
-            Self::Killed => "Error",
-        }
-    }
 }
 
 /// What a container has used, measured by the runtime (not estimated).
