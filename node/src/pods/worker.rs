@@ -457,6 +457,32 @@ impl PodWorker {
         Ok(())
     }
 
+    /// Resolves when what the worker has under way for the pod must stop at once: the pod is
+    /// being deleted or evicted, its active deadline passed, or the agent is shutting down (the
+    /// manager dropped the worker's channel). Owns what it watches, so a step of the executor
+    /// can be raced against it while the worker itself is borrowed.
+    fn interrupted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut desired = self.desired.clone();
+        let left = self
+            .active_deadline()
+            .map(|at| (at - Utc::now()).to_std().unwrap_or_default());
+        async move {
+            let ends = |d: &PodDesire| {
+                d.removed || d.evict.is_some() || d.pod.metadata.deletion_timestamp.is_some()
+            };
+            let deadline = async {
+                match left {
+                    Some(left) => tokio::time::sleep(left).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = desired.wait_for(ends) => {}
+                () = deadline => {}
+            }
+        }
+    }
+
     fn active_deadline(&self) -> Option<DateTime<Utc>> {
         let secs = self.pod.spec.as_ref()?.active_deadline_seconds?;
         Some(self.start_time + k8s_openapi::chrono::Duration::seconds(secs))
@@ -861,7 +887,11 @@ impl PodWorker {
                     .normal(&cref, "Pulling", format!("Pulling image \"{image}\""));
                 let auth = self.pull_secrets().await;
                 let started = std::time::Instant::now();
-                let pulled = self.ctx.provider.pull_image(&image, &auth).await;
+                let pull = self.ctx.provider.pull_image(&image, &auth);
+                let Some(pulled) = interruptible(self.interrupted(), pull).await else {
+                    info!(container = %name, image, "image pull interrupted");
+                    return None;
+                };
                 let result = if pulled.is_ok() { "success" } else { "error" };
                 crate::metrics::kubelet()
                     .image_pull_duration
@@ -1046,9 +1076,16 @@ impl PodWorker {
             )]),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
-        let created = self.ctx.provider.create_container(&sandbox, config).await;
+        let create = self.ctx.provider.create_container(&sandbox, config);
+        let created = interruptible(self.interrupted(), create).await;
         // Marked once the call returned: a snapshot begun before that may not hold the container.
         self.acted_at = self.ctx.runtime.mark();
+        let Some(created) = created else {
+            // The runtime may still create it; a Created container never runs, and the
+            // sandbox's removal (the pod's deletion) removes it.
+            info!(container = %name, "container creation interrupted");
+            return None;
+        };
         let id = match created {
             Ok(id) => id,
             Err(e) => {
@@ -1599,6 +1636,20 @@ fn spec_hash(c: &Container) -> u64 {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(serde_json::to_vec(c).unwrap_or_default());
     u64::from_be_bytes(digest[..8].try_into().expect("8 of 32 bytes")).max(1)
+}
+
+/// `step`'s output, or `None` when `interrupt` resolves first (then `step` is dropped: a pull
+/// or a creation is abandoned where it stands).
+async fn interruptible<T>(
+    interrupt: impl std::future::Future<Output = ()>,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        // The interruption first: a pod already deleted starts nothing new.
+        biased;
+        () = interrupt => None,
+        out = step => Some(out),
+    }
 }
 
 /// What the worker does about a failed pull.

@@ -519,3 +519,77 @@ async fn an_image_that_is_not_wasm_fails_the_pod() {
     assert_eq!(s.reason.as_deref(), Some("UnsupportedImage"));
     assert!(s.message.unwrap_or_default().contains("no Wasm layer"));
 }
+
+/// Waits (in virtual time, at most 30 minutes) for the status manager to be told to remove the
+/// pod object; returns the statuses set before.
+async fn wait_finalized(h: &mut Harness) {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        match tokio::time::timeout_at(deadline, h.statuses.recv()).await {
+            Ok(Some(StatusUpdate::Finalize(_))) => return,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("the pod was never finalized; calls: {:?}", h.fake.calls()),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_interrupts_a_pull_that_never_completes() {
+    let image = "registry.test/app:v1";
+    let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
+    let mut h = Harness::start_with(pod(spec.clone()), |fake| fake.hang_pulls(image)).await;
+    // The pull is under way (and will never end).
+    while !h.fake.calls().iter().any(|c| c == &format!("pull {image}")) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let began = Instant::now();
+    let mut deleted = pod(spec);
+    deleted.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::chrono::Utc::now()),
+    );
+    h.desire.send_replace(PodDesire {
+        pod: Arc::new(deleted),
+        removed: false,
+        evict: None,
+    });
+    wait_finalized(&mut h).await;
+    // The grace period is the pod's (1 s here); nothing waited for the pull.
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "finalized after {:?}",
+        began.elapsed()
+    );
+    let calls = h.fake.calls();
+    assert!(
+        calls.contains(&format!("remove-sandbox {UID}")),
+        "the sandbox is removed: {calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("create ")),
+        "nothing created: {calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eviction_interrupts_a_pull_that_never_completes() {
+    let image = "registry.test/app:v1";
+    let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
+    let mut h = Harness::start_with(pod(spec.clone()), |fake| fake.hang_pulls(image)).await;
+    while !h.fake.calls().iter().any(|c| c == &format!("pull {image}")) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.desire.send_replace(PodDesire {
+        pod: Arc::new(pod(spec)),
+        removed: false,
+        evict: Some(crate::eviction::Eviction {
+            message: "The node was low on resource: memory.".into(),
+            grace: Duration::ZERO,
+        }),
+    });
+    let s = h
+        .wait("the pod is evicted", |s| {
+            s.reason.as_deref() == Some("Evicted")
+        })
+        .await;
+    assert_eq!(s.phase.as_deref(), Some("Failed"));
+}
