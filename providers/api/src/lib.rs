@@ -391,21 +391,6 @@ pub enum ProviderError {
     Unavailable(String),
 }
 
-impl ProviderError {
-    /// Whether the error is one of the image pull errors.
-    pub fn is_pull(&self) -> bool {
-        matches!(
-            self,
-            Self::Pull(_)
-                | Self::ImageNotFound { .. }
-                | Self::Unauthorized { .. }
-                | Self::RegistryUnavailable { .. }
-                | Self::InvalidImageName(_)
-                | Self::UnsupportedImage(_)
-        )
-    }
-}
-
 /// The underlying failure of a typed [`ProviderError`] (the registry's answer, the transport's
 /// error), on one line. A string rather than the original error, so the error crosses the
 /// runtime socket and can be cloned for every pull waiting on the same image.
