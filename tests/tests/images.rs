@@ -295,6 +295,15 @@ impl CreatePods for Ns {
     }
 }
 
+/// The first container's waiting message, empty when it does not wait.
+fn waiting_message(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref()?.first()?.state.as_ref())
+        .and_then(|s| s.waiting.as_ref()?.message.clone())
+        .unwrap_or_default()
+}
+
 fn waiting_reason(pod: &Pod) -> Option<&str> {
     pod.status
         .as_ref()?
@@ -529,6 +538,9 @@ async fn an_image_pull_secret_opens_the_tls_registry() {
         )
         .await;
     assert_eq!(phase(&pod), "Pending");
+    // The waiting message says which failure it was (the typed Unauthorized pull error).
+    let message = waiting_message(&pod);
+    assert!(message.contains("unauthorized"), "{message}");
     // The event is published asynchronously, possibly after the waiting reason is visible.
     ns.wait_events(
         agent,
@@ -591,4 +603,44 @@ async fn an_image_name_that_does_not_parse_is_invalid_image_name() {
     })
     .await;
     // That it is never pulled again is the fast tier's (pods/worker_tests.rs, on paused time).
+}
+
+#[tokio::test]
+async fn a_missing_tag_waits_as_err_image_pull_saying_not_found() {
+    let agent = &node().await;
+    let ns = Ns::new("missingtag").await;
+    let reference = format!(
+        "{}/wasm-examples/hello:no-such-tag-{}",
+        Cluster::get().var("REGISTRY"),
+        agent.name
+    );
+    ns.create_pod(
+        agent,
+        "missing",
+        serde_json::json!({"name": "c", "image": reference}),
+        serde_json::json!({}),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(agent, "missing", "ErrImagePull or ImagePullBackOff", |p| {
+            matches!(waiting_reason(p), Some("ErrImagePull" | "ImagePullBackOff"))
+        })
+        .await;
+    assert_eq!(phase(&pod), "Pending");
+    let message = waiting_message(&pod);
+    assert!(
+        message.contains("not found") && message.contains(&reference),
+        "{message}"
+    );
+    ns.wait_events(
+        agent,
+        "missing",
+        "a Failed event saying not found",
+        |events| {
+            events
+                .iter()
+                .any(|(r, m)| r == "Failed" && m.contains("not found") && m.contains(&reference))
+        },
+    )
+    .await;
 }

@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, HostIP, ObjectReference, Pod, PodCondition, PodIP,
-    PodStatus, Secret,
+    Container, ContainerStateTerminated, ObjectReference, Pod, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::chrono::{DateTime, Utc};
@@ -31,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::admission;
 use super::env;
 use super::plan;
+use super::pod_status::{self, terminated};
 use super::resources;
 use super::status::{PodKey, StatusSender};
 use super::volumes;
@@ -38,7 +37,7 @@ use crate::events::EventSink;
 use crate::probes::{self, PodProbes};
 
 /// The kubelet's crash-loop backoff: 10 s, doubling, capped at 5 minutes.
-const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
+pub(super) const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A container that ran this long without exiting has its backoff reset (the kubelet's value).
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
@@ -89,18 +88,18 @@ pub struct WorkerContext {
 
 /// What the worker knows about one container of its pod.
 #[derive(Debug, Default)]
-struct ContainerRecord {
+pub(super) struct ContainerRecord {
     /// The provider's id of the current (latest) instance.
-    id: Option<String>,
+    pub(super) id: Option<String>,
     /// Attempts started so far; the next attempt's number.
     attempts: u32,
-    restart_count: i32,
-    image_id: String,
-    current: Option<ContainerState>,
+    pub(super) restart_count: i32,
+    pub(super) image_id: String,
+    pub(super) current: Option<ContainerState>,
     /// Why the container is not running, when it waits.
-    waiting: Option<(String, String)>,
-    last_terminated: Option<ContainerStateTerminated>,
-    backoff: Duration,
+    pub(super) waiting: Option<(String, String)>,
+    pub(super) last_terminated: Option<ContainerStateTerminated>,
+    pub(super) backoff: Duration,
     /// Not before this instant may the container (or its image pull) be tried again.
     retry_at: Option<Instant>,
     started_at: Option<Instant>,
@@ -127,10 +126,10 @@ struct TerminationFile {
 
 /// The pod's final outcome once nothing more will run.
 #[derive(Debug, Clone)]
-struct Terminal {
-    phase: &'static str,
-    reason: Option<String>,
-    message: Option<String>,
+pub(super) struct Terminal {
+    pub(super) phase: &'static str,
+    pub(super) reason: Option<String>,
+    pub(super) message: Option<String>,
 }
 
 pub struct PodWorker {
@@ -456,6 +455,32 @@ impl PodWorker {
             );
         }
         Ok(())
+    }
+
+    /// Resolves when what the worker has under way for the pod must stop at once: the pod is
+    /// being deleted or evicted, its active deadline passed, or the agent is shutting down (the
+    /// manager dropped the worker's channel). Owns what it watches, so a step of the executor
+    /// can be raced against it while the worker itself is borrowed.
+    fn interrupted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut desired = self.desired.clone();
+        let left = self
+            .active_deadline()
+            .map(|at| (at - Utc::now()).to_std().unwrap_or_default());
+        async move {
+            let ends = |d: &PodDesire| {
+                d.removed || d.evict.is_some() || d.pod.metadata.deletion_timestamp.is_some()
+            };
+            let deadline = async {
+                match left {
+                    Some(left) => tokio::time::sleep(left).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = desired.wait_for(ends) => {}
+                () = deadline => {}
+            }
+        }
     }
 
     fn active_deadline(&self) -> Option<DateTime<Utc>> {
@@ -863,7 +888,11 @@ impl PodWorker {
                     .normal(&cref, "Pulling", format!("Pulling image \"{image}\""));
                 let auth = self.pull_secrets().await;
                 let started = std::time::Instant::now();
-                let pulled = self.ctx.provider.pull_image(&image, &auth).await;
+                let pull = self.ctx.provider.pull_image(&image, &auth);
+                let Some(pulled) = interruptible(self.interrupted(), pull).await else {
+                    info!(container = %name, image, "image pull interrupted");
+                    return None;
+                };
                 let result = if pulled.is_ok() { "success" } else { "error" };
                 crate::metrics::kubelet()
                     .image_pull_duration
@@ -878,70 +907,57 @@ impl PodWorker {
                         );
                         info
                     }
-                    Err(ProviderError::InvalidImageName(msg)) => {
-                        // Not retried: no registry can answer a name that does not parse. The
-                        // container waits until the pod names another image.
-                        self.ctx.events.warning(
-                            &cref,
-                            "InspectFailed",
-                            format!("Failed to apply default image tag \"{image}\": {msg}"),
-                        );
-                        let record = self.containers.get_mut(&name).expect("record exists");
-                        record.invalid_image = Some(image.clone());
-                        record.waiting = Some((
-                            "InvalidImageName".into(),
-                            format!("Failed to apply default image tag \"{image}\": {msg}"),
-                        ));
-                        return None;
-                    }
-                    Err(ProviderError::UnsupportedImage(msg)) => {
-                        self.ctx.events.warning(
-                            &cref,
-                            "Failed",
-                            format!("Failed to pull image \"{image}\": {msg}"),
-                        );
-                        self.terminal = Some(Terminal {
-                            phase: "Failed",
-                            reason: Some("UnsupportedImage".into()),
-                            message: Some(msg),
-                        });
-                        return None;
-                    }
-                    Err(e) => {
-                        let msg = format!("Failed to pull image \"{image}\": {e}");
-                        self.ctx.events.warning(&cref, "Failed", msg.clone());
-                        self.ctx
-                            .events
-                            .warning(&cref, "Failed", "Error: ErrImagePull".into());
-                        let record = self.containers.get_mut(&name).expect("record exists");
-                        let first = !matches!(
-                            record.waiting.as_ref().map(|w| w.0.as_str()),
-                            Some("ErrImagePull" | "ImagePullBackOff")
-                        );
-                        let reason = if first {
-                            "ErrImagePull"
-                        } else {
-                            "ImagePullBackOff"
-                        };
-                        let at = self.backoff(&name);
-                        if !first {
-                            self.ctx.events.normal(
-                                &cref,
-                                "BackOff",
-                                format!("Back-off pulling image \"{image}\""),
-                            );
+                    Err(e) => match pull_failure(&image, &e) {
+                        PullFailure::InvalidName { message } => {
+                            // Not retried: no registry can answer a name that does not parse.
+                            // The container waits until the pod names another image.
+                            self.ctx
+                                .events
+                                .warning(&cref, "InspectFailed", message.clone());
+                            let record = self.containers.get_mut(&name).expect("record exists");
+                            record.invalid_image = Some(image.clone());
+                            record.waiting = Some(("InvalidImageName".into(), message));
+                            return None;
                         }
-                        let record = self.containers.get_mut(&name).expect("record exists");
-                        record.waiting = Some((
-                            reason.into(),
-                            if first {
-                                msg
+                        PullFailure::NotWasm { event, message } => {
+                            self.ctx.events.warning(&cref, "Failed", event);
+                            self.terminal = Some(Terminal {
+                                phase: "Failed",
+                                reason: Some("UnsupportedImage".into()),
+                                message: Some(message),
+                            });
+                            return None;
+                        }
+                        PullFailure::Retry { message, cause } => {
+                            self.ctx.events.warning(&cref, "Failed", message.clone());
+                            self.ctx
+                                .events
+                                .warning(&cref, "Failed", "Error: ErrImagePull".into());
+                            let record = self.containers.get_mut(&name).expect("record exists");
+                            let first = !matches!(
+                                record.waiting.as_ref().map(|w| w.0.as_str()),
+                                Some("ErrImagePull" | "ImagePullBackOff")
+                            );
+                            let at = self.backoff(&name);
+                            if !first {
+                                self.ctx.events.normal(
+                                    &cref,
+                                    "BackOff",
+                                    format!("Back-off pulling image \"{image}\""),
+                                );
+                            }
+                            let record = self.containers.get_mut(&name).expect("record exists");
+                            record.waiting = Some(if first {
+                                ("ErrImagePull".into(), message)
                             } else {
-                                format!("Back-off pulling image \"{image}\": {e}")
-                            },
-                        ));
-                        return Some(at);
-                    }
+                                (
+                                    "ImagePullBackOff".into(),
+                                    format!("Back-off pulling image \"{image}\": {cause}"),
+                                )
+                            });
+                            return Some(at);
+                        }
+                    },
                 }
             }
         };
@@ -1061,9 +1077,16 @@ impl PodWorker {
             )]),
         };
         let sandbox = self.sandbox.clone().unwrap_or_default();
-        let created = self.ctx.provider.create_container(&sandbox, config).await;
+        let create = self.ctx.provider.create_container(&sandbox, config);
+        let created = interruptible(self.interrupted(), create).await;
         // Marked once the call returned: a snapshot begun before that may not hold the container.
         self.acted_at = self.ctx.runtime.mark();
+        let Some(created) = created else {
+            // The runtime may still create it; a Created container never runs, and the
+            // sandbox's removal (the pod's deletion) removes it.
+            info!(container = %name, "container creation interrupted");
+            return None;
+        };
         let id = match created {
             Ok(id) => id,
             Err(e) => {
@@ -1336,255 +1359,26 @@ impl PodWorker {
         }
     }
 
-    /// The pod status as the kubelet writes it.
+    /// The pod status as the kubelet writes it: [`pod_status::compute`] of what the worker
+    /// knows now.
     fn compute_status(&self) -> PodStatus {
-        let (init, app) = self.spec_containers();
-        let policy = self.restart_policy();
-        let now = Time(Utc::now());
         let previous = self
             .last_status
             .clone()
             .or_else(|| self.pod.status.clone())
             .unwrap_or_default();
-
-        let status_of = |c: &Container, is_init: bool| -> ContainerStatus {
-            // An init container that succeeded is done whatever the pod's policy; one that
-            // failed runs again unless the policy is Never (as OnFailure).
-            let policy = if is_init && policy != plan::RestartPolicy::Never {
-                plan::RestartPolicy::OnFailure
-            } else {
-                policy
-            };
-            let record = self.containers.get(&c.name);
-            let image = c.image.clone().unwrap_or_default();
-            let (state, last_state) = match record {
-                None => (waiting("ContainerCreating", None), None),
-                Some(r) => {
-                    let last = r.last_terminated.clone().map(|t| K8sState {
-                        terminated: Some(t),
-                        ..Default::default()
-                    });
-                    match (&r.current, &r.waiting) {
-                        (Some(ContainerState::Running { started_at }), _) => (
-                            K8sState {
-                                running: Some(ContainerStateRunning {
-                                    started_at: Some(Time((*started_at).into())),
-                                }),
-                                ..Default::default()
-                            },
-                            // While running, lastState is the previous run's termination.
-                            if r.restart_count > 0 { last } else { None },
-                        ),
-                        (_, Some((reason, message))) => {
-                            (waiting(reason, Some(message.clone())), last)
-                        }
-                        (Some(ContainerState::Exited { .. }), None)
-                            if self.will_restart(r, policy) =>
-                        {
-                            let msg = format!(
-                                "back-off {}s restarting failed container={} pod={}_{}({})",
-                                r.backoff.max(BACKOFF_INITIAL).as_secs(),
-                                c.name,
-                                self.key.name,
-                                self.key.namespace,
-                                self.key.uid
-                            );
-                            (waiting("CrashLoopBackOff", Some(msg)), last)
-                        }
-                        (Some(ContainerState::Exited { .. }), None) | (None, None)
-                            if r.last_terminated.is_some() && !self.will_restart(r, policy) =>
-                        {
-                            (
-                                K8sState {
-                                    terminated: r.last_terminated.clone(),
-                                    ..Default::default()
-                                },
-                                None,
-                            )
-                        }
-                        _ => (
-                            waiting(
-                                if self.terminal.is_some() {
-                                    "PodInitializing"
-                                } else {
-                                    "ContainerCreating"
-                                },
-                                None,
-                            ),
-                            last,
-                        ),
-                    }
-                }
-            };
-            let running = state.running.is_some();
-            ContainerStatus {
-                name: c.name.clone(),
-                image,
-                image_id: record.map(|r| r.image_id.clone()).unwrap_or_default(),
-                container_id: record
-                    .and_then(|r| r.id.clone())
-                    .map(|id| format!("wasm://{id}")),
-                ready: running && self.probes.ready(c),
-                started: Some(running && self.probes.started(c)),
-                restart_count: record.map_or(0, |r| r.restart_count),
-                state: Some(state),
-                last_state: Some(last_state.unwrap_or_default()),
-                ..Default::default()
-            }
-        };
-        let init_statuses: Vec<ContainerStatus> = init.iter().map(|c| status_of(c, true)).collect();
-        let app_statuses: Vec<ContainerStatus> = app.iter().map(|c| status_of(c, false)).collect();
-
-        let init_done = init_statuses.iter().all(|s| {
-            s.state
-                .as_ref()
-                .and_then(|st| st.terminated.as_ref())
-                .is_some_and(|t| t.exit_code == 0)
-        });
-        let init_failed = init_statuses.iter().any(|s| {
-            s.state
-                .as_ref()
-                .and_then(|st| st.terminated.as_ref())
-                .is_some_and(|t| t.exit_code != 0)
-        });
-        let phase = match &self.terminal {
-            Some(t) => t.phase.to_string(),
-            None => pod_phase(policy, init_done, init_failed, &app_statuses).to_string(),
-        };
-
-        let unready: Vec<&str> = app_statuses
-            .iter()
-            .filter(|s| !s.ready)
-            .map(|s| s.name.as_str())
-            .collect();
-        let incomplete: Vec<&str> = init_statuses
-            .iter()
-            .filter(|s| {
-                s.state
-                    .as_ref()
-                    .and_then(|st| st.terminated.as_ref())
-                    .is_none_or(|t| t.exit_code != 0)
-            })
-            .map(|s| s.name.as_str())
-            .collect();
-        let completed = phase == "Succeeded";
-        let condition = |kind: &str, ok: bool, reason: Option<String>, message: Option<String>| {
-            let status = if ok { "True" } else { "False" };
-            let transition = previous
-                .conditions
-                .iter()
-                .flatten()
-                .find(|c| c.type_ == kind && c.status == status)
-                .and_then(|c| c.last_transition_time.clone())
-                .unwrap_or_else(|| now.clone());
-            PodCondition {
-                type_: kind.into(),
-                status: status.into(),
-                reason,
-                message,
-                last_transition_time: Some(transition),
-                last_probe_time: None,
-                observed_generation: None,
-            }
-        };
-        let not_ready = |reason: &str| {
-            if completed {
-                (Some("PodCompleted".to_string()), None)
-            } else {
-                (
-                    Some(reason.to_string()),
-                    Some(format!(
-                        "containers with unready status: [{}]",
-                        unready.join(" ")
-                    )),
-                )
-            }
-        };
-        let sandbox_ready = self.sandbox.is_some() && self.terminal.is_none();
-        let (cr_reason, cr_msg) = if unready.is_empty() {
-            (None, None)
-        } else {
-            not_ready("ContainersNotReady")
-        };
-        let mut conditions = vec![
-            condition("PodReadyToStartContainers", sandbox_ready, None, None),
-            if incomplete.is_empty() || completed {
-                condition(
-                    "Initialized",
-                    true,
-                    completed
-                        .then(|| "PodCompleted".to_string())
-                        .filter(|_| !init.is_empty()),
-                    None,
-                )
-            } else {
-                condition(
-                    "Initialized",
-                    false,
-                    Some("ContainersNotInitialized".into()),
-                    Some(format!(
-                        "containers with incomplete status: [{}]",
-                        incomplete.join(" ")
-                    )),
-                )
-            },
-            condition(
-                "ContainersReady",
-                unready.is_empty(),
-                cr_reason.clone(),
-                cr_msg.clone(),
-            ),
-            condition("Ready", unready.is_empty(), cr_reason, cr_msg),
-        ];
-        // As the kubelet marks a pod it evicts for node pressure.
-        if let Some(t) = self
-            .terminal
-            .as_ref()
-            .filter(|t| t.reason.as_deref() == Some("Evicted"))
-        {
-            conditions.push(condition(
-                "DisruptionTarget",
-                true,
-                Some("TerminationByKubelet".into()),
-                t.message.clone(),
-            ));
-        }
-        if let Some(scheduled) = previous
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == "PodScheduled")
-        {
-            conditions.push(scheduled.clone());
-        } else {
-            conditions.push(condition("PodScheduled", true, None, None));
-        }
-
-        let ip = self.ctx.node_ip.clone();
-        PodStatus {
-            phase: Some(phase),
-            reason: self.terminal.as_ref().and_then(|t| t.reason.clone()),
-            message: self.terminal.as_ref().and_then(|t| t.message.clone()),
-            conditions: Some(conditions),
-            host_ip: Some(ip.clone()),
-            host_ips: Some(vec![HostIP { ip: ip.clone() }]),
-            pod_ip: Some(ip.clone()),
-            pod_ips: Some(vec![PodIP { ip }]),
-            start_time: Some(Time(self.start_time)),
-            qos_class: Some(qos_class(&init, &app).into()),
-            init_container_statuses: if init.is_empty() {
-                None
-            } else {
-                Some(init_statuses)
-            },
-            container_statuses: Some(app_statuses),
-            ..Default::default()
-        }
-    }
-
-    fn will_restart(&self, r: &ContainerRecord, policy: plan::RestartPolicy) -> bool {
-        self.terminal.is_none()
-            && policy.restarts_after(r.last_terminated.as_ref().map_or(0, |t| t.exit_code))
+        pod_status::compute(&pod_status::Input {
+            pod: &self.pod,
+            containers: &self.containers,
+            ready: &|c| self.probes.ready(c),
+            started: &|c| self.probes.started(c),
+            terminal: self.terminal.as_ref(),
+            sandbox_ready: self.sandbox.is_some(),
+            previous: &previous,
+            node_ip: &self.ctx.node_ip,
+            start_time: self.start_time,
+            now: Utc::now(),
+        })
     }
 }
 
@@ -1845,87 +1639,52 @@ fn spec_hash(c: &Container) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("8 of 32 bytes")).max(1)
 }
 
-fn waiting(reason: &str, message: Option<String>) -> K8sState {
-    K8sState {
-        waiting: Some(ContainerStateWaiting {
-            reason: Some(reason.into()),
-            message,
-        }),
-        ..Default::default()
+/// `step`'s output, or `None` when `interrupt` resolves first (then `step` is dropped: a pull
+/// or a creation is abandoned where it stands).
+async fn interruptible<T>(
+    interrupt: impl std::future::Future<Output = ()>,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        // The interruption first: a pod already deleted starts nothing new.
+        biased;
+        () = interrupt => None,
+        out = step => Some(out),
     }
 }
 
-fn terminated(
-    id: &str,
-    started: Option<SystemTime>,
-    finished: SystemTime,
-    code: i32,
-    reason: ExitReason,
-    message: Option<String>,
-) -> ContainerStateTerminated {
-    ContainerStateTerminated {
-        container_id: Some(format!("wasm://{id}")),
-        exit_code: code,
-        reason: Some(reason.as_str().into()),
-        message,
-        started_at: started.map(|t| Time(t.into())),
-        finished_at: Some(Time(finished.into())),
-        signal: None,
-    }
+/// What the worker does about a failed pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PullFailure {
+    /// The name does not parse: InvalidImageName, never pulled again until the spec names
+    /// another image (the kubelet's "Failed to apply default image tag").
+    InvalidName { message: String },
+    /// The image is not Wasm: the pod fails with reason UnsupportedImage.
+    NotWasm { event: String, message: String },
+    /// Anything else (not found, unauthorized, registry unavailable, another failure):
+    /// ErrImagePull, then ImagePullBackOff with the container's backoff. `message` is the
+    /// Event's and the first waiting message; `cause` is quoted while backing off.
+    Retry { message: String, cause: String },
 }
 
-/// The kubelet's getPhase, for a pod that is not already terminal.
-fn pod_phase(
-    policy: plan::RestartPolicy,
-    init_done: bool,
-    init_failed: bool,
-    app: &[ContainerStatus],
-) -> &'static str {
-    if init_failed && policy == plan::RestartPolicy::Never {
-        return "Failed";
+/// The kubelet's reading of a pull error: its event text, whether a retry can help. The
+/// typed errors' own text says which failure it was ("not found", "unauthorized", "the
+/// registry is unavailable"), as the runtime's message does in the kubelet's.
+fn pull_failure(image: &str, e: &ProviderError) -> PullFailure {
+    let cause = provider_api::one_line(e);
+    match e {
+        ProviderError::InvalidImageName(_) => PullFailure::InvalidName {
+            message: format!("Failed to apply default image tag \"{image}\": {cause}"),
+        },
+        ProviderError::UnsupportedImage(message) => PullFailure::NotWasm {
+            event: format!("Failed to pull image \"{image}\": {cause}"),
+            message: message.clone(),
+        },
+        _ => PullFailure::Retry {
+            message: format!("Failed to pull image \"{image}\": {cause}"),
+            cause,
+        },
     }
-    if !init_done {
-        return "Pending";
-    }
-    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
-    for s in app {
-        let state = s.state.clone().unwrap_or_default();
-        if state.running.is_some() {
-            running += 1;
-        } else if let Some(t) = &state.terminated {
-            stopped += 1;
-            if t.exit_code == 0 {
-                succeeded += 1;
-            }
-        } else if let Some(t) = s.last_state.as_ref().and_then(|l| l.terminated.as_ref()) {
-            // Waiting to restart after a run: counts as stopped, as in the kubelet.
-            stopped += 1;
-            if t.exit_code == 0 {
-                succeeded += 1;
-            }
-        } else {
-            waiting += 1;
-        }
-    }
-    if waiting > 0 {
-        return "Pending";
-    }
-    if running > 0 {
-        return "Running";
-    }
-    if stopped > 0 {
-        if policy == plan::RestartPolicy::Always {
-            return "Running";
-        }
-        if stopped == succeeded {
-            return "Succeeded";
-        }
-        if policy == plan::RestartPolicy::Never {
-            return "Failed";
-        }
-        return "Running";
-    }
-    "Pending"
 }
 
 /// IfNotPresent for a tagged or digested image, Always for `:latest` or no tag (API defaulting).
@@ -1945,39 +1704,6 @@ fn memory_limit(c: &Container) -> Option<u64> {
     // Read as the kubelet reads it (`67108864001m` is 67108865 bytes); admission has already
     // refused a pod whose quantities do not parse.
     crate::quantity::bytes(&q.0).ok()
-}
-
-/// Guaranteed, Burstable or BestEffort, as the API server and kubelet compute it.
-pub fn qos_class(init: &[Container], app: &[Container]) -> &'static str {
-    let mut any = false;
-    let mut guaranteed = true;
-    for c in init.iter().chain(app) {
-        let res = c.resources.clone().unwrap_or_default();
-        let limits = res.limits.unwrap_or_default();
-        let requests = res.requests.unwrap_or_default();
-        // Only cpu and memory decide the QoS class (the API server's rule; it rejects a status
-        // whose class differs from the one it computed).
-        if ["cpu", "memory"]
-            .iter()
-            .any(|r| limits.contains_key(*r) || requests.contains_key(*r))
-        {
-            any = true;
-        }
-        for r in ["cpu", "memory"] {
-            match (limits.get(r), requests.get(r)) {
-                (Some(l), Some(q)) if l == q => {}
-                (Some(_), None) => {} // requests default to limits
-                _ => guaranteed = false,
-            }
-        }
-    }
-    if !any {
-        "BestEffort"
-    } else if guaranteed {
-        "Guaranteed"
-    } else {
-        "Burstable"
-    }
 }
 
 /// Credentials from a `.dockerconfigjson`: `{"auths": {"host": {"username","password"} | {"auth": base64}}}`.
@@ -2049,108 +1775,6 @@ mod worker_tests;
 mod tests {
     use super::*;
 
-    fn cs(state: K8sState, last: Option<ContainerStateTerminated>) -> ContainerStatus {
-        ContainerStatus {
-            state: Some(state),
-            last_state: Some(K8sState {
-                terminated: last,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn exited(code: i32) -> K8sState {
-        K8sState {
-            terminated: Some(ContainerStateTerminated {
-                exit_code: code,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn phases_follow_the_kubelet() {
-        let running = K8sState {
-            running: Some(Default::default()),
-            ..Default::default()
-        };
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::Never,
-                true,
-                false,
-                &[cs(exited(0), None)]
-            ),
-            "Succeeded"
-        );
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::Never,
-                true,
-                false,
-                &[cs(exited(3), None)]
-            ),
-            "Failed"
-        );
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::Always,
-                true,
-                false,
-                &[cs(exited(0), None)]
-            ),
-            "Running"
-        );
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::OnFailure,
-                true,
-                false,
-                &[cs(
-                    waiting("CrashLoopBackOff", None),
-                    Some(ContainerStateTerminated {
-                        exit_code: 1,
-                        ..Default::default()
-                    })
-                )]
-            ),
-            "Running"
-        );
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::Never,
-                true,
-                false,
-                &[cs(running, None)]
-            ),
-            "Running"
-        );
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::Never,
-                true,
-                false,
-                &[cs(waiting("ContainerCreating", None), None)]
-            ),
-            "Pending"
-        );
-        assert_eq!(
-            pod_phase(
-                plan::RestartPolicy::Never,
-                false,
-                false,
-                &[cs(waiting("PodInitializing", None), None)]
-            ),
-            "Pending"
-        );
-        assert_eq!(
-            pod_phase(plan::RestartPolicy::Never, false, true, &[]),
-            "Failed"
-        );
-    }
-
     #[test]
     fn log_tail_strips_cri_prefixes_and_bounds_size() {
         let log = "2026-01-01T00:00:00Z stdout F one\n2026-01-01T00:00:01Z stderr F two words\n";
@@ -2191,33 +1815,61 @@ mod tests {
     }
 
     #[test]
-    fn qos_classes() {
-        let c = |limits: &[(&str, &str)], requests: &[(&str, &str)]| -> Container {
-            serde_json::from_value(serde_json::json!({
-                "name": "c",
-                "resources": {
-                    "limits": limits.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_,_>>(),
-                    "requests": requests.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_,_>>(),
-                }
-            }))
-            .unwrap()
+    fn pull_errors_map_to_the_kubelets_reasons() {
+        let image = "registry.test/app:v1";
+        let typed = |make: fn(String, provider_api::Cause) -> ProviderError| {
+            make(image.to_string(), "fetching the manifest: 404".into())
         };
-        assert_eq!(qos_class(&[], &[c(&[], &[])]), "BestEffort");
-        assert_eq!(
-            qos_class(
-                &[],
-                &[c(
-                    &[("ephemeral-storage", "2Ki")],
-                    &[("ephemeral-storage", "1Ki")]
-                )]
+        // (error, expected class, words the message must carry)
+        let table: Vec<(ProviderError, &str, &str)> = vec![
+            (
+                typed(|reference, source| ProviderError::ImageNotFound { reference, source }),
+                "retry",
+                "not found",
             ),
-            "BestEffort"
-        );
-        assert_eq!(
-            qos_class(&[], &[c(&[("cpu", "1"), ("memory", "1Gi")], &[])]),
-            "Guaranteed"
-        );
-        assert_eq!(qos_class(&[], &[c(&[("memory", "1Gi")], &[])]), "Burstable");
-        assert_eq!(qos_class(&[], &[c(&[], &[("cpu", "100m")])]), "Burstable");
+            (
+                typed(|reference, source| ProviderError::Unauthorized { reference, source }),
+                "retry",
+                "unauthorized",
+            ),
+            (
+                typed(|reference, source| ProviderError::RegistryUnavailable { reference, source }),
+                "retry",
+                "the registry is unavailable",
+            ),
+            (
+                ProviderError::Pull("digest mismatch".into()),
+                "retry",
+                "digest mismatch",
+            ),
+            (
+                ProviderError::Unavailable("runtime restarting".into()),
+                "retry",
+                "container runtime unavailable",
+            ),
+            (
+                ProviderError::InvalidImageName("invalid reference format".into()),
+                "invalid",
+                "Failed to apply default image tag",
+            ),
+            (
+                ProviderError::UnsupportedImage("holds no Wasm layer".into()),
+                "not wasm",
+                "holds no Wasm layer",
+            ),
+        ];
+        for (error, class, words) in table {
+            let failure = pull_failure(image, &error);
+            let (got, message) = match &failure {
+                PullFailure::Retry { message, .. } => ("retry", message),
+                PullFailure::InvalidName { message } => ("invalid", message),
+                PullFailure::NotWasm { event, .. } => ("not wasm", event),
+            };
+            assert_eq!(got, class, "{error:?}");
+            assert!(
+                message.contains(words) && message.contains(image),
+                "{error:?}: {message}"
+            );
+        }
     }
 }

@@ -437,3 +437,159 @@ async fn an_image_name_that_does_not_parse_waits_without_pulling_again() {
     });
     h.wait("the app runs", |s| running(s, "app")).await;
 }
+
+fn waiting_message(s: &PodStatus, name: &str) -> String {
+    state_of(s, name)
+        .and_then(|c| c.state.as_ref()?.waiting.as_ref()?.message.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_kind_of_pull_failure_is_err_image_pull_then_backoff_and_says_which() {
+    let image = "registry.test/app:v1";
+    let cause = || provider_api::Cause::from("fetching the manifest: the registry answered");
+    let reference = || image.to_string();
+    for (error, words) in [
+        (
+            ProviderError::ImageNotFound {
+                reference: reference(),
+                source: cause(),
+            },
+            "not found",
+        ),
+        (
+            ProviderError::Unauthorized {
+                reference: reference(),
+                source: cause(),
+            },
+            "unauthorized",
+        ),
+        (
+            ProviderError::RegistryUnavailable {
+                reference: reference(),
+                source: cause(),
+            },
+            "the registry is unavailable",
+        ),
+    ] {
+        let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
+        let mut h =
+            Harness::start_with(pod(spec), |fake| fake.fail_pulls(image, error.clone())).await;
+        let s = h
+            .wait("ErrImagePull", |s| {
+                waiting_reason(s, "app") == Some("ErrImagePull")
+            })
+            .await;
+        let message = waiting_message(&s, "app");
+        assert!(
+            message.contains(words) && message.contains(image),
+            "{message}"
+        );
+        let s = h
+            .wait("ImagePullBackOff", |s| {
+                waiting_reason(s, "app") == Some("ImagePullBackOff")
+            })
+            .await;
+        let message = waiting_message(&s, "app");
+        assert!(message.contains(words), "{message}");
+        let pulls = h
+            .fake
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("pull "))
+            .count();
+        assert!(pulls >= 2, "retried: {:?}", h.fake.calls());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_that_is_not_wasm_fails_the_pod() {
+    let image = "registry.test/app:v1";
+    let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
+    let mut h = Harness::start_with(pod(spec), |fake| {
+        fake.fail_pulls(
+            image,
+            ProviderError::UnsupportedImage(format!("image {image} holds no Wasm layer")),
+        )
+    })
+    .await;
+    let s = h
+        .wait("the pod fails", |s| s.phase.as_deref() == Some("Failed"))
+        .await;
+    assert_eq!(s.reason.as_deref(), Some("UnsupportedImage"));
+    assert!(s.message.unwrap_or_default().contains("no Wasm layer"));
+}
+
+/// Waits (in virtual time, at most 30 minutes) for the status manager to be told to remove the
+/// pod object; returns the statuses set before.
+async fn wait_finalized(h: &mut Harness) {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        match tokio::time::timeout_at(deadline, h.statuses.recv()).await {
+            Ok(Some(StatusUpdate::Finalize(_))) => return,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("the pod was never finalized; calls: {:?}", h.fake.calls()),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_interrupts_a_pull_that_never_completes() {
+    let image = "registry.test/app:v1";
+    let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
+    let mut h = Harness::start_with(pod(spec.clone()), |fake| fake.hang_pulls(image)).await;
+    // The pull is under way (and will never end).
+    while !h.fake.calls().iter().any(|c| c == &format!("pull {image}")) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let began = Instant::now();
+    let mut deleted = pod(spec);
+    deleted.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::chrono::Utc::now()),
+    );
+    h.desire.send_replace(PodDesire {
+        pod: Arc::new(deleted),
+        removed: false,
+        evict: None,
+    });
+    wait_finalized(&mut h).await;
+    // The grace period is the pod's (1 s here); nothing waited for the pull.
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "finalized after {:?}",
+        began.elapsed()
+    );
+    let calls = h.fake.calls();
+    assert!(
+        calls.contains(&format!("remove-sandbox {UID}")),
+        "the sandbox is removed: {calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("create ")),
+        "nothing created: {calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eviction_interrupts_a_pull_that_never_completes() {
+    let image = "registry.test/app:v1";
+    let spec = serde_json::json!({"restartPolicy": "Always", "containers": [container("app")]});
+    let mut h = Harness::start_with(pod(spec.clone()), |fake| fake.hang_pulls(image)).await;
+    while !h.fake.calls().iter().any(|c| c == &format!("pull {image}")) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.desire.send_replace(PodDesire {
+        pod: Arc::new(pod(spec)),
+        removed: false,
+        evict: Some(crate::eviction::Eviction {
+            message: "The node was low on resource: memory.".into(),
+            grace: Duration::ZERO,
+        }),
+    });
+    let s = h
+        .wait("the pod is evicted", |s| {
+            s.reason.as_deref() == Some("Evicted")
+        })
+        .await;
+    assert_eq!(s.phase.as_deref(), Some("Failed"));
+}

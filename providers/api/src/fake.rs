@@ -4,7 +4,8 @@
 //! pod worker's restart, backoff, init and status logic can be tested without a cluster.
 //!
 //! A test drives it with [`FakeProvider::exit`] (the running instance of a container ends),
-//! [`FakeProvider::fail_pulls`] (a registry error), [`FakeProvider::forget_all`] (the runtime
+//! [`FakeProvider::fail_pulls`] (a registry error), [`FakeProvider::hang_pulls`] (a registry
+//! that never answers), [`FakeProvider::forget_all`] (the runtime
 //! restarted and lost everything), and reads what the node asked with [`FakeProvider::calls`].
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ pub struct FakeProvider {
 struct State {
     images: HashMap<String, ImageInfo>,
     pull_errors: HashMap<String, ProviderError>,
+    hanging_pulls: std::collections::HashSet<String>,
     sandboxes: HashMap<String, SandboxConfig>,
     containers: HashMap<String, Entry>,
     next_id: u64,
@@ -64,9 +66,17 @@ impl FakeProvider {
             .insert(reference.to_string(), error);
     }
 
-    /// Pulls of `reference` succeed again.
+    /// Pulls of `reference` succeed again (and no longer hang).
     pub fn heal_pulls(&self, reference: &str) {
-        self.state().pull_errors.remove(reference);
+        let mut state = self.state();
+        state.pull_errors.remove(reference);
+        state.hanging_pulls.remove(reference);
+    }
+
+    /// Pulls of `reference` never complete from now on (a registry that accepts and never
+    /// answers), until [`FakeProvider::heal_pulls`]; pulls already hanging stay hung.
+    pub fn hang_pulls(&self, reference: &str) {
+        self.state().hanging_pulls.insert(reference.to_string());
     }
 
     /// The running instance of container `name` of pod `pod_uid` exits with `code`. False
@@ -139,8 +149,15 @@ impl Provider for FakeProvider {
         reference: &str,
         _auth: &[RegistryAuth],
     ) -> Result<ImageInfo, ProviderError> {
+        let hang = {
+            let mut state = self.state();
+            state.calls.push(format!("pull {reference}"));
+            state.hanging_pulls.contains(reference)
+        };
+        if hang {
+            return std::future::pending().await;
+        }
         let mut state = self.state();
-        state.calls.push(format!("pull {reference}"));
         if let Some(e) = state.pull_errors.get(reference) {
             return Err(e.clone());
         }

@@ -250,7 +250,8 @@ pub enum ContainerState {
     },
 }
 
-/// Why a container stopped, in the words `status.containerStatuses[].state.terminated.reason` uses.
+/// Why a container stopped, as the runtime saw it. The node words it for
+/// `status.containerStatuses[].state.terminated.reason` (a provider never does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitReason {
     /// Exit code 0.
@@ -259,20 +260,11 @@ pub enum ExitReason {
     Error,
     /// The memory limit was exceeded; exit code 137.
     OomKilled,
-    /// Stopped by [`Provider::stop_container`] (still reported with the kubelet's reasons by the node).
+    /// Ended by [`Provider::stop_container`] or a sandbox removal: the grace period ran out
+    /// (exit code 137), or the guest ended when asked. Kept apart from [`ExitReason::Error`] so
+    /// the node and the provider's own messages (an exec that outlived its container) know the
+    /// container was stopped rather than failed.
     Killed,
-}
-
-impl ExitReason {
-    /// The Kubernetes reason string.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Completed => "Completed",
-            Self::Error => "Error",
-            Self::OomKilled => "OOMKilled",
-            Self::Killed => "Error",
-        }
-    }
 }
 
 /// What a container has used, measured by the runtime (not estimated).
@@ -351,16 +343,30 @@ pub enum ProviderError {
     /// Not retryable: the configuration has to change.
     #[error("runtime setup failed: {0}")]
     Setup(String),
-    /// The image could not be pulled (unreachable registry, unknown tag, bad credentials,
-    /// digest mismatch). Retryable with backoff (ImagePullBackOff).
+    /// The image could not be pulled for a reason none of the typed pull errors below names
+    /// (a digest mismatch, a blob over its limit, a pull that stalled). Retryable with backoff
+    /// (ImagePullBackOff).
     #[error("{0}")]
     Pull(String),
+    /// The registry has no such image: no such repository or tag (HTTP 404, `MANIFEST_UNKNOWN`,
+    /// `NAME_UNKNOWN`). Retryable with backoff: the image may be pushed later.
+    #[error("pulling {reference}: not found: {source}")]
+    ImageNotFound { reference: String, source: Cause },
+    /// The registry refused the credentials, or asked for some and got none (HTTP 401/403,
+    /// `UNAUTHORIZED`, `DENIED`): a missing or wrong pull secret. Retryable with backoff: the
+    /// secret may be fixed.
+    #[error("pulling {reference}: unauthorized (are the image pull secrets right?): {source}")]
+    Unauthorized { reference: String, source: Cause },
+    /// The registry could not be reached or spoken to: connection refused, a timeout, a TLS
+    /// failure. Retryable with backoff.
+    #[error("pulling {reference}: the registry is unavailable: {source}")]
+    RegistryUnavailable { reference: String, source: Cause },
     /// The image reference cannot be parsed. Not retryable: the pod spec must name another
     /// image (the kubelet's InvalidImageName).
     #[error("{0}")]
     InvalidImageName(String),
-    /// The image is not something this provider runs (not Wasm, no module in it).
-    /// Not retryable for this image.
+    /// The image is not Wasm: its layers and config hold no module or component this provider
+    /// runs. Not retryable for this image (the node fails the pod, reason UnsupportedImage).
     #[error("{0}")]
     UnsupportedImage(String),
     /// The image has not been pulled.
@@ -387,6 +393,32 @@ pub enum ProviderError {
     /// is known about the runtime's containers until it answers again.
     #[error("container runtime unavailable: {0}")]
     Unavailable(String),
+}
+
+/// The underlying failure of a typed [`ProviderError`] (the registry's answer, the transport's
+/// error), on one line. A string rather than the original error, so the error crosses the
+/// runtime socket and can be cloned for every pull waiting on the same image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{0}")]
+pub struct Cause(pub String);
+
+impl Cause {
+    /// `e` and its sources, on one line ([`one_line`]).
+    pub fn of(e: &dyn std::error::Error) -> Self {
+        Self(one_line(e))
+    }
+}
+
+impl From<String> for Cause {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
 }
 
 /// An error and its sources on one line, `: `-joined (a source already quoted by its parent is

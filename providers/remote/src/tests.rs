@@ -227,7 +227,7 @@ async fn the_lifecycle_round_trips_through_the_socket() {
     assert_eq!(remote.image_fs().await, provider.image_fs().await);
     assert!(matches!(
         remote.pull_image("127.0.0.1:1/nothing:v1", &[]).await,
-        Err(ProviderError::Pull(_))
+        Err(ProviderError::RegistryUnavailable { .. })
     ));
 
     assert_eq!(

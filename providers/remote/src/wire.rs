@@ -233,6 +233,39 @@ pub(crate) fn mismatch(agent: u32, runtime: u32) -> ProviderError {
 mod tests {
     use super::*;
 
+    /// The typed pull errors cross the socket as themselves, so the node words and retries
+    /// a pull the runtime process made as it would its own.
+    #[test]
+    fn typed_pull_errors_cross_the_socket_unchanged() {
+        let source = || provider_api::Cause::from("fetching the manifest: 404");
+        let reference = || "r/a:v1".to_string();
+        for error in [
+            ProviderError::ImageNotFound {
+                reference: reference(),
+                source: source(),
+            },
+            ProviderError::Unauthorized {
+                reference: reference(),
+                source: source(),
+            },
+            ProviderError::RegistryUnavailable {
+                reference: reference(),
+                source: source(),
+            },
+            ProviderError::InvalidImageName("bad".into()),
+            ProviderError::UnsupportedImage("not wasm".into()),
+            ProviderError::Pull("other".into()),
+        ] {
+            let frame = json_frame(&Response {
+                id: 7,
+                result: Err(error.clone()),
+            })
+            .unwrap();
+            let back: Response = serde_json::from_slice(&frame).unwrap();
+            assert_eq!((back.id, back.result), (7, Err(error)));
+        }
+    }
+
     #[test]
     fn stream_frames_round_trip_and_unknown_tags_are_refused() {
         for frame in [

@@ -36,7 +36,7 @@ use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, Oci
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::RegistryOperation;
 use oci_client::{Client, Reference};
-use provider_api::{ImageInfo, ProviderError, RegistryAuth};
+use provider_api::{Cause, ImageInfo, ProviderError, RegistryAuth};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -701,25 +701,14 @@ impl ImageStore {
                     .await
                 {
                     Ok(found) => Ok((http, "http", found)),
-                    Err(e) => {
-                        let ProviderError::Pull(msg) =
-                            e.into_provider(reference, "fetching the manifest")
-                        else {
-                            unreachable!("into_provider gives Pull")
-                        };
-                        Err(ProviderError::Pull(format!(
-                            "{msg} (over https first: {over_https})"
-                        )))
-                    }
+                    Err(e) => Err(e
+                        .noted(&format!(" (over https first: {over_https})"))
+                        .into_provider(reference, "fetching the manifest")),
                 }
             }
-            Err(e @ ManifestError::Transport(_)) => {
-                let ProviderError::Pull(msg) = e.into_provider(reference, "fetching the manifest")
-                else {
-                    unreachable!("into_provider gives Pull")
-                };
-                Err(ProviderError::Pull(format!("{msg} (plain http is tried only for registries listed in --insecure-registries)")))
-            }
+            Err(e @ ManifestError::Transport(_)) => Err(e
+                .noted(" (plain http is tried only for registries listed in --insecure-registries)")
+                .into_provider(reference, "fetching the manifest")),
             Err(e) => Err(e.into_provider(reference, "fetching the manifest")),
         }
     }
@@ -740,14 +729,14 @@ impl ImageStore {
             .await
         {
             Ok(token) => token,
-            Err(OciDistributionError::RequestError(e)) => {
-                return Err(ManifestError::Transport(provider_api::one_line(&e)))
-            }
             Err(e) => {
-                return Err(ManifestError::Registry(format!(
-                    "authenticating: {}",
-                    registry_error(&e)
-                )))
+                let message = format!("authenticating: {}", registry_error(&e));
+                return Err(match classify(&e) {
+                    Class::NotFound => ManifestError::NotFound(message),
+                    Class::Unauthorized => ManifestError::Unauthorized(message),
+                    Class::Transport => ManifestError::Transport(provider_api::one_line(&e)),
+                    Class::Other => ManifestError::Registry(message),
+                });
             }
         };
         progress.mark(0);
@@ -776,17 +765,17 @@ impl ImageStore {
             let body = read_capped(&mut response, MAX_ERROR_BODY_BYTES as u64, progress)
                 .await
                 .unwrap_or_default();
-            let hint = if status == reqwest::StatusCode::UNAUTHORIZED
-                || status == reqwest::StatusCode::FORBIDDEN
-            {
-                " (are the image pull secrets right?)"
-            } else {
-                ""
-            };
-            return Err(ManifestError::Registry(format!(
-                "the registry answered {status} for {url}{hint}: {}",
+            let message = format!(
+                "the registry answered {status} for {url}: {}",
                 truncate_body(&body)
-            )));
+            );
+            return Err(match status {
+                reqwest::StatusCode::NOT_FOUND => ManifestError::NotFound(message),
+                reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN => {
+                    ManifestError::Unauthorized(message)
+                }
+                _ => ManifestError::Registry(message),
+            });
         }
         if response
             .content_length()
@@ -1078,11 +1067,18 @@ impl ImageStore {
             return Err(refusal);
         }
         pulled.map_err(|e| {
-            ProviderError::Pull(format!(
-                "pulling {reference}: fetching {what} {}: {}",
+            let message = format!(
+                "fetching {what} {}: {}",
                 descriptor.digest,
                 registry_error(&e)
-            ))
+            );
+            let (reference, source) = (reference.to_string(), Cause(message));
+            match classify(&e) {
+                Class::NotFound => ProviderError::ImageNotFound { reference, source },
+                Class::Unauthorized => ProviderError::Unauthorized { reference, source },
+                Class::Transport => ProviderError::RegistryUnavailable { reference, source },
+                Class::Other => ProviderError::Pull(format!("pulling {reference}: {source}")),
+            }
         })?;
         sink.finish()
     }
@@ -1147,6 +1143,20 @@ fn bounded(e: ProviderError) -> ProviderError {
     let cut = |m: String| truncate_text(&m, MAX_PULL_MESSAGE_BYTES);
     match e {
         ProviderError::Pull(m) => ProviderError::Pull(cut(m)),
+        ProviderError::ImageNotFound { reference, source } => ProviderError::ImageNotFound {
+            reference,
+            source: Cause(cut(source.0)),
+        },
+        ProviderError::Unauthorized { reference, source } => ProviderError::Unauthorized {
+            reference,
+            source: Cause(cut(source.0)),
+        },
+        ProviderError::RegistryUnavailable { reference, source } => {
+            ProviderError::RegistryUnavailable {
+                reference,
+                source: Cause(cut(source.0)),
+            }
+        }
         ProviderError::UnsupportedImage(m) => ProviderError::UnsupportedImage(cut(m)),
         ProviderError::Io(m) => ProviderError::Io(cut(m)),
         ProviderError::Setup(m) => ProviderError::Setup(cut(m)),
@@ -1245,9 +1255,13 @@ const MANIFEST_ACCEPT: &[&str] = &[
 /// Why a manifest could not be fetched.
 #[derive(Debug)]
 enum ManifestError {
-    /// Below HTTP (connection refused, no TLS there): plain http may be tried for an insecure
-    /// registry. Retryable.
+    /// Below HTTP (connection refused, a timeout, no TLS there): plain http may be tried for an
+    /// insecure registry. Retryable.
     Transport(String),
+    /// The registry has no such repository or tag. Retryable (backoff).
+    NotFound(String),
+    /// The registry refused the credentials or asked for some. Retryable (backoff).
+    Unauthorized(String),
     /// The registry answered, but not with a usable manifest. Retryable (backoff).
     Registry(String),
     /// Over [`MAX_MANIFEST_BYTES`]. Retryable only in that the image may be pushed again.
@@ -1255,10 +1269,80 @@ enum ManifestError {
 }
 
 impl ManifestError {
+    /// The same error with `note` added to its message.
+    fn noted(self, note: &str) -> Self {
+        match self {
+            Self::Transport(m) => Self::Transport(m + note),
+            Self::NotFound(m) => Self::NotFound(m + note),
+            Self::Unauthorized(m) => Self::Unauthorized(m + note),
+            Self::Registry(m) => Self::Registry(m + note),
+            Self::TooLarge(m) => Self::TooLarge(m + note),
+        }
+    }
+
+    /// The provider's typed error for it.
     fn into_provider(self, reference: &str, what: &str) -> ProviderError {
-        let (ManifestError::Transport(m) | ManifestError::Registry(m) | ManifestError::TooLarge(m)) =
-            self;
-        ProviderError::Pull(format!("pulling {reference}: {what}: {m}"))
+        let typed = |m: String| (reference.to_string(), Cause(format!("{what}: {m}")));
+        match self {
+            Self::NotFound(m) => {
+                let (reference, source) = typed(m);
+                ProviderError::ImageNotFound { reference, source }
+            }
+            Self::Unauthorized(m) => {
+                let (reference, source) = typed(m);
+                ProviderError::Unauthorized { reference, source }
+            }
+            Self::Transport(m) => {
+                let (reference, source) = typed(m);
+                ProviderError::RegistryUnavailable { reference, source }
+            }
+            Self::Registry(m) | Self::TooLarge(m) => {
+                ProviderError::Pull(format!("pulling {reference}: {what}: {m}"))
+            }
+        }
+    }
+}
+
+/// What kind of failure an oci-client error is, for the typed pull errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    NotFound,
+    Unauthorized,
+    Transport,
+    Other,
+}
+
+/// How oci-client reports each: HTTP statuses in `ServerError`, the distribution spec's codes
+/// in a `RegistryError` envelope (any code of the kind counts), its own authentication errors,
+/// and reqwest's errors below HTTP.
+fn classify(e: &OciDistributionError) -> Class {
+    use oci_client::errors::OciErrorCode as Code;
+    match e {
+        OciDistributionError::RequestError(_) => Class::Transport,
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => Class::Unauthorized,
+        OciDistributionError::ImageManifestNotFoundError(_) => Class::NotFound,
+        OciDistributionError::ServerError { code, .. } => match *code {
+            401 | 403 => Class::Unauthorized,
+            404 => Class::NotFound,
+            _ => Class::Other,
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let has = |codes: &[Code]| envelope.errors.iter().any(|e| codes.contains(&e.code));
+            if has(&[Code::Unauthorized, Code::Denied]) {
+                Class::Unauthorized
+            } else if has(&[
+                Code::ManifestUnknown,
+                Code::NameUnknown,
+                Code::BlobUnknown,
+                Code::NotFound,
+            ]) {
+                Class::NotFound
+            } else {
+                Class::Other
+            }
+        }
+        _ => Class::Other,
     }
 }
 
@@ -2885,6 +2969,68 @@ mod tests {
     }
 
     const GOOD: &[u8] = b"\0asm\x01\0\0\0";
+
+    /// Each way a registry refuses a pull is its own typed error (the node words and retries
+    /// each as the kubelet does); a failure none of them names stays a plain pull error.
+    #[tokio::test]
+    async fn pull_failures_are_typed_by_what_the_registry_said() {
+        let route: Route = Arc::new(|path: &str| {
+            match path {
+            "/v2/" => Some((200, b"{}".to_vec())),
+            p if p.ends_with("/manifests/missing") => Some((
+                404,
+                b"{\"errors\":[{\"code\":\"MANIFEST_UNKNOWN\",\"message\":\"manifest unknown\"}]}".to_vec(),
+            )),
+            p if p.ends_with("/manifests/secret") => Some((
+                401,
+                b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}".to_vec(),
+            )),
+            p if p.ends_with("/manifests/denied") => Some((403, b"denied".to_vec())),
+            _ => Some((500, b"oops".to_vec())),
+        }
+        });
+        let (port, _) = fake_registry(route).await;
+        let (dir, store) = store_for("typed-errors", port);
+        let store = &store;
+        let pull = |tag: &str| {
+            let reference = format!("127.0.0.1:{port}/r:{tag}");
+            async move { store.pull(&reference, &[]).await }
+        };
+        match pull("missing").await {
+            Err(e @ ProviderError::ImageNotFound { .. }) => {
+                assert!(
+                    e.to_string().contains("not found")
+                        && e.to_string().contains("MANIFEST_UNKNOWN"),
+                    "{e}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        for tag in ["secret", "denied"] {
+            match pull(tag).await {
+                Err(e @ ProviderError::Unauthorized { .. }) => {
+                    assert!(e.to_string().contains("unauthorized"), "{e}")
+                }
+                other => panic!("{tag}: {other:?}"),
+            }
+        }
+        assert!(matches!(pull("broken").await, Err(ProviderError::Pull(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Nothing listens: the registry is unavailable, whether or not plain http is allowed.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let (dir, store) = store_for("typed-unavailable", closed);
+        match store.pull(&format!("127.0.0.1:{closed}/r:t"), &[]).await {
+            Err(e @ ProviderError::RegistryUnavailable { .. }) => {
+                assert!(e.to_string().contains("unavailable"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[tokio::test]
     async fn two_concurrent_pulls_of_one_image_make_one_request() {

@@ -565,7 +565,7 @@ impl Provider for WasmtimeProvider {
                 log.finish();
                 tracing::info!(
                     exit_code = exit.exit_code,
-                    reason = exit.reason.as_str(),
+                    reason = ?exit.reason,
                     message = exit.message.as_deref().unwrap_or(""),
                     "exited"
                 );

@@ -700,7 +700,7 @@ async fn pulls_from_a_real_registry() {
         provider
             .pull_image(&format!("{reg}/wk-test:missing"), &[])
             .await,
-        Err(ProviderError::Pull(_))
+        Err(ProviderError::ImageNotFound { .. })
     ));
     drop(provider);
 
