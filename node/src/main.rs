@@ -132,6 +132,13 @@ fn main() -> ExitCode {
                 shutdown.clone(),
             ));
         }
+        // One provider for the node: Wasm pods to the Wasm runtime; a node without containerd
+        // refuses the others (see runtime::routing).
+        let provider: Arc<dyn provider_api::Provider> =
+            Arc::new(wasm_kubelet::runtime::routing::Router::new(
+                provider,
+                Arc::new(wasm_kubelet::runtime::routing::NoContainers),
+            ));
         wasm_kubelet::agent::run(config, provider, remote.map(|r| r.identity()), shutdown).await?;
         anyhow::Ok(())
     });

@@ -34,6 +34,9 @@ pub(super) struct Input<'a> {
     pub sandbox_ready: bool,
     /// The status last computed (or the pod's own): conditions keep their transition times.
     pub previous: &'a PodStatus,
+    /// A container's ID as the status shows it (`wasm://<id>`; the provider says, see
+    /// `Provider::container_uri`).
+    pub container_uri: &'a dyn Fn(&str) -> String,
     /// The pod IP is the node IP.
     pub node_ip: &'a str,
     pub start_time: DateTime<Utc>,
@@ -129,8 +132,8 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
             image,
             image_id: record.map(|r| r.image_id.clone()).unwrap_or_default(),
             container_id: record
-                .and_then(|r| r.id.clone())
-                .map(|id| format!("wasm://{id}")),
+                .and_then(|r| r.id.as_deref())
+                .map(input.container_uri),
             ready: running && (input.ready)(c),
             started: Some(running && (input.started)(c)),
             restart_count: record.map_or(0, |r| r.restart_count),
@@ -311,7 +314,7 @@ pub(super) fn waiting(reason: &str, message: Option<String>) -> K8sState {
 }
 
 pub(super) fn terminated(
-    id: &str,
+    container_uri: String,
     started: Option<SystemTime>,
     finished: SystemTime,
     code: i32,
@@ -319,7 +322,7 @@ pub(super) fn terminated(
     message: Option<String>,
 ) -> ContainerStateTerminated {
     ContainerStateTerminated {
-        container_id: Some(format!("wasm://{id}")),
+        container_id: Some(container_uri),
         exit_code: code,
         reason: Some(exit_reason(reason).into()),
         message,
@@ -592,7 +595,14 @@ mod tests {
             reason,
             message: None,
         });
-        r.last_terminated = Some(terminated("c1", Some(at), at, code, reason, None));
+        r.last_terminated = Some(terminated(
+            "wasm://c1".into(),
+            Some(at),
+            at,
+            code,
+            reason,
+            None,
+        ));
         r
     }
 
@@ -622,6 +632,7 @@ mod tests {
             terminal,
             sandbox_ready: true,
             previous,
+            container_uri: &|id| format!("wasm://{id}"),
             node_ip: "10.0.0.1",
             start_time: DateTime::<Utc>::UNIX_EPOCH,
             now: DateTime::<Utc>::UNIX_EPOCH + k8s_openapi::chrono::Duration::seconds(100),

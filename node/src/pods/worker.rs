@@ -214,7 +214,7 @@ impl PodWorker {
                 record.id = cs
                     .container_id
                     .as_deref()
-                    .and_then(|id| id.strip_prefix("wasm://"))
+                    .and_then(|id| id.split_once("://").map(|(_, id)| id))
                     .map(str::to_string);
                 record.current = Some(ContainerState::Running {
                     started_at: started,
@@ -505,15 +505,11 @@ impl PodWorker {
     /// Reads the provider's view of this pod's containers.
     async fn refresh(&mut self) {
         let snapshot = self.ctx.runtime.newer_than(self.acted_at).await;
-        let Some(listed) = snapshot.containers.as_ref() else {
+        let Some(listed) = snapshot.of_pod(&self.key.uid) else {
             // What runs is unknown while the runtime cannot be asked: keep what was last seen.
             return;
         };
-        let listed: Vec<_> = listed
-            .iter()
-            .filter(|s| s.pod_uid == self.key.uid)
-            .cloned()
-            .collect();
+        let listed = listed.to_vec();
         self.adopt_or_lose(&listed);
         let mut oom_killed = Vec::new();
         for summary in listed {
@@ -547,7 +543,7 @@ impl PodWorker {
                     let message =
                         termination_message(record, *exit_code).or_else(|| message.clone());
                     record.last_terminated = Some(terminated(
-                        &summary.id,
+                        self.ctx.provider.container_uri(&summary.id),
                         *started_at,
                         *finished_at,
                         *exit_code,
@@ -668,7 +664,7 @@ impl PodWorker {
                     };
                     warn!(container = %name, id, "container not found in the runtime");
                     record.last_terminated = Some(ContainerStateTerminated {
-                        container_id: Some(format!("wasm://{id}")),
+                        container_id: Some(self.ctx.provider.container_uri(&id)),
                         exit_code: 137,
                         reason: Some("ContainerStatusUnknown".into()),
                         message: Some("The container could not be located when the node agent or its container runtime restarted".into()),
@@ -696,15 +692,55 @@ impl PodWorker {
         )
     }
 
+    /// The handler of the pod's RuntimeClass, as the kubelet's runtime class manager looks it
+    /// up (`None`: the pod names none). An error says why it cannot be had (no such
+    /// RuntimeClass, the API server unreachable); the sandbox waits and retries.
+    async fn runtime_handler(&self) -> Result<Option<String>, String> {
+        let Some(name) = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.runtime_class_name.clone())
+        else {
+            return Ok(None);
+        };
+        let Some(client) = &self.ctx.client else {
+            return Err(format!(
+                "RuntimeClass {name:?}: no API server to look it up from"
+            ));
+        };
+        let api: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(client.clone());
+        match api.get_opt(&name).await {
+            Ok(Some(class)) => Ok(Some(class.handler)),
+            Ok(None) => Err(format!("RuntimeClass {name:?} not found")),
+            Err(e) => Err(format!(
+                "looking up RuntimeClass {name:?}: {}",
+                provider_api::one_line(&e)
+            )),
+        }
+    }
+
     /// Starts what should run. Returns the earliest retry instant, if any.
     async fn run_containers(&mut self) -> Option<Instant> {
         if self.sandbox.is_none() {
+            let runtime_handler = match self.runtime_handler().await {
+                Ok(handler) => handler,
+                Err(message) => {
+                    warn!(%message, "looking up the pod's RuntimeClass");
+                    self.ctx.events.warning(
+                        &self.object_ref(),
+                        "FailedCreatePodSandBox",
+                        format!("Failed to create pod sandbox: {message}"),
+                    );
+                    return Some(Instant::now() + BACKOFF_INITIAL);
+                }
+            };
             let config = SandboxConfig {
                 pod_uid: self.key.uid.clone(),
                 namespace: self.key.namespace.clone(),
                 name: self.key.name.clone(),
                 pod_dir: self.ctx.pods_dir.join(&self.key.uid),
-                runtime_handler: None,
+                runtime_handler,
             };
             match self.ctx.provider.run_pod_sandbox(&config).await {
                 Ok(id) => self.sandbox = Some(id),
@@ -1375,6 +1411,7 @@ impl PodWorker {
             terminal: self.terminal.as_ref(),
             sandbox_ready: self.sandbox.is_some(),
             previous: &previous,
+            container_uri: &|id| self.ctx.provider.container_uri(id),
             node_ip: &self.ctx.node_ip,
             start_time: self.start_time,
             now: Utc::now(),

@@ -44,6 +44,89 @@ impl Side {
     }
 }
 
+/// The containers side of a node without containerd (no `--container-runtime-endpoint`):
+/// it holds nothing and refuses every pod, so a Linux image or a non-Wasm RuntimeClass handler
+/// gets a clear error instead of a surprise.
+pub struct NoContainers;
+
+impl NoContainers {
+    fn refuse(what: impl std::fmt::Display) -> ProviderError {
+        ProviderError::UnsupportedImage(format!(
+            "{what}, and this node runs only WebAssembly (no Linux containers: the node has no \
+             --container-runtime-endpoint)"
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for NoContainers {
+    fn runtime_info(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            name: "none".into(),
+            version: "0".into(),
+        }
+    }
+
+    fn runtimes(&self) -> Vec<RuntimeInfo> {
+        Vec::new()
+    }
+
+    async fn status(&self) -> RuntimeStatus {
+        RuntimeStatus::Ready
+    }
+
+    async fn image_status(&self, _reference: &str) -> Option<ImageInfo> {
+        None
+    }
+
+    async fn pull_image(
+        &self,
+        reference: &str,
+        _auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
+        Err(Self::refuse(format_args!(
+            "image {reference} is not WebAssembly (no Wasm module or component in it)"
+        )))
+    }
+
+    async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
+        Err(ProviderError::Create(format!(
+            "RuntimeHandler {:?} is not supported: this node runs only WebAssembly pods \
+             (RuntimeClass handlers {}; no --container-runtime-endpoint for others)",
+            config.runtime_handler.as_deref().unwrap_or_default(),
+            WASM_HANDLERS.join(", ")
+        )))
+    }
+
+    async fn remove_pod_sandbox(&self, id: &str, _grace: Duration) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(format!("sandbox {id}")))
+    }
+
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        _config: ContainerConfig,
+    ) -> Result<String, ProviderError> {
+        Err(ProviderError::NotFound(format!("sandbox {sandbox_id}")))
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(format!("container {id}")))
+    }
+
+    async fn stop_container(&self, id: &str, _grace: Duration) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(format!("container {id}")))
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::NotFound(format!("container {id}")))
+    }
+
+    async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
+        Ok(Vec::new())
+    }
+}
+
 /// A pod's sandbox as the router knows it.
 #[derive(Debug, Clone)]
 enum SandboxRoute {
@@ -73,6 +156,7 @@ pub struct Router {
 }
 
 impl Router {
+    /// `containers` is [`NoContainers`] on a node without containerd.
     pub fn new(wasm: Arc<dyn Provider>, containers: Arc<dyn Provider>) -> Self {
         Self {
             wasm,
@@ -200,9 +284,13 @@ fn describe(side: Side) -> &'static str {
 
 #[async_trait::async_trait]
 impl Provider for Router {
-    /// The containerd side's (the node's main runtime); [`Provider::runtimes`] names both.
+    /// The containerd side's on a mixed node, else the Wasm side's; [`Provider::runtimes`]
+    /// names both.
     fn runtime_info(&self) -> RuntimeInfo {
-        self.containers.runtime_info()
+        self.runtimes()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.wasm.runtime_info())
     }
 
     fn runtimes(&self) -> Vec<RuntimeInfo> {
@@ -662,6 +750,45 @@ mod tests {
             .calls()
             .iter()
             .any(|c| c.starts_with("remove-sandbox")));
+    }
+
+    #[tokio::test]
+    async fn a_wasm_only_node_refuses_linux_images_and_other_handlers_clearly() {
+        let wasm = Arc::new(FakeProvider::new());
+        let router = Router::new(wasm.clone(), Arc::new(NoContainers));
+        assert_eq!(router.runtimes(), [wasm.runtime_info()]);
+        assert_eq!(router.runtime_info(), wasm.runtime_info());
+        wasm.fail_pulls("busybox", ProviderError::UnsupportedImage("no Wasm".into()));
+        let e = router.pull_image("busybox", &[]).await.unwrap_err();
+        assert!(matches!(e, ProviderError::UnsupportedImage(_)), "{e:?}");
+        assert!(e.to_string().contains("runs only WebAssembly"), "{e}");
+        let e = router
+            .run_pod_sandbox(&sandbox("a", Some("runc")))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("RuntimeHandler \"runc\" is not supported"),
+            "{e}"
+        );
+        // Wasm pods run as on any node.
+        router
+            .run_pod_sandbox(&sandbox("b", Some("wasm")))
+            .await
+            .unwrap();
+        router.run_pod_sandbox(&sandbox("c", None)).await.unwrap();
+        router.pull_image("hello.wasm", &[]).await.unwrap();
+        let id = router
+            .create_container("c", container("app", "hello.wasm"))
+            .await
+            .unwrap();
+        router.start_container(&id).await.unwrap();
+        assert_eq!(router.list_containers().await.unwrap().len(), 1);
+        router
+            .remove_pod_sandbox("c", Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(router.list_containers().await.unwrap().is_empty());
     }
 
     #[tokio::test]
