@@ -24,10 +24,13 @@ pub struct Case {
     pub args: Vec<String>,
 }
 
+/// Makes the case that prints a line and exits with a code.
+pub type PrintsAndExits = Box<dyn Fn(&str, i32) -> Case + Send + Sync>;
+
 /// What the checks run, per provider.
 pub struct Fixture {
     /// A case that writes `line` on stdout and exits with `code` (0 and 3 are asked for).
-    pub prints_and_exits: Box<dyn Fn(&str, i32) -> Case + Send + Sync>,
+    pub prints_and_exits: PrintsAndExits,
     /// A case that runs until it is asked to stop and then exits by itself with
     /// [`Fixture::term_exit_code`] (SIGTERM handled); `None` where the provider has no way to
     /// ask (WASI has no signals).

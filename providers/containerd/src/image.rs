@@ -310,12 +310,7 @@ pub async fn pull(
         .await
     {
         Ok((bytes, digest)) => (https, bytes, digest),
-        Err(e)
-            if registries
-                .insecure_registries
-                .iter()
-                .any(|r| *r == registry) =>
-        {
+        Err(e) if registries.insecure_registries.contains(&registry) => {
             let http = registries.client(ClientProtocol::HttpsExcept(vec![registry.clone()]));
             match http
                 .pull_manifest_raw(&parsed, &credentials, MANIFEST_TYPES)
@@ -776,7 +771,6 @@ async fn apply_and_commit(
                 name: chain.to_string(),
                 key: key.to_string(),
                 labels: HashMap::new(),
-                ..Default::default()
             },
             Some(lease),
         ))
