@@ -24,12 +24,13 @@ pub struct Case {
     pub args: Vec<String>,
 }
 
-/// Makes the case that prints a line and exits with a code.
-pub type PrintsAndExits = Box<dyn Fn(&str, i32) -> Case + Send + Sync>;
+/// Makes the case that exits with a code (0 and 3 are asked for), and the line it writes on
+/// stdout before.
+pub type PrintsAndExits = Box<dyn Fn(i32) -> (Case, String) + Send + Sync>;
 
 /// What the checks run, per provider.
 pub struct Fixture {
-    /// A case that writes `line` on stdout and exits with `code` (0 and 3 are asked for).
+    /// A case that writes a line on stdout and exits with a code.
     pub prints_and_exits: PrintsAndExits,
     /// A case that runs until it is asked to stop and then exits by itself with
     /// [`Fixture::term_exit_code`] (SIGTERM handled); `None` where the provider has no way to
@@ -182,7 +183,7 @@ pub async fn remove(provider: &dyn Provider, fx: &Fixture, id: &str) {
 /// and listed for image GC.
 pub async fn check_pull(provider: &dyn Provider, fx: &Fixture) {
     let mut images: Vec<String> = vec![
-        (fx.prints_and_exits)("x", 0).image,
+        (fx.prints_and_exits)(0).0.image,
         fx.ignores_stop.image.clone(),
         fx.memory_hog.image.clone(),
     ];
@@ -222,8 +223,7 @@ pub async fn check_pull(provider: &dyn Provider, fx: &Fixture) {
 pub async fn check_exit_codes_and_logs(provider: &dyn Provider, fx: &Fixture) {
     let sandbox = sandbox(provider, fx).await;
     for (code, reason) in [(0, ExitReason::Completed), (3, ExitReason::Error)] {
-        let line = format!("conformance says {code}");
-        let case = (fx.prints_and_exits)(&line, code);
+        let (case, line) = (fx.prints_and_exits)(code);
         let config = config(fx, &format!("exit-{code}"), &case);
         let log_path = config.log_path.clone();
         let id = run(provider, fx, &sandbox, config).await;

@@ -202,16 +202,20 @@ fn setup(test: &str) -> Setup {
     };
     let prints = {
         let image = image.clone();
-        move |line: &str, code: i32| Case {
-            image: image.clone(),
-            command: vec![
-                "sh".into(),
-                "-c".into(),
-                r#"echo "$0"; exit "$1""#.into(),
-                line.into(),
-                code.to_string(),
-            ],
-            args: vec![],
+        move |code: i32| {
+            let line = format!("conformance says {code}");
+            let case = Case {
+                image: image.clone(),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    r#"echo "$0"; exit "$1""#.into(),
+                    line.clone(),
+                    code.to_string(),
+                ],
+                args: vec![],
+            };
+            (case, line)
         }
     };
     let fixture = Fixture {
