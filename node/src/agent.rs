@@ -250,7 +250,7 @@ pub async fn run(
                 shutdown.clone(),
             ));
             // Eviction and garbage collection see the manager's pods; evictions go back through it.
-            let (pods_tx, pods_rx) = watch::channel(crate::eviction::PodSet::new());
+            let (pods_tx, pods_rx) = watch::channel(crate::pods::manager::PodSet::new());
             let (evict_tx, evict_rx) = mpsc::unbounded_channel();
             let (gc, gc_handle) = crate::gc::GarbageCollector::new(
                 config.clone(),

@@ -28,8 +28,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::events::EventSink;
-use crate::eviction::PodSet;
 use crate::machine;
+use crate::pods::manager::PodSet;
 
 /// Asks the garbage collector to free what it can now; answered with the bytes freed.
 #[derive(Clone)]

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use provider_api::{ContainerState, ContainerSummary, Provider};
+use provider_api::{ContainerState, Provider};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,8 @@ use crate::config::{Config, EvictionSignal};
 use crate::events::EventSink;
 use crate::gc::GcHandle;
 use crate::machine;
+use crate::pods::manager::PodSet;
+use crate::pods::pleg::RuntimeSnapshot;
 use crate::pods::static_source::{ANNOTATION_MIRROR, ANNOTATION_SOURCE};
 use crate::quantity;
 use rank::{Candidate, ContainerUse, Resource};
@@ -55,9 +57,6 @@ const POD_CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 const POD_CLEANUP_POLL: Duration = Duration::from_millis(200);
 /// Pods at or above this priority are system-critical and never evicted (`SystemCriticalPriority`).
 const SYSTEM_CRITICAL_PRIORITY: i32 = 2_000_000_000;
-
-/// The pods the node runs now, by UID, as the pod manager publishes them.
-pub type PodSet = BTreeMap<String, Arc<Pod>>;
 
 /// An eviction, for the pod's worker to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,12 +187,12 @@ impl EvictionManager {
         self.publish(&decision.conditions);
 
         let snapshot = self.runtime.latest();
-        let Some(containers) = snapshot.containers.as_ref() else {
+        if snapshot.containers.is_none() {
             // Nothing is known about what runs while the runtime cannot be asked.
             return;
-        };
+        }
         let pods = self.links.pods.borrow().clone();
-        let active = self.active_pods(containers);
+        let active = self.active_pods(&snapshot);
 
         // Local storage limits are enforced whatever the node's pressure (as the kubelet's
         // localStorageEviction); a pod evicted for them ends this pass.
@@ -244,7 +243,7 @@ impl EvictionManager {
             }
         }
 
-        let mut candidates = self.candidates(&active, resource, containers).await;
+        let mut candidates = self.candidates(&active, resource, &snapshot).await;
         rank::rank(&mut candidates, resource);
         let Some(victim) = candidates.first() else {
             warn!(
@@ -279,15 +278,17 @@ impl EvictionManager {
     }
 
     /// The running pods not already being evicted.
-    fn active_pods(&mut self, containers: &[ContainerSummary]) -> Vec<Arc<Pod>> {
+    fn active_pods(&mut self, snapshot: &RuntimeSnapshot) -> Vec<Arc<Pod>> {
         let pods = self.links.pods.borrow().clone();
         self.evicted.retain(|uid| pods.contains_key(uid));
         pods.iter()
             .filter(|(uid, _)| !self.evicted.contains(*uid))
             .filter(|(uid, _)| {
-                containers.iter().any(|c| {
-                    &c.pod_uid == *uid && matches!(c.state, ContainerState::Running { .. })
-                })
+                snapshot
+                    .of_pod(uid)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| matches!(c.state, ContainerState::Running { .. }))
             })
             .map(|(_, pod)| pod.clone())
             .collect()
@@ -317,8 +318,8 @@ impl EvictionManager {
         if total <= allocatable {
             return;
         }
-        let active = self.active_pods(containers);
-        let mut candidates = self.candidates(&active, Resource::Memory, containers).await;
+        let active = self.active_pods(&snapshot);
+        let mut candidates = self.candidates(&active, Resource::Memory, &snapshot).await;
         rank::rank(&mut candidates, Resource::Memory);
         let Some(victim) = candidates.first() else {
             warn!(
@@ -357,17 +358,10 @@ impl EvictionManager {
         let deadline = Instant::now() + grace + POD_CLEANUP_TIMEOUT;
         while Instant::now() < deadline {
             // While the runtime cannot be asked the containers count as running.
-            let running = self
-                .runtime
-                .fresh()
-                .await
-                .containers
-                .as_ref()
-                .is_none_or(|l| {
-                    l.iter().any(|c| {
-                        c.pod_uid == uid && matches!(c.state, ContainerState::Running { .. })
-                    })
-                });
+            let running = self.runtime.fresh().await.of_pod(uid).is_none_or(|l| {
+                l.iter()
+                    .any(|c| matches!(c.state, ContainerState::Running { .. }))
+            });
             if !running {
                 debug!(uid, "evicted pod's containers stopped");
                 return;
@@ -497,7 +491,7 @@ impl EvictionManager {
         &self,
         active: &[Arc<Pod>],
         resource: Resource,
-        containers: &[ContainerSummary],
+        snapshot: &RuntimeSnapshot,
     ) -> Vec<Candidate> {
         let mut candidates = Vec::with_capacity(active.len());
         for pod in active {
@@ -506,7 +500,7 @@ impl EvictionManager {
             } else {
                 Some(self.storage_usage(pod).await)
             };
-            candidates.push(self.candidate(pod, resource, containers, storage));
+            candidates.push(self.candidate(pod, resource, snapshot, storage));
         }
         candidates
     }
@@ -516,10 +510,11 @@ impl EvictionManager {
         &self,
         pod: &Pod,
         resource: Resource,
-        containers: &[ContainerSummary],
+        snapshot: &RuntimeSnapshot,
         storage: Option<StorageUsage>,
     ) -> Candidate {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let containers = snapshot.of_pod(&uid).unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
         let request_of = |c: &k8s_openapi::api::core::v1::Container, what: &str| -> u64 {
             c.resources
@@ -537,9 +532,7 @@ impl EvictionManager {
                     Resource::Memory => containers
                         .iter()
                         .filter(|s| {
-                            s.pod_uid == uid
-                                && s.name == c.name
-                                && matches!(s.state, ContainerState::Running { .. })
+                            s.name == c.name && matches!(s.state, ContainerState::Running { .. })
                         })
                         .map(|s| s.usage.memory_bytes)
                         .sum(),

@@ -16,7 +16,11 @@ use tracing::{info_span, Instrument};
 
 use super::source::PodChange;
 use super::worker::{PodDesire, PodWorker, WorkerContext};
-use crate::eviction::{Eviction, PodSet};
+use crate::eviction::Eviction;
+
+/// The pods the node runs now, by UID: the pod manager owns this set and publishes it (on
+/// [`ManagerLinks::pods`]) for the eviction manager and the garbage collector to read.
+pub type PodSet = std::collections::BTreeMap<String, Arc<k8s_openapi::api::core::v1::Pod>>;
 
 /// The pod manager's links to the eviction manager.
 pub struct ManagerLinks {

@@ -30,6 +30,49 @@ pub struct RuntimeSnapshot {
     pub containers: Option<Vec<ContainerSummary>>,
     /// Every pod sandbox; `None` as for `containers`.
     pub sandboxes: Option<Vec<SandboxConfig>>,
+    /// Where each pod's containers are in `containers` (sorted by pod UID when the snapshot is
+    /// made): readers ask for one pod's without walking every container of the node.
+    by_pod: HashMap<String, std::ops::Range<usize>>,
+}
+
+impl RuntimeSnapshot {
+    /// A snapshot of one relist; the containers are grouped by pod for [`Self::of_pod`].
+    pub fn new(
+        generation: u64,
+        containers: Option<Vec<ContainerSummary>>,
+        sandboxes: Option<Vec<SandboxConfig>>,
+    ) -> Self {
+        let mut by_pod = HashMap::new();
+        let containers = containers.map(|mut list| {
+            // Stable: a pod's containers keep the provider's order.
+            list.sort_by(|a, b| a.pod_uid.cmp(&b.pod_uid));
+            let mut start = 0;
+            for end in 1..=list.len() {
+                if end == list.len() || list[end].pod_uid != list[start].pod_uid {
+                    by_pod.insert(list[start].pod_uid.clone(), start..end);
+                    start = end;
+                }
+            }
+            list
+        });
+        Self {
+            generation,
+            containers,
+            sandboxes,
+            by_pod,
+        }
+    }
+
+    /// The containers of the pod with this UID (every state); `None` while the runtime cannot
+    /// be asked, empty when it runs none of the pod's.
+    pub fn of_pod(&self, uid: &str) -> Option<&[ContainerSummary]> {
+        let containers = self.containers.as_deref()?;
+        Some(
+            self.by_pod
+                .get(uid)
+                .map_or(&[][..], |range| &containers[range.clone()]),
+        )
+    }
 }
 
 /// The readers' side of the runtime cache (cheap to clone).
@@ -54,11 +97,7 @@ pub struct Mark(u64);
 
 /// A cache with nothing in it yet (an empty snapshot, generation 0, from before any relist).
 pub fn runtime_cache() -> (RuntimeCache, RuntimePublisher) {
-    let empty = Arc::new(RuntimeSnapshot {
-        generation: 0,
-        containers: None,
-        sandboxes: None,
-    });
+    let empty = Arc::new(RuntimeSnapshot::new(0, None, None));
     let (tx, rx) = watch::channel(empty);
     let (relist, begun) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
     (
@@ -146,11 +185,11 @@ pub async fn run(
         if let Err(e) = listed.as_ref().and(sandboxes.as_ref()) {
             tracing::debug!(error = %e, "the runtime cannot be listed");
         }
-        cache.tx.send_replace(Arc::new(RuntimeSnapshot {
+        cache.tx.send_replace(Arc::new(RuntimeSnapshot::new(
             generation,
-            containers: listed.as_ref().ok().cloned(),
-            sandboxes: sandboxes.ok(),
-        }));
+            listed.as_ref().ok().cloned(),
+            sandboxes.ok(),
+        )));
         // Nothing changed that anyone can know of while the runtime cannot be asked; the
         // relist after it is back reports what did.
         let Ok(listed) = listed else { continue };
@@ -193,4 +232,52 @@ fn record_relist(listed: &[provider_api::ContainerSummary], took: Duration) {
             .set(i64::from(count));
     }
     metrics.running_pods.set(running_pods.len() as i64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn container(pod: &str, name: &str) -> ContainerSummary {
+        ContainerSummary {
+            id: format!("{pod}-{name}"),
+            pod_uid: pod.into(),
+            name: name.into(),
+            attempt: 0,
+            image_digest: String::new(),
+            state: ContainerState::Running {
+                started_at: SystemTime::UNIX_EPOCH,
+            },
+            usage: Default::default(),
+            annotations: Default::default(),
+        }
+    }
+
+    fn names(list: Option<&[ContainerSummary]>) -> Option<Vec<&str>> {
+        list.map(|l| l.iter().map(|c| c.id.as_str()).collect())
+    }
+
+    #[test]
+    fn a_snapshot_finds_each_pods_containers_in_the_providers_order() {
+        let listed = ["b/x", "a/y", "b/w", "c/z", "a/v"]
+            .iter()
+            .map(|s| {
+                let (pod, name) = s.split_once('/').unwrap();
+                container(pod, name)
+            })
+            .collect();
+        let snapshot = RuntimeSnapshot::new(1, Some(listed), None);
+        assert_eq!(names(snapshot.of_pod("a")), Some(vec!["a-y", "a-v"]));
+        assert_eq!(names(snapshot.of_pod("b")), Some(vec!["b-x", "b-w"]));
+        assert_eq!(names(snapshot.of_pod("c")), Some(vec!["c-z"]));
+        assert_eq!(names(snapshot.of_pod("d")), Some(vec![]));
+        assert_eq!(snapshot.containers.as_ref().map(Vec::len), Some(5));
+        // Unknown is not empty: readers skip rather than conclude that nothing runs.
+        assert_eq!(names(RuntimeSnapshot::new(2, None, None).of_pod("a")), None);
+        assert_eq!(
+            names(RuntimeSnapshot::new(3, Some(vec![]), None).of_pod("a")),
+            Some(vec![])
+        );
+    }
 }

@@ -137,8 +137,7 @@ impl Sampler {
 
         // Fresh, so usage and the sample's time agree (rates are per second between samples).
         let snapshot = self.runtime.fresh().await;
-        let (Some(sandboxes), Some(containers)) =
-            (snapshot.sandboxes.clone(), snapshot.containers.as_ref())
+        let (Some(sandboxes), Some(_)) = (snapshot.sandboxes.clone(), snapshot.containers.as_ref())
         else {
             tracing::debug!("stats sample skipped: the container runtime cannot be listed");
             return None;
@@ -148,7 +147,7 @@ impl Sampler {
             // The latest attempt of each container, running or not (its CPU time is cumulative
             // per attempt, as a container's is in the kubelet).
             let mut latest: HashMap<&str, &provider_api::ContainerSummary> = HashMap::new();
-            for c in containers.iter().filter(|c| c.pod_uid == sandbox.pod_uid) {
+            for c in snapshot.of_pod(&sandbox.pod_uid).unwrap_or_default() {
                 if latest
                     .get(c.name.as_str())
                     .is_none_or(|l| l.attempt < c.attempt)

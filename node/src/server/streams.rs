@@ -367,15 +367,15 @@ async fn running_container(
 ) -> Result<String, StatusError> {
     // Fresh: a container that restarted a moment ago is targeted in its new instance.
     let snapshot = ctx.runtime.fresh().await;
-    let containers = snapshot.containers.clone().ok_or_else(|| StatusError {
+    let containers = snapshot.of_pod(uid).ok_or_else(|| StatusError {
         code: 503,
         reason: "ServiceUnavailable",
         message: "the container runtime cannot be listed".into(),
         headers: Box::default(),
     })?;
     let mut of_pod = containers
-        .into_iter()
-        .filter(|c| c.pod_uid == uid && c.name == container)
+        .iter()
+        .filter(|c| c.name == container)
         .collect::<Vec<_>>();
     if of_pod.is_empty() {
         return Err(StatusError::not_found(format!(
@@ -384,7 +384,7 @@ async fn running_container(
     }
     of_pod.sort_by_key(|c| c.attempt);
     match of_pod.pop() {
-        Some(c) if matches!(c.state, ContainerState::Running { .. }) => Ok(c.id),
+        Some(c) if matches!(c.state, ContainerState::Running { .. }) => Ok(c.id.clone()),
         _ => Err(StatusError::bad_request(format!(
             "container {container} is not running"
         ))),

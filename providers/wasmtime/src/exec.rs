@@ -28,7 +28,8 @@ use wasmtime::Engine;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream, IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::OutputStream;
 
-use crate::instance::{classify, granted_context, Instance, UsageMeter};
+use crate::instance::{classify, Instance};
+use crate::sandbox::{granted_context, UsageMeter};
 
 /// How many bytes the guest may hand to one output stream before its write waits for the
 /// caller's writer: 64 KiB is a pipe buffer on Linux, enough for any line, small enough to hold

@@ -32,17 +32,18 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store};
+use wasmtime::Engine;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::instance::{self, Exit, UsageMeter, KILLED_EXIT_CODE};
+use crate::instance::{self, Exit, KILLED_EXIT_CODE};
 use crate::log::{ContainerLog, Stream};
 use crate::memory::Limiter;
 use crate::network::{HttpDenied, NetworkPolicy};
+use crate::sandbox::{self, UsageMeter};
 
 /// Requests one HTTP container serves at once unless its pod says otherwise. Each in-flight
 /// request holds an instance (a linear memory of a few MiB for a small Rust component), so
@@ -392,7 +393,7 @@ pub async fn serve(
         .max_concurrent_requests
         .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS)
         .max(1);
-    let argv = instance::argv(&config);
+    let argv = sandbox::argv(&config);
     let shared = Arc::new(Shared {
         engine: pre.engine().clone(),
         pre,
@@ -546,7 +547,7 @@ async fn handle(
         shared.rejected.fetch_add(1, Ordering::Relaxed);
         return text_response(503, format!("wasm-kubelet: container {} is already serving its limit of {} concurrent requests; retry later\n", shared.config.name, shared.max));
     };
-    let mut wasi = match instance::granted_context(&shared.config, &shared.network, &shared.argv) {
+    let mut wasi = match sandbox::granted_context(&shared.config, &shared.network, &shared.argv) {
         Ok(w) => w,
         Err(e) => {
             return text_response(
@@ -557,18 +558,17 @@ async fn handle(
     };
     wasi.stdout(shared.log.pipe(Stream::Stdout))
         .stderr(shared.log.pipe(Stream::Stderr));
-    let state = HttpState {
+    let state = |limiter| HttpState {
         ctx: wasi.build(),
         http: WasiHttpCtx::new(),
         table: ResourceTable::new(),
         hooks: OutboundHooks {
             policy: shared.network.clone(),
         },
-        limiter: Limiter::new(shared.meter.budget().clone()),
+        limiter,
     };
-    let mut store = Store::new(&shared.engine, state);
-    // Every epoch tick yields to tokio, or interrupts the guest once the container is killed.
-    instance::arm(&mut store, &shared.kill, 1, |s: &mut HttpState| {
+    // The container's sandbox, as its run has it: memory budget, CPU slice, the kill.
+    let mut store = sandbox::store(&shared.engine, &shared.meter, &shared.kill, state, |s| {
         &mut s.limiter
     });
     let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -591,7 +591,7 @@ async fn handle(
     // The slot is held until the instance is done.
     let task = tokio::spawn(async move {
         let mut instantiated = false;
-        let result = instance::Metered::new(meter, async {
+        let result = sandbox::Metered::new(meter, async {
             let proxy = pre.instantiate_async(&mut store).await?;
             instantiated = true;
             proxy

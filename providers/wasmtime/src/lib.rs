@@ -28,6 +28,7 @@ pub mod instance;
 pub mod log;
 pub mod memory;
 pub mod network;
+pub mod sandbox;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,8 +46,9 @@ use tracing::Instrument;
 
 use crate::compile::CompileCache;
 use crate::image::{ImageStore, PullLimits, RegistryOptions};
-use crate::instance::{Exit, Instance, Linkers, UsageMeter, KILLED_EXIT_CODE};
+use crate::instance::{Exit, Instance, Linkers, KILLED_EXIT_CODE};
 use crate::log::ContainerLog;
+use crate::sandbox::UsageMeter;
 
 /// The wasmtime version pinned in the workspace (see build.rs).
 pub const WASMTIME_VERSION: &str = env!("WASMTIME_VERSION");
