@@ -45,7 +45,7 @@ use provider_api::{
 use crate::client::{is_not_found, status_error, Client, SNAPSHOTTER};
 pub use crate::image::RegistryOptions;
 use crate::log::{ContainerLog, Stream};
-pub use crate::spec::SandboxNamespaces;
+pub use crate::spec::{Namespace, SandboxNamespaces};
 
 /// The containerd namespace the provider keeps its images and containers in by default.
 pub const DEFAULT_NAMESPACE: &str = "wasm-kubelet";

@@ -20,15 +20,28 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// The smallest `cpu.shares` the kernel takes (and the kubelet gives a pod without requests).
 const MIN_SHARES: u64 = 2;
 
-/// The pod's namespaces a container joins by path instead of getting its own; `None`: its own.
-/// The seam for pod networking (providers/podnet `PodNetwork`): a pod sandbox that has a network
-/// namespace, an IPC and a UTS namespace pinned as files passes them here, and every container
-/// of the pod joins them.
+/// Which namespace of one kind a container runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Namespace {
+    /// A new one of its own (without a pod network: loopback only).
+    #[default]
+    Private,
+    /// The pod's, pinned at this path (a bind-mounted /proc/<pid>/ns/<kind>).
+    Join(PathBuf),
+    /// The node's own (`hostNetwork`, `hostIPC`): the spec leaves the kind out.
+    Node,
+}
+
+/// The pod's namespaces its containers run in: the seam for pod networking. providers/podnet
+/// pins a pod's network, IPC and UTS namespaces (`PodNamespaces`, `NamespacePaths`) and
+/// attaches the network (`PodNetwork`); its `NamespacePaths` maps here as `Some(path)` ->
+/// [`Namespace::Join`] and `None` (the node's) -> [`Namespace::Node`]. Every container of the
+/// pod then joins them by path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxNamespaces {
-    pub network: Option<PathBuf>,
-    pub ipc: Option<PathBuf>,
-    pub uts: Option<PathBuf>,
+    pub network: Namespace,
+    pub ipc: Namespace,
+    pub uts: Namespace,
 }
 
 /// The argv of the container: the pod's `command` replaces the image's Entrypoint (and then
@@ -166,10 +179,18 @@ pub fn build(
             "options": options,
         }));
     }
-    let ns = |kind: &str, path: &Option<PathBuf>| match path {
-        Some(p) => json!({"type": kind, "path": p}),
-        None => json!({"type": kind}),
-    };
+    let mut linux_namespaces = vec![json!({"type": "pid"}), json!({"type": "mount"})];
+    for (kind, ns) in [
+        ("network", &namespaces.network),
+        ("ipc", &namespaces.ipc),
+        ("uts", &namespaces.uts),
+    ] {
+        match ns {
+            Namespace::Private => linux_namespaces.push(json!({"type": kind})),
+            Namespace::Join(path) => linux_namespaces.push(json!({"type": kind, "path": path})),
+            Namespace::Node => {}
+        }
+    }
     let mut memory = serde_json::Map::new();
     if let Some(limit) = config.memory_limit_bytes {
         memory.insert("limit".into(), json!(limit));
@@ -189,7 +210,7 @@ pub fn build(
         cpu.insert("quota".into(), json!(quota));
         cpu.insert("period".into(), json!(CPU_PERIOD_US));
     }
-    Ok(json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -213,13 +234,7 @@ pub fn build(
                 "memory": memory,
                 "cpu": cpu,
             },
-            "namespaces": [
-                {"type": "pid"},
-                ns("network", &namespaces.network),
-                ns("ipc", &namespaces.ipc),
-                ns("uts", &namespaces.uts),
-                {"type": "mount"},
-            ],
+            "namespaces": linux_namespaces,
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                 "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
@@ -230,7 +245,14 @@ pub fn build(
             ],
         },
         "annotations": {"io.wasm-kubelet.container-id": id},
-    }))
+    });
+    // runc sets no hostname in the node's UTS namespace (it refuses to).
+    if namespaces.uts == Namespace::Node {
+        if let Some(obj) = spec.as_object_mut() {
+            obj.remove("hostname");
+        }
+    }
+    Ok(spec)
 }
 
 /// Whether the memory cgroup accounts swap (cgroup v1 `memory.memsw.*`); runc refuses a swap
@@ -320,12 +342,15 @@ mod tests {
     #[test]
     fn pod_namespaces_are_joined_by_path() {
         let ns = SandboxNamespaces {
-            network: Some("/run/netns/p".into()),
-            ..Default::default()
+            network: Namespace::Join("/run/netns/p".into()),
+            ipc: Namespace::Private,
+            uts: Namespace::Node,
         };
         let spec = build("id", "pod", &config(), &image(), &ns, "/x/id").unwrap();
         let list = spec["linux"]["namespaces"].as_array().unwrap();
         assert!(list.contains(&json!({"type": "network", "path": "/run/netns/p"})));
         assert!(list.contains(&json!({"type": "ipc"})));
+        assert!(list.iter().all(|n| n["type"] != "uts"));
+        assert!(spec.get("hostname").is_none());
     }
 }
