@@ -15,6 +15,10 @@ use serde_json::{json, Value};
 
 use crate::image::ImageConfig;
 
+/// The most processes (threads included) one container may have: a fork bomb in a hostile
+/// container must not exhaust the node's PIDs. 4096 is far above what a real service runs
+/// (the kubelet's podPidsLimit is off by default; a node operator's budget would replace this).
+pub const PIDS_LIMIT: i64 = 4096;
 /// CFS period, as the kubelet sets it: 100 ms.
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// The smallest `cpu.shares` the kernel takes (and the kubelet gives a pod without requests).
@@ -233,6 +237,7 @@ pub fn build(
                 "devices": [{"allow": false, "access": "rwm"}],
                 "memory": memory,
                 "cpu": cpu,
+                "pids": {"limit": PIDS_LIMIT},
             },
             "namespaces": linux_namespaces,
             "maskedPaths": [
@@ -337,6 +342,7 @@ mod tests {
             .unwrap()
             .contains(&json!("CAP_SYS_ADMIN")));
         assert_eq!(cpu_shares(None), 2);
+        assert_eq!(res["pids"]["limit"], json!(PIDS_LIMIT));
     }
 
     #[test]
