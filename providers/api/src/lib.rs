@@ -14,6 +14,9 @@
 #[cfg(feature = "fake")]
 pub mod fake;
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;

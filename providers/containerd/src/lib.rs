@@ -1,0 +1,1201 @@
+//! wasm-kubelet's container provider: ordinary Linux containers through containerd's own gRPC
+//! API (not its CRI plugin), beside the Wasm provider.
+//!
+//! Start at [`ContainerdProvider`]. The pieces:
+//! - [`image`]: pulls with oci-client into containerd's content store, the image record, and
+//!   the unpack into the overlayfs snapshotter;
+//! - [`spec`]: the OCI runtime spec of a container (argv, env, mounts, limits, privileges) and
+//!   [`SandboxNamespaces`], the seam where a pod's network/IPC/UTS namespaces come in;
+//! - [`log`]: the CRI-format log file fed from the task's stdout/stderr FIFOs.
+//!
+//! containerd keeps everything: a container is a containerd container record whose labels and
+//! one extension hold what the node gave it (pod UID, name, attempt, annotations, the whole
+//! [`ContainerConfig`]), and whose task, while it exists, holds its process and exit status.
+//! So a new provider instance (an agent restart) lists the same containers, re-attaches the
+//! log readers of the running ones, and can stop and remove them. Only the pod sandbox records
+//! are the provider's own (a JSON file per pod under the state directory).
+
+pub mod client;
+pub mod image;
+pub mod log;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use containerd_client::services::v1::snapshots::{
+    MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteImageRequest, DeleteTaskRequest, GetContainerRequest,
+    GetRequest as GetTaskRequest, KillRequest, ListContainersRequest, ListImagesRequest,
+    ListTasksRequest, StartRequest, UpdateContainerRequest, UpdateImageRequest, WaitRequest,
+};
+use containerd_client::types::v1::{Process, Status as TaskStatus};
+use provider_api::{
+    ContainerConfig, ContainerState, ContainerSummary, ContainerUsage, ExitReason, ImageInfo,
+    ImageRecord, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig,
+};
+
+use crate::client::{is_not_found, status_error, Client, SNAPSHOTTER};
+pub use crate::image::RegistryOptions;
+use crate::log::{ContainerLog, Stream};
+pub use crate::spec::{Namespace, SandboxNamespaces};
+
+/// The containerd namespace the provider keeps its images and containers in by default.
+pub const DEFAULT_NAMESPACE: &str = "wasm-kubelet";
+/// The runtime every container runs with: runc through containerd's v2 shim.
+const RUNTIME: &str = "io.containerd.runc.v2";
+/// The type URL containerd expects for an OCI runtime spec.
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// The container extension holding the node's whole [`ContainerConfig`] (JSON).
+const CONFIG_EXTENSION: &str = "io.wasm-kubelet/container-config";
+const CONFIG_TYPE_URL: &str = "io.wasm-kubelet/ContainerConfig";
+
+const LABEL_POD_UID: &str = "io.wasm-kubelet/pod-uid";
+const LABEL_NAME: &str = "io.wasm-kubelet/name";
+const LABEL_ATTEMPT: &str = "io.wasm-kubelet/attempt";
+const LABEL_IMAGE_DIGEST: &str = "io.wasm-kubelet/image-digest";
+/// When the task was started, unix nanoseconds.
+const LABEL_STARTED_AT: &str = "io.wasm-kubelet/started-at";
+/// Set when `stop_container` asked the container to stop.
+const LABEL_STOP_REQUESTED: &str = "io.wasm-kubelet/stop-requested";
+/// Set when the container was stopped before it started (it has no task then).
+const LABEL_STOPPED_AT: &str = "io.wasm-kubelet/stopped-at";
+/// `true` when the container's cgroup counted an OOM kill (read when it exited).
+const LABEL_OOM: &str = "io.wasm-kubelet/oom";
+
+/// How long a SIGKILLed task may take to be reported exited before stop gives up.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// The exit code of a process ended by SIGKILL, as shells and the kubelet report it.
+const SIGKILL_EXIT: i32 = 137;
+
+/// What the agent's configuration sets in the provider.
+#[derive(Debug, Clone)]
+pub struct ProviderOptions {
+    /// containerd's gRPC socket (`--container-runtime-endpoint`).
+    pub socket: PathBuf,
+    /// The containerd namespace for images and containers.
+    pub namespace: String,
+    /// Where the provider keeps its FIFOs and pod sandbox records (under the agent's root dir).
+    pub state_dir: PathBuf,
+    /// Plain-http registries and extra CAs, as the Wasm provider's.
+    pub registries: RegistryOptions,
+    /// The cgroup every container's cgroup is made under (cgroupfs paths, e.g.
+    /// `/wasm-kubelet/<namespace>`).
+    pub cgroup_parent: String,
+    /// containerd's root directory (the image filesystem), when known.
+    pub image_fs_path: Option<PathBuf>,
+}
+
+impl ProviderOptions {
+    /// The defaults for `socket` with state under `state_dir`.
+    pub fn new(socket: PathBuf, state_dir: PathBuf) -> Self {
+        Self {
+            socket,
+            namespace: DEFAULT_NAMESPACE.into(),
+            state_dir,
+            registries: RegistryOptions::default(),
+            cgroup_parent: format!("/wasm-kubelet/{DEFAULT_NAMESPACE}"),
+            image_fs_path: None,
+        }
+    }
+}
+
+/// A pod sandbox: for now only a record (the pod's namespaces come from the pod network
+/// component when it is wired in; see [`SandboxNamespaces`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Sandbox {
+    config: SandboxConfig,
+    namespaces: SandboxNamespaces,
+}
+
+/// Runs Linux containers with containerd and runc.
+pub struct ContainerdProvider {
+    client: Client,
+    options: ProviderOptions,
+    version: String,
+    sandboxes: Mutex<HashMap<String, Sandbox>>,
+}
+
+/// 128 random bits as hex, from the kernel.
+pub(crate) fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // Unreachable on Linux; the time and a counter are unique within this process anyway.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes[..8].copy_from_slice(&t.to_le_bytes());
+        bytes[8..].copy_from_slice(&(n ^ u64::from(std::process::id())).to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn nanos_since_epoch(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn time_from_nanos(s: &str) -> Option<SystemTime> {
+    let n: u128 = s.parse().ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(n.min(u64::MAX as u128) as u64))
+}
+
+fn time_from_proto(t: &prost_types::Timestamp) -> SystemTime {
+    if t.seconds < 0 {
+        return SystemTime::UNIX_EPOCH;
+    }
+    SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32)
+}
+
+impl ContainerdProvider {
+    /// Connects to containerd (it must answer), reads the pod sandbox records and re-attaches
+    /// the log readers of the containers still running.
+    pub async fn connect(options: ProviderOptions) -> Result<Self, ProviderError> {
+        let client = Client::connect(&options.socket, &options.namespace).await?;
+        let version = client
+            .version()
+            .version(client.req(()))
+            .await
+            .map_err(|e| {
+                ProviderError::Unavailable(format!(
+                    "containerd at {} does not answer: {}",
+                    options.socket.display(),
+                    e.message()
+                ))
+            })?
+            .into_inner()
+            .version;
+        for dir in ["sandboxes", "fifos"] {
+            let path = options.state_dir.join(dir);
+            std::fs::create_dir_all(&path)
+                .map_err(|e| ProviderError::Setup(format!("creating {}: {e}", path.display())))?;
+        }
+        let sandboxes = load_sandboxes(&options.state_dir.join("sandboxes"));
+        let provider = Self {
+            client,
+            options,
+            version,
+            sandboxes: Mutex::new(sandboxes),
+        };
+        provider.adopt().await?;
+        Ok(provider)
+    }
+
+    /// Creates the pod's sandbox record with the namespaces its containers join.
+    pub async fn run_pod_sandbox_in(
+        &self,
+        config: &SandboxConfig,
+        namespaces: SandboxNamespaces,
+    ) -> Result<String, ProviderError> {
+        let sandbox = Sandbox {
+            config: config.clone(),
+            namespaces,
+        };
+        let path = self.sandbox_path(&config.pod_uid)?;
+        let json = serde_json::to_vec(&sandbox)
+            .map_err(|e| ProviderError::Io(format!("encoding the sandbox record: {e}")))?;
+        write_atomically(&path, &json)
+            .map_err(|e| ProviderError::Io(format!("writing {}: {e}", path.display())))?;
+        self.sandboxes().insert(config.pod_uid.clone(), sandbox);
+        Ok(config.pod_uid.clone())
+    }
+
+    fn sandboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sandbox>> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sandbox_path(&self, pod_uid: &str) -> Result<PathBuf, ProviderError> {
+        // A pod UID is a UUID; anything else must not name a path.
+        if pod_uid.is_empty()
+            || !pod_uid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ProviderError::Create(format!(
+                "pod UID {pod_uid:?} is not a UID"
+            )));
+        }
+        Ok(self
+            .options
+            .state_dir
+            .join("sandboxes")
+            .join(format!("{pod_uid}.json")))
+    }
+
+    fn fifo_dir(&self, id: &str) -> PathBuf {
+        self.options.state_dir.join("fifos").join(id)
+    }
+
+    fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.options.cgroup_parent.trim_end_matches('/'))
+    }
+
+    async fn get_container(&self, id: &str) -> Result<Container, ProviderError> {
+        valid_id(id)?;
+        self.client
+            .containers()
+            .get(self.client.req(GetContainerRequest { id: id.to_string() }))
+            .await
+            .map_err(|e| status_error(&format!("container {id}"), e))?
+            .into_inner()
+            .container
+            .ok_or_else(|| ProviderError::NotFound(format!("container {id}")))
+    }
+
+    /// The container's task, if it has one.
+    async fn get_task(&self, id: &str) -> Result<Option<Process>, ProviderError> {
+        match self
+            .client
+            .tasks()
+            .get(self.client.req(GetTaskRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(reply) => Ok(reply.into_inner().process),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(status_error(&format!("task of container {id}"), e)),
+        }
+    }
+
+    async fn set_labels(&self, id: &str, labels: &[(&str, String)]) -> Result<(), ProviderError> {
+        let container = Container {
+            id: id.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let paths = labels.iter().map(|(k, _)| format!("labels.{k}")).collect();
+        self.client
+            .containers()
+            .update(self.client.req(UpdateContainerRequest {
+                container: Some(container),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            }))
+            .await
+            .map_err(|e| status_error(&format!("updating container {id}"), e))?;
+        Ok(())
+    }
+
+    /// Waits for the task to exit, at most `limit`; true when it has.
+    async fn wait_task(&self, id: &str, limit: Duration) -> Result<bool, ProviderError> {
+        let mut tasks = self.client.tasks();
+        let wait = tasks.wait(self.client.req(WaitRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        }));
+        match tokio::time::timeout(limit, wait).await {
+            Err(_) => Ok(false),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if is_not_found(&e) => Ok(true),
+            Ok(Err(e)) => Err(status_error(&format!("waiting for container {id}"), e)),
+        }
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), ProviderError> {
+        match self
+            .client
+            .tasks()
+            .kill(self.client.req(KillRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+                signal,
+                all,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone: nothing to signal.
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(status_error(&format!("signalling container {id}"), e)),
+        }
+    }
+
+    /// Whether the container's memory cgroup counted an OOM kill (cgroup v1
+    /// `memory.oom_control`, v2 `memory.events`); the cgroup lives until the task is deleted.
+    fn cgroup_oom_killed(&self, id: &str) -> bool {
+        let path = self.cgroups_path(id);
+        let rel = path.trim_start_matches('/');
+        let files = [
+            Path::new("/sys/fs/cgroup/memory")
+                .join(rel)
+                .join("memory.oom_control"),
+            Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
+        ];
+        files.iter().any(|file| {
+            std::fs::read_to_string(file).is_ok_and(|text| {
+                text.lines().any(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0)
+                })
+            })
+        })
+    }
+
+    /// Records whether an exited task was OOM-killed, once (before the task and its cgroup go).
+    async fn record_oom(
+        &self,
+        id: &str,
+        labels: &HashMap<String, String>,
+        exit_status: u32,
+    ) -> bool {
+        if let Some(v) = labels.get(LABEL_OOM) {
+            return v == "true";
+        }
+        let oom = exit_status == SIGKILL_EXIT as u32 && self.cgroup_oom_killed(id);
+        if let Err(e) = self.set_labels(id, &[(LABEL_OOM, oom.to_string())]).await {
+            tracing::debug!(id, error = %e, "recording the OOM state failed");
+        }
+        oom
+    }
+
+    /// Starts copying the task's output into the log: one thread per stream, each blocked in
+    /// `open` until the shim opens the FIFO's write end (`adopting`: it has, open at once).
+    fn copy_output(
+        &self,
+        id: &str,
+        log: &ContainerLog,
+        adopting: bool,
+    ) -> Result<(), ProviderError> {
+        let dir = self.fifo_dir(id);
+        for (stream, name) in [(Stream::Stdout, "stdout"), (Stream::Stderr, "stderr")] {
+            let path = dir.join(name);
+            let log = log.clone();
+            let open = move || -> std::io::Result<std::fs::File> {
+                if adopting {
+                    // Non-blocking open (the writer exists), then a blocking reader.
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&path)?;
+                    set_blocking(&file)?;
+                    Ok(file)
+                } else {
+                    std::fs::File::open(&path)
+                }
+            };
+            std::thread::Builder::new()
+                .name(format!("ctd-log-{name}"))
+                .spawn(move || match open() {
+                    Ok(file) => log.copy_from(stream, file),
+                    Err(e) => tracing::warn!(error = %e, stream = name, "opening the container's output FIFO failed"),
+                })
+                .map_err(|e| ProviderError::Io(format!("starting a log reader: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the FIFO readers of a task that never opened them (its creation failed): a writer
+    /// that opens and closes each FIFO gives them end of file.
+    fn release_fifos(&self, id: &str) {
+        for name in ["stdout", "stderr"] {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(self.fifo_dir(id).join(name));
+        }
+    }
+
+    /// Watches the task's exit to record an OOM kill while its cgroup still exists.
+    fn watch_exit(&self, id: &str) {
+        let client = self.client.clone();
+        let id = id.to_string();
+        let cgroup = self.cgroups_path(&id);
+        tokio::spawn(async move {
+            let waited = client
+                .tasks()
+                .wait(client.req(WaitRequest {
+                    container_id: id.clone(),
+                    exec_id: String::new(),
+                }))
+                .await;
+            let Ok(reply) = waited else { return };
+            let status = reply.into_inner().exit_status;
+            let oom = status == SIGKILL_EXIT as u32 && oom_in_cgroup(&cgroup);
+            let container = Container {
+                id: id.clone(),
+                labels: HashMap::from([(LABEL_OOM.to_string(), oom.to_string())]),
+                ..Default::default()
+            };
+            let _ = client
+                .containers()
+                .update(client.req(UpdateContainerRequest {
+                    container: Some(container),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{LABEL_OOM}")],
+                    }),
+                }))
+                .await;
+            tracing::info!(id, exit_code = status, oom, "container exited");
+        });
+    }
+
+    /// Re-attaches log readers and exit watchers to the containers whose tasks still run.
+    async fn adopt(&self) -> Result<(), ProviderError> {
+        let tasks = self.list_tasks().await?;
+        for container in self.list_records().await? {
+            let Some(task) = tasks.get(&container.id) else {
+                continue;
+            };
+            if task.status != TaskStatus::Running as i32 && task.status != TaskStatus::Paused as i32
+            {
+                continue;
+            }
+            let Some(config) = stored_config(&container) else {
+                continue;
+            };
+            match ContainerLog::open(&config.log_path) {
+                Ok(log) => {
+                    if let Err(e) = self.copy_output(&container.id, &log, true) {
+                        tracing::warn!(id = container.id, error = %e, "re-attaching the log failed");
+                    }
+                }
+                Err(e) => tracing::warn!(id = container.id, error = %e, "opening the log failed"),
+            }
+            self.watch_exit(&container.id);
+            tracing::info!(
+                id = container.id,
+                name = config.name,
+                "adopted a running container"
+            );
+        }
+        Ok(())
+    }
+
+    async fn list_records(&self) -> Result<Vec<Container>, ProviderError> {
+        Ok(self
+            .client
+            .containers()
+            .list(self.client.req(ListContainersRequest { filters: vec![] }))
+            .await
+            .map_err(|e| status_error("listing containerd containers", e))?
+            .into_inner()
+            .containers)
+    }
+
+    async fn list_tasks(&self) -> Result<HashMap<String, Process>, ProviderError> {
+        Ok(self
+            .client
+            .tasks()
+            .list(self.client.req(ListTasksRequest {
+                filter: String::new(),
+            }))
+            .await
+            .map_err(|e| status_error("listing containerd tasks", e))?
+            .into_inner()
+            .tasks
+            .into_iter()
+            // containerd 1.6 names a listed task's container in `id` (the init process's ID
+            // is its container's); later versions fill `container_id` too.
+            .map(|t| {
+                let key = if t.container_id.is_empty() {
+                    t.id.clone()
+                } else {
+                    t.container_id.clone()
+                };
+                (key, t)
+            })
+            .collect())
+    }
+
+    /// The state a container record and its task (if any) describe.
+    async fn state_of(&self, container: &Container, task: Option<&Process>) -> ContainerState {
+        let labels = &container.labels;
+        let started_at = labels
+            .get(LABEL_STARTED_AT)
+            .and_then(|s| time_from_nanos(s));
+        let Some(task) = task else {
+            if let Some(stopped) = labels
+                .get(LABEL_STOPPED_AT)
+                .and_then(|s| time_from_nanos(s))
+            {
+                return ContainerState::Exited {
+                    started_at,
+                    finished_at: stopped,
+                    exit_code: SIGKILL_EXIT,
+                    reason: ExitReason::Killed,
+                    message: Some("stopped before it started".into()),
+                };
+            }
+            return match started_at {
+                None => ContainerState::Created,
+                // Started, and its task is gone (its shim died with containerd's state).
+                Some(started) => ContainerState::Exited {
+                    started_at: Some(started),
+                    finished_at: started,
+                    exit_code: 255,
+                    reason: ExitReason::Error,
+                    message: Some("containerd no longer has the container's task".into()),
+                },
+            };
+        };
+        match TaskStatus::try_from(task.status).unwrap_or(TaskStatus::Unknown) {
+            TaskStatus::Created => ContainerState::Created,
+            TaskStatus::Stopped => {
+                let exit_code = task.exit_status as i32;
+                let finished_at = task
+                    .exited_at
+                    .as_ref()
+                    .map_or_else(SystemTime::now, time_from_proto);
+                let oom = self
+                    .record_oom(&container.id, labels, task.exit_status)
+                    .await;
+                let (reason, message) = if oom {
+                    (
+                        ExitReason::OomKilled,
+                        Some("the memory limit was exceeded".into()),
+                    )
+                } else if exit_code == 0 {
+                    (ExitReason::Completed, None)
+                } else if labels.contains_key(LABEL_STOP_REQUESTED) {
+                    (ExitReason::Killed, None)
+                } else {
+                    (ExitReason::Error, None)
+                };
+                ContainerState::Exited {
+                    started_at,
+                    finished_at,
+                    exit_code: if oom { SIGKILL_EXIT } else { exit_code },
+                    reason,
+                    message,
+                }
+            }
+            _ => ContainerState::Running {
+                started_at: started_at.unwrap_or(SystemTime::UNIX_EPOCH),
+            },
+        }
+    }
+
+    async fn remove_container_inner(&self, id: &str) -> Result<(), ProviderError> {
+        if let Some(task) = self.get_task(id).await? {
+            if task.status != TaskStatus::Stopped as i32 {
+                self.kill(id, libc::SIGKILL as u32, true).await?;
+                self.wait_task(id, KILL_WAIT).await?;
+            }
+            match self
+                .client
+                .tasks()
+                .delete(self.client.req(DeleteTaskRequest {
+                    container_id: id.to_string(),
+                }))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(status_error(&format!("deleting the task of {id}"), e)),
+            }
+        }
+        match self
+            .client
+            .containers()
+            .delete(
+                self.client
+                    .req(DeleteContainerRequest { id: id.to_string() }),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(status_error(&format!("deleting container {id}"), e)),
+        }
+        match self
+            .client
+            .snapshots()
+            .remove(self.client.req(RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: id.to_string(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                tracing::warn!(id, error = %e.message(), "removing the container's snapshot failed; containerd's GC collects it")
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.fifo_dir(id));
+        Ok(())
+    }
+
+    async fn touch_image(&self, name: &str) {
+        let image = containerd_client::services::v1::Image {
+            name: name.to_string(),
+            labels: HashMap::from([(
+                image::LAST_USED_LABEL.to_string(),
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+                    .to_string(),
+            )]),
+            ..Default::default()
+        };
+        let result = self
+            .client
+            .images()
+            .update(self.client.req(UpdateImageRequest {
+                image: Some(image),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec![format!("labels.{}", image::LAST_USED_LABEL)],
+                }),
+                ..Default::default()
+            }))
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(image = name, error = %e.message(), "recording the image's use failed");
+        }
+    }
+}
+
+/// A container ID the provider made (hex); anything else is not one of ours.
+fn valid_id(id: &str) -> Result<(), ProviderError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ProviderError::NotFound(format!("container {id:?}")));
+    }
+    Ok(())
+}
+
+fn oom_in_cgroup(cgroup: &str) -> bool {
+    let rel = cgroup.trim_start_matches('/');
+    [
+        Path::new("/sys/fs/cgroup/memory")
+            .join(rel)
+            .join("memory.oom_control"),
+        Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
+    ]
+    .iter()
+    .any(|file| {
+        std::fs::read_to_string(file).is_ok_and(|text| {
+            text.lines().any(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            })
+        })
+    })
+}
+
+fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function's caller owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn mkfifo(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a NUL in a FIFO path"))?;
+    // SAFETY: `c` is a valid NUL-terminated path that lives across the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", random_id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+fn load_sandboxes(dir: &Path) -> HashMap<String, Sandbox> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Sandbox>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => {
+                    out.insert(s.config.pod_uid.clone(), s);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = e, "unreadable sandbox record; ignored")
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The node's [`ContainerConfig`] stored with the container.
+fn stored_config(container: &Container) -> Option<ContainerConfig> {
+    let any = container.extensions.get(CONFIG_EXTENSION)?;
+    serde_json::from_slice(&any.value).ok()
+}
+
+#[async_trait::async_trait]
+impl Provider for ContainerdProvider {
+    fn runtime_info(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            name: "containerd".into(),
+            version: self.version.clone(),
+        }
+    }
+
+    async fn status(&self) -> RuntimeStatus {
+        match self.client.version().version(self.client.req(())).await {
+            Ok(_) => RuntimeStatus::Ready,
+            Err(e) => RuntimeStatus::NotReady {
+                message: format!(
+                    "containerd at {} does not answer: {}",
+                    self.options.socket.display(),
+                    e.message()
+                ),
+            },
+        }
+    }
+
+    async fn image_status(&self, reference: &str) -> Option<ImageInfo> {
+        let name = image::canonical(reference).ok()?.whole();
+        let found = image::get_image(&self.client, &name).await.ok()??;
+        Some(ImageInfo {
+            reference: reference.to_string(),
+            digest: found.target?.digest,
+            size: found
+                .labels
+                .get(image::SIZE_LABEL)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+        })
+    }
+
+    async fn pull_image(
+        &self,
+        reference: &str,
+        auth: &[RegistryAuth],
+    ) -> Result<ImageInfo, ProviderError> {
+        let pulled = image::pull(&self.client, &self.options.registries, reference, auth).await?;
+        tracing::info!(
+            reference,
+            name = pulled.name,
+            digest = pulled.digest,
+            "image pulled"
+        );
+        Ok(ImageInfo {
+            reference: reference.to_string(),
+            digest: pulled.digest,
+            size: pulled.size,
+        })
+    }
+
+    async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
+        let namespaces = self
+            .sandboxes()
+            .get(&config.pod_uid)
+            .map(|s| s.namespaces.clone())
+            .unwrap_or_default();
+        self.run_pod_sandbox_in(config, namespaces).await
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        sandbox_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError> {
+        let ids: Vec<String> = self
+            .list_records()
+            .await?
+            .into_iter()
+            .filter(|c| c.labels.get(LABEL_POD_UID).is_some_and(|u| u == sandbox_id))
+            .map(|c| c.id)
+            .collect();
+        let stops = ids.iter().map(|id| self.stop_container(id, grace));
+        let mut result = Ok(());
+        for r in futures::future::join_all(stops).await {
+            if r.is_err() && result.is_ok() {
+                result = r;
+            }
+        }
+        for id in &ids {
+            if let Err(e) = self.remove_container_inner(id).await {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        self.sandboxes().remove(sandbox_id);
+        if let Ok(path) = self.sandbox_path(sandbox_id) {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: ContainerConfig,
+    ) -> Result<String, ProviderError> {
+        let sandbox = self
+            .sandboxes()
+            .get(sandbox_id)
+            .cloned()
+            .ok_or_else(|| ProviderError::NotFound(format!("sandbox {sandbox_id}")))?;
+        let resolved = image::resolve(&self.client, &config.image).await?;
+        let name = image::canonical(&config.image)?.whole();
+        self.touch_image(&name).await;
+        let id = random_id();
+        let hostname: String = sandbox.config.name.chars().take(63).collect();
+        let spec = spec::build(
+            &id,
+            &hostname,
+            &config,
+            &resolved.config,
+            &sandbox.namespaces,
+            &self.cgroups_path(&id),
+        )?;
+        let config_json = serde_json::to_vec(&config)
+            .map_err(|e| ProviderError::Create(format!("encoding the container config: {e}")))?;
+        let lease = image::Lease::create(&self.client).await?;
+        let made = async {
+            self.client
+                .snapshots()
+                .prepare(self.client.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: id.clone(),
+                        parent: resolved.top_chain_id.clone(),
+                        labels: HashMap::new(),
+                    },
+                    Some(&lease.id),
+                ))
+                .await
+                .map_err(|e| {
+                    status_error(
+                        &format!("preparing the root filesystem of {}", config.name),
+                        e,
+                    )
+                })?;
+            let labels = HashMap::from([
+                (LABEL_POD_UID.to_string(), sandbox_id.to_string()),
+                (LABEL_NAME.to_string(), config.name.clone()),
+                (LABEL_ATTEMPT.to_string(), config.attempt.to_string()),
+                (LABEL_IMAGE_DIGEST.to_string(), resolved.digest.clone()),
+            ]);
+            let container = Container {
+                id: id.clone(),
+                labels,
+                image: name.clone(),
+                runtime: Some(Runtime {
+                    name: RUNTIME.into(),
+                    options: None,
+                }),
+                spec: Some(prost_types::Any {
+                    type_url: SPEC_TYPE_URL.into(),
+                    value: serde_json::to_vec(&spec).unwrap_or_default(),
+                }),
+                snapshotter: SNAPSHOTTER.into(),
+                snapshot_key: id.clone(),
+                extensions: HashMap::from([(
+                    CONFIG_EXTENSION.to_string(),
+                    prost_types::Any {
+                        type_url: CONFIG_TYPE_URL.into(),
+                        value: config_json,
+                    },
+                )]),
+                ..Default::default()
+            };
+            self.client
+                .containers()
+                .create(self.client.req_leased(
+                    CreateContainerRequest {
+                        container: Some(container),
+                    },
+                    Some(&lease.id),
+                ))
+                .await
+                .map_err(|e| {
+                    ProviderError::Create(format!(
+                        "container {}: containerd refused it: {}",
+                        config.name,
+                        e.message()
+                    ))
+                })?;
+            Ok::<(), ProviderError>(())
+        }
+        .await;
+        lease.delete().await;
+        if let Err(e) = made {
+            let _ = self.remove_container_inner(&id).await;
+            return Err(e);
+        }
+        tracing::debug!(container = config.name, id, "container created");
+        Ok(id)
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<(), ProviderError> {
+        let container = self.get_container(container_id).await?;
+        let config = stored_config(&container).ok_or_else(|| {
+            ProviderError::Create(format!("container {container_id} has no stored config"))
+        })?;
+        if self.get_task(container_id).await?.is_some()
+            || container.labels.contains_key(LABEL_STOPPED_AT)
+        {
+            return Err(ProviderError::Create(format!(
+                "container {} ({container_id}) is not Created: it cannot be started",
+                config.name
+            )));
+        }
+        let rootfs = self
+            .client
+            .snapshots()
+            .mounts(self.client.req(MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: container_id.to_string(),
+            }))
+            .await
+            .map_err(|e| status_error(&format!("the root filesystem of {}", config.name), e))?
+            .into_inner()
+            .mounts;
+        let log = ContainerLog::open(&config.log_path).map_err(|e| {
+            ProviderError::Io(format!(
+                "container {}: opening log {}: {e}",
+                config.name,
+                config.log_path.display()
+            ))
+        })?;
+        let dir = self.fifo_dir(container_id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| mkfifo(&dir.join("stdout")))
+            .and_then(|()| mkfifo(&dir.join("stderr")))
+            .map_err(|e| {
+                ProviderError::Io(format!("making the output FIFOs in {}: {e}", dir.display()))
+            })?;
+        self.copy_output(container_id, &log, false)?;
+        let created = self
+            .client
+            .tasks()
+            .create(self.client.req(CreateTaskRequest {
+                container_id: container_id.to_string(),
+                rootfs,
+                stdout: dir.join("stdout").to_string_lossy().into_owned(),
+                stderr: dir.join("stderr").to_string_lossy().into_owned(),
+                ..Default::default()
+            }))
+            .await;
+        if let Err(e) = created {
+            self.release_fifos(container_id);
+            return Err(ProviderError::Create(format!(
+                "container {}: {}",
+                config.name,
+                e.message()
+            )));
+        }
+        let started_at = SystemTime::now();
+        if let Err(e) = self
+            .client
+            .tasks()
+            .start(self.client.req(StartRequest {
+                container_id: container_id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            let _ = self
+                .client
+                .tasks()
+                .delete(self.client.req(DeleteTaskRequest {
+                    container_id: container_id.to_string(),
+                }))
+                .await;
+            self.release_fifos(container_id);
+            return Err(ProviderError::Create(format!(
+                "container {}: {}",
+                config.name,
+                e.message()
+            )));
+        }
+        self.set_labels(
+            container_id,
+            &[(LABEL_STARTED_AT, nanos_since_epoch(started_at).to_string())],
+        )
+        .await?;
+        self.watch_exit(container_id);
+        tracing::info!(container = config.name, id = container_id, "started");
+        Ok(())
+    }
+
+    async fn stop_container(
+        &self,
+        container_id: &str,
+        grace: Duration,
+    ) -> Result<(), ProviderError> {
+        let container = self.get_container(container_id).await?;
+        let Some(task) = self.get_task(container_id).await? else {
+            if !container.labels.contains_key(LABEL_STARTED_AT) {
+                self.set_labels(
+                    container_id,
+                    &[(
+                        LABEL_STOPPED_AT,
+                        nanos_since_epoch(SystemTime::now()).to_string(),
+                    )],
+                )
+                .await?;
+            }
+            return Ok(());
+        };
+        if task.status == TaskStatus::Stopped as i32 {
+            return Ok(());
+        }
+        self.set_labels(container_id, &[(LABEL_STOP_REQUESTED, "true".into())])
+            .await?;
+        self.kill(container_id, libc::SIGTERM as u32, false).await?;
+        if self.wait_task(container_id, grace).await? {
+            return Ok(());
+        }
+        tracing::info!(
+            id = container_id,
+            grace_ms = grace.as_millis() as u64,
+            "grace period over; killing"
+        );
+        self.kill(container_id, libc::SIGKILL as u32, true).await?;
+        if !self.wait_task(container_id, KILL_WAIT).await? {
+            return Err(ProviderError::Io(format!(
+                "container {container_id} did not end within {KILL_WAIT:?} of SIGKILL"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn remove_container(&self, container_id: &str) -> Result<(), ProviderError> {
+        self.get_container(container_id).await?;
+        self.remove_container_inner(container_id).await
+    }
+
+    async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
+        let tasks = self.list_tasks().await?;
+        let mut out = Vec::new();
+        for container in self.list_records().await? {
+            // Containers of this namespace without the provider's labels are not ours.
+            let (Some(pod_uid), Some(name)) = (
+                container.labels.get(LABEL_POD_UID),
+                container.labels.get(LABEL_NAME),
+            ) else {
+                continue;
+            };
+            let state = self.state_of(&container, tasks.get(&container.id)).await;
+            let annotations = stored_config(&container)
+                .map(|c| c.annotations)
+                .unwrap_or_default();
+            out.push(ContainerSummary {
+                id: container.id.clone(),
+                pod_uid: pod_uid.clone(),
+                name: name.clone(),
+                attempt: container
+                    .labels
+                    .get(LABEL_ATTEMPT)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0),
+                image_digest: container
+                    .labels
+                    .get(LABEL_IMAGE_DIGEST)
+                    .cloned()
+                    .unwrap_or_default(),
+                state,
+                // CPU and memory from containerd's metrics are the next step (stats).
+                usage: ContainerUsage::default(),
+                annotations,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {
+        Ok(self
+            .sandboxes()
+            .values()
+            .map(|s| s.config.clone())
+            .collect())
+    }
+
+    async fn image_fs(&self) -> Option<provider_api::ImageFsInfo> {
+        let path = self.options.image_fs_path.clone()?;
+        let used_bytes = self.list_images().await.iter().map(|i| i.size).sum();
+        Some(provider_api::ImageFsInfo {
+            path,
+            used_bytes,
+            inodes_used: 0,
+        })
+    }
+
+    async fn list_images(&self) -> Vec<ImageRecord> {
+        let listed = self
+            .client
+            .images()
+            .list(self.client.req(ListImagesRequest { filters: vec![] }))
+            .await;
+        let images = match listed {
+            Ok(reply) => reply.into_inner().images,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "listing containerd images failed");
+                return Vec::new();
+            }
+        };
+        images
+            .into_iter()
+            .filter_map(|image| {
+                let label = |k: &str| image.labels.get(k).and_then(|v| v.parse::<u64>().ok());
+                Some(ImageRecord {
+                    size: label(image::SIZE_LABEL).unwrap_or(0),
+                    last_used: SystemTime::UNIX_EPOCH
+                        + Duration::from_millis(label(image::LAST_USED_LABEL).unwrap_or(0)),
+                    digest: image.target.as_ref()?.digest.clone(),
+                    reference: image.name,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<u64, ProviderError> {
+        let name = image::canonical(reference)?.whole();
+        let found = image::get_image(&self.client, &name)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(format!("image {reference}")))?;
+        let size = found
+            .labels
+            .get(image::SIZE_LABEL)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        self.client
+            .images()
+            .delete(self.client.req(DeleteImageRequest {
+                name: name.clone(),
+                // Wait for containerd's garbage collection, so the bytes are freed on return.
+                sync: true,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| status_error(&format!("removing image {reference}"), e))?;
+        tracing::info!(reference, freed_bytes = size, "image removed");
+        Ok(size)
+    }
+}
