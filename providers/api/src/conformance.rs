@@ -69,6 +69,7 @@ pub async fn sandbox(provider: &dyn Provider, fx: &Fixture) -> String {
             namespace: "conformance".into(),
             name: uid.clone(),
             pod_dir,
+            runtime_handler: None,
         })
         .await
         .unwrap_or_else(|e| panic!("{}: run_pod_sandbox: {e}", fx.name))

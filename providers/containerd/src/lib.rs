@@ -761,6 +761,10 @@ impl Provider for ContainerdProvider {
         }
     }
 
+    fn container_uri(&self, container_id: &str) -> String {
+        format!("containerd://{container_id}")
+    }
+
     async fn status(&self) -> RuntimeStatus {
         match self.client.version().version(self.client.req(())).await {
             Ok(_) => RuntimeStatus::Ready,

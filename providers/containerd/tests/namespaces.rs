@@ -97,6 +97,7 @@ async fn containers_join_the_pods_network_namespace_by_path() {
                     namespace: "t".into(),
                     name: uid.into(),
                     pod_dir: work.join("pod"),
+                    runtime_handler: None,
                 },
                 namespaces,
             )
