@@ -61,6 +61,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // The containers side pulls with the same registry settings.
+    let container_registries = provider_containerd::RegistryOptions {
+        extra_ca_certificates: provider_options.registries.extra_ca_certificates.clone(),
+        insecure_registries: provider_options.registries.insecure_registries.clone(),
+    };
 
     let default_level = match config.verbosity {
         0..=3 => "info",
@@ -68,7 +73,7 @@ fn main() -> ExitCode {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("WASM_KUBELET_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!("warn,wasm_kubelet={default_level},provider_wasmtime={default_level},provider_api={default_level}"))
+        EnvFilter::new(format!("warn,wasm_kubelet={default_level},provider_wasmtime={default_level},provider_api={default_level},provider_containerd={default_level},pod_network={default_level}"))
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -132,13 +137,17 @@ fn main() -> ExitCode {
                 shutdown.clone(),
             ));
         }
-        // One provider for the node: Wasm pods to the Wasm runtime; a node without containerd
-        // refuses the others (see runtime::routing).
-        let provider: Arc<dyn provider_api::Provider> =
-            Arc::new(wasm_kubelet::runtime::routing::Router::new(
-                provider,
-                Arc::new(wasm_kubelet::runtime::routing::NoContainers),
-            ));
+        // One provider for the node: Wasm pods to the Wasm runtime, Linux container pods to
+        // containerd; a node without containerd refuses the others (see runtime::routing).
+        let containers: Arc<dyn provider_api::Provider> = match &config.container_runtime_endpoint {
+            Some(socket) => {
+                Arc::new(connect_containerd(&config, socket, container_registries).await?)
+            }
+            None => Arc::new(wasm_kubelet::runtime::routing::NoContainers),
+        };
+        let provider: Arc<dyn provider_api::Provider> = Arc::new(
+            wasm_kubelet::runtime::routing::Router::new(provider, containers),
+        );
         wasm_kubelet::agent::run(config, provider, remote.map(|r| r.identity()), shutdown).await?;
         anyhow::Ok(())
     });
@@ -149,6 +158,93 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("wasm-kubelet: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long containerd gets to answer at start-up before the agent gives up (it answers in
+/// milliseconds when it runs; this only bounds a socket nobody serves).
+const CONTAINERD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The containerd provider of a mixed node: its state under the root dir, its own containerd
+/// namespace (two nodes on one containerd never see each other's containers), and the pod
+/// network from the Node's `spec.podCIDR`, else `--pod-cidr`. Any failure is the one line the
+/// agent exits 1 with: the node does not come up half mixed.
+async fn connect_containerd(
+    config: &Config,
+    socket: &std::path::Path,
+    registries: provider_containerd::RegistryOptions,
+) -> anyhow::Result<provider_containerd::ContainerdProvider> {
+    use anyhow::Context;
+    let endpoint = format!("--container-runtime-endpoint=unix://{}", socket.display());
+    if !socket.exists() {
+        anyhow::bail!("{endpoint}: no such socket (is containerd running?)");
+    }
+    let pod_cidr = match node_pod_cidr(config).await {
+        Some(cidr) => cidr,
+        None => config.pod_cidr.with_context(|| {
+            format!(
+                "{endpoint} needs a pod CIDR for container pods' IPs: give --pod-cidr (or set \
+                 the Node's spec.podCIDR)"
+            )
+        })?,
+    };
+    // containerd's namespace names: at most 76 characters of [A-Za-z0-9._-].
+    let namespace = format!("wasm-kubelet-{}", config.node_name);
+    if namespace.len() > 76 {
+        anyhow::bail!(
+            "node name {:?} is too long for a containerd namespace (at most 63 characters on a \
+             node with --container-runtime-endpoint)",
+            config.node_name
+        );
+    }
+    let mut options = provider_containerd::ProviderOptions::new(
+        socket.to_path_buf(),
+        config.root_dir.join("containerd"),
+    );
+    options.cgroup_parent = format!("/wasm-kubelet/{namespace}");
+    options.namespace = namespace;
+    options.registries = registries;
+    let mut network =
+        provider_containerd::PodNetworkOptions::new(pod_cidr, config.root_dir.join("pod-network"));
+    network.gateway = config.pod_network_gateway;
+    options.pod_network = Some(network);
+    let provider = tokio::time::timeout(
+        CONTAINERD_CONNECT_TIMEOUT,
+        provider_containerd::ContainerdProvider::connect(options),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "{endpoint}: containerd did not answer within {CONTAINERD_CONNECT_TIMEOUT:?}"
+        )
+    })?
+    .with_context(|| endpoint.clone())?;
+    tracing::info!(socket = %socket.display(), %pod_cidr, "containerd connected: a mixed node");
+    Ok(provider)
+}
+
+/// The Node's `spec.podCIDR`, when the Node exists and has one (as the kubelet, it wins over
+/// `--pod-cidr`). `None` when there is no API server, no Node yet, or it cannot be read now.
+async fn node_pod_cidr(config: &Config) -> Option<ipnet::IpNet> {
+    let client = wasm_kubelet::agent::client(config).await.ok()??;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let node = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        nodes.get_opt(&config.node_name),
+    )
+    .await
+    .ok()?
+    .ok()??;
+    let cidr = node.spec?.pod_cidr?;
+    match cidr.parse::<ipnet::IpNet>() {
+        Ok(net) => Some(net.trunc()),
+        Err(_) => {
+            tracing::warn!(
+                cidr,
+                "the Node's spec.podCIDR is not a CIDR; using --pod-cidr"
+            );
+            None
         }
     }
 }

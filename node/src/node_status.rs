@@ -265,13 +265,17 @@ impl NodeStatusManager {
         ]);
         labels.extend(c.node_labels.clone());
         // A node that runs only Wasm keeps ordinary pods (and DaemonSets) away with this taint;
-        // pods of RuntimeClass `wasm` tolerate it (deploy/runtimeclass.yaml).
-        let mut taints = vec![Taint {
-            key: RUNTIME_LABEL.into(),
-            value: Some(RUNTIME_WASM.into()),
-            effect: "NoSchedule".into(),
-            time_added: None,
-        }];
+        // pods of RuntimeClass `wasm` tolerate it (deploy/runtimeclass.yaml). A mixed node
+        // (containerd too) runs ordinary pods: no taint.
+        let mut taints = Vec::new();
+        if c.container_runtime_endpoint.is_none() {
+            taints.push(Taint {
+                key: RUNTIME_LABEL.into(),
+                value: Some(RUNTIME_WASM.into()),
+                effect: "NoSchedule".into(),
+                time_added: None,
+            });
+        }
         taints.extend(c.register_with_taints.iter().map(|t| Taint {
             key: t.key.clone(),
             value: t.value.clone(),

@@ -106,6 +106,14 @@ pub(super) struct KubeletConfiguration {
     pub pod_egress_deny_cidrs: Cidrs,
     #[serde(rename = "podEgressAllowCIDRs", deserialize_with = "de::cidrs")]
     pub pod_egress_allow_cidrs: Cidrs,
+    /// `--container-runtime-endpoint` (the kubelet's key).
+    #[serde(deserialize_with = "de::endpoint")]
+    pub container_runtime_endpoint: Option<PathBuf>,
+    /// `--pod-cidr` (the kubelet's key).
+    #[serde(rename = "podCIDR", deserialize_with = "de::cidr")]
+    pub pod_cidr: Option<ipnet::IpNet>,
+    /// `--pod-network-gateway` (wasm-kubelet's own).
+    pub pod_network_gateway: bool,
 }
 
 /// KubeletConfiguration `authentication` (the subset read).
@@ -204,6 +212,9 @@ impl Default for KubeletConfiguration {
                 provider_wasmtime::image::DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
             pod_egress_deny_cidrs: Vec::new(),
             pod_egress_allow_cidrs: Vec::new(),
+            container_runtime_endpoint: None,
+            pod_cidr: None,
+            pod_network_gateway: false,
         }
     }
 }
@@ -505,5 +516,25 @@ mod de {
 
     pub fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Cidrs, D::Error> {
         values::cidrs(&Vec::<String>::deserialize(d)?.join(",")).map_err(D::Error::custom)
+    }
+
+    pub fn cidr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ipnet::IpNet>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) if s.is_empty() => Ok(None),
+            Some(s) => values::cidr(&s).map(Some).map_err(D::Error::custom),
+        }
+    }
+
+    pub fn endpoint<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::path::PathBuf>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) if s.is_empty() => Ok(None),
+            Some(s) => values::unix_endpoint(&s)
+                .map(Some)
+                .map_err(D::Error::custom),
+        }
     }
 }

@@ -237,9 +237,15 @@ pub struct Flags {
     /// Accepted and ignored: there is no pause container.
     #[arg(long, value_name = "IMAGE")]
     pub pod_infra_container_image: Option<String>,
-    /// containerd socket for ordinary OCI containers (the native backend).
-    #[arg(long, value_name = "ENDPOINT")]
-    pub container_runtime_endpoint: Option<String>,
+    /// containerd's socket, unix:///path: Linux container pods run through it beside Wasm pods (a mixed node) [default: none, Wasm only].
+    #[arg(long, value_name = "ENDPOINT", value_parser = values::unix_endpoint)]
+    pub container_runtime_endpoint: Option<std::path::PathBuf>,
+    /// The node's pod CIDR for container pods' IPs (the Node's spec.podCIDR wins when set) [default: none].
+    #[arg(long, value_name = "CIDR", value_parser = values::cidr)]
+    pub pod_cidr: Option<ipnet::IpNet>,
+    /// Let container pods route beyond the node: the bridge is their default gateway and IP forwarding is turned on (wasm-kubelet's own) [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = values::boolean)]
+    pub pod_network_gateway: Option<bool>,
     /// Log verbosity, as the kubelet's -v: 0-3 info, 4-5 debug, 6+ trace.
     #[arg(short = 'v', long = "v", value_name = "LEVEL")]
     pub verbosity: Option<u8>,

@@ -256,6 +256,13 @@ pub struct Config {
     /// `--pod-egress-allow-cidrs` / podEgressAllowCIDRs: link-local or loopback addresses pods may reach.
     pub pod_egress_allow_cidrs: Vec<ipnet::IpNet>,
     pub max_pods: u32,
+    /// `--container-runtime-endpoint` / containerRuntimeEndpoint: containerd's socket; `None`:
+    /// a Wasm-only node.
+    pub container_runtime_endpoint: Option<PathBuf>,
+    /// `--pod-cidr` / podCIDR (the Node's `spec.podCIDR` wins when it has one: main.rs).
+    pub pod_cidr: Option<ipnet::IpNet>,
+    /// `--pod-network-gateway` / podNetworkGateway: container pods route beyond the node.
+    pub pod_network_gateway: bool,
     /// `--system-reserved` and `--kube-reserved`: subtracted from capacity for allocatable.
     pub system_reserved: Reserved,
     pub kube_reserved: Reserved,
@@ -423,6 +430,13 @@ impl Config {
                 .pod_egress_allow_cidrs
                 .unwrap_or(file.pod_egress_allow_cidrs),
             max_pods: flags.max_pods.unwrap_or(file.max_pods),
+            container_runtime_endpoint: flags
+                .container_runtime_endpoint
+                .or(file.container_runtime_endpoint),
+            pod_cidr: flags.pod_cidr.or(file.pod_cidr),
+            pod_network_gateway: flags
+                .pod_network_gateway
+                .unwrap_or(file.pod_network_gateway),
             system_reserved: flags.system_reserved.unwrap_or(file.system_reserved),
             kube_reserved: flags.kube_reserved.unwrap_or(file.kube_reserved),
             eviction_hard: flags.eviction_hard.unwrap_or(file.eviction_hard),
@@ -761,10 +775,12 @@ mod tests {
         .contains("--image-gc-low-threshold"));
         assert!(err(&["--root-dir=relative/dir"]).contains("--root-dir"));
         assert!(err(&["--allowed-unsafe-sysctls=net.core.somaxconn"]).contains("no kernel sysctls"));
-        assert!(
-            err(&["--container-runtime-endpoint=unix:///run/containerd/containerd.sock"])
-                .contains("--container-runtime-endpoint")
-        );
+        assert!(err(&["--container-runtime-endpoint=tcp://127.0.0.1:1"])
+            .contains("only unix sockets are supported"));
+        assert!(err(&["--container-runtime-endpoint=unix://relative.sock"])
+            .contains("--container-runtime-endpoint"));
+        assert!(err(&["--pod-cidr=10.0.0.1"]).contains("--pod-cidr"));
+        assert!(err(&["--pod-cidr=10.9.9.0/31"]).contains("too small"));
         assert!(err(&["--runonce=perhaps"]).contains("--runonce"));
         assert!(err(&["--wasm-runtime=shim"]).contains("--wasm-runtime"));
         assert!(err(&["--wasm-runtime-endpoint=relative.sock"]).contains("--wasm-runtime-endpoint"));
@@ -1000,6 +1016,43 @@ mod tests {
                 limit: ThresholdValue::Quantity(200 << 20)
             }]
         );
+    }
+
+    #[test]
+    fn a_mixed_node_from_the_flags_or_the_file() {
+        let c = load(&[]).unwrap();
+        assert!(c.container_runtime_endpoint.is_none() && c.pod_cidr.is_none());
+        assert!(!c.pod_network_gateway);
+        let c = load(&[
+            "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
+            "--pod-cidr=10.244.1.7/24",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.container_runtime_endpoint.as_deref(),
+            Some(Path::new("/run/containerd/containerd.sock"))
+        );
+        assert_eq!(c.pod_cidr.unwrap().to_string(), "10.244.1.0/24");
+        assert!(!c.pod_network_gateway);
+        let path = temp_file(
+            "mixed.yaml",
+            "kind: KubeletConfiguration\ncontainerRuntimeEndpoint: unix:///run/c.sock\npodCIDR: 10.9.0.0/16\npodNetworkGateway: true\n",
+        );
+        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            c.container_runtime_endpoint.as_deref(),
+            Some(Path::new("/run/c.sock"))
+        );
+        assert_eq!(c.pod_cidr.unwrap().to_string(), "10.9.0.0/16");
+        assert!(c.pod_network_gateway);
+        let c = load(&["--config", path.to_str().unwrap(), "--pod-cidr=10.8.0.0/16"]).unwrap();
+        assert_eq!(c.pod_cidr.unwrap().to_string(), "10.8.0.0/16");
+        let bad = temp_file(
+            "mixed-bad.yaml",
+            "kind: KubeletConfiguration\ncontainerRuntimeEndpoint: /run/c.sock\n",
+        );
+        let e = err(&["--config", bad.to_str().unwrap()]);
+        assert!(e.contains("unix://"), "{e}");
     }
 
     #[test]

@@ -18,12 +18,6 @@ pub(super) fn supported(flags: &Flags, file: &KubeletConfiguration) -> Result<()
             reason: "WebAssembly pods have no kernel sysctls".into(),
         });
     }
-    if let Some(endpoint) = &flags.container_runtime_endpoint {
-        return Err(ConfigError::Unsupported {
-            flag: "--container-runtime-endpoint",
-            reason: format!("the containerd backend is not implemented yet (got {endpoint:?}); omit the flag to run Wasm pods only"),
-        });
-    }
     Ok(())
 }
 
@@ -145,6 +139,17 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
             "Webhook",
             "needs --kubeconfig: SubjectAccessReview asks the API server",
         ));
+    }
+    if let Some(cidr) = c.pod_cidr {
+        // Room for the network address, the node's bridge address, a pod and (IPv4) broadcast.
+        let max = if cidr.addr().is_ipv4() { 30 } else { 126 };
+        if cidr.prefix_len() > max {
+            return Err(invalid(
+                "--pod-cidr",
+                cidr,
+                format!("too small for pods (at most /{max})"),
+            ));
+        }
     }
     if c.max_pods == 0 {
         return Err(invalid("--max-pods", 0, "must be at least 1"));

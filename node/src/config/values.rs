@@ -228,6 +228,28 @@ pub fn cidrs(list: &str) -> Result<Cidrs, Bad> {
         .collect()
 }
 
+/// One CIDR (`--pod-cidr`): an address and a prefix length; host bits are dropped.
+pub fn cidr(s: &str) -> Result<ipnet::IpNet, Bad> {
+    s.trim()
+        .parse::<ipnet::IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|_| bad(s, "not a CIDR (e.g. 10.244.1.0/24)"))
+}
+
+/// A CRI endpoint as the kubelet takes it, `unix:///absolute/path.sock`; the socket path.
+pub fn unix_endpoint(s: &str) -> Result<std::path::PathBuf, Bad> {
+    let path = s.strip_prefix("unix://").ok_or_else(|| {
+        bad(
+            s,
+            "want unix:///path/to/containerd.sock (only unix sockets are supported)",
+        )
+    })?;
+    if !path.starts_with('/') {
+        return Err(bad(s, "the socket path after unix:// must be absolute"));
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
 /// `key=value,...` node labels.
 pub fn labels(v: &str) -> Result<BTreeMap<String, String>, Bad> {
     let mut labels = BTreeMap::new();

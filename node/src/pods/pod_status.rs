@@ -37,8 +37,10 @@ pub(super) struct Input<'a> {
     /// A container's ID as the status shows it (`wasm://<id>`; the provider says, see
     /// `Provider::container_uri`).
     pub container_uri: &'a dyn Fn(&str) -> String,
-    /// The pod IP is the node IP.
+    /// The node's IP: the host IP, and the pod IP unless `pod_ips` has some.
     pub node_ip: &'a str,
+    /// The pod's own IPs from its sandbox (a container pod's network); empty: the node's IP.
+    pub pod_ips: &'a [std::net::IpAddr],
     pub start_time: DateTime<Utc>,
     pub now: DateTime<Utc>,
 }
@@ -270,15 +272,20 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
     }
 
     let ip = input.node_ip.to_string();
+    let pod_ips: Vec<String> = if input.pod_ips.is_empty() {
+        vec![ip.clone()]
+    } else {
+        input.pod_ips.iter().map(ToString::to_string).collect()
+    };
     PodStatus {
         phase: Some(phase),
         reason: input.terminal.and_then(|t| t.reason.clone()),
         message: input.terminal.and_then(|t| t.message.clone()),
         conditions: Some(conditions),
         host_ip: Some(ip.clone()),
-        host_ips: Some(vec![HostIP { ip: ip.clone() }]),
-        pod_ip: Some(ip.clone()),
-        pod_ips: Some(vec![PodIP { ip }]),
+        host_ips: Some(vec![HostIP { ip }]),
+        pod_ip: pod_ips.first().cloned(),
+        pod_ips: Some(pod_ips.into_iter().map(|ip| PodIP { ip }).collect()),
         start_time: Some(Time(input.start_time)),
         qos_class: Some(qos_class(&init, &app).into()),
         init_container_statuses: if init.is_empty() {
@@ -634,6 +641,7 @@ mod tests {
             previous,
             container_uri: &|id| format!("wasm://{id}"),
             node_ip: "10.0.0.1",
+            pod_ips: &[],
             start_time: DateTime::<Utc>::UNIX_EPOCH,
             now: DateTime::<Utc>::UNIX_EPOCH + k8s_openapi::chrono::Duration::seconds(100),
         })
@@ -816,6 +824,32 @@ mod tests {
             assert_eq!(condition(&s, "PodScheduled").0, "True", "{}", case.what);
             assert_eq!(s.pod_ip.as_deref(), Some("10.0.0.1"));
         }
+    }
+
+    #[test]
+    fn a_sandbox_with_its_own_ips_reports_them_and_the_node_ip_as_host_ip() {
+        let pod = pod(serde_json::json!({"containers": [{"name": "c", "image": "i"}]}));
+        let containers = BTreeMap::new();
+        let ips: Vec<std::net::IpAddr> =
+            vec!["10.42.0.7".parse().unwrap(), "fd00::7".parse().unwrap()];
+        let s = compute(&Input {
+            pod: &pod,
+            containers: &containers,
+            ready: &|_| true,
+            started: &|_| true,
+            terminal: None,
+            sandbox_ready: true,
+            previous: &PodStatus::default(),
+            container_uri: &|id| format!("containerd://{id}"),
+            node_ip: "192.0.2.2",
+            pod_ips: &ips,
+            start_time: DateTime::<Utc>::UNIX_EPOCH,
+            now: DateTime::<Utc>::UNIX_EPOCH,
+        });
+        assert_eq!(s.pod_ip.as_deref(), Some("10.42.0.7"));
+        let pod_ips: Vec<_> = s.pod_ips.unwrap().into_iter().map(|p| p.ip).collect();
+        assert_eq!(pod_ips, ["10.42.0.7", "fd00::7"]);
+        assert_eq!(s.host_ip.as_deref(), Some("192.0.2.2"));
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct PodWorker {
     nudge: Arc<Notify>,
     pod: Arc<Pod>,
     sandbox: Option<String>,
+    /// The sandbox's own IPs once the provider gives them (empty: the pod has the node's IP).
+    pod_ips: Vec<std::net::IpAddr>,
     containers: BTreeMap<String, ContainerRecord>,
     start_time: DateTime<Utc>,
     terminal: Option<Terminal>,
@@ -258,6 +260,7 @@ impl PodWorker {
             nudge,
             pod,
             sandbox: None,
+            pod_ips: Vec::new(),
             containers,
             start_time,
             terminal,
@@ -397,6 +400,11 @@ impl PodWorker {
             if let Some(at) = self.run_containers().await {
                 wake = wake.min(at);
             }
+        }
+        if let (Some(sandbox), true) = (&self.sandbox, self.pod_ips.is_empty()) {
+            // Known once the provider made the sandbox (a Linux container pod's, at its first
+            // container); kept after it goes, as the kubelet keeps a finished pod's podIP.
+            self.pod_ips = self.ctx.provider.pod_ips(sandbox).await;
         }
         self.reconcile_probes();
         let status = self.compute_status();
@@ -677,6 +685,7 @@ impl PodWorker {
                     record.retry_at = Some(Instant::now());
                     // The runtime lost the pod's sandbox with it.
                     self.sandbox = None;
+                    self.pod_ips.clear();
                 }
             }
         }
@@ -741,6 +750,12 @@ impl PodWorker {
                 name: self.key.name.clone(),
                 pod_dir: self.ctx.pods_dir.join(&self.key.uid),
                 runtime_handler,
+                host_network: self
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.host_network)
+                    .unwrap_or(false),
             };
             match self.ctx.provider.run_pod_sandbox(&config).await {
                 Ok(id) => self.sandbox = Some(id),
@@ -1413,6 +1428,7 @@ impl PodWorker {
             previous: &previous,
             container_uri: &|id| self.ctx.provider.container_uri(id),
             node_ip: &self.ctx.node_ip,
+            pod_ips: &self.pod_ips,
             start_time: self.start_time,
             now: Utc::now(),
         })

@@ -528,6 +528,16 @@ impl Provider for Router {
         self.provider(side).attach(container_id, io).await
     }
 
+    /// The IPs of the side holding the sandbox (none while it is only recorded, or on the Wasm
+    /// side, whose pods have the node's IP).
+    async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
+        let route = self.routes().sandboxes.get(sandbox_id).cloned();
+        match route {
+            Some(SandboxRoute::On(side, id)) => self.provider(side).pod_ips(&id).await,
+            _ => Vec::new(),
+        }
+    }
+
     async fn pod_listener(&self, pod_uid: &str, port: u16) -> Option<std::net::SocketAddr> {
         let route = self.routes().sandboxes.get(pod_uid).cloned();
         match route {
@@ -595,6 +605,7 @@ mod tests {
             name: uid.into(),
             pod_dir: "/nonexistent".into(),
             runtime_handler: handler.map(str::to_string),
+            host_network: false,
         }
     }
 
@@ -789,6 +800,33 @@ mod tests {
             .await
             .unwrap();
         assert!(router.list_containers().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pod_ips_come_from_the_side_holding_the_sandbox() {
+        let n = node();
+        n.linux_image("busybox");
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        n.containers.give_pod_ips("b", vec![ip]);
+        n.wasm.give_pod_ips("a", vec!["10.9.9.9".parse().unwrap()]);
+        n.router
+            .run_pod_sandbox(&sandbox("a", Some("wasm")))
+            .await
+            .unwrap();
+        let pod = n.router.run_pod_sandbox(&sandbox("b", None)).await.unwrap();
+        // Only recorded so far: no IPs anywhere.
+        assert!(n.router.pod_ips(&pod).await.is_empty());
+        n.router.pull_image("busybox", &[]).await.unwrap();
+        n.router
+            .create_container(&pod, container("app", "busybox"))
+            .await
+            .unwrap();
+        assert_eq!(n.router.pod_ips(&pod).await, [ip]);
+        assert_eq!(
+            n.router.pod_ips("a").await,
+            ["10.9.9.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(n.router.pod_ips("unknown").await.is_empty());
     }
 
     #[tokio::test]

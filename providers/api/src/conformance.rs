@@ -70,6 +70,7 @@ pub async fn sandbox(provider: &dyn Provider, fx: &Fixture) -> String {
             name: uid.clone(),
             pod_dir,
             runtime_handler: None,
+            host_network: false,
         })
         .await
         .unwrap_or_else(|e| panic!("{}: run_pod_sandbox: {e}", fx.name))

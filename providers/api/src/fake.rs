@@ -34,6 +34,8 @@ struct State {
     calls: Vec<String>,
     /// Container ids are `<prefix>-<n>` ("fake" unless [`FakeProvider::with_id_prefix`]).
     id_prefix: Option<String>,
+    /// [`FakeProvider::give_pod_ips`]: what `pod_ips` answers for a sandbox.
+    pod_ips: HashMap<String, Vec<std::net::IpAddr>>,
 }
 
 struct Entry {
@@ -109,6 +111,12 @@ impl FakeProvider {
         true
     }
 
+    /// The sandbox of pod `pod_uid` has these IPs (a provider that gives pods a network of
+    /// their own); answered by `pod_ips` while the sandbox exists.
+    pub fn give_pod_ips(&self, pod_uid: &str, ips: Vec<std::net::IpAddr>) {
+        self.state().pod_ips.insert(pod_uid.to_string(), ips);
+    }
+
     /// The runtime restarted: every sandbox and container is gone.
     pub fn forget_all(&self) {
         let mut state = self.state();
@@ -175,6 +183,14 @@ impl Provider for FakeProvider {
             .sandboxes
             .insert(config.pod_uid.clone(), config.clone());
         Ok(config.pod_uid.clone())
+    }
+
+    async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
+        let state = self.state();
+        if !state.sandboxes.contains_key(sandbox_id) {
+            return Vec::new();
+        }
+        state.pod_ips.get(sandbox_id).cloned().unwrap_or_default()
     }
 
     async fn remove_pod_sandbox(

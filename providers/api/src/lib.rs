@@ -119,6 +119,11 @@ pub struct SandboxConfig {
     /// `None` without one. A node with two providers routes by it.
     #[serde(default)]
     pub runtime_handler: Option<String>,
+    /// `spec.hostNetwork`: the pod uses the node's network namespace (and its IP). The Wasm
+    /// provider's pods always do; the container provider gives other pods a network of their
+    /// own.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// A directory made visible to a container (one per volumeMount).
@@ -503,6 +508,13 @@ pub trait Provider: Send + Sync + 'static {
     /// Every container the provider holds, in every state. An error means the runtime could
     /// not be asked (never "no containers"): callers skip their pass rather than act on it.
     async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError>;
+
+    /// The sandbox's own IP addresses (podIP first, at most one per family), when the provider
+    /// gives pods a network of their own. Empty (the default): the pod's IP is the node's.
+    async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
+        let _ = sandbox_id;
+        Vec::new()
+    }
 
     /// Every pod sandbox the provider holds (stats name pods by them); errors as
     /// [`Provider::list_containers`].

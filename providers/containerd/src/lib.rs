@@ -18,6 +18,7 @@
 pub mod client;
 pub mod image;
 pub mod log;
+pub mod network;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -45,6 +46,7 @@ use provider_api::{
 use crate::client::{is_not_found, status_error, Client, SNAPSHOTTER};
 pub use crate::image::RegistryOptions;
 use crate::log::{ContainerLog, Stream};
+pub use crate::network::PodNetworkOptions;
 pub use crate::spec::{Namespace, SandboxNamespaces};
 
 /// The containerd namespace the provider keeps its images and containers in by default.
@@ -91,6 +93,9 @@ pub struct ProviderOptions {
     pub cgroup_parent: String,
     /// containerd's root directory (the image filesystem), when known.
     pub image_fs_path: Option<PathBuf>,
+    /// The pod network (`--pod-cidr`): each pod's own network, IPC and UTS namespaces and an
+    /// IP on the node's bridge. `None`: each container gets private namespaces (loopback only).
+    pub pod_network: Option<PodNetworkOptions>,
 }
 
 impl ProviderOptions {
@@ -103,16 +108,20 @@ impl ProviderOptions {
             registries: RegistryOptions::default(),
             cgroup_parent: format!("/wasm-kubelet/{DEFAULT_NAMESPACE}"),
             image_fs_path: None,
+            pod_network: None,
         }
     }
 }
 
-/// A pod sandbox: for now only a record (the pod's namespaces come from the pod network
-/// component when it is wired in; see [`SandboxNamespaces`]).
+/// A pod sandbox: a record of the namespaces its containers join (made by the pod network,
+/// see [`network`], or given to [`ContainerdProvider::run_pod_sandbox_in`]) and its IPs.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Sandbox {
     config: SandboxConfig,
     namespaces: SandboxNamespaces,
+    /// The pod's IPs on the pod network (empty: none of its own).
+    #[serde(default)]
+    ips: Vec<std::net::IpAddr>,
 }
 
 /// Runs Linux containers with containerd and runc.
@@ -121,6 +130,7 @@ pub struct ContainerdProvider {
     options: ProviderOptions,
     version: String,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
+    network: Option<network::Network>,
 }
 
 /// 128 random bits as hex, from the kernel.
@@ -181,11 +191,16 @@ impl ContainerdProvider {
                 .map_err(|e| ProviderError::Setup(format!("creating {}: {e}", path.display())))?;
         }
         let sandboxes = load_sandboxes(&options.state_dir.join("sandboxes"));
+        let network = match &options.pod_network {
+            Some(net) => Some(network::Network::start(net).await?),
+            None => None,
+        };
         let provider = Self {
             client,
             options,
             version,
             sandboxes: Mutex::new(sandboxes),
+            network,
         };
         provider.adopt().await?;
         Ok(provider)
@@ -197,9 +212,19 @@ impl ContainerdProvider {
         config: &SandboxConfig,
         namespaces: SandboxNamespaces,
     ) -> Result<String, ProviderError> {
+        self.record_sandbox(config, namespaces, Vec::new())
+    }
+
+    fn record_sandbox(
+        &self,
+        config: &SandboxConfig,
+        namespaces: SandboxNamespaces,
+        ips: Vec<std::net::IpAddr>,
+    ) -> Result<String, ProviderError> {
         let sandbox = Sandbox {
             config: config.clone(),
             namespaces,
+            ips,
         };
         let path = self.sandbox_path(&config.pod_uid)?;
         let json = serde_json::to_vec(&sandbox)
@@ -811,13 +836,40 @@ impl Provider for ContainerdProvider {
         })
     }
 
+    /// With the pod network: the pod's namespaces and network made (or, after an agent
+    /// restart, found) here. Without it: a record, each container in namespaces of its own.
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
-        let namespaces = self
-            .sandboxes()
-            .get(&config.pod_uid)
-            .map(|s| s.namespaces.clone())
-            .unwrap_or_default();
-        self.run_pod_sandbox_in(config, namespaces).await
+        self.sandbox_path(&config.pod_uid)?;
+        let existing = self.sandboxes().get(&config.pod_uid).cloned();
+        if let Some(sandbox) = existing {
+            if self.network.is_none() || sandbox.namespaces != SandboxNamespaces::default() {
+                return Ok(config.pod_uid.clone());
+            }
+        }
+        let Some(network) = &self.network else {
+            return self
+                .run_pod_sandbox_in(config, SandboxNamespaces::default())
+                .await;
+        };
+        let (namespaces, ips) = network.setup(config).await?;
+        tracing::info!(
+            pod = config.name,
+            pod_uid = config.pod_uid,
+            ?ips,
+            "pod sandbox ready"
+        );
+        if let Err(e) = self.record_sandbox(config, namespaces, ips) {
+            let _ = network.teardown(&config.pod_uid).await;
+            return Err(e);
+        }
+        Ok(config.pod_uid.clone())
+    }
+
+    async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
+        self.sandboxes()
+            .get(sandbox_id)
+            .map(|s| s.ips.clone())
+            .unwrap_or_default()
     }
 
     async fn remove_pod_sandbox(
@@ -845,6 +897,14 @@ impl Provider for ContainerdProvider {
                     result = Err(e);
                 }
             }
+        }
+        if result.is_err() {
+            // The record, the network and the namespaces stay for the next try.
+            return result;
+        }
+        if let Some(network) = &self.network {
+            // CNI DEL, then the pinned namespaces go; kept on failure, so a retry does DEL again.
+            network.teardown(sandbox_id).await?;
         }
         self.sandboxes().remove(sandbox_id);
         if let Ok(path) = self.sandbox_path(sandbox_id) {

@@ -23,6 +23,15 @@ pub const PIDS_LIMIT: i64 = 4096;
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// The smallest `cpu.shares` the kernel takes (and the kubelet gives a pod without requests).
 const MIN_SHARES: u64 = 2;
+/// Directories the runtime mounts itself in every container: a volume is never bound over one.
+const RUNTIME_DIRS: &[&str] = &[
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/dev/mqueue",
+    "/proc",
+    "/sys",
+];
 
 /// Which namespace of one kind a container runs in.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +185,35 @@ pub fn build(
         }
         let mut options = vec!["rbind", "rprivate", "nosuid", "nodev"];
         options.push(if mount.read_only { "ro" } else { "rw" });
+        // A directory over one the runtime makes (/dev, /proc, /sys) would hide it (the node
+        // gives the terminationMessagePath's directory, /dev by default, as the Wasm provider
+        // needs): its files are bound one by one instead, as the kubelet binds
+        // /dev/termination-log.
+        let target = mount.container_path.trim_end_matches('/');
+        if mount.host_path.is_dir() && RUNTIME_DIRS.contains(&target) {
+            let entries = std::fs::read_dir(&mount.host_path).map_err(|e| {
+                ProviderError::Create(format!(
+                    "container {}: reading mount {}: {e}",
+                    config.name,
+                    mount.host_path.display()
+                ))
+            })?;
+            let mut files: Vec<_> = entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.file_name())
+                .collect();
+            files.sort();
+            for name in files {
+                mounts.push(json!({
+                    "destination": format!("{target}/{}", name.to_string_lossy()),
+                    "type": "bind",
+                    "source": mount.host_path.join(&name),
+                    "options": options,
+                }));
+            }
+            continue;
+        }
         mounts.push(json!({
             "destination": mount.container_path,
             "type": "bind",
@@ -343,6 +381,38 @@ mod tests {
             .contains(&json!("CAP_SYS_ADMIN")));
         assert_eq!(cpu_shares(None), 2);
         assert_eq!(res["pids"]["limit"], json!(PIDS_LIMIT));
+    }
+
+    #[test]
+    fn a_directory_over_dev_is_bound_file_by_file() {
+        let dir = std::env::temp_dir().join(format!("ctd-spec-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("termination-log"), b"").unwrap();
+        let mut c = config();
+        c.mounts = vec![provider_api::Mount {
+            host_path: dir.clone(),
+            container_path: "/dev".into(),
+            read_only: false,
+        }];
+        let spec = build(
+            "id",
+            "pod",
+            &c,
+            &image(),
+            &SandboxNamespaces::default(),
+            "/x",
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let binds: Vec<_> = spec["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["type"] == "bind")
+            .map(|m| m["destination"].as_str().unwrap().to_string())
+            .collect();
+        // runc's own /dev stays (with /dev/null); only the file is bound over it.
+        assert_eq!(binds, ["/dev/termination-log"]);
     }
 
     #[test]

@@ -98,6 +98,7 @@ async fn containers_join_the_pods_network_namespace_by_path() {
                     name: uid.into(),
                     pod_dir: work.join("pod"),
                     runtime_handler: None,
+                    host_network: false,
                 },
                 namespaces,
             )

@@ -122,6 +122,7 @@ fn sandbox(root: &Path) -> SandboxConfig {
         name: "p".into(),
         pod_dir: root.join("pod"),
         runtime_handler: None,
+        host_network: false,
     }
 }
 

@@ -43,6 +43,7 @@ async fn provider_with(root: &Path, wat: &str) -> WasmtimeProvider {
             name: "p".into(),
             pod_dir: root.join("pod"),
             runtime_handler: None,
+            host_network: false,
         })
         .await
         .unwrap();
@@ -719,6 +720,7 @@ async fn pulls_from_a_real_registry() {
             name: "p".into(),
             pod_dir: root.0.join("pod"),
             runtime_handler: None,
+            host_network: false,
         })
         .await
         .unwrap();
@@ -1091,6 +1093,7 @@ async fn exec_into_the_toolbox_example() {
             name: "p".into(),
             pod_dir: root.0.join("pod"),
             runtime_handler: None,
+            host_network: false,
         })
         .await
         .unwrap();
