@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use integration_tests::{
-    example_image, has_taint, http_get, phase, test_node, wait_for, Cluster, TestNamespace,
-    TEST_TIMEOUT,
+    example_image, has_taint, http_get, phase, push_examples, unique_name, wait_for,
+    workspace_root, Agent, Cluster, TestNamespace, TEST_TIMEOUT,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 
@@ -64,7 +64,8 @@ fn link_exists(name: &str) -> bool {
 struct Leftovers {
     socket: String,
     namespace: String,
-    bridge: String,
+    /// The node's root dir: the bridge is the one its conflist names, if it got that far.
+    root: PathBuf,
 }
 
 impl Drop for Leftovers {
@@ -85,24 +86,39 @@ impl Drop for Leftovers {
             ctr(&["containers", "delete", id]);
             ctr(&["snapshots", "delete", id]);
         }
-        for image in ctr(&["images", "list", "-q"]).lines() {
-            ctr(&["images", "delete", "--sync", image]);
-        }
+        // Leases first: the images' synchronous delete then collects everything.
         for lease in ctr(&["leases", "list", "-q"]).lines() {
             ctr(&["leases", "delete", lease]);
         }
-        let _ = Command::new("ctr")
-            .args([
-                "--address",
-                &self.socket,
-                "namespaces",
-                "delete",
-                &self.namespace,
-            ])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        for image in ctr(&["images", "list", "-q"]).lines() {
+            ctr(&["images", "delete", "--sync", image]);
+        }
+        if let Some(bridge) = conflist_of(&self.root)
+            .and_then(|list| list["plugins"][0]["bridge"].as_str().map(str::to_string))
+        {
+            let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        }
+        // containerd refuses to delete a namespace until its garbage collection has freed the
+        // snapshots and content just released: poll it (cleanup only, at most 10 s).
+        let mut last = String::new();
+        for _ in 0..100 {
+            let Ok(out) = Command::new("ctr")
+                .args(["--address", &self.socket, "namespaces", "remove"])
+                .arg(&self.namespace)
+                .output()
+            else {
+                return;
+            };
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            if out.status.success() || last.contains("not found") {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!(
+            "containerd namespace {} left behind: {last}",
+            self.namespace
+        );
     }
 }
 
@@ -110,17 +126,19 @@ fn pod_ip(pod: &Pod) -> Option<String> {
     pod.status.as_ref()?.pod_ip.clone()
 }
 
+/// The conflist the node wrote under its root, if any.
+fn conflist_of(root: &Path) -> Option<serde_json::Value> {
+    let file = std::fs::read_dir(root.join("pod-network/cni/net.d"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "conflist"))?
+        .path();
+    serde_json::from_slice(&std::fs::read(file).ok()?).ok()
+}
+
 /// The bridge named in the conflist the node wrote under its root.
 fn bridge_of(root: &Path) -> String {
-    let dir = root.join("pod-network/cni/net.d");
-    let file = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(Result::ok)
-        .find(|e| e.path().extension().is_some_and(|x| x == "conflist"))
-        .expect("a conflist")
-        .path();
-    let list: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&file).expect("conflist")).expect("json");
+    let list = conflist_of(root).expect("the node wrote its conflist");
     let bridge = &list["plugins"][0];
     // The network the node writes by default never routes (the module docs).
     assert_eq!(bridge["isGateway"], false, "{list}");
@@ -157,16 +175,28 @@ async fn a_container_pod_and_a_wasm_pod_on_one_mixed_node() {
     let net_prefix = cidr.trim_end_matches("0/24").to_string();
     let endpoint = format!("--container-runtime-endpoint=unix://{socket}");
     let pod_cidr = format!("--pod-cidr={cidr}");
-    let agent = &test_node("mixed", &[&endpoint, &pod_cidr]).await;
-    let root = agent.dir.join("root");
+    // The node's name and root are known before it starts, so what it leaves is cleaned up
+    // even when it never registers.
+    push_examples();
+    let name = unique_name("mixed");
+    let dir = workspace_root().join("target/it").join(&name);
+    let logs = format!("--pod-logs-dir={}", dir.join("logs").display());
     let _leftovers = Leftovers {
         socket: socket.clone(),
-        namespace: format!("wasm-kubelet-{}", agent.name),
-        bridge: bridge_of(&root),
+        namespace: format!("wasm-kubelet-{name}"),
+        root: dir.join("root"),
     };
+    let agent = &Agent::start(&name, &[&logs, &endpoint, &pod_cidr]).expect("the agent starts");
+    let nodes: kube::Api<Node> = kube::Api::all(cluster.admin().await);
+    wait_for("the node to register", TEST_TIMEOUT, || async {
+        nodes.get_opt(&agent.name).await.ok()?
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    let root = agent.dir.join("root");
+    bridge_of(&root);
 
     // Registration: no Wasm-only taint, both runtimes named.
-    let nodes: kube::Api<Node> = kube::Api::all(cluster.admin().await);
     let node = wait_for("the node's nodeInfo", TEST_TIMEOUT, || async {
         let node = nodes.get_opt(&agent.name).await.ok()??;
         let version = node

@@ -898,10 +898,8 @@ impl Provider for ContainerdProvider {
                 }
             }
         }
-        if result.is_err() {
-            // The record, the network and the namespaces stay for the next try.
-            return result;
-        }
+        // On failure the record, the network and the namespaces stay for the next try.
+        result?;
         if let Some(network) = &self.network {
             // CNI DEL, then the pinned namespaces go; kept on failure, so a retry does DEL again.
             network.teardown(sandbox_id).await?;
@@ -910,7 +908,7 @@ impl Provider for ContainerdProvider {
         if let Ok(path) = self.sandbox_path(sandbox_id) {
             let _ = std::fs::remove_file(path);
         }
-        result
+        Ok(())
     }
 
     async fn create_container(
