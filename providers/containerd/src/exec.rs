@@ -9,7 +9,8 @@
 //!
 //! Exit codes are the process's (128 + the signal when a signal ended it; a container that ends
 //! under the exec ends it too, as its PID namespace does). A timeout SIGKILLs the exec process
-//! and is [`ProviderError::Timeout`].
+//! and its process group (what it started, unless that left the group) and is
+//! [`ProviderError::Timeout`].
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -120,7 +121,8 @@ impl ContainerdProvider {
                 }))
                 .await
                 .map_err(|e| exec_error(name, program, e))?;
-            self.client
+            let started = self
+                .client
                 .tasks()
                 .start(self.client.req(StartRequest {
                     container_id: id.to_string(),
@@ -128,16 +130,19 @@ impl ContainerdProvider {
                 }))
                 .await
                 .map_err(|e| exec_error(name, program, e))?;
-            Ok::<(), ProviderError>(())
+            Ok::<u32, ProviderError>(started.into_inner().pid)
         }
         .await;
-        if let Err(e) = started {
-            fifos.release();
-            self.delete_process(id, exec_id).await;
-            stdout.abort();
-            stderr.abort();
-            return Err(e);
-        }
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                fifos.release();
+                self.delete_process(id, exec_id).await;
+                stdout.abort();
+                stderr.abort();
+                return Err(e);
+            }
+        };
         // The shim has opened its ends of stdin (on Start): copy the caller's into it, then close
         // the provider's end and the shim's (CloseIO), which is end of file for the command.
         let stdin = match (io.stdin, stdin_writer) {
@@ -174,7 +179,7 @@ impl ContainerdProvider {
                 timeout_ms = limit.as_millis() as u64,
                 "exec timed out; killing it"
             );
-            self.kill_exec(id, exec_id).await;
+            self.kill_exec(id, exec_id, pid).await;
             for task in [Some(stdout), Some(stderr), stdin].into_iter().flatten() {
                 task.abort();
             }
@@ -194,9 +199,10 @@ impl ContainerdProvider {
         };
         // Output is complete when the shim closes the FIFOs (every holder of the command's
         // stdout and stderr is gone); bounded, see FLUSH_WAIT.
+        let (mut stdout, mut stderr) = (stdout, stderr);
         let flushed = async {
-            let _ = stdout.await;
-            let _ = stderr.await;
+            let _ = (&mut stdout).await;
+            let _ = (&mut stderr).await;
         };
         if tokio::time::timeout(FLUSH_WAIT, flushed).await.is_err() {
             tracing::debug!(
@@ -205,6 +211,10 @@ impl ContainerdProvider {
                 "exec output still open {FLUSH_WAIT:?} after its exit; dropping the rest"
             );
         }
+        // Done with the caller's writers: a process the command left behind keeps its output
+        // to itself.
+        stdout.abort();
+        stderr.abort();
         if let Some(stdin) = stdin {
             stdin.abort();
         }
@@ -213,8 +223,19 @@ impl ContainerdProvider {
         Ok(code)
     }
 
-    /// SIGKILLs the exec process, waits for its exit (at most [`KILL_WAIT`]) and deletes it.
-    async fn kill_exec(&self, id: &str, exec_id: &str) {
+    /// SIGKILLs the exec process and its process group (runc makes an exec process the leader
+    /// of a session of its own, so what it started goes with it unless it left the group),
+    /// waits for its exit (at most [`KILL_WAIT`]) and deletes it. `pid` is its host PID.
+    async fn kill_exec(&self, id: &str, exec_id: &str, pid: u32) {
+        // PID 0 or 1 would name the agent's own group or every process: never signalled.
+        if let Ok(pgid) = i32::try_from(pid) {
+            if pgid > 1 {
+                // SAFETY: kill(2) with a negative PID signals that process group; no memory is
+                // passed. The exec had not exited when its timeout ran out, so `pid` is still
+                // its (a PID is not reused while its process or group lives).
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            }
+        }
         let killed = self
             .client
             .tasks()

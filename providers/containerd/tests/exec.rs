@@ -148,6 +148,33 @@ async fn exec_has_the_containers_privileges_and_cgroup_and_a_timeout_leaves_noth
         "the timed-out exec still runs: {left:?}"
     );
 
+    // A timed-out shell is killed with what it started (its process group).
+    let (result, _, _) = conformance::exec_collect(
+        &e.p,
+        &id,
+        sh("sleep 88888; echo never"),
+        None,
+        Some(Duration::from_secs(1)),
+    )
+    .await;
+    assert!(
+        matches!(result, Err(ProviderError::Timeout(_))),
+        "{result:?}"
+    );
+    let left = exec_ok(&e.p, &id, sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '")).await;
+    assert!(
+        !left.contains("88888"),
+        "the timed-out exec's child still runs: {left:?}"
+    );
+
+    // A command that leaves a process holding its stdout still ends (its output is cut).
+    let left_behind =
+        conformance::exec_collect(&e.p, &id, sh("sleep 77777 & echo started"), None, None);
+    let (result, out, _) = tokio::time::timeout(conformance::WAIT, left_behind)
+        .await
+        .expect("an exec whose background process holds its stdout returns");
+    assert_eq!((result, out.as_str()), (Ok(0), "started\n"));
+
     // A command that cannot run is an Exec error naming it.
     let (result, _, _) =
         conformance::exec_collect(&e.p, &id, vec!["/no/such/program".into()], None, None).await;
