@@ -417,12 +417,15 @@ where
         .unwrap_or_else(|e| panic!("{}: remove_pod_sandbox: {e}", fx.name));
 }
 
+/// Makes the command that writes its argument and a newline on stdout and exits 0.
+pub type Echo = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
 /// What the exec checks run, per provider.
 pub struct ExecFixture {
     /// A container that runs until stopped; the commands below are exec'd into it.
     pub target: Case,
     /// A command that writes its argument and a newline on stdout and exits 0.
-    pub echo: Box<dyn Fn(&str) -> Vec<String> + Send + Sync>,
+    pub echo: Echo,
     /// A command that exits with a non-zero code, and that code.
     pub fails: (Vec<String>, i32),
     /// A command that copies its stdin to stdout until end of file, then exits 0.

@@ -1,12 +1,15 @@
 //! CPU and memory of running containers for /stats/summary, /metrics/resource and `kubectl top`,
 //! from containerd's Tasks.Metrics: one call for every task of the namespace.
 //!
-//! containerd answers with the shim's cgroup statistics in an `Any`. On cgroup v1 (these
-//! machines) that is `io.containerd.cgroups.v1.Metrics`, decoded here with the few fields the
-//! provider reads (prost skips the rest): CPU time is `cpu.usage.total` (nanoseconds,
-//! cumulative), memory is the working set as the kubelet computes it, `memory.usage.usage`
-//! minus `memory.total_inactive_file`. Other payloads (cgroup v2's
-//! `io.containerd.cgroups.v2.Metrics`) are not decoded yet: those containers report no usage.
+//! containerd answers with the shim's cgroup statistics in an `Any`, decoded here with the few
+//! fields the provider reads (prost skips the rest; field numbers from
+//! github.com/containerd/cgroups' metrics.proto files). Memory is the working set as the
+//! kubelet computes it: usage minus inactive file pages.
+//! - cgroup v1 (these machines), `io.containerd.cgroups.v1.Metrics`: CPU `cpu.usage.total`
+//!   (nanoseconds, cumulative), memory `memory.usage.usage - memory.total_inactive_file`;
+//! - cgroup v2, `io.containerd.cgroups.v2.Metrics`: CPU `cpu.usage_usec` (microseconds),
+//!   memory `memory.usage - memory.inactive_file`. Checked against a hand-encoded payload only:
+//!   these machines run cgroup v1.
 
 use std::collections::HashMap;
 
@@ -18,6 +21,8 @@ use crate::client::Client;
 
 /// The type URL of cgroup v1 statistics in a Tasks.Metrics reply.
 const CGROUPS_V1_METRICS: &str = "io.containerd.cgroups.v1.Metrics";
+/// The type URL of cgroup v2 statistics.
+const CGROUPS_V2_METRICS: &str = "io.containerd.cgroups.v2.Metrics";
 
 /// `io.containerd.cgroups.v1.Metrics` (github.com/containerd/cgroups stats/v1/metrics.proto),
 /// only the fields read.
@@ -56,11 +61,46 @@ struct MemoryEntry {
     usage: u64,
 }
 
+/// `io.containerd.cgroups.v2.Metrics` (cgroup2/stats/metrics.proto), only the fields read.
+#[derive(Clone, PartialEq, Message)]
+struct MetricsV2 {
+    #[prost(message, optional, tag = "2")]
+    cpu: Option<CpuStatV2>,
+    #[prost(message, optional, tag = "4")]
+    memory: Option<MemoryStatV2>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct CpuStatV2 {
+    #[prost(uint64, tag = "1")]
+    usage_usec: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct MemoryStatV2 {
+    #[prost(uint64, tag = "13")]
+    inactive_file: u64,
+    #[prost(uint64, tag = "32")]
+    usage: u64,
+}
+
+/// Whether `type_url` names `name` (bare, or after a `host/` prefix).
+fn names(type_url: &str, name: &str) -> bool {
+    type_url == name || type_url.rsplit('/').next() == Some(name)
+}
+
 /// The usage in one Tasks.Metrics payload; `None` for a payload it does not decode.
 fn decode(any: &prost_types::Any) -> Option<ContainerUsage> {
-    if any.type_url.trim_start_matches('/') != CGROUPS_V1_METRICS
-        && !any.type_url.ends_with(&format!("/{CGROUPS_V1_METRICS}"))
-    {
+    if names(&any.type_url, CGROUPS_V2_METRICS) {
+        let metrics = MetricsV2::decode(any.value.as_slice()).ok()?;
+        return Some(ContainerUsage {
+            cpu_nanos: metrics.cpu.map_or(0, |c| c.usage_usec.saturating_mul(1000)),
+            memory_bytes: metrics
+                .memory
+                .map_or(0, |m| m.usage.saturating_sub(m.inactive_file)),
+        });
+    }
+    if !names(&any.type_url, CGROUPS_V1_METRICS) {
         return None;
     }
     let metrics = MetricsV1::decode(any.value.as_slice()).ok()?;
@@ -111,11 +151,11 @@ pub(crate) async fn usage(client: &Client) -> HashMap<String, ContainerUsage> {
 mod tests {
     use super::*;
 
-    /// A v1 payload as containerd's shim encodes it, field numbers from
-    /// stats/v1/metrics.proto written out by hand (not through the structs above), with
-    /// fields the decoder skips around the ones it reads.
+    /// v1 and v2 payloads as containerd's shim encodes them, field numbers from the
+    /// metrics.proto files written out by hand (not through the structs above), with fields the
+    /// decoder skips around the ones it reads.
     #[test]
-    fn decodes_cgroup_v1_cpu_and_working_set() {
+    fn decodes_cgroup_cpu_and_working_set() {
         fn varint(mut v: u64, out: &mut Vec<u8>) {
             while v >= 0x80 {
                 out.push((v as u8) | 0x80);
@@ -164,10 +204,33 @@ mod tests {
                 memory_bytes: 7 << 20
             })
         );
+        let mut cpu = Vec::new();
+        uint(1, 2_500_000, &mut cpu); // usage_usec
+        uint(2, 1, &mut cpu); // user_usec
+        let mut memory = Vec::new();
+        uint(1, 9, &mut memory); // anon
+        uint(13, 1 << 20, &mut memory); // inactive_file
+        uint(32, 5 << 20, &mut memory); // usage
+        uint(33, 64 << 20, &mut memory); // usage_limit
+        let mut metrics = Vec::new();
+        message(1, &pids, &mut metrics);
+        message(2, &cpu, &mut metrics);
+        message(4, &memory, &mut metrics);
         let v2 = prost_types::Any {
-            type_url: "io.containerd.cgroups.v2.Metrics".into(),
+            type_url: format!("types.example/{CGROUPS_V2_METRICS}"),
+            value: metrics,
+        };
+        assert_eq!(
+            decode(&v2),
+            Some(ContainerUsage {
+                cpu_nanos: 2_500_000_000,
+                memory_bytes: 4 << 20
+            })
+        );
+        let other = prost_types::Any {
+            type_url: "io.containerd.other.Metrics".into(),
             value: vec![],
         };
-        assert_eq!(decode(&v2), None);
+        assert_eq!(decode(&other), None);
     }
 }
