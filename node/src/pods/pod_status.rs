@@ -158,8 +158,8 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
             .is_some_and(|t| t.exit_code != 0)
     });
     let phase = match input.terminal {
-        Some(t) => t.phase.to_string(),
-        None => pod_phase(policy, init_done, init_failed, &app_statuses).to_string(),
+        Some(t) => t.phase,
+        None => pod_phase(policy, init_done, init_failed, &app_statuses),
     };
 
     let unready: Vec<&str> = app_statuses
@@ -177,7 +177,7 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
         })
         .map(|s| s.name.as_str())
         .collect();
-    let completed = phase == "Succeeded";
+    let completed = phase == PodPhase::Succeeded;
     let condition = |kind: &str, ok: bool, reason: Option<String>, message: Option<String>| {
         let status = if ok { "True" } else { "False" };
         let transition = previous
@@ -271,7 +271,7 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
 
     let ip = input.node_ip.to_string();
     PodStatus {
-        phase: Some(phase),
+        phase: Some(phase.as_str().into()),
         reason: input.terminal.and_then(|t| t.reason.clone()),
         message: input.terminal.and_then(|t| t.message.clone()),
         conditions: Some(conditions),
@@ -333,17 +333,53 @@ pub(super) fn terminated(
 }
 
 /// The kubelet's getPhase, for a pod that is not already terminal.
+/// A pod's phase, `status.phase` (the API's `Unknown` is the control plane's, never ours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl PodPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+        }
+    }
+
+    /// The phase a status names; `None` for none, or `Unknown`.
+    pub fn of(phase: Option<&str>) -> Option<Self> {
+        match phase? {
+            "Pending" => Some(Self::Pending),
+            "Running" => Some(Self::Running),
+            "Succeeded" => Some(Self::Succeeded),
+            "Failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    /// Succeeded or Failed: nothing more runs.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
 pub(super) fn pod_phase(
     policy: plan::RestartPolicy,
     init_done: bool,
     init_failed: bool,
     app: &[ContainerStatus],
-) -> &'static str {
+) -> PodPhase {
     if init_failed && policy == plan::RestartPolicy::Never {
-        return "Failed";
+        return PodPhase::Failed;
     }
     if !init_done {
-        return "Pending";
+        return PodPhase::Pending;
     }
     let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
     for s in app {
@@ -366,24 +402,24 @@ pub(super) fn pod_phase(
         }
     }
     if waiting > 0 {
-        return "Pending";
+        return PodPhase::Pending;
     }
     if running > 0 {
-        return "Running";
+        return PodPhase::Running;
     }
     if stopped > 0 {
         if policy == plan::RestartPolicy::Always {
-            return "Running";
+            return PodPhase::Running;
         }
         if stopped == succeeded {
-            return "Succeeded";
+            return PodPhase::Succeeded;
         }
         if policy == plan::RestartPolicy::Never {
-            return "Failed";
+            return PodPhase::Failed;
         }
-        return "Running";
+        return PodPhase::Running;
     }
-    "Pending"
+    PodPhase::Pending
 }
 
 /// Guaranteed, Burstable or BestEffort, as the API server and kubelet compute it.
@@ -457,7 +493,7 @@ mod tests {
                 false,
                 &[cs(exited(0), None)]
             ),
-            "Succeeded"
+            PodPhase::Succeeded
         );
         assert_eq!(
             pod_phase(
@@ -466,7 +502,7 @@ mod tests {
                 false,
                 &[cs(exited(3), None)]
             ),
-            "Failed"
+            PodPhase::Failed
         );
         assert_eq!(
             pod_phase(
@@ -475,7 +511,7 @@ mod tests {
                 false,
                 &[cs(exited(0), None)]
             ),
-            "Running"
+            PodPhase::Running
         );
         assert_eq!(
             pod_phase(
@@ -490,7 +526,7 @@ mod tests {
                     })
                 )]
             ),
-            "Running"
+            PodPhase::Running
         );
         assert_eq!(
             pod_phase(
@@ -499,7 +535,7 @@ mod tests {
                 false,
                 &[cs(running, None)]
             ),
-            "Running"
+            PodPhase::Running
         );
         assert_eq!(
             pod_phase(
@@ -508,7 +544,7 @@ mod tests {
                 false,
                 &[cs(waiting("ContainerCreating", None), None)]
             ),
-            "Pending"
+            PodPhase::Pending
         );
         assert_eq!(
             pod_phase(
@@ -517,11 +553,11 @@ mod tests {
                 false,
                 &[cs(waiting("PodInitializing", None), None)]
             ),
-            "Pending"
+            PodPhase::Pending
         );
         assert_eq!(
             pod_phase(plan::RestartPolicy::Never, false, true, &[]),
-            "Failed"
+            PodPhase::Failed
         );
     }
 
@@ -913,7 +949,7 @@ mod tests {
     #[test]
     fn a_terminal_pod_keeps_its_outcome_and_an_evicted_one_is_a_disruption_target() {
         let evicted = Terminal {
-            phase: "Failed",
+            phase: PodPhase::Failed,
             reason: Some("Evicted".into()),
             message: Some("The node was low on resource: memory.".into()),
         };

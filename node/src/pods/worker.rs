@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use super::admission;
 use super::env;
 use super::plan;
-use super::pod_status::{self, terminated};
+use super::pod_status::{self, terminated, PodPhase};
 use super::resources;
 use super::status::{PodKey, StatusSender};
 use super::volumes;
@@ -127,7 +127,7 @@ struct TerminationFile {
 /// The pod's final outcome once nothing more will run.
 #[derive(Debug, Clone)]
 pub(super) struct Terminal {
-    pub(super) phase: &'static str,
+    pub(super) phase: PodPhase,
     pub(super) reason: Option<String>,
     pub(super) message: Option<String>,
 }
@@ -223,19 +223,13 @@ impl PodWorker {
             }
             containers.insert(cs.name.clone(), record);
         }
-        let terminal = match status.phase.as_deref() {
-            Some("Succeeded") => Some(Terminal {
-                phase: "Succeeded",
+        let terminal = PodPhase::of(status.phase.as_deref())
+            .filter(|p| p.is_terminal())
+            .map(|phase| Terminal {
+                phase,
                 reason: status.reason.clone(),
                 message: status.message.clone(),
-            }),
-            Some("Failed") => Some(Terminal {
-                phase: "Failed",
-                reason: status.reason.clone(),
-                message: status.message.clone(),
-            }),
-            _ => None,
-        };
+            });
         let pod_ref = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
@@ -367,7 +361,7 @@ impl PodWorker {
                     rejection.message.clone(),
                 );
                 self.terminal = Some(Terminal {
-                    phase: "Failed",
+                    phase: PodPhase::Failed,
                     reason: Some(rejection.reason),
                     message: Some(status_message),
                 });
@@ -383,7 +377,7 @@ impl PodWorker {
                         .events
                         .normal(&self.object_ref(), "DeadlineExceeded", message.clone());
                     self.terminal = Some(Terminal {
-                        phase: "Failed",
+                        phase: PodPhase::Failed,
                         reason: Some("DeadlineExceeded".into()),
                         message: Some(message),
                     });
@@ -402,12 +396,7 @@ impl PodWorker {
         let status = self.compute_status();
         self.last_status = Some(status.clone());
         if self.terminal.is_none() {
-            if let Some(phase @ ("Succeeded" | "Failed")) = status.phase.as_deref() {
-                let phase = if phase == "Succeeded" {
-                    "Succeeded"
-                } else {
-                    "Failed"
-                };
+            if let Some(phase) = PodPhase::of(status.phase.as_deref()).filter(|p| p.is_terminal()) {
                 self.terminal = Some(Terminal {
                     phase,
                     reason: None,
@@ -958,7 +947,7 @@ impl PodWorker {
                         PullFailure::NotWasm { event, message } => {
                             self.ctx.events.warning(&cref, "Failed", event);
                             self.terminal = Some(Terminal {
-                                phase: "Failed",
+                                phase: PodPhase::Failed,
                                 reason: Some("UnsupportedImage".into()),
                                 message: Some(message),
                             });
@@ -1338,7 +1327,7 @@ impl PodWorker {
             .warning(&self.object_ref(), "Evicted", eviction.message.clone());
         self.kill_all(eviction.grace, "evicted").await;
         self.terminal = Some(Terminal {
-            phase: "Failed",
+            phase: PodPhase::Failed,
             reason: Some("Evicted".into()),
             message: Some(eviction.message.clone()),
         });
