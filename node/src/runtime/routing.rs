@@ -49,14 +49,9 @@ impl Side {
 /// gets a clear error instead of a surprise.
 pub struct NoContainers;
 
-impl NoContainers {
-    fn refuse(what: impl std::fmt::Display) -> ProviderError {
-        ProviderError::UnsupportedImage(format!(
-            "{what}, and this node runs only WebAssembly (no Linux containers: the node has no \
-             --container-runtime-endpoint)"
-        ))
-    }
-}
+/// Why a node without containerd runs no Linux image.
+const NO_CONTAINERS: &str = "this node runs only WebAssembly (no Linux containers: the node has \
+                             no --container-runtime-endpoint)";
 
 #[async_trait::async_trait]
 impl Provider for NoContainers {
@@ -81,12 +76,10 @@ impl Provider for NoContainers {
 
     async fn pull_image(
         &self,
-        reference: &str,
+        _reference: &str,
         _auth: &[RegistryAuth],
     ) -> Result<ImageInfo, ProviderError> {
-        Err(Self::refuse(format_args!(
-            "image {reference} is not WebAssembly (no Wasm module or component in it)"
-        )))
+        Err(ProviderError::UnsupportedImage(NO_CONTAINERS.into()))
     }
 
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
@@ -335,10 +328,14 @@ impl Provider for Router {
                     why,
                     "not a Wasm image: pulling through containerd"
                 );
-                self.containers
-                    .pull_image(reference, auth)
-                    .await
-                    .map(|info| (Side::Containers, info))
+                match self.containers.pull_image(reference, auth).await {
+                    Ok(info) => Ok((Side::Containers, info)),
+                    // Neither side runs it: both say why.
+                    Err(ProviderError::UnsupportedImage(also)) => {
+                        Err(ProviderError::UnsupportedImage(format!("{why}; {also}")))
+                    }
+                    Err(e) => Err(e),
+                }
             }
             other => other.map(|info| (first, info)),
         };
@@ -351,10 +348,16 @@ impl Provider for Router {
     async fn run_pod_sandbox(&self, config: &SandboxConfig) -> Result<String, ProviderError> {
         self.learn_sandboxes().await?;
         let uid = config.pod_uid.clone();
-        if self.routes().sandboxes.contains_key(&uid) {
-            return Ok(uid);
-        }
-        let route = match Self::side_of_handler(config.runtime_handler.as_deref()) {
+        let known = self.routes().sandboxes.get(&uid).cloned();
+        let side = match known {
+            // Asked again: the side may have lost it (a restarted runtime), and making a sandbox
+            // is idempotent per pod UID there.
+            Some(SandboxRoute::On(side, _)) => Some(side),
+            Some(SandboxRoute::Undecided(_)) | None => {
+                Self::side_of_handler(config.runtime_handler.as_deref())
+            }
+        };
+        let route = match side {
             Some(side) => {
                 let id = self.provider(side).run_pod_sandbox(config).await?;
                 SandboxRoute::On(side, id)
@@ -769,8 +772,16 @@ mod tests {
         let router = Router::new(wasm.clone(), Arc::new(NoContainers));
         assert_eq!(router.runtimes(), [wasm.runtime_info()]);
         assert_eq!(router.runtime_info(), wasm.runtime_info());
-        wasm.fail_pulls("busybox", ProviderError::UnsupportedImage("no Wasm".into()));
+        wasm.fail_pulls(
+            "busybox",
+            ProviderError::UnsupportedImage("/bin/sh is not WebAssembly".into()),
+        );
         let e = router.pull_image("busybox", &[]).await.unwrap_err();
+        // The Wasm side's reason first (what the image holds), then why nothing else runs it.
+        assert!(
+            e.to_string().starts_with("/bin/sh is not WebAssembly; "),
+            "{e}"
+        );
         assert!(matches!(e, ProviderError::UnsupportedImage(_)), "{e:?}");
         assert!(e.to_string().contains("runs only WebAssembly"), "{e}");
         let e = router
@@ -827,6 +838,16 @@ mod tests {
             ["10.9.9.9".parse::<std::net::IpAddr>().unwrap()]
         );
         assert!(n.router.pod_ips("unknown").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_side_that_lost_its_sandboxes_gets_them_back_when_asked_again() {
+        let n = node();
+        let handler = sandbox("a", Some("wasm"));
+        n.router.run_pod_sandbox(&handler).await.unwrap();
+        n.wasm.forget_all(); // the Wasm runtime restarted
+        n.router.run_pod_sandbox(&handler).await.unwrap();
+        assert_eq!(sandboxes(&n.wasm).await, ["a"]);
     }
 
     #[tokio::test]

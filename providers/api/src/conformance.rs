@@ -417,3 +417,389 @@ where
         .await
         .unwrap_or_else(|e| panic!("{}: remove_pod_sandbox: {e}", fx.name));
 }
+
+/// Makes the command that writes its argument and a newline on stdout and exits 0.
+pub type Echo = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
+/// What the exec checks run, per provider.
+pub struct ExecFixture {
+    /// A container that runs until stopped; the commands below are exec'd into it.
+    pub target: Case,
+    /// A command that writes its argument and a newline on stdout and exits 0.
+    pub echo: Echo,
+    /// A command that exits with a non-zero code, and that code.
+    pub fails: (Vec<String>, i32),
+    /// A command that copies its stdin to stdout until end of file, then exits 0.
+    pub cat: Vec<String>,
+    /// A command that runs far longer than any check waits (ended by the exec's timeout).
+    pub sleeps: Vec<String>,
+}
+
+/// A writer for a stream of an exec or an attach, and what was written to it once every
+/// handle of the writer is dropped.
+fn collector() -> (
+    std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    tokio::task::JoinHandle<Vec<u8>>,
+) {
+    use tokio::io::AsyncReadExt;
+    // A reader that keeps draining: a writer never waits on this end.
+    let (writer, mut reader) = tokio::io::duplex(64 * 1024);
+    let read = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = reader.read_to_end(&mut out).await;
+        out
+    });
+    (Box::pin(writer), read)
+}
+
+fn reader(bytes: &'static [u8]) -> Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>> {
+    Some(Box::pin(bytes))
+}
+
+/// Runs `command` in `id` with `stdin`; returns the result and what it wrote on stdout and
+/// stderr.
+pub async fn exec_collect(
+    provider: &dyn Provider,
+    id: &str,
+    command: Vec<String>,
+    stdin: Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+    timeout: Option<Duration>,
+) -> (Result<i32, crate::ProviderError>, String, String) {
+    let (stdout, out) = collector();
+    let (stderr, err) = collector();
+    let io = crate::ExecIo {
+        stdin,
+        stdout,
+        stderr,
+        timeout,
+    };
+    let result = provider.exec(id, command, io).await;
+    let out = String::from_utf8_lossy(&out.await.unwrap_or_default()).into_owned();
+    let err = String::from_utf8_lossy(&err.await.unwrap_or_default()).into_owned();
+    (result, out, err)
+}
+
+/// Waits until the log at `path` has a line ending with `want`.
+pub async fn wait_log_line(fx: &Fixture, path: &std::path::Path, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| l.ends_with(want)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {} has no line ending {want:?} within {WAIT:?}: {text:?}",
+            fx.name,
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Exec into a running container: the command's exit code, its stdout (never the container's
+/// log), its stdin, `exec_sync`'s output; a timeout ends it as [`crate::ProviderError::Timeout`]
+/// and leaves the container running; an empty command, an unknown container and a stopped
+/// container are refused with the documented errors.
+pub async fn check_exec(provider: &dyn Provider, fx: &Fixture, ex: &ExecFixture) {
+    use crate::ProviderError;
+    let sandbox = sandbox(provider, fx).await;
+    let config = config(fx, "exec-target", &ex.target);
+    let log_path = config.log_path.clone();
+    let id = run(provider, fx, &sandbox, config).await;
+    wait_state(provider, fx, &id, "Running", running).await;
+
+    let (result, out, err) =
+        exec_collect(provider, &id, (ex.echo)("exec says hello"), None, None).await;
+    assert_eq!(
+        result,
+        Ok(0),
+        "{}: exit code of an exec that echoes (stderr {err:?})",
+        fx.name
+    );
+    assert_eq!(out, "exec says hello\n", "{}: stdout of the exec", fx.name);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        !log.contains("exec says hello"),
+        "{}: an exec's output went to the container's log: {log:?}",
+        fx.name
+    );
+
+    let (result, _, err) = exec_collect(provider, &id, ex.fails.0.clone(), None, None).await;
+    assert_eq!(
+        result,
+        Ok(ex.fails.1),
+        "{}: exit code of an exec that fails (stderr {err:?})",
+        fx.name
+    );
+
+    let (result, out, err) = exec_collect(
+        provider,
+        &id,
+        ex.cat.clone(),
+        reader(b"line one\nline two\n"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (result, out.as_str()),
+        (Ok(0), "line one\nline two\n"),
+        "{}: an exec that copies its stdin (stderr {err:?})",
+        fx.name
+    );
+
+    let synced = provider
+        .exec_sync(&id, (ex.echo)("synced"), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{}: exec_sync: {e}", fx.name));
+    assert_eq!(
+        (synced.0, String::from_utf8_lossy(&synced.1).as_ref()),
+        (0, "synced\n"),
+        "{}: exec_sync",
+        fx.name
+    );
+
+    let (result, _, _) = exec_collect(
+        provider,
+        &id,
+        ex.sleeps.clone(),
+        None,
+        Some(Duration::from_secs(1)),
+    )
+    .await;
+    assert!(
+        matches!(result, Err(ProviderError::Timeout(_))),
+        "{}: an exec past its timeout should be a Timeout: {result:?}",
+        fx.name
+    );
+    let listed = provider
+        .list_containers()
+        .await
+        .unwrap_or_else(|e| panic!("{}: list_containers: {e}", fx.name));
+    assert!(
+        listed.iter().any(|c| c.id == id && running(&c.state)),
+        "{}: the container should still run after an exec timed out",
+        fx.name
+    );
+
+    let (result, _, _) = exec_collect(provider, &id, vec![], None, None).await;
+    assert!(
+        matches!(result, Err(ProviderError::Exec(_))),
+        "{}: an empty command should be an Exec error: {result:?}",
+        fx.name
+    );
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let (result, _, _) = exec_collect(provider, unknown, (ex.echo)("x"), None, None).await;
+    assert!(
+        matches!(result, Err(ProviderError::NotFound(_))),
+        "{}: exec into an unknown container should be NotFound: {result:?}",
+        fx.name
+    );
+
+    provider
+        .stop_container(&id, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: stop_container: {e}", fx.name));
+    wait_state(provider, fx, &id, "Exited", exited).await;
+    let (result, _, _) = exec_collect(provider, &id, (ex.echo)("x"), None, None).await;
+    assert!(
+        matches!(result, Err(ProviderError::Exec(_))),
+        "{}: exec into a stopped container should be an Exec error: {result:?}",
+        fx.name
+    );
+    remove(provider, fx, &id).await;
+    provider
+        .remove_pod_sandbox(&sandbox, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: remove_pod_sandbox: {e}", fx.name));
+}
+
+/// Attach (`kubectl attach`): `cat` is a case that copies its stdin to stdout until end of
+/// file and then exits 0.
+///
+/// - With `stdin` and `stdinOnce`, what the attached client types reaches the container, the
+///   echo reaches the client's stdout and the log file, and the end of the client's stdin is
+///   the end of the container's (it exits 0, and the attach returns).
+/// - Without `stdinOnce`, two clients attach stdin one after the other: the first one's end
+///   does not close the container's stdin.
+/// - Attaching stdin to a container created without `stdin`, or anything to an exited one,
+///   is an Exec error.
+pub async fn check_attach(provider: &dyn Provider, fx: &Fixture, cat: &Case) {
+    use crate::{AttachIo, ProviderError};
+    let sandbox = sandbox(provider, fx).await;
+
+    let mut once = config(fx, "attach-once", cat);
+    once.stdin = true;
+    once.stdin_once = true;
+    let once_log = once.log_path.clone();
+    let id = run(provider, fx, &sandbox, once).await;
+    wait_state(provider, fx, &id, "Running", running).await;
+    let (stdout, out) = collector();
+    let attached = provider.attach(
+        &id,
+        AttachIo {
+            stdin: reader(b"attached line\n"),
+            stdout: Some(stdout),
+            stderr: None,
+        },
+    );
+    tokio::time::timeout(WAIT, attached)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{}: attach with stdinOnce did not return within {WAIT:?} of its stdin's end",
+                fx.name
+            )
+        })
+        .unwrap_or_else(|e| panic!("{}: attach: {e}", fx.name));
+    let out = String::from_utf8_lossy(&out.await.unwrap_or_default()).into_owned();
+    assert_eq!(
+        out, "attached line\n",
+        "{}: what the attached client read",
+        fx.name
+    );
+    let state = wait_state(provider, fx, &id, "Exited", exited).await;
+    assert!(
+        matches!(state, ContainerState::Exited { exit_code: 0, .. }),
+        "{}: with stdinOnce the container's stdin ends with the client's: {state:?}",
+        fx.name
+    );
+    wait_log_line(fx, &once_log, " stdout F attached line").await;
+    let (stdout, _) = collector();
+    let result = provider
+        .attach(
+            &id,
+            AttachIo {
+                stdin: None,
+                stdout: Some(stdout),
+                stderr: None,
+            },
+        )
+        .await;
+    assert!(
+        matches!(result, Err(ProviderError::Exec(_))),
+        "{}: attaching to an exited container should be an Exec error: {result:?}",
+        fx.name
+    );
+    remove(provider, fx, &id).await;
+
+    let mut kept = config(fx, "attach-kept", cat);
+    kept.stdin = true;
+    let kept_log = kept.log_path.clone();
+    let id = run(provider, fx, &sandbox, kept).await;
+    wait_state(provider, fx, &id, "Running", running).await;
+    for line in [&b"first client\n"[..], &b"second client\n"[..]] {
+        let attached = provider.attach(
+            &id,
+            AttachIo {
+                stdin: reader(line),
+                stdout: None,
+                stderr: None,
+            },
+        );
+        tokio::time::timeout(WAIT, attached)
+            .await
+            .unwrap_or_else(|_| panic!("{}: a stdin-only attach did not return", fx.name))
+            .unwrap_or_else(|e| panic!("{}: attach: {e}", fx.name));
+        let text = String::from_utf8_lossy(line);
+        wait_log_line(fx, &kept_log, &format!(" stdout F {}", text.trim_end())).await;
+    }
+    let listed = provider
+        .list_containers()
+        .await
+        .unwrap_or_else(|e| panic!("{}: list_containers: {e}", fx.name));
+    assert!(
+        listed.iter().any(|c| c.id == id && running(&c.state)),
+        "{}: without stdinOnce the container's stdin stays open after a client ends",
+        fx.name
+    );
+    provider
+        .stop_container(&id, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: stop_container: {e}", fx.name));
+    remove(provider, fx, &id).await;
+
+    let id = run(
+        provider,
+        fx,
+        &sandbox,
+        config(fx, "attach-no-stdin", &fx.ignores_stop),
+    )
+    .await;
+    wait_state(provider, fx, &id, "Running", running).await;
+    let result = provider
+        .attach(
+            &id,
+            AttachIo {
+                stdin: reader(b"refused\n"),
+                stdout: None,
+                stderr: None,
+            },
+        )
+        .await;
+    assert!(
+        matches!(result, Err(ProviderError::Exec(_))),
+        "{}: attaching stdin to a container without `stdin` should be an Exec error: {result:?}",
+        fx.name
+    );
+    provider
+        .stop_container(&id, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: stop_container: {e}", fx.name));
+    remove(provider, fx, &id).await;
+    provider
+        .remove_pod_sandbox(&sandbox, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: remove_pod_sandbox: {e}", fx.name));
+}
+
+/// Usage (for /stats/summary, /metrics/resource, `kubectl top`): a running container that
+/// keeps a CPU busy is listed with memory in use and a CPU time that grows between listings.
+pub async fn check_usage(provider: &dyn Provider, fx: &Fixture, busy: &Case) {
+    let sandbox = sandbox(provider, fx).await;
+    let id = run(provider, fx, &sandbox, config(fx, "busy", busy)).await;
+    let usage = || async {
+        provider
+            .list_containers()
+            .await
+            .unwrap_or_else(|e| panic!("{}: list_containers: {e}", fx.name))
+            .into_iter()
+            .find(|c| c.id == id)
+            .map(|c| c.usage)
+            .unwrap_or_default()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = loop {
+        let u = usage().await;
+        if u.cpu_nanos > 0 && u.memory_bytes > 0 {
+            break u;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: a busy container shows no CPU time or no memory within {WAIT:?}: {u:?}",
+            fx.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    loop {
+        let u = usage().await;
+        if u.cpu_nanos > first.cpu_nanos {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: a busy container's CPU time does not grow: {first:?} then {u:?}",
+            fx.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    provider
+        .stop_container(&id, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: stop_container: {e}", fx.name));
+    remove(provider, fx, &id).await;
+    provider
+        .remove_pod_sandbox(&sandbox, Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{}: remove_pod_sandbox: {e}", fx.name));
+}

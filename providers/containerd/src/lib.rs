@@ -6,7 +6,9 @@
 //!   the unpack into the overlayfs snapshotter;
 //! - [`spec`]: the OCI runtime spec of a container (argv, env, mounts, limits, privileges) and
 //!   [`SandboxNamespaces`], the seam where a pod's network/IPC/UTS namespaces come in;
-//! - [`log`]: the CRI-format log file fed from the task's stdout/stderr FIFOs.
+//! - [`log`]: the CRI-format log file fed from the task's stdout/stderr FIFOs;
+//! - `exec`, `attach`, `stats`: exec processes, attached clients (and stdin), and CPU and
+//!   memory usage from containerd's task metrics.
 //!
 //! containerd keeps everything: a container is a containerd container record whose labels and
 //! one extension hold what the node gave it (pod UID, name, attempt, annotations, the whole
@@ -15,11 +17,14 @@
 //! log readers of the running ones, and can stop and remove them. Only the pod sandbox records
 //! are the provider's own (a JSON file per pod under the state directory).
 
+mod attach;
 pub mod client;
+mod exec;
 pub mod image;
 pub mod log;
 pub mod network;
 pub mod spec;
+mod stats;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -39,8 +44,9 @@ use containerd_client::services::v1::{
 };
 use containerd_client::types::v1::{Process, Status as TaskStatus};
 use provider_api::{
-    ContainerConfig, ContainerState, ContainerSummary, ContainerUsage, ExitReason, ImageInfo,
-    ImageRecord, Provider, ProviderError, RegistryAuth, RuntimeInfo, RuntimeStatus, SandboxConfig,
+    AttachIo, ContainerConfig, ContainerState, ContainerSummary, ContainerUsage, ExecIo,
+    ExitReason, ImageInfo, ImageRecord, Provider, ProviderError, RegistryAuth, RuntimeInfo,
+    RuntimeStatus, SandboxConfig,
 };
 
 use crate::client::{is_not_found, status_error, Client, SNAPSHOTTER};
@@ -131,6 +137,8 @@ pub struct ContainerdProvider {
     version: String,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     network: Option<network::Network>,
+    /// What attached clients join: each running container's output channel and stdin.
+    streams: attach::Streams,
 }
 
 /// 128 random bits as hex, from the kernel.
@@ -201,6 +209,7 @@ impl ContainerdProvider {
             version,
             sandboxes: Mutex::new(sandboxes),
             network,
+            streams: attach::Streams::default(),
         };
         provider.adopt().await?;
         Ok(provider)
@@ -397,9 +406,11 @@ impl ContainerdProvider {
         adopting: bool,
     ) -> Result<(), ProviderError> {
         let dir = self.fifo_dir(id);
+        let tee = self.streams.output_channel(id);
         for (stream, name) in [(Stream::Stdout, "stdout"), (Stream::Stderr, "stderr")] {
             let path = dir.join(name);
             let log = log.clone();
+            let tee = tee.clone();
             let open = move || -> std::io::Result<std::fs::File> {
                 if adopting {
                     // Non-blocking open (the writer exists), then a blocking reader.
@@ -416,7 +427,7 @@ impl ContainerdProvider {
             std::thread::Builder::new()
                 .name(format!("ctd-log-{name}"))
                 .spawn(move || match open() {
-                    Ok(file) => log.copy_from(stream, file),
+                    Ok(file) => log.copy_from(stream, file, Some(tee)),
                     Err(e) => tracing::warn!(error = %e, stream = name, "opening the container's output FIFO failed"),
                 })
                 .map_err(|e| ProviderError::Io(format!("starting a log reader: {e}")))?;
@@ -490,6 +501,14 @@ impl ContainerdProvider {
                     }
                 }
                 Err(e) => tracing::warn!(id = container.id, error = %e, "opening the log failed"),
+            }
+            // The previous agent's end of stdin closed with it (the container read end of
+            // file then); a container without stdinOnce can be attached to again.
+            if config.stdin && !config.stdin_once {
+                let path = self.fifo_dir(&container.id).join("stdin");
+                if let Err(e) = self.streams.open_stdin(&container.id, &path) {
+                    tracing::warn!(id = container.id, error = %e, "re-opening stdin failed");
+                }
             }
             self.watch_exit(&container.id);
             tracing::info!(
@@ -653,6 +672,7 @@ impl ContainerdProvider {
             }
         }
         let _ = std::fs::remove_dir_all(self.fifo_dir(id));
+        self.streams.forget(id);
         Ok(())
     }
 
@@ -1052,6 +1072,17 @@ impl Provider for ContainerdProvider {
             .map_err(|e| {
                 ProviderError::Io(format!("making the output FIFOs in {}: {e}", dir.display()))
             })?;
+        let stdin = if config.stdin {
+            let path = dir.join("stdin");
+            mkfifo(&path)
+                .and_then(|()| self.streams.open_stdin(container_id, &path))
+                .map_err(|e| {
+                    ProviderError::Io(format!("making the stdin FIFO in {}: {e}", dir.display()))
+                })?;
+            path.to_string_lossy().into_owned()
+        } else {
+            String::new()
+        };
         self.copy_output(container_id, &log, false)?;
         let created = self
             .client
@@ -1059,6 +1090,7 @@ impl Provider for ContainerdProvider {
             .create(self.client.req(CreateTaskRequest {
                 container_id: container_id.to_string(),
                 rootfs,
+                stdin,
                 stdout: dir.join("stdout").to_string_lossy().into_owned(),
                 stderr: dir.join("stderr").to_string_lossy().into_owned(),
                 ..Default::default()
@@ -1155,6 +1187,7 @@ impl Provider for ContainerdProvider {
 
     async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError> {
         let tasks = self.list_tasks().await?;
+        let usage = stats::usage(&self.client).await;
         let mut out = Vec::new();
         for container in self.list_records().await? {
             // Containers of this namespace without the provider's labels are not ours.
@@ -1182,13 +1215,54 @@ impl Provider for ContainerdProvider {
                     .get(LABEL_IMAGE_DIGEST)
                     .cloned()
                     .unwrap_or_default(),
+                // Running tasks only: an exited container has used nothing now.
+                usage: match state {
+                    ContainerState::Running { .. } => {
+                        usage.get(&container.id).copied().unwrap_or_default()
+                    }
+                    _ => ContainerUsage::default(),
+                },
                 state,
-                // CPU and memory from containerd's metrics are the next step (stats).
-                usage: ContainerUsage::default(),
                 annotations,
             });
         }
         Ok(out)
+    }
+
+    async fn exec(
+        &self,
+        container_id: &str,
+        command: Vec<String>,
+        io: ExecIo,
+    ) -> Result<i32, ProviderError> {
+        self.exec_in(container_id, command, io).await
+    }
+
+    async fn attach(&self, container_id: &str, io: AttachIo) -> Result<(), ProviderError> {
+        let container = self.get_container(container_id).await?;
+        let config = stored_config(&container).ok_or_else(|| {
+            ProviderError::NotFound(format!("container {container_id} (no stored config)"))
+        })?;
+        let running = self
+            .get_task(container_id)
+            .await?
+            .is_some_and(|t| t.status == TaskStatus::Running as i32);
+        if !running {
+            return Err(ProviderError::Exec(format!(
+                "container {} is not running: nothing to attach to",
+                config.name
+            )));
+        }
+        self.streams
+            .attach(
+                &self.client,
+                container_id,
+                &config.name,
+                config.stdin,
+                config.stdin_once,
+                io,
+            )
+            .await
     }
 
     async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {

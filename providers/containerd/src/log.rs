@@ -20,6 +20,9 @@ pub const MAX_LOG_SIZE: u64 = 10 * 1024 * 1024;
 /// The kubelet's `containerLogMaxFiles` default: the live file plus 4 rotated ones.
 pub const MAX_LOG_FILES: usize = 5;
 
+/// Where a container's output goes besides its log: the clients attached to it.
+pub type Tee = tokio::sync::broadcast::Sender<(Stream, bytes::Bytes)>;
+
 /// Which stream an entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -118,14 +121,22 @@ impl ContainerLog {
         let _ = inner.file.flush();
     }
 
-    /// Copies `source` (a FIFO) into the log until it ends (every writer closed it); blocking,
-    /// for a thread of its own.
-    pub fn copy_from(&self, stream: Stream, mut source: File) {
+    /// Copies `source` (a FIFO) into the log until it ends (every writer closed it), and hands
+    /// each chunk, as read, to `tee` (attached clients; see [`crate::attach`]); blocking, for a
+    /// thread of its own. `tee` is dropped at the end, which is how attached clients learn
+    /// that the output is over.
+    pub fn copy_from(&self, stream: Stream, mut source: File, tee: Option<Tee>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match source.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => self.write(stream, &buf[..n]),
+                Ok(n) => {
+                    self.write(stream, &buf[..n]);
+                    if let Some(tee) = &tee {
+                        // An error only means no client is attached right now.
+                        let _ = tee.send((stream, bytes::Bytes::copy_from_slice(&buf[..n])));
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, stream = stream.as_str(), "reading container output failed");

@@ -119,3 +119,46 @@ async fn list_after_restart() {
     let reopen = || async { Box::new(connect(&s.options).await) as Box<dyn Provider> };
     conformance::check_list_after_restart(&first, reopen, &s.fixture).await;
 }
+
+fn exec_fixture(s: &Setup) -> conformance::ExecFixture {
+    conformance::ExecFixture {
+        target: s.fixture.ignores_stop.clone(),
+        echo: Box::new(|line| vec!["echo".into(), line.into()]),
+        fails: (vec!["sh".into(), "-c".into(), "exit 3".into()], 3),
+        cat: vec!["cat".into()],
+        sleeps: vec!["sleep".into(), "100000".into()],
+    }
+}
+
+fn busybox(s: &Setup, command: &[&str]) -> Case {
+    Case {
+        image: s.fixture.ignores_stop.image.clone(),
+        command: command.iter().map(|c| c.to_string()).collect(),
+        args: vec![],
+    }
+}
+
+#[tokio::test]
+async fn exec() {
+    let s = setup("exec");
+    let p = connect(&s.options).await;
+    conformance::check_pull(&p, &s.fixture).await;
+    conformance::check_exec(&p, &s.fixture, &exec_fixture(&s)).await;
+}
+
+#[tokio::test]
+async fn attach() {
+    let s = setup("attach");
+    let p = connect(&s.options).await;
+    conformance::check_pull(&p, &s.fixture).await;
+    conformance::check_attach(&p, &s.fixture, &busybox(&s, &["cat"])).await;
+}
+
+#[tokio::test]
+async fn usage() {
+    let s = setup("usage");
+    let p = connect(&s.options).await;
+    conformance::check_pull(&p, &s.fixture).await;
+    let busy = busybox(&s, &["sh", "-c", "while true; do :; done"]);
+    conformance::check_usage(&p, &s.fixture, &busy).await;
+}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use provider_api::conformance::{self, Case, Fixture};
+use provider_api::Provider;
 use provider_wasmtime::image::RegistryOptions;
 use provider_wasmtime::{ProviderOptions, WasmtimeProvider};
 
@@ -74,6 +75,9 @@ fn push_examples(registry: &str, names: &[&str]) -> Vec<String> {
 struct Setup {
     provider: WasmtimeProvider,
     fixture: Fixture,
+    /// The toolbox guest (a busybox-style multi-call program) and the busy-loop guest.
+    toolbox: String,
+    busy_loop: String,
     work: PathBuf,
 }
 
@@ -87,7 +91,10 @@ fn setup(test: &str) -> Setup {
     let registry = cluster_var("REGISTRY").expect(
         "the local cluster's registry: set LOCAL_CLUSTER_DIR (its env file names REGISTRY) or REGISTRY",
     );
-    let images = push_examples(&registry, &["exit-with", "ticker", "memory-hog"]);
+    let images = push_examples(
+        &registry,
+        &["exit-with", "ticker", "memory-hog", "toolbox", "busy-loop"],
+    );
     let work = std::env::temp_dir().join(format!("wasm-conf-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
@@ -126,6 +133,8 @@ fn setup(test: &str) -> Setup {
     Setup {
         provider,
         fixture,
+        toolbox: images[3].clone(),
+        busy_loop: images[4].clone(),
         work,
     }
 }
@@ -155,4 +164,59 @@ async fn memory_limit() {
     let s = setup("oom");
     conformance::check_pull(&s.provider, &s.fixture).await;
     conformance::check_memory_limit(&s.provider, &s.fixture).await;
+}
+
+/// A toolbox container running `applet args...` (argv[0] names the applet).
+fn toolbox(s: &Setup, argv: &[&str]) -> Case {
+    Case {
+        image: s.toolbox.clone(),
+        command: argv.iter().map(|a| a.to_string()).collect(),
+        args: vec![],
+    }
+}
+
+#[tokio::test]
+async fn exec() {
+    let s = setup("exec");
+    conformance::check_pull(&s.provider, &s.fixture).await;
+    let ex = conformance::ExecFixture {
+        target: toolbox(&s, &["sleep", "100000"]),
+        echo: Box::new(|line| vec!["echo".into(), line.into()]),
+        // The toolbox's `false`: exit 1 (it has no applet exiting with any other code).
+        fails: (vec!["false".into()], 1),
+        cat: vec!["cat".into()],
+        sleeps: vec!["sleep".into(), "100000".into()],
+    };
+    s.provider
+        .pull_image(&s.toolbox, &[])
+        .await
+        .expect("pull toolbox");
+    conformance::check_exec(&s.provider, &s.fixture, &ex).await;
+}
+
+#[tokio::test]
+async fn attach() {
+    let s = setup("attach");
+    conformance::check_pull(&s.provider, &s.fixture).await;
+    s.provider
+        .pull_image(&s.toolbox, &[])
+        .await
+        .expect("pull toolbox");
+    conformance::check_attach(&s.provider, &s.fixture, &toolbox(&s, &["cat"])).await;
+}
+
+#[tokio::test]
+async fn usage() {
+    let s = setup("usage");
+    conformance::check_pull(&s.provider, &s.fixture).await;
+    s.provider
+        .pull_image(&s.busy_loop, &[])
+        .await
+        .expect("pull busy-loop");
+    let busy = Case {
+        image: s.busy_loop.clone(),
+        command: vec![],
+        args: vec![],
+    };
+    conformance::check_usage(&s.provider, &s.fixture, &busy).await;
 }

@@ -118,8 +118,8 @@ pub struct Setup {
 }
 
 /// A failed check leaves its containers behind: kill and delete everything in the test's
-/// namespace (their shims end with them) before containerd stops, and remove the emptied runc
-/// state and cgroup directories.
+/// namespace (their shims end with them) and the namespace itself before containerd stops, and
+/// remove the emptied runc state and cgroup directories.
 pub struct Cleanup(pub ProviderOptions);
 
 impl Drop for Cleanup {
@@ -144,6 +144,19 @@ impl Drop for Cleanup {
         for id in ctr(&["containers", "list", "-q"]).lines() {
             ctr(&["containers", "delete", id]);
         }
+        // The test's images and then its namespace (containerd refuses to remove a namespace
+        // that still holds anything), so test runs do not pile up namespaces.
+        for image in ctr(&["images", "list", "-q"]).lines() {
+            ctr(&["images", "rm", "--sync", image]);
+        }
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&options.socket)
+            .args(["namespaces", "rm", &options.namespace])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok();
         let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&options.namespace));
         if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
             for controller in controllers.flatten() {
