@@ -8,7 +8,7 @@
 //! restart (the Wasm provider keeps its containers in memory; pods outlive the agent through
 //! its separate runtime process instead).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use provider_api::conformance::{self, Case, Fixture};
@@ -16,22 +16,8 @@ use provider_api::Provider;
 use provider_wasmtime::image::RegistryOptions;
 use provider_wasmtime::{ProviderOptions, WasmtimeProvider};
 
-fn cluster_var(name: &str) -> Option<String> {
-    if let Ok(v) = std::env::var(name) {
-        return Some(v);
-    }
-    let dir = std::env::var("LOCAL_CLUSTER_DIR").ok()?;
-    let text = std::fs::read_to_string(Path::new(&dir).join("env")).ok()?;
-    text.lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{cluster_var, workspace_root};
 
 /// Builds the wasm-examples guests and pushes `names`; returns their references by name.
 fn push_examples(registry: &str, names: &[&str]) -> Vec<String> {

@@ -9,13 +9,17 @@ use std::time::Duration;
 use provider_api::conformance::{self, Fixture};
 use provider_containerd::{ContainerdProvider, ProviderOptions};
 
-/// A value of the local cluster's env file (`export NAME=value`), or of the environment.
+/// A value of the environment, or of the local cluster's env file (`export NAME=value`).
 pub fn cluster_var(name: &str) -> Option<String> {
     if let Ok(v) = std::env::var(name) {
         return Some(v);
     }
-    let dir = std::env::var("LOCAL_CLUSTER_DIR").ok()?;
-    let text = std::fs::read_to_string(Path::new(&dir).join("env")).ok()?;
+    // The cluster's location as deploy/local-cluster and the integration harness have it:
+    // $LOCAL_CLUSTER_DIR, else target/local-cluster of this checkout.
+    let dir = std::env::var_os("LOCAL_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/local-cluster"));
+    let text = std::fs::read_to_string(dir.join("env")).ok()?;
     text.lines()
         .filter_map(|l| l.strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
