@@ -8,6 +8,8 @@
 //! minted by `deploy/local-cluster node-kubeconfig`, and kills it when dropped. Waits are on
 //! conditions ([`wait_for`]), never on sleeps.
 
+pub mod mixed_node;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -822,7 +824,7 @@ pub fn has_taint(node: &Node, key: &str) -> bool {
 }
 
 /// Waits for the agent's Node to exist; on time-out fails with the agent's log.
-async fn wait_registered(agent: &Agent) {
+pub(crate) async fn wait_registered(agent: &Agent) {
     let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
     wait_for("the test node to register", TEST_TIMEOUT, || async {
         nodes.get_opt(&agent.name).await.ok()?
