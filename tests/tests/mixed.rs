@@ -35,7 +35,7 @@ async fn a_container_pod_and_a_wasm_pod_on_one_mixed_node() {
     // Registration: no Wasm-only taint, both runtimes named.
     let registered = wait_for("the node's nodeInfo", TEST_TIMEOUT, || async {
         let node = nodes.get_opt(&agent.name).await.ok()??;
-        let version = registered
+        let version = node
             .status
             .as_ref()?
             .node_info
