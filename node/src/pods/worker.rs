@@ -446,14 +446,47 @@ impl PodWorker {
             self.admitted = Some(ticket);
         }
         if self.port_claim.is_none() {
-            self.port_claim = Some(
-                self.ctx
-                    .host_ports
-                    .claim(&self.key.uid, &self.pod)
-                    .map_err(as_is)?,
-            );
+            // Whether its ports are the host's is the provider's to say; until it can (a pod
+            // routed by its first image), the claim waits for a later pass.
+            if let Some(on_node_network) = self.on_node_network().await {
+                self.port_claim = Some(
+                    self.ctx
+                        .host_ports
+                        .claim(&self.key.uid, &self.pod, on_node_network)
+                        .map_err(as_is)?,
+                );
+            }
         }
         Ok(())
+    }
+
+    /// Whether the pod is reached at the node's addresses ([`Provider::on_node_network`]);
+    /// `None` while that cannot be said (its RuntimeClass not found yet, or routed by image).
+    async fn on_node_network(&self) -> Option<bool> {
+        if !super::ports::declares_ports(&self.pod) {
+            return Some(true);
+        }
+        let handler = self.runtime_handler().await.ok()?;
+        self.ctx
+            .provider
+            .on_node_network(&self.sandbox_config(handler), self.sandbox.as_deref())
+    }
+
+    /// The pod's sandbox as the provider is asked to make it.
+    fn sandbox_config(&self, runtime_handler: Option<String>) -> SandboxConfig {
+        SandboxConfig {
+            pod_uid: self.key.uid.clone(),
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+            pod_dir: self.ctx.pods_dir.join(&self.key.uid),
+            runtime_handler,
+            host_network: self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
+        }
     }
 
     /// Resolves when what the worker has under way for the pod must stop at once: the pod is
@@ -722,19 +755,7 @@ impl PodWorker {
                     return Some(Instant::now() + BACKOFF_INITIAL);
                 }
             };
-            let config = SandboxConfig {
-                pod_uid: self.key.uid.clone(),
-                namespace: self.key.namespace.clone(),
-                name: self.key.name.clone(),
-                pod_dir: self.ctx.pods_dir.join(&self.key.uid),
-                runtime_handler,
-                host_network: self
-                    .pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.host_network)
-                    .unwrap_or(false),
-            };
+            let config = self.sandbox_config(runtime_handler);
             match self.ctx.provider.run_pod_sandbox(&config).await {
                 Ok(id) => self.sandbox = Some(id),
                 Err(e) => {

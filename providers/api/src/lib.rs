@@ -517,6 +517,17 @@ pub trait Provider: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Whether a sandbox's pod is reached at the node's own addresses, so that each port its
+    /// containers declare is a port of the host (claimed at admission, as the kubelet claims
+    /// host ports): `Some(true)` for a provider whose pods share the node's network (the Wasm
+    /// provider; any `hostNetwork` pod), `Some(false)` for one that gives the pod an IP of its
+    /// own, `None` while it cannot say yet (a sandbox a node with two providers routes by its
+    /// first image). `sandbox_id` is the sandbox once made.
+    fn on_node_network(&self, config: &SandboxConfig, sandbox_id: Option<&str>) -> Option<bool> {
+        let _ = (config, sandbox_id);
+        Some(true)
+    }
+
     /// Every pod sandbox the provider holds (stats name pods by them); errors as
     /// [`Provider::list_containers`].
     async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {

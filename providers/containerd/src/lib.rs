@@ -885,6 +885,11 @@ impl Provider for ContainerdProvider {
         Ok(config.pod_uid.clone())
     }
 
+    /// A container pod has a network of its own unless it asks for the host's.
+    fn on_node_network(&self, config: &SandboxConfig, _sandbox_id: Option<&str>) -> Option<bool> {
+        Some(config.host_network)
+    }
+
     async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
         self.sandboxes()
             .get(sandbox_id)
