@@ -97,8 +97,8 @@ fn kubectl_logs(ns: &TestNamespace, pod: &str) -> String {
 }
 
 /// Follows `kubectl logs -f` from now until the stream ends (or the test's time-out); the
-/// lines it read.
-fn follow_logs(ns: &TestNamespace, pod: &str) -> tokio::task::JoinHandle<Vec<String>> {
+/// lines it read, and whether the stream ended by itself.
+fn follow_logs(ns: &TestNamespace, pod: &str) -> tokio::task::JoinHandle<(Vec<String>, bool)> {
     let mut child = tokio::process::Command::from(Cluster::get().kubectl())
         .args(["logs", "-f", "-n", &ns.name, pod])
         .stdout(Stdio::piped())
@@ -110,14 +110,15 @@ fn follow_logs(ns: &TestNamespace, pod: &str) -> tokio::task::JoinHandle<Vec<Str
     tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let mut seen = Vec::new();
-        let _ = tokio::time::timeout(TEST_TIMEOUT, async {
+        let ended = tokio::time::timeout(TEST_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
                 seen.push(line);
             }
         })
-        .await;
+        .await
+        .is_ok();
         let _ = child.kill().await;
-        seen
+        (seen, ended)
     })
 }
 
@@ -584,7 +585,11 @@ async fn deleting_a_pod_sends_term_then_kill_after_the_grace_period() {
         Some((0, "Completed".into())),
         "TERM handled: exit 0"
     );
-    let lines = polite_log.await.unwrap();
+    let (lines, follow_ended) = polite_log.await.unwrap();
+    assert!(
+        follow_ended,
+        "kubectl logs -f ends once the container is gone: {lines:?}"
+    );
     assert!(
         lines.iter().any(|l| l == "bye"),
         "the TERM handler ran: {lines:?}"
@@ -592,7 +597,11 @@ async fn deleting_a_pod_sends_term_then_kill_after_the_grace_period() {
 
     let stubborn = stubborn_watch.await.unwrap();
     let ended = last_state(stubborn);
-    let lines = stubborn_log.await.unwrap();
+    let (lines, follow_ended) = stubborn_log.await.unwrap();
+    assert!(
+        follow_ended,
+        "kubectl logs -f ends once the container is gone: {lines:?}"
+    );
     assert!(
         lines.iter().any(|l| l == "ignoring TERM"),
         "TERM came first: {lines:?}"
