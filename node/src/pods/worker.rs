@@ -69,6 +69,8 @@ pub struct WorkerContext {
     /// Where the kubelet API's `/pods` learns each pod and its latest status.
     pub pods_view: crate::server::pods::PodsViewSender,
     pub client: Option<kube::Client>,
+    /// The cluster's RuntimeClasses, watched (a pod's handler routes its sandbox).
+    pub runtime_classes: crate::runtime::classes::RuntimeClasses,
     pub status: StatusSender,
     pub events: EventSink,
     pub node_name: String,
@@ -688,32 +690,19 @@ impl PodWorker {
         )
     }
 
-    /// The handler of the pod's RuntimeClass, as the kubelet's runtime class manager looks it
-    /// up (`None`: the pod names none). An error says why it cannot be had (no such
-    /// RuntimeClass, the API server unreachable); the sandbox waits and retries.
+    /// The handler of the pod's RuntimeClass (`None`: the pod names none). An error says why
+    /// it cannot be had (no such RuntimeClass, the API server unreachable); the sandbox waits
+    /// and retries.
     async fn runtime_handler(&self) -> Result<Option<String>, String> {
         let Some(name) = self
             .pod
             .spec
             .as_ref()
-            .and_then(|s| s.runtime_class_name.clone())
+            .and_then(|s| s.runtime_class_name.as_deref())
         else {
             return Ok(None);
         };
-        let Some(client) = &self.ctx.client else {
-            return Err(format!(
-                "RuntimeClass {name:?}: no API server to look it up from"
-            ));
-        };
-        let api: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(client.clone());
-        match api.get_opt(&name).await {
-            Ok(Some(class)) => Ok(Some(class.handler)),
-            Ok(None) => Err(format!("RuntimeClass {name:?} not found")),
-            Err(e) => Err(format!(
-                "looking up RuntimeClass {name:?}: {}",
-                provider_api::one_line(&e)
-            )),
-        }
+        self.ctx.runtime_classes.handler(name).await.map(Some)
     }
 
     /// Starts what should run. Returns the earliest retry instant, if any.

@@ -11,6 +11,7 @@
 //! relists ([`Provider::list_containers`]), and exec ([`Provider::exec`] streaming through an
 //! [`ExecIo`], [`Provider::exec_sync`] for probes and hooks).
 
+pub mod cri_log;
 #[cfg(feature = "fake")]
 pub mod fake;
 
