@@ -633,3 +633,46 @@ async fn probes_target_the_pods_own_ip() {
     let events = ns.event_reasons("probed").await;
     assert!(events.iter().any(|r| r == "Unhealthy"), "{events:?}");
 }
+
+/// A hostNetwork container pod's localhost is the node's: port-forward reaches its httpd, which
+/// listens on the node's 127.0.0.1 only (loopback, nothing beyond).
+#[tokio::test]
+async fn port_forward_to_a_host_network_pod() {
+    let node = MixedNode::start("verbs-pf-hostnet", &[]).await;
+    let ns = TestNamespace::new("verbs-pf-hostnet").await;
+    // A port free on the host's loopback now (the pod binds it next).
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let script = format!(
+        "mkdir -p /www && echo {SERVED} > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"
+    );
+    run_pod(
+        &node,
+        &ns,
+        "hostweb",
+        serde_json::json!({"hostNetwork": true, "containers": [container("web", &script, serde_json::json!({
+            "ports": [{"containerPort": port}],
+        }))]}),
+        &["web"],
+    )
+    .await;
+    let forward = PortForward::start(&ns.name, "hostweb", port).await;
+    let got = wait_for(
+        "httpd's file through port-forward",
+        TEST_TIMEOUT,
+        || async {
+            let got = forward.get().await;
+            got.contains(SERVED).then_some(got)
+        },
+    )
+    .await;
+    if let Err(e) = got {
+        panic!(
+            "{e}\nkubectl: {}\nagent log:\n{}",
+            forward.stop(),
+            node.agent.log_tail()
+        );
+    }
+}
