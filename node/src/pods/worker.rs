@@ -397,11 +397,9 @@ impl PodWorker {
                 wake = wake.min(at);
             }
         }
-        if let (Some(sandbox), true) = (&self.sandbox, self.pod_ips.is_empty()) {
-            // Known once the provider made the sandbox (a Linux container pod's, at its first
-            // container); kept after it goes, as the kubelet keeps a finished pod's podIP.
-            self.pod_ips = self.ctx.provider.pod_ips(sandbox).await;
-        }
+        self.learn_pod_ips().await;
+        // Probes target the pod's own IP (a container pod's is not the node's).
+        self.probes.set_pod_ip(self.pod_ip());
         self.reconcile_probes();
         let status = self.compute_status();
         self.last_status = Some(status.clone());
@@ -1320,6 +1318,7 @@ impl PodWorker {
             .filter_map(|(n, r)| Some((n.clone(), r.id.clone()?)))
             .collect();
         let (init, app) = self.spec_containers();
+        let pod_ip = self.pod_ip();
         let stops = running.iter().map(|(name, id)| {
             let cref = self.container_ref(name);
             self.ctx
@@ -1327,7 +1326,7 @@ impl PodWorker {
                 .normal(&cref, "Killing", format!("Stopping container {name}"));
             let provider = self.ctx.provider.clone();
             let spec = init.iter().chain(&app).find(|c| &c.name == name);
-            let (events, pod_ip) = (&self.ctx.events, self.ctx.node_ip.as_str());
+            let (events, pod_ip) = (&self.ctx.events, pod_ip.as_str());
             async move {
                 // The preStop hook runs first, within the grace period.
                 if let Err(e) =
@@ -1478,7 +1477,7 @@ impl PodWorker {
             &cref,
             spec,
             &kill.id,
-            &self.ctx.node_ip,
+            &self.pod_ip(),
             grace,
         )
         .await
@@ -1487,6 +1486,22 @@ impl PodWorker {
         }
         self.acted_at = self.ctx.runtime.mark();
         self.refresh().await;
+    }
+
+    /// The pod's IPs, once the provider made the sandbox (a Linux container pod's, at its
+    /// first container); kept after it goes, as the kubelet keeps a finished pod's podIP.
+    async fn learn_pod_ips(&mut self) {
+        if let (Some(sandbox), true) = (&self.sandbox, self.pod_ips.is_empty()) {
+            self.pod_ips = self.ctx.provider.pod_ips(sandbox).await;
+        }
+    }
+
+    /// The default host of the pod's probes and lifecycle hooks: its own IP, or the node IP
+    /// for a pod without one of its own (a Wasm pod, a hostNetwork pod).
+    fn pod_ip(&self) -> String {
+        self.pod_ips
+            .first()
+            .map_or_else(|| self.ctx.node_ip.clone(), |ip| ip.to_string())
     }
 
     /// Runs the container's postStart hook right after it started; a failure kills the
@@ -1499,8 +1514,9 @@ impl PodWorker {
         else {
             return;
         };
+        self.learn_pod_ips().await;
         let Err(e) =
-            probes::run_post_start(&self.ctx.provider, container, &id, &self.ctx.node_ip).await
+            probes::run_post_start(&self.ctx.provider, container, &id, &self.pod_ip()).await
         else {
             return;
         };

@@ -568,6 +568,19 @@ impl Provider for Router {
         }
     }
 
+    /// Forwarded to the side holding the pod's sandbox: that side knows where its localhost is.
+    async fn pod_connect(
+        &self,
+        pod_uid: &str,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ProviderError> {
+        let route = self.routes().sandboxes.get(pod_uid).cloned();
+        match route {
+            Some(SandboxRoute::On(side, _)) => self.provider(side).pod_connect(pod_uid, port).await,
+            _ => Err(ProviderError::NotFound(format!("pod {pod_uid}"))),
+        }
+    }
+
     async fn exec_sync(
         &self,
         container_id: &str,

@@ -600,6 +600,29 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// A TCP connection to `port` on the pod's own localhost, for port-forward: the provider
+    /// opens it where the pod's network is (a container pod's network namespace; for a Wasm
+    /// pod, whose IP is the node's, only what [`Provider::pod_listener`] names, never a port
+    /// another process of the node holds). The default dials [`Provider::pod_listener`].
+    ///
+    /// Errors (their text ends kubectl's "failed to connect to localhost:<port> inside
+    /// namespace ..." line): [`ProviderError::NotFound`] for an unknown pod,
+    /// [`ProviderError::Io`] for a port the pod does not serve or a connection that fails.
+    async fn pod_connect(
+        &self,
+        pod_uid: &str,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ProviderError> {
+        let Some(addr) = self.pod_listener(pod_uid, port).await else {
+            return Err(ProviderError::Io(format!(
+                "no container of the pod is serving port {port} (port-forward reaches only a declared containerPort the pod itself listens on)"
+            )));
+        };
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| ProviderError::Io(e.to_string()))
+    }
+
     /// [`Provider::exec`] with no stdin, returning the exit code and stdout and stderr
     /// interleaved as written, capped at [`EXEC_SYNC_OUTPUT_LIMIT`] bytes; for exec probes and
     /// exec lifecycle hooks (the CRI's `ExecSync`).
