@@ -471,6 +471,10 @@ fn worker_context(
         provider: provider.clone(),
         runtime,
         pods_view,
+        runtime_classes: client.clone().map_or_else(
+            crate::runtime::classes::RuntimeClasses::none,
+            crate::runtime::classes::RuntimeClasses::watch,
+        ),
         client,
         status,
         events,

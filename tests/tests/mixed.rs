@@ -195,3 +195,81 @@ async fn a_container_pod_and_a_wasm_pod_on_one_mixed_node() {
         "IP forwarding must not change"
     );
 }
+
+/// A Wasm pod's declared ports are the node's (its IP is the node's); a container pod's are its
+/// own, on its own IP: the two serve the same port side by side, and only a second pod on the
+/// node's network is refused the port.
+#[tokio::test]
+async fn a_container_pod_port_is_its_own_and_a_wasm_pod_port_is_the_nodes() {
+    let node = MixedNode::start("mixed-ports", &[]).await;
+    let agent = &node.agent;
+    let ns = TestNamespace::new("mixed-ports").await;
+    let wasm_spec = serde_json::json!({
+        "containers": [{
+            "name": "app",
+            "image": example_image("ticker"),
+            "ports": [{"containerPort": 18080}],
+        }],
+    });
+    ns.create_bound_pod(agent, "wasm", serde_json::json!({}), wasm_spec.clone())
+        .await;
+    ns.wait_pod(agent, "wasm", "the Wasm pod Running", |p| {
+        phase(p) == "Running"
+    })
+    .await;
+    ns.create_bound_pod(
+        agent,
+        "box",
+        serde_json::json!({}),
+        serde_json::json!({
+            "containers": [{
+                "name": "web",
+                "image": MixedNode::busybox(),
+                "command": ["sh", "-c", "echo served > /tmp/index.html; exec httpd -f -p 18080 -h /tmp"],
+                "ports": [{"containerPort": 18080}],
+            }],
+        }),
+    )
+    .await;
+    let boxed = ns
+        .wait_pod(
+            agent,
+            "box",
+            "the container pod Running on its own IP",
+            |p| {
+                phase(p) == "Failed"
+                    || (phase(p) == "Running" && pod_ip(p).is_some_and(|ip| ip != agent.node_ip))
+            },
+        )
+        .await;
+    assert_eq!(
+        phase(&boxed),
+        "Running",
+        "the container pod's port is not the node's: {:?}",
+        boxed.status
+    );
+    let ip = pod_ip(&boxed).unwrap();
+    let (status, body) = wait_for("httpd in the container pod", TEST_TIMEOUT, || {
+        let ip = ip.clone();
+        async move { http_get(&ip, 18080, "/index.html").await.ok() }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    assert_eq!(status, 200);
+    assert!(body.contains("served"), "{body}");
+
+    // A second pod on the node's network asking for the port is refused it, naming the holder.
+    ns.create_bound_pod(agent, "wasm2", serde_json::json!({}), wasm_spec)
+        .await;
+    let refused = ns
+        .wait_pod(agent, "wasm2", "the second Wasm pod refused", |p| {
+            phase(p) == "Failed"
+        })
+        .await;
+    let status = refused.status.unwrap_or_default();
+    assert_eq!(status.reason.as_deref(), Some("NodePorts"), "{status:?}");
+    assert!(status
+        .message
+        .unwrap_or_default()
+        .contains(&format!("held by pod {}/wasm", ns.name)),);
+}

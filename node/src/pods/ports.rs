@@ -92,10 +92,17 @@ impl Drop for PortClaim {
 }
 
 impl HostPorts {
-    /// Claims every port `pod` (uid `uid`) declares, or rejects it naming the port and the pod
-    /// that holds it. The same pod claiming again gets its ports again (a worker re-admitting).
-    pub fn claim(&self, uid: &str, pod: &Pod) -> Result<PortClaim, Rejection> {
-        let wanted = declared(pod)?;
+    /// Claims every host port `pod` (uid `uid`) takes, or rejects it naming the port and the
+    /// pod that holds it: on the node's network (`on_node_network`: a Wasm pod, a `hostNetwork`
+    /// pod) every port it declares, else only its explicit `hostPort`s. The same pod claiming
+    /// again gets its ports again (a worker re-admitting).
+    pub fn claim(
+        &self,
+        uid: &str,
+        pod: &Pod,
+        on_node_network: bool,
+    ) -> Result<PortClaim, Rejection> {
+        let wanted = declared(pod, on_node_network)?;
         if wanted.is_empty() {
             return Ok(PortClaim { table: None });
         }
@@ -131,6 +138,17 @@ impl HostPorts {
     }
 }
 
+/// Whether any container of the pod (init containers included) declares a port.
+pub fn declares_ports(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .any(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
+    })
+}
+
 fn pod_name(pod: &Pod) -> String {
     format!(
         "{}/{}",
@@ -139,9 +157,10 @@ fn pod_name(pod: &Pod) -> String {
     )
 }
 
-/// Every port the pod's containers (init containers included: they bind too) declare, or a
-/// rejection when two of its own containers declare the same one.
-fn declared(pod: &Pod) -> Result<Vec<HostPort>, Rejection> {
+/// The host ports the pod's containers (init containers included: they bind too) take: every
+/// declared port for a pod on the node's network, else the explicit `hostPort`s; or a
+/// rejection when two of its own containers take the same one.
+fn declared(pod: &Pod, on_node_network: bool) -> Result<Vec<HostPort>, Rejection> {
     let Some(spec) = &pod.spec else {
         return Ok(Vec::new());
     };
@@ -153,11 +172,25 @@ fn declared(pod: &Pod) -> Result<Vec<HostPort>, Rejection> {
         .chain(spec.containers.iter())
     {
         for p in c.ports.iter().flatten() {
-            let port = host_port(p, &c.name)?;
+            let port = if on_node_network {
+                host_port(p, &c.name)?
+            } else if let Some(port) = mapped_host_port(p, &c.name)? {
+                port
+            } else {
+                continue;
+            };
             if let Some((_, owner)) = ports.iter().find(|(q, _)| q.collides(&port)) {
                 return Err(Rejection {
                     reason: PORT_CONFLICT_REASON.into(),
-                    message: format!("Pod was rejected: containers {owner} and {} both declare port {}: the pod IP is the node IP, so a port can be served only once", c.name, port.describe()),
+                    message: if on_node_network {
+                        format!("Pod was rejected: containers {owner} and {} both declare port {}: the pod IP is the node IP, so a port can be served only once", c.name, port.describe())
+                    } else {
+                        format!(
+                            "Pod was rejected: containers {owner} and {} both ask for host port {}",
+                            c.name,
+                            port.describe()
+                        )
+                    },
                 });
             }
             ports.push((port, &c.name));
@@ -193,6 +226,35 @@ fn host_port(p: &ContainerPort, container: &str) -> Result<HostPort, Rejection> 
         protocol: protocol(p)?,
         port,
     })
+}
+
+/// The host port a pod with an IP of its own asks for (its `hostPort`, mapped to the
+/// containerPort on the pod IP), if any.
+fn mapped_host_port(p: &ContainerPort, container: &str) -> Result<Option<HostPort>, Rejection> {
+    let Some(host) = p.host_port.filter(|h| *h != 0) else {
+        return Ok(None);
+    };
+    let invalid = |what: String| Rejection {
+        reason: "UnsupportedPodSpec".into(),
+        message: format!("container {container}: {what}"),
+    };
+    let port = u16::try_from(host)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| invalid(format!("invalid hostPort {host}")))?;
+    let host_ip = match p.host_ip.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(
+            s.parse::<IpAddr>()
+                .map_err(|_| invalid(format!("invalid hostIP {s:?}")))?,
+        )
+        .filter(|ip| !ip.is_unspecified()),
+    };
+    Ok(Some(HostPort {
+        host_ip,
+        protocol: protocol(p)?,
+        port,
+    }))
 }
 
 fn protocol(p: &ContainerPort) -> Result<Protocol, Rejection> {
@@ -283,8 +345,11 @@ pub fn max_concurrent_requests(pod: &Pod) -> Result<Option<u32>, Rejection> {
 }
 
 /// Checks the pod's network settings without claiming anything (the pure part of admission).
+/// Its ports are checked as the host ports of a pod with an IP of its own: the rules for a pod
+/// on the node's network (a hostPort must equal its containerPort) apply at the claim, once the
+/// provider says which the pod is.
 pub fn validate(pod: &Pod) -> Result<(), Rejection> {
-    declared(pod)?;
+    declared(pod, false)?;
     outbound_policy(pod)?;
     max_concurrent_requests(pod)?;
     Ok(())
@@ -339,6 +404,7 @@ mod tests {
             .claim(
                 "u1",
                 &with_ports("a", serde_json::json!([{"containerPort": 8080}])),
+                true,
             )
             .unwrap();
         let r = table
@@ -348,6 +414,7 @@ mod tests {
                     "b",
                     serde_json::json!([{"containerPort": 8080, "protocol": "TCP"}]),
                 ),
+                true,
             )
             .err()
             .unwrap();
@@ -366,12 +433,14 @@ mod tests {
                     "c",
                     serde_json::json!([{"containerPort": 8080, "protocol": "UDP"}]),
                 ),
+                true,
             )
             .unwrap();
         let _again = table
             .claim(
                 "u1",
                 &with_ports("a", serde_json::json!([{"containerPort": 8080}])),
+                true,
             )
             .unwrap();
         drop(first);
@@ -380,6 +449,7 @@ mod tests {
             .claim(
                 "u2",
                 &with_ports("b", serde_json::json!([{"containerPort": 8080}])),
+                true,
             )
             .unwrap();
     }
@@ -394,6 +464,7 @@ mod tests {
                     "a",
                     serde_json::json!([{"containerPort": 80, "hostIP": "127.0.0.2"}]),
                 ),
+                true,
             )
             .unwrap();
         let _b = table
@@ -403,12 +474,14 @@ mod tests {
                     "b",
                     serde_json::json!([{"containerPort": 80, "hostIP": "127.0.0.3"}]),
                 ),
+                true,
             )
             .unwrap();
         assert!(table
             .claim(
                 "u3",
-                &with_ports("c", serde_json::json!([{"containerPort": 80}]))
+                &with_ports("c", serde_json::json!([{"containerPort": 80}])),
+                true
             )
             .is_err());
         assert!(table
@@ -417,9 +490,71 @@ mod tests {
                 &with_ports(
                     "d",
                     serde_json::json!([{"containerPort": 80, "hostIP": "0.0.0.0"}])
-                )
+                ),
+                true
             )
             .is_err());
+    }
+
+    #[test]
+    fn a_pod_with_an_ip_of_its_own_takes_only_its_host_ports() {
+        let table = HostPorts::default();
+        let _wasm = table
+            .claim(
+                "u1",
+                &with_ports("a", serde_json::json!([{"containerPort": 8080}])),
+                true,
+            )
+            .unwrap();
+        // A container pod serving 8080 on its own IP takes nothing of the host's...
+        let own = table
+            .claim(
+                "u2",
+                &with_ports("b", serde_json::json!([{"containerPort": 8080}])),
+                false,
+            )
+            .unwrap();
+        assert!(own.table.is_none());
+        // ...but its hostPort (which may differ from the containerPort) is the host's.
+        let _mapped = table
+            .claim(
+                "u3",
+                &with_ports(
+                    "c",
+                    serde_json::json!([{"containerPort": 80, "hostPort": 9090}]),
+                ),
+                false,
+            )
+            .unwrap();
+        let r = table
+            .claim(
+                "u4",
+                &with_ports("d", serde_json::json!([{"containerPort": 9090}])),
+                true,
+            )
+            .err()
+            .unwrap();
+        assert!(
+            r.message.contains("9090/TCP is held by pod ns/c"),
+            "{}",
+            r.message
+        );
+        let r = table
+            .claim(
+                "u5",
+                &with_ports(
+                    "e",
+                    serde_json::json!([{"containerPort": 8080, "hostPort": 8080}]),
+                ),
+                false,
+            )
+            .err()
+            .unwrap();
+        assert!(
+            r.message.contains("8080/TCP is held by pod ns/a"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
@@ -433,6 +568,7 @@ mod tests {
                     serde_json::json!({}),
                     serde_json::json!([{"name": "c", "image": "i"}]),
                 ),
+                true,
             )
             .unwrap();
         assert!(claim.table.is_none());
@@ -440,7 +576,8 @@ mod tests {
     }
 
     #[test]
-    fn two_containers_of_one_pod_on_one_port_are_rejected() {
+    fn two_containers_of_one_pod_on_one_port_are_rejected_on_the_node_network() {
+        let table = HostPorts::default();
         let p = pod(
             "a",
             serde_json::json!({}),
@@ -449,7 +586,7 @@ mod tests {
                 {"name": "two", "image": "i", "ports": [{"containerPort": 9000}]}
             ]),
         );
-        let r = validate(&p).unwrap_err();
+        let r = table.claim("u1", &p, true).err().unwrap();
         assert_eq!(r.reason, "NodePorts");
         assert!(
             r.message
@@ -457,14 +594,20 @@ mod tests {
             "{}",
             r.message
         );
-        let p = with_ports(
+        // With an IP of its own the pod's ports are its own: nothing to refuse at admission.
+        validate(&p).unwrap();
+        assert!(table.claim("u1", &p, false).unwrap().table.is_none());
+        let h = with_ports(
             "h",
             serde_json::json!([{"containerPort": 80, "hostPort": 8080}]),
         );
-        assert!(validate(&p)
-            .unwrap_err()
+        assert!(table
+            .claim("u2", &h, true)
+            .err()
+            .unwrap()
             .message
             .contains("hostPort 8080 differs"));
+        validate(&h).unwrap();
     }
 
     #[test]

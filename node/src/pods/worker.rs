@@ -69,6 +69,8 @@ pub struct WorkerContext {
     /// Where the kubelet API's `/pods` learns each pod and its latest status.
     pub pods_view: crate::server::pods::PodsViewSender,
     pub client: Option<kube::Client>,
+    /// The cluster's RuntimeClasses, watched (a pod's handler routes its sandbox).
+    pub runtime_classes: crate::runtime::classes::RuntimeClasses,
     pub status: StatusSender,
     pub events: EventSink,
     pub node_name: String,
@@ -395,11 +397,9 @@ impl PodWorker {
                 wake = wake.min(at);
             }
         }
-        if let (Some(sandbox), true) = (&self.sandbox, self.pod_ips.is_empty()) {
-            // Known once the provider made the sandbox (a Linux container pod's, at its first
-            // container); kept after it goes, as the kubelet keeps a finished pod's podIP.
-            self.pod_ips = self.ctx.provider.pod_ips(sandbox).await;
-        }
+        self.learn_pod_ips().await;
+        // Probes target the pod's own IP (a container pod's is not the node's).
+        self.probes.set_pod_ip(self.pod_ip());
         self.reconcile_probes();
         let status = self.compute_status();
         self.last_status = Some(status.clone());
@@ -444,14 +444,47 @@ impl PodWorker {
             self.admitted = Some(ticket);
         }
         if self.port_claim.is_none() {
-            self.port_claim = Some(
-                self.ctx
-                    .host_ports
-                    .claim(&self.key.uid, &self.pod)
-                    .map_err(as_is)?,
-            );
+            // Whether its ports are the host's is the provider's to say; until it can (a pod
+            // routed by its first image), the claim waits for a later pass.
+            if let Some(on_node_network) = self.on_node_network().await {
+                self.port_claim = Some(
+                    self.ctx
+                        .host_ports
+                        .claim(&self.key.uid, &self.pod, on_node_network)
+                        .map_err(as_is)?,
+                );
+            }
         }
         Ok(())
+    }
+
+    /// Whether the pod is reached at the node's addresses ([`Provider::on_node_network`]);
+    /// `None` while that cannot be said (its RuntimeClass not found yet, or routed by image).
+    async fn on_node_network(&self) -> Option<bool> {
+        if !super::ports::declares_ports(&self.pod) {
+            return Some(true);
+        }
+        let handler = self.runtime_handler().await.ok()?;
+        self.ctx
+            .provider
+            .on_node_network(&self.sandbox_config(handler), self.sandbox.as_deref())
+    }
+
+    /// The pod's sandbox as the provider is asked to make it.
+    fn sandbox_config(&self, runtime_handler: Option<String>) -> SandboxConfig {
+        SandboxConfig {
+            pod_uid: self.key.uid.clone(),
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+            pod_dir: self.ctx.pods_dir.join(&self.key.uid),
+            runtime_handler,
+            host_network: self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
+        }
     }
 
     /// Resolves when what the worker has under way for the pod must stop at once: the pod is
@@ -690,32 +723,19 @@ impl PodWorker {
         )
     }
 
-    /// The handler of the pod's RuntimeClass, as the kubelet's runtime class manager looks it
-    /// up (`None`: the pod names none). An error says why it cannot be had (no such
-    /// RuntimeClass, the API server unreachable); the sandbox waits and retries.
+    /// The handler of the pod's RuntimeClass (`None`: the pod names none). An error says why
+    /// it cannot be had (no such RuntimeClass, the API server unreachable); the sandbox waits
+    /// and retries.
     async fn runtime_handler(&self) -> Result<Option<String>, String> {
         let Some(name) = self
             .pod
             .spec
             .as_ref()
-            .and_then(|s| s.runtime_class_name.clone())
+            .and_then(|s| s.runtime_class_name.as_deref())
         else {
             return Ok(None);
         };
-        let Some(client) = &self.ctx.client else {
-            return Err(format!(
-                "RuntimeClass {name:?}: no API server to look it up from"
-            ));
-        };
-        let api: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(client.clone());
-        match api.get_opt(&name).await {
-            Ok(Some(class)) => Ok(Some(class.handler)),
-            Ok(None) => Err(format!("RuntimeClass {name:?} not found")),
-            Err(e) => Err(format!(
-                "looking up RuntimeClass {name:?}: {}",
-                provider_api::one_line(&e)
-            )),
-        }
+        self.ctx.runtime_classes.handler(name).await.map(Some)
     }
 
     /// Starts what should run. Returns the earliest retry instant, if any.
@@ -733,19 +753,7 @@ impl PodWorker {
                     return Some(Instant::now() + BACKOFF_INITIAL);
                 }
             };
-            let config = SandboxConfig {
-                pod_uid: self.key.uid.clone(),
-                namespace: self.key.namespace.clone(),
-                name: self.key.name.clone(),
-                pod_dir: self.ctx.pods_dir.join(&self.key.uid),
-                runtime_handler,
-                host_network: self
-                    .pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.host_network)
-                    .unwrap_or(false),
-            };
+            let config = self.sandbox_config(runtime_handler);
             match self.ctx.provider.run_pod_sandbox(&config).await {
                 Ok(id) => self.sandbox = Some(id),
                 Err(e) => {
@@ -1310,6 +1318,7 @@ impl PodWorker {
             .filter_map(|(n, r)| Some((n.clone(), r.id.clone()?)))
             .collect();
         let (init, app) = self.spec_containers();
+        let pod_ip = self.pod_ip();
         let stops = running.iter().map(|(name, id)| {
             let cref = self.container_ref(name);
             self.ctx
@@ -1317,7 +1326,7 @@ impl PodWorker {
                 .normal(&cref, "Killing", format!("Stopping container {name}"));
             let provider = self.ctx.provider.clone();
             let spec = init.iter().chain(&app).find(|c| &c.name == name);
-            let (events, pod_ip) = (&self.ctx.events, self.ctx.node_ip.as_str());
+            let (events, pod_ip) = (&self.ctx.events, pod_ip.as_str());
             async move {
                 // The preStop hook runs first, within the grace period.
                 if let Err(e) =
@@ -1468,7 +1477,7 @@ impl PodWorker {
             &cref,
             spec,
             &kill.id,
-            &self.ctx.node_ip,
+            &self.pod_ip(),
             grace,
         )
         .await
@@ -1477,6 +1486,22 @@ impl PodWorker {
         }
         self.acted_at = self.ctx.runtime.mark();
         self.refresh().await;
+    }
+
+    /// The pod's IPs, once the provider made the sandbox (a Linux container pod's, at its
+    /// first container); kept after it goes, as the kubelet keeps a finished pod's podIP.
+    async fn learn_pod_ips(&mut self) {
+        if let (Some(sandbox), true) = (&self.sandbox, self.pod_ips.is_empty()) {
+            self.pod_ips = self.ctx.provider.pod_ips(sandbox).await;
+        }
+    }
+
+    /// The default host of the pod's probes and lifecycle hooks: its own IP, or the node IP
+    /// for a pod without one of its own (a Wasm pod, a hostNetwork pod).
+    fn pod_ip(&self) -> String {
+        self.pod_ips
+            .first()
+            .map_or_else(|| self.ctx.node_ip.clone(), |ip| ip.to_string())
     }
 
     /// Runs the container's postStart hook right after it started; a failure kills the
@@ -1489,8 +1514,9 @@ impl PodWorker {
         else {
             return;
         };
+        self.learn_pod_ips().await;
         let Err(e) =
-            probes::run_post_start(&self.ctx.provider, container, &id, &self.ctx.node_ip).await
+            probes::run_post_start(&self.ctx.provider, container, &id, &self.pod_ip()).await
         else {
             return;
         };

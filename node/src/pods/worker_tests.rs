@@ -96,6 +96,7 @@ impl Harness {
             runtime: cache,
             pods_view: crate::server::pods::PodsViewSender::disabled(),
             client: None,
+            runtime_classes: crate::runtime::classes::RuntimeClasses::none(),
             status,
             events: crate::events::EventSink::disabled(),
             node_name: "node".into(),

@@ -283,6 +283,11 @@ impl PodProbes {
         }
     }
 
+    /// The default host of the probes started from now on (the pod's IP, once known).
+    pub fn set_pod_ip(&mut self, pod_ip: String) {
+        self.pod_ip = pod_ip;
+    }
+
     /// The next changed result. Never ends (this holds a sender): select on it.
     pub async fn recv(&mut self) -> ProbeUpdate {
         match self.rx.recv().await {

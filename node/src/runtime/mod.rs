@@ -16,6 +16,7 @@
 //! then restart them per policy.
 
 pub mod cgroup;
+pub mod classes;
 pub mod routing;
 
 use std::ffi::OsString;

@@ -531,6 +531,23 @@ impl Provider for Router {
         self.provider(side).attach(container_id, io).await
     }
 
+    /// The answer of the side holding the sandbox, or of the side its handler names; without
+    /// either, a `hostNetwork` pod is on the node's network wherever it goes, a pod on a node
+    /// without containerd goes to the Wasm side, and any other waits for its first image.
+    fn on_node_network(&self, config: &SandboxConfig, sandbox_id: Option<&str>) -> Option<bool> {
+        let route = sandbox_id.and_then(|id| self.routes().sandboxes.get(id).cloned());
+        if let Some(SandboxRoute::On(side, id)) = route {
+            return self.provider(side).on_node_network(config, Some(&id));
+        }
+        if let Some(side) = Self::side_of_handler(config.runtime_handler.as_deref()) {
+            return self.provider(side).on_node_network(config, None);
+        }
+        if config.host_network || self.containers.runtimes().is_empty() {
+            return self.wasm.on_node_network(config, None);
+        }
+        None
+    }
+
     /// The IPs of the side holding the sandbox (none while it is only recorded, or on the Wasm
     /// side, whose pods have the node's IP).
     async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
@@ -548,6 +565,19 @@ impl Provider for Router {
                 self.provider(side).pod_listener(pod_uid, port).await
             }
             _ => None,
+        }
+    }
+
+    /// Forwarded to the side holding the pod's sandbox: that side knows where its localhost is.
+    async fn pod_connect(
+        &self,
+        pod_uid: &str,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ProviderError> {
+        let route = self.routes().sandboxes.get(pod_uid).cloned();
+        match route {
+            Some(SandboxRoute::On(side, _)) => self.provider(side).pod_connect(pod_uid, port).await,
+            _ => Err(ProviderError::NotFound(format!("pod {pod_uid}"))),
         }
     }
 
@@ -811,6 +841,54 @@ mod tests {
             .await
             .unwrap();
         assert!(router.list_containers().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn whether_a_pod_is_on_the_node_network_comes_from_its_side() {
+        let n = node();
+        n.containers.own_network();
+        n.linux_image("busybox");
+        let net = |uid: &str, handler: Option<&str>, host_network: bool| SandboxConfig {
+            host_network,
+            ..sandbox(uid, handler)
+        };
+        // By handler, before any sandbox: Wasm pods share the node's network, container pods
+        // have their own unless they ask for the host's.
+        assert_eq!(
+            n.router
+                .on_node_network(&net("a", Some("wasm"), false), None),
+            Some(true)
+        );
+        assert_eq!(
+            n.router
+                .on_node_network(&net("a", Some("runc"), false), None),
+            Some(false)
+        );
+        assert_eq!(
+            n.router
+                .on_node_network(&net("a", Some("runc"), true), None),
+            Some(true)
+        );
+        // Without a handler the first image decides; a hostNetwork pod is on the node's either way.
+        assert_eq!(
+            n.router.on_node_network(&net("b", None, true), None),
+            Some(true)
+        );
+        let config = net("b", None, false);
+        let pod = n.router.run_pod_sandbox(&config).await.unwrap();
+        assert_eq!(n.router.on_node_network(&config, Some(&pod)), None);
+        n.router.pull_image("busybox", &[]).await.unwrap();
+        n.router
+            .create_container(&pod, container("app", "busybox"))
+            .await
+            .unwrap();
+        assert_eq!(n.router.on_node_network(&config, Some(&pod)), Some(false));
+        // A node without containerd runs every pod on the Wasm side.
+        let wasm_only = Router::new(Arc::new(FakeProvider::new()), Arc::new(NoContainers));
+        assert_eq!(
+            wasm_only.on_node_network(&net("c", None, false), None),
+            Some(true)
+        );
     }
 
     #[tokio::test]

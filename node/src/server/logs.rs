@@ -575,6 +575,9 @@ impl LogStream {
         let pod = match pods.get_opt(&self.logs.pod).await {
             Ok(Some(pod)) => pod,
             Ok(None) => return false,
+            // The Node authorizer forbids a node a pod no longer bound to it: a deleted pod
+            // is 403 to the node, not 404. Its containers write no more.
+            Err(kube::Error::Api(e)) if e.code == 403 => return false,
             Err(_) => return true,
         };
         if pod.metadata.uid.as_deref() != Some(self.logs.uid.as_str()) {

@@ -8,10 +8,11 @@
 //! instance's stdio through [`Provider::attach`] (output from now on; stdin only for a container
 //! with `stdin: true`; a TTY's resize messages are read and dropped). `/run` (POST, `cmd=`
 //! split on whitespace) is an exec without streams answering with the combined output, as the
-//! kubelet's. Port-forward reaches only the pod's own listeners: the pod IP is the node IP, so a
-//! port there may be held by any process of the node; the provider says which of the pod's
-//! declared ports one of its containers is itself serving ([`Provider::pod_listener`]), and
-//! anything else is refused on the pair's error stream, never dialled.
+//! kubelet's. Port-forward reaches only the pod's own listeners: the provider opens the
+//! connection where the pod's localhost is ([`Provider::pod_connect`]: a container pod's
+//! network namespace; for a Wasm pod, whose IP is the node IP, only a declared port one of its
+//! containers is itself serving, never a port another process of the node holds). A refusal
+//! goes on the pair's error stream.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -543,29 +544,22 @@ struct PodForward {
 
 impl PortForwardHandler for PodForward {
     async fn forward(&self, port: u16, mut stream: DuplexStream) -> std::io::Result<()> {
-        let Some(addr) = self.provider.pod_listener(&self.pod_uid, port).await else {
-            return Err(not_served(port, &self.pod_uid));
-        };
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "failed to connect to localhost:{port} inside namespace {:?}: {e}",
-                    self.pod_uid
-                ),
-            )
-        })?;
+        let mut tcp = self
+            .provider
+            .pod_connect(&self.pod_uid, port)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!(
+                        "failed to connect to localhost:{port} inside namespace {:?}: {e}",
+                        self.pod_uid
+                    ),
+                )
+            })?;
         tokio::io::copy_bidirectional(&mut stream, &mut tcp).await?;
         Ok(())
     }
-}
-
-/// containerd's wording for a port nothing in the pod listens on, and why.
-fn not_served(port: u16, pod_uid: &str) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionRefused,
-        format!("failed to connect to localhost:{port} inside namespace {pod_uid:?}: no container of the pod is serving port {port} (port-forward reaches only a declared containerPort the pod itself listens on)"),
-    )
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ struct State {
     id_prefix: Option<String>,
     /// [`FakeProvider::give_pod_ips`]: what `pod_ips` answers for a sandbox.
     pod_ips: HashMap<String, Vec<std::net::IpAddr>>,
+    /// [`FakeProvider::own_network`]: pods get a network of their own (unless hostNetwork).
+    own_network: bool,
 }
 
 struct Entry {
@@ -117,6 +119,12 @@ impl FakeProvider {
         self.state().pod_ips.insert(pod_uid.to_string(), ips);
     }
 
+    /// From now on pods get a network of their own, as the container provider's do (unless
+    /// `hostNetwork`); by default they are on the node's, as Wasm pods are.
+    pub fn own_network(&self) {
+        self.state().own_network = true;
+    }
+
     /// The runtime restarted: every sandbox and container is gone.
     pub fn forget_all(&self) {
         let mut state = self.state();
@@ -183,6 +191,10 @@ impl Provider for FakeProvider {
             .sandboxes
             .insert(config.pod_uid.clone(), config.clone());
         Ok(config.pod_uid.clone())
+    }
+
+    fn on_node_network(&self, config: &SandboxConfig, _sandbox_id: Option<&str>) -> Option<bool> {
+        Some(config.host_network || !self.state().own_network)
     }
 
     async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {

@@ -11,6 +11,7 @@
 //! relists ([`Provider::list_containers`]), and exec ([`Provider::exec`] streaming through an
 //! [`ExecIo`], [`Provider::exec_sync`] for probes and hooks).
 
+pub mod cri_log;
 #[cfg(feature = "fake")]
 pub mod fake;
 
@@ -516,6 +517,17 @@ pub trait Provider: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Whether a sandbox's pod is reached at the node's own addresses, so that each port its
+    /// containers declare is a port of the host (claimed at admission, as the kubelet claims
+    /// host ports): `Some(true)` for a provider whose pods share the node's network (the Wasm
+    /// provider; any `hostNetwork` pod), `Some(false)` for one that gives the pod an IP of its
+    /// own, `None` while it cannot say yet (a sandbox a node with two providers routes by its
+    /// first image). `sandbox_id` is the sandbox once made.
+    fn on_node_network(&self, config: &SandboxConfig, sandbox_id: Option<&str>) -> Option<bool> {
+        let _ = (config, sandbox_id);
+        Some(true)
+    }
+
     /// Every pod sandbox the provider holds (stats name pods by them); errors as
     /// [`Provider::list_containers`].
     async fn list_pod_sandboxes(&self) -> Result<Vec<SandboxConfig>, ProviderError> {
@@ -586,6 +598,29 @@ pub trait Provider: Send + Sync + 'static {
     async fn pod_listener(&self, pod_uid: &str, port: u16) -> Option<std::net::SocketAddr> {
         let _ = (pod_uid, port);
         None
+    }
+
+    /// A TCP connection to `port` on the pod's own localhost, for port-forward: the provider
+    /// opens it where the pod's network is (a container pod's network namespace; for a Wasm
+    /// pod, whose IP is the node's, only what [`Provider::pod_listener`] names, never a port
+    /// another process of the node holds). The default dials [`Provider::pod_listener`].
+    ///
+    /// Errors (their text ends kubectl's "failed to connect to localhost:<port> inside
+    /// namespace ..." line): [`ProviderError::NotFound`] for an unknown pod,
+    /// [`ProviderError::Io`] for a port the pod does not serve or a connection that fails.
+    async fn pod_connect(
+        &self,
+        pod_uid: &str,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ProviderError> {
+        let Some(addr) = self.pod_listener(pod_uid, port).await else {
+            return Err(ProviderError::Io(format!(
+                "no container of the pod is serving port {port} (port-forward reaches only a declared containerPort the pod itself listens on)"
+            )));
+        };
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| ProviderError::Io(e.to_string()))
     }
 
     /// [`Provider::exec`] with no stdin, returning the exit code and stdout and stderr

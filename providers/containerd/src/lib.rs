@@ -20,6 +20,7 @@
 mod attach;
 pub mod client;
 mod exec;
+mod forward;
 pub mod image;
 pub mod log;
 pub mod network;
@@ -883,6 +884,36 @@ impl Provider for ContainerdProvider {
             return Err(e);
         }
         Ok(config.pod_uid.clone())
+    }
+
+    /// A container pod has a network of its own unless it asks for the host's.
+    fn on_node_network(&self, config: &SandboxConfig, _sandbox_id: Option<&str>) -> Option<bool> {
+        Some(config.host_network)
+    }
+
+    /// Inside the pod's network namespace (its localhost is its own); a hostNetwork pod's is
+    /// the node's. Without the pod network each container has a namespace of its own and the
+    /// pod has no one localhost: refused.
+    async fn pod_connect(
+        &self,
+        pod_uid: &str,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ProviderError> {
+        let network = self
+            .sandboxes()
+            .get(pod_uid)
+            .map(|s| s.namespaces.network.clone())
+            .ok_or_else(|| ProviderError::NotFound(format!("pod sandbox {pod_uid}")))?;
+        let connected = match &network {
+            spec::Namespace::Join(netns) => forward::connect_in(netns, port).await,
+            spec::Namespace::Node => forward::connect_on_node(port).await,
+            spec::Namespace::Private => {
+                return Err(ProviderError::Io(
+                    "the pod has no network namespace of its own (the node runs without --pod-cidr): each container has one, port-forward cannot choose".into(),
+                ))
+            }
+        };
+        connected.map_err(|e| ProviderError::Io(e.to_string()))
     }
 
     async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {

@@ -1,9 +1,7 @@
 //! The provider conformance suite (provider-api's `conformance` feature) against the Wasm
 //! provider, with the wasm-examples guests pushed to the local cluster's registry: the same
-//! checks the containerd provider passes (tests/conformance.rs).
-//!
-//! It lives beside the containerd run because this change may not touch providers/wasmtime; it
-//! moves there when the providers are wired together. Not run for the Wasm provider:
+//! checks the containerd provider passes (providers/containerd/tests/conformance.rs). Not run
+//! for the Wasm provider:
 //! stop-when-asked (WASI has no signals, so `ends_when_asked` is `None`) and list after a
 //! restart (the Wasm provider keeps its containers in memory; pods outlive the agent through
 //! its separate runtime process instead).
@@ -16,8 +14,27 @@ use provider_api::Provider;
 use provider_wasmtime::image::RegistryOptions;
 use provider_wasmtime::{ProviderOptions, WasmtimeProvider};
 
-mod common;
-use common::{cluster_var, workspace_root};
+/// A value of the environment, or of the local cluster's env file (`export NAME=value`), the
+/// cluster found as deploy/local-cluster finds it: $LOCAL_CLUSTER_DIR, else
+/// target/local-cluster of this checkout.
+fn cluster_var(name: &str) -> Option<String> {
+    if let Ok(v) = std::env::var(name) {
+        return Some(v);
+    }
+    let dir = std::env::var_os("LOCAL_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/local-cluster"));
+    let text = std::fs::read_to_string(dir.join("env")).ok()?;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn workspace_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
 
 /// Builds the wasm-examples guests and pushes `names`; returns their references by name.
 fn push_examples(registry: &str, names: &[&str]) -> Vec<String> {
