@@ -364,10 +364,10 @@ mod compare {
                 while let Some(event) = stream.next().await {
                     let now = Instant::now();
                     match event {
-                        Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => {
-                            if running(&p) {
-                                let _ = tx.send((p.metadata.name.unwrap_or_default(), true, now));
-                            }
+                        Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p))
+                            if running(&p) =>
+                        {
+                            let _ = tx.send((p.metadata.name.unwrap_or_default(), true, now));
                         }
                         Ok(watcher::Event::Delete(p)) => {
                             let _ = tx.send((p.metadata.name.unwrap_or_default(), false, now));
@@ -414,7 +414,12 @@ mod compare {
                         };
                         map.entry(name).or_insert(at);
                     }
-                    Ok(None) | Err(_) => {}
+                    // The watch ended: nothing more will come.
+                    Ok(None) => {
+                        let map = if running { &self.running } else { &self.gone };
+                        return names.iter().map(|n| map.get(n).copied()).collect();
+                    }
+                    Err(_) => {}
                 }
             }
         }
