@@ -137,6 +137,7 @@ pub async fn run(
     let shutdown = shutdown.child_token();
     // Ready=False while the node shuts down gracefully (node status reads it).
     let (not_ready_tx, not_ready_rx) = watch::channel(false);
+    let shutting_down = not_ready_rx.clone();
     let node_shutdown = node_shutdown.filter(|_| !config.runonce);
     let mut run_once_outcome = None;
 
@@ -305,6 +306,7 @@ pub async fn run(
             let links = manager::ManagerLinks {
                 pods: pods_tx,
                 evictions: evict_rx,
+                shutting_down: shutting_down.clone(),
             };
             tasks.spawn(manager::run_linked(
                 ctx,
@@ -383,6 +385,7 @@ pub async fn run(
             let links = manager::ManagerLinks {
                 pods: pods_tx,
                 evictions: evict_rx,
+                shutting_down: shutting_down.clone(),
             };
             tasks.spawn(manager::run_linked(
                 ctx,

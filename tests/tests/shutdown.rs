@@ -152,6 +152,36 @@ async fn sigterm_stops_regular_pods_then_critical_ones_and_marks_the_node_not_re
     .await
     .unwrap();
 
+    // A pod bound while the node shuts down is refused, as the kubelet's shutdown manager
+    // refuses it: it never runs.
+    let late = {
+        let (pods, node_name) = (ns.pods(), agent.name.clone());
+        let late_spec = serde_json::json!({
+            "containers": [{
+                "name": "main",
+                "image": example_image("toolbox"),
+                "command": ["sleep", "3600"],
+            }],
+        });
+        tokio::spawn(async move {
+            let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
+            wait_for("the node to say it shuts down", TEST_TIMEOUT, || async {
+                let node = nodes.get(&node_name).await.ok()?;
+                (node_condition(&node, "Ready").as_deref() == Some("False")).then_some(())
+            })
+            .await
+            .unwrap();
+            let mut spec = late_spec;
+            spec["nodeName"] = node_name.into();
+            spec["restartPolicy"] = "Never".into();
+            let pod: Pod = serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "late"}, "spec": spec}),
+            )
+            .unwrap();
+            pods.create(&Default::default(), &pod).await.unwrap();
+        })
+    };
+
     let agent_log = agent.dir.join("agent.log");
     // The hook endpoints and the watch keep running on the other worker meanwhile.
     let status = tokio::task::block_in_place(|| agent.terminate(TEST_TIMEOUT))
@@ -160,6 +190,31 @@ async fn sigterm_stops_regular_pods_then_critical_ones_and_marks_the_node_not_re
         status.success(),
         "the agent exits 0 after a graceful node shutdown: {status:?}\n{}",
         agent.log_tail()
+    );
+
+    late.await.unwrap();
+    let pod = ns.pods().get("late").await.unwrap();
+    let status = pod.status.clone().unwrap_or_default();
+    assert_eq!(
+        (
+            phase(&pod),
+            status.reason.as_deref(),
+            status.message.as_deref()
+        ),
+        (
+            "Failed",
+            Some("NodeShutdown"),
+            Some("Pod was rejected as the node is shutting down.")
+        ),
+        "{status:#?}"
+    );
+    assert!(
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .all(|c| c.container_id.is_none() && c.restart_count == 0),
+        "the late pod never ran: {status:#?}"
     );
 
     // Both pods ended as the kubelet ends them, with their statuses written before the exit.

@@ -27,6 +27,9 @@ use crate::eviction::Eviction;
 /// The kubelet's pod status reason and message for a pod stopped by a node shutdown.
 pub const REASON: &str = "Terminated";
 pub const MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
+/// The kubelet's reason and message for a pod refused while the node shuts down.
+pub const REFUSED_REASON: &str = "NodeShutdown";
+pub const REFUSED_MESSAGE: &str = "Pod was rejected as the node is shutting down.";
 /// The kubelet's Ready condition message while the node shuts down (reason KubeletNotReady).
 pub const NOT_READY_MESSAGE: &str = "node is shutting down";
 
@@ -67,6 +70,16 @@ pub fn pod_grace(pod: &Pod, budget: Duration) -> Duration {
         .unwrap_or(DEFAULT_POD_GRACE)
         .max(0) as u64;
     Duration::from_secs(own).min(budget)
+}
+
+/// What a pod bound here after the shutdown began gets: Failed, NodeShutdown, never started
+/// (the eviction path with nothing to stop).
+pub fn refusal() -> Eviction {
+    Eviction {
+        reason: REFUSED_REASON,
+        message: REFUSED_MESSAGE.into(),
+        grace: Duration::ZERO,
+    }
 }
 
 /// What the shutdown needs from the rest of the agent.
