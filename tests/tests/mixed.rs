@@ -271,5 +271,32 @@ async fn a_container_pod_port_is_its_own_and_a_wasm_pod_port_is_the_nodes() {
     assert!(status
         .message
         .unwrap_or_default()
-        .contains(&format!("held by pod {}/wasm", ns.name)),);
+        .contains(&format!("held by pod {}/wasm", ns.name)));
+
+    // A hostPort on a container pod is not mapped on this node: refused, saying so, rather
+    // than left silently unreachable.
+    ns.create_bound_pod(
+        agent,
+        "mapped",
+        serde_json::json!({}),
+        serde_json::json!({
+            "containers": [{
+                "name": "web",
+                "image": MixedNode::busybox(),
+                "command": ["sleep", "3600"],
+                "ports": [{"containerPort": 80, "hostPort": 18081}],
+            }],
+        }),
+    )
+    .await;
+    let refused = ns
+        .wait_pod(agent, "mapped", "the hostPort pod refused", |p| {
+            phase(p) == "Failed"
+        })
+        .await;
+    let message = refused.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.contains("hostPort 18081 is not supported"),
+        "{message}"
+    );
 }

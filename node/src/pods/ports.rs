@@ -158,8 +158,10 @@ fn pod_name(pod: &Pod) -> String {
 }
 
 /// The host ports the pod's containers (init containers included: they bind too) take: every
-/// declared port for a pod on the node's network, else the explicit `hostPort`s; or a
-/// rejection when two of its own containers take the same one.
+/// declared port for a pod on the node's network, none for a pod with an IP of its own; or a
+/// rejection when two of its own containers take the same one, or when a pod with an IP of
+/// its own asks for a `hostPort` (not mapped yet: no portmap, which would write the host's nat
+/// table; refused rather than silently unreachable).
 fn declared(pod: &Pod, on_node_network: bool) -> Result<Vec<HostPort>, Rejection> {
     let Some(spec) = &pod.spec else {
         return Ok(Vec::new());
@@ -172,25 +174,20 @@ fn declared(pod: &Pod, on_node_network: bool) -> Result<Vec<HostPort>, Rejection
         .chain(spec.containers.iter())
     {
         for p in c.ports.iter().flatten() {
-            let port = if on_node_network {
-                host_port(p, &c.name)?
-            } else if let Some(port) = mapped_host_port(p, &c.name)? {
-                port
-            } else {
+            if !on_node_network {
+                if let Some(host) = p.host_port.filter(|h| *h != 0) {
+                    return Err(Rejection {
+                        reason: "UnsupportedPodSpec".into(),
+                        message: format!("container {}: hostPort {host} is not supported for a pod with an IP of its own on this node yet (host ports are not mapped); use hostNetwork or a Service", c.name),
+                    });
+                }
                 continue;
-            };
+            }
+            let port = host_port(p, &c.name)?;
             if let Some((_, owner)) = ports.iter().find(|(q, _)| q.collides(&port)) {
                 return Err(Rejection {
                     reason: PORT_CONFLICT_REASON.into(),
-                    message: if on_node_network {
-                        format!("Pod was rejected: containers {owner} and {} both declare port {}: the pod IP is the node IP, so a port can be served only once", c.name, port.describe())
-                    } else {
-                        format!(
-                            "Pod was rejected: containers {owner} and {} both ask for host port {}",
-                            c.name,
-                            port.describe()
-                        )
-                    },
+                    message: format!("Pod was rejected: containers {owner} and {} both declare port {}: the pod IP is the node IP, so a port can be served only once", c.name, port.describe()),
                 });
             }
             ports.push((port, &c.name));
@@ -228,33 +225,16 @@ fn host_port(p: &ContainerPort, container: &str) -> Result<HostPort, Rejection> 
     })
 }
 
-/// The host port a pod with an IP of its own asks for (its `hostPort`, mapped to the
-/// containerPort on the pod IP), if any.
-fn mapped_host_port(p: &ContainerPort, container: &str) -> Result<Option<HostPort>, Rejection> {
-    let Some(host) = p.host_port.filter(|h| *h != 0) else {
-        return Ok(None);
-    };
-    let invalid = |what: String| Rejection {
-        reason: "UnsupportedPodSpec".into(),
-        message: format!("container {container}: {what}"),
-    };
-    let port = u16::try_from(host)
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| invalid(format!("invalid hostPort {host}")))?;
-    let host_ip = match p.host_ip.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(
-            s.parse::<IpAddr>()
-                .map_err(|_| invalid(format!("invalid hostIP {s:?}")))?,
-        )
-        .filter(|ip| !ip.is_unspecified()),
-    };
-    Ok(Some(HostPort {
-        host_ip,
-        protocol: protocol(p)?,
-        port,
-    }))
+/// The parts of a port that do not depend on the pod's network: its protocol and host IP.
+fn check_port(p: &ContainerPort, container: &str) -> Result<(), Rejection> {
+    protocol(p)?;
+    if let Some(s) = p.host_ip.as_deref().filter(|s| !s.is_empty()) {
+        s.parse::<IpAddr>().map_err(|_| Rejection {
+            reason: "UnsupportedPodSpec".into(),
+            message: format!("container {container}: invalid hostIP {s:?}"),
+        })?;
+    }
+    Ok(())
 }
 
 fn protocol(p: &ContainerPort) -> Result<Protocol, Rejection> {
@@ -345,11 +325,20 @@ pub fn max_concurrent_requests(pod: &Pod) -> Result<Option<u32>, Rejection> {
 }
 
 /// Checks the pod's network settings without claiming anything (the pure part of admission).
-/// Its ports are checked as the host ports of a pod with an IP of its own: the rules for a pod
-/// on the node's network (a hostPort must equal its containerPort) apply at the claim, once the
-/// provider says which the pod is.
+/// Only what holds on any network is checked here: the rules that depend on it (a hostPort must
+/// equal its containerPort on the node's; none on a pod's own) apply at the claim, once the
+/// provider says which the pod is on.
 pub fn validate(pod: &Pod) -> Result<(), Rejection> {
-    declared(pod, false)?;
+    for c in pod.spec.iter().flat_map(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .chain(s.containers.iter())
+    }) {
+        for p in c.ports.iter().flatten() {
+            check_port(p, &c.name)?;
+        }
+    }
     outbound_policy(pod)?;
     max_concurrent_requests(pod)?;
     Ok(())
@@ -497,7 +486,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_with_an_ip_of_its_own_takes_only_its_host_ports() {
+    fn a_pod_with_an_ip_of_its_own_takes_no_host_port() {
         let table = HostPorts::default();
         let _wasm = table
             .claim(
@@ -515,46 +504,19 @@ mod tests {
             )
             .unwrap();
         assert!(own.table.is_none());
-        // ...but its hostPort (which may differ from the containerPort) is the host's.
-        let _mapped = table
-            .claim(
-                "u3",
-                &with_ports(
-                    "c",
-                    serde_json::json!([{"containerPort": 80, "hostPort": 9090}]),
-                ),
-                false,
-            )
-            .unwrap();
-        let r = table
-            .claim(
-                "u4",
-                &with_ports("d", serde_json::json!([{"containerPort": 9090}])),
-                true,
-            )
-            .err()
-            .unwrap();
+        // ...and a hostPort it asks for is refused, not left silently unreachable.
+        let mapped = with_ports(
+            "c",
+            serde_json::json!([{"containerPort": 80, "hostPort": 9090}]),
+        );
+        let r = table.claim("u3", &mapped, false).err().unwrap();
+        assert_eq!(r.reason, "UnsupportedPodSpec");
         assert!(
-            r.message.contains("9090/TCP is held by pod ns/c"),
+            r.message.contains("hostPort 9090 is not supported"),
             "{}",
             r.message
         );
-        let r = table
-            .claim(
-                "u5",
-                &with_ports(
-                    "e",
-                    serde_json::json!([{"containerPort": 8080, "hostPort": 8080}]),
-                ),
-                false,
-            )
-            .err()
-            .unwrap();
-        assert!(
-            r.message.contains("8080/TCP is held by pod ns/a"),
-            "{}",
-            r.message
-        );
+        validate(&mapped).unwrap();
     }
 
     #[test]

@@ -1,0 +1,3 @@
+module wasmkubelet.local/pause
+
+go 1.24
