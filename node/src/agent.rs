@@ -114,6 +114,8 @@ fn build_client(kube_config: kube::Config) -> Result<kube::Client, String> {
 
 /// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`] for its
 /// tasks to finish.
+/// `node_shutdown`: with `--shutdown-grace-period`, cancelled on SIGTERM: the agent then stops
+/// its pods ([`crate::pods::node_shutdown`]) and cancels `shutdown` itself.
 /// `runtime`: who answers for the provider when it is a runtime process apart from the agent
 /// (`None` while it cannot be reached); its changes are Node Events and wake the node status.
 pub async fn run(
@@ -121,6 +123,7 @@ pub async fn run(
     provider: Arc<dyn Provider>,
     runtime: Option<watch::Receiver<Option<provider_remote::RuntimeIdentity>>>,
     shutdown: CancellationToken,
+    node_shutdown: Option<CancellationToken>,
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.root_dir).map_err(|source| AgentError::RootDir {
         path: config.root_dir.display().to_string(),
@@ -128,8 +131,14 @@ pub async fn run(
     })?;
     let config = Arc::new(config);
     let tasks = TaskTracker::new();
+    // A graceful node shutdown ends the agent once its pods have stopped.
+    let agent_stop = shutdown.clone();
     // Run-once ends the agent itself when its pods are done.
     let shutdown = shutdown.child_token();
+    // Ready=False while the node shuts down gracefully (node status reads it).
+    let (not_ready_tx, not_ready_rx) = watch::channel(false);
+    let shutting_down = not_ready_rx.clone();
+    let node_shutdown = node_shutdown.filter(|_| !config.runonce);
     let mut run_once_outcome = None;
 
     // TLS bootstrap when asked and needed, then the one client every task shares; it follows
@@ -172,7 +181,8 @@ pub async fn run(
                     provider.clone(),
                     node_tx,
                 )
-                .with_pressure(pressure_rx);
+                .with_pressure(pressure_rx)
+                .with_shutting_down(not_ready_rx);
                 if let Some(runtime) = &runtime {
                     manager = manager.with_runtime_changes(runtime.clone());
                 }
@@ -226,7 +236,7 @@ pub async fn run(
                 api_tx,
                 shutdown.clone(),
             ));
-            let mirrors = MirrorManager::new(client, node_rx_for_mirrors, status.clone());
+            let mirrors = MirrorManager::new(client.clone(), node_rx_for_mirrors, status.clone());
             tasks.spawn(mirrors.run(mirror_rx, shutdown.clone()));
             let outputs = MergeOutputs {
                 pods: change_tx,
@@ -260,6 +270,25 @@ pub async fn run(
                 Some(pods_rx.clone()),
             );
             tasks.spawn(gc.run(shutdown.clone()));
+            if let Some(trigger) = node_shutdown {
+                let graceful = crate::pods::node_shutdown::NodeShutdown {
+                    grace: config.shutdown_grace_period,
+                    critical_grace: config.shutdown_grace_period_critical_pods,
+                    node_name: config.node_name.clone(),
+                    pods: pods_rx.clone(),
+                    evict: evict_tx.clone(),
+                    runtime: runtime_cache.clone(),
+                    not_ready: not_ready_tx,
+                    events: events.clone(),
+                    client: Some(client.clone()),
+                };
+                tasks.spawn(graceful_node_shutdown(
+                    graceful,
+                    trigger,
+                    agent_stop,
+                    shutdown.clone(),
+                ));
+            }
             let links = crate::eviction::EvictionLinks {
                 pods: pods_rx,
                 evict: evict_tx,
@@ -277,6 +306,7 @@ pub async fn run(
             let links = manager::ManagerLinks {
                 pods: pods_tx,
                 evictions: evict_rx,
+                shutting_down: shutting_down.clone(),
             };
             tasks.spawn(manager::run_linked(
                 ctx,
@@ -330,7 +360,40 @@ pub async fn run(
                 pleg_tx,
                 shutdown.clone(),
             ));
-            tasks.spawn(manager::run(ctx, change_rx, pleg_rx, shutdown.clone()));
+            // The node shutdown (if any) stops pods through the manager as evictions do.
+            let (pods_tx, pods_rx) = watch::channel(crate::pods::manager::PodSet::new());
+            let (evict_tx, evict_rx) = mpsc::unbounded_channel();
+            if let Some(trigger) = node_shutdown {
+                let graceful = crate::pods::node_shutdown::NodeShutdown {
+                    grace: config.shutdown_grace_period,
+                    critical_grace: config.shutdown_grace_period_critical_pods,
+                    node_name: config.node_name.clone(),
+                    pods: pods_rx,
+                    evict: evict_tx,
+                    runtime: runtime_cache.clone(),
+                    not_ready: not_ready_tx,
+                    events: events.clone(),
+                    client: None,
+                };
+                tasks.spawn(graceful_node_shutdown(
+                    graceful,
+                    trigger,
+                    agent_stop,
+                    shutdown.clone(),
+                ));
+            }
+            let links = manager::ManagerLinks {
+                pods: pods_tx,
+                evictions: evict_rx,
+                shutting_down: shutting_down.clone(),
+            };
+            tasks.spawn(manager::run_linked(
+                ctx,
+                change_rx,
+                pleg_rx,
+                Some(links),
+                shutdown.clone(),
+            ));
             // Images and dead containers are collected without an API server too (static pods
             // are critical: there is nothing to evict, and no Node to report pressure on).
             if !config.runonce {
@@ -366,6 +429,26 @@ pub async fn run(
         Some(outcome) => outcome.await.unwrap_or(Err(AgentError::RunOnceInterrupted)),
         None => Ok(()),
     }
+}
+
+/// Waits for `trigger` (SIGTERM with --shutdown-grace-period), stops the node's pods, then
+/// stops the agent (`agent_stop`). Ends quietly when the agent stops first.
+async fn graceful_node_shutdown(
+    graceful: crate::pods::node_shutdown::NodeShutdown,
+    trigger: CancellationToken,
+    agent_stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = trigger.cancelled() => {}
+    }
+    tokio::select! {
+        // A second signal (main.rs) stops the agent at once.
+        _ = shutdown.cancelled() => warn!("node shutdown interrupted; pods left as they are"),
+        _ = graceful.run() => {}
+    }
+    agent_stop.cancel();
 }
 
 /// Starts the static pod sources that are configured. Returns how many there are and where

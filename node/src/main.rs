@@ -120,7 +120,13 @@ fn main() -> ExitCode {
         // run yet): a SIGTERM during start-up is then a clean shutdown, never the default action.
         let signals = install_signal_handlers();
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(signals, shutdown.clone()));
+        // --shutdown-grace-period: the first signal stops the node's pods first (the agent
+        // ends itself after), a second one ends the agent at once. The runtime process and
+        // run-once have no graceful node shutdown.
+        let node_shutdown =
+            (!runtime_mode && !config.runonce && !config.shutdown_grace_period.is_zero())
+                .then(CancellationToken::new);
+        tokio::spawn(on_signal(signals, node_shutdown.clone(), shutdown.clone()));
         if runtime_mode {
             return serve_runtime(&config, provider_options, shutdown).await;
         }
@@ -158,7 +164,14 @@ fn main() -> ExitCode {
         let provider: Arc<dyn provider_api::Provider> = Arc::new(
             wasm_kubelet::runtime::routing::Router::new(provider, containers),
         );
-        wasm_kubelet::agent::run(config, provider, remote.map(|r| r.identity()), shutdown).await?;
+        wasm_kubelet::agent::run(
+            config,
+            provider,
+            remote.map(|r| r.identity()),
+            shutdown,
+            node_shutdown,
+        )
+        .await?;
         anyhow::Ok(())
     });
     // Do not wait for stray blocking work (an API call in flight) beyond the agent's own grace.
@@ -277,9 +290,11 @@ fn install_signal_handlers() -> Option<(tokio::signal::unix::Signal, tokio::sign
     }
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; with `node_shutdown` (a graceful node
+/// shutdown configured), cancels that on the first and `shutdown` on the second.
 async fn on_signal(
     signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    node_shutdown: Option<CancellationToken>,
     shutdown: CancellationToken,
 ) {
     let Some((mut term, mut int)) = signals else {
@@ -288,6 +303,15 @@ async fn on_signal(
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    if let Some(node_shutdown) = node_shutdown {
+        tracing::info!("graceful node shutdown: stopping the pods before exiting (a second signal exits at once)");
+        node_shutdown.cancel();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = term.recv() => tracing::info!("second SIGTERM received"),
+            _ = int.recv() => tracing::info!("second SIGINT received"),
+        }
     }
     shutdown.cancel();
 }

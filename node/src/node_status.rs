@@ -72,6 +72,8 @@ pub struct NodeStatusManager {
     /// Changes of the runtime process answering (down, back, another one): the Ready
     /// condition follows them at once, not at the next interval.
     runtime_changes: Option<watch::Receiver<Option<provider_remote::RuntimeIdentity>>>,
+    /// True once a graceful node shutdown began: Ready is False from then on, written at once.
+    shutting_down: Option<watch::Receiver<bool>>,
 }
 
 impl NodeStatusManager {
@@ -92,7 +94,19 @@ impl NodeStatusManager {
             last_write: None,
             pressure,
             runtime_changes: None,
+            shutting_down: None,
         }
+    }
+
+    /// Reports the node not ready, at once, when `shutting_down` turns true (a graceful node
+    /// shutdown, see [`crate::pods::node_shutdown`]).
+    pub fn with_shutting_down(mut self, shutting_down: watch::Receiver<bool>) -> Self {
+        self.shutting_down = Some(shutting_down);
+        self
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.as_ref().is_some_and(|s| *s.borrow())
     }
 
     /// Reports the pressure conditions `pressure` carries (without it, none).
@@ -146,10 +160,21 @@ impl NodeStatusManager {
                     None => std::future::pending().await,
                 }
             };
+            let shutting_down = async {
+                match self.shutting_down.as_mut() {
+                    Some(s) => {
+                        if s.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 _ = runtime_changed => {}
+                _ = shutting_down => {}
             }
         }
     }
@@ -413,6 +438,13 @@ impl NodeStatusManager {
                 ),
             },
             match runtime {
+                // The kubelet's shutdown manager error, first of the Ready condition's errors.
+                _ if self.is_shutting_down() => condition(
+                    "Ready",
+                    false,
+                    "KubeletNotReady",
+                    crate::pods::node_shutdown::NOT_READY_MESSAGE.into(),
+                ),
                 RuntimeStatus::Ready => condition(
                     "Ready",
                     true,

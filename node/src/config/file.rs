@@ -61,6 +61,12 @@ pub(super) struct KubeletConfiguration {
     pub eviction_pressure_transition_period: Duration,
     /// Seconds; zero or less: the pod's own grace period.
     pub eviction_max_pod_grace_period: i64,
+    /// Graceful node shutdown on SIGTERM (zero: off, the pods outlive the agent).
+    #[serde(deserialize_with = "de::duration")]
+    pub shutdown_grace_period: Duration,
+    /// The part of `shutdownGracePeriod` kept for critical pods.
+    #[serde(deserialize_with = "de::duration")]
+    pub shutdown_grace_period_critical_pods: Duration,
     #[serde(rename = "imageMinimumGCAge", deserialize_with = "de::duration")]
     pub image_minimum_gc_age: Duration,
     #[serde(
@@ -189,6 +195,8 @@ impl Default for KubeletConfiguration {
             eviction_minimum_reclaim: BTreeMap::new(),
             eviction_pressure_transition_period: DEFAULT_EVICTION_PRESSURE_TRANSITION_PERIOD,
             eviction_max_pod_grace_period: 0,
+            shutdown_grace_period: Duration::ZERO,
+            shutdown_grace_period_critical_pods: Duration::ZERO,
             image_minimum_gc_age: DEFAULT_MINIMUM_IMAGE_TTL,
             image_gc_high_threshold_percent: DEFAULT_IMAGE_GC_HIGH,
             image_gc_low_threshold_percent: DEFAULT_IMAGE_GC_LOW,
@@ -264,6 +272,11 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
     (
         "evictionMaxPodGracePeriod",
         "--eviction-max-pod-grace-period",
+    ),
+    ("shutdownGracePeriod", "--shutdown-grace-period"),
+    (
+        "shutdownGracePeriodCriticalPods",
+        "--shutdown-grace-period-critical-pods",
     ),
     ("imageMinimumGCAge", "--minimum-image-ttl-duration"),
     ("imageGCHighThresholdPercent", "--image-gc-high-threshold"),

@@ -207,6 +207,12 @@ pub struct Flags {
     /// Longest grace period (seconds) a pod gets when a soft threshold evicts it; 0 uses the pod's own [default: 0].
     #[arg(long, value_name = "SECONDS", value_parser = values::seconds)]
     pub eviction_max_pod_grace_period: Option<i64>,
+    /// On SIGTERM, stop every pod (regular ones first) within this period, then exit; 0 leaves the pods running [default: 0].
+    #[arg(long, value_name = "DURATION", value_parser = values::duration)]
+    pub shutdown_grace_period: Option<Duration>,
+    /// The part of --shutdown-grace-period kept for critical pods, stopped last [default: 0].
+    #[arg(long, value_name = "DURATION", value_parser = values::duration)]
+    pub shutdown_grace_period_critical_pods: Option<Duration>,
     /// An unused image younger than this is never garbage-collected [default: 2m].
     #[arg(long, value_name = "DURATION", value_parser = values::duration)]
     pub minimum_image_ttl_duration: Option<Duration>,

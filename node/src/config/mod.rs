@@ -274,6 +274,10 @@ pub struct Config {
     pub eviction_pressure_transition_period: Duration,
     /// Zero: a soft eviction gives the pod its own termination grace period.
     pub eviction_max_pod_grace_period: Duration,
+    /// Graceful node shutdown on SIGTERM: zero (the default) leaves the pods running and exits.
+    pub shutdown_grace_period: Duration,
+    /// The last part of `shutdown_grace_period`, for critical pods (at most all of it).
+    pub shutdown_grace_period_critical_pods: Duration,
     pub minimum_image_ttl_duration: Duration,
     /// Negative: no limit.
     pub maximum_dead_containers_per_container: i32,
@@ -457,6 +461,12 @@ impl Config {
                     .unwrap_or(file.eviction_max_pod_grace_period)
                     .max(0) as u64,
             ),
+            shutdown_grace_period: flags
+                .shutdown_grace_period
+                .unwrap_or(file.shutdown_grace_period),
+            shutdown_grace_period_critical_pods: flags
+                .shutdown_grace_period_critical_pods
+                .unwrap_or(file.shutdown_grace_period_critical_pods),
             minimum_image_ttl_duration: flags
                 .minimum_image_ttl_duration
                 .unwrap_or(file.image_minimum_gc_age),
@@ -669,6 +679,49 @@ mod tests {
             .contains("--eviction-minimum-reclaim"));
         assert!(err(&["--container-gc-period=0s"]).contains("--container-gc-period"));
         assert!(err(&["--maximum-dead-containers=many"]).contains("--maximum-dead-containers"));
+    }
+
+    #[test]
+    fn shutdown_grace_periods_default_to_off_and_are_checked() {
+        let c = load(&[]).unwrap();
+        assert_eq!(
+            (
+                c.shutdown_grace_period,
+                c.shutdown_grace_period_critical_pods
+            ),
+            (Duration::ZERO, Duration::ZERO)
+        );
+        let c = load(&[
+            "--shutdown-grace-period=30s",
+            "--shutdown-grace-period-critical-pods=10s",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.shutdown_grace_period,
+                c.shutdown_grace_period_critical_pods
+            ),
+            (Duration::from_secs(30), Duration::from_secs(10))
+        );
+        let file = temp_file("shutdown.yaml", "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nshutdownGracePeriod: 1m\nshutdownGracePeriodCriticalPods: 20s\n");
+        let c = load(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (
+                c.shutdown_grace_period,
+                c.shutdown_grace_period_critical_pods
+            ),
+            (Duration::from_secs(60), Duration::from_secs(20))
+        );
+        assert!(err(&["--shutdown-grace-period=soon"]).contains("--shutdown-grace-period"));
+        assert!(err(&["--shutdown-grace-period=-5s"]).contains("--shutdown-grace-period"));
+        let line = err(&["--shutdown-grace-period-critical-pods=10s"]);
+        assert!(
+            line.contains("--shutdown-grace-period-critical-pods")
+                && line.contains("must not exceed --shutdown-grace-period"),
+            "{line}"
+        );
+        let file = temp_file("shutdown-bad.yaml", "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nshutdownGracePeriod: forever\n");
+        assert!(err(&["--config", file.to_str().unwrap()]).contains("--shutdown-grace-period"));
     }
 
     #[test]

@@ -182,5 +182,16 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
             why,
         ));
     }
+    if c.shutdown_grace_period_critical_pods > c.shutdown_grace_period {
+        let why = format!(
+            "must not exceed --shutdown-grace-period ({:?})",
+            c.shutdown_grace_period
+        );
+        return Err(invalid(
+            "--shutdown-grace-period-critical-pods",
+            format!("{:?}", c.shutdown_grace_period_critical_pods),
+            why,
+        ));
+    }
     Ok(())
 }

@@ -61,7 +61,10 @@ const SYSTEM_CRITICAL_PRIORITY: i32 = 2_000_000_000;
 /// An eviction, for the pod's worker to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Eviction {
-    /// The pod's status message and the Evicted event's message.
+    /// The pod's status reason and the event's reason: `Evicted` (node pressure), or
+    /// `Terminated` (graceful node shutdown, [`crate::pods::node_shutdown`]).
+    pub reason: &'static str,
+    /// The pod's status message and the event's message.
     pub message: String,
     /// How long the containers get to stop.
     pub grace: Duration,
@@ -350,7 +353,14 @@ impl EvictionManager {
         if self
             .links
             .evict
-            .send((uid.to_string(), Eviction { message, grace }))
+            .send((
+                uid.to_string(),
+                Eviction {
+                    reason: "Evicted",
+                    message,
+                    grace,
+                },
+            ))
             .is_err()
         {
             return;

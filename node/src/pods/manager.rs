@@ -28,6 +28,8 @@ pub struct ManagerLinks {
     pub pods: watch::Sender<PodSet>,
     /// (pod UID, eviction) for the pod's worker to carry out.
     pub evictions: mpsc::UnboundedReceiver<(String, Eviction)>,
+    /// True once a graceful node shutdown began: new pods are refused from then on.
+    pub shutting_down: watch::Receiver<bool>,
 }
 
 struct WorkerHandle {
@@ -52,9 +54,9 @@ pub async fn run_linked(
     links: Option<ManagerLinks>,
     shutdown: CancellationToken,
 ) {
-    let (pods_tx, mut evictions) = match links {
-        Some(l) => (Some(l.pods), Some(l.evictions)),
-        None => (None, None),
+    let (pods_tx, mut evictions, shutting_down) = match links {
+        Some(l) => (Some(l.pods), Some(l.evictions), Some(l.shutting_down)),
+        None => (None, None, None),
     };
     let publish = |workers: &HashMap<String, WorkerHandle>| {
         if let Some(tx) = &pods_tx {
@@ -94,7 +96,9 @@ pub async fn run_linked(
                         None => {
                             let span = info_span!("pod", namespace = pod.metadata.namespace.as_deref().unwrap_or(""), name = pod.metadata.name.as_deref().unwrap_or(""), uid = %uid);
                             let pod_ref = pod.clone();
-                            let (desired, rx) = watch::channel(PodDesire { pod, removed: false, evict: None });
+                            // As the kubelet's shutdown manager admits no pod once the node shuts down.
+                            let evict = shutting_down.as_ref().filter(|s| *s.borrow()).map(|_| super::node_shutdown::refusal());
+                            let (desired, rx) = watch::channel(PodDesire { pod, removed: false, evict });
                             let nudge = Arc::new(Notify::new());
                             let worker = PodWorker::new(ctx.clone(), rx, nudge.clone());
                             let done = done_tx.clone();

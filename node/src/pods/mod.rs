@@ -13,6 +13,7 @@ pub mod env;
 pub mod layout;
 pub mod manager;
 pub mod mirror;
+pub mod node_shutdown;
 pub mod plan;
 pub mod pleg;
 pub mod pod_status;

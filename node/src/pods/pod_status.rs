@@ -248,10 +248,10 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
         ),
         condition("Ready", unready.is_empty(), cr_reason, cr_msg),
     ];
-    // As the kubelet marks a pod it evicts for node pressure.
+    // As the kubelet marks a pod it evicts for node pressure or stops for a node shutdown.
     if let Some(t) = input
         .terminal
-        .filter(|t| t.reason.as_deref() == Some("Evicted"))
+        .filter(|t| matches!(t.reason.as_deref(), Some("Evicted" | "Terminated")))
     {
         conditions.push(condition(
             "DisruptionTarget",

@@ -1342,17 +1342,20 @@ impl PodWorker {
         self.refresh().await;
     }
 
-    /// Node-pressure eviction: stop every container within the eviction's grace period and end
-    /// the pod Failed with reason Evicted, as the kubelet's eviction manager does.
+    /// Node-pressure eviction or graceful node shutdown: stop every container within the
+    /// eviction's grace period and end the pod Failed with the eviction's reason (Evicted,
+    /// Terminated), as the kubelet's eviction and node shutdown managers do.
     async fn evict(&mut self, eviction: &crate::eviction::Eviction) {
-        warn!(message = %eviction.message, grace = ?eviction.grace, "evicting the pod");
-        self.ctx
-            .events
-            .warning(&self.object_ref(), "Evicted", eviction.message.clone());
+        warn!(reason = eviction.reason, message = %eviction.message, grace = ?eviction.grace, "evicting the pod");
+        self.ctx.events.warning(
+            &self.object_ref(),
+            eviction.reason,
+            eviction.message.clone(),
+        );
         self.kill_all(eviction.grace, "evicted").await;
         self.terminal = Some(Terminal {
             phase: PodPhase::Failed,
-            reason: Some("Evicted".into()),
+            reason: Some(eviction.reason.into()),
             message: Some(eviction.message.clone()),
         });
         // As the kubelet, a terminated pod's volumes are torn down: an emptyDir that filled the

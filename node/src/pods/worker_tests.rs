@@ -583,6 +583,7 @@ async fn an_eviction_interrupts_a_pull_that_never_completes() {
         pod: Arc::new(pod(spec)),
         removed: false,
         evict: Some(crate::eviction::Eviction {
+            reason: "Evicted",
             message: "The node was low on resource: memory.".into(),
             grace: Duration::ZERO,
         }),
