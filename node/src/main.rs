@@ -4,6 +4,9 @@
 //! `wasm-kubelet runtime <flags>` runs the Wasm runtime instead: the process the guests live in,
 //! serving the agent on `--wasm-runtime-endpoint` (see `wasm_kubelet::runtime`). It takes the
 //! agent's flags (the agent starts it with its own) and uses those that shape the runtime.
+//!
+//! `wasm-kubelet container-log <log path>` is a container's log driver, run by containerd's
+//! shim (`provider_containerd::log_driver`), not by people.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,6 +17,13 @@ use wasm_kubelet::config::{Config, ConfigError, WasmRuntimeMode};
 
 fn main() -> ExitCode {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Run by containerd's shim as a container's log driver (see provider_containerd::log_driver).
+    if argv
+        .get(1)
+        .is_some_and(|a| a == provider_containerd::log_driver::SUBCOMMAND)
+    {
+        return provider_containerd::log_driver::main(&argv[2..]);
+    }
     let runtime_mode = argv.get(1).is_some_and(|a| a == "runtime");
     if runtime_mode {
         argv.remove(1);
@@ -218,6 +228,9 @@ async fn connect_containerd(
     options.cgroup_parent = format!("/wasm-kubelet/{namespace}");
     options.namespace = namespace;
     options.registries = registries;
+    // The agent's own binary is the log driver containerd's shim runs per container.
+    options.log_driver =
+        Some(std::env::current_exe().context("the agent's own path (the containers' log driver)")?);
     let mut network =
         provider_containerd::PodNetworkOptions::new(pod_cidr, config.root_dir.join("pod-network"));
     network.gateway = config.pod_network_gateway;

@@ -939,13 +939,10 @@ async fn what_a_container_does_while_no_agent_runs_is_reported_by_the_next_agent
     assert_eq!(last_terminated(&c), Some((3, "Error".into())), "{c:?}");
 }
 
-/// KNOWN BUG (not fixed): the task's stdout/stderr FIFOs are held open only by the agent's
-/// reader threads and by the shim while the process runs; a container that writes and exits
-/// while no agent runs leaves its last output in a FIFO nobody holds, and the kernel drops it
-/// (checked: no process has the FIFOs open after the exit). A fix needs the reading end to
-/// outlive the agent (containerd's `binary://` log driver, or a holder process per container).
+/// A container that writes and exits while no agent runs: its last output reaches the log.
+/// (Its stdout/stderr are read by the log driver the shim runs, `binary://`, which outlives
+/// the agent; with FIFOs read by the agent that output was dropped with the FIFO.)
 #[tokio::test]
-#[ignore = "known bug: output written just before an exit while no agent runs is lost"]
 async fn output_written_before_an_exit_while_no_agent_runs_reaches_the_log() {
     let mut node = MixedNode::start("life-lastwords", &[]).await;
     let ns = TestNamespace::new("life-lastwords").await;
@@ -994,5 +991,112 @@ async fn output_written_before_an_exit_while_no_agent_runs_reaches_the_log() {
     assert!(
         logs.contains("last words"),
         "what it wrote while no agent ran is in its log: {logs:?}"
+    );
+}
+
+/// The CRI log entries of every `*.log` file under `dir`, as (stream, tag, content).
+fn cri_entries(dir: &std::path::Path) -> Vec<(String, String, String)> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                files.push(path);
+            }
+        }
+    }
+    let mut entries = Vec::new();
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let mut parts = line.splitn(4, ' ');
+            let (ts, stream, tag) = (parts.next(), parts.next(), parts.next());
+            let content = parts.next().unwrap_or("");
+            assert!(
+                ts.is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()),
+                "CRI entry without an RFC 3339 timestamp: {line:?}"
+            );
+            assert!(matches!(stream, Some("stdout" | "stderr")), "{line:?}");
+            assert!(matches!(tag, Some("F" | "P")), "{line:?}");
+            entries.push((stream.unwrap().into(), tag.unwrap().into(), content.into()));
+        }
+    }
+    entries
+}
+
+/// A container writing far more than a pipe holds (1 MiB, numbered lines) while no agent runs
+/// is not blocked: it finishes and exits 0 while the agent is down, and once the agent is back
+/// the pod is Succeeded and its CRI log has every line, in order.
+#[tokio::test]
+async fn a_megabyte_written_while_no_agent_runs_neither_blocks_nor_is_lost() {
+    const LINES: usize = 20_000;
+    let mut node = MixedNode::start("life-flood", &[]).await;
+    let ns = TestNamespace::new("life-flood").await;
+    // Each line is 52 bytes: 20 000 of them are 1 MiB, 16 times a pipe's 64 KiB.
+    let script = format!(
+        "trap 'i=0; while [ $i -lt {LINES} ]; do printf \"line %05d %s\\n\" $i \
+         0123456789012345678901234567890123456789; i=$((i+1)); done; exit 0' USR1; \
+         echo ready; while :; do sleep 1; done"
+    );
+    ns.create_bound_pod(
+        &node.agent,
+        "flood",
+        serde_json::json!({}),
+        busybox_pod(
+            &script,
+            serde_json::json!({}),
+            serde_json::json!({"restartPolicy": "Never"}),
+        ),
+    )
+    .await;
+    let pod = ns
+        .wait_pod(&node.agent, "flood", "the container to run", |p| {
+            status(p, "c").is_some_and(|c| running(&c))
+        })
+        .await;
+    let id = container_id(&pod, "c");
+    wait_for("the container's first line", TEST_TIMEOUT, || async {
+        kubectl_logs(&ns, "flood").contains("ready").then_some(())
+    })
+    .await
+    .unwrap();
+    node.agent.kill9();
+    node.ctr(&["tasks", "kill", "-s", "SIGUSR1", &id]);
+    wait_for(
+        "the task to write 1 MiB and exit while no agent runs",
+        TEST_TIMEOUT,
+        || async {
+            node.ctr(&["tasks", "list"])
+                .lines()
+                .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    node.agent.spawn().unwrap();
+    let ended = ns
+        .wait_pod(&node.agent, "flood", "the exit reported", |p| {
+            phase(p) == "Succeeded"
+        })
+        .await;
+    let c = status(&ended, "c").unwrap();
+    assert_eq!(terminated(&c), Some((0, "Completed".into())), "{c:?}");
+    let entries = cri_entries(&node.agent.dir.join("logs"));
+    let lines: Vec<&str> = entries
+        .iter()
+        .filter(|(stream, tag, _)| stream == "stdout" && tag == "F")
+        .map(|(_, _, content)| content.as_str())
+        .filter(|c| c.starts_with("line "))
+        .collect();
+    let expected: Vec<String> = (0..LINES)
+        .map(|i| format!("line {i:05} 0123456789012345678901234567890123456789"))
+        .collect();
+    assert_eq!(lines.len(), LINES, "every line is in the log once");
+    assert!(
+        lines.iter().zip(&expected).all(|(a, b)| a == b),
+        "the lines are in order and whole"
     );
 }

@@ -1,10 +1,12 @@
 //! Attach: a client joins a running container's stdio (`kubectl attach`, `kubectl run -i`).
 //!
-//! Output: the threads that copy the task's stdout/stderr FIFOs into the CRI log
-//! ([`crate::log::ContainerLog::copy_from`]) also hand every chunk, as read, to a broadcast
-//! channel; an attached client subscribes to it, so it sees output from the moment it attaches
-//! (what came before is `kubectl logs`), and the log file still gets everything. The channel
-//! closes when both copies reach end of file (the container's processes are gone).
+//! Output: an attached client follows the container's CRI log file from the moment it attaches
+//! (what came before is `kubectl logs`): the entries appended to it are decoded and split by
+//! stream ([`crate::log::LogFollower`]), whoever writes them (the log driver the shim runs, or
+//! the agent's FIFO readers for a `stdin: true` container). So attaching takes nothing from the
+//! log and a slow client holds nothing up. The output ends when the container's task has exited
+//! and the log has not grown for [`QUIET_AFTER_EXIT`] (the writer may still be draining the
+//! pipes). A line not yet ended reaches the client when it ends (as it reaches the log).
 //!
 //! Input: a container created with `stdin: true` gets a stdin FIFO at task creation; the
 //! provider holds it open read-write (it never blocks, and nothing written is lost before the
@@ -15,22 +17,29 @@
 //! the container's stdin. Without `stdin: true` attaching stdin is refused.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::CloseIoRequest;
 use provider_api::{AttachIo, ProviderError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::Mutex;
 
 use crate::client::Client;
-use crate::log::{Stream, Tee};
+use crate::log::{LogFollower, Stream};
 
-/// Chunks of output an attached client may fall behind by before it misses some (it is told
-/// in the provider's debug log; the log file has everything).
-const OUTPUT_BACKLOG: usize = 1024;
+/// How often an attached client's copy looks for new log entries: often enough for typing
+/// (well under the ~100 ms a person notices), cheap (one read and one stat of a local file).
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
+
+/// After the container's task exited, the output is over once the log has not grown for this
+/// long: the log's writer reads what the container left in its pipes (at most 64 KiB each)
+/// within milliseconds; half a second covers a loaded machine's scheduling.
+pub(crate) const QUIET_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 /// The write end of a container's stdin FIFO; `None` inside once closed (stdinOnce).
 type StdinPipe = Arc<Mutex<Option<pipe::Sender>>>;
@@ -43,21 +52,12 @@ pub(crate) struct Streams {
 
 #[derive(Default)]
 struct Entry {
-    /// Weak: the copy threads hold the only strong senders, so the channel closes when they end.
-    output: Option<broadcast::WeakSender<(Stream, bytes::Bytes)>>,
     stdin: Option<StdinPipe>,
 }
 
 impl Streams {
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A new output channel for container `id`'s run; the copy threads hold the sender.
-    pub(crate) fn output_channel(&self, id: &str) -> Tee {
-        let (tx, _) = broadcast::channel(OUTPUT_BACKLOG);
-        self.entries().entry(id.to_string()).or_default().output = Some(tx.downgrade());
-        tx
     }
 
     /// Opens container `id`'s stdin FIFO at `path` read-write (it never blocks, and the shim's
@@ -76,18 +76,15 @@ impl Streams {
         self.entries().remove(id);
     }
 
-    fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<(Stream, bytes::Bytes)>> {
-        let entries = self.entries();
-        Some(entries.get(id)?.output.as_ref()?.upgrade()?.subscribe())
-    }
-
     fn stdin(&self, id: &str) -> Option<StdinPipe> {
         self.entries().get(id)?.stdin.clone()
     }
 
-    /// Serves one attached client of the running container `id` (`name` for messages) until
-    /// its output ends, the client stops reading, or (with only stdin attached) the client's
-    /// stdin ends. `stdin_enabled`/`stdin_once` are the container's `stdin`/`stdinOnce`.
+    /// Serves one attached client of the running container `id` (`name` for messages, `log`
+    /// its CRI log, `exited` resolves when its task has exited) until its output ends, the
+    /// client stops reading, or (with only stdin attached) the client's stdin ends.
+    /// `stdin_enabled`/`stdin_once` are the container's `stdin`/`stdinOnce`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn attach(
         &self,
         client: &Client,
@@ -95,6 +92,8 @@ impl Streams {
         name: &str,
         stdin_enabled: bool,
         stdin_once: bool,
+        log: &Path,
+        exited: impl Future<Output = ()>,
         io: AttachIo,
     ) -> Result<(), ProviderError> {
         let AttachIo {
@@ -115,9 +114,8 @@ impl Streams {
                 ))
             })?),
         };
-        let ended_or_output = self.subscribe(id).ok_or_else(|| {
-            ProviderError::Exec(format!("container {name} has ended: nothing to attach to"))
-        })?;
+        // From here on: what the container writes in reply to the client's input included.
+        let follower = LogFollower::at_end(log);
         let input = async {
             if let (Some(source), Some(pipe)) = (stdin, &pipe) {
                 if copy_stdin(source, pipe, stdin_once).await {
@@ -133,13 +131,13 @@ impl Streams {
                 std::future::pending::<()>().await
             };
             tokio::select! {
-                () = copy_output(ended_or_output, stdout, stderr) => {}
+                () = copy_output(follower, exited, stdout, stderr) => {}
                 () = input => {}
             }
         } else {
             tokio::select! {
                 () = input => {}
-                () = copy_output(ended_or_output, None, None) => {}
+                () = copy_output(follower, exited, None, None) => {}
             }
         }
         Ok(())
@@ -195,30 +193,41 @@ pub(crate) async fn close_io(client: &Client, id: &str, exec_id: &str) {
     }
 }
 
-/// Writes the container's output to the client until the output ends (the channel closes after
-/// the last chunk) or a writer fails (the client went away).
+/// Writes the container's output, as it is appended to its log, to the client until the output
+/// ends (the task exited and the log stayed quiet for [`QUIET_AFTER_EXIT`]) or a writer fails
+/// (the client went away).
 async fn copy_output(
-    mut rx: broadcast::Receiver<(Stream, bytes::Bytes)>,
+    mut follower: LogFollower,
+    exited: impl Future<Output = ()>,
     mut stdout: Option<Pin<Box<dyn AsyncWrite + Send>>>,
     mut stderr: Option<Pin<Box<dyn AsyncWrite + Send>>>,
 ) {
+    let mut exited = std::pin::pin!(exited);
+    // Since when the log has been quiet after the exit; `None` while the task runs.
+    let mut quiet_since: Option<Instant> = None;
     loop {
-        let (stream, bytes) = match rx.recv().await {
-            Ok(chunk) => chunk,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(missed, "attached client fell behind; output dropped");
-                continue;
+        let entries = follower.read_new();
+        if let Some(since) = &mut quiet_since {
+            if !entries.is_empty() {
+                *since = Instant::now();
+            } else if since.elapsed() >= QUIET_AFTER_EXIT {
+                break;
             }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        let writer = match stream {
-            Stream::Stdout => stdout.as_mut(),
-            Stream::Stderr => stderr.as_mut(),
-        };
-        if let Some(writer) = writer {
-            if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
-                return;
+        }
+        for (stream, bytes) in entries {
+            let writer = match stream {
+                Stream::Stdout => stdout.as_mut(),
+                Stream::Stderr => stderr.as_mut(),
+            };
+            if let Some(writer) = writer {
+                if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
+                    return;
+                }
             }
+        }
+        tokio::select! {
+            () = &mut exited, if quiet_since.is_none() => quiet_since = Some(Instant::now()),
+            () = tokio::time::sleep(FOLLOW_POLL) => {}
         }
     }
     for writer in [stdout.as_mut(), stderr.as_mut()].into_iter().flatten() {
@@ -231,25 +240,39 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn output_from_now_on_until_the_copies_end() {
-        let streams = Streams::default();
-        let tee = streams.output_channel("c");
-        let _ = tee.send((Stream::Stdout, bytes::Bytes::from_static(b"before\n")));
-        let rx = streams.subscribe("c").unwrap();
+    async fn output_from_now_on_until_the_exit_and_the_log_is_quiet() {
+        let dir = std::env::temp_dir().join(format!("ctd-attach-out-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("0.log");
+        let log = crate::log::ContainerLog::open(&path).unwrap();
+        log.write(Stream::Stdout, b"before\n");
+        let follower = LogFollower::at_end(&path);
         let (out_w, mut out_r) = tokio::io::duplex(1024);
         let (err_w, mut err_r) = tokio::io::duplex(1024);
-        let _ = tee.send((Stream::Stdout, bytes::Bytes::from_static(b"after\n")));
-        let _ = tee.send((Stream::Stderr, bytes::Bytes::from_static(b"oops\n")));
-        drop(tee);
-        assert!(
-            streams.subscribe("c").is_none(),
-            "ended output cannot be attached to"
-        );
-        copy_output(rx, Some(Box::pin(out_w)), Some(Box::pin(err_w))).await;
+        log.write(Stream::Stdout, b"after\n");
+        log.write(Stream::Stderr, b"oops\n");
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<()>();
+        let exited = async move {
+            let _ = exit_rx.await;
+        };
+        let copy = tokio::spawn(copy_output(
+            follower,
+            exited,
+            Some(Box::pin(out_w)),
+            Some(Box::pin(err_w)),
+        ));
+        let mut got = vec![0u8; 6];
+        out_r.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"after\n");
+        // Written around the exit, before the writer has drained the pipes: still given.
+        exit_tx.send(()).unwrap();
+        log.write(Stream::Stdout, b"last\n");
+        copy.await.unwrap();
         let (mut out, mut err) = (String::new(), String::new());
         out_r.read_to_string(&mut out).await.unwrap();
         err_r.read_to_string(&mut err).await.unwrap();
-        assert_eq!((out.as_str(), err.as_str()), ("after\n", "oops\n"));
+        assert_eq!((out.as_str(), err.as_str()), ("last\n", "oops\n"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@
 //!   the unpack into the overlayfs snapshotter;
 //! - [`spec`]: the OCI runtime spec of a container (argv, env, mounts, limits, privileges) and
 //!   [`SandboxNamespaces`], the seam where a pod's network/IPC/UTS namespaces come in;
-//! - [`log`]: the CRI-format log file fed from the task's stdout/stderr FIFOs;
+//! - [`log`]: the CRI-format log file, fed from the task's stdout/stderr by [`log_driver`] (a
+//!   process the shim runs, which outlives the agent) or, for a `stdin: true` container, by the
+//!   agent's readers of the task's FIFOs;
 //! - `exec`, `attach`, `stats`: exec processes, attached clients (and stdin), and CPU and
 //!   memory usage from containerd's task metrics.
 //!
@@ -14,7 +16,7 @@
 //! one extension hold what the node gave it (pod UID, name, attempt, annotations, the whole
 //! [`ContainerConfig`]), and whose task, while it exists, holds its process and exit status.
 //! So a new provider instance (an agent restart) lists the same containers, re-attaches the
-//! log readers of the running ones, and can stop and remove them. Only the pod sandbox records
+//! FIFO log readers of the running `stdin: true` ones, and can stop and remove them. Only the pod sandbox records
 //! are the provider's own (a JSON file per pod under the state directory).
 
 mod attach;
@@ -23,6 +25,7 @@ mod exec;
 mod forward;
 pub mod image;
 pub mod log;
+pub mod log_driver;
 pub mod network;
 pub mod spec;
 mod stats;
@@ -78,6 +81,9 @@ const LABEL_STOP_REQUESTED: &str = "io.wasm-kubelet/stop-requested";
 const LABEL_STOPPED_AT: &str = "io.wasm-kubelet/stopped-at";
 /// `true` when the container's cgroup counted an OOM kill (read when it exited).
 const LABEL_OOM: &str = "io.wasm-kubelet/oom";
+/// How the running task's output reaches its log: `binary` (the log driver the shim runs) or
+/// `fifo` (the agent reads the task's FIFOs, and re-attaches after a restart).
+const LABEL_LOG: &str = "io.wasm-kubelet/log";
 
 /// How long a SIGKILLed task may take to be reported exited before stop gives up.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -103,6 +109,13 @@ pub struct ProviderOptions {
     /// The pod network (`--pod-cidr`): each pod's own network, IPC and UTS namespaces and an
     /// IP on the node's bridge. `None`: each container gets private namespaces (loopback only).
     pub pod_network: Option<PodNetworkOptions>,
+    /// The program containerd's shim runs as each container's log driver,
+    /// `<program> container-log <log path>` ([`log_driver`]): the agent's own binary. It
+    /// writes the CRI log for as long as the task exists, agent or no agent. `None`, and for
+    /// containers with `stdin: true` (a `binary://` log gives the task no stdin): the agent
+    /// reads the task's output FIFOs itself, and output written while no agent runs waits in
+    /// the FIFOs (64 KiB, then the container blocks) or, after an exit, is lost.
+    pub log_driver: Option<PathBuf>,
 }
 
 impl ProviderOptions {
@@ -116,6 +129,7 @@ impl ProviderOptions {
             cgroup_parent: format!("/wasm-kubelet/{DEFAULT_NAMESPACE}"),
             image_fs_path: None,
             pod_network: None,
+            log_driver: None,
         }
     }
 }
@@ -398,8 +412,9 @@ impl ContainerdProvider {
         oom
     }
 
-    /// Starts copying the task's output into the log: one thread per stream, each blocked in
-    /// `open` until the shim opens the FIFO's write end (`adopting`: it has, open at once).
+    /// Starts copying the task's output FIFOs into the log (containers without the log driver):
+    /// one thread per stream, each blocked in `open` until the shim opens the FIFO's write end
+    /// (`adopting`: it has, open at once).
     fn copy_output(
         &self,
         id: &str,
@@ -407,11 +422,9 @@ impl ContainerdProvider {
         adopting: bool,
     ) -> Result<(), ProviderError> {
         let dir = self.fifo_dir(id);
-        let tee = self.streams.output_channel(id);
         for (stream, name) in [(Stream::Stdout, "stdout"), (Stream::Stderr, "stderr")] {
             let path = dir.join(name);
             let log = log.clone();
-            let tee = tee.clone();
             let open = move || -> std::io::Result<std::fs::File> {
                 if adopting {
                     // Non-blocking open (the writer exists), then a blocking reader.
@@ -428,7 +441,7 @@ impl ContainerdProvider {
             std::thread::Builder::new()
                 .name(format!("ctd-log-{name}"))
                 .spawn(move || match open() {
-                    Ok(file) => log.copy_from(stream, file, Some(tee)),
+                    Ok(file) => log.copy_from(stream, file),
                     Err(e) => tracing::warn!(error = %e, stream = name, "opening the container's output FIFO failed"),
                 })
                 .map_err(|e| ProviderError::Io(format!("starting a log reader: {e}")))?;
@@ -481,7 +494,8 @@ impl ContainerdProvider {
         });
     }
 
-    /// Re-attaches log readers and exit watchers to the containers whose tasks still run.
+    /// Re-attaches FIFO log readers (not for the log driver's containers: it never stopped) and
+    /// exit watchers to the containers whose tasks still run.
     async fn adopt(&self) -> Result<(), ProviderError> {
         let tasks = self.list_tasks().await?;
         for container in self.list_records().await? {
@@ -495,13 +509,21 @@ impl ContainerdProvider {
             let Some(config) = stored_config(&container) else {
                 continue;
             };
-            match ContainerLog::open(&config.log_path) {
-                Ok(log) => {
-                    if let Err(e) = self.copy_output(&container.id, &log, true) {
-                        tracing::warn!(id = container.id, error = %e, "re-attaching the log failed");
+            let driven = container
+                .labels
+                .get(LABEL_LOG)
+                .is_some_and(|v| v == "binary");
+            if !driven {
+                match ContainerLog::open(&config.log_path) {
+                    Ok(log) => {
+                        if let Err(e) = self.copy_output(&container.id, &log, true) {
+                            tracing::warn!(id = container.id, error = %e, "re-attaching the log failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = container.id, error = %e, "opening the log failed")
                     }
                 }
-                Err(e) => tracing::warn!(id = container.id, error = %e, "opening the log failed"),
             }
             // The previous agent's end of stdin closed with it (the container read end of
             // file then); a container without stdinOnce can be attached to again.
@@ -1088,6 +1110,8 @@ impl Provider for ContainerdProvider {
             .map_err(|e| status_error(&format!("the root filesystem of {}", config.name), e))?
             .into_inner()
             .mounts;
+        // Opened here in any case: a log the node cannot have (a symbolic link, no directory)
+        // is this start's error, not a silent driver's.
         let log = ContainerLog::open(&config.log_path).map_err(|e| {
             ProviderError::Io(format!(
                 "container {}: opening log {}: {e}",
@@ -1095,14 +1119,32 @@ impl Provider for ContainerdProvider {
                 config.log_path.display()
             ))
         })?;
+        // The log driver, unless the container reads stdin (a `binary://` log gives it none).
+        let driver_uri = match (&self.options.log_driver, config.stdin) {
+            (Some(program), false) => {
+                Some(log_driver::uri(program, &config.log_path).ok_or_else(|| {
+                    ProviderError::Io(format!(
+                        "container {}: the log path {} or the log driver {} is not UTF-8",
+                        config.name,
+                        config.log_path.display(),
+                        program.display()
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         let dir = self.fifo_dir(container_id);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| mkfifo(&dir.join("stdout")))
-            .and_then(|()| mkfifo(&dir.join("stderr")))
-            .map_err(|e| {
-                ProviderError::Io(format!("making the output FIFOs in {}: {e}", dir.display()))
-            })?;
+        let made = if driver_uri.is_some() {
+            std::fs::create_dir_all(&dir)
+        } else {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| mkfifo(&dir.join("stdout")))
+                .and_then(|()| mkfifo(&dir.join("stderr")))
+        };
+        made.map_err(|e| {
+            ProviderError::Io(format!("making the output FIFOs in {}: {e}", dir.display()))
+        })?;
         let stdin = if config.stdin {
             let path = dir.join("stdin");
             mkfifo(&path)
@@ -1114,7 +1156,25 @@ impl Provider for ContainerdProvider {
         } else {
             String::new()
         };
-        self.copy_output(container_id, &log, false)?;
+        let mode = if driver_uri.is_some() {
+            "binary"
+        } else {
+            "fifo"
+        };
+        // Before the task exists, so an agent restarted at any point knows who reads it.
+        self.set_labels(container_id, &[(LABEL_LOG, mode.to_string())])
+            .await?;
+        let (stdout, stderr) = match driver_uri {
+            Some(uri) => (uri.clone(), uri),
+            None => {
+                self.copy_output(container_id, &log, false)?;
+                (
+                    dir.join("stdout").to_string_lossy().into_owned(),
+                    dir.join("stderr").to_string_lossy().into_owned(),
+                )
+            }
+        };
+        drop(log);
         let created = self
             .client
             .tasks()
@@ -1122,8 +1182,8 @@ impl Provider for ContainerdProvider {
                 container_id: container_id.to_string(),
                 rootfs,
                 stdin,
-                stdout: dir.join("stdout").to_string_lossy().into_owned(),
-                stderr: dir.join("stderr").to_string_lossy().into_owned(),
+                stdout,
+                stderr,
                 ..Default::default()
             }))
             .await;
@@ -1284,6 +1344,19 @@ impl Provider for ContainerdProvider {
                 config.name
             )));
         }
+        let client = self.client.clone();
+        let id = container_id.to_string();
+        // Resolves when the task has exited (or cannot be waited on: then the output is over
+        // once the log is quiet, as after an exit).
+        let exited = async move {
+            let _ = client
+                .tasks()
+                .wait(client.req(WaitRequest {
+                    container_id: id,
+                    exec_id: String::new(),
+                }))
+                .await;
+        };
         self.streams
             .attach(
                 &self.client,
@@ -1291,6 +1364,8 @@ impl Provider for ContainerdProvider {
                 &config.name,
                 config.stdin,
                 config.stdin_once,
+                &config.log_path,
+                exited,
                 io,
             )
             .await

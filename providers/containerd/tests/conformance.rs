@@ -27,6 +27,8 @@ fn setup(test: &str) -> Setup {
     options.cgroup_parent = format!("/wasm-kubelet/{namespace}");
     options.namespace = namespace;
     options.registries.insecure_registries = vec![registry];
+    // The log driver containerd's shim runs, as the agent's `container-log` subcommand.
+    options.log_driver = Some(env!("CARGO_BIN_EXE_container-log").into());
     let sh = |script: &str, args: &[&str]| Case {
         image: image.clone(),
         command: ["sh", "-c", script]

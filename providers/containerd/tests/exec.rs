@@ -36,6 +36,8 @@ async fn env(test: &str) -> Env {
     options.cgroup_parent = format!("/wasm-kubelet/{namespace}");
     options.namespace = namespace;
     options.registries.insecure_registries = vec![registry];
+    // The log driver containerd's shim runs, as the agent's `container-log` subcommand.
+    options.log_driver = Some(env!("CARGO_BIN_EXE_container-log").into());
     let cleanup = Cleanup(options.clone());
     let p = connect(&options).await;
     let sleeper = Case {

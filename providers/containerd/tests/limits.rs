@@ -39,6 +39,8 @@ async fn containers_read_their_limits_from_their_cgroup() {
     options.cgroup_parent = format!("/wasm-kubelet/{namespace}");
     options.namespace = namespace;
     options.registries.insecure_registries = vec![registry];
+    // The log driver containerd's shim runs, as the agent's `container-log` subcommand.
+    options.log_driver = Some(env!("CARGO_BIN_EXE_container-log").into());
     let _cleanup = Cleanup(options.clone());
     let p = connect(&options).await;
     let case = Case {

@@ -40,6 +40,8 @@ async fn containers_join_the_pods_network_namespace_by_path() {
     options.cgroup_parent = format!("/wasm-kubelet/{namespace}");
     options.namespace = namespace;
     options.registries.insecure_registries = vec![registry];
+    // The log driver containerd's shim runs, as the agent's `container-log` subcommand.
+    options.log_driver = Some(env!("CARGO_BIN_EXE_container-log").into());
     let _cleanup = Cleanup(options.clone());
     let p = connect(&options).await;
 
