@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The longest line written as one entry; longer ones are split into `P` entries. 16 KiB is
@@ -114,7 +115,7 @@ impl LogFile {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = open_log(path)?;
         let size = file.metadata()?.len();
         Ok(LogFile {
             path: path.to_path_buf(),
@@ -178,10 +179,7 @@ impl LogFile {
             n += 1;
         }
         std::fs::rename(&self.path, &target)?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = open_log(&self.path)?;
         self.size = 0;
         let mut rotated = rotated_files(&self.path)?;
         rotated.sort();
@@ -191,6 +189,16 @@ impl LogFile {
         }
         Ok(())
     }
+}
+
+/// Opens a log for appending, creating it; a symlink in its place is refused (`ELOOP`), so a
+/// log is never written through a link someone else put there.
+fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 fn suffixed(path: &Path, suffix: &str) -> PathBuf {
@@ -338,6 +346,26 @@ mod tests {
             lines,
             vec!["stdout F hello", "stderr F oops", "stdout P world"]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_is_never_written_through_a_symlink() {
+        let dir = temp_dir("symlink");
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, b"untouched").unwrap();
+        let path = dir.join("0.log");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(LogFile::open(&path).is_err());
+        std::fs::remove_file(&path).unwrap();
+        // Swapped in after the open: writes go to the open file, and the rotation moves the
+        // link away and starts a new file (its reopen refuses a link put back in between).
+        let mut log = LogFile::open_with(&path, 40, 3).unwrap();
+        log.write(Stream::Stdout, b"0123456789012345678901234567890\n");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        log.write(Stream::Stdout, b"0123456789012345678901234567890\n");
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
