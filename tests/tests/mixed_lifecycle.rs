@@ -690,11 +690,15 @@ async fn image_gc_removes_an_unused_container_image_from_containerd_and_keeps_th
         images.lines().any(|l| l == busybox),
         "the image in use stays: {images}"
     );
-    assert!(
-        agent.log().contains("image garbage-collected"),
-        "{}",
-        agent.log_tail()
-    );
+    // The line is written once containerd's removal returns, just after the image is gone.
+    wait_for("the agent to log the collection", TEST_TIMEOUT, || async {
+        agent
+            .log()
+            .contains("image garbage-collected")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     let keep = ns.pods().get("keep").await.unwrap();
     assert_eq!(phase(&keep), "Running");
     assert_eq!(status(&keep, "c").unwrap().restart_count, 0);
