@@ -390,7 +390,10 @@ async fn a_cpu_limit_holds_a_busy_loop_to_its_quota() {
         .cpu_quota()
         .map(|q| q.throttling().0)
         .unwrap_or(0);
-    if offered >= 0.3 {
+    // "Clearly more" is 2.5 times the quota: the loop, the unlimited loop and the native
+    // thread compete for what is offered (at 0.31 offered the loop got 0.17 and was throttled
+    // in 7 periods of 20 in a CI run under foreign load).
+    if offered >= 0.5 {
         assert!(quota >= 10, "throttled in most periods of 2 s: {quota} (a native busy thread got {offered:.3} cores)");
     }
     provider
