@@ -9,6 +9,7 @@
 //! conditions ([`wait_for`]), never on sleeps.
 
 pub mod mixed_node;
+pub mod port_forward;
 
 use std::collections::HashMap;
 use std::future::Future;

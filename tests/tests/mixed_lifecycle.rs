@@ -907,21 +907,7 @@ async fn what_a_container_does_while_no_agent_runs_is_reported_by_the_next_agent
         .await;
     let crash_before = status(&crash_before, "c").unwrap().restart_count;
 
-    node.agent.kill9();
-    node.ctr(&["tasks", "kill", "-s", "SIGUSR1", &id]);
-    wait_for(
-        "the task to exit while no agent runs",
-        TEST_TIMEOUT,
-        || async {
-            node.ctr(&["tasks", "list"])
-                .lines()
-                .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", node.ctr(&["tasks", "list"])));
-    node.agent.spawn().unwrap();
+    exit_while_no_agent_runs(&mut node, &id, "the task to exit while no agent runs").await;
     let agent = &node.agent;
 
     let ended = ns
@@ -972,21 +958,7 @@ async fn output_written_before_an_exit_while_no_agent_runs_reaches_the_log() {
     })
     .await
     .unwrap();
-    node.agent.kill9();
-    node.ctr(&["tasks", "kill", "-s", "SIGUSR1", &id]);
-    wait_for(
-        "the task to exit while no agent runs",
-        TEST_TIMEOUT,
-        || async {
-            node.ctr(&["tasks", "list"])
-                .lines()
-                .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap();
-    node.agent.spawn().unwrap();
+    exit_while_no_agent_runs(&mut node, &id, "the task to exit while no agent runs").await;
     ns.wait_pod(&node.agent, "exiting", "the exit reported", |p| {
         phase(p) == "Failed"
     })
@@ -1066,21 +1038,12 @@ async fn a_megabyte_written_while_no_agent_runs_neither_blocks_nor_is_lost() {
     })
     .await
     .unwrap();
-    node.agent.kill9();
-    node.ctr(&["tasks", "kill", "-s", "SIGUSR1", &id]);
-    wait_for(
+    exit_while_no_agent_runs(
+        &mut node,
+        &id,
         "the task to write 1 MiB and exit while no agent runs",
-        TEST_TIMEOUT,
-        || async {
-            node.ctr(&["tasks", "list"])
-                .lines()
-                .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
-                .then_some(())
-        },
     )
-    .await
-    .unwrap();
-    node.agent.spawn().unwrap();
+    .await;
     let ended = ns
         .wait_pod(&node.agent, "flood", "the exit reported", |p| {
             phase(p) == "Succeeded"
@@ -1103,4 +1066,21 @@ async fn a_megabyte_written_while_no_agent_runs_neither_blocks_nor_is_lost() {
         lines.iter().zip(&expected).all(|(a, b)| a == b),
         "the lines are in order and whole"
     );
+}
+
+/// Kills the agent (SIGKILL), makes container `id` exit with SIGUSR1 (the tests' containers
+/// trap it) while no agent runs, waits for containerd to show the task stopped, and starts the
+/// agent again.
+async fn exit_while_no_agent_runs(node: &mut MixedNode, id: &str, what: &str) {
+    node.agent.kill9();
+    node.ctr(&["tasks", "kill", "-s", "SIGUSR1", id]);
+    wait_for(what, TEST_TIMEOUT, || async {
+        node.ctr(&["tasks", "list"])
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.ctr(&["tasks", "list"])));
+    node.agent.spawn().unwrap();
 }

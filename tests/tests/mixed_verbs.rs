@@ -11,14 +11,14 @@
 
 use std::io::{BufRead, Read, Write};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use integration_tests::mixed_node::{pod_ip, MixedNode};
+use integration_tests::port_forward::{secret_listener, PortForward};
 use integration_tests::{phase, wait_for, Agent, Cluster, TestNamespace, TEST_TIMEOUT};
 use k8s_openapi::api::core::v1::Pod;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the busybox `httpd` pods here serve (a file the container writes, so a reply names it).
 const SERVED: &str = "served-from-inside-the-pod";
@@ -350,105 +350,6 @@ async fn logs_follow_and_previous() {
         .await;
 }
 
-/// A host process's listener on 127.0.0.1 (the HOST's loopback) answering `secret` to every
-/// connection, counted; its port.
-async fn host_secret_listener(secret: &'static str) -> (u16, Arc<AtomicU32>) {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicU32::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{secret}", secret.len()).as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (port, accepted)
-}
-
-/// A running `kubectl port-forward` to `pod`'s `port`; killed when dropped.
-struct PortForward {
-    child: std::process::Child,
-    local: u16,
-    // Kept open: kubectl writes "Handling connection ..." there later.
-    _stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-}
-
-impl PortForward {
-    async fn start(ns: &str, pod: &str, port: u16) -> PortForward {
-        let mut child = Cluster::get()
-            .kubectl()
-            .args([
-                "port-forward",
-                "-n",
-                ns,
-                &format!("pod/{pod}"),
-                &format!(":{port}"),
-            ])
-            .args(["--address", "127.0.0.1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (local, lines) = tokio::task::spawn_blocking(move || {
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            let local: Option<u16> = lines.find_map(|l| {
-                l.ok()?
-                    .strip_prefix("Forwarding from 127.0.0.1:")?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
-            (local.expect("kubectl prints the local port"), lines)
-        })
-        .await
-        .unwrap();
-        PortForward {
-            child,
-            local,
-            _stdout: lines,
-        }
-    }
-
-    /// An HTTP GET / through the tunnel: what came back until the far side closed.
-    async fn get(&self) -> String {
-        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.local)).await else {
-            return String::new();
-        };
-        let _ = conn
-            .write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await;
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(TEST_TIMEOUT, conn.read_to_end(&mut got)).await;
-        String::from_utf8_lossy(&got).into_owned()
-    }
-
-    /// Stops kubectl; its stderr.
-    fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let mut stderr = String::new();
-        if let Some(mut pipe) = self.child.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr);
-        }
-        let _ = self.child.wait();
-        stderr
-    }
-}
-
-impl Drop for PortForward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The sandbox bar for port-forward on a container pod: the pod's localhost is its own. A
 /// namespace user forwarding to a port the container does not serve gets kubectl's error, and
 /// never the listener the HOST has on 127.0.0.1 at that port (a node daemon, etcd).
@@ -457,7 +358,7 @@ async fn port_forward_never_reaches_the_hosts_loopback() {
     const SECRET: &str = "host-loopback-secret-the-pod-must-not-see";
     let node = MixedNode::start("verbs-pf-host", &[]).await;
     let ns = TestNamespace::new("verbs-pf-host").await;
-    let (held, accepted) = host_secret_listener(SECRET).await;
+    let (held, accepted) = secret_listener("127.0.0.1", SECRET).await;
     run_pod(
         &node,
         &ns,
@@ -469,7 +370,9 @@ async fn port_forward_never_reaches_the_hosts_loopback() {
     )
     .await;
     let forward = PortForward::start(&ns.name, "web", held).await;
-    let got = forward.get().await;
+    let got = forward
+        .exchange(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await;
     let stderr = forward.stop();
     assert!(
         !got.contains(SECRET),
@@ -506,7 +409,9 @@ async fn port_forward_reaches_httpd_in_the_container() {
         "httpd's file through port-forward",
         TEST_TIMEOUT,
         || async {
-            let got = forward.get().await;
+            let got = forward
+                .exchange(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await;
             got.contains(SERVED).then_some(got)
         },
     )
@@ -663,7 +568,9 @@ async fn port_forward_to_a_host_network_pod() {
         "httpd's file through port-forward",
         TEST_TIMEOUT,
         || async {
-            let got = forward.get().await;
+            let got = forward
+                .exchange(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await;
             got.contains(SERVED).then_some(got)
         },
     )
