@@ -1392,6 +1392,20 @@ mod tests {
                 "false",
             ),
             (
+                "path",
+                "registryConfigDir: /etc/wasm-kubelet/certs.d",
+                "--registry-config-dir=/srv/certs.d",
+                |c| {
+                    c.registry_config_dir
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                },
+                "",
+                "/etc/wasm-kubelet/certs.d",
+                "/srv/certs.d",
+            ),
+            (
                 "enum",
                 "logging: {format: json}",
                 "--logging-format=text",
