@@ -171,6 +171,25 @@ async fn short_names_follow_docker_io_mirrors_and_secrets_stay_with_their_regist
             .await;
         assert_eq!(phase(&pod), "Succeeded", "{name}: {:#?}", pod.status);
     }
+    // The kubelet's events for the pull, with its duration and the image's size.
+    let events = ns.events("short-name").await;
+    let image = format!("{public}:v1");
+    assert!(
+        events.contains(&("Pulling".into(), format!("Pulling image \"{image}\""))),
+        "{events:?}"
+    );
+    let size = std::fs::metadata(example_wasm("hello")).unwrap().len();
+    let pulled = events
+        .iter()
+        .find(|(reason, _)| reason == "Pulled")
+        .map(|(_, message)| message.clone())
+        .unwrap_or_default();
+    let prefix = format!("Successfully pulled image \"{image}\" in ");
+    let suffix = format!(" including waiting). Image size: {size} bytes.");
+    assert!(
+        pulled.starts_with(&prefix) && pulled.ends_with(&suffix),
+        "{pulled:?} is the kubelet's form with the module's {size} bytes"
+    );
     // The secret names docker.io: the mirror is not sent it and refuses the pull; the server
     // is unreachable. The pod waits, saying so.
     let pod = ns

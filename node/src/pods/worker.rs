@@ -951,7 +951,12 @@ impl PodWorker {
                         self.ctx.events.normal(
                             &cref,
                             "Pulled",
-                            format!("Successfully pulled image \"{image}\" in {:.3}s. Image size: {} bytes.", started.elapsed().as_secs_f64(), info.size),
+                            {
+                                // The kubelet's words; the time includes waiting for the same
+                                // image's pull under way, if any.
+                                let took = provider_wasmtime::image::go_duration(started.elapsed());
+                                format!("Successfully pulled image \"{image}\" in {took} ({took} including waiting). Image size: {} bytes.", info.size)
+                            },
                         );
                         info
                     }

@@ -98,6 +98,9 @@ pub const DEFAULT_MAX_MODULE_SIZE: u64 = 256 << 20;
 /// base filesystem beside the module.
 pub const DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE: u64 = 1 << 30;
 
+/// How often a pull under way logs how many bytes it received (dockershim's 10 s).
+const PULL_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// `--image-pull-progress-deadline` default: the kubelet's (1m).
 pub const DEFAULT_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -528,13 +531,25 @@ impl ImageStore {
     ) -> Result<ImageInfo, ProviderError> {
         let progress = Progress::new();
         let deadline = self.limits.progress_deadline;
-        tokio::select! {
-            result = self.pull_once(reference, auth, &progress) => result.map_err(bounded),
-            () = progress.stalled(deadline) => {
-                // The kubelet's (dockershim's) words for the same event.
-                let message = format!("Cancel pulling image {reference:?} because of no progress for {}, latest progress: \"{} bytes received\"", go_duration(deadline), progress.bytes());
-                tracing::warn!(reference, "{message}");
-                Err(ProviderError::Pull(message))
+        let pull = self.pull_once(reference, auth, &progress);
+        tokio::pin!(pull);
+        // A long pull says how far it got, as the kubelet's dockershim did every 10 s.
+        let mut report = tokio::time::interval_at(
+            tokio::time::Instant::now() + PULL_PROGRESS_INTERVAL,
+            PULL_PROGRESS_INTERVAL,
+        );
+        loop {
+            tokio::select! {
+                result = &mut pull => return result.map_err(bounded),
+                () = progress.stalled(deadline) => {
+                    // The kubelet's (dockershim's) words for the same event.
+                    let message = format!("Cancel pulling image {reference:?} because of no progress for {}, latest progress: \"{} bytes received\"", go_duration(deadline), progress.bytes());
+                    tracing::warn!(reference, "{message}");
+                    return Err(ProviderError::Pull(message));
+                }
+                _ = report.tick() => {
+                    tracing::info!(reference, bytes = progress.bytes(), elapsed = %go_duration(progress.start.elapsed()), "pulling image: {} bytes received so far", progress.bytes());
+                }
             }
         }
     }
