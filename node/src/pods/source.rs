@@ -46,9 +46,10 @@ pub async fn watch_pods(
                 let Some(uid) = pod.metadata.uid.clone() else {
                     continue;
                 };
-                // Nothing on the node reads managedFields, and they are most of a pod object
-                // in memory (every field path as nested JSON maps: ~10 KiB for a simple pod
-                // whose status this node wrote). Dropped here, before the pod is shared.
+                // Nothing on the node reads managedFields, and they are ~40 % of a pod object
+                // in memory (every field path as nested JSON maps: ~9 KiB of ~22 for a simple
+                // pod whose status this node wrote, heaptrack; docs/benchmarks.md). Dropped
+                // here, before the pod is shared (`/pods` does not show them either).
                 pod.metadata.managed_fields = None;
                 known.insert(uid.clone());
                 relisted.insert(uid);
