@@ -501,6 +501,22 @@ async fn outage(
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail()));
     // The outage lasts OUTAGE however quickly the above was seen: its length is the scenario.
     tokio::time::sleep(OUTAGE.saturating_sub(stopped.elapsed())).await;
+    // While etcd was away the API server held each request up to its own timeout (60 s); the
+    // node must not wait that long on a heartbeat: it gives a renewal one renew interval (10 s)
+    // and tries again, as the kubelet does. At least one attempt per 20 s reached the API
+    // server (a heartbeat waiting on the server's timeout makes one per minute).
+    if component == "etcd" {
+        let attempts = private
+            .requests_of(&user)
+            .iter()
+            .filter(|r| r.resource == "leases" && r.at >= stopped_at)
+            .count();
+        let least = (OUTAGE.as_secs() / 20) as usize;
+        assert!(
+            attempts >= least,
+            "{attempts} lease requests while etcd was away (at least {least})"
+        );
+    }
     // Requests are counted from the moment the component starts again (the agent's first
     // writes can land before the start-up check below sees it healthy).
     let returned_at = Utc::now();
