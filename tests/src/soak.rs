@@ -118,11 +118,19 @@ pub struct Counts {
     pub cycles: u64,
 }
 
+/// Pods created and deleted so far, readable while a cycle runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub created: std::sync::atomic::AtomicU64,
+    pub deleted: std::sync::atomic::AtomicU64,
+}
+
 /// Churn on one agent's node in one namespace.
 pub struct Churn {
     pub ns: TestNamespace,
     pub node: String,
     pub counts: Counts,
+    pub progress: std::sync::Arc<Progress>,
     next: u64,
 }
 
@@ -132,6 +140,7 @@ impl Churn {
             ns,
             node: node.to_string(),
             counts: Counts::default(),
+            progress: Default::default(),
             next: 0,
         }
     }
@@ -157,6 +166,9 @@ impl Churn {
                 .await
                 .with_context(|| format!("creating pod {name}"))?;
             self.counts.created += 1;
+            self.progress
+                .created
+                .store(self.counts.created, std::sync::atomic::Ordering::Relaxed);
         }
         let results = futures::future::join_all(
             pods.iter()
@@ -199,6 +211,9 @@ impl Churn {
             bail!("{e}: still there: {left:?}; earlier failures: {failures:?}");
         }
         self.counts.deleted += pods.len() as u64;
+        self.progress
+            .deleted
+            .store(self.counts.deleted, std::sync::atomic::Ordering::Relaxed);
         // The agent forgets them too (its /pods lists what it still holds).
         let ns = self.ns.name.clone();
         wait_for(
@@ -293,12 +308,25 @@ fn pod(name: &str, node: &str, kind: Kind, n: u64) -> Pod {
 
 /// Takes one pod to its kind's state.
 async fn drive(api: &Api<Pod>, ns: &str, name: &str, kind: Kind) -> anyhow::Result<()> {
+    // A pod that failed instead (evicted under node pressure, say) is reported at once, with
+    // its reason, rather than waited on.
     let reached = |check: fn(&Pod) -> bool, what: &'static str| async move {
-        wait_for(what, POD_TIMEOUT, || async {
-            api.get_opt(name).await.ok()?.filter(|p| check(p))
+        let pod = wait_for(what, POD_TIMEOUT, || async {
+            api.get_opt(name)
+                .await
+                .ok()?
+                .filter(|p| check(p) || phase(p) == "Failed")
         })
-        .await
-        .map(|_| ())
+        .await?;
+        if check(&pod) {
+            return Ok(());
+        }
+        let status = pod.status.unwrap_or_default();
+        bail!(
+            "Failed instead of {what}: {} {}",
+            status.reason.unwrap_or_default(),
+            status.message.unwrap_or_default()
+        )
     };
     match kind {
         Kind::Job => reached(|p| phase(p) == "Succeeded", "Succeeded").await,

@@ -13,6 +13,7 @@
 //! stuck. It exits non-zero when a pod was stuck or left behind; it never fails on timing.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,7 +95,8 @@ async fn main() -> anyhow::Result<()> {
 
     let rows: Arc<Mutex<Vec<Row>>> = Arc::default();
     let sampler = {
-        let (agent, churn, rows) = (agent.clone(), churn.clone(), rows.clone());
+        let (agent, rows) = (agent.clone(), rows.clone());
+        let progress = churn.lock().await.progress.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SAMPLE_EVERY);
             loop {
@@ -105,18 +107,11 @@ async fn main() -> anyhow::Result<()> {
                     eprintln!("soak: the agent is gone");
                     return;
                 };
-                // The counts are read without waiting on the cycle (it holds the lock).
-                let counts = churn.try_lock().map(|c| c.counts).ok();
-                let mut rows = rows.lock().await;
-                let (created, deleted) = counts
-                    .map(|c| (c.created, c.deleted))
-                    .or_else(|| rows.last().map(|r| (r.created, r.deleted)))
-                    .unwrap_or_default();
-                rows.push(Row {
+                rows.lock().await.push(Row {
                     seconds: started.elapsed().as_secs_f64(),
                     sample,
-                    created,
-                    deleted,
+                    created: progress.created.load(Ordering::Relaxed),
+                    deleted: progress.deleted.load(Ordering::Relaxed),
                 });
             }
         })
@@ -125,7 +120,15 @@ async fn main() -> anyhow::Result<()> {
     let mut errors = Vec::new();
     while started.elapsed() < args.duration {
         let mut c = churn.lock().await;
-        if let Err(e) = c.cycle(&agent, args.rounds).await {
+        let result = c.cycle(&agent, args.rounds).await;
+        eprintln!(
+            "soak: {:>5.1} min: cycle {} done, {} pods created, {} deleted",
+            started.elapsed().as_secs_f64() / 60.0,
+            c.counts.cycles,
+            c.counts.created,
+            c.counts.deleted
+        );
+        if let Err(e) = result {
             eprintln!("soak: cycle {}: {e:#}", c.counts.cycles + 1);
             errors.push(format!("{e:#}"));
             // A cycle that left pods behind would skew every later one: stop here.
