@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use wasm_kubelet::config::{Config, ConfigError, WasmRuntimeMode};
+use wasm_kubelet::config::{Config, ConfigError, LogFormat, WasmRuntimeMode};
 
 fn main() -> ExitCode {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -85,12 +85,17 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_env("WASM_KUBELET_LOG").unwrap_or_else(|_| {
         EnvFilter::new(format!("warn,wasm_kubelet={default_level},provider_wasmtime={default_level},provider_api={default_level},provider_containerd={default_level},pod_network={default_level}"))
     });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match config.logging_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per line, the event's fields beside `message` at the top level, so a
+        // log pipeline reads `pod` or `reference` without digging into a nested object.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     for notice in &config.notices {
         tracing::warn!("{notice}");
     }

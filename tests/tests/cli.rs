@@ -60,9 +60,10 @@ fn help_prints_to_stdout_and_exits_0() {
     assert!(text.contains("--node-status-update-frequency") && text.contains("--kubeconfig"));
 }
 
-#[test]
-fn standalone_runs_without_an_api_server() {
-    let root = workspace_root().join(format!("target/it/standalone-{}", std::process::id()));
+/// Runs the agent standalone (no API server) with `extra` flags until it logs that it runs,
+/// then stops it with SIGTERM; returns its stderr, asserting it ran and ended cleanly.
+fn run_standalone(what: &str, extra: &[&str]) -> String {
+    let root = workspace_root().join(format!("target/it/{what}-{}", std::process::id()));
     let mut child = Command::new(agent_binary())
         // Guests in the agent: a runtime process it spawned would outlive this test.
         .args([
@@ -70,8 +71,9 @@ fn standalone_runs_without_an_api_server() {
             "--healthz-port=0",
             "--enable-server=false",
             "--wasm-runtime=in-agent",
-            "--root-dir",
         ])
+        .args(extra)
+        .arg("--root-dir")
         .arg(&root)
         .stderr(Stdio::piped())
         .spawn()
@@ -106,5 +108,45 @@ fn standalone_runs_without_an_api_server() {
     let status = child.wait().unwrap();
     log.extend(lines.try_iter().map(|l| l + "\n"));
     assert!(status.success(), "{status:?}: {log}");
+    let _ = std::fs::remove_dir_all(&root);
+    log
+}
+
+#[test]
+fn standalone_runs_without_an_api_server() {
+    let log = run_standalone("standalone", &[]);
     assert!(log.contains("running standalone"), "{log}");
+}
+
+/// `--logging-format=json`: every line the agent writes is one JSON object with the time, the
+/// level and the message at the top level, the event's own fields beside them.
+#[test]
+fn json_logging_is_one_object_per_line() {
+    let log = run_standalone("json-logs", &["--logging-format=json"]);
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    for event in &events {
+        for key in ["timestamp", "level", "message"] {
+            assert!(event.get(key).is_some(), "no {key} in {event}");
+        }
+    }
+    let running = events
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("running standalone")
+        })
+        .unwrap_or_else(|| panic!("no standalone event in {log}"));
+    assert_eq!(running["level"], "INFO", "{running}");
+    // A field of an event is a key of its own (the open-file limit line carries two).
+    assert!(
+        events
+            .iter()
+            .any(|e| e.get("before").is_some() && e.get("after").is_some()),
+        "no event with top-level fields: {log}"
+    );
 }

@@ -101,6 +101,7 @@ pub(super) struct KubeletConfiguration {
     pub server_tls_bootstrap: bool,
     pub authentication: Authentication,
     pub authorization: Authorization,
+    pub logging: Logging,
     // wasm-kubelet's own keys (see the flags of the same names).
     #[serde(deserialize_with = "de::registries")]
     pub insecure_registries: Names,
@@ -159,6 +160,14 @@ impl Default for Anonymous {
     }
 }
 
+/// KubeletConfiguration `logging` (the subset read: `format`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct Logging {
+    #[serde(deserialize_with = "de::log_format")]
+    pub format: LogFormat,
+}
+
 /// KubeletConfiguration `authorization`; unset mode: Webhook with a kubeconfig, else AlwaysAllow.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -214,6 +223,7 @@ impl Default for KubeletConfiguration {
             server_tls_bootstrap: false,
             authentication: Authentication::default(),
             authorization: Authorization::default(),
+            logging: Logging::default(),
             insecure_registries: Vec::new(),
             max_module_size: provider_wasmtime::image::DEFAULT_MAX_MODULE_SIZE,
             max_layer_uncompressed_size:
@@ -306,6 +316,7 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
     ),
     ("authentication.anonymous.enabled", "--anonymous-auth"),
     ("authorization.mode", "--authorization-mode"),
+    ("logging.format", "--logging-format"),
     ("insecureRegistries", "--insecure-registries"),
     ("maxModuleSize", "--max-module-size"),
     ("maxLayerUncompressedSize", "--max-layer-uncompressed-size"),
@@ -470,6 +481,10 @@ mod de {
             .map(|u| values::manifest_url(&u))
             .transpose()
             .map_err(D::Error::custom)
+    }
+
+    pub fn log_format<'de, D: Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
+        via(d, values::log_format)
     }
 
     pub fn authorization_mode<'de, D: Deserializer<'de>>(

@@ -9,7 +9,8 @@ use clap::Parser;
 
 use super::values::{self, Bad, Cidrs, Names, Taints, Thresholds};
 use super::{
-    AuthorizationMode, ConfigError, EvictionSignal, Reserved, ThresholdValue, WasmRuntimeMode,
+    AuthorizationMode, ConfigError, EvictionSignal, LogFormat, Reserved, ThresholdValue,
+    WasmRuntimeMode,
 };
 
 /// The command line, each value parsed to its type by clap with the function its file key
@@ -255,6 +256,9 @@ pub struct Flags {
     /// Log verbosity, as the kubelet's -v: 0-3 info, 4-5 debug, 6+ trace.
     #[arg(short = 'v', long = "v", value_name = "LEVEL")]
     pub verbosity: Option<u8>,
+    /// How the agent's own log lines are written on stderr: text or json (one object per line) [default: text].
+    #[arg(long, value_name = "FORMAT", value_parser = values::log_format)]
+    pub logging_format: Option<LogFormat>,
 }
 
 impl Flags {

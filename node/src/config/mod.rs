@@ -103,6 +103,17 @@ pub enum WasmRuntimeMode {
     InAgent,
 }
 
+/// How the agent writes its own log lines on stderr (`--logging-format`, `logging.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event (the kubelet's `text`).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, the event's fields and
+    /// `message` at the top level (the kubelet's `json`; its key names are not klog's).
+    Json,
+}
+
 /// How the kubelet API authorizes a request (`--authorization-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthorizationMode {
@@ -289,6 +300,8 @@ pub struct Config {
     pub image_gc_high_threshold: u8,
     pub image_gc_low_threshold: u8,
     pub verbosity: u8,
+    /// `--logging-format` (`logging.format`).
+    pub logging_format: LogFormat,
     /// Notices about accepted-but-ignored settings, logged once tracing is up.
     pub notices: Vec<String>,
 }
@@ -490,6 +503,7 @@ impl Config {
                 .image_gc_low_threshold
                 .unwrap_or(file.image_gc_low_threshold_percent),
             verbosity: flags.verbosity.unwrap_or(0),
+            logging_format: flags.logging_format.unwrap_or(file.logging.format),
             kubeconfig,
             root_dir,
             notices,
@@ -1374,6 +1388,15 @@ mod tests {
                 "false",
             ),
             (
+                "enum",
+                "logging: {format: json}",
+                "--logging-format=text",
+                |c| format!("{:?}", c.logging_format),
+                "Text",
+                "Json",
+                "Text",
+            ),
+            (
                 "list",
                 "insecureRegistries: [a.lan, 'b.lan:5000']",
                 "--insecure-registries=c.lan",
@@ -1504,6 +1527,12 @@ mod tests {
                 "maxModuleSize: '0'",
                 "maxModuleSize (--max-module-size)",
                 r#"invalid value "0": must be positive"#,
+            ),
+            (
+                "--logging-format=yaml",
+                "logging: {format: yaml}",
+                "logging.format (--logging-format)",
+                r#"invalid value "yaml": must be text or json"#,
             ),
             (
                 "--port=70000",

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{
-    AuthorizationMode, EvictionSignal, EvictionThreshold, Reserved, TaintSpec, ThresholdValue,
-    WasmRuntimeMode,
+    AuthorizationMode, EvictionSignal, EvictionThreshold, LogFormat, Reserved, TaintSpec,
+    ThresholdValue, WasmRuntimeMode,
 };
 
 /// A value not of its form: the value (or the one item of a list) at fault, and why.
@@ -161,6 +161,14 @@ pub fn wasm_runtime(s: &str) -> Result<WasmRuntimeMode, Bad> {
         "external" => Ok(WasmRuntimeMode::External),
         "in-agent" => Ok(WasmRuntimeMode::InAgent),
         _ => Err(bad(s, "want spawn, external or in-agent")),
+    }
+}
+
+pub fn log_format(s: &str) -> Result<LogFormat, Bad> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(bad(s, "must be text or json")),
     }
 }
 
