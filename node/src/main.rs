@@ -71,11 +71,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // After the CAs and the insecure list: each configured host gets both.
+    if let Some(dir) = &config.registry_config_dir {
+        if let Err(e) = provider_options.registries.load_hosts_dir(dir) {
+            eprintln!("wasm-kubelet: --registry-config-dir {e}");
+            return ExitCode::from(2);
+        }
+    }
     // The containers side pulls with the same registry settings.
-    let container_registries = provider_containerd::RegistryOptions {
-        extra_ca_certificates: provider_options.registries.extra_ca_certificates.clone(),
-        insecure_registries: provider_options.registries.insecure_registries.clone(),
-    };
+    let container_registries = provider_options.registries.clone();
 
     let default_level = match config.verbosity {
         0..=3 => "info",

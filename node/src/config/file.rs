@@ -105,6 +105,7 @@ pub(super) struct KubeletConfiguration {
     // wasm-kubelet's own keys (see the flags of the same names).
     #[serde(deserialize_with = "de::registries")]
     pub insecure_registries: Names,
+    pub registry_config_dir: Option<PathBuf>,
     #[serde(deserialize_with = "de::size")]
     pub max_module_size: u64,
     #[serde(deserialize_with = "de::size")]
@@ -225,6 +226,7 @@ impl Default for KubeletConfiguration {
             authorization: Authorization::default(),
             logging: Logging::default(),
             insecure_registries: Vec::new(),
+            registry_config_dir: None,
             max_module_size: provider_wasmtime::image::DEFAULT_MAX_MODULE_SIZE,
             max_layer_uncompressed_size:
                 provider_wasmtime::image::DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
@@ -318,6 +320,7 @@ pub(super) const KEY_FLAGS: &[(&str, &str)] = &[
     ("authorization.mode", "--authorization-mode"),
     ("logging.format", "--logging-format"),
     ("insecureRegistries", "--insecure-registries"),
+    ("registryConfigDir", "--registry-config-dir"),
     ("maxModuleSize", "--max-module-size"),
     ("maxLayerUncompressedSize", "--max-layer-uncompressed-size"),
     ("podEgressDenyCIDRs", "--pod-egress-deny-cidrs"),

@@ -159,6 +159,12 @@ pub struct Flags {
     /// the kubelet leaves this to the runtime) [default: none].
     #[arg(long, value_name = "HOSTS", value_parser = values::registries)]
     pub insecure_registries: Option<Names>,
+    /// A directory of per-registry hosts in containerd's layout, `<registry>/hosts.toml` (and
+    /// `_default/hosts.toml`): mirrors tried before the registry's server, with their own CA,
+    /// skip_verify and plain http; shared by Wasm and container pods (wasm-kubelet's own flag;
+    /// containerd's `config_path`) [default: none].
+    #[arg(long, value_name = "DIR")]
+    pub registry_config_dir: Option<PathBuf>,
     /// The largest Wasm module an image may hold (a quantity, e.g. 256Mi); a larger one is
     /// refused before it is downloaded and never compiled [default: 256Mi].
     #[arg(long, value_name = "QUANTITY", value_parser = values::size)]

@@ -255,6 +255,9 @@ pub struct Config {
     pub streaming_connection_idle_timeout: Duration,
     /// `--registry-ca-file`: extra CAs for registries (read and checked by main).
     pub registry_ca_file: Option<PathBuf>,
+    /// `--registry-config-dir` (`registryConfigDir`): per-registry hosts.toml files (read and
+    /// checked by main).
+    pub registry_config_dir: Option<PathBuf>,
     /// `--insecure-registries` (`insecureRegistries`): the only registries spoken to over plain
     /// http, `host[:port]` each. The one place this setting lives.
     pub insecure_registries: Vec<String>,
@@ -433,6 +436,7 @@ impl Config {
                 .streaming_connection_idle_timeout
                 .unwrap_or(file.streaming_connection_idle_timeout),
             registry_ca_file: flags.registry_ca_file,
+            registry_config_dir: flags.registry_config_dir.or(file.registry_config_dir),
             insecure_registries: flags
                 .insecure_registries
                 .unwrap_or(file.insecure_registries),
@@ -1386,6 +1390,20 @@ mod tests {
                 "false",
                 "true",
                 "false",
+            ),
+            (
+                "path",
+                "registryConfigDir: /etc/wasm-kubelet/certs.d",
+                "--registry-config-dir=/srv/certs.d",
+                |c| {
+                    c.registry_config_dir
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                },
+                "",
+                "/etc/wasm-kubelet/certs.d",
+                "/srv/certs.d",
             ),
             (
                 "enum",

@@ -4,7 +4,6 @@
 //! verdicts and the pod's outcome once terminal. The worker hands the result to the status
 //! manager ([`super::status`]), which writes it.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{
@@ -23,7 +22,7 @@ pub(super) struct Input<'a> {
     /// The pod as last seen: spec, name and UID, and its status for PodScheduled.
     pub pod: &'a Pod,
     /// What the worker knows of each container, by name (absent: not yet considered).
-    pub containers: &'a BTreeMap<String, ContainerRecord>,
+    pub containers: &'a super::worker::Records,
     /// The readiness and startup probes' verdicts for a running container.
     pub ready: &'a dyn Fn(&Container) -> bool,
     pub started: &'a dyn Fn(&Container) -> bool,
@@ -465,6 +464,7 @@ pub fn qos_class(init: &[Container], app: &[Container]) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn cs(state: K8sState, last: Option<ContainerStateTerminated>) -> ContainerStatus {
         ContainerStatus {
@@ -663,9 +663,9 @@ mod tests {
         terminal: Option<&Terminal>,
         previous: &PodStatus,
     ) -> PodStatus {
-        let containers: BTreeMap<String, ContainerRecord> = records
+        let containers: crate::pods::worker::Records = records
             .into_iter()
-            .map(|(n, r)| (n.to_string(), r))
+            .map(|(n, r)| (n.to_string(), Box::new(r)))
             .collect();
         compute(&Input {
             pod,

@@ -256,8 +256,12 @@ pub struct PodProbes {
     events: EventSink,
     pod_ip: String,
     pod_ref: ObjectReference,
-    tx: mpsc::UnboundedSender<ProbeUpdate>,
-    rx: mpsc::UnboundedReceiver<ProbeUpdate>,
+    /// The probers' results, made with the first prober: an unbounded channel allocates a block
+    /// of slots up front (~2 KiB), which most pods (no probes) never use.
+    channel: Option<(
+        mpsc::UnboundedSender<ProbeUpdate>,
+        mpsc::UnboundedReceiver<ProbeUpdate>,
+    )>,
     instances: HashMap<String, Instance>,
     /// The containers and kinds a prober ran for: their `prober_probe_total` series go with the pod.
     probed: HashSet<(ProbeKind, String)>,
@@ -270,14 +274,12 @@ impl PodProbes {
         pod_ip: String,
         pod_ref: ObjectReference,
     ) -> PodProbes {
-        let (tx, rx) = mpsc::unbounded_channel();
         PodProbes {
             provider,
             events,
             pod_ip,
             pod_ref,
-            tx,
-            rx,
+            channel: None,
             instances: HashMap::new(),
             probed: HashSet::new(),
         }
@@ -290,8 +292,11 @@ impl PodProbes {
 
     /// The next changed result. Never ends (this holds a sender): select on it.
     pub async fn recv(&mut self) -> ProbeUpdate {
-        match self.rx.recv().await {
-            Some(update) => update,
+        match self.channel.as_mut() {
+            Some((_, rx)) => match rx.recv().await {
+                Some(update) => update,
+                None => std::future::pending().await,
+            },
             None => std::future::pending().await,
         }
     }
@@ -335,7 +340,10 @@ impl PodProbes {
                     self.events.clone(),
                     container_ref(&self.pod_ref, &c.name),
                     &self.pod_ip,
-                    self.tx.clone(),
+                    self.channel
+                        .get_or_insert_with(mpsc::unbounded_channel)
+                        .0
+                        .clone(),
                 );
                 inst.tasks.insert(kind, task);
                 self.probed.insert((kind, c.name.clone()));
@@ -723,7 +731,6 @@ mod tests {
                 .get_or_create(&probe_series(&stays, "c", kind, result))
                 .inc();
         }
-        let (tx, rx) = mpsc::unbounded_channel();
         let probed = HashSet::from([
             (ProbeKind::Liveness, "c".to_string()),
             (ProbeKind::Readiness, "c".to_string()),
@@ -733,8 +740,7 @@ mod tests {
             events: EventSink::disabled(),
             pod_ip: "h".into(),
             pod_ref: gone,
-            tx,
-            rx,
+            channel: None,
             instances: HashMap::new(),
             probed,
         };
@@ -751,14 +757,12 @@ mod tests {
         let plain = c(serde_json::json!({"name": "a"}));
         let gated =
             c(serde_json::json!({"name": "b", "readinessProbe": {"exec": {"command": ["true"]}}}));
-        let (tx, rx) = mpsc::unbounded_channel();
         let mut probes = PodProbes {
             provider: Arc::new(action::tests::NoProvider),
             events: EventSink::disabled(),
             pod_ip: "h".into(),
             pod_ref: Default::default(),
-            tx,
-            rx,
+            channel: None,
             instances: HashMap::new(),
             probed: HashSet::new(),
         };

@@ -21,10 +21,32 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{AuthorizationMode, Config};
 
 /// The pods a node runs, by UID, each with its latest status.
-pub type PodMap = Arc<BTreeMap<String, Arc<Pod>>>;
+pub type PodMap = Arc<BTreeMap<String, ViewPod>>;
+
+/// One pod of the view: the pod as its worker holds it (shared, not copied: a pod object is
+/// several KiB and the node holds thousands) and the status its worker computed last.
+#[derive(Clone)]
+pub struct ViewPod {
+    pub pod: Arc<Pod>,
+    pub status: Option<Arc<PodStatus>>,
+}
+
+impl ViewPod {
+    /// The pod with its latest status in place of the one it came with.
+    fn to_value(&self) -> Value {
+        let mut value = serde_json::to_value(self.pod.as_ref()).unwrap_or(Value::Null);
+        if let (Some(status), Some(object)) = (&self.status, value.as_object_mut()) {
+            object.insert(
+                "status".into(),
+                serde_json::to_value(status.as_ref()).unwrap_or(Value::Null),
+            );
+        }
+        value
+    }
+}
 
 enum Update {
-    Set(String, Arc<Pod>),
+    Set(String, ViewPod),
     Remove(String),
 }
 
@@ -39,15 +61,17 @@ impl PodsViewSender {
     }
 
     /// The pod as it is desired now, with the status its worker computed last.
-    pub fn set(&self, pod: &Pod, status: Option<&PodStatus>) {
+    pub fn set(&self, pod: &Arc<Pod>, status: Option<Arc<PodStatus>>) {
         let (Some(tx), Some(uid)) = (&self.0, pod.metadata.uid.as_deref()) else {
             return;
         };
-        let mut pod = pod.clone();
-        if let Some(status) = status {
-            pod.status = Some(status.clone());
-        }
-        let _ = tx.send(Update::Set(uid.to_string(), Arc::new(pod)));
+        let _ = tx.send(Update::Set(
+            uid.to_string(),
+            ViewPod {
+                pod: pod.clone(),
+                status,
+            },
+        ));
     }
 
     /// The pod is gone from the node.
@@ -68,7 +92,7 @@ impl PodsView {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (latest_tx, latest_rx) = watch::channel(PodMap::default());
         tokio::spawn(async move {
-            let mut pods: BTreeMap<String, Arc<Pod>> = BTreeMap::new();
+            let mut pods: BTreeMap<String, ViewPod> = BTreeMap::new();
             while let Some(update) = rx.recv().await {
                 match update {
                     Update::Set(uid, pod) => {
@@ -105,15 +129,15 @@ impl PodsView {
 /// and name.
 pub fn pod_list(view: &PodsView) -> Value {
     let latest = view.latest();
-    let mut pods: Vec<&Arc<Pod>> = latest.values().collect();
+    let mut pods: Vec<&ViewPod> = latest.values().collect();
     pods.sort_by(|a, b| {
-        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
-            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
+        let key = |v: &ViewPod| {
+            let m = &v.pod.metadata;
+            (m.namespace.clone(), m.name.clone())
+        };
+        key(a).cmp(&key(b))
     });
-    let items: Vec<Value> = pods
-        .into_iter()
-        .map(|p| serde_json::to_value(p.as_ref()).unwrap_or(Value::Null))
-        .collect();
+    let items: Vec<Value> = pods.into_iter().map(ViewPod::to_value).collect();
     json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items })
 }
 
@@ -144,6 +168,7 @@ pub fn running_pod_list(
         // The image as the pod names it when the node knows the pod, else the digest.
         let image = known
             .get(&c.pod_uid)
+            .map(|v| &v.pod)
             .and_then(|p| {
                 p.spec
                     .as_ref()?
@@ -171,7 +196,7 @@ pub fn running_pod_list(
                 .get(&uid)
                 .cloned()
                 .or_else(|| {
-                    known.get(&uid).map(|p| {
+                    known.get(&uid).map(|ViewPod { pod: p, .. }| {
                         (
                             p.metadata.namespace.clone().unwrap_or_default(),
                             p.metadata.name.clone().unwrap_or_default(),
@@ -401,9 +426,9 @@ mod tests {
             phase: Some("Running".into()),
             ..Default::default()
         };
-        tx.set(&pod("u1", "b"), None);
-        tx.set(&pod("u2", "a"), Some(&running));
-        tx.set(&pod("u3", "c"), None);
+        tx.set(&Arc::new(pod("u1", "b")), None);
+        tx.set(&Arc::new(pod("u2", "a")), Some(Arc::new(running)));
+        tx.set(&Arc::new(pod("u3", "c")), None);
         tx.remove("u3");
         // Wait until the task has applied all four updates.
         while view.latest().len() != 2 || view.latest().contains_key("u3") {
@@ -419,5 +444,37 @@ mod tests {
             .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(list["items"][0]["status"]["phase"], "Running");
+    }
+
+    /// The view holds the worker's pod itself, not a copy (thousands of idle pods each kept a
+    /// second copy of their pod object here).
+    #[tokio::test]
+    async fn the_view_shares_the_pod_it_is_given() {
+        let (tx, mut view) = PodsView::start();
+        let pod = Arc::new(Pod {
+            metadata: ObjectMeta {
+                uid: Some("u1".into()),
+                name: Some("p".into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some("Pending".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let running = Arc::new(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        });
+        tx.set(&pod, Some(running.clone()));
+        while view.latest().is_empty() {
+            view.0.changed().await.unwrap();
+        }
+        let latest = view.latest();
+        assert!(Arc::ptr_eq(&latest["u1"].pod, &pod));
+        assert!(Arc::ptr_eq(latest["u1"].status.as_ref().unwrap(), &running));
+        // What /pods shows is the latest status, not the one the pod came with.
+        assert_eq!(pod_list(&view)["items"][0]["status"]["phase"], "Running");
     }
 }

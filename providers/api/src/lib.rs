@@ -14,6 +14,7 @@
 pub mod cri_log;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod registries;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -410,6 +411,33 @@ pub enum ProviderError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{0}")]
 pub struct Cause(pub String);
+
+impl ProviderError {
+    /// The same error with `note` appended to its message (its kind unchanged).
+    pub fn with_note(self, note: &str) -> Self {
+        use ProviderError::*;
+        match self {
+            Setup(m) => Setup(m + note),
+            Pull(m) => Pull(m + note),
+            ImageNotFound { reference, source } => ImageNotFound {
+                reference,
+                source: Cause(source.0 + note),
+            },
+            Unauthorized { reference, source } => Unauthorized {
+                reference,
+                source: Cause(source.0 + note),
+            },
+            RegistryUnavailable { reference, source } => RegistryUnavailable {
+                reference,
+                source: Cause(source.0 + note),
+            },
+            InvalidImageName(m) => InvalidImageName(m + note),
+            UnsupportedImage(m) => UnsupportedImage(m + note),
+            Create(m) => Create(m + note),
+            other => other,
+        }
+    }
+}
 
 impl Cause {
     /// `e` and its sources, on one line ([`one_line`]).

@@ -46,31 +46,112 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
-/// How registries are reached; the same settings as the Wasm provider's `RegistryOptions`.
-#[derive(Debug, Clone, Default)]
-pub struct RegistryOptions {
-    /// Extra CA certificates (DER) trusted for registries' TLS (`--registry-ca-file`).
-    pub extra_ca_certificates: Vec<Vec<u8>>,
-    /// Registries (`host[:port]`) that may be spoken to over plain http when https fails
-    /// (`--insecure-registries`). Only these.
-    pub insecure_registries: Vec<String>,
+pub use provider_api::registries::{Endpoint, RegistryOptions};
+
+/// The oci-client for `endpoint` with `protocol`: its CAs, its `skip_verify`.
+fn client_for(endpoint: &Endpoint, protocol: ClientProtocol) -> oci_client::Client {
+    oci_client::Client::new(ClientConfig {
+        protocol,
+        extra_root_certificates: endpoint
+            .ca_certificates
+            .iter()
+            .map(|der| Certificate {
+                encoding: CertificateEncoding::Der,
+                data: der.clone(),
+            })
+            .collect(),
+        accept_invalid_certificates: endpoint.skip_verify,
+        ..Default::default()
+    })
 }
 
-impl RegistryOptions {
-    fn client(&self, protocol: ClientProtocol) -> oci_client::Client {
-        oci_client::Client::new(ClientConfig {
-            protocol,
-            extra_root_certificates: self
-                .extra_ca_certificates
-                .iter()
-                .map(|der| Certificate {
-                    encoding: CertificateEncoding::Der,
-                    data: der.clone(),
-                })
-                .collect(),
-            ..Default::default()
-        })
+/// The manifest (bytes, the registry's digest) from the first of the registry's hosts that has
+/// it ([`RegistryOptions::endpoints`]: hosts.toml mirrors, then the server), with the client and
+/// the reference on that host that fetch the rest of the image. A mirror is sent only the pod's
+/// credentials for its own host. On each host: https first; plain http for an `http://` host,
+/// or after https failed for a registry named insecure.
+async fn connect(
+    registries: &RegistryOptions,
+    image: &Reference,
+    auth: &[RegistryAuth],
+    reference: &str,
+) -> Result<(oci_client::Client, Reference, OciAuth, Vec<u8>, String), ProviderError> {
+    let endpoints = registries.endpoints(image.registry(), image.digest().is_some());
+    let mut failed_mirrors = Vec::new();
+    let mut last = None;
+    for endpoint in &endpoints {
+        let on_host = if endpoint.host == image.registry() {
+            image.clone()
+        } else {
+            match image.digest() {
+                Some(digest) => Reference::with_digest(
+                    endpoint.host.clone(),
+                    image.repository().to_string(),
+                    digest.to_string(),
+                ),
+                None => Reference::with_tag(
+                    endpoint.host.clone(),
+                    image.repository().to_string(),
+                    image.tag().unwrap_or("latest").to_string(),
+                ),
+            }
+        };
+        let credentials = if endpoint.mirror {
+            credentials_for(&endpoint.host, auth)
+        } else {
+            credentials_for(image.resolve_registry(), auth)
+        };
+        let protocol = if endpoint.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        let oci = client_for(endpoint, protocol);
+        let error = match oci
+            .pull_manifest_raw(&on_host, &credentials, MANIFEST_TYPES)
+            .await
+        {
+            Ok((bytes, digest)) => return Ok((oci, on_host, credentials, bytes, digest)),
+            Err(e) if endpoint.http_fallback => {
+                let registry = on_host.resolve_registry().to_string();
+                let http = client_for(endpoint, ClientProtocol::HttpsExcept(vec![registry]));
+                match http
+                    .pull_manifest_raw(&on_host, &credentials, MANIFEST_TYPES)
+                    .await
+                {
+                    Ok((bytes, digest)) => return Ok((http, on_host, credentials, bytes, digest)),
+                    Err(e2) => format!(
+                        "{} (over https first: {})",
+                        provider_api::one_line(&e2),
+                        provider_api::one_line(&e)
+                    ),
+                }
+            }
+            Err(e) => provider_api::one_line(&e),
+        };
+        if endpoint.mirror {
+            tracing::debug!(reference, mirror = %endpoint.host, error, "mirror failed; trying the next host");
+            failed_mirrors.push(format!("{}: {error}", endpoint.host));
+            last = Some(error);
+        } else {
+            last = Some(error);
+            break;
+        }
     }
+    let mut message = match last {
+        Some(error) => format!("pulling {reference}: fetching the manifest: {error}"),
+        None => format!(
+            "pulling {reference}: no host of {} may resolve and pull (see the registry config dir's capabilities)",
+            image.registry()
+        ),
+    };
+    if !failed_mirrors.is_empty() && endpoints.last().is_some_and(|e| !e.mirror) {
+        message.push_str(&format!(
+            " (mirrors tried first: {})",
+            failed_mirrors.join("; ")
+        ));
+    }
+    Err(ProviderError::Pull(message))
 }
 
 /// The parts of an image manifest used here.
@@ -295,39 +376,15 @@ pub async fn pull(
 ) -> Result<Pulled, ProviderError> {
     let parsed = canonical(reference)?;
     let name = parsed.whole();
-    let credentials = credentials_for(parsed.resolve_registry(), auth);
     let pull_error = |what: &str, e: &dyn std::error::Error| {
         ProviderError::Pull(format!(
             "pulling {reference}: {what}: {}",
             provider_api::one_line(e)
         ))
     };
-    // https first; plain http only for a registry named insecure, and only when https fails.
-    let registry = parsed.resolve_registry().to_string();
-    let https = registries.client(ClientProtocol::Https);
-    let (oci, top_bytes, top_digest) = match https
-        .pull_manifest_raw(&parsed, &credentials, MANIFEST_TYPES)
-        .await
-    {
-        Ok((bytes, digest)) => (https, bytes, digest),
-        Err(e) if registries.insecure_registries.contains(&registry) => {
-            let http = registries.client(ClientProtocol::HttpsExcept(vec![registry.clone()]));
-            match http
-                .pull_manifest_raw(&parsed, &credentials, MANIFEST_TYPES)
-                .await
-            {
-                Ok((bytes, digest)) => (http, bytes, digest),
-                Err(e2) => {
-                    return Err(ProviderError::Pull(format!(
-                        "pulling {reference}: fetching the manifest: {} (over https first: {})",
-                        provider_api::one_line(&e2),
-                        provider_api::one_line(&e)
-                    )))
-                }
-            }
-        }
-        Err(e) => return Err(pull_error("fetching the manifest", &e)),
-    };
+    // The rest of the image comes from the host that answered, as the reference on it.
+    let (oci, parsed, credentials, top_bytes, top_digest) =
+        connect(registries, &parsed, auth, reference).await?;
     if top_bytes.len() > MAX_METADATA_SIZE {
         return Err(ProviderError::Pull(format!(
             "pulling {reference}: the manifest has {} bytes, more than the {MAX_METADATA_SIZE} allowed",

@@ -22,7 +22,8 @@
 //!
 //! The OCI decisions (which layer, which platform of an index, digest checks, plain http or not,
 //! which credentials, which file of which layer) are small pure functions, tested without a
-//! registry. [`RegistryOptions`] adds CA certificates and plain-http registries to the defaults.
+//! registry. [`RegistryOptions`] (provider_api's, shared with the containerd provider) adds CA
+//! certificates, plain-http registries and hosts.toml mirrors to the defaults.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -97,20 +98,13 @@ pub const DEFAULT_MAX_MODULE_SIZE: u64 = 256 << 20;
 /// base filesystem beside the module.
 pub const DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE: u64 = 1 << 30;
 
+/// How often a pull under way logs how many bytes it received (dockershim's 10 s).
+const PULL_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// `--image-pull-progress-deadline` default: the kubelet's (1m).
 pub const DEFAULT_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 
-/// How the store reaches registries, beyond the defaults (https with the built-in web PKI
-/// roots; plain http for no registry unless listed).
-#[derive(Debug, Clone, Default)]
-pub struct RegistryOptions {
-    /// Extra CA certificates (DER) trusted for registries' TLS (`--registry-ca-file`).
-    pub extra_ca_certificates: Vec<Vec<u8>>,
-    /// Registries (`host[:port]`) that may be spoken to over plain http when https fails
-    /// (`--insecure-registries`). Only these: a loopback address is not trusted for being
-    /// loopback (an image reference must not reach the node's own plain-http ports).
-    pub insecure_registries: Vec<String>,
-}
+pub use provider_api::registries::{Endpoint, RegistryConfigError, RegistryOptions};
 
 /// What one pull may cost; [`PullLimits::default`] holds the agent's defaults.
 #[derive(Debug, Clone)]
@@ -135,90 +129,64 @@ impl Default for PullLimits {
     }
 }
 
-/// A registry CA file that cannot be used. Not retryable: the file has to be fixed.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {reason}", path.display())]
-pub struct CaFileError {
-    pub path: PathBuf,
-    pub reason: String,
+/// The oci-client configuration for `endpoint` with `protocol`: its CAs, its `skip_verify`.
+fn client_config(endpoint: &Endpoint, protocol: ClientProtocol) -> ClientConfig {
+    ClientConfig {
+        protocol,
+        extra_root_certificates: endpoint
+            .ca_certificates
+            .iter()
+            .map(|der| Certificate {
+                encoding: CertificateEncoding::Der,
+                data: der.clone(),
+            })
+            .collect(),
+        accept_invalid_certificates: endpoint.skip_verify,
+        ..Default::default()
+    }
 }
 
-impl RegistryOptions {
-    /// Adds every certificate of the PEM bundle `pem` (read from `source`, named in errors).
-    /// A bundle without a certificate is an error: the file is surely not what was meant.
-    pub fn add_ca_pem(&mut self, source: &Path, pem: &[u8]) -> Result<(), CaFileError> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::CertificateDer;
-        let error = |reason: String| CaFileError {
-            path: source.to_path_buf(),
-            reason,
-        };
-        let mut found = Vec::new();
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            found.push(
-                cert.map_err(|e| error(format!("bad PEM: {e}")))?
-                    .as_ref()
-                    .to_vec(),
+/// The HTTP client manifests are fetched with: `ca_certificates` trusted besides the web PKI
+/// roots, `skip_verify` as a hosts.toml says, and redirects followed only to the same host and
+/// port (a registry must not send the agent to another address).
+fn manifest_client(
+    ca_certificates: &[Vec<u8>],
+    skip_verify: bool,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("wasm-kubelet/", env!("CARGO_PKG_VERSION")))
+        .danger_accept_invalid_certs(skip_verify)
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let first = attempt
+                .previous()
+                .first()
+                .map(|u| (u.host_str().map(str::to_string), u.port_or_known_default()));
+            let next = (
+                attempt.url().host_str().map(str::to_string),
+                attempt.url().port_or_known_default(),
             );
-        }
-        if found.is_empty() {
-            return Err(error("no PEM certificate in it".into()));
-        }
-        self.extra_ca_certificates.extend(found);
-        Ok(())
+            // 10: reqwest's own default limit.
+            if attempt.previous().len() > 10 || first != Some(next) {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        }));
+    for der in ca_certificates {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_der(der)?);
     }
+    builder.build()
+}
 
-    /// Reads the PEM bundle at `path` (see [`RegistryOptions::add_ca_pem`]).
-    pub fn add_ca_file(&mut self, path: &Path) -> Result<(), CaFileError> {
-        let pem = std::fs::read(path).map_err(|e| CaFileError {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        self.add_ca_pem(path, &pem)
-    }
-
-    /// The oci-client configuration with `protocol` and the extra CAs.
-    fn client_config(&self, protocol: ClientProtocol) -> ClientConfig {
-        ClientConfig {
-            protocol,
-            extra_root_certificates: self
-                .extra_ca_certificates
-                .iter()
-                .map(|der| Certificate {
-                    encoding: CertificateEncoding::Der,
-                    data: der.clone(),
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    /// The HTTP client manifests are fetched with: the extra CAs, and redirects followed only
-    /// to the same host and port (a registry must not send the agent to another address).
-    fn manifest_client(&self) -> Result<reqwest::Client, reqwest::Error> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("wasm-kubelet/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::custom(|attempt| {
-                let first = attempt
-                    .previous()
-                    .first()
-                    .map(|u| (u.host_str().map(str::to_string), u.port_or_known_default()));
-                let next = (
-                    attempt.url().host_str().map(str::to_string),
-                    attempt.url().port_or_known_default(),
-                );
-                // 10: reqwest's own default limit.
-                if attempt.previous().len() > 10 || first != Some(next) {
-                    attempt.stop()
-                } else {
-                    attempt.follow()
-                }
-            }));
-        for der in &self.extra_ca_certificates {
-            builder = builder.add_root_certificate(reqwest::Certificate::from_der(der)?);
-        }
-        builder.build()
-    }
+/// Where one pull fetches from: the host of the registry's hosts that answered the manifest.
+struct Source {
+    /// The image reference on that host.
+    image: Reference,
+    client: Client,
+    /// Manifests' HTTP client for that host.
+    manifests: reqwest::Client,
+    scheme: &'static str,
+    credentials: OciAuth,
 }
 
 /// What the index records for one pulled reference.
@@ -264,7 +232,8 @@ pub struct ImageStore {
     registries: RegistryOptions,
     limits: PullLimits,
     /// Fetches manifests (oci-client reads a manifest whole, with no cap): the same TLS
-    /// settings as the registry clients, redirects only within the registry's own host.
+    /// settings as the registry clients, redirects only within the registry's own host. For a
+    /// host with its own CA or `skip_verify` (hosts.toml), a client of its own is made.
     manifests: reqwest::Client,
     /// Pulls under way, by canonical reference: a second pull of the same image waits for the
     /// first and gets its result (single flight).
@@ -297,7 +266,7 @@ impl ImageStore {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let manifests = registries.manifest_client().map_err(|e| {
+        let manifests = manifest_client(&registries.extra_ca_certificates, false).map_err(|e| {
             ProviderError::Setup(format!(
                 "the registry client cannot be set up: {}",
                 provider_api::one_line(&e)
@@ -562,13 +531,25 @@ impl ImageStore {
     ) -> Result<ImageInfo, ProviderError> {
         let progress = Progress::new();
         let deadline = self.limits.progress_deadline;
-        tokio::select! {
-            result = self.pull_once(reference, auth, &progress) => result.map_err(bounded),
-            () = progress.stalled(deadline) => {
-                // The kubelet's (dockershim's) words for the same event.
-                let message = format!("Cancel pulling image {reference:?} because of no progress for {}, latest progress: \"{} bytes received\"", go_duration(deadline), progress.bytes());
-                tracing::warn!(reference, "{message}");
-                Err(ProviderError::Pull(message))
+        let pull = self.pull_once(reference, auth, &progress);
+        tokio::pin!(pull);
+        // A long pull says how far it got, as the kubelet's dockershim did every 10 s.
+        let mut report = tokio::time::interval_at(
+            tokio::time::Instant::now() + PULL_PROGRESS_INTERVAL,
+            PULL_PROGRESS_INTERVAL,
+        );
+        loop {
+            tokio::select! {
+                result = &mut pull => return result.map_err(bounded),
+                () = progress.stalled(deadline) => {
+                    // The kubelet's (dockershim's) words for the same event.
+                    let message = format!("Cancel pulling image {reference:?} because of no progress for {}, latest progress: \"{} bytes received\"", go_duration(deadline), progress.bytes());
+                    tracing::warn!(reference, "{message}");
+                    return Err(ProviderError::Pull(message));
+                }
+                _ = report.tick() => {
+                    tracing::info!(reference, bytes = progress.bytes(), elapsed = %go_duration(progress.start.elapsed()), "pulling image: {} bytes received so far", progress.bytes());
+                }
             }
         }
     }
@@ -582,22 +563,19 @@ impl ImageStore {
         let parsed: Reference = reference.parse().map_err(|e| {
             ProviderError::InvalidImageName(format!("couldn't parse image name {reference:?}: {e}"))
         })?;
-        let registry = parsed.resolve_registry().to_string();
-        let credentials = credentials_for(parsed.registry(), auth);
-
-        let (client, scheme, (manifest, manifest_digest)) = self
-            .connect(&parsed, &registry, &credentials, reference, progress)
-            .await?;
+        let (source, (manifest, manifest_digest)) =
+            self.connect(&parsed, auth, reference, progress).await?;
+        let client = &source.client;
         let (manifest, manifest_ref) = match manifest {
-            OciManifest::Image(m) => (m, parsed.clone()),
+            OciManifest::Image(m) => (m, source.image.clone()),
             OciManifest::ImageIndex(index) => {
                 let entry = choose_platform(&index.manifests).ok_or_else(|| {
                     let found: Vec<String> = index.manifests.iter().take(20).map(platform_name).collect();
                     ProviderError::UnsupportedImage(format!("image {reference} is an index without a Wasm platform (wasip1, wasip2, wasi or arch wasm); it has: {}", found.join(", ")))
                 })?;
-                let entry_ref = parsed.clone_with_digest(entry.digest.clone());
+                let entry_ref = source.image.clone_with_digest(entry.digest.clone());
                 match self
-                    .fetch_manifest(&client, scheme, &entry_ref, &credentials, progress)
+                    .fetch_manifest(&source, &entry_ref, progress)
                     .await
                     .map_err(|e| e.into_provider(reference, "fetching the platform manifest"))?
                 {
@@ -614,7 +592,7 @@ impl ImageStore {
         let layer = match select_wasm_layer(&manifest) {
             Ok(layer) => layer,
             Err(_) if IMAGE_CONFIG_TYPES.contains(&manifest.config.media_type.as_str()) => {
-                let stored = self.pull_entrypoint_module(&client, &manifest_ref, reference, &manifest, &manifest_digest, progress).await?;
+                let stored = self.pull_entrypoint_module(client, &manifest_ref, reference, &manifest, &manifest_digest, progress).await?;
                 let size = stored.size;
                 self.record(reference, stored)?;
                 tracing::info!(reference, digest = %manifest_digest, size, "image pulled (module from the image's entrypoint)");
@@ -643,7 +621,7 @@ impl ImageStore {
                 flag: "--max-module-size",
             };
             self.fetch_blob_to_file(
-                &client,
+                client,
                 &manifest_ref,
                 reference,
                 layer,
@@ -670,44 +648,150 @@ impl ImageStore {
         })
     }
 
-    /// Fetches the manifest over https. A registry named in
-    /// [`RegistryOptions::insecure_registries`] is asked again over plain http when https fails
-    /// below HTTP (no TLS there), as Docker does for insecure registries; the client that
-    /// worked goes on with the pull. No other registry is ever spoken to over plain http.
+    /// Fetches the manifest from the first of the registry's hosts that has it
+    /// ([`RegistryOptions::endpoints`]: hosts.toml mirrors, then the server; without
+    /// configuration, the registry itself); the rest of the image comes from the same host.
+    /// A mirror is sent only the pod's credentials for the mirror's own host, never those for
+    /// the image's registry.
     async fn connect(
         &self,
         image: &Reference,
-        registry: &str,
-        credentials: &OciAuth,
+        auth: &[RegistryAuth],
         reference: &str,
         progress: &Progress,
-    ) -> Result<(Client, &'static str, (OciManifest, String)), ProviderError> {
-        let https = self.client(reference, ClientProtocol::Https)?;
-        match self
-            .fetch_manifest(&https, "https", image, credentials, progress)
-            .await
+    ) -> Result<(Source, (OciManifest, String)), ProviderError> {
+        let endpoints = self
+            .registries
+            .endpoints(image.registry(), image.digest().is_some());
+        let mut failed_mirrors = Vec::new();
+        let mut last = None;
+        for endpoint in &endpoints {
+            let on_host = match (image.digest(), image.tag()) {
+                (Some(digest), _) => Reference::with_digest(
+                    endpoint.host.clone(),
+                    image.repository().to_string(),
+                    digest.to_string(),
+                ),
+                (None, tag) => Reference::with_tag(
+                    endpoint.host.clone(),
+                    image.repository().to_string(),
+                    tag.unwrap_or("latest").to_string(),
+                ),
+            };
+            // The reference's own form when the host is the registry itself (oci-client knows
+            // docker.io's aliases).
+            let on_host = if endpoint.host == image.registry() {
+                image.clone()
+            } else {
+                on_host
+            };
+            let credentials = if endpoint.mirror {
+                credentials_for(&endpoint.host, auth)
+            } else {
+                credentials_for(image.registry(), auth)
+            };
+            match self
+                .connect_to(endpoint, on_host, credentials, reference, progress)
+                .await
+            {
+                Ok(found) => {
+                    if endpoint.mirror {
+                        tracing::debug!(reference, mirror = %endpoint.host, "pulling from a mirror");
+                    }
+                    return Ok(found);
+                }
+                Err(e) if endpoint.mirror => {
+                    tracing::debug!(reference, mirror = %endpoint.host, error = %e, "mirror failed; trying the next host");
+                    failed_mirrors.push(format!(
+                        "{}: {}",
+                        endpoint.host,
+                        truncate_text(&e.to_string(), 200)
+                    ));
+                    last = Some(e);
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut error = last.unwrap_or_else(|| {
+            ProviderError::Pull(format!(
+                "pulling {reference}: no host of {} may {} (see the registry config dir's capabilities)",
+                image.registry(),
+                if image.digest().is_some() { "pull" } else { "resolve and pull" }
+            ))
+        });
+        if !failed_mirrors.is_empty() && endpoints.last().is_some_and(|e| !e.mirror) {
+            error = error.with_note(&format!(
+                " (mirrors tried first: {})",
+                failed_mirrors.join("; ")
+            ));
+        }
+        Err(error)
+    }
+
+    /// Fetches the manifest from one host: over https (or plain http for an `http://` host);
+    /// a host named in `--insecure-registries` is asked again over plain http when https fails
+    /// below HTTP (no TLS there), as Docker does for insecure registries. No other host is ever
+    /// spoken to over plain http.
+    async fn connect_to(
+        &self,
+        endpoint: &Endpoint,
+        image: Reference,
+        credentials: OciAuth,
+        reference: &str,
+        progress: &Progress,
+    ) -> Result<(Source, (OciManifest, String)), ProviderError> {
+        let registry = image.resolve_registry().to_string();
+        let manifests = if endpoint.skip_verify
+            || endpoint.ca_certificates != self.registries.extra_ca_certificates
         {
-            Ok(found) => Ok((https, "https", found)),
+            manifest_client(&endpoint.ca_certificates, endpoint.skip_verify).map_err(|e| {
+                ProviderError::Setup(format!(
+                    "pulling {reference}: the registry client cannot be set up: {}",
+                    provider_api::one_line(&e)
+                ))
+            })?
+        } else {
+            self.manifests.clone()
+        };
+        let (protocol, scheme) = if endpoint.plain_http {
+            (ClientProtocol::Http, "http")
+        } else {
+            (ClientProtocol::Https, "https")
+        };
+        let source = Source {
+            client: self.client(endpoint, reference, protocol)?,
+            image,
+            manifests,
+            scheme,
+            credentials,
+        };
+        match self.fetch_manifest(&source, &source.image, progress).await {
+            Ok(found) => Ok((source, found)),
             Err(ManifestError::Transport(over_https))
-                if may_use_plain_http(registry, &self.registries.insecure_registries) =>
+                if !endpoint.plain_http && endpoint.http_fallback =>
             {
                 tracing::debug!(registry, error = %over_https, "https failed below HTTP; trying plain http (an insecure registry)");
-                let http = self.client(
-                    reference,
-                    ClientProtocol::HttpsExcept(vec![registry.to_string()]),
-                )?;
-                match self
-                    .fetch_manifest(&http, "http", image, credentials, progress)
-                    .await
-                {
-                    Ok(found) => Ok((http, "http", found)),
+                let source = Source {
+                    client: self.client(
+                        endpoint,
+                        reference,
+                        ClientProtocol::HttpsExcept(vec![registry.clone()]),
+                    )?,
+                    scheme: "http",
+                    ..source
+                };
+                match self.fetch_manifest(&source, &source.image, progress).await {
+                    Ok(found) => Ok((source, found)),
                     Err(e) => Err(e
                         .noted(&format!(" (over https first: {over_https})"))
                         .into_provider(reference, "fetching the manifest")),
                 }
             }
-            Err(e @ ManifestError::Transport(_)) => Err(e
-                .noted(" (plain http is tried only for registries listed in --insecure-registries)")
+            Err(e @ ManifestError::Transport(_)) if !endpoint.plain_http => Err(e
+                .noted(" (plain http is tried only for registries listed in --insecure-registries or as http:// hosts in --registry-config-dir)")
                 .into_provider(reference, "fetching the manifest")),
             Err(e) => Err(e.into_provider(reference, "fetching the manifest")),
         }
@@ -718,13 +802,13 @@ impl ImageStore {
     /// token dance); the GET is ours, so the body is read with a cap.
     async fn fetch_manifest(
         &self,
-        client: &Client,
-        scheme: &str,
+        source: &Source,
         image: &Reference,
-        credentials: &OciAuth,
         progress: &Progress,
     ) -> Result<(OciManifest, String), ManifestError> {
-        let token = match client
+        let (scheme, credentials) = (source.scheme, &source.credentials);
+        let token = match source
+            .client
             .auth(image, credentials, RegistryOperation::Pull)
             .await
         {
@@ -746,7 +830,7 @@ impl ImageStore {
             "{scheme}://{registry}/v2/{}/manifests/{tag}",
             image.repository()
         );
-        let mut request = self
+        let mut request = source
             .manifests
             .get(&url)
             .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT.join(", "));
@@ -828,8 +912,13 @@ impl ImageStore {
         Ok((manifest, digest))
     }
 
-    fn client(&self, reference: &str, protocol: ClientProtocol) -> Result<Client, ProviderError> {
-        Client::try_from(self.registries.client_config(protocol)).map_err(|e| {
+    fn client(
+        &self,
+        endpoint: &Endpoint,
+        reference: &str,
+        protocol: ClientProtocol,
+    ) -> Result<Client, ProviderError> {
+        Client::try_from(client_config(endpoint, protocol)).map_err(|e| {
             ProviderError::Setup(format!(
                 "pulling {reference}: the registry client cannot be set up: {}",
                 provider_api::one_line(&e)

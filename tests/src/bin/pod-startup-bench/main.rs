@@ -8,9 +8,13 @@
 //!     create -> Succeeded for `hello`; memory is the agent's and its runtime process's.
 //!
 //!   pod-startup-bench compare --pods N --out DIR [--burst N] [--peer NODE] [--runwasi-image REF]
+//!                             [--density N [--density-steps A,B,..]] [--settle S] [--window S]
 //!     the same scenarios against our node and the peer node `deploy/peer-node` started (the
 //!     real kubelet on containerd + runc; with --runwasi-image also runwasi's wasmtime shim on
 //!     it, RuntimeClass `wasmtime`), in one run; writes DIR/compare.json and DIR/compare.md.
+//!     --density N: scenario 4 on our node (density.rs): idle pods added in steps up to N.
+//!     --settle / --window: seconds to let the node settle before a memory/CPU sample, and the
+//!     CPU window of a sample (5 and 10 by default).
 //!
 //!   pod-startup-bench sleeper-wasm OUT     writes the comparison's Wasm guest to OUT
 //!     `deploy/bench` runs it (it starts and stops the peer node).
@@ -30,6 +34,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::watcher;
 use kube::Api;
+
+mod density;
 
 fn pod(name: &str, node: &str, image: &str, restart: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
@@ -288,6 +294,8 @@ mod compare {
         runtime_class: Option<&'static str>,
         /// Processes that make up the node's agent side (for RSS/CPU), found anew each time.
         procs: Box<dyn Fn() -> Procs + 'a>,
+        /// The same, labelled, for scenario 4 (density); `None`: the kind skips it.
+        density: Option<Box<dyn Fn() -> Vec<density::Part> + 'a>>,
     }
 
     /// The agent-side processes of a node and the pods' own processes (runc pods only: a Wasm
@@ -304,6 +312,11 @@ mod compare {
         peer: Option<String>,
         /// An ordinary OCI image whose entrypoint is the sleeper's .wasm file (deploy/bench).
         runwasi_image: Option<String>,
+        /// Scenario 4 up to this many pods on our node (0: not run).
+        density: usize,
+        density_steps: Option<Vec<usize>>,
+        settle: Duration,
+        window: Duration,
     }
 
     fn parse(args: Vec<String>) -> anyhow::Result<Args> {
@@ -313,6 +326,10 @@ mod compare {
             out: PathBuf::from("docs/bench"),
             peer: std::env::var("PEER_NODE").ok(),
             runwasi_image: None,
+            density: 0,
+            density_steps: None,
+            settle: Duration::from_secs(5),
+            window: Duration::from_secs(10),
         };
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
@@ -326,10 +343,22 @@ mod compare {
                 "--out" => a.out = value()?.into(),
                 "--peer" => a.peer = Some(value()?),
                 "--runwasi-image" => a.runwasi_image = Some(value()?),
+                "--density" => a.density = value()?.parse()?,
+                "--density-steps" => {
+                    a.density_steps = Some(
+                        value()?
+                            .split(',')
+                            .map(str::parse)
+                            .collect::<Result<_, _>>()?,
+                    )
+                }
+                "--settle" => a.settle = Duration::from_secs_f64(value()?.parse()?),
+                "--window" => a.window = Duration::from_secs_f64(value()?.parse()?),
                 other => anyhow::bail!("unknown flag {other}"),
             }
         }
         anyhow::ensure!(a.pods > 0, "--pods must be at least 1");
+        anyhow::ensure!(a.window > Duration::ZERO, "--window must be above 0");
         Ok(a)
     }
 
@@ -347,7 +376,7 @@ mod compare {
 
     /// Every watch event of the namespace, with the time it arrived, kept per pod: when it was
     /// first seen Running and when it was deleted.
-    struct Watch {
+    pub struct Watch {
         rx: tokio::sync::mpsc::UnboundedReceiver<(String, bool, Instant)>,
         running: HashMap<String, Instant>,
         gone: HashMap<String, Instant>,
@@ -392,7 +421,7 @@ mod compare {
 
         /// Waits until every pod of `names` reached the state (`running`, else gone); returns
         /// the instants in `names` order (`None`: not within `timeout`).
-        async fn until(
+        pub async fn until(
             &mut self,
             names: &[String],
             running: bool,
@@ -465,6 +494,7 @@ mod compare {
                 "burst": self.burst.as_ref().map(|b| serde_json::json!({"pods": b.pods,
                     "all_running_s": b.all_running_s, "pods_per_s": b.pods_per_s,
                     "missing": b.missing})),
+                "density": self.density.as_ref().map(density::Result::json),
                 "samples_create_ms": self.samples_create_ms})
         }
     }
@@ -509,6 +539,7 @@ mod compare {
         idle_0: Usage,
         idle_n: Usage,
         burst: Option<Burst>,
+        density: Option<density::Result>,
         samples_create_ms: Vec<f64>,
     }
 
@@ -520,12 +551,12 @@ mod compare {
         missing: usize,
     }
 
-    fn clock_ticks() -> f64 {
+    pub fn clock_ticks() -> f64 {
         // SAFETY: sysconf has no preconditions.
         (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
     }
 
-    fn cpu_ticks(pid: u32) -> u64 {
+    pub fn cpu_ticks(pid: u32) -> u64 {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return 0;
         };
@@ -602,9 +633,9 @@ mod compare {
     async fn run_kind(
         client: &kube::Client,
         kind: &Kind<'_>,
-        n: usize,
-        burst: usize,
+        args: &Args,
     ) -> anyhow::Result<KindResult> {
+        let (n, burst) = (args.pods, args.burst);
         let ns = bench_namespace(client).await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let mut watch = Watch::start(pods.clone()).await;
@@ -631,7 +662,7 @@ mod compare {
         watch.until(&warm, false, Duration::from_secs(120)).await;
 
         // Scenario 5 (0 pods).
-        result.idle_0 = usage(&*kind.procs, Duration::from_secs(10)).await;
+        result.idle_0 = usage(&*kind.procs, args.window).await;
 
         // Scenario 1: N pods one after another, each create -> Running before the next.
         let mut samples = Vec::new();
@@ -650,8 +681,8 @@ mod compare {
         report_dist("create -> Running", &result.create_to_running);
 
         // Scenario 5 (N idle pods), after the start-up work has settled.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        result.idle_n = usage(&*kind.procs, Duration::from_secs(10)).await;
+        tokio::time::sleep(args.settle).await;
+        result.idle_n = usage(&*kind.procs, args.window).await;
         println!(
             "agent side: {} KiB, {:.1} % CPU at 0 pods; {} KiB, {:.1} % CPU at {n} idle pods (+{} KiB for the pods' own processes)",
             result.idle_0.agent_rss_kib,
@@ -706,6 +737,18 @@ mod compare {
             });
             futures::future::join_all(deletes).await;
             watch.until(&names, false, Duration::from_secs(600)).await;
+        }
+
+        // Scenario 4: density, on the kinds that run it.
+        if let (Some(parts), true) = (&kind.density, args.density > 0) {
+            let d = density::Args::new(
+                args.density,
+                args.density_steps.clone(),
+                args.settle,
+                args.window,
+            );
+            let make = |name: &str| pod_spec(name, kind);
+            result.density = Some(density::run(&pods, &mut watch, &make, &**parts, &d).await);
         }
         drop(watch);
         let _ = Api::<Namespace>::all(client.clone())
@@ -808,6 +851,11 @@ mod compare {
                     .collect(),
                 pods: Vec::new(),
             }),
+            density: Some(Box::new(move || {
+                std::iter::once(("agent", agent_pid))
+                    .chain(ours.runtime_pid().map(|p| ("runtime", p)))
+                    .collect()
+            })),
         }];
         if let Some(peer) = &args.peer {
             let kubelet: u32 = env("PEER_KUBELET_PID")?.parse()?;
@@ -820,6 +868,7 @@ mod compare {
                 image: env("PEER_PAUSE_IMAGE")?,
                 runtime_class: None,
                 procs: Box::new(move || peer_procs(kubelet, containerd, &s)),
+                density: None,
             });
             if let Some(image) = &args.runwasi_image {
                 kinds.push(Kind {
@@ -828,6 +877,7 @@ mod compare {
                     image: image.clone(),
                     runtime_class: Some("wasmtime"),
                     procs: Box::new(move || peer_procs(kubelet, containerd, &socket)),
+                    density: None,
                 });
             }
         }
@@ -835,7 +885,7 @@ mod compare {
         let started = jiff::Timestamp::now();
         let mut results = Vec::new();
         for kind in &kinds {
-            match run_kind(&client, kind, args.pods, args.burst).await {
+            match run_kind(&client, kind, &args).await {
                 Ok(r) => results.push(r),
                 Err(e) => println!("{}: failed: {e:#}", kind.label),
             }
@@ -849,6 +899,9 @@ mod compare {
             "termination_grace_period_seconds": GRACE_SECONDS,
             "pods": args.pods,
             "burst": args.burst,
+            "density": args.density,
+            "settle_s": args.settle.as_secs_f64(),
+            "window_s": args.window.as_secs_f64(),
             "machine": machine(),
             "loadavg_start": load_start,
             "loadavg_end": load_end,
@@ -952,6 +1005,11 @@ mod compare {
                     / n,
                 r.idle_n.pods_rss_kib as f64 / 1024.0,
             );
+        }
+        for r in results {
+            if let Some(d) = &r.density {
+                s += &d.markdown(&r.kind);
+            }
         }
         if results.iter().any(|r| r.burst.is_some()) {
             s += &format!(
