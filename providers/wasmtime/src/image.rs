@@ -244,6 +244,8 @@ pub struct ImageStore {
     last_used: Mutex<BTreeMap<String, u64>>,
     /// When the store was opened: the last use of a reference it has no record of.
     opened_at: u64,
+    /// reference as written -> its canonical form (see [`CanonicalMemo`]).
+    canonical: CanonicalMemo,
 }
 
 impl ImageStore {
@@ -281,6 +283,7 @@ impl ImageStore {
             index: Mutex::new(index),
             last_used: Mutex::new(last_used),
             opened_at: unix_now(),
+            canonical: CanonicalMemo::default(),
         };
         store.sweep();
         Ok(store)
@@ -354,7 +357,7 @@ impl ImageStore {
     /// an image a container uses is never collected whatever its time says.
     pub fn touch(&self, reference: &str) {
         let mut used = self.last_used.lock().unwrap_or_else(|e| e.into_inner());
-        used.insert(canonical(reference), unix_now());
+        used.insert(self.canonical.get(reference), unix_now());
         let path = self.dir.join("last-used.json");
         let tmp = self
             .dir
@@ -371,7 +374,7 @@ impl ImageStore {
     /// Removes `reference` from the store. Returns the module digest and the bytes freed when
     /// its blob went too (no other reference shares it), else `None` and 0.
     pub fn remove(&self, reference: &str) -> Result<(Option<String>, u64), ProviderError> {
-        let key = canonical(reference);
+        let key = self.canonical.get(reference);
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         let Some(image) = index.remove(&key) else {
             return Err(ProviderError::NotFound(format!("image {reference}")));
@@ -429,7 +432,7 @@ impl ImageStore {
 
     /// The image if it was pulled and its layer is still on disk.
     pub fn get(&self, reference: &str) -> Option<StoredImage> {
-        let key = canonical(reference);
+        let key = self.canonical.get(reference);
         let image = self
             .index
             .lock()
@@ -470,7 +473,7 @@ impl ImageStore {
             }
             _ => "anonymous".to_string(),
         };
-        let key = format!("{} {credentials}", canonical(reference));
+        let key = format!("{} {credentials}", self.canonical.get(reference));
         loop {
             // Decided under the lock, acted on after it is released.
             let role = {
@@ -1212,8 +1215,9 @@ impl ImageStore {
     }
 
     fn record(&self, reference: &str, image: StoredImage) -> Result<(), ProviderError> {
+        let key = self.canonical.get(reference);
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        index.insert(canonical(reference), image);
+        index.insert(key, image);
         let path = self.dir.join("index.json");
         let bytes = serde_json::to_vec_pretty(&*index)
             .map_err(|e| ProviderError::Io(format!("encoding the image index: {e}")))?;
@@ -1798,6 +1802,39 @@ fn canonical(reference: &str) -> String {
         .parse::<Reference>()
         .map(|r| r.whole())
         .unwrap_or_else(|_| reference.to_string())
+}
+
+/// A memo of [`canonical`]: parsing a reference runs oci-spec's reference regex, whose
+/// per-thread caches grew to ~18 MiB in a burst of container starts (every start and every
+/// image status asks for its reference's canonical form). A node uses few distinct
+/// references, so each is parsed once; the memo is bounded because references come from pod
+/// specs (a hostile user may write many): past [`CanonicalMemo::MAX`] entries it starts over.
+#[derive(Default)]
+struct CanonicalMemo(Mutex<HashMap<String, String>>);
+
+impl CanonicalMemo {
+    /// Far above the distinct images a node runs (a 5,000-pod node of a few hundred images),
+    /// and at ~200 bytes an entry well under a MiB.
+    const MAX: usize = 4096;
+
+    fn get(&self, reference: &str) -> String {
+        if let Some(known) = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reference)
+        {
+            return known.clone();
+        }
+        // Parsed outside the lock: the regex is the slow part.
+        let form = canonical(reference);
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() >= Self::MAX {
+            memo.clear();
+        }
+        memo.insert(reference.to_string(), form.clone());
+        form
+    }
 }
 
 /// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`.
@@ -2398,6 +2435,28 @@ fn normalise_registry(registry: &str) -> String {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    #[test]
+    fn the_canonical_memo_answers_as_the_parse_and_stays_bounded() {
+        let memo = CanonicalMemo::default();
+        for reference in ["hello", "127.0.0.1:5000/hello:v1", "Not A Reference!"] {
+            assert_eq!(memo.get(reference), canonical(reference), "{reference}");
+            assert_eq!(
+                memo.get(reference),
+                canonical(reference),
+                "{reference} again"
+            );
+        }
+        assert_eq!(memo.get("hello"), "docker.io/library/hello:latest");
+        for i in 0..CanonicalMemo::MAX + 10 {
+            memo.get(&format!("127.0.0.1:5000/image{i}:v1"));
+        }
+        assert!(memo.0.lock().unwrap().len() <= CanonicalMemo::MAX);
+        assert_eq!(
+            memo.get("127.0.0.1:5000/image1:v1"),
+            "127.0.0.1:5000/image1:v1"
+        );
+    }
 
     /// A fresh store directory for one test.
     fn store_dir(name: &str) -> PathBuf {
