@@ -4,6 +4,11 @@
 //! renewTime is set to now. The controller manager reads it to decide whether the node is alive.
 //! The Lease is owned by the Node (ownerReference with the Node's UID, received from the node
 //! status manager), so it is garbage-collected with the Node and recreated when the Node is.
+//!
+//! A renewal is given one renew interval to complete, as the kubelet bounds its heartbeat
+//! client by `nodeStatusUpdateFrequency`: an API server whose etcd is away holds a request up to
+//! its own 60 s timeout, and a heartbeat stuck that long would keep the node silent for most of
+//! a minute after the control plane recovers (tests/tests/chaos_control_plane.rs).
 
 use std::time::Duration;
 
@@ -24,10 +29,11 @@ pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 
 /// Errors renewing the Lease; all are retried with backoff.
 #[derive(Debug, thiserror::Error)]
-#[error("renewing lease {NODE_LEASE_NAMESPACE}/{name}: {source}")]
-pub struct LeaseError {
-    name: String,
-    source: kube::Error,
+pub enum LeaseError {
+    #[error("renewing lease {NODE_LEASE_NAMESPACE}/{name}: {source}")]
+    Api { name: String, source: kube::Error },
+    #[error("renewing lease {NODE_LEASE_NAMESPACE}/{name}: no answer within {after:?}")]
+    TimedOut { name: String, after: Duration },
 }
 
 /// Owns the node's Lease.
@@ -73,7 +79,13 @@ impl LeaseHeartbeat {
                     Err(_) => return, // the node status manager has stopped: so do we
                 },
             };
-            let result = self.renew(&owner).await;
+            let result = match tokio::time::timeout(self.renew_interval, self.renew(&owner)).await {
+                Ok(result) => result,
+                Err(_) => Err(LeaseError::TimedOut {
+                    name: self.name.clone(),
+                    after: self.renew_interval,
+                }),
+            };
             if result.is_err() {
                 self.latest = None;
             }
@@ -97,7 +109,7 @@ impl LeaseHeartbeat {
 
     async fn renew(&mut self, owner: &NodeRef) -> Result<(), LeaseError> {
         let name = self.name.clone();
-        let err = move |source| LeaseError {
+        let err = move |source| LeaseError::Api {
             name: name.clone(),
             source,
         };
@@ -155,5 +167,55 @@ impl LeaseHeartbeat {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// An API server that takes every request and never answers (one whose etcd is away).
+    #[derive(Clone)]
+    struct NeverAnswers(Arc<AtomicUsize>);
+
+    impl tower_service::Service<http::Request<kube::client::Body>> for NeverAnswers {
+        type Response = http::Response<kube::client::Body>;
+        type Error = Box<dyn std::error::Error + Send + Sync>;
+        type Future = futures::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            futures::future::pending()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_the_api_server_holds_is_given_up_and_tried_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let client = kube::Client::new(NeverAnswers(calls.clone()), "default");
+        let (_tx, node) = watch::channel(Some(NodeRef {
+            name: "n".into(),
+            uid: "u".into(),
+        }));
+        let interval = Duration::from_secs(10);
+        let heartbeat =
+            LeaseHeartbeat::new(client, "n".into(), Duration::from_secs(40), interval, node);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(heartbeat.run(shutdown.clone()));
+        // One minute of an API server that answers nothing: a heartbeat that waited on its
+        // first request would have sent that one alone.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let sent = calls.load(Ordering::SeqCst);
+        assert!(sent >= 4, "{sent} renewal attempts in a minute");
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

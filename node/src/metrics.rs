@@ -496,6 +496,19 @@ impl Collector for ProcessMetrics {
             )?;
             ConstGauge::new(fds).encode(series)?;
         }
+        // The agent's tokio runtime: tasks spawned and not yet finished (a stable, cheap
+        // counter of tokio's: one atomic load). A task per pod that never ends shows here as a
+        // line that grows with pods served (the soak and tests/tests/soak_smoke.rs read it).
+        // No series outside a runtime (a unit test's plain thread).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let series = encoder.encode_descriptor(
+                "wasm_kubelet_tokio_alive_tasks",
+                "Number of tasks alive (spawned and not finished) in the agent's tokio runtime.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(runtime.metrics().num_alive_tasks() as i64).encode(series)?;
+        }
         Ok(())
     }
 }
@@ -741,5 +754,44 @@ mod tests {
             text.contains("# TYPE process_cpu_seconds_total counter\n"),
             "{text}"
         );
+        assert!(
+            !text.contains("wasm_kubelet_tokio_alive_tasks"),
+            "no runtime, no task series: {text}"
+        );
+    }
+
+    #[test]
+    fn alive_tasks_counts_the_runtime_tasks_that_have_not_finished() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut r = Registry::default();
+        r.register_collector(Box::new(ProcessMetrics));
+        let alive = |r: &Registry| {
+            let text = encode(r);
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("wasm_kubelet_tokio_alive_tasks ")?
+                        .parse::<i64>()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no task series: {text}"))
+        };
+        let _guard = runtime.enter();
+        let before = alive(&r);
+        let parked: Vec<_> = (0..3)
+            .map(|_| runtime.spawn(std::future::pending::<()>()))
+            .collect();
+        assert_eq!(alive(&r), before + 3);
+        for task in &parked {
+            task.abort();
+        }
+        runtime.block_on(async {
+            for task in parked {
+                let _ = task.await;
+            }
+        });
+        assert_eq!(alive(&r), before);
     }
 }

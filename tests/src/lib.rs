@@ -10,6 +10,7 @@
 
 pub mod mixed_node;
 pub mod port_forward;
+pub mod soak;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +46,13 @@ impl Cluster {
     pub fn get() -> &'static Cluster {
         static CLUSTER: OnceLock<Cluster> = OnceLock::new();
         CLUSTER.get_or_init(|| Cluster::load(&cluster_dir()).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    /// The cluster whose env file is `<dir>/env`, for a test that runs a private cluster of its
+    /// own (tests/tests/chaos_control_plane.rs) beside the one [`Cluster::get`] names. Each call
+    /// loads the file again and keeps the result for the life of the process.
+    pub fn open(dir: &Path) -> anyhow::Result<&'static Cluster> {
+        Ok(Box::leak(Box::new(Cluster::load(dir)?)))
     }
 
     fn load(dir: &Path) -> anyhow::Result<Cluster> {
@@ -180,6 +188,8 @@ pub struct Agent {
     args: Vec<String>,
     child: Option<Child>,
     runs: u32,
+    /// The cluster the node joins ([`Cluster::get`] unless started with [`Agent::start_on`]).
+    cluster: &'static Cluster,
     /// Keeps `node_ip` reserved against other agents, in this process and in others.
     _address: LoopbackAddress,
 }
@@ -188,7 +198,15 @@ impl Agent {
     /// Starts an agent for a new node called `name` with `--node-ip` on loopback and its own
     /// root directory; `extra` flags are appended.
     pub fn start(name: &str, extra: &[&str]) -> anyhow::Result<Agent> {
-        let cluster = Cluster::get();
+        Agent::start_on(Cluster::get(), name, extra)
+    }
+
+    /// [`Agent::start`] on `cluster` instead of the one [`Cluster::get`] names.
+    pub fn start_on(
+        cluster: &'static Cluster,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let dir = workspace_root().join("target/it").join(name);
         std::fs::create_dir_all(&dir)?;
         let kubeconfig = dir.join("node.kubeconfig");
@@ -239,6 +257,7 @@ impl Agent {
             args,
             child: None,
             runs: 0,
+            cluster,
             _address: address,
         };
         agent.spawn()?;
@@ -265,7 +284,7 @@ impl Agent {
             .context("spawning wasm-kubelet")?;
         // Leave a pid file where `deploy/local-cluster down` looks, so a crashed test run
         // cannot leak the agent, and where the runtime's pid file will be (`.runtime`).
-        let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
+        let pids = Path::new(self.cluster.var("LOCAL_CLUSTER_DIR")).join("pids");
         std::fs::create_dir_all(&pids)?;
         std::fs::write(
             pids.join(format!("agent-{}.pid", self.name)),
@@ -412,12 +431,13 @@ impl Drop for Agent {
         }
         // A killed agent leaves its tmpfs volumes (secrets, tokens, memory emptyDirs) mounted.
         unmount_under(&self.dir);
-        let pids = Path::new(Cluster::get().var("LOCAL_CLUSTER_DIR")).join("pids");
+        let pids = Path::new(self.cluster.var("LOCAL_CLUSTER_DIR")).join("pids");
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.pid", self.name)));
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.cmd", self.name)));
         let _ = std::fs::remove_file(pids.join(format!("agent-{}.runtime", self.name)));
         // Remove the Node so test nodes do not pile up in the cluster.
-        let _ = Cluster::get()
+        let _ = self
+            .cluster
             .kubectl()
             .args([
                 "delete",
@@ -773,8 +793,13 @@ fn content_tag(wasm: &[u8]) -> String {
 /// with deploy/push-wasm, the tag naming its content ([`content_tag`]: the same bytes push
 /// once and a changed guest is a new image); returns the image reference.
 pub fn push_wasm(name: &str, wasm: &[u8]) -> String {
+    push_wasm_to(Cluster::get(), name, wasm)
+}
+
+/// [`push_wasm`] to the registry of `cluster`.
+pub fn push_wasm_to(cluster: &Cluster, name: &str, wasm: &[u8]) -> String {
     let tag = content_tag(wasm);
-    let reference = format!("{}/it-guests/{name}:{tag}", Cluster::get().var("REGISTRY"));
+    let reference = format!("{}/it-guests/{name}:{tag}", cluster.var("REGISTRY"));
     let dir = workspace_root().join("target/it-guests");
     std::fs::create_dir_all(&dir).expect("target/it-guests");
     // Written under a name of this push alone, then renamed into place: another test process
@@ -801,8 +826,13 @@ pub fn push_wasm(name: &str, wasm: &[u8]) -> String {
 /// [`push_wasm`]; returns the image reference. Adversarial guests live in the test files as
 /// .wat text, so each test shows exactly what its guest does.
 pub fn push_wat(name: &str, wat: &str) -> String {
+    push_wat_to(Cluster::get(), name, wat)
+}
+
+/// [`push_wat`] to the registry of `cluster`.
+pub fn push_wat_to(cluster: &Cluster, name: &str, wat: &str) -> String {
     let wasm = wat::parse_str(wat).unwrap_or_else(|e| panic!("guest {name} is not valid WAT: {e}"));
-    push_wasm(name, &wasm)
+    push_wasm_to(cluster, name, &wasm)
 }
 
 /// The status of condition `kind` on a Node ("True", "False", "Unknown").
@@ -826,7 +856,7 @@ pub fn has_taint(node: &Node, key: &str) -> bool {
 
 /// Waits for the agent's Node to exist; on time-out fails with the agent's log.
 pub(crate) async fn wait_registered(agent: &Agent) {
-    let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
+    let nodes: kube::Api<Node> = kube::Api::all(agent.cluster.admin().await);
     wait_for("the test node to register", TEST_TIMEOUT, || async {
         nodes.get_opt(&agent.name).await.ok()?
     })
@@ -841,11 +871,16 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// with its pod logs in `<agent dir>/logs` and `extra` flags, and waits for its Node to exist.
 pub async fn test_node(what: &str, extra: &[&str]) -> Agent {
     push_examples();
+    test_node_on(Cluster::get(), what, extra).await
+}
+
+/// [`test_node`] on `cluster`, without pushing the wasm-examples.
+pub async fn test_node_on(cluster: &'static Cluster, what: &str, extra: &[&str]) -> Agent {
     let name = unique_name(what);
     let logs = workspace_root().join("target/it").join(&name).join("logs");
     let mut args = vec!["--pod-logs-dir", logs.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
-    let agent = Agent::start(&name, &args).expect("the agent starts");
+    let agent = Agent::start_on(cluster, &name, &args).expect("the agent starts");
     wait_registered(&agent).await;
     agent
 }
@@ -855,12 +890,18 @@ pub async fn test_node(what: &str, extra: &[&str]) -> Agent {
 pub struct TestNamespace {
     pub client: kube::Client,
     pub name: String,
+    cluster: &'static Cluster,
 }
 
 impl TestNamespace {
     pub async fn new(what: &str) -> Self {
+        TestNamespace::new_on(Cluster::get(), what).await
+    }
+
+    /// [`TestNamespace::new`] in `cluster`.
+    pub async fn new_on(cluster: &'static Cluster, what: &str) -> Self {
         use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-        let client = Cluster::get().admin().await;
+        let client = cluster.admin().await;
         let name = unique_name(what);
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
             .expect("valid namespace");
@@ -874,7 +915,11 @@ impl TestNamespace {
         })
         .await
         .expect("default service account");
-        Self { client, name }
+        Self {
+            client,
+            name,
+            cluster,
+        }
     }
 
     pub fn pods(&self) -> kube::Api<Pod> {
@@ -993,7 +1038,8 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let _ = Cluster::get()
+        let _ = self
+            .cluster
             .kubectl()
             .args(["delete", "namespace", &self.name, "--wait=false"])
             .output();
