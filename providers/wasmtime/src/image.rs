@@ -592,7 +592,33 @@ impl ImageStore {
                 }
             }
         };
-        let layer = match select_wasm_layer(&manifest) {
+        // A Spin application: its lock file (the config) says which layer is the component.
+        let spin_layer = if manifest.config.media_type == SPIN_APP_CONFIG {
+            let cap = Cap {
+                max: MAX_CONFIG_BYTES as u64,
+                flag: "the image config limit (4 MiB)",
+            };
+            let lock = self
+                .fetch_blob_to_memory(
+                    client,
+                    &manifest_ref,
+                    reference,
+                    &manifest.config,
+                    "Spin application config",
+                    cap,
+                    progress,
+                )
+                .await?;
+            let layer = select_spin_component(&lock, &manifest).map_err(|why| {
+                ProviderError::UnsupportedImage(format!(
+                    "image {reference} is a Spin application ({SPIN_APP_CONFIG}); {why}"
+                ))
+            })?;
+            Some(layer)
+        } else {
+            None
+        };
+        let layer = match spin_layer.map_or_else(|| select_wasm_layer(&manifest), Ok) {
             Ok(layer) => layer,
             Err(_) if IMAGE_CONFIG_TYPES.contains(&manifest.config.media_type.as_str()) => {
                 let stored = self.pull_entrypoint_module(client, &manifest_ref, reference, &manifest, &manifest_digest, progress).await?;
@@ -2349,13 +2375,181 @@ pub fn select_wasm_layer(manifest: &OciImageManifest) -> Result<&OciDescriptor, 
 }
 
 /// The index entry for a Wasm platform: the first whose `os` is wasip1, wasip2 or wasi, or
-/// whose architecture is `wasm`.
+/// whose architecture is `wasm`. Docker buildx's attestation manifests (provenance, SBOM:
+/// annotation `vnd.docker.reference.type`, platform `unknown/unknown`) are never chosen.
 pub fn choose_platform(entries: &[ImageIndexEntry]) -> Option<&ImageIndexEntry> {
     entries.iter().find(|e| {
-        e.platform
+        let attestation = e
+            .annotations
             .as_ref()
-            .is_some_and(|p| WASM_OSES.contains(&p.os.as_str()) || p.architecture == "wasm")
+            .is_some_and(|a| a.contains_key(DOCKER_REFERENCE_TYPE));
+        !attestation
+            && e.platform
+                .as_ref()
+                .is_some_and(|p| WASM_OSES.contains(&p.os.as_str()) || p.architecture == "wasm")
     })
+}
+
+/// The annotation Docker buildx puts on an index entry that is an attestation of another
+/// entry (`attestation-manifest`), not an image.
+const DOCKER_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
+
+/// Config media type of a Spin application artifact (`spin registry push`): the config is the
+/// application's lock file (spin.lock JSON), its layers the components' sources and files.
+pub const SPIN_APP_CONFIG: &str = "application/vnd.fermyon.spin.application.v1+config";
+
+/// What a Spin application may be to run here: one component, reached by HTTP triggers only,
+/// served as a wasi:http component on the pod's declared port.
+const SPIN_SUPPORTED: &str = "this node runs a Spin application of exactly one component with \
+     only http triggers (the spin executor), no files, variables, config, environment or \
+     dependencies, its source a wasi:http component";
+
+/// The layer of a Spin application (`lock`: its config, the spin.lock JSON) this node runs:
+/// the source of its one HTTP component. Anything this node cannot honour (several
+/// components, other triggers, files, variables, ...) is refused, naming it: running a part of
+/// an application silently would serve something the author did not build.
+pub fn select_spin_component<'m>(
+    lock: &[u8],
+    manifest: &'m OciImageManifest,
+) -> Result<&'m OciDescriptor, String> {
+    use serde_json::Value;
+    let refuse = |what: String| format!("{what}; {SPIN_SUPPORTED}");
+    let lock: Value = serde_json::from_slice(lock)
+        .map_err(|e| refuse(format!("its lock file (the config) is not JSON: {e}")))?;
+    let non_empty = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    let names = |v: Option<&Value>| match v {
+        Some(Value::Object(m)) => m.keys().take(5).cloned().collect::<Vec<_>>().join(", "),
+        Some(Value::Array(a)) => a
+            .iter()
+            .take(5)
+            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => String::new(),
+    };
+    let version = lock.get("spin_lock_version").unwrap_or(&Value::Null);
+    if !matches!(version.as_u64(), Some(0 | 1)) {
+        return Err(refuse(format!(
+            "its lock file has spin_lock_version {version} (this node reads 0 and 1)"
+        )));
+    }
+    for field in ["must_understand", "host_requirements"] {
+        if non_empty(lock.get(field)) {
+            return Err(refuse(format!(
+                "it requires host features ({})",
+                names(lock.get(field))
+            )));
+        }
+    }
+    if non_empty(lock.get("variables")) {
+        return Err(refuse(format!(
+            "it declares application variables ({})",
+            names(lock.get("variables"))
+        )));
+    }
+    let components = lock
+        .get("components")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let component = match components {
+        [one] => one,
+        [] => return Err(refuse("it has no components".into())),
+        many => {
+            let ids: Vec<&str> = many
+                .iter()
+                .take(5)
+                .map(|c| c.get("id").and_then(Value::as_str).unwrap_or("?"))
+                .collect();
+            return Err(refuse(format!(
+                "it has {} components ({}{})",
+                many.len(),
+                ids.join(", "),
+                if many.len() > 5 { ", ..." } else { "" }
+            )));
+        }
+    };
+    let id = component.get("id").and_then(Value::as_str).unwrap_or("");
+    for (field, what) in [
+        ("files", "files"),
+        ("config", "config values"),
+        (
+            "env",
+            "environment variables (set them in the pod's env instead)",
+        ),
+        ("dependencies", "component dependencies"),
+    ] {
+        if non_empty(component.get(field)) {
+            return Err(refuse(format!("component {id:?} has {what}")));
+        }
+    }
+    if non_empty(component.get("source").and_then(|s| s.get("dependencies"))) {
+        return Err(refuse(format!(
+            "component {id:?} has component dependencies"
+        )));
+    }
+    let triggers = lock
+        .get("triggers")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if triggers.is_empty() {
+        return Err(refuse("it has no triggers".into()));
+    }
+    for trigger in triggers {
+        let kind = trigger
+            .get("trigger_type")
+            .and_then(Value::as_str)
+            .unwrap_or("(none)");
+        let config = trigger.get("trigger_config");
+        if kind != "http" {
+            return Err(refuse(format!("it has a {kind:?} trigger")));
+        }
+        let target = config
+            .and_then(|c| c.get("component"))
+            .and_then(Value::as_str);
+        if target != Some(id) {
+            return Err(refuse(format!(
+                "an http trigger names component {:?}, not {id:?}",
+                target.unwrap_or("(none)")
+            )));
+        }
+        let executor = config
+            .and_then(|c| c.get("executor"))
+            .and_then(|e| e.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("spin");
+        if executor != "spin" {
+            return Err(refuse(format!(
+                "its http trigger uses the {executor:?} executor"
+            )));
+        }
+    }
+    // spin.lock flattens the content reference into `source` (`source.digest`); accept the
+    // nested form (`source.content.digest`) too.
+    let source = component.get("source");
+    let digest = source
+        .and_then(|s| s.get("digest").or_else(|| s.get("content")?.get("digest")))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            refuse(format!(
+                "component {id:?} has no source digest (a lock file not made by spin registry push?)"
+            ))
+        })?;
+    manifest
+        .layers
+        .iter()
+        .find(|l| l.digest == digest && WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
+        .ok_or_else(|| {
+            refuse(format!(
+                "component {id:?}'s source {digest} is not a Wasm layer of the manifest"
+            ))
+        })
 }
 
 fn platform_name(entry: &ImageIndexEntry) -> String {
@@ -2644,6 +2838,108 @@ mod tests {
         let index = vec![entry("unknown", "wasm", 'e')];
         assert!(choose_platform(&index).is_some());
         assert!(choose_platform(&[entry("linux", "amd64", 'a')]).is_none());
+    }
+
+    #[test]
+    fn an_attestation_manifest_is_never_the_platform() {
+        let mut attestation = entry("unknown", "wasm", 'a');
+        attestation.annotations = Some(
+            [(
+                "vnd.docker.reference.type".to_string(),
+                "attestation-manifest".to_string(),
+            )]
+            .into(),
+        );
+        let index = vec![attestation, entry("wasi", "wasm", 'b')];
+        assert!(choose_platform(&index).unwrap().digest.contains('b'));
+        assert!(choose_platform(&index[..1]).is_none());
+    }
+
+    /// A spin.lock as `spin registry push` writes it: one http component whose source is the
+    /// layer of digest `b...`; `edit` changes it first.
+    fn spin_lock(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut lock = serde_json::json!({
+            "spin_lock_version": 1,
+            "metadata": {"name": "hello", "version": "0.1.0"},
+            "triggers": [{"id": "trigger--hello", "trigger_type": "http",
+                "trigger_config": {"component": "hello", "route": "/..."}}],
+            "components": [{"id": "hello", "metadata": {"allowed_outbound_hosts": []},
+                "source": {"content_type": "application/wasm",
+                    "digest": format!("sha256:{}", "b".repeat(64))}}],
+        });
+        edit(&mut lock);
+        lock.to_string().into_bytes()
+    }
+
+    #[test]
+    fn a_spin_app_of_one_http_component_runs_that_component() {
+        let mut wasm = descriptor("application/vnd.wasm.content.layer.v1+wasm");
+        wasm.digest = format!("sha256:{}", "b".repeat(64));
+        let manifest = OciImageManifest {
+            layers: vec![
+                descriptor("application/vnd.wasm.content.layer.v1+wasm"),
+                wasm,
+            ],
+            ..Default::default()
+        };
+        let chosen = select_spin_component(&spin_lock(|_| ()), &manifest).unwrap();
+        assert!(
+            chosen.digest.ends_with('b'),
+            "the lock's source, not the first layer"
+        );
+        // The nested content form is read too.
+        let nested = spin_lock(|l| {
+            l["components"][0]["source"] = serde_json::json!({"content_type": "application/wasm",
+                "content": {"digest": format!("sha256:{}", "b".repeat(64))}});
+        });
+        assert!(select_spin_component(&nested, &manifest)
+            .unwrap()
+            .digest
+            .ends_with('b'));
+
+        let refused = |edit: fn(&mut serde_json::Value), want: &str| {
+            let err = select_spin_component(&spin_lock(edit), &manifest).unwrap_err();
+            assert!(
+                err.contains(want) && err.contains("exactly one component"),
+                "{want}: {err}"
+            );
+        };
+        refused(
+            |l| {
+                let other = l["components"][0].clone();
+                l["components"].as_array_mut().unwrap().push(other);
+                l["components"][1]["id"] = "two".into();
+            },
+            "2 components (hello, two)",
+        );
+        refused(
+            |l| l["triggers"][0]["trigger_type"] = "redis".into(),
+            "a \"redis\" trigger",
+        );
+        refused(
+            |l| l["components"][0]["files"] = serde_json::json!([{"path": "/a", "digest": "x"}]),
+            "component \"hello\" has files",
+        );
+        refused(
+            |l| l["variables"] = serde_json::json!({"token": {"required": true}}),
+            "application variables (token)",
+        );
+        refused(
+            |l| {
+                l["triggers"][0]["trigger_config"]["executor"] = serde_json::json!({"type": "wagi"})
+            },
+            "\"wagi\" executor",
+        );
+        refused(|l| l["components"] = serde_json::json!([]), "no components");
+        refused(
+            |l| {
+                l["components"][0]["source"]["digest"] = format!("sha256:{}", "c".repeat(64)).into()
+            },
+            "is not a Wasm layer of the manifest",
+        );
+        refused(|l| l["spin_lock_version"] = 7.into(), "spin_lock_version 7");
+        let err = select_spin_component(b"<html>", &manifest).unwrap_err();
+        assert!(err.contains("not JSON"), "{err}");
     }
 
     #[test]

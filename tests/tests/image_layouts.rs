@@ -1,0 +1,611 @@
+//! Images as the common tools lay them out, end to end: each test builds the image the way the
+//! tool does (`oras push`, `wkg oci push`, `docker buildx build --platform wasi/wasm`,
+//! `spin registry push`) and pushes it to the local plain-http registry itself (blob uploads and
+//! a manifest PUT with curl, as tests/tests/images.rs does), then runs a pod of it through the
+//! real API server and checks its output or its HTTP answer. Layouts this node cannot honour
+//! fail the pod with reason UnsupportedImage and a message naming what is missing. One node and
+//! one namespace per test. See docs/images.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use integration_tests::{
+    example_image, example_wasm, http_get, phase, test_node, unique_name, wait_for, workspace_root,
+    Agent, Cluster, TestNamespace, TEST_TIMEOUT,
+};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+const SPIN_CONFIG: &str = "application/vnd.fermyon.spin.application.v1+config";
+const SPIN_WASM: &str = "application/vnd.wasm.content.layer.v1+wasm";
+const SPIN_DATA: &str = "application/vnd.wasm.content.layer.v1+data";
+
+// ------------------------------------------------------------------ pushing with curl
+
+/// `$REGISTRY/<repo>/...` over plain http.
+fn base(repo: &str) -> String {
+    format!("http://{}/v2/{repo}", Cluster::get().var("REGISTRY"))
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = workspace_root()
+        .join("target/it/image-layouts-tmp")
+        .join(unique_name(what));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One curl request; (status, headers, body).
+fn request(method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
+    let dir = tempdir("curl");
+    let (headers, body) = (dir.join("headers"), dir.join("body"));
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--connect-timeout", "10"])
+        .args(["--request", method, "--write-out", "%{http_code}"])
+        .arg("--dump-header")
+        .arg(&headers)
+        .arg("--output")
+        .arg(&body)
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let result = (status, read(&headers), read(&body));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_ne!(
+        status,
+        0,
+        "{method} {url}: no response: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    result
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let hex = String::from_utf8_lossy(&out.stdout);
+    format!("sha256:{}", hex.split_whitespace().next().unwrap())
+}
+
+/// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); its descriptor.
+fn push_blob(repo: &str, media_type: &str, bytes: &[u8]) -> Value {
+    let digest = sha256(bytes);
+    let (status, headers, body) = request(
+        "POST",
+        &format!("{}/blobs/uploads/", base(repo)),
+        &["--header", "Content-Length: 0"],
+    );
+    assert_eq!(status, 202, "starting a blob upload: {body}");
+    let location = headers
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .expect("a Location header");
+    let location = if location.starts_with('/') {
+        format!("http://{}{location}", Cluster::get().var("REGISTRY"))
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let dir = tempdir("blob");
+    let file = dir.join("blob");
+    std::fs::write(&file, bytes).unwrap();
+    let data = format!("@{}", file.display());
+    let (status, _, body) = request(
+        "PUT",
+        &format!("{location}{sep}digest={digest}"),
+        &[
+            "--header",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &data,
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status, 201, "uploading blob {digest}: {body}");
+    json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
+}
+
+/// PUTs `manifest` (of `media_type`) as `repo:tag` (or by digest); its descriptor.
+fn push_manifest(repo: &str, tag: &str, media_type: &str, manifest: &Value) -> Value {
+    let body = manifest.to_string();
+    let (status, _, answer) = request(
+        "PUT",
+        &format!("{}/manifests/{tag}", base(repo)),
+        &[
+            "--header",
+            &format!("Content-Type: {media_type}"),
+            "--data-binary",
+            &body,
+        ],
+    );
+    assert_eq!(status, 201, "putting manifest {repo}:{tag}: {answer}");
+    json!({"mediaType": media_type, "digest": sha256(body.as_bytes()), "size": body.len()})
+}
+
+fn reference(repo: &str, tag: &str) -> String {
+    format!("{}/{repo}:{tag}", Cluster::get().var("REGISTRY"))
+}
+
+/// A gzip tar layer holding `files` (path, content) owned by root, as BuildKit writes one.
+/// Returns (layer, diff_id).
+fn tar_gz_layer(files: &[(&str, &[u8])]) -> (Vec<u8>, String) {
+    let dir = tempdir("layer");
+    let root = dir.join("rootfs");
+    for (path, content) in files {
+        let file = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, content).unwrap();
+    }
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .args([
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar failed");
+    let diff_id = sha256(&std::fs::read(&tar).unwrap());
+    let out = Command::new("gzip")
+        .args(["-n", "-c"])
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gzip failed");
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.stdout, diff_id)
+}
+
+/// A wasm-examples component (wasm32-wasip2 build output; built and pushed first).
+fn example_component(file: &str) -> Vec<u8> {
+    example_image("hello-component");
+    let target = std::env::var_os("WASM_EXAMPLES_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/wasm-examples"));
+    let path = target.join("wasm32-wasip2/release").join(file);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+// ------------------------------------------------------------------ the layouts
+
+/// `oras push $REF hello.wasm:application/wasm [--artifact-type T]`: an OCI manifest whose
+/// config is oras 1.x's empty descriptor (or older oras's `unknown` config), the module a layer
+/// titled with its file name.
+fn push_oras(repo: &str, tag: &str, module: &[u8], older: bool) -> String {
+    let layer = push_blob(repo, "application/wasm", module);
+    let mut layer = layer.as_object().unwrap().clone();
+    layer.insert(
+        "annotations".into(),
+        json!({"org.opencontainers.image.title": "hello.wasm"}),
+    );
+    let mut manifest = if older {
+        let config = push_blob(repo, "application/vnd.unknown.config.v1+json", b"{}");
+        json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]})
+    } else {
+        let mut config = push_blob(repo, OCI_EMPTY, b"{}");
+        config["data"] = "e30=".into();
+        json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.wasm.v1", "config": config, "layers": [layer]})
+    };
+    manifest["annotations"] = json!({"org.opencontainers.image.created": "2026-01-01T00:00:00Z"});
+    push_manifest(repo, tag, OCI_MANIFEST, &manifest);
+    reference(repo, tag)
+}
+
+/// `wkg oci push $REF component.wasm`: config `application/vnd.wasm.config.v0+json` (the
+/// CNCF TAG Runtime Wasm OCI artifact layout), one `application/wasm` layer.
+fn push_wkg(repo: &str, tag: &str, component: &[u8]) -> String {
+    let layer = push_blob(repo, "application/wasm", component);
+    let config = json!({
+        "created": "2026-01-01T00:00:00Z",
+        "architecture": "wasm",
+        "os": "wasip2",
+        "layerDigests": [layer["digest"]],
+        "component": {"exports": ["wasi:cli/run@0.2.0"], "imports": ["wasi:cli/stdout@0.2.0"], "target": null},
+    });
+    let config = push_blob(
+        repo,
+        "application/vnd.wasm.config.v0+json",
+        config.to_string().as_bytes(),
+    );
+    let manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.wasm.config.v0+json", "config": config, "layers": [layer],
+        "annotations": {"org.opencontainers.image.version": "0.1.0"}});
+    push_manifest(repo, tag, OCI_MANIFEST, &manifest);
+    reference(repo, tag)
+}
+
+/// `docker buildx build --platform wasi/wasm --push` of `FROM scratch`, `COPY hello.wasm
+/// /app.wasm`, `ENTRYPOINT ["/app.wasm"]`: an index with the wasi/wasm image and (with
+/// `docker`, the classic builder's media types and no attestation; else BuildKit's OCI ones)
+/// an attestation manifest listed first.
+fn push_docker_wasi(repo: &str, tag: &str, module: &[u8], classic: bool) -> String {
+    let (manifest_type, config_type, layer_type, index_type) = if classic {
+        (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_TAR_GZIP, DOCKER_LIST)
+    } else {
+        (OCI_MANIFEST, OCI_CONFIG, OCI_TAR_GZIP, OCI_INDEX)
+    };
+    let (layer, diff_id) = tar_gz_layer(&[("/app.wasm", module)]);
+    let layer = push_blob(repo, layer_type, &layer);
+    let config = json!({"architecture": "wasm", "os": "wasi",
+        "config": {"Entrypoint": ["/app.wasm"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}});
+    let config = push_blob(repo, config_type, config.to_string().as_bytes());
+    let image = push_manifest(
+        repo,
+        &format!("{tag}-image"),
+        manifest_type,
+        &json!({"schemaVersion": 2, "mediaType": manifest_type, "config": config, "layers": [layer]}),
+    );
+    let mut entry = image.as_object().unwrap().clone();
+    entry.insert(
+        "platform".into(),
+        json!({"architecture": "wasm", "os": "wasi"}),
+    );
+    let mut entries = vec![Value::Object(entry)];
+    if !classic {
+        // BuildKit's provenance attestation: an in-toto layer, platform unknown/unknown.
+        let statement = json!({"_type": "https://in-toto.io/Statement/v0.1",
+            "predicateType": "https://slsa.dev/provenance/v0.2", "subject": [{"digest": {"sha256": image["digest"].as_str().unwrap().trim_start_matches("sha256:")}}]});
+        let att_layer = push_blob(
+            repo,
+            "application/vnd.in-toto+json",
+            statement.to_string().as_bytes(),
+        );
+        let att_config = push_blob(
+            repo,
+            OCI_CONFIG,
+            json!({"architecture": "unknown", "os": "unknown", "config": {}, "rootfs": {"type": "layers", "diff_ids": [att_layer["digest"]]}}).to_string().as_bytes(),
+        );
+        let attestation = push_manifest(
+            repo,
+            &format!("{tag}-attestation"),
+            OCI_MANIFEST,
+            &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": att_config, "layers": [att_layer]}),
+        );
+        let mut att = attestation.as_object().unwrap().clone();
+        att.insert(
+            "platform".into(),
+            json!({"architecture": "unknown", "os": "unknown"}),
+        );
+        att.insert(
+            "annotations".into(),
+            json!({"vnd.docker.reference.digest": image["digest"], "vnd.docker.reference.type": "attestation-manifest"}),
+        );
+        entries.insert(0, Value::Object(att));
+    }
+    push_manifest(
+        repo,
+        tag,
+        index_type,
+        &json!({"schemaVersion": 2, "mediaType": index_type, "manifests": entries}),
+    );
+    reference(repo, tag)
+}
+
+/// `spin registry push`: the config is the app's lock file with each component's source
+/// replaced by its layer digest (spin.lock flattens the content reference: `source.digest`);
+/// one `+wasm` layer per component source, one `+data` layer per file. `components` are
+/// (id, source bytes, route or a trigger type, files).
+#[allow(clippy::type_complexity)]
+fn push_spin(
+    repo: &str,
+    tag: &str,
+    components: &[(&str, &[u8], &str, &[(&str, &[u8])])],
+    variables: Value,
+) -> String {
+    let mut layers = Vec::new();
+    let mut locked = Vec::new();
+    let mut triggers = Vec::new();
+    for (id, source, route, files) in components {
+        let layer = push_blob(repo, SPIN_WASM, source);
+        let mut component = json!({"id": id,
+            "metadata": {"allowed_outbound_hosts": []},
+            "source": {"content_type": "application/wasm", "digest": layer["digest"]}});
+        layers.push(layer);
+        let files: Vec<Value> = files
+            .iter()
+            .map(|(path, bytes)| {
+                let data = push_blob(repo, SPIN_DATA, bytes);
+                let file = json!({"digest": data["digest"], "path": path});
+                layers.push(data);
+                file
+            })
+            .collect();
+        if !files.is_empty() {
+            component["files"] = Value::Array(files);
+        }
+        locked.push(component);
+        triggers.push(if route.starts_with('/') {
+            json!({"id": format!("trigger--{id}"), "trigger_type": "http",
+                "trigger_config": {"component": id, "route": route}})
+        } else {
+            json!({"id": format!("trigger--{id}"), "trigger_type": route,
+                "trigger_config": {"component": id, "channel": "messages"}})
+        });
+    }
+    let mut lock = json!({"spin_lock_version": 1,
+        "metadata": {"name": repo.rsplit('/').next().unwrap(), "version": "0.1.0",
+            "trigger": {"type": "http"}},
+        "triggers": triggers, "components": locked});
+    if variables.is_object() {
+        lock["variables"] = variables;
+    }
+    let config = push_blob(repo, SPIN_CONFIG, lock.to_string().as_bytes());
+    let manifest =
+        json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers});
+    push_manifest(repo, tag, OCI_MANIFEST, &manifest);
+    reference(repo, tag)
+}
+
+// ------------------------------------------------------------------ pods
+
+/// A pod of one container `c` of `image`, restartPolicy Never; `container` merged in.
+async fn run_pod(ns: &TestNamespace, agent: &Agent, name: &str, image: &str, container: Value) {
+    let mut c = json!({"name": "c", "image": image});
+    c.as_object_mut()
+        .unwrap()
+        .extend(container.as_object().cloned().unwrap_or_default());
+    ns.create_bound_pod(
+        agent,
+        name,
+        json!({}),
+        json!({"terminationGracePeriodSeconds": 2, "containers": [c]}),
+    )
+    .await;
+}
+
+/// The pod once it ended (Succeeded or Failed).
+async fn ended(ns: &TestNamespace, agent: &Agent, name: &str) -> Pod {
+    ns.wait_pod(agent, name, "the pod to end", |p| {
+        matches!(phase(p), "Succeeded" | "Failed")
+    })
+    .await
+}
+
+fn log_of(agent: &Agent, ns: &str, pod: &Pod) -> String {
+    let uid = pod.metadata.uid.as_deref().unwrap();
+    let name = pod.metadata.name.as_deref().unwrap();
+    let path = agent
+        .dir
+        .join("logs")
+        .join(format!("{ns}_{name}_{uid}"))
+        .join("c/0.log");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The pod's (reason, message) once it failed or its container runs: an image this node
+/// refuses fails the pod; one it (wrongly) accepts runs.
+async fn refused(ns: &TestNamespace, agent: &Agent, name: &str) -> (String, String) {
+    let pod = ns
+        .wait_pod(agent, name, "the pod to fail or run", |p| {
+            phase(p) == "Failed" || phase(p) == "Running" || phase(p) == "Succeeded"
+        })
+        .await;
+    let status = pod.status.clone().unwrap_or_default();
+    assert_eq!(
+        phase(&pod),
+        "Failed",
+        "{name}: the image must be refused, not run: {status:?}"
+    );
+    (
+        status.reason.unwrap_or_default(),
+        status.message.unwrap_or_default(),
+    )
+}
+
+/// `n` distinct ports free on the node's address, for pods to declare (chosen by the kernel;
+/// the listeners are held until all are chosen).
+fn free_ports(ip: &str, n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind((ip, 0)).expect("a free port on the node IP"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
+}
+
+// ------------------------------------------------------------------ the tests
+
+#[tokio::test]
+async fn an_oras_pushed_module_runs() {
+    let hello = std::fs::read(example_wasm("hello")).unwrap();
+    let agent = &test_node("layouts-oras", &[]).await;
+    let ns = TestNamespace::new("oras").await;
+    let current = push_oras("wk-layouts/oras", &agent.name, &hello, false);
+    let older = push_oras("wk-layouts/oras-old", &agent.name, &hello, true);
+    run_pod(&ns, agent, "oras", &current, json!({})).await;
+    run_pod(&ns, agent, "oras-old", &older, json!({})).await;
+    for name in ["oras", "oras-old"] {
+        let pod = ended(&ns, agent, name).await;
+        assert_eq!(phase(&pod), "Succeeded", "{name}: {:?}", pod.status);
+        let log = log_of(agent, &ns.name, &pod);
+        assert!(log.contains("Hello from WebAssembly!"), "{name}: {log}");
+    }
+}
+
+#[tokio::test]
+async fn a_wkg_pushed_component_runs() {
+    let component = example_component("hello-component.wasm");
+    let agent = &test_node("layouts-wkg", &[]).await;
+    let ns = TestNamespace::new("wkg").await;
+    let image = push_wkg("wk-layouts/wkg", &agent.name, &component);
+    run_pod(&ns, agent, "wkg", &image, json!({})).await;
+    let pod = ended(&ns, agent, "wkg").await;
+    assert_eq!(phase(&pod), "Succeeded", "{:?}", pod.status);
+    let log = log_of(agent, &ns.name, &pod);
+    assert!(log.contains("Hello from a WebAssembly component!"), "{log}");
+}
+
+#[tokio::test]
+async fn a_docker_wasi_wasm_image_runs_and_its_attestation_is_skipped() {
+    let hello = std::fs::read(example_wasm("hello")).unwrap();
+    let agent = &test_node("layouts-docker", &[]).await;
+    let ns = TestNamespace::new("dockerwasi").await;
+    let buildx = push_docker_wasi("wk-layouts/buildx", &agent.name, &hello, false);
+    let classic = push_docker_wasi("wk-layouts/docker", &agent.name, &hello, true);
+    run_pod(&ns, agent, "buildx", &buildx, json!({})).await;
+    run_pod(&ns, agent, "classic", &classic, json!({})).await;
+    for name in ["buildx", "classic"] {
+        let pod = ended(&ns, agent, name).await;
+        assert_eq!(phase(&pod), "Succeeded", "{name}: {:?}", pod.status);
+        let log = log_of(agent, &ns.name, &pod);
+        assert!(log.contains("Hello from WebAssembly!"), "{name}: {log}");
+    }
+}
+
+#[tokio::test]
+async fn a_spin_app_of_one_http_component_is_served() {
+    let http = example_component("http_health.wasm");
+    let hello = example_component("hello-component.wasm");
+    let agent = &test_node("layouts-spin", &[]).await;
+    let ns = TestNamespace::new("spin").await;
+    // The component's source is its own layer, not the first one: a second, unused Wasm
+    // layer comes first (spin pushes one layer per distinct source; a lock names which).
+    let repo = "wk-layouts/spin";
+    let decoy = push_blob(repo, SPIN_WASM, &hello);
+    let image = {
+        let layer = push_blob(repo, SPIN_WASM, &http);
+        let lock = json!({"spin_lock_version": 1,
+            "metadata": {"name": "spin", "version": "0.1.0", "trigger": {"type": "http"}},
+            "triggers": [{"id": "trigger--web", "trigger_type": "http",
+                "trigger_config": {"component": "web", "route": "/..."}}],
+            "components": [{"id": "web", "metadata": {"allowed_outbound_hosts": []},
+                "source": {"content_type": "application/wasm", "digest": layer["digest"]}}]});
+        let config = push_blob(repo, SPIN_CONFIG, lock.to_string().as_bytes());
+        push_manifest(
+            repo,
+            &agent.name,
+            OCI_MANIFEST,
+            &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [decoy, layer]}),
+        );
+        reference(repo, &agent.name)
+    };
+    let port = free_ports(&agent.node_ip, 1)[0];
+    run_pod(
+        &ns,
+        agent,
+        "web",
+        &image,
+        json!({"ports": [{"name": "http", "containerPort": port}]}),
+    )
+    .await;
+    let ip = agent.node_ip.clone();
+    let answer = wait_for("the Spin component to answer", TEST_TIMEOUT, || {
+        let ip = ip.clone();
+        async move { http_get(&ip, port, "/").await.ok() }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
+    assert_eq!(answer, (200, "hello from http-health\n".to_string()));
+}
+
+#[tokio::test]
+async fn a_spin_app_this_node_cannot_honour_is_an_unsupported_image() {
+    let http = example_component("http_health.wasm");
+    let agent = &test_node("layouts-spin-no", &[]).await;
+    let ns = TestNamespace::new("spinno").await;
+    let none: &[(&str, &[u8])] = &[];
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "two",
+            push_spin(
+                "wk-layouts/spin-two",
+                &agent.name,
+                &[
+                    ("web", &http, "/...", none),
+                    ("api", &http, "/api/...", none),
+                ],
+                Value::Null,
+            ),
+            "it has 2 components (web, api)",
+        ),
+        (
+            "redis",
+            push_spin(
+                "wk-layouts/spin-redis",
+                &agent.name,
+                &[("worker", &http, "redis", none)],
+                Value::Null,
+            ),
+            "it has a \"redis\" trigger",
+        ),
+        (
+            "files",
+            push_spin(
+                "wk-layouts/spin-files",
+                &agent.name,
+                &[(
+                    "web",
+                    &http,
+                    "/...",
+                    &[("/static/index.html", b"<h1>hi</h1>")],
+                )],
+                Value::Null,
+            ),
+            "component \"web\" has files",
+        ),
+        (
+            "variables",
+            push_spin(
+                "wk-layouts/spin-vars",
+                &agent.name,
+                &[("web", &http, "/...", none)],
+                json!({"api_token": {"required": true, "secret": true}}),
+            ),
+            "it declares application variables (api_token)",
+        ),
+    ];
+    // Each declares a port of its own, as a Spin app's pod would: were the image accepted, its
+    // http component would run (and the test say so), not wait for a port.
+    let ports = free_ports(&agent.node_ip, cases.len());
+    for ((name, image, _), port) in cases.iter().zip(ports) {
+        let ports = json!({"ports": [{"name": "http", "containerPort": port}]});
+        run_pod(&ns, agent, name, image, ports).await;
+    }
+    for (name, _, want) in &cases {
+        let (reason, message) = refused(&ns, agent, name).await;
+        assert_eq!(reason, "UnsupportedImage", "{name}: {message}");
+        assert!(
+            message.contains("is a Spin application") && message.contains(want),
+            "{name}: {want:?} in {message}"
+        );
+        assert!(
+            message.contains("exactly one component"),
+            "{name}: the message says what is supported: {message}"
+        );
+    }
+}
