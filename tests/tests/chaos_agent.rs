@@ -316,3 +316,218 @@ async fn killed_while_a_guest_logs_heavily_no_line_is_torn_or_lost() {
         expected = Some(n + 1);
     }
 }
+
+/// The containers of pod `name` in namespace `ns` the runtime holds, as the kubelet API's
+/// `/runningpods/` lists them.
+fn running_containers(agent: &Agent, ns: &str, name: &str) -> usize {
+    let (code, body) = kubelet_get(agent, "/runningpods/");
+    assert_eq!(code, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["name"] == name && p["metadata"]["namespace"] == ns)
+        .map(|p| p["spec"]["containers"].as_array().map_or(0, Vec::len))
+        .sum()
+}
+
+/// Killed while it writes a pod's volumes (three ConfigMaps of 600 KiB each, one Secret): the
+/// next agent writes them whole, leaves no half-written generation behind, and starts the
+/// container once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_volume_setup_the_volumes_are_whole_after_restart() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let image = integration_tests::example_image("toolbox");
+    let mut agent = test_node("chaos-volumes", &["--wasm-runtime=in-agent"]).await;
+    let ns = TestNamespace::new("chaos-volumes").await;
+    // Content that tells keys apart: key i of map m is its own repeated line.
+    let value = |m: usize, i: usize| format!("map {m} key {i}\n").repeat(6 << 10);
+    for m in 0..3 {
+        let data: std::collections::BTreeMap<String, String> =
+            (0..8).map(|i| (format!("key-{i}"), value(m, i))).collect();
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("big-{m}")}, "data": data,
+        }))
+        .unwrap();
+        kube::Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name)
+            .create(&Default::default(), &cm)
+            .await
+            .unwrap();
+    }
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "token"}, "stringData": {"token": "s3cret"},
+    }))
+    .unwrap();
+    kube::Api::<Secret>::namespaced(ns.client.clone(), &ns.name)
+        .create(&Default::default(), &secret)
+        .await
+        .unwrap();
+    let mut volumes: Vec<serde_json::Value> = (0..3)
+        .map(|m| serde_json::json!({"name": format!("big-{m}"), "configMap": {"name": format!("big-{m}")}}))
+        .collect();
+    volumes.push(serde_json::json!({"name": "token", "secret": {"secretName": "token"}}));
+    let mounts: Vec<serde_json::Value> = volumes
+        .iter()
+        .map(|v| serde_json::json!({"name": v["name"], "mountPath": format!("/{}", v["name"].as_str().unwrap())}))
+        .collect();
+    let pod = ns
+        .create_bound_pod(
+            &agent,
+            "volumes",
+            serde_json::json!({}),
+            serde_json::json!({
+                "volumes": volumes,
+                "containers": [{"name": "main", "image": image, "command": ["sleep", "3600"], "volumeMounts": mounts}],
+            }),
+        )
+        .await;
+    let uid = pod.metadata.uid.unwrap();
+    let pod_volumes = agent.dir.join("root/pods").join(&uid).join("volumes");
+
+    // Kill as soon as the pod's volume directory appears: its volumes are being written.
+    let caught = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + TEST_TIMEOUT;
+        while Instant::now() < deadline {
+            if pod_volumes.exists() {
+                agent.kill9();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    });
+    assert!(
+        caught,
+        "the pod's volumes never appeared\n{}",
+        agent.log_tail()
+    );
+    assert_eq!(
+        running_containers_before_kill(&agent),
+        0,
+        "the kill came after the container started; the test did not interrupt the set-up"
+    );
+
+    agent.spawn().unwrap();
+    let after = ns
+        .wait_pod(
+            &agent,
+            "volumes",
+            "the pod to run after the restart",
+            sole_container_running,
+        )
+        .await;
+    assert_eq!(
+        after.status.unwrap().container_statuses.unwrap()[0].restart_count,
+        0,
+        "the container started once"
+    );
+    assert_eq!(running_containers(&agent, &ns.name, "volumes"), 1);
+    // Every key whole, and one generation per volume: what ..data points at, nothing else.
+    for m in 0..3 {
+        let dir = pod_volumes
+            .join("kubernetes.io~configmap")
+            .join(format!("big-{m}"));
+        for i in 0..8 {
+            let got = std::fs::read_to_string(dir.join(format!("key-{i}"))).unwrap();
+            assert!(got == value(m, i), "big-{m}/key-{i} is not whole");
+        }
+        let data = std::fs::read_link(dir.join("..data")).unwrap();
+        let hidden: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("..") && n != "..data" && Path::new(n) != data)
+            .collect();
+        assert_eq!(
+            hidden,
+            Vec::<String>::new(),
+            "big-{m}: leftovers beside ..data"
+        );
+    }
+    let token = pod_volumes.join("kubernetes.io~secret/token/token");
+    assert_eq!(std::fs::read_to_string(token).unwrap(), "s3cret");
+}
+
+/// How many containers the (killed) agent's log says it started.
+fn running_containers_before_kill(agent: &Agent) -> usize {
+    agent.log().matches("container started").count()
+}
+
+/// Killed again and again while it writes pod statuses (ten jobs that end at once, five pods
+/// that keep running): each pod's status ends what it is, once: the jobs Succeeded with exit 0,
+/// the runners Running and never restarted, one container each in the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_status_writes_every_pod_ends_in_its_state() {
+    let hello = integration_tests::example_image("hello");
+    let toolbox = integration_tests::example_image("toolbox");
+    // The guests run in the runtime process (the default): they outlive each kill.
+    let mut agent = test_node("chaos-status", &[]).await;
+    let ns = TestNamespace::new("chaos-status").await;
+    for i in 0..10 {
+        ns.create_bound_pod(
+            &agent,
+            &format!("job-{i}"),
+            serde_json::json!({}),
+            serde_json::json!({"containers": [{"name": "main", "image": hello}]}),
+        )
+        .await;
+    }
+    for i in 0..5 {
+        ns.create_bound_pod(
+            &agent,
+            &format!("runner-{i}"),
+            serde_json::json!({}),
+            serde_json::json!({"containers": [{"name": "main", "image": toolbox, "command": ["sleep", "3600"]}]}),
+        )
+        .await;
+    }
+    // Three kills, each once the agent has written a few more statuses since it started.
+    for (round, writes) in [2usize, 6, 12].into_iter().enumerate() {
+        let before = agent.log().matches("pod status written").count();
+        let caught = tokio::task::block_in_place(|| {
+            let deadline = Instant::now() + TEST_TIMEOUT;
+            while Instant::now() < deadline {
+                if agent.log().matches("pod status written").count() >= before + writes {
+                    agent.kill9();
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        });
+        if !caught {
+            // Everything was written already: nothing left to interrupt in this round.
+            eprintln!("round {round}: fewer than {writes} status writes to interrupt");
+            break;
+        }
+        agent.spawn().unwrap();
+    }
+    for i in 0..10 {
+        let pod = ns
+            .wait_pod(&agent, &format!("job-{i}"), "the job to end", |p| {
+                matches!(phase(p), "Succeeded" | "Failed")
+            })
+            .await;
+        assert_eq!(phase(&pod), "Succeeded", "job-{i}: {:#?}", pod.status);
+        let statuses = pod.status.unwrap().container_statuses.unwrap();
+        assert_eq!(statuses.len(), 1, "job-{i}");
+        let terminated = statuses[0]
+            .state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .clone()
+            .unwrap();
+        assert_eq!(terminated.exit_code, 0, "job-{i}");
+    }
+    for i in 0..5 {
+        let name = format!("runner-{i}");
+        let pod = ns
+            .wait_pod(&agent, &name, "the runner to run", sole_container_running)
+            .await;
+        let statuses = pod.status.unwrap().container_statuses.unwrap();
+        assert_eq!(statuses[0].restart_count, 0, "{name} never restarted");
+        assert_eq!(running_containers(&agent, &ns.name, &name), 1, "{name}");
+    }
+}

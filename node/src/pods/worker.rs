@@ -562,7 +562,12 @@ impl PodWorker {
             return;
         };
         let listed = listed.to_vec();
-        self.adopt_or_lose(&listed);
+        for id in self.adopt_or_lose(&listed) {
+            if let Err(e) = self.ctx.provider.remove_container(&id).await {
+                warn!(id, error = %e, "cannot remove a container that was never started");
+            }
+            self.acted_at = self.ctx.runtime.mark();
+        }
         let mut oom_killed = Vec::new();
         for summary in listed {
             let Some(record) = self.containers.get_mut(&summary.name) else {
@@ -631,7 +636,11 @@ impl PodWorker {
     /// run was started with; one the runtime no longer holds (the runtime restarted, or the
     /// agent ran the guests in its own process) is lost, reported as the kubelet reports a
     /// container that vanished, and the restart policy decides, without crash-loop backoff.
-    fn adopt_or_lose(&mut self, listed: &[provider_api::ContainerSummary]) {
+    /// One the previous agent created but never started (it died between the two) is not
+    /// adopted: its ID is returned for removal and the same attempt starts anew, as the
+    /// kubelet always restarts a container it finds in the created state.
+    fn adopt_or_lose(&mut self, listed: &[provider_api::ContainerSummary]) -> Vec<String> {
+        let mut never_started = Vec::new();
         let (init, app) = self.spec_containers();
         if !self.looked_for_running {
             // Once, at the first answer: a container that runs although the pod's status does
@@ -680,6 +689,14 @@ impl PodWorker {
                 continue;
             };
             match listed.iter().find(|s| s.id == id) {
+                Some(summary) if record.adopting && summary.state == ContainerState::Created => {
+                    record.adopting = false;
+                    record.id = None;
+                    record.current = None;
+                    record.attempts = summary.attempt;
+                    info!(container = %name, id, "container created but never started by the previous agent; removing it and starting the same attempt anew");
+                    never_started.push(id);
+                }
                 Some(summary) if record.adopting => {
                     record.adopting = false;
                     let attempt = summary.attempt;
@@ -733,6 +750,7 @@ impl PodWorker {
                 }
             }
         }
+        never_started
     }
 
     /// The pod's log directory, `<pod logs dir>/<namespace>_<name>_<uid>`.
