@@ -59,6 +59,13 @@ impl Harness {
 
     /// As [`Harness::start`], with `prepare` run on the fake before the worker starts.
     async fn start_with(pod: Pod, prepare: impl FnOnce(&FakeProvider)) -> Harness {
+        let fake = Arc::new(FakeProvider::new());
+        prepare(&fake);
+        Self::start_on(pod, fake).await
+    }
+
+    /// As [`Harness::start`], on a fake that already holds what a previous agent left.
+    async fn start_on(pod: Pod, fake: Arc<FakeProvider>) -> Harness {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "wk-worker-test-{}-{}",
@@ -66,8 +73,6 @@ impl Harness {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let fake = Arc::new(FakeProvider::new());
-        prepare(&fake);
         let shutdown = CancellationToken::new();
         let (cache, publisher) = pleg::runtime_cache();
         let (pleg_tx, mut pleg_rx) = mpsc::unbounded_channel();
@@ -360,6 +365,69 @@ async fn containers_the_runtime_lost_are_reported_and_restarted_without_backoff(
         (last.exit_code, last.reason.as_deref()),
         (137, Some("ContainerStatusUnknown"))
     );
+}
+
+/// The previous agent died between creating the container and starting it: the next one must
+/// not adopt a container that will never run (the pod stayed Pending for good), but remove it
+/// and start the same attempt, as the kubelet restarts a container in the created state.
+#[tokio::test(start_paused = true)]
+async fn a_container_created_but_never_started_is_started_anew() {
+    use provider_api::{ContainerConfig, Provider, SandboxConfig};
+    let fake = Arc::new(FakeProvider::new());
+    let image = "registry.test/app:v1";
+    fake.pull_image(image, &[]).await.unwrap();
+    let sandbox = fake
+        .run_pod_sandbox(&SandboxConfig {
+            pod_uid: UID.into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            pod_dir: std::env::temp_dir(),
+            runtime_handler: None,
+            host_network: false,
+        })
+        .await
+        .unwrap();
+    let left = fake
+        .create_container(
+            &sandbox,
+            ContainerConfig {
+                name: "app".into(),
+                image: image.into(),
+                command: Vec::new(),
+                args: Vec::new(),
+                env: Vec::new(),
+                working_dir: None,
+                mounts: Vec::new(),
+                log_path: std::env::temp_dir().join("never-started.log"),
+                memory_limit_bytes: None,
+                cpu_limit_millicores: None,
+                cpu_request_millicores: None,
+                attempt: 0,
+                network: Default::default(),
+                stdin: false,
+                stdin_once: false,
+                annotations: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+    let mut h = Harness::start_on(
+        pod(serde_json::json!({"restartPolicy": "Never", "containers": [container("app")]})),
+        fake,
+    )
+    .await;
+    let s = h.wait("app runs", |s| running(s, "app")).await;
+    assert_eq!(restarts(&s, "app"), 0, "the same attempt, not a restart");
+    let held: Vec<String> = h
+        .fake
+        .list_containers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(held.len(), 1, "one container, the new one: {held:?}");
+    assert_ne!(held[0], left, "the never-started container is removed");
 }
 
 #[tokio::test(start_paused = true)]
