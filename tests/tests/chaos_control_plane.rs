@@ -7,7 +7,7 @@
 //!
 //! These stop control-plane processes, so they run against a PRIVATE cluster of their own
 //! ([`PrivateCluster`]: `deploy/local-cluster up` in a directory of this test process, on free
-//! ports in 30000-39999, without the TLS registry, containerd, metrics-server and the Linux
+//! ports in 24000-31999 (below the ephemeral range), without the TLS registry, containerd, metrics-server and the Linux
 //! images), never the shared one the other test files use. It is brought down when the test
 //! ends, failed or not. The cases share it and run one after another in one test.
 //!
@@ -113,19 +113,33 @@ struct PrivateCluster {
     cluster: Option<&'static Cluster>,
 }
 
-/// Eight consecutive ports in 30000-39999 that nothing listens on (the shared cluster and the
-/// other test files use none of that range).
+/// Eight consecutive ports in 24000-31999 that nothing listens on (the shared cluster and the
+/// other test files use none of that range). Below Linux's ephemeral range (32768 and up by
+/// default): while etcd is stopped, the API server dials its port again and again, and a dial
+/// from an ephemeral port can pick the very port it dials and connect to itself (TCP
+/// simultaneous open), holding it so that etcd cannot bind it when it starts again (seen in CI).
 fn free_ports() -> [u16; 8] {
+    const LOW: u16 = 24000;
+    const SPAN: u16 = 7990;
     let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    assert!(
+        LOW + SPAN + 10 <= ephemeral_low,
+        "the ephemeral port range starts at {ephemeral_low}, inside {LOW}-{}",
+        LOW + SPAN + 9
+    );
     // Start from a place of this process's own, so two runs at once try different blocks.
-    let start = 30000 + (std::process::id() % 999) as u16 * 10;
-    (0..1000u16)
-        .map(|i| 30000 + (start - 30000 + i * 10) % 9990)
+    let offset = (std::process::id() % 799) as u16 * 10;
+    (0..800u16)
+        .map(|i| LOW + (offset + i * 10) % SPAN)
         .find_map(|base| {
             let ports: [u16; 8] = std::array::from_fn(|i| base + i as u16);
             ports.iter().all(|&p| free(p)).then_some(ports)
         })
-        .expect("eight free ports in 30000-39999")
+        .expect("eight free ports in 24000-31999")
 }
 
 impl PrivateCluster {
