@@ -171,7 +171,7 @@ impl LeaseHeartbeat {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Context, Poll};
@@ -180,7 +180,7 @@ mod tests {
 
     /// An API server that takes every request and never answers (one whose etcd is away).
     #[derive(Clone)]
-    struct NeverAnswers(Arc<AtomicUsize>);
+    pub(crate) struct NeverAnswers(pub(crate) Arc<AtomicUsize>);
 
     impl tower_service::Service<http::Request<kube::client::Body>> for NeverAnswers {
         type Response = http::Response<kube::client::Body>;

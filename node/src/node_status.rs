@@ -50,6 +50,11 @@ pub enum NodeStatusError {
     Update { node: String, source: kube::Error },
     #[error("measuring the machine: {0}")]
     Measure(#[from] machine::MeasureError),
+    #[error("node {node}: the API server did not answer within {after:?}; trying again")]
+    TimedOut {
+        node: String,
+        after: std::time::Duration,
+    },
 }
 
 /// The identity of the registered Node, for owner references.
@@ -128,11 +133,28 @@ impl NodeStatusManager {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.node_status_update_frequency);
         let mut registered = false;
+        // The kubelet's heartbeat client times out after nodeStatusUpdateFrequency, at most the
+        // lease duration: an API server that holds a request (etcd away: up to 60 s) must not
+        // keep the node from trying again.
+        let limit = self
+            .config
+            .node_status_update_frequency
+            .min(self.config.node_lease_duration)
+            .max(std::time::Duration::from_secs(1));
         loop {
-            let result = if registered {
-                self.sync_status().await
-            } else {
-                self.register().await
+            let attempt = async {
+                if registered {
+                    self.sync_status().await
+                } else {
+                    self.register().await
+                }
+            };
+            let result = match tokio::time::timeout(limit, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(NodeStatusError::TimedOut {
+                    node: self.config.node_name.clone(),
+                    after: limit,
+                }),
             };
             let wait = match result {
                 Ok(still_registered) => {
@@ -556,6 +578,42 @@ fn same_status(observed: &NodeStatus, wanted: &NodeStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An API server that holds every request (its etcd away): the node does not wait on one
+    /// request for good, it gives up after the status interval and tries again.
+    #[tokio::test(start_paused = true)]
+    async fn a_status_write_the_api_server_holds_is_given_up_and_tried_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let client = kube::Client::new(crate::lease::tests::NeverAnswers(calls.clone()), "default");
+        let root = std::env::temp_dir().join(format!("wk-node-status-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let config = Config::load([
+            "wasm-kubelet",
+            "--hostname-override",
+            "n",
+            "--root-dir",
+            root.to_str().unwrap(),
+        ])
+        .unwrap();
+        let (node_ref, _) = watch::channel(None);
+        let manager = NodeStatusManager::new(
+            client,
+            Arc::new(config),
+            Arc::new(provider_api::fake::FakeProvider::new()),
+            node_ref,
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(manager.run(shutdown.clone()));
+        // Two minutes of an API server that answers nothing: a manager that waited on its
+        // first request would have sent that one alone.
+        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+        let sent = calls.load(Ordering::SeqCst);
+        assert!(sent >= 3, "{sent} registration attempts in two minutes");
+        shutdown.cancel();
+        task.await.unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     fn status_with(kind: &str, status: &str, reason: &str) -> NodeStatus {
         NodeStatus {
