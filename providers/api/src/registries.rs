@@ -135,22 +135,38 @@ impl RegistryOptions {
         text: &str,
         base: &Path,
     ) -> Result<Vec<Endpoint>, String> {
-        let file: HostsFile = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
-        let mut hosts = Vec::with_capacity(file.host.len() + 1);
-        for (url, fields) in &file.host {
+        // The server's settings sit at the top beside `server` and `host`: those two are taken
+        // out and the rest read as one host's fields (serde's `flatten` would let unknown keys
+        // through). `host` keeps the file's order: the order mirrors are tried.
+        let mut top: toml::Table = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        let server: Option<String> = top
+            .remove("server")
+            .map(toml::Value::try_into)
+            .transpose()
+            .map_err(|e| format!("server: {}", one_line(&e.to_string())))?;
+        let mirrors: indexmap::IndexMap<String, HostFields> = top
+            .remove("host")
+            .map(toml::Value::try_into)
+            .transpose()
+            .map_err(|e| format!("host: {}", one_line(&e.to_string())))?
+            .unwrap_or_default();
+        let server_fields: HostFields = toml::Value::Table(top)
+            .try_into()
+            .map_err(|e| one_line(&e.to_string()))?;
+        let mut hosts = Vec::with_capacity(mirrors.len() + 1);
+        for (url, fields) in &mirrors {
             let host = self
                 .endpoint(url, fields, true, base)
                 .map_err(|e| format!("[host.{url:?}]: {e}"))?;
             hosts.push(host);
         }
-        let server = match &file.server {
+        let server = match &server {
             Some(url) => url.clone(),
             None if namespace == DOCKER_HUB => format!("https://{DOCKER_HUB_SERVER}"),
             None if namespace == DEFAULT_NAMESPACE => String::new(),
             None => format!("https://{namespace}"),
         };
         // `_default` without a server: the registry's own server, filled in per registry.
-        let server_fields = file.server_fields();
         if !server.is_empty() {
             let host = self
                 .endpoint(&server, &server_fields, false, base)
@@ -267,6 +283,51 @@ impl RegistryOptions {
     }
 }
 
+/// What both providers' oci-client pulls need of an [`Endpoint`] (feature `oci`).
+#[cfg(feature = "oci")]
+pub mod oci {
+    use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+    use oci_client::Reference;
+
+    use super::Endpoint;
+
+    /// The oci-client configuration for `endpoint` with `protocol`: its CAs, its
+    /// `skip_verify`.
+    pub fn client_config(endpoint: &Endpoint, protocol: ClientProtocol) -> ClientConfig {
+        ClientConfig {
+            protocol,
+            extra_root_certificates: endpoint
+                .ca_certificates
+                .iter()
+                .map(|der| Certificate {
+                    encoding: CertificateEncoding::Der,
+                    data: der.clone(),
+                })
+                .collect(),
+            accept_invalid_certificates: endpoint.skip_verify,
+            ..Default::default()
+        }
+    }
+
+    /// `image` as a reference on `endpoint`'s host: the same repository, tag or digest. The
+    /// reference's own form when the host is its registry (oci-client knows docker.io's
+    /// aliases).
+    pub fn reference_on(endpoint: &Endpoint, image: &Reference) -> Reference {
+        if endpoint.host == image.registry() {
+            return image.clone();
+        }
+        let (host, repository) = (endpoint.host.clone(), image.repository().to_string());
+        match image.digest() {
+            Some(digest) => Reference::with_digest(host, repository, digest.to_string()),
+            None => Reference::with_tag(
+                host,
+                repository,
+                image.tag().unwrap_or("latest").to_string(),
+            ),
+        }
+    }
+}
+
 /// The certificates (DER) of the PEM bundle `pem`; none is an error.
 fn certificates_of(source: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, RegistryConfigError> {
     use rustls_pki_types::pem::PemObject;
@@ -291,38 +352,6 @@ fn certificates_of(source: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, RegistryCo
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// A hosts.toml: the server's settings at the top, mirrors under `[host."<url>"]` (kept in the
-/// file's order: the order they are tried).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HostsFile {
-    server: Option<String>,
-    #[serde(default)]
-    host: indexmap::IndexMap<String, HostFields>,
-    // The server's own settings (serde's `flatten` would let unknown keys through).
-    capabilities: Option<Vec<String>>,
-    ca: Option<Paths>,
-    #[serde(default)]
-    skip_verify: bool,
-    #[serde(default)]
-    override_path: bool,
-    client: Option<toml::Value>,
-    header: Option<toml::Value>,
-}
-
-impl HostsFile {
-    fn server_fields(&self) -> HostFields {
-        HostFields {
-            capabilities: self.capabilities.clone(),
-            ca: self.ca.clone(),
-            skip_verify: self.skip_verify,
-            override_path: self.override_path,
-            client: self.client.clone(),
-            header: self.header.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Default, PartialEq, Deserialize)]

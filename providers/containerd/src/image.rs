@@ -21,7 +21,7 @@ use containerd_client::services::v1::{
 };
 use containerd_client::types::{Descriptor, Mount};
 use futures::{SinkExt, StreamExt};
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::ClientProtocol;
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::Reference;
 use provider_api::{ProviderError, RegistryAuth};
@@ -46,23 +46,12 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
+use provider_api::registries::oci::{client_config, reference_on};
 pub use provider_api::registries::{Endpoint, RegistryOptions};
 
 /// The oci-client for `endpoint` with `protocol`: its CAs, its `skip_verify`.
 fn client_for(endpoint: &Endpoint, protocol: ClientProtocol) -> oci_client::Client {
-    oci_client::Client::new(ClientConfig {
-        protocol,
-        extra_root_certificates: endpoint
-            .ca_certificates
-            .iter()
-            .map(|der| Certificate {
-                encoding: CertificateEncoding::Der,
-                data: der.clone(),
-            })
-            .collect(),
-        accept_invalid_certificates: endpoint.skip_verify,
-        ..Default::default()
-    })
+    oci_client::Client::new(client_config(endpoint, protocol))
 }
 
 /// The manifest (bytes, the registry's digest) from the first of the registry's hosts that has
@@ -80,22 +69,7 @@ async fn connect(
     let mut failed_mirrors = Vec::new();
     let mut last = None;
     for endpoint in &endpoints {
-        let on_host = if endpoint.host == image.registry() {
-            image.clone()
-        } else {
-            match image.digest() {
-                Some(digest) => Reference::with_digest(
-                    endpoint.host.clone(),
-                    image.repository().to_string(),
-                    digest.to_string(),
-                ),
-                None => Reference::with_tag(
-                    endpoint.host.clone(),
-                    image.repository().to_string(),
-                    image.tag().unwrap_or("latest").to_string(),
-                ),
-            }
-        };
+        let on_host = reference_on(endpoint, image);
         let credentials = if endpoint.mirror {
             credentials_for(&endpoint.host, auth)
         } else {

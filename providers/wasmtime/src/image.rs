@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::ClientProtocol;
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth as OciAuth;
@@ -104,6 +104,7 @@ const PULL_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// `--image-pull-progress-deadline` default: the kubelet's (1m).
 pub const DEFAULT_PULL_PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 
+use provider_api::registries::oci::{client_config, reference_on};
 pub use provider_api::registries::{Endpoint, RegistryConfigError, RegistryOptions};
 
 /// What one pull may cost; [`PullLimits::default`] holds the agent's defaults.
@@ -126,23 +127,6 @@ impl Default for PullLimits {
             max_layer_uncompressed_size: DEFAULT_MAX_LAYER_UNCOMPRESSED_SIZE,
             progress_deadline: DEFAULT_PULL_PROGRESS_DEADLINE,
         }
-    }
-}
-
-/// The oci-client configuration for `endpoint` with `protocol`: its CAs, its `skip_verify`.
-fn client_config(endpoint: &Endpoint, protocol: ClientProtocol) -> ClientConfig {
-    ClientConfig {
-        protocol,
-        extra_root_certificates: endpoint
-            .ca_certificates
-            .iter()
-            .map(|der| Certificate {
-                encoding: CertificateEncoding::Der,
-                data: der.clone(),
-            })
-            .collect(),
-        accept_invalid_certificates: endpoint.skip_verify,
-        ..Default::default()
     }
 }
 
@@ -695,25 +679,7 @@ impl ImageStore {
         let mut failed_mirrors = Vec::new();
         let mut last = None;
         for endpoint in &endpoints {
-            let on_host = match (image.digest(), image.tag()) {
-                (Some(digest), _) => Reference::with_digest(
-                    endpoint.host.clone(),
-                    image.repository().to_string(),
-                    digest.to_string(),
-                ),
-                (None, tag) => Reference::with_tag(
-                    endpoint.host.clone(),
-                    image.repository().to_string(),
-                    tag.unwrap_or("latest").to_string(),
-                ),
-            };
-            // The reference's own form when the host is the registry itself (oci-client knows
-            // docker.io's aliases).
-            let on_host = if endpoint.host == image.registry() {
-                image.clone()
-            } else {
-                on_host
-            };
+            let on_host = reference_on(endpoint, image);
             let credentials = if endpoint.mirror {
                 credentials_for(&endpoint.host, auth)
             } else {
