@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use integration_tests::{
-    example_image, node_condition, push_examples, push_wat, unique_name, wait_for, Agent, Cluster,
+    example_image, node_condition, percentile, push_examples, push_wat, unique_name, wait_for,
+    Agent, Cluster,
 };
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::api::{DeleteParams, PostParams};
@@ -47,10 +48,6 @@ fn pod(name: &str, node: &str, image: &str, restart: &str) -> Pod {
         }
     }))
     .expect("valid pod")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn ms(d: Duration) -> f64 {
