@@ -911,13 +911,71 @@ mod compare {
         )?;
         let md = markdown(&json, &results);
         std::fs::write(args.out.join("compare.md"), &md)?;
+        if let Err(e) = plot_startup(&args.out.join("compare-startup.svg"), &results) {
+            println!("the start-up plot was not written: {e:#}");
+        }
         println!("\n{md}");
         println!("written: {}", display(&args.out));
         Ok(())
     }
 
     fn display(p: &Path) -> String {
-        format!("{}/compare.json, {}/compare.md", p.display(), p.display())
+        let p = p.display();
+        format!("{p}/compare.json, {p}/compare.md, {p}/compare-startup.svg")
+    }
+
+    /// The create -> Running distributions, one cumulative curve per node kind: the share of
+    /// pods Running (y) within a time (x, milliseconds, log scale), so a median or a tail reads
+    /// straight off the plot.
+    fn plot_startup(path: &Path, results: &[KindResult]) -> anyhow::Result<()> {
+        use plotters::prelude::*;
+        let curves: Vec<(&str, Vec<(f64, f64)>)> = results
+            .iter()
+            .filter(|r| !r.samples_create_ms.is_empty())
+            .map(|r| {
+                let mut ms = r.samples_create_ms.clone();
+                ms.sort_by(f64::total_cmp);
+                let n = ms.len() as f64;
+                let points = ms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| (x.max(0.1), (i + 1) as f64 / n))
+                    .collect();
+                (r.kind.as_str(), points)
+            })
+            .collect();
+        anyhow::ensure!(!curves.is_empty(), "no create -> Running samples");
+        let all = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0));
+        let (lo, hi) = all.fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("pod create -> Running (image cached)", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("milliseconds (log scale)")
+            .y_desc("share of pods Running")
+            .draw()?;
+        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+        for (i, (label, points)) in curves.into_iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        root.present()?;
+        Ok(())
     }
 
     fn markdown(json: &serde_json::Value, results: &[KindResult]) -> String {
