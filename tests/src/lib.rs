@@ -10,6 +10,7 @@
 
 pub mod mixed_node;
 pub mod port_forward;
+pub mod pressure;
 pub mod soak;
 
 use std::collections::HashMap;
