@@ -545,6 +545,8 @@ async fn run_once(
 }
 
 /// What every pod worker shares; `client` is None without an API server.
+// Each argument is one of the agent's long-lived parts, wired here once.
+#[allow(clippy::too_many_arguments)]
 fn worker_context(
     config: &Config,
     provider: &Arc<dyn Provider>,

@@ -149,10 +149,11 @@ impl Churn {
                         "Failed" => format!("Failed/{}", reason(p)),
                         other => other.to_string(),
                     };
-                    let mut log = log.lock().expect("log");
-                    log.last_seen.insert(name.clone(), outcome);
-                    log.deleted.insert(name.clone());
-                    drop(log);
+                    {
+                        let mut log = log.lock().expect("log");
+                        log.last_seen.insert(name.clone(), outcome);
+                        log.deleted.insert(name.clone());
+                    }
                     let _ = api.delete(&name, &DeleteParams::default()).await;
                 }
             }
