@@ -1,6 +1,7 @@
 //! Stamps the binary's `--version` with the git commit it was built from, when it is built from
 //! a git checkout (or `WASM_KUBELET_GIT_COMMIT` names one, for builds from a source tarball);
-//! otherwise the version is the crate's alone.
+//! otherwise the version is the crate's alone. (A debug build's commit is that of its last
+//! full build; see below.)
 
 use std::path::Path;
 use std::process::Command;
@@ -18,8 +19,13 @@ fn main() {
         .ok()
         .filter(|c| !c.is_empty())
         .or_else(|| {
-            // Rebuilt when HEAD moves: HEAD itself, the branch it names, and packed refs. Only
-            // paths that exist are named (cargo reruns a script whose path is missing each time).
+            // A release build is rebuilt when HEAD moves (HEAD itself, the branch it names, and
+            // packed refs; only paths that exist: cargo reruns a script whose path is missing
+            // each time). A debug build keeps the commit of its last full build: rebuilding the
+            // whole crate on every commit costs minutes on the shared dev machines.
+            if std::env::var("PROFILE").as_deref() != Ok("release") {
+                return git(&["rev-parse", "--short=12", "HEAD"]);
+            }
             let mut watched = vec!["HEAD".to_string(), "packed-refs".to_string()];
             if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
                 watched.push(branch);
