@@ -40,8 +40,11 @@ fn main() {
             git(&["rev-parse", "--short=12", "HEAD"])
         });
     let version = env!("CARGO_PKG_VERSION");
+    let release = std::env::var("PROFILE").as_deref() == Ok("release");
     let full = match commit {
-        Some(commit) => format!("{version} (git {commit})"),
+        Some(commit) if release => format!("{version} (git {commit})"),
+        // Said so, since the debug build may be from a later commit than the one it names.
+        Some(commit) => format!("{version} (git {commit} or later, debug build)"),
         None => version.to_string(),
     };
     println!("cargo:rustc-env=WASM_KUBELET_VERSION={full}");

@@ -147,7 +147,8 @@ fn version_prints_the_version_and_commit() {
         .strip_prefix("wasm-kubelet ")
         .unwrap_or_else(|| panic!("{line}"));
     let (semver, commit) = match version.split_once(" (git ") {
-        Some((v, c)) => (v, Some(c.trim_end_matches(')'))),
+        // "(git COMMIT)", or "(git COMMIT or later, debug build)" for a debug build.
+        Some((v, c)) => (v, c.split([' ', ')']).next()),
         None => (version, None),
     };
     let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
