@@ -11,6 +11,7 @@
 pub mod mixed_node;
 pub mod port_forward;
 pub mod soak;
+pub mod virtual_node;
 
 use std::collections::HashMap;
 use std::future::Future;
