@@ -10,6 +10,7 @@
 
 pub mod mixed_node;
 pub mod port_forward;
+pub mod registry;
 pub mod soak;
 pub mod virtual_node;
 
@@ -22,6 +23,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use k8s_openapi::api::core::v1::{Node, Pod};
+
+/// The `p` quantile (0..=1) of `sorted` by nearest rank, as both benchmarks report it; zero
+/// when there are no samples.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize]
+}
 
 /// The workspace root (tests/ is one level below it).
 pub fn workspace_root() -> PathBuf {

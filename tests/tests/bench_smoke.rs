@@ -53,6 +53,7 @@ fn compare_runs_every_scenario_and_writes_sane_json() {
         serde_json::from_slice(&std::fs::read(out.join("compare.json")).expect("compare.json"))
             .expect("compare.json is JSON");
     let md = std::fs::read_to_string(out.join("compare.md")).expect("compare.md");
+    let svg = std::fs::read_to_string(out.join("compare-startup.svg")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&out);
 
     assert_eq!(json["pods"], 3, "{json}");
@@ -93,6 +94,12 @@ fn compare_runs_every_scenario_and_writes_sane_json() {
     for section in ["## 1.", "## 2.", "## 3.", "## 4.", "## 5."] {
         assert!(md.contains(section), "compare.md has no {section}:\n{md}");
     }
+    // The start-up plot: one curve per node kind, labelled.
+    assert!(
+        svg.starts_with("<svg") && svg.contains("wasm-kubelet (Wasm)") && svg.contains("<polyline"),
+        "compare-startup.svg: {:.300}",
+        svg
+    );
 }
 
 /// The original mode (our node alone, example guests): both runs complete with every pod.

@@ -4,8 +4,7 @@
 //! the component itself; the concurrency bound; port conflicts at admission; the outbound
 //! hosts policy for wasi:http and wasi:sockets. One node and one namespace per test.
 
-use std::process::Stdio;
-
+use integration_tests::port_forward::PortForward;
 use integration_tests::{
     example_image, http_get as get, phase, test_node, wait_for, Agent, Cluster, TestNamespace,
     TEST_TIMEOUT,
@@ -420,43 +419,13 @@ async fn kubectl_port_forward_reaches_the_component() {
     .await;
     ns.wait_pod(agent, "web", "the container to run", running)
         .await;
-    let mut child = Cluster::get()
-        .kubectl()
-        .args([
-            "port-forward",
-            "-n",
-            &ns.name,
-            "pod/web",
-            &format!(":{port}"),
-            "--address",
-            "127.0.0.1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    // The reader stays open: kubectl writes "Handling connection ..." there later, and a closed
-    // pipe would end it.
-    let (local, _stdout) = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let local: Option<u16> = lines.find_map(|l| {
-            l.ok()?
-                .strip_prefix("Forwarding from 127.0.0.1:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
-        (local.expect("kubectl prints the local port"), lines)
-    })
-    .await
-    .unwrap();
-    let answer = tokio::time::timeout(TEST_TIMEOUT, get("127.0.0.1", local, "/env/GREETING")).await;
-    let _ = child.kill();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let tunnel = PortForward::start(&ns.name, "web", port).await;
+    let answer = tokio::time::timeout(
+        TEST_TIMEOUT,
+        get("127.0.0.1", tunnel.local, "/env/GREETING"),
+    )
+    .await;
+    let stderr = tunnel.stop();
     assert_eq!(
         answer
             .expect("an answer through the tunnel")

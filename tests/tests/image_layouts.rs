@@ -1,191 +1,40 @@
 //! Images as the common tools lay them out, end to end: each test builds the image the way the
 //! tool does (`oras push`, `wkg oci push`, `docker buildx build --platform wasi/wasm`,
 //! `spin registry push`) and pushes it to the local plain-http registry itself (blob uploads and
-//! a manifest PUT with curl, as tests/tests/images.rs does), then runs a pod of it through the
+//! a manifest PUT with curl: tests/src/registry.rs), then runs a pod of it through the
 //! real API server and checks its output or its HTTP answer. Layouts this node cannot honour
 //! fail the pod with reason UnsupportedImage and a message naming what is missing. One node and
 //! one namespace per test. See docs/images.md.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
+use integration_tests::registry::{
+    tar_layer, Registry, DOCKER_CONFIG, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_TAR_GZIP, OCI_CONFIG,
+    OCI_EMPTY, OCI_INDEX, OCI_MANIFEST, OCI_TAR_GZIP,
+};
 use integration_tests::{
-    example_image, example_wasm, http_get, phase, test_node, unique_name, wait_for, workspace_root,
-    Agent, Cluster, TestNamespace, TEST_TIMEOUT,
+    example_image, example_wasm, http_get, phase, test_node, wait_for, workspace_root, Agent,
+    TestNamespace, TEST_TIMEOUT,
 };
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const SPIN_CONFIG: &str = "application/vnd.fermyon.spin.application.v1+config";
 const SPIN_WASM: &str = "application/vnd.wasm.content.layer.v1+wasm";
 const SPIN_DATA: &str = "application/vnd.wasm.content.layer.v1+data";
 
 // ------------------------------------------------------------------ pushing with curl
 
-/// `$REGISTRY/<repo>/...` over plain http.
-fn base(repo: &str) -> String {
-    format!("http://{}/v2/{repo}", Cluster::get().var("REGISTRY"))
-}
-
-fn tempdir(what: &str) -> PathBuf {
-    let dir = workspace_root()
-        .join("target/it/image-layouts-tmp")
-        .join(unique_name(what));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// One curl request; (status, headers, body).
-fn request(method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
-    let dir = tempdir("curl");
-    let (headers, body) = (dir.join("headers"), dir.join("body"));
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--connect-timeout", "10"])
-        .args(["--request", method, "--write-out", "%{http_code}"])
-        .arg("--dump-header")
-        .arg(&headers)
-        .arg("--output")
-        .arg(&body)
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("curl runs");
-    let status = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    let result = (status, read(&headers), read(&body));
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_ne!(
-        status,
-        0,
-        "{method} {url}: no response: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    result
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum runs");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let hex = String::from_utf8_lossy(&out.stdout);
-    format!("sha256:{}", hex.split_whitespace().next().unwrap())
-}
-
-/// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); its descriptor.
 fn push_blob(repo: &str, media_type: &str, bytes: &[u8]) -> Value {
-    let digest = sha256(bytes);
-    let (status, headers, body) = request(
-        "POST",
-        &format!("{}/blobs/uploads/", base(repo)),
-        &["--header", "Content-Length: 0"],
-    );
-    assert_eq!(status, 202, "starting a blob upload: {body}");
-    let location = headers
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .expect("a Location header");
-    let location = if location.starts_with('/') {
-        format!("http://{}{location}", Cluster::get().var("REGISTRY"))
-    } else {
-        location
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let dir = tempdir("blob");
-    let file = dir.join("blob");
-    std::fs::write(&file, bytes).unwrap();
-    let data = format!("@{}", file.display());
-    let (status, _, body) = request(
-        "PUT",
-        &format!("{location}{sep}digest={digest}"),
-        &[
-            "--header",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-            &data,
-        ],
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(status, 201, "uploading blob {digest}: {body}");
-    json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
+    Registry::plain().push_blob(repo, media_type, bytes)
 }
 
-/// PUTs `manifest` (of `media_type`) as `repo:tag` (or by digest); its descriptor.
 fn push_manifest(repo: &str, tag: &str, media_type: &str, manifest: &Value) -> Value {
-    let body = manifest.to_string();
-    let (status, _, answer) = request(
-        "PUT",
-        &format!("{}/manifests/{tag}", base(repo)),
-        &[
-            "--header",
-            &format!("Content-Type: {media_type}"),
-            "--data-binary",
-            &body,
-        ],
-    );
-    assert_eq!(status, 201, "putting manifest {repo}:{tag}: {answer}");
-    json!({"mediaType": media_type, "digest": sha256(body.as_bytes()), "size": body.len()})
+    Registry::plain().push_manifest(repo, tag, media_type, manifest)
 }
 
 fn reference(repo: &str, tag: &str) -> String {
-    format!("{}/{repo}:{tag}", Cluster::get().var("REGISTRY"))
-}
-
-/// A gzip tar layer holding `files` (path, content) owned by root, as BuildKit writes one.
-/// Returns (layer, diff_id).
-fn tar_gz_layer(files: &[(&str, &[u8])]) -> (Vec<u8>, String) {
-    let dir = tempdir("layer");
-    let root = dir.join("rootfs");
-    for (path, content) in files {
-        let file = root.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        std::fs::write(&file, content).unwrap();
-    }
-    let tar = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .args([
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--sort=name",
-            "-C",
-        ])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar failed");
-    let diff_id = sha256(&std::fs::read(&tar).unwrap());
-    let out = Command::new("gzip")
-        .args(["-n", "-c"])
-        .arg(&tar)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "gzip failed");
-    let _ = std::fs::remove_dir_all(&dir);
-    (out.stdout, diff_id)
+    Registry::plain().reference(repo, tag)
 }
 
 /// A wasm-examples component (wasm32-wasip2 build output; built and pushed first).
@@ -257,7 +106,7 @@ fn push_docker_wasi(repo: &str, tag: &str, module: &[u8], classic: bool) -> Stri
     } else {
         (OCI_MANIFEST, OCI_CONFIG, OCI_TAR_GZIP, OCI_INDEX)
     };
-    let (layer, diff_id) = tar_gz_layer(&[("/app.wasm", module)]);
+    let (layer, diff_id) = tar_layer(&[("/app.wasm", module)], true);
     let layer = push_blob(repo, layer_type, &layer);
     let config = json!({"architecture": "wasm", "os": "wasi",
         "config": {"Entrypoint": ["/app.wasm"], "WorkingDir": "/"},

@@ -1,256 +1,27 @@
 //! Images end to end: ordinary OCI and Docker v2 images whose layer holds the module their
 //! entrypoint names, pushed to the local registry by the test itself (blob uploads and a
-//! manifest PUT with curl, the sequence deploy/push-wasm uses), and pulls from the local
+//! manifest PUT with curl, the sequence deploy/push-wasm uses: tests/src/registry.rs), and pulls from the local
 //! cluster's TLS registry with htpasswd auth through an imagePullSecret. One node and one
 //! namespace per test.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use integration_tests::registry::{
+    tar_layer, Registry, DOCKER_CONFIG, DOCKER_MANIFEST, DOCKER_TAR_GZIP, OCI_CONFIG, OCI_MANIFEST,
+    OCI_TAR, OCI_TAR_GZIP,
+};
 use integration_tests::{
-    example_wasm, phase, test_node, unique_name, workspace_root, Agent, Cluster, TestNamespace,
+    example_wasm, phase, test_node, workspace_root, Agent, Cluster, TestNamespace,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::Api;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
 async fn node() -> Agent {
     test_node("images", &[]).await
 }
 
-// ------------------------------------------------------------------ pushing images with curl
-
-/// A registry spoken to with curl: plain http, or https trusting `cacert`, with basic auth.
-struct Registry {
-    host: String,
-    user: Option<String>,
-    cacert: Option<String>,
-}
-
-impl Registry {
-    fn plain() -> Registry {
-        Registry {
-            host: Cluster::get().var("REGISTRY").into(),
-            user: None,
-            cacert: None,
-        }
-    }
-
-    fn secure() -> Registry {
-        let c = Cluster::get();
-        Registry {
-            host: c.var("SECURE_REGISTRY").into(),
-            user: Some(format!(
-                "{}:{}",
-                c.var("SECURE_REGISTRY_USER"),
-                c.var("SECURE_REGISTRY_PASSWORD")
-            )),
-            cacert: Some(c.var("SECURE_REGISTRY_CA").into()),
-        }
-    }
-
-    fn base(&self, repo: &str) -> String {
-        let scheme = if self.cacert.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{}/v2/{repo}", self.host)
-    }
-
-    /// One request; returns (status, headers, body).
-    fn request(&self, method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
-        let dir = tempdir("curl");
-        let (headers, body) = (dir.join("headers"), dir.join("body"));
-        let mut cmd = Command::new("curl");
-        cmd.args([
-            "--silent",
-            "--show-error",
-            "--connect-timeout",
-            "10",
-            "--request",
-            method,
-            "--write-out",
-            "%{http_code}",
-        ]);
-        cmd.arg("--dump-header")
-            .arg(&headers)
-            .arg("--output")
-            .arg(&body);
-        if let Some(user) = &self.user {
-            cmd.args(["--user", user]);
-        }
-        if let Some(ca) = &self.cacert {
-            cmd.args(["--cacert", ca]);
-        }
-        let out = cmd.args(extra).arg(url).output().expect("curl runs");
-        let status = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0);
-        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-        let result = (status, read(&headers), read(&body));
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_ne!(
-            status,
-            0,
-            "{method} {url}: no response: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        result
-    }
-
-    /// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); its descriptor.
-    fn push_blob(&self, repo: &str, media_type: &str, bytes: &[u8]) -> serde_json::Value {
-        let digest = sha256(bytes);
-        let (status, headers, body) = self.request(
-            "POST",
-            &format!("{}/blobs/uploads/", self.base(repo)),
-            &["--header", "Content-Length: 0"],
-        );
-        assert_eq!(status, 202, "starting a blob upload: {body}");
-        let location = headers
-            .lines()
-            .find_map(|l| {
-                l.split_once(':')
-                    .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .expect("a Location header");
-        let location = if location.starts_with('/') {
-            format!(
-                "{}{location}",
-                self.base(repo).split("/v2/").next().unwrap()
-            )
-        } else {
-            location
-        };
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let file = tempdir("blob").join("blob");
-        std::fs::write(&file, bytes).unwrap();
-        let data = format!("@{}", file.display());
-        let (status, _, body) = self.request(
-            "PUT",
-            &format!("{location}{sep}digest={digest}"),
-            &[
-                "--header",
-                "Content-Type: application/octet-stream",
-                "--data-binary",
-                &data,
-            ],
-        );
-        let _ = std::fs::remove_dir_all(file.parent().unwrap());
-        assert_eq!(status, 201, "uploading blob {digest}: {body}");
-        serde_json::json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
-    }
-
-    /// Pushes an image: the config and layers as blobs, then the manifest; `repo:tag`.
-    fn push_image(
-        &self,
-        repo: &str,
-        tag: &str,
-        manifest_type: &str,
-        config_type: &str,
-        config: &serde_json::Value,
-        layers: &[(&str, Vec<u8>)],
-    ) -> String {
-        let config = self.push_blob(repo, config_type, config.to_string().as_bytes());
-        let layers: Vec<serde_json::Value> = layers
-            .iter()
-            .map(|(media_type, bytes)| self.push_blob(repo, media_type, bytes))
-            .collect();
-        let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": manifest_type, "config": config, "layers": layers}).to_string();
-        let (status, _, body) = self.request(
-            "PUT",
-            &format!("{}/manifests/{tag}", self.base(repo)),
-            &[
-                "--header",
-                &format!("Content-Type: {manifest_type}"),
-                "--data-binary",
-                &manifest,
-            ],
-        );
-        assert_eq!(status, 201, "putting the manifest of {repo}:{tag}: {body}");
-        format!("{}/{repo}:{tag}", self.host)
-    }
-}
-
-fn tempdir(what: &str) -> PathBuf {
-    let dir = workspace_root()
-        .join("target/it/images-tmp")
-        .join(unique_name(what));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum runs");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "sha256:{}",
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-    )
-}
-
-/// A tar layer of `files` (path in the image, content), made by GNU tar with root ownership;
-/// gzip-compressed when `gzip`. Returns (layer bytes, diff_id: the sha256 of the tar).
-fn tar_layer(files: &[(&str, &[u8])], gzip: bool) -> (Vec<u8>, String) {
-    let dir = tempdir("layer");
-    let root = dir.join("rootfs");
-    for (path, content) in files {
-        let file = root.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        std::fs::write(&file, content).unwrap();
-    }
-    let tar = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .args([
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--sort=name",
-            "-C",
-        ])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar failed");
-    let bytes = std::fs::read(&tar).unwrap();
-    let diff_id = sha256(&bytes);
-    let layer = if gzip {
-        let out = Command::new("gzip")
-            .args(["-n", "-c"])
-            .arg(&tar)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "gzip failed");
-        out.stdout
-    } else {
-        bytes
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    (layer, diff_id)
-}
+// ------------------------------------------------------------------ images
 
 /// An image config with these container defaults.
 fn image_config(entrypoint: &[&str], cmd: &[&str], diff_ids: &[&str]) -> serde_json::Value {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
 use integration_tests::{
-    example_image, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster,
+    example_image, percentile, push_examples, unique_name, wait_for, workspace_root, Agent, Cluster,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::PostParams;
@@ -39,11 +39,9 @@ impl Figures {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
+    /// `latencies` are sorted.
     fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies[((self.latencies.len() as f64 - 1.0) * p).round() as usize]
+        percentile(&self.latencies, p)
     }
     fn print(&self, what: &str) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;

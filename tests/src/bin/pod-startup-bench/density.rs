@@ -49,12 +49,36 @@ impl Args {
     }
 }
 
-/// One process of the node's agent side, as (label, pid).
-pub type Part = (&'static str, u32);
+/// One labelled part of a node: its processes (summed). `apart`: shown, but not counted in
+/// the node's totals (a runc node's pause and container processes: the pods' own, as a Wasm
+/// node's guests are inside its runtime process).
+pub struct Part {
+    pub label: &'static str,
+    pub pids: Vec<u32>,
+    pub apart: bool,
+}
+
+impl Part {
+    pub fn one(label: &'static str, pid: u32) -> Part {
+        Part {
+            label,
+            pids: vec![pid],
+            apart: false,
+        }
+    }
+}
+
+/// The density stops before the machine runs short: a step is not started while the
+/// machine's MemAvailable is under this (the control plane, the other nodes and the test
+/// runner share it; a peer's runc pods cost megabytes each).
+const MIN_MEM_AVAILABLE_KIB: u64 = 2 * 1024 * 1024;
 
 #[derive(Default, Clone)]
 pub struct ProcUsage {
     pub label: &'static str,
+    /// How many processes the part had when sampled.
+    pub processes: usize,
+    pub apart: bool,
     pub rss_kib: u64,
     pub anon_kib: u64,
     pub cpu_pct: f64,
@@ -70,14 +94,17 @@ pub struct Step {
 }
 
 impl Step {
+    fn counted(&self) -> impl Iterator<Item = &ProcUsage> {
+        self.procs.iter().filter(|p| !p.apart)
+    }
     pub fn rss_kib(&self) -> u64 {
-        self.procs.iter().map(|p| p.rss_kib).sum()
+        self.counted().map(|p| p.rss_kib).sum()
     }
     pub fn anon_kib(&self) -> u64 {
-        self.procs.iter().map(|p| p.anon_kib).sum()
+        self.counted().map(|p| p.anon_kib).sum()
     }
     pub fn cpu_pct(&self) -> f64 {
-        self.procs.iter().map(|p| p.cpu_pct).sum()
+        self.counted().map(|p| p.cpu_pct).sum()
     }
 }
 
@@ -130,7 +157,8 @@ impl Result {
                     "anon_kib_per_pod_since_previous": anon_slope,
                     "processes": s.procs.iter().map(|p| serde_json::json!({
                         "process": p.label, "rss_kib": p.rss_kib, "anon_kib": p.anon_kib,
-                        "cpu_pct": p.cpu_pct, "threads": p.threads,
+                        "cpu_pct": p.cpu_pct, "threads": p.threads, "count": p.processes,
+                        "apart": p.apart,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -147,8 +175,9 @@ impl Result {
     pub fn markdown(&self, kind: &str) -> String {
         let mut s = format!(
             "\n## 4. density: idle pods added in steps, {kind}\n\n\
-             Up to {} pods; reached {}{}. Agent side = every process listed (RSS; anon = \
-             RssAnon, without file pages); per pod = the slope since the previous step.\n\n\
+             Up to {} pods; reached {}{}. Agent side = every process listed but those marked \
+             apart (RSS; anon = RssAnon, without file pages); per pod = the slope since the \
+             previous step.\n\n\
              | pods | added in | processes (RSS / anon, CPU) | RSS total | per pod (RSS) | per pod (anon) | CPU total |\n\
              |---|---|---|---|---|---|---|\n",
             self.max,
@@ -175,8 +204,14 @@ impl Result {
                 st.procs
                     .iter()
                     .map(|p| format!(
-                        "{} {:.1} / {:.1} MiB, {:.1} %",
+                        "{}{}{} {:.1} / {:.1} MiB, {:.1} %",
                         p.label,
+                        if p.processes > 1 {
+                            format!(" ({})", p.processes)
+                        } else {
+                            String::new()
+                        },
+                        if p.apart { " [apart]" } else { "" },
                         p.rss_kib as f64 / 1024.0,
                         p.anon_kib as f64 / 1024.0,
                         p.cpu_pct
@@ -208,29 +243,48 @@ fn status_kib(status: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// RSS, RssAnon, threads and CPU over `window` of each process.
+/// RSS, RssAnon, threads and CPU over `window` of each part (summed over its processes).
 pub async fn sample(parts: &[Part], window: Duration) -> Vec<ProcUsage> {
-    let t0: Vec<u64> = parts
-        .iter()
-        .map(|(_, p)| super::compare::cpu_ticks(*p))
-        .collect();
+    let ticks = |part: &Part| -> u64 {
+        part.pids
+            .iter()
+            .map(|p| super::compare::cpu_ticks(*p))
+            .sum()
+    };
+    let t0: Vec<u64> = parts.iter().map(ticks).collect();
     tokio::time::sleep(window).await;
     parts
         .iter()
         .zip(t0)
-        .map(|((label, pid), t0)| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let ticks = super::compare::cpu_ticks(*pid).saturating_sub(t0);
-            ProcUsage {
-                label,
-                rss_kib: status_kib(&status, "VmRSS:"),
-                anon_kib: status_kib(&status, "RssAnon:"),
-                threads: status_kib(&status, "Threads:"),
-                cpu_pct: ticks as f64 / super::compare::clock_ticks() / window.as_secs_f64()
+        .map(|(part, t0)| {
+            let mut usage = ProcUsage {
+                label: part.label,
+                processes: part.pids.len(),
+                apart: part.apart,
+                cpu_pct: ticks(part).saturating_sub(t0) as f64
+                    / super::compare::clock_ticks()
+                    / window.as_secs_f64()
                     * 100.0,
+                ..ProcUsage::default()
+            };
+            for pid in &part.pids {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                usage.rss_kib += status_kib(&status, "VmRSS:");
+                usage.anon_kib += status_kib(&status, "RssAnon:");
+                usage.threads += status_kib(&status, "Threads:");
             }
+            usage
         })
         .collect()
+}
+
+/// The machine's MemAvailable (KiB).
+fn mem_available_kib() -> u64 {
+    status_kib(
+        &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+        "MemAvailable:",
+    )
 }
 
 /// What a pod's status says about why it is not Running (phase, reason, message, and its
@@ -286,6 +340,15 @@ pub async fn run(
     });
     let mut names: Vec<String> = Vec::new();
     for &target in &args.steps {
+        let available = mem_available_kib();
+        if available < MIN_MEM_AVAILABLE_KIB {
+            result.failure = Some(format!(
+                "not started at step {target}: the machine's MemAvailable is {} MiB, under {} MiB",
+                available / 1024,
+                MIN_MEM_AVAILABLE_KIB / 1024
+            ));
+            break;
+        }
         let new: Vec<String> = (names.len()..target).map(|i| format!("d-{i}")).collect();
         let t0 = Instant::now();
         let creates = futures::stream::iter(new.iter().map(|name| {

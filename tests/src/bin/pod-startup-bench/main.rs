@@ -8,11 +8,15 @@
 //!     create -> Succeeded for `hello`; memory is the agent's and its runtime process's.
 //!
 //!   pod-startup-bench compare --pods N --out DIR [--burst N] [--peer NODE] [--runwasi-image REF]
-//!                             [--density N [--density-steps A,B,..]] [--settle S] [--window S]
+//!                             [--density N [--density-steps A,B,..]] [--peer-density N]
+//!                             [--settle S] [--window S]
 //!     the same scenarios against our node and the peer node `deploy/peer-node` started (the
 //!     real kubelet on containerd + runc; with --runwasi-image also runwasi's wasmtime shim on
 //!     it, RuntimeClass `wasmtime`), in one run; writes DIR/compare.json and DIR/compare.md.
 //!     --density N: scenario 4 on our node (density.rs): idle pods added in steps up to N.
+//!     --peer-density N: the same on the peer kinds (their kubelet's maxPods bounds it; the
+//!     runc pods' own processes are shown apart). A step is not started while the machine's
+//!     MemAvailable is under 2 GiB.
 //!     --settle / --window: seconds to let the node settle before a memory/CPU sample, and the
 //!     CPU window of a sample (5 and 10 by default).
 //!
@@ -28,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use integration_tests::{
-    example_image, node_condition, push_examples, push_wat, unique_name, wait_for, Agent, Cluster,
+    example_image, node_condition, percentile, push_examples, push_wat, unique_name, wait_for,
+    Agent, Cluster,
 };
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::api::{DeleteParams, PostParams};
@@ -47,10 +52,6 @@ fn pod(name: &str, node: &str, image: &str, restart: &str) -> Pod {
         }
     }))
     .expect("valid pod")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -294,8 +295,47 @@ mod compare {
         runtime_class: Option<&'static str>,
         /// Processes that make up the node's agent side (for RSS/CPU), found anew each time.
         procs: Box<dyn Fn() -> Procs + 'a>,
-        /// The same, labelled, for scenario 4 (density); `None`: the kind skips it.
-        density: Option<Box<dyn Fn() -> Vec<density::Part> + 'a>>,
+        /// Scenario 4 (density) on this kind; `None`: the kind skips it.
+        density: Option<Density<'a>>,
+    }
+
+    /// Up to how many pods, and the node's parts to sample at each step.
+    struct Density<'a> {
+        max: usize,
+        parts: Box<dyn Fn() -> Vec<density::Part> + 'a>,
+    }
+
+    /// The peer's parts for the density scenario: the kubelet, its containerd and the shims
+    /// (the node's side, counted), and the pods' own processes (pause and the container for
+    /// runc; shown apart). `None` when `max` is 0.
+    fn peer_density<'a>(
+        max: usize,
+        kubelet: u32,
+        containerd: u32,
+        socket: &str,
+    ) -> Option<Density<'a>> {
+        let socket = socket.to_string();
+        (max > 0).then(|| Density {
+            max,
+            parts: Box::new(move || {
+                let procs = peer_procs(kubelet, containerd, &socket);
+                let shims = procs.agent.iter().copied().skip(2).collect();
+                vec![
+                    density::Part::one("kubelet", kubelet),
+                    density::Part::one("containerd", containerd),
+                    density::Part {
+                        label: "shims",
+                        pids: shims,
+                        apart: false,
+                    },
+                    density::Part {
+                        label: "pods' processes",
+                        pids: procs.pods,
+                        apart: true,
+                    },
+                ]
+            }),
+        })
     }
 
     /// The agent-side processes of a node and the pods' own processes (runc pods only: a Wasm
@@ -314,6 +354,8 @@ mod compare {
         runwasi_image: Option<String>,
         /// Scenario 4 up to this many pods on our node (0: not run).
         density: usize,
+        /// The same on the peer node kinds (0: not run); their kubelet's max-pods bounds it.
+        peer_density: usize,
         density_steps: Option<Vec<usize>>,
         settle: Duration,
         window: Duration,
@@ -327,6 +369,7 @@ mod compare {
             peer: std::env::var("PEER_NODE").ok(),
             runwasi_image: None,
             density: 0,
+            peer_density: 0,
             density_steps: None,
             settle: Duration::from_secs(5),
             window: Duration::from_secs(10),
@@ -344,6 +387,7 @@ mod compare {
                 "--peer" => a.peer = Some(value()?),
                 "--runwasi-image" => a.runwasi_image = Some(value()?),
                 "--density" => a.density = value()?.parse()?,
+                "--peer-density" => a.peer_density = value()?.parse()?,
                 "--density-steps" => {
                     a.density_steps = Some(
                         value()?
@@ -740,13 +784,8 @@ mod compare {
         }
 
         // Scenario 4: density, on the kinds that run it.
-        if let (Some(parts), true) = (&kind.density, args.density > 0) {
-            let d = density::Args::new(
-                args.density,
-                args.density_steps.clone(),
-                args.settle,
-                args.window,
-            );
+        if let Some(Density { max, parts }) = &kind.density {
+            let d = density::Args::new(*max, args.density_steps.clone(), args.settle, args.window);
             let make = |name: &str| pod_spec(name, kind);
             result.density = Some(density::run(&pods, &mut watch, &make, &**parts, &d).await);
         }
@@ -851,11 +890,14 @@ mod compare {
                     .collect(),
                 pods: Vec::new(),
             }),
-            density: Some(Box::new(move || {
-                std::iter::once(("agent", agent_pid))
-                    .chain(ours.runtime_pid().map(|p| ("runtime", p)))
-                    .collect()
-            })),
+            density: (args.density > 0).then(|| Density {
+                max: args.density,
+                parts: Box::new(move || {
+                    std::iter::once(density::Part::one("agent", agent_pid))
+                        .chain(ours.runtime_pid().map(|p| density::Part::one("runtime", p)))
+                        .collect()
+                }),
+            }),
         }];
         if let Some(peer) = &args.peer {
             let kubelet: u32 = env("PEER_KUBELET_PID")?.parse()?;
@@ -868,7 +910,7 @@ mod compare {
                 image: env("PEER_PAUSE_IMAGE")?,
                 runtime_class: None,
                 procs: Box::new(move || peer_procs(kubelet, containerd, &s)),
-                density: None,
+                density: peer_density(args.peer_density, kubelet, containerd, &socket),
             });
             if let Some(image) = &args.runwasi_image {
                 kinds.push(Kind {
@@ -876,8 +918,8 @@ mod compare {
                     node: peer.clone(),
                     image: image.clone(),
                     runtime_class: Some("wasmtime"),
+                    density: peer_density(args.peer_density, kubelet, containerd, &socket),
                     procs: Box::new(move || peer_procs(kubelet, containerd, &socket)),
-                    density: None,
                 });
             }
         }
@@ -900,6 +942,7 @@ mod compare {
             "pods": args.pods,
             "burst": args.burst,
             "density": args.density,
+            "peer_density": args.peer_density,
             "settle_s": args.settle.as_secs_f64(),
             "window_s": args.window.as_secs_f64(),
             "machine": machine(),
@@ -914,13 +957,71 @@ mod compare {
         )?;
         let md = markdown(&json, &results);
         std::fs::write(args.out.join("compare.md"), &md)?;
+        if let Err(e) = plot_startup(&args.out.join("compare-startup.svg"), &results) {
+            println!("the start-up plot was not written: {e:#}");
+        }
         println!("\n{md}");
         println!("written: {}", display(&args.out));
         Ok(())
     }
 
     fn display(p: &Path) -> String {
-        format!("{}/compare.json, {}/compare.md", p.display(), p.display())
+        let p = p.display();
+        format!("{p}/compare.json, {p}/compare.md, {p}/compare-startup.svg")
+    }
+
+    /// The create -> Running distributions, one cumulative curve per node kind: the share of
+    /// pods Running (y) within a time (x, milliseconds, log scale), so a median or a tail reads
+    /// straight off the plot.
+    fn plot_startup(path: &Path, results: &[KindResult]) -> anyhow::Result<()> {
+        use plotters::prelude::*;
+        let curves: Vec<(&str, Vec<(f64, f64)>)> = results
+            .iter()
+            .filter(|r| !r.samples_create_ms.is_empty())
+            .map(|r| {
+                let mut ms = r.samples_create_ms.clone();
+                ms.sort_by(f64::total_cmp);
+                let n = ms.len() as f64;
+                let points = ms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| (x.max(0.1), (i + 1) as f64 / n))
+                    .collect();
+                (r.kind.as_str(), points)
+            })
+            .collect();
+        anyhow::ensure!(!curves.is_empty(), "no create -> Running samples");
+        let all = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0));
+        let (lo, hi) = all.fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("pod create -> Running (image cached)", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("milliseconds (log scale)")
+            .y_desc("share of pods Running")
+            .draw()?;
+        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+        for (i, (label, points)) in curves.into_iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        root.present()?;
+        Ok(())
     }
 
     fn markdown(json: &serde_json::Value, results: &[KindResult]) -> String {
