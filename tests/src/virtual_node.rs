@@ -161,7 +161,14 @@ impl Drop for Deployment {
         let _ = self
             .cluster
             .kubectl()
-            .args(["delete", "pods", "--all", "--grace-period=0", "--force", "-n"])
+            .args([
+                "delete",
+                "pods",
+                "--all",
+                "--grace-period=0",
+                "--force",
+                "-n",
+            ])
             .arg(&self.namespace)
             .output();
         let _ = self
@@ -173,7 +180,13 @@ impl Drop for Deployment {
         let _ = self
             .cluster
             .kubectl()
-            .args(["delete", "secret", "-n", "kube-system", "--ignore-not-found"])
+            .args([
+                "delete",
+                "secret",
+                "-n",
+                "kube-system",
+                "--ignore-not-found",
+            ])
             .arg(format!("bootstrap-token-{}", self.token_id))
             .output();
     }
