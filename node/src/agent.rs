@@ -174,6 +174,8 @@ pub async fn run(
             let node_rx_for_mirrors = node_rx.clone();
             // The eviction manager owns the pressure conditions; node status reports them.
             let (pressure_tx, pressure_rx) = watch::channel(crate::eviction::Pressure::default());
+            // Admission reads them too (the kubelet's eviction admit handler).
+            let pressure_for_admission = pressure_rx.clone();
             if config.register_node {
                 let mut manager = NodeStatusManager::new(
                     client.clone(),
@@ -225,6 +227,7 @@ pub async fn run(
                 status.clone(),
                 events.clone(),
                 pods_view.clone(),
+                pressure_for_admission,
             );
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
@@ -335,6 +338,8 @@ pub async fn run(
                 status,
                 events.clone(),
                 pods_view.clone(),
+                // No eviction manager without an API server: never any pressure to refuse for.
+                watch::channel(crate::eviction::Pressure::default()).1,
             );
             let (change_tx, change_rx) = mpsc::unbounded_channel();
             let (pleg_tx, pleg_rx) = mpsc::unbounded_channel();
@@ -540,6 +545,8 @@ async fn run_once(
 }
 
 /// What every pod worker shares; `client` is None without an API server.
+// Each argument is one of the agent's long-lived parts, wired here once.
+#[allow(clippy::too_many_arguments)]
 fn worker_context(
     config: &Config,
     provider: &Arc<dyn Provider>,
@@ -548,6 +555,7 @@ fn worker_context(
     status: StatusSender,
     events: EventSink,
     pods_view: crate::server::pods::PodsViewSender,
+    pressure: watch::Receiver<crate::eviction::Pressure>,
 ) -> Arc<WorkerContext> {
     let allocatable = allocatable(config);
     Arc::new(WorkerContext {
@@ -569,6 +577,7 @@ fn worker_context(
         admission: crate::pods::admission::Ledger::spawn(allocatable, config.max_pods),
         sync_frequency: config.sync_frequency,
         host_ports: Default::default(),
+        pressure,
     })
 }
 

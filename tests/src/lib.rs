@@ -10,6 +10,7 @@
 
 pub mod mixed_node;
 pub mod port_forward;
+pub mod pressure;
 pub mod registry;
 pub mod soak;
 pub mod virtual_node;

@@ -144,6 +144,10 @@ pub struct EvictionThreshold {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EvictionSignal {
     MemoryAvailable,
+    /// The pods' memory against the node's allocatable (the kubelet's
+    /// `allocatableMemory.available`): not configured, derived from each hard `memory.available`
+    /// threshold ([`crate::eviction::thresholds`]).
+    AllocatableMemoryAvailable,
     NodefsAvailable,
     NodefsInodesFree,
     ImagefsAvailable,
@@ -168,6 +172,7 @@ impl EvictionSignal {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::MemoryAvailable => "memory.available",
+            Self::AllocatableMemoryAvailable => "allocatableMemory.available",
             Self::NodefsAvailable => "nodefs.available",
             Self::NodefsInodesFree => "nodefs.inodesFree",
             Self::ImagefsAvailable => "imagefs.available",

@@ -8,7 +8,9 @@
 //! 2. before that, every [`GUEST_CHECK_EVERY`] the eviction manager compares what the guests
 //!    hold together ([`guest_total`], unlimited ones included) with the node's allocatable
 //!    memory (the ceiling less the `memory.available` hard eviction threshold) and, over it,
-//!    evicts the worst offender in the kubelet's ranking ([`super::rank`]).
+//!    runs a housekeeping pass at once: allocatableMemory.available (the ceiling less the
+//!    total) is below its threshold, MemoryPressure goes True and the worst offender in the
+//!    kubelet's ranking ([`super::rank`]) is evicted.
 //!
 //! The margin between the two is the hard eviction threshold (100Mi by default): the guard
 //! evicts before the ceiling bites, unless a guest grows faster than one check interval.

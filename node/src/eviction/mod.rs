@@ -1,7 +1,10 @@
 //! Node-pressure eviction: the only owner of the node's pressure state.
 //!
 //! Start at [`EvictionManager::run`]. Every `--housekeeping-interval` it measures the eviction
-//! signals (memory.available from /proc/meminfo `MemAvailable`, nodefs.available and
+//! signals (memory.available from /proc/meminfo `MemAvailable`; allocatableMemory.available,
+//! the pods' memory against their ceiling, capacity less the reserved memory, with a threshold
+//! derived from each hard memory.available one, as the kubelet enforcing node allocatable on
+//! pods; nodefs.available and
 //! nodefs.inodesFree by statvfs of `--root-dir`, imagefs.* by statvfs of the provider's image
 //! store, pid.available), feeds them to the [`thresholds::ThresholdTracker`] (hard and soft
 //! thresholds, grace periods, minimum reclaim, the pressure transition period) and publishes
@@ -18,9 +21,15 @@
 //!    The manager then waits (up to 30 s, the kubelet's pod clean-up timeout) for the pod's
 //!    containers to stop before it measures again, so one shortage never evicts two pods.
 //!
-//! Beside the signals, every second the [`guests`] guard compares what the Wasm guests hold
-//! together with the node's allocatable memory and evicts the worst offender when they are
-//! over it (the guests live in the agent's process: see that module).
+//! Beside the signals, every second the [`guests`] guard compares what the pods' containers hold
+//! together with the node's allocatable memory; over it, it runs a housekeeping pass at once
+//! (the kubelet's memory threshold notifier), which raises MemoryPressure through
+//! allocatableMemory.available and evicts; it evicts the worst offender itself only when that
+//! pass did not (no hard memory.available threshold). The Wasm guests live in one process of
+//! the node's: see that module.
+//!
+//! While a pressure condition holds, new pods are refused at admission
+//! ([`crate::pods::admission::pressure`], the kubelet's eviction admit handler).
 
 pub mod guests;
 pub mod rank;
@@ -99,10 +108,27 @@ pub struct EvictionManager {
     evicted: HashSet<String>,
 }
 
-/// Every configured threshold, hard ones first.
+/// Every configured threshold, hard ones first, then one `allocatableMemory.available`
+/// threshold for each hard `memory.available` one (the kubelet's `addAllocatableThresholds`,
+/// which it adds when node allocatable is enforced on pods, its default).
 pub fn thresholds(config: &Config) -> Vec<Threshold> {
     let hard = config.eviction_hard.iter().map(|t| (t, true));
     let soft = config.eviction_soft.iter().map(|t| (t, false));
+    let allocatable: Vec<Threshold> = config
+        .eviction_hard
+        .iter()
+        .filter(|t| t.signal == EvictionSignal::MemoryAvailable)
+        .map(|t| Threshold {
+            signal: EvictionSignal::AllocatableMemoryAvailable,
+            value: t.limit,
+            grace: Duration::ZERO,
+            hard: true,
+            min_reclaim: config
+                .eviction_minimum_reclaim
+                .get(&EvictionSignal::MemoryAvailable)
+                .copied(),
+        })
+        .collect();
     hard.chain(soft)
         .map(|(t, hard)| Threshold {
             signal: t.signal,
@@ -119,6 +145,7 @@ pub fn thresholds(config: &Config) -> Vec<Threshold> {
             hard,
             min_reclaim: config.eviction_minimum_reclaim.get(&t.signal).copied(),
         })
+        .chain(allocatable)
         .collect()
 }
 
@@ -157,7 +184,7 @@ impl EvictionManager {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = async { if full { self.synchronize().await } else { self.guard_guests().await } } => {}
+                _ = async { if full { self.synchronize().await; } else { self.guard_guests().await } } => {}
             }
         }
     }
@@ -172,13 +199,13 @@ impl EvictionManager {
         }
     }
 
-    /// One housekeeping pass.
-    async fn synchronize(&mut self) {
+    /// One housekeeping pass; true when it evicted a pod.
+    async fn synchronize(&mut self) -> bool {
         let observations = match self.observe().await {
             Ok(o) => o,
             Err(e) => {
                 warn!(error = %e, "measuring the eviction signals");
-                return;
+                return false;
             }
         };
         let decision = self.tracker.observe(
@@ -192,7 +219,7 @@ impl EvictionManager {
         let snapshot = self.runtime.latest();
         if snapshot.containers.is_none() {
             // Nothing is known about what runs while the runtime cannot be asked.
-            return;
+            return false;
         }
         let pods = self.links.pods.borrow().clone();
         let active = self.active_pods(&snapshot);
@@ -201,7 +228,7 @@ impl EvictionManager {
         // localStorageEviction); a pod evicted for them ends this pass.
         if let Some((uid, message)) = self.local_storage_violation(&active).await {
             self.evict(&uid, message, Duration::ZERO).await;
-            return;
+            return true;
         }
 
         let Some(&index) = decision
@@ -209,7 +236,7 @@ impl EvictionManager {
             .iter()
             .min_by_key(|i| eviction_priority(self.thresholds[**i].signal))
         else {
-            return;
+            return false;
         };
         let threshold = self.thresholds[index].clone();
         let resource = resource_of(threshold.signal);
@@ -241,7 +268,7 @@ impl EvictionManager {
                         signal = threshold.signal.as_str(),
                         "node-level reclaim relieved the pressure; no pod evicted"
                     );
-                    return;
+                    return false;
                 }
             }
         }
@@ -253,7 +280,7 @@ impl EvictionManager {
                 signal = threshold.signal.as_str(),
                 "eviction threshold met but no pod can be evicted"
             );
-            return;
+            return false;
         };
         let observed = observations.get(&threshold.signal).copied();
         let quantities = observed.map(|o| {
@@ -278,6 +305,7 @@ impl EvictionManager {
         info!(pod = %victim.name, usage = victim.usage(), request = victim.request(), "evicting");
         let uid = victim.uid.clone();
         self.evict(&uid, message, grace).await;
+        true
     }
 
     /// The running pods not already being evicted.
@@ -318,6 +346,21 @@ impl EvictionManager {
             &self.config.eviction_hard,
         )
         .memory_bytes;
+        if total <= allocatable {
+            return;
+        }
+        // As the kubelet's memory threshold notifier, crossing allocatable runs a housekeeping
+        // pass at once: allocatableMemory.available raises MemoryPressure and the pass evicts
+        // in the kubelet's ranking. The guard evicts by itself only when that pass did not (no
+        // hard memory.available threshold, so no allocatable signal either).
+        if self.synchronize().await {
+            return;
+        }
+        let snapshot = self.runtime.latest();
+        let Some(containers) = snapshot.containers.as_ref() else {
+            return;
+        };
+        let total = guests::guest_total(containers);
         if total <= allocatable {
             return;
         }
@@ -465,6 +508,22 @@ impl EvictionManager {
                 capacity: available.pids_max,
             },
         );
+        // The pods' memory against their ceiling (the kubelet's pods cgroup: capacity less the
+        // reserved memory): known while the runtime can be asked.
+        if let Some(containers) = self.runtime.latest().containers.as_ref() {
+            let ceiling = guests::ceiling(
+                capacity.memory_bytes,
+                &self.config.system_reserved,
+                &self.config.kube_reserved,
+            );
+            o.insert(
+                EvictionSignal::AllocatableMemoryAvailable,
+                Observation {
+                    available: ceiling.saturating_sub(guests::guest_total(containers)),
+                    capacity: ceiling,
+                },
+            );
+        }
         // The image filesystem is where the provider keeps images; without one, nodefs.
         let image_dir = self
             .provider
@@ -760,7 +819,9 @@ fn pod_grace(pod: &Pod) -> Duration {
 
 fn resource_of(signal: EvictionSignal) -> Resource {
     match signal {
-        EvictionSignal::MemoryAvailable => Resource::Memory,
+        EvictionSignal::MemoryAvailable | EvictionSignal::AllocatableMemoryAvailable => {
+            Resource::Memory
+        }
         EvictionSignal::PidAvailable => Resource::Pids,
         _ => Resource::EphemeralStorage,
     }
@@ -769,7 +830,7 @@ fn resource_of(signal: EvictionSignal) -> Resource {
 /// The kubelet acts on memory first, then on the signals that node-level reclaim can help.
 fn eviction_priority(signal: EvictionSignal) -> u8 {
     match signal {
-        EvictionSignal::MemoryAvailable => 0,
+        EvictionSignal::MemoryAvailable | EvictionSignal::AllocatableMemoryAvailable => 0,
         EvictionSignal::NodefsAvailable | EvictionSignal::ImagefsAvailable => 1,
         EvictionSignal::NodefsInodesFree | EvictionSignal::ImagefsInodesFree => 2,
         EvictionSignal::PidAvailable => 3,
@@ -809,6 +870,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(used >= 100_000, "{used}");
         assert_eq!(disk_usage(&dir.join("missing")), 0);
+    }
+
+    #[test]
+    fn each_hard_memory_threshold_has_an_allocatable_twin() {
+        let config = Config::load([
+            "wasm-kubelet",
+            "--hostname-override=n",
+            "--eviction-hard=memory.available<64Mi,nodefs.available<10%",
+            "--eviction-soft=memory.available<200Mi",
+            "--eviction-soft-grace-period=memory.available=1m",
+        ])
+        .expect("config");
+        let all = thresholds(&config);
+        let twins: Vec<&Threshold> = all
+            .iter()
+            .filter(|t| t.signal == EvictionSignal::AllocatableMemoryAvailable)
+            .collect();
+        // The hard one only, as the kubelet's addAllocatableThresholds.
+        assert_eq!(twins.len(), 1, "{all:?}");
+        assert!(twins[0].hard && twins[0].grace.is_zero());
+        assert_eq!(twins[0].quantity(1 << 30), 64 << 20);
+        assert_eq!(
+            PressureCondition::of(twins[0].signal),
+            PressureCondition::MemoryPressure
+        );
+        assert_eq!(resource_of(twins[0].signal), Resource::Memory);
     }
 
     #[test]

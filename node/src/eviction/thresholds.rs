@@ -66,7 +66,9 @@ impl PressureCondition {
     /// The condition a signal's thresholds raise.
     pub fn of(signal: EvictionSignal) -> Self {
         match signal {
-            EvictionSignal::MemoryAvailable => Self::MemoryPressure,
+            EvictionSignal::MemoryAvailable | EvictionSignal::AllocatableMemoryAvailable => {
+                Self::MemoryPressure
+            }
             EvictionSignal::NodefsAvailable
             | EvictionSignal::NodefsInodesFree
             | EvictionSignal::ImagefsAvailable
@@ -182,6 +184,7 @@ impl ThresholdTracker {
 pub fn show(signal: EvictionSignal, amount: u64) -> String {
     match signal {
         EvictionSignal::MemoryAvailable
+        | EvictionSignal::AllocatableMemoryAvailable
         | EvictionSignal::NodefsAvailable
         | EvictionSignal::ImagefsAvailable => binary_quantity(amount),
         _ => amount.to_string(),

@@ -113,6 +113,67 @@ pub fn admit(pod: &Pod) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The kubelet's reason for a pod refused under node pressure (the eviction manager's admit
+/// handler gives the same reason as its evictions).
+pub const PRESSURE_REASON: &str = "Evicted";
+/// The taint the controller manager puts on a node under memory pressure.
+const MEMORY_PRESSURE_TAINT: &str = "node.kubernetes.io/memory-pressure";
+
+/// The kubelet eviction manager's admit handler: while the node reports a pressure condition
+/// (within its transition period too), a new pod is refused with reason `Evicted` and "The node
+/// had condition: [..]. ", except a critical one (static, mirror, system-critical priority).
+/// Under memory pressure alone only BestEffort pods are refused, and not those that tolerate
+/// the memory-pressure NoSchedule taint.
+pub fn pressure(pod: &Pod, pressure: &crate::eviction::Pressure) -> Result<(), Rejection> {
+    let conditions: Vec<&str> = [
+        ("MemoryPressure", pressure.memory.is_some()),
+        ("DiskPressure", pressure.disk.is_some()),
+        ("PIDPressure", pressure.pid.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, on)| *on)
+    .map(|(name, _)| name)
+    .collect();
+    if conditions.is_empty() || crate::eviction::is_critical(pod) {
+        return Ok(());
+    }
+    if conditions == ["MemoryPressure"] {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let best_effort = super::pod_status::qos_class(
+            spec.init_containers.as_deref().unwrap_or_default(),
+            &spec.containers,
+        ) == "BestEffort";
+        let tolerated = spec
+            .tolerations
+            .iter()
+            .flatten()
+            .any(|t| tolerates(t, MEMORY_PRESSURE_TAINT, "NoSchedule"));
+        if !best_effort || tolerated {
+            return Ok(());
+        }
+    }
+    reject(
+        PRESSURE_REASON,
+        format!("The node had condition: [{}]. ", conditions.join(" ")),
+    )
+}
+
+/// Whether a toleration tolerates a taint of `key` and `effect` with an empty value, as
+/// Kubernetes' `Toleration.ToleratesTaint`.
+fn tolerates(t: &k8s_openapi::api::core::v1::Toleration, key: &str, effect: &str) -> bool {
+    let effect_ok = t
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == effect);
+    let key_ok = t.key.as_deref().is_none_or(|k| k.is_empty() || k == key);
+    let value_ok = match t.operator.as_deref() {
+        Some("Exists") => true,
+        None | Some("") | Some("Equal") => t.value.as_deref().unwrap_or("").is_empty(),
+        Some(_) => false,
+    };
+    effect_ok && key_ok && value_ok
+}
+
 /// The admitted pods' requests, owned by one task; workers ask it over a channel.
 #[derive(Clone)]
 pub struct Ledger {
@@ -273,6 +334,55 @@ impl Book {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn under(memory: bool, disk: bool) -> crate::eviction::Pressure {
+        crate::eviction::Pressure {
+            memory: memory.then(|| "m".to_string()),
+            disk: disk.then(|| "d".to_string()),
+            pid: None,
+        }
+    }
+
+    fn pod_json(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("a valid pod")
+    }
+
+    #[test]
+    fn pressure_refuses_as_the_kubelets_eviction_admit_handler() {
+        let best_effort = pod_json(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+        );
+        let guaranteed = pod_json(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i", "resources": {"limits": {"cpu": "1", "memory": "1Mi"}}}]}}),
+        );
+        let tolerating = pod_json(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}], "tolerations": [{"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"}]}}),
+        );
+        let critical = pod_json(
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}], "priority": 2_000_001_000}}),
+        );
+        // No condition: everything in.
+        assert!(pressure(&best_effort, &under(false, false)).is_ok());
+        // Disk pressure: every pod but a critical one out.
+        let r = pressure(&guaranteed, &under(false, true)).unwrap_err();
+        assert_eq!(
+            (r.reason.as_str(), r.message.as_str()),
+            ("Evicted", "The node had condition: [DiskPressure]. ")
+        );
+        assert!(pressure(&tolerating, &under(false, true)).is_err());
+        assert!(pressure(&critical, &under(false, true)).is_ok());
+        // Memory pressure alone: BestEffort out unless it tolerates the taint.
+        let r = pressure(&best_effort, &under(true, false)).unwrap_err();
+        assert_eq!(r.message, "The node had condition: [MemoryPressure]. ");
+        assert!(pressure(&guaranteed, &under(true, false)).is_ok());
+        assert!(pressure(&tolerating, &under(true, false)).is_ok());
+        // Both: everything but critical out.
+        let r = pressure(&guaranteed, &under(true, true)).unwrap_err();
+        assert_eq!(
+            r.message,
+            "The node had condition: [MemoryPressure DiskPressure]. "
+        );
+    }
 
     fn pod(spec: serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({ "metadata": {"name": "p"}, "spec": spec }))

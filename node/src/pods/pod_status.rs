@@ -250,7 +250,7 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
     // As the kubelet marks a pod it evicts for node pressure or stops for a node shutdown.
     if let Some(t) = input
         .terminal
-        .filter(|t| matches!(t.reason.as_deref(), Some("Evicted" | "Terminated")))
+        .filter(|t| t.disruption && matches!(t.reason.as_deref(), Some("Evicted" | "Terminated")))
     {
         conditions.push(condition(
             "DisruptionTarget",
@@ -986,6 +986,7 @@ mod tests {
             phase: PodPhase::Failed,
             reason: Some("Evicted".into()),
             message: Some("The node was low on resource: memory.".into()),
+            disruption: true,
         };
         let s = compute_for(
             &spec("Always", &[], &["app"]),
@@ -1005,5 +1006,27 @@ mod tests {
             ("True", Some("TerminationByKubelet"))
         );
         assert_eq!(condition(&s, "PodReadyToStartContainers").0, "False");
+        // Refused at admission under node pressure (same reason, never ran): no disruption.
+        let refused = Terminal {
+            phase: PodPhase::Failed,
+            reason: Some("Evicted".into()),
+            message: Some("Pod was rejected: The node had condition: [DiskPressure]. ".into()),
+            disruption: false,
+        };
+        let s = compute_for(
+            &spec("Always", &[], &["app"]),
+            vec![],
+            true,
+            Some(&refused),
+            &PodStatus::default(),
+        );
+        assert!(
+            !s.conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "DisruptionTarget"),
+            "{:?}",
+            s.conditions
+        );
     }
 }

@@ -86,6 +86,9 @@ pub struct WorkerContext {
     pub host_ports: super::ports::HostPorts,
     /// The admitted pods' requests against node allocatable.
     pub admission: admission::Ledger,
+    /// The node's pressure conditions, as the eviction manager decides them: a new pod is
+    /// refused while one holds ([`admission::pressure`]).
+    pub pressure: tokio::sync::watch::Receiver<crate::eviction::Pressure>,
 }
 
 /// What the worker knows about one container of its pod.
@@ -132,6 +135,9 @@ pub(super) struct Terminal {
     pub(super) phase: PodPhase,
     pub(super) reason: Option<String>,
     pub(super) message: Option<String>,
+    /// Stopped by the node (a pressure eviction, a node shutdown): the pod gets a
+    /// DisruptionTarget condition. Not for a pod refused at admission, which never ran.
+    pub(super) disruption: bool,
 }
 
 /// A pod's containers by name. Boxed records: a B-tree leaf holds 11 values inline, so a
@@ -240,6 +246,11 @@ impl PodWorker {
                 phase,
                 reason: status.reason.clone(),
                 message: status.message.clone(),
+                disruption: status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "DisruptionTarget" && c.status == "True"),
             });
         let pod_ref = ObjectReference {
             api_version: Some("v1".into()),
@@ -391,6 +402,7 @@ impl PodWorker {
                     phase: PodPhase::Failed,
                     reason: Some(rejection.reason),
                     message: Some(status_message),
+                    disruption: false,
                 });
             }
         }
@@ -407,6 +419,7 @@ impl PodWorker {
                         phase: PodPhase::Failed,
                         reason: Some("DeadlineExceeded".into()),
                         message: Some(message),
+                        disruption: false,
                     });
                 } else {
                     let left = (deadline - Utc::now()).to_std().unwrap_or_default();
@@ -431,6 +444,7 @@ impl PodWorker {
                     phase,
                     reason: None,
                     message: None,
+                    disruption: false,
                 });
             }
         }
@@ -446,12 +460,13 @@ impl PodWorker {
         wake
     }
 
-    /// Admission, as a chain: what the node runs at all (the spec), then the pod's requests
-    /// against allocatable less what admitted pods request, then its host ports. The first
-    /// handler to refuse ends the chain; the one rejection path is the caller's. A pod admitted
-    /// once keeps its ticket and its ports while it may run. A refusal is the rejection (its
-    /// message is the Event's) and the pod status's message (resource refusals say "Pod was
-    /// rejected: ...", as the kubelet's).
+    /// Admission, as a chain: what the node runs at all (the spec), then the node's pressure
+    /// conditions, then the pod's requests against allocatable less what admitted pods
+    /// request, then its host ports. The first handler to refuse ends the chain; the one
+    /// rejection path is the caller's. A pod admitted once keeps its ticket and its ports
+    /// while it may run. A refusal is the rejection (its message is the Event's) and the pod
+    /// status's message (pressure and resource refusals say "Pod was rejected: ...", as the
+    /// kubelet's).
     async fn admit(&mut self) -> Result<(), (admission::Rejection, String)> {
         let as_is = |r: admission::Rejection| {
             let message = r.message.clone();
@@ -459,6 +474,12 @@ impl PodWorker {
         };
         admission::admit(&self.pod).map_err(as_is)?;
         if self.admitted.is_none() {
+            // The kubelet's eviction admit handler comes before the resource predicate.
+            let pressure = self.ctx.pressure.borrow().clone();
+            admission::pressure(&self.pod, &pressure).map_err(|r| {
+                let message = format!("Pod was rejected: {}", r.message);
+                (r, message)
+            })?;
             let ticket = self.ctx.admission.admit(&self.pod).await.map_err(|r| {
                 let message = format!("Pod was rejected: {}", r.message);
                 (r, message)
@@ -1021,6 +1042,7 @@ impl PodWorker {
                                 phase: PodPhase::Failed,
                                 reason: Some("UnsupportedImage".into()),
                                 message: Some(message),
+                                disruption: false,
                             });
                             return None;
                         }
@@ -1418,6 +1440,7 @@ impl PodWorker {
             phase: PodPhase::Failed,
             reason: Some(eviction.reason.into()),
             message: Some(eviction.message.clone()),
+            disruption: true,
         });
         // As the kubelet, a terminated pod's volumes are torn down: an emptyDir that filled the
         // disk gives its space back.

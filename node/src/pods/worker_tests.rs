@@ -112,6 +112,7 @@ impl Harness {
             sync_frequency: Duration::from_secs(60),
             host_ports: Default::default(),
             admission: crate::pods::admission::Ledger::spawn(allocatable, 110),
+            pressure: tokio::sync::watch::channel(Default::default()).1,
         });
         let (desire, desired) = watch::channel(PodDesire {
             pod: Arc::new(pod),

@@ -219,6 +219,27 @@ async fn a_trap_is_an_error_with_its_message() {
     );
 }
 
+/// Unbounded recursion: the guest's stack runs out (wasmtime's `max_wasm_stack`, inside the
+/// fiber stack), which must end in a trap of this guest alone, the runtime unharmed.
+const RECURSE: &str = r#"(module
+  (memory (export "memory") 1)
+  (func $deeper (param i64) (result i64)
+    (i64.add (call $deeper (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
+  (func (export "_start") (drop (call $deeper (i64.const 0)))))"#;
+
+#[tokio::test]
+async fn a_guest_that_recurses_without_end_traps_and_the_next_one_runs() {
+    let root = Root::new("recurse");
+    let provider = provider_with(&root.0, RECURSE).await;
+    for round in 0..2 {
+        let name = format!("recurse-{round}");
+        let (code, reason, message) = run(&provider, config(&root.0, &name)).await;
+        assert_eq!((code, reason), (1, ExitReason::Error), "round {round}");
+        let message = message.unwrap();
+        assert!(message.contains("call stack exhausted"), "{message}");
+    }
+}
+
 #[tokio::test]
 async fn growing_past_the_memory_limit_is_oomkilled() {
     let root = Root::new("oom");

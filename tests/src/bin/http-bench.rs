@@ -5,6 +5,13 @@
 //!   cargo install wasmtime-cli --version 48.0.8 --locked --root ~/.cache/wasm-kubelet/wasmtime-cli
 //!   cargo build --release -p wasm-kubelet -p integration-tests
 //!   WASM_KUBELET_BIN=target/release/wasm-kubelet target/release/http-bench [CONNECTIONS] [SECONDS] [ROUNDS]
+//!       [--also LABEL=HOST:PORT[@NETNS]]...
+//!   http-bench component-path     prints the component file (deploy/bench pushes it for runwasi)
+//!
+//! `--also` adds a server serving the same component, measured the same way in each round
+//! (deploy/bench --http: runwasi's shim on the peer node, reached inside the pod's network
+//! namespace, whose address no host route covers). Each target's load runs on a thread of
+//! its own with a runtime of its own, in the target's network namespace when it has one.
 //!
 //! Method: CONNECTIONS (default 32) keep-alive HTTP/1.1 connections each send `GET /` back to
 //! back for SECONDS (default 10) after a 2 s warm-up; every request's latency is recorded.
@@ -177,9 +184,88 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// One server measured: a label, its address, and the network namespace to reach it from
+/// (a peer pod's, for runwasi: its pod IP is only reachable inside its own namespace).
+struct Target {
+    label: String,
+    addr: String,
+    netns: Option<PathBuf>,
+}
+
+impl Target {
+    /// `LABEL=HOST:PORT[@NETNS_PATH]` (the `--also` flag).
+    fn parse(spec: &str) -> anyhow::Result<Target> {
+        let (label, rest) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--also {spec}: want LABEL=HOST:PORT[@NETNS]"))?;
+        let (addr, netns) = match rest.split_once('@') {
+            Some((addr, netns)) => (addr, Some(PathBuf::from(netns))),
+            None => (rest, None),
+        };
+        anyhow::ensure!(
+            addr.parse::<std::net::SocketAddr>().is_ok(),
+            "--also {spec}: {addr} is not HOST:PORT"
+        );
+        Ok(Target {
+            label: label.into(),
+            addr: addr.into(),
+            netns,
+        })
+    }
+
+    /// The load against this target, from a thread of its own (in the target's network
+    /// namespace, when it has one) with a runtime of its own: every target is measured the
+    /// same way.
+    fn load(&self, connections: usize, warm_up: Duration, duration: Duration) -> Figures {
+        let (addr, netns) = (self.addr.clone(), self.netns.clone());
+        std::thread::spawn(move || {
+            if let Some(netns) = &netns {
+                let file = std::fs::File::open(netns)
+                    .unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+                // SAFETY: setns on a namespace file descriptor we own, for this thread only;
+                // the runtime's worker threads are created after it and inherit it.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns {}: {}",
+                    netns.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(load(&addr, connections, warm_up, duration))
+        })
+        .join()
+        .expect("the load thread")
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
+    let mut positional = Vec::new();
+    let mut also = Vec::new();
+    let mut argv = std::env::args().skip(1);
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "--also" => also.push(Target::parse(
+                &argv
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--also needs a value"))?,
+            )?),
+            "component-path" => {
+                println!("{}", component_file().display());
+                return Ok(());
+            }
+            _ => positional.push(arg),
+        }
+    }
+    let mut args = positional.into_iter();
     let connections: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
@@ -257,31 +343,52 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     println!("{connections} connections, {seconds} s per measurement after a {} s warm-up, {rounds} rounds; wasmtime {}", warm_up.as_secs(), provider_version(&wasmtime));
-    let mut agent_runs = Vec::new();
-    let mut serve_runs = Vec::new();
+    let mut targets = vec![
+        Target {
+            label: "agent".into(),
+            addr: agent_addr.clone(),
+            netns: None,
+        },
+        Target {
+            label: "wasmtime serve".into(),
+            addr: serve_addr.clone(),
+            netns: None,
+        },
+    ];
+    targets.extend(also);
+    let mut runs: Vec<Vec<Figures>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
-        let a = load(&agent_addr, connections, warm_up, duration).await;
-        a.print(&format!("agent #{round}"));
-        let s = load(&serve_addr, connections, warm_up, duration).await;
-        s.print(&format!("wasmtime serve #{round}"));
-        agent_runs.push(a);
-        serve_runs.push(s);
+        for (target, runs) in targets.iter().zip(&mut runs) {
+            let f = tokio::task::block_in_place(|| target.load(connections, warm_up, duration));
+            f.print(&format!("{} #{round}", target.label));
+            runs.push(f);
+        }
     }
     let mean = |runs: &[Figures], f: &dyn Fn(&Figures) -> f64| {
         runs.iter().map(f).sum::<f64>() / runs.len() as f64
     };
     let p99 = |r: &Figures| r.percentile(0.99).as_secs_f64() * 1000.0;
-    let (a_rps, s_rps) = (
-        mean(&agent_runs, &|r| r.rps()),
-        mean(&serve_runs, &|r| r.rps()),
-    );
-    let (a_p99, s_p99) = (mean(&agent_runs, &p99), mean(&serve_runs, &p99));
-    println!("mean: agent {a_rps:.0} req/s p99 {a_p99:.2} ms; wasmtime serve {s_rps:.0} req/s p99 {s_p99:.2} ms");
-    println!(
-        "agent / wasmtime serve: throughput {:.2}x (target >= 0.8x), p99 {:.2}x (target <= 1.25x)",
-        a_rps / s_rps,
-        a_p99 / s_p99
-    );
+    let means: Vec<(f64, f64)> = runs
+        .iter()
+        .map(|r| (mean(r, &|f| f.rps()), mean(r, &p99)))
+        .collect();
+    for (target, (rps, p99)) in targets.iter().zip(&means) {
+        println!("mean: {} {rps:.0} req/s p99 {p99:.2} ms", target.label);
+    }
+    let (a_rps, a_p99) = means[0];
+    for (target, (rps, p99)) in targets.iter().zip(&means).skip(1) {
+        let targets = if target.label == "wasmtime serve" {
+            " (target >= 0.8x and <= 1.25x)"
+        } else {
+            ""
+        };
+        println!(
+            "agent / {}: throughput {:.2}x, p99 {:.2}x{targets}",
+            target.label,
+            a_rps / rps,
+            a_p99 / p99
+        );
+    }
 
     let _ = serve.kill();
     let _ = serve.wait();
