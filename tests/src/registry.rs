@@ -165,6 +165,20 @@ impl Registry {
         result
     }
 
+    /// GET `/v2/<repo>/<what>` (`manifests/<tag>` with `accept`, or `blobs/<digest>`); the body,
+    /// asserting a 200.
+    pub fn fetch(&self, repo: &str, what: &str, accept: Option<&str>) -> String {
+        let accept = accept.map(|a| format!("Accept: {a}"));
+        let extra: Vec<&str> = accept
+            .iter()
+            .flat_map(|a| ["--header", a.as_str()])
+            .collect();
+        let url = format!("{}/{what}", self.base(repo));
+        let (status, _, body) = self.request("GET", &url, &extra);
+        assert_eq!(status, 200, "GET {url}: {body}");
+        body
+    }
+
     /// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); its descriptor.
     pub fn push_blob(&self, repo: &str, media_type: &str, bytes: &[u8]) -> Value {
         let digest = sha256(bytes);

@@ -8,10 +8,11 @@
 //! safety: the only traffic is from the test to its pods' addresses in the node's pod CIDR
 //! (which no route covers) and to the local registry on loopback.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use integration_tests::mixed_node::{pod_ip, MixedNode};
+use integration_tests::registry::{Registry, OCI_MANIFEST};
 use integration_tests::{
     http_get, phase, unique_name, wait_for, Agent, Cluster, CpuOffer, TestNamespace, TEST_TIMEOUT,
 };
@@ -192,106 +193,23 @@ fn nr_throttled(node: &MixedNode, id: &str) -> u64 {
         .expect("nr_throttled in cpu.stat")
 }
 
-/// `curl` against the local registry (plain http on loopback); the body.
-fn registry_curl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--fail"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn sha256_of(bytes: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let hex = String::from_utf8_lossy(&out.stdout);
-    format!("sha256:{}", hex.split_whitespace().next().unwrap())
-}
-
 /// Pushes `$REGISTRY/busybox:<tag>`: busybox:1's layer with its image config changed by
 /// `edit` (the `config` object); returns the reference.
 fn push_busybox_variant(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
-    let registry = Cluster::get().var("REGISTRY").to_string();
-    let base = format!("http://{registry}/v2/busybox");
-    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    let manifest = registry_curl(&[
-        "-H",
-        &format!("Accept: {MANIFEST}"),
-        &format!("{base}/manifests/1"),
-    ]);
-    let mut manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest");
+    let registry = Registry::plain();
+    let manifest = registry.fetch("busybox", "manifests/1", Some(OCI_MANIFEST));
+    let mut manifest: serde_json::Value = serde_json::from_str(&manifest).expect("manifest");
     let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let config = registry_curl(&[&format!("{base}/blobs/{config_digest}")]);
-    let mut config: serde_json::Value = serde_json::from_slice(&config).expect("image config");
+    let config = registry.fetch("busybox", &format!("blobs/{config_digest}"), None);
+    let mut config: serde_json::Value = serde_json::from_str(&config).expect("image config");
     edit(&mut config["config"]);
-    let config = serde_json::to_vec(&config).unwrap();
-    let digest = sha256_of(&config);
-    let dir = std::env::temp_dir().join(unique_name("life-image"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config_file = dir.join("config.json");
-    std::fs::write(&config_file, &config).unwrap();
-    // A monolithic upload: POST for a location, PUT the bytes with their digest.
-    let headers = registry_curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Length: 0",
-        "-D",
-        "-",
-        "-o",
-        "/dev/null",
-        &format!("{base}/blobs/uploads/"),
-    ]);
-    let headers = String::from_utf8_lossy(&headers);
-    let location = headers
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .expect("a Location for the upload");
-    let location = if location.starts_with('/') {
-        format!("http://{registry}{location}")
-    } else {
-        location
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    registry_curl(&[
-        "-X",
-        "PUT",
-        "-H",
-        "Content-Type: application/octet-stream",
-        "--data-binary",
-        &format!("@{}", config_file.display()),
-        &format!("{location}{sep}digest={digest}"),
-    ]);
-    manifest["config"]["digest"] = digest.into();
-    manifest["config"]["size"] = config.len().into();
-    let manifest_file = dir.join("manifest.json");
-    std::fs::write(&manifest_file, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    registry_curl(&[
-        "-X",
-        "PUT",
-        "-H",
-        &format!("Content-Type: {MANIFEST}"),
-        "--data-binary",
-        &format!("@{}", manifest_file.display()),
-        &format!("{base}/manifests/{tag}"),
-    ]);
-    let _ = std::fs::remove_dir_all(&dir);
-    format!("{registry}/busybox:{tag}")
+    let config_type = manifest["config"]["mediaType"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    manifest["config"] = registry.push_blob("busybox", &config_type, config.to_string().as_bytes());
+    registry.push_manifest("busybox", tag, OCI_MANIFEST, &manifest);
+    registry.reference("busybox", tag)
 }
 
 #[tokio::test]

@@ -5,21 +5,17 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use integration_tests::registry::{tar_layer, Registry, OCI_CONFIG, OCI_MANIFEST, OCI_TAR_GZIP};
 use integration_tests::{
     push_wasm, push_wat, unique_name, wait_for, workspace_root, Agent, Cluster, TestNamespace,
     TEST_TIMEOUT,
 };
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// A node of its own (no wasm-examples needed: every guest here is written in the test).
 async fn node(extra: &[&str]) -> Agent {
@@ -259,158 +255,27 @@ async fn a_module_over_the_max_module_size_is_refused_before_it_is_downloaded() 
 
 // ------------------------------------------------------------------ an ordinary OCI image
 
-fn tempdir(what: &str) -> PathBuf {
-    let dir = workspace_root()
-        .join("target/it/pulls-tmp")
-        .join(unique_name(what));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum runs");
-    format!(
-        "sha256:{}",
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-    )
-}
-
-/// curl against the plain-http registry; returns (status, headers, body).
-fn curl(method: &str, url: &str, extra: &[&str]) -> (u16, String, String) {
-    let dir = tempdir("curl");
-    let (headers, body) = (dir.join("headers"), dir.join("body"));
-    let out = Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--connect-timeout",
-            "10",
-            "--request",
-            method,
-            "--write-out",
-            "%{http_code}",
-        ])
-        .arg("--dump-header")
-        .arg(&headers)
-        .arg("--output")
-        .arg(&body)
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("curl runs");
-    let status = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    let result = (status, read(&headers), read(&body));
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-/// Uploads the file as a blob of `repo`; its descriptor.
-fn push_blob(repo: &str, media_type: &str, file: &Path) -> serde_json::Value {
-    let registry = Cluster::get().var("REGISTRY");
-    let digest = sha256(file);
-    let size = std::fs::metadata(file).unwrap().len();
-    let (status, headers, body) = curl(
-        "POST",
-        &format!("http://{registry}/v2/{repo}/blobs/uploads/"),
-        &["--header", "Content-Length: 0"],
-    );
-    assert_eq!(status, 202, "starting a blob upload: {body}");
-    let location = headers
-        .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .expect("a Location header");
-    let location = if location.starts_with('/') {
-        format!("http://{registry}{location}")
-    } else {
-        location
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let data = format!("@{}", file.display());
-    let (status, _, body) = curl(
-        "PUT",
-        &format!("{location}{sep}digest={digest}"),
-        &[
-            "--header",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-            &data,
-        ],
-    );
-    assert_eq!(status, 201, "uploading blob {digest}: {body}");
-    serde_json::json!({"mediaType": media_type, "digest": digest, "size": size})
-}
-
-/// Pushes an OCI image whose single tar.gz layer holds `files` (written in this order, each
-/// (path, size, content byte)) and `/app/x.wasm`, the entrypoint; returns its reference.
+/// Pushes an OCI image whose single tar.gz layer holds `padding` (each (path, size) of zeros,
+/// named to sort before the module) and `/app/x.wasm`, the entrypoint; returns its reference.
 fn push_layered_image(repo: &str, padding: &[(&str, usize)], module: &[u8]) -> String {
-    let dir = tempdir("layer");
-    let root = dir.join("rootfs");
-    for (path, size) in padding {
-        let file = root.join(path);
-        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-        let f = std::fs::File::create(&file).unwrap();
-        f.set_len(*size as u64).unwrap(); // zeros
-    }
-    std::fs::create_dir_all(root.join("app")).unwrap();
-    std::fs::write(root.join("app/x.wasm"), module).unwrap();
-    let tar = dir.join("layer.tar");
-    // --sort=name: the padding (named to sort first) comes before the module in the archive.
-    let status = Command::new("tar")
-        .args([
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--sort=name",
-            "-C",
-        ])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar failed");
-    let diff_id = sha256(&tar);
-    let status = Command::new("gzip")
-        .args(["-n", "-9"])
-        .arg(&tar)
-        .status()
-        .unwrap();
-    assert!(status.success(), "gzip failed");
-    let layer = push_blob(repo, OCI_TAR_GZIP, &dir.join("layer.tar.gz"));
-    let config = serde_json::json!({"architecture": "wasm", "os": "wasip1", "config": {"Entrypoint": ["/app/x.wasm"]}, "rootfs": {"type": "layers", "diff_ids": [diff_id]}});
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let config = push_blob(repo, OCI_CONFIG, &dir.join("config.json"));
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}).to_string();
-    let registry = Cluster::get().var("REGISTRY");
-    let tag = unique_name("t");
-    let (status, _, body) = curl(
-        "PUT",
-        &format!("http://{registry}/v2/{repo}/manifests/{tag}"),
-        &[
-            "--header",
-            &format!("Content-Type: {OCI_MANIFEST}"),
-            "--data-binary",
-            &manifest,
-        ],
-    );
-    assert_eq!(status, 201, "putting the manifest: {body}");
-    let _ = std::fs::remove_dir_all(&dir);
-    format!("{registry}/{repo}:{tag}")
+    let zeros: Vec<(&str, Vec<u8>)> = padding
+        .iter()
+        .map(|(path, size)| (*path, vec![0u8; *size]))
+        .collect();
+    let mut files: Vec<(&str, &[u8])> = zeros.iter().map(|(p, z)| (*p, &z[..])).collect();
+    files.push(("/app/x.wasm", module));
+    let (layer, diff_id) = tar_layer(&files, true);
+    let config = serde_json::json!({"architecture": "wasm", "os": "wasip1",
+        "config": {"Entrypoint": ["/app/x.wasm"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}});
+    Registry::plain().push_image(
+        repo,
+        &unique_name("t"),
+        OCI_MANIFEST,
+        OCI_CONFIG,
+        &config,
+        &[(OCI_TAR_GZIP, layer)],
+    )
 }
 
 #[tokio::test]
