@@ -31,8 +31,11 @@ use kube::Api;
 /// Pressure cycles per test: two, so a leak per cycle shows as a difference between them.
 const CYCLES: usize = 2;
 /// Fds the agent may hold more after the second cycle than after the first, both measured with
-/// no churn pod left: an HTTP/2 connection or a watch reopened in between.
-const FD_SLACK: u64 = 4;
+/// no churn pod left: keep-alive connections come and go between the two (the API server's,
+/// metrics-server's scrapes of the kubelet API, this test's own kubelet API calls); CI saw +6.
+/// A leak of one fd per pod shows above it: a cycle churns 12 pods or more. (The leak test
+/// proper, per pod over many cycles, is tests/tests/soak_smoke.rs.)
+const FD_SLACK: u64 = 8;
 /// How long the churn, evictions and refusals get to settle at the end.
 const SETTLE: Duration = Duration::from_secs(90);
 
@@ -122,9 +125,13 @@ async fn quiet_fds(agent: &Agent, ns: &TestNamespace, churn: &Churn) -> u64 {
     if let Err(e) = churn.clear(&ns.pods(), agent).await {
         panic!("{e}\nagent log:\n{}", agent.log_tail());
     }
-    let fds = proc_sample(agent.pid().expect("agent runs"))
-        .expect("agent's /proc")
-        .fds;
+    // The fewest over two seconds: a connection that is being opened or closed is not held.
+    let pid = agent.pid().expect("agent runs");
+    let mut fds = u64::MAX;
+    for _ in 0..8 {
+        fds = fds.min(proc_sample(pid).expect("agent's /proc").fds);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     churn.resume();
     fds
 }
