@@ -64,6 +64,11 @@ pub const IMAGE_PULL_BUCKETS: &[f64] = &[
 /// The `Content-Type` of [`render`] and [`render_probes`]: the text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
+/// client-go's request latency buckets (seconds), `rest_client_request_duration_seconds`.
+pub const REST_CLIENT_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
+];
+
 /// A family of histograms, each made with the family's buckets.
 pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -94,6 +99,14 @@ pub struct RestClientLabels {
     /// The response's status code, `<error>` when none came.
     pub code: String,
     pub method: String,
+    /// The API server's `host:port`.
+    pub host: String,
+}
+
+/// `rest_client_request_duration_seconds{verb,host}`, as client-go labels it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RestClientDurationLabels {
+    pub verb: String,
     /// The API server's `host:port`.
     pub host: String,
 }
@@ -139,6 +152,9 @@ pub struct KubeletMetrics {
     pub pod_worker_duration: HistogramFamily<OperationLabels>,
     /// `kubelet_pleg_relist_duration_seconds`: one relist of the provider's containers.
     pub pleg_relist_duration: Histogram,
+    /// `kubelet_pleg_relist_interval_seconds`: from the start of one relist to the start of
+    /// the next (the period, stretched when a relist or the runtime is slow).
+    pub pleg_relist_interval: Histogram,
     /// `kubelet_running_pods`: pods with at least one running container (set by the PLEG).
     pub running_pods: Gauge,
     /// `kubelet_running_containers{container_state}`: containers by state
@@ -150,6 +166,9 @@ pub struct KubeletMetrics {
     /// `rest_client_requests_total{code,method,host}`: requests to the API server by status
     /// code (`<error>` when no response came), as client-go counts them.
     pub rest_client_requests: Family<RestClientLabels, Counter>,
+    /// `rest_client_request_duration_seconds{verb,host}`: from sending a request to the API
+    /// server to its response's head (or the error), as client-go times it.
+    pub rest_client_request_duration: HistogramFamily<RestClientDurationLabels>,
     /// `kubelet_node_name{node}`: always 1.
     pub node_name: Family<NodeLabels, Gauge>,
     /// `kubelet_http_requests_total{method,path,server_type,long_running}`: requests to the
@@ -180,12 +199,16 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
             Histogram::new(DEFAULT_BUCKETS.iter().copied())
         }),
         pleg_relist_duration: Histogram::new(DEFAULT_BUCKETS.iter().copied()),
+        pleg_relist_interval: Histogram::new(DEFAULT_BUCKETS.iter().copied()),
         running_pods: Gauge::default(),
         running_containers: Family::default(),
         image_pull_duration: Family::new_with_constructor(|| {
             Histogram::new(IMAGE_PULL_BUCKETS.iter().copied())
         }),
         rest_client_requests: Family::default(),
+        rest_client_request_duration: Family::new_with_constructor(|| {
+            Histogram::new(REST_CLIENT_BUCKETS.iter().copied())
+        }),
         node_name: Family::default(),
         http_requests: Family::default(),
     };
@@ -219,6 +242,12 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
     );
     describe(
         &mut r,
+        "kubelet_pleg_relist_interval_seconds",
+        "Interval in seconds between relisting in PLEG.",
+        &m.pleg_relist_interval,
+    );
+    describe(
+        &mut r,
         "kubelet_pod_start_duration_seconds",
         "Duration in seconds from the pod's creation (or, for a static pod, the kubelet seeing it) to every container running, as observed by the pod worker",
         &m.pod_start_duration,
@@ -240,6 +269,12 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
         "kubelet_running_pods",
         "Number of pods that have a running pod sandbox and a running container",
         &m.running_pods,
+    );
+    describe(
+        &mut r,
+        "rest_client_request_duration_seconds",
+        "Request latency in seconds. Broken down by verb, and host.",
+        &m.rest_client_request_duration,
     );
     describe(
         &mut r,
@@ -432,9 +467,17 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = request.method().as_str().to_string();
         let host = self.host.clone();
+        let sent = std::time::Instant::now();
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
+            kubelet()
+                .rest_client_request_duration
+                .get_or_create(&RestClientDurationLabels {
+                    verb: method.clone(),
+                    host: host.to_string(),
+                })
+                .observe(sent.elapsed().as_secs_f64());
             let code = match &response {
                 Ok(r) => r.status().as_u16().to_string(),
                 Err(_) => "<error>".to_string(),
@@ -593,6 +636,13 @@ mod tests {
             })
             .inc();
         m.running_pods.set(2);
+        m.rest_client_request_duration
+            .get_or_create(&RestClientDurationLabels {
+                verb: "GET".into(),
+                host: "h:6443".into(),
+            })
+            .observe(0.03);
+        m.pleg_relist_interval.observe(1.0);
         let text = encode(&r);
         let l = lines(&text);
         for expected in [
@@ -605,6 +655,11 @@ mod tests {
             "# TYPE kubelet_http_requests_total counter",
             "kubelet_http_requests_total{method=\"GET\",path=\"pods\",server_type=\"readwrite\",long_running=\"false\"} 1",
             "kubelet_running_pods 2",
+            "# TYPE rest_client_request_duration_seconds histogram",
+            "rest_client_request_duration_seconds_bucket{verb=\"GET\",host=\"h:6443\",le=\"0.025\"} 0",
+            "rest_client_request_duration_seconds_bucket{verb=\"GET\",host=\"h:6443\",le=\"0.1\"} 1",
+            "# TYPE kubelet_pleg_relist_interval_seconds histogram",
+            "kubelet_pleg_relist_interval_seconds_count 1",
             // Unlabelled families are served before anything is recorded.
             "kubelet_pod_start_duration_seconds_count 0",
         ] {

@@ -13,6 +13,7 @@ pub mod port_forward;
 pub mod pressure;
 pub mod registry;
 pub mod soak;
+pub mod virtual_node;
 
 use std::collections::HashMap;
 use std::future::Future;

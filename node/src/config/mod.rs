@@ -1660,6 +1660,111 @@ mod tests {
         );
     }
 
+    /// The keys the parser knows at `path` (`""`: the top level), from serde's own list in its
+    /// unknown-field error, so this cannot drift from the struct.
+    fn known_keys(path: &[&str]) -> Vec<String> {
+        let mut yaml = "noSuchKey: 1".to_string();
+        for key in path.iter().rev() {
+            yaml = format!("{key}: {{{yaml}}}");
+        }
+        let file = temp_file(&format!("known-{}.yaml", path.join("-")), &yaml);
+        let e = load(&["--config", file.to_str().unwrap()])
+            .expect_err("an unknown key is refused")
+            .to_string();
+        let expected = e
+            .split_once("expected one of ")
+            .or_else(|| e.split_once("expected "))
+            .unwrap_or_else(|| panic!("{e}"))
+            .1;
+        expected
+            .split(", ")
+            .map(|k| {
+                k.trim_matches(|c: char| c == '`' || c.is_whitespace())
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// deploy/systemd/kubelet-config.yaml, the example the edge install puts in place: the
+    /// agent loads it, and it names every key the parser knows and no other.
+    #[test]
+    fn the_systemd_example_config_loads_and_names_every_key() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/kubelet-config.yaml");
+        // With the credentials flags deploy/systemd/install writes (a bootstrap kubeconfig, the
+        // kubeconfig the bootstrap will write).
+        let bootstrap = temp_file(
+            "edge-bootstrap.kubeconfig",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: https://127.0.0.1:6443}\nusers:\n- name: u\n  user: {token: abcdef.0123456789abcdef}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+        );
+        let c = load(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--bootstrap-kubeconfig",
+            bootstrap.to_str().unwrap(),
+            "--kubeconfig=/nonexistent/kubeconfig",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.pod_manifest_path.as_deref(),
+            Some(Path::new("/etc/wasm-kubelet/manifests"))
+        );
+        assert!(c.rotate_certificates);
+        assert_eq!(
+            c.shutdown_grace_period,
+            Duration::ZERO,
+            "restarts keep pods"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let example: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let mut missing = Vec::new();
+        let mut unknown = Vec::new();
+        let nested = [
+            vec![],
+            vec!["authentication"],
+            vec!["authentication", "x509"],
+            vec!["authentication", "webhook"],
+            vec!["authentication", "anonymous"],
+            vec!["authorization"],
+            vec!["logging"],
+        ];
+        for path in &nested {
+            let known = known_keys(path);
+            assert!(!known.is_empty(), "{path:?}");
+            let mut map = &example;
+            for key in path {
+                map = &map[*key];
+            }
+            let map = map
+                .as_mapping()
+                .unwrap_or_else(|| panic!("{path:?} is a map"));
+            let named: Vec<String> = map
+                .keys()
+                .map(|k| k.as_str().unwrap().to_string())
+                .collect();
+            missing.extend(
+                known
+                    .iter()
+                    .filter(|k| !named.contains(k))
+                    .map(|k| format!("{path:?} {k}")),
+            );
+            unknown.extend(
+                named
+                    .iter()
+                    .filter(|k| !known.contains(k))
+                    .map(|k| format!("{path:?} {k}")),
+            );
+        }
+        assert!(
+            missing.is_empty(),
+            "keys the example leaves out: {missing:?}"
+        );
+        assert!(
+            unknown.is_empty(),
+            "keys the parser does not know: {unknown:?}"
+        );
+    }
+
     #[test]
     fn every_key_named_with_a_flag_names_a_real_flag() {
         use clap::CommandFactory;

@@ -26,6 +26,8 @@ pub struct Sources {
     pub config_maps: HashMap<String, Option<BTreeMap<String, String>>>,
     pub secrets: HashMap<String, Option<BTreeMap<String, String>>>,
     pub host_ip: String,
+    /// The pod's own IP (a Linux container pod's on a mixed node); empty: the node's.
+    pub pod_ip: String,
     /// Node allocatable, the kubelet's value for a resourceFieldRef without a limit:
     /// (cpu in millicores, memory in bytes).
     pub node_allocatable: (u64, u64),
@@ -213,10 +215,10 @@ fn field_value(pod: &Pod, path: &str, sources: &Sources) -> Result<String, EnvEr
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
-        // The pod IP is the node IP (DESIGN: no pod network for Wasm pods).
-        "status.hostIP" | "status.hostIPs" | "status.podIP" | "status.podIPs" => {
-            sources.host_ip.clone()
-        }
+        "status.hostIP" | "status.hostIPs" => sources.host_ip.clone(),
+        // A Wasm pod's IP is the node IP (DESIGN: no pod network for Wasm pods).
+        "status.podIP" | "status.podIPs" if sources.pod_ip.is_empty() => sources.host_ip.clone(),
+        "status.podIP" | "status.podIPs" => sources.pod_ip.clone(),
         _ => {
             if let Some(k) = quoted_key("metadata.labels['") {
                 from_map(&m.labels, &k)
@@ -430,6 +432,32 @@ mod tests {
         assert_eq!(env["IP"], "127.0.0.9");
         assert_eq!(env["MEM"], (64u64 << 20).to_string());
         assert_eq!(env["CPU"], "1", "250m rounds up to 1 core");
+    }
+
+    #[test]
+    fn a_pod_with_its_own_ip_gets_it_as_pod_ip_and_the_node_ip_as_host_ip() {
+        let pod: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "p"}})).expect("pod");
+        let mut c = Container {
+            name: "c".into(),
+            ..Default::default()
+        };
+        let field = |path: &str| EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        };
+        c.env = Some(vec![
+            from("POD_IP", field("status.podIP")),
+            from("HOST_IP", field("status.hostIP")),
+        ]);
+        let mut s = sources();
+        s.pod_ip = "10.1.2.3".into();
+        let env: HashMap<_, _> = resolve(&pod, &c, &s).unwrap().into_iter().collect();
+        assert_eq!(env["POD_IP"], "10.1.2.3");
+        assert_eq!(env["HOST_IP"], "127.0.0.9");
     }
 
     #[test]

@@ -167,6 +167,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut previous: HashMap<String, (String, u8)> = HashMap::new();
+    let mut last_relist: Option<Instant> = None;
     let mut tick = tokio::time::interval(RELIST_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -177,6 +178,11 @@ pub async fn run(
         }
         let mut current = HashMap::new();
         let relist_started = Instant::now();
+        if let Some(last) = last_relist.replace(relist_started) {
+            crate::metrics::kubelet()
+                .pleg_relist_interval
+                .observe(relist_started.duration_since(last).as_secs_f64());
+        }
         let generation = cache.begun.fetch_add(1, Ordering::SeqCst) + 1;
         let (listed, sandboxes) = (
             provider.list_containers().await,

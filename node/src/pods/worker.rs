@@ -1080,7 +1080,15 @@ impl PodWorker {
             }
         };
 
-        // Environment.
+        // Environment. `status.podIP` is the pod's own IP where it has one: a sandbox only
+        // recorded so far is made now, on the side of the image just pulled.
+        if let Some(sandbox) = self.sandbox.clone() {
+            if let Err(e) = self.ctx.provider.place_sandbox(&sandbox, &image).await {
+                // create_container meets the same error and reports it.
+                debug!(error = %e, "placing the pod sandbox");
+            }
+            self.learn_pod_ips().await;
+        }
         let env = match self.container_env(container).await {
             Ok(env) => env,
             Err(e) => {
@@ -1344,6 +1352,11 @@ impl PodWorker {
         let refs = env::referenced(container);
         let mut sources = env::Sources {
             host_ip: self.ctx.node_ip.clone(),
+            pod_ip: self
+                .pod_ips
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             node_allocatable: self.ctx.node_allocatable,
             ..Default::default()
         };

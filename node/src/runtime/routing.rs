@@ -548,6 +548,15 @@ impl Provider for Router {
         None
     }
 
+    /// A recorded sandbox is made on the side of the (pulled) image, as `create_container`
+    /// would make it; an image not pulled yet leaves it recorded.
+    async fn place_sandbox(&self, sandbox_id: &str, image: &str) -> Result<(), ProviderError> {
+        match self.side_of_image(image).await {
+            Some(side) => self.sandbox_on(sandbox_id, side, image).await.map(drop),
+            None => Ok(()),
+        }
+    }
+
     /// The IPs of the side holding the sandbox (none while it is only recorded, or on the Wasm
     /// side, whose pods have the node's IP).
     async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {

@@ -538,6 +538,14 @@ pub trait Provider: Send + Sync + 'static {
     /// not be asked (never "no containers"): callers skip their pass rather than act on it.
     async fn list_containers(&self) -> Result<Vec<ContainerSummary>, ProviderError>;
 
+    /// Makes a sandbox that was only recorded (a pod without a RuntimeClass handler) on the side
+    /// that runs `image`, so the pod's IPs are known before its first container's environment
+    /// is computed (`status.podIP`). Does nothing (the default) where `run_pod_sandbox` made it.
+    async fn place_sandbox(&self, sandbox_id: &str, image: &str) -> Result<(), ProviderError> {
+        let _ = (sandbox_id, image);
+        Ok(())
+    }
+
     /// The sandbox's own IP addresses (podIP first, at most one per family), when the provider
     /// gives pods a network of their own. Empty (the default): the pod's IP is the node's.
     async fn pod_ips(&self, sandbox_id: &str) -> Vec<std::net::IpAddr> {
