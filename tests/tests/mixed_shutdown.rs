@@ -215,9 +215,8 @@ async fn sigterm_stops_container_pods_regular_then_critical_and_leaves_no_contai
         );
     }
 
-    // No container process is left: every task in the node's containerd namespace is STOPPED
-    // and its process gone. (The provider keeps a stopped task as the record of its exit until
-    // the container is removed; CRI containerd deletes it at the exit instead.)
+    // No container process is left: every task still in the node's containerd namespace is
+    // STOPPED and its process gone.
     let tasks = node.ctr(&["tasks", "list"]);
     for line in tasks.lines().skip(1) {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -241,6 +240,12 @@ async fn sigterm_stops_container_pods_regular_then_critical_and_leaves_no_contai
         .filter(|c| c.contains("containerd-shim") && c.contains(&marker))
         .count();
     eprintln!("tasks after the shutdown:\n{tasks}shims of the node's namespace left: {shims}");
+    // The provider records each exit in the container record and deletes the task (as CRI
+    // containerd does), so no shim outlives its container's exit.
+    assert_eq!(
+        shims, 0,
+        "a containerd shim of the node's namespace outlives the shutdown: {tasks}"
+    );
 
     let nodes: kube::Api<Node> = kube::Api::all(Cluster::get().admin().await);
     let api_node = nodes.get(&node.agent.name).await.expect("node");

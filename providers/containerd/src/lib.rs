@@ -14,14 +14,17 @@
 //!
 //! containerd keeps everything: a container is a containerd container record whose labels and
 //! one extension hold what the node gave it (pod UID, name, attempt, annotations, the whole
-//! [`ContainerConfig`]), and whose task, while it exists, holds its process and exit status.
-//! So a new provider instance (an agent restart) lists the same containers, re-attaches the
-//! FIFO log readers of the running `stdin: true` ones, and can stop and remove them. Only the pod sandbox records
-//! are the provider's own (a JSON file per pod under the state directory).
+//! [`ContainerConfig`]) and, once it has exited, its exit code, finish time and OOM mark; its
+//! task exists while it runs and is deleted once the exit is recorded ([`exit`]), so no shim
+//! outlives its container's run. So a new provider instance (an agent restart) lists the same
+//! containers, records the exits of those that ended while no agent ran, re-attaches the FIFO
+//! log readers of the running `stdin: true` ones, and can stop and remove them. Only the pod
+//! sandbox records are the provider's own (a JSON file per pod under the state directory).
 
 mod attach;
 pub mod client;
 mod exec;
+mod exit;
 mod forward;
 pub mod image;
 pub mod log;
@@ -81,6 +84,10 @@ const LABEL_STOP_REQUESTED: &str = "io.wasm-kubelet/stop-requested";
 const LABEL_STOPPED_AT: &str = "io.wasm-kubelet/stopped-at";
 /// `true` when the container's cgroup counted an OOM kill (read when it exited).
 const LABEL_OOM: &str = "io.wasm-kubelet/oom";
+/// The exit status of the container's task, recorded before the task is deleted ([`exit`]).
+const LABEL_EXIT_CODE: &str = "io.wasm-kubelet/exit-code";
+/// When the container's task exited (containerd's `exited_at`), unix nanoseconds.
+const LABEL_FINISHED_AT: &str = "io.wasm-kubelet/finished-at";
 /// How the running task's output reaches its log: `binary` (the log driver the shim runs) or
 /// `fifo` (the agent reads the task's FIFOs, and re-attaches after a restart).
 const LABEL_LOG: &str = "io.wasm-kubelet/log";
@@ -154,6 +161,8 @@ pub struct ContainerdProvider {
     network: Option<network::Network>,
     /// What attached clients join: each running container's output channel and stdin.
     streams: attach::Streams,
+    /// Records exits and deletes exited tasks (so their shims exit).
+    reaper: exit::Reaper,
 }
 
 /// 128 random bits as hex, from the kernel.
@@ -218,8 +227,10 @@ impl ContainerdProvider {
             Some(net) => Some(network::Network::start(net).await?),
             None => None,
         };
+        let reaper = exit::Reaper::new(client.clone(), &options.cgroup_parent);
         let provider = Self {
             client,
+            reaper,
             options,
             version,
             sandboxes: Mutex::new(sandboxes),
@@ -373,45 +384,6 @@ impl ContainerdProvider {
         }
     }
 
-    /// Whether the container's memory cgroup counted an OOM kill (cgroup v1
-    /// `memory.oom_control`, v2 `memory.events`); the cgroup lives until the task is deleted.
-    fn cgroup_oom_killed(&self, id: &str) -> bool {
-        let path = self.cgroups_path(id);
-        let rel = path.trim_start_matches('/');
-        let files = [
-            Path::new("/sys/fs/cgroup/memory")
-                .join(rel)
-                .join("memory.oom_control"),
-            Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
-        ];
-        files.iter().any(|file| {
-            std::fs::read_to_string(file).is_ok_and(|text| {
-                text.lines().any(|l| {
-                    l.strip_prefix("oom_kill ")
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
-                })
-            })
-        })
-    }
-
-    /// Records whether an exited task was OOM-killed, once (before the task and its cgroup go).
-    async fn record_oom(
-        &self,
-        id: &str,
-        labels: &HashMap<String, String>,
-        exit_status: u32,
-    ) -> bool {
-        if let Some(v) = labels.get(LABEL_OOM) {
-            return v == "true";
-        }
-        let oom = exit_status == SIGKILL_EXIT as u32 && self.cgroup_oom_killed(id);
-        if let Err(e) = self.set_labels(id, &[(LABEL_OOM, oom.to_string())]).await {
-            tracing::debug!(id, error = %e, "recording the OOM state failed");
-        }
-        oom
-    }
-
     /// Starts copying the task's output FIFOs into the log (containers without the log driver):
     /// one thread per stream, each blocked in `open` until the shim opens the FIFO's write end
     /// (`adopting`: it has, open at once).
@@ -460,11 +432,12 @@ impl ContainerdProvider {
         }
     }
 
-    /// Watches the task's exit to record an OOM kill while its cgroup still exists.
+    /// Watches the task's exit, then records it in the container record and deletes the
+    /// task, so its shim exits ([`exit`]).
     fn watch_exit(&self, id: &str) {
         let client = self.client.clone();
+        let reaper = self.reaper.clone();
         let id = id.to_string();
-        let cgroup = self.cgroups_path(&id);
         tokio::spawn(async move {
             let waited = client
                 .tasks()
@@ -473,35 +446,47 @@ impl ContainerdProvider {
                     exec_id: String::new(),
                 }))
                 .await;
-            let Ok(reply) = waited else { return };
-            let status = reply.into_inner().exit_status;
-            let oom = status == SIGKILL_EXIT as u32 && oom_in_cgroup(&cgroup);
-            let container = Container {
-                id: id.clone(),
-                labels: HashMap::from([(LABEL_OOM.to_string(), oom.to_string())]),
-                ..Default::default()
-            };
-            let _ = client
-                .containers()
-                .update(client.req(UpdateContainerRequest {
-                    container: Some(container),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec![format!("labels.{LABEL_OOM}")],
-                    }),
-                }))
-                .await;
-            tracing::info!(id, exit_code = status, oom, "container exited");
+            // Gone already (reaped by a stop or a listing) or containerd away: whoever finds
+            // the exited task next reaps it.
+            if waited.is_err() {
+                return;
+            }
+            match reaper.reap(&id).await {
+                Ok(exit::Reaped::Deleted { exit_code, oom }) => {
+                    tracing::info!(id, exit_code, oom, "container exited")
+                }
+                Ok(exit::Reaped::Nothing) => {}
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "recording an exit failed; retried at the next listing")
+                }
+            }
         });
     }
 
     /// Re-attaches FIFO log readers (not for the log driver's containers: it never stopped) and
-    /// exit watchers to the containers whose tasks still run.
+    /// exit watchers to the containers whose tasks still run; records the exits of those whose
+    /// tasks exited while no agent ran (or before the last one deleted them) and deletes them.
     async fn adopt(&self) -> Result<(), ProviderError> {
         let tasks = self.list_tasks().await?;
         for container in self.list_records().await? {
             let Some(task) = tasks.get(&container.id) else {
                 continue;
             };
+            if task.status == TaskStatus::Stopped as i32 {
+                match self.reaper.reap(&container.id).await {
+                    Ok(exit::Reaped::Deleted { exit_code, oom }) => tracing::info!(
+                        id = container.id,
+                        exit_code,
+                        oom,
+                        "recorded the exit of a container that ended while no agent ran"
+                    ),
+                    Ok(exit::Reaped::Nothing) => {}
+                    Err(e) => {
+                        tracing::warn!(id = container.id, error = %e, "recording an exit failed; retried at the next listing")
+                    }
+                }
+                continue;
+            }
             if task.status != TaskStatus::Running as i32 && task.status != TaskStatus::Paused as i32
             {
                 continue;
@@ -579,12 +564,22 @@ impl ContainerdProvider {
             .collect())
     }
 
-    /// The state a container record and its task (if any) describe.
-    async fn state_of(&self, container: &Container, task: Option<&Process>) -> ContainerState {
+    /// The state a container record and its task (if any) describe: a recorded exit first
+    /// (the task is deleted then), else the task's.
+    fn state_of(&self, container: &Container, task: Option<&Process>) -> ContainerState {
         let labels = &container.labels;
         let started_at = labels
             .get(LABEL_STARTED_AT)
             .and_then(|s| time_from_nanos(s));
+        let stop_requested = labels.contains_key(LABEL_STOP_REQUESTED);
+        if let Some((exit_status, oom)) = exit::recorded_exit(container) {
+            let finished_at = labels
+                .get(LABEL_FINISHED_AT)
+                .and_then(|s| time_from_nanos(s))
+                .or(started_at)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            return exited_state(started_at, finished_at, exit_status, oom, stop_requested);
+        }
         let Some(task) = task else {
             if let Some(stopped) = labels
                 .get(LABEL_STOPPED_AT)
@@ -600,7 +595,8 @@ impl ContainerdProvider {
             }
             return match started_at {
                 None => ContainerState::Created,
-                // Started, and its task is gone (its shim died with containerd's state).
+                // Started, no exit recorded, and its task is gone (its shim died with
+                // containerd's state).
                 Some(started) => ContainerState::Exited {
                     started_at: Some(started),
                     finished_at: started,
@@ -612,38 +608,33 @@ impl ContainerdProvider {
         };
         match TaskStatus::try_from(task.status).unwrap_or(TaskStatus::Unknown) {
             TaskStatus::Created => ContainerState::Created,
-            TaskStatus::Stopped => {
-                let exit_code = task.exit_status as i32;
-                let finished_at = task
-                    .exited_at
+            // Exited, not recorded yet (the reap failed): the task and its cgroup say it.
+            TaskStatus::Stopped => exited_state(
+                started_at,
+                task.exited_at
                     .as_ref()
-                    .map_or_else(SystemTime::now, time_from_proto);
-                let oom = self
-                    .record_oom(&container.id, labels, task.exit_status)
-                    .await;
-                let (reason, message) = if oom {
-                    (
-                        ExitReason::OomKilled,
-                        Some("the memory limit was exceeded".into()),
-                    )
-                } else if exit_code == 0 {
-                    (ExitReason::Completed, None)
-                } else if labels.contains_key(LABEL_STOP_REQUESTED) {
-                    (ExitReason::Killed, None)
-                } else {
-                    (ExitReason::Error, None)
-                };
-                ContainerState::Exited {
-                    started_at,
-                    finished_at,
-                    exit_code: if oom { SIGKILL_EXIT } else { exit_code },
-                    reason,
-                    message,
-                }
-            }
+                    .map_or_else(SystemTime::now, time_from_proto),
+                task.exit_status,
+                match labels.get(LABEL_OOM) {
+                    Some(v) => v == "true",
+                    None => {
+                        task.exit_status == SIGKILL_EXIT as u32
+                            && self.reaper.oom_in_cgroup(&container.id)
+                    }
+                },
+                stop_requested,
+            ),
             _ => ContainerState::Running {
                 started_at: started_at.unwrap_or(SystemTime::UNIX_EPOCH),
             },
+        }
+    }
+
+    /// After a stop: the exit recorded and the task deleted now (its shim exits), not left
+    /// to the watcher (the agent may be about to exit, as in a node shutdown).
+    async fn reap_after_stop(&self, id: &str) {
+        if let Err(e) = self.reaper.reap(id).await {
+            tracing::warn!(id, error = %e, "recording the exit after a stop failed; retried at the next listing");
         }
     }
 
@@ -736,24 +727,34 @@ fn valid_id(id: &str) -> Result<(), ProviderError> {
     Ok(())
 }
 
-fn oom_in_cgroup(cgroup: &str) -> bool {
-    let rel = cgroup.trim_start_matches('/');
-    [
-        Path::new("/sys/fs/cgroup/memory")
-            .join(rel)
-            .join("memory.oom_control"),
-        Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
-    ]
-    .iter()
-    .any(|file| {
-        std::fs::read_to_string(file).is_ok_and(|text| {
-            text.lines().any(|l| {
-                l.strip_prefix("oom_kill ")
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .is_some_and(|n| n > 0)
-            })
-        })
-    })
+/// An exited container's state from its exit status (128 + the signal for a signal).
+fn exited_state(
+    started_at: Option<SystemTime>,
+    finished_at: SystemTime,
+    exit_status: u32,
+    oom: bool,
+    stop_requested: bool,
+) -> ContainerState {
+    let exit_code = exit_status as i32;
+    let (reason, message) = if oom {
+        (
+            ExitReason::OomKilled,
+            Some("the memory limit was exceeded".into()),
+        )
+    } else if exit_code == 0 {
+        (ExitReason::Completed, None)
+    } else if stop_requested {
+        (ExitReason::Killed, None)
+    } else {
+        (ExitReason::Error, None)
+    };
+    ContainerState::Exited {
+        started_at,
+        finished_at,
+        exit_code: if oom { SIGKILL_EXIT } else { exit_code },
+        reason,
+        message,
+    }
 }
 
 fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {
@@ -1091,8 +1092,12 @@ impl Provider for ContainerdProvider {
         let config = stored_config(&container).ok_or_else(|| {
             ProviderError::Create(format!("container {container_id} has no stored config"))
         })?;
+        // Its task deleted after an exit, a container that ran has a start time (or a recorded
+        // exit, if the agent died before writing the start time) instead.
         if self.get_task(container_id).await?.is_some()
-            || container.labels.contains_key(LABEL_STOPPED_AT)
+            || [LABEL_STOPPED_AT, LABEL_STARTED_AT, LABEL_EXIT_CODE]
+                .iter()
+                .any(|l| container.labels.contains_key(*l))
         {
             return Err(ProviderError::Create(format!(
                 "container {} ({container_id}) is not Created: it cannot be started",
@@ -1249,12 +1254,14 @@ impl Provider for ContainerdProvider {
             return Ok(());
         };
         if task.status == TaskStatus::Stopped as i32 {
+            self.reap_after_stop(container_id).await;
             return Ok(());
         }
         self.set_labels(container_id, &[(LABEL_STOP_REQUESTED, "true".into())])
             .await?;
         self.kill(container_id, libc::SIGTERM as u32, false).await?;
         if self.wait_task(container_id, grace).await? {
+            self.reap_after_stop(container_id).await;
             return Ok(());
         }
         tracing::info!(
@@ -1268,6 +1275,7 @@ impl Provider for ContainerdProvider {
                 "container {container_id} did not end within {KILL_WAIT:?} of SIGKILL"
             )));
         }
+        self.reap_after_stop(container_id).await;
         Ok(())
     }
 
@@ -1283,19 +1291,39 @@ impl Provider for ContainerdProvider {
         for container in self.list_records().await? {
             // Containers of this namespace without the provider's labels are not ours.
             let (Some(pod_uid), Some(name)) = (
-                container.labels.get(LABEL_POD_UID),
-                container.labels.get(LABEL_NAME),
+                container.labels.get(LABEL_POD_UID).cloned(),
+                container.labels.get(LABEL_NAME).cloned(),
             ) else {
                 continue;
             };
-            let state = self.state_of(&container, tasks.get(&container.id)).await;
+            let mut container = container;
+            let mut task = tasks.get(&container.id).cloned();
+            // An exit the watcher has not recorded yet (or could not): recorded and its task
+            // deleted now, then the record read again.
+            if task
+                .as_ref()
+                .is_some_and(|t| t.status == TaskStatus::Stopped as i32)
+            {
+                match self.reaper.reap(&container.id).await {
+                    Ok(_) => {
+                        if let Ok(again) = self.get_container(&container.id).await {
+                            container = again;
+                        }
+                        task = self.get_task(&container.id).await.ok().flatten();
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = container.id, error = %e, "recording an exit failed")
+                    }
+                }
+            }
+            let state = self.state_of(&container, task.as_ref());
             let annotations = stored_config(&container)
                 .map(|c| c.annotations)
                 .unwrap_or_default();
             out.push(ContainerSummary {
                 id: container.id.clone(),
-                pod_uid: pod_uid.clone(),
-                name: name.clone(),
+                pod_uid,
+                name,
                 attempt: container
                     .labels
                     .get(LABEL_ATTEMPT)
