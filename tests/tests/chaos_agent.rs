@@ -318,10 +318,20 @@ async fn killed_while_a_guest_logs_heavily_no_line_is_torn_or_lost() {
 }
 
 /// The containers of pod `name` in namespace `ns` the runtime holds, as the kubelet API's
-/// `/runningpods/` lists them.
-fn running_containers(agent: &Agent, ns: &str, name: &str) -> usize {
-    let (code, body) = kubelet_get(agent, "/runningpods/");
-    assert_eq!(code, 200, "{body}");
+/// `/runningpods/` lists them. Waits for the API to answer: a restarted agent's pods can
+/// already look done in the API server (written by the agent before it) while the new one is
+/// still starting its server.
+async fn running_containers(agent: &Agent, ns: &str, name: &str) -> usize {
+    let body = wait_for(
+        "the kubelet API to answer /runningpods/",
+        TEST_TIMEOUT,
+        || async {
+            let (code, body) = kubelet_get(agent, "/runningpods/");
+            (code == 200).then_some(body)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail()));
     let list: serde_json::Value = serde_json::from_str(&body).unwrap();
     list["items"]
         .as_array()
@@ -422,7 +432,7 @@ async fn killed_during_volume_setup_the_volumes_are_whole_after_restart() {
         0,
         "the container started once"
     );
-    assert_eq!(running_containers(&agent, &ns.name, "volumes"), 1);
+    assert_eq!(running_containers(&agent, &ns.name, "volumes").await, 1);
     // Every key whole, and one generation per volume: what ..data points at, nothing else.
     for m in 0..3 {
         let dir = pod_volumes
@@ -528,6 +538,10 @@ async fn killed_during_status_writes_every_pod_ends_in_its_state() {
             .await;
         let statuses = pod.status.unwrap().container_statuses.unwrap();
         assert_eq!(statuses[0].restart_count, 0, "{name} never restarted");
-        assert_eq!(running_containers(&agent, &ns.name, &name), 1, "{name}");
+        assert_eq!(
+            running_containers(&agent, &ns.name, &name).await,
+            1,
+            "{name}"
+        );
     }
 }
