@@ -1066,6 +1066,30 @@ pub fn phase(pod: &Pod) -> &str {
         .unwrap_or("")
 }
 
+/// The message the kubelet gives a pod it stopped for a graceful node shutdown.
+pub const SHUTDOWN_MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
+
+/// The pod ended as the kubelet ends one stopped for a node shutdown: Failed, `Terminated`.
+pub fn stopped_for_shutdown(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    phase(pod) == "Failed"
+        && status.and_then(|s| s.reason.as_deref()) == Some("Terminated")
+        && status.and_then(|s| s.message.as_deref()) == Some(SHUTDOWN_MESSAGE)
+}
+
+/// Running, with every container's state running.
+pub fn all_containers_running(pod: &Pod) -> bool {
+    phase(pod) == "Running"
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            })
+}
+
 /// A tmpfs mounted for one test (we are root), for a small filesystem whose filling is real
 /// and harmless; unmounted (lazily, so a straggler cannot block it) when dropped, also when the
 /// test fails. Declare it before the [`Agent`] that uses it, so the agent is killed first.

@@ -12,31 +12,11 @@ use std::sync::{Arc, Mutex};
 use futures::{StreamExt, TryStreamExt};
 use integration_tests::mixed_node::MixedNode;
 use integration_tests::{
-    example_image, node_condition, phase, wait_for, Cluster, TestNamespace, TEST_TIMEOUT,
+    all_containers_running as running, example_image, node_condition, stopped_for_shutdown,
+    wait_for, Cluster, TestNamespace, TEST_TIMEOUT,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::{watcher, WatchStreamExt};
-
-const MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
-
-fn stopped_for_shutdown(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    phase(pod) == "Failed"
-        && status.and_then(|s| s.reason.as_deref()) == Some("Terminated")
-        && status.and_then(|s| s.message.as_deref()) == Some(MESSAGE)
-}
-
-fn running(pod: &Pod) -> bool {
-    phase(pod) == "Running"
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .is_some_and(|cs| {
-                cs.iter()
-                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-            })
-}
 
 /// The exit code of the pod's one container, once terminated.
 fn exit_code(pod: &Pod) -> Option<i32> {

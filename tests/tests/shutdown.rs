@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use integration_tests::{
-    example_image, node_condition, phase, test_node, wait_for, Cluster, TestNamespace, TEST_TIMEOUT,
+    all_containers_running as running, example_image, node_condition, phase, stopped_for_shutdown,
+    test_node, wait_for, Cluster, TestNamespace, TEST_TIMEOUT,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const MESSAGE: &str = "Pod was terminated in response to imminent node shutdown.";
 
 /// An HTTP endpoint for preStop hooks: records each request's path in arrival order and holds
 /// the answer to `/slow` for `slow`, so the pod that calls it takes that long to stop.
@@ -50,25 +49,6 @@ fn condition<'a>(pod: &'a Pod, kind: &str) -> Option<&'a k8s_openapi::api::core:
         .as_ref()?
         .iter()
         .find(|c| c.type_ == kind)
-}
-
-fn stopped_for_shutdown(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    phase(pod) == "Failed"
-        && status.and_then(|s| s.reason.as_deref()) == Some("Terminated")
-        && status.and_then(|s| s.message.as_deref()) == Some(MESSAGE)
-}
-
-fn running(pod: &Pod) -> bool {
-    phase(pod) == "Running"
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .is_some_and(|cs| {
-                cs.iter()
-                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-            })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

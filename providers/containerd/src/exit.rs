@@ -132,18 +132,7 @@ impl Reaper {
                 (task.exit_status, oom)
             }
         };
-        match self
-            .client
-            .tasks()
-            .delete(self.client.req(DeleteTaskRequest {
-                container_id: id.to_string(),
-            }))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(status_error(&format!("deleting the task of {id}"), e)),
-        }
+        delete_task(&self.client, id).await?;
         tracing::debug!(id, exit_code, oom, "exit recorded, task deleted");
         Ok(Reaped::Deleted { exit_code, oom })
     }
@@ -207,6 +196,21 @@ pub(crate) fn recorded_exit(container: &Container) -> Option<(u32, bool)> {
     let code = container.labels.get(LABEL_EXIT_CODE)?.parse().ok()?;
     let oom = container.labels.get(LABEL_OOM).is_some_and(|v| v == "true");
     Some((code, oom))
+}
+
+/// Deletes the container's task (its shim exits with it); a task already gone is no error.
+pub(crate) async fn delete_task(client: &Client, id: &str) -> Result<(), ProviderError> {
+    match client
+        .tasks()
+        .delete(client.req(DeleteTaskRequest {
+            container_id: id.to_string(),
+        }))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(status_error(&format!("deleting the task of {id}"), e)),
+    }
 }
 
 #[cfg(test)]

@@ -644,18 +644,7 @@ impl ContainerdProvider {
                 self.kill(id, libc::SIGKILL as u32, true).await?;
                 self.wait_task(id, KILL_WAIT).await?;
             }
-            match self
-                .client
-                .tasks()
-                .delete(self.client.req(DeleteTaskRequest {
-                    container_id: id.to_string(),
-                }))
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(status_error(&format!("deleting the task of {id}"), e)),
-            }
+            exit::delete_task(&self.client, id).await?;
         }
         match self
             .client

@@ -8,7 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{busybox_image, cluster_var, connect, start_containerd, Cleanup, OwnContainerd};
+use common::{
+    busybox_image, cluster_var, connect, one_case_fixture, start_containerd, Cleanup, OwnContainerd,
+};
 use provider_api::conformance::{self, Case, Fixture};
 use provider_api::{ContainerState, Provider, ProviderError};
 use provider_containerd::{ContainerdProvider, ProviderOptions};
@@ -45,17 +47,7 @@ async fn env(test: &str) -> Env {
         command: vec!["sleep".into(), "100000".into()],
         args: vec![],
     };
-    let fx = Fixture {
-        prints_and_exits: Box::new(|_| unreachable!()),
-        ends_when_asked: None,
-        term_exit_code: 0,
-        ignores_stop: sleeper.clone(),
-        memory_hog: sleeper,
-        memory_limit: 0,
-        auth: vec![],
-        work_dir: work.clone(),
-        name: "containerd".into(),
-    };
+    let fx = one_case_fixture(sleeper, &work);
     p.pull_image(&image, &[]).await.expect("pull");
     Env {
         p,

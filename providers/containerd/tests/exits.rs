@@ -5,26 +5,14 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use common::{busybox_image, cluster_var, connect, start_containerd, Cleanup, TempDir};
+use common::{
+    busybox_image, cluster_var, connect, ctr, one_case_fixture, start_containerd, Cleanup, TempDir,
+};
 use provider_api::conformance::{self, Case, Fixture};
 use provider_api::{ContainerState, ExitReason, Provider};
 use provider_containerd::ProviderOptions;
-
-fn ctr(options: &ProviderOptions, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(&options.socket)
-        .arg("-n")
-        .arg(&options.namespace)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("ctr");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn fixture(image: &str, work: &std::path::Path) -> Fixture {
     let sleeper = Case {
@@ -32,17 +20,7 @@ fn fixture(image: &str, work: &std::path::Path) -> Fixture {
         command: vec!["sleep".into(), "100000".into()],
         args: vec![],
     };
-    Fixture {
-        prints_and_exits: Box::new(|_| unreachable!()),
-        ends_when_asked: None,
-        term_exit_code: 0,
-        ignores_stop: sleeper.clone(),
-        memory_hog: sleeper,
-        memory_limit: 0,
-        auth: vec![],
-        work_dir: work.to_path_buf(),
-        name: "containerd".into(),
-    }
+    one_case_fixture(sleeper, work)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

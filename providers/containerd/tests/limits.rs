@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{busybox_image, cluster_var, connect, start_containerd, Cleanup};
-use provider_api::conformance::{self, Case, Fixture};
+use common::{busybox_image, cluster_var, connect, one_case_fixture, start_containerd, Cleanup};
+use provider_api::conformance::{self, Case};
 use provider_api::{ContainerState, Provider};
 use provider_containerd::ProviderOptions;
 
@@ -48,17 +48,7 @@ async fn containers_read_their_limits_from_their_cgroup() {
         command: vec!["sh".into(), "-c".into(), SHOW_LIMITS.into()],
         args: vec![],
     };
-    let fx = Fixture {
-        prints_and_exits: Box::new(|_| unreachable!()),
-        ends_when_asked: None,
-        term_exit_code: 0,
-        ignores_stop: case.clone(),
-        memory_hog: case.clone(),
-        memory_limit: 0,
-        auth: vec![],
-        work_dir: work.clone(),
-        name: "containerd".into(),
-    };
+    let fx = one_case_fixture(case.clone(), &work);
     p.pull_image(&image, &[]).await.expect("pull");
     let sandbox = conformance::sandbox(&p, &fx).await;
     let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();

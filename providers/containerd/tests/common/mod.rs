@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use provider_api::conformance::{self, Fixture};
+use provider_api::conformance::{self, Case, Fixture};
 use provider_containerd::{ContainerdProvider, ProviderOptions};
 
 /// A value of the environment, or of the local cluster's env file (`export NAME=value`).
@@ -129,18 +129,7 @@ pub struct Cleanup(pub ProviderOptions);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let options = &self.0;
-        let ctr = |args: &[&str]| {
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&options.socket)
-                .arg("-n")
-                .arg(&options.namespace)
-                .args(args)
-                .stderr(Stdio::null())
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        };
+        let ctr = |args: &[&str]| ctr(options, args);
         for id in ctr(&["tasks", "list", "-q"]).lines() {
             ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", id]);
             ctr(&["tasks", "delete", "-f", id]);
@@ -171,6 +160,36 @@ impl Drop for Cleanup {
                 );
             }
         }
+    }
+}
+
+/// `ctr` in the test's namespace; its stdout ("" when it could not run).
+pub fn ctr(options: &ProviderOptions, args: &[&str]) -> String {
+    Command::new("ctr")
+        .arg("--address")
+        .arg(&options.socket)
+        .arg("-n")
+        .arg(&options.namespace)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// A fixture for tests that need one kind of container (`case` serves as the container that
+/// ignores a stop and as the memory hog; nothing prints and exits or ends when asked).
+pub fn one_case_fixture(case: Case, work_dir: &Path) -> Fixture {
+    Fixture {
+        prints_and_exits: Box::new(|_| unreachable!()),
+        ends_when_asked: None,
+        term_exit_code: 0,
+        ignores_stop: case.clone(),
+        memory_hog: case,
+        memory_limit: 0,
+        auth: vec![],
+        work_dir: work_dir.to_path_buf(),
+        name: "containerd".into(),
     }
 }
 
