@@ -132,9 +132,16 @@ pub(super) fn compute(input: &Input<'_>) -> PodStatus {
             name: c.name.clone(),
             image,
             image_id: record.map(|r| r.image_id.clone()).unwrap_or_default(),
-            container_id: record
-                .and_then(|r| r.id.as_deref())
-                .map(input.container_uri),
+            // The current run's ID; with none (an agent restart restores a finished run only
+            // from the pod's status, or the run was lost), the last finished run's, as the
+            // kubelet reports the latest container it knows of.
+            container_id: record.and_then(|r| {
+                r.id.as_deref().map(input.container_uri).or_else(|| {
+                    r.last_terminated
+                        .as_ref()
+                        .and_then(|t| t.container_id.clone())
+                })
+            }),
             ready: running && (input.ready)(c),
             started: Some(running && (input.started)(c)),
             restart_count: record.map_or(0, |r| r.restart_count),
@@ -1028,5 +1035,33 @@ mod tests {
             "{:?}",
             s.conditions
         );
+    }
+
+    #[test]
+    fn a_finished_run_known_only_from_the_status_keeps_its_container_id() {
+        // After an agent restart a finished run is restored from the pod's status alone: no
+        // current ID, only the last terminated state (with its ID).
+        let mut restored = ended(3, ExitReason::Error);
+        restored.id = None;
+        restored.current = None;
+        let s = compute_for(
+            &spec("Never", &[], &["job"]),
+            vec![("job", restored)],
+            true,
+            None,
+            &PodStatus::default(),
+        );
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(state(&s, "job"), "terminated:Error:3");
+        assert_eq!(cs.container_id.as_deref(), Some("wasm://c1"));
+        // A container that never ran has none.
+        let s = compute_for(
+            &spec("Never", &[], &["job"]),
+            vec![],
+            true,
+            None,
+            &PodStatus::default(),
+        );
+        assert_eq!(s.container_statuses.as_ref().unwrap()[0].container_id, None);
     }
 }
