@@ -370,6 +370,9 @@ async fn disk_filled_and_freed_while_pods_churn() {
         &fds,
     )
     .await;
+    // The agent first: its drop finds the runtime by the pid file on the tmpfs, which is gone
+    // once the tmpfs is unmounted (the runtime was left running when the tmpfs went first).
+    drop(agent);
     drop(tmpfs);
 }
 
