@@ -170,8 +170,11 @@ fn main() -> ExitCode {
             }
             None => Arc::new(wasm_kubelet::runtime::routing::NoContainers),
         };
+        // Every call to either runtime counted and timed (kubelet_runtime_operations_*).
         let provider: Arc<dyn provider_api::Provider> = Arc::new(
-            wasm_kubelet::runtime::routing::Router::new(provider, containers),
+            wasm_kubelet::runtime::instrumented::Instrumented::new(Arc::new(
+                wasm_kubelet::runtime::routing::Router::new(provider, containers),
+            )),
         );
         wasm_kubelet::agent::run(
             config,

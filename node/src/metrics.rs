@@ -111,6 +111,19 @@ pub struct RestClientDurationLabels {
     pub host: String,
 }
 
+/// The kubelet's runtime operation buckets (seconds), `metrics.ExponentialBuckets(.005, 2.5, 14)`:
+/// 5 ms up to about 3 hours.
+pub fn runtime_operation_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.5, 14)
+}
+
+/// `kubelet_runtime_operations_*{operation_type}`: the CRI call's name (`create_container`,
+/// `list_containers`, ...), see [`crate::runtime::instrumented`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuntimeOperationLabels {
+    pub operation_type: &'static str,
+}
+
 /// `kubelet_node_name{node}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -174,6 +187,13 @@ pub struct KubeletMetrics {
     /// `kubelet_http_requests_total{method,path,server_type,long_running}`: requests to the
     /// kubelet API that passed authorization, by the path's first segment (`pods`, `exec`, ...).
     pub http_requests: Family<HttpRequestLabels, Counter>,
+    /// `kubelet_runtime_operations_total{operation_type}`: calls to the runtimes (the provider
+    /// seam), by the CRI call's name.
+    pub runtime_operations: Family<RuntimeOperationLabels, Counter>,
+    /// `kubelet_runtime_operations_errors_total{operation_type}`: those that failed.
+    pub runtime_operations_errors: Family<RuntimeOperationLabels, Counter>,
+    /// `kubelet_runtime_operations_duration_seconds{operation_type}`: how long each took.
+    pub runtime_operations_duration: HistogramFamily<RuntimeOperationLabels>,
 }
 
 /// The kubelet's series, made (and registered for [`render`]) on first use.
@@ -211,6 +231,11 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
         }),
         node_name: Family::default(),
         http_requests: Family::default(),
+        runtime_operations: Family::default(),
+        runtime_operations_errors: Family::default(),
+        runtime_operations_duration: Family::new_with_constructor(|| {
+            Histogram::new(runtime_operation_buckets())
+        }),
     };
     let mut r = Registry::default();
     let m = &metrics;
@@ -269,6 +294,24 @@ pub fn kubelet_registry() -> (KubeletMetrics, Registry) {
         "kubelet_running_pods",
         "Number of pods that have a running pod sandbox and a running container",
         &m.running_pods,
+    );
+    describe(
+        &mut r,
+        "kubelet_runtime_operations_duration_seconds",
+        "Duration in seconds of runtime operations. Broken down by operation type.",
+        &m.runtime_operations_duration,
+    );
+    describe(
+        &mut r,
+        "kubelet_runtime_operations_errors_total",
+        "Cumulative number of runtime operation errors by operation type.",
+        &m.runtime_operations_errors,
+    );
+    describe(
+        &mut r,
+        "kubelet_runtime_operations_total",
+        "Cumulative number of runtime operations by operation type.",
+        &m.runtime_operations,
     );
     describe(
         &mut r,

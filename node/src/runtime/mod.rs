@@ -17,6 +17,7 @@
 
 pub mod cgroup;
 pub mod classes;
+pub mod instrumented;
 pub mod routing;
 
 use std::ffi::OsString;
