@@ -1056,7 +1056,10 @@ mod compare {
             m["kernel"].as_str().unwrap_or(""),
             m["kubernetes"].as_str().unwrap_or(""),
             m["containerd"].as_str().unwrap_or(""),
-            m["runc"].as_str().unwrap_or("").trim_start_matches("runc version "),
+            m["runc"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("runc version "),
             json["loadavg_start"].as_str().unwrap_or(""),
             json["loadavg_end"].as_str().unwrap_or(""),
             load_note(
